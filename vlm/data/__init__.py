@@ -1,0 +1,1 @@
+"""Data: the tiler, the processor, webdataset pipelines and the synthetic shapes dataset."""

@@ -1,0 +1,1 @@
+"""Plain torch modules: vision tower, text tower, CLIP model, projector and the vision-language model."""
