@@ -1,0 +1,56 @@
+"""Image-caption samples for the contrastive stage: tiled pixels, CLIP token ids and an optional class label."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vlm.data.shards import SkipSample, collate_skipped
+from vlm.data.tiler import Tiler
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_fields(sample: dict) -> list[str]:
+    """The sample's image fields in order: "png" alone, or "0.png", "1.jpg", ... sorted by their index."""
+    fields = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
+    return sorted(fields, key=lambda k: (len(k), k))
+
+
+def text_field(sample: dict, name: str) -> str:
+    value = sample.get(name)
+    if value is None:
+        raise SkipSample(f"no {name!r} field")
+    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    if not text.strip():
+        raise SkipSample(f"empty {name!r} field")
+    return text
+
+
+class CaptionDecoder:
+    """Raw webdataset sample -> {"pixels": (3, S, S), "ids": (L,), "label": int (-1 when absent)}."""
+
+    def __init__(self, tiler: Tiler, tokenizer: Callable[[list[str]], torch.Tensor]):
+        if tiler.config.max_tiles != 1:
+            raise ValueError("the contrastive stage encodes one tile per image; use tiler=low (tiler.max_tiles=1)")
+        self.tiler = tiler
+        self.tokenizer = tokenizer
+
+    def __call__(self, sample: dict) -> dict[str, Any]:
+        fields = image_fields(sample)
+        if not fields:
+            raise SkipSample("no image field (jpg/jpeg/png/webp)")
+        caption = text_field(sample, "txt")
+        tiled = self.tiler(sample[fields[0]], name=f"{sample.get('__url__')}:{sample.get('__key__')}")
+        label = int(text_field(sample, "cls")) if "cls" in sample else -1
+        return {"pixels": tiled.pixel_values[0], "ids": self.tokenizer([caption])[0], "label": label}
+
+
+def collate_captions(samples: list[dict]) -> dict[str, torch.Tensor | int]:
+    skipped = collate_skipped(samples)
+    return {"pixels": torch.stack([s["pixels"] for s in samples]),  # (B, 3, S, S)
+            "ids": torch.stack([s["ids"] for s in samples]),  # (B, L)
+            "labels": torch.tensor([s["label"] for s in samples]),  # (B,)
+            "skipped": skipped}

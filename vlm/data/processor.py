@@ -1,0 +1,147 @@
+"""The processor: tiler + tokenizer + chat template -> model inputs and labels. Training, eval, infer and serve all
+go through it, so an image costs the same tokens everywhere.
+
+A conversation is a list of {"role", "content"} messages whose text holds `<image>` placeholders (any number, in any
+turn). The chat template renders it; each placeholder becomes `num_tokens` image-token ids, where `num_tokens` is what
+the tiler reports for that image; labels keep the assistant turns only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from vlm.data.shards import SkipSample
+from vlm.data.tiler import Tiler
+from vlm.data.tokenizer import IMAGE_TOKEN, image_token_id
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+ImageSource = str | bytes | Image.Image
+
+
+class SampleError(SkipSample):
+    """A conversation that cannot be encoded; the message names the sample."""
+
+
+def from_llava(conversations: list[dict], name: str = "sample") -> list[dict[str, str]]:
+    """LLaVA's [{"from": "human"|"gpt"|"system", "value": ...}] -> chat messages [{"role", "content"}]."""
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError(f"{name}: 'conversations' must be a non-empty list")
+    messages = []
+    for turn in conversations:
+        role = ROLES.get(str(turn.get("from", turn.get("role"))))
+        if role is None:
+            raise SampleError(f"{name}: unknown role {turn.get('from', turn.get('role'))!r}; "
+                              f"use one of {sorted(ROLES)}")
+        messages.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
+    return messages
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor  # (L,) with num_tokens image ids per <image>
+    labels: torch.Tensor | None  # (L,) IGNORE_INDEX outside assistant turns; None for prompts
+    pixel_values: torch.Tensor  # (N_tiles, 3, S, S), tiles of every image in order
+    image_tokens: list[int]  # image tokens per image
+
+
+class Processor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, tiler: Tiler, max_length: int):
+        self.tokenizer = tokenizer
+        self.tiler = tiler
+        self.max_length = max_length
+        self.image_token_id = image_token_id(tokenizer)
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def assistant_spans(self, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
+        """Character spans of each assistant reply (with its end-of-turn marker) in `render(messages)`.
+
+        Rendering the prefix before a reply with a generation prompt, and the prefix including it, brackets the reply
+        for any template that renders prefixes consistently (ChatML, Llama 3, Qwen, SmolLM, ...).
+        """
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                start = len(self.render(messages[:i], add_generation_prompt=True))
+                spans.append((start, len(self.render(messages[: i + 1]))))
+        return spans
+
+    def encode(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = "sample",
+               add_generation_prompt: bool = False, train: bool = True) -> Encoded:
+        """Encode a conversation; raises SampleError (naming `name`) for anything that would train wrongly."""
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        if placeholders != len(images):
+            raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images")
+        if train:
+            if not any(m["role"] == "assistant" for m in messages):
+                raise SampleError(f"{name}: no assistant turn to learn from")
+            if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+                raise SampleError(f"{name}: empty assistant turn")
+        tiled = [self.tiler(image, name=f"{name} image {i}") for i, image in enumerate(images)]
+        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
+        ids = encoding["input_ids"]
+        keep = [False] * len(ids)
+        if train:
+            spans = self.assistant_spans(messages)
+            keep = [any(s <= start < e for s, e in spans) and end > start
+                    for start, end in encoding["offset_mapping"]]
+        # expand each <image> id into its image's token run
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        image_index = 0
+        image_ends: list[int] = []
+        for token, learn in zip(ids, keep, strict=True):
+            if token == self.image_token_id:
+                if image_index >= len(tiled):
+                    raise SampleError(f"{name}: the text has more {IMAGE_TOKEN} tokens than images")
+                count = tiled[image_index].num_tokens
+                out_ids += [token] * count
+                out_labels += [IGNORE_INDEX] * count
+                image_index += 1
+                image_ends.append(len(out_ids))
+            else:
+                out_ids.append(token)
+                out_labels.append(token if learn else IGNORE_INDEX)
+        if image_index != len(tiled):
+            raise SampleError(f"{name}: {len(tiled)} images but the rendered text holds {image_index} {IMAGE_TOKEN}")
+        if len(out_ids) > self.max_length:
+            if image_ends and image_ends[-1] > self.max_length:
+                raise SampleError(f"{name}: {len(out_ids)} tokens exceed model.llm.max_length={self.max_length} and "
+                                  f"truncating would cut through an image's tokens; sample dropped")
+            out_ids, out_labels = out_ids[: self.max_length], out_labels[: self.max_length]
+        if train and all(label == IGNORE_INDEX for label in out_labels):
+            raise SampleError(f"{name}: no assistant tokens left after truncation to {self.max_length}")
+        pixels = torch.cat([t.pixel_values for t in tiled]) if tiled else torch.zeros(0, 3, self.tiler.tile_size,
+                                                                                        self.tiler.tile_size)
+        return Encoded(torch.tensor(out_ids), torch.tensor(out_labels) if train else None, pixels,
+                       [t.num_tokens for t in tiled])
+
+    def prompt(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = "request") -> Encoded:
+        """Encode a conversation for generation: the reply starts right after."""
+        return self.encode(messages, images, name=name, add_generation_prompt=True, train=False)
+
+
+def pad_batch(encoded: list[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence -> input_ids (B, L), attention_mask (B, L), labels (B, L), pixel_values."""
+    length = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(encoded):
+        n = len(e.input_ids)
+        span = slice(length - n, length) if left else slice(0, n)
+        ids[row, span], mask[row, span] = e.input_ids, 1
+        if e.labels is not None:
+            labels[row, span] = e.labels
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([e.pixel_values for e in encoded])}
+    if any(e.labels is not None for e in encoded):
+        batch["labels"] = labels
+    return batch

@@ -1,0 +1,124 @@
+"""webdataset pipelines: shard lists split by node and worker, tolerant decoding, and counted skips.
+
+Every stage reads shards the same way; only the per-sample `decode` function and the collate differ. A sample that
+cannot be decoded (corrupt image, missing caption, malformed JSON, an image-count mismatch) is logged once with its
+shard and key and dropped; the number dropped travels inside each batch as `skipped`, so the training loop can count
+skips across DataLoader workers and stop when the rate passes `data.max_skip_rate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.shardlists import expand_urls
+
+log = logging.getLogger(__name__)
+
+
+class SkipSample(Exception):
+    """Raised by a decode function for a sample that must be dropped; the message says why."""
+
+
+class ShardError(ValueError):
+    """A shard pattern that matches nothing, or too few shards for the readers."""
+
+
+def list_shards(pattern: str, key: str = "data.train") -> list[str]:
+    """Expand a brace pattern ("a/{000..009}.tar", "pipe:..." or "a.tar::b.tar") and check local files exist."""
+    urls = expand_urls(pattern)
+    local = [u for u in urls if not u.startswith(("pipe:", "http://", "https://", "gs://", "s3://"))]
+    missing = [u for u in local if not os.path.exists(u.removeprefix("file:"))]
+    if not urls or len(missing) == len(urls):
+        raise ShardError(f"{key}={pattern!r} matches no shard file (first expanded path: "
+                         f"{urls[0] if urls else 'none'!r}); check the path and the {{000..009}} range")
+    if missing:
+        raise ShardError(f"{key}={pattern!r}: {len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]!r}")
+    return urls
+
+
+def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """A pipeline stage applying `decode` to each raw sample; failures are logged once and counted in `skipped`."""
+
+    def stage(source: Iterable[dict]) -> Iterator[dict]:
+        skipped = 0
+        for raw in source:
+            try:
+                sample = decode(raw)
+            except Exception as err:  # any bad sample is dropped; the count keeps the run honest
+                skipped += 1
+                log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), err)
+                continue
+            sample["skipped"] = skipped
+            skipped = 0
+            yield sample
+
+    return stage
+
+
+def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bool, resampled: bool = False,
+                   shuffle_buffer: int = 1000, seed: int = 0, split_by_node: bool = True) -> wds.DataPipeline:
+    """Shards -> samples -> decoded samples. Train pipelines shuffle shards and samples; eval pipelines do not."""
+    if resampled:
+        shards: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        shards = [wds.SimpleShardList(urls)]
+        if train:
+            shards.append(wds.detshuffle(bufsize=len(urls), seed=seed))
+        if split_by_node:
+            shards.append(wds.split_by_node)
+        shards.append(wds.split_by_worker)
+    stages = [*shards, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    if train and shuffle_buffer > 1:
+        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 256)))
+    stages.append(decode_samples(decode))
+    return wds.DataPipeline(*stages)
+
+
+def reader_plan(num_shards: int, num_workers: int, world_size: int, pattern: str, resampled: bool) -> int:
+    """How many DataLoader workers to use so that every reader gets at least one shard.
+
+    Each rank x worker reads a disjoint subset of shards; a reader with none would end its epoch at once while the
+    others still train, which stalls DDP. Returns the worker count to use, or raises naming the numbers and the fix.
+    """
+    if resampled:
+        return num_workers
+    if num_shards < world_size:
+        raise ShardError(f"{pattern!r} has {num_shards} shards for {world_size} ranks: every rank needs at least "
+                         f"one. Write more, smaller shards (e.g. {world_size * max(1, num_workers)}), or set "
+                         f"data.resampled=true to draw shards with replacement")
+    readers = world_size * max(1, num_workers)
+    if num_shards < readers:
+        fitted = num_shards // world_size
+        log.warning("%r has %d shards for %d ranks x %d workers = %d readers; using data.num_workers=%d. Write at "
+                    "least %d shards, or set data.resampled=true, to use every worker", pattern, num_shards,
+                    world_size, num_workers, readers, fitted, readers)
+        return fitted
+    return num_workers
+
+
+def collate_skipped(samples: list[dict]) -> int:
+    return sum(s.pop("skipped", 0) for s in samples)
+
+
+class StreamDataset(IterableDataset):
+    """An IterableDataset over a webdataset pipeline, so DataLoader workers each iterate their own split."""
+
+    def __init__(self, pipeline: wds.DataPipeline):
+        super().__init__()
+        self.pipeline = pipeline
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.pipeline)
+
+
+def make_loader(pipeline: wds.DataPipeline, batch_size: int, num_workers: int,
+                collate: Callable[[list[dict]], dict[str, Any]], drop_last: bool) -> DataLoader:
+    return DataLoader(StreamDataset(pipeline), batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+                      prefetch_factor=4 if num_workers > 0 else None)

@@ -1,0 +1,236 @@
+"""The synthetic shapes dataset: the embedded default that every stage trains on when no data is given.
+
+Coloured shapes drawn at a random position and size on a random tinted background, with captions in varied
+phrasings (phase 1 and `align`) and question/answer conversations (`sft`): colour, shape, count, position, and a
+two-image comparison. Everything is a pure function of the seed, so the same config always yields the same shards.
+Splits are written as webdataset shards into a cache directory on first use and reused after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 30),
+    "green": (40, 170, 50),
+    "cyan": (30, 200, 210),
+    "blue": (30, 60, 220),
+    "purple": (140, 40, 190),
+    "pink": (250, 120, 190),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+CLASSNAMES = [f"{color} {shape}" for color in COLORS for shape in SHAPES]  # label = index; 32 classes
+
+CAPTION_TEMPLATES = (
+    "a {c} {s}",
+    "a {c} {s} in the {p}",
+    "a photo of a {c} {s}.",
+    "there is a {c} {s} in the {p} of the picture",
+    "an image showing a {c} {s} on a plain background",
+    "a single {c} {s}, {p}",
+    "{c} {s}",
+    "a drawing of a {c} {s} near the {p} corner",
+    "the picture shows one {s}; it is {c}",
+    "a small {c} {s}",
+)
+DESCRIBE_PROMPTS = (
+    "Describe the image.",
+    "What do you see?",
+    "Write a short caption for this picture.",
+    "What is shown here?",
+    "Give a brief description of the image.",
+)
+QUESTIONS = {
+    "color": ("What color is the shape?", "Which colour is the shape in the picture?",
+              "What is the color of the shape?", "Tell me the shape's color."),
+    "shape": ("What shape is this?", "Which shape is drawn in the image?", "What kind of shape do you see?",
+              "Name the shape in the picture."),
+    "position": ("Where is the shape?", "In which corner is the shape?", "Where in the image is the shape located?",
+                 "Which part of the picture holds the shape?"),
+    "count": ("How many shapes are there?", "How many shapes do you see?", "Count the shapes in the image.",
+              "What is the number of shapes in the picture?"),
+}
+COMPARE_QUESTIONS = ("Which image shows the {c} {s}, the first or the second?",
+                     "Is the {c} {s} in the first image or the second image?",
+                     "Which picture contains the {c} {s}: first or second?")
+QUESTION_TYPES = ("color", "shape", "position", "count", "compare")
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    color: str
+    shape: str
+    position: str  # quadrant of the shape's centre
+    count: int = 1
+
+    @property
+    def label(self) -> int:
+        return CLASSNAMES.index(f"{self.color} {self.shape}")
+
+
+def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+    # five-pointed star: alternate outer and inner radius
+    return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + i * math.pi / 5),
+             cy + (r if i % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+
+
+def render(spec: ShapeSpec, rng: random.Random, size: int) -> Image.Image:
+    """Draw `spec.count` shapes of one colour and kind in the quadrant `spec.position` (one shape) or anywhere."""
+    gray = rng.randint(20, 235)
+    image = Image.new("RGB", (size, size), _jitter((gray, gray, gray), rng, 18))
+    draw = ImageDraw.Draw(image)
+    fill = _jitter(COLORS[spec.color], rng, 15)
+    if spec.count == 1:
+        radius = rng.uniform(0.14, 0.22) * size
+        col, row = POSITIONS.index(spec.position) % 2, POSITIONS.index(spec.position) // 2
+        lo, hi = radius + 1, size / 2 - 2  # the centre stays inside its quadrant, the shape inside the image
+        x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
+        centres = [(size - x if col else x, size - y if row else y)]
+    else:
+        radius = rng.uniform(0.09, 0.12) * size
+        cells = rng.sample(range(9), spec.count)  # one shape per cell of a 3x3 grid: never overlapping
+        cell = size / 3
+        centres = [((c % 3 + 0.5) * cell + rng.uniform(-0.15, 0.15) * cell,
+                    (c // 3 + 0.5) * cell + rng.uniform(-0.15, 0.15) * cell) for c in cells]
+    for cx, cy in centres:
+        if spec.shape == "circle":
+            draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
+        else:
+            draw.polygon(_shape_points(spec.shape, cx, cy, radius), fill=fill)
+    return image
+
+
+def random_spec(rng: random.Random, count: int = 1) -> ShapeSpec:
+    return ShapeSpec(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(POSITIONS), count)
+
+
+def caption(spec: ShapeSpec, rng: random.Random) -> str:
+    return rng.choice(CAPTION_TEMPLATES).format(c=spec.color, s=spec.shape, p=spec.position)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def caption_samples(num: int, seed: int, image_size: int) -> Iterator[dict]:
+    """Phase 1 and `align` samples: {"__key__", "png", "txt", "cls"} with one shape each."""
+    rng = random.Random(seed)
+    for index in range(num):
+        spec = random_spec(rng)
+        image = render(spec, rng, image_size)
+        yield {"__key__": f"{index:08d}", "png": _png(image), "txt": caption(spec, rng), "cls": str(spec.label)}
+
+
+def _answer(kind: str, spec: ShapeSpec) -> str:
+    return {"color": spec.color, "shape": spec.shape, "position": spec.position,
+            "count": COUNT_WORDS[spec.count]}[kind]
+
+
+def conversation_samples(num: int, seed: int, image_size: int) -> Iterator[dict]:
+    """`sft` samples in the LLaVA form: {"__key__", "json": {"conversations", "type"}, "0.png"[, "1.png"]}.
+
+    Types rotate so every split holds each one; a third of the single-image samples ask a second question in a
+    second turn about the same image.
+    """
+    rng = random.Random(seed)
+    for index in range(num):
+        kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+        images: list[Image.Image] = []
+        if kind == "compare":
+            first, second = random_spec(rng), random_spec(rng)
+            while (second.color, second.shape) == (first.color, first.shape):
+                second = random_spec(rng)
+            target = rng.choice(("first", "second"))
+            asked = first if target == "first" else second
+            images = [render(first, rng, image_size), render(second, rng, image_size)]
+            question = rng.choice(COMPARE_QUESTIONS).format(c=asked.color, s=asked.shape)
+            turns = [("<image>\n<image>\n" + question, target)]
+        else:
+            spec = random_spec(rng, count=rng.randint(1, 3) if kind == "count" else 1)
+            images = [render(spec, rng, image_size)]
+            turns = [("<image>\n" + rng.choice(QUESTIONS[kind]), _answer(kind, spec))]
+            if kind != "count" and rng.random() < 1 / 3:
+                follow = rng.choice([k for k in ("color", "shape", "position") if k != kind])
+                turns.append((rng.choice(QUESTIONS[follow]), _answer(follow, spec)))
+        conversations = []
+        for question, answer in turns:
+            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        sample = {"__key__": f"{index:08d}", "json": json.dumps({"conversations": conversations, "type": kind})}
+        for i, image in enumerate(images):
+            sample[f"{i}.png"] = _png(image)
+        yield sample
+
+
+def corpus(seed: int = 0, num: int = 4000) -> Iterator[str]:
+    """Every word the synthetic data can say, for training a small local tokenizer."""
+    rng = random.Random(seed)
+    for _ in range(num):
+        spec = random_spec(rng)
+        yield caption(spec, rng)
+    for kind in QUESTIONS:
+        yield from QUESTIONS[kind]
+    yield from DESCRIBE_PROMPTS
+    for template in COMPARE_QUESTIONS:
+        yield template.format(c=" ".join(COLORS), s=" ".join(SHAPES))
+    yield " ".join(POSITIONS) + " " + " ".join(COUNT_WORDS.values()) + " first second"
+    yield from ["system\n", "user\n", "assistant\n"] * 50  # chat-template role words become single tokens
+
+
+KINDS = {"captions": caption_samples, "conversations": conversation_samples}
+
+
+def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int, samples_per_shard: int) -> str:
+    """Write one split as shards; returns the brace pattern that reads it back."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    directory.mkdir(parents=True, exist_ok=True)
+    pattern = str(directory / "shard-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
+        for sample in tqdm(KINDS[kind](num, seed, image_size), total=num, desc=f"synthetic {kind} -> {directory.name}",
+                           unit="img", leave=False):
+            sink.write(sample)
+    shards = sorted(directory.glob("shard-*.tar"))
+    return str(directory / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
+
+
+def ensure_split(kind: str, split: str, num: int, seed: int, image_size: int, samples_per_shard: int,
+                 cache_dir: str | Path) -> str:
+    """Return the shard pattern of a synthetic split, generating it into the cache on first use."""
+    fingerprint = hashlib.sha1(json.dumps([kind, num, seed, image_size, samples_per_shard, CLASSNAMES,
+                                           CAPTION_TEMPLATES, QUESTIONS]).encode()).hexdigest()[:10]
+    directory = Path(cache_dir).expanduser() / f"{kind}-{split}-{fingerprint}"
+    done = directory / "DONE"
+    if done.exists():
+        return done.read_text().strip()
+    if directory.exists():  # an interrupted earlier generation: start that split over
+        for stale in directory.iterdir():
+            stale.unlink()
+    split_seed = seed * 1000 + (1 if split == "train" else 2) + (10 if kind == "conversations" else 0)
+    pattern = write_split(kind, directory, num, split_seed, image_size, samples_per_shard)
+    (directory / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+    done.write_text(pattern + "\n")
+    return pattern

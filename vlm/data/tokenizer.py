@@ -1,0 +1,60 @@
+"""The LLM tokenizer: a Hugging Face tokenizer by name or path, or a small local one for the synthetic default.
+
+Either way it gets the `<image>` placeholder as a special token, a pad token, and a chat template: the tokenizer's
+own when it has one, else DEFAULT_CHAT_TEMPLATE (ChatML).
+"""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+IMAGE_TOKEN = "<image>"
+# ChatML, as Qwen and SmolLM use: <|im_start|>role\ncontent<|im_end|>\n per message.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_LOCAL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def build_local_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`: any text encodes, and the synthetic words are single tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_LOCAL_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", bos_token=None,
+                                   pad_token="<pad>", unk_token=None, chat_template=DEFAULT_CHAT_TEMPLATE)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """Add `<image>` and a pad token, and make sure there is a chat template."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    elif not tokenizer.chat_template:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        raise FileNotFoundError(f"cannot load the tokenizer {name_or_path!r}: {err}") from None
+
+
+def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -1,0 +1,78 @@
+"""Builds what a stage needs: its LightningModule and DataModule (from the stage table), the Trainer, and the
+final export and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from vlm.config import TrainConfig, to_dict
+from vlm.data import sources
+from vlm.lit.callbacks import StepProgressBar
+from vlm.lit.data import ShardDataModule
+from vlm.runs import Run
+from vlm.stages import get_stage
+
+log = logging.getLogger(__name__)
+
+
+def build_task(config: TrainConfig, run: Run) -> tuple[pl.LightningModule, ShardDataModule]:
+    stage = get_stage(config.stage.name)
+    data = sources.resolve(config.data, stage.data)
+    if stage.name == "contrastive":
+        from vlm.lit.contrastive import ContrastiveTask
+
+        task = ContrastiveTask.create(config, data.classnames, init_from=run.init_from)
+    else:
+        from vlm.lit.vlm_task import VLMTask
+
+        task = VLMTask.create(config, init_from=run.init_from)
+    datamodule = ShardDataModule(data.train, data.val, task.decoder(stage.data), task.collate,
+                                 config.stage.batch_size, config.eval.batch_size, config.data, config.trainer.seed,
+                                 val_decode=task.decoder(stage.data, evaluate=True))
+    return task, datamodule
+
+
+def build_trainer(config: TrainConfig, run: Run) -> pl.Trainer:
+    t = config.trainer
+    checkpoints = ModelCheckpoint(dirpath=run.checkpoints, filename="step{step:08d}", auto_insert_metric_name=False,
+                                  every_n_train_steps=t.checkpoint_every_n_steps, monitor="step", mode="max",
+                                  save_top_k=3, save_last=False)
+    if t.logger == "tensorboard":
+        logger: Any = TensorBoardLogger(run.dir, name="logs", version="")
+    else:
+        logger = CSVLogger(run.dir, name="logs", version="")
+    return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                      precision=t.precision, max_steps=config.stage.max_steps, max_epochs=-1,
+                      val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
+                      log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
+                      callbacks=[checkpoints, StepProgressBar(), LearningRateMonitor(logging_interval="step")],
+                      logger=logger, default_root_dir=run.dir, num_sanity_val_steps=0, enable_model_summary=False,
+                      use_distributed_sampler=False, limit_val_batches=None)
+
+
+def finish(trainer: pl.Trainer, task: pl.LightningModule, datamodule: ShardDataModule, run: Run,
+           config: TrainConfig, started: float) -> dict[str, Any]:
+    """Final validation, the export folder and metrics.json; returns the metrics."""
+    metrics: dict[str, Any] = {}
+    if datamodule.val_urls:
+        results = trainer.validate(task, datamodule=datamodule, verbose=False)
+        metrics.update({k.removeprefix("val/"): float(v) for k, v in (results[0] if results else {}).items()})
+    metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,
+                    "wall_seconds": round(time.time() - started, 1), "samples_skipped": task.health.skipped,
+                    "samples_seen": task.health.seen, "export": str(run.export)})
+    if trainer.is_global_zero:
+        task.export(run.export)
+        (run.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (run.dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+        log.info("done: %s", json.dumps(shown))
+        log.info("export folder: %s", Path(run.export).resolve())
+    return metrics

@@ -1,0 +1,65 @@
+"""Vision tower: any timm ViT, returning patch features (B, N, D) and a pooled embedding (B, D)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from vlm.config import VisionConfig
+
+
+class VisionTower(nn.Module):
+    """A timm Vision Transformer with its classifier removed.
+
+    `forward_features` gives every token of the chosen block, `pool` the model's own pooled output (CLS or mean,
+    as the timm model is configured). Mean/std come from the timm model so the tiler normalises to match it.
+    """
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        overrides = {"embed_dim": config.width, "depth": config.depth, "num_heads": config.heads}
+        kwargs = {k: v for k, v in overrides.items() if v is not None}
+        try:
+            self.vit = timm.create_model(config.name, pretrained=config.pretrained, num_classes=0,
+                                         img_size=config.image_size, patch_size=config.patch_size, **kwargs)
+        except RuntimeError as err:  # timm raises RuntimeError for unknown names
+            raise ValueError(f"model.vision.name={config.name!r}: {err}") from None
+        if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
+            raise ValueError(f"model.vision.name={config.name!r} is not a ViT (no patch_embed/blocks); pick a timm ViT")
+        self.config = config
+        self.width: int = self.vit.num_features
+        self.num_prefix_tokens: int = getattr(self.vit, "num_prefix_tokens", 1)
+        self.grid_size: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)  # (H/p, W/p)
+        data_config = self.vit.pretrained_cfg
+        self.mean: tuple[float, float, float] = tuple(data_config.get("mean", (0.5, 0.5, 0.5)))
+        self.std: tuple[float, float, float] = tuple(data_config.get("std", (0.5, 0.5, 0.5)))
+        if config.gradient_checkpointing:
+            self.vit.set_grad_checkpointing(True)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    def forward_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, prefix + N, D), the final normed tokens."""
+        return self.vit.forward_features(pixels)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + N, D) -> (B, D) with the timm model's own pooling."""
+        return self.vit.forward_head(tokens, pre_logits=True)
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N(+prefix), D) from `config.feature_layer`, CLS dropped unless `keep_cls`."""
+        if self.config.feature_layer == -1:
+            tokens = self.vit.forward_features(pixels)  # (B, prefix + N, D), after the final norm
+        else:
+            depth = len(self.vit.blocks)
+            index = self.config.feature_layer % depth
+            tokens = self.vit.forward_intermediates(pixels, indices=[index], intermediates_only=True,
+                                                    output_fmt="NLC", return_prefix_tokens=self.config.keep_cls)[0]
+            if self.config.keep_cls:
+                patches, prefix = tokens
+                return torch.cat([prefix, patches], dim=1)  # (B, prefix + N, D)
+            return tokens  # (B, N, D)
+        return tokens if self.config.keep_cls else tokens[:, self.num_prefix_tokens:]  # (B, N, D)

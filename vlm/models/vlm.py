@@ -1,0 +1,90 @@
+"""The vision-language model: vision tower -> token reduction -> projector -> image embeds merged into a causal LM.
+
+The processor expands each `<image>` placeholder into exactly `tokens_per_tile * tiles` image-token ids; here those
+positions of the LLM's input embeddings are overwritten with the projected image features, in order. Everything
+else is the Hugging Face model untouched, so `generate` (KV cache, sampling, beams, streaming) works as-is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from vlm.config import LLMConfig, ModelConfig
+from vlm.models.projector import build_projector
+from vlm.models.reduction import TokenReducer
+from vlm.models.vision import VisionTower
+
+
+def build_llm(config: LLMConfig, vocab_size: int) -> PreTrainedModel:
+    """A Hugging Face causal LM by name or path, or a random Llama from `config.config`; embeddings fit the vocab."""
+    if config.name_or_path:
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(config.name_or_path, dtype="auto")
+        except OSError as err:
+            raise FileNotFoundError(f"model.llm.name_or_path={config.name_or_path!r}: {err}") from None
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **config.config))
+    if lm.get_input_embeddings().num_embeddings < vocab_size:
+        lm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if config.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig, lm: PreTrainedModel, image_token_id: int):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.reducer = TokenReducer(config.projector.reduction, config.projector.reduction_factor)
+        self.lm = lm
+        self.projector = build_projector(config.projector.type, self.reducer.out_width(self.vision.width),
+                                         lm.get_input_embeddings().embedding_dim)
+        self.image_token_id = image_token_id
+        patches = self.vision.num_patches + (self.vision.num_prefix_tokens if config.vision.keep_cls else 0)
+        if config.vision.keep_cls and config.projector.reduction != "none":
+            raise ValueError("model.vision.keep_cls=true needs model.projector.reduction=none (the CLS token is not "
+                             "on the patch grid)")
+        self.tokens_per_tile: int = self.reducer.out_tokens(patches)
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The named parts the stage table freezes or trains."""
+        return {"vision": self.vision, "projector": self.projector, "llm": self.lm}
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N_tiles, 3, S, S) -> (N_tiles * tokens_per_tile, Dlm)"""
+        patches = self.vision.patch_features(pixel_values)  # (N_tiles, P, Dv)
+        reduced = self.reducer(patches)  # (N_tiles, T, Dv')
+        return self.projector(reduced).flatten(0, 1)  # (N_tiles * T, Dlm)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """(B, L) ids with image-token runs + their tiles -> (B, L, Dlm) input embeddings."""
+        embeds = self.lm.get_input_embeddings()(input_ids)  # (B, L, Dlm)
+        is_image = input_ids == self.image_token_id  # (B, L)
+        positions = int(is_image.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if positions:
+                raise ValueError(f"the batch has {positions} image-token positions but no images")
+            return embeds
+        features = self.image_features(pixel_values).to(embeds.dtype)  # (N_img_tokens, Dlm)
+        if positions != features.shape[0]:
+            raise ValueError(f"the batch has {positions} image-token positions but its {len(pixel_values)} tiles give "
+                             f"{features.shape[0]} image features ({self.tokens_per_tile} per tile)")
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features)  # image rows replaced in order
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
+        """Returns the Hugging Face CausalLMOutput; `loss` is next-token cross-entropy over labels != -100."""
+        return self.lm(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
+                       labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """Hugging Face `generate` on the merged embeddings; returns only the new token ids (B, T_new)."""
+        embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)

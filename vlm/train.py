@@ -1,0 +1,45 @@
+"""`python -m vlm.train stage=contrastive|align|sft [key=value ...]`: train one stage.
+
+compose the config -> pick the run folder -> build the stage's model and data -> fit -> export + metrics.json
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import hydra
+import lightning.pytorch as pl
+from omegaconf import DictConfig
+
+from vlm.cli import CONFIG_DIR, preflight, user_errors
+from vlm.config import to_train_config
+from vlm.lit.build import build_task, build_trainer, finish
+from vlm.runs import prepare_run
+
+log = logging.getLogger("vlm.train")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def train(cfg: DictConfig) -> dict:
+    started = time.time()
+    with user_errors():
+        config = to_train_config(cfg)
+        pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
+        run = prepare_run(config)
+        log.info("stage %s -> %s", config.stage.name, run.dir)
+        task, datamodule = build_task(config, run)
+        trainer = build_trainer(config, run)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
+    with user_errors():
+        return finish(trainer, task, datamodule, run, config, started)
+
+
+def main() -> None:
+    preflight(sys.argv[1:], "train")
+    train()
+
+
+if __name__ == "__main__":
+    main()
