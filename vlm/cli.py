@@ -40,8 +40,28 @@ def unknown_key_message(cfg: DictConfig, key: str) -> str | None:
     return f"unknown config key {key!r}.{hint} Valid keys under {parent or 'the top level'!r}: {valid}"
 
 
+QUOTED_KEYS = ("data.train", "data.val")  # shard patterns: braces and colons mean something to Hydra's parser
+
+
+def quote_patterns(args: list[str]) -> list[str]:
+    """Quote shard patterns so `data.train=/d/shard-{000..009}.tar` needs no Hydra quoting from the user."""
+    quoted = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in QUOTED_KEYS and value and value[0] not in "'\"" and any(c in value for c in "{}[],: "):
+            arg = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        quoted.append(arg)
+    return quoted
+
+
 def preflight(args: list[str], config_name: str) -> None:
-    """Compose the config once before Hydra runs, so a typo fails at once with the key and its valid choices."""
+    """Compose the config once before Hydra runs, so a typo fails at once with the key and its valid choices.
+
+    Also quotes shard patterns in place in sys.argv, where Hydra reads them.
+    """
+    args = quote_patterns(args)
+    if args != sys.argv[1:] and len(args) == len(sys.argv) - 1:
+        sys.argv[1:] = args
     if not CONFIG_DIR.is_dir():
         fail(f"config folder {str(CONFIG_DIR)!r} not found; install vlm with `pip install -e .` from a checkout")
     if any(a.startswith("-") for a in args):
@@ -58,7 +78,7 @@ def preflight(args: list[str], config_name: str) -> None:
         try:
             base = compose(config_name, overrides=group_args)
         except Exception as err:  # Hydra names the group and lists its options
-            fail(str(err).strip())
+            fail(str(err).split("Config search path")[0].strip())
         for arg in key_args:
             message = unknown_key_message(base, arg.split("=", 1)[0])
             if message:
@@ -79,5 +99,4 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, ShardError, ExportError, FileNotFoundError) as err:
-        log.error("%s", err)
         fail(str(err))

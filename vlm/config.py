@@ -199,13 +199,14 @@ def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
         merged = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        reason = str(getattr(err, "msg", err)).splitlines()[0]
+        parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(schema, parent) if parent else schema
-        valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
-        leaf = key.rsplit(".", 1)[-1]
-        hint = f" Valid keys under {parent or 'the root'}: {valid}.{_closest(leaf, valid)}" if valid else ""
-        reason = err.msg if hasattr(err, "msg") else err
-        raise ConfigError(f"bad config key or value at {key!r}: {reason}.{hint}") from None
+        valid = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
+        if leaf in valid:  # a known key with a value of the wrong type
+            raise ConfigError(f"bad value for {key!r}: {reason}") from None
+        raise ConfigError(f"unknown config key {key!r}.{_closest(leaf, valid)} Valid keys under "
+                          f"{parent or 'the top level'!r}: {valid}") from None
     try:
         config: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except ValueError as err:  # a dataclass's own validation (e.g. TilerConfig); name the group
@@ -215,8 +216,6 @@ def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
         raise ConfigError(f"stage.max_steps={config.stage.max_steps} must be >= 1")
     if config.stage.batch_size < 1:
         raise ConfigError(f"stage.batch_size={config.stage.batch_size} must be >= 1")
-    if config.data.train is None and config.data.val is not None:
-        raise ConfigError("data.val is set but data.train is not; set both, or neither for the synthetic dataset")
     return config
 
 

@@ -20,7 +20,7 @@ from vlm.export import TOKENIZER_DIR, WEIGHTS_FILE, ExportError, load_weights, r
 from vlm.models.clip import CLIPModel
 from vlm.models.text import load_clip_tokenizer
 from vlm.models.vision import VisionTower
-from vlm.models.vlm import VisionLanguageModel, build_llm
+from vlm.models.vlm import VisionLanguageModel, build_llm, enable_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
     llm_config = AutoConfig.for_model(**meta["llm_config"])
     lm = AutoModelForCausalLM.from_config(llm_config)
     if gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm)
     model = VisionLanguageModel(config, lm, image_token_id(tokenizer))
     load_weights(model, directory)
     return _bundle(model, tokenizer, tiler or tiler_config_from(meta), meta)

@@ -15,8 +15,10 @@ from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import to_train_config
+from vlm.data.sources import resolve as resolve_data
 from vlm.lit.build import build_task, build_trainer, finish
 from vlm.runs import prepare_run
+from vlm.stages import get_stage
 
 log = logging.getLogger("vlm.train")
 
@@ -27,9 +29,10 @@ def train(cfg: DictConfig) -> dict:
     with user_errors():
         config = to_train_config(cfg)
         pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
+        data = resolve_data(config.data, get_stage(config.stage.name).data)
         run = prepare_run(config)
         log.info("stage %s -> %s", config.stage.name, run.dir)
-        task, datamodule = build_task(config, run)
+        task, datamodule = build_task(config, run, data)
         trainer = build_trainer(config, run)
     trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
     with user_errors():

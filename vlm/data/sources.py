@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlm.config import DataConfig
+from vlm.config import ConfigError, DataConfig
 from vlm.data import synthetic
 from vlm.data.shards import list_shards
 
@@ -32,6 +32,8 @@ def read_classnames(path: str | Path) -> list[str]:
 
 def resolve(config: DataConfig, kind: str) -> DataSources:
     """Shard patterns for a stage reading `kind` ("captions" or "conversations")."""
+    if config.train is None and config.val is not None:
+        raise ConfigError("data.val is set but data.train is not; set both, or neither for the synthetic dataset")
     if config.train is None:
         s = config.synthetic
         splits = {split: synthetic.ensure_split(kind, split, num, s.seed, s.image_size, s.samples_per_shard,
@@ -40,11 +42,27 @@ def resolve(config: DataConfig, kind: str) -> DataSources:
         log.info("no data.train given: using the synthetic shapes dataset (%d train / %d held-out) from %s",
                  s.num_train, s.num_val, Path(s.cache_dir).expanduser())
         return DataSources(splits["train"], splits["val"], list(synthetic.CLASSNAMES))
-    classnames = None
+    list_shards(config.train, "data.train")  # a bad pattern fails here, before any model is built
+    if config.val:
+        list_shards(config.val, "data.val")
+    return DataSources(config.train, config.val, find_classnames(config))
+
+
+def find_classnames(config: DataConfig) -> list[str] | None:
+    """data.classnames, else classnames.txt beside the held-out shards, else None."""
     if config.classnames:
-        classnames = read_classnames(config.classnames)
-    elif config.val:
+        return read_classnames(config.classnames)
+    if config.val:
         beside = Path(list_shards(config.val, "data.val")[0]).parent / "classnames.txt"
         if beside.is_file():
-            classnames = read_classnames(beside)
-    return DataSources(config.train, config.val, classnames)
+            return read_classnames(beside)
+    return None
+
+
+def resolve_eval(config: DataConfig, kind: str) -> DataSources:
+    """Held-out data for vlm.eval: data.val, or the synthetic held-out split."""
+    if config.val is None:
+        s = config.synthetic
+        val = synthetic.ensure_split(kind, "val", s.num_val, s.seed, s.image_size, s.samples_per_shard, s.cache_dir)
+        return DataSources("", val, list(synthetic.CLASSNAMES))
+    return DataSources("", config.val, find_classnames(config))

@@ -217,6 +217,11 @@ def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int
     return str(directory / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
 
 
+def split_seed(seed: int, kind: str, split: str) -> int:
+    """Each (kind, split) draws from its own stream, so held-out samples never repeat training ones."""
+    return seed * 1000 + (1 if split == "train" else 2) + (10 if kind == "conversations" else 0)
+
+
 def ensure_split(kind: str, split: str, num: int, seed: int, image_size: int, samples_per_shard: int,
                  cache_dir: str | Path) -> str:
     """Return the shard pattern of a synthetic split, generating it into the cache on first use."""
@@ -229,8 +234,7 @@ def ensure_split(kind: str, split: str, num: int, seed: int, image_size: int, sa
     if directory.exists():  # an interrupted earlier generation: start that split over
         for stale in directory.iterdir():
             stale.unlink()
-    split_seed = seed * 1000 + (1 if split == "train" else 2) + (10 if kind == "conversations" else 0)
-    pattern = write_split(kind, directory, num, split_seed, image_size, samples_per_shard)
+    pattern = write_split(kind, directory, num, split_seed(seed, kind, split), image_size, samples_per_shard)
     (directory / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
     done.write_text(pattern + "\n")
     return pattern

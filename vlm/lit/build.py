@@ -23,9 +23,8 @@ from vlm.stages import get_stage
 log = logging.getLogger(__name__)
 
 
-def build_task(config: TrainConfig, run: Run) -> tuple[pl.LightningModule, ShardDataModule]:
+def build_task(config: TrainConfig, run: Run, data: sources.DataSources) -> tuple[pl.LightningModule, ShardDataModule]:
     stage = get_stage(config.stage.name)
-    data = sources.resolve(config.data, stage.data)
     if stage.name == "contrastive":
         from vlm.lit.contrastive import ContrastiveTask
 

@@ -29,8 +29,16 @@ def build_llm(config: LLMConfig, vocab_size: int) -> PreTrainedModel:
     if lm.get_input_embeddings().num_embeddings < vocab_size:
         lm.resize_token_embeddings(vocab_size, mean_resizing=False)
     if config.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm)
     return lm
+
+
+def enable_checkpointing(lm: PreTrainedModel) -> None:
+    """Recompute decoder layers in backward (non-reentrant, so frozen inputs still get gradients)."""
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class VisionLanguageModel(nn.Module):

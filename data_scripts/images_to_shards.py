@@ -1,0 +1,239 @@
+"""Turn a folder of images and a CSV/JSONL caption file into webdataset shards for the contrastive and align stages.
+
+Each sample holds the original image bytes (jpg/png/webp; other formats re-encoded to png), the caption as `txt`,
+and the class index as `cls` when the annotations have labels. Broken rows are reported with their line number and
+skipped. Run `python data_scripts/images_to_shards.py --help` for the format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python data_scripts/images_to_shards.py`: make `data_scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_scripts.shard_writing import (  # noqa: E402
+    DEFAULT_WORKERS,
+    DataError,
+    Skip,
+    plan_jobs,
+    prepare_output,
+    read_image,
+    report,
+    write_classnames,
+    write_shards,
+)
+
+REQUIRED = ("image", "caption")
+EXAMPLE = """\
+annotations (CSV with a header row; `label` is optional):
+  image,caption,label
+  cats/001.jpg,a grey cat asleep on a sofa,cat
+  dogs/017.png,"a dog catching a frisbee, mid-air",dog
+
+or JSONL, one object per line:
+  {"image": "cats/001.jpg", "caption": "a grey cat asleep on a sofa", "label": "cat"}
+
+  image    path relative to --images, or absolute
+  caption  the text paired with the image
+  label    a class name, or an integer class index (then pass --classnames to name the classes)
+
+output:
+  OUT/train/shard-000000.tar ...  samples: KEY.jpg|png|webp, KEY.txt, KEY.cls (label index)
+  OUT/val/...                     with --val-fraction > 0
+  OUT/*/classnames.txt            class names in label order, for zero-shot accuracy during training
+  OUT/skipped.txt                 every skipped row and why (only when some were)
+
+example:
+  python data_scripts/images_to_shards.py --images photos/ --annotations captions.csv --out shards/ \\
+      --val-fraction 0.05
+  python -m vlm.train stage=contrastive "data.train='shards/train/shard-{000000..000009}.tar'" \\
+      "data.val='shards/val/shard-{000000..000000}.tar'"
+"""
+
+
+@dataclass
+class Row:
+    line: int  # line number in the annotation file (1-based, the header is line 1 for CSV)
+    fields: dict | None  # None: the line could not be parsed (`problem` says why)
+    problem: str = ""
+
+
+def read_annotations(path: Path) -> list[Row]:
+    """Rows of a CSV (header row; .tsv: tab-separated) or JSONL file; the format is told by the name or the content."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start CSVs with a byte-order mark
+    except FileNotFoundError:
+        raise DataError(f"annotation file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read annotation file {path}: {err}") from None
+    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (
+        path.suffix.lower() not in (".csv", ".tsv") and text.lstrip().startswith("{"))
+    rows = _read_jsonl(text) if is_jsonl else _read_csv(text, path)
+    if not rows:
+        raise DataError(f"{path} has no annotation rows")
+    present = set().union(*(row.fields for row in rows if row.fields))
+    for column in REQUIRED:
+        if column not in present:
+            kind = "field in any line" if is_jsonl else "column"
+            found = ", ".join(sorted(present)) or "none"
+            raise DataError(f"{path} has no {column!r} {kind} (found: {found}); each row needs "
+                            f"{', '.join(REQUIRED)} and optionally label")
+    return rows
+
+
+def _read_csv(text: str, path: Path) -> list[Row]:
+    reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    if reader.fieldnames is None:
+        return []
+    reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "image, caption" headers are common
+    rows = []
+    for fields in reader:
+        extra = fields.pop(None, None)  # DictReader keeps surplus cells under the key None
+        if extra:
+            rows.append(Row(reader.line_num, None, f"{len(extra)} more cell(s) than the header has columns "
+                                                   "(quote captions that contain commas)"))
+        else:
+            rows.append(Row(reader.line_num, fields))
+    return rows
+
+
+def _read_jsonl(text: str) -> list[Row]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            fields = json.loads(line)
+        except json.JSONDecodeError as err:
+            rows.append(Row(number, None, f"not valid JSON ({err.msg})"))
+            continue
+        if isinstance(fields, dict):
+            rows.append(Row(number, fields))
+        else:
+            rows.append(Row(number, None, f"expected a JSON object, got {type(fields).__name__}"))
+    return rows
+
+
+def _is_index(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+
+
+def _label_value(fields: dict) -> object:
+    value = fields.get("label")
+    return None if value is None or (isinstance(value, str) and not value.strip()) else value
+
+
+def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, list[str] | None]:
+    """(labels are indices, class names in label order or None).
+
+    All non-empty labels integers: they are indices, named by --classnames if given. Otherwise they are names: the
+    class list is --classnames (its order) or else the sorted unique names.
+    """
+    labels = [v for row in rows if row.fields and (v := _label_value(row.fields)) is not None]
+    given = None
+    if classnames_file is not None:
+        try:
+            given = [n.strip() for n in classnames_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+        except OSError as err:
+            raise DataError(f"cannot read --classnames {classnames_file}: {err}") from None
+        if not given:
+            raise DataError(f"--classnames {classnames_file} is empty; write one class name per line, in label order")
+    if labels and all(_is_index(v) for v in labels):
+        if given is not None and (top := max(int(v) for v in labels)) >= len(given):
+            raise DataError(f"label index {top} is out of range for the {len(given)} names in --classnames "
+                            f"{classnames_file} (indices start at 0)")
+        return True, given
+    if not labels:
+        return False, given
+    return False, given if given is not None else sorted({str(v).strip() for v in labels})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="images_to_shards.py",
+        description="Convert images + captions (+ optional class labels) into webdataset shards for vlm's "
+                    "contrastive and align stages.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", metavar="DIR", type=Path, required=True,
+                        help="folder the `image` paths are relative to")
+    parser.add_argument("--annotations", metavar="FILE", type=Path, required=True,
+                        help="CSV (header row) or JSONL file")
+    parser.add_argument("--out", metavar="DIR", type=Path, required=True,
+                        help="output folder; shards go to OUT/train and OUT/val")
+    parser.add_argument("--samples-per-shard", metavar="N", type=int, default=1000,
+                        help="samples per .tar (default: 1000)")
+    parser.add_argument("--val-fraction", metavar="F", type=float, default=0.0,
+                        help="fraction of rows held out in OUT/val (default: 0, no val split)")
+    parser.add_argument("--seed", metavar="S", type=int, default=0,
+                        help="seed of the train/val split and train order (default: 0)")
+    parser.add_argument("--classnames", metavar="FILE", type=Path,
+                        help="class names, one per line in label order: names integer labels, or fixes the order "
+                             "of name labels (default: sorted names)")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="keep the annotation order in the train shards (default: seeded shuffle)")
+    parser.add_argument("--workers", metavar="N", type=int, default=DEFAULT_WORKERS,
+                        help=f"threads reading and checking images (default: {DEFAULT_WORKERS})")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards left in OUT by an earlier run")
+    args = parser.parse_args(argv)
+    try:
+        return convert(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def convert(args: argparse.Namespace) -> int:
+    if not args.images.is_dir():
+        raise DataError(f"--images {args.images} is not a folder")
+    rows = read_annotations(args.annotations)
+    indexed, classnames = class_list(rows, args.classnames)
+    position = {name: i for i, name in enumerate(classnames or [])}
+
+    def build(row: Row) -> dict:
+        if row.fields is None:
+            raise Skip("unparsable row", row.problem)
+        image = row.fields.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise Skip("no image", "no image path in the 'image' column")
+        caption = row.fields.get("caption")
+        caption = "" if caption is None else str(caption).strip()
+        if not caption:
+            raise Skip("empty caption", f"empty caption for {image}")
+        sample: dict = {"txt": caption.encode("utf-8")}
+        label = _label_value(row.fields)
+        if label is not None:
+            if indexed:
+                sample["cls"] = str(int(label)).encode()
+            elif str(label).strip() in position:
+                sample["cls"] = str(position[str(label).strip()]).encode()
+            else:
+                raise Skip("unknown label", f"label {label!r} is not in --classnames {args.classnames}")
+        extension, data = read_image(args.images / image.strip())
+        sample[extension] = data
+        return sample
+
+    splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
+    jobs = plan_jobs(rows, lambda _, row: f"{args.annotations.name} line {row.line}", args.val_fraction, args.seed,
+                     shuffle=not args.no_shuffle)
+    prepare_output(args.out, splits, args.overwrite)
+    result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                          desc=f"{args.annotations.name} -> shards")
+    if classnames:
+        write_classnames([s.directory for s in result.splits.values() if s.samples], classnames)
+        print(f"{len(classnames)} classes, written to classnames.txt beside the shards")
+    elif any(_label_value(r.fields) is not None for r in rows if r.fields):
+        print("note: labels are class indices and no --classnames was given, so no classnames.txt was written; "
+              "training reports retrieval but not zero-shot accuracy")
+    return report(result, stage="contrastive")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

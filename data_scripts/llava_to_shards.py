@@ -1,0 +1,202 @@
+"""Turn LLaVA-format conversation data (JSON list or JSONL, plus an image folder) into webdataset shards for `sft`.
+
+Each sample holds the record as `json` (conversations with roles normalised to human/gpt/system, other fields kept)
+and its images as `0.jpg`, `1.png`, ... in the order of the record's `image` list, with the original bytes. Records
+that training could not use are reported with their index, id and reason, and skipped.
+Run `python data_scripts/llava_to_shards.py --help` for the format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python data_scripts/llava_to_shards.py`: make `data_scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_scripts.shard_writing import (  # noqa: E402
+    DEFAULT_WORKERS,
+    DataError,
+    Skip,
+    plan_jobs,
+    prepare_output,
+    read_image,
+    report,
+    write_shards,
+)
+
+IMAGE_PLACEHOLDER = "<image>"
+# Roles as written in the shards; OpenAI-style names are accepted and mapped.
+ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt", "system": "system"}
+EXAMPLE = """\
+input (a JSON list, or JSONL with one record per line):
+  [{"id": "000000033471",
+    "image": "coco/train2017/000000033471.jpg",
+    "conversations": [
+      {"from": "human", "value": "<image>\\nWhat are the colors of the bus in the image?"},
+      {"from": "gpt", "value": "The bus in the image is white and red."}]},
+   {"id": "cmp-1", "image": ["a.jpg", "b.jpg"],
+    "conversations": [{"from": "human", "value": "<image>\\n<image>\\nWhich one is bigger?"},
+                      {"from": "gpt", "value": "The first."}]},
+   {"id": "text-only", "conversations": [...]}]
+
+  image          a path relative to --images (or absolute), a list of them, or absent for text-only records
+  conversations  turns {"from": human|gpt|system, "value": "..."}; user/assistant are accepted as human/gpt.
+                 Every image needs one <image> placeholder in the text, in the order of the image list.
+
+output:
+  OUT/train/shard-000000.tar ...  samples: KEY.json (the record), KEY.0.jpg, KEY.1.png, ...
+  OUT/val/...                     with --val-fraction > 0
+  OUT/skipped.txt                 every skipped record and why (only when some were); records of a JSON
+                                  list are numbered from 0, as in the list; JSONL records by line number
+
+example:
+  python data_scripts/llava_to_shards.py --json llava_v1_5_mix665k.json --images data/ --out shards/ \\
+      --val-fraction 0.01
+  python -m vlm.train stage=sft "data.train='shards/train/shard-{000000..000664}.tar'" \\
+      "data.val='shards/val/shard-{000000..000006}.tar'"
+"""
+
+
+@dataclass
+class Entry:
+    where: str  # "record 12 (id 'abc')" or "line 13 (id 'abc')"
+    record: Any  # the parsed record; None when the line was not valid JSON (`problem` says why)
+    problem: str = ""
+
+
+def read_records(path: Path) -> list[Entry]:
+    """Records of a JSON list, or of JSONL (one JSON object per line); told apart by the first character."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"JSON file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read {path}: {err}") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+        entries = [Entry(_where("record", i, r), r) for i, r in enumerate(records)]
+    else:
+        entries = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == 1 and not entries:  # e.g. a single pretty-printed object rather than a list or JSONL
+                    raise DataError(f"{path} is neither a JSON list of records nor JSONL (one record per line): "
+                                    f"line 1: {err.msg}") from None
+                entries.append(Entry(f"line {number}", None, f"not valid JSON ({err.msg})"))
+                continue
+            entries.append(Entry(_where("line", number, record), record))
+    if not entries:
+        raise DataError(f"{path} holds no records")
+    return entries
+
+
+def _where(unit: str, number: int, record: Any) -> str:
+    ident = record.get("id") if isinstance(record, dict) else None
+    return f"{unit} {number}" + (f" (id {ident!r})" if ident is not None else "")
+
+
+def image_names(record: dict) -> list[str]:
+    image = record.get("image")
+    if image is None:
+        return []  # a text-only record
+    names = [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise Skip("bad record", f"'image' must be a file name or a list of file names, got {image!r}")
+    return names
+
+
+def normalise_conversations(record: dict, num_images: int) -> list[dict]:
+    """The record's turns with roles mapped to human/gpt/system; raises Skip when training could not use them."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise Skip("no conversations", "'conversations' is missing or empty")
+    normalised = []
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise Skip("bad turn", f"turn {number} is not an object with a text 'value': {turn!r:.80}")
+        role = ROLES.get(str(turn.get("from", "")).strip().lower())
+        if role is None:
+            raise Skip("unknown role", f"turn {number} has unknown role {turn.get('from')!r}; use human, gpt or "
+                                       "system (user and assistant are accepted too)")
+        if role == "gpt" and not turn["value"].strip():
+            raise Skip("empty assistant turn", f"turn {number}: the assistant (gpt) reply is empty")
+        normalised.append({**turn, "from": role})
+    if not any(turn["from"] == "gpt" for turn in normalised):
+        raise Skip("no assistant turn", "no assistant (gpt) turn: there is nothing to learn from")
+    placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in normalised)
+    if placeholders != num_images:
+        raise Skip("placeholder mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the conversation "
+                                           f"for {num_images} image(s); each image needs exactly one")
+    return normalised
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llava_to_shards.py",
+        description="Convert LLaVA-format conversations (+ images) into webdataset shards for vlm's sft stage.",
+        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="FILE", type=Path, required=True, help="LLaVA JSON list or JSONL file")
+    parser.add_argument("--images", metavar="DIR", type=Path, required=True,
+                        help="folder the `image` paths are relative to")
+    parser.add_argument("--out", metavar="DIR", type=Path, required=True,
+                        help="output folder; shards go to OUT/train and OUT/val")
+    parser.add_argument("--samples-per-shard", metavar="N", type=int, default=1000,
+                        help="samples per .tar (default: 1000)")
+    parser.add_argument("--val-fraction", metavar="F", type=float, default=0.0,
+                        help="fraction of records held out in OUT/val (default: 0, no val split)")
+    parser.add_argument("--seed", metavar="S", type=int, default=0,
+                        help="seed of the train/val split and train order (default: 0)")
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help="keep the input order in the train shards (default: seeded shuffle)")
+    parser.add_argument("--workers", metavar="N", type=int, default=DEFAULT_WORKERS,
+                        help=f"threads reading and checking images (default: {DEFAULT_WORKERS})")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards left in OUT by an earlier run")
+    args = parser.parse_args(argv)
+    try:
+        return convert(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def convert(args: argparse.Namespace) -> int:
+    if not args.images.is_dir():
+        raise DataError(f"--images {args.images} is not a folder")
+    entries = read_records(args.json)
+
+    def build(entry: Entry) -> dict:
+        if entry.record is None:
+            raise Skip("bad record", entry.problem)
+        if not isinstance(entry.record, dict):
+            raise Skip("bad record", f"expected a JSON object, got {type(entry.record).__name__}")
+        names = image_names(entry.record)
+        conversations = normalise_conversations(entry.record, len(names))
+        record = {**entry.record, "conversations": conversations}
+        sample: dict = {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")}
+        for index, name in enumerate(names):
+            extension, data = read_image(args.images / name.strip())
+            sample[f"{index}.{extension}"] = data
+        return sample
+
+    splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
+    jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle)
+    prepare_output(args.out, splits, args.overwrite)
+    result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                          desc=f"{args.json.name} -> shards")
+    return report(result, stage="sft")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,334 @@
+"""What every converter shares: image checks, the train/val split, the shard-writing loop, skip reports and summary.
+
+A converter turns the user's file into a list of `Job`s (one per record) and a `build(record) -> fields` function
+that returns the sample's fields or raises `Skip` with a reason. `write_shards` runs `build` over the jobs (in a few
+threads: image checks are I/O and decoding), writes the good samples to OUT/train and OUT/val as
+`shard-000000.tar ...`, reports every skipped record with where it is in the user's file, and `report` prints the
+summary and the brace patterns to pass as `data.train=` / `data.val=`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shlex
+import sys
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+SHARD_NAME = "shard-%06d.tar"
+MAX_PRINTED_SKIPS = 20  # past this, skips are only counted on screen; skipped.txt lists them all
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+# Modes Pillow can write as PNG; anything else (CMYK, F, YCbCr, ...) is converted before re-encoding.
+_PNG_MODES = ("1", "L", "LA", "I;16", "I;16B", "P", "RGB", "RGBA")
+
+
+class DataError(Exception):
+    """A problem with the input as a whole (a missing column, an unreadable annotation file): the run stops."""
+
+
+class Skip(Exception):
+    """One record cannot be converted. `kind` groups it in the summary; the message says what is wrong with it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---- images ----------------------------------------------------------------------------------------------------
+
+def _stored_extension(data: bytes) -> str | None:
+    """The shard extension for formats stored byte-for-byte, from the file's magic bytes (not its name)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _reencode_png(data: bytes) -> bytes:
+    """BMP, TIFF, GIF, ... -> PNG (first frame), with EXIF rotation applied because PNGs written here carry none."""
+    with Image.open(io.BytesIO(data)) as im:
+        image = ImageOps.exif_transpose(im)
+    if image.mode not in _PNG_MODES:
+        has_alpha = "A" in image.getbands() or "transparency" in image.info
+        try:
+            image = image.convert("RGBA" if has_alpha else "RGB")
+        except ValueError:  # modes with no direct RGB conversion (e.g. 32-bit float) go through L
+            image = image.convert("L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_checker: Any = None  # vlm's Tiler, built on first use: importing it loads torch, which `--help` need not wait for
+
+
+def read_image(path: Path) -> tuple[str, bytes]:
+    """Check that `path` is an image training can decode; return (shard extension, bytes to store).
+
+    JPEG, PNG and WebP are stored unchanged (as jpg/png/webp, whatever the file name says); other formats are
+    re-encoded to PNG. The check is PIL's `verify()` (file structure) and then a decode through vlm's own tiler, so
+    truncated pixel data, over-size images and odd modes are refused here exactly as training would refuse them.
+    """
+    global _checker
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise Skip("image not found", f"image file not found: {path}") from None
+    except OSError as err:
+        raise Skip("unreadable image", f"cannot read image file {path}: {err.strerror or err}") from None
+    if not data:
+        raise Skip("unreadable image", f"image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+    except Image.DecompressionBombError:
+        pass  # over PIL's default guard but maybe within the trainer's limit: the tiler below decides
+    except UnidentifiedImageError:
+        raise Skip("unreadable image", f"not an image file (no format PIL can read): {path}") from None
+    except Exception as err:  # PIL raises many types for broken files
+        raise Skip("unreadable image", f"not a readable image: {path} ({err})") from None
+    from vlm.data.tiler import ImageLoadError, Tiler, TilerConfig
+
+    if _checker is None:
+        _checker = Tiler(TilerConfig(max_tiles=1), tile_size=16, tokens_per_tile=1)  # tiny tiles: a cheap decode
+    try:
+        _checker(data, name=str(path))
+    except ImageLoadError as err:
+        raise Skip("unreadable image", str(err)) from None
+    extension = _stored_extension(data)
+    if extension is not None:
+        return extension, data
+    try:
+        return "png", _reencode_png(data)
+    except Exception as err:
+        raise Skip("unreadable image", f"cannot re-encode {path} as PNG ({err})") from None
+
+
+# ---- planning --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Job(Generic[T]):
+    """One input record on its way to a shard."""
+
+    key: str  # the sample's __key__: the record's position in the input, zero-padded
+    where: str  # how the user finds the record in their file, for messages: "line 12", "record 5 (id 'abc')"
+    split: str  # "train" or "val"
+    record: T
+
+
+def split_names(count: int, val_fraction: float, seed: int) -> list[str]:
+    """The split of each of `count` records: a seeded sample of round(count * val_fraction) go to "val".
+
+    The choice depends only on the count, the fraction and the seed, never on which images turn out to be broken,
+    so re-running a conversion after fixing files keeps every record in its split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
+    # a requested val split is never empty and train never is; a single record always trains
+    wanted = min(max(round(count * val_fraction), 1), count - 1) if val_fraction > 0 and count >= 2 else 0
+    chosen = set(random.Random(seed).sample(range(count), wanted))
+    return ["val" if i in chosen else "train" for i in range(count)]
+
+
+def plan_jobs(records: Sequence[T], where: Callable[[int, T], str], val_fraction: float, seed: int,
+              shuffle: bool) -> list[Job[T]]:
+    """Jobs in writing order. Train records are shuffled (seeded) unless `shuffle` is off, because annotation files
+    are often sorted by class and the trainer's shuffle buffer only mixes samples that are near each other."""
+    splits = split_names(len(records), val_fraction, seed)
+    width = max(8, len(str(max(len(records) - 1, 0))))
+    jobs = [Job(f"{i:0{width}d}", where(i, r), s, r) for i, (r, s) in enumerate(zip(records, splits, strict=True))]
+    if shuffle:
+        train = [j for j in jobs if j.split == "train"]
+        random.Random(seed + 1).shuffle(train)
+        jobs = train + [j for j in jobs if j.split == "val"]
+    return jobs
+
+
+def prepare_output(out: Path, splits: Iterable[str], overwrite: bool) -> None:
+    """Create OUT/<split>; refuse to mix with shards of an earlier run unless `overwrite`, then delete those."""
+    for split in splits:
+        directory = out / split
+        old = sorted(directory.glob("shard-*.tar")) if directory.is_dir() else []
+        if old and not overwrite:
+            raise DataError(f"{directory} already holds {len(old)} shard(s) from an earlier run; pass --overwrite to "
+                            f"replace them, or choose another --out")
+        for path in old:
+            path.unlink()
+        stale = directory / "classnames.txt"
+        if stale.is_file() and overwrite:
+            stale.unlink()
+        directory.mkdir(parents=True, exist_ok=True)
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) in input order, computing up to 4 x `workers` results ahead in threads."""
+    if workers <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append((item, pool.submit(fn, item)))
+            if len(window) >= 4 * workers:  # bounded look-ahead: memory stays flat on million-record inputs
+                first, future = window.popleft()
+                yield first, future.result()
+        while window:
+            first, future = window.popleft()
+            yield first, future.result()
+
+
+class _SplitWriter:
+    """Shards of one split. The first shard is opened only when a sample arrives, so no empty tar is left behind."""
+
+    def __init__(self, directory: Path, samples_per_shard: int):
+        self.directory = directory
+        self.samples_per_shard = samples_per_shard
+        self.sink: Any = None
+        self.samples = 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self.sink is None:
+            import webdataset as wds
+
+            self.sink = wds.ShardWriter(str(self.directory / SHARD_NAME), maxcount=self.samples_per_shard, verbose=0)
+        self.sink.write(sample)
+        self.samples += 1
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+@dataclass
+class SplitResult:
+    name: str
+    directory: Path
+    samples: int
+    shards: int
+
+    @property
+    def pattern(self) -> str:
+        return str(self.directory / f"shard-{{000000..{self.shards - 1:06d}}}.tar")
+
+
+@dataclass
+class Result:
+    out: Path
+    splits: dict[str, SplitResult]
+    skipped: Counter = field(default_factory=Counter)  # kind -> count
+
+    @property
+    def written(self) -> int:
+        return sum(s.samples for s in self.splits.values())
+
+
+def _attempt(build: Callable[[T], dict[str, Any]]) -> Callable[[Job[T]], dict[str, Any] | Skip]:
+    def run(job: Job[T]) -> dict[str, Any] | Skip:
+        try:
+            return build(job.record)
+        except Skip as skip:
+            return skip
+
+    return run
+
+
+def write_shards(out: Path, jobs: Sequence[Job[T]], build: Callable[[T], dict[str, Any]], *, samples_per_shard: int,
+                 workers: int = DEFAULT_WORKERS, desc: str = "converting") -> Result:
+    """Build every job's sample and write it to OUT/<split>/shard-*.tar; skipped records are reported as they come
+    (to stderr, the first MAX_PRINTED_SKIPS of them) and all listed in OUT/skipped.txt."""
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    splits = sorted({job.split for job in jobs}, key=["train", "val"].index)
+    writers = {split: _SplitWriter(out / split, samples_per_shard) for split in splits}
+    skipped: Counter = Counter()
+    skip_lines: list[tuple[str, str]] = []  # (key, message): skipped.txt lists them in input order
+    try:
+        with tqdm(total=len(jobs), desc=desc, unit="sample", dynamic_ncols=True) as bar:
+            for job, outcome in ordered_map(_attempt(build), jobs, workers):
+                if isinstance(outcome, Skip):
+                    skipped[outcome.kind] += 1
+                    skip_lines.append((job.key, f"{job.where}: {outcome}"))
+                    if len(skip_lines) <= MAX_PRINTED_SKIPS:
+                        tqdm.write(f"skipped {skip_lines[-1][1]}", file=sys.stderr)
+                    elif len(skip_lines) == MAX_PRINTED_SKIPS + 1:
+                        tqdm.write(f"(more skips are only counted now; {out / 'skipped.txt'} will list them all)",
+                                   file=sys.stderr)
+                else:
+                    writers[job.split].write({"__key__": job.key, **outcome})
+                bar.update()
+    finally:
+        for writer in writers.values():
+            writer.close()
+    log = out / "skipped.txt"
+    if skip_lines:
+        log.write_text("".join(f"{line}\n" for _, line in sorted(skip_lines)))
+    elif log.is_file():
+        log.unlink()  # from an earlier run; this one skipped nothing
+    results = {}
+    for split, writer in writers.items():
+        shards = len(list(writer.directory.glob("shard-*.tar")))
+        results[split] = SplitResult(split, writer.directory, writer.samples, shards)
+    return Result(out, results, skipped)
+
+
+def write_classnames(directories: Iterable[Path], names: Sequence[str]) -> None:
+    """classnames.txt beside the shards: the trainer reads it from beside data.val for zero-shot accuracy."""
+    for directory in directories:
+        (directory / "classnames.txt").write_text("".join(f"{name}\n" for name in names))
+
+
+def override(key: str, pattern: str) -> str:
+    """`key='pattern'` quoted for Hydra (its grammar rejects a bare `{`) and then for the shell (which would expand
+    the braces itself), ready to paste into a command line."""
+    if not any(c in pattern for c in "'\"\\$`!"):
+        return f"\"{key}='{pattern}'\""
+    escaped = pattern.replace("\\", "\\\\").replace("'", "\\'")
+    return shlex.quote(f"{key}='{escaped}'")
+
+
+def report(result: Result, stage: str) -> int:
+    """Print the summary and the data.train= / data.val= patterns; return the exit code (1 when nothing was written).
+
+    `stage` is the vlm stage the data suits, for the example command line.
+    """
+    total_skipped = sum(result.skipped.values())
+    if total_skipped:
+        reasons = ", ".join(f"{kind} ({count})" for kind, count in sorted(result.skipped.items(),
+                                                                          key=lambda kc: (-kc[1], kc[0])))
+        print(f"skipped {total_skipped} record(s): {reasons}; all are listed in {result.out / 'skipped.txt'}")
+    if result.written == 0:
+        print(f"error: no sample was written to {result.out}: every record was skipped (reasons above)",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {result.written} sample(s) to {result.out}")
+    args = []
+    for split in result.splits.values():
+        if split.samples == 0:
+            print(f"  {split.name}: no sample (all of its records were skipped)")
+            continue
+        args.append(override(f"data.{split.name}", split.pattern))
+        print(f"  {split.name}: {split.samples} sample(s) in {split.shards} shard(s): {args[-1]}")
+    train = result.splits.get("train")
+    if train is not None and 0 < train.shards < 8:
+        print(f"note: train has {train.shards} shard(s); each GPU x DataLoader worker reads whole shards, so the "
+              f"trainer will use at most {train.shards} reader(s). Lower --samples-per-shard for more shards.")
+    print(f"train on them with:\n  python -m vlm.train stage={stage} " + " ".join(args))
+    return 0

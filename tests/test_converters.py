@@ -1,0 +1,334 @@
+"""The offline converters in data_scripts/: round trips through webdataset, skip reports, and training on the output."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from data_scripts import images_to_shards, llava_to_shards, make_synthetic
+from data_scripts.shard_writing import split_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NAMES = ("cat", "dog", "bird")
+
+
+def _image_bytes(fmt: str, seed: int, size: tuple[int, int] = (16, 12)) -> bytes:
+    rng = random.Random(seed)
+    image = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _write_images(folder: Path, count: int) -> list[dict]:
+    """`count` small PNG / JPEG images (".jpg" and ".jpeg" names, one in a subfolder); annotation rows for them."""
+    rows = []
+    for i in range(count):
+        fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("JPEG", "jpeg")][i % 3]
+        name = f"sub/img{i}.{ext}" if i == 0 else f"img{i}.{ext}"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(_image_bytes(fmt, i))
+        rows.append({"image": name, "caption": f"a picture, number {i}", "label": NAMES[i % len(NAMES)]})
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict], columns: tuple[str, ...] = ("image", "caption", "label")) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([[row.get(c, "") for c in columns] for row in rows])
+    return path
+
+
+def _read(pattern: str) -> dict[str, dict]:
+    return {s["__key__"]: s for s in wds.WebDataset(pattern, shardshuffle=False, empty_check=False)}
+
+
+def _read_split(directory: Path) -> dict[str, dict]:
+    shards = sorted(directory.glob("shard-*.tar"))
+    return _read(f"{directory}/shard-{{000000..{len(shards) - 1:06d}}}.tar") if shards else {}
+
+
+def _convert(capsys, argv: list[str], main=images_to_shards.main) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _check_caption_samples(samples: dict[str, dict], rows: list[dict], folder: Path, classnames: list[str]) -> None:
+    for key, sample in samples.items():
+        row = rows[int(key)]
+        ext = Path(row["image"]).suffix[1:].replace("jpeg", "jpg")
+        assert sample[ext] == (folder / row["image"]).read_bytes()  # the original bytes, untouched
+        assert sample["txt"].decode() == row["caption"]
+        assert classnames[int(sample["cls"])] == row["label"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """40 images + a CSV with class names as labels, converted with a quarter held out."""
+    base = tmp_path_factory.mktemp("csv")
+    rows = _write_images(base / "images", 40)
+    annotations = _write_csv(base / "captions.csv", rows)
+    out = base / "shards"
+    argv = ["--images", str(base / "images"), "--annotations", str(annotations), "--out", str(out),
+            "--samples-per-shard", "16", "--val-fraction", "0.25", "--seed", "3"]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = images_to_shards.main(argv)
+    return code, rows, base, out, printed.getvalue()
+
+
+def test_images_csv_round_trip(converted, capsys):
+    code, rows, base, out, printed = converted
+    assert code == 0
+    train, val = _read_split(out / "train"), _read_split(out / "val")
+    assert len(val) == 10 and len(train) == 30 and not set(train) & set(val)
+    assert len(list((out / "train").glob("shard-*.tar"))) == 2  # 30 samples at 16 per shard
+    for split in ("train", "val"):
+        assert (out / split / "classnames.txt").read_text().splitlines() == sorted(NAMES)
+    _check_caption_samples({**train, **val}, rows, base / "images", sorted(NAMES))
+    assert not (out / "skipped.txt").exists()
+
+
+def test_split_is_deterministic_and_refuses_to_mix_runs(converted, capsys, tmp_path):
+    _, rows, base, out, _ = converted
+    argv = ["--images", str(base / "images"), "--annotations", str(base / "captions.csv"), "--val-fraction", "0.25",
+            "--seed", "3"]
+    code, _, err = _convert(capsys, [*argv, "--out", str(out)])
+    assert code == 2 and "--overwrite" in err
+    code, _, _ = _convert(capsys, [*argv, "--out", str(tmp_path), "--no-shuffle"])
+    assert code == 0 and set(_read_split(tmp_path / "val")) == set(_read_split(out / "val"))
+
+
+@given(count=st.integers(0, 300), fraction=st.floats(0, 0.99), seed=st.integers(0, 2**31))
+@settings(max_examples=60, deadline=None)
+def test_split_names_sizes(count, fraction, seed):
+    splits = split_names(count, fraction, seed)
+    assert splits == split_names(count, fraction, seed)
+    val = splits.count("val")
+    if fraction > 0 and count >= 2:
+        assert 1 <= val <= count - 1 and abs(val - count * fraction) <= 1
+    else:
+        assert val == 0
+
+
+def test_images_jsonl_round_trip_with_reencoding(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 12)
+    bmp = Image.new("RGB", (9, 7), (10, 200, 30))
+    bmp.save(tmp_path / "images" / "odd.bmp")
+    absolute = {"image": str(tmp_path / "images" / "odd.bmp"), "caption": "a bitmap", "label": "dog"}
+    annotations = tmp_path / "captions.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in [*rows, absolute]))
+    code, out, _ = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                     "--out", str(tmp_path / "out")])
+    assert code == 0
+    samples = _read(str(tmp_path / "out/train/shard-{000000..000000}.tar"))
+    assert "data.train='" in out and str(tmp_path / "out/train/shard-{000000..000000}.tar") in out
+    reencoded = samples.pop(f"{len(rows):08d}")
+    assert set(reencoded) >= {"png", "txt", "cls"} and "bmp" not in reencoded
+    assert Image.open(io.BytesIO(reencoded["png"])).tobytes() == bmp.tobytes()
+    _check_caption_samples(samples, rows, tmp_path / "images", sorted(NAMES))
+
+
+def test_integer_labels_and_classnames_file(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 6)
+    for i, row in enumerate(rows):
+        row["label"] = str(i % 2)
+    annotations = _write_csv(tmp_path / "a.csv", rows)
+    argv = ["--images", str(tmp_path / "images"), "--annotations", str(annotations)]
+    code, out, _ = _convert(capsys, [*argv, "--out", str(tmp_path / "plain")])
+    assert code == 0 and not (tmp_path / "plain/train/classnames.txt").exists() and "--classnames" in out
+    assert [int(s["cls"]) for s in _read_split(tmp_path / "plain/train").values()].count(1) == 3
+    names = tmp_path / "names.txt"
+    names.write_text("zebra\nantelope\n")
+    code, _, _ = _convert(capsys, [*argv, "--out", str(tmp_path / "named"), "--classnames", str(names)])
+    assert code == 0 and (tmp_path / "named/train/classnames.txt").read_text() == "zebra\nantelope\n"
+    (tmp_path / "one.txt").write_text("zebra\n")
+    code, _, err = _convert(capsys, [*argv, "--out", str(tmp_path / "bad"), "--classnames", str(tmp_path / "one.txt")])
+    assert code == 2 and "label index 1" in err
+
+
+def test_missing_and_corrupt_images_are_skipped(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 4)
+    (tmp_path / "images/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    (tmp_path / "images/truncated.jpg").write_bytes(_image_bytes("JPEG", 9, (64, 64))[:300])
+    rows += [{"image": "gone.jpg", "caption": "missing", "label": "cat"},
+             {"image": "corrupt.png", "caption": "corrupt", "label": "cat"},
+             {"image": "truncated.jpg", "caption": "truncated", "label": "cat"},
+             {"image": "img1.jpg", "caption": "", "label": "cat"}]
+    annotations = _write_csv(tmp_path / "a.csv", rows)
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                       "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert "a.csv line 6: image file not found: " in err and "gone.jpg" in err
+    assert "a.csv line 7" in err and "corrupt.png" in err
+    assert "a.csv line 8" in err and "truncated.jpg" in err
+    assert "a.csv line 9: empty caption" in err
+    assert "skipped 4 record(s): unreadable image (2), empty caption (1), image not found (1)" in out
+    assert "wrote 4 sample(s)" in out
+    assert len((tmp_path / "out/skipped.txt").read_text().splitlines()) == 4
+    assert len(_read_split(tmp_path / "out/train")) == 4
+
+
+def test_nothing_written_exits_1(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    annotations = _write_csv(tmp_path / "a.csv", [{"image": "nope.png", "caption": "x"}], ("image", "caption"))
+    code, _, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                     "--out", str(tmp_path / "out")])
+    assert code == 1 and "no sample was written" in err
+    assert not list((tmp_path / "out").rglob("*.tar"))
+
+
+def test_missing_column_is_named(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 2)
+    annotations = _write_csv(tmp_path / "a.csv", rows, ("image", "label"))
+    code, _, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                     "--out", str(tmp_path / "out")])
+    assert code == 2 and "'caption' column" in err and str(annotations) in err
+    assert not (tmp_path / "out").exists()  # nothing touched before the input was known to be usable
+
+
+@pytest.mark.parametrize("script", ["images_to_shards.py", "llava_to_shards.py"])
+def test_scripts_run_from_anywhere_with_help(script, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "data_scripts" / script), "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "example:" in result.stdout and "output:" in result.stdout
+
+
+def test_make_synthetic_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        make_synthetic.main(["--help"])
+    assert exit_info.value.code == 0 and "example:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_converted_shards_train(converted, tmp_path):
+    """The converted shards train, fed to the trainer exactly as the converter's printed command says."""
+    code, _, _, _, printed = converted
+    assert code == 0
+    command = printed.splitlines()[-1].split()  # python -m vlm.train stage=... "data.train='...'" "data.val='...'"
+    overrides = [arg.strip('"') for arg in command[3:]]  # undo the shell quoting, keep Hydra's
+    assert [o.split("=", 1)[0] for o in overrides] == ["stage", "data.train", "data.val"]
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm.train", *overrides, "stage.max_steps=3", "stage.batch_size=8",
+         "trainer.val_check_interval=3", "data.num_workers=0", f"output_root={tmp_path / 'ckpt'}", "run_name=t",
+         "model.vision.depth=1", "model.text.layers=1"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ckpt/contrastive/t/metrics.json").read_text())
+    assert "zero_shot_top1" in metrics and metrics["samples_skipped"] == 0
+
+
+# ---- LLaVA conversations ----------------------------------------------------------------------------------------
+
+def _turns(question: str, answer: str, human: str = "human", gpt: str = "gpt") -> list[dict]:
+    return [{"from": human, "value": question}, {"from": gpt, "value": answer}]
+
+
+def test_llava_round_trip(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(_image_bytes("JPEG", 1))
+    (images / "b.png").write_bytes(_image_bytes("PNG", 2))
+    (images / "c.jpeg").write_bytes(_image_bytes("JPEG", 3))
+    records = [
+        {"id": "one", "image": "a.jpg", "conversations": _turns("<image>\nWhat is it?", "Noise.")},
+        {"id": "two", "image": ["b.png", "c.jpeg"], "source": "test",
+         "conversations": [{"from": "system", "value": "Be brief."},
+                           *_turns("<image>\n<image>\nSame?", "No.", "user", "assistant")]},
+        {"id": "text", "conversations": _turns("Hello?", "Hi.")},
+    ]
+    source = tmp_path / "llava.json"
+    source.write_text(json.dumps(records))
+    code, out, _ = _convert(capsys, ["--json", str(source), "--images", str(images), "--out", str(tmp_path / "out"),
+                                     "--no-shuffle"], main=llava_to_shards.main)
+    assert code == 0 and "stage=sft" in out
+    samples = _read(str(tmp_path / "out/train/shard-{000000..000000}.tar"))
+    assert list(samples) == ["00000000", "00000001", "00000002"]
+    one, two, text = samples.values()
+    assert one["0.jpg"] == (images / "a.jpg").read_bytes() and json.loads(one["json"]) == records[0]
+    assert two["0.png"] == (images / "b.png").read_bytes() and two["1.jpg"] == (images / "c.jpeg").read_bytes()
+    kept = json.loads(two["json"])
+    assert [t["from"] for t in kept["conversations"]] == ["system", "human", "gpt"]  # user/assistant mapped
+    assert kept["source"] == "test" and kept["image"] == ["b.png", "c.jpeg"]
+    assert not any(k.endswith(("jpg", "png", "webp")) for k in text) and json.loads(text["json"]) == records[2]
+
+
+def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(_image_bytes("PNG", 1))
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    good = _turns("<image>\nQ?", "A.")
+    bad = {
+        "missing-file": {"image": "nowhere.jpg", "conversations": good},
+        "unreadable": {"image": "broken.jpg", "conversations": good},
+        "no-conversations": {"image": "ok.png"},
+        "empty-conversations": {"image": "ok.png", "conversations": []},
+        "unknown-role": {"image": "ok.png", "conversations": _turns("<image>\nQ?", "A.", gpt="robot")},
+        "empty-answer": {"image": "ok.png", "conversations": _turns("<image>\nQ?", "  ")},
+        "too-few-placeholders": {"image": ["ok.png", "ok.png"], "conversations": good},
+        "placeholder-without-image": {"conversations": good},
+    }
+    lines = [json.dumps({"id": "fine", "image": "ok.png", "conversations": good})]
+    lines += [json.dumps({"id": ident, **record}) for ident, record in bad.items()]
+    source = tmp_path / "llava.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    code, out, err = _convert(capsys, ["--json", str(source), "--images", str(images), "--out", str(tmp_path / "out")],
+                              main=llava_to_shards.main)
+    assert code == 0 and "wrote 1 sample(s)" in out and f"skipped {len(bad)} record(s)" in out
+    reasons = {
+        "missing-file": "image file not found: " + str(images / "nowhere.jpg"),
+        "unreadable": "broken.jpg",
+        "no-conversations": "'conversations' is missing or empty",
+        "empty-conversations": "'conversations' is missing or empty",
+        "unknown-role": "unknown role 'robot'",
+        "empty-answer": "assistant (gpt) reply is empty",
+        "too-few-placeholders": "1 <image> placeholder(s) in the conversation for 2 image(s)",
+        "placeholder-without-image": "1 <image> placeholder(s) in the conversation for 0 image(s)",
+    }
+    report = {line.split(": ", 1)[0]: line for line in err.splitlines() if line.startswith("skipped line ")}
+    for number, (ident, reason) in enumerate(reasons.items(), start=2):
+        assert reason in report[f"skipped line {number} (id {ident!r})"]
+    assert list(_read_split(tmp_path / "out/train")) == ["00000000"]
+
+
+def test_llava_all_bad_exits_1(tmp_path, capsys):
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "x", "conversations": []}]))
+    code, _, err = _convert(capsys, ["--json", str(tmp_path / "llava.json"), "--images", str(tmp_path),
+                                     "--out", str(tmp_path / "out")], main=llava_to_shards.main)
+    assert code == 1 and "record 0 (id 'x')" in err
+
+
+# ---- synthetic ----------------------------------------------------------------------------------------------------
+
+def test_make_synthetic_matches_the_trainers_cache(tmp_path, capsys):
+    from vlm.data import synthetic
+
+    code, out, _ = _convert(capsys, ["--kind", "captions", "--out", str(tmp_path / "out"), "--num-train", "20",
+                                     "--num-val", "10", "--image-size", "32", "--samples-per-shard", "8"],
+                            main=make_synthetic.main)
+    assert code == 0 and "data.train='" in out and "data.val='" in out
+    for split, num in (("train", 20), ("val", 10)):
+        assert (tmp_path / "out" / split / "classnames.txt").read_text().splitlines() == synthetic.CLASSNAMES
+        ours = _read_split(tmp_path / "out" / split)
+        cached = _read(synthetic.ensure_split("captions", split, num, 0, 32, 8, tmp_path / "cache"))
+        assert len(ours) == num
+        assert [(s["png"], s["txt"], s["cls"]) for s in ours.values()] == \
+               [(s["png"], s["txt"], s["cls"]) for s in cached.values()]
+    code, _, _ = _convert(capsys, ["--kind", "conversations", "--out", str(tmp_path / "conv"), "--num-train", "5",
+                                   "--num-val", "0", "--image-size", "16"], main=make_synthetic.main)
+    assert code == 0 and len(_read_split(tmp_path / "conv/train")) == 5 and not (tmp_path / "conv/val").exists()

@@ -1,0 +1,136 @@
+"""The processor: placeholder expansion, assistant-only labels, and the errors that name the sample."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from tiny import tiny_config
+
+from vlm.data.processor import IGNORE_INDEX, Processor, SampleError, from_llava, pad_batch
+from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.loading import make_tiler, new_vlm
+
+LLAMA3_STYLE = (
+    "{{ '<|begin_of_text|>' }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    config = tiny_config(stage="sft")
+    return new_vlm(config.model, config.tiler)
+
+
+def conversation():
+    return from_llava([
+        {"from": "system", "value": "You look at shapes."},
+        {"from": "human", "value": "<image>\nWhat color is the shape?"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Compare with this one: <image> Which shape is it?"},
+        {"from": "gpt", "value": "a blue star"},
+    ])
+
+
+IMAGES = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
+
+
+def _check_masking(processor: Processor, end_of_turn: str):
+    tokenizer = processor.tokenizer
+    encoded = processor.encode(conversation(), IMAGES, name="two-turn")
+    ids, labels = encoded.input_ids.tolist(), encoded.labels.tolist()
+    image_id = processor.image_token_id
+    per_image = processor.tiler.tokens_per_tile
+    assert ids.count(image_id) == 2 * per_image == sum(encoded.image_tokens)
+    # token by token: a label is either ignored or equals its own id, and exactly the assistant replies are kept
+    kept = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert all(labels[i] == ids[i] for i in kept)
+    assert all(ids[i] != image_id for i in kept)
+    # the kept tokens form two runs: "red<eot>..." and "a blue star<eot>..."
+    runs, start = [], kept[0]
+    for prev, cur in zip(kept, kept[1:] + [None], strict=True):
+        if cur != prev + 1:
+            runs.append(tokenizer.decode(ids[start: prev + 1]))
+            start = cur
+    assert len(runs) == 2
+    assert runs[0].startswith("red" + end_of_turn) and runs[1].startswith("a blue star" + end_of_turn)
+    # everything before the first reply (system, user turn, image tokens) is masked
+    first = kept[0]
+    assert tokenizer.decode(ids[:first]).endswith("assistant\n" if "im_start" in end_of_turn or True else "")
+    return encoded
+
+
+def test_labels_cover_assistant_tokens_only(bundle):
+    _check_masking(bundle.processor, "<|im_end|>")
+
+
+def test_masking_with_another_chat_template(bundle):
+    tokenizer = bundle.tokenizer
+    tokenizer = type(tokenizer).from_pretrained  # noqa: F841 (keep the fixture's tokenizer untouched)
+    config = tiny_config(stage="sft")
+    other = new_vlm(config.model, config.tiler).tokenizer
+    other.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>",
+                                                            "<|end_header_id|>", "<|eot_id|>"]},
+                             replace_extra_special_tokens=False)
+    other.chat_template = LLAMA3_STYLE
+    processor = Processor(other, bundle.processor.tiler, 512)
+    encoded = processor.encode(conversation(), IMAGES, name="llama3")
+    kept = [i for i, label in enumerate(encoded.labels.tolist()) if label != IGNORE_INDEX]
+    assert other.decode(encoded.input_ids[kept]).replace(" ", "") == "red<|eot_id|>abluestar<|eot_id|>"
+
+
+@pytest.mark.parametrize("images,match", [(IMAGES[:1], "2 <image> placeholders but 1 images"),
+                                          (IMAGES * 2, "2 <image> placeholders but 4 images")])
+def test_placeholder_count_mismatch_names_the_sample(bundle, images, match):
+    with pytest.raises(SampleError, match=f"shard-7:key-3: {match}"):
+        bundle.processor.encode(conversation(), images, name="shard-7:key-3")
+
+
+def test_empty_assistant_turn_and_unknown_role(bundle):
+    messages = from_llava([{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "  "}])
+    with pytest.raises(SampleError, match="s1: empty assistant turn"):
+        bundle.processor.encode(messages, IMAGES[:1], name="s1")
+    with pytest.raises(SampleError, match="s2: unknown role 'robot'"):
+        from_llava([{"from": "robot", "value": "beep"}], name="s2")
+
+
+def test_truncation_never_cuts_an_image(bundle):
+    tokens = bundle.processor.tiler.tokens_per_tile
+    short = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=tokens + 4)
+    with pytest.raises(SampleError, match="cut through an image"):
+        short.encode(conversation(), IMAGES, name="long")
+    # text after the last image is cut, and the sample survives while a reply is left
+    messages = from_llava([{"from": "human", "value": "<image>"},
+                           {"from": "gpt", "value": "red " * 200}])
+    length = len(bundle.processor.encode(messages, IMAGES[:1]).input_ids)
+    cut = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=length - 50).encode(messages, IMAGES[:1])
+    assert len(cut.input_ids) == length - 50 and (cut.labels != IGNORE_INDEX).any()
+
+
+def test_prompt_and_padding(bundle):
+    question = conversation()[:2]
+    prompt = bundle.processor.prompt(question, IMAGES[:1])
+    assert prompt.labels is None
+    assert bundle.tokenizer.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
+    other = bundle.processor.prompt([{"role": "user", "content": "no image here"}], [])
+    batch = pad_batch([prompt, other], pad_id=bundle.tokenizer.pad_token_id, left=True)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["attention_mask"][1, 0] == 0 and batch["attention_mask"][1, -1] == 1  # left padded
+    assert batch["pixel_values"].shape[0] == 1
+    assert "labels" not in batch
+
+
+def test_image_tokens_follow_the_tiler(bundle):
+    config = tiny_config("tiler=mid", stage="sft")
+    tiler = make_tiler(config.tiler, bundle.model.vision, bundle.model.tokens_per_tile)
+    processor = Processor(bundle.tokenizer, tiler, 4096)
+    wide = Image.new("RGB", (256, 64), "green")
+    encoded = processor.encode([{"role": "user", "content": f"{IMAGE_TOKEN} wide"}], [wide], train=False)
+    expected = tiler(wide).num_tokens
+    assert (encoded.input_ids == processor.image_token_id).sum() == expected == sum(encoded.image_tokens)
+    assert expected > bundle.model.tokens_per_tile  # several tiles plus the thumbnail
+    features = bundle.model.image_features(encoded.pixel_values)
+    assert features.shape[0] == expected  # what the model produces matches what the processor reserved
+    assert torch.isfinite(features).all()

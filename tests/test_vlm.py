@@ -1,0 +1,112 @@
+"""The vision-language model: the image-token merge, the wrapper's transparency, checkpointing and freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_config
+
+from vlm.lit.common import apply_freezing
+from vlm.loading import new_vlm
+from vlm.models.reduction import TokenReducer
+from vlm.stages import trainable_parts
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    torch.manual_seed(0)
+    config = tiny_config(stage="sft")
+    return new_vlm(config.model, config.tiler)
+
+
+def _inputs(bundle, n_images: int = 2):
+    """Two turns, two images in different turns, plus text after each image."""
+    messages = [{"role": "user", "content": "<image>\nWhat color is the shape?"},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": "And here? <image> Which shape?"},
+                {"role": "assistant", "content": "star"}]
+    from PIL import Image
+
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")][:n_images]
+    return bundle.processor.encode(messages, images, name="two-turn")
+
+
+def test_merge_puts_each_image_at_its_placeholders(bundle):
+    encoded = _inputs(bundle)
+    model = bundle.model
+    ids = encoded.input_ids[None]  # (1, L)
+    embeds = model.embed(ids, encoded.pixel_values)  # (1, L, D)
+    features = model.image_features(encoded.pixel_values)  # (2 * T, D)
+    positions = (ids[0] == model.image_token_id).nonzero().squeeze(1)
+    tokens = model.tokens_per_tile
+    assert len(positions) == 2 * tokens == sum(encoded.image_tokens)
+    # image 0's run comes first in the text and gets image 0's features; image 1's second
+    assert torch.equal(embeds[0, positions[:tokens]], features[:tokens])
+    assert torch.equal(embeds[0, positions[tokens:]], features[tokens:])
+    assert positions[tokens] - positions[tokens - 1] > 1  # the two runs are separated by text
+    text_rows = ids[0] != model.image_token_id
+    assert torch.equal(embeds[0, text_rows], model.lm.get_input_embeddings()(ids[0, text_rows]))
+
+
+def test_merge_count_mismatch_raises(bundle):
+    encoded = _inputs(bundle)
+    with pytest.raises(ValueError, match="image-token positions"):
+        bundle.model.embed(encoded.input_ids[None], encoded.pixel_values[:1])
+
+
+def test_without_images_the_wrapper_equals_the_plain_llm(bundle):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 400, (2, 12))
+    labels = ids.clone()
+    ours = bundle.model(ids, torch.ones_like(ids), None, labels)
+    plain = bundle.model.lm(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    assert torch.allclose(ours.logits, plain.logits)
+    assert torch.allclose(ours.loss, plain.loss)
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = new_vlm(tiny_config(stage="sft").model, tiny_config(stage="sft").tiler)
+    checkpointed = new_vlm(tiny_config("model.llm.gradient_checkpointing=true",
+                                       "model.vision.gradient_checkpointing=true", stage="sft").model,
+                           tiny_config(stage="sft").tiler)
+    checkpointed.model.load_state_dict(plain.model.state_dict())
+    assert checkpointed.model.lm.is_gradient_checkpointing and not plain.model.lm.is_gradient_checkpointing
+    assert checkpointed.model.vision.vit.grad_checkpointing
+    encoded = _inputs(plain)
+    grads = []
+    for b in (plain, checkpointed):
+        b.model.train()
+        out = b.model(encoded.input_ids[None], None, encoded.pixel_values, encoded.labels[None])
+        out.loss.backward()
+        named = b.model.named_parameters()
+        grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in named if p.grad is not None}))
+    assert torch.allclose(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) > 10
+    for name, grad in grads[0][1].items():
+        assert torch.allclose(grad, grads[1][1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("stage,trained", [("align", {"projector"}), ("sft", {"projector", "llm"})])
+def test_each_stage_freezes_what_its_table_says(bundle, stage, trained):
+    config = tiny_config(stage=stage)
+    counts = apply_freezing(bundle.model.parts(), trainable_parts(config.stage))
+    for part, module in bundle.model.parts().items():
+        flags = {p.requires_grad for p in module.parameters()}
+        assert flags == {part in trained}, part
+        assert counts[part][0] == (counts[part][1] if part in trained else 0)
+
+
+def test_stage_override_unfreezes_vision(bundle):
+    config = tiny_config("stage.train_vision=true", stage="sft")
+    assert trainable_parts(config.stage) == {"vision", "projector", "llm"}
+
+
+@pytest.mark.parametrize("kind,width", [("pixel_shuffle", 4 * 8), ("avg_pool", 8), ("none", 8)])
+def test_token_reduction_shapes(kind, width):
+    reducer = TokenReducer(kind, 2)
+    tokens = torch.arange(2 * 16 * 8, dtype=torch.float).reshape(2, 16, 8)  # (B, 4x4 grid, D)
+    out = reducer(tokens)
+    assert out.shape == (2, reducer.out_tokens(16), width)
+    if kind == "pixel_shuffle":  # the first output token holds the top-left 2x2 block of patches
+        assert torch.equal(out[0, 0], torch.cat([tokens[0, 0], tokens[0, 1], tokens[0, 4], tokens[0, 5]]))
