@@ -16,6 +16,7 @@ TINY = [
 ]
 
 
-def tiny_config(*overrides: str, stage: str = "contrastive") -> TrainConfig:
+def tiny_config(*overrides: str, stage: str = "contrastive", tiny: bool = True) -> TrainConfig:
+    """The composed config with `overrides`; `tiny` shrinks the default model to a few thousand parameters."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return to_train_config(compose("train", overrides=[f"stage={stage}", *TINY, *overrides]))
+        return to_train_config(compose("train", overrides=[f"stage={stage}", *(TINY if tiny else []), *overrides]))

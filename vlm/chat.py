@@ -88,7 +88,7 @@ class GenerationOptions:
     temperature: float | str = "auto"  # 0: greedy; > 0: sampling; "auto": see auto_temperature()
     top_p: float | None = None  # nucleus sampling: keep the smallest set of tokens with this much probability
     top_k: int | None = None  # keep the k most likely tokens (0 disables)
-    repetition_penalty: float | None = None  # > 1 discourages repeating tokens (CTRL-style)
+    repetition_penalty: float | None = None  # > 1 discourages repeating the answer's own tokens (CTRL-style)
     num_beams: int = 1  # > 1: beam search (deterministic unless temperature is set > 0)
     length_penalty: float | None = None  # beam search: > 0 favours longer answers, < 0 shorter
     stop: tuple[str, ...] = ()  # stop sequences: generation ends at the first, and it is not part of the answer
@@ -186,10 +186,10 @@ class TextStream(Iterator[str]):
     `cancel()` (or `close()`, or leaving a `with` block) stops the generation at the next token.
     """
 
-    def __init__(self, pieces: Iterator[str], cancel: threading.Event):
-        self._pieces = pieces
+    def __init__(self, pieces: Callable[[TextStream], Iterator[str]], cancel: threading.Event):
+        self.completion: Completion | None = None  # set by the pieces generator when it ends
         self._cancel = cancel
-        self.completion: Completion | None = None
+        self._pieces = pieces(self)
 
     def __next__(self) -> str:
         return next(self._pieces)
@@ -367,8 +367,9 @@ class ChatModel:
         return ids
 
     def _finish(self, prompt: Prompt, ids: list[int], text: str, opts: GenerationOptions, max_new: int,
-                temperature: float | None, cancelled: bool) -> Completion:
-        text, stop = _cut_at_stop(text, opts.stop)
+                temperature: float | None, cancelled: bool, stop: str | None = None) -> Completion:
+        if stop is None:
+            text, stop = _cut_at_stop(text, opts.stop)
         if stop is not None:
             reason = "stop_sequence"
         elif ids and ids[-1] in self.eos_token_ids:
@@ -404,9 +405,7 @@ class ChatModel:
         opts = self.options(**options)
         prompt = self._as_prompt(messages, images)
         cancel = cancel or threading.Event()
-        stream = TextStream(iter(()), cancel)
-        stream._pieces = self._pieces(prompt, opts, cancel, stream, on_done)
-        return stream
+        return TextStream(lambda stream: self._pieces(prompt, opts, cancel, stream, on_done), cancel)
 
     def _pieces(self, prompt: Prompt, opts: GenerationOptions, cancel: threading.Event, stream: TextStream,
                 on_done: Callable[[Completion], None] | None) -> Iterator[str]:
@@ -421,7 +420,7 @@ class ChatModel:
                     on_done(completion)
             return
         kwargs, temperature, max_new = self._generate_kwargs(prompt, opts, cancel)
-        # skip_prompt drops the (empty) prompt ids that generate hands the streamer first
+        # skip_prompt drops the prompt ids that generate hands the streamer first
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict[str, Any] = {}
 
@@ -433,37 +432,31 @@ class ChatModel:
                 streamer.end()
 
         thread = threading.Thread(target=work, name="vlm-generate", daemon=True)
-        thread.start()
+        scanner = StopScanner(opts.stop)
         emitted: list[str] = []
-        pending = ""  # received text not yet handed out: it may be the start of a stop sequence
-        stopped = finished = False
+        finished = False
         try:
+            thread.start()  # inside the try: a Ctrl-C from here on still stops and joins the thread
             for piece in streamer:
-                if stopped or cancel.is_set():
+                if cancel.is_set():
                     continue  # drain: generate ends within a step
-                pending += piece
-                cut, stop = _cut_at_stop(pending, opts.stop)
-                if stop is not None:
-                    stopped, ready, pending = True, cut, ""
-                else:
-                    keep = _held_back(pending, opts.stop)
-                    ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-                if ready:
+                if ready := scanner.feed(piece):
                     emitted.append(ready)
                     yield ready
             finished = True
             thread.join()
             if "error" in result:
                 raise result["error"]
-            if pending and not stopped and not cancel.is_set():
-                emitted.append(pending)
-                yield pending
+            if (rest := scanner.flush()) and not cancel.is_set():
+                emitted.append(rest)
+                yield rest
         finally:
             if not finished:
                 cancel.set()  # the reader left early (Ctrl-C, a closed stream): stop generating
-            thread.join()
+            if thread.ident is not None:
+                thread.join()
             stream.completion = self._finish(prompt, result.get("ids", []), "".join(emitted), opts, max_new,
-                                             temperature, cancel.is_set())
+                                             temperature, cancel.is_set(), scanner.stop)
             if on_done:
                 on_done(stream.completion)
 
@@ -490,6 +483,33 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 longest = n
                 break
     return longest
+
+
+class StopScanner:
+    """Streams text through stop sequences: `feed` returns what can be shown now, holding back any end that might
+    be the start of a stop sequence; once one appears, `stop` names it and nothing more comes out."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.stop: str | None = None
+
+    def feed(self, piece: str) -> str:
+        if self.stop is not None:
+            return ""
+        self.pending += piece
+        cut, self.stop = _cut_at_stop(self.pending, self.stops)
+        if self.stop is not None:
+            self.pending = ""
+            return cut
+        keep = _held_back(self.pending, self.stops)
+        ready, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return ready
+
+    def flush(self) -> str:
+        """What was held back, at the end of the text (nothing after a stop sequence)."""
+        rest, self.pending = self.pending, ""
+        return rest if self.stop is None else ""
 
 
 # ---- multi-turn ----
@@ -544,7 +564,7 @@ class ChatSession:
                     dropped = 2 if len(self.turns) > 2 else 1
                     log.warning("the chat no longer fits the model's context; forgetting its oldest exchange")
                     del self.turns[:dropped]
-        except Exception:
+        except BaseException:  # Ctrl-C too
             self.turns.pop()  # a turn that cannot be answered is not part of the history
             raise
 

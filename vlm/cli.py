@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,18 +41,22 @@ def unknown_key_message(cfg: DictConfig, key: str) -> str | None:
     return f"unknown config key {key!r}.{hint} Valid keys under {parent or 'the top level'!r}: {valid}"
 
 
-QUOTED_KEYS = ("data.train", "data.val")  # shard patterns: braces and colons mean something to Hydra's parser
+PATTERN_KEYS = ("data.train", "data.val")  # shard patterns: braces and colons mean something to Hydra's parser
 
 
-def quote_patterns(args: list[str]) -> list[str]:
-    """Quote shard patterns so `data.train=/d/shard-{000..009}.tar` needs no Hydra quoting from the user."""
-    quoted = []
+def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
+    """Quote the values of `keys` for Hydra, so braces, commas, brackets and colons in them need no quoting by the
+    user (`data.train=/d/shard-{000..009}.tar`, `prompt=Is it red, or blue?`); already-quoted values are kept."""
+    out = []
     for arg in args:
-        key, _, value = arg.partition("=")
-        if key in QUOTED_KEYS and value and value[0] not in "'\"" and any(c in value for c in "{}[],: "):
-            arg = f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        quoted.append(arg)
-    return quoted
+        key, eq, value = arg.partition("=")
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        if eq and key in keys and not quoted:
+            # inside Hydra's single quotes: escape quotes, the backslashes before them, and ${ interpolations
+            escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+            arg = f"{key}='" + escaped.replace("${", "\\${") + "'"
+        out.append(arg)
+    return out
 
 
 def preflight(args: list[str], config_name: str) -> None:
@@ -59,7 +64,7 @@ def preflight(args: list[str], config_name: str) -> None:
 
     Also quotes shard patterns in place in sys.argv, where Hydra reads them.
     """
-    args = quote_patterns(args)
+    args = quote_values(args, PATTERN_KEYS)
     if args != sys.argv[1:] and len(args) == len(sys.argv) - 1:
         sys.argv[1:] = args
     if not CONFIG_DIR.is_dir():

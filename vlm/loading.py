@@ -88,7 +88,7 @@ class VLMBundle:
 
 def new_vlm(config: ModelConfig, tiler: TilerConfig) -> VLMBundle:
     tokenizer = new_tokenizer(config)
-    model = VisionLanguageModel(config, build_llm(config.llm, len(tokenizer)), image_token_id(tokenizer))
+    model = VisionLanguageModel(config, build_llm(config.llm, tokenizer), image_token_id(tokenizer))
     return _bundle(model, tokenizer, tiler, {"model": config})
 
 

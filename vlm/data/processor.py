@@ -113,6 +113,9 @@ class Processor:
         if image_index != len(tiled):
             raise SampleError(f"{name}: {len(tiled)} images but the rendered text holds {image_index} {IMAGE_TOKEN}")
         if len(out_ids) > self.max_length:
+            if not train:  # a prompt cut short would lose the question and the generation prompt
+                raise SampleError(f"{name}: the prompt is {len(out_ids)} tokens, more than the model's context of "
+                                  f"{self.max_length}; shorten it or use fewer or smaller images")
             if image_ends and image_ends[-1] > self.max_length:
                 raise SampleError(f"{name}: {len(out_ids)} tokens exceed model.llm.max_length={self.max_length} and "
                                   f"truncating would cut through an image's tokens; sample dropped")

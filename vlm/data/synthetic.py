@@ -29,7 +29,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 190),
     "pink": (250, 120, 190),
 }
-SHAPES = ("circle", "square", "triangle", "star")
+SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 CLASSNAMES = [f"{color} {shape}" for color in COLORS for shape in SHAPES]  # label = index; 32 classes
@@ -86,9 +86,10 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
-    # five-pointed star: alternate outer and inner radius
-    return [(cx + (r if i % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + i * math.pi / 5),
-             cy + (r if i % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+    # a plus sign whose arms are 0.4 r thick: its concave corners set it apart from every other shape
+    t = 0.4 * r
+    return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t), (cx + t, cy + t),
+            (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t), (cx - r, cy - t), (cx - t, cy - t)]
 
 
 def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, int, int]:
@@ -102,7 +103,7 @@ def render(spec: ShapeSpec, rng: random.Random, size: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     fill = _jitter(COLORS[spec.color], rng, 15)
     if spec.count == 1:
-        radius = rng.uniform(0.14, 0.22) * size
+        radius = rng.uniform(0.17, 0.24) * size
         col, row = POSITIONS.index(spec.position) % 2, POSITIONS.index(spec.position) // 2
         lo, hi = radius + 1, size / 2 - 2  # the centre stays inside its quadrant, the shape inside the image
         x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.config import LLMConfig, ModelConfig
 from vlm.models.projector import build_projector
@@ -17,15 +17,18 @@ from vlm.models.reduction import TokenReducer
 from vlm.models.vision import VisionTower
 
 
-def build_llm(config: LLMConfig, vocab_size: int) -> PreTrainedModel:
+def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A Hugging Face causal LM by name or path, or a random Llama from `config.config`; embeddings fit the vocab."""
+    vocab_size = len(tokenizer)
     if config.name_or_path:
         try:
             lm = AutoModelForCausalLM.from_pretrained(config.name_or_path, dtype="auto")
         except OSError as err:
             raise FileNotFoundError(f"model.llm.name_or_path={config.name_or_path!r}: {err}") from None
     else:
-        lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **config.config))
+        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id}  # so generate stops on the template's end of turn
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**special, **config.config}))
     if lm.get_input_embeddings().num_embeddings < vocab_size:
         lm.resize_token_embeddings(vocab_size, mean_resizing=False)
     if config.gradient_checkpointing:
@@ -91,8 +94,14 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
-        """Hugging Face `generate` on the merged embeddings; returns only the new token ids (B, T_new)."""
+        """Hugging Face `generate` on the merged embeddings; returns only the new token ids (B, T_new).
+
+        The ids go along with the embeddings so that logits processors that look at the prompt (repetition
+        penalty) see it; generation itself starts from the embeddings.
+        """
         embeds = self.embed(input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        out = self.lm.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
+                               **generate_kwargs)  # (B, L + T_new)
+        return out[:, input_ids.shape[1]:]

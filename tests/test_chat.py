@@ -1,0 +1,161 @@
+"""The Python chat API (vlm.chat) on the tiny random checkpoint: sessions with images, streaming, stop sequences,
+seeds, beam search, cancellation, option checks and temperature="auto"."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from vlm.chat import (
+    CODE_TEMPERATURE,
+    CREATIVE_TEMPERATURE,
+    DEFAULT_TEMPERATURE,
+    GenerationOptions,
+    OptionError,
+    PromptError,
+    StopScanner,
+    auto_temperature,
+)
+from vlm.data.tiler import ImageLoadError
+
+ASK = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict:
+    """The three kinds of image source: a path, encoded bytes and a PIL image."""
+    folder = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (40, 30), (220, 20, 20)).save(folder / "red.png")
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 50), (20, 20, 220)).save(buffer, format="JPEG")
+    return {"path": str(folder / "red.png"), "bytes": buffer.getvalue(), "pil": Image.new("RGB", (64, 64), "green")}
+
+
+@pytest.mark.parametrize(("prompt", "value"), [
+    ("Write a python function that reverses a list", CODE_TEMPERATURE),
+    ("There is a bug here:\n```\nx = [1, 2\n```", CODE_TEMPERATURE),
+    ("Why does this raise a stack trace?", CODE_TEMPERATURE),
+    ("Write a poem about the sea", CREATIVE_TEMPERATURE),
+    ("Imagine a story about this picture", CREATIVE_TEMPERATURE),
+    ("Write a python function that prints a poem", CODE_TEMPERATURE),  # code wins
+    ("What color is the shape?", DEFAULT_TEMPERATURE),
+    ("<image>\nDescribe the image.", DEFAULT_TEMPERATURE),
+])
+def test_auto_temperature_picks_by_request_kind(prompt, value):
+    chosen, reason = auto_temperature([{"role": "system", "content": "Write a poem."},  # only the user counts
+                                       {"role": "user", "content": prompt}])
+    assert chosen == value and reason
+    assert (CODE_TEMPERATURE, CREATIVE_TEMPERATURE, DEFAULT_TEMPERATURE) == (0.2, 0.8, 0.7)
+
+
+def test_auto_temperature_is_used_and_logged(tiny_chat_model, images, caplog):
+    with caplog.at_level(logging.INFO, logger="vlm.chat"):
+        completion = tiny_chat_model.generate([{"role": "user", "content": "<image>\nwrite a haiku"}],
+                                              [images["pil"]], max_new_tokens=2, temperature="auto", seed=0)
+    assert completion.temperature == CREATIVE_TEMPERATURE
+    assert "temperature auto -> 0.8" in caplog.text
+
+
+def test_session_keeps_history_and_images_over_turns(tiny_chat_model, images):
+    session = tiny_chat_model.session(system="Answer briefly.", max_new_tokens=4, temperature=0)
+    first = session.send("What is this?", images=[images["path"]])
+    second = session.send("And now?")  # no new image: the first one stays in the conversation
+    third = session.stream("Which is bigger?", images=[images["bytes"], images["pil"]]).text
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant", "user",
+                                                     "assistant"]
+    assert session.messages[1]["content"] == "<image>\nWhat is this?"  # placeholders go first
+    assert session.messages[5]["content"] == "<image>\n<image>\nWhich is bigger?"
+    assert session.messages[6]["content"] == third and len(session.images) == 3
+    assert second.input_tokens > first.input_tokens + first.output_tokens  # the history is in the prompt
+    for completion in (first, second):
+        assert 1 <= completion.output_tokens <= 4 and completion.stop_reason in ("end_turn", "max_tokens")
+    # the session's prompt is exactly the conversation so far: the same greedy answer from the stateless API
+    again = tiny_chat_model.generate(session.messages[:4], session.images[:1],
+                                     max_new_tokens=4, temperature=0)
+    assert again.text == second.text
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Answer briefly."}] and session.images == []
+
+
+def test_stream_pieces_concatenate_to_the_full_text(tiny_chat_model, images):
+    whole = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=12, temperature=0)
+    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=12, temperature=0)
+    pieces = list(stream)
+    assert len(pieces) > 1 and "".join(pieces) == whole.text == stream.completion.text
+    assert stream.completion.token_ids == whole.token_ids and stream.completion.output_tokens == 12
+    assert whole.stop_reason == "max_tokens" and whole.input_tokens == stream.completion.input_tokens
+    assert tiny_chat_model.tokenizer.decode(whole.token_ids, skip_special_tokens=True) == whole.text
+
+
+def test_stop_sequences_end_and_are_trimmed(tiny_chat_model, images):
+    whole = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=12, temperature=0)
+    stop = whole.text[2:4]  # text the greedy answer contains
+    expected = whole.text[: whole.text.find(stop)]
+    cut = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=12, temperature=0, stop=["never", stop])
+    assert (cut.text, cut.stop_reason, cut.stop_sequence) == (expected, "stop_sequence", stop)
+    assert cut.output_tokens < 12  # generate itself stopped (stop_strings), not just the text
+    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=12, temperature=0, stop=[stop])
+    assert "".join(stream) == expected and stream.completion.stop_sequence == stop
+
+
+def test_seed_makes_sampling_reproducible(tiny_chat_model, images):
+    def sample(seed):
+        return tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=8, temperature=1.0, seed=seed).token_ids
+
+    assert sample(3) == sample(3)
+    assert len({tuple(sample(s)) for s in (1, 2, 3)}) > 1
+
+
+def test_beam_search_runs_and_streams_in_one_piece(tiny_chat_model, images):
+    beams = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=6, num_beams=3, length_penalty=1.0,
+                                     repetition_penalty=1.2)
+    assert beams.output_tokens >= 1 and beams.temperature is None
+    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=6, num_beams=3, length_penalty=1.0,
+                                    repetition_penalty=1.2)
+    assert list(stream) == ([beams.text] if beams.text else []) and stream.completion.token_ids == beams.token_ids
+
+
+def test_sampling_options_and_cancel(tiny_chat_model, images):
+    sampled = tiny_chat_model.generate(ASK, [images["bytes"]], max_new_tokens=4, temperature=0.9, top_p=0.9,
+                                       top_k=20, seed=1)
+    assert sampled.temperature == 0.9 and 1 <= sampled.output_tokens <= 4
+    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=200, temperature=0)
+    next(stream)
+    stream.close()
+    assert stream.completion.stop_reason == "cancelled" and stream.completion.output_tokens < 200
+
+
+def test_bad_options_and_prompts_fail_clearly(tiny_chat_model, images):
+    with pytest.raises(OptionError, match="temperature"):
+        tiny_chat_model.generate(ASK, [images["pil"]], temperature=-1)
+    with pytest.raises(OptionError, match="unknown generation option 'max_tokens'"):
+        tiny_chat_model.generate(ASK, [images["pil"]], max_tokens=3)
+    with pytest.raises(OptionError, match="top_p"):
+        GenerationOptions(top_p=1.5)
+    with pytest.raises(PromptError, match="placeholders"):
+        tiny_chat_model.generate(ASK, [])
+    with pytest.raises(PromptError, match="context"):
+        tiny_chat_model.generate([{"role": "user", "content": "shape " * 600}])
+    with pytest.raises(ImageLoadError):
+        tiny_chat_model.generate(ASK, [b"not an image"])
+
+
+@given(pieces=st.lists(st.text("ab\n", max_size=4), max_size=8),
+       stops=st.lists(st.text("ab\n", min_size=1, max_size=3), max_size=3))
+def test_stop_scanner_streams_exactly_the_cut_text(pieces, stops):
+    """Fed piece by piece, the scanner shows exactly the text before the first stop sequence (generation ends at the
+    piece that completes one), never any part of a stop sequence."""
+    scanner = StopScanner(stops)
+    shown = "".join(scanner.feed(p) for p in pieces) + scanner.flush()
+    upto = next((k for k in range(len(pieces) + 1) if any(s in "".join(pieces[:k]) for s in stops)), len(pieces))
+    text = "".join(pieces[:upto])
+    first = min(((text.find(s), s) for s in stops if s in text), default=None)
+    assert shown == (text if first is None else text[: first[0]])
+    assert (scanner.stop is None) == (first is None)
+    if first is not None:  # the earliest stop (two may start at the same place: either is right)
+        assert text.find(scanner.stop) == first[0]

@@ -1,0 +1,98 @@
+"""Phase 1: the CLIP model learns on a fixed batch, exports reload to identical outputs, bad exports are named."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import torch
+from PIL import Image
+from tiny import tiny_config
+
+from vlm.data import synthetic
+from vlm.export import ExportError
+from vlm.lit.common import build_optimizer
+from vlm.lit.contrastive import ContrastiveTask
+from vlm.loading import load_clip
+from vlm.zero_shot import class_embeddings, contrastive_metrics
+
+
+def _batch(task: ContrastiveTask, n: int = 16) -> dict:
+    decode = task.decoder("captions")
+    samples = [decode(s) for s in synthetic.caption_samples(n, seed=3, image_size=64)]
+    return task.collate([{**s, "skipped": 0} for s in samples])
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_loss_goes_down_on_a_fixed_batch(loss):
+    torch.manual_seed(0)
+    task = ContrastiveTask.create(tiny_config(f"model.clip.loss={loss}", "stage.lr=3e-3"), synthetic.CLASSNAMES)
+    batch = _batch(task)
+    optimizer = build_optimizer(task.model.parts(), task.config.stage)
+    losses = []
+    for _ in range(25):
+        out = task.loss_fn(**task.model(batch["pixels"], batch["ids"]), output_dict=True)
+        loss_value = sum(out.values())
+        optimizer.zero_grad()
+        loss_value.backward()
+        optimizer.step()
+        losses.append(loss_value.item())
+    assert "contrastive_loss" in out
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_export_reloads_to_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    task = ContrastiveTask.create(tiny_config(), synthetic.CLASSNAMES)
+    task.model.eval()
+    batch = _batch(task, 8)
+    task.export(tmp_path / "export")
+    loaded = load_clip(tmp_path / "export")
+    assert loaded.classnames == synthetic.CLASSNAMES
+    with torch.no_grad():
+        assert torch.equal(task.model.encode_image(batch["pixels"]), loaded.model.encode_image(batch["pixels"]))
+        assert torch.equal(task.model.encode_text(batch["ids"]), loaded.model.encode_text(batch["ids"]))
+    texts = ["a red circle", "a blue star in the top left"]
+    assert torch.equal(task.tokenizer(texts), loaded.tokenizer(texts))
+    image = synthetic.render(synthetic.ShapeSpec("red", "circle", "top left"), random.Random(0), 64)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    assert torch.equal(task.decoder("captions").tiler(buffer.getvalue()).pixel_values,
+                       loaded.tiler(Image.open(io.BytesIO(buffer.getvalue()))).pixel_values)
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "tokenizer"])
+def test_export_with_a_missing_file_names_it(tmp_path, missing):
+    task = ContrastiveTask.create(tiny_config(), None)
+    folder = task.export(tmp_path / "export")
+    target = folder / missing
+    if target.is_dir():
+        for f in target.iterdir():
+            f.unlink()
+        target.rmdir()
+    else:
+        target.unlink()
+    with pytest.raises(ExportError, match=f"is missing '{missing}'"):
+        load_clip(folder)
+
+
+def test_zero_shot_and_retrieval_metrics():
+    torch.manual_seed(0)
+    classes = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    labels = torch.tensor([0, 1, 2, 3])
+    image = classes[labels] + 0.01 * torch.randn(4, 8)
+    text = image.clone()
+    metrics = contrastive_metrics(image, text, labels, classes)
+    assert metrics == {"i2t_r1": 1.0, "t2i_r1": 1.0, "zero_shot_top1": 1.0}
+    metrics = contrastive_metrics(image, text.roll(1, 0), labels, None)
+    assert metrics["i2t_r1"] == 0.0 and "zero_shot_top1" not in metrics
+
+
+def test_class_embeddings_average_templates():
+    task = ContrastiveTask.create(tiny_config(), None)
+    task.model.eval()
+    names = ["red circle", "blue star"]
+    embeddings = class_embeddings(task.model, task.tokenizer, names, ["a {}.", "a photo of a {}."])
+    assert embeddings.shape == (2, task.config.model.clip.embed_dim)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))

@@ -1,0 +1,108 @@
+"""`python -m vlm.infer`: the one-shot command, the REPL driven through stdin, and clean errors (exit 2)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from vlm.cli import CONFIG_DIR, quote_values
+from vlm.infer import TEXT_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = ["device=cpu", "generation.temperature=0", "generation.max_new_tokens=5"]
+
+
+def run_infer(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "vlm.infer", *args], input=stdin, capture_output=True, text=True,
+                          encoding="utf-8", cwd=ROOT, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("pictures")
+    paths = [folder / "red.png", folder / "blue square.png"]
+    Image.new("RGB", (40, 30), (220, 20, 20)).save(paths[0])
+    Image.new("RGB", (32, 32), (20, 20, 220)).save(paths[1])
+    return [str(p) for p in paths]
+
+
+@pytest.mark.slow
+def test_one_shot_prints_the_answer(tiny_sft_export, tiny_chat_model, pictures):
+    question = "Which image is blue, the first or the second?"  # a comma: Hydra would read it as a list unquoted
+    result = run_infer(f"checkpoint={tiny_sft_export}", f"image=[{pictures[0]},'{pictures[1]}']",
+                       f"prompt={question}", *GREEDY)
+    assert result.returncode == 0, result.stderr
+    expected = tiny_chat_model.generate([{"role": "user", "content": f"<image>\n<image>\n{question}"}], pictures,
+                                        max_new_tokens=5, temperature=0)
+    assert result.stdout == expected.text + "\n"
+
+
+@pytest.mark.slow
+def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
+    script = f"/help\n/image {pictures[0]}\nWhat color is the shape?\n/reset\nAnd now?\n/bogus\n/quit\n"
+    result = run_infer(f"checkpoint={tiny_sft_export}", *GREEDY, stdin=script)
+    assert result.returncode == 0, result.stderr
+    first = tiny_chat_model.generate([{"role": "user", "content": "<image>\nWhat color is the shape?"}],
+                                     pictures[:1], max_new_tokens=5, temperature=0)
+    after_reset = tiny_chat_model.generate([{"role": "user", "content": "And now?"}], max_new_tokens=5,
+                                           temperature=0)
+    out = result.stdout
+    assert "/image PATH" in out and "attached 1 image" in out and "conversation cleared" in out
+    assert f"vlm> {first.text}\n" in out and f"vlm> {after_reset.text}\n" in out  # the reset forgot turn one
+    assert "unknown command '/bogus'" in out
+
+
+def test_missing_checkpoint_is_one_clean_error(tmp_path):
+    missing = tmp_path / "no-such-export"
+    result = run_infer(f"checkpoint={missing}", "prompt=hi")
+    assert result.returncode == 2
+    assert str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_image_and_bad_option_are_clean_errors(tiny_sft_export, tmp_path):
+    result = run_infer(f"checkpoint={tiny_sft_export}", f"image={tmp_path / 'nope.png'}", "prompt=hi")
+    assert result.returncode == 2 and "nope.png" in result.stderr and "Traceback" not in result.stderr
+    result = run_infer(f"checkpoint={tiny_sft_export}", "generation.temprature=0")
+    assert result.returncode == 2 and "generation.temperature" in result.stderr  # the typo's closest key
+
+
+@pytest.mark.parametrize("text", ["Which is blue, the first or the second?", "it's [x, y] = {a: 1}", "a \\' b\\",
+                                  "cost: ${x}", ""])
+def test_free_text_arguments_reach_the_config_verbatim(text):
+    (override,) = quote_values([f"prompt={text}"], TEXT_KEYS)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        assert compose("infer", overrides=[override]).prompt == text
+    assert quote_values(['prompt="already, quoted"', "image=[a.png,b.png]"], TEXT_KEYS) == ['prompt="already, quoted"',
+                                                                                    "image=[a.png,b.png]"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    process = subprocess.Popen([sys.executable, "-m", "vlm.infer", f"checkpoint={tiny_sft_export}", "device=cpu",
+                                "generation.temperature=0", "generation.max_new_tokens=480"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                               env=env, text=True, encoding="utf-8")
+    try:
+        process.stdin.write("Tell me everything.\n")
+        process.stdin.flush()
+        seen = ""
+        while not seen.endswith("vlm> "):  # the answer has started
+            char = process.stdout.read(1)
+            assert char, process.stderr.read()
+            seen += char
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate("/quit\n", timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "[stopped]" in out and "Traceback" not in err

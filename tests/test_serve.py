@@ -1,0 +1,323 @@
+"""vlm.serve against the official `anthropic` and `openai` clients, bad input, auth, disconnects and load.
+
+Servers run in-process (uvicorn in a thread on 127.0.0.1, a free port) over the tiny random checkpoint, so greedy
+answers can be checked token for token against `ChatModel.generate`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import anthropic
+import httpx
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from vlm.serve import ServeSettings, create_app
+
+QUESTION = "What color is the shape?"
+# anthropic 2.x has no temperature/top_p/top_k arguments any more; the server still reads them from the body
+GREEDY = {"temperature": 0}
+SETTINGS = dict(max_body_bytes=256 * 1024, max_image_bytes=64 * 1024, max_image_pixels=1_000_000,
+                max_tokens_limit=64, max_queue=8)
+
+
+def png(color=(200, 30, 30), size=(48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class LiveServer:
+    """uvicorn serving an app on a socket it already bound (no port race), in a daemon thread."""
+
+    def __init__(self, app):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_chat_model):
+    """serve(**settings) -> base URL of a live server over the tiny model; all stopped after the module."""
+    servers: list[LiveServer] = []
+
+    def start(**settings) -> str:
+        servers.append(LiveServer(create_app(tiny_chat_model, ServeSettings(**settings))))
+        return servers[-1].url
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def url(serve) -> str:
+    return serve(**SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_chat_model):
+    """The greedy answer the server must give to QUESTION about png(), straight from the Python API."""
+    messages = [{"role": "user", "content": f"<image>\n{QUESTION}"}]
+    return tiny_chat_model.generate(messages, [png()], max_new_tokens=8, temperature=0)
+
+
+def anthropic_image_message(data: bytes = b"", media_type: str = "image/png", text: str = QUESTION) -> dict:
+    image = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": b64(data or png())}}
+    return {"role": "user", "content": [image, {"type": "text", "text": text}]}
+
+
+def openai_image_message(url: str | None = None, text: str = QUESTION) -> dict:
+    image = {"type": "image_url", "image_url": {"url": url or f"data:image/png;base64,{b64(png())}"}}
+    return {"role": "user", "content": [image, {"type": "text", "text": text}]}
+
+
+def check_usage_matches(text: str, output_tokens: int, input_tokens: int, expected, tokenizer) -> None:
+    assert text == expected.text
+    assert output_tokens == expected.output_tokens == len(expected.token_ids)
+    assert tokenizer.decode(expected.token_ids, skip_special_tokens=True) == text  # the counted tokens are the text
+    assert input_tokens == expected.input_tokens
+
+
+def test_anthropic_sdk_create_with_image(url, expected, tiny_chat_model):
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    message = client.messages.create(model="tiny", max_tokens=8, extra_body=GREEDY,
+                                     messages=[anthropic_image_message()])
+    assert message.role == "assistant" and message.content[0].type == "text"
+    assert message.stop_reason == "max_tokens"
+    check_usage_matches(message.content[0].text, message.usage.output_tokens, message.usage.input_tokens, expected,
+                        tiny_chat_model.tokenizer)
+
+
+def test_anthropic_sdk_stream(url, expected, tiny_chat_model):
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    with client.messages.stream(model="tiny", max_tokens=8, extra_body=GREEDY, system="Answer briefly.",
+                                messages=[anthropic_image_message(text="What color is the shape?")]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert final.stop_reason == "max_tokens" and final.content[0].text == text
+    system_expected = tiny_chat_model.generate(
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": f"<image>\n{QUESTION}"}],
+        [png()], max_new_tokens=8, temperature=0)
+    check_usage_matches(text, final.usage.output_tokens, final.usage.input_tokens, system_expected,
+                        tiny_chat_model.tokenizer)
+
+
+def test_anthropic_stop_sequence(url, expected):
+    stop = expected.text[2:4]  # occurs in the greedy answer, so the answer must end before it
+    client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    message = client.messages.create(model="tiny", max_tokens=8, extra_body=GREEDY, stop_sequences=[stop],
+                                     messages=[anthropic_image_message()])
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
+    assert message.content[0].text == expected.text[: expected.text.find(stop)]
+
+
+def test_openai_sdk_stream_with_data_url(url, expected, tiny_chat_model):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(model="tiny", max_tokens=8, extra_body=GREEDY, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 messages=[openai_image_message()]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
+    usage = chunks[-1].usage
+    check_usage_matches(text, usage.completion_tokens, usage.prompt_tokens, expected, tiny_chat_model.tokenizer)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_openai_sdk_create(url, expected, tiny_chat_model):
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    response = client.chat.completions.create(model="tiny", max_completion_tokens=8, temperature=0,
+                                              messages=[openai_image_message()])
+    assert response.choices[0].finish_reason == "length"
+    check_usage_matches(response.choices[0].message.content, response.usage.completion_tokens,
+                        response.usage.prompt_tokens, expected, tiny_chat_model.tokenizer)
+
+
+def test_models_and_health(url):
+    assert [m.id for m in openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.list()] == ["export"]
+    assert [m.id for m in anthropic.Anthropic(base_url=url, api_key="x").models.list()] == ["export"]
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["running"] == 0 and health["queued"] == 0
+
+
+def _noise_png(size: int) -> bytes:
+    import os
+
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (size, size), os.urandom(size * size * 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _anthropic(**overrides) -> dict:
+    return {"model": "tiny", "max_tokens": 1, "messages": [anthropic_image_message()], **overrides}
+
+
+def _openai(**overrides) -> dict:
+    return {"model": "tiny", "max_tokens": 1, "messages": [openai_image_message()], **overrides}
+
+
+def _a_image(data: str, media_type: str = "image/png") -> dict:
+    image = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    return _anthropic(messages=[{"role": "user", "content": [image, {"type": "text", "text": "Hi"}]}])
+
+
+def _o_image(url: str) -> dict:
+    return _openai(messages=[openai_image_message(url)])
+
+
+TRUNCATED_PNG = png()[:60]
+BAD_INPUTS = {
+    "a-invalid-base64": ("/v1/messages", _a_image("not base64 at all!!"), 400),
+    "a-non-image-bytes": ("/v1/messages", _a_image(b64(b"just some text, no image here")), 400),
+    "a-truncated-image": ("/v1/messages", _a_image(b64(TRUNCATED_PNG)), 400),
+    "a-unsupported-media-type": ("/v1/messages", _a_image(b64(png()), "image/bmp"), 400),
+    "a-media-type-mismatch": ("/v1/messages", _a_image(b64(png()), "image/jpeg"), 400),
+    "a-image-over-size-limit": ("/v1/messages", _a_image(b64(_noise_png(160))), 400),
+    "a-image-over-pixel-limit": ("/v1/messages", _a_image(b64(png(size=(1200, 1000)))), 400),
+    "a-body-over-limit": ("/v1/messages", _anthropic(system="x" * 300_000), 413),
+    "a-missing-max-tokens": ("/v1/messages", {"model": "tiny", "messages": [anthropic_image_message()]}, 400),
+    "a-max-tokens-over-limit": ("/v1/messages", _anthropic(max_tokens=100_000), 400),
+    "a-empty-messages": ("/v1/messages", _anthropic(messages=[]), 400),
+    "a-assistant-first": ("/v1/messages", _anthropic(messages=[{"role": "assistant", "content": "Hi"},
+                                                               anthropic_image_message()]), 400),
+    "a-system-role-in-messages": ("/v1/messages", _anthropic(messages=[{"role": "system", "content": "Hi"}]), 400),
+    "a-unknown-content-type": ("/v1/messages", _anthropic(messages=[{"role": "user", "content": [
+        {"type": "document", "source": {}}]}]), 400),
+    "a-image-placeholder-in-text": ("/v1/messages", _anthropic(messages=[{"role": "user", "content": "<image>"}]),
+                                    400),
+    "a-temperature-out-of-range": ("/v1/messages", _anthropic(temperature=3), 400),
+    "a-not-json": ("/v1/messages", b"{not json", 400),
+    "o-invalid-base64": ("/v1/chat/completions", _o_image("data:image/png;base64,@@@"), 400),
+    "o-non-image-bytes": ("/v1/chat/completions", _o_image(f"data:image/png;base64,{b64(b'plain text')}"), 400),
+    "o-unsupported-media-type": ("/v1/chat/completions", _o_image(f"data:image/bmp;base64,{b64(png())}"), 400),
+    "o-remote-url": ("/v1/chat/completions", _o_image("http://169.254.169.254/latest/meta-data"), 400),
+    "o-image-over-size-limit": ("/v1/chat/completions",
+                                _o_image(f"data:image/png;base64,{b64(_noise_png(160))}"), 400),
+    "o-body-over-limit": ("/v1/chat/completions", _openai(messages=[{"role": "user", "content": "x" * 300_000}]),
+                          413),
+    "o-max-tokens-over-limit": ("/v1/chat/completions", _openai(max_tokens=100_000), 400),
+    "o-empty-messages": ("/v1/chat/completions", _openai(messages=[]), 400),
+    "o-assistant-first": ("/v1/chat/completions", _openai(messages=[{"role": "assistant", "content": "Hi"},
+                                                                    openai_image_message()]), 400),
+    "o-tool-role": ("/v1/chat/completions", _openai(messages=[{"role": "tool", "content": "x"}]), 400),
+    "o-unknown-content-type": ("/v1/chat/completions", _openai(messages=[{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {}}]}]), 400),
+    "o-n-2": ("/v1/chat/completions", _openai(n=2), 400),
+}
+
+
+def check_error_shape(path: str, response: httpx.Response) -> None:
+    body = response.json()
+    if path == "/v1/messages":
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        assert isinstance(body["error"]["message"], str) and body["error"]["type"]
+    else:
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert isinstance(body["error"]["message"], str) and body["error"]["type"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gets_4xx_in_the_api_shape_and_server_keeps_serving(url, case):
+    path, payload, status = BAD_INPUTS[case]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        content = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        response = client.post(path, content=content, headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        check_error_shape(path, response)
+        good = _anthropic() if path == "/v1/messages" else _openai()
+        assert client.post(path, json=good).status_code == 200
+
+
+def test_api_key_required_when_set(serve, expected):
+    url = serve(api_key="s3cret")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for path, body in (("/v1/messages", _anthropic()), ("/v1/chat/completions", _openai())):
+            for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
+                response = client.post(path, json=body, headers=headers)
+                assert response.status_code == 401
+                check_error_shape(path, response)
+        assert client.get("/v1/models").status_code == 401
+    reply = anthropic.Anthropic(base_url=url, api_key="s3cret", max_retries=0).messages.create(
+        model="tiny", max_tokens=8, extra_body=GREEDY, messages=[anthropic_image_message()])
+    assert reply.content[0].text == expected.text
+    chat = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0).chat.completions.create(
+        model="tiny", max_tokens=8, extra_body=GREEDY, messages=[openai_image_message()])
+    assert chat.choices[0].message.content == expected.text
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=url, api_key="nope", max_retries=0).messages.create(
+            model="tiny", max_tokens=1, messages=[anthropic_image_message()])
+
+
+@pytest.mark.slow
+def test_client_disconnect_frees_the_slot(serve):
+    url = serve(max_concurrency=1, max_queue=0)
+    body = _anthropic(max_tokens=400, temperature=0, stream=True)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        with client.stream("POST", "/v1/messages", json=body) as response:
+            assert response.status_code == 200
+            for line in response.iter_lines():
+                if "message_start" in line:
+                    break  # the prompt is encoded and generation has started: hang up mid-answer
+        deadline = time.time() + 10
+        while (health := client.get("/health").json())["running"] or health["queued"]:
+            assert time.time() < deadline, f"the slot was not freed: {health}"
+            time.sleep(0.05)
+        assert health["finished"] == {"cancelled": 1}  # stopped early, not run to its 400 tokens
+        assert client.post("/v1/messages", json=_anthropic()).status_code == 200
+
+
+@pytest.mark.slow
+def test_load_32_concurrent_requests(serve, record_property):
+    url = serve(max_concurrency=1, max_queue=4)
+
+    def call(i: int) -> tuple[str, int]:
+        path, body = ("/v1/messages", _anthropic(max_tokens=4)) if i % 2 else ("/v1/chat/completions",
+                                                                                _openai(max_tokens=4))
+        if i % 4 == 0:
+            body["stream"] = True
+        response = httpx.post(f"{url}{path}", json=body, timeout=60)
+        if response.status_code == 200:
+            if body.get("stream"):
+                assert ("message_stop" in response.text) if i % 2 else response.text.rstrip().endswith("[DONE]")
+            else:
+                reply = response.json()
+                assert reply["usage"]["output_tokens" if i % 2 else "completion_tokens"] >= 1
+        else:
+            assert response.status_code == (529 if i % 2 else 429), response.text
+            check_error_shape(path, response)
+        return path, response.status_code
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(call, range(32)))
+    counts = Counter(status for _, status in results)
+    record_property("load_statuses", dict(counts))
+    print(f"\nload: {counts[200]}/32 answered, {counts[529]} x 529 (Anthropic), {counts[429]} x 429 (OpenAI)")
+    assert counts[200] >= 1 and set(counts) <= {200, 429, 529}
+    health = httpx.get(f"{url}/health").json()
+    assert health["running"] == 0 and health["queued"] == 0

@@ -1,0 +1,98 @@
+"""webdataset pipelines: split by node and worker, bad samples skipped and counted, clear shard errors."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from vlm.data.captions import CaptionDecoder, collate_captions
+from vlm.data.shards import ShardError, build_pipeline, list_shards, make_loader, reader_plan
+from vlm.data.tiler import Tiler, TilerConfig
+from vlm.lit.common import DataHealth
+
+
+def _png(color: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shards(directory, num_shards: int, per_shard: int, corrupt: set[int] = frozenset()) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for shard in range(num_shards):
+        with wds.TarWriter(str(directory / f"shard-{shard:03d}.tar")) as sink:
+            for _ in range(per_shard):
+                image = b"\x89PNG not really" if index in corrupt else _png("red")
+                sink.write({"__key__": f"{index:05d}", "png": image, "txt": f"sample {index}", "cls": "0"})
+                index += 1
+    return str(directory / f"shard-{{000..{num_shards - 1:03d}}}.tar")
+
+
+def _keys(sample: dict) -> dict:
+    return {"key": sample["__key__"]}
+
+
+def test_every_sample_once_over_two_ranks_and_two_workers(tmp_path, monkeypatch):
+    urls = list_shards(write_shards(tmp_path, num_shards=8, per_shard=5))
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        pipeline = build_pipeline(urls, _keys, train=True, shuffle_buffer=10, seed=1)
+        loader = make_loader(pipeline, batch_size=3, num_workers=2, drop_last=False,
+                             collate=lambda samples: [s["key"] for s in samples])
+        rank_keys = [key for batch in loader for key in batch]
+        assert len(rank_keys) == 20  # half the samples on each rank
+        seen += rank_keys
+    assert sorted(seen) == [f"{i:05d}" for i in range(40)]  # no duplicates, none missing
+
+
+def test_too_few_shards_for_the_ranks_names_numbers_and_fix(caplog):
+    with pytest.raises(ShardError, match="has 2 shards for 4 ranks.*data.resampled=true"):
+        reader_plan(num_shards=2, num_workers=2, world_size=4, pattern="s-{0..1}.tar", resampled=False)
+    with caplog.at_level(logging.WARNING):
+        assert reader_plan(num_shards=3, num_workers=2, world_size=2, pattern="p", resampled=False) == 1
+    assert "3 shards for 2 ranks x 2 workers = 4 readers" in caplog.text
+    assert reader_plan(num_shards=1, num_workers=4, world_size=8, pattern="p", resampled=True) == 4
+
+
+def test_resampled_mode_never_ends(tmp_path):
+    urls = list_shards(write_shards(tmp_path, num_shards=2, per_shard=3))
+    pipeline = build_pipeline(urls, _keys, train=True, resampled=True, shuffle_buffer=1)
+    stream = iter(pipeline)
+    assert len([next(stream) for _ in range(50)]) == 50
+
+
+def test_missing_shards_name_the_pattern(tmp_path):
+    pattern = str(tmp_path / "nothing-{000..004}.tar")
+    with pytest.raises(ShardError, match=r"data.val='.*nothing-\{000..004\}.tar' matches no shard file"):
+        list_shards(pattern, "data.val")
+    write_shards(tmp_path, 1, 1)
+    with pytest.raises(ShardError, match="1 of 2 shards are missing"):
+        list_shards(str(tmp_path / "shard-{000..001}.tar"))
+
+
+def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
+    urls = list_shards(write_shards(tmp_path, num_shards=2, per_shard=10, corrupt={3, 14}))
+    tiler = Tiler(TilerConfig(), tile_size=16, tokens_per_tile=4)
+    decode = CaptionDecoder(tiler, lambda texts: torch.zeros(len(texts), 8, dtype=torch.long))
+    pipeline = build_pipeline(urls, decode, train=False)
+    with caplog.at_level(logging.WARNING):
+        batches = list(make_loader(pipeline, batch_size=4, num_workers=0, collate=collate_captions, drop_last=False))
+    assert sum(len(b["ids"]) for b in batches) == 18
+    assert sum(b["skipped"] for b in batches) == 2
+    assert "00003" in caplog.text and "00014" in caplog.text and "shard-001.tar" in caplog.text
+    health = DataHealth(max_skip_rate=0.05, max_nonfinite_steps=3, min_samples=20)
+    with pytest.raises(RuntimeError, match=r"2 of 20 samples \(10.0%\) could not be decoded"):
+        for b in batches:
+            health.count_batch(len(b["ids"]), b["skipped"])
+    lenient = DataHealth(max_skip_rate=0.2, max_nonfinite_steps=3, min_samples=10)
+    for b in batches:
+        lenient.count_batch(len(b["ids"]), b["skipped"])
+    assert lenient.skipped == 2 and lenient.seen == 20

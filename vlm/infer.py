@@ -1,0 +1,175 @@
+"""`python -m vlm.infer checkpoint=PATH [image=a.jpg prompt="..."]`: chat with an exported model in the terminal.
+
+Without `prompt` it opens a chat REPL: answers stream as they are generated, `/image PATH [PATH...]` attaches images
+to the next message, `/reset` forgets the conversation, `/help` lists the commands, `/quit` (or Ctrl-D) leaves, and
+Ctrl-C stops the current answer but keeps the session. With `prompt` it answers once and exits. Settings live in
+configs/infer.yaml; the chat itself is `vlm.chat` (also the Python API).
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from vlm.cli import CONFIG_DIR, fail, preflight, quote_values, user_errors
+
+if TYPE_CHECKING:
+    from vlm.chat import ChatSession
+
+log = logging.getLogger("vlm.infer")
+TEXT_KEYS = ("prompt", "system")
+
+HELP = """commands:
+  /image PATH [PATH...]  attach images to your next message (quote paths with spaces)
+  /reset                 forget the conversation and any attached images
+  /help                  show this list
+  /quit                  leave (Ctrl-D works too)
+Ctrl-C stops the answer being written; the chat goes on."""
+
+
+def setup_logging(level: str) -> None:
+    """Logs go to stderr so stdout holds only the answers (one-shot output can be piped)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)  # libraries stay quiet
+    try:
+        logging.getLogger("vlm").setLevel(str(level).upper())
+    except ValueError:
+        fail(f"log_level={level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR")
+
+
+def image_list(value: Any) -> list[str]:
+    """`image=a.jpg` or `image=[a.jpg,b.jpg]` -> paths, each checked to exist."""
+    if value is None:
+        return []
+    items = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    paths = [str(p) for p in (items if isinstance(items, list) else [items])]
+    for path in paths:
+        if not Path(path).expanduser().is_file():
+            fail(f"image {path!r} not found")
+    return [str(Path(p).expanduser()) for p in paths]
+
+
+def stream_answer(session: ChatSession, text: str, images: list[str], write: Callable[[str], Any]) -> None:
+    """Print the answer as it is generated; Ctrl-C stops it (the partial answer stays in the history)."""
+    stream = session.stream(text, images=images)
+    try:
+        for piece in stream:
+            write(piece)
+    except KeyboardInterrupt:
+        stream.close()
+        write(" [stopped]")
+    write("\n")
+    completion = stream.completion
+    if completion is not None and completion.stop_reason == "max_tokens":
+        log.info("the answer reached max_new_tokens=%d; raise generation.max_new_tokens for longer answers",
+                 session.options.max_new_tokens)
+
+
+def repl(session: ChatSession, banner: str) -> None:
+    from vlm.chat import PromptError
+    from vlm.data.tiler import ImageLoadError
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    print(banner)
+    pending: list[str] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return
+        except KeyboardInterrupt:
+            print("\n(/quit or Ctrl-D leaves)")
+            continue
+        if not line:
+            continue
+        if line.startswith("/"):
+            try:
+                command, *args = shlex.split(line)
+            except ValueError as err:
+                print(f"error: {err}")
+                continue
+            if command in ("/quit", "/exit"):
+                return
+            if command == "/help":
+                print(HELP)
+            elif command == "/reset":
+                session.reset()
+                pending.clear()
+                print("(conversation cleared)")
+            elif command == "/image":
+                missing = [p for p in args if not Path(p).expanduser().is_file()]
+                if not args or missing:
+                    print(f"error: image {missing[0]!r} not found" if missing else "usage: /image PATH [PATH...]")
+                    continue
+                pending += [str(Path(p).expanduser()) for p in args]
+                print(f"(attached {len(pending)} image{'s' if len(pending) > 1 else ''} to your next message)")
+            else:
+                print(f"unknown command {command!r}\n{HELP}")
+            continue
+        images, pending = pending, []
+        try:
+            write("vlm> ")
+            stream_answer(session, line, images, write)
+        except (PromptError, ImageLoadError) as err:
+            print(f"\nerror: {err}")
+        except KeyboardInterrupt:  # before the answer started streaming
+            write(" [stopped]\n")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="infer")
+def infer(cfg: DictConfig) -> None:
+    setup_logging(cfg.log_level)
+    if not cfg.checkpoint:
+        fail("checkpoint=PATH is required: an align or sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
+    if not Path(str(cfg.checkpoint)).expanduser().is_dir():
+        fail(f"checkpoint folder {str(cfg.checkpoint)!r} does not exist")
+    images = image_list(cfg.image)
+    if images and cfg.prompt is None:
+        fail("image=... needs prompt=\"...\" (in the chat REPL, attach images with /image PATH)")
+
+    from vlm.chat import ChatModel, OptionError, PromptError
+    from vlm.data.tiler import ImageLoadError
+
+    options = OmegaConf.to_container(cfg.generation, resolve=True)
+    with user_errors():
+        try:
+            model = ChatModel.load(str(cfg.checkpoint), device=cfg.device, dtype=cfg.dtype)
+            session = model.session(system=cfg.system, **options)
+        except (OptionError, RuntimeError) as err:  # a bad option, or an unknown / unavailable device
+            fail(str(err))
+    if cfg.prompt is None:
+        repl(session, f"vlm chat with {model.name} on {model.device}. /help lists the commands.")
+        return
+    try:
+        stream_answer(session, str(cfg.prompt), images, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    except (PromptError, ImageLoadError) as err:
+        fail(str(err))
+
+
+def main() -> None:
+    sys.argv[1:] = quote_values(sys.argv[1:], TEXT_KEYS)
+    preflight(sys.argv[1:], "infer")
+    infer()
+
+
+if __name__ == "__main__":
+    main()
