@@ -110,3 +110,13 @@ def test_token_reduction_shapes(kind, width):
     assert out.shape == (2, reducer.out_tokens(16), width)
     if kind == "pixel_shuffle":  # the first output token holds the top-left 2x2 block of patches
         assert torch.equal(out[0, 0], torch.cat([tokens[0, 0], tokens[0, 1], tokens[0, 4], tokens[0, 5]]))
+
+
+def test_frozen_parts_stay_in_eval_mode_while_training():
+    from vlm.lit.vlm_task import VLMTask
+
+    config = tiny_config("model.vision.conv_stem=true", stage="sft")
+    task = VLMTask(config, new_vlm(config.model, config.tiler))
+    task.train()
+    assert not task.model.vision.training  # BatchNorm in the frozen conv stem keeps its statistics
+    assert task.model.lm.training and task.model.projector.training

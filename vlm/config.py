@@ -38,6 +38,8 @@ class VisionConfig:
     width: int | None = None  # embed_dim override; null keeps the timm model's own
     depth: int | None = None  # number of blocks override; null keeps the timm model's own
     heads: int | None = None  # attention heads override; null keeps the timm model's own
+    global_pool: str | None = None  # "token" (CLS) or "avg" (mean of patches, no CLS token); null keeps timm's
+    conv_stem: bool = False  # stride-2 convolutions instead of one patchify conv: faster convergence from scratch
     feature_layer: int = -1  # phase 2: which block's output feeds the projector (-1 = last, -2 = penultimate)
     keep_cls: bool = False  # phase 2: keep the prefix (CLS) tokens in the image tokens
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory

@@ -6,6 +6,7 @@ Layout: OUTPUT_ROOT/STAGE/RUN_NAME/{checkpoints/, export/, logs/, metrics.json}.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,37 +45,77 @@ def latest_export(output_root: str | Path, stage: str) -> Path | None:
     return exports[-1] if exports else None
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of a run (validity is checked by the resume logic, which falls back)."""
-    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return ckpts[-1] if ckpts else None
+# Lightning's DDP launcher starts ranks 1..N-1 by re-running the command; these carry rank 0's choices to them so
+# every rank writes to one run folder and resumes from one checkpoint, whatever the clock says when it starts.
+RUN_DIR_ENV, RESUME_ENV, PARENT_ENV = "VLM_RUN_DIR", "VLM_RESUME_FROM", "VLM_RUN_PARENT"
 
 
 def prepare_run(config: TrainConfig) -> Run:
+    """The run folder and the checkpoint to resume from, on every rank the same; never another run's folder."""
+    inherited = _from_parent_rank()
+    if inherited is not None:
+        return Run(inherited[0], inherited[1], None if inherited[1] else _init_source(config))
     stage_dir = Path(config.output_root).expanduser() / config.stage.name
+    launch_name = _launch_name(named=bool(config.run_name))
+    default_name = launch_name or time.strftime("%Y%m%d-%H%M%S")
     resume_from = None
     if config.resume == "auto":
+        from vlm.lit.checkpointing import find_resume_checkpoint, remove_partial_writes
+
         if config.run_name:
             run_dir = stage_dir / config.run_name
         else:
             runs = [r for r in _runs(stage_dir) if (r / "checkpoints").is_dir()]
-            run_dir = runs[-1] if runs else stage_dir / time.strftime("%Y%m%d-%H%M%S")
-        resume_from = latest_checkpoint(run_dir) if run_dir.exists() else None
-        log.info("resume=auto: %s %s", "continuing" if resume_from else "no checkpoint yet, starting", run_dir)
+            run_dir = runs[-1] if runs else stage_dir / default_name
+        if run_dir.exists():
+            remove_partial_writes(run_dir)
+            resume_from = find_resume_checkpoint(run_dir)
+        if resume_from:
+            log.info("resume=auto: continuing %s from %s", run_dir, resume_from.name)
+        elif (run_dir / "checkpoints").is_dir():
+            log.warning("resume=auto: no loadable checkpoint in %s, so this run starts again from step 0", run_dir)
+        else:
+            log.info("resume=auto: no checkpoint yet, starting %s", run_dir)
     elif config.resume:
         resume_from = Path(config.resume).expanduser()
         if not resume_from.is_file():
             raise ConfigError(f"resume={config.resume!r}: no such checkpoint file")
         run_dir = resume_from.parent.parent
     else:
-        run_dir = stage_dir / (config.run_name or time.strftime("%Y%m%d-%H%M%S"))
+        run_dir = stage_dir / (config.run_name or default_name)
         if run_dir.exists() and any(run_dir.iterdir()):
-            if config.run_name:
+            if config.run_name or launch_name:  # every rank must agree on the folder, so no fresh suffix
                 raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; pass resume=auto to continue it "
                                   f"or choose another run_name")
             run_dir = run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""), PARENT_ENV: str(os.getpid())})
     return Run(run_dir, resume_from, None if resume_from else _init_source(config))
+
+
+def _from_parent_rank() -> tuple[Path, Path | None] | None:
+    """(run folder, resume checkpoint) chosen by rank 0 when this process is a rank Lightning launched from it."""
+    if os.environ.get(PARENT_ENV) != str(os.getppid()) or not os.environ.get(RUN_DIR_ENV):
+        return None
+    resume = os.environ.get(RESUME_ENV)
+    return Path(os.environ[RUN_DIR_ENV]), Path(resume) if resume else None
+
+
+def _launch_name(named: bool) -> str | None:
+    """A run name every rank of an externally launched job agrees on (srun, torchrun), or None for one process.
+
+    Ranks started by SLURM or torchrun each pick their run folder themselves, so a timestamp could differ between
+    them; the job id cannot. Other launchers of several ranks need an explicit run_name (`named`).
+    """
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if elastic != "none":
+        return f"torchrun-{elastic}"
+    if not named and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"this is one of {os.environ['WORLD_SIZE']} ranks started by an external launcher; pass "
+                          f"run_name=NAME so that every rank writes to the same run folder")
+    return None
 
 
 def _init_source(config: TrainConfig) -> Path | None:

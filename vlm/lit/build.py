@@ -11,11 +11,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from vlm.config import TrainConfig, to_dict
 from vlm.data import sources
 from vlm.lit.callbacks import StepProgressBar
+from vlm.lit.checkpointing import AtomicCheckpointIO, ContinuingCSVLogger, DataPosition, checkpoint_step
 from vlm.lit.data import ShardDataModule
 from vlm.runs import Run
 from vlm.stages import get_stage
@@ -41,18 +42,23 @@ def build_task(config: TrainConfig, run: Run, data: sources.DataSources) -> tupl
 
 def build_trainer(config: TrainConfig, run: Run) -> pl.Trainer:
     t = config.trainer
+    # save_on_train_epoch_end: without it, a save due on an epoch's last batch waits for a validation that our
+    # step-based schedule does not run there, and that checkpoint is never written
     checkpoints = ModelCheckpoint(dirpath=run.checkpoints, filename="step{step:08d}", auto_insert_metric_name=False,
                                   every_n_train_steps=t.checkpoint_every_n_steps, monitor="step", mode="max",
-                                  save_top_k=3, save_last=False)
+                                  save_top_k=3, save_last=False, save_on_train_epoch_end=True)
     if t.logger == "tensorboard":
         logger: Any = TensorBoardLogger(run.dir, name="logs", version="")
-    else:
-        logger = CSVLogger(run.dir, name="logs", version="")
+    else:  # a resumed run's metrics.csv carries on from the checkpoint's step
+        logger = ContinuingCSVLogger(run.dir, name="logs", version="",
+                                     resume_step=checkpoint_step(run.resume_from) if run.resume_from else None)
     return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
                       precision=t.precision, max_steps=config.stage.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
-                      callbacks=[checkpoints, StepProgressBar(), LearningRateMonitor(logging_interval="step")],
+                      callbacks=[checkpoints, DataPosition(), StepProgressBar(),
+                                 LearningRateMonitor(logging_interval="step")],
+                      plugins=[AtomicCheckpointIO()],  # a checkpoint is whole or absent, never truncated
                       logger=logger, default_root_dir=run.dir, num_sanity_val_steps=0, enable_model_summary=False,
                       use_distributed_sampler=False, limit_val_batches=None)
 

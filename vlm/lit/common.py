@@ -31,6 +31,13 @@ def apply_freezing(parts: dict[str, nn.Module], trainable: Iterable[str]) -> dic
     return counts
 
 
+def keep_frozen_parts_in_eval(parts: dict[str, nn.Module], trainable: Iterable[str]) -> None:
+    """Frozen parts stay in eval mode while the rest trains: no dropout, and BatchNorm statistics stay put."""
+    for name, module in parts.items():
+        if name not in trainable:
+            module.eval()
+
+
 def _no_decay(name: str, param: torch.Tensor) -> bool:
     # biases, norms, embeddings, temperatures: weight decay only hurts them
     return param.ndim < 2 or "embedding" in name or "logit_" in name or "cls_token" in name or "pos_embed" in name

@@ -19,7 +19,7 @@ from vlm.data.shards import collate_skipped
 from vlm.data.synthetic import DESCRIBE_PROMPTS
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.export import read_meta
-from vlm.lit.common import DataHealth, apply_freezing, build_optimizer, warmup_cosine
+from vlm.lit.common import DataHealth, apply_freezing, build_optimizer, keep_frozen_parts_in_eval, warmup_cosine
 from vlm.loading import VLMBundle, export_vlm, load_vision_from_clip, load_vlm, new_vlm
 from vlm.stages import trainable_parts
 
@@ -82,6 +82,12 @@ class VLMTask(pl.LightningModule):
         self.health = DataHealth(config.data.max_skip_rate, config.trainer.max_nonfinite_steps)
         self.parameter_counts = apply_freezing(self.model.parts(), trainable_parts(config.stage))
         self._answers: dict[str, list[bool]] = defaultdict(list)
+
+    def train(self, mode: bool = True) -> VLMTask:
+        super().train(mode)
+        if mode:
+            keep_frozen_parts_in_eval(self.model.parts(), trainable_parts(self.config.stage))
+        return self
 
     @classmethod
     def create(cls, config: TrainConfig, init_from: Path | None = None) -> VLMTask:

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from vlm.config import VisionConfig
+from vlm.models.conv_stem import ConvStemPatchEmbed
 
 
 class VisionTower(nn.Module):
@@ -19,6 +20,12 @@ class VisionTower(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         overrides = {"embed_dim": config.width, "depth": config.depth, "num_heads": config.heads}
+        if config.global_pool == "avg":  # mean pooling needs no CLS token, and small ViTs learn faster with it
+            overrides.update(global_pool="avg", class_token=False)
+        elif config.global_pool is not None:
+            overrides["global_pool"] = config.global_pool
+        if config.conv_stem:
+            overrides["embed_layer"] = ConvStemPatchEmbed
         kwargs = {k: v for k, v in overrides.items() if v is not None}
         try:
             self.vit = timm.create_model(config.name, pretrained=config.pretrained, num_classes=0,
@@ -29,7 +36,7 @@ class VisionTower(nn.Module):
             raise ValueError(f"model.vision.name={config.name!r} is not a ViT (no patch_embed/blocks); pick a timm ViT")
         self.config = config
         self.width: int = self.vit.num_features
-        self.num_prefix_tokens: int = getattr(self.vit, "num_prefix_tokens", 1)
+        self.num_prefix_tokens: int = getattr(self.vit, "num_prefix_tokens", 1)  # CLS / register tokens
         self.grid_size: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)  # (H/p, W/p)
         data_config = self.vit.pretrained_cfg
         self.mean: tuple[float, float, float] = tuple(data_config.get("mean", (0.5, 0.5, 0.5)))

@@ -1,0 +1,202 @@
+"""Distributed training on CPU: the contrastive loss sees the global batch, and a 2-process DDP run finishes.
+
+Two gloo processes stand in for two GPUs; nothing here needs a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny import TINY, tiny_config
+
+from vlm.data import synthetic
+from vlm.lit.contrastive import ContrastiveTask
+from vlm.models.clip import CLIPModel
+from vlm.models.losses import build_contrastive_loss
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = 2
+PER_RANK = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _global_batch(config) -> dict:
+    """8 decoded synthetic samples: ranks take halves of this, the reference run takes all of it."""
+    task = ContrastiveTask.create(config, None)
+    decode = task.decoder("captions")
+    samples = [{**decode(s), "skipped": 0} for s in synthetic.caption_samples(WORLD * PER_RANK, seed=5, image_size=64)]
+    return task.collate(samples)
+
+
+def _loss_and_grads(model: CLIPModel, loss_fn, pixels, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = loss_fn(**model(pixels, ids), output_dict=True)["contrastive_loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+HEADS = {
+    "clip": ["model.clip.loss=clip", "model.clip.local_loss=false"],
+    "clip-local_loss": ["model.clip.loss=clip", "model.clip.local_loss=true"],
+    "siglip": ["model.clip.loss=siglip"],
+}
+
+
+def _rank_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        for name, head in HEADS.items():
+            config = tiny_config(*TINY, *head)
+            batch = _global_batch(config)
+            batch["pixels"] = batch["pixels"].double()
+            torch.manual_seed(0)
+            # same seed, same weights on every rank (DDP broadcasts them at start); float64 so that the 1e-5 bound
+            # tests the gathering, not float32 rounding (about 6e-6 on gradients of size 25 here)
+            model = CLIPModel(config.model).double()
+            # the reference: one process, the whole batch
+            reference_loss, reference_grads = _loss_and_grads(model, build_contrastive_loss(config.model.clip),
+                                                              batch["pixels"], batch["ids"])
+            mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+            loss, grads = _loss_and_grads(model, build_contrastive_loss(config.model.clip, rank, WORLD),
+                                          batch["pixels"][mine], batch["ids"][mine])
+            # the control: each rank alone on its half, negatives from its own samples only (no gathering)
+            _, alone = _loss_and_grads(model, build_contrastive_loss(config.model.clip),
+                                       batch["pixels"][mine], batch["ids"][mine])
+            for grad in [*grads.values(), *alone.values()]:  # what DDP does to gradients: average them over ranks
+                dist.all_reduce(grad)
+                grad /= WORLD
+            mean_loss = loss.clone()
+            dist.all_reduce(mean_loss)
+            mean_loss /= WORLD
+            torch.save({"loss": loss.item(), "mean_loss": mean_loss.item(), "reference_loss": reference_loss.item(),
+                        "grad_error": max((grads[n] - g).abs().max().item() for n, g in reference_grads.items()
+                                          if n in grads),
+                        "control_error": max((alone[n] - g).abs().max().item() for n, g in reference_grads.items()),
+                        "missing": sorted(set(reference_grads) ^ set(grads)),
+                        "grad_scale": max(g.abs().max().item() for g in reference_grads.values())},
+                       Path(out) / f"{name}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One pair of gloo processes computes every loss head (start-up dominates, so they share it)."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_rank_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_two_ranks_match_one_process_on_the_concatenated_batch(two_rank_results, head):
+    """2 gloo ranks, each with half of an 8-sample batch, against 1 process with all 8.
+
+    The math. With gather_with_grad, every rank all-gathers image and text features with autograd, so each rank
+    scores its samples against the negatives of the whole global batch.
+    - clip, local_loss=false: every rank builds the full (8 x 8) logits, so its loss *is* the global loss L.
+      Backward through the gather sums the gradient each rank sends to a rank's features (all-gather's backward is
+      a reduce-scatter), so rank r's raw parameter gradient is WORLD * dL/dθ restricted to its own samples. DDP then
+      averages over ranks: (1/WORLD) * sum_r WORLD * dL/dθ|_r = dL/dθ, the 1-process gradient.
+    - clip, local_loss=true, and siglip: rank r scores only its own rows (4 x 8 logits; siglip passes text features
+      round the ranks), its loss L_r is the mean over its samples, and L = mean_r L_r. Rank r's raw gradient is
+      d(sum_k L_k)/dθ through its own samples, and the DDP average is (1/WORLD) * d(sum_k L_k)/dθ = dL/dθ again.
+    So: DDP-averaged gradients always equal the 1-process gradients, and the loss equals the 1-process loss (every
+    rank's own for local_loss=false, the mean over ranks otherwise), within 1e-5.
+    """
+    results = [torch.load(two_rank_results / f"{head}-rank{r}.pt") for r in range(WORLD)]
+    for r, result in enumerate(results):
+        assert not result["missing"], result["missing"]
+        assert result["grad_scale"] > 1e-4, "the gradients under test are all zero"
+        assert result["grad_error"] < 1e-5, f"rank {r}: gradients differ from 1 process by {result['grad_error']}"
+        assert result["control_error"] > 1e-3  # without the gather they would differ: the test can tell
+        assert abs(result["mean_loss"] - result["reference_loss"]) < 1e-5
+        if head == "clip":
+            assert abs(result["loss"] - result["reference_loss"]) < 1e-5, f"rank {r} does not see the global loss"
+    if head != "clip":
+        assert abs(results[0]["loss"] - results[1]["loss"]) > 1e-6  # each rank scored its own rows
+
+
+def _args(tmp_path: Path, *extra: str) -> list[str]:
+    return [*TINY, "data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=16",
+            f"data.synthetic.cache_dir={tmp_path / 'synthetic'}", "data.num_workers=0", "stage.batch_size=8",
+            "stage.warmup_steps=2", "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1",
+            f"output_root={tmp_path / 'runs'}", *extra]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_run_finishes(tmp_path):
+    """`python -m vlm.train trainer.strategy=ddp trainer.devices=2` on the CPU: Lightning re-launches the command
+    for rank 1, both ranks write to one run folder, the run finishes, and rank 0 writes metrics and the export."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm.train", *_args(tmp_path, "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",
+                                                   "trainer.strategy=ddp", "trainer.devices=2",
+                                                   "trainer.accelerator=cpu")],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    assert "Starting with 2 processes" in output or "MEMBER: 2/2" in output
+    runs = list((tmp_path / "runs" / "contrastive").iterdir())
+    assert len(runs) == 1, f"ranks wrote to different run folders: {runs}"
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["samples_skipped"] == 0
+    assert (runs[0] / "export" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (runs[0] / "checkpoints").glob("*.ckpt")) == ["step00000003.ckpt",
+                                                                               "step00000006.ckpt"]
+
+
+NONFINITE_SCRIPT = """
+import json, os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+torch.set_num_threads(1)
+from test_bad_data import COMMON, PoisonAndWatch, train
+from tiny import tiny_config
+watch = PoisonAndWatch({{2}})
+metrics, _ = train(tiny_config(*COMMON, *{args!r}), watch)
+rank = int(os.environ.get("LOCAL_RANK", 0))
+with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
+    json.dump({{"rank": rank, "changed": watch.changed, "step": metrics["global_step"]}}, f)
+"""
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_skips_the_step_on_both_ranks(tmp_path):
+    """One rank's NaN loss skips that step on every rank (they agree through an all-reduce) and the run goes on.
+
+    Lightning refuses a None loss with several ranks, and DDP needs every rank to run backward, so a skipped step
+    must still backpropagate (a zero) and then leave the optimizer no gradients. Run as a script, since Lightning's
+    DDP launcher re-runs the command line for rank 1.
+    """
+    script = tmp_path / "nonfinite.py"
+    args = [*TINY, *_args(tmp_path, "stage.max_steps=5", "trainer.checkpoint_every_n_steps=1000",
+                          "run_name=nan", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu")]
+    script.write_text(NONFINITE_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), args=args,
+                                              out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=300)
+    output = result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, output
+    # rank 1 may end after rank 0; its output pipes keep subprocess.run waiting until it has
+    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json"))]
+    assert sorted(r["rank"] for r in ranks) == [0, 1], output
+    for r in ranks:
+        assert r["step"] == 5
+        assert r["changed"] == {"0": True, "1": True, "2": False, "3": True, "4": True}  # step 2 changed nothing
+    assert "non-finite loss at step 2" in output

@@ -1,0 +1,239 @@
+"""Resume after a crash: atomic checkpoints, `resume=auto` from the newest loadable one, and no silent overwrites.
+
+(a) a training subprocess killed with SIGKILL mid-run continues from its last checkpoint and completes;
+(b) a truncated newest checkpoint is passed over, with a warning naming it, for the one before;
+(c) a run_name that already holds a run, without resume=auto, stops with exit code 2 naming the folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from test_bad_data import COMMON, train
+from tiny import TINY, tiny_config
+
+from vlm.config import ConfigError
+from vlm.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, pass_seed, remove_partial_writes
+from vlm.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    cache = tmp_path_factory.mktemp("synthetic")
+    return [f"data.synthetic.cache_dir={cache}", "data.synthetic.num_train=64", "data.synthetic.num_val=16",
+            "data.synthetic.samples_per_shard=32"]
+
+
+def _step(path: Path) -> int:
+    return int(re.search(r"step(\d+)", path.name).group(1))
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    """The steps of the training-loss rows in a run's metrics.csv, in file order."""
+    with open(run_dir / "logs" / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/contrastive_loss")]
+
+
+# ---- atomic writes ----------------------------------------------------------------------------------------------
+
+class _Explodes:
+    def __reduce__(self):
+        raise RuntimeError("disk full, say")
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_partial_file(tmp_path):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "step00000010.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 10}, target)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 20, "x": _Explodes()}, target)
+    assert torch.equal(torch.load(target)["state_dict"]["w"], torch.ones(3))  # the old one, whole
+    assert sorted(p.name for p in target.parent.iterdir()) == ["step00000010.ckpt"]
+
+
+def test_a_writer_killed_mid_save_never_leaves_a_checkpoint_that_resume_picks(tmp_path, caplog):
+    io = AtomicCheckpointIO()
+    good = tmp_path / "checkpoints" / "step00000010.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 10}, good)
+    # the child dies at the worst moment: every byte written, the rename not yet done
+    script = ("import os, signal, torch; from vlm.lit.checkpointing import AtomicCheckpointIO; "
+              "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL); "
+              "AtomicCheckpointIO().save_checkpoint({'state_dict': {'w': torch.zeros(1 << 20)}, 'global_step': 20}, "
+              f"{str(tmp_path / 'checkpoints' / 'step00000020.ckpt')!r})")
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    leftovers = list((tmp_path / "checkpoints").glob(".step00000020.ckpt.tmp-*"))
+    assert leftovers and leftovers[0].stat().st_size > 1 << 20  # 4 MB written, under a hidden name
+    assert find_resume_checkpoint(tmp_path) == good
+    with caplog.at_level(logging.INFO):
+        remove_partial_writes(tmp_path)
+    assert not leftovers[0].exists() and "step00000020.ckpt.tmp" in caplog.text
+
+
+# ---- (b) a truncated checkpoint, and everything a checkpoint restores -----------------------------------------
+
+class Observe(pl.Callback):
+    """Records the state training (re)starts from."""
+
+    def on_train_start(self, trainer: pl.Trainer, task: pl.LightningModule) -> None:
+        scheduler = trainer.lr_scheduler_configs[0].scheduler
+        optimizer = trainer.optimizers[0]
+        self.start = {"step": trainer.global_step, "epoch": trainer.current_epoch,
+                      "scheduler_step": scheduler.last_epoch, "lr": optimizer.param_groups[0]["lr"],
+                      "adam_steps": {float(s["step"]) for s in optimizer.state.values()},
+                      "weights": {k: v.detach().clone() for k, v in task.state_dict().items()},
+                      "data_seed": trainer.datamodule.seed, "samples_seen": task.health.seen}
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(tmp_path, synthetic, caplog):
+    # 64 samples / batch 8 = 8 batches an epoch; checkpoints at steps 4, 8, 12; step 12 is 4 batches into epoch 1
+    args = [*COMMON, *synthetic, "stage.batch_size=8", "stage.max_steps=12", "trainer.checkpoint_every_n_steps=4",
+            f"output_root={tmp_path}", "run_name=r"]
+    train(tiny_config(*args))
+    checkpoints = tmp_path / "contrastive" / "r" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == [f"step{s:08d}.ckpt" for s in (4, 8, 12)]
+    newest = checkpoints / "step00000012.ckpt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # e.g. copied half-way, or a full disk
+
+    resumed = tiny_config(*args, "resume=auto")
+    with caplog.at_level(logging.WARNING):
+        run = prepare_run(resumed)
+    assert run.resume_from == checkpoints / "step00000008.ckpt"
+    assert any("step00000012.ckpt" in r.getMessage() and "cannot be loaded" in r.getMessage() for r in caplog.records)
+
+    observe = Observe()
+    metrics, _ = train(resumed, observe)
+    saved = torch.load(run.resume_from, weights_only=False)
+    start = observe.start
+    assert start["step"] == 8 and metrics["global_step"] == 12  # continued from step 8, not 0, and completed
+    assert start["scheduler_step"] == 8 and start["lr"] == pytest.approx(saved["optimizer_states"][0]
+                                                                         ["param_groups"][0]["lr"])
+    assert start["adam_steps"] == {8.0}
+    assert all(torch.equal(start["weights"][k], v) for k, v in saved["state_dict"].items())
+    # the step-8 save was on epoch 0's last batch, so the run resumes into epoch 1 with the shard order an
+    # uninterrupted run uses there (seed + 1); and the sample counts carry on
+    assert start["epoch"] == 1 and start["data_seed"] == 0 + 1 and start["samples_seen"] == 64
+    assert metrics["samples_seen"] == 12 * 8
+    assert (checkpoints / "step00000012.ckpt.corrupt").is_file()  # set aside for a post-mortem
+    assert find_resume_checkpoint(checkpoints.parent) == newest  # rewritten whole by the resumed run
+    assert _logged_steps(checkpoints.parent) == list(range(12))  # metrics.csv runs on: 0-7, then 8-11 after resume
+
+
+def test_a_mid_epoch_resume_reseeds_the_shard_order(tmp_path, synthetic):
+    args = [*COMMON, *synthetic, "stage.batch_size=8", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",
+            f"output_root={tmp_path}", "run_name=m"]
+    train(tiny_config(*args))
+    (tmp_path / "contrastive/m/checkpoints/step00000006.ckpt").unlink()  # as if killed between steps 3 and 6
+    observe = Observe()
+    train(tiny_config(*args, "resume=auto"), observe)
+    assert observe.start["step"] == 3 and observe.start["epoch"] == 0
+    assert observe.start["data_seed"] == pass_seed(0, 0, 3) != 0  # not a replay of epoch 0's order
+
+
+# ---- run folders --------------------------------------------------------------------------------------------
+
+def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder_silently(tmp_path):
+    for name in ("old", "new"):
+        (tmp_path / "contrastive" / name / "checkpoints").mkdir(parents=True)
+        time.sleep(0.02)
+    assert prepare_run(tiny_config(f"output_root={tmp_path}", "resume=auto")).dir.name == "new"
+    (tmp_path / "contrastive" / "2020").mkdir()
+    (tmp_path / "contrastive" / "2020" / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"run folder '.*old' already holds a run; pass resume=auto"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=old"))
+    unnamed = prepare_run(tiny_config(f"output_root={tmp_path}"))
+    assert unnamed.dir.name not in ("old", "new", "2020") and unnamed.dir.is_dir()
+
+
+def test_ranks_launched_by_lightning_use_rank_zero_folder_and_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "chosen"))
+    monkeypatch.setenv(RESUME_ENV, str(tmp_path / "chosen" / "checkpoints" / "step00000004.ckpt"))
+    monkeypatch.setenv(PARENT_ENV, str(os.getppid()))  # as in a process that rank 0 started
+    run = prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other"))
+    assert run.dir == tmp_path / "chosen" and run.resume_from.name == "step00000004.ckpt"
+    monkeypatch.setenv(PARENT_ENV, "1")  # inherited by a process rank 0 did not start: ignored
+    assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other")).dir.name == "other"
+
+
+def test_externally_launched_ranks_agree_on_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv(PARENT_ENV, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert prepare_run(tiny_config(f"output_root={tmp_path}")).dir.name == "slurm-4242"
+    monkeypatch.delenv("SLURM_NTASKS")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    assert prepare_run(tiny_config(f"output_root={tmp_path}", "resume=auto")).dir.name == "torchrun-job7"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="one of 4 ranks .* pass run_name=NAME"):
+        prepare_run(tiny_config(f"output_root={tmp_path}"))
+    assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=x")).dir.name == "x"
+
+
+# ---- (a) and (c): the real command line ----------------------------------------------------------------------
+
+def _command(tmp_path: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vlm.train", *TINY, *COMMON, "data.synthetic.num_train=64",
+            "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=32",
+            f"data.synthetic.cache_dir={tmp_path / 'synthetic'}", "stage.batch_size=8",
+            f"output_root={tmp_path / 'runs'}", "run_name=crash", *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
+    args = ["stage.max_steps=60", "trainer.checkpoint_every_n_steps=10"]
+    checkpoints = tmp_path / "runs" / "contrastive" / "crash" / "checkpoints"
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(_command(tmp_path, *args), cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while not any(_step(p) >= 20 for p in checkpoints.glob("*.ckpt")):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint at step 20 within 4 minutes"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL
+    last = find_resume_checkpoint(checkpoints.parent)
+    assert last is not None and 20 <= _step(last) < 60, "the run was not killed mid-way"
+
+    second = subprocess.run(_command(tmp_path, *args, "resume=auto"), cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    output = second.stdout + second.stderr
+    assert second.returncode == 0, output[-4000:]
+    assert f"continuing {checkpoints.parent} from {last.name}" in output
+    metrics = json.loads((checkpoints.parent / "metrics.json").read_text())
+    assert metrics["global_step"] == 60
+    # metrics.csv: the killed process may not have flushed its rows (Lightning writes them every 100 steps); the
+    # resumed one logged from the checkpoint's step on, not from 0, and no step twice
+    steps = _logged_steps(checkpoints.parent)
+    assert steps == sorted(set(steps)) and steps[-1] == 59 and _step(last) in steps
+    assert steps[steps.index(_step(last)):] == list(range(_step(last), 60))
+
+
+@pytest.mark.slow
+def test_a_run_name_that_holds_a_run_is_refused_without_resume(tmp_path):
+    folder = tmp_path / "runs" / "contrastive" / "crash"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")
+    result = subprocess.run(_command(tmp_path, "stage.max_steps=2"), cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"run folder {str(folder)!r} already holds a run; pass resume=auto" in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
