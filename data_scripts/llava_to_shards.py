@@ -19,13 +19,15 @@ if __package__ in (None, ""):  # run as `python data_scripts/llava_to_shards.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_scripts.shard_writing import (  # noqa: E402
-    DEFAULT_WORKERS,
     DataError,
     Skip,
+    add_output_arguments,
+    add_run_arguments,
     plan_jobs,
     prepare_output,
     read_image,
     report,
+    run,
     write_shards,
 )
 
@@ -150,25 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", type=Path, required=True, help="LLaVA JSON list or JSONL file")
     parser.add_argument("--images", metavar="DIR", type=Path, required=True,
                         help="folder the `image` paths are relative to")
-    parser.add_argument("--out", metavar="DIR", type=Path, required=True,
-                        help="output folder; shards go to OUT/train and OUT/val")
-    parser.add_argument("--samples-per-shard", metavar="N", type=int, default=1000,
-                        help="samples per .tar (default: 1000)")
-    parser.add_argument("--val-fraction", metavar="F", type=float, default=0.0,
-                        help="fraction of records held out in OUT/val (default: 0, no val split)")
-    parser.add_argument("--seed", metavar="S", type=int, default=0,
-                        help="seed of the train/val split and train order (default: 0)")
-    parser.add_argument("--no-shuffle", action="store_true",
-                        help="keep the input order in the train shards (default: seeded shuffle)")
-    parser.add_argument("--workers", metavar="N", type=int, default=DEFAULT_WORKERS,
-                        help=f"threads reading and checking images (default: {DEFAULT_WORKERS})")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards left in OUT by an earlier run")
-    args = parser.parse_args(argv)
-    try:
-        return convert(args)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    add_output_arguments(parser, "records")
+    add_run_arguments(parser, "input")
+    return run(convert, parser.parse_args(argv))
 
 
 def convert(args: argparse.Namespace) -> int:

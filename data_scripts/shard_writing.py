@@ -9,6 +9,7 @@ summary and the brace patterns to pass as `data.train=` / `data.val=`.
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 import random
@@ -332,3 +333,32 @@ def report(result: Result, stage: str) -> int:
               f"trainer will use at most {train.shards} reader(s). Lower --samples-per-shard for more shards.")
     print(f"train on them with:\n  python -m vlm.train stage={stage} " + " ".join(args))
     return 0
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
+    """The options both converters share: where shards go, how they are split, shuffled and written."""
+    parser.add_argument("--out", metavar="DIR", type=Path, required=True,
+                        help="output folder; shards go to OUT/train and OUT/val")
+    parser.add_argument("--samples-per-shard", metavar="N", type=int, default=1000,
+                        help="samples per .tar (default: 1000)")
+    parser.add_argument("--val-fraction", metavar="F", type=float, default=0.0,
+                        help=f"fraction of {unit} held out in OUT/val (default: 0, no val split)")
+    parser.add_argument("--seed", metavar="S", type=int, default=0,
+                        help="seed of the train/val split and train order (default: 0)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, order: str) -> None:
+    parser.add_argument("--no-shuffle", action="store_true",
+                        help=f"keep the {order} order in the train shards (default: seeded shuffle)")
+    parser.add_argument("--workers", metavar="N", type=int, default=DEFAULT_WORKERS,
+                        help=f"threads reading and checking images (default: {DEFAULT_WORKERS})")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards left in OUT by an earlier run")
+
+
+def run(convert: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a converter; a problem with the input as a whole is one `error:` line and exit code 2."""
+    try:
+        return convert(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

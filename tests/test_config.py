@@ -89,3 +89,18 @@ def test_shard_patterns_need_no_hydra_quoting():
     args = ["data.train=/d/s-{000..009}.tar", "stage=sft", r"data.val=/d/we\ird/x.tar"]
     assert quote_values(args, PATTERN_KEYS) == ["data.train='/d/s-{000..009}.tar'", "stage=sft",
                                                 r"data.val='/d/we\ird/x.tar'"]
+
+
+def test_infer_and_serve_configs_compose():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from vlm.serve import ServeSettings
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        infer = compose("infer", overrides=["checkpoint=/x", "prompt=hi"])
+        serve = compose("serve", overrides=["checkpoint=/x", "port=9000"])
+    assert infer.checkpoint == "/x" and infer.generation.max_new_tokens > 0
+    values = {k: v for k, v in OmegaConf.to_container(serve, resolve=True).items() if k != "hydra"}
+    settings = ServeSettings.from_dict(values)
+    assert (settings.host, settings.port) == ("127.0.0.1", 9000)

@@ -39,5 +39,6 @@ class StepProgressBar(TQDMProgressBar):
 
 
 def pl_stage(trainer: pl.Trainer) -> str:
-    module = trainer.lightning_module
-    return getattr(getattr(module, "config", None), "stage", None).name if hasattr(module, "config") else ""
+    """The vlm stage being trained, for the bar's label."""
+    config = getattr(trainer.lightning_module, "config", None)
+    return config.stage.name if config is not None else ""
