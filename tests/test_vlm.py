@@ -120,3 +120,14 @@ def test_frozen_parts_stay_in_eval_mode_while_training():
     task.train()
     assert not task.model.vision.training  # BatchNorm in the frozen conv stem keeps its statistics
     assert task.model.lm.training and task.model.projector.training
+
+
+def test_loss_counts_assistant_tokens_only(bundle):
+    encoded = _inputs(bundle)
+    out = bundle.model(encoded.input_ids[None], None, encoded.pixel_values, encoded.labels[None])
+    logits = out.logits[0, :-1]  # (L-1, V): position t predicts token t+1
+    targets = encoded.labels[1:]
+    kept = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
+    assert torch.allclose(out.loss, expected, atol=1e-5)
+    assert 0 < kept.sum() < len(targets) / 4  # the replies are a small part of the sequence

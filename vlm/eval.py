@@ -45,7 +45,7 @@ def evaluate(cfg: DictConfig) -> dict:
             from vlm.loading import load_vlm
 
             task = VLMTask(config, load_vlm(config.checkpoint, tiler=config.tiler))
-        datamodule = ShardDataModule(data.val, data.val, task.decoder(stage.data), task.collate, 1,
+        datamodule = ShardDataModule(None, data.val, task.decoder(stage.data), task.collate, 1,
                                      config.eval.batch_size, config.data, val_decode=task.decoder(stage.data, True))
     trainer = pl.Trainer(accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision,
                          logger=False, enable_checkpointing=False, enable_model_summary=False)

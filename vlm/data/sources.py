@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DataSources:
-    train: str
+    train: str | None  # None when only held-out data is needed (vlm.eval)
     val: str | None
     classnames: list[str] | None  # label order for zero-shot classification; None: retrieval metrics only
 
@@ -64,5 +64,5 @@ def resolve_eval(config: DataConfig, kind: str) -> DataSources:
     if config.val is None:
         s = config.synthetic
         val = synthetic.ensure_split(kind, "val", s.num_val, s.seed, s.image_size, s.samples_per_shard, s.cache_dir)
-        return DataSources("", val, list(synthetic.CLASSNAMES))
-    return DataSources("", config.val, find_classnames(config))
+        return DataSources(None, val, list(synthetic.CLASSNAMES))
+    return DataSources(None, config.val, find_classnames(config))

@@ -13,7 +13,7 @@ from vlm.data.shards import build_pipeline, list_shards, make_loader, reader_pla
 
 
 class ShardDataModule(pl.LightningDataModule):
-    def __init__(self, train: str, val: str | None, decode: Callable[[dict], dict],
+    def __init__(self, train: str | None, val: str | None, decode: Callable[[dict], dict],
                  collate: Callable[[list[dict]], dict[str, Any]], batch_size: int, eval_batch_size: int,
                  config: DataConfig, seed: int = 0, val_decode: Callable[[dict], dict] | None = None):
         super().__init__()
@@ -22,7 +22,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.val_decode = val_decode or decode
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.config, self.seed = config, seed
-        self.train_urls = list_shards(train, "data.train")  # fail at start-up, before any model is built
+        self.train_urls = list_shards(train, "data.train") if train else []  # eval reads val only
         self.val_urls = list_shards(val, "data.val") if val else []
 
     def train_dataloader(self) -> DataLoader:
