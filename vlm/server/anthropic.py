@@ -1,0 +1,119 @@
+"""The Anthropic Messages API (`POST /v1/messages`): parsing a request (text and base64 image blocks, system,
+stop_sequences), the message it answers with, and the SSE event sequence the `anthropic` SDK expects when streaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vlm.chat import Completion
+from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.server.errors import ANTHROPIC, ApiError, error_body
+from vlm.server.requests import ChatRequest, Parser, messages_list, require_dict
+from vlm.server.sse import Events, sse
+
+
+def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
+    body = require_dict(body)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model: Field required (a model name string)")
+    if "max_tokens" not in body:
+        raise ApiError(400, "max_tokens: Field required")
+    max_tokens = parser.max_tokens(body["max_tokens"], "max_tokens")
+    for key in ("tools", "tool_choice"):
+        if body.get(key):
+            raise ApiError(400, f"{key}: tool use is not supported by this server")
+    system = body.get("system")
+    if isinstance(system, list):
+        for i, block in enumerate(system):
+            if not isinstance(block, dict) or block.get("type") != "text":
+                raise ApiError(400, f"system.{i}: system blocks must be text blocks")
+        system = "\n\n".join(Parser.text(b.get("text"), f"system.{i}.text") for i, b in enumerate(system))
+    elif system is not None:
+        system = Parser.text(system, "system")
+    images: list[bytes] = []
+    turns: list[tuple[str, str]] = []
+    for i, message in enumerate(messages_list(body)):
+        where = f"messages.{i}"
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            role = message.get("role") if isinstance(message, dict) else None
+            raise ApiError(400, f"{where}.role: must be 'user' or 'assistant', got {role!r} (put system prompts in "
+                                "the top-level system field)")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list) or not content:
+            raise ApiError(400, f"{where}.content: must be a non-empty string or list of content blocks")
+        parts = []
+        for j, block in enumerate(content):
+            at = f"{where}.content.{j}"
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                parts.append(Parser.text(block.get("text"), f"{at}.text"))
+            elif kind == "image":
+                if message["role"] != "user":
+                    raise ApiError(400, f"{at}: images are only allowed in user messages")
+                source = block.get("source")
+                if not isinstance(source, dict) or source.get("type") != "base64":
+                    got = source.get("type") if isinstance(source, dict) else source
+                    raise ApiError(400, f"{at}.source.type: only 'base64' image sources are accepted, got {got!r} "
+                                        "(this server does not fetch URLs or files)")
+                images.append(parser.image(source.get("data"), source.get("media_type"), f"{at}.source"))
+                parts.append(IMAGE_TOKEN)
+            else:
+                raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
+                                    "'image'")
+        text = "\n".join(parts)
+        if not text.strip():
+            raise ApiError(400, f"{where}.content: must not be empty")
+        turns.append((message["role"], text))
+    options = {
+        "max_new_tokens": max_tokens,
+        "temperature": Parser.number(body, "temperature", 0, 1),
+        "top_p": Parser.number(body, "top_p", 0, 1, low_open=True),
+        "top_k": Parser.number(body, "top_k", 0, 10**6, integer=True),
+        "stop": Parser.stops(body.get("stop_sequences"), "stop_sequences"),
+    }
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream: must be true or false")
+    return ChatRequest(parser.conversation(turns, system, images), images, options, stream), model
+
+
+def anthropic_stop(completion: Completion) -> str:
+    return "end_turn" if completion.stop_reason == "cancelled" else completion.stop_reason
+
+
+def anthropic_message(msg_id: str, model: str, completion: Completion) -> dict:
+    return {"id": msg_id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": completion.text}], "stop_reason": anthropic_stop(completion),
+            "stop_sequence": completion.stop_sequence,
+            "usage": {"input_tokens": completion.input_tokens, "output_tokens": completion.output_tokens}}
+
+
+async def anthropic_events(msg_id: str, model: str, input_tokens: int, events: Events) -> AsyncIterator[bytes]:
+    """message_start, content_block_start, ping, content_block_delta..., content_block_stop, message_delta,
+    message_stop: the order the Anthropic SDK's stream accumulator expects."""
+    yield sse("message_start", {"type": "message_start", "message": {
+        "id": msg_id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": None,
+        "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0}}})
+    yield sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}})
+    yield sse("ping", {"type": "ping"})
+    async for kind, value in events:
+        if kind == "text":
+            yield sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": value}})
+        elif kind == "error":
+            yield sse("error", error_body(ANTHROPIC, 500, str(value)))
+            return
+        elif kind == "done":
+            yield sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+            yield sse("message_delta", {"type": "message_delta",
+                                        "delta": {"stop_reason": anthropic_stop(value),
+                                                  "stop_sequence": value.stop_sequence},
+                                        "usage": {"input_tokens": value.input_tokens,
+                                                  "output_tokens": value.output_tokens}})
+            yield sse("message_stop", {"type": "message_stop"})

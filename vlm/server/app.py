@@ -1,0 +1,254 @@
+"""The FastAPI app (`create_app`) and what runs behind it: `Server`, a bounded queue in front of `max_concurrency`
+worker threads around one ChatModel, and the API key check.
+
+Generation never runs on the event loop, and a full queue answers 529 (Anthropic) / 429 (OpenAI) at once. A client
+that goes away stops its generation through a StoppingCriteria flag (`cancel`), freeing its slot. `GET /v1/models`
+and `GET /health` live here too, next to the two chat routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vlm.chat import ChatModel, Completion, OptionError, PromptError
+from vlm.data.tiler import ImageLoadError
+from vlm.server.anthropic import anthropic_events, anthropic_message, parse_anthropic
+from vlm.server.errors import ANTHROPIC, OPENAI, ApiError, api_of, error_response
+from vlm.server.openai import openai_completion, openai_events, parse_openai
+from vlm.server.requests import ChatRequest, Parser, read_json
+from vlm.server.settings import ServeSettings
+from vlm.server.sse import Events
+
+log = logging.getLogger("vlm.serve")  # the name users' log lines and filters already know
+
+
+class Server:
+    """Admission control and the worker pool around one ChatModel."""
+
+    def __init__(self, chat: ChatModel, settings: ServeSettings) -> None:
+        chat.options(temperature=settings.temperature)  # a bad default temperature fails here, not per request
+        self.chat = chat.with_image_limit(settings.max_image_pixels)
+        self.settings = settings
+        self.model_name = settings.model_name or chat.name
+        self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="vlm-generate")
+        self.capacity = settings.max_concurrency + settings.max_queue
+        self.admitted = 0  # running + waiting; guarded by self.lock (released from worker threads)
+        self.running = 0
+        self.finished = Counter()  # stop reasons of finished generations, for /health
+        self.lock = threading.Lock()
+        self.parser = Parser(settings, settings.max_tokens_limit or chat.context_length)
+
+    def admit(self, api: str) -> None:
+        with self.lock:
+            if self.admitted >= self.capacity:
+                status = 529 if api == ANTHROPIC else 429
+                raise ApiError(status, f"the server is busy ({self.capacity} requests running or queued); retry soon")
+            self.admitted += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.admitted -= 1
+
+    def health(self) -> dict:
+        with self.lock:
+            return {"status": "ok", "model": self.model_name, "running": self.running,
+                    "queued": self.admitted - self.running, "capacity": self.capacity, "finished": dict(self.finished)}
+
+    def options(self, request: ChatRequest) -> dict[str, Any]:
+        options = {k: v for k, v in request.options.items() if v not in (None, [])}
+        options.setdefault("temperature", self.settings.temperature)
+        return options
+
+    def _job(self, request: ChatRequest, cancel: threading.Event,
+             emit: Callable[[str, Any], None] | None) -> Completion | None:
+        """Runs on a worker thread: encode (tiler + template), then generate; always frees the slot."""
+        try:
+            if cancel.is_set():
+                return None  # the client left while this request waited
+            with self.lock:
+                self.running += 1
+            try:
+                prompt = self.chat.prepare(request.messages, request.images)
+                if emit is None:
+                    completion = self.chat.generate(prompt, cancel=cancel, **self.options(request))
+                else:
+                    emit("start", prompt.input_tokens)
+                    with self.chat.stream(prompt, cancel=cancel, **self.options(request)) as stream:
+                        for piece in stream:
+                            emit("text", piece)
+                    completion = stream.completion
+                    emit("done", completion)
+                with self.lock:
+                    self.finished[completion.stop_reason] += 1
+                return completion
+            finally:
+                with self.lock:
+                    self.running -= 1
+        except Exception as err:
+            if emit is None:
+                raise
+            emit("error", err)
+            return None
+        finally:
+            self.release()
+
+    async def complete(self, http: Request, request: ChatRequest, api: str) -> Completion:
+        self.admit(api)
+        cancel = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(self.pool, self._job, request, cancel, None)
+        watcher = asyncio.create_task(_watch_disconnect(http, cancel))
+        try:
+            # shield: if this handler is cancelled the job still runs (and sees `cancel`) so its slot is freed
+            completion = await asyncio.shield(future)
+            if completion is None:  # skipped: the client left while it waited; nobody reads this answer
+                raise ApiError(499, "the client closed the request")
+            return completion
+        except (PromptError, ImageLoadError, OptionError) as err:
+            raise ApiError(400, str(err)) from None
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        finally:
+            watcher.cancel()
+
+    async def stream(self, request: ChatRequest, api: str,
+                     render: Callable[[int, Events], AsyncIterator[bytes]]) -> StreamingResponse:
+        self.admit(api)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(kind: str, value: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is gone (shutdown): stop generating
+                cancel.set()
+
+        loop.run_in_executor(self.pool, self._job, request, cancel, emit)  # the job reports through `emit`
+        try:
+            kind, value = await queue.get()  # encoding errors still get a proper 4xx before any event is sent
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+        if kind == "error":
+            cancel.set()
+            if isinstance(value, PromptError | ImageLoadError | OptionError):
+                raise ApiError(400, str(value))
+            raise value
+
+        async def events() -> Events:
+            while True:
+                item = await queue.get()
+                yield item
+                if item[0] in ("done", "error"):
+                    return
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in render(value, events()):
+                    yield chunk
+            finally:
+                cancel.set()  # normal end: no-op; a client that disconnected: stop its generation now
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+async def _watch_disconnect(http: Request, cancel: threading.Event) -> None:
+    while not cancel.is_set():
+        if await http.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(0.2)
+
+
+def check_key(request: Request, api_key: str | None) -> None:
+    if not api_key:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(401, "invalid or missing API key (send x-api-key: KEY or Authorization: Bearer KEY)")
+
+
+def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI app serving `chat_model`; run it with uvicorn (see `main`)."""
+    settings = settings or ServeSettings()
+    server = Server(chat_model, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="vlm", summary="A vision-language model behind the Anthropic and OpenAI chat APIs",
+                  docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        if err.status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, err.message)
+        return error_response(api_of(request), err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(api_of(request), ApiError(err.status_code, str(err.detail)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return error_response(api_of(request), ApiError(500, f"internal error: {type(err).__name__}"))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return server.health()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check_key(request, settings.api_key)
+        name, now = server.model_name, int(time.time())
+        # one body both SDKs read: OpenAI's list of models and Anthropic's page of ModelInfo
+        entry = {"id": name, "object": "model", "type": "model", "created": now, "owned_by": "vlm",
+                 "display_name": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+        return {"object": "list", "data": [entry], "has_more": False, "first_id": name, "last_id": name}
+
+    @app.post("/v1/messages")
+    async def messages(request: Request) -> Response:
+        check_key(request, settings.api_key)
+        chat, _ = parse_anthropic(await read_json(request, settings.max_body_bytes), server.parser)
+        msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+        if chat.stream:
+            return await server.stream(chat, ANTHROPIC, lambda tokens, events: anthropic_events(
+                msg_id, server.model_name, tokens, events))
+        completion = await server.complete(request, chat, ANTHROPIC)
+        return JSONResponse(anthropic_message(msg_id, server.model_name, completion))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_key(request, settings.api_key)
+        chat, _ = parse_openai(await read_json(request, settings.max_body_bytes), server.parser)
+        cmpl_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if chat.stream:
+            return await server.stream(chat, OPENAI, lambda tokens, events: openai_events(
+                cmpl_id, server.model_name, created, chat.include_usage, events))
+        completion = await server.complete(request, chat, OPENAI)
+        return JSONResponse(openai_completion(cmpl_id, server.model_name, created, completion))
+
+    return app

@@ -1,0 +1,128 @@
+"""The OpenAI chat completions API (`POST /v1/chat/completions`): parsing a request (`image_url` parts with `data:`
+URLs, the developer role, stop, seed), the completion it answers with and its usage, and the streaming chunks ending
+with `data: [DONE]` (usage last when `stream_options.include_usage` asks for it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vlm.chat import Completion
+from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.server.errors import OPENAI, ApiError, error_body
+from vlm.server.requests import ChatRequest, Parser, messages_list, require_dict
+from vlm.server.sse import Events, sse
+
+_DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*?;base64,(?P<data>.*)", re.DOTALL)
+
+
+def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
+    body = require_dict(body)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model: you must provide a model name", param="model")
+    for key in ("tools", "functions", "tool_choice", "function_call"):
+        if body.get(key):
+            raise ApiError(400, f"{key}: tool use is not supported by this server", param=key)
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "n: only n=1 is supported", param="n")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if body.get(key) is not None:
+        max_tokens = parser.max_tokens(body[key], key)
+    else:
+        max_tokens = min(parser.settings.default_max_tokens, parser.tokens_limit)
+    images: list[bytes] = []
+    turns: list[tuple[str, str]] = []
+    for i, message in enumerate(messages_list(body)):
+        where = f"messages[{i}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"{where}.role: unsupported role {role!r}; use system, developer, user or assistant",
+                           param=f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list) or not content:
+            raise ApiError(400, f"{where}.content: must be a non-empty string or list of content parts",
+                           param=f"{where}.content")
+        parts = []
+        for j, part in enumerate(content):
+            at = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append(Parser.text(part.get("text"), f"{at}.text"))
+            elif kind == "image_url":
+                if role != "user":
+                    raise ApiError(400, f"{at}: images are only allowed in user messages", param=at)
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                found = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
+                if found is None:
+                    raise ApiError(400, f"{at}.image_url.url: send the image inline as a data:image/...;base64,... "
+                                        "URL (this server does not fetch remote URLs)", param=f"{at}.image_url")
+                images.append(parser.image(found["data"], found["type"], f"{at}.image_url"))
+                parts.append(IMAGE_TOKEN)
+            else:
+                raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
+                                    "'image_url'", param=f"{at}.type")
+        text = "\n".join(parts)
+        if not text.strip():
+            raise ApiError(400, f"{where}.content: must not be empty", param=f"{where}.content")
+        turns.append((role, text))
+    options = {
+        "max_new_tokens": max_tokens,
+        "temperature": Parser.number(body, "temperature", 0, 2),
+        "top_p": Parser.number(body, "top_p", 0, 1, low_open=True),
+        "stop": Parser.stops(body.get("stop"), "stop"),
+        "seed": Parser.number(body, "seed", -(2**63), 2**63 - 1, integer=True),
+    }
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream: must be true or false", param="stream")
+    stream_options = body.get("stream_options") or {}
+    include_usage = bool(stream_options.get("include_usage")) if isinstance(stream_options, dict) else False
+    return ChatRequest(parser.conversation(turns, None, images), images, options, stream, include_usage), model
+
+
+def openai_finish(completion: Completion) -> str:
+    return "length" if completion.stop_reason == "max_tokens" else "stop"
+
+
+def openai_usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.input_tokens, "completion_tokens": completion.output_tokens,
+            "total_tokens": completion.input_tokens + completion.output_tokens}
+
+
+def openai_completion(cmpl_id: str, model: str, created: int, completion: Completion) -> dict:
+    return {"id": cmpl_id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text, "refusal": None},
+                         "finish_reason": openai_finish(completion), "logprobs": None}],
+            "usage": openai_usage(completion)}
+
+
+async def openai_events(cmpl_id: str, model: str, created: int, include_usage: bool,
+                        events: Events) -> AsyncIterator[bytes]:
+    """chat.completion.chunk objects: the role, the content deltas, the finish reason, usage if asked, [DONE]."""
+    def chunk(delta: dict, finish: str | None = None) -> bytes:
+        body = {"id": cmpl_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if include_usage:
+            body["usage"] = None
+        return sse(None, body)
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for kind, value in events:
+        if kind == "text":
+            yield chunk({"content": value})
+        elif kind == "error":
+            yield sse(None, error_body(OPENAI, 500, str(value)))
+            return
+        elif kind == "done":
+            yield chunk({}, openai_finish(value))
+            if include_usage:
+                yield sse(None, {"id": cmpl_id, "object": "chat.completion.chunk", "created": created,
+                                 "model": model, "choices": [], "usage": openai_usage(value)})
+            yield b"data: [DONE]\n\n"

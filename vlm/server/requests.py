@@ -1,0 +1,163 @@
+"""What both APIs share on the way in: the request model (`ChatRequest`), reading the body under its size limit,
+image decoding and sniffing, and the common field checks (`Parser`). Every failure is an `ApiError` naming the field.
+
+Images are only accepted inline (base64 of a JPEG, PNG, GIF or WebP whose bytes match the declared type); the server
+never fetches URLs or files. Decoded images still go through the processor's tiler and its bomb guard later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+
+from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.server.errors import ApiError
+from vlm.server.settings import ServeSettings
+
+MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+
+@dataclass
+class ChatRequest:
+    """A request in this server's terms: a conversation with `<image>` placeholders, its images and options."""
+
+    messages: list[dict[str, str]]
+    images: list[bytes]
+    options: dict[str, Any]
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _sniff(data: bytes) -> str | None:
+    """The media type the bytes' signature says, for the formats both APIs accept."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+class Parser:
+    """Shared checks for both APIs; every failure is an ApiError(400) naming the field."""
+
+    def __init__(self, settings: ServeSettings, tokens_limit: int) -> None:
+        self.settings = settings
+        self.tokens_limit = tokens_limit
+
+    def image(self, data: Any, media_type: Any, where: str) -> bytes:
+        if media_type not in MEDIA_TYPES:
+            raise ApiError(400, f"{where}: unsupported image media type {media_type!r}; use one of {list(MEDIA_TYPES)}",
+                           param=where)
+        if not isinstance(data, str) or not data:
+            raise ApiError(400, f"{where}: image data must be a non-empty base64 string", param=where)
+        limit = self.settings.max_image_bytes
+        if len(data) > (limit + 2) // 3 * 4 + len(data) // 76 * 2 + 4:  # refuse before decoding (76: MIME wrapping)
+            raise ApiError(400, f"{where}: the image is over the {limit:,}-byte limit", param=where)
+        try:
+            raw = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where}: image data is not valid base64", param=where) from None
+        if len(raw) > limit:
+            raise ApiError(400, f"{where}: the image is {len(raw):,} bytes, over the {limit:,}-byte limit", param=where)
+        actual = _sniff(raw)
+        if actual is None:
+            raise ApiError(400, f"{where}: the data is not a JPEG, PNG, GIF or WebP image", param=where)
+        if actual != media_type:
+            raise ApiError(400, f"{where}: the image is {actual} but media_type says {media_type}", param=where)
+        return raw
+
+    @staticmethod
+    def text(value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            raise ApiError(400, f"{where}: text must be a string", param=where)
+        if IMAGE_TOKEN in value:
+            raise ApiError(400, f"{where}: text may not contain {IMAGE_TOKEN!r}; send images as image blocks",
+                           param=where)
+        return value
+
+    def max_tokens(self, value: Any, where: str) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ApiError(400, f"{where}: must be an integer >= 1, got {value!r}", param=where)
+        if value > self.tokens_limit:
+            raise ApiError(400, f"{where}: {value} is over this model's limit of {self.tokens_limit}", param=where)
+        return value
+
+    @staticmethod
+    def number(body: dict, key: str, low: float, high: float, integer: bool = False, low_open: bool = False) -> Any:
+        value = body.get(key)
+        if value is None:
+            return None
+        kind = int if integer else (int, float)
+        ok = isinstance(value, kind) and not isinstance(value, bool) and (value > low if low_open else value >= low)
+        if not ok or value > high:
+            span = f"{'(' if low_open else '['}{low}, {high}]"
+            raise ApiError(400, f"{key}: must be {'an integer' if integer else 'a number'} in {span}, got {value!r}",
+                           param=key)
+        return value
+
+    @staticmethod
+    def stops(value: Any, where: str) -> list[str]:
+        if value is None:
+            return []
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(s, str) and s for s in values) or len(values) > 16:
+            raise ApiError(400, f"{where}: must be a list of at most 16 non-empty strings", param=where)
+        return values
+
+    def conversation(self, turns: list[tuple[str, str]], system: str | None, images: list[bytes]) -> list[dict]:
+        """Merge consecutive same-role turns (as the Anthropic API does), then check the order."""
+        if len(images) > self.settings.max_images:
+            raise ApiError(400, f"messages: {len(images)} images, over the limit of {self.settings.max_images}",
+                           param="messages")
+        merged: list[dict[str, str]] = []
+        for role, content in turns:
+            if role != "system" and merged and merged[-1]["role"] == role:
+                merged[-1]["content"] += "\n\n" + content
+            else:
+                merged.append({"role": role, "content": content})
+        talk = [m for m in merged if m["role"] != "system"]
+        if not talk or talk[0]["role"] != "user":
+            raise ApiError(400, "messages: the first non-system message must have the user role", param="messages")
+        if talk[-1]["role"] != "user":
+            raise ApiError(400, "messages: the last message must have the user role (this server does not continue "
+                                "a partial assistant message)", param="messages")
+        return ([{"role": "system", "content": system}] if system else []) + merged
+
+
+def require_dict(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def messages_list(body: dict) -> list:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: must be a non-empty list", param="messages")
+    return messages
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, refusing (413) anything over `limit` bytes, by header or as it arrives."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {int(declared):,} bytes, over the {limit:,}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body is over the {limit:,}-byte limit")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err})") from None
