@@ -26,11 +26,18 @@ from torch import nn
 from vlm.data import synthetic
 from vlm.data.sources import resolve as resolve_data
 from vlm.lit.build import build_task, build_trainer, finish
-from vlm.runs import prepare_run
+from vlm.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
 from vlm.stages import get_stage
 
 COMMON = ["data.num_workers=0", "stage.warmup_steps=2", "trainer.val_check_interval=1000",
           "trainer.checkpoint_every_n_steps=1000", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(autouse=True)
+def _no_run_choice_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare_run, called in this process, leaves its choice in the environment for DDP ranks; undo it after."""
+    for name in (RUN_DIR_ENV, RESUME_ENV, PARENT_ENV):
+        monkeypatch.setenv(name, "")
 
 
 def train(config, *callbacks: pl.Callback) -> tuple[dict, Path]:

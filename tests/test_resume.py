@@ -31,6 +31,13 @@ from vlm.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _no_run_choice_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prepare_run, called in this process, leaves its choice in the environment for DDP ranks; undo it after."""
+    for name in (RUN_DIR_ENV, RESUME_ENV, PARENT_ENV):
+        monkeypatch.setenv(name, "")
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     cache = tmp_path_factory.mktemp("synthetic")
@@ -162,11 +169,15 @@ def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder
 def test_ranks_launched_by_lightning_use_rank_zero_folder_and_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "chosen"))
     monkeypatch.setenv(RESUME_ENV, str(tmp_path / "chosen" / "checkpoints" / "step00000004.ckpt"))
-    monkeypatch.setenv(PARENT_ENV, str(os.getppid()))  # as in a process that rank 0 started
+    monkeypatch.setenv(PARENT_ENV, str(os.getppid()))  # as in a process that rank 0 started...
+    monkeypatch.setenv("LOCAL_RANK", "1")  # ...as Lightning's launcher starts rank 1
     run = prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other"))
     assert run.dir == tmp_path / "chosen" and run.resume_from.name == "step00000004.ckpt"
-    monkeypatch.setenv(PARENT_ENV, "1")  # inherited by a process rank 0 did not start: ignored
+    monkeypatch.delenv("LOCAL_RANK")  # a plain child of a process that trained in-process: its own choice
     assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other")).dir.name == "other"
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv(PARENT_ENV, "1")  # inherited from further up: ignored
+    assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other2")).dir.name == "other2"
 
 
 def test_externally_launched_ranks_agree_on_the_run_folder(tmp_path, monkeypatch):

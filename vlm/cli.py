@@ -78,7 +78,7 @@ def preflight(args: list[str], config_name: str) -> None:
     if bad:
         fail(f"arguments are key=value overrides, got {bad[0]!r}")
     group_args = [a for a in args if a.split("=", 1)[0] in groups]
-    key_args = [a for a in args if a not in group_args and not a.startswith(("+", "~"))]
+    key_args = [a for a in args if a not in group_args and not a.startswith(("+", "~", "hydra."))]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         try:
             base = compose(config_name, overrides=group_args)

@@ -95,7 +95,8 @@ def prepare_run(config: TrainConfig) -> Run:
 
 def _from_parent_rank() -> tuple[Path, Path | None] | None:
     """(run folder, resume checkpoint) chosen by rank 0 when this process is a rank Lightning launched from it."""
-    if os.environ.get(PARENT_ENV) != str(os.getppid()) or not os.environ.get(RUN_DIR_ENV):
+    launched = os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(PARENT_ENV) == str(os.getppid())
+    if not launched or not os.environ.get(RUN_DIR_ENV):  # e.g. a plain child process of one that trained
         return None
     resume = os.environ.get(RESUME_ENV)
     return Path(os.environ[RUN_DIR_ENV]), Path(resume) if resume else None

@@ -13,10 +13,11 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from vlm.cli import CONFIG_DIR, preflight, user_errors
+from vlm.cli import CONFIG_DIR, fail, preflight, user_errors
 from vlm.config import to_train_config
 from vlm.data.sources import resolve as resolve_data
 from vlm.lit.build import build_task, build_trainer, finish
+from vlm.lit.common import NonFiniteLoss, TooManyBadSamples
 from vlm.runs import prepare_run
 from vlm.stages import get_stage
 
@@ -34,7 +35,10 @@ def train(cfg: DictConfig) -> dict:
         log.info("stage %s -> %s", config.stage.name, run.dir)
         task, datamodule = build_task(config, run, data)
         trainer = build_trainer(config, run)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
+    except (TooManyBadSamples, NonFiniteLoss) as err:  # the run's own verdict: one clear line, not a traceback
+        fail(str(err))
     with user_errors():
         return finish(trainer, task, datamodule, run, config, started)
 

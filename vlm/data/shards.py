@@ -75,7 +75,8 @@ def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bo
         shards.append(wds.split_by_worker)
     stages = [*shards, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
     if train and shuffle_buffer > 1:
-        stages.append(wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 256)))
+        # seeded, so two runs with the same config see the same batches (resume reseeds it per epoch)
+        stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 256), seed=seed))
     stages.append(decode_samples(decode))
     return wds.DataPipeline(*stages)
 

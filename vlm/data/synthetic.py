@@ -8,6 +8,7 @@ Splits are written as webdataset shards into a cache directory on first use and 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -232,10 +233,15 @@ def ensure_split(kind: str, split: str, num: int, seed: int, image_size: int, sa
     done = directory / "DONE"
     if done.exists():
         return done.read_text().strip()
-    if directory.exists():  # an interrupted earlier generation: start that split over
-        for stale in directory.iterdir():
-            stale.unlink()
-    pattern = write_split(kind, directory, num, split_seed(seed, kind, split), image_size, samples_per_shard)
-    (directory / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
-    done.write_text(pattern + "\n")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f".{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ranks started together (srun, torchrun): one generates, the rest wait
+        if done.exists():
+            return done.read_text().strip()
+        if directory.exists():  # an interrupted earlier generation: start that split over
+            for stale in directory.iterdir():
+                stale.unlink()
+        pattern = write_split(kind, directory, num, split_seed(seed, kind, split), image_size, samples_per_shard)
+        (directory / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
+        done.write_text(pattern + "\n")
     return pattern

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -59,6 +60,9 @@ def build_trainer(config: TrainConfig, run: Run) -> pl.Trainer:
                       callbacks=[checkpoints, DataPosition(), StepProgressBar(),
                                  LearningRateMonitor(logging_interval="step")],
                       plugins=[AtomicCheckpointIO()],  # a checkpoint is whole or absent, never truncated
+                      # BatchNorm (the conv stem) sees the global batch on several GPUs, as the contrastive loss does;
+                      # torch's SyncBatchNorm runs on GPUs only, so CPU ranks keep their own statistics
+                      sync_batchnorm=t.accelerator != "cpu" and torch.cuda.is_available(),
                       logger=logger, default_root_dir=run.dir, num_sanity_val_steps=0, enable_model_summary=False,
                       use_distributed_sampler=False, limit_val_batches=None)
 

@@ -72,6 +72,14 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class TooManyBadSamples(RuntimeError):
+    """More samples could not be decoded than data.max_skip_rate allows."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """trainer.max_nonfinite_steps non-finite losses in a row."""
+
+
 class DataHealth:
     """Counts skipped samples and non-finite losses; raises when either passes its limit."""
 
@@ -82,14 +90,15 @@ class DataHealth:
         self.seen = 0
         self.skipped = 0
         self.nonfinite_in_a_row = 0
+        self.skip_pending = False  # the current step's loss was non-finite: drop its gradients before the update
 
     def count_batch(self, batch_size: int, skipped: int) -> None:
         self.seen += batch_size + skipped
         self.skipped += skipped
         if self.seen >= self.min_samples and self.skip_rate > self.max_skip_rate:
-            raise RuntimeError(f"{self.skipped} of {self.seen} samples ({self.skip_rate:.1%}) could not be decoded, "
-                               f"more than data.max_skip_rate={self.max_skip_rate}; the warnings above name the shards "
-                               f"and keys")
+            raise TooManyBadSamples(f"{self.skipped} of {self.seen} samples ({self.skip_rate:.1%}) could not be "
+                                    f"decoded, more than data.max_skip_rate={self.max_skip_rate}; the warnings above "
+                                    f"name the shards and keys")
 
     @property
     def skip_rate(self) -> float:
@@ -106,10 +115,24 @@ class DataHealth:
         self.nonfinite_in_a_row += 1
         log.warning("non-finite loss at step %d; skipping this step (%d in a row)", step, self.nonfinite_in_a_row)
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise FloatingPointError(f"{self.nonfinite_in_a_row} non-finite losses in a row, the last at step {step}; "
+            raise NonFiniteLoss(f"{self.nonfinite_in_a_row} non-finite losses in a row, the last at step {step}; "
                                      f"lower stage.lr or check the data (trainer.max_nonfinite_steps="
                                      f"{self.max_nonfinite_steps})")
         return False
+
+    def guard(self, loss: torch.Tensor, step: int, module: pl.LightningModule) -> torch.Tensor:
+        """The loss to backpropagate: `loss`, or for a non-finite one a zero through the same graph, so that every
+        rank still runs backward (DDP and FSDP wait for it; Lightning refuses a None loss with several ranks).
+        `drop_skipped_gradients`, called from on_before_optimizer_step, then leaves the optimizer nothing to apply."""
+        if self.check_loss(loss, step, module):
+            return loss
+        self.skip_pending = True
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+
+    def drop_skipped_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.skip_pending:
+            optimizer.zero_grad(set_to_none=True)  # parameters without gradients are left alone, decay included
+            self.skip_pending = False
 
     def log_to(self, module: pl.LightningModule) -> None:
         module.log_dict({"data/skipped": float(self.skipped), "data/skip_rate": self.skip_rate}, on_step=True)

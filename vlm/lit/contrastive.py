@@ -36,17 +36,20 @@ class ContrastiveTask(pl.LightningModule):
         # the loss gathers features across ranks, so it needs this process's place in the world
         self.loss_fn = build_contrastive_loss(self.config.model.clip, self.global_rank, self.trainer.world_size)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.health.count_batch(len(batch["ids"]), batch["skipped"])
         outputs = self.model(batch["pixels"], batch["ids"])
         losses = self.loss_fn(**outputs, output_dict=True)
-        loss = sum(losses.values())
-        if not self.health.check_loss(loss, self.global_step, self):
-            return None
+        loss = self.health.guard(sum(losses.values()), self.global_step, self)
+        if self.health.skip_pending:
+            return loss
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
         self.log("train/logit_scale", outputs["logit_scale"])
         self.health.log_to(self)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.health.drop_skipped_gradients(optimizer)
 
     def on_train_batch_end(self, *args) -> None:
         self.model.clamp_logit_scale()

@@ -118,15 +118,19 @@ class VLMTask(pl.LightningModule):
             batch["types"] = [s["type"] for s in samples]
         return batch
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.health.count_batch(len(batch["input_ids"]), batch["skipped"])
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
-        if not self.health.check_loss(out.loss, self.global_step, self):
-            return None
+        loss = self.health.guard(out.loss, self.global_step, self)
+        if self.health.skip_pending:
+            return loss
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/tokens", (batch["labels"] != IGNORE_INDEX).sum().float(), reduce_fx="sum")
         self.health.log_to(self)
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.health.drop_skipped_gradients(optimizer)
 
     def on_validation_epoch_start(self) -> None:
         self._answers = defaultdict(list)
