@@ -1,0 +1,242 @@
+"""Benchmark: training-step throughput, vlm's VisionLanguageModel vs transformers' LlavaForConditionalGeneration.
+
+Both sides are built at the same sizes with random weights (nothing is downloaded):
+- ours:  `vlm.loading.new_vlm(config.model, config.tiler)` on the composed config (model=tiny, or the larger "small"
+         preset), with `model.projector.reduction=none`, `model.vision.feature_layer=-1` and
+         `model.vision.conv_stem=false` (CLIP's ViT has a single patchify convolution; the tiny preset's conv stem
+         would make the two ViTs different models): timm ViT -> mlp2x_gelu projector -> the HF LlamaForCausalLM that
+         `build_llm` makes, with the local synthetic tokenizer;
+- HF:    LlavaForConditionalGeneration with a CLIPVisionConfig of the same width, depth, heads, MLP width (4x), patch
+         and image size (exact GELU, as timm), `LlamaConfig(**ours.lm.config.to_dict())` as the text config, LLaVA's
+         own projector (Linear -> GELU -> Linear, i.e. mlp2x_gelu), `vision_feature_layer=-1` and
+         `vision_feature_select_strategy="default"` (CLS dropped), `image_token_index` = our `<image>` id.
+         The LLM and projector weights are copied from ours so the two first losses are directly comparable (the
+         ViTs differ in kind and keep their own random weights; weights do not change the speed).
+- batch: the same (B, L) ids on both sides: 3 text tokens, then (S/patch)^2 image tokens (one image per sequence,
+         as LLaVA spends patches-per-image tokens when it drops CLS), then random text tokens up to --seq-len; labels
+         are the ids with the prefix and the image positions set to -100; one (B, 3, S, S) pixel tensor.
+
+A training step is forward (loss on the labels) + backward + AdamW step (torch's default implementation, the same
+settings on both sides) on every parameter; nothing is frozen. Each side runs windows of --warmup untimed steps then
+--steps timed steps; the sides alternate --repeats times (the order flips every repeat) after one untimed warm-up
+round, and medians are compared.
+
+Threads: --threads defaults to 1 (0: torch's default, one per core). On a CPU shared with other jobs, torch's OpenMP
+threads spin at every barrier waiting for a descheduled sibling, so with several threads a step's time mostly says how
+busy the machine was; one thread keeps it steady. On an idle machine, try --threads 0 too.
+
+Reading the numbers: tokens/s = B x L sequence tokens (image tokens included) per second of training. ratio =
+ours / HF median tokens/s; > 1.0 means ours is faster; the goal is >= 1.0. On a shared CPU absolute numbers move
+with the load, so read the ratio and the per-repeat ratios for its spread.
+
+Usage: python benchmarks/train_step.py [--preset tiny|small] [--steps 10] [--warmup 2] [--batch-size 8]
+                                      [--seq-len N] [--repeats 5] [--threads 1] [HYDRA_OVERRIDE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlm.cli import CONFIG_DIR  # noqa: E402
+from vlm.config import TrainConfig, to_train_config  # noqa: E402
+from vlm.data.processor import IGNORE_INDEX  # noqa: E402
+from vlm.loading import new_vlm  # noqa: E402
+from vlm.models.vlm import VisionLanguageModel  # noqa: E402
+
+# "tiny" is configs/model/tiny.yaml (what the tests and the synthetic run use); "small" is a few times larger (the same
+# sizes as benchmarks/decode.py), so the step is less dominated by per-op overhead.
+PRESETS: dict[str, list[str]] = {
+    "tiny": [],
+    "small": ["model.vision.image_size=224", "model.vision.patch_size=16", "model.vision.width=384",
+              "model.vision.depth=6", "model.vision.heads=6", "model.llm.config.hidden_size=512",
+              "model.llm.config.intermediate_size=1376", "model.llm.config.num_hidden_layers=8",
+              "model.llm.config.num_attention_heads=8", "model.llm.config.num_key_value_heads=8",
+              "model.llm.config.max_position_embeddings=1024", "model.llm.max_length=1024"],
+}
+DEFAULT_SEQ_LEN = {"tiny": 256, "small": 512}
+PREFIX = 3  # text tokens before the image
+
+
+def load_config(preset: str, overrides: list[str]) -> TrainConfig:
+    """The composed sft config with the preset's sizes; image tokens = patches, as LLaVA has."""
+    fixed = ["stage=sft", "model.vision.conv_stem=false", "model.projector.type=mlp2x_gelu",
+             "model.projector.reduction=none", "model.vision.feature_layer=-1", "model.vision.keep_cls=false",
+             "model.llm.name_or_path=null", "model.llm.gradient_checkpointing=false",
+             "model.vision.gradient_checkpointing=false"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return to_train_config(compose("train", overrides=[*fixed, *PRESETS[preset], *overrides]))
+
+
+def build_llava(config: TrainConfig, ours: VisionLanguageModel) -> LlavaForConditionalGeneration:
+    """LLaVA at our model's sizes (read off the built model, so null width/depth/heads resolve as timm's)."""
+    vit, v = ours.vision.vit, config.model.vision
+    width = ours.vision.width
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=vit.blocks[0].mlp.fc1.out_features,
+                              num_hidden_layers=len(vit.blocks), num_attention_heads=vit.blocks[0].attn.num_heads,
+                              image_size=v.image_size, patch_size=v.patch_size, hidden_act="gelu")
+    text = LlamaConfig(**ours.lm.config.to_dict())
+    llava = LlavaConfig(vision_config=vision, text_config=text, image_token_index=ours.image_token_id,
+                        image_seq_length=ours.tokens_per_tile, vision_feature_layer=-1,
+                        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(llava)
+    # Same LLM and projector weights as ours, so the first losses differ only through the (random) ViTs.
+    model.model.language_model.load_state_dict(ours.lm.model.state_dict())
+    model.lm_head.load_state_dict(ours.lm.lm_head.state_dict())
+    projector = model.model.multi_modal_projector
+    projector.linear_1.load_state_dict(ours.projector[0].state_dict())
+    projector.linear_2.load_state_dict(ours.projector[2].state_dict())
+    return model
+
+
+def make_batch(ours: VisionLanguageModel, special: set[int], vocab: int, batch: int, seq_len: int,
+               image_size: int) -> dict[str, torch.Tensor]:
+    """(B, L) ids: PREFIX text tokens, the image's tokens, text up to L; labels on the text after the image."""
+    image_tokens = ours.tokens_per_tile
+    if seq_len < PREFIX + image_tokens + 2:
+        raise SystemExit(f"--seq-len {seq_len} is too short for {image_tokens} image tokens plus text; use at least "
+                         f"{PREFIX + image_tokens + 2}")
+    generator = torch.Generator().manual_seed(0)
+    text = torch.tensor([i for i in range(vocab) if i not in special])
+    ids = text[torch.randint(len(text), (batch, seq_len), generator=generator)]  # (B, L)
+    ids[:, PREFIX:PREFIX + image_tokens] = ours.image_token_id
+    labels = ids.clone()
+    labels[:, :PREFIX + image_tokens] = IGNORE_INDEX
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=generator)  # (B, 3, S, S)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
+
+
+class StepLoop:
+    """forward + backward + AdamW step on every parameter of one model, over the same batch."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                 batch: dict[str, torch.Tensor], lr: float) -> None:
+        self.model, self.forward, self.batch = model, loss, batch
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        self.tokens = batch["input_ids"].numel()
+
+    def step(self) -> float:
+        loss = self.forward(self.batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def window(self, warmup: int, steps: int) -> float:
+        self.model.train()
+        for _ in range(warmup):
+            self.step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return steps * self.tokens / (time.perf_counter() - start) if steps else 0.0
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights count once
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per window (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps at the start of every window (default 2)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: tiny 256, small 512)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed windows per side, interleaved (default 5)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads, both sides (default 1, the steadiest on a shared CPU; 0: torch's "
+                             "default, one per core)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, both sides (default 1e-4)")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for ours, e.g. model.vision.depth=6")
+    args = parser.parse_args()
+    if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
+        parser.error("--steps, --repeats and --batch-size must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seq_len = args.seq_len or DEFAULT_SEQ_LEN[args.preset]
+    warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+
+    config = load_config(args.preset, args.overrides)
+    torch.manual_seed(0)
+    bundle = new_vlm(config.model, config.tiler)
+    ours = bundle.model
+    theirs = build_llava(config, ours)
+    special = set(bundle.tokenizer.all_special_ids) | {ours.image_token_id}
+    batch = make_batch(ours, special, ours.lm.config.vocab_size, args.batch_size, seq_len,
+                       config.model.vision.image_size)
+
+    def ours_loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return ours(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"]).loss
+
+    def hf_loss(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return theirs(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                      labels=b["labels"]).loss
+
+    with torch.no_grad():
+        first = {"ours": float(ours_loss(batch)), "HF": float(hf_loss(batch))}
+    n_ours, n_hf = count(ours), count(theirs)
+    v, lm = config.model.vision, ours.lm.config
+    print(f"train-step benchmark, preset {args.preset}: batch {args.batch_size} x {seq_len} tokens "
+          f"({ours.tokens_per_tile} image tokens per sequence), {args.steps} timed steps per window after "
+          f"{args.warmup} warm-up steps, {args.repeats} interleaved repeats (+1 warm-up round)")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; torch {torch.__version__} with "
+          f"{torch.get_num_threads()} intra-op threads (both sides); transformers {transformers.__version__}")
+    print(f"ViT {ours.vision.width}x{len(ours.vision.vit.blocks)} @ {v.image_size}px/{v.patch_size} (ours: timm; HF: "
+          f"CLIPVisionModel, attn {theirs.config.vision_config._attn_implementation}); projector mlp2x_gelu; Llama "
+          f"{lm.hidden_size}x{lm.num_hidden_layers}, vocab {lm.vocab_size}, tied embeddings "
+          f"{lm.tie_word_embeddings}, attn {ours.lm.config._attn_implementation} (ours) / "
+          f"{theirs.config.text_config._attn_implementation} (HF)")
+    print(f"params: ours {n_ours / 1e6:.3f}M, HF {n_hf / 1e6:.3f}M ({100 * (n_ours - n_hf) / n_hf:+.2f}%)")
+    print(f"loss on the batch before training: ours {first['ours']:.3f}, HF {first['HF']:.3f} "
+          f"(ln vocab = {math.log(lm.vocab_size):.3f})")
+    if not all(math.isfinite(x) for x in first.values()):
+        sys.exit("a side has a non-finite loss; not timing it")
+    if abs(n_ours - n_hf) > 0.05 * n_hf:
+        print("WARNING: parameter counts differ by more than 5%; the sizes do not match", file=sys.stderr)
+    print(flush=True)
+
+    sides = {"ours": StepLoop(ours, ours_loss, batch, args.lr), "HF": StepLoop(theirs, hf_loss, batch, args.lr)}
+    results: dict[str, list[float]] = {name: [] for name in sides}
+    for repeat in range(args.repeats + 1):  # round 0 warms up both sides and is not recorded
+        names = list(sides) if repeat % 2 == 0 else list(sides)[::-1]
+        for name in names:
+            rate = sides[name].window(args.warmup, args.steps if repeat else 1)
+            if repeat:
+                results[name].append(rate)
+                print(f"repeat {repeat} {name:<4} {rate:9.1f} tokens/s (load {os.getloadavg()[0]:.2f})",
+                      file=sys.stderr, flush=True)
+
+    medians = {name: statistics.median(rates) for name, rates in results.items()}
+    print(f"{'side':<5} {'median tokens/s':>15} {'best':>9} {'ms/step':>8}   per repeat")
+    print("-" * 72)
+    for name, rates in results.items():
+        per = ", ".join(f"{r:.0f}" for r in rates)
+        ms = 1000 * sides[name].tokens / medians[name]
+        print(f"{name:<5} {medians[name]:15.1f} {max(rates):9.1f} {ms:8.1f}   {per}")
+    ratio = medians["ours"] / medians["HF"]
+    spread = [o / h for o, h in zip(results["ours"], results["HF"], strict=True)]
+    best = max(results["ours"]) / max(results["HF"])
+    print(f"\nratio ours/HF: {ratio:.3f}x of medians, {best:.3f}x of bests; per repeat (adjacent windows): "
+          f"{', '.join(f'{r:.3f}' for r in spread)}   (> 1.0: ours is faster)")
+    verdict = "meets" if ratio >= 1.0 else "misses"
+    print(f"verdict: ours {verdict} the >= 1.0x goal ({ratio:.3f}x; load average now {os.getloadavg()[0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
