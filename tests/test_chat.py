@@ -93,14 +93,30 @@ def test_stream_pieces_concatenate_to_the_full_text(tiny_chat_model, images):
 
 
 def test_stop_sequences_end_and_are_trimmed(tiny_chat_model, images):
-    whole = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=12, temperature=0)
-    stop = whole.text[2:4]  # text the greedy answer contains
+    # a random model's greedy answer repeats one token; a seeded sample gives varied text, and the same seed gives
+    # the same tokens up to the stop
+    sampled = {"max_new_tokens": 12, "temperature": 1.0, "seed": 0}
+    whole = tiny_chat_model.generate(ASK, [images["pil"]], **sampled)
+    stop = next(whole.text[i:i + 2] for i in range(2, len(whole.text) - 1) if whole.text[i:i + 2].strip())
     expected = whole.text[: whole.text.find(stop)]
-    cut = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=12, temperature=0, stop=["never", stop])
+    cut = tiny_chat_model.generate(ASK, [images["pil"]], **sampled, stop=["never", stop])
     assert (cut.text, cut.stop_reason, cut.stop_sequence) == (expected, "stop_sequence", stop)
-    assert cut.output_tokens < 12  # generate itself stopped (stop_strings), not just the text
-    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=12, temperature=0, stop=[stop])
+    assert cut.output_tokens < 12  # generate itself stopped (the stopping criterion), not just the text
+    stream = tiny_chat_model.stream(ASK, [images["pil"]], **sampled, stop=[stop])
     assert "".join(stream) == expected and stream.completion.stop_sequence == stop
+
+
+def test_a_stop_sequence_only_matches_inside_the_answer(tiny_chat_model, images):
+    """The generation prompt ends in "\n" (ChatML), so the stop "\n" + the answer's first character spans the prompt
+    and the answer; it must not end the answer after one token (transformers' `stop_strings` would)."""
+    assert tiny_chat_model.processor.render(ASK, add_generation_prompt=True).endswith("\n")
+    whole = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=8, temperature=0)
+    stop = "\n" + whole.text[0]
+    cut = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=8, temperature=0, stop=[stop])
+    at = whole.text.find(stop)
+    expected = (whole.text[:at], "stop_sequence") if at >= 0 else (whole.text, "max_tokens")
+    assert (cut.text, cut.stop_reason) == expected
+    assert cut.output_tokens > 1
 
 
 def test_seed_makes_sampling_reproducible(tiny_chat_model, images):

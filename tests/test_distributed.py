@@ -158,6 +158,7 @@ def test_two_process_ddp_training_run_finishes(tmp_path):
     assert len(runs) == 1, f"ranks wrote to different run folders: {runs}"
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and metrics["samples_skipped"] == 0
+    assert metrics["samples_seen"] == 2 * 6 * 8, "metrics.json must count the samples of both ranks"
     assert (runs[0] / "export" / "model.safetensors").is_file()
     assert sorted(p.name for p in (runs[0] / "checkpoints").glob("*.ckpt")) == ["step00000003.ckpt",
                                                                                "step00000006.ckpt"]
@@ -203,3 +204,25 @@ def test_a_nonfinite_loss_skips_the_step_on_both_ranks(tmp_path):
         assert r["step"] == 5
         assert r["changed"] == {"0": True, "1": True, "2": False, "3": True, "4": True}  # step 2 changed nothing
     assert "non-finite loss at step 2" in output
+
+
+@pytest.mark.parametrize("stage", ["contrastive", "sft"])
+def test_an_export_from_gathered_weights_equals_the_live_models(tmp_path, stage):
+    """Under FSDP rank 0 exports from the full state dict every rank gathered: rebuilt into a fresh, differently
+    initialised model, it must write exactly the tensors the live model writes."""
+    from safetensors.torch import load_file
+
+    from vlm.lit.contrastive import ContrastiveTask
+    from vlm.lit.vlm_task import VLMTask
+
+    torch.manual_seed(0)
+    config = tiny_config(stage=stage)
+    task = ContrastiveTask.create(config, ["a", "b"]) if stage == "contrastive" else VLMTask.create(config)
+    live = load_file(str(task.export(tmp_path / "live") / "model.safetensors"))
+    weights = {name: value.clone() for name, value in task.state_dict().items()}
+    shifted = next(name for name in live if ("vision" in name or "visual" in name) and live[name].is_floating_point())
+    weights[f"model.{shifted}"] += 1.0  # the export must come from these weights, not from the live model
+    exported = load_file(str(task.export(tmp_path / "gathered", weights) / "model.safetensors"))
+    assert live.keys() == exported.keys()
+    assert torch.equal(exported[shifted], live[shifted] + 1.0)
+    assert all(torch.equal(live[name], exported[name]) for name in live if name != shifted)

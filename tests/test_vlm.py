@@ -40,12 +40,51 @@ def test_merge_puts_each_image_at_its_placeholders(bundle):
     positions = (ids[0] == model.image_token_id).nonzero().squeeze(1)
     tokens = model.tokens_per_tile
     assert len(positions) == 2 * tokens == sum(encoded.image_tokens)
-    # image 0's run comes first in the text and gets image 0's features; image 1's second
-    assert torch.equal(embeds[0, positions[:tokens]], features[:tokens])
-    assert torch.equal(embeds[0, positions[tokens:]], features[tokens:])
+    # image 0's run comes first in the text and gets image 0's features (plus slot 0); image 1's second (plus slot 1)
+    slots = model.image_slot_embeddings.weight  # (8, D)
+    assert torch.allclose(embeds[0, positions[:tokens]], features[:tokens] + slots[0])
+    assert torch.allclose(embeds[0, positions[tokens:]], features[tokens:] + slots[1])
     assert positions[tokens] - positions[tokens - 1] > 1  # the two runs are separated by text
     text_rows = ids[0] != model.image_token_id
     assert torch.equal(embeds[0, text_rows], model.lm.get_input_embeddings()(ids[0, text_rows]))
+
+
+def test_image_slots_tell_the_images_of_a_sample_apart(bundle):
+    """Two identical pictures in one sample: their tokens differ by exactly the slot embeddings, so a token copied
+    by attention still says which image it came from. pad_batch numbers the images per sample."""
+    import copy
+
+    from PIL import Image
+
+    from vlm.data.processor import pad_batch
+
+    model = copy.deepcopy(bundle.model)
+    torch.nn.init.normal_(model.image_slot_embeddings.weight)
+    same = [Image.new("RGB", (64, 64), "red")] * 2
+    two = bundle.processor.encode([{"role": "user", "content": "<image><image> Which one is red?"},
+                                   {"role": "assistant", "content": "both"}], same, name="adjacent")
+    one = bundle.processor.encode([{"role": "user", "content": "<image> Color?"},
+                                   {"role": "assistant", "content": "red"}], same[:1], name="one")
+    tokens = model.tokens_per_tile
+    batch = pad_batch([one, two], pad_id=0)
+    assert batch["image_slots"].tolist() == [0] * tokens + [0] * tokens + [1] * tokens
+
+    ids = two.input_ids[None]
+    embeds = model.embed(ids, two.pixel_values, batch["image_slots"][tokens:])
+    rows = embeds[0, ids[0] == model.image_token_id]  # (2T, D)
+    slot = model.image_slot_embeddings.weight
+    assert torch.allclose(rows[tokens:] - rows[:tokens], (slot[1] - slot[0]).expand(tokens, -1), atol=1e-6)
+    # without explicit slots, runs of image tokens count as images: adjacent placeholders merge into one run
+    assert torch.equal(model.embed(ids, two.pixel_values), model.embed(ids, two.pixel_values, torch.zeros_like(
+        batch["image_slots"][tokens:])))
+    separated = _inputs(bundle)
+    slots = pad_batch([separated], pad_id=0)["image_slots"]
+    assert torch.equal(model.embed(separated.input_ids[None], separated.pixel_values),
+                       model.embed(separated.input_ids[None], separated.pixel_values, slots))
+    # more images than slots: the extra ones share the last slot
+    many = torch.full((tokens,), 50)
+    last = model.embed(one.input_ids[None], one.pixel_values, many)
+    assert torch.equal(last, model.embed(one.input_ids[None], one.pixel_values, torch.full((tokens,), 7)))
 
 
 def test_merge_count_mismatch_raises(bundle):

@@ -179,6 +179,24 @@ class _Cancelled(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+class _StopInAnswer(StoppingCriteria):
+    """Ends `generate` once the answer so far contains a stop sequence.
+
+    transformers' `stop_strings` also matches text that begins in the prompt: with stop "\n\n" and a chat template
+    whose generation prompt ends in "\n", a first "\n" would end the answer. Only the new tokens are decoded here,
+    and only the last few, enough to hold the longest stop sequence.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
+        self.window = max(len(stop) for stop in self.stops) + 2  # tokens; each decodes to >= 1 character
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
+        answers = input_ids[:, self.prompt_length:]  # (B, T_new)
+        tails = self.tokenizer.batch_decode(answers[:, -self.window:], skip_special_tokens=True)
+        return torch.tensor([any(stop in tail for stop in self.stops) for tail in tails], device=input_ids.device)
+
+
 class TextStream(Iterator[str]):
     """Text pieces of one answer as they are generated.
 
@@ -326,6 +344,7 @@ class ChatModel:
             "input_ids": batch["input_ids"].to(self.device),
             "attention_mask": batch["attention_mask"].to(self.device),
             "pixel_values": batch["pixel_values"].to(self.device, vision_dtype),
+            "image_slots": batch["image_slots"].to(self.device),
         }
         max_new = min(opts.max_new_tokens, self.context_length - prompt.input_tokens)
         temperature = opts.temperature
@@ -353,7 +372,7 @@ class ChatModel:
         if opts.num_beams > 1 and opts.length_penalty is not None:
             kwargs["length_penalty"] = opts.length_penalty
         if opts.stop:
-            kwargs.update(stop_strings=list(opts.stop), tokenizer=self.tokenizer)
+            kwargs["stopping_criteria"].append(_StopInAnswer(self.tokenizer, opts.stop, kwargs["input_ids"].shape[1]))
         return kwargs, (float(temperature) if sampling else None), max_new
 
     def _run(self, kwargs: dict[str, Any], seed: int | None) -> list[int]:

@@ -71,6 +71,7 @@ class ProjectorConfig:
     type: str = choices("linear", "mlp2x_gelu", default="mlp2x_gelu")  # maps ViT features into the LLM's embeddings
     reduction: str = choices("none", "pixel_shuffle", "avg_pool", default="pixel_shuffle")  # token reduction per tile
     reduction_factor: int = 2  # tokens per tile shrink by factor^2
+    image_slots: int = 0  # >0: a learned embedding per image position in a sample (1st, 2nd, ...), added to its tokens
 
 
 @dataclass

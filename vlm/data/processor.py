@@ -132,8 +132,15 @@ class Processor:
         return self.encode(messages, images, name=name, add_generation_prompt=True, train=False)
 
 
+def image_slots(encoded: list[Encoded]) -> torch.Tensor:
+    """(N_image_tokens,) the position of each image token's image within its sample: 0 for the first image, ..."""
+    slots = [torch.full((n,), k, dtype=torch.long) for e in encoded for k, n in enumerate(e.image_tokens)]
+    return torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
+
+
 def pad_batch(encoded: list[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence -> input_ids (B, L), attention_mask (B, L), labels (B, L), pixel_values."""
+    """Pad to the longest sequence -> input_ids (B, L), attention_mask (B, L), labels (B, L), pixel_values,
+    image_slots."""
     length = max(len(e.input_ids) for e in encoded)
     ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), length), dtype=torch.long)
@@ -144,7 +151,8 @@ def pad_batch(encoded: list[Encoded], pad_id: int, left: bool = False) -> dict[s
         ids[row, span], mask[row, span] = e.input_ids, 1
         if e.labels is not None:
             labels[row, span] = e.labels
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([e.pixel_values for e in encoded])}
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([e.pixel_values for e in encoded]),
+             "image_slots": image_slots(encoded)}
     if any(e.labels is not None for e in encoded):
         batch["labels"] = labels
     return batch

@@ -47,6 +47,15 @@ CAPTION_TEMPLATES = (
     "the picture shows one {s}; it is {c}",
     "a small {c} {s}",
 )
+# A quarter of the caption images hold two or three shapes, so the image tower learns to see how many there are.
+COUNT_CAPTION_TEMPLATES = (
+    "{n} {c} {ss}",
+    "a photo of {n} {c} {ss}.",
+    "there are {n} {c} {ss} in the picture",
+    "{n} small {c} {ss} on a plain background",
+    "a drawing of {n} {ss}, all {c}",
+)
+MULTI_SHAPE_FRACTION = 0.25
 DESCRIBE_PROMPTS = (
     "Describe the image.",
     "What do you see?",
@@ -68,6 +77,7 @@ COMPARE_QUESTIONS = ("Which image shows the {c} {s}, the first or the second?",
                      "Is the {c} {s} in the first image or the second image?",
                      "Which picture contains the {c} {s}: first or second?")
 QUESTION_TYPES = ("color", "shape", "position", "count", "compare")
+GENERATOR_VERSION = 4  # bump when drawing changes, so cached splits are regenerated
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
 
 
 def render(spec: ShapeSpec, rng: random.Random, size: int) -> Image.Image:
-    """Draw `spec.count` shapes of one colour and kind in the quadrant `spec.position` (one shape) or anywhere."""
+    """Draw `spec.count` shapes of one colour and kind: one in quadrant `spec.position`, or one per random quadrant."""
     gray = rng.randint(20, 235)
     image = Image.new("RGB", (size, size), _jitter((gray, gray, gray), rng, 18))
     draw = ImageDraw.Draw(image)
@@ -110,11 +120,12 @@ def render(spec: ShapeSpec, rng: random.Random, size: int) -> Image.Image:
         x, y = rng.uniform(lo, hi), rng.uniform(lo, hi)
         centres = [(size - x if col else x, size - y if row else y)]
     else:
-        radius = rng.uniform(0.09, 0.12) * size
-        cells = rng.sample(range(9), spec.count)  # one shape per cell of a 3x3 grid: never overlapping
-        cell = size / 3
-        centres = [((c % 3 + 0.5) * cell + rng.uniform(-0.15, 0.15) * cell,
-                    (c // 3 + 0.5) * cell + rng.uniform(-0.15, 0.15) * cell) for c in cells]
+        # one shape per quadrant, never overlapping, each big enough (>= 3 patches across) to recognise
+        radius = rng.uniform(0.12, 0.16) * size
+        cells = rng.sample(range(4), spec.count)
+        cell, slack = size / 2, size / 4 - radius - 1
+        centres = [((c % 2 + 0.5) * cell + rng.uniform(-slack, slack),
+                    (c // 2 + 0.5) * cell + rng.uniform(-slack, slack)) for c in cells]
     for cx, cy in centres:
         if spec.shape == "circle":
             draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=fill)
@@ -127,7 +138,14 @@ def random_spec(rng: random.Random, count: int = 1) -> ShapeSpec:
     return ShapeSpec(rng.choice(list(COLORS)), rng.choice(SHAPES), rng.choice(POSITIONS), count)
 
 
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
 def caption(spec: ShapeSpec, rng: random.Random) -> str:
+    if spec.count > 1:
+        return rng.choice(COUNT_CAPTION_TEMPLATES).format(n=COUNT_WORDS[spec.count], c=spec.color,
+                                                          ss=plural(spec.shape))
     return rng.choice(CAPTION_TEMPLATES).format(c=spec.color, s=spec.shape, p=spec.position)
 
 
@@ -138,10 +156,10 @@ def _png(image: Image.Image) -> bytes:
 
 
 def caption_samples(num: int, seed: int, image_size: int) -> Iterator[dict]:
-    """Phase 1 and `align` samples: {"__key__", "png", "txt", "cls"} with one shape each."""
+    """Phase 1 and `align` samples: {"__key__", "png", "txt", "cls"}; the class is the colour and shape."""
     rng = random.Random(seed)
     for index in range(num):
-        spec = random_spec(rng)
+        spec = random_spec(rng, count=rng.choice((2, 3)) if rng.random() < MULTI_SHAPE_FRACTION else 1)
         image = render(spec, rng, image_size)
         yield {"__key__": f"{index:08d}", "png": _png(image), "txt": caption(spec, rng), "cls": str(spec.label)}
 
@@ -154,8 +172,8 @@ def _answer(kind: str, spec: ShapeSpec) -> str:
 def conversation_samples(num: int, seed: int, image_size: int) -> Iterator[dict]:
     """`sft` samples in the LLaVA form: {"__key__", "json": {"conversations", "type"}, "0.png"[, "1.png"]}.
 
-    Types rotate so every split holds each one; a third of the single-image samples ask a second question in a
-    second turn about the same image.
+    Types rotate so every split holds each one. A third of the single-image samples ask a second question about the
+    same image in a second turn, and half of the two-image samples ask about the other image's shape in a second turn.
     """
     rng = random.Random(seed)
     for index in range(num):
@@ -170,6 +188,9 @@ def conversation_samples(num: int, seed: int, image_size: int) -> Iterator[dict]
             images = [render(first, rng, image_size), render(second, rng, image_size)]
             question = rng.choice(COMPARE_QUESTIONS).format(c=asked.color, s=asked.shape)
             turns = [("<image>\n<image>\n" + question, target)]
+            if rng.random() < 0.5:  # a follow-up about the other picture: twice the two-image signal per sample
+                other, other_target = (second, "second") if target == "first" else (first, "first")
+                turns.append((rng.choice(COMPARE_QUESTIONS).format(c=other.color, s=other.shape), other_target))
         else:
             spec = random_spec(rng, count=rng.randint(1, 3) if kind == "count" else 1)
             images = [render(spec, rng, image_size)]
@@ -190,7 +211,7 @@ def corpus(seed: int = 0, num: int = 4000) -> Iterator[str]:
     """Every word the synthetic data can say, for training a small local tokenizer."""
     rng = random.Random(seed)
     for _ in range(num):
-        spec = random_spec(rng)
+        spec = random_spec(rng, count=rng.randint(1, 3))
         yield caption(spec, rng)
     for kind in QUESTIONS:
         yield from QUESTIONS[kind]
@@ -227,8 +248,9 @@ def split_seed(seed: int, kind: str, split: str) -> int:
 def ensure_split(kind: str, split: str, num: int, seed: int, image_size: int, samples_per_shard: int,
                  cache_dir: str | Path) -> str:
     """Return the shard pattern of a synthetic split, generating it into the cache on first use."""
-    fingerprint = hashlib.sha1(json.dumps([kind, num, seed, image_size, samples_per_shard, CLASSNAMES,
-                                           CAPTION_TEMPLATES, QUESTIONS]).encode()).hexdigest()[:10]
+    recipe = [GENERATOR_VERSION, kind, num, seed, image_size, samples_per_shard, CLASSNAMES, CAPTION_TEMPLATES,
+              COUNT_CAPTION_TEMPLATES, MULTI_SHAPE_FRACTION, QUESTIONS]
+    fingerprint = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:10]
     directory = Path(cache_dir).expanduser() / f"{kind}-{split}-{fingerprint}"
     done = directory / "DONE"
     if done.exists():

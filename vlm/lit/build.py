@@ -13,11 +13,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 
 from vlm.config import TrainConfig, to_dict
 from vlm.data import sources
 from vlm.lit.callbacks import StepProgressBar
 from vlm.lit.checkpointing import AtomicCheckpointIO, ContinuingCSVLogger, DataPosition, checkpoint_step
+from vlm.lit.common import DataHealth
 from vlm.lit.data import ShardDataModule
 from vlm.runs import Run
 from vlm.stages import get_stage
@@ -67,6 +69,14 @@ def build_trainer(config: TrainConfig, run: Run) -> pl.Trainer:
                       use_distributed_sampler=False, limit_val_batches=None)
 
 
+def global_sample_counts(trainer: pl.Trainer, health: DataHealth) -> tuple[int, int]:
+    """Samples seen and skipped, summed over every rank (each rank reads its own shards). Every rank must call it."""
+    counts = torch.tensor([health.seen, health.skipped], dtype=torch.float64, device=trainer.strategy.root_device)
+    if trainer.world_size > 1:
+        counts = trainer.strategy.reduce(counts, reduce_op="sum")
+    return int(counts[0]), int(counts[1])
+
+
 def finish(trainer: pl.Trainer, task: pl.LightningModule, datamodule: ShardDataModule, run: Run,
            config: TrainConfig, started: float) -> dict[str, Any]:
     """Final validation, the export folder and metrics.json; returns the metrics."""
@@ -74,11 +84,14 @@ def finish(trainer: pl.Trainer, task: pl.LightningModule, datamodule: ShardDataM
     if datamodule.val_urls:
         results = trainer.validate(task, datamodule=datamodule, verbose=False)
         metrics.update({k.removeprefix("val/"): float(v) for k, v in (results[0] if results else {}).items()})
+    seen, skipped = global_sample_counts(trainer, task.health)
     metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,
-                    "wall_seconds": round(time.time() - started, 1), "samples_skipped": task.health.skipped,
-                    "samples_seen": task.health.seen, "export": str(run.export)})
+                    "wall_seconds": round(time.time() - started, 1), "samples_skipped": skipped,
+                    "samples_seen": seen, "export": str(run.export)})
+    # FSDP leaves each rank a shard: gather the full weights (a collective every rank joins), export them on rank 0
+    gathered = trainer.strategy.lightning_module_state_dict() if isinstance(trainer.strategy, FSDPStrategy) else None
     if trainer.is_global_zero:
-        task.export(run.export)
+        task.export(run.export, gathered)
         (run.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (run.dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}

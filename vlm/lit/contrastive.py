@@ -10,7 +10,7 @@ import torch
 from vlm.config import TrainConfig, to_dict
 from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.export import write_export
-from vlm.lit.common import DataHealth, apply_freezing, build_optimizer, warmup_cosine
+from vlm.lit.common import DataHealth, apply_freezing, build_optimizer, warmup_cosine, with_gathered_weights
 from vlm.loading import make_tiler
 from vlm.models.clip import CLIPModel
 from vlm.models.losses import build_contrastive_loss
@@ -93,7 +93,9 @@ class ContrastiveTask(pl.LightningModule):
 
     collate = staticmethod(collate_captions)
 
-    def export(self, directory: Path) -> Path:
+    def export(self, directory: Path, gathered: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the export folder from this model, or from `gathered` weights (a sharded run's full state dict)."""
+        model = self.model if gathered is None else with_gathered_weights(CLIPModel(self.config.model), gathered)
         meta = {"stage": "contrastive", "model": to_dict(self.config.model), "tiler": to_dict(self.config.tiler),
                 "classnames": self.classnames, "templates": list(self.config.eval.templates)}
-        return write_export(directory, self.model, meta, lambda path: save_clip_tokenizer(self.tokenizer, path))
+        return write_export(directory, model, meta, lambda path: save_clip_tokenizer(self.tokenizer, path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import zlib
@@ -11,6 +12,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from transformers import AutoModelForCausalLM
 
 from vlm.config import TrainConfig, to_dict
 from vlm.data.captions import image_fields, text_field
@@ -19,8 +21,16 @@ from vlm.data.shards import collate_skipped
 from vlm.data.synthetic import DESCRIBE_PROMPTS
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.export import read_meta
-from vlm.lit.common import DataHealth, apply_freezing, build_optimizer, keep_frozen_parts_in_eval, warmup_cosine
+from vlm.lit.common import (
+    DataHealth,
+    apply_freezing,
+    build_optimizer,
+    keep_frozen_parts_in_eval,
+    warmup_cosine,
+    with_gathered_weights,
+)
 from vlm.loading import VLMBundle, export_vlm, load_vision_from_clip, load_vlm, new_vlm
+from vlm.models.vlm import VisionLanguageModel
 from vlm.stages import trainable_parts
 
 log = logging.getLogger(__name__)
@@ -120,7 +130,8 @@ class VLMTask(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.health.count_batch(len(batch["input_ids"]), batch["skipped"])
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                         batch["image_slots"])
         loss = self.health.guard(out.loss, self.global_step, self)
         if self.health.skip_pending:
             return loss
@@ -136,7 +147,8 @@ class VLMTask(pl.LightningModule):
         self._answers = defaultdict(list)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                         batch["image_slots"])
         self.log("val/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=False, rank_zero_only=True)
         if "prompt" not in batch:
             return
@@ -148,6 +160,7 @@ class VLMTask(pl.LightningModule):
         """Greedy answers for a left-padded prompt batch."""
         tokenizer = self.bundle.tokenizer
         new = self.model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
+                                  prompt["image_slots"],
                                   max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens, do_sample=False,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         return tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -165,8 +178,14 @@ class VLMTask(pl.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": warmup_cosine(optimizer, self.config.stage), "interval": "step"}}
 
-    def export(self, directory: Path) -> Path:
-        return export_vlm(directory, self.bundle, self.config.stage.name, self.config.tiler,
+    def export(self, directory: Path, gathered: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the export folder from this model, or from `gathered` weights (a sharded run's full state dict)."""
+        bundle = self.bundle
+        if gathered is not None:
+            lm = AutoModelForCausalLM.from_config(self.model.lm.config)
+            fresh = VisionLanguageModel(self.model.config, lm, self.model.image_token_id)
+            bundle = dataclasses.replace(bundle, model=with_gathered_weights(fresh, gathered))
+        return export_vlm(directory, bundle, self.config.stage.name, self.config.tiler,
                           {"templates": None, "train_config": to_dict(self.config.stage)})
 
 
