@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from vlm.config import ModelConfig, TilerConfig
 from vlm.data import synthetic
@@ -98,6 +98,15 @@ def _bundle(model: VisionLanguageModel, tokenizer, tiler: TilerConfig, meta: dic
     return VLMBundle(model, tokenizer, processor, meta)
 
 
+def empty_vlm(config: ModelConfig, llm_config: PretrainedConfig, token_id: int,
+              gradient_checkpointing: bool = False) -> VisionLanguageModel:
+    """A VLM shaped by `config` and the LLM's `llm_config`, with fresh weights for a state dict to be loaded into."""
+    lm = AutoModelForCausalLM.from_config(llm_config)
+    if gradient_checkpointing:
+        enable_checkpointing(lm)
+    return VisionLanguageModel(config, lm, token_id)
+
+
 def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
              gradient_checkpointing: bool = False) -> VLMBundle:
     """An align/sft export folder -> model, tokenizer and processor. `tiler` overrides the exported tiler settings."""
@@ -106,10 +115,7 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
     config = model_config_from(meta)
     tokenizer = prepare_tokenizer(load_tokenizer(str(directory / TOKENIZER_DIR)))
     llm_config = AutoConfig.for_model(**meta["llm_config"])
-    lm = AutoModelForCausalLM.from_config(llm_config)
-    if gradient_checkpointing:
-        enable_checkpointing(lm)
-    model = VisionLanguageModel(config, lm, image_token_id(tokenizer))
+    model = empty_vlm(config, llm_config, image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)
     return _bundle(model, tokenizer, tiler or tiler_config_from(meta), meta)
 

@@ -138,7 +138,6 @@ class DataHealth:
         module.log_dict({"data/skipped": float(self.skipped), "data/skip_rate": self.skip_rate}, on_step=True)
 
 
-
 def with_gathered_weights(module: nn.Module, weights: dict[str, torch.Tensor], prefix: str = "model.") -> nn.Module:
     """`module`, a fresh unsharded copy of a task's model, loaded with the task's gathered state dict (its `model.*`
     keys). Sharded strategies (FSDP) leave no rank holding whole weights, so the export is written from this copy."""

@@ -12,7 +12,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from transformers import AutoModelForCausalLM
 
 from vlm.config import TrainConfig, to_dict
 from vlm.data.captions import image_fields, text_field
@@ -29,8 +28,7 @@ from vlm.lit.common import (
     warmup_cosine,
     with_gathered_weights,
 )
-from vlm.loading import VLMBundle, export_vlm, load_vision_from_clip, load_vlm, new_vlm
-from vlm.models.vlm import VisionLanguageModel
+from vlm.loading import VLMBundle, empty_vlm, export_vlm, load_vision_from_clip, load_vlm, new_vlm
 from vlm.stages import trainable_parts
 
 log = logging.getLogger(__name__)
@@ -182,8 +180,7 @@ class VLMTask(pl.LightningModule):
         """Write the export folder from this model, or from `gathered` weights (a sharded run's full state dict)."""
         bundle = self.bundle
         if gathered is not None:
-            lm = AutoModelForCausalLM.from_config(self.model.lm.config)
-            fresh = VisionLanguageModel(self.model.config, lm, self.model.image_token_id)
+            fresh = empty_vlm(self.model.config, self.model.lm.config, self.model.image_token_id)
             bundle = dataclasses.replace(bundle, model=with_gathered_weights(fresh, gathered))
         return export_vlm(directory, bundle, self.config.stage.name, self.config.tiler,
                           {"templates": None, "train_config": to_dict(self.config.stage)})
