@@ -64,6 +64,17 @@ def test_bad_values_name_the_key():
         to_train_config({"stage": {"lrr": 1}})
 
 
+@pytest.mark.parametrize("override,message", [
+    ("stage.max_steps=0", "stage.max_steps=0 must be >= 1"),
+    ("stage.batch_size=-2", "stage.batch_size=-2 must be >= 1"),
+    ("model.projector.reduction_factor=0", "model.projector.reduction_factor=0 must be >= 1"),
+    ("model.projector.image_slots=-1", "model.projector.image_slots=-1 must be >= 0"),
+])
+def test_out_of_range_numbers_name_the_key_and_the_bound(override, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(override)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vlm.train", *args], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parent)

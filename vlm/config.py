@@ -215,10 +215,12 @@ def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
     except ValueError as err:  # a dataclass's own validation (e.g. TilerConfig); name the group
         raise ConfigError(str(err).replace("TilerConfig.", "tiler.")) from None
     validate(config)
-    if config.stage.max_steps < 1:
-        raise ConfigError(f"stage.max_steps={config.stage.max_steps} must be >= 1")
-    if config.stage.batch_size < 1:
-        raise ConfigError(f"stage.batch_size={config.stage.batch_size} must be >= 1")
+    minimums = (("stage.max_steps", config.stage.max_steps, 1), ("stage.batch_size", config.stage.batch_size, 1),
+                ("model.projector.reduction_factor", config.model.projector.reduction_factor, 1),
+                ("model.projector.image_slots", config.model.projector.image_slots, 0))
+    for key, value, least in minimums:
+        if value < least:
+            raise ConfigError(f"{key}={value} must be >= {least}")
     return config
 
 
