@@ -22,6 +22,7 @@ import webdataset as wds
 from safetensors.torch import load_file
 from tiny import tiny_config
 from torch import nn
+from tqdm import tqdm
 
 from vlm.data import synthetic
 from vlm.data.sources import resolve as resolve_data
@@ -47,7 +48,7 @@ def train(config, *callbacks: pl.Callback) -> tuple[dict, Path]:
     data = resolve_data(config.data, get_stage(config.stage.name).data)
     run = prepare_run(config)
     task, datamodule = build_task(config, run, data)
-    trainer = build_trainer(config, run)
+    trainer = build_trainer(config, run, task.model)
     trainer.callbacks.extend(callbacks)
     trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
     return finish(trainer, task, datamodule, run, config, started), run.dir
@@ -173,6 +174,8 @@ def test_skip_rate_over_the_threshold_stops_the_run_naming_it(tmp_path):
     with pytest.raises(RuntimeError, match=r"samples \(\d+\.\d%\) could not be decoded, more than "
                                            r"data.max_skip_rate=0.05"):
         train(config)
+    # the stopped run closed its progress bar: an open one would redraw itself above whatever is printed next
+    assert not [bar for bar in list(tqdm._instances) if "train" in str(bar.desc)]
     lenient = tiny_config(*COMMON, f"data.train='{pattern}'", "stage.batch_size=16", "stage.max_steps=30",
                           "data.max_skip_rate=0.3", f"output_root={tmp_path / 'runs'}", "run_name=lenient")
     metrics, _ = train(lenient)

@@ -32,6 +32,14 @@ class StepProgressBar(TQDMProgressBar):
         if self.train_progress_bar is not None and not self.train_progress_bar.disable:
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a run stopped by an error (too much bad data, non-finite losses) closes its bars, as a finished run does;
+        # an open bar would keep redrawing itself above whatever the process prints next
+        for name in ("_train_progress_bar", "_val_progress_bar"):
+            bar = getattr(self, name, None)
+            if bar is not None:
+                bar.close()
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)
