@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -134,34 +135,100 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(two_rank_results,
         assert abs(results[0]["loss"] - results[1]["loss"]) > 1e-6  # each rank scored its own rows
 
 
-def _args(tmp_path: Path, *extra: str) -> list[str]:
+def _args(tmp_path: Path, *extra: str, cache: Path | None = None) -> list[str]:
     return [*TINY, "data.synthetic.num_train=64", "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=16",
-            f"data.synthetic.cache_dir={tmp_path / 'synthetic'}", "data.num_workers=0", "stage.batch_size=8",
+            f"data.synthetic.cache_dir={cache or tmp_path / 'synthetic'}", "data.num_workers=0", "stage.batch_size=8",
             "stage.warmup_steps=2", "trainer.val_check_interval=1000", "trainer.log_every_n_steps=1",
             f"output_root={tmp_path / 'runs'}", *extra]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_training_run_finishes(tmp_path):
-    """`python -m vlm.train trainer.strategy=ddp trainer.devices=2` on the CPU: Lightning re-launches the command
-    for rank 1, both ranks write to one run folder, the run finishes, and rank 0 writes metrics and the export."""
+def _train_two_ranks(tmp_path: Path, *extra: str, cache: Path | None = None) -> str:
+    """`python -m vlm.train` on 2 CPU processes (Lightning re-launches the command for rank 1); returns its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "vlm.train", *_args(tmp_path, "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",
-                                                   "trainer.strategy=ddp", "trainer.devices=2",
-                                                   "trainer.accelerator=cpu")],
+        [sys.executable, "-m", "vlm.train", *_args(tmp_path, "trainer.devices=2", "trainer.accelerator=cpu", *extra,
+                                                   cache=cache)],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     output = result.stdout[-4000:] + result.stderr[-4000:]
     assert result.returncode == 0, output
+    return output
+
+
+CONTRASTIVE_RUN = ["stage=contrastive", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 6-step contrastive run under DDP on 2 CPU processes: (its run folder, its output)."""
+    root = tmp_path_factory.mktemp("ddp")
+    output = _train_two_ranks(root, *CONTRASTIVE_RUN, "trainer.strategy=ddp", "run_name=ddp")
+    return root / "runs" / "contrastive" / "ddp", output
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_run_finishes(ddp_run):
+    """`python -m vlm.train trainer.strategy=ddp trainer.devices=2` on the CPU: Lightning re-launches the command
+    for rank 1, both ranks write to one run folder, the run finishes, and rank 0 writes metrics and the export."""
+    run, output = ddp_run
     assert "Starting with 2 processes" in output or "MEMBER: 2/2" in output
-    runs = list((tmp_path / "runs" / "contrastive").iterdir())
-    assert len(runs) == 1, f"ranks wrote to different run folders: {runs}"
-    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert [p.name for p in run.parent.iterdir()] == ["ddp"], "ranks wrote to different run folders"
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and metrics["samples_skipped"] == 0
     assert metrics["samples_seen"] == 2 * 6 * 8, "metrics.json must count the samples of both ranks"
-    assert (runs[0] / "export" / "model.safetensors").is_file()
-    assert sorted(p.name for p in (runs[0] / "checkpoints").glob("*.ckpt")) == ["step00000003.ckpt",
-                                                                               "step00000006.ckpt"]
+    assert (run / "export" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["step00000003.ckpt", "step00000006.ckpt"]
+
+
+def _largest_difference(run: Path, other: Path) -> float:
+    from safetensors.torch import load_file
+
+    mine, theirs = (load_file(str(r / "export" / "model.safetensors")) for r in (run, other))
+    assert mine.keys() == theirs.keys()
+    return max((mine[k].float() - theirs[k].float()).abs().max().item() for k in mine)
+
+
+@pytest.mark.slow
+def test_fsdp_trains_what_ddp_trains(ddp_run, tmp_path):
+    """`trainer.strategy=fsdp` shards every transformer block over the 2 ranks, and 6 steps of it end at DDP's weights.
+
+    That needs gradients reduced across ranks, the clipping norm taken over all shards (torch's `clip_grad_norm_`
+    on one shard would see part of it) and the export gathered from both ranks. The control, the same run without
+    clipping, shows the comparison can tell: clipping is active at these steps.
+    """
+    cache = ddp_run[0].parent.parent.parent / "synthetic"  # the same data
+    output = _train_two_ranks(tmp_path, *CONTRASTIVE_RUN, "trainer.strategy=fsdp", "run_name=fsdp", cache=cache)
+    units = re.search(r"FSDP \(FULL_SHARD\): (\d+) units over 2 ranks", output)
+    assert units and int(units[1]) >= 4, output  # the root, 2 ViT blocks and the text block, at least
+    _train_two_ranks(tmp_path, *CONTRASTIVE_RUN, "trainer.strategy=fsdp", "trainer.gradient_clip_val=0",
+                     "run_name=unclipped", cache=cache)
+    runs = tmp_path / "runs" / "contrastive"
+    metrics = json.loads((runs / "fsdp" / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["samples_seen"] == 2 * 6 * 8
+    fsdp_gap = _largest_difference(runs / "fsdp", ddp_run[0])
+    control_gap = _largest_difference(runs / "unclipped", ddp_run[0])
+    assert fsdp_gap < 1e-3 < control_gap, (fsdp_gap, control_gap)
+
+
+@pytest.mark.slow
+def test_fsdp_runs_align_then_sft_and_resumes(tmp_path):
+    """Phase 2 under FSDP: align, then sft from its export, then sft continued with `resume=auto`. The export is
+    written from the weights gathered off both ranks, so it must hold exactly the final checkpoint's tensors."""
+    from vlm.loading import load_vlm
+
+    phase2 = ["trainer.strategy=fsdp", "data.synthetic.num_train=32", "eval.batch_size=8",
+              "trainer.checkpoint_every_n_steps=2"]
+    _train_two_ranks(tmp_path, "stage=align", "init_from=null", "stage.max_steps=2", *phase2)
+    _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=4", "run_name=sft", *phase2)
+    output = _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=6", "run_name=sft", "resume=auto", *phase2)
+    run = tmp_path / "runs" / "sft" / "sft"
+    assert "from step00000004.ckpt" in output, output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["global_step"] == 6 and "exact_match" in metrics
+    checkpoint = torch.load(run / "checkpoints" / "step00000006.ckpt", map_location="cpu", weights_only=False)
+    trained = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    exported = load_vlm(run / "export").model.state_dict()  # as inference loads it (tied weights written once)
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in exported)
 
 
 NONFINITE_SCRIPT = """

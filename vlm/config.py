@@ -141,7 +141,9 @@ class TrainerConfig:
     accelerator: str = "auto"  # cpu, gpu, auto
     devices: Any = "auto"  # int, list of ids or "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto, ddp, fsdp (Lightning strategies)
+    strategy: str = "auto"  # auto, ddp, fsdp (Lightning strategies); fsdp shards every transformer block
+    # FSDP's sharding: params+grads+optimizer state, grads+optimizer state, full within a node, or none (DDP-like)
+    fsdp_sharding: str = choices("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD", default="FULL_SHARD")
     precision: str = "32-true"  # 32-true, bf16-mixed, 16-mixed
     gradient_clip_val: float = 1.0
     val_check_interval: int = 500  # validate every N optimizer steps

@@ -34,7 +34,7 @@ def train(cfg: DictConfig) -> dict:
         run = prepare_run(config)
         log.info("stage %s -> %s", config.stage.name, run.dir)
         task, datamodule = build_task(config, run, data)
-        trainer = build_trainer(config, run)
+        trainer = build_trainer(config, run, task.model)
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
     except (TooManyBadSamples, NonFiniteLoss) as err:  # the run's own verdict: one clear line, not a traceback

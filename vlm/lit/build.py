@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
 
 from vlm.config import TrainConfig, to_dict
 from vlm.data import sources
@@ -21,6 +22,7 @@ from vlm.lit.callbacks import StepProgressBar
 from vlm.lit.checkpointing import AtomicCheckpointIO, ContinuingCSVLogger, DataPosition, checkpoint_step
 from vlm.lit.common import DataHealth
 from vlm.lit.data import ShardDataModule
+from vlm.lit.sharding import build_strategy
 from vlm.runs import Run
 from vlm.stages import get_stage
 
@@ -43,7 +45,8 @@ def build_task(config: TrainConfig, run: Run, data: sources.DataSources) -> tupl
     return task, datamodule
 
 
-def build_trainer(config: TrainConfig, run: Run) -> pl.Trainer:
+def build_trainer(config: TrainConfig, run: Run, model: nn.Module) -> pl.Trainer:
+    """The Trainer for a stage; `model` is the task's model, whose transformer blocks FSDP shards one by one."""
     t = config.trainer
     # save_on_train_epoch_end: without it, a save due on an epoch's last batch waits for a validation that our
     # step-based schedule does not run there, and that checkpoint is never written
@@ -55,7 +58,8 @@ def build_trainer(config: TrainConfig, run: Run) -> pl.Trainer:
     else:  # a resumed run's metrics.csv carries on from the checkpoint's step
         logger = ContinuingCSVLogger(run.dir, name="logs", version="",
                                      resume_step=checkpoint_step(run.resume_from) if run.resume_from else None)
-    return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+    return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+                      strategy=build_strategy(t, model),
                       precision=t.precision, max_steps=config.stage.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,

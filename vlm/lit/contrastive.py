@@ -11,6 +11,7 @@ from vlm.config import TrainConfig, to_dict
 from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.export import write_export
 from vlm.lit.common import DataHealth, apply_freezing, build_optimizer, warmup_cosine, with_gathered_weights
+from vlm.lit.sharding import clip_gradients
 from vlm.loading import make_tiler
 from vlm.models.clip import CLIPModel
 from vlm.models.losses import build_contrastive_loss
@@ -31,6 +32,7 @@ class ContrastiveTask(pl.LightningModule):
         self.health = DataHealth(config.data.max_skip_rate, config.trainer.max_nonfinite_steps)
         self.parameter_counts = apply_freezing(self.model.parts(), trainable_parts(config.stage))
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._classes: torch.Tensor | None = None  # (C, E) class embeddings for zero-shot top-1
 
     def setup(self, stage: str) -> None:
         # the loss gathers features across ranks, so it needs this process's place in the world
@@ -55,9 +57,12 @@ class ContrastiveTask(pl.LightningModule):
         self.model.clamp_logit_scale()
 
     def on_validation_epoch_start(self) -> None:
-        self._val = []
+        self._val, self._classes = [], None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch_idx == 0 and self.classnames:  # in a step, so sharded (FSDP) weights are gathered as for a batch
+            self._classes = class_embeddings(self.model, self.tokenizer, self.classnames, self.config.eval.templates,
+                                             self.device).float().cpu()
         image = self.model.encode_image(batch["pixels"])
         text = self.model.encode_text(batch["ids"])
         self._val.append((image.float().cpu(), text.float().cpu(), batch["labels"].cpu()))
@@ -66,13 +71,14 @@ class ContrastiveTask(pl.LightningModule):
         if not self._val:
             return
         image, text, labels = (torch.cat(parts) for parts in zip(*self._val, strict=True))
-        classes = None
-        if self.classnames and bool((labels >= 0).all()):
-            classes = class_embeddings(self.model, self.tokenizer, self.classnames, self.config.eval.templates,
-                                       self.device).float().cpu()
+        classes = self._classes if bool((labels >= 0).all()) else None
         metrics = contrastive_metrics(image, text, labels, classes)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
-        self._val = []
+        self._val, self._classes = [], None
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model.parts(), self.config.stage)

@@ -28,6 +28,7 @@ from vlm.lit.common import (
     warmup_cosine,
     with_gathered_weights,
 )
+from vlm.lit.sharding import clip_gradients
 from vlm.loading import VLMBundle, empty_vlm, export_vlm, load_vision_from_clip, load_vlm, new_vlm
 from vlm.stages import trainable_parts
 
@@ -170,6 +171,10 @@ class VLMTask(pl.LightningModule):
         overall = metrics.pop("exact_match")
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
         self.log("val/exact_match", overall, prog_bar=True, sync_dist=False, rank_zero_only=True)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model.parts(), self.config.stage)

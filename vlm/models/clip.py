@@ -24,9 +24,16 @@ class ContrastiveHead(nn.Module):
         self.image_projection = nn.Linear(vision_width, config.embed_dim, bias=False)
         init_scale = config.init_logit_scale if config.init_logit_scale is not None else (
             math.log(10) if siglip else math.log(1 / 0.07))
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)))
+        # shape (1,), not a scalar as in open_clip: FSDP cannot shard 0-d parameters
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_scale)]))
         init_bias = config.init_logit_bias if config.init_logit_bias is not None else -10.0
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if siglip else None
+        self.logit_bias = nn.Parameter(torch.tensor([float(init_bias)])) if siglip else None
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        for name in ("logit_scale", "logit_bias"):  # exports written before the (1,) shape hold scalars
+            if state_dict.get(prefix + name) is not None and state_dict[prefix + name].dim() == 0:
+                state_dict[prefix + name] = state_dict[prefix + name].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class CLIPModel(nn.Module):

@@ -1,0 +1,49 @@
+"""`trainer.strategy=fsdp`: which blocks become FSDP units, and the settings refused before a run starts.
+
+The 2-process FSDP training runs themselves are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from open_clip.transformer import ResidualAttentionBlock
+from timm.models.vision_transformer import Block
+from tiny import tiny_config
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from vlm.lit.sharding import BlockShardedFSDP, build_strategy, transformer_block_types
+from vlm.loading import new_vlm
+from vlm.models.clip import CLIPModel
+
+
+def test_the_blocks_of_every_tower_become_fsdp_units():
+    clip = CLIPModel(tiny_config().model)
+    assert transformer_block_types(clip) == {Block, ResidualAttentionBlock}
+    config = tiny_config(stage="sft")
+    vlm = new_vlm(config.model, config.tiler).model
+    assert transformer_block_types(vlm) == {Block, LlamaDecoderLayer}  # the LLM's own `_no_split_modules`
+
+
+def test_fsdp_builds_a_block_sharded_strategy_and_other_names_pass_through():
+    config = tiny_config("trainer.strategy=fsdp", "trainer.fsdp_sharding=SHARD_GRAD_OP", "trainer.accelerator=cpu")
+    model = CLIPModel(config.model)
+    strategy = build_strategy(config.trainer, model)
+    assert isinstance(strategy, BlockShardedFSDP)
+    assert strategy.sharding_strategy.name == "SHARD_GRAD_OP"
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block, ResidualAttentionBlock}  # torch's policy
+    assert build_strategy(tiny_config("trainer.strategy=ddp").trainer, model) == "ddp"
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["trainer.precision=bf16-mixed"], "trainer.precision='bf16-mixed'"),
+    (["trainer.fsdp_sharding=HYBRID_SHARD"], "trainer.fsdp_sharding=HYBRID_SHARD"),
+])
+def test_fsdp_settings_cpu_ranks_cannot_run_are_refused_by_name(overrides, named):
+    config = tiny_config("trainer.strategy=fsdp", "trainer.accelerator=cpu", *overrides)
+    with pytest.raises(ValueError, match=named.replace("[", r"\[")):
+        build_strategy(config.trainer, CLIPModel(config.model))
+
+
+def test_an_unknown_sharding_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="trainer.fsdp_sharding.*FULL_SHARD"):
+        tiny_config("trainer.fsdp_sharding=FULL")

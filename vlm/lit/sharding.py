@@ -1,0 +1,99 @@
+"""FSDP for every stage: Lightning's FSDPStrategy, sharded block by block, with gradient clipping that sees the shards.
+
+`trainer.strategy=fsdp` builds `BlockShardedFSDP`. Each transformer block (ViT, text tower, LLM decoder layer) is its
+own FSDP unit, so a rank holds whole weights for one block at a time rather than for the whole model. FSDP also runs on
+CPU ranks over gloo, slowly: enough to smoke-test a sharded run on a laptop or in CI before it goes to the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from transformers import PreTrainedModel
+
+from vlm.config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+# Repeated blocks by container name: timm ViTs keep theirs in `blocks`, open_clip's text transformer in `resblocks`.
+BLOCK_CONTAINERS = ("blocks", "resblocks")
+
+
+def transformer_block_types(model: nn.Module) -> set[type[nn.Module]]:
+    """The block classes FSDP wraps one by one: each Hugging Face model's own `_no_split_modules` (its decoder
+    layers) and the classes in timm's and open_clip's block lists."""
+    types: set[type[nn.Module]] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            declared = set(getattr(module, "_no_split_modules", None) or [])
+            types |= {type(m) for m in module.modules() if type(m).__name__ in declared}
+        if name.rsplit(".", 1)[-1] in BLOCK_CONTAINERS and isinstance(module, nn.ModuleList | nn.Sequential):
+            types |= {type(block) for block in module}
+    return types
+
+
+class BlockShardedFSDP(FSDPStrategy):
+    """Lightning's FSDPStrategy, also on CPU ranks, and reusable after `fit`.
+
+    - torch's FSDP must be told the device it runs on. Lightning passes a CUDA index only, None on a CPU, which FSDP
+      refuses; on CPU this wraps the model itself with the CPU device named.
+    - `trainer.validate` after `trainer.fit` would re-wrap a model whose blocks are already FSDP units and leave the
+      top-level weights sharded (Lightning issue #19015); the root wrapper from `fit` is kept and reused instead.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._root: FullyShardedDataParallel | None = None
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        if self._root is not None and self._root.module is model:
+            return self._root
+        if self.root_device.type == "cpu":
+            self._root = FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                                  mixed_precision=self.mixed_precision_config,
+                                                  sharding_strategy=self.sharding_strategy,
+                                                  device_id=self.root_device, **self.kwargs)
+        else:
+            self._root = super()._setup_model(model)
+        units = sum(isinstance(m, FullyShardedDataParallel) for m in self._root.modules())
+        if self.global_rank == 0:
+            log.info("FSDP (%s): %d units over %d ranks", self.sharding_strategy.name, units, self.world_size)
+        return self._root
+
+
+def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
+    """The Lightning strategy for `trainer.strategy`: a name Lightning resolves, or block-sharded FSDP for `fsdp`."""
+    if trainer.strategy != "fsdp":
+        return trainer.strategy
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and trainer.precision != "32-true":
+        # Lightning's FSDP mixed precision autocasts on CUDA only; on CPU the blocks would get bf16 inputs in fp32 ops
+        raise ValueError(f"trainer.precision={trainer.precision!r} with trainer.strategy=fsdp needs GPUs; "
+                         "FSDP on CPU ranks runs in 32-true")
+    if on_cpu and trainer.fsdp_sharding == "HYBRID_SHARD":
+        # torch groups HYBRID_SHARD ranks by the accelerators of a node, which CPU ranks do not have
+        raise ValueError("trainer.fsdp_sharding=HYBRID_SHARD needs GPUs (it groups ranks by GPUs per node); "
+                         "on CPU ranks use FULL_SHARD or SHARD_GRAD_OP")
+    blocks = transformer_block_types(model)
+    if not blocks:
+        raise ValueError("trainer.strategy=fsdp: the model has no transformer blocks to shard (no timm `blocks`, "
+                         "open_clip `resblocks` or Hugging Face `_no_split_modules`)")
+    return BlockShardedFSDP(auto_wrap_policy=blocks, sharding_strategy=trainer.fsdp_sharding,
+                            state_dict_type="full")  # one checkpoint file: atomic writes and resume=auto as ever
+
+
+def clip_gradients(module: pl.LightningModule, optimizer: torch.optim.Optimizer, clip_val: float | None,
+                   algorithm: str | None) -> None:
+    """Lightning's gradient clipping, except under FSDP. There each rank holds a shard of every gradient, so the norm
+    must be reduced across ranks: FSDP's own `clip_grad_norm_` does that (Lightning refuses to clip by norm there)."""
+    root = module.trainer.strategy.model
+    if isinstance(root, FullyShardedDataParallel) and clip_val and algorithm in (None, "norm"):
+        root.clip_grad_norm_(clip_val)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
