@@ -179,6 +179,28 @@ def test_two_process_ddp_training_run_finishes(ddp_run):
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["step00000003.ckpt", "step00000006.ckpt"]
 
 
+@pytest.mark.slow
+def test_two_nodes_train_what_two_devices_train(ddp_run, tmp_path):
+    """`trainer.num_nodes=2 trainer.devices=1`, one process per "node" started as a cluster launcher starts them
+    (NODE_RANK, MASTER_ADDR, MASTER_PORT): the shards split by node as they split by device, so the run ends at
+    the weights of the 2-device run."""
+    cache = ddp_run[0].parent.parent.parent / "synthetic"
+    port = str(free_port())
+    args = _args(tmp_path, *CONTRASTIVE_RUN, "trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=1",
+                 "trainer.num_nodes=2", "run_name=nodes", cache=cache)
+    nodes = [subprocess.Popen([sys.executable, "-m", "vlm.train", *args], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "NODE_RANK": str(rank),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "MEMBER: 2/2" in outputs[1]
+    run = tmp_path / "runs" / "contrastive" / "nodes"
+    assert json.loads((run / "metrics.json").read_text())["samples_seen"] == 2 * 6 * 8
+    assert _largest_difference(run, ddp_run[0]) == 0.0
+
+
 def _largest_difference(run: Path, other: Path) -> float:
     from safetensors.torch import load_file
 
