@@ -269,7 +269,8 @@ with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
 
 
 @pytest.mark.slow
-def test_a_nonfinite_loss_skips_the_step_on_both_ranks(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_nonfinite_loss_skips_the_step_on_both_ranks(tmp_path, strategy):
     """One rank's NaN loss skips that step on every rank (they agree through an all-reduce) and the run goes on.
 
     Lightning refuses a None loss with several ranks, and DDP needs every rank to run backward, so a skipped step
@@ -278,7 +279,8 @@ def test_a_nonfinite_loss_skips_the_step_on_both_ranks(tmp_path):
     """
     script = tmp_path / "nonfinite.py"
     args = [*TINY, *_args(tmp_path, "stage.max_steps=5", "trainer.checkpoint_every_n_steps=1000",
-                          "run_name=nan", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu")]
+                          "run_name=nan", f"trainer.strategy={strategy}", "trainer.devices=2",
+                          "trainer.accelerator=cpu")]
     script.write_text(NONFINITE_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), args=args,
                                               out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -11,6 +11,7 @@ from timm.models.vision_transformer import Block
 from tiny import tiny_config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+from vlm.config import ConfigError
 from vlm.lit.sharding import BlockShardedFSDP, build_strategy, transformer_block_types
 from vlm.loading import new_vlm
 from vlm.models.clip import CLIPModel
@@ -37,11 +38,24 @@ def test_fsdp_builds_a_block_sharded_strategy_and_other_names_pass_through():
 @pytest.mark.parametrize(("overrides", "named"), [
     (["trainer.precision=bf16-mixed"], "trainer.precision='bf16-mixed'"),
     (["trainer.fsdp_sharding=HYBRID_SHARD"], "trainer.fsdp_sharding=HYBRID_SHARD"),
+    (["trainer.strategy=fsdp_cpu_offload"], "trainer.strategy=fsdp_cpu_offload"),
 ])
 def test_fsdp_settings_cpu_ranks_cannot_run_are_refused_by_name(overrides, named):
     config = tiny_config("trainer.strategy=fsdp", "trainer.accelerator=cpu", *overrides)
     with pytest.raises(ValueError, match=named.replace("[", r"\[")):
         build_strategy(config.trainer, CLIPModel(config.model))
+
+
+def test_an_unknown_strategy_is_refused_with_a_suggestion():
+    config = tiny_config("trainer.strategy=ddpp")
+    with pytest.raises(ConfigError, match=r"trainer.strategy='ddpp' is not a Lightning strategy. Did you mean 'ddp'"):
+        build_strategy(config.trainer, CLIPModel(config.model))
+
+
+def test_fsdp_cpu_offload_is_block_sharded_too():
+    config = tiny_config("trainer.strategy=fsdp_cpu_offload", "trainer.accelerator=gpu")
+    strategy = build_strategy(config.trainer, CLIPModel(config.model))
+    assert isinstance(strategy, BlockShardedFSDP) and strategy.cpu_offload.offload_params
 
 
 def test_an_unknown_sharding_is_refused_with_the_choices():

@@ -177,7 +177,7 @@ class TrainConfig:
     checkpoint: str | None = None  # vlm.eval: the export folder to evaluate
 
 
-def _closest(key: str, valid: list[str]) -> str:
+def closest(key: str, valid: list[str]) -> str:
     match = difflib.get_close_matches(key, valid, n=1)
     return f" Did you mean {match[0]!r}?" if match else ""
 
@@ -189,7 +189,7 @@ def validate(obj: Any, path: str = "") -> None:
         key = f"{path}{f.name}"
         allowed = f.metadata.get("choices")
         if allowed and value not in allowed:
-            hint = _closest(str(value), list(allowed))
+            hint = closest(str(value), list(allowed))
             raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(allowed)}.{hint}")
         if dataclasses.is_dataclass(value):
             validate(value, f"{key}.")
@@ -210,7 +210,7 @@ def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
         valid = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
         if leaf in valid:  # a known key with a value of the wrong type
             raise ConfigError(f"bad value for {key!r}: {reason}") from None
-        raise ConfigError(f"unknown config key {key!r}.{_closest(leaf, valid)} Valid keys under "
+        raise ConfigError(f"unknown config key {key!r}.{closest(leaf, valid)} Valid keys under "
                           f"{parent or 'the top level'!r}: {valid}") from None
     try:
         config: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]

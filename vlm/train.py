@@ -18,6 +18,7 @@ from vlm.config import to_train_config
 from vlm.data.sources import resolve as resolve_data
 from vlm.lit.build import build_task, build_trainer, finish
 from vlm.lit.common import NonFiniteLoss, TooManyBadSamples
+from vlm.lit.sharding import check_strategy
 from vlm.runs import prepare_run
 from vlm.stages import get_stage
 
@@ -29,6 +30,7 @@ def train(cfg: DictConfig) -> dict:
     started = time.time()
     with user_errors():
         config = to_train_config(cfg)
+        check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
         pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
         data = resolve_data(config.data, get_stage(config.stage.name).data)
         run = prepare_run(config)

@@ -12,15 +12,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.strategies import FSDPStrategy, Strategy, StrategyRegistry
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel
 
-from vlm.config import TrainerConfig
+from vlm.config import ConfigError, TrainerConfig, closest
 
 log = logging.getLogger(__name__)
 
+FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")  # Lightning's names for FSDP; both get the settings below
 # Repeated blocks by container name: timm ViTs keep theirs in `blocks`, open_clip's text transformer in `resblocks`.
 BLOCK_CONTAINERS = ("blocks", "resblocks")
 
@@ -67,24 +68,41 @@ class BlockShardedFSDP(FSDPStrategy):
         return self._root
 
 
-def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
-    """The Lightning strategy for `trainer.strategy`: a name Lightning resolves, or block-sharded FSDP for `fsdp`."""
-    if trainer.strategy != "fsdp":
-        return trainer.strategy
+def check_strategy(trainer: TrainerConfig) -> None:
+    """Refuse, before any work, a strategy Lightning does not know and FSDP settings these devices cannot run."""
+    known = ["auto", *StrategyRegistry.available_strategies()]
+    if trainer.strategy not in known:
+        hint = closest(trainer.strategy, known)
+        raise ConfigError(f"trainer.strategy={trainer.strategy!r} is not a Lightning strategy.{hint} "
+                          "Common ones: auto, ddp, fsdp")
+    if trainer.strategy not in FSDP_NAMES:
+        return
     on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and trainer.precision != "32-true":
         # Lightning's FSDP mixed precision autocasts on CUDA only; on CPU the blocks would get bf16 inputs in fp32 ops
-        raise ValueError(f"trainer.precision={trainer.precision!r} with trainer.strategy=fsdp needs GPUs; "
-                         "FSDP on CPU ranks runs in 32-true")
+        raise ConfigError(f"trainer.precision={trainer.precision!r} with trainer.strategy=fsdp needs GPUs; "
+                          "FSDP on CPU ranks runs in 32-true")
+    if on_cpu and trainer.strategy == "fsdp_cpu_offload":
+        raise ConfigError("trainer.strategy=fsdp_cpu_offload needs GPUs (it moves GPU shards to CPU memory); "
+                          "on CPU ranks use trainer.strategy=fsdp")
     if on_cpu and trainer.fsdp_sharding == "HYBRID_SHARD":
         # torch groups HYBRID_SHARD ranks by the accelerators of a node, which CPU ranks do not have
-        raise ValueError("trainer.fsdp_sharding=HYBRID_SHARD needs GPUs (it groups ranks by GPUs per node); "
-                         "on CPU ranks use FULL_SHARD or SHARD_GRAD_OP")
+        raise ConfigError("trainer.fsdp_sharding=HYBRID_SHARD needs GPUs (it groups ranks by GPUs per node); "
+                          "on CPU ranks use FULL_SHARD or SHARD_GRAD_OP")
+
+
+def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
+    """The Lightning strategy for `trainer.strategy`: a name Lightning resolves, or block-sharded FSDP for `fsdp` (and
+    `fsdp_cpu_offload`, which also keeps the shards in CPU memory between uses)."""
+    check_strategy(trainer)
+    if trainer.strategy not in FSDP_NAMES:
+        return trainer.strategy
     blocks = transformer_block_types(model)
     if not blocks:
-        raise ValueError("trainer.strategy=fsdp: the model has no transformer blocks to shard (no timm `blocks`, "
-                         "open_clip `resblocks` or Hugging Face `_no_split_modules`)")
+        raise ConfigError("trainer.strategy=fsdp: the model has no transformer blocks to shard (no timm `blocks`, "
+                          "open_clip `resblocks` or Hugging Face `_no_split_modules`)")
     return BlockShardedFSDP(auto_wrap_policy=blocks, sharding_strategy=trainer.fsdp_sharding,
+                            cpu_offload=trainer.strategy == "fsdp_cpu_offload",
                             state_dict_type="full")  # one checkpoint file: atomic writes and resume=auto as ever
 
 
