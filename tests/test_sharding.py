@@ -12,8 +12,9 @@ from tiny import tiny_config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from vlm.config import ConfigError
-from vlm.lit.sharding import BlockShardedFSDP, build_strategy, transformer_block_types
+from vlm.lit.sharding import BlockShardedFSDP, build_strategy
 from vlm.loading import new_vlm
+from vlm.models.blocks import transformer_block_types
 from vlm.models.clip import CLIPModel
 
 

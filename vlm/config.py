@@ -151,7 +151,7 @@ class TrainerConfig:
     checkpoint_every_n_steps: int = 500
     logger: str = choices("csv", "tensorboard", default="csv")
     seed: int = 0
-    compile: bool = False  # torch.compile the model
+    compile: bool = False  # torch.compile each transformer block (ViT, text tower, LLM layers) in place
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
 
 

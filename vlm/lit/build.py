@@ -23,6 +23,7 @@ from vlm.lit.checkpointing import AtomicCheckpointIO, ContinuingCSVLogger, DataP
 from vlm.lit.common import DataHealth
 from vlm.lit.data import ShardDataModule
 from vlm.lit.sharding import build_strategy
+from vlm.models.blocks import compile_blocks
 from vlm.runs import Run
 from vlm.stages import get_stage
 
@@ -39,6 +40,8 @@ def build_task(config: TrainConfig, run: Run, data: sources.DataSources) -> tupl
         from vlm.lit.vlm_task import VLMTask
 
         task = VLMTask.create(config, init_from=run.init_from)
+    if config.trainer.compile:
+        log.info("trainer.compile: %d transformer blocks compile on their first batch", compile_blocks(task.model))
     datamodule = ShardDataModule(data.train, data.val, task.decoder(stage.data), task.collate,
                                  config.stage.batch_size, config.eval.batch_size, config.data, config.trainer.seed,
                                  val_decode=task.decoder(stage.data, evaluate=True))

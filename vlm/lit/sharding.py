@@ -15,28 +15,13 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, Strategy, StrategyRegistry
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
-from transformers import PreTrainedModel
 
 from vlm.config import ConfigError, TrainerConfig, closest
+from vlm.models.blocks import transformer_block_types
 
 log = logging.getLogger(__name__)
 
 FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")  # Lightning's names for FSDP; both get the settings below
-# Repeated blocks by container name: timm ViTs keep theirs in `blocks`, open_clip's text transformer in `resblocks`.
-BLOCK_CONTAINERS = ("blocks", "resblocks")
-
-
-def transformer_block_types(model: nn.Module) -> set[type[nn.Module]]:
-    """The block classes FSDP wraps one by one: each Hugging Face model's own `_no_split_modules` (its decoder
-    layers) and the classes in timm's and open_clip's block lists."""
-    types: set[type[nn.Module]] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, PreTrainedModel):
-            declared = set(getattr(module, "_no_split_modules", None) or [])
-            types |= {type(m) for m in module.modules() if type(m).__name__ in declared}
-        if name.rsplit(".", 1)[-1] in BLOCK_CONTAINERS and isinstance(module, nn.ModuleList | nn.Sequential):
-            types |= {type(block) for block in module}
-    return types
 
 
 class BlockShardedFSDP(FSDPStrategy):

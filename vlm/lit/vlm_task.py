@@ -158,10 +158,13 @@ class VLMTask(pl.LightningModule):
     def answer(self, prompt: dict[str, torch.Tensor], max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers for a left-padded prompt batch."""
         tokenizer = self.bundle.tokenizer
-        new = self.model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
-                                  prompt["image_slots"],
-                                  max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens, do_sample=False,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        # blocks compiled for training (trainer.compile) decode eagerly: every new KV-cache length would recompile them
+        with torch.compiler.set_stance("force_eager"):
+            new = self.model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
+                                      prompt["image_slots"],
+                                      max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
+                                      do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
         return tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def on_validation_epoch_end(self) -> None:
