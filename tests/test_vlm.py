@@ -170,3 +170,25 @@ def test_loss_counts_assistant_tokens_only(bundle):
     expected = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
     assert torch.allclose(out.loss, expected, atol=1e-5)
     assert 0 < kept.sum() < len(targets) / 4  # the replies are a small part of the sequence
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_export_loads_back_exactly(tmp_path, tied):
+    """load_vlm skips the random init (every weight comes from the file, strictly), so nothing may be left out:
+    every tensor comes back, tied embeddings come back tied, and the logits are the same."""
+    from vlm.loading import export_vlm, load_vlm
+
+    torch.manual_seed(0)
+    config = tiny_config(f"model.llm.config.tie_word_embeddings={str(tied).lower()}", stage="sft")
+    original = new_vlm(config.model, config.tiler)
+    loaded = load_vlm(export_vlm(tmp_path / "export", original, "sft", config.tiler))
+    mine, theirs = original.model.state_dict(), loaded.model.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    lm = loaded.model.lm
+    assert (lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()) == tied
+    encoded = _inputs(original)
+    with torch.no_grad():
+        logits = [b.model.eval()(encoded.input_ids[None], None, encoded.pixel_values).logits
+                  for b in (original, loaded)]
+    assert torch.equal(logits[0], logits[1])

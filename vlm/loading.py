@@ -4,6 +4,7 @@ serve, so an export folder always comes back exactly as it was trained."""
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,11 +101,24 @@ def _bundle(model: VisionLanguageModel, tokenizer, tiler: TilerConfig, meta: dic
 
 def empty_vlm(config: ModelConfig, llm_config: PretrainedConfig, token_id: int,
               gradient_checkpointing: bool = False) -> VisionLanguageModel:
-    """A VLM shaped by `config` and the LLM's `llm_config`, with fresh weights for a state dict to be loaded into."""
-    lm = AutoModelForCausalLM.from_config(llm_config)
-    if gradient_checkpointing:
-        enable_checkpointing(lm)
-    return VisionLanguageModel(config, lm, token_id)
+    """A VLM shaped by `config` and the LLM's `llm_config`, for a whole state dict to be loaded into.
+
+    Its weights are left uninitialised (transformers' `no_init_weights`): the state dict overwrites every one of them
+    (loading is strict), and the random init of a billion-parameter LLM takes seconds to minutes on a CPU."""
+    with _no_init_weights():
+        lm = AutoModelForCausalLM.from_config(llm_config)
+        lm.tie_weights()  # tying happens in the init that is skipped; the export stores tied weights once
+        if gradient_checkpointing:
+            enable_checkpointing(lm)
+        return VisionLanguageModel(config, lm, token_id)
+
+
+def _no_init_weights() -> AbstractContextManager:
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import zlib
 from collections import defaultdict
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +161,7 @@ class VLMTask(pl.LightningModule):
         """Greedy answers for a left-padded prompt batch."""
         tokenizer = self.bundle.tokenizer
         # blocks compiled for training (trainer.compile) decode eagerly: every new KV-cache length would recompile them
-        with torch.compiler.set_stance("force_eager"):
+        with eager_decoding():
             new = self.model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
                                       prompt["image_slots"],
                                       max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
@@ -192,6 +194,12 @@ class VLMTask(pl.LightningModule):
             bundle = dataclasses.replace(bundle, model=with_gathered_weights(fresh, gathered))
         return export_vlm(directory, bundle, self.config.stage.name, self.config.tiler,
                           {"templates": None, "train_config": to_dict(self.config.stage)})
+
+
+def eager_decoding() -> AbstractContextManager:
+    """Compiled code runs eagerly inside (torch >= 2.6; older versions recompile, with warnings)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def exact_match_metrics(answers: dict[str, list[bool]]) -> dict[str, float]:
