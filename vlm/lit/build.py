@@ -104,4 +104,14 @@ def finish(trainer: pl.Trainer, task: pl.LightningModule, datamodule: ShardDataM
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
         log.info("done: %s", json.dumps(shown))
         log.info("export folder: %s", Path(run.export).resolve())
+    leave_process_group()
     return metrics
+
+
+def leave_process_group() -> None:
+    """Every rank waits for the others (rank 0 may still be writing the export), then all leave the process group.
+    A rank that exits with the group still open can abort at interpreter shutdown (gloo: "terminate called without an
+    active exception"), and a cluster scheduler would then mark the whole job failed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
