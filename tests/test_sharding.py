@@ -12,7 +12,7 @@ from tiny import tiny_config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from vlm.config import ConfigError
-from vlm.lit.sharding import BlockShardedFSDP, build_strategy
+from vlm.lit.sharding import BlockShardedFSDP, build_strategy, check_strategy
 from vlm.loading import new_vlm
 from vlm.models.blocks import transformer_block_types
 from vlm.models.clip import CLIPModel
@@ -44,13 +44,13 @@ def test_fsdp_builds_a_block_sharded_strategy_and_other_names_pass_through():
 def test_fsdp_settings_cpu_ranks_cannot_run_are_refused_by_name(overrides, named):
     config = tiny_config("trainer.strategy=fsdp", "trainer.accelerator=cpu", *overrides)
     with pytest.raises(ValueError, match=named.replace("[", r"\[")):
-        build_strategy(config.trainer, CLIPModel(config.model))
+        check_strategy(config.trainer)
 
 
 def test_an_unknown_strategy_is_refused_with_a_suggestion():
     config = tiny_config("trainer.strategy=ddpp")
     with pytest.raises(ConfigError, match=r"trainer.strategy='ddpp' is not a Lightning strategy. Did you mean 'ddp'"):
-        build_strategy(config.trainer, CLIPModel(config.model))
+        check_strategy(config.trainer)
 
 
 def test_fsdp_cpu_offload_is_block_sharded_too():

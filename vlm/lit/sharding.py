@@ -78,8 +78,8 @@ def check_strategy(trainer: TrainerConfig) -> None:
 
 def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
     """The Lightning strategy for `trainer.strategy`: a name Lightning resolves, or block-sharded FSDP for `fsdp` (and
-    `fsdp_cpu_offload`, which also keeps the shards in CPU memory between uses)."""
-    check_strategy(trainer)
+    `fsdp_cpu_offload`, which also keeps the shards in CPU memory between uses). `vlm.train` has already run
+    `check_strategy` on these settings, at start-up."""
     if trainer.strategy not in FSDP_NAMES:
         return trainer.strategy
     blocks = transformer_block_types(model)
