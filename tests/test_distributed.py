@@ -229,6 +229,11 @@ def test_fsdp_trains_what_ddp_trains(ddp_run, tmp_path):
     fsdp_gap = _largest_difference(runs / "fsdp", ddp_run[0])
     control_gap = _largest_difference(runs / "unclipped", ddp_run[0])
     assert fsdp_gap < 1e-3 < control_gap, (fsdp_gap, control_gap)
+    # and the sharded run carries on from its last checkpoint (Lightning's FSDP resume loads tensors lazily)
+    output = _train_two_ranks(tmp_path, *CONTRASTIVE_RUN, "stage.max_steps=9", "trainer.strategy=fsdp",
+                              "run_name=fsdp", "resume=auto", cache=cache)
+    assert "from step00000006.ckpt" in output, output
+    assert json.loads((runs / "fsdp" / "metrics.json").read_text())["global_step"] == 9
 
 
 @pytest.mark.slow

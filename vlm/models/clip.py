@@ -31,8 +31,10 @@ class ContrastiveHead(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         for name in ("logit_scale", "logit_bias"):  # exports written before the (1,) shape hold scalars
-            if state_dict.get(prefix + name) is not None and state_dict[prefix + name].dim() == 0:
-                state_dict[prefix + name] = state_dict[prefix + name].reshape(1)
+            value = state_dict.get(prefix + name)
+            # `.ndim` and `torch.reshape`, not `.dim()`: Lightning's FSDP resume passes lazily loaded tensors
+            if value is not None and value.ndim == 0:
+                state_dict[prefix + name] = torch.reshape(value, (1,))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
