@@ -322,3 +322,18 @@ def test_an_export_from_gathered_weights_equals_the_live_models(tmp_path, stage)
     assert live.keys() == exported.keys()
     assert torch.equal(exported[shifted], live[shifted] + 1.0)
     assert all(torch.equal(live[name], exported[name]) for name in live if name != shifted)
+
+
+@pytest.mark.slow
+def test_fewer_shards_than_ranks_is_one_clear_line(tmp_path):
+    """1 shard for 2 ranks: the run stops at once with the numbers and the fix (exit 2), no traceback, no hang."""
+    pattern = synthetic.write_split("captions", tmp_path / "one", num=16, seed=0, image_size=64, samples_per_shard=16)
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm.train", *_args(tmp_path, "stage.max_steps=2", "trainer.strategy=ddp",
+                                                   "trainer.devices=2", "trainer.accelerator=cpu",
+                                                   f"data.train='{pattern}'")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "has 1 shards for 2 ranks" in output and "data.resampled=true" in output
+    assert "Traceback" not in output

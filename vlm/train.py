@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, fail, preflight, user_errors
 from vlm.config import to_train_config
+from vlm.data.shards import ShardError
 from vlm.data.sources import resolve as resolve_data
 from vlm.lit.build import build_task, build_trainer, finish
 from vlm.lit.common import NonFiniteLoss, TooManyBadSamples
@@ -39,7 +40,7 @@ def train(cfg: DictConfig) -> dict:
         trainer = build_trainer(config, run, task.model)
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
-    except (TooManyBadSamples, NonFiniteLoss) as err:  # the run's own verdict: one clear line, not a traceback
+    except (TooManyBadSamples, NonFiniteLoss, ShardError) as err:  # the run's verdict on its data: one clear line
         fail(str(err))
     with user_errors():
         return finish(trainer, task, datamodule, run, config, started)
