@@ -6,11 +6,12 @@ Both sides train the same-sized CLIP model (configs/model/tiny.yaml unless overr
 synthetic caption shards, with the same batch size and the same number of torch threads, in one process:
 
 - ours:  exactly what `python -m vlm.train stage=contrastive` builds: `to_train_config` -> `prepare_run` ->
-         `build_task` (ContrastiveTask: timm ViT + open_clip text tower, open_clip ClipLoss, our AdamW param groups
-         and warmup-cosine schedule) -> `build_trainer` (Lightning: progress bar, CSV logger, LR monitor, gradient
-         clipping) -> `trainer.fit`, reading the shards through the default data path (webdataset -> tiler -> open_clip
-         tokenizer in `data.num_workers` DataLoader worker processes). Held-out validation is off (no data.val) and
-         checkpointing is pushed out of the timed window (trainer.checkpoint_every_n_steps is set very large).
+         the stage table's ContrastiveTask (timm ViT + open_clip text tower, open_clip ClipLoss, our AdamW param
+         groups and warmup-cosine schedule) -> `build_trainer` (Lightning: progress bar, CSV logger, LR monitor,
+         gradient clipping) -> `trainer.fit`, reading the shards through the default data path (webdataset ->
+         tiler -> open_clip tokenizer in `data.num_workers` DataLoader worker processes). Held-out validation is off
+         (no data.val) and checkpointing is pushed out of the timed window (trainer.checkpoint_every_n_steps is set
+         very large).
 - plain: `open_clip.CLIP` built from `CLIPVisionCfg` / `CLIPTextCfg` with the same sizes (open_clip's own ViT here,
          timm's on our side; the text towers are the same open_clip class), `open_clip.loss.ClipLoss`, AdamW (same
          lr, betas, weight decay, no decay on gains/biases) and the same gradient clipping and logit-scale clamp as
@@ -77,11 +78,13 @@ from vlm.data import synthetic  # noqa: E402
 from vlm.data.captions import collate_captions  # noqa: E402
 from vlm.data.shards import build_pipeline, list_shards  # noqa: E402
 from vlm.data.sources import DataSources  # noqa: E402
-from vlm.lit.build import build_task, build_trainer  # noqa: E402
-from vlm.lit.contrastive import ContrastiveTask  # noqa: E402
 from vlm.models.clip import MAX_LOGIT_SCALE, CLIPModel  # noqa: E402
 from vlm.models.losses import build_contrastive_loss  # noqa: E402
-from vlm.runs import prepare_run  # noqa: E402
+from vlm.training.contrastive import ContrastiveTask  # noqa: E402
+from vlm.training.datamodule import ShardDataModule  # noqa: E402
+from vlm.training.runs import prepare_run  # noqa: E402
+from vlm.training.stages import get_stage  # noqa: E402
+from vlm.training.trainer import build_trainer  # noqa: E402
 
 NEVER = 10**9  # a step interval that the benchmark never reaches
 
@@ -131,8 +134,10 @@ class Ours:
     def build(self) -> ContrastiveTask:
         pl.seed_everything(self.config.trainer.seed, workers=True, verbose=False)
         self.config.run_name = "ours-0"
-        task, self.datamodule = build_task(self.config, prepare_run(self.config), self.data)
+        stage = get_stage("contrastive")
+        task = stage.task.create(self.config, stage, prepare_run(self.config).init_from, self.data)
         assert isinstance(task, ContrastiveTask)
+        self.datamodule = ShardDataModule(self.data, task.batching(), self.config.data, self.config.trainer.seed)
         self.task = task
         return task
 
@@ -140,7 +145,7 @@ class Ours:
         self.windows += 1
         self.config.run_name = f"ours-{self.windows}"  # a fresh run folder (logs) per window, as a new run has
         self.config.stage.max_steps = warmup + steps
-        trainer = build_trainer(self.config, prepare_run(self.config), self.task.model)
+        trainer = build_trainer(self.config, prepare_run(self.config), self.task)
         timer = WindowTimer(warmup)
         trainer.callbacks.append(timer)
         trainer.fit(self.task, datamodule=self.datamodule)

@@ -50,11 +50,11 @@ from vlm.config import TrainConfig, to_train_config  # noqa: E402
 from vlm.data import synthetic  # noqa: E402
 from vlm.data.captions import CaptionDecoder, collate_captions  # noqa: E402
 from vlm.data.shards import build_pipeline, list_shards, make_loader  # noqa: E402
-from vlm.lit.common import build_optimizer  # noqa: E402
-from vlm.loading import make_tiler  # noqa: E402
 from vlm.models.clip import CLIPModel  # noqa: E402
+from vlm.models.factory import make_tiler  # noqa: E402
 from vlm.models.losses import build_contrastive_loss  # noqa: E402
 from vlm.models.text import clip_tokenizer  # noqa: E402
+from vlm.training.optim import build_optimizer  # noqa: E402
 
 PRESETS = {  # preset -> (config overrides, image source, default trainer batch)
     "tiny": (["model=tiny"], "synthetic", None),

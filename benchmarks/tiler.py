@@ -90,7 +90,8 @@ def worker(side: str, image: str, tile_size: int, max_tiles: int, repeats: int, 
         torch.set_num_threads(threads)
     data = Path(image).read_bytes()
     if side == "ours":
-        from vlm.data.tiler import Tiler, TilerConfig
+        from vlm.config import TilerConfig
+        from vlm.data.tiler import Tiler
 
         tiler = Tiler(TilerConfig(max_tiles=max_tiles), tile_size=tile_size, tokens_per_tile=1)
 

@@ -1,8 +1,8 @@
 """Benchmark: training-step throughput, vlm's VisionLanguageModel vs transformers' LlavaForConditionalGeneration.
 
 Both sides are built at the same sizes with random weights (nothing is downloaded):
-- ours:  `vlm.loading.new_vlm(config.model, config.tiler)` on the composed config (model=tiny, or the larger "small"
-         preset), with `model.projector.reduction=none`, `model.vision.feature_layer=-1` and
+- ours:  `vlm.models.factory.new_vlm(config.model, config.tiler)` on the composed config (model=tiny, or the larger
+         "small" preset), with `model.projector.reduction=none`, `model.vision.feature_layer=-1` and
          `model.vision.conv_stem=false` (CLIP's ViT has a single patchify convolution; the tiny preset's conv stem
          would make the two ViTs different models): timm ViT -> mlp2x_gelu projector -> the HF LlamaForCausalLM that
          `build_llm` makes, with the local synthetic tokenizer;
@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm.cli import CONFIG_DIR  # noqa: E402
 from vlm.config import TrainConfig, to_train_config  # noqa: E402
 from vlm.data.processor import IGNORE_INDEX  # noqa: E402
-from vlm.loading import new_vlm  # noqa: E402
+from vlm.models.factory import new_vlm  # noqa: E402
 from vlm.models.vlm import VisionLanguageModel  # noqa: E402
 
 # "tiny" is configs/model/tiny.yaml (what the tests and the synthetic run use); "small" is a few times larger (the same

@@ -14,7 +14,8 @@ if __package__ in (None, ""):  # run as `python data_scripts/make_synthetic.py`:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_scripts.shard_writing import DataError, override, prepare_output, write_classnames  # noqa: E402
-from vlm.config import SyntheticConfig  # noqa: E402
+from vlm.cli import compose_config  # noqa: E402
+from vlm.config import SyntheticConfig, load_config  # noqa: E402
 from vlm.data import synthetic  # noqa: E402
 
 STAGES = {"captions": "contrastive", "conversations": "sft"}  # what each kind trains, for the example command
@@ -30,7 +31,8 @@ example:
 
 
 def main(argv: list[str] | None = None) -> int:
-    d = SyntheticConfig()  # the trainer's defaults, so both produce the same dataset unless told otherwise
+    # the trainer's defaults (configs/data/synthetic.yaml), so both produce the same dataset unless told otherwise
+    d = load_config(SyntheticConfig, compose_config("train").data.synthetic, path="data.synthetic.")
     parser = argparse.ArgumentParser(
         prog="make_synthetic.py",
         description="Write vlm's deterministic synthetic shapes dataset (what training uses when no data is given) "

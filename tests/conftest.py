@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models built from the configs in a second (no training, no downloads)."""
+"""Shared fixtures: a clean run environment for every test, one small synthetic dataset per session, and a tiny random
+sft export with its chat model. Nothing here trains or downloads."""
 
 from __future__ import annotations
 
@@ -6,31 +7,44 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_config
+
+from vlm.chat import ChatModel
+from vlm.exports.vlm import export_vlm
+from vlm.models.factory import new_vlm
+from vlm.training.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV
 
 # The tiny models are far too small for intra-op threads to help; on CI's 2 shared cores they only contend (a
 # generate step was ~25x slower with 2 threads than with 1 while other work ran).
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def fresh_run_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prepare_run` leaves its choice of run folder in the environment, for the DDP ranks Lightning starts from this
+    process; a test that trains in this process must not hand that choice to the next test."""
+    for name in (RUN_DIR_ENV, RESUME_ENV, PARENT_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Overrides for a small synthetic dataset (64 train, 16 held-out, 16 per shard), generated once per session."""
+    cache = tmp_path_factory.mktemp("synthetic")
+    return [f"data.synthetic.cache_dir={cache}", "data.synthetic.num_train=64", "data.synthetic.num_val=16",
+            "data.synthetic.samples_per_shard=16"]
+
+
 @pytest.fixture(scope="session")
 def tiny_sft_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An sft export folder of the tiny preset with random weights (seeded, so its greedy answers are stable)."""
-    from hydra import compose, initialize_config_dir
-
-    from vlm.cli import CONFIG_DIR
-    from vlm.config import to_train_config
-    from vlm.loading import export_vlm, new_vlm
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = to_train_config(compose("train", overrides=["stage=sft"]))
+    config = tiny_config(stage="sft", tiny=False)
     torch.manual_seed(0)
-    bundle = new_vlm(cfg.model, cfg.tiler)
-    return export_vlm(tmp_path_factory.mktemp("tiny") / "export", bundle, "sft", cfg.tiler)
+    return export_vlm(tmp_path_factory.mktemp("tiny") / "export", new_vlm(config.model, config.tiler), "sft",
+                      config.tiler)
 
 
 @pytest.fixture(scope="session")
-def tiny_chat_model(tiny_sft_export: Path):
+def tiny_chat_model(tiny_sft_export: Path) -> ChatModel:
     """`vlm.chat.ChatModel` on the CPU over `tiny_sft_export`, loaded once per test session."""
-    from vlm.chat import ChatModel
-
     return ChatModel.load(tiny_sft_export, device="cpu")

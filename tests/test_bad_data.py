@@ -8,74 +8,44 @@ its step with a warning naming the step, and `trainer.max_nonfinite_steps` of th
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import random
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import webdataset as wds
+from images import shapes
 from safetensors.torch import load_file
 from tiny import tiny_config
 from torch import nn
 from tqdm import tqdm
 
 from vlm.data import synthetic
-from vlm.data.sources import resolve as resolve_data
-from vlm.lit.build import build_task, build_trainer, finish
-from vlm.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
-from vlm.stages import get_stage
+from vlm.train import run
 
 COMMON = ["data.num_workers=0", "stage.warmup_steps=2", "trainer.val_check_interval=1000",
           "trainer.checkpoint_every_n_steps=1000", "trainer.log_every_n_steps=1"]
 
 
-@pytest.fixture(autouse=True)
-def _no_run_choice_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prepare_run, called in this process, leaves its choice in the environment for DDP ranks; undo it after."""
-    for name in (RUN_DIR_ENV, RESUME_ENV, PARENT_ENV):
-        monkeypatch.setenv(name, "")
-
 
 def train(config, *callbacks: pl.Callback) -> tuple[dict, Path]:
-    """What `python -m vlm.train` does (vlm/train.py), in this process, with extra callbacks."""
-    started = time.time()
-    pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    data = resolve_data(config.data, get_stage(config.stage.name).data)
-    run = prepare_run(config)
-    task, datamodule = build_task(config, run, data)
-    trainer = build_trainer(config, run, task.model)
-    trainer.callbacks.extend(callbacks)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
-    return finish(trainer, task, datamodule, run, config, started), run.dir
+    """`python -m vlm.train` in this process, with extra callbacks: (metrics, run folder)."""
+    metrics = run(config, callbacks)
+    return metrics, Path(metrics["export"]).parent
 
 
 # ---- shards with bad samples --------------------------------------------------------------------------------------
 
-def _png(seed: int) -> bytes:
-    image = synthetic.render(synthetic.random_spec(random.Random(seed)), random.Random(seed), 32)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _jpeg(seed: int) -> bytes:
-    buffer = io.BytesIO()
-    synthetic.render(synthetic.random_spec(random.Random(seed)), random.Random(seed), 32).save(buffer, format="JPEG")
-    return buffer.getvalue()
-
-
 BAD_CAPTIONS = {  # key -> how the sample is broken
     "corrupt": lambda i: {"png": b"\x89PNG\r\n\x1a\n" + bytes(random.Random(i).getrandbits(8) for _ in range(200)),
                           "txt": "a red circle"},
-    "truncated": lambda i: {"jpg": _jpeg(i)[: len(_jpeg(i)) // 2], "txt": "a blue square"},
+    "truncated": lambda i: {"jpg": shapes(i, fmt="JPEG")[: len(shapes(i, fmt="JPEG")) // 2], "txt": "a blue square"},
     "undecodable": lambda i: {"webp": b"this is a caption, not an image", "txt": "a green cross"},
-    "nocaption": lambda i: {"png": _png(i)},
-    "emptycaption": lambda i: {"png": _png(i), "txt": "   "},
+    "nocaption": lambda i: {"png": shapes(i)},
+    "emptycaption": lambda i: {"png": shapes(i), "txt": "   "},
     "noimage": lambda i: {"txt": "a caption without its picture"},
 }
 
@@ -98,7 +68,7 @@ def write_caption_shards(directory: Path, good_per_shard: int, bad_kinds: list[s
                 key = f"s{shard}-{good:05d}"
                 seed = shard * 100_000 + good
                 spec = synthetic.random_spec(random.Random(seed))
-                sink.write({"__key__": key, "png": _png(seed), "txt": synthetic.caption(spec, random.Random(seed)),
+                sink.write({"__key__": key, "png": shapes(seed), "txt": synthetic.caption(spec, random.Random(seed)),
                             "cls": str(spec.label)})
                 good += 1
     return str(directory / f"shard-{{000..{shards - 1:03d}}}.tar")
@@ -111,10 +81,10 @@ def write_conversation_shards(directory: Path, good: int, shards: int = 2) -> tu
     samples = list(synthetic.conversation_samples(good, seed=3, image_size=32))
     broken = [
         {"__key__": "bad-json", "json": b'{"conversations": [{"from": "human", "value": "<image>\\nHi"', "0.png":
-            _png(1)},
-         {"__key__": "bad-noconv", "json": json.dumps({"type": "color"}), "0.png": _png(2)},
+            shapes(1)},
+         {"__key__": "bad-noconv", "json": json.dumps({"type": "color"}), "0.png": shapes(2)},
          {"__key__": "bad-image", "json": samples[0]["json"], "0.png": b"\x89PNG\r\n\x1a\nnot really"},
-         {"__key__": "bad-notdict", "json": b"[1, 2, 3]", "0.png": _png(3)},
+         {"__key__": "bad-notdict", "json": b"[1, 2, 3]", "0.png": shapes(3)},
     ]
     per_shard = good // shards
     for shard in range(shards):
@@ -218,15 +188,9 @@ class PoisonAndWatch(pl.Callback):
         self.changed[self._step] = any(not torch.equal(a, b) for a, b in zip(self._before, after, strict=True))
 
 
-@pytest.fixture(scope="module")
-def synthetic_cache(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    cache = tmp_path_factory.mktemp("synthetic")
-    return [f"data.synthetic.cache_dir={cache}", "data.synthetic.num_train=96", "data.synthetic.num_val=16",
-            "data.synthetic.samples_per_shard=48"]
 
-
-def test_one_nonfinite_loss_skips_its_step_with_a_warning(tmp_path, caplog, synthetic_cache):
-    config = tiny_config(*COMMON, *synthetic_cache, "stage.batch_size=8", "stage.max_steps=6",
+def test_one_nonfinite_loss_skips_its_step_with_a_warning(tmp_path, caplog, small_synthetic):
+    config = tiny_config(*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=6",
                          f"output_root={tmp_path}", "run_name=nan")
     watch = PoisonAndWatch({3})
     with caplog.at_level(logging.WARNING):
@@ -237,8 +201,8 @@ def test_one_nonfinite_loss_skips_its_step_with_a_warning(tmp_path, caplog, synt
     assert all(torch.isfinite(w).all() for w in load_file(run_dir / "export" / "model.safetensors").values())
 
 
-def test_nonfinite_losses_in_a_row_stop_the_run_naming_the_step(tmp_path, synthetic_cache):
-    config = tiny_config(*COMMON, *synthetic_cache, "stage.batch_size=8", "stage.max_steps=10",
+def test_nonfinite_losses_in_a_row_stop_the_run_naming_the_step(tmp_path, small_synthetic):
+    config = tiny_config(*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=10",
                          "trainer.max_nonfinite_steps=3", f"output_root={tmp_path}", "run_name=nan")
     with pytest.raises(FloatingPointError, match=r"3 non-finite losses in a row, the last at step 4"):
         train(config, PoisonAndWatch({2, 3, 4}))

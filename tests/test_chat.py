@@ -11,17 +11,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from vlm.chat import (
+from vlm.data.tiler import ImageLoadError
+from vlm.generation.completion import PromptError
+from vlm.generation.options import (
     CODE_TEMPERATURE,
     CREATIVE_TEMPERATURE,
     DEFAULT_TEMPERATURE,
     GenerationOptions,
     OptionError,
-    PromptError,
-    StopScanner,
     auto_temperature,
 )
-from vlm.data.tiler import ImageLoadError
+from vlm.generation.stopping import StopScanner
 
 ASK = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
 

@@ -11,12 +11,11 @@ from tiny import tiny_config
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_to_the_same_loss_and_export_the_same_keys(tmp_path, caplog):
-    data = ["data.synthetic.num_train=32", "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=16",
-            f"data.synthetic.cache_dir={tmp_path / 'synthetic'}", "stage.batch_size=8", "eval.batch_size=8",
-            "stage.max_steps=3", "init_from=null", f"output_root={tmp_path / 'runs'}"]
+def test_compiled_blocks_train_to_the_same_loss_and_export_the_same_keys(tmp_path, caplog, small_synthetic):
+    data = [*small_synthetic, "stage.batch_size=8", "eval.batch_size=8", "stage.max_steps=3", "init_from=null",
+            f"output_root={tmp_path / 'runs'}"]
     plain, plain_run = train(tiny_config(*COMMON, *data, "run_name=plain", stage="sft"))
-    with caplog.at_level(logging.INFO, logger="vlm.lit.build"):
+    with caplog.at_level(logging.INFO, logger="vlm.training.trainer"):
         compiled, compiled_run = train(tiny_config(*COMMON, *data, "run_name=compiled", "trainer.compile=true",
                                                    stage="sft"))
     assert "trainer.compile: 4 transformer blocks" in caplog.text  # 2 ViT blocks + 2 LLM decoder layers

@@ -2,38 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
-from tiny import TINY, tiny_config
+from omegaconf import MISSING, OmegaConf
+from tiny import TINY, make_task, tiny_config
 
-from vlm.cli import CONFIG_DIR, PATTERN_KEYS, quote_values
-from vlm.config import ConfigError, to_train_config
-from vlm.lit.contrastive import ContrastiveTask
-from vlm.loading import make_tiler, new_vlm
-from vlm.stages import STAGES
+from vlm.cli import CONFIG_DIR, PATTERN_KEYS, compose_config, quote_values
+from vlm.config import ConfigError, TrainConfig, to_dict, to_train_config
+from vlm.infer import InferConfig
+from vlm.models.factory import make_tiler, new_vlm
+from vlm.server.settings import ServeSettings
+from vlm.training.stages import STAGES, get_stage
 
 GROUPS = {group: sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
           for group in ("stage", "model", "data", "tiler", "trainer")}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
-def test_every_option_composes(group, option):
+def test_every_option_composes_to_its_own_values(group, option):
+    """Picking `group=option` gives the typed config exactly the values its YAML file sets."""
     config = tiny_config(f"{group}={option}", tiny=group != "model")
-    assert getattr(config, group).__class__.__name__.endswith("Config")
+    written = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml"))
+    written.pop("defaults", None)
+    composed = to_dict(getattr(config, group))
+    assert written and _leaves(written).items() <= _leaves(composed).items()
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_stage_instantiates_with_tiny_models(stage):
-    config = tiny_config(stage=stage)
-    if stage == "contrastive":
-        task = ContrastiveTask.create(config, ["a", "b"])
-        assert task.parameter_counts["vision"][0] > 0
-    else:
-        bundle = new_vlm(config.model, config.tiler)
-        assert bundle.model.tokens_per_tile == bundle.processor.tiler.tokens_per_tile
+    task = make_task(tiny_config(stage=stage), classnames=["a", "b"])
+    trained = get_stage(stage).trains
+    assert trained and all(task.parameter_counts[part][0] > 0 for part in trained)
+    assert all(task.parameter_counts[part][0] == 0 for part in task.parameter_counts if part not in trained)
 
 
 @pytest.mark.parametrize("tier", GROUPS["tiler"])
@@ -58,7 +73,7 @@ def test_bad_values_name_the_key():
         tiny_config("model.clip.loss=clp")
     with pytest.raises(ConfigError, match="bad value for 'stage.max_steps'"):
         tiny_config("stage.max_steps=abc")
-    with pytest.raises(ConfigError, match="tiler.max_tiles must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="tiler.max_tiles=0 must be >= 1"):
         tiny_config("tiler.max_tiles=0")
     with pytest.raises(ConfigError, match="unknown config key 'stage.lrr'"):
         to_train_config({"stage": {"lrr": 1}})
@@ -104,9 +119,6 @@ def test_shard_patterns_need_no_hydra_quoting():
 
 def test_infer_and_serve_configs_compose():
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from vlm.serve import ServeSettings
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         infer = compose("infer", overrides=["checkpoint=/x", "prompt=hi"])
@@ -115,3 +127,27 @@ def test_infer_and_serve_configs_compose():
     values = {k: v for k, v in OmegaConf.to_container(serve, resolve=True).items() if k != "hydra"}
     settings = ServeSettings.from_dict(values)
     assert (settings.host, settings.port) == ("127.0.0.1", 9000)
+
+
+def _defaults_disagreeing(schema: type, composed: dict, path: str = "") -> list[str]:
+    """Fields of `schema` whose dataclass default differs from the value the YAML composes."""
+    hints = typing.get_type_hints(schema)
+    wrong = []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            wrong += _defaults_disagreeing(hints[f.name], composed[f.name], f"{path}{f.name}.")
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        if default is dataclasses.MISSING or default == MISSING:
+            continue  # no default: the YAML is the only source
+        if (list(default) if isinstance(default, tuple) else default) != composed[f.name]:
+            wrong.append(f"{path}{f.name}: dataclass {default!r}, YAML {composed[f.name]!r}")
+    return wrong
+
+
+@pytest.mark.parametrize("name,schema", [("train", TrainConfig), ("infer", InferConfig), ("serve", ServeSettings)])
+def test_dataclass_defaults_agree_with_the_yaml(name, schema):
+    """The YAML files are the only source of defaults: a dataclass default exists only where it equals them."""
+    composed = {k: v for k, v in OmegaConf.to_container(compose_config(name), resolve=True).items() if k != "hydra"}
+    assert set(composed) == {f.name for f in dataclasses.fields(schema)}
+    assert _defaults_disagreeing(schema, composed) == []

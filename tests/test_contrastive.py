@@ -8,26 +8,26 @@ import random
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_config
+from tiny import make_task, tiny_config
 
 from vlm.data import synthetic
-from vlm.export import ExportError
-from vlm.lit.common import build_optimizer
-from vlm.lit.contrastive import ContrastiveTask
-from vlm.loading import load_clip
-from vlm.zero_shot import class_embeddings, contrastive_metrics
+from vlm.exports.clip import load_clip
+from vlm.exports.format import ExportError
+from vlm.metrics import class_embeddings, contrastive_metrics
+from vlm.training.contrastive import ContrastiveTask
+from vlm.training.optim import build_optimizer
 
 
 def _batch(task: ContrastiveTask, n: int = 16) -> dict:
-    decode = task.decoder("captions")
+    decode = task.batching().decode
     samples = [decode(s) for s in synthetic.caption_samples(n, seed=3, image_size=64)]
-    return task.collate([{**s, "skipped": 0} for s in samples])
+    return task.batching().collate([{**s, "skipped": 0} for s in samples])
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_loss_goes_down_on_a_fixed_batch(loss):
     torch.manual_seed(0)
-    task = ContrastiveTask.create(tiny_config(f"model.clip.loss={loss}", "stage.lr=3e-3"), synthetic.CLASSNAMES)
+    task = make_task(tiny_config(f"model.clip.loss={loss}", "stage.lr=3e-3"), synthetic.CLASSNAMES)
     batch = _batch(task)
     optimizer = build_optimizer(task.model.parts(), task.config.stage)
     losses = []
@@ -44,7 +44,7 @@ def test_loss_goes_down_on_a_fixed_batch(loss):
 
 def test_export_reloads_to_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    task = ContrastiveTask.create(tiny_config(), synthetic.CLASSNAMES)
+    task = make_task(tiny_config(), synthetic.CLASSNAMES)
     task.model.eval()
     batch = _batch(task, 8)
     task.export(tmp_path / "export")
@@ -58,13 +58,13 @@ def test_export_reloads_to_identical_outputs(tmp_path):
     image = synthetic.render(synthetic.ShapeSpec("red", "circle", "top left"), random.Random(0), 64)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    assert torch.equal(task.decoder("captions").tiler(buffer.getvalue()).pixel_values,
+    assert torch.equal(task.batching().decode.tiler(buffer.getvalue()).pixel_values,
                        loaded.tiler(Image.open(io.BytesIO(buffer.getvalue()))).pixel_values)
 
 
 @pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "tokenizer"])
 def test_export_with_a_missing_file_names_it(tmp_path, missing):
-    task = ContrastiveTask.create(tiny_config(), None)
+    task = make_task(tiny_config(), None)
     folder = task.export(tmp_path / "export")
     target = folder / missing
     if target.is_dir():
@@ -90,7 +90,7 @@ def test_zero_shot_and_retrieval_metrics():
 
 
 def test_class_embeddings_average_templates():
-    task = ContrastiveTask.create(tiny_config(), None)
+    task = make_task(tiny_config(), None)
     task.model.eval()
     names = ["red circle", "blue star"]
     embeddings = class_embeddings(task.model, task.tokenizer, names, ["a {}.", "a photo of a {}."])

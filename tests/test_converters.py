@@ -6,7 +6,6 @@ import contextlib
 import csv
 import io
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import webdataset as wds
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from images import noise
 from PIL import Image
 
 from data_scripts import images_to_shards, llava_to_shards, make_synthetic
@@ -25,14 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("cat", "dog", "bird")
 
 
-def _image_bytes(fmt: str, seed: int, size: tuple[int, int] = (16, 12)) -> bytes:
-    rng = random.Random(seed)
-    image = Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3)))
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 def _write_images(folder: Path, count: int) -> list[dict]:
     """`count` small PNG / JPEG images (".jpg" and ".jpeg" names, one in a subfolder); annotation rows for them."""
     rows = []
@@ -40,7 +32,7 @@ def _write_images(folder: Path, count: int) -> list[dict]:
         fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("JPEG", "jpeg")][i % 3]
         name = f"sub/img{i}.{ext}" if i == 0 else f"img{i}.{ext}"
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(_image_bytes(fmt, i))
+        (folder / name).write_bytes(noise(i, fmt=fmt))
         rows.append({"image": name, "caption": f"a picture, number {i}", "label": NAMES[i % len(NAMES)]})
     return rows
 
@@ -164,7 +156,7 @@ def test_integer_labels_and_classnames_file(tmp_path, capsys):
 def test_missing_and_corrupt_images_are_skipped(tmp_path, capsys):
     rows = _write_images(tmp_path / "images", 4)
     (tmp_path / "images/corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
-    (tmp_path / "images/truncated.jpg").write_bytes(_image_bytes("JPEG", 9, (64, 64))[:300])
+    (tmp_path / "images/truncated.jpg").write_bytes(noise(9, (64, 64), fmt="JPEG")[:300])
     rows += [{"image": "gone.jpg", "caption": "missing", "label": "cat"},
              {"image": "corrupt.png", "caption": "corrupt", "label": "cat"},
              {"image": "truncated.jpg", "caption": "truncated", "label": "cat"},
@@ -241,9 +233,9 @@ def _turns(question: str, answer: str, human: str = "human", gpt: str = "gpt") -
 def test_llava_round_trip(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "a.jpg").write_bytes(_image_bytes("JPEG", 1))
-    (images / "b.png").write_bytes(_image_bytes("PNG", 2))
-    (images / "c.jpeg").write_bytes(_image_bytes("JPEG", 3))
+    (images / "a.jpg").write_bytes(noise(1, fmt="JPEG"))
+    (images / "b.png").write_bytes(noise(2, fmt="PNG"))
+    (images / "c.jpeg").write_bytes(noise(3, fmt="JPEG"))
     records = [
         {"id": "one", "image": "a.jpg", "conversations": _turns("<image>\nWhat is it?", "Noise.")},
         {"id": "two", "image": ["b.png", "c.jpeg"], "source": "test",
@@ -270,7 +262,7 @@ def test_llava_round_trip(tmp_path, capsys):
 def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
-    (images / "ok.png").write_bytes(_image_bytes("PNG", 1))
+    (images / "ok.png").write_bytes(noise(1, fmt="PNG"))
     (images / "broken.jpg").write_bytes(b"not a jpeg at all")
     good = _turns("<image>\nQ?", "A.")
     bad = {

@@ -17,10 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tiny import TINY, tiny_config
+from tiny import TINY, make_task, tiny_config
 
 from vlm.data import synthetic
-from vlm.lit.contrastive import ContrastiveTask
 from vlm.models.clip import CLIPModel
 from vlm.models.losses import build_contrastive_loss
 
@@ -37,10 +36,10 @@ def free_port() -> int:
 
 def _global_batch(config) -> dict:
     """8 decoded synthetic samples: ranks take halves of this, the reference run takes all of it."""
-    task = ContrastiveTask.create(config, None)
-    decode = task.decoder("captions")
+    task = make_task(config)
+    decode = task.batching().decode
     samples = [{**decode(s), "skipped": 0} for s in synthetic.caption_samples(WORLD * PER_RANK, seed=5, image_size=64)]
-    return task.collate(samples)
+    return task.batching().collate(samples)
 
 
 def _loss_and_grads(model: CLIPModel, loss_fn, pixels, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -240,7 +239,7 @@ def test_fsdp_trains_what_ddp_trains(ddp_run, tmp_path):
 def test_fsdp_runs_align_then_sft_and_resumes(tmp_path):
     """Phase 2 under FSDP: align, then sft from its export, then sft continued with `resume=auto`. The export is
     written from the weights gathered off both ranks, so it must hold exactly the final checkpoint's tensors."""
-    from vlm.loading import load_vlm
+    from vlm.exports.vlm import load_vlm
 
     phase2 = ["trainer.strategy=fsdp", "data.synthetic.num_train=32", "eval.batch_size=8",
               "trainer.checkpoint_every_n_steps=2"]
@@ -308,12 +307,8 @@ def test_an_export_from_gathered_weights_equals_the_live_models(tmp_path, stage)
     initialised model, it must write exactly the tensors the live model writes."""
     from safetensors.torch import load_file
 
-    from vlm.lit.contrastive import ContrastiveTask
-    from vlm.lit.vlm_task import VLMTask
-
     torch.manual_seed(0)
-    config = tiny_config(stage=stage)
-    task = ContrastiveTask.create(config, ["a", "b"]) if stage == "contrastive" else VLMTask.create(config)
+    task = make_task(tiny_config(stage=stage), classnames=["a", "b"])
     live = load_file(str(task.export(tmp_path / "live") / "model.safetensors"))
     weights = {name: value.clone() for name, value in task.state_dict().items()}
     shifted = next(name for name in live if ("vision" in name or "visual" in name) and live[name].is_floating_point())

@@ -25,24 +25,14 @@ from test_bad_data import COMMON, train
 from tiny import TINY, tiny_config
 
 from vlm.config import ConfigError
-from vlm.lit.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, pass_seed, remove_partial_writes
-from vlm.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
+from vlm.training.checkpoint_io import AtomicCheckpointIO
+from vlm.training.data_position import pass_seed
+from vlm.training.resume import find_resume_checkpoint, remove_partial_writes
+from vlm.training.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _no_run_choice_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """prepare_run, called in this process, leaves its choice in the environment for DDP ranks; undo it after."""
-    for name in (RUN_DIR_ENV, RESUME_ENV, PARENT_ENV):
-        monkeypatch.setenv(name, "")
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    cache = tmp_path_factory.mktemp("synthetic")
-    return [f"data.synthetic.cache_dir={cache}", "data.synthetic.num_train=64", "data.synthetic.num_val=16",
-            "data.synthetic.samples_per_shard=32"]
 
 
 def _step(path: Path) -> int:
@@ -77,7 +67,7 @@ def test_a_writer_killed_mid_save_never_leaves_a_checkpoint_that_resume_picks(tm
     good = tmp_path / "checkpoints" / "step00000010.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 10}, good)
     # the child dies at the worst moment: every byte written, the rename not yet done
-    script = ("import os, signal, torch; from vlm.lit.checkpointing import AtomicCheckpointIO; "
+    script = ("import os, signal, torch; from vlm.training.checkpoint_io import AtomicCheckpointIO; "
               "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL); "
               "AtomicCheckpointIO().save_checkpoint({'state_dict': {'w': torch.zeros(1 << 20)}, 'global_step': 20}, "
               f"{str(tmp_path / 'checkpoints' / 'step00000020.ckpt')!r})")
@@ -106,9 +96,9 @@ class Observe(pl.Callback):
                       "data_seed": trainer.datamodule.seed, "samples_seen": task.health.seen}
 
 
-def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(tmp_path, synthetic, caplog):
+def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(tmp_path, small_synthetic, caplog):
     # 64 samples / batch 8 = 8 batches an epoch; checkpoints at steps 4, 8, 12; step 12 is 4 batches into epoch 1
-    args = [*COMMON, *synthetic, "stage.batch_size=8", "stage.max_steps=12", "trainer.checkpoint_every_n_steps=4",
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=12", "trainer.checkpoint_every_n_steps=4",
             f"output_root={tmp_path}", "run_name=r"]
     train(tiny_config(*args))
     checkpoints = tmp_path / "contrastive" / "r" / "checkpoints"
@@ -140,8 +130,8 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(t
     assert _logged_steps(checkpoints.parent) == list(range(12))  # metrics.csv runs on: 0-7, then 8-11 after resume
 
 
-def test_a_mid_epoch_resume_reseeds_the_shard_order(tmp_path, synthetic):
-    args = [*COMMON, *synthetic, "stage.batch_size=8", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",
+def test_a_mid_epoch_resume_reseeds_the_shard_order(tmp_path, small_synthetic):
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",
             f"output_root={tmp_path}", "run_name=m"]
     train(tiny_config(*args))
     (tmp_path / "contrastive/m/checkpoints/step00000006.ckpt").unlink()  # as if killed between steps 3 and 6
@@ -198,9 +188,9 @@ def test_externally_launched_ranks_agree_on_the_run_folder(tmp_path, monkeypatch
 # ---- (a) and (c): the real command line ----------------------------------------------------------------------
 
 def _command(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vlm.train", *TINY, *COMMON, "data.synthetic.num_train=64",
-            "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=32",
-            f"data.synthetic.cache_dir={tmp_path / 'synthetic'}", "stage.batch_size=8",
+    return [sys.executable, "-m", "vlm.train", *TINY, *COMMON, "data.small_synthetic.num_train=64",
+            "data.small_synthetic.num_val=16", "data.small_synthetic.samples_per_shard=32",
+            f"data.small_synthetic.cache_dir={tmp_path / 'small_synthetic'}", "stage.batch_size=8",
             f"output_root={tmp_path / 'runs'}", "run_name=crash", *extra]
 
 

@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from images import solid
 from PIL import Image
 
 from vlm.serve import ServeSettings, create_app
@@ -29,12 +30,6 @@ QUESTION = "What color is the shape?"
 GREEDY = {"temperature": 0}
 SETTINGS = dict(max_body_bytes=256 * 1024, max_image_bytes=64 * 1024, max_image_pixels=1_000_000,
                 max_tokens_limit=64, max_queue=8)
-
-
-def png(color=(200, 30, 30), size=(48, 40)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def b64(data: bytes) -> str:
@@ -82,18 +77,18 @@ def url(serve) -> str:
 
 @pytest.fixture(scope="module")
 def expected(tiny_chat_model):
-    """The greedy answer the server must give to QUESTION about png(), straight from the Python API."""
+    """The greedy answer the server must give to QUESTION about solid(), straight from the Python API."""
     messages = [{"role": "user", "content": f"<image>\n{QUESTION}"}]
-    return tiny_chat_model.generate(messages, [png()], max_new_tokens=8, temperature=0)
+    return tiny_chat_model.generate(messages, [solid()], max_new_tokens=8, temperature=0)
 
 
 def anthropic_image_message(data: bytes = b"", media_type: str = "image/png", text: str = QUESTION) -> dict:
-    image = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": b64(data or png())}}
+    image = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": b64(data or solid())}}
     return {"role": "user", "content": [image, {"type": "text", "text": text}]}
 
 
 def openai_image_message(url: str | None = None, text: str = QUESTION) -> dict:
-    image = {"type": "image_url", "image_url": {"url": url or f"data:image/png;base64,{b64(png())}"}}
+    image = {"type": "image_url", "image_url": {"url": url or f"data:image/png;base64,{b64(solid())}"}}
     return {"role": "user", "content": [image, {"type": "text", "text": text}]}
 
 
@@ -123,7 +118,7 @@ def test_anthropic_sdk_stream(url, expected, tiny_chat_model):
     assert final.stop_reason == "max_tokens" and final.content[0].text == text
     system_expected = tiny_chat_model.generate(
         [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": f"<image>\n{QUESTION}"}],
-        [png()], max_new_tokens=8, temperature=0)
+        [solid()], max_new_tokens=8, temperature=0)
     check_usage_matches(text, final.usage.output_tokens, final.usage.input_tokens, system_expected,
                         tiny_chat_model.tokenizer)
 
@@ -166,7 +161,7 @@ def test_models_and_health(url):
     assert health["status"] == "ok" and health["running"] == 0 and health["queued"] == 0
 
 
-def _noise_png(size: int) -> bytes:
+def _noise_solid(size: int) -> bytes:
     import os
 
     buffer = io.BytesIO()
@@ -191,15 +186,15 @@ def _o_image(url: str) -> dict:
     return _openai(messages=[openai_image_message(url)])
 
 
-TRUNCATED_PNG = png()[:60]
+TRUNCATED_PNG = solid()[:60]
 BAD_INPUTS = {
     "a-invalid-base64": ("/v1/messages", _a_image("not base64 at all!!"), 400),
     "a-non-image-bytes": ("/v1/messages", _a_image(b64(b"just some text, no image here")), 400),
     "a-truncated-image": ("/v1/messages", _a_image(b64(TRUNCATED_PNG)), 400),
-    "a-unsupported-media-type": ("/v1/messages", _a_image(b64(png()), "image/bmp"), 400),
-    "a-media-type-mismatch": ("/v1/messages", _a_image(b64(png()), "image/jpeg"), 400),
-    "a-image-over-size-limit": ("/v1/messages", _a_image(b64(_noise_png(160))), 400),
-    "a-image-over-pixel-limit": ("/v1/messages", _a_image(b64(png(size=(1200, 1000)))), 400),
+    "a-unsupported-media-type": ("/v1/messages", _a_image(b64(solid()), "image/bmp"), 400),
+    "a-media-type-mismatch": ("/v1/messages", _a_image(b64(solid()), "image/jpeg"), 400),
+    "a-image-over-size-limit": ("/v1/messages", _a_image(b64(_noise_solid(160))), 400),
+    "a-image-over-pixel-limit": ("/v1/messages", _a_image(b64(solid(size=(1200, 1000)))), 400),
     "a-body-over-limit": ("/v1/messages", _anthropic(system="x" * 300_000), 413),
     "a-missing-max-tokens": ("/v1/messages", {"model": "tiny", "messages": [anthropic_image_message()]}, 400),
     "a-max-tokens-over-limit": ("/v1/messages", _anthropic(max_tokens=100_000), 400),
@@ -215,10 +210,10 @@ BAD_INPUTS = {
     "a-not-json": ("/v1/messages", b"{not json", 400),
     "o-invalid-base64": ("/v1/chat/completions", _o_image("data:image/png;base64,@@@"), 400),
     "o-non-image-bytes": ("/v1/chat/completions", _o_image(f"data:image/png;base64,{b64(b'plain text')}"), 400),
-    "o-unsupported-media-type": ("/v1/chat/completions", _o_image(f"data:image/bmp;base64,{b64(png())}"), 400),
+    "o-unsupported-media-type": ("/v1/chat/completions", _o_image(f"data:image/bmp;base64,{b64(solid())}"), 400),
     "o-remote-url": ("/v1/chat/completions", _o_image("http://169.254.169.254/latest/meta-data"), 400),
     "o-image-over-size-limit": ("/v1/chat/completions",
-                                _o_image(f"data:image/png;base64,{b64(_noise_png(160))}"), 400),
+                                _o_image(f"data:image/png;base64,{b64(_noise_solid(160))}"), 400),
     "o-body-over-limit": ("/v1/chat/completions", _openai(messages=[{"role": "user", "content": "x" * 300_000}]),
                           413),
     "o-max-tokens-over-limit": ("/v1/chat/completions", _openai(max_tokens=100_000), 400),

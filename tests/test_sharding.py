@@ -12,10 +12,10 @@ from tiny import tiny_config
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from vlm.config import ConfigError
-from vlm.lit.sharding import BlockShardedFSDP, build_strategy, check_strategy
-from vlm.loading import new_vlm
 from vlm.models.blocks import transformer_block_types
 from vlm.models.clip import CLIPModel
+from vlm.models.factory import new_vlm
+from vlm.training.strategy import BlockShardedFSDP, build_strategy, check_strategy
 
 
 def test_the_blocks_of_every_tower_become_fsdp_units():

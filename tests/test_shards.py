@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import logging
 
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
+from images import solid
 
+from vlm.config import TilerConfig
 from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.data.shards import ShardError, build_pipeline, list_shards, make_loader, reader_plan
-from vlm.data.tiler import Tiler, TilerConfig
-from vlm.lit.common import DataHealth
-
-
-def _png(color: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), color).save(buffer, format="PNG")
-    return buffer.getvalue()
+from vlm.data.tiler import Tiler
+from vlm.training.health import DataHealth
 
 
 def write_shards(directory, num_shards: int, per_shard: int, corrupt: set[int] = frozenset()) -> str:
@@ -28,7 +22,7 @@ def write_shards(directory, num_shards: int, per_shard: int, corrupt: set[int] =
     for shard in range(num_shards):
         with wds.TarWriter(str(directory / f"shard-{shard:03d}.tar")) as sink:
             for _ in range(per_shard):
-                image = b"\x89PNG not really" if index in corrupt else _png("red")
+                image = b"\x89PNG not really" if index in corrupt else solid("red", size=(16, 16))
                 sink.write({"__key__": f"{index:05d}", "png": image, "txt": f"sample {index}", "cls": "0"})
                 index += 1
     return str(directory / f"shard-{{000..{num_shards - 1:03d}}}.tar")

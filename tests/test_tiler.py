@@ -11,18 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFile, ImageFilter, JpegImagePlugin
 
+from vlm.cli import compose_config
+from vlm.config import TilerConfig, load_config
 from vlm.data import tiler as tiler_mod
 from vlm.data.tiler import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ImageLoadError,
     Tiler,
-    TilerConfig,
     main,
     select_grid,
 )
@@ -456,7 +456,7 @@ def test_empty_and_non_image_input(tmp_path):
     ],
 )
 def test_config_validation_names_key_and_value(key, value):
-    with pytest.raises(ValueError, match=rf"TilerConfig\.{key}") as err:
+    with pytest.raises(ValueError, match=rf"tiler\.{key}") as err:
         TilerConfig(**{key: value})
     assert repr(value) in str(err.value)
 
@@ -472,7 +472,7 @@ def test_tiler_validation():
 
 @pytest.mark.parametrize(("tier", "max_tiles"), [("low", 1), ("mid", 4), ("high", 12)])
 def test_tier_presets(tier, max_tiles):
-    config = TilerConfig(**yaml.safe_load((REPO / "configs" / "tiler" / f"{tier}.yaml").read_text()))
+    config = load_config(TilerConfig, compose_config("train", [f"tiler={tier}"]).tiler)
     assert config.max_tiles == max_tiles
     assert (config.max_long_side, config.max_short_side) == (6144, 4096)
     assert config == TilerConfig(max_tiles=max_tiles)  # every other value is the default

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_config
+from tiny import make_task, tiny_config
 
-from vlm.lit.common import apply_freezing
-from vlm.loading import new_vlm
+from vlm.models.factory import new_vlm
 from vlm.models.reduction import TokenReducer
-from vlm.stages import trainable_parts
+from vlm.training.freezing import apply_freezing, trainable_parts
+from vlm.training.stages import get_stage
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
 @pytest.mark.parametrize("stage,trained", [("align", {"projector"}), ("sft", {"projector", "llm"})])
 def test_each_stage_freezes_what_its_table_says(bundle, stage, trained):
     config = tiny_config(stage=stage)
-    counts = apply_freezing(bundle.model.parts(), trainable_parts(config.stage))
+    counts = apply_freezing(bundle.model.parts(), trainable_parts(get_stage(stage).trains, config.stage))
     for part, module in bundle.model.parts().items():
         flags = {p.requires_grad for p in module.parameters()}
         assert flags == {part in trained}, part
@@ -138,7 +138,7 @@ def test_each_stage_freezes_what_its_table_says(bundle, stage, trained):
 
 def test_stage_override_unfreezes_vision(bundle):
     config = tiny_config("stage.train_vision=true", stage="sft")
-    assert trainable_parts(config.stage) == {"vision", "projector", "llm"}
+    assert trainable_parts(get_stage("sft").trains, config.stage) == {"vision", "projector", "llm"}
 
 
 @pytest.mark.parametrize("kind,width", [("pixel_shuffle", 4 * 8), ("avg_pool", 8), ("none", 8)])
@@ -152,10 +152,8 @@ def test_token_reduction_shapes(kind, width):
 
 
 def test_frozen_parts_stay_in_eval_mode_while_training():
-    from vlm.lit.vlm_task import VLMTask
-
     config = tiny_config("model.vision.conv_stem=true", stage="sft")
-    task = VLMTask(config, new_vlm(config.model, config.tiler))
+    task = make_task(config)
     task.train()
     assert not task.model.vision.training  # BatchNorm in the frozen conv stem keeps its statistics
     assert task.model.lm.training and task.model.projector.training
@@ -176,7 +174,7 @@ def test_loss_counts_assistant_tokens_only(bundle):
 def test_an_export_loads_back_exactly(tmp_path, tied):
     """load_vlm skips the random init (every weight comes from the file, strictly), so nothing may be left out:
     every tensor comes back, tied embeddings come back tied, and the logits are the same."""
-    from vlm.loading import export_vlm, load_vlm
+    from vlm.exports.vlm import export_vlm, load_vlm
 
     torch.manual_seed(0)
     config = tiny_config(f"model.llm.config.tie_word_embeddings={str(tied).lower()}", stage="sft")

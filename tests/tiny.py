@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from hydra import compose, initialize_config_dir
+from pathlib import Path
 
-from vlm.cli import CONFIG_DIR
+from vlm.cli import compose_config
 from vlm.config import TrainConfig, to_train_config
+from vlm.data.sources import DataSources
+from vlm.training.stages import get_stage
+from vlm.training.task import StageTask
 
 TINY = [
     "model.vision.width=32", "model.vision.depth=2", "model.vision.heads=2",
@@ -18,5 +21,10 @@ TINY = [
 
 def tiny_config(*overrides: str, stage: str = "contrastive", tiny: bool = True) -> TrainConfig:
     """The composed config with `overrides`; `tiny` shrinks the default model to a few thousand parameters."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return to_train_config(compose("train", overrides=[f"stage={stage}", *(TINY if tiny else []), *overrides]))
+    return to_train_config(compose_config("train", [f"stage={stage}", *(TINY if tiny else []), *overrides]))
+
+
+def make_task(config: TrainConfig, classnames: list[str] | None = None, init_from: Path | None = None) -> StageTask:
+    """The stage's task for `config`, as `vlm.train` builds it, without data."""
+    stage = get_stage(config.stage.name)
+    return stage.task.create(config, stage, init_from, DataSources(None, None, classnames))

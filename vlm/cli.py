@@ -1,18 +1,42 @@
-"""Shared command-line plumbing: where the configs live, friendly override checks and clean user-facing errors."""
+"""What every entry point shares: where the configs live, a start-up check of the overrides, and one-line errors.
+
+The YAML configs sit in `configs/` at the top of a checkout, and ship inside the wheel as `vlm/configs/` (setuptools
+maps the folder there), so `pip install .`, a wheel or `pip install -e .` all find them, from any working directory.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import difflib
+import logging
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from vlm.config import unknown_key_message
+from vlm.errors import UserError
+
+_PACKAGE = Path(__file__).resolve().parent
+# inside an installed wheel: vlm/configs; in a checkout (editable installs too): configs/ beside the package
+CONFIG_DIR = next((d for d in (_PACKAGE / "configs", _PACKAGE.parent / "configs") if d.is_dir()), _PACKAGE / "configs")
+PATTERN_KEYS = ("data.train", "data.val")  # shard patterns: braces and colons mean something to Hydra's parser
 _MISSING = object()
+
+
+def setup_logging(level: str) -> None:
+    """Logs go to stderr (so stdout holds only answers and results), vlm's at `level`, libraries' at WARNING."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    try:
+        logging.getLogger("vlm").setLevel(str(level).upper())
+    except ValueError:
+        fail(f"log_level={level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR")
 
 
 def fail(message: str) -> None:
@@ -20,26 +44,13 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def _groups() -> set[str]:
-    return {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
-
-
-def unknown_key_message(cfg: DictConfig, key: str) -> str | None:
-    """None when `key` exists in `cfg`; else a message naming it, its closest match and its siblings."""
-    if OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
-        return None
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    while node is None and parent:  # walk up to the deepest existing parent
-        parent, _, leaf = parent.rpartition(".")
-        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    valid = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
-    match = difflib.get_close_matches(leaf, valid, n=1)
-    hint = f" Did you mean {(parent + '.' if parent else '') + match[0]!r}?" if match else ""
-    return f"unknown config key {key!r}.{hint} Valid keys under {parent or 'the top level'!r}: {valid}"
-
-
-PATTERN_KEYS = ("data.train", "data.val")  # shard patterns: braces and colons mean something to Hydra's parser
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the errors a user can fix (bad config, missing files, bad data) into one clean line and exit code 2."""
+    try:
+        yield
+    except (UserError, FileNotFoundError) as err:
+        fail(str(err))
 
 
 def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
@@ -57,6 +68,18 @@ def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
     return out
 
 
+def _unknown_key(cfg: DictConfig, key: str) -> str | None:
+    """None when `key` exists in `cfg`; else the message naming it, its closest match and its siblings."""
+    if OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING:
+        return None
+    parent = key.rpartition(".")[0]
+    while parent and not isinstance(OmegaConf.select(cfg, parent, default=None), DictConfig):
+        parent = parent.rpartition(".")[0]  # walk up to the deepest existing parent
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    leaf = key[len(parent) + 1:].split(".")[0] if parent else key.split(".")[0]
+    return unknown_key_message(f"{parent}.{leaf}" if parent else leaf, list(node.keys()))
+
+
 def preflight(args: list[str], config_name: str) -> None:
     """Compose the config once before Hydra runs, so a typo fails at once with the key and its valid choices.
 
@@ -66,12 +89,10 @@ def preflight(args: list[str], config_name: str) -> None:
     if args != sys.argv[1:] and len(args) == len(sys.argv) - 1:
         sys.argv[1:] = args
     if not CONFIG_DIR.is_dir():
-        fail(f"config folder {str(CONFIG_DIR)!r} not found; install vlm with `pip install -e .` from a checkout")
+        fail(f"config folder {str(CONFIG_DIR)!r} not found; reinstall vlm (`pip install .` ships the configs)")
     if any(a.startswith("-") for a in args):
         return  # Hydra's own flags (--help, --cfg job, -m) do their own checking
-    from hydra import compose, initialize_config_dir
-
-    groups = _groups()
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     bad = [a for a in args if "=" not in a]
     if bad:
         fail(f"arguments are key=value overrides, got {bad[0]!r}")
@@ -83,8 +104,7 @@ def preflight(args: list[str], config_name: str) -> None:
         except Exception as err:  # Hydra names the group and lists its options
             fail(str(err).split("Config search path")[0].strip())
         for arg in key_args:
-            message = unknown_key_message(base, arg.split("=", 1)[0])
-            if message:
+            if message := _unknown_key(base, arg.split("=", 1)[0]):
                 fail(message)
         try:
             compose(config_name, overrides=args)
@@ -92,14 +112,7 @@ def preflight(args: list[str], config_name: str) -> None:
             fail(str(err).strip())
 
 
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn the errors a user can fix (bad config, missing files, bad data) into one clean line and exit code 2."""
-    from vlm.config import ConfigError
-    from vlm.data.shards import ShardError
-    from vlm.export import ExportError
-
-    try:
-        yield
-    except (ConfigError, ShardError, ExportError, FileNotFoundError) as err:
-        fail(str(err))
+def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """The composed config `config_name` (train, infer, serve) with Hydra overrides, outside any Hydra app."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides or []))

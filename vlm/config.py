@@ -1,92 +1,223 @@
-"""Typed configuration: one dataclass per config group, validated at start-up.
+"""Typed configuration: the schema of every config group, and the one mechanism that checks a composed config.
 
-Hydra composes the YAML groups under `configs/`; `to_train_config` merges the result onto these dataclasses so an
-unknown key, a wrong type or a value outside its choices fails before any work starts, with a message that names the
-key. Every field carries a comment saying what it does: this file is the reference for every `key=value` override.
+Hydra composes the YAML groups under `configs/`, which hold every default: a field below has a default only where the
+default composition gives it the same value (a test checks), or where an export written before the field existed
+must still load. `load_config` merges a composed config onto a dataclass schema, so that an unknown key, a wrong type,
+or a value outside a field's `choices`, `minimum` or `maximum` fails before any work starts, with a message that
+names the key. `vlm.train` and `vlm.eval` read `TrainConfig`; `vlm.infer` and `vlm.serve` have their own schemas,
+checked by the same functions. Every field says what it does: this file is the reference for `key=value` overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from vlm.data.tiler import TilerConfig
+from vlm.errors import UserError
 
-STAGE_NAMES = ("contrastive", "align", "sft")
+T = TypeVar("T")
+
+# The resolution cap of the tiler: its default, and the largest a config may ask for.
+CAP_LONG_SIDE = 6144
+CAP_SHORT_SIDE = 4096
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration key or value that cannot work; the message names the key and what would."""
 
 
-def choices(*values: str, default: str) -> Any:
-    """A string field restricted to `values`, checked by `validate`."""
-    return field(default=default, metadata={"choices": values})
+def setting(default: Any = MISSING, *, choices: Iterable[Any] | None = None, minimum: float | None = None,
+            maximum: float | None = None) -> Any:
+    """A config field. Without `default` the YAML gives the value; `choices`, `minimum` and `maximum` are checked by
+    `check_fields` (None always passes: it means "off" or "unset")."""
+    rules = {"choices": tuple(choices) if choices is not None else None, "minimum": minimum, "maximum": maximum}
+    metadata = {k: v for k, v in rules.items() if v is not None}
+    if isinstance(default, list | dict | tuple) and default != ():
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def closest(key: str, valid: Iterable[str]) -> str | None:
+    """The valid name closest to a typo, or None."""
+    match = difflib.get_close_matches(key, [str(v) for v in valid], n=1)
+    return match[0] if match else None
+
+
+def unknown_key_message(key: str, valid: Iterable[str], what: str = "config key") -> str:
+    """One message for every unknown name: the key, its closest valid sibling, and the valid ones under its parent."""
+    valid = sorted(str(v) for v in valid)
+    parent, _, leaf = key.rpartition(".")
+    match = closest(leaf, valid)
+    hint = f" Did you mean {(parent + '.' if parent else '') + match!r}?" if match else ""
+    where = f" under {parent!r}" if parent else ""
+    return f"unknown {what} {key!r}.{hint} Valid {what}s{where}: {valid}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def check_fields(obj: Any, path: str = "", error: type[ValueError] = ConfigError) -> None:
+    """Check every field's `choices`, `minimum` and `maximum` in a dataclass tree; raise `error` naming the key."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{path}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_fields(value, f"{key}.", error)
+            continue
+        if value is None:
+            continue
+        allowed = f.metadata.get("choices")
+        if allowed is not None and value not in allowed:
+            match = closest(str(value), [str(a) for a in allowed])
+            hint = f" Did you mean {match!r}?" if match else ""
+            raise error(f"{key}={value!r} is not valid; choose one of {list(allowed)}.{hint}")
+        low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
+        if low is None and high is None:
+            continue
+        wants_int = hints.get(f.name) in (int, int | None)
+        kind = "an integer" if wants_int else "a number"
+        if not _is_number(value) or (wants_int and not isinstance(value, int)):
+            raise error(f"{key}={value!r} must be {kind}")
+        if low is not None and value < low:
+            raise error(f"{key}={value} must be >= {low}")
+        if high is not None and value > high:
+            raise error(f"{key}={value} must be <= {high}")
+
+
+def load_config(schema: type[T], values: DictConfig | dict[str, Any], path: str = "",
+                error: type[ValueError] = ConfigError) -> T:
+    """Merge composed values onto `schema`: unknown keys, wrong types, missing values and values outside a field's
+    rules raise `error` with the key's full name (`path` prefixes it)."""
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    raw = {k: v for k, v in values.items() if k != "hydra"}
+    structured = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(structured, raw)
+        config = OmegaConf.to_object(merged)
+    except MissingMandatoryValue as err:
+        raise error(f"config key {path + str(err.full_key)!r} has no value; give it one (key=value)") from None
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", None) or "?")
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(structured, parent) if parent else structured
+        valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
+        if leaf in valid:  # a known key with a value of the wrong type
+            reason = str(getattr(err, "msg", err)).splitlines()[0]
+            raise error(f"bad value for {path + key!r}: {reason}") from None
+        raise error(unknown_key_message(path + key, valid)) from None
+    except ValueError as err:  # a dataclass's own __post_init__ check
+        raise error(str(err)) from None
+    check_fields(config, path, error)
+    return config  # type: ignore[return-value]
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (for export folders and metrics)."""
+    return dataclasses.asdict(config)
+
+
+# ---- the tiler ----
+
+
+@dataclass
+class TilerConfig:
+    """Resolution-tier settings (configs/tiler/*.yaml; the `low` tier's values are the defaults)."""
+
+    max_tiles: int = setting(1, minimum=1)  # grid cells at most (rows * cols); a thumbnail is added when > 1
+    max_long_side: int = setting(CAP_LONG_SIDE, minimum=1, maximum=CAP_LONG_SIDE)  # cap on the long side (px)
+    max_short_side: int = setting(CAP_SHORT_SIDE, minimum=1, maximum=CAP_SHORT_SIDE)  # cap on the short side (px)
+    thumbnail: bool = True  # add a whole-image thumbnail tile (last) when the grid has more than one tile
+    background: tuple[int, int, int] = (255, 255, 255)  # RGB that transparent pixels are composited onto
+    max_pixels: int = setting(256_000_000, minimum=1)  # decompression-bomb guard: refuse headers claiming more
+    draft: bool = True  # decode JPEGs at a reduced DCT scale when the tiles need fewer pixels (off: full decode)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tiler.")
+        for key in ("thumbnail", "draft"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"tiler.{key} must be true or false, got {getattr(self, key)!r}")
+        try:
+            background = tuple(self.background)  # YAML / Hydra give a list
+        except TypeError:
+            background = ()
+        if len(background) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                           for v in background):
+            raise ConfigError(f"tiler.background must be three integers 0-255 (an RGB colour), got "
+                              f"{self.background!r}")
+        self.background = background  # type: ignore[assignment]
+
+
+# ---- the model ----
 
 
 @dataclass
 class VisionConfig:
-    name: str = "vit_tiny_patch16_224"  # any timm ViT name (vit_*, deit_*, eva02_*, ...)
-    pretrained: bool = False  # load timm hub weights (needs the hub); tiny presets train from scratch
-    image_size: int = 64  # encoder input size S: tiles are S x S
-    patch_size: int = 8  # ViT patch size; tokens per tile = (S / patch)^2 before reduction
-    width: int | None = None  # embed_dim override; null keeps the timm model's own
-    depth: int | None = None  # number of blocks override; null keeps the timm model's own
-    heads: int | None = None  # attention heads override; null keeps the timm model's own
-    global_pool: str | None = None  # "token" (CLS) or "avg" (mean of patches, no CLS token); null keeps timm's
-    conv_stem: bool = False  # stride-2 convolutions instead of one patchify conv: faster convergence from scratch
-    feature_layer: int = -1  # phase 2: which block's output feeds the projector (-1 = last, -2 = penultimate)
-    keep_cls: bool = False  # phase 2: keep the prefix (CLS) tokens in the image tokens
-    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    name: str = setting()  # any timm ViT name (vit_*, deit_*, eva02_*, ...)
+    pretrained: bool = setting()  # load timm hub weights (needs the hub); tiny presets train from scratch
+    image_size: int = setting(minimum=1)  # encoder input size S: tiles are S x S
+    patch_size: int = setting(minimum=1)  # ViT patch size; tokens per tile = (S / patch)^2 before reduction
+    width: int | None = setting(minimum=1)  # embed_dim override; null keeps the timm model's own
+    depth: int | None = setting(minimum=1)  # number of blocks override; null keeps the timm model's own
+    heads: int | None = setting(minimum=1)  # attention heads override; null keeps the timm model's own
+    global_pool: str | None = setting()  # "token" (CLS) or "avg" (mean of patches, no CLS token); null keeps timm's
+    conv_stem: bool = setting()  # stride-2 convolutions instead of one patchify conv: faster convergence from scratch
+    feature_layer: int = setting()  # phase 2: which block's output feeds the projector (-1 = last, -2 = penultimate)
+    keep_cls: bool = setting()  # phase 2: keep the prefix (CLS) tokens in the image tokens
+    gradient_checkpointing: bool = setting()  # recompute block activations in backward to save memory
 
 
 @dataclass
 class TextConfig:
-    tokenizer: str = "ViT-B-32"  # open_clip tokenizer name; the CLIP BPE vocabulary ships with open_clip
-    context_length: int = 32  # tokens per caption (longer captions are truncated)
-    vocab_size: int = 49408  # must match the tokenizer
-    width: int = 128
-    heads: int = 4
-    layers: int = 2
-    pretrained: str | None = None  # "MODEL/TAG" of open_clip weights for the text tower, e.g. "ViT-B-16/openai"
+    tokenizer: str = setting()  # open_clip tokenizer name; the CLIP BPE vocabulary ships with open_clip
+    context_length: int = setting(minimum=1)  # tokens per caption (longer captions are truncated)
+    vocab_size: int = setting(minimum=1)  # must match the tokenizer
+    width: int = setting(minimum=1)
+    heads: int = setting(minimum=1)
+    layers: int = setting(minimum=1)
+    pretrained: str | None = setting()  # "MODEL/TAG" of open_clip weights for the text tower, e.g. "ViT-B-16/openai"
 
 
 @dataclass
 class ClipHeadConfig:
-    embed_dim: int = 128  # shared image/text embedding size
-    loss: str = choices("clip", "siglip", default="clip")  # open_clip ClipLoss or SigLipLoss
-    local_loss: bool = False  # each rank scores its own samples against the global batch (saves memory)
-    gather_with_grad: bool = True  # gather features across ranks with gradients (the global batch sees all negatives)
-    init_logit_scale: float | None = None  # log temperature at start; null: log(1/0.07) clip, log(10) siglip
-    init_logit_bias: float | None = None  # siglip only; null: -10
+    embed_dim: int = setting(minimum=1)  # shared image/text embedding size
+    loss: str = setting(choices=("clip", "siglip"))  # open_clip ClipLoss or SigLipLoss
+    local_loss: bool = setting()  # each rank scores its own samples against the global batch (saves memory)
+    gather_with_grad: bool = setting()  # gather features across ranks with gradients (all negatives, all ranks)
+    init_logit_scale: float | None = setting()  # log temperature at start; null: log(1/0.07) clip, log(10) siglip
+    init_logit_bias: float | None = setting()  # siglip only; null: -10
 
 
 @dataclass
 class ProjectorConfig:
-    type: str = choices("linear", "mlp2x_gelu", default="mlp2x_gelu")  # maps ViT features into the LLM's embeddings
-    reduction: str = choices("none", "pixel_shuffle", "avg_pool", default="pixel_shuffle")  # token reduction per tile
-    reduction_factor: int = 2  # tokens per tile shrink by factor^2
-    image_slots: int = 0  # >0: a learned embedding per image position in a sample (1st, 2nd, ...), added to its tokens
+    type: str = setting(choices=("linear", "mlp2x_gelu"))  # maps ViT features into the LLM's embeddings
+    reduction: str = setting(choices=("none", "pixel_shuffle", "avg_pool"))  # token reduction per tile
+    reduction_factor: int = setting(minimum=1)  # tokens per tile shrink by factor^2
+    image_slots: int = setting(minimum=0)  # >0: a learned embedding per image position in a sample (1st, 2nd, ...)
 
 
 @dataclass
 class LLMConfig:
-    name_or_path: str | None = None  # any Hugging Face AutoModelForCausalLM; null builds a tiny random Llama
-    tokenizer: str | None = None  # tokenizer name or path; null: same as name_or_path, or the local synthetic one
-    config: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs for the random model (name_or_path null)
-    gradient_checkpointing: bool = False  # recompute decoder layers in backward to save memory
-    max_length: int = 512  # sequence cap; a sample whose image tokens would be cut is dropped and counted
-    chat_template: str | None = None  # Jinja template overriding the tokenizer's own; null keeps the tokenizer's
+    name_or_path: str | None = setting()  # any Hugging Face AutoModelForCausalLM; null builds a tiny random Llama
+    tokenizer: str | None = setting()  # tokenizer name or path; null: same as name_or_path, or the local synthetic one
+    config: dict[str, Any] = setting()  # LlamaConfig kwargs for the random model (when name_or_path is null)
+    gradient_checkpointing: bool = setting()  # recompute decoder layers in backward to save memory
+    max_length: int = setting(minimum=8)  # sequence cap; a sample whose image tokens would be cut is dropped
+    chat_template: str | None = setting()  # Jinja template overriding the tokenizer's own; null keeps the tokenizer's
 
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
+    name: str = setting()  # the preset's name
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     clip: ClipHeadConfig = field(default_factory=ClipHeadConfig)
@@ -94,72 +225,80 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
 
 
+def model_config_from(values: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig an export folder recorded."""
+    return load_config(ModelConfig, values, path="model.")
+
+
+# ---- training ----
+
+
 @dataclass
 class StageConfig:
-    name: str = choices(*STAGE_NAMES, default="contrastive")
-    max_steps: int = 1000  # optimizer steps
-    batch_size: int = 128  # per device
-    lr: float = 1e-3  # peak learning rate (AdamW)
-    lr_projector: float | None = None  # per-part learning rates; null uses `lr`
-    lr_llm: float | None = None
-    lr_vision: float | None = None
-    lr_text: float | None = None
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = 100  # linear warmup, then cosine decay to `min_lr_ratio * lr`
-    min_lr_ratio: float = 0.0
-    train_vision: bool | None = None  # null follows the stage table in vlm/stages.py
-    train_llm: bool | None = None
-    train_projector: bool | None = None
+    name: str = setting()  # the stage: a row of the stage table (vlm/training/stages.py)
+    max_steps: int = setting(minimum=1)  # optimizer steps
+    batch_size: int = setting(minimum=1)  # per device
+    lr: float = setting(minimum=0)  # peak learning rate (AdamW)
+    lr_projector: float | None = setting(minimum=0)  # per-part learning rates; null uses `lr`
+    lr_llm: float | None = setting(minimum=0)
+    lr_vision: float | None = setting(minimum=0)
+    lr_text: float | None = setting(minimum=0)
+    weight_decay: float = setting(minimum=0)
+    betas: tuple[float, float] = setting()  # AdamW betas
+    warmup_steps: int = setting(minimum=0)  # linear warmup, then cosine decay to `min_lr_ratio * lr`
+    min_lr_ratio: float = setting(minimum=0, maximum=1)
+    train_vision: bool | None = setting()  # null follows the stage table; true/false overrides it
+    train_llm: bool | None = setting()
+    train_projector: bool | None = setting()
 
 
 @dataclass
 class SyntheticConfig:
-    num_train: int = 20000  # samples in the train split
-    num_val: int = 1024  # samples in the held-out split
-    samples_per_shard: int = 2000
-    image_size: int = 64  # rendered image side in pixels
-    seed: int = 0  # the same seed always gives the same dataset
-    cache_dir: str = "~/.cache/vlm/synthetic"  # generated once, reused after
+    num_train: int = setting(minimum=1)  # samples in the train split
+    num_val: int = setting(minimum=1)  # samples in the held-out split
+    samples_per_shard: int = setting(minimum=1)
+    image_size: int = setting(minimum=16)  # rendered image side in pixels
+    seed: int = setting()  # the same seed always gives the same dataset
+    cache_dir: str = setting()  # generated once, reused after
 
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
-    train: str | None = None  # webdataset shards: brace pattern, local or pipe:; null uses the synthetic dataset
-    val: str | None = None  # held-out shards; null with train set means no validation
-    classnames: str | None = None  # one class name per line, label order; null: classnames.txt by the shards
-    num_workers: int = 2  # DataLoader workers (each reads its own shards)
-    shuffle_buffer: int = 2000  # samples held for shuffling
-    resampled: bool = False  # draw shards with replacement forever (no epochs) instead of one pass per epoch
-    max_skip_rate: float = 0.05  # stop when more than this fraction of samples is undecodable
+    name: str = setting()  # the data preset's name
+    train: str | None = setting()  # webdataset shards: brace pattern, local or pipe:; null uses the synthetic dataset
+    val: str | None = setting()  # held-out shards; null with train set means no validation
+    classnames: str | None = setting()  # one class name per line, label order; null: classnames.txt by the shards
+    num_workers: int = setting(minimum=0)  # DataLoader workers per rank (each reads its own shards)
+    shuffle_buffer: int = setting(minimum=0)  # samples held for shuffling
+    resampled: bool = setting()  # draw shards with replacement forever (no epochs) instead of one pass per epoch
+    max_skip_rate: float = setting(minimum=0, maximum=1)  # stop when more than this fraction of samples is bad
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"  # cpu, gpu, auto
-    devices: Any = "auto"  # int, list of ids or "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto, ddp, fsdp (Lightning strategies); fsdp shards every transformer block
+    accelerator: str = setting()  # cpu, gpu, auto
+    devices: Any = setting()  # int, list of ids or "auto"
+    num_nodes: int = setting(minimum=1)
+    strategy: str = setting()  # auto, ddp, fsdp (Lightning strategies); fsdp shards every transformer block
     # FSDP's sharding: params+grads+optimizer state, grads+optimizer state, full within a node, or none (DDP-like)
-    fsdp_sharding: str = choices("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD", default="FULL_SHARD")
-    precision: str = "32-true"  # 32-true, bf16-mixed, 16-mixed
-    gradient_clip_val: float = 1.0
-    val_check_interval: int = 500  # validate every N optimizer steps
-    log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 500
-    logger: str = choices("csv", "tensorboard", default="csv")
-    seed: int = 0
-    compile: bool = False  # torch.compile each transformer block (ViT, text tower, LLM layers) in place
-    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    fsdp_sharding: str = setting(choices=("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
+    precision: str = setting()  # 32-true, bf16-mixed, 16-mixed
+    gradient_clip_val: float | None = setting(minimum=0)  # clip the gradient norm to this; null: no clipping
+    val_check_interval: int = setting(minimum=1)  # validate every N optimizer steps
+    log_every_n_steps: int = setting(minimum=1)
+    checkpoint_every_n_steps: int = setting(minimum=1)
+    logger: str = setting(choices=("csv", "tensorboard"))
+    seed: int = setting()  # seeds weights, data order and dropout
+    compile: bool = setting()  # torch.compile each transformer block (ViT, text tower, LLM layers) in place
+    max_nonfinite_steps: int = setting(minimum=1)  # stop after this many non-finite losses in a row
 
 
 @dataclass
 class EvalConfig:
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}.", "a {}.", "an image of a {}."])
-    batch_size: int = 256
-    max_new_tokens: int = 16  # phase 2 answers
+    templates: list[str] = setting()  # zero-shot prompts; {} is the class name
+    batch_size: int = setting(minimum=1)
+    max_new_tokens: int = setting(minimum=1)  # phase 2 answers
 
 
 @dataclass
@@ -167,65 +306,16 @@ class TrainConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    tiler: TilerConfig = field(default_factory=TilerConfig)  # defined with the tiler, in vlm/data/tiler.py
+    tiler: TilerConfig = field(default_factory=TilerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_root: str = "checkpoints"  # runs go to OUTPUT_ROOT/STAGE/RUN_NAME
-    run_name: str | None = None  # null: a timestamp
-    init_from: str | None = "auto"  # export folder to start from; auto: the latest of the previous stage; null: fresh
-    resume: str | None = None  # auto: continue this stage's newest run from its last valid checkpoint; or a .ckpt path
-    checkpoint: str | None = None  # vlm.eval: the export folder to evaluate
-
-
-def closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
-def validate(obj: Any, path: str = "") -> None:
-    """Check every `choices` field of a dataclass tree; raise ConfigError naming the key and its valid values."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{path}{f.name}"
-        allowed = f.metadata.get("choices")
-        if allowed and value not in allowed:
-            hint = closest(str(value), list(allowed))
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of {list(allowed)}.{hint}")
-        if dataclasses.is_dataclass(value):
-            validate(value, f"{key}.")
+    output_root: str = setting()  # runs go to OUTPUT_ROOT/STAGE/RUN_NAME
+    run_name: str | None = setting()  # null: a timestamp
+    init_from: str | None = setting()  # export folder to start from; auto: the previous stage's latest; null: fresh
+    resume: str | None = setting()  # auto: continue this stage's newest run from its last valid checkpoint; or a .ckpt
+    checkpoint: str | None = setting()  # vlm.eval: the export folder to evaluate
 
 
 def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
-    """Merge a composed config onto the typed schema; unknown keys and bad types raise ConfigError."""
-    schema = OmegaConf.structured(TrainConfig)
-    raw = {k: v for k, v in (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg).items()
-           if k != "hydra"}
-    try:
-        merged = OmegaConf.merge(schema, raw)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        reason = str(getattr(err, "msg", err)).splitlines()[0]
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(schema, parent) if parent else schema
-        valid = sorted(str(k) for k in node.keys()) if isinstance(node, DictConfig) else []
-        if leaf in valid:  # a known key with a value of the wrong type
-            raise ConfigError(f"bad value for {key!r}: {reason}") from None
-        raise ConfigError(f"unknown config key {key!r}.{closest(leaf, valid)} Valid keys under "
-                          f"{parent or 'the top level'!r}: {valid}") from None
-    try:
-        config: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except ValueError as err:  # a dataclass's own validation (e.g. TilerConfig); name the group
-        raise ConfigError(str(err).replace("TilerConfig.", "tiler.")) from None
-    validate(config)
-    minimums = (("stage.max_steps", config.stage.max_steps, 1), ("stage.batch_size", config.stage.batch_size, 1),
-                ("model.projector.reduction_factor", config.model.projector.reduction_factor, 1),
-                ("model.projector.image_slots", config.model.projector.image_slots, 0))
-    for key, value, least in minimums:
-        if value < least:
-            raise ConfigError(f"{key}={value} must be >= {least}")
-    return config
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config dataclass (for export folders and metrics)."""
-    return dataclasses.asdict(config)
+    """A composed training config, checked against the schema."""
+    return load_config(TrainConfig, cfg)

@@ -12,19 +12,36 @@ import logging
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vlm.cli import CONFIG_DIR, fail, preflight, quote_values, user_errors
-
-if TYPE_CHECKING:
-    from vlm.chat import ChatSession
+from vlm.chat import ChatModel, ChatSession, PromptError
+from vlm.cli import CONFIG_DIR, fail, preflight, quote_values, setup_logging, user_errors
+from vlm.config import load_config, setting
+from vlm.data.tiler import ImageLoadError
+from vlm.generation.options import GenerationOptions
 
 log = logging.getLogger("vlm.infer")
 TEXT_KEYS = ("prompt", "system")
+
+
+@dataclass
+class InferConfig:
+    """configs/infer.yaml, which gives every default and documents each key."""
+
+    checkpoint: str | None = setting()  # an align or sft export folder
+    image: Any = setting()  # one-shot: an image path, or a list of them
+    prompt: str | None = setting()  # one-shot: the question; without it the chat REPL opens
+    system: str | None = setting()  # system prompt for every conversation
+    device: str = setting()
+    dtype: str = setting()
+    log_level: str = setting()
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+
 
 HELP = """commands:
   /image PATH [PATH...]  attach images to your next message (quote paths with spaces)
@@ -34,34 +51,23 @@ HELP = """commands:
 Ctrl-C stops the answer being written; the chat goes on."""
 
 
-def setup_logging(level: str) -> None:
-    """Logs go to stderr so stdout holds only the answers (one-shot output can be piped)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)  # libraries stay quiet
-    try:
-        logging.getLogger("vlm").setLevel(str(level).upper())
-    except ValueError:
-        fail(f"log_level={level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR")
-
-
 def image_list(value: Any) -> list[str]:
     """`image=a.jpg` or `image=[a.jpg,b.jpg]` -> paths, each checked to exist."""
     if value is None:
         return []
-    items = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    paths = [str(p) for p in (items if isinstance(items, list) else [items])]
+    paths = [str(p) for p in (value if isinstance(value, list) else [value])]
     for path in paths:
         if not Path(path).expanduser().is_file():
             fail(f"image {path!r} not found")
     return [str(Path(p).expanduser()) for p in paths]
 
 
-def stream_answer(session: ChatSession, text: str, images: list[str], write: Callable[[str], Any]) -> None:
-    """Print the answer as it is generated; Ctrl-C stops it (the partial answer stays in the history)."""
+def stream_answer(session: ChatSession, text: str, images: list[str], write: Callable[[str], Any],
+                  prefix: str = "") -> None:
+    """Print `prefix`, then the answer as it is generated; Ctrl-C stops it (the partial answer stays in the history).
+    The stream is created first, so its log lines (the temperature=auto choice) come before the prefix."""
     stream = session.stream(text, images=images)
+    write(prefix)
     try:
         for piece in stream:
             write(piece)
@@ -76,9 +82,6 @@ def stream_answer(session: ChatSession, text: str, images: list[str], write: Cal
 
 
 def repl(session: ChatSession, banner: str) -> None:
-    from vlm.chat import PromptError
-    from vlm.data.tiler import ImageLoadError
-
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -127,8 +130,7 @@ def repl(session: ChatSession, banner: str) -> None:
             continue
         images, pending = pending, []
         try:
-            write("vlm> ")
-            stream_answer(session, line, images, write)
+            stream_answer(session, line, images, write, prefix="vlm> ")
         except (PromptError, ImageLoadError) as err:
             print(f"\nerror: {err}")
         except KeyboardInterrupt:  # before the answer started streaming
@@ -137,32 +139,27 @@ def repl(session: ChatSession, banner: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="infer")
 def infer(cfg: DictConfig) -> None:
-    setup_logging(cfg.log_level)
-    if not cfg.checkpoint:
+    with user_errors():
+        config = load_config(InferConfig, cfg)
+    setup_logging(config.log_level)
+    if not config.checkpoint:
         fail("checkpoint=PATH is required: an align or sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
-    if not Path(str(cfg.checkpoint)).expanduser().is_dir():
-        fail(f"checkpoint folder {str(cfg.checkpoint)!r} does not exist")
-    images = image_list(cfg.image)
-    if images and cfg.prompt is None:
+    if not Path(config.checkpoint).expanduser().is_dir():
+        fail(f"checkpoint folder {config.checkpoint!r} does not exist")
+    images = image_list(config.image)
+    if images and config.prompt is None:
         fail("image=... needs prompt=\"...\" (in the chat REPL, attach images with /image PATH)")
-
-    from vlm.chat import ChatModel, OptionError, PromptError
-    from vlm.data.tiler import ImageLoadError
-
-    options = OmegaConf.to_container(cfg.generation, resolve=True)
     with user_errors():
         try:
-            model = ChatModel.load(str(cfg.checkpoint), device=cfg.device, dtype=cfg.dtype)
-            session = model.session(system=cfg.system, **options)
-        except (OptionError, RuntimeError) as err:  # a bad option, or an unknown / unavailable device
+            model = ChatModel.load(config.checkpoint, device=config.device, dtype=config.dtype)
+        except RuntimeError as err:  # an unavailable device
             fail(str(err))
-    if cfg.prompt is None:
+        session = model.session(system=config.system, **config.generation.as_dict())
+    if config.prompt is None:
         repl(session, f"vlm chat with {model.name} on {model.device}. /help lists the commands.")
         return
-    try:
-        stream_answer(session, str(cfg.prompt), images, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    except (PromptError, ImageLoadError) as err:
-        fail(str(err))
+    with user_errors():  # an unreadable image, a prompt longer than the context
+        stream_answer(session, config.prompt, images, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
 
 
 def main() -> None:

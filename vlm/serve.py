@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+import uvicorn
+from omegaconf import DictConfig
 
-from vlm.chat import ChatModel, OptionError
-from vlm.cli import CONFIG_DIR, fail, preflight, user_errors
+from vlm.chat import ChatModel
+from vlm.cli import CONFIG_DIR, fail, preflight, setup_logging, user_errors
 from vlm.server import ServeSettings, create_app
 
 __all__ = ["ServeSettings", "create_app", "main", "serve"]
@@ -33,14 +34,9 @@ log = logging.getLogger("vlm.serve")
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="serve")
 def serve(cfg: DictConfig) -> None:
-    import uvicorn
-
-    values = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
-    try:
-        settings = ServeSettings.from_dict(values)
-    except (TypeError, ValueError) as err:
-        fail(str(err))
-    _setup_logging(settings.log_level)
+    with user_errors():
+        settings = ServeSettings.from_dict(cfg)
+    setup_logging(settings.log_level)
     if not settings.checkpoint:
         fail("checkpoint=PATH is required: an align or sft export folder")
     if not Path(settings.checkpoint).expanduser().is_dir():
@@ -50,7 +46,7 @@ def serve(cfg: DictConfig) -> None:
             chat = ChatModel.load(settings.checkpoint, device=settings.device, dtype=settings.dtype,
                                   name=settings.model_name)
             chat.options(temperature=settings.temperature)  # checks the default temperature now, not per request
-        except (OptionError, RuntimeError) as err:
+        except RuntimeError as err:  # an unavailable device
             fail(str(err))
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without api_key: anyone who can reach port %d can use the model",
@@ -64,14 +60,6 @@ def serve(cfg: DictConfig) -> None:
 def main() -> None:
     preflight(sys.argv[1:], "serve")
     serve()
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(stream=sys.stderr, format="[%(name)s] %(message)s", level=logging.WARNING, force=True)
-    try:
-        logging.getLogger("vlm").setLevel(level.upper())
-    except ValueError:
-        fail(f"log_level={level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""`python -m vlm.train stage=contrastive|align|sft [key=value ...]`: train one stage.
+"""`python -m vlm.train stage=contrastive|align|sft [key=value ...]` (or `vlm-train`): train one stage.
 
-compose the config -> pick the run folder -> build the stage's model and data -> fit -> export + metrics.json
+compose the config -> pick the run folder -> the stage's task and data -> fit -> export + metrics.json
 """
 
 from __future__ import annotations
@@ -8,42 +8,47 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
-from vlm.cli import CONFIG_DIR, fail, preflight, user_errors
-from vlm.config import to_train_config
-from vlm.data.shards import ShardError
+from vlm.cli import CONFIG_DIR, preflight, user_errors
+from vlm.config import TrainConfig, to_train_config
 from vlm.data.sources import resolve as resolve_data
-from vlm.lit.build import build_task, build_trainer, finish
-from vlm.lit.common import NonFiniteLoss, TooManyBadSamples
-from vlm.lit.sharding import check_strategy
-from vlm.runs import prepare_run
-from vlm.stages import get_stage
+from vlm.training.datamodule import ShardDataModule
+from vlm.training.runs import prepare_run
+from vlm.training.stages import get_stage
+from vlm.training.strategy import check_strategy
+from vlm.training.trainer import build_trainer, finish
 
 log = logging.getLogger("vlm.train")
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def train(cfg: DictConfig) -> dict:
+def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """Train the stage `config.stage.name` and write its export; returns the final metrics. `callbacks` join the
+    Trainer's own (tests and benchmarks watch or perturb a run through them)."""
     started = time.time()
-    with user_errors():
-        config = to_train_config(cfg)
-        check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
-        pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
-        data = resolve_data(config.data, get_stage(config.stage.name).data)
-        run = prepare_run(config)
-        log.info("stage %s -> %s", config.stage.name, run.dir)
-        task, datamodule = build_task(config, run, data)
-        trainer = build_trainer(config, run, task.model)
-    try:
-        trainer.fit(task, datamodule=datamodule, ckpt_path=run.resume_from)
-    except (TooManyBadSamples, NonFiniteLoss, ShardError) as err:  # the run's verdict on its data: one clear line
-        fail(str(err))
-    with user_errors():
-        return finish(trainer, task, datamodule, run, config, started)
+    check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
+    pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
+    stage = get_stage(config.stage.name)
+    data = resolve_data(config.data, stage.data)
+    run_folder = prepare_run(config)
+    log.info("stage %s -> %s", stage.name, run_folder.dir)
+    task = stage.task.create(config, stage, run_folder.init_from, data)
+    datamodule = ShardDataModule(data, task.batching(), config.data, config.trainer.seed)
+    trainer = build_trainer(config, run_folder, task)
+    trainer.callbacks.extend(callbacks)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
+    return finish(trainer, task, datamodule, run_folder, config, started)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def train(cfg: DictConfig) -> dict[str, Any]:
+    with user_errors():  # a bad config or bad data: one clear line, exit code 2
+        return run(to_train_config(cfg))
 
 
 def main() -> None:

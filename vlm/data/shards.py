@@ -18,6 +18,8 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls
 
+from vlm.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,7 @@ class SkipSample(Exception):
     """Raised by a decode function for a sample that must be dropped; the message says why."""
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard pattern that matches nothing, or too few shards for the readers."""
 
 

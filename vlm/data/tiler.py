@@ -10,7 +10,7 @@ tiles need far fewer pixels (JPEG DCT-domain downscaling via `Image.draft`).
 Choices worth knowing:
 - Padding (letterboxing inside the grid canvas and the thumbnail) uses the encoder *mean* colour, so padded pixels are
   exactly 0 after normalisation, as in the original LLaVA `expand2square`. Transparency is composited onto
-  `TilerConfig.background` instead, because that is part of the picture the user sent.
+  `tiler.background` instead, because that is part of the picture the user sent.
 - Images are resized *into* the grid canvas keeping aspect ratio, so a 16x16 icon is upscaled to fill one tile (what
   the encoder was trained on). The 6144x4096 cap itself never upscales.
 - PIL has a global bomb guard (`Image.MAX_IMAGE_PIXELS`, ~89 MP warns, ~179 MP raises). The tiler enforces its own
@@ -39,13 +39,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from vlm.config import TilerConfig
+from vlm.errors import UserError
+
 # Same values as timm.data.constants / transformers' OPENAI_CLIP_*; kept here so the tiler imports fast.
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-# The hard resolution cap: the default and the largest a config may ask for.
-CAP_LONG_SIDE = 6144
-CAP_SHORT_SIDE = 4096
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -53,50 +52,11 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """The input could not be turned into tiles: undecodable, truncated, empty, not an image, or too large.
 
     The message always names the source (the path, or the `name=` given, e.g. a webdataset shard key).
     """
-
-
-@dataclass
-class TilerConfig:
-    """Resolution-tier settings (config values; see configs/tiler/*.yaml)."""
-
-    max_tiles: int = 1  # grid cells at most (rows * cols <= max_tiles); a thumbnail is added when the grid has > 1
-    max_long_side: int = CAP_LONG_SIDE  # cap: the long side is scaled down to at most this (<= 6144)
-    max_short_side: int = CAP_SHORT_SIDE  # cap: the short side is scaled down to at most this (<= 4096)
-    thumbnail: bool = True  # add a whole-image thumbnail tile (last) when the grid has more than one tile
-    background: tuple[int, int, int] = (255, 255, 255)  # RGB that transparent pixels are composited onto
-    max_pixels: int = 256_000_000  # decompression-bomb guard: refuse headers claiming more pixels than this
-    draft: bool = True  # decode JPEGs at a reduced DCT scale when the tiles need fewer pixels (off: full decode)
-
-    def __post_init__(self) -> None:
-        _check_int("max_tiles", self.max_tiles, 1)
-        _check_int("max_long_side", self.max_long_side, 1, CAP_LONG_SIDE)
-        _check_int("max_short_side", self.max_short_side, 1, CAP_SHORT_SIDE)
-        _check_int("max_pixels", self.max_pixels, 1)
-        for key in ("thumbnail", "draft"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"TilerConfig.{key} must be true or false, got {getattr(self, key)!r}")
-        bg = self.background
-        try:
-            bg = tuple(bg)  # YAML / Hydra give a list
-        except TypeError:
-            bg = ()
-        if len(bg) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in bg):
-            raise ValueError(
-                f"TilerConfig.background must be three integers 0-255 (an RGB colour), got {self.background!r}"
-            )
-        self.background = bg  # type: ignore[assignment]
-
-
-def _check_int(key: str, value: object, low: int, high: int | None = None) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ValueError(f"TilerConfig.{key} must be an integer {bound}, got {value!r}")
 
 
 @dataclass
@@ -327,7 +287,7 @@ class Tiler:
             what = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
         return (
             f"{label}: image is {what}, over the limit of {self.config.max_pixels:,} pixels "
-            "(TilerConfig.max_pixels); refused without decoding it"
+            "(tiler.max_pixels); refused without decoding it"
         )
 
     def _layout(self, stored: tuple[int, int], orientation: int) -> _Layout:

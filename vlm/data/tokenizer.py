@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from vlm.config import LLMConfig
+from vlm.data import synthetic
+
 IMAGE_TOKEN = "<image>"
 # ChatML, as Qwen and SmolLM use: <|im_start|>role\ncontent<|im_end|>\n per message.
 DEFAULT_CHAT_TEMPLATE = (
@@ -58,3 +61,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def new_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer by name or path (`model.llm.tokenizer`, else `model.llm.name_or_path`), or, for the tiny
+    random LLM, a byte-level BPE trained on the synthetic corpus; prepared either way."""
+    source = config.tokenizer or config.name_or_path
+    tokenizer = load_tokenizer(source) if source else build_local_tokenizer(list(synthetic.corpus()))
+    return prepare_tokenizer(tokenizer, config.chat_template)

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-from pathlib import Path
-
 import open_clip
 import torch
 from open_clip.transformer import TextTransformer
 from torch import nn
 
 from vlm.config import TextConfig
-
-BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
 class TextTower(nn.Module):
@@ -53,16 +47,3 @@ def clip_tokenizer(config: TextConfig) -> open_clip.tokenizer.SimpleTokenizer:
         raise ValueError(f"model.text.vocab_size={config.vocab_size} is smaller than the {config.tokenizer!r} "
                          f"tokenizer's vocabulary ({tokenizer.vocab_size})")
     return tokenizer
-
-
-def save_clip_tokenizer(tokenizer: open_clip.tokenizer.SimpleTokenizer, directory: Path) -> None:
-    """Copy the BPE vocabulary next to the weights so the export folder needs nothing else."""
-    if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
-        raise ValueError(f"exporting a {type(tokenizer).__name__} text tokenizer is not supported; use a CLIP BPE one")
-    shutil.copy(open_clip.tokenizer.default_bpe(), directory / BPE_FILE)
-    (directory / "open_clip_tokenizer.json").write_text(json.dumps({"context_length": tokenizer.context_length}))
-
-
-def load_clip_tokenizer(directory: Path) -> open_clip.tokenizer.SimpleTokenizer:
-    settings = json.loads((directory / "open_clip_tokenizer.json").read_text())
-    return open_clip.tokenizer.SimpleTokenizer(bpe_path=str(directory / BPE_FILE), **settings)

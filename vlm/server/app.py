@@ -24,8 +24,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlm.chat import ChatModel, Completion, OptionError, PromptError
+from vlm.chat import ChatModel
 from vlm.data.tiler import ImageLoadError
+from vlm.generation.completion import Completion, PromptError
+from vlm.generation.options import OptionError
 from vlm.server.anthropic import anthropic_events, anthropic_message, parse_anthropic
 from vlm.server.errors import ANTHROPIC, OPENAI, ApiError, api_of, error_response
 from vlm.server.openai import openai_completion, openai_events, parse_openai

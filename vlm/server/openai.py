@@ -9,8 +9,8 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vlm.chat import Completion
 from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.generation.completion import Completion
 from vlm.server.errors import OPENAI, ApiError, error_body
 from vlm.server.requests import ChatRequest, Parser, messages_list, require_dict
 from vlm.server.sse import Events, sse

@@ -1,9 +1,12 @@
-"""`ServeSettings`: the server's knobs (configs/serve.yaml documents each one) and their validation."""
+"""`ServeSettings`: the server's knobs. configs/serve.yaml gives each one's default and documents it; the defaults
+here are the same (a test checks), for programs that build a server with `create_app` directly."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from vlm.config import check_fields, load_config, setting
 
 
 @dataclass
@@ -12,39 +15,26 @@ class ServeSettings:
 
     checkpoint: str | None = None
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = setting(8000, minimum=0, maximum=65535)
     api_key: str | None = None
     model_name: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    max_concurrency: int = 1
-    max_queue: int = 8
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_image_bytes: int = 5 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
-    max_images: int = 8
-    max_tokens_limit: int | None = None
-    default_max_tokens: int = 512
-    temperature: float | str = "auto"
+    max_concurrency: int = setting(1, minimum=1)
+    max_queue: int = setting(8, minimum=0)
+    max_body_bytes: int = setting(20 * 1024 * 1024, minimum=1)
+    max_image_bytes: int = setting(5 * 1024 * 1024, minimum=1)
+    max_image_pixels: int = setting(50_000_000, minimum=1)
+    max_images: int = setting(8, minimum=0)
+    max_tokens_limit: int | None = setting(None, minimum=1)
+    default_max_tokens: int = setting(512, minimum=1)
+    temperature: int | float | str = "auto"  # a number (int too: YAML writes 0), or "auto"
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        for key in ("max_concurrency", "max_body_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)!r} must be an integer >= 1")
-        for key in ("max_queue", "max_images"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
-                raise ValueError(f"{key}={getattr(self, key)!r} must be an integer >= 0")
-        if self.max_tokens_limit is not None and (not isinstance(self.max_tokens_limit, int)
-                                                  or self.max_tokens_limit < 1):
-            raise ValueError(f"max_tokens_limit={self.max_tokens_limit!r} must be an integer >= 1 or null")
-        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ValueError(f"port={self.port!r} must be an integer 0-65535")
+        check_fields(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeSettings:
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown server setting {unknown[0]!r}; valid settings: {sorted(names)}")
-        return cls(**values)
+        """Settings from a composed serve config; an unknown or bad key raises ConfigError naming it."""
+        return load_config(cls, values)

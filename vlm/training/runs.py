@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm.config import ConfigError, TrainConfig
-from vlm.export import CONFIG_FILE, WEIGHTS_FILE
-from vlm.stages import get_stage
+from vlm.exports.format import is_complete
+from vlm.training.resume import find_resume_checkpoint, remove_partial_writes
+from vlm.training.stages import get_stage
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,7 @@ def _runs(stage_dir: Path) -> list[Path]:
 
 def latest_export(output_root: str | Path, stage: str) -> Path | None:
     """The newest complete export folder of a stage, or None."""
-    exports = [run / "export" for run in _runs(Path(output_root) / stage)
-               if (run / "export" / CONFIG_FILE).is_file() and (run / "export" / WEIGHTS_FILE).is_file()]
+    exports = [run / "export" for run in _runs(Path(output_root) / stage) if is_complete(run / "export")]
     return exports[-1] if exports else None
 
 
@@ -60,8 +60,6 @@ def prepare_run(config: TrainConfig) -> Run:
     default_name = launch_name or time.strftime("%Y%m%d-%H%M%S")
     resume_from = None
     if config.resume == "auto":
-        from vlm.lit.checkpointing import find_resume_checkpoint, remove_partial_writes
-
         if config.run_name:
             run_dir = stage_dir / config.run_name
         else:

@@ -1,11 +1,22 @@
-"""Callbacks: a progress bar that counts optimizer steps towards `stage.max_steps` across epochs."""
+"""Progress: a bar that counts optimizer steps towards `stage.max_steps` across epochs on a terminal, and a plain
+line every few percent when stderr goes to a file (SLURM logs, CI, `> run.log`), where a bar's carriage-return
+redraws would pile up into megabytes."""
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+PLAIN_LINES_PER_RUN = 20  # a plain progress line every 5% of the run
+
+
+def progress_callback() -> ProgressBar:
+    """The step bar on a terminal, plain lines otherwise."""
+    return StepProgressBar() if sys.stderr.isatty() else PlainProgress()
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -50,3 +61,34 @@ def pl_stage(trainer: pl.Trainer) -> str:
     """The vlm stage being trained, for the bar's label."""
     config = getattr(trainer.lightning_module, "config", None)
     return config.stage.name if config is not None else ""
+
+
+class PlainProgress(ProgressBar):
+    """One line per 5% of the run: step, percentage, steps per second, time left, and the logged losses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self._started = 0.0
+        self._first_step = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started, self._first_step = time.monotonic(), trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        every = max(1, total // PLAIN_LINES_PER_RUN)
+        if not self._enabled or not trainer.is_global_zero or (step % every and step != total):
+            return
+        rate = (step - self._first_step) / max(time.monotonic() - self._started, 1e-9)
+        left = (total - step) / rate if rate > 0 else float("inf")
+        metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num")
+        print(f"train {pl_stage(trainer)}: step {step}/{total} ({step / total:.0%}), {rate:.2f} steps/s, "
+              f"{left:.0f} s left {metrics}".rstrip(), file=sys.stderr, flush=True)

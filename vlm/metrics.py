@@ -1,4 +1,5 @@
-"""Zero-shot classification and image<->text retrieval metrics for contrastive models."""
+"""How models are scored: zero-shot classification and image<->text retrieval for contrastive models, exact-match
+answer accuracy for chat models."""
 
 from __future__ import annotations
 
@@ -27,4 +28,17 @@ def contrastive_metrics(image: torch.Tensor, text: torch.Tensor, labels: torch.T
     if classes is not None:
         predicted = (image @ classes.T).argmax(dim=1)  # (N,)
         metrics["zero_shot_top1"] = (predicted == labels).float().mean().item()
+    return metrics
+
+
+def normalize_answer(text: str) -> str:
+    """Exact match ignores case, surrounding space and a final full stop."""
+    return text.strip().lower().rstrip(".").strip()
+
+
+def exact_match_metrics(answers: dict[str, list[bool]]) -> dict[str, float]:
+    """{type: [correct?]} -> overall and per-type exact match."""
+    every = [hit for hits in answers.values() for hit in hits]
+    metrics = {"exact_match": sum(every) / len(every)}
+    metrics.update({f"exact_match/{kind}": sum(hits) / len(hits) for kind, hits in sorted(answers.items())})
     return metrics

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, Strategy, StrategyRegistry
 from torch import nn
@@ -57,7 +56,8 @@ def check_strategy(trainer: TrainerConfig) -> None:
     """Refuse, before any work, a strategy Lightning does not know and FSDP settings these devices cannot run."""
     known = ["auto", *StrategyRegistry.available_strategies()]
     if trainer.strategy not in known:
-        hint = closest(trainer.strategy, known)
+        match = closest(trainer.strategy, known)
+        hint = f" Did you mean {match!r}?" if match else ""
         raise ConfigError(f"trainer.strategy={trainer.strategy!r} is not a Lightning strategy.{hint} "
                           "Common ones: auto, ddp, fsdp")
     if trainer.strategy not in FSDP_NAMES:
@@ -89,14 +89,3 @@ def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
     return BlockShardedFSDP(auto_wrap_policy=blocks, sharding_strategy=trainer.fsdp_sharding,
                             cpu_offload=trainer.strategy == "fsdp_cpu_offload",
                             state_dict_type="full")  # one checkpoint file: atomic writes and resume=auto as ever
-
-
-def clip_gradients(module: pl.LightningModule, optimizer: torch.optim.Optimizer, clip_val: float | None,
-                   algorithm: str | None) -> None:
-    """Lightning's gradient clipping, except under FSDP. There each rank holds a shard of every gradient, so the norm
-    must be reduced across ranks: FSDP's own `clip_grad_norm_` does that (Lightning refuses to clip by norm there)."""
-    root = module.trainer.strategy.model
-    if isinstance(root, FullyShardedDataParallel) and clip_val and algorithm in (None, "norm"):
-        root.clip_grad_norm_(clip_val)
-    else:
-        module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)

@@ -1,0 +1,3 @@
+"""Export folders: what a finished stage leaves behind, and what later stages, `vlm.eval`, `vlm.infer` and
+`vlm.serve` load. `format` owns the folder layout and its metadata; `clip` and `vlm` write and read each phase's
+models."""

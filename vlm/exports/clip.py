@@ -1,0 +1,84 @@
+"""Phase 1 exports: the contrastive model with its CLIP tokenizer (the BPE vocabulary travels with the weights), the
+class names and prompt templates it was validated with, and the ViT that phase 2 starts from."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+from safetensors import safe_open
+
+from vlm.config import model_config_from, to_dict
+from vlm.data.tiler import Tiler, TilerConfig
+from vlm.exports.format import (
+    TOKENIZER_DIR,
+    WEIGHTS_FILE,
+    ExportError,
+    ExportMeta,
+    load_weights,
+    read_meta,
+    write_export,
+)
+from vlm.models.clip import CLIPModel
+from vlm.models.factory import make_tiler
+from vlm.models.vision import VisionTower
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+TOKENIZER_SETTINGS = "open_clip_tokenizer.json"
+DEFAULT_TEMPLATES = ["a photo of a {}."]
+
+
+@dataclass
+class ClipBundle:
+    model: CLIPModel
+    tokenizer: open_clip.tokenizer.SimpleTokenizer
+    tiler: Tiler
+    classnames: list[str] | None
+    templates: list[str]
+
+
+def export_clip(directory: Path, model: CLIPModel, tokenizer: open_clip.tokenizer.SimpleTokenizer,
+                tiler: TilerConfig, classnames: list[str] | None, templates: list[str]) -> Path:
+    meta = ExportMeta(stage="contrastive", model=to_dict(model.config), tiler=to_dict(tiler), classnames=classnames,
+                      templates=list(templates))
+    return write_export(directory, model, meta, lambda path: save_clip_tokenizer(tokenizer, path))
+
+
+def load_clip(directory: str | Path) -> ClipBundle:
+    meta = read_meta(directory, expect_stage=("contrastive",))
+    model = CLIPModel(model_config_from(meta.model))
+    load_weights(model, directory)
+    model.eval()
+    return ClipBundle(model, load_clip_tokenizer(Path(directory).expanduser() / TOKENIZER_DIR),
+                      make_tiler(TilerConfig(**meta.tiler), model.visual), meta.classnames,
+                      meta.templates or DEFAULT_TEMPLATES)
+
+
+def load_vision_from_clip(vision: VisionTower, directory: str | Path) -> None:
+    """Copy the ViT of a contrastive export into `vision` (phase 2 starts from the phase 1 image tower)."""
+    meta = read_meta(directory, expect_stage=("contrastive",))
+    exported = model_config_from(meta.model).vision
+    for key in ("name", "image_size", "patch_size", "width", "depth", "heads"):
+        if getattr(exported, key) != getattr(vision.config, key):
+            raise ExportError(f"init_from={str(directory)!r} has model.vision.{key}={getattr(exported, key)!r} but "
+                              f"this run has {getattr(vision.config, key)!r}; use the same model preset")
+    with safe_open(str(Path(directory).expanduser() / WEIGHTS_FILE), framework="pt") as f:
+        state = {k.removeprefix("visual."): f.get_tensor(k) for k in f.keys() if k.startswith("visual.")}
+    vision.load_state_dict(state)
+
+
+def save_clip_tokenizer(tokenizer: open_clip.tokenizer.SimpleTokenizer, directory: Path) -> None:
+    """Copy the BPE vocabulary next to the weights so the export folder needs nothing else."""
+    if not isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer):
+        raise ValueError(f"exporting a {type(tokenizer).__name__} text tokenizer is not supported; use a CLIP BPE one")
+    shutil.copy(open_clip.tokenizer.default_bpe(), directory / BPE_FILE)
+    (directory / TOKENIZER_SETTINGS).write_text(json.dumps({"context_length": tokenizer.context_length}))
+
+
+def load_clip_tokenizer(directory: Path) -> open_clip.tokenizer.SimpleTokenizer:
+    settings = json.loads((directory / TOKENIZER_SETTINGS).read_text())
+    return open_clip.tokenizer.SimpleTokenizer(bpe_path=str(directory / BPE_FILE), **settings)
+

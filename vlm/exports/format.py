@@ -1,0 +1,103 @@
+"""The export folder format, `vlm-export/1`: safetensors weights, `config.json` metadata, a `tokenizer/` folder.
+
+A folder is written under a temporary name and renamed into place, so a crash never leaves a half export, and
+`is_complete` tells a finished export from anything else. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from vlm.errors import UserError
+
+FORMAT = "vlm-export/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+REQUIRED = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR)
+
+
+class ExportError(UserError, FileNotFoundError):
+    """An export folder that is missing, incomplete or of the wrong kind; the message names it."""
+
+
+@dataclass
+class ExportMeta:
+    """config.json of an export folder: which stage wrote it and everything needed to rebuild the model."""
+
+    stage: str  # the stage that trained it: contrastive, align, sft, ...
+    model: dict[str, Any]  # the `model` config group (vlm.config.ModelConfig) it was built from
+    tiler: dict[str, Any]  # the tiler settings it was trained with (vlm.data.tiler.TilerConfig)
+    llm_config: dict[str, Any] | None = None  # phase 2: the LLM's Hugging Face config, to rebuild it offline
+    tokens_per_tile: int | None = None  # phase 2: image tokens per tile after reduction
+    classnames: list[str] | None = None  # contrastive: class names in label order, for zero-shot eval
+    templates: list[str] | None = None  # contrastive: zero-shot prompt templates
+    train_config: dict[str, Any] | None = None  # the `stage` settings of the run that wrote it
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, directory: Path) -> ExportMeta:
+        path = directory / CONFIG_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as err:
+            raise ExportError(f"{str(path)!r} is not valid JSON ({err}); re-export it from its run") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            found = raw.get("format") if isinstance(raw, dict) else None
+            raise ExportError(f"{str(path)!r} is not a vlm export (format {found!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def is_complete(directory: Path) -> bool:
+    """True for a finished export folder (a partial write is renamed into place only once whole)."""
+    return all((directory / name).exists() for name in REQUIRED)
+
+
+def write_export(directory: str | Path, model: nn.Module, meta: ExportMeta,
+                 write_tokenizer: Callable[[Path], None]) -> Path:
+    """Save `model` and `meta`; `write_tokenizer(path)` writes the tokenizer files into `path`."""
+    directory = Path(directory)
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / TOKENIZER_DIR).mkdir(parents=True)
+    save_model(model, str(staging / WEIGHTS_FILE))  # handles tied weights (shared storage)
+    (staging / CONFIG_FILE).write_text(meta.to_json())
+    write_tokenizer(staging / TOKENIZER_DIR)
+    shutil.rmtree(directory, ignore_errors=True)
+    staging.rename(directory)
+    return directory
+
+
+def read_meta(directory: str | Path, expect_stage: tuple[str, ...] | None = None) -> ExportMeta:
+    """The metadata of an export folder, after checking that every required file is there."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise ExportError(f"export folder {str(directory)!r} does not exist")
+    for name in REQUIRED:
+        if not (directory / name).exists():
+            raise ExportError(f"export folder {str(directory)!r} is missing {name!r}; re-export it from its run")
+    meta = ExportMeta.read(directory)
+    if expect_stage and meta.stage not in expect_stage:
+        raise ExportError(f"{str(directory)!r} holds a {meta.stage!r} model; expected one of {list(expect_stage)}")
+    return meta
+
+
+def load_weights(model: nn.Module, directory: str | Path) -> None:
+    """Load the folder's weights into `model`; every key must match."""
+    missing, unexpected = load_model(model, str(Path(directory).expanduser() / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{str(directory)!r} does not match the model: missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}")

@@ -1,0 +1,39 @@
+"""Phase 2 exports (align, sft and later stages): the vision-language model, its LLM's Hugging Face config (so it
+rebuilds offline, without the hub), and its tokenizer with the chat template and `<image>` token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from vlm.config import model_config_from, to_dict
+from vlm.data.tiler import TilerConfig
+from vlm.data.tokenizer import image_token_id, load_tokenizer, prepare_tokenizer
+from vlm.exports.format import TOKENIZER_DIR, ExportError, ExportMeta, load_weights, read_meta, write_export
+from vlm.models.factory import VLMBundle, bundle, empty_vlm
+
+def export_vlm(directory: Path, vlm: VLMBundle, stage: str, tiler: TilerConfig,
+               train_config: dict[str, Any] | None = None) -> Path:
+    model = vlm.model
+    settings = to_dict(model.config)
+    settings["llm"]["name_or_path"] = None  # the export is self-contained: rebuilt from llm_config
+    meta = ExportMeta(stage=stage, model=settings, tiler=to_dict(tiler), llm_config=model.lm.config.to_dict(),
+                      tokens_per_tile=model.tokens_per_tile, train_config=train_config)
+    return write_export(directory, model, meta, lambda path: vlm.tokenizer.save_pretrained(str(path)))
+
+
+def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
+             gradient_checkpointing: bool = False) -> VLMBundle:
+    """A phase 2 export folder (any stage after contrastive) -> model, tokenizer and processor. `tiler` overrides the exported tiler settings."""
+    meta = read_meta(directory)
+    directory = Path(directory).expanduser()
+    if meta.llm_config is None:
+        raise ExportError(f"{str(directory)!r} holds a {meta.stage!r} model, not a vision-language model; give an "
+                          f"export of a phase 2 stage (align, sft, ...)")
+    tokenizer = prepare_tokenizer(load_tokenizer(str(directory / TOKENIZER_DIR)))
+    model = empty_vlm(model_config_from(meta.model), AutoConfig.for_model(**meta.llm_config),
+                      image_token_id(tokenizer), gradient_checkpointing)
+    load_weights(model, directory)
+    return bundle(model, tokenizer, tiler or TilerConfig(**meta.tiler))

@@ -1,0 +1,154 @@
+"""Decoding options: every knob of one answer, checked once with messages that name the option, the
+`temperature="auto"` rule, and the translation into transformers' `generate` arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vlm.config import ConfigError, unknown_key_message
+from vlm.data.tokenizer import IMAGE_TOKEN
+
+log = logging.getLogger("vlm.chat")
+
+Message = dict[str, str]
+
+
+class OptionError(ConfigError):
+    """A generation option with a bad value; the message names the option."""
+
+
+# Code requests want near-deterministic decoding (syntax punishes creativity); creative writing wants variety.
+CODE_TEMPERATURE, CREATIVE_TEMPERATURE, DEFAULT_TEMPERATURE = 0.2, 0.8, 0.7
+_CODE_CUES = re.compile(
+    r"```|\b(code|coding|function|method|class|python|javascript|typescript|java|rust|golang|c\+\+|sql|regex|bash|"
+    r"script|bug|debug|compile|compiler|stack ?trace|traceback|exception|refactor|implement|algorithm|api|json|yaml)\b",
+    re.IGNORECASE,
+)
+_CREATIVE_CUES = re.compile(
+    r"\b(poem|poems|poetry|haiku|limerick|sonnet|verse|lyrics|song|story|stories|tale|fairy ?tale|fiction|novel|"
+    r"imagine|imaginative|creative|fantasy|once upon a time|screenplay|dialogue|rhyme|rhymes)\b",
+    re.IGNORECASE,
+)
+
+
+def auto_temperature(messages: Sequence[Message]) -> tuple[float, str]:
+    """Pick a sampling temperature from the latest user message: (value, reason).
+
+    - 0.2 when it looks like a code request: a ``` fence, or words such as function, python, bug, debug, sql, regex;
+    - 0.8 when it asks for creative writing: poem, story, haiku, lyrics, imagine, fiction, ...;
+    - 0.7 otherwise.
+    Code wins when both match ("write a python function that prints a poem" wants working code).
+    """
+    text = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    text = text.replace(IMAGE_TOKEN, " ")
+    if found := _CODE_CUES.search(text):
+        return CODE_TEMPERATURE, f"code request (matched {found.group(0)!r})"
+    if found := _CREATIVE_CUES.search(text):
+        return CREATIVE_TEMPERATURE, f"creative writing (matched {found.group(0)!r})"
+    return DEFAULT_TEMPERATURE, "general request (no code or creative-writing cue)"
+
+
+@dataclass
+class GenerationOptions:
+    """Decoding settings; `ChatModel.generate(..., **options)` takes any of these by name. `vlm.infer` reads them
+    from the `generation` group of configs/infer.yaml, whose values match these defaults."""
+
+    max_new_tokens: int = 256  # new tokens at most (also capped by the model's context length)
+    temperature: int | float | str = "auto"  # 0: greedy; > 0: sampling; "auto": see auto_temperature()
+    top_p: float | None = None  # nucleus sampling: keep the smallest set of tokens with this much probability
+    top_k: int | None = None  # keep the k most likely tokens (0 disables)
+    repetition_penalty: float | None = None  # > 1 discourages repeating the answer's own tokens (CTRL-style)
+    num_beams: int = 1  # > 1: beam search (deterministic unless temperature is set > 0)
+    length_penalty: float | None = None  # beam search: > 0 favours longer answers, < 0 shorter
+    stop: tuple[str, ...] = ()  # stop sequences: generation ends at the first, and it is not part of the answer
+    seed: int | None = None  # seeds torch's RNG before sampling, for reproducible answers
+
+    def __post_init__(self) -> None:
+        def bad(name: str, rule: str) -> OptionError:
+            return OptionError(f"{name}={getattr(self, name)!r} is not valid: {rule}")
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "use an integer >= 1")
+        if isinstance(self.temperature, str):
+            if self.temperature.strip().lower() != "auto":
+                raise bad("temperature", 'use a number >= 0 or "auto"')
+            self.temperature = "auto"
+        elif not _is_number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", 'use a number >= 0 or "auto"')
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            raise bad("top_p", "use a number in (0, 1]")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise bad("top_k", "use an integer >= 0")
+        if self.repetition_penalty is not None and (not _is_number(self.repetition_penalty)
+                                                    or self.repetition_penalty <= 0):
+            raise bad("repetition_penalty", "use a number > 0 (1.0 is no penalty)")
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            raise bad("num_beams", "use an integer >= 1")
+        if self.length_penalty is not None and not _is_number(self.length_penalty):
+            raise bad("length_penalty", "use a number")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        if not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop", "use a list of non-empty strings")
+        self.stop = tuple(stop)
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "use an integer")
+
+    def updated(self, **overrides: Any) -> GenerationOptions:
+        """A copy with the given options replaced; None means "keep this one"."""
+        names = [f.name for f in dataclasses.fields(self)]
+        for name in overrides:
+            if name not in names:
+                raise OptionError(unknown_key_message(name, names, what="generation option"))
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+
+
+@dataclass
+class Decoding:
+    """One answer's decoding, resolved: what `generate` gets besides the inputs, and what the Completion reports."""
+
+    generate_kwargs: dict[str, Any]
+    temperature: float | None  # the sampling temperature used; None for greedy or beam search
+    max_new_tokens: int  # after the context-length cap
+
+
+def resolve_decoding(options: GenerationOptions, messages: Sequence[Message], room: int) -> Decoding:
+    """`options` for a conversation with `room` tokens of context left: "auto" temperature picked, sampling
+    arguments only where sampling happens (transformers warns about unused ones)."""
+    max_new = min(options.max_new_tokens, room)
+    temperature = options.temperature
+    if temperature == "auto":
+        if options.num_beams > 1:
+            temperature = 0.0  # beam search is a deterministic search; "auto" does not turn it into sampling
+            log.info("temperature auto -> beam search without sampling (num_beams=%d)", options.num_beams)
+        else:
+            temperature, reason = auto_temperature(messages)
+            log.info("temperature auto -> %.1f: %s", temperature, reason)
+    sampling = float(temperature) > 0
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": sampling, "num_beams": options.num_beams}
+    if sampling:
+        kwargs["temperature"] = float(temperature)
+        if options.top_p is not None:
+            kwargs["top_p"] = options.top_p
+        if options.top_k is not None:
+            kwargs["top_k"] = options.top_k
+    if options.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = options.repetition_penalty
+    if options.num_beams > 1 and options.length_penalty is not None:
+        kwargs["length_penalty"] = options.length_penalty
+    return Decoding(kwargs, float(temperature) if sampling else None, max_new)

@@ -1,0 +1,100 @@
+"""When an answer ends: cancellation, stop sequences inside the answer, and the stop reason reported for it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+from transformers import StoppingCriteria
+
+STOP_REASONS = ("end_turn", "max_tokens", "stop_sequence", "cancelled")
+
+
+class Cancelled(StoppingCriteria):
+    """Ends `generate` at the next step once `event` is set (Ctrl-C, a client that went away)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class StopInAnswer(StoppingCriteria):
+    """Ends `generate` once the answer so far contains a stop sequence.
+
+    transformers' `stop_strings` also matches text that begins in the prompt: with stop "\n\n" and a chat template
+    whose generation prompt ends in "\n", a first "\n" would end the answer. Only the new tokens are decoded here,
+    and only the last few, enough to hold the longest stop sequence.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
+        self.window = max(len(stop) for stop in self.stops) + 2  # tokens; each decodes to >= 1 character
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
+        answers = input_ids[:, self.prompt_length:]  # (B, T_new)
+        tails = self.tokenizer.batch_decode(answers[:, -self.window:], skip_special_tokens=True)
+        return torch.tensor([any(stop in tail for stop in self.stops) for tail in tails], device=input_ids.device)
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
+    """Text up to the earliest stop sequence, and which one; (text, None) when none occurs."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0 and (best is None or index < best[0]):
+            best = (index, stop)
+    return (text, None) if best is None else (text[: best[0]], best[1])
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that could be the beginning of a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest
+
+
+class StopScanner:
+    """Streams text through stop sequences: `feed` returns what can be shown now, holding back any end that might
+    be the start of a stop sequence; once one appears, `stop` names it and nothing more comes out."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.pending = ""
+        self.stop: str | None = None
+
+    def feed(self, piece: str) -> str:
+        if self.stop is not None:
+            return ""
+        self.pending += piece
+        cut, self.stop = cut_at_stop(self.pending, self.stops)
+        if self.stop is not None:
+            self.pending = ""
+            return cut
+        keep = _held_back(self.pending, self.stops)
+        ready, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return ready
+
+    def flush(self) -> str:
+        """What was held back, at the end of the text (nothing after a stop sequence)."""
+        rest, self.pending = self.pending, ""
+        return rest if self.stop is None else ""
+
+
+def stop_reason(ids: Sequence[int], eos_ids: set[int], stop: str | None, cancelled: bool, max_new: int) -> str:
+    """Why an answer of `ids` ended; a stop sequence or end-of-turn token wins over a cancel that came after it."""
+    if stop is not None:
+        return "stop_sequence"
+    if ids and ids[-1] in eos_ids:
+        return "end_turn"
+    if cancelled:
+        return "cancelled"
+    if len(ids) >= max_new:
+        return "max_tokens"
+    return "end_turn"

@@ -1,0 +1,95 @@
+"""Phase 1: CLIP-style contrastive training, validated by zero-shot classification and image<->text retrieval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+
+from vlm.config import TrainConfig
+from vlm.data.captions import CaptionDecoder, collate_captions
+from vlm.data.sources import DataSources
+from vlm.exports.clip import export_clip, load_clip
+from vlm.metrics import class_embeddings, contrastive_metrics
+from vlm.models.clip import CLIPModel
+from vlm.models.factory import make_tiler
+from vlm.models.losses import build_contrastive_loss
+from vlm.models.text import clip_tokenizer
+from vlm.training.task import Batching, Stage, StageTask
+
+
+class ContrastiveTask(StageTask):
+    def __init__(self, config: TrainConfig, stage: Stage, model: CLIPModel, tokenizer: SimpleTokenizer,
+                 classnames: list[str] | None):
+        super().__init__(config, stage, model)
+        self.tokenizer = tokenizer
+        self.classnames = classnames
+        self.loss_fn = build_contrastive_loss(config.model.clip)
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._classes: torch.Tensor | None = None  # (C, E) class embeddings for zero-shot top-1
+
+    @classmethod
+    def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None,
+               data: DataSources) -> ContrastiveTask:
+        if init_from is not None:
+            raise ValueError("the contrastive stage starts from fresh (or timm/open_clip pretrained) weights; "
+                             "use resume=auto to continue a run")
+        return cls(config, stage, CLIPModel(config.model), clip_tokenizer(config.model.text), data.classnames)
+
+    @classmethod
+    def from_export(cls, config: TrainConfig, stage: Stage, directory: Path,
+                    data: DataSources) -> ContrastiveTask:
+        clip = load_clip(directory)
+        config.eval.templates = config.eval.templates or clip.templates
+        return cls(config, stage, clip.model, clip.tokenizer, data.classnames or clip.classnames)
+
+    def setup(self, stage: str) -> None:
+        # the loss gathers features across ranks, so it needs this process's place in the world
+        self.loss_fn = build_contrastive_loss(self.config.model.clip, self.global_rank, self.trainer.world_size)
+
+    def batching(self) -> Batching:
+        decode = CaptionDecoder(make_tiler(self.config.tiler, self.model.visual), self.tokenizer)
+        return Batching(decode, decode, collate_captions, self.config.stage.batch_size, self.config.eval.batch_size)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.health.count_batch(len(batch["ids"]), batch["skipped"])
+        outputs = self.model(batch["pixels"], batch["ids"])
+        losses = self.loss_fn(**outputs, output_dict=True)
+        loss = self.guarded(sum(losses.values()))
+        if self.health.skip_pending:
+            return loss
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
+        self.log("train/logit_scale", outputs["logit_scale"])
+        self.health.log_to(self)
+        return loss
+
+    def on_train_batch_end(self, *args) -> None:
+        self.model.clamp_logit_scale()
+
+    def on_validation_epoch_start(self) -> None:
+        self._val, self._classes = [], None
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch_idx == 0 and self.classnames:  # in a step, so sharded (FSDP) weights are gathered as for a batch
+            self._classes = class_embeddings(self.model, self.tokenizer, self.classnames, self.config.eval.templates,
+                                             self.device).float().cpu()
+        image = self.model.encode_image(batch["pixels"])
+        text = self.model.encode_text(batch["ids"])
+        self._val.append((image.float().cpu(), text.float().cpu(), batch["labels"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        image, text, labels = (torch.cat(parts) for parts in zip(*self._val, strict=True))
+        classes = self._classes if bool((labels >= 0).all()) else None
+        metrics = contrastive_metrics(image, text, labels, classes)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
+        self._val, self._classes = [], None
+
+    def empty_model(self) -> CLIPModel:
+        return CLIPModel(self.config.model)
+
+    def write_export(self, directory: Path, model: CLIPModel) -> Path:
+        return export_clip(directory, model, self.tokenizer, self.config.tiler, self.classnames,
+                           list(self.config.eval.templates))

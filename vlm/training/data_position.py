@@ -1,0 +1,89 @@
+"""Where in the data stream a checkpoint was taken, and the shard order a resumed run continues with.
+
+The shard pipelines are iterable (webdataset), so the exact sample position inside an epoch is not recoverable without
+replaying the stream. A checkpoint records the epoch, the batches consumed in it and the global step. On resume:
+  - at an epoch boundary, the next epoch gets exactly the shard order the interrupted process would have used;
+  - mid-epoch, the interrupted epoch restarts from its beginning with a fresh shard order, seeded from
+    (seed, epoch, global step), so the run does not replay the batches it just trained on in the same order, and a
+    run that keeps crashing at the same point still reaches every shard. Samples of the interrupted epoch that were
+    consumed before the crash may be seen twice (at most the batches-in-epoch recorded in the checkpoint, times the
+    global batch size); none are skipped. In resampled mode (no epochs) the shard draws are reseeded the same way.
+The order of samples inside the shuffle buffer is not seeded by the pipeline, so it is not reproduced either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
+
+
+def pass_seed(seed: int, epoch: int, global_step: int) -> int:
+    """The data seed of a pass that restarts epoch `epoch` mid-way at `global_step`: stable, and far from seed + k."""
+    digest = hashlib.sha256(f"vlm-data/{seed}/{epoch}/{global_step}".encode()).digest()
+    return int.from_bytes(digest[:6], "little") + 2**32
+
+
+class DataPosition(pl.Callback):
+    """Saves where in the data stream each checkpoint was taken; on resume, seeds the shard order from it.
+
+    It also carries the task's sample counts (`health.seen`, `health.skipped`) across restarts, so the skip rate and
+    metrics.json count the whole run. Under DDP the counts are rank 0's, as in metrics.json.
+
+    The DataModule builds its pipeline from `datamodule.seed`, and webdataset shuffles the shards of the n-th pass
+    through it in this process with seed + n (resampled mode: draws seeded from seed and n). A resumed process counts
+    passes from 0 again, so without this it would replay the first epoch's shard order whatever epoch it resumed in.
+    """
+
+    KEY = "vlm_data_position"
+
+    def __init__(self) -> None:
+        self.epoch = 0  # the epoch being trained
+        self.batches_in_epoch = 0  # batches consumed in it, by this rank
+        self.first_epoch = 0  # the epoch of this process's first pass (its seed + 0)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        # runs before ModelCheckpoint's hook for the same batch (Lightning orders checkpoint callbacks last); counted
+        # here rather than in on_train_epoch_start, which Lightning skips for an epoch it resumes into
+        if trainer.current_epoch != self.epoch:
+            self.epoch, self.batches_in_epoch = trainer.current_epoch, 0
+        self.batches_in_epoch += 1
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # a save on an epoch's last batch resumes into the next epoch (Lightning knows it is the last: it fetches
+        # one batch ahead)
+        last = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
+        checkpoint[self.KEY] = {"epoch": trainer.current_epoch + last, "batches_in_epoch": 0 if last
+                                else self.batches_in_epoch, "global_step": trainer.global_step,
+                                "first_epoch": self.first_epoch, "seed": int(getattr(trainer.datamodule, "seed", 0))}
+        health = getattr(pl_module, "health", None)  # the task's DataHealth: skip counts span restarts
+        if health is not None:
+            checkpoint[self.KEY].update(samples_seen=health.seen, samples_skipped=health.skipped)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this after reading the checkpoint and before it builds the train DataLoader
+        position = checkpoint.get(self.KEY)
+        if position is None:
+            return
+        health = getattr(pl_module, "health", None)
+        if health is not None and "samples_seen" in position:
+            health.seen, health.skipped = position["samples_seen"], position["samples_skipped"]
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "seed"):
+            return
+        self.epoch, self.batches_in_epoch = position["epoch"], position["batches_in_epoch"]
+        self.first_epoch = self.epoch
+        if self.batches_in_epoch == 0:  # the shard order the interrupted process would have used next
+            datamodule.seed = position["seed"] + self.epoch - position["first_epoch"]
+            log.info("data: resuming at the start of epoch %d (step %d)", self.epoch, position["global_step"])
+        else:
+            datamodule.seed = pass_seed(position["seed"], self.epoch, position["global_step"])
+            log.info("data: resuming %d batches into epoch %d (step %d); the epoch restarts with a fresh shard order, "
+                     "so up to %d batches per rank of it may be seen twice", self.batches_in_epoch, self.epoch,
+                     position["global_step"], self.batches_in_epoch)

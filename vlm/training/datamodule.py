@@ -1,0 +1,37 @@
+"""The shard DataModule: one per run, the same for every stage; the stage's task supplies decoding and collation."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from vlm.config import DataConfig
+from vlm.data.shards import build_pipeline, list_shards, make_loader, reader_plan
+from vlm.data.sources import DataSources
+from vlm.training.task import Batching
+
+
+class ShardDataModule(pl.LightningDataModule):
+    def __init__(self, data: DataSources, batching: Batching, config: DataConfig, seed: int = 0):
+        super().__init__()
+        self.batching = batching
+        self.config, self.seed = config, seed  # DataPosition reseeds a resumed run through `seed`
+        self.train_pattern = data.train
+        self.train_urls = list_shards(data.train, "data.train") if data.train else []  # eval reads val only
+        self.val_urls = list_shards(data.val, "data.val") if data.val else []
+
+    def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        workers = reader_plan(len(self.train_urls), self.config.num_workers, world, self.train_pattern,
+                              self.config.resampled)
+        pipeline = build_pipeline(self.train_urls, self.batching.decode, train=True, resampled=self.config.resampled,
+                                  shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
+        return make_loader(pipeline, self.batching.batch_size, workers, self.batching.collate, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_urls:
+            return []
+        # every rank scores the whole held-out split, so metrics need no cross-rank reduction
+        pipeline = build_pipeline(self.val_urls, self.batching.val_decode, train=False, split_by_node=False)
+        workers = min(self.config.num_workers, len(self.val_urls))
+        return make_loader(pipeline, self.batching.eval_batch_size, workers, self.batching.collate, drop_last=False)

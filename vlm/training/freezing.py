@@ -1,0 +1,47 @@
+"""Freezing by table: the stage names the parts that train, every other part is frozen and kept in eval mode."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from torch import nn
+
+from vlm.config import StageConfig
+
+log = logging.getLogger(__name__)
+
+
+def trainable_parts(table_entry: frozenset[str], config: StageConfig) -> frozenset[str]:
+    """The stage table's parts with the `stage.train_*` overrides applied."""
+    parts = set(table_entry)
+    overrides = {"vision": config.train_vision, "llm": config.train_llm, "projector": config.train_projector}
+    for part, flag in overrides.items():
+        if flag is True:
+            parts.add(part)
+        elif flag is False:
+            parts.discard(part)
+    return frozenset(parts)
+
+
+def apply_freezing(parts: dict[str, nn.Module], trainable: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """Set requires_grad per part; returns {part: (trainable params, total params)} and logs it as a table."""
+    trainable = set(trainable)
+    counts = {}
+    for name, module in parts.items():
+        for p in module.parameters():
+            p.requires_grad_(name in trainable)
+        total = sum(p.numel() for p in module.parameters())
+        counts[name] = (total if name in trainable else 0, total)
+    rows = "\n".join(f"  {name:<10} {'train ' if trained else 'frozen'} {total:>14,d}"
+                     for name, (trained, total) in counts.items())
+    log.info("parameters by part:\n%s\n  trainable: %s of %s", rows, f"{sum(c[0] for c in counts.values()):,d}",
+             f"{sum(c[1] for c in counts.values()):,d}")
+    return counts
+
+
+def keep_frozen_parts_in_eval(parts: dict[str, nn.Module], trainable: Iterable[str]) -> None:
+    """Frozen parts stay in eval mode while the rest trains: no dropout, and BatchNorm statistics stay put."""
+    for name, module in parts.items():
+        if name not in trainable:
+            module.eval()

@@ -1,0 +1,78 @@
+"""Guards on a run's inputs and numbers: the bad-sample rate, and non-finite losses that skip their step."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import torch
+
+from vlm.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+class TooManyBadSamples(UserError, RuntimeError):
+    """More samples could not be decoded than data.max_skip_rate allows."""
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """trainer.max_nonfinite_steps non-finite losses in a row."""
+
+
+class DataHealth:
+    """Counts skipped samples and non-finite losses; raises when either passes its limit."""
+
+    def __init__(self, max_skip_rate: float, max_nonfinite_steps: int, min_samples: int = 500):
+        self.max_skip_rate = max_skip_rate
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.min_samples = min_samples
+        self.seen = 0
+        self.skipped = 0
+        self.nonfinite_in_a_row = 0
+        self.skip_pending = False  # the current step's loss was non-finite: drop its gradients before the update
+
+    def count_batch(self, batch_size: int, skipped: int) -> None:
+        self.seen += batch_size + skipped
+        self.skipped += skipped
+        if self.seen >= self.min_samples and self.skip_rate > self.max_skip_rate:
+            raise TooManyBadSamples(f"{self.skipped} of {self.seen} samples ({self.skip_rate:.1%}) could not be "
+                                    f"decoded, more than data.max_skip_rate={self.max_skip_rate}; the warnings above "
+                                    f"name the shards and keys")
+
+    @property
+    def skip_rate(self) -> float:
+        return self.skipped / max(1, self.seen)
+
+    def check_loss(self, loss: torch.Tensor, step: int, module: pl.LightningModule) -> bool:
+        """True when the step should run; False skips it (every rank agrees, so DDP stays in sync)."""
+        bad = torch.tensor(float(not torch.isfinite(loss).all()), device=loss.device)
+        if module.trainer is not None and module.trainer.world_size > 1:
+            bad = module.trainer.strategy.reduce(bad, reduce_op="max")
+        if bad.item() == 0:
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        log.warning("non-finite loss at step %d; skipping this step (%d in a row)", step, self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise NonFiniteLoss(f"{self.nonfinite_in_a_row} non-finite losses in a row, the last at step {step}; "
+                                     f"lower stage.lr or check the data (trainer.max_nonfinite_steps="
+                                     f"{self.max_nonfinite_steps})")
+        return False
+
+    def guard(self, loss: torch.Tensor, step: int, module: pl.LightningModule) -> torch.Tensor:
+        """The loss to backpropagate: `loss`, or for a non-finite one a zero through the same graph, so that every
+        rank still runs backward (DDP and FSDP wait for it; Lightning refuses a None loss with several ranks).
+        `drop_skipped_gradients`, called from on_before_optimizer_step, then leaves the optimizer nothing to apply."""
+        if self.check_loss(loss, step, module):
+            return loss
+        self.skip_pending = True
+        return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+
+    def drop_skipped_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.skip_pending:
+            optimizer.zero_grad(set_to_none=True)  # parameters without gradients are left alone, decay included
+            self.skip_pending = False
+
+    def log_to(self, module: pl.LightningModule) -> None:
+        module.log_dict({"data/skipped": float(self.skipped), "data/skip_rate": self.skip_rate}, on_step=True)

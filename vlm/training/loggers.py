@@ -1,0 +1,57 @@
+"""Metric loggers: a CSV log that carries on across `resume=auto` restarts, or TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv when it starts. On resume, keep the rows logged before
+    the checkpoint's step instead (the rows after it belong to steps the resumed run trains again)."""
+
+    def __init__(self, log_dir: str, resume_step: int):
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as file:
+            reader = csv.DictReader(file)
+            header = list(reader.fieldnames or [])
+            rows = [row for row in reader if row.get("step") and int(float(row["step"])) < self.resume_step]
+        with open(path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = header  # new columns are added to this header, old ones kept
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """A CSVLogger whose metrics.csv runs on across `resume=auto` restarts instead of starting over."""
+
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self.resume_step is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(self.log_dir, self.resume_step)
+        return super().experiment
+
+
+def build_logger(kind: str, run_dir: Path, resume_step: int | None) -> Logger:
+    """`trainer.logger`: csv (logs/metrics.csv, continued from `resume_step` on resume) or tensorboard."""
+    if kind == "tensorboard":
+        return TensorBoardLogger(run_dir, name="logs", version="")
+    return ContinuingCSVLogger(run_dir, name="logs", version="", resume_step=resume_step)

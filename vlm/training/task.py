@@ -1,0 +1,117 @@
+"""`StageTask`: the one LightningModule contract every stage follows.
+
+The base owns what every stage does the same way: freezing by the stage table, AdamW with per-part learning rates and
+a warmup-cosine schedule, gradient clipping (FSDP-aware), the bad-sample and non-finite-loss guards, and the export
+hook that writes from a sharded run's gathered weights. A stage's task adds its model, its data decoding, its
+training and validation steps, and its export format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from vlm.config import TrainConfig
+from vlm.data.sources import DataSources
+from vlm.training.freezing import apply_freezing, keep_frozen_parts_in_eval, trainable_parts
+from vlm.training.gradients import clip_gradients
+from vlm.training.health import DataHealth
+from vlm.training.optim import build_optimizer, warmup_cosine
+
+
+@dataclass
+class Batching:
+    """How a stage turns shard samples into batches: what the DataModule needs from its task."""
+
+    decode: Callable[[dict], dict]  # a raw training sample -> model inputs (raises SkipSample for a bad one)
+    val_decode: Callable[[dict], dict]  # a raw held-out sample -> model inputs and what validation scores
+    collate: Callable[[list[dict]], dict[str, Any]]
+    batch_size: int  # per device, training
+    eval_batch_size: int
+
+
+class StageTask(pl.LightningModule):
+    """The base of every stage's LightningModule. `model.parts()` names the parts the stage table trains."""
+
+    def __init__(self, config: TrainConfig, stage: Stage, model: nn.Module):
+        super().__init__()
+        self.config = config
+        self.stage = stage
+        self.model = model
+        self.trainable = trainable_parts(stage.trains, config.stage)
+        self.health = DataHealth(config.data.max_skip_rate, config.trainer.max_nonfinite_steps)
+        self.parameter_counts = apply_freezing(model.parts(), self.trainable)
+
+    # ---- what each stage provides ----
+
+    @classmethod
+    def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> StageTask:
+        """The task for a training run, its model started from `init_from` (an export folder) or fresh."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_export(cls, config: TrainConfig, stage: Stage, directory: Path, data: DataSources) -> StageTask:
+        """The task `vlm.eval` validates: the model of an export folder."""
+        raise NotImplementedError
+
+    def batching(self) -> Batching:
+        raise NotImplementedError
+
+    def empty_model(self) -> nn.Module:
+        """A fresh unsharded model of the same shape, for a sharded run's gathered weights."""
+        raise NotImplementedError
+
+    def write_export(self, directory: Path, model: nn.Module) -> Path:
+        raise NotImplementedError
+
+    # ---- shared by every stage ----
+
+    def guarded(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate; a non-finite one skips its step on every rank (see DataHealth.guard)."""
+        return self.health.guard(loss, self.global_step, self)
+
+    def train(self, mode: bool = True) -> StageTask:
+        super().train(mode)
+        if mode:
+            keep_frozen_parts_in_eval(self.model.parts(), self.trainable)
+        return self
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.health.drop_skipped_gradients(optimizer)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.model.parts(), self.config.stage)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": warmup_cosine(optimizer, self.config.stage), "interval": "step"}}
+
+    def export(self, directory: Path, gathered: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the export folder from this model, or from `gathered` weights (a sharded run's full state dict,
+        whose `model.*` keys are this task's model): FSDP leaves no rank holding whole weights."""
+        model = self.model
+        if gathered is not None:
+            model = self.empty_model()
+            model.load_state_dict({k.removeprefix("model."): v for k, v in gathered.items()
+                                   if k.startswith("model.")}, strict=True)
+            model.eval()
+        return self.write_export(directory, model)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A row of the stage table (vlm/training/stages.py)."""
+
+    name: str
+    task: type[StageTask]  # the LightningModule that trains it and that `vlm.eval` validates its exports with
+    trains: frozenset[str]  # model parts with requires_grad=True; every other part is frozen
+    data: str  # "captions" (image + txt) or "conversations" (images + LLaVA-style json)
+    previous: str | None  # the stage whose latest export this one starts from by default
