@@ -134,6 +134,7 @@ def test_bad_conversation_samples_are_skipped_in_sft(tmp_path, caplog):
     assert "malformed json" in _warnings_naming(caplog, "bad-json")[0]
 
 
+@pytest.mark.slow
 def test_skip_rate_over_the_threshold_stops_the_run_naming_it(tmp_path):
     # 1 sample in 5 is bad (20%, over the default 5%); the check starts once 500 samples were read
     pattern = write_caption_shards(tmp_path / "shards", good_per_shard=240,

@@ -95,6 +95,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).parent)
 
 
+@pytest.mark.slow
 def test_cli_typo_names_key_and_choices():
     result = _cli("stage.lrr=0.1")
     assert result.returncode == 2
@@ -103,6 +104,7 @@ def test_cli_typo_names_key_and_choices():
     assert result.returncode == 2 and "Could not find 'model/tny'" in result.stderr and "tiny" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_shards_name_the_pattern(tmp_path):
     pattern = str(tmp_path / "shard-{000..003}.tar")
     result = _cli(f"data.train={pattern}", f"output_root={tmp_path / 'out'}", *TINY)

@@ -24,6 +24,7 @@ def _batch(task: ContrastiveTask, n: int = 16) -> dict:
     return task.batching().collate([{**s, "skipped": 0} for s in samples])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_loss_goes_down_on_a_fixed_batch(loss):
     torch.manual_seed(0)

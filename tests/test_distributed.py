@@ -105,6 +105,7 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", list(HEADS))
 def test_two_ranks_match_one_process_on_the_concatenated_batch(two_rank_results, head):
     """2 gloo ranks, each with half of an 8-sample batch, against 1 process with all 8.

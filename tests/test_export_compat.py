@@ -61,7 +61,7 @@ def test_an_earlier_sft_export_chats(exports):
 def test_an_earlier_export_evaluates(exports, tmp_path, stage, kind, metric):
     config = tiny_config(*SMALL_VAL, f"data.synthetic.cache_dir={tmp_path}", f"checkpoint={exports[kind]}",
                          stage=stage)
-    metrics = evaluate(config)
+    metrics, _ = evaluate(config)
     assert 0.0 <= metrics[metric] <= 1.0
 
 

@@ -60,6 +60,7 @@ def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
     assert "unknown command '/bogus'" in out
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_clean_error(tmp_path):
     missing = tmp_path / "no-such-export"
     result = run_infer(f"checkpoint={missing}", "prompt=hi")
@@ -68,6 +69,7 @@ def test_missing_checkpoint_is_one_clean_error(tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_missing_image_and_bad_option_are_clean_errors(tiny_sft_export, tmp_path):
     result = run_infer(f"checkpoint={tiny_sft_export}", f"image={tmp_path / 'nope.png'}", "prompt=hi")
     assert result.returncode == 2 and "nope.png" in result.stderr and "Traceback" not in result.stderr

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from tiny import tiny_config
 
-from vlm.data.processor import IGNORE_INDEX, Processor, SampleError, from_llava, pad_batch
+from vlm.data.conversations import from_llava
+from vlm.data.processor import IGNORE_INDEX, Processor, SampleError, pad_batch
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.models.factory import make_tiler, new_vlm
 
@@ -31,7 +32,7 @@ def conversation():
         {"from": "gpt", "value": "red"},
         {"from": "human", "value": "Compare with this one: <image> Which shape is it?"},
         {"from": "gpt", "value": "a blue star"},
-    ])
+    ]).messages
 
 
 IMAGES = [Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")]
@@ -88,7 +89,7 @@ def test_placeholder_count_mismatch_names_the_sample(bundle, images, match):
 
 
 def test_empty_assistant_turn_and_unknown_role(bundle):
-    messages = from_llava([{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "  "}])
+    messages = from_llava([{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "  "}]).messages
     with pytest.raises(SampleError, match="s1: empty assistant turn"):
         bundle.processor.encode(messages, IMAGES[:1], name="s1")
     with pytest.raises(SampleError, match="s2: unknown role 'robot'"):
@@ -102,7 +103,7 @@ def test_truncation_never_cuts_an_image(bundle):
         short.encode(conversation(), IMAGES, name="long")
     # text after the last image is cut, and the sample survives while a reply is left
     messages = from_llava([{"from": "human", "value": "<image>"},
-                           {"from": "gpt", "value": "red " * 200}])
+                           {"from": "gpt", "value": "red " * 200}]).messages
     length = len(bundle.processor.encode(messages, IMAGES[:1]).input_ids)
     cut = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=length - 50).encode(messages, IMAGES[:1])
     assert len(cut.input_ids) == length - 50 and (cut.labels != IGNORE_INDEX).any()

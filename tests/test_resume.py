@@ -62,6 +62,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint_and_no_partial_file(tmp_p
     assert sorted(p.name for p in target.parent.iterdir()) == ["step00000010.ckpt"]
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_save_never_leaves_a_checkpoint_that_resume_picks(tmp_path, caplog):
     io = AtomicCheckpointIO()
     good = tmp_path / "checkpoints" / "step00000010.ckpt"
@@ -96,6 +97,7 @@ class Observe(pl.Callback):
                       "data_seed": trainer.datamodule.seed, "samples_seen": task.health.seen}
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(tmp_path, small_synthetic, caplog):
     # 64 samples / batch 8 = 8 batches an epoch; checkpoints at steps 4, 8, 12; step 12 is 4 batches into epoch 1
     args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=12", "trainer.checkpoint_every_n_steps=4",
@@ -130,6 +132,7 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(t
     assert _logged_steps(checkpoints.parent) == list(range(12))  # metrics.csv runs on: 0-7, then 8-11 after resume
 
 
+@pytest.mark.slow
 def test_a_mid_epoch_resume_reseeds_the_shard_order(tmp_path, small_synthetic):
     args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",
             f"output_root={tmp_path}", "run_name=m"]

@@ -558,6 +558,7 @@ def test_cli_prints_plan_and_saves_tiles(tmp_path, capsys):
     assert Image.open(saved[0]).size == (64, 64)
 
 
+@pytest.mark.slow
 def test_cli_bad_path_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "vlm.data.tiler", str(tmp_path / "nope.jpg")],

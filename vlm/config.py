@@ -272,6 +272,7 @@ class DataConfig:
     shuffle_buffer: int = setting(minimum=0)  # samples held for shuffling
     resampled: bool = setting()  # draw shards with replacement forever (no epochs) instead of one pass per epoch
     max_skip_rate: float = setting(minimum=0, maximum=1)  # stop when more than this fraction of samples is bad
+    eval_group_by: str = setting()  # held-out answers are scored per value of this turn or record field (e.g. type)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -298,7 +299,10 @@ class TrainerConfig:
 class EvalConfig:
     templates: list[str] = setting()  # zero-shot prompts; {} is the class name
     batch_size: int = setting(minimum=1)
-    max_new_tokens: int = setting(minimum=1)  # phase 2 answers
+    max_new_tokens: int = setting(minimum=1)  # phase 2: the longest answer generated for scoring
+    turns: str = setting(choices=("all", "last"))  # phase 2: score every assistant turn, or each sample's last
+    max_samples: int | None = setting(minimum=1)  # held-out samples answered per validation; null: all
+    output_dir: str | None = setting()  # vlm.eval: where metrics.json and predictions.jsonl go; null: RUN/eval
 
 
 @dataclass

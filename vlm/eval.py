@@ -1,9 +1,11 @@
-"""`python -m vlm.eval stage=contrastive|align|sft checkpoint=EXPORT [data.val=SHARDS]` (or `vlm-eval`): score an
-export folder on held-out data.
+"""`python -m vlm.eval stage=STAGE checkpoint=EXPORT [data.val=SHARDS]` (or `vlm-eval`): score an export folder on
+held-out data.
 
 contrastive: zero-shot top-1 (when the held-out samples carry labels) and image<->text retrieval R@1.
-align / sft: held-out loss, and exact-match answer accuracy by question type for conversations.
-Without data.val it scores the synthetic held-out split. Prints the metrics as JSON.
+align / sft: held-out loss, and the model's own answers (greedy) scored against every held-out assistant turn:
+exact match, VQA-normalised match and containment, overall and per group (e.g. question type).
+Without data.val it scores the synthetic held-out split. Prints the metrics as JSON, writes them with every answer to
+eval.output_dir (metrics.json, predictions.jsonl), and shows the worst-scored answers on stderr.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ from omegaconf import DictConfig
 from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import ConfigError, TrainConfig, to_train_config
 from vlm.data.sources import resolve_eval
+from vlm.metrics import SCORES
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.stages import get_stage
+from vlm.training.task import StageTask
+from vlm.training.trainer import validate
+
+WORST_SHOWN = 5
 
 
-def evaluate(config: TrainConfig) -> dict[str, Any]:
-    """Validate the export `config.checkpoint` with its stage's task; returns the metrics."""
+class NothingToScore(ConfigError):
+    """Held-out data with no sample that can be scored."""
+
+
+def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validate the export `config.checkpoint` with its stage's task: (metrics, the answers it scored)."""
     if not config.checkpoint:
         raise ConfigError("checkpoint=PATH is required: the export folder of a run (OUTPUT_ROOT/STAGE/RUN/export)")
     stage = get_stage(config.stage.name)
@@ -34,23 +45,57 @@ def evaluate(config: TrainConfig) -> dict[str, Any]:
     datamodule = ShardDataModule(data, task.batching(), config.data)
     trainer = pl.Trainer(accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision,
                          logger=False, enable_checkpointing=False, enable_model_summary=False)
-    results = trainer.validate(task, datamodule=datamodule, verbose=False)
-    metrics: dict[str, Any] = {k.removeprefix("val/"): round(float(v), 4)
-                               for k, v in (results[0] if results else {}).items()}
+    metrics: dict[str, Any] = validate(trainer, task, datamodule)
+    check_scored(task, metrics, data.val)
     metrics.update(checkpoint=str(Path(config.checkpoint).resolve()), data=data.val)
-    return metrics
+    return metrics, task.predictions
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) -> None:
+    """An empty held-out set, or one whose every sample was skipped, is an error rather than a score of 0 or NaN."""
+    if not metrics or ("loss" in metrics and not task.predictions):
+        raise NothingToScore(f"no held-out sample of data.val={pattern!r} could be scored: the shards hold none, or "
+                             f"every one was skipped (the warnings above name each skipped sample with its shard and "
+                             f"the reason, e.g. no assistant turn)")
+
+
+def write_results(metrics: dict[str, Any], predictions: list[dict[str, Any]], directory: Path) -> None:
+    """metrics.json and predictions.jsonl (one line per answered turn: key, images, question, reference, prediction,
+    group, scores)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(directory / "predictions.jsonl", "w") as file:
+        for row in predictions:
+            file.write(json.dumps(row) + "\n")
+
+
+def show_worst(predictions: list[dict[str, Any]], count: int = WORST_SHOWN) -> None:
+    """The answers with the lowest summed scores, for reading failures rather than only numbers."""
+    worst = sorted(predictions, key=lambda p: sum(p["scores"][s] for s in SCORES))[:count]
+    if not worst:
+        return
+    print(f"the {len(worst)} worst-scored answers:", file=sys.stderr)
+    for row in worst:
+        scores = ", ".join(f"{s}={row['scores'][s]:.0f}" for s in SCORES)
+        print(f"- {row['key']}: Q: {row['question']!r}\n  expected {row['reference']!r}, got {row['prediction']!r} "
+              f"({scores})", file=sys.stderr)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main_hydra(cfg: DictConfig) -> dict[str, Any]:
     with user_errors():
-        metrics = evaluate(to_train_config(cfg))
+        config = to_train_config(cfg)
+        metrics, predictions = evaluate(config)
+    out = Path(config.eval.output_dir or Path(config.checkpoint).expanduser().resolve().parent / "eval")
+    write_results(metrics, predictions, out)
     print(json.dumps(metrics, indent=2))
+    show_worst(predictions)
+    print(f"metrics and every answer: {out}", file=sys.stderr)
     return metrics
 
 
 def main() -> None:
-    preflight(sys.argv[1:], "train")
+    preflight(sys.argv[1:], "eval")
     main_hydra()
 
 

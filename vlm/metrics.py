@@ -3,6 +3,8 @@ answer accuracy for chat models."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from vlm.models.clip import CLIPModel
@@ -31,14 +33,45 @@ def contrastive_metrics(image: torch.Tensor, text: torch.Tensor, labels: torch.T
     return metrics
 
 
-def normalize_answer(text: str) -> str:
-    """Exact match ignores case, surrounding space and a final full stop."""
-    return text.strip().lower().rstrip(".").strip()
+# The VQA evaluation's normalisation (Antol et al. 2015): number words as digits, articles dropped, punctuation out
+# except decimal points. Apostrophes are dropped too, so "don't" and "dont" agree.
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = re.compile(r"""[;/\\\[\]"{}()=+_\-><@`?!*#%^&$~|:,]""")
+_COMMA_IN_NUMBER = re.compile(r"(?<=\d),(?=\d)")
+_PERIOD_OUTSIDE_NUMBER = re.compile(r"(?<!\d)\.|\.(?!\d)")
+SCORES = ("exact_match", "normalized_match", "contains")
 
 
-def exact_match_metrics(answers: dict[str, list[bool]]) -> dict[str, float]:
-    """{type: [correct?]} -> overall and per-type exact match."""
-    every = [hit for hits in answers.values() for hit in hits]
-    metrics = {"exact_match": sum(every) / len(every)}
-    metrics.update({f"exact_match/{kind}": sum(hits) / len(hits) for kind, hits in sorted(answers.items())})
+def normalize_exact(text: str) -> str:
+    """Exact match ignores case, runs of whitespace and trailing punctuation ("Red." == "red")."""
+    return " ".join(text.lower().split()).rstrip(".!?,;: ")
+
+
+def normalize_vqa(text: str) -> str:
+    """The VQA normalisation: "Two red circles." -> "2 red circles", "1,000.5" -> "1000.5", "The cat's" -> "cats"."""
+    text = _COMMA_IN_NUMBER.sub("", text.lower())
+    text = _PERIOD_OUTSIDE_NUMBER.sub(" ", text).replace("'", "")
+    words = [_NUMBER_WORDS.get(word, word) for word in _PUNCTUATION.sub(" ", text).split() if word not in _ARTICLES]
+    return " ".join(words)
+
+
+def score_answer(prediction: str, reference: str) -> dict[str, float]:
+    """One answer's scores: exact match, VQA-normalised match, and whether the reference appears in the answer."""
+    exact = normalize_exact(prediction) == normalize_exact(reference)
+    predicted, wanted = normalize_vqa(prediction), normalize_vqa(reference)
+    contains = bool(wanted) and re.search(rf"(?:^| ){re.escape(wanted)}(?: |$)", predicted) is not None
+    return {"exact_match": float(exact), "normalized_match": float(predicted == wanted), "contains": float(contains)}
+
+
+def answer_metrics(scored: list[tuple[str | None, dict[str, float]]]) -> dict[str, float]:
+    """[(group or None, scores)] -> each score's mean overall ("exact_match") and per group ("exact_match/color")."""
+    metrics: dict[str, float] = {}
+    groups = sorted({group for group, _ in scored if group is not None})
+    for name in SCORES:
+        metrics[name] = sum(s[name] for _, s in scored) / len(scored)
+        for group in groups:
+            values = [s[name] for g, s in scored if g == group]
+            metrics[f"{name}/{group}"] = sum(values) / len(values)
     return metrics

@@ -1,5 +1,5 @@
-"""Conversation samples for phase 2: a shard sample -> the encoded conversation, and for held-out samples the question
-and reference answer that validation scores.
+"""Conversation samples for phase 2: a shard sample -> the encoded conversation, and, for held-out samples, the
+assistant turns that validation answers and scores.
 
 Caption samples (an image + `txt`) become a one-turn "describe the image" conversation, so `align` reads the same
 shards as the contrastive stage. Conversation samples carry LLaVA-style `json` and their images in `<image>` order.
@@ -9,52 +9,98 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from vlm.data.captions import image_fields, text_field
-from vlm.data.processor import Processor, SampleError, from_llava
+from vlm.data.processor import Encoded, Processor, SampleError
 from vlm.data.synthetic import DESCRIBE_PROMPTS
 from vlm.data.tokenizer import IMAGE_TOKEN
 
 Message = dict[str, str]
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def first_exchange(messages: list[Message]) -> tuple[list[Message], str] | None:
-    """The messages before the first assistant reply, and that reply (what eval asks and expects)."""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            return messages[:i], message["content"]
-    return None
+@dataclass
+class ScoredTurn:
+    """One held-out assistant turn to answer: the true conversation before it, and what it should say."""
+
+    prompt: Encoded  # the conversation up to the turn, ending in the generation prompt
+    reference: str  # the recorded answer
+    question: str  # the user message the turn answers
+    group: str | None  # the record's (or the turn's) group field, e.g. the synthetic question type
+    key: str  # shard:key of the sample
+    images: list[str]  # the sample's image fields the prompt shows
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    groups: list[str | None]  # per message: its group field (the turn's own, else the record's)
+
+
+def from_llava(conversations: Any, name: str = "sample", group_by: str = "type",
+               record_group: str | None = None) -> Conversation:
+    """LLaVA's [{"from": "human"|"gpt"|"system", "value": ...}] -> chat messages [{"role", "content"}]."""
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError(f"{name}: 'conversations' must be a non-empty list")
+    messages, groups = [], []
+    for turn in conversations:
+        if not isinstance(turn, dict):
+            raise SampleError(f"{name}: each turn must be an object with 'from' and 'value'")
+        role = ROLES.get(str(turn.get("from", turn.get("role"))))
+        if role is None:
+            raise SampleError(f"{name}: unknown role {turn.get('from', turn.get('role'))!r}; "
+                              f"use one of {sorted(ROLES)}")
+        messages.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
+        group = turn.get(group_by, record_group)
+        groups.append(None if group is None else str(group))
+    return Conversation(messages, groups)
 
 
 class ConversationDecoder:
-    """Raw shard sample -> {"encoded": Encoded}, plus for held-out samples with a `type` the first question as a prompt
-    ("prompt"), its reference answer ("answer") and the type."""
+    """Raw shard sample -> {"encoded": Encoded}; with `evaluate`, also {"scored": [ScoredTurn, ...]}: the last
+    assistant turn (`turns="last"`) or every one (`turns="all"`), each given the true history before it."""
 
-    def __init__(self, processor: Processor, evaluate: bool):
+    def __init__(self, processor: Processor, evaluate: bool = False, turns: str = "all", group_by: str = "type"):
         self.processor = processor
         self.evaluate = evaluate
+        self.turns = turns
+        self.group_by = group_by
 
     def __call__(self, sample: dict) -> dict[str, Any]:
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
-        images = [sample[f] for f in image_fields(sample)]
-        kind = None
-        if "json" in sample:
-            try:
-                record = json.loads(sample["json"])
-            except (ValueError, TypeError) as err:
-                raise SampleError(f"{name}: malformed json ({err})") from None
-            if not isinstance(record, dict):
-                raise SampleError(f"{name}: the json must be an object with 'conversations'")
-            messages = from_llava(record.get("conversations"), name)
-            kind = record.get("type")
-        else:
-            prompt = DESCRIBE_PROMPTS[zlib.crc32(str(sample.get("__key__")).encode()) % len(DESCRIBE_PROMPTS)]
-            messages = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"},
-                        {"role": "assistant", "content": text_field(sample, "txt")}]
-        out: dict[str, Any] = {"encoded": self.processor.encode(messages, images, name)}
-        if self.evaluate and kind is not None:
-            question, answer = first_exchange(messages)  # encode() checked there is an assistant turn
-            used = sum(m["content"].count(IMAGE_TOKEN) for m in question)
-            out.update(prompt=self.processor.prompt(question, images[:used], name), answer=answer, type=kind)
+        fields = image_fields(sample)
+        images = [sample[f] for f in fields]
+        conversation = self._conversation(sample, name)
+        out: dict[str, Any] = {"encoded": self.processor.encode(conversation.messages, images, name)}
+        if self.evaluate:
+            out["scored"] = self._scored_turns(conversation, images, fields, name)
         return out
+
+    def _conversation(self, sample: dict, name: str) -> Conversation:
+        if "json" not in sample:  # a caption sample
+            prompt = DESCRIBE_PROMPTS[zlib.crc32(str(sample.get("__key__")).encode()) % len(DESCRIBE_PROMPTS)]
+            return Conversation([{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"},
+                                 {"role": "assistant", "content": text_field(sample, "txt")}], [None, None])
+        try:
+            record = json.loads(sample["json"])
+        except (ValueError, TypeError) as err:
+            raise SampleError(f"{name}: malformed json ({err})") from None
+        if not isinstance(record, dict):
+            raise SampleError(f"{name}: the json must be an object with 'conversations'")
+        group = record.get(self.group_by)
+        return from_llava(record.get("conversations"), name, self.group_by, None if group is None else str(group))
+
+    def _scored_turns(self, conversation: Conversation, images: list, fields: list[str],
+                      name: str) -> list[ScoredTurn]:
+        messages = conversation.messages
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]  # encode() checked there is one
+        scored = []
+        for i in replies[-1:] if self.turns == "last" else replies:
+            history = messages[:i]
+            shown = sum(m["content"].count(IMAGE_TOKEN) for m in history)
+            question = next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
+            scored.append(ScoredTurn(self.processor.prompt(history, images[:shown], name), messages[i]["content"],
+                                     question, conversation.groups[i], name, fields[:shown]))
+        return scored

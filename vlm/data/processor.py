@@ -19,27 +19,11 @@ from vlm.data.tiler import Tiler
 from vlm.data.tokenizer import IMAGE_TOKEN, image_token_id
 
 IGNORE_INDEX = -100
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
 ImageSource = str | bytes | Image.Image
 
 
 class SampleError(SkipSample):
     """A conversation that cannot be encoded; the message names the sample."""
-
-
-def from_llava(conversations: list[dict], name: str = "sample") -> list[dict[str, str]]:
-    """LLaVA's [{"from": "human"|"gpt"|"system", "value": ...}] -> chat messages [{"role", "content"}]."""
-    if not isinstance(conversations, list) or not conversations:
-        raise SampleError(f"{name}: 'conversations' must be a non-empty list")
-    messages = []
-    for turn in conversations:
-        role = ROLES.get(str(turn.get("from", turn.get("role"))))
-        if role is None:
-            raise SampleError(f"{name}: unknown role {turn.get('from', turn.get('role'))!r}; "
-                              f"use one of {sorted(ROLES)}")
-        messages.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
-    return messages
 
 
 @dataclass
@@ -81,7 +65,7 @@ class Processor:
             raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images")
         if train:
             if not any(m["role"] == "assistant" for m in messages):
-                raise SampleError(f"{name}: no assistant turn to learn from")
+                raise SampleError(f"{name}: no assistant turn to learn from or to score")
             if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
                 raise SampleError(f"{name}: empty assistant turn")
         tiled = [self.tiler(image, name=f"{name} image {i}") for i, image in enumerate(images)]

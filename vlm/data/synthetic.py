@@ -77,7 +77,7 @@ COMPARE_QUESTIONS = ("Which image shows the {c} {s}, the first or the second?",
                      "Is the {c} {s} in the first image or the second image?",
                      "Which picture contains the {c} {s}: first or second?")
 QUESTION_TYPES = ("color", "shape", "position", "count", "compare")
-GENERATOR_VERSION = 4  # bump when drawing changes, so cached splits are regenerated
+GENERATOR_VERSION = 5  # bump when drawing changes, so cached splits are regenerated
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,8 @@ def _answer(kind: str, spec: ShapeSpec) -> str:
 
 
 def conversation_samples(num: int, seed: int, image_size: int) -> Iterator[dict]:
-    """`sft` samples in the LLaVA form: {"__key__", "json": {"conversations", "type"}, "0.png"[, "1.png"]}.
+    """`sft` samples in the LLaVA form: {"__key__", "json": {"conversations", "type"}, "0.png"[, "1.png"]}; each
+    assistant turn also carries the type of the question it answers, so held-out answers are scored per type.
 
     Types rotate so every split holds each one. A third of the single-image samples ask a second question about the
     same image in a second turn, and half of the two-image samples ask about the other image's shape in a second turn.
@@ -187,20 +188,21 @@ def conversation_samples(num: int, seed: int, image_size: int) -> Iterator[dict]
             asked = first if target == "first" else second
             images = [render(first, rng, image_size), render(second, rng, image_size)]
             question = rng.choice(COMPARE_QUESTIONS).format(c=asked.color, s=asked.shape)
-            turns = [("<image>\n<image>\n" + question, target)]
+            turns = [("<image>\n<image>\n" + question, target, kind)]
             if rng.random() < 0.5:  # a follow-up about the other picture: twice the two-image signal per sample
                 other, other_target = (second, "second") if target == "first" else (first, "first")
-                turns.append((rng.choice(COMPARE_QUESTIONS).format(c=other.color, s=other.shape), other_target))
+                question = rng.choice(COMPARE_QUESTIONS).format(c=other.color, s=other.shape)
+                turns.append((question, other_target, kind))
         else:
             spec = random_spec(rng, count=rng.randint(1, 3) if kind == "count" else 1)
             images = [render(spec, rng, image_size)]
-            turns = [("<image>\n" + rng.choice(QUESTIONS[kind]), _answer(kind, spec))]
+            turns = [("<image>\n" + rng.choice(QUESTIONS[kind]), _answer(kind, spec), kind)]
             if kind != "count" and rng.random() < 1 / 3:
                 follow = rng.choice([k for k in ("color", "shape", "position") if k != kind])
-                turns.append((rng.choice(QUESTIONS[follow]), _answer(follow, spec)))
+                turns.append((rng.choice(QUESTIONS[follow]), _answer(follow, spec), follow))
         conversations = []
-        for question, answer in turns:
-            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        for question, answer, asked in turns:  # each answer carries its own question type, for per-type scoring
+            conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer, "type": asked}]
         sample = {"__key__": f"{index:08d}", "json": json.dumps({"conversations": conversations, "type": kind})}
         for i, image in enumerate(images):
             sample[f"{i}.png"] = _png(image)

@@ -11,8 +11,8 @@ from pathlib import Path
 import open_clip
 from safetensors import safe_open
 
-from vlm.config import model_config_from, to_dict
-from vlm.data.tiler import Tiler, TilerConfig
+from vlm.config import TilerConfig, model_config_from, to_dict
+from vlm.data.tiler import Tiler
 from vlm.exports.format import (
     TOKENIZER_DIR,
     WEIGHTS_FILE,

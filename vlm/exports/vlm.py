@@ -8,11 +8,11 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from vlm.config import model_config_from, to_dict
-from vlm.data.tiler import TilerConfig
+from vlm.config import TilerConfig, model_config_from, to_dict
 from vlm.data.tokenizer import image_token_id, load_tokenizer, prepare_tokenizer
 from vlm.exports.format import TOKENIZER_DIR, ExportError, ExportMeta, load_weights, read_meta, write_export
 from vlm.models.factory import VLMBundle, bundle, empty_vlm
+
 
 def export_vlm(directory: Path, vlm: VLMBundle, stage: str, tiler: TilerConfig,
                train_config: dict[str, Any] | None = None) -> Path:
@@ -26,7 +26,8 @@ def export_vlm(directory: Path, vlm: VLMBundle, stage: str, tiler: TilerConfig,
 
 def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
              gradient_checkpointing: bool = False) -> VLMBundle:
-    """A phase 2 export folder (any stage after contrastive) -> model, tokenizer and processor. `tiler` overrides the exported tiler settings."""
+    """A phase 2 export folder (any stage after contrastive) -> model, tokenizer and processor. `tiler` overrides the
+    exported tiler settings."""
     meta = read_meta(directory)
     directory = Path(directory).expanduser()
     if meta.llm_config is None:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from vlm.config import ModelConfig
+from vlm.config import ModelConfig, TilerConfig
 from vlm.data.processor import Processor
-from vlm.data.tiler import Tiler, TilerConfig
+from vlm.data.tiler import Tiler
 from vlm.data.tokenizer import image_token_id, new_tokenizer
 from vlm.models.llm import build_llm, enable_checkpointing
 from vlm.models.vision import VisionTower

@@ -47,6 +47,9 @@ class StageTask(pl.LightningModule):
         self.trainable = trainable_parts(stage.trains, config.stage)
         self.health = DataHealth(config.data.max_skip_rate, config.trainer.max_nonfinite_steps)
         self.parameter_counts = apply_freezing(model.parts(), self.trainable)
+        # held-out samples a validation answers at most (None: all); a run's final validation answers all of them
+        self.answer_limit: int | None = config.eval.max_samples
+        self.predictions: list[dict[str, Any]] = []  # phase 2: the last validation's answers and their scores
 
     # ---- what each stage provides ----
 

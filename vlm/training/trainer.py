@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
 from vlm.config import TrainConfig, to_dict
+from vlm.metrics import answer_metrics
 from vlm.models.blocks import compile_blocks
 from vlm.training.callbacks import progress_callback
 from vlm.training.checkpoint_io import AtomicCheckpointIO
@@ -57,6 +58,17 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
                       limit_val_batches=None)
 
 
+def validate(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule) -> dict[str, float]:
+    """One validation pass: the logged metrics, with the answer scores computed exactly from the answers (the logged
+    ones went through float32)."""
+    results = trainer.validate(task, datamodule=datamodule, verbose=False)
+    metrics = {k.removeprefix("val/"): float(v) for k, v in (results[0] if results else {}).items()}
+    if task.predictions:
+        metrics.update(answer_metrics([(p["group"], p["scores"]) for p in task.predictions]),
+                       answers_scored=len(task.predictions))
+    return metrics
+
+
 def global_sample_counts(trainer: pl.Trainer, health: DataHealth) -> tuple[int, int]:
     """Samples seen and skipped, summed over every rank (each rank reads its own shards). Every rank must call it."""
     counts = torch.tensor([health.seen, health.skipped], dtype=torch.float64, device=trainer.strategy.root_device)
@@ -70,8 +82,8 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
     """Final validation, the export folder and metrics.json; returns the metrics."""
     metrics: dict[str, Any] = {}
     if datamodule.val_urls:
-        results = trainer.validate(task, datamodule=datamodule, verbose=False)
-        metrics.update({k.removeprefix("val/"): float(v) for k, v in (results[0] if results else {}).items()})
+        task.answer_limit = None  # the final figures answer the whole held-out set, as vlm.eval does
+        metrics.update(validate(trainer, task, datamodule))
     seen, skipped = global_sample_counts(trainer, task.health)
     metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,
                     "wall_seconds": round(time.time() - started, 1), "samples_skipped": skipped,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from vlm.data.sources import DataSources
 from vlm.exports.clip import load_vision_from_clip
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import export_vlm, load_vlm
-from vlm.metrics import exact_match_metrics, normalize_answer
+from vlm.metrics import answer_metrics, score_answer
 from vlm.models.factory import VLMBundle, empty_vlm, new_vlm
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.task import Batching, Stage, StageTask
@@ -31,7 +30,8 @@ class VLMTask(StageTask):
     def __init__(self, config: TrainConfig, stage: Stage, bundle: VLMBundle):
         super().__init__(config, stage, bundle.model)
         self.bundle = bundle
-        self._answers: dict[str, list[bool]] = defaultdict(list)
+        self.val_samples = 0  # held-out samples read in the last validation, and how many of them were skipped
+        self.val_skipped = 0
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
@@ -54,19 +54,19 @@ class VLMTask(StageTask):
         return cls(config, stage, load_vlm(directory, tiler=config.tiler))
 
     def batching(self) -> Batching:
-        processor = self.bundle.processor
-        return Batching(ConversationDecoder(processor, evaluate=False), ConversationDecoder(processor, evaluate=True),
-                        self.collate, self.config.stage.batch_size, self.config.eval.batch_size)
+        processor, settings = self.bundle.processor, self.config.eval
+        held_out = ConversationDecoder(processor, evaluate=True, turns=settings.turns,
+                                       group_by=self.config.data.eval_group_by)
+        return Batching(ConversationDecoder(processor), held_out, self.collate, self.config.stage.batch_size,
+                        settings.batch_size)
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         skipped = collate_skipped(samples)
         pad = self.bundle.tokenizer.pad_token_id
         batch = pad_batch([s["encoded"] for s in samples], pad)
         batch["skipped"] = skipped
-        if samples and "prompt" in samples[0]:
-            batch["prompt"] = pad_batch([s["prompt"] for s in samples], pad, left=True)
-            batch["answers"] = [s["answer"] for s in samples]
-            batch["types"] = [s["type"] for s in samples]
+        if samples and "scored" in samples[0]:
+            batch["scored"] = [s["scored"] for s in samples]  # per sample: its held-out turns to answer
         return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -82,34 +82,44 @@ class VLMTask(StageTask):
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
-        self._answers = defaultdict(list)
+        self.predictions, self.val_samples, self.val_skipped = [], 0, 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.val_samples += len(batch["input_ids"]) + batch["skipped"]
+        self.val_skipped += batch["skipped"]
         out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                          batch["image_slots"])
         self.log("val/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=False, rank_zero_only=True)
-        if "prompt" not in batch:
+        samples = batch.get("scored", [])
+        if self.answer_limit is not None:
+            samples = samples[: max(0, self.answer_limit - len({p["key"] for p in self.predictions}))]
+        turns = [turn for sample in samples for turn in sample]
+        if not turns:
             return
-        for predicted, answer, kind in zip(self.answer(batch["prompt"]), batch["answers"], batch["types"],
-                                           strict=True):
-            self._answers[kind].append(normalize_answer(predicted) == normalize_answer(answer))
+        pad = self.bundle.tokenizer.pad_token_id
+        for turn, prediction in zip(turns, self.answer(pad_batch([t.prompt for t in turns], pad, left=True)),
+                                    strict=True):
+            self.predictions.append({"key": turn.key, "images": turn.images, "question": turn.question,
+                                     "reference": turn.reference, "prediction": prediction, "group": turn.group,
+                                     "scores": score_answer(prediction, turn.reference)})
 
     def answer(self, prompt: dict[str, torch.Tensor], max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers for a left-padded prompt batch."""
         tokenizer = self.bundle.tokenizer
         # blocks compiled for training (trainer.compile) decode eagerly: every new KV-cache length would recompile them
         with eager_decoding():
-            new = self.model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
-                                      prompt["image_slots"],
+            new = self.model.generate(prompt["input_ids"].to(self.device), prompt["attention_mask"].to(self.device),
+                                      prompt["pixel_values"].to(self.device), prompt["image_slots"].to(self.device),
                                       max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
                                       do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                       pad_token_id=tokenizer.pad_token_id)
         return tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def on_validation_epoch_end(self) -> None:
-        if not self._answers:
+        if not self.predictions:
             return
-        metrics = exact_match_metrics(self._answers)
+        metrics = answer_metrics([(p["group"], p["scores"]) for p in self.predictions])
+        metrics["answers_scored"] = float(len(self.predictions))
         overall = metrics.pop("exact_match")
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
         self.log("val/exact_match", overall, prog_bar=True, sync_dist=False, rank_zero_only=True)

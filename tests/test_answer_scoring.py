@@ -1,0 +1,168 @@
+"""Answer accuracy on any held-out conversations: the normalisers, the scores a known answer gets, multi-turn
+records, and `vlm.eval` on a user's own LLaVA-format data (no `type` field), end to end."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from images import solid
+from tiny import tiny_config
+
+from data_scripts import llava_to_shards
+from vlm.data import synthetic
+from vlm.data.conversations import ConversationDecoder
+from vlm.eval import NothingToScore, evaluate, write_results
+from vlm.exports.vlm import export_vlm, load_vlm
+from vlm.metrics import answer_metrics, normalize_exact, normalize_vqa, score_answer
+from vlm.models.factory import new_vlm
+from vlm.models.vlm import VisionLanguageModel
+from vlm.train import run
+
+
+@pytest.mark.parametrize("text,exact,vqa", [
+    ("Red.", "red", "red"),
+    ("  The   RED circle!  ", "the red circle", "red circle"),
+    ("Two red circles.", "two red circles", "2 red circles"),
+    ("an apple", "an apple", "apple"),
+    ("1,000.5 kg", "1,000.5 kg", "1000.5 kg"),
+    ("It's 3.5 m.", "it's 3.5 m", "its 3.5 m"),
+    ("zero; none", "zero; none", "0 0"),
+    ("yes/no (maybe)", "yes/no (maybe)", "yes no maybe"),
+])
+def test_normalisers(text, exact, vqa):
+    assert normalize_exact(text) == exact
+    assert normalize_vqa(text) == vqa
+
+
+def test_scores_of_one_answer():
+    assert score_answer("Red.", "red") == {"exact_match": 1.0, "normalized_match": 1.0, "contains": 1.0}
+    assert score_answer("2", "two") == {"exact_match": 0.0, "normalized_match": 1.0, "contains": 1.0}
+    assert score_answer("It is a red circle.", "red") == {"exact_match": 0.0, "normalized_match": 0.0,
+                                                          "contains": 1.0}
+    assert score_answer("reddish", "red")["contains"] == 0.0  # whole words only
+    metrics = answer_metrics([("color", score_answer("red", "red")), ("shape", score_answer("star", "circle")),
+                              (None, score_answer("x", "x"))])
+    assert metrics["exact_match"] == pytest.approx(2 / 3)
+    assert (metrics["exact_match/color"], metrics["exact_match/shape"]) == (1.0, 0.0)
+
+
+def _record(*turns: tuple[str, str, str | None], kind: str | None = None) -> dict:
+    conversations = []
+    for question, answer, turn_type in turns:
+        conversations.append({"from": "human", "value": question})
+        conversations.append({"from": "gpt", "value": answer, **({"type": turn_type} if turn_type else {})})
+    return {"conversations": conversations, **({"type": kind} if kind else {})}
+
+
+def test_every_turn_is_scored_given_the_true_history():
+    config = tiny_config(stage="sft")
+    processor = new_vlm(config.model, config.tiler).processor
+    sample = {"__key__": "k", "__url__": "u", "0.png": solid(),
+              "json": json.dumps(_record(("<image>\nColour?", "red", "color"), ("Shape?", "circle", None),
+                                         kind="color"))}
+    every = ConversationDecoder(processor, evaluate=True, turns="all")(sample)["scored"]
+    last = ConversationDecoder(processor, evaluate=True, turns="last")(sample)["scored"]
+    assert [(t.reference, t.group, t.question) for t in every] == [("red", "color", "<image>\nColour?"),
+                                                                   ("circle", "color", "Shape?")]
+    assert [t.reference for t in last] == ["circle"]
+    # the second turn's prompt holds the true first answer, then asks the second question
+    prompt = processor.tokenizer.decode(every[1].prompt.input_ids)
+    assert "red" in prompt and prompt.rstrip().endswith("assistant") and every[1].images == ["0.png"]
+
+
+def _write_conversations(directory: Path, records: list[dict]) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(directory / "shard-000000.tar")) as sink:
+        for i, record in enumerate(records):
+            sample = {"__key__": f"{i:04d}", "json": json.dumps(record)}
+            for k in range(sum(t["value"].count("<image>") for t in record.get("conversations", []))):
+                sample[f"{k}.png"] = solid((40 * i % 255, 30, 30), (32, 32))
+            sink.write(sample)
+    return str(directory / "shard-000000.tar")
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = tiny_config(stage="sft")
+    torch.manual_seed(0)
+    return export_vlm(tmp_path_factory.mktemp("export") / "export", new_vlm(config.model, config.tiler), "sft",
+                      config.tiler)
+
+
+def test_a_model_with_one_answer_scores_the_fraction_of_references_equal_to_it(tiny_export, tmp_path, monkeypatch):
+    """Generation patched at its boundary to always say "blue": what is under test is the scoring of answers."""
+    answers = ["blue", "Blue.", "red", "a blue", "two", "blue"]
+    records = [_record(("<image>\nWhich colour?", answer, None), kind="odd" if i % 2 else "even")
+               for i, answer in enumerate(answers)]
+    val = _write_conversations(tmp_path / "val", records)
+    tokenizer = load_vlm(tiny_export).tokenizer
+    blue = torch.tensor(tokenizer.encode("blue", add_special_tokens=False) + [tokenizer.eos_token_id])
+    monkeypatch.setattr(VisionLanguageModel, "generate", lambda self, input_ids, *_, **__: blue.expand(len(input_ids),
+                                                                                                      -1))
+    config = tiny_config(f"checkpoint={tiny_export}", f"data.val={val}", "data.train=null", "data.num_workers=0",
+                         "eval.max_samples=null", stage="sft", tiny=False)
+    metrics, predictions = evaluate(config)
+    assert metrics["exact_match"] == 3 / 6  # "blue", "Blue.", "blue"
+    assert metrics["normalized_match"] == 4 / 6  # and "a blue"
+    assert metrics["contains"] == 4 / 6
+    assert (metrics["exact_match/even"], metrics["exact_match/odd"]) == (1 / 3, 2 / 3)  # even: blue; odd: Blue., blue
+    assert len(predictions) == 6 and {p["prediction"] for p in predictions} == {"blue"}
+    write_results(metrics, predictions, tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert sum(r["scores"]["exact_match"] for r in rows) / len(rows) == pytest.approx(metrics["exact_match"])
+
+
+def test_held_out_data_without_answers_or_samples_is_an_error(tiny_export, tmp_path, caplog):
+    no_answers = _write_conversations(tmp_path / "noanswer", [{"conversations": [{"from": "human", "value": "hi"}]}])
+    config = tiny_config(f"checkpoint={tiny_export}", f"data.val={no_answers}", "data.num_workers=0", stage="sft",
+                         tiny=False)
+    with pytest.raises(NothingToScore, match="could be scored"):
+        evaluate(config)
+    assert f"{no_answers}:0000: no assistant turn" in caplog.text  # the warning names the shard and the sample
+    empty = tmp_path / "empty" / "shard-000000.tar"
+    empty.parent.mkdir()
+    with wds.TarWriter(str(empty)):
+        pass
+    config = tiny_config(f"checkpoint={tiny_export}", f"data.val={empty}", "data.num_workers=0", stage="sft",
+                         tiny=False)
+    with pytest.raises(NothingToScore, match="could be scored: the shards hold none"):
+        evaluate(config)
+
+
+@pytest.mark.slow
+def test_a_llava_json_round_trip_trains_and_reports_answer_accuracy(tmp_path, capsys):
+    """A user's LLaVA JSON (no `type` field) -> llava_to_shards.py -> a few sft steps -> vlm.eval: the answers are
+    scored, and predictions.jsonl agrees with the metrics."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = random.Random(0)
+    records = []
+    for i in range(48):
+        spec = synthetic.random_spec(rng)
+        synthetic.render(spec, rng, 64).save(images / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": spec.color}]})
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    code = llava_to_shards.main(["--json", str(tmp_path / "llava.json"), "--images", str(images), "--out",
+                                 str(tmp_path / "shards"), "--val-fraction", "0.25", "--samples-per-shard", "8"])
+    assert code == 0
+    train = str(tmp_path / "shards" / "train" / "shard-{000000..000004}.tar")
+    val = str(tmp_path / "shards" / "val" / "shard-{000000..000001}.tar")
+    common = [f"data.train='{train}'", f"data.val='{val}'", "data.num_workers=0", f"output_root={tmp_path / 'runs'}",
+              "init_from=null", "stage.batch_size=8", "stage.max_steps=4", "trainer.val_check_interval=1000"]
+    metrics = run(tiny_config(*common, stage="sft"))
+    assert {"exact_match", "normalized_match", "contains", "answers_scored"} <= metrics.keys()
+    assert metrics["answers_scored"] == 12
+    config = tiny_config(*common, f"checkpoint={metrics['export']}", "eval.max_samples=null", stage="sft")
+    evaluated, predictions = evaluate(config)
+    assert evaluated["exact_match"] == pytest.approx(metrics["exact_match"], abs=1e-4)
+    write_results(evaluated, predictions, tmp_path / "eval")
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["group"] is None and r["images"] == ["0.png"] for r in rows)
+    for name in ("exact_match", "normalized_match", "contains"):
+        assert sum(r["scores"][name] for r in rows) / 12 == pytest.approx(evaluated[name], abs=1e-4)
