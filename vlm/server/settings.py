@@ -27,6 +27,7 @@ class ServeSettings:
     default_max_tokens: int = 512
     temperature: float | str = "auto"
     log_level: str = "INFO"
+    web: bool = True  # the chat page at GET /; false for API-only deployments
 
     def __post_init__(self) -> None:
         for key in ("max_concurrency", "max_body_bytes", "max_image_bytes", "max_image_pixels", "default_max_tokens"):
@@ -38,6 +39,8 @@ class ServeSettings:
         if self.max_tokens_limit is not None and (not isinstance(self.max_tokens_limit, int)
                                                   or self.max_tokens_limit < 1):
             raise ValueError(f"max_tokens_limit={self.max_tokens_limit!r} must be an integer >= 1 or null")
+        if not isinstance(self.web, bool):
+            raise ValueError(f"web={self.web!r} must be true or false")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port!r} must be an integer 0-65535")
 
