@@ -146,8 +146,8 @@ def browser():
 class Page:
     """The chat page in the browser, with the few actions and reads the tests need."""
 
-    def __init__(self, driver, url: str):
-        self.driver, self.url = driver, url
+    def __init__(self, driver, url: str, files: Path):
+        self.driver, self.url, self.files = driver, url, files  # files: where uploads are written first
 
     def open(self, keep_settings: bool = False) -> Page:
         self.driver.get(self.url)
@@ -171,7 +171,7 @@ class Page:
         return self.driver.find_element("css selector", css)
 
     def attach_file(self, data: bytes, name: str) -> None:
-        path = Path(tempfile.mkdtemp()) / name
+        path = self.files / name
         path.write_bytes(data)
         self.find("#file-input").send_keys(str(path))
 
@@ -253,8 +253,8 @@ class Page:
 
 
 @pytest.fixture
-def page(browser, live) -> Page:
-    page = Page(browser, live.url)
+def page(browser, live, tmp_path) -> Page:
+    page = Page(browser, live.url, tmp_path)
     page.viewport(1280, 800)
     return page.open()
 
@@ -408,6 +408,42 @@ def test_oversized_image_error_then_next_message_works(page, tiny_chat_model):
     check_usage(answer["usage"], expected)
 
 
+@pytest.mark.slow
+def test_controls_are_labelled_and_work_from_the_keyboard(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    def press(*keys, shift: bool = False) -> None:  # real key presses to whatever has the focus
+        actions = ActionChains(page.driver)
+        if shift:
+            actions.key_down(Keys.SHIFT)
+        for key in keys:
+            actions.send_keys(key)
+        if shift:
+            actions.key_up(Keys.SHIFT)
+        actions.perform()
+
+    unnamed = page.js("""return [...document.querySelectorAll('button, input, select, textarea')].filter((e) =>
+        !e.labels?.length && !e.getAttribute('aria-label') && !e.textContent.trim()).map((e) => e.outerHTML)""")
+    assert unnamed == []  # every control has a name a screen reader can say
+    page.js("document.getElementById('new-chat').focus()")
+    order = []
+    for _ in range(4):
+        press(Keys.TAB)
+        order.append(page.js("return document.activeElement.id"))
+    assert order == ["settings-toggle", "file-input", "prompt", "send"]
+    press(Keys.TAB, Keys.TAB, Keys.TAB, shift=True)
+    press(Keys.ENTER)  # on the Settings button
+    assert page.js("return !document.getElementById('settings').hidden && document.activeElement.id === 'model'")
+    press(Keys.ESCAPE)  # closes the settings
+    assert page.js("return document.getElementById('settings').hidden")
+    page.settings(max_tokens=400)
+    page.send(QUESTION)
+    page.wait("document.querySelector('.message.assistant .content').textContent.length > 0")
+    press(Keys.ESCAPE)  # stops the answer
+    assert page.last_answer()["state"] == "stopped"
+
+
 class ScriptedStream:
     """Stands in for ChatModel.stream's TextStream, replaying fixed text: what the model says is this test's input,
     and the page's rendering of it is what is under test."""
@@ -479,8 +515,8 @@ def test_regenerate_new_chat_and_settings_persist(page, tiny_chat_model):
 
 
 @pytest.mark.slow
-def test_key_and_busy_errors_are_shown_and_the_page_recovers(browser, serve):
-    keyed = Page(browser, serve(api_key="s3cret", **SETTINGS).url).open()
+def test_key_and_busy_errors_are_shown_and_the_page_recovers(browser, serve, tmp_path):
+    keyed = Page(browser, serve(api_key="s3cret", **SETTINGS).url, tmp_path).open()
     assert keyed.js("return !document.getElementById('api-key-field').hidden")  # the server wants a key
     keyed.settings(max_tokens=2)
     keyed.send(QUESTION)
@@ -492,7 +528,7 @@ def test_key_and_busy_errors_are_shown_and_the_page_recovers(browser, serve):
     assert keyed.last_answer()["state"] == "done" and len(keyed.answers()) == 1
 
     busy = serve(max_concurrency=1, max_queue=0)
-    page = Page(browser, busy.url).open()
+    page = Page(browser, busy.url, tmp_path).open()
     page.settings(max_tokens=2)
     release = threading.Event()
 
