@@ -33,7 +33,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_wheel_holds_every_module_config_and_script(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {f"vlm/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
-    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "vlm").rglob("*.py")}
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "vlm").rglob("*") if p.is_file() and p.suffix in
+               (".py", ".html", ".css", ".js")}  # the code and the chat page
     assert configs and configs <= names, sorted(configs - names)
     assert modules <= names, sorted(modules - names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

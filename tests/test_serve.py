@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +17,8 @@ import anthropic
 import httpx
 import openai
 import pytest
-import uvicorn
 from images import solid
+from live_server import LiveServer
 from PIL import Image
 
 from vlm.serve import ServeSettings, create_app
@@ -34,26 +32,6 @@ SETTINGS = dict(max_body_bytes=256 * 1024, max_image_bytes=64 * 1024, max_image_
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-class LiveServer:
-    """uvicorn serving an app on a socket it already bound (no port race), in a daemon thread."""
-
-    def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +165,7 @@ def _o_image(url: str) -> dict:
 
 
 TRUNCATED_PNG = solid()[:60]
+NESTED_100K = b"[" * 100_000 + b"]" * 100_000  # json.loads recursed until RecursionError: a 500 before
 BAD_INPUTS = {
     "a-invalid-base64": ("/v1/messages", _a_image("not base64 at all!!"), 400),
     "a-non-image-bytes": ("/v1/messages", _a_image(b64(b"just some text, no image here")), 400),
@@ -208,6 +187,13 @@ BAD_INPUTS = {
                                     400),
     "a-temperature-out-of-range": ("/v1/messages", _anthropic(temperature=3), 400),
     "a-not-json": ("/v1/messages", b"{not json", 400),
+    "a-nested-100k-deep": ("/v1/messages", NESTED_100K, 400),
+    "a-huge-integer": ("/v1/messages", b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}", 400),
+    "a-lone-surrogate": ("/v1/messages", json.dumps(_anthropic(system="hi \ud800")).encode(), 400),
+    "o-nested-100k-deep": ("/v1/chat/completions", NESTED_100K, 400),
+    "o-huge-integer": ("/v1/chat/completions", b'{"model": "tiny", "seed": ' + b"9" * 5000 + b"}", 400),
+    "o-lone-surrogate": ("/v1/chat/completions", json.dumps(_openai(messages=[{"role": "user", "content": "\udfff"}]))
+                         .encode(), 400),
     "o-invalid-base64": ("/v1/chat/completions", _o_image("data:image/png;base64,@@@"), 400),
     "o-non-image-bytes": ("/v1/chat/completions", _o_image(f"data:image/png;base64,{b64(b'plain text')}"), 400),
     "o-unsupported-media-type": ("/v1/chat/completions", _o_image(f"data:image/bmp;base64,{b64(solid())}"), 400),

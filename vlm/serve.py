@@ -5,7 +5,8 @@ It speaks two wire formats over the same `vlm.chat.ChatModel`, so the official S
   with the SSE event sequence the `anthropic` SDK expects);
 - `POST /v1/chat/completions`: the OpenAI chat API (`image_url` parts with `data:` URLs, streaming chunks ending with
   `data: [DONE]`, usage, `stream_options.include_usage`);
-- `GET /v1/models`, `GET /health`.
+- `GET /v1/models`, `GET /health`;
+- `GET /`: a chat page for the browser (off with `web=false`).
 
 This module is only the entry point: settings from configs/serve.yaml → logging → load the model → run uvicorn. The
 server itself lives in `vlm.server` (validation, admission control, cancellation, the security defaults);
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 from vlm.chat import ChatModel
 from vlm.cli import CONFIG_DIR, fail, preflight, setup_logging, user_errors
 from vlm.server import ServeSettings, create_app
+from vlm.server.web import page_url
 
 __all__ = ["ServeSettings", "create_app", "main", "serve"]
 
@@ -53,6 +55,8 @@ def serve(cfg: DictConfig) -> None:
                     settings.host, settings.port)
     log.info("serving %s on http://%s:%d (POST /v1/messages, POST /v1/chat/completions)",
              chat.name, settings.host, settings.port)
+    if settings.web:
+        log.info("chat page: %s", page_url(settings.host, settings.port))
     uvicorn.run(create_app(chat, settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
 

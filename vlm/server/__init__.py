@@ -9,7 +9,8 @@ defaults (loopback bind, optional API key, body and image size limits). One modu
 - `requests`: the shared request model, body reading, image decoding and the checks both APIs share;
 - `sse`: the server-sent-events framing both streams use;
 - `anthropic`, `openai`: each wire format's parsing, responses and streaming events;
-- `app`: the worker pool and queue (`Server`), the API key check and the FastAPI app (`create_app`).
+- `app`: the worker pool and queue (`Server`), the API key check and the FastAPI app (`create_app`);
+- `web`: the browser chat page at `/` (static files in `web/`) and the limits it reads from `/web/config`.
 """
 
 from vlm.server.app import create_app

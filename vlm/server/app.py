@@ -3,7 +3,7 @@ worker threads around one ChatModel, and the API key check.
 
 Generation never runs on the event loop, and a full queue answers 529 (Anthropic) / 429 (OpenAI) at once. A client
 that goes away stops its generation through a StoppingCriteria flag (`cancel`), freeing its slot. `GET /v1/models`
-and `GET /health` live here too, next to the two chat routes.
+and `GET /health` live here too, next to the two chat routes; the chat page's routes come from `vlm.server.web`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from vlm.server.openai import openai_completion, openai_events, parse_openai
 from vlm.server.requests import ChatRequest, Parser, read_json
 from vlm.server.settings import ServeSettings
 from vlm.server.sse import Events
+from vlm.server.web import web_router
 
 log = logging.getLogger("vlm.serve")  # the name users' log lines and filters already know
 
@@ -217,6 +218,9 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
     async def _unexpected(request: Request, err: Exception) -> JSONResponse:
         log.exception("unexpected error on %s", request.url.path)
         return error_response(api_of(request), ApiError(500, f"internal error: {type(err).__name__}"))
+
+    if settings.web:
+        app.include_router(web_router(server))
 
     @app.get("/health")
     async def health() -> dict:

@@ -147,7 +147,8 @@ def messages_list(body: dict) -> list:
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, refusing (413) anything over `limit` bytes, by header or as it arrives."""
+    """The body as JSON, refusing (413) anything over `limit` bytes, by header or as it arrives, and (400) anything
+    Python cannot turn into text: invalid JSON or UTF-8, nesting too deep to parse, huge integers, lone surrogates."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {int(declared):,} bytes, over the {limit:,}-byte limit")
@@ -158,6 +159,31 @@ async def read_json(request: Request, limit: int) -> Any:
             raise ApiError(413, f"the request body is over the {limit:,}-byte limit")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        body = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON arrays or objects too deeply") from None
+    except ValueError as err:  # bad JSON, bad UTF-8, or an integer over Python's 4300-digit conversion limit
         raise ApiError(400, f"the request body is not valid JSON ({err})") from None
+    if _has_lone_surrogate(body):
+        raise ApiError(400, "the request body has a string with an unpaired UTF-16 surrogate (\\ud800-\\udfff), "
+                            "which is not valid Unicode text")
+    return body
+
+
+def _has_lone_surrogate(body: Any) -> bool:
+    """Whether any string in the parsed body holds an unpaired surrogate (valid JSON escapes, but no text can be
+    made of them: the tokenizer and the UTF-8 response encoder would fail). Iterative: bodies may be deep."""
+    pending = [body]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False

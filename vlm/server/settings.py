@@ -30,9 +30,12 @@ class ServeSettings:
     default_max_tokens: int = setting(512, minimum=1)
     temperature: int | float | str = "auto"  # a number (int too: YAML writes 0), or "auto"
     log_level: str = "INFO"
+    web: bool = True  # the chat page at GET /; false for API-only deployments
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if not isinstance(self.web, bool):
+            raise ValueError(f"web={self.web!r} must be true or false")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeSettings:

@@ -1,0 +1,565 @@
+"""The chat page at `GET /`, driven in a real headless Chromium (Debian's chromium + chromium-driver, via selenium).
+
+One browser and a few in-process servers over the tiny random checkpoint serve the whole module. Greedy answers are
+checked against `ChatModel.generate`, and the usage line's input tokens prove which images reached the model.
+Without chromium the browser tests fail (CI must run them); VLM_SKIP_BROWSER=1 skips them on purpose.
+VLM_SCREENSHOT_DIR=DIR saves the screenshots (web_chat.png: a finished conversation with an image; web_chat_phone.png:
+the same at 390x844); docs/web_chat.png in the README is made this way.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import LiveServer
+from PIL import Image, ImageDraw
+
+from vlm.chat import Completion
+from vlm.serve import ServeSettings, create_app
+from vlm.server.web import page_url
+
+QUESTION = "What color is the shape?"
+# max_image_bytes is small so that a noisy 64x64 image is over it even as a JPEG; max_queue=2 so a new request never
+# races the release of the one that just ended
+SETTINGS = dict(max_concurrency=1, max_queue=2, max_image_bytes=4096, max_images=3, default_max_tokens=16)
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage")
+XSS = "<img src=x onerror=alert(1)>"
+REPLY = ("The picture shows two shapes on a pale blue background:\n\n- a **red circle** on the left\n"
+         "- a **blue square** on the right, a little smaller\n\nNothing else is in the image.")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def shapes_png(size=(320, 240)) -> bytes:
+    """A picture worth asking about: a red circle and a blue square on a pale background."""
+    image = Image.new("RGB", size, (236, 241, 248))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.ellipse((w * 0.12, h * 0.2, w * 0.5, h * 0.7), fill=(214, 48, 49))
+    draw.rectangle((w * 0.58, h * 0.35, w * 0.86, h * 0.72), fill=(45, 98, 200))
+    return png_bytes(image)
+
+
+def solid_png(color, size=(48, 40)) -> bytes:
+    return png_bytes(Image.new("RGB", size, color))
+
+
+def noise_png(size=64) -> bytes:
+    return png_bytes(Image.frombytes("RGB", (size, size), os.urandom(size * size * 3)))
+
+
+# ---- the server and the page without a browser ----
+
+
+@pytest.fixture(scope="module")
+def serve(tiny_chat_model):
+    """serve(**settings) -> the LiveServer over the tiny model; all stopped after the module."""
+    servers: list[LiveServer] = []
+
+    def start(**settings) -> LiveServer:
+        servers.append(LiveServer(create_app(tiny_chat_model, ServeSettings(**settings))))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def live(serve) -> LiveServer:
+    return serve(**SETTINGS)
+
+
+def test_page_assets_config_and_web_false(live, serve, tiny_chat_model):
+    with httpx.Client(base_url=live.url, timeout=30) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert '<script src="/web/chat.js"' in page.text and "https://" not in page.text  # no CDN
+        for name, kind in (("chat.js", "text/javascript"), ("chat.css", "text/css")):
+            asset = client.get(f"/web/{name}")
+            assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+            assert "http://" not in asset.text and "https://" not in asset.text
+        config = client.get("/web/config").json()
+        tiler = tiny_chat_model.processor.tiler
+        assert config["image_pixels"] == tiler.config.max_tiles * tiler.tile_size ** 2
+        assert (config["max_images"], config["max_image_bytes"], config["max_tokens"]) == (3, 4096, 16)
+        assert config["max_tokens_limit"] == tiny_chat_model.context_length and not config["api_key_required"]
+    off = serve(web=False)
+    with httpx.Client(base_url=off.url, timeout=30) as client:
+        assert client.get("/").status_code == 404 and client.get("/web/chat.js").status_code == 404
+        reply = client.post("/v1/messages", json={"model": "x", "max_tokens": 1,
+                                                  "messages": [{"role": "user", "content": "Hi"}]})
+        assert reply.status_code == 200  # the APIs stay on
+
+
+def test_page_url_for_the_bind_address():
+    assert page_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    assert page_url("0.0.0.0", 80) == "http://127.0.0.1:80/"  # a wildcard bind is opened through loopback
+    assert page_url("::", 8000) == "http://[::1]:8000/"
+    assert page_url("myhost", 1) == "http://myhost:1/"
+
+
+# ---- in the browser ----
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (fresh profile; flags that keep it off the network)."""
+    if os.environ.get("VLM_SKIP_BROWSER") == "1":
+        pytest.skip("VLM_SKIP_BROWSER=1: browser tests skipped on request")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.fail("the chat page tests need Chromium and its driver: apt-get install chromium chromium-driver "
+                    "(or set VLM_SKIP_BROWSER=1 to skip them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="vlm-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))  # a given driver: no download
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+class Page:
+    """The chat page in the browser, with the few actions and reads the tests need."""
+
+    def __init__(self, driver, url: str, files: Path):
+        self.driver, self.url, self.files = driver, url, files  # files: where uploads are written first
+
+    def open(self, keep_settings: bool = False) -> Page:
+        self.driver.get(self.url)
+        if not keep_settings:
+            self.js("localStorage.clear()")
+            self.driver.get(self.url)
+        self.wait("document.body.dataset.ready === 'true'")
+        return self
+
+    def js(self, script: str, *args):
+        return self.driver.execute_script(script, *args)
+
+    def wait(self, condition: str, timeout: float = 30, *args):
+        deadline = time.time() + timeout
+        while not (value := self.js(f"return ({condition})", *args)):
+            assert time.time() < deadline, f"timed out waiting for {condition}"
+            time.sleep(0.02)
+        return value
+
+    def find(self, css: str):
+        return self.driver.find_element("css selector", css)
+
+    def attach_file(self, data: bytes, name: str) -> None:
+        path = self.files / name
+        path.write_bytes(data)
+        self.find("#file-input").send_keys(str(path))
+
+    def dispatch_files(self, event: str, data: bytes, name: str) -> None:
+        """A real paste or drop event carrying a File made of `data`, as the clipboard or a drag would carry it."""
+        self.js("""
+            const [kind, b64, name] = arguments;
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: "image/png"}));
+            const init = {bubbles: true, cancelable: true};
+            const target = kind === "paste" ? document.getElementById("prompt") : document.getElementById("messages");
+            target.dispatchEvent(kind === "paste" ? new ClipboardEvent("paste", {...init, clipboardData: transfer})
+                                                  : new DragEvent("drop", {...init, dataTransfer: transfer}));
+        """, event, base64.b64encode(data).decode(), name)
+
+    def thumbnails_ready(self, count: int) -> None:
+        self.wait(f"document.querySelectorAll('#attachments .thumb[data-ready=\"true\"]').length === {count} && "
+                  f"document.querySelectorAll('#attachments .thumb').length === {count}")
+
+    def attached_images(self) -> list[bytes]:
+        """The bytes the page will upload for each waiting image (after any downscaling)."""
+        return [base64.b64decode(data) for data in self.js("return state.attached.map((a) => a.data)")]
+
+    def type(self, *keys) -> None:
+        self.find("#prompt").send_keys(*keys)
+
+    def send(self, text: str) -> None:
+        from selenium.webdriver.common.keys import Keys
+
+        self.type(text, Keys.ENTER)
+
+    def set_setting(self, element_id: str, value: str) -> None:
+        element = self.find(f"#{element_id}")
+        element.clear()
+        element.send_keys(value)
+
+    def settings(self, max_tokens: int | None = None, greedy: bool = False, system: str | None = None,
+                 api_key: str | None = None) -> None:
+        self.find("#settings-toggle").click()
+        if max_tokens is not None:
+            self.set_setting("max-tokens", str(max_tokens))
+        if greedy:
+            if self.find("#temperature-auto").is_selected():
+                self.find("#temperature-auto").click()
+            from selenium.webdriver.common.keys import Keys
+
+            self.find("#temperature").send_keys(Keys.HOME)  # the slider's lowest value: 0, greedy
+        if system is not None:
+            self.set_setting("system", system)
+        if api_key is not None:
+            self.set_setting("api-key", api_key)
+        self.find("#settings-close").click()
+
+    def answers(self) -> list[dict]:
+        return self.js("""return [...document.querySelectorAll('.message.assistant')].map((a) => ({
+            state: a.dataset.state, text: a.querySelector('.content').textContent,
+            usage: a.querySelector('.usage')?.textContent || '', error: a.querySelector('.error')?.textContent || '',
+            imgs: a.querySelectorAll('img').length}))""")
+
+    def last_answer(self, done_states=("done", "stopped", "error"), timeout: float = 60) -> dict:
+        states = ", ".join(f"'{s}'" for s in done_states)
+        self.wait(f"[{states}].includes([...document.querySelectorAll('.message.assistant')].at(-1)?.dataset.state)",
+                  timeout)
+        return self.answers()[-1]
+
+    def viewport(self, width: int, height: int) -> None:
+        """Size the window so the page itself gets width x height CSS pixels (the window adds its frame)."""
+        self.driver.set_window_size(width, height)
+        inner_w, inner_h = self.js("return [window.innerWidth, window.innerHeight]")
+        self.driver.set_window_size(2 * width - inner_w, 2 * height - inner_h)
+        self.wait(f"window.innerWidth === {width} && window.innerHeight === {height}", 5)
+
+    def screenshot(self, name: str) -> None:
+        folder = os.environ.get("VLM_SCREENSHOT_DIR")
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.driver.save_screenshot(str(Path(folder) / name))
+
+
+@pytest.fixture
+def page(browser, live, tmp_path) -> Page:
+    page = Page(browser, live.url, tmp_path)
+    page.viewport(1280, 800)
+    return page.open()
+
+
+def same_text(shown: str, text: str) -> bool:
+    """The rendered answer is the model's text, markdown blocks aside (paragraph breaks are not text nodes)."""
+    return "".join(shown.split()) == "".join(text.split())
+
+
+def greedy(model, messages: list[dict], images: list[bytes], max_tokens: int) -> Completion:
+    return model.generate(messages, images, max_new_tokens=max_tokens, temperature=0)
+
+
+def check_usage(usage: str, expected: Completion) -> None:
+    assert usage.startswith(f"{expected.input_tokens} in · {expected.output_tokens} out · "), usage
+    assert usage.endswith(f"tok/s · {expected.stop_reason}"), usage
+
+
+@pytest.mark.slow
+def test_image_question_streams_a_growing_answer(page, tiny_chat_model):
+    """File picker -> downscaled upload -> Enter -> the answer grows on screen until it is complete.
+
+    The random model's greedy answer to any image question is blank lines, so this one samples (temperature 1):
+    the words are unpredictable, but each partial state must be the start of the final answer, and the usage line's
+    input tokens must be those of the question with the uploaded image."""
+    from selenium.webdriver.common.keys import Keys
+
+    page.settings(max_tokens=64)
+    page.find("#settings-toggle").click()
+    page.find("#temperature-auto").click()
+    page.find("#temperature").send_keys(Keys.END)  # the slider's highest value: 1
+    page.find("#settings-close").click()
+    page.attach_file(shapes_png(), "shapes.png")
+    page.thumbnails_ready(1)
+    (upload,) = page.attached_images()
+    budget = page.js("return state.config.image_pixels")
+    with Image.open(io.BytesIO(upload)) as sent:
+        assert sent.width * sent.height <= budget < 320 * 240  # scaled to the tiler's budget before upload
+        assert abs(sent.width / sent.height - 320 / 240) < 0.05
+    page.type("What color is", Keys.SHIFT, Keys.ENTER, Keys.NULL, "the shape?")
+    assert page.js("return document.getElementById('prompt').value") == "What color is\nthe shape?"  # Shift+Enter
+    # every text the answer shows while it streams, recorded in the page itself: polling from here would miss states
+    # on a busy machine
+    page.js("""window.partials = [];
+        new MutationObserver(() => {
+            const answer = [...document.querySelectorAll('.message.assistant')].at(-1);
+            const text = answer?.querySelector('.content')?.textContent;
+            if (answer?.dataset.state === 'streaming' && text && window.partials.at(-1) !== text) {
+                window.partials.push(text);
+            }
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});""")
+    page.type(Keys.ENTER)
+    answer = page.last_answer()
+    partial = page.js("return window.partials")
+    assert answer["state"] == "done" and answer["imgs"] == 0, answer
+    final = "".join(answer["text"].split())
+    growing = ["".join(p.split()) for p in partial if "".join(p.split()) != final]
+    assert len(growing) >= 2, f"the answer did not stream: partial states {partial}"
+    assert all(final.startswith(p) for p in growing)
+    assert all(len(a) < len(b) for a, b in zip(growing, growing[1:], strict=False))
+    prompt = tiny_chat_model.prepare([{"role": "user", "content": "<image>\nWhat color is\nthe shape?"}], [upload])
+    assert answer["usage"].startswith(f"{prompt.input_tokens} in · "), answer["usage"]
+    assert answer["usage"].endswith(" · max_tokens") or answer["usage"].endswith(" · end_turn")
+    assert page.js("return document.querySelector('.message.user img').naturalWidth") == 320  # the original shown
+
+
+@pytest.mark.slow
+def test_screenshot_of_a_conversation_with_an_image_and_the_phone_layout(page, live, monkeypatch):
+    """The README's screenshot: a real upload and a real stream, with the reply scripted at the model (the test's
+    model is random, and its words would only be noise). Then the same page at phone width: no sideways scrolling,
+    and the settings cover the screen."""
+    words = REPLY.split(" ")
+    monkeypatch.setattr(live.app.state.server.chat, "stream", lambda prompt, cancel=None, **options: ScriptedStream(
+        prompt, [w + " " for w in words[:-1]] + words[-1:], delay=0.01))
+    page.attach_file(shapes_png(), "shapes.png")
+    page.thumbnails_ready(1)
+    page.send("What is in this picture?")
+    answer = page.last_answer()
+    assert answer["state"] == "done" and answer["text"].startswith("The picture shows")
+    assert page.js("return document.querySelectorAll('.message.assistant li').length") == 2
+    page.screenshot("web_chat.png")
+    page.viewport(390, 844)  # a phone
+    try:
+        page.wait("document.documentElement.scrollWidth <= window.innerWidth")
+        assert page.js("const r = document.getElementById('send').getBoundingClientRect();"
+                       "return r.right <= window.innerWidth && r.bottom <= window.innerHeight")  # reachable
+        page.screenshot("web_chat_phone.png")
+        page.find("#settings-toggle").click()
+        panel = page.js("const r = document.getElementById('settings').getBoundingClientRect();"
+                        "return [r.width, r.height]")
+        assert panel == page.js("return [window.innerWidth, window.innerHeight]")
+        page.find("#settings-close").click()
+    finally:
+        page.viewport(1280, 800)
+
+
+@pytest.mark.slow
+def test_stop_mid_answer_frees_the_server(page, live, tiny_chat_model):
+    page.settings(max_tokens=400, greedy=True)
+    before = httpx.get(f"{live.url}/health").json()["finished"].get("cancelled", 0)
+    page.send(QUESTION)
+    page.wait("document.querySelector('.message.assistant .content').textContent.length > 0")
+    page.find("#stop").click()
+    stopped = page.last_answer()
+    assert stopped["state"] == "stopped" and stopped["usage"].endswith("stopped") and stopped["text"]
+    deadline = time.time() + 10
+    while (health := httpx.get(f"{live.url}/health").json())["running"] or health["queued"]:
+        assert time.time() < deadline, f"the server did not free the slot: {health}"
+        time.sleep(0.05)
+    assert health["finished"]["cancelled"] == before + 1  # ended by the stop, not run to 400 tokens
+    page.settings(max_tokens=4)
+    page.send("And now?")
+    assert page.last_answer()["state"] == "done"
+
+
+@pytest.mark.slow
+def test_paste_and_drop_attach_images(page, tiny_chat_model):
+    red, blue, green = solid_png((220, 30, 30)), solid_png((30, 30, 220)), solid_png((30, 200, 30))
+    page.settings(max_tokens=4, greedy=True)
+    page.dispatch_files("paste", green, "green.png")
+    page.thumbnails_ready(1)
+    page.find("#attachments .thumb-remove").click()  # the remove button drops it again
+    page.thumbnails_ready(0)
+    page.dispatch_files("paste", red, "red.png")
+    page.dispatch_files("drop", blue, "blue.png")
+    page.dispatch_files("drop", green, "green.png")
+    page.thumbnails_ready(3)
+    page.dispatch_files("paste", green, "fourth.png")  # over the server's max_images=3: refused with a notice
+    assert "at most 3 images" in page.find("#notice").text
+    page.thumbnails_ready(3)
+    page.find("#attachments .thumb:last-child .thumb-remove").click()
+    page.thumbnails_ready(2)
+    assert page.attached_images() == [red, blue]  # small images go up as they are
+    page.send(QUESTION)
+    answer = page.last_answer()
+    assert answer["state"] == "done", answer
+    assert page.js("return document.querySelectorAll('.message.user img').length") == 2
+    expected = greedy(tiny_chat_model, [{"role": "user", "content": f"<image>\n<image>\n{QUESTION}"}], [red, blue], 4)
+    assert same_text(answer["text"], expected.text)
+    check_usage(answer["usage"], expected)  # both images' tokens are in the prompt
+
+
+@pytest.mark.slow
+def test_oversized_image_error_then_next_message_works(page, tiny_chat_model):
+    page.settings(max_tokens=4, greedy=True)
+    page.attach_file(noise_png(), "noise.png")
+    page.thumbnails_ready(1)
+    page.send(QUESTION)
+    failed = page.last_answer()
+    assert failed["state"] == "error" and "400 invalid_request_error" in failed["error"], failed
+    assert "over the 4,096-byte limit" in failed["error"]
+    assert page.js("return document.querySelector('.message.user').classList.contains('failed')")
+    page.send(QUESTION)
+    answer = page.last_answer()
+    assert answer["state"] == "done", answer
+    expected = greedy(tiny_chat_model, [{"role": "user", "content": QUESTION}], [], 4)  # the failed turn is left out
+    assert same_text(answer["text"], expected.text)
+    check_usage(answer["usage"], expected)
+
+
+@pytest.mark.slow
+def test_controls_are_labelled_and_work_from_the_keyboard(page):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    def press(*keys, shift: bool = False) -> None:  # real key presses to whatever has the focus
+        actions = ActionChains(page.driver)
+        if shift:
+            actions.key_down(Keys.SHIFT)
+        for key in keys:
+            actions.send_keys(key)
+        if shift:
+            actions.key_up(Keys.SHIFT)
+        actions.perform()
+
+    unnamed = page.js("""return [...document.querySelectorAll('button, input, select, textarea')].filter((e) =>
+        !e.labels?.length && !e.getAttribute('aria-label') && !e.textContent.trim()).map((e) => e.outerHTML)""")
+    assert unnamed == []  # every control has a name a screen reader can say
+    page.js("document.getElementById('new-chat').focus()")
+    order = []
+    for _ in range(4):
+        press(Keys.TAB)
+        order.append(page.js("return document.activeElement.id"))
+    assert order == ["settings-toggle", "file-input", "prompt", "send"]
+    press(Keys.TAB, Keys.TAB, Keys.TAB, shift=True)
+    press(Keys.ENTER)  # on the Settings button
+    assert page.js("return !document.getElementById('settings').hidden && document.activeElement.id === 'model'")
+    press(Keys.ESCAPE)  # closes the settings
+    assert page.js("return document.getElementById('settings').hidden")
+    page.settings(max_tokens=400)
+    page.send(QUESTION)
+    page.wait("document.querySelector('.message.assistant .content').textContent.length > 0")
+    press(Keys.ESCAPE)  # stops the answer
+    assert page.last_answer()["state"] == "stopped"
+
+
+class ScriptedStream:
+    """Stands in for ChatModel.stream's TextStream, replaying fixed text: what the model says is this test's input,
+    and the page's rendering of it is what is under test."""
+
+    def __init__(self, prompt, pieces: list[str], delay: float = 0.0):
+        self.prompt, self.pieces, self.delay, self.completion = prompt, pieces, delay, None
+
+    def __iter__(self):
+        for piece in self.pieces:
+            time.sleep(self.delay)  # paced like a model, so the usage line shows a plausible speed
+            yield piece
+        text = "".join(self.pieces)
+        self.completion = Completion(text, "end_turn", self.prompt.input_tokens, len(self.pieces))
+
+    def __enter__(self) -> ScriptedStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_model_output_is_rendered_as_text_never_html(page, live, monkeypatch):
+    pieces = ["Here: ", XSS, "\n\n```html\n<script>window.ran = 1</script>\n```\n", "- one **bold**\n- two `<b>`\n"]
+    monkeypatch.setattr(live.app.state.server.chat, "stream",
+                        lambda prompt, cancel=None, **options: ScriptedStream(prompt, pieces))
+    page.send("Say something dangerous")
+    answer = page.last_answer()
+    assert answer["state"] == "done" and answer["imgs"] == 0
+    assert XSS in answer["text"] and "<script>window.ran = 1</script>" in answer["text"]
+    assert page.js("return document.querySelectorAll('img[src=\"x\"], script:not([src])').length") == 0
+    assert page.js("return window.ran === undefined")
+    assert page.js("return document.querySelector('.message.assistant pre code').textContent") == \
+        "<script>window.ran = 1</script>"
+    assert page.js("return [...document.querySelectorAll('.message.assistant li')].map((li) => li.innerHTML)") == \
+        ["one <strong>bold</strong>", "two <code>&lt;b&gt;</code>"]  # markdown as elements, text escaped
+    from selenium.common.exceptions import NoAlertPresentException
+
+    with pytest.raises(NoAlertPresentException):
+        page.driver.switch_to.alert.text  # noqa: B018 (reading it is the check)
+
+
+@pytest.mark.slow
+def test_regenerate_new_chat_and_settings_persist(page, tiny_chat_model):
+    page.settings(max_tokens=6, greedy=True, system="Answer briefly.")
+    page.send(QUESTION)
+    first = page.last_answer()
+    expected = greedy(tiny_chat_model, [{"role": "system", "content": "Answer briefly."},
+                                        {"role": "user", "content": QUESTION}], [], 6)
+    assert same_text(first["text"], expected.text)
+    check_usage(first["usage"], expected)  # the system prompt went with it
+    page.find(".regenerate").click()  # removes the answer at once, then streams a new one
+    again = page.last_answer()
+    assert len(page.answers()) == 1 and same_text(again["text"], expected.text)  # redone in place (greedy)
+    page.settings(max_tokens=400)
+    page.send("Tell me a long story")
+    page.wait("document.querySelectorAll('.message.assistant')[1]?.querySelector('.content').textContent")
+    page.find("#new-chat").click()  # mid-answer: stops it and forgets the whole conversation
+    assert page.answers() == [] and page.js("return !document.getElementById('empty').hidden")
+    page.settings(max_tokens=6)
+    page.send(QUESTION)
+    fresh = page.last_answer()
+    assert same_text(fresh["text"], expected.text) and len(page.answers()) == 1
+    check_usage(fresh["usage"], expected)  # only the system prompt and this question: nothing from before
+    page.open(keep_settings=True)  # a reload keeps the settings
+    values = page.js("return ['max-tokens', 'system', 'temperature-auto'].map((id) => {"
+                     "const e = document.getElementById(id); return e.type === 'checkbox' ? e.checked : e.value})")
+    assert values == ["6", "Answer briefly.", False]
+
+
+@pytest.mark.slow
+def test_key_and_busy_errors_are_shown_and_the_page_recovers(browser, serve, tmp_path):
+    keyed = Page(browser, serve(api_key="s3cret", **SETTINGS).url, tmp_path).open()
+    assert keyed.js("return !document.getElementById('api-key-field').hidden")  # the server wants a key
+    keyed.settings(max_tokens=2)
+    keyed.send(QUESTION)
+    refused = keyed.last_answer()
+    assert refused["state"] == "error" and "401 authentication_error" in refused["error"], refused
+    assert "API key in Settings" in refused["error"]
+    keyed.settings(api_key="s3cret")
+    keyed.find(".regenerate").click()  # retries the refused question, now with the key
+    assert keyed.last_answer()["state"] == "done" and len(keyed.answers()) == 1
+
+    busy = serve(max_concurrency=1, max_queue=0)
+    page = Page(browser, busy.url, tmp_path).open()
+    page.settings(max_tokens=2)
+    release = threading.Event()
+
+    def occupy() -> None:  # one long answer holds the only slot until released
+        body = {"model": "x", "max_tokens": 400, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+        with httpx.stream("POST", f"{busy.url}/v1/messages", json=body, timeout=60) as response:
+            for _ in response.iter_lines():
+                if release.is_set():
+                    return
+
+    worker = threading.Thread(target=occupy, daemon=True)
+    worker.start()
+    deadline = time.time() + 20
+    while not httpx.get(f"{busy.url}/health").json()["running"]:
+        assert time.time() < deadline and worker.is_alive(), "the long request did not start"
+        time.sleep(0.02)
+    page.send(QUESTION)
+    overloaded = page.last_answer()
+    assert overloaded["state"] == "error" and "529 overloaded_error" in overloaded["error"], overloaded
+    release.set()
+    worker.join(timeout=20)
+    deadline = time.time() + 10
+    while httpx.get(f"{busy.url}/health").json()["running"]:
+        assert time.time() < deadline, "the long request did not end"
+        time.sleep(0.05)
+    page.find(".regenerate").click()
+    assert page.last_answer()["state"] == "done"

@@ -1,0 +1,624 @@
+// The vlm chat page. Plain JS, no framework and no build step. It talks to this server only through its public
+// Messages API (POST /v1/messages with stream: true, read as server-sent events) and renders every reply with
+// text nodes: model output is never parsed as HTML.
+"use strict";
+
+const STORE_KEY = "vlm.chat.settings";
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  config: null, // GET /web/config: the server's limits
+  turns: [], // the conversation: {role, text, images, el, answerEl, failed}
+  attached: [], // images waiting to be sent: {name, url, ready: Promise, mediaType, data}
+  busy: null, // {controller} while an answer streams
+  settings: { model: "", temperature: "auto", maxTokens: null, system: "", apiKey: "" },
+};
+
+// ---------- settings ----------
+
+function loadSettings() {
+  try {
+    Object.assign(state.settings, JSON.parse(localStorage.getItem(STORE_KEY) || "{}"));
+  } catch {
+    // unreadable or blocked storage: start from the defaults
+  }
+}
+
+function saveSettings() {
+  try {
+    localStorage.setItem(STORE_KEY, JSON.stringify(state.settings));
+  } catch {
+    // private mode or a full quota: the settings last for this page only
+  }
+}
+
+function showSettings() {
+  const s = state.settings;
+  const auto = s.temperature === "auto";
+  $("temperature-auto").checked = auto;
+  $("temperature").disabled = auto;
+  if (!auto) $("temperature").value = s.temperature;
+  $("temperature-value").textContent = auto ? "auto" : Number(s.temperature).toFixed(2);
+  $("max-tokens").max = state.config.max_tokens_limit;
+  $("max-tokens").value = s.maxTokens ?? state.config.max_tokens;
+  $("system").value = s.system;
+  $("api-key").value = s.apiKey;
+  $("api-key-field").hidden = !state.config.api_key_required && !s.apiKey;
+  const serverDefault = state.config.temperature;
+  $("temperature-help").textContent = `Auto uses the server's default (${serverDefault}); 0 is greedy.`;
+}
+
+function readSettings() {
+  const s = state.settings;
+  s.temperature = $("temperature-auto").checked ? "auto" : Number($("temperature").value);
+  $("temperature").disabled = s.temperature === "auto";
+  $("temperature-value").textContent = s.temperature === "auto" ? "auto" : s.temperature.toFixed(2);
+  const tokens = Number.parseInt($("max-tokens").value, 10);
+  s.maxTokens = Number.isFinite(tokens) && tokens >= 1 ? tokens : null;
+  s.system = $("system").value;
+  s.model = $("model").value || s.model;
+  s.apiKey = $("api-key").value.trim();
+  saveSettings();
+}
+
+function toggleSettings(open) {
+  const panel = $("settings");
+  panel.hidden = !open;
+  $("settings-toggle").setAttribute("aria-expanded", String(open));
+  if (open) $("model").focus();
+  else $("settings-toggle").focus();
+}
+
+function authHeaders() {
+  return state.settings.apiKey ? { "x-api-key": state.settings.apiKey } : {};
+}
+
+async function loadModels() {
+  const select = $("model");
+  let names = [];
+  try {
+    const response = await fetch("/v1/models", { headers: authHeaders() });
+    if (response.ok) names = (await response.json()).data.map((m) => m.id);
+    else if (response.status === 401) $("api-key-field").hidden = false;
+  } catch {
+    // the server is unreachable: the first message will say so
+  }
+  select.replaceChildren();
+  for (const name of names.length ? names : [state.settings.model || "vlm"]) {
+    select.append(new Option(name, name, false, name === state.settings.model));
+  }
+  if (!names.includes(state.settings.model) && names.length) state.settings.model = names[0];
+  $("model-name").textContent = names.length ? select.value : "";
+}
+
+// ---------- images ----------
+
+function blobToBase64(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).slice(String(reader.result).indexOf(",") + 1));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(blob);
+  });
+}
+
+function canvasBlob(canvas, type, quality) {
+  return new Promise((resolve) => canvas.toBlob(resolve, type, quality));
+}
+
+// Large photos are scaled down to the tiler's pixel budget (max_tiles tiles of tile_size^2): the tiler would pick
+// the same grid and cut the same tiles from them anyway, and the upload stays small. Images the server would refuse
+// (another format, over max_image_bytes) are re-encoded too. The server's own checks still apply to everything.
+async function prepareImage(file) {
+  const { image_pixels: budget, max_image_bytes: maxBytes, media_types: types } = state.config;
+  let bitmap = null;
+  try {
+    bitmap = await createImageBitmap(file);
+  } catch {
+    if (!types.includes(file.type)) throw new Error(`${file.name || "image"}: this browser cannot read it`);
+  }
+  const pixels = bitmap ? bitmap.width * bitmap.height : 0;
+  if (!bitmap || (types.includes(file.type) && file.size <= maxBytes && pixels <= budget)) {
+    return { mediaType: file.type, data: await blobToBase64(file) };
+  }
+  const scale = Math.min(1, Math.sqrt(budget / pixels));
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.floor(bitmap.width * scale)); // floor: width * height stays within the budget
+  canvas.height = Math.max(1, Math.floor(bitmap.height * scale));
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#fff"; // transparency goes onto white, as the tiler composites it
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  bitmap.close();
+  // the smallest encoding: JPEG for photos, PNG for drawings and screenshots; if even that is over the limit, the
+  // server's answer explains
+  const candidates = [await canvasBlob(canvas, "image/jpeg", 0.9)];
+  if (file.type !== "image/jpeg") candidates.push(await canvasBlob(canvas, "image/png"));
+  if (types.includes(file.type) && pixels <= budget) candidates.push(file);
+  const blob = candidates.filter(Boolean).reduce((a, b) => (b.size < a.size ? b : a));
+  return { mediaType: blob.type, data: await blobToBase64(blob) };
+}
+
+function imagesInChat() {
+  return state.turns.reduce((n, t) => n + (t.failed ? 0 : t.images.length), 0);
+}
+
+function attachFiles(files) {
+  const images = [...files].filter((f) => f.type.startsWith("image/"));
+  if (files.length && !images.length) notify("Only images can be attached.");
+  for (const file of images) {
+    const room = state.config.max_images - imagesInChat() - state.attached.length;
+    if (room <= 0) {
+      const most = state.config.max_images;
+      notify(`This server takes at most ${most} images per conversation; start a new chat for more.`);
+      break;
+    }
+    const entry = { name: file.name || "pasted image", url: URL.createObjectURL(file) };
+    entry.ready = prepareImage(file).then(
+      (prepared) => Object.assign(entry, prepared, { ok: true }),
+      (err) => {
+        removeAttachment(entry);
+        notify(err.message);
+      },
+    ).finally(renderAttachments);
+    state.attached.push(entry);
+  }
+  renderAttachments();
+}
+
+function removeAttachment(entry) {
+  const index = state.attached.indexOf(entry);
+  if (index >= 0) state.attached.splice(index, 1);
+  URL.revokeObjectURL(entry.url);
+  renderAttachments();
+}
+
+function renderAttachments() {
+  const list = $("attachments");
+  list.replaceChildren(...state.attached.map((entry, i) => {
+    const item = el("li", "thumb");
+    item.dataset.ready = String(Boolean(entry.ok));
+    const img = el("img");
+    img.src = entry.url;
+    img.alt = entry.name;
+    const remove = el("button", "thumb-remove", "×");
+    remove.type = "button";
+    remove.setAttribute("aria-label", `Remove image ${i + 1} (${entry.name})`);
+    remove.addEventListener("click", () => {
+      removeAttachment(entry);
+      $("prompt").focus();
+    });
+    item.append(img, remove);
+    return item;
+  }));
+  list.hidden = !state.attached.length;
+}
+
+function imageFiles(dataTransfer) {
+  if (!dataTransfer) return [];
+  const files = [...dataTransfer.files];
+  if (files.length) return files;
+  return [...dataTransfer.items].filter((i) => i.kind === "file").map((i) => i.getAsFile()).filter(Boolean);
+}
+
+// ---------- rendering (text nodes only) ----------
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// `code` and **bold** inside a line, as text nodes and elements (never innerHTML)
+function inline(text) {
+  const nodes = [];
+  const pattern = /`([^`\n]+)`|\*\*([^*\n]+)\*\*/g;
+  let last = 0;
+  for (let match; (match = pattern.exec(text));) {
+    if (match.index > last) nodes.push(document.createTextNode(text.slice(last, match.index)));
+    nodes.push(match[1] !== undefined ? el("code", "", match[1]) : el("strong", "", match[2]));
+    last = pattern.lastIndex;
+  }
+  if (last < text.length) nodes.push(document.createTextNode(text.slice(last)));
+  return nodes;
+}
+
+// A small markdown subset: ``` code blocks (an unclosed one runs to the end, as while streaming), - / 1. lists,
+// # headings and paragraphs.
+function renderMarkdown(text, container) {
+  const blocks = [];
+  const lines = text.split("\n");
+  let paragraph = [];
+  let list = null;
+  const flush = () => {
+    if (paragraph.length) {
+      const p = el("p");
+      paragraph.forEach((line, i) => p.append(...(i ? [el("br")] : []), ...inline(line)));
+      blocks.push(p);
+    }
+    paragraph = [];
+    list = null;
+  };
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    const fence = line.match(/^\s*```\s*([\w+.-]*)/);
+    if (fence) {
+      flush();
+      const code = [];
+      for (i++; i < lines.length && !/^\s*```\s*$/.test(lines[i]); i++) code.push(lines[i]);
+      const pre = el("pre");
+      const codeEl = el("code", "", code.join("\n"));
+      if (fence[1]) pre.dataset.language = fence[1];
+      pre.append(codeEl);
+      blocks.push(pre);
+      continue;
+    }
+    const item = line.match(/^\s*(?:([-*+])|(\d+)[.)])\s+(.*)$/);
+    if (item) {
+      const tag = item[1] ? "ul" : "ol";
+      if (paragraph.length) flush();
+      if (!list || list.tagName.toLowerCase() !== tag) {
+        list = el(tag);
+        if (item[2] && item[2] !== "1") list.start = Number(item[2]);
+        blocks.push(list);
+      }
+      const li = el("li");
+      li.append(...inline(item[3]));
+      list.append(li);
+      continue;
+    }
+    const heading = line.match(/^(#{1,6})\s+(.*)$/);
+    if (heading) {
+      flush();
+      const h = el("p", "heading");
+      h.append(...inline(heading[2]));
+      blocks.push(h);
+    } else if (!line.trim()) {
+      flush();
+    } else {
+      list = null;
+      paragraph.push(line);
+    }
+  }
+  flush();
+  container.replaceChildren(...blocks);
+}
+
+function scrollToEnd(force) {
+  const log = $("messages");
+  if (force || log.scrollHeight - log.scrollTop - log.clientHeight < 120) log.scrollTop = log.scrollHeight;
+}
+
+function addUserMessage(turn) {
+  $("empty").hidden = true;
+  const node = el("article", "message user");
+  node.setAttribute("aria-label", "You");
+  if (turn.images.length) {
+    const row = el("div", "message-images");
+    for (const image of turn.images) {
+      const img = el("img");
+      img.src = image.url;
+      img.alt = image.name;
+      row.append(img);
+    }
+    node.append(row);
+  }
+  if (turn.text) node.append(el("div", "content", turn.text));
+  $("messages").append(node);
+  scrollToEnd(true);
+  return node;
+}
+
+function addAnswer() {
+  const node = el("article", "message assistant");
+  node.setAttribute("aria-label", "Answer");
+  node.dataset.state = "waiting";
+  node.setAttribute("aria-busy", "true"); // screen readers read the answer once it is complete
+  node.append(el("div", "content"), el("div", "meta"));
+  $("messages").append(node);
+  scrollToEnd(true);
+  return node;
+}
+
+function usageLine(usage) {
+  const parts = [];
+  if (usage.input !== undefined) parts.push(`${usage.input} in`);
+  if (usage.output !== undefined) parts.push(`${usage.output} out`);
+  if (usage.output && usage.seconds > 0) parts.push(`${(usage.output / usage.seconds).toFixed(1)} tok/s`);
+  parts.push(usage.stop);
+  return parts.join(" · ");
+}
+
+function finishAnswer(node, stateName, usage) {
+  node.dataset.state = stateName;
+  node.setAttribute("aria-busy", "false");
+  const meta = node.querySelector(".meta");
+  meta.replaceChildren(...(usage ? [el("span", "usage", usageLine(usage))] : []));
+  for (const old of document.querySelectorAll(".regenerate")) old.remove();
+  const again = el("button", "button ghost small regenerate", "Regenerate");
+  again.type = "button";
+  again.addEventListener("click", regenerate);
+  meta.append(again);
+}
+
+function showError(node, message) {
+  const box = el("div", "error");
+  box.setAttribute("role", "alert");
+  box.append(el("strong", "", "Error: "), document.createTextNode(message));
+  node.querySelector(".content").after(box);
+}
+
+function notify(message) {
+  $("notice").textContent = message;
+  clearTimeout(notify.timer);
+  notify.timer = setTimeout(() => ($("notice").textContent = ""), 8000);
+}
+
+// ---------- talking to the server ----------
+
+class ServerError extends Error {}
+
+async function errorMessage(response) {
+  let message = `HTTP ${response.status}`;
+  try {
+    const body = await response.json();
+    if (body.error) message = `${response.status} ${body.error.type}: ${body.error.message}`;
+  } catch {
+    // not JSON (a proxy's page): the status says enough
+  }
+  const hints = {
+    401: " Set the API key in Settings.",
+    413: " Send fewer or smaller images.",
+    429: " Try again in a moment.",
+    529: " Try again in a moment.",
+  };
+  const hint = hints[response.status];
+  return hint ? `${message.replace(/[.\s]*$/, "")}.${hint}` : message;
+}
+
+function requestBody() {
+  const s = state.settings;
+  const messages = [];
+  for (const turn of state.turns) {
+    if (turn.failed || (turn.role === "assistant" && !turn.text.trim())) continue;
+    const content = turn.images.map((image) => ({
+      type: "image",
+      source: { type: "base64", media_type: image.mediaType, data: image.data },
+    }));
+    if (turn.text) content.push({ type: "text", text: turn.text });
+    messages.push({ role: turn.role, content });
+  }
+  const body = {
+    model: s.model || "vlm",
+    max_tokens: s.maxTokens ?? state.config.max_tokens,
+    stream: true,
+    messages,
+  };
+  if (s.system.trim()) body.system = s.system;
+  if (s.temperature !== "auto") body.temperature = s.temperature;
+  return body;
+}
+
+// Reads the SSE stream: `onEvent(name, data)` for each event, then `onChunk()` after each network chunk (so the
+// page re-renders once per chunk, not once per event). Resolves at the end of the stream.
+async function readEvents(response, onEvent, onChunk) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
+    const events = buffer.split(/\r?\n\r?\n/);
+    buffer = done ? "" : events.pop();
+    for (const block of events) {
+      let name = "message";
+      const data = [];
+      for (const line of block.split(/\r?\n/)) {
+        if (line.startsWith("event:")) name = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    }
+    onChunk();
+    if (done) return;
+  }
+}
+
+async function answer(userTurn) {
+  const turns = state.turns; // this conversation, even if New chat replaces it while the answer streams
+  const node = addAnswer();
+  userTurn.answerEl = node;
+  const content = node.querySelector(".content");
+  const controller = new AbortController();
+  state.busy = { controller };
+  setBusy(true);
+  const reply = { role: "assistant", text: "", images: [], el: node };
+  const usage = { stop: "" };
+  let started = 0;
+  try {
+    const response = await fetch("/v1/messages", {
+      method: "POST",
+      headers: { "content-type": "application/json", ...authHeaders() },
+      body: JSON.stringify(requestBody()),
+      signal: controller.signal,
+    });
+    if (!response.ok) throw new ServerError(await errorMessage(response));
+    node.dataset.state = "streaming";
+    let shown = "";
+    const show = () => {
+      if (reply.text === shown) return;
+      shown = reply.text;
+      renderMarkdown(shown, content);
+      scrollToEnd(false);
+    };
+    await readEvents(response, (name, data) => {
+      if (name === "message_start") {
+        started = performance.now();
+        usage.input = data.message.usage.input_tokens;
+      } else if (name === "content_block_delta" && data.delta.type === "text_delta") {
+        reply.text += data.delta.text;
+      } else if (name === "message_delta") {
+        usage.output = data.usage.output_tokens;
+        usage.stop = data.delta.stop_reason;
+        usage.seconds = (performance.now() - started) / 1000;
+      } else if (name === "error") {
+        throw new ServerError(`${data.error.type}: ${data.error.message}`);
+      }
+    }, show).finally(show);
+    turns.push(reply);
+    finishAnswer(node, "done", usage);
+  } catch (err) {
+    if (err.name === "AbortError") {
+      usage.stop = "stopped";
+      if (reply.text) turns.push(reply);
+      finishAnswer(node, "stopped", usage);
+    } else {
+      userTurn.failed = true; // left out of later requests, so the next message works
+      node.classList.add("failed");
+      userTurn.el.classList.add("failed");
+      const message = err instanceof ServerError ? err.message : `could not reach the server (${err.message})`;
+      showError(node, message);
+      finishAnswer(node, "error", null);
+    }
+  } finally {
+    state.busy = null;
+    setBusy(false);
+    scrollToEnd(false);
+  }
+}
+
+function setBusy(busy) {
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  document.body.classList.toggle("busy", busy);
+  if (!busy && document.activeElement === document.body) $("prompt").focus();
+}
+
+async function send() {
+  if (state.busy) return;
+  const text = $("prompt").value.trim();
+  if (!text && !state.attached.length) return;
+  const images = state.attached.splice(0);
+  renderAttachments();
+  await Promise.all(images.map((image) => image.ready));
+  const turn = { role: "user", text, images: images.filter((image) => image.ok) };
+  if (!turn.text && !turn.images.length) return;
+  $("prompt").value = "";
+  autogrow();
+  turn.el = addUserMessage(turn);
+  state.turns.push(turn);
+  await answer(turn);
+}
+
+function regenerate() {
+  if (state.busy) return;
+  const index = state.turns.findLastIndex((t) => t.role === "user");
+  if (index < 0) return;
+  const turn = state.turns[index];
+  state.turns.length = index + 1; // drop the answer being redone
+  turn.failed = false;
+  turn.el.classList.remove("failed");
+  turn.answerEl?.remove();
+  answer(turn);
+}
+
+function newChat() {
+  state.busy?.controller.abort();
+  for (const turn of state.turns) for (const image of turn.images) URL.revokeObjectURL(image.url);
+  for (const entry of [...state.attached]) removeAttachment(entry);
+  state.turns = [];
+  $("messages").replaceChildren($("empty"));
+  $("empty").hidden = false;
+  $("prompt").value = "";
+  autogrow();
+  $("prompt").focus();
+}
+
+// the message box grows with its text up to 220px, then scrolls
+function autogrow() {
+  const box = $("prompt");
+  box.style.height = "auto";
+  box.style.height = `${Math.min(box.scrollHeight, 220)}px`;
+  box.style.overflowY = box.scrollHeight > 220 ? "auto" : "hidden";
+}
+
+// ---------- wiring ----------
+
+function wire() {
+  $("composer").addEventListener("submit", (event) => {
+    event.preventDefault();
+    send();
+  });
+  $("prompt").addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      send();
+    }
+  });
+  $("prompt").addEventListener("input", autogrow);
+  $("stop").addEventListener("click", () => state.busy?.controller.abort());
+  $("new-chat").addEventListener("click", newChat);
+  $("file-input").addEventListener("change", (event) => {
+    attachFiles(event.target.files);
+    event.target.value = ""; // choosing the same file again fires change again
+  });
+  $("settings-toggle").addEventListener("click", () => toggleSettings($("settings").hidden));
+  $("settings-close").addEventListener("click", () => toggleSettings(false));
+  for (const id of ["temperature-auto", "temperature", "max-tokens", "system", "api-key", "model"]) {
+    $(id).addEventListener("input", readSettings);
+    $(id).addEventListener("change", readSettings);
+  }
+  $("api-key").addEventListener("change", loadModels); // once the key is typed, not per keystroke
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape") return;
+    if (state.busy) state.busy.controller.abort();
+    else if (!$("settings").hidden) toggleSettings(false);
+  });
+  document.addEventListener("paste", (event) => {
+    const files = imageFiles(event.clipboardData).filter((f) => f.type.startsWith("image/"));
+    if (files.length) {
+      event.preventDefault(); // an image, not its file name, goes into the message
+      attachFiles(files);
+    }
+  });
+  let depth = 0; // dragenter/dragleave fire for every child element crossed
+  const overlay = $("drop-overlay");
+  document.addEventListener("dragenter", (event) => {
+    if (![...(event.dataTransfer?.types || [])].includes("Files")) return;
+    depth++;
+    overlay.hidden = false;
+  });
+  document.addEventListener("dragleave", () => {
+    depth = Math.max(0, depth - 1);
+    if (!depth) overlay.hidden = true;
+  });
+  document.addEventListener("dragover", (event) => event.preventDefault());
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    depth = 0;
+    overlay.hidden = true;
+    attachFiles(imageFiles(event.dataTransfer));
+  });
+}
+
+async function start() {
+  loadSettings();
+  wire();
+  try {
+    const response = await fetch("/web/config");
+    state.config = await response.json();
+  } catch (err) {
+    notify(`Could not read the server's settings (${err.message}); reload the page.`);
+    return;
+  }
+  showSettings();
+  await loadModels();
+  renderAttachments();
+  autogrow();
+  document.body.dataset.ready = "true";
+  $("prompt").focus();
+}
+
+start();
