@@ -262,7 +262,7 @@ def write_shards(out: Path, jobs: Sequence[Job[T]], build: Callable[[T], dict[st
     skipped: Counter = Counter()
     skip_lines: list[tuple[str, str]] = []  # (key, message): skipped.txt lists them in input order
     try:
-        with tqdm(total=len(jobs), desc=desc, unit="sample", dynamic_ncols=True) as bar:
+        with tqdm(total=len(jobs), desc=desc, unit="sample", dynamic_ncols=True, disable=None) as bar:  # no bar in logs
             for job, outcome in ordered_map(_attempt(build), jobs, workers):
                 if isinstance(outcome, Skip):
                     skipped[outcome.kind] += 1

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from vlm.cli import CONFIG_DIR, quote_values
-from vlm.infer import TEXT_KEYS
+from vlm.infer import TEXT_KEYS, stream_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["device=cpu", "generation.temperature=0", "generation.max_new_tokens=5"]
@@ -108,3 +108,27 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export):
         process.kill()
     assert process.returncode == 0, err
     assert "[stopped]" in out and "Traceback" not in err
+
+
+def test_the_temperature_choice_is_logged_before_the_answer_starts(tiny_chat_model):
+    """In the REPL, "temperature auto -> 0.7" must not land between the `vlm> ` prompt and the answer."""
+    import logging
+
+    events: list[str] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            events.append("log: " + record.getMessage())
+
+    logger = logging.getLogger("vlm")
+    handler, level = Recorder(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        session = tiny_chat_model.session(temperature="auto", max_new_tokens=2, seed=0)
+        stream_answer(session, "Describe it.", [], lambda text: events.append("out: " + text), prefix="vlm> ")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    choice = next(i for i, e in enumerate(events) if e.startswith("log: temperature auto"))
+    assert choice < events.index("out: vlm> ")

@@ -236,7 +236,7 @@ def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int
     pattern = str(directory / "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
         for sample in tqdm(KINDS[kind](num, seed, image_size), total=num, desc=f"synthetic {kind} -> {directory.name}",
-                           unit="img", leave=False):
+                           unit="img", leave=False, disable=None):  # None: no bar when stderr is a log file
             sink.write(sample)
     shards = sorted(directory.glob("shard-*.tar"))
     return str(directory / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
