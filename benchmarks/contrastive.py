@@ -231,7 +231,7 @@ class PlainLoop:
 
 def decode_pool(task: ContrastiveTask, train_pattern: str, count: int) -> dict[str, torch.Tensor]:
     """The first `count` samples of the train shards, through our decoder, stacked into tensors once."""
-    pipeline = build_pipeline(list_shards(train_pattern), task.decoder("captions"), train=False, split_by_node=False)
+    pipeline = build_pipeline(list_shards(train_pattern), task.batching().decode, train=False, split_by_node=False)
     samples = []
     for sample in pipeline:
         samples.append(sample)
@@ -280,9 +280,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="vlm-bench-contrastive-") as output_root:
         config = load_config(args, output_root)
-        s = config.data.synthetic
-        pattern = synthetic.ensure_split("captions", "train", s.num_train, s.seed, s.image_size,
-                                         s.samples_per_shard, s.cache_dir)
+        pattern = synthetic.ensure_split("captions", "train", config.data.synthetic)
         ours = Ours(config, pattern)
         task = ours.build()
         ours_model = task.model

@@ -308,6 +308,7 @@ def test_llava_all_bad_exits_1(tmp_path, capsys):
 # ---- synthetic ----------------------------------------------------------------------------------------------------
 
 def test_make_synthetic_matches_the_trainers_cache(tmp_path, capsys):
+    from vlm.config import SyntheticConfig
     from vlm.data import synthetic
 
     code, out, _ = _convert(capsys, ["--kind", "captions", "--out", str(tmp_path / "out"), "--num-train", "20",
@@ -317,7 +318,9 @@ def test_make_synthetic_matches_the_trainers_cache(tmp_path, capsys):
     for split, num in (("train", 20), ("val", 10)):
         assert (tmp_path / "out" / split / "classnames.txt").read_text().splitlines() == synthetic.CLASSNAMES
         ours = _read_split(tmp_path / "out" / split)
-        cached = _read(synthetic.ensure_split("captions", split, num, 0, 32, 8, tmp_path / "cache"))
+        settings = SyntheticConfig(num_train=20, num_val=10, samples_per_shard=8, image_size=32, seed=0,
+                                   cache_dir=str(tmp_path / "cache"))
+        cached = _read(synthetic.ensure_split("captions", split, settings))
         assert len(ours) == num
         assert [(s["png"], s["txt"], s["cls"]) for s in ours.values()] == \
                [(s["png"], s["txt"], s["cls"]) for s in cached.values()]

@@ -36,9 +36,7 @@ def resolve(config: DataConfig, kind: str) -> DataSources:
         raise ConfigError("data.val is set but data.train is not; set both, or neither for the synthetic dataset")
     if config.train is None:
         s = config.synthetic
-        splits = {split: synthetic.ensure_split(kind, split, num, s.seed, s.image_size, s.samples_per_shard,
-                                                s.cache_dir)
-                  for split, num in (("train", s.num_train), ("val", s.num_val))}
+        splits = {split: synthetic.ensure_split(kind, split, s) for split in ("train", "val")}
         log.info("no data.train given: using the synthetic shapes dataset (%d train / %d held-out) from %s",
                  s.num_train, s.num_val, Path(s.cache_dir).expanduser())
         return DataSources(splits["train"], splits["val"], list(synthetic.CLASSNAMES))
@@ -62,7 +60,6 @@ def find_classnames(config: DataConfig) -> list[str] | None:
 def resolve_eval(config: DataConfig, kind: str) -> DataSources:
     """Held-out data for vlm.eval: data.val, or the synthetic held-out split."""
     if config.val is None:
-        s = config.synthetic
-        val = synthetic.ensure_split(kind, "val", s.num_val, s.seed, s.image_size, s.samples_per_shard, s.cache_dir)
+        val = synthetic.ensure_split(kind, "val", config.synthetic)
         return DataSources(None, val, list(synthetic.CLASSNAMES))
     return DataSources(None, config.val, find_classnames(config))

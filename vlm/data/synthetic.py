@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vlm.config import SyntheticConfig
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "orange": (245, 140, 20),
@@ -247,13 +249,14 @@ def split_seed(seed: int, kind: str, split: str) -> int:
     return seed * 1000 + (1 if split == "train" else 2) + (10 if kind == "conversations" else 0)
 
 
-def ensure_split(kind: str, split: str, num: int, seed: int, image_size: int, samples_per_shard: int,
-                 cache_dir: str | Path) -> str:
-    """Return the shard pattern of a synthetic split, generating it into the cache on first use."""
+def ensure_split(kind: str, split: str, settings: SyntheticConfig) -> str:
+    """Return the shard pattern of a synthetic split ("train" or "val"), generating it into the cache on first use."""
+    num = settings.num_train if split == "train" else settings.num_val
+    seed, image_size, samples_per_shard = settings.seed, settings.image_size, settings.samples_per_shard
     recipe = [GENERATOR_VERSION, kind, num, seed, image_size, samples_per_shard, CLASSNAMES, CAPTION_TEMPLATES,
               COUNT_CAPTION_TEMPLATES, MULTI_SHAPE_FRACTION, QUESTIONS]
     fingerprint = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:10]
-    directory = Path(cache_dir).expanduser() / f"{kind}-{split}-{fingerprint}"
+    directory = Path(settings.cache_dir).expanduser() / f"{kind}-{split}-{fingerprint}"
     done = directory / "DONE"
     if done.exists():
         return done.read_text().strip()
