@@ -191,9 +191,9 @@ def test_externally_launched_ranks_agree_on_the_run_folder(tmp_path, monkeypatch
 # ---- (a) and (c): the real command line ----------------------------------------------------------------------
 
 def _command(tmp_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "vlm.train", *TINY, *COMMON, "data.small_synthetic.num_train=64",
-            "data.small_synthetic.num_val=16", "data.small_synthetic.samples_per_shard=32",
-            f"data.small_synthetic.cache_dir={tmp_path / 'small_synthetic'}", "stage.batch_size=8",
+    return [sys.executable, "-m", "vlm.train", *TINY, *COMMON, "data.synthetic.num_train=64",
+            "data.synthetic.num_val=16", "data.synthetic.samples_per_shard=32",
+            f"data.synthetic.cache_dir={tmp_path / 'synthetic'}", "stage.batch_size=8",
             f"output_root={tmp_path / 'runs'}", "run_name=crash", *extra]
 
 

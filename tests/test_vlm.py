@@ -40,10 +40,12 @@ def test_merge_puts_each_image_at_its_placeholders(bundle):
     positions = (ids[0] == model.image_token_id).nonzero().squeeze(1)
     tokens = model.tokens_per_tile
     assert len(positions) == 2 * tokens == sum(encoded.image_tokens)
-    # image 0's run comes first in the text and gets image 0's features (plus slot 0); image 1's second (plus slot 1)
+    # image 0's run comes first in the text and gets image 0's features plus slot 0 times each token's RMS; image 1's
+    # second, with slot 1
     slots = model.image_slot_embeddings.weight  # (8, D)
-    assert torch.allclose(embeds[0, positions[:tokens]], features[:tokens] + slots[0])
-    assert torch.allclose(embeds[0, positions[tokens:]], features[tokens:] + slots[1])
+    rms = features.pow(2).mean(-1, keepdim=True).sqrt()  # (2 * T, 1)
+    assert torch.allclose(embeds[0, positions[:tokens]], features[:tokens] + slots[0] * rms[:tokens], atol=1e-6)
+    assert torch.allclose(embeds[0, positions[tokens:]], features[tokens:] + slots[1] * rms[tokens:], atol=1e-6)
     assert positions[tokens] - positions[tokens - 1] > 1  # the two runs are separated by text
     text_rows = ids[0] != model.image_token_id
     assert torch.equal(embeds[0, text_rows], model.lm.get_input_embeddings()(ids[0, text_rows]))
@@ -73,7 +75,8 @@ def test_image_slots_tell_the_images_of_a_sample_apart(bundle):
     embeds = model.embed(ids, two.pixel_values, batch["image_slots"][tokens:])
     rows = embeds[0, ids[0] == model.image_token_id]  # (2T, D)
     slot = model.image_slot_embeddings.weight
-    assert torch.allclose(rows[tokens:] - rows[:tokens], (slot[1] - slot[0]).expand(tokens, -1), atol=1e-6)
+    rms = model.image_features(one.pixel_values).pow(2).mean(-1, keepdim=True).sqrt()  # (T, 1)
+    assert torch.allclose(rows[tokens:] - rows[:tokens], (slot[1] - slot[0]) * rms, atol=1e-5)
     # without explicit slots, runs of image tokens count as images: adjacent placeholders merge into one run
     assert torch.equal(model.embed(ids, two.pixel_values), model.embed(ids, two.pixel_values, torch.zeros_like(
         batch["image_slots"][tokens:])))
@@ -85,6 +88,41 @@ def test_image_slots_tell_the_images_of_a_sample_apart(bundle):
     many = torch.full((tokens,), 50)
     last = model.embed(one.input_ids[None], one.pixel_values, many)
     assert torch.equal(last, model.embed(one.input_ids[None], one.pixel_values, torch.full((tokens,), 7)))
+
+
+def test_the_slot_mark_keeps_its_share_of_growing_features(bundle):
+    """Projected features grow during training (norms of 13-20 in the tiny preset); a slot that scales with each
+    token's RMS stays the same share of it, where an unscaled one would be buried. Exports written before
+    `image_slot_scale` existed load with the unscaled slots they were trained with."""
+    import copy
+
+    from vlm.config import model_config_from, to_dict
+    from vlm.models.vlm import VisionLanguageModel
+
+    encoded = _inputs(bundle)
+    ids, pixels = encoded.input_ids[None], encoded.pixel_values
+    is_image = ids[0] == bundle.model.image_token_id
+
+    def slot_mark(model) -> torch.Tensor:  # (2T, D): what the slots add to the image rows
+        return model.embed(ids, pixels)[0, is_image] - model.image_features(pixels)
+
+    model = copy.deepcopy(bundle.model)
+    before = slot_mark(model).norm(dim=-1) / model.image_features(pixels).norm(dim=-1)  # (2T,)
+    with torch.no_grad():
+        model.projector[-1].weight.mul_(10)
+        model.projector[-1].bias.mul_(10)
+    after = slot_mark(model).norm(dim=-1) / model.image_features(pixels).norm(dim=-1)
+    assert torch.allclose(before, after, rtol=1e-4)
+
+    recorded = to_dict(bundle.model.config)
+    del recorded["projector"]["image_slot_scale"]
+    earlier = model_config_from(recorded)
+    assert earlier.projector.image_slot_scale == "embedding"
+    earlier_model = VisionLanguageModel(earlier, model.lm, model.image_token_id)
+    earlier_model.load_state_dict(model.state_dict())
+    slots = model.image_slot_embeddings.weight
+    tokens = model.tokens_per_tile
+    assert torch.allclose(slot_mark(earlier_model)[:tokens], slots[0].expand(tokens, -1), atol=1e-5)
 
 
 def test_merge_count_mismatch_raises(bundle):

@@ -203,6 +203,9 @@ class ProjectorConfig:
     reduction: str = setting(choices=("none", "pixel_shuffle", "avg_pool"))  # token reduction per tile
     reduction_factor: int = setting(minimum=1)  # tokens per tile shrink by factor^2
     image_slots: int = setting(minimum=0)  # >0: a learned embedding per image position in a sample (1st, 2nd, ...)
+    # how a slot marks its image's tokens: "feature" adds the slot vector times each token's RMS, so the mark stays a
+    # fixed share of the feature however large the projected features grow; "embedding" adds it unscaled
+    image_slot_scale: str = setting(choices=("feature", "embedding"))
 
 
 @dataclass
@@ -225,9 +228,17 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
 
 
+# Values that exports written before a model key existed were trained with: such an export loads as it was trained.
+EARLIER_MODEL_VALUES: dict[str, dict[str, Any]] = {"projector": {"image_slot_scale": "embedding"}}
+
+
 def model_config_from(values: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig an export folder recorded."""
-    return load_config(ModelConfig, values, path="model.")
+    """The ModelConfig an export folder recorded (keys added since it was written get their earlier behaviour)."""
+    merged = {**values}
+    for group, earlier in EARLIER_MODEL_VALUES.items():
+        if isinstance(merged.get(group), dict):
+            merged[group] = {**earlier, **merged[group]}
+    return load_config(ModelConfig, merged, path="model.")
 
 
 # ---- training ----

@@ -79,7 +79,7 @@ COMPARE_QUESTIONS = ("Which image shows the {c} {s}, the first or the second?",
                      "Is the {c} {s} in the first image or the second image?",
                      "Which picture contains the {c} {s}: first or second?")
 QUESTION_TYPES = ("color", "shape", "position", "count", "compare")
-GENERATOR_VERSION = 5  # bump when drawing changes, so cached splits are regenerated
+GENERATOR_VERSION = 6  # bump when drawing changes, so cached splits are regenerated
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def conversation_samples(num: int, seed: int, image_size: int) -> Iterator[dict]
     assistant turn also carries the type of the question it answers, so held-out answers are scored per type.
 
     Types rotate so every split holds each one. A third of the single-image samples ask a second question about the
-    same image in a second turn, and half of the two-image samples ask about the other image's shape in a second turn.
+    same image in a second turn, and half of the two-image samples ask about either image again in a second turn.
     """
     rng = random.Random(seed)
     for index in range(num):
@@ -191,10 +191,12 @@ def conversation_samples(num: int, seed: int, image_size: int) -> Iterator[dict]
             images = [render(first, rng, image_size), render(second, rng, image_size)]
             question = rng.choice(COMPARE_QUESTIONS).format(c=asked.color, s=asked.shape)
             turns = [("<image>\n<image>\n" + question, target, kind)]
-            if rng.random() < 0.5:  # a follow-up about the other picture: twice the two-image signal per sample
-                other, other_target = (second, "second") if target == "first" else (first, "first")
-                question = rng.choice(COMPARE_QUESTIONS).format(c=other.color, s=other.shape)
-                turns.append((question, other_target, kind))
+            if rng.random() < 0.5:  # a follow-up about either picture: twice the two-image signal per sample
+                # drawn afresh, not "the other one": that answer follows from the first one's text, without looking
+                follow_target = rng.choice(("first", "second"))
+                asked = first if follow_target == "first" else second
+                question = rng.choice(COMPARE_QUESTIONS).format(c=asked.color, s=asked.shape)
+                turns.append((question, follow_target, kind))
         else:
             spec = random_spec(rng, count=rng.randint(1, 3) if kind == "count" else 1)
             images = [render(spec, rng, image_size)]

@@ -91,19 +91,25 @@ class TextStream(Iterator[str]):
         streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict[str, Any] = {}
 
+        thread_began = threading.Event()
+
         def work() -> None:
+            thread_began.set()
             try:
                 result["ids"] = job.run(streamer)
             except BaseException as err:  # hand it to the reader, and never leave it blocked on the queue
                 result["error"] = err
                 streamer.end()
 
-        thread = threading.Thread(target=work, name="vlm-generate", daemon=True)
+        # Not a daemon: a daemon thread still inside torch when the interpreter exits is killed mid-C++ and aborts the
+        # process ("terminate called without an active exception"); the cancel flag ends this one within a step.
+        thread = threading.Thread(target=work, name="vlm-generate")
         scanner = StopScanner(job.stops)
         emitted: list[str] = []
-        finished = False
+        finished = launched = False
         try:
-            thread.start()  # inside the try: a Ctrl-C from here on still stops and joins the thread
+            launched = True  # before start(): a Ctrl-C inside start() leaves a running thread whose ident may be unset
+            thread.start()
             for piece in streamer:
                 if job.cancel.is_set():
                     continue  # drain: generate ends within a step
@@ -120,6 +126,7 @@ class TextStream(Iterator[str]):
         finally:
             if not finished:
                 job.cancel.set()  # the reader left early (Ctrl-C, a closed stream): stop generating
-            if thread.ident is not None:
+            if launched:
+                thread_began.wait()  # join() refuses a thread whose start() was interrupted before it signalled
                 thread.join()
             self._done(job.finish(result.get("ids", []), "".join(emitted), scanner.stop))

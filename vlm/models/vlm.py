@@ -17,6 +17,10 @@ from vlm.models.projector import build_projector
 from vlm.models.reduction import TokenReducer
 from vlm.models.vision import VisionTower
 
+# Initial std of the slot vectors when they scale with the feature's RMS: a slot moves each image token by about half
+# its own size, enough to tell two images apart from the first step, not enough to drown what the token shows.
+FEATURE_SLOT_STD = 0.5
+
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, config: ModelConfig, lm: PreTrainedModel, image_token_id: int):
@@ -35,13 +39,17 @@ class VisionLanguageModel(nn.Module):
         self.tokens_per_tile: int = self.reducer.out_tokens(patches)
         # Which image a token belongs to, as BERT's segment embeddings mark sentences. Rotary position embeddings put
         # position in attention scores only, so without this a token copied from "the red circle" carries no trace of
-        # whether it came from the first image or the second. Initialised at the scale of the token embeddings so the
-        # slots differ from the first step: from zero they get near-symmetric gradients and may never separate.
+        # whether it came from the first image or the second. Random at start: from zero the slots get near-symmetric
+        # gradients and may never separate. With `image_slot_scale=feature` the mark is the slot vector times each
+        # token's RMS: projected features grow to norms of 13-20 in the tiny preset while an unscaled slot stays
+        # near its initial ~0.5 apart, buried in the features' own spread; scaled, it stays a fixed share of them.
         self.image_slot_embeddings = None
+        self.slot_scales_with_feature = config.projector.image_slot_scale == "feature"
         if config.projector.image_slots > 0:
             token_embeddings = lm.get_input_embeddings().weight  # (V, Dlm)
             self.image_slot_embeddings = nn.Embedding(config.projector.image_slots, token_embeddings.shape[1])
-            nn.init.normal_(self.image_slot_embeddings.weight, std=float(token_embeddings.detach().float().std()))
+            std = FEATURE_SLOT_STD if self.slot_scales_with_feature else float(token_embeddings.detach().float().std())
+            nn.init.normal_(self.image_slot_embeddings.weight, std=std)
 
     def parts(self) -> dict[str, nn.Module]:
         """The named parts the stage table freezes or trains."""
@@ -78,7 +86,10 @@ class VisionLanguageModel(nn.Module):
                 starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # (B, L) first token of each run
                 image_slots = (starts.cumsum(dim=1) - 1)[is_image]  # (N_image_tokens,)
             last = self.image_slot_embeddings.num_embeddings - 1
-            features = features + self.image_slot_embeddings(image_slots.to(features.device).clamp(max=last))
+            slots = self.image_slot_embeddings(image_slots.to(features.device).clamp(max=last))  # (N_img_tokens, Dlm)
+            if self.slot_scales_with_feature:
+                slots = slots * features.float().pow(2).mean(-1, keepdim=True).sqrt().to(features.dtype)
+            features = features + slots
         return embeds.masked_scatter(is_image.unsqueeze(-1), features)  # image rows replaced in order
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
