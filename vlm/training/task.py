@@ -31,9 +31,11 @@ class Batching:
 
     decode: Callable[[dict], dict]  # a raw training sample -> model inputs (raises SkipSample for a bad one)
     val_decode: Callable[[dict], dict]  # a raw held-out sample -> model inputs and what validation scores
-    collate: Callable[[list[dict]], dict[str, Any]]
+    collate: Callable[[list[dict]], dict[str, Any]]  # training samples -> a batch
     batch_size: int  # per device, training
     eval_batch_size: int
+    val_collate: Callable[[list[dict]], dict[str, Any]] | None = None  # held-out samples -> a batch; None: `collate`
+    length: Callable[[dict], int] | None = None  # a decoded sample's length, for data.length_group_batches
 
 
 class StageTask(pl.LightningModule):
