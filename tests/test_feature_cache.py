@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from images import shapes
+from test_bad_data import COMMON, train, write_conversation_shards
 from tiny import make_task, tiny_config
 
 from vlm.config import ConfigError
@@ -97,3 +98,22 @@ def test_a_changed_tower_or_tiler_reads_fresh_features(tmp_path):
 def test_the_cache_needs_a_frozen_tower(tmp_path):
     with pytest.raises(ConfigError, match="stage.cache_vision_features=true needs a frozen vision tower"):
         _task(tmp_path, "stage.cache_vision_features=true", "stage.train_vision=true")
+
+
+@pytest.mark.slow
+def test_packed_cached_training_counts_bad_samples_and_resumes(tmp_path, caplog):
+    """sft with packing, the feature cache in a folder and length grouping: bad samples are skipped and counted, and
+    resume=auto continues the run and the counts; the resumed process reads the features the first one wrote."""
+    pattern, bad_keys = write_conversation_shards(tmp_path / "conv", good=16)
+    args = [*COMMON, f"data.train='{pattern}'", "stage.batch_size=4", "data.shuffle_buffer=1", "init_from=null",
+            f"output_root={tmp_path / 'runs'}", "run_name=packed", "data.packing=true", "data.length_group_batches=2",
+            "trainer.checkpoint_every_n_steps=4", "stage.cache_vision_features=true", "stage.feature_cache_memory=0",
+            f"stage.feature_cache_dir={tmp_path / 'features'}"]
+    metrics, _ = train(tiny_config(*args, "stage.max_steps=4", stage="sft"))
+    assert metrics["global_step"] == 4 and metrics["samples_skipped"] == len(bad_keys)
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "features").rglob("*.safetensors")}
+    assert len(written) == 16  # one file per good sample
+
+    metrics, _ = train(tiny_config(*args, "stage.max_steps=8", "resume=auto", stage="sft"))
+    assert metrics["global_step"] == 8 and metrics["samples_seen"] == 2 * (16 + len(bad_keys))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "features").rglob("*.safetensors")} == written

@@ -87,6 +87,11 @@ class StageTask(pl.LightningModule):
             keep_frozen_parts_in_eval(self.model.parts(), self.trainable)
         return self
 
+    def on_train_start(self) -> None:
+        # Lightning (>= 2.2) leaves each module in the mode it finds it and never calls train(): without this, a frozen
+        # ViT would run in training mode, its BatchNorm normalising by batch statistics and updating its running ones
+        keep_frozen_parts_in_eval(self.model.parts(), self.trainable)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.health.drop_skipped_gradients(optimizer)
 
