@@ -50,7 +50,7 @@ def _sample_losses(logits: torch.Tensor, labels: torch.Tensor, spans: list[tuple
 
 
 def _packed_spans(samples: list[Encoded], capacity: int) -> list[tuple[int, int, int]]:
-    """(row, start, end) of each sample in `pack_batch(samples, capacity)`, in packed order."""
+    """(row, start, end) of each sample in `pack_batch(samples, width=capacity)`, in packed order."""
     spans = []
     for row, members in enumerate(pack_rows([len(s.input_ids) for s in samples], capacity)):
         start = 0
@@ -65,7 +65,7 @@ def test_packed_rows_give_the_unpacked_losses_and_gradients(family, attention):
     model = _vlm(family, attention)
     tokens = model.tokens_per_tile
     samples = _samples(model, [tokens + 40, 2 * tokens + 9, tokens + 20, 30, tokens + 60], [1, 2, 1, 0, 1])
-    packed = pack_batch(samples, pad_id=0, capacity=3 * tokens + 40)
+    packed = pack_batch(samples, pad_id=0, width=3 * tokens + 40)
     assert len(packed["input_ids"]) < len(samples)  # several samples share a row
 
     out = model(packed["input_ids"], None, packed["pixel_values"], packed["labels"], packed["image_slots"],
@@ -101,7 +101,7 @@ def test_a_sample_never_sees_the_other_samples_of_its_row():
     changed = _samples(model, [tokens + 30], [1], seed=1)[0]  # other text and another image, same length
     logits = []
     for a in (first, changed):
-        batch = pack_batch([a, second], pad_id=0, capacity=2 * tokens + 80)
+        batch = pack_batch([a, second], pad_id=0, width=2 * tokens + 80)
         assert len(batch["input_ids"]) == 1 and batch["order"] == [0, 1]  # one row: a, then second, then padding
         with torch.no_grad():
             logits.append(model(batch["input_ids"], None, batch["pixel_values"], position_ids=batch["position_ids"],
@@ -116,7 +116,7 @@ def test_packing_keeps_whole_samples_and_their_images_in_order():
     tokens = model.tokens_per_tile
     samples = _samples(model, [tokens + 5, 20, 2 * tokens + 5, tokens + 9], [1, 0, 2, 1])
     samples[1].labels[0] = samples[1].input_ids[0]  # a labelled first token: still never predicted
-    batch = pack_batch(samples, pad_id=0, capacity=2 * tokens + 30)
+    batch = pack_batch(samples, pad_id=0, width=2 * tokens + 30)
     rows = pack_rows([len(s.input_ids) for s in samples], 2 * tokens + 30)
     assert sorted(batch["order"]) == [0, 1, 2, 3] and batch["order"] == [i for row in rows for i in row]
     spans = _packed_spans(samples, 2 * tokens + 30)
@@ -129,6 +129,8 @@ def test_packing_keeps_whole_samples_and_their_images_in_order():
     assert torch.equal(batch["pixel_values"], torch.cat([s.pixel_values for s in ordered]))
     assert batch["image_slots"].tolist() == [k for s in ordered for k in range(len(s.image_tokens))
                                              for _ in range(tokens)]
+    narrowest = pack_batch(samples, pad_id=0)  # by default rows are as wide as the longest sample
+    assert narrowest["input_ids"].shape[1] == 2 * tokens + 5
     with pytest.raises(ValueError, match="does not fit"):
         pack_rows([10, 50], 40)
 

@@ -1,10 +1,12 @@
 """Batches without padding waste: packed rows (`data.packing=true`) and length-grouped batches for runs that pad.
 
 Packing keeps a batch's samples (so a step sees the same samples, counts and loss as its padded twin) and lays them
-into as few rows of `model.llm.max_length` as first-fit-decreasing finds. Samples are never split: the processor has
-already cut each one to `max_length` (and dropped any whose cut would go through an image), so every image travels
-whole with its sample. Position ids restart at each sample; vlm/models/packing.py turns them into block-diagonal
-causal attention.
+into as few rows as first-fit-decreasing finds, each row as wide as the batch's longest sample (so never wider than
+`model.llm.max_length`). Not wider: dense attention kernels (SDPA and eager, CPUs) compute a row's whole width squared
+whatever the mask, so a row twice as wide would cost as much attention as four half-width ones; varlen kernels (flash)
+cost the same either way. Samples are never split: the processor has already cut each one to `max_length` (and
+dropped any whose cut would go through an image), so every image travels whole with its sample. Position ids restart
+at each sample; vlm/models/packing.py turns them into block-diagonal causal attention.
 
 Length grouping (`data.length_group_batches=N`) sorts each window of N batches' worth of decoded samples by length
 and hands them out batch by batch, batches in a seeded random order, so a padded batch holds samples of similar length.
@@ -37,15 +39,16 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack_batch(encoded: list[Encoded], pad_id: int, capacity: int) -> dict[str, torch.Tensor | list[int]]:
-    """Samples -> packed rows: input_ids, labels, position_ids (R, W) with W <= capacity the longest row,
-    pixel_values and image_slots in packed order, and `order`, the sample indices in that order.
+def pack_batch(encoded: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor | list[int]]:
+    """Samples -> packed rows: input_ids, labels, position_ids (R, W), W = `width` (default: the longest sample's
+    length), pixel_values and image_slots in packed order, and `order`, the sample indices in that order.
 
     Each sample's first label is ignored: unpacked it is never predicted (nothing comes before it), and packed, the
     token before it belongs to another sample. The rest of a row is padding: positions 0, 1, ... (a sample of its own
     to the attention mask), no labels."""
-    rows = pack_rows([len(e.input_ids) for e in encoded], capacity)
-    width = max(sum(len(encoded[i].input_ids) for i in row) for row in rows)
+    lengths = [len(e.input_ids) for e in encoded]
+    width = width or max(lengths)
+    rows = pack_rows(lengths, width)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)

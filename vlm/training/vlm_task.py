@@ -81,8 +81,7 @@ class VLMTask(StageTask):
         if not self.config.data.packing:
             return self.collate_padded(samples)
         skipped = collate_skipped(samples)
-        batch = pack_batch([s["encoded"] for s in samples], self.bundle.tokenizer.pad_token_id,
-                           self.bundle.processor.max_length)
+        batch = pack_batch([s["encoded"] for s in samples], self.bundle.tokenizer.pad_token_id)
         samples = [samples[i] for i in batch.pop("order")]
         return {**batch, **self._sample_fields(samples), "skipped": skipped}
 
