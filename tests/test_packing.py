@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_config
 from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
 
 from vlm.data.packing import group_by_length, pack_batch, pack_rows
 from vlm.data.processor import IGNORE_INDEX, Encoded, pad_batch
 from vlm.models.factory import new_vlm
+from vlm.models.packing import PACKED_MASKS
 from vlm.models.vlm import VisionLanguageModel
 
 
@@ -145,3 +147,31 @@ def test_length_grouping_batches_similar_lengths_and_keeps_every_sample():
     ungrouped = sum(max(b) - min(b) for b in (lengths[i:i + 4] for i in range(0, 64, 4))) / 16
     assert spread < ungrouped / 3
     assert out != sorted(out)  # the batches of a window come in a shuffled order
+
+
+def test_a_registered_packed_mask_builder_gets_each_tokens_sample_and_position(monkeypatch):
+    """An attention implementation with its own mask builds it from `sample_layout`; here the plain block-diagonal
+    causal mask, built that way, must give what transformers builds from the position ids."""
+    model = _vlm("llama")
+    tokens = model.tokens_per_tile
+    batch = pack_batch(_samples(model, [tokens + 30, 25, tokens + 10], [1, 0, 1]), pad_id=0, width=2 * tokens + 70)
+    seen = {}
+
+    def block_diagonal(config, sample_ids, positions):
+        seen.update(sample_ids=sample_ids, positions=positions)
+        batch_size, length = sample_ids.shape
+        same_sample = and_masks(causal_mask_function, packed_sequence_mask_function(sample_ids))
+        return sdpa_mask(batch_size, length, length, mask_function=same_sample, allow_is_causal_skip=False)
+
+    def logits():
+        with torch.no_grad():
+            return model(batch["input_ids"], None, batch["pixel_values"], image_slots=batch["image_slots"],
+                         position_ids=batch["position_ids"]).logits
+
+    reference = logits()
+    monkeypatch.setitem(PACKED_MASKS, "sdpa", block_diagonal)
+    assert torch.allclose(logits(), reference, atol=1e-6)
+    assert torch.equal(seen["positions"], batch["position_ids"])
+    row = batch["position_ids"][0]
+    restarts = (row == 0).long().cumsum(0) - 1  # a new sample wherever the positions restart
+    assert torch.equal(seen["sample_ids"][0], restarts)
