@@ -37,9 +37,9 @@ def sample_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     Sample ids count 0, 1, ... along each row, as transformers' `find_packed_sequence_indices` does (a new sample
     starts wherever the position does not go up by one), but always as a tensor, also for unpacked rows."""
     position_ids = position_ids.long()
-    first = position_ids[:, :1] - 1
-    starts = torch.diff(position_ids, prepend=first, dim=-1) != 1  # (B, L) True at each sample's first token
-    return starts.long().cumsum(-1) - 1, position_ids
+    # (B, L) True where a sample starts, but for the row's first one (the prepended value makes its step 1)
+    later_starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    return later_starts.long().cumsum(-1), position_ids
 
 
 def packed_lm_inputs(config: PretrainedConfig, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
