@@ -34,7 +34,9 @@ def fingerprint(vision: VisionTower, tiler: Tiler) -> str:
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vision.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        # a copy: numpy() pins a tensor's storage, and FSDP resizes the storage of the parameters it shards
+        copy = tensor.detach().to("cpu", copy=True).reshape(-1)
+        digest.update(copy.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:20]
 
 
