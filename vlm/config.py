@@ -277,7 +277,7 @@ class DataConfig:
     resampled: bool = setting()  # draw shards with replacement forever (no epochs) instead of one pass per epoch
     max_skip_rate: float = setting(minimum=0, maximum=1)  # stop when more than this fraction of samples is bad
     eval_group_by: str = setting()  # held-out answers are scored per value of this turn or record field (e.g. type)
-    packing: bool = setting()  # phase 2: pack each batch's samples into rows of model.llm.max_length, no padding
+    packing: bool = setting()  # phase 2: lay each batch's samples into as few rows as fit; each sees only itself
     length_group_batches: int = setting(minimum=0)  # >0: batch samples of similar length, sorted within this many
     #                                                 batches' worth of samples (for runs that pad); 0: off
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
