@@ -29,8 +29,22 @@ Reading the numbers: tokens/s = B x L sequence tokens (image tokens included) pe
 ours / HF median tokens/s; > 1.0 means ours is faster; the goal is >= 1.0. On a shared CPU absolute numbers move
 with the load, so read the ratio and the per-repeat ratios for its spread.
 
+--length-mix: useful tokens/s on a realistic mix of lengths instead of full rows. A seeded mix of samples, each one
+image (its patches as image tokens) then 1-6 turns; a turn is a question and an answer of 8-200 tokens each, drawn
+from a log-normal (median 40), the sample cut at model.llm.max_length (--max-length, default 1024). Labels are the
+answers. As in align/sft the ViT is frozen (eval mode, no gradients) on every side; projector and LLM train. Useful
+tokens/s = labelled tokens (labels != -100, never padding) per second; four setups on the same batches:
+- HF:      LlavaForConditionalGeneration, batches padded to their longest sample;
+- padded:  ours, the same padded batches (vlm.data.processor.pad_batch);
+- packed:  ours, each batch's samples packed into as few rows as wide as its longest sample (vlm.data.packing, as
+           data.packing=true does);
+- cached:  packed, and the ViT's features read from vlm.models.feature_cache (stage.cache_vision_features=true): every
+           window after the warm-up round finds all of them cached, as every epoch after the first does.
+It prints the mix's padding fraction (padding / all tokens of the padded batches) and each setup's ratio to HF.
+
 Usage: python benchmarks/train_step.py [--preset tiny|small] [--steps 10] [--warmup 2] [--batch-size 8]
                                       [--seq-len N] [--repeats 5] [--threads 1] [HYDRA_OVERRIDE ...]
+       python benchmarks/train_step.py --length-mix [--max-length 1024] [--batches 4] [--steps 4] [--repeats 3] ...
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -55,8 +70,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlm.cli import CONFIG_DIR  # noqa: E402
 from vlm.config import TrainConfig, to_train_config  # noqa: E402
-from vlm.data.processor import IGNORE_INDEX  # noqa: E402
-from vlm.models.factory import new_vlm  # noqa: E402
+from vlm.data.packing import pack_batch  # noqa: E402
+from vlm.data.processor import IGNORE_INDEX, Encoded, pad_batch  # noqa: E402
+from vlm.models.factory import make_tiler, new_vlm  # noqa: E402
+from vlm.models.feature_cache import VisionFeatureCache  # noqa: E402
 from vlm.models.vlm import VisionLanguageModel  # noqa: E402
 
 # "tiny" is configs/model/tiny.yaml (what the tests and the synthetic run use); "small" is a few times larger (the same
@@ -122,33 +139,168 @@ def make_batch(ours: VisionLanguageModel, special: set[int], vocab: int, batch: 
 
 
 class StepLoop:
-    """forward + backward + AdamW step on every parameter of one model, over the same batch."""
+    """forward + backward + AdamW step on the trainable parameters of one model, cycling through the batches; a
+    window's rate counts `tokens(batch)` per batch (all sequence tokens, or the labelled ones)."""
 
-    def __init__(self, model: nn.Module, loss: Callable[[dict[str, torch.Tensor]], torch.Tensor],
-                 batch: dict[str, torch.Tensor], lr: float) -> None:
-        self.model, self.forward, self.batch = model, loss, batch
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        self.tokens = batch["input_ids"].numel()
+    def __init__(self, model: nn.Module, loss: Callable[[dict], torch.Tensor], batches: list[dict], lr: float,
+                 tokens: Callable[[dict], int] = lambda b: b["input_ids"].numel()) -> None:
+        self.model, self.forward, self.batches, self.tokens = model, loss, batches, tokens
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        self.next = 0
 
-    def step(self) -> float:
-        loss = self.forward(self.batch)
+    def step(self) -> int:
+        batch = self.batches[self.next % len(self.batches)]
+        self.next += 1
+        loss = self.forward(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        return self.tokens(batch)
 
     def window(self, warmup: int, steps: int) -> float:
         self.model.train()
+        keep_frozen_in_eval(self.model)
         for _ in range(warmup):
             self.step()
         start = time.perf_counter()
-        for _ in range(steps):
-            self.step()
-        return steps * self.tokens / (time.perf_counter() - start) if steps else 0.0
+        tokens = sum(self.step() for _ in range(steps))
+        return tokens / (time.perf_counter() - start) if steps else 0.0
+
+
+def keep_frozen_in_eval(model: nn.Module) -> None:
+    """Modules with parameters, all frozen (the ViT in --length-mix), stay in eval mode, as in align/sft."""
+    for module in model.modules():
+        parameters = list(module.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            module.eval()
 
 
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights count once
+
+
+def interleaved(sides: dict[str, StepLoop], repeats: int, warmup: int, steps: int) -> dict[str, list[float]]:
+    """Timed windows of every side, alternating (the order flips every repeat) after one untimed warm-up round."""
+    results: dict[str, list[float]] = {name: [] for name in sides}
+    for repeat in range(repeats + 1):  # round 0 warms up every side and is not recorded
+        names = list(sides) if repeat % 2 == 0 else list(sides)[::-1]
+        for name in names:
+            rate = sides[name].window(warmup, steps if repeat else 1)
+            if repeat:
+                results[name].append(rate)
+                print(f"repeat {repeat} {name:<7} {rate:9.1f} tokens/s (load {os.getloadavg()[0]:.2f})",
+                      file=sys.stderr, flush=True)
+    return results
+
+
+def mix_samples(ours: VisionLanguageModel, special: set[int], count: int, max_length: int,
+                image_size: int, seed: int) -> list[Encoded]:
+    """The --length-mix samples: an image after PREFIX tokens, then 1-6 turns of a question and an answer of 8-200
+    tokens each (log-normal, median 40), cut at max_length; labels on the answers."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.tensor([i for i in range(ours.lm.config.vocab_size) if i not in special])
+
+    def turn_length() -> int:
+        return int(torch.empty(1).log_normal_(math.log(40), 0.9, generator=generator).clamp(8, 200))
+
+    samples = []
+    while len(samples) < count:
+        ids = [*text[torch.randint(len(text), (PREFIX,), generator=generator)].tolist(),
+               *[ours.image_token_id] * ours.tokens_per_tile]
+        labels = [IGNORE_INDEX] * len(ids)
+        for _ in range(int(torch.randint(1, 7, (1,), generator=generator))):
+            question, answer = turn_length(), turn_length()
+            words = text[torch.randint(len(text), (question + answer,), generator=generator)].tolist()
+            ids += words
+            labels += [IGNORE_INDEX] * question + words[question:]
+        ids, labels = ids[:max_length], labels[:max_length]
+        if any(label != IGNORE_INDEX for label in labels):
+            samples.append(Encoded(torch.tensor(ids), torch.tensor(labels),
+                                   torch.randn(1, 3, image_size, image_size, generator=generator),
+                                   [ours.tokens_per_tile]))
+    return samples
+
+
+def useful_tokens(batch: dict) -> int:
+    return int((batch["labels"] != IGNORE_INDEX).sum())
+
+
+def length_mix(args: argparse.Namespace, config: TrainConfig, ours: VisionLanguageModel,
+               theirs: LlavaForConditionalGeneration, special: set[int], tokenizer_pad: int) -> None:
+    """The --length-mix benchmark (see the module docstring)."""
+    ours.vision.requires_grad_(False)
+    theirs.model.vision_tower.requires_grad_(False)
+    max_length = config.model.llm.max_length
+    samples = mix_samples(ours, special, args.batches * args.batch_size, max_length, config.model.vision.image_size,
+                          seed=args.seed)
+    groups = [samples[i:i + args.batch_size] for i in range(0, len(samples), args.batch_size)]
+    padded = [pad_batch(group, tokenizer_pad) for group in groups]
+    packed = [pack_batch(group, tokenizer_pad) for group in groups]
+    for g, batch in enumerate(packed):  # the cache's sample keys: each sample's index in the mix
+        batch.update(keys=[f"mix:{g * args.batch_size + i}" for i in batch["order"]], tiles=[1] * len(batch["order"]))
+    cache = VisionFeatureCache(ours.vision, make_tiler(config.tiler, ours.vision, ours.tokens_per_tile),
+                               memory_bytes=10**10, directory=Path(tempfile.gettempdir()) / "vlm-benchmark-features")
+
+    def padded_loss(b: dict) -> torch.Tensor:
+        return ours(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"], b["image_slots"]).loss
+
+    def packed_loss(b: dict) -> torch.Tensor:
+        return ours(b["input_ids"], None, b["pixel_values"], b["labels"], b["image_slots"],
+                    position_ids=b["position_ids"]).loss
+
+    def cached_loss(b: dict) -> torch.Tensor:
+        patches = cache.patch_features(b["keys"], b["pixel_values"], b["tiles"])
+        return ours(b["input_ids"], None, b["pixel_values"], b["labels"], b["image_slots"],
+                    position_ids=b["position_ids"], patches=patches).loss
+
+    def hf_loss(b: dict) -> torch.Tensor:
+        return theirs(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                      labels=b["labels"]).loss
+
+    lengths = [len(s.input_ids) for s in samples]
+    padded_tokens = sum(b["input_ids"].numel() for b in padded)
+    packed_tokens = sum(b["input_ids"].numel() for b in packed)
+    useful = sum(useful_tokens(b) for b in padded)
+    print(f"length-mix benchmark, preset {args.preset}: {len(samples)} samples (seed {args.seed}) in {len(groups)} "
+          f"batches of {args.batch_size}, max_length {max_length}; {args.steps} timed steps per window after "
+          f"{args.warmup} warm-up steps, {args.repeats} interleaved repeats (+1 warm-up round); ViT frozen")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; torch {torch.__version__} with "
+          f"{torch.get_num_threads()} intra-op threads; transformers {transformers.__version__}; attention "
+          f"{ours.lm.config._attn_implementation} (ours) / {theirs.config.text_config._attn_implementation} (HF)")
+    print(f"sample lengths: min {min(lengths)}, median {int(statistics.median(lengths))}, max {max(lengths)} tokens "
+          f"({ours.tokens_per_tile} of them image tokens); labelled tokens {useful} "
+          f"({100 * useful / sum(lengths):.0f}% of sample tokens)")
+    print(f"padding fraction: padded batches {1 - sum(lengths) / padded_tokens:.3f} "
+          f"({padded_tokens} tokens for {sum(lengths)}), packed rows {1 - sum(lengths) / packed_tokens:.3f} "
+          f"({sum(len(b['input_ids']) for b in packed)} rows for {len(samples)} samples)")
+    with torch.no_grad():
+        first = {"HF": float(hf_loss(padded[0])), "padded": float(padded_loss(padded[0])),
+                 "packed": float(packed_loss(packed[0]))}
+    print("loss on the first batch before training: " + ", ".join(f"{k} {v:.5f}" for k, v in first.items())
+          + " (ours padded and packed must agree)", flush=True)
+    if abs(first["padded"] - first["packed"]) > 1e-4:
+        sys.exit("packed and padded losses differ: not timing them")
+
+    sides = {"HF": StepLoop(theirs, hf_loss, padded, args.lr, useful_tokens),
+             "padded": StepLoop(ours, padded_loss, padded, args.lr, useful_tokens),
+             "packed": StepLoop(ours, packed_loss, packed, args.lr, useful_tokens),
+             "cached": StepLoop(ours, cached_loss, packed, args.lr, useful_tokens)}
+    sides["cached"].window(0, len(packed))  # the first epoch: every feature computed once and stored
+    results = interleaved(sides, args.repeats, args.warmup, args.steps)
+    medians = {name: statistics.median(rates) for name, rates in results.items()}
+    print(f"\n{'setup':<7} {'useful tokens/s':>15} {'x HF':>6}   per repeat")
+    print("-" * 60)
+    for name, rates in results.items():
+        print(f"{name:<7} {medians[name]:15.1f} {medians[name] / medians['HF']:6.2f}   "
+              f"{', '.join(f'{r:.0f}' for r in rates)}")
+    print(f"\nratios of medians: padded/HF {medians['padded'] / medians['HF']:.3f}, packed/HF "
+          f"{medians['packed'] / medians['HF']:.3f}, cached/HF {medians['cached'] / medians['HF']:.3f}, packed/padded "
+          f"{medians['packed'] / medians['padded']:.3f}, cached/packed {medians['cached'] / medians['packed']:.3f}")
+    verdict = "meets" if medians["packed"] >= 1.5 * medians["HF"] else "misses"
+    print(f"verdict: packed {verdict} the >= 1.5x HF goal ({medians['packed'] / medians['HF']:.3f}x; cached "
+          f"{medians['cached'] / medians['HF']:.3f}x; load average now {os.getloadavg()[0]:.2f}; vision feature "
+          f"cache: {cache.hits} hits, {cache.misses} misses)")
 
 
 def main() -> None:
@@ -163,6 +315,12 @@ def main() -> None:
                         help="torch intra-op threads, both sides (default 1, the steadiest on a shared CPU; 0: torch's "
                              "default, one per core)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, both sides (default 1e-4)")
+    parser.add_argument("--length-mix", action="store_true",
+                        help="useful tokens/s on a seeded mix of lengths: HF padded, ours padded, packed, packed+cache")
+    parser.add_argument("--max-length", type=int, default=1024,
+                        help="--length-mix: model.llm.max_length (default 1024)")
+    parser.add_argument("--batches", type=int, default=4, help="--length-mix: distinct batches, cycled (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="--length-mix: the mix's seed (default 0)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for ours, e.g. model.vision.depth=6")
     args = parser.parse_args()
     if min(args.steps, args.repeats, args.batch_size) < 1 or args.warmup < 0:
@@ -172,12 +330,19 @@ def main() -> None:
     seq_len = args.seq_len or DEFAULT_SEQ_LEN[args.preset]
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
 
-    config = load_config(args.preset, args.overrides)
+    overrides = args.overrides
+    if args.length_mix:
+        overrides = [f"model.llm.max_length={args.max_length}",
+                     f"model.llm.config.max_position_embeddings={args.max_length}", *overrides]
+    config = load_config(args.preset, overrides)
     torch.manual_seed(0)
     bundle = new_vlm(config.model, config.tiler)
     ours = bundle.model
     theirs = build_llava(config, ours)
     special = set(bundle.tokenizer.all_special_ids) | {ours.image_token_id}
+    if args.length_mix:
+        length_mix(args, config, ours, theirs, special, bundle.tokenizer.pad_token_id)
+        return
     batch = make_batch(ours, special, ours.lm.config.vocab_size, args.batch_size, seq_len,
                        config.model.vision.image_size)
 
@@ -211,23 +376,15 @@ def main() -> None:
         print("WARNING: parameter counts differ by more than 5%; the sizes do not match", file=sys.stderr)
     print(flush=True)
 
-    sides = {"ours": StepLoop(ours, ours_loss, batch, args.lr), "HF": StepLoop(theirs, hf_loss, batch, args.lr)}
-    results: dict[str, list[float]] = {name: [] for name in sides}
-    for repeat in range(args.repeats + 1):  # round 0 warms up both sides and is not recorded
-        names = list(sides) if repeat % 2 == 0 else list(sides)[::-1]
-        for name in names:
-            rate = sides[name].window(args.warmup, args.steps if repeat else 1)
-            if repeat:
-                results[name].append(rate)
-                print(f"repeat {repeat} {name:<4} {rate:9.1f} tokens/s (load {os.getloadavg()[0]:.2f})",
-                      file=sys.stderr, flush=True)
+    sides = {"ours": StepLoop(ours, ours_loss, [batch], args.lr), "HF": StepLoop(theirs, hf_loss, [batch], args.lr)}
+    results = interleaved(sides, args.repeats, args.warmup, args.steps)
 
     medians = {name: statistics.median(rates) for name, rates in results.items()}
     print(f"{'side':<5} {'median tokens/s':>15} {'best':>9} {'ms/step':>8}   per repeat")
     print("-" * 72)
     for name, rates in results.items():
         per = ", ".join(f"{r:.0f}" for r in rates)
-        ms = 1000 * sides[name].tokens / medians[name]
+        ms = 1000 * batch["input_ids"].numel() / medians[name]
         print(f"{name:<5} {medians[name]:15.1f} {max(rates):9.1f} {ms:8.1f}   {per}")
     ratio = medians["ours"] / medians["HF"]
     spread = [o / h for o, h in zip(results["ours"], results["HF"], strict=True)]

@@ -261,6 +261,10 @@ class StageConfig:
     train_vision: bool | None = setting()  # null follows the stage table; true/false overrides it
     train_llm: bool | None = setting()
     train_projector: bool | None = setting()
+    # phase 2: compute each training image's vision-tower features once and reuse them (needs a frozen ViT)
+    cache_vision_features: bool = setting()
+    feature_cache_memory: int = setting(minimum=0)  # bytes of features kept in memory; the rest go to the folder
+    feature_cache_dir: str = setting()  # the cache folder (one subfolder per tower + tiler fingerprint)
 
 
 @dataclass
@@ -284,6 +288,9 @@ class DataConfig:
     resampled: bool = setting()  # draw shards with replacement forever (no epochs) instead of one pass per epoch
     max_skip_rate: float = setting(minimum=0, maximum=1)  # stop when more than this fraction of samples is bad
     eval_group_by: str = setting()  # held-out answers are scored per value of this turn or record field (e.g. type)
+    packing: bool = setting()  # phase 2: lay each batch's samples into as few rows as fit; each sees only itself
+    length_group_batches: int = setting(minimum=0)  # >0: batch samples of similar length, sorted within this many
+    #                                                 batches' worth of samples (for runs that pad); 0: off
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

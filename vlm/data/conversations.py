@@ -59,8 +59,9 @@ def from_llava(conversations: Any, name: str = "sample", group_by: str = "type",
 
 
 class ConversationDecoder:
-    """Raw shard sample -> {"encoded": Encoded}; with `evaluate`, also {"scored": [ScoredTurn, ...]}: the last
-    assistant turn (`turns="last"`) or every one (`turns="all"`), each given the true history before it."""
+    """Raw shard sample -> {"encoded": Encoded, "key": "shard:key"}; with `evaluate`, also
+    {"scored": [ScoredTurn, ...]}: the last assistant turn (`turns="last"`) or every one (`turns="all"`), each given
+    the true history before it."""
 
     def __init__(self, processor: Processor, evaluate: bool = False, turns: str = "all", group_by: str = "type"):
         self.processor = processor
@@ -73,7 +74,7 @@ class ConversationDecoder:
         fields = image_fields(sample)
         images = [sample[f] for f in fields]
         conversation = self._conversation(sample, name)
-        out: dict[str, Any] = {"encoded": self.processor.encode(conversation.messages, images, name)}
+        out: dict[str, Any] = {"encoded": self.processor.encode(conversation.messages, images, name), "key": name}
         if self.evaluate:
             out["scored"] = self._scored_turns(conversation, images, fields, name)
         return out

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from vlm.config import ModelConfig
+from vlm.models.packing import packed_lm_inputs
 from vlm.models.projector import build_projector
 from vlm.models.reduction import TokenReducer
 from vlm.models.vision import VisionTower
@@ -57,18 +58,20 @@ class VisionLanguageModel(nn.Module):
                      is not None else self.projector)
         return {"vision": self.vision, "projector": projector, "llm": self.lm}
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N_tiles, 3, S, S) -> (N_tiles * tokens_per_tile, Dlm)"""
-        patches = self.vision.patch_features(pixel_values)  # (N_tiles, P, Dv)
+    def image_features(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """(N_tiles, 3, S, S) -> (N_tiles * tokens_per_tile, Dlm); `patches` (N_tiles, P, Dv), the vision tower's
+        features of those tiles when already known (a feature cache), skips the tower."""
+        if patches is None:
+            patches = self.vision.patch_features(pixel_values)  # (N_tiles, P, Dv)
         reduced = self.reducer(patches)  # (N_tiles, T, Dv')
         return self.projector(reduced).flatten(0, 1)  # (N_tiles * T, Dlm)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_slots: torch.Tensor | None = None) -> torch.Tensor:
+              image_slots: torch.Tensor | None = None, patches: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids with image-token runs + their tiles -> (B, L, Dlm) input embeddings.
 
         `image_slots` (N_image_tokens,) numbers each image token's image within its sample (`pad_batch` gives it);
-        without it, each run of consecutive image tokens counts as one image.
+        without it, each run of consecutive image tokens counts as one image. `patches`: see `image_features`.
         """
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, L, Dlm)
         is_image = input_ids == self.image_token_id  # (B, L)
@@ -77,7 +80,7 @@ class VisionLanguageModel(nn.Module):
             if positions:
                 raise ValueError(f"the batch has {positions} image-token positions but no images")
             return embeds
-        features = self.image_features(pixel_values).to(embeds.dtype)  # (N_img_tokens, Dlm)
+        features = self.image_features(pixel_values, patches).to(embeds.dtype)  # (N_img_tokens, Dlm)
         if positions != features.shape[0]:
             raise ValueError(f"the batch has {positions} image-token positions but its {len(pixel_values)} tiles give "
                              f"{features.shape[0]} image features ({self.tokens_per_tile} per tile)")
@@ -94,10 +97,18 @@ class VisionLanguageModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                image_slots: torch.Tensor | None = None, **kwargs):
-        """Returns the Hugging Face CausalLMOutput; `loss` is next-token cross-entropy over labels != -100."""
-        return self.lm(inputs_embeds=self.embed(input_ids, pixel_values, image_slots), attention_mask=attention_mask,
-                       labels=labels, **kwargs)
+                image_slots: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                patches: torch.Tensor | None = None, **kwargs):
+        """Returns the Hugging Face CausalLMOutput; `loss` is next-token cross-entropy over labels != -100.
+
+        Packed rows (vlm.data.packing) come with `position_ids` (B, L) restarting at each sample and no
+        `attention_mask`: each sample then attends only to itself. `patches`: see `image_features`."""
+        embeds = self.embed(input_ids, pixel_values, image_slots, patches)  # (B, L, Dlm)
+        if position_ids is not None:
+            if attention_mask is not None:
+                raise ValueError("packed rows (position_ids) take no attention_mask: the position ids mark the samples")
+            return self.lm(**packed_lm_inputs(self.lm.config, embeds, position_ids, labels), **kwargs)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

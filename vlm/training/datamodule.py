@@ -5,7 +5,8 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from vlm.config import DataConfig
+from vlm.config import ConfigError, DataConfig
+from vlm.data.packing import group_by_length
 from vlm.data.shards import build_pipeline, list_shards, make_loader, reader_plan
 from vlm.data.sources import DataSources
 from vlm.training.task import Batching
@@ -26,6 +27,13 @@ class ShardDataModule(pl.LightningDataModule):
                               self.config.resampled)
         pipeline = build_pipeline(self.train_urls, self.batching.decode, train=True, resampled=self.config.resampled,
                                   shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
+        if self.batching.length is None and (self.config.packing or self.config.length_group_batches):
+            key = "data.packing" if self.config.packing else "data.length_group_batches"
+            raise ConfigError(f"{key} applies to phase 2 stages (align, sft), whose samples differ in length; turn it "
+                              f"off for this stage")
+        if self.config.length_group_batches:
+            pipeline.append(group_by_length(self.config.length_group_batches, self.batching.batch_size,
+                                            self.batching.length, self.seed))
         return make_loader(pipeline, self.batching.batch_size, workers, self.batching.collate, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -34,4 +42,5 @@ class ShardDataModule(pl.LightningDataModule):
         # every rank scores the whole held-out split, so metrics need no cross-rank reduction
         pipeline = build_pipeline(self.val_urls, self.batching.val_decode, train=False, split_by_node=False)
         workers = min(self.config.num_workers, len(self.val_urls))
-        return make_loader(pipeline, self.batching.eval_batch_size, workers, self.batching.collate, drop_last=False)
+        collate = self.batching.val_collate or self.batching.collate
+        return make_loader(pipeline, self.batching.eval_batch_size, workers, collate, drop_last=False)

@@ -31,9 +31,11 @@ class Batching:
 
     decode: Callable[[dict], dict]  # a raw training sample -> model inputs (raises SkipSample for a bad one)
     val_decode: Callable[[dict], dict]  # a raw held-out sample -> model inputs and what validation scores
-    collate: Callable[[list[dict]], dict[str, Any]]
+    collate: Callable[[list[dict]], dict[str, Any]]  # training samples -> a batch
     batch_size: int  # per device, training
     eval_batch_size: int
+    val_collate: Callable[[list[dict]], dict[str, Any]] | None = None  # held-out samples -> a batch; None: `collate`
+    length: Callable[[dict], int] | None = None  # a decoded sample's length, for data.length_group_batches
 
 
 class StageTask(pl.LightningModule):
@@ -84,6 +86,11 @@ class StageTask(pl.LightningModule):
         if mode:
             keep_frozen_parts_in_eval(self.model.parts(), self.trainable)
         return self
+
+    def on_train_start(self) -> None:
+        # Lightning (>= 2.2) leaves each module in the mode it finds it and never calls train(): without this, a frozen
+        # ViT would run in training mode, its BatchNorm normalising by batch statistics and updating its running ones
+        keep_frozen_parts_in_eval(self.model.parts(), self.trainable)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.health.drop_skipped_gradients(optimizer)

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlm.config import TrainConfig, to_dict
+from vlm.config import ConfigError, TrainConfig, to_dict
 from vlm.data.conversations import ConversationDecoder
+from vlm.data.packing import pack_batch
 from vlm.data.processor import IGNORE_INDEX, pad_batch
 from vlm.data.shards import collate_skipped
 from vlm.data.sources import DataSources
@@ -20,6 +22,7 @@ from vlm.exports.format import read_meta
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.metrics import answer_metrics, score_answer
 from vlm.models.factory import VLMBundle, empty_vlm, new_vlm
+from vlm.models.feature_cache import VisionFeatureCache
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.task import Batching, Stage, StageTask
 
@@ -32,6 +35,7 @@ class VLMTask(StageTask):
         self.bundle = bundle
         self.val_samples = 0  # held-out samples read in the last validation, and how many of them were skipped
         self.val_skipped = 0
+        self.feature_cache = self._feature_cache()
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
@@ -53,26 +57,59 @@ class VLMTask(StageTask):
     def from_export(cls, config: TrainConfig, stage: Stage, directory: Path, data: DataSources) -> VLMTask:
         return cls(config, stage, load_vlm(directory, tiler=config.tiler))
 
+    def _feature_cache(self) -> VisionFeatureCache | None:
+        stage = self.config.stage
+        if not stage.cache_vision_features:
+            return None
+        if "vision" in self.trainable:
+            raise ConfigError("stage.cache_vision_features=true needs a frozen vision tower, but this stage trains it "
+                              "(stage.train_vision); set one of them to false")
+        return VisionFeatureCache(self.model.vision, self.bundle.processor.tiler, stage.feature_cache_memory,
+                                  stage.feature_cache_dir)
+
     def batching(self) -> Batching:
         processor, settings = self.bundle.processor, self.config.eval
         held_out = ConversationDecoder(processor, evaluate=True, turns=settings.turns,
                                        group_by=self.config.data.eval_group_by)
         return Batching(ConversationDecoder(processor), held_out, self.collate, self.config.stage.batch_size,
-                        settings.batch_size)
+                        settings.batch_size, val_collate=self.collate_padded,
+                        length=encoded_length)
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
+        """Training samples -> packed rows (data.packing) or a padded batch, with each sample's key and tile count in
+        batch order (for the feature cache)."""
+        if not self.config.data.packing:
+            return self.collate_padded(samples)
         skipped = collate_skipped(samples)
-        pad = self.bundle.tokenizer.pad_token_id
-        batch = pad_batch([s["encoded"] for s in samples], pad)
-        batch["skipped"] = skipped
+        batch = pack_batch([s["encoded"] for s in samples], self.bundle.tokenizer.pad_token_id)
+        samples = [samples[i] for i in batch.pop("order")]
+        return {**batch, **self._sample_fields(samples), "skipped": skipped}
+
+    def collate_padded(self, samples: list[dict]) -> dict[str, Any]:
+        skipped = collate_skipped(samples)
+        batch = pad_batch([s["encoded"] for s in samples], self.bundle.tokenizer.pad_token_id)
+        batch.update(self._sample_fields(samples), skipped=skipped)
         if samples and "scored" in samples[0]:
             batch["scored"] = [s["scored"] for s in samples]  # per sample: its held-out turns to answer
         return batch
 
+    @staticmethod
+    def _sample_fields(samples: list[dict]) -> dict[str, Any]:
+        return {"num_samples": len(samples), "keys": [s["key"] for s in samples],
+                "tiles": [len(s["encoded"].pixel_values) for s in samples]}
+
+    def forward_batch(self, batch: dict[str, Any], cached: bool = False) -> CausalLMOutputWithPast:
+        """The model on a padded or packed batch; `cached`: the vision features come from the feature cache (when
+        stage.cache_vision_features is on; held-out batches bypass it)."""
+        patches = None
+        if cached and self.feature_cache is not None and batch["pixel_values"].numel():
+            patches = self.feature_cache.patch_features(batch["keys"], batch["pixel_values"], batch["tiles"])
+        return self.model(batch["input_ids"], batch.get("attention_mask"), batch["pixel_values"], batch["labels"],
+                          batch["image_slots"], position_ids=batch.get("position_ids"), patches=patches)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.health.count_batch(len(batch["input_ids"]), batch["skipped"])
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                         batch["image_slots"])
+        self.health.count_batch(batch["num_samples"], batch["skipped"])
+        out = self.forward_batch(batch, cached=True)
         loss = self.guarded(out.loss)
         if self.health.skip_pending:
             return loss
@@ -85,10 +122,9 @@ class VLMTask(StageTask):
         self.predictions, self.val_samples, self.val_skipped = [], 0, 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_samples += len(batch["input_ids"]) + batch["skipped"]
+        self.val_samples += batch["num_samples"] + batch["skipped"]
         self.val_skipped += batch["skipped"]
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                         batch["image_slots"])
+        out = self.forward_batch(batch)
         self.log("val/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=False, rank_zero_only=True)
         samples = batch.get("scored", [])
         if self.answer_limit is not None:
@@ -130,6 +166,11 @@ class VLMTask(StageTask):
     def write_export(self, directory: Path, model: VisionLanguageModel) -> Path:
         bundle = VLMBundle(model, self.bundle.tokenizer, self.bundle.processor)
         return export_vlm(directory, bundle, self.stage.name, self.config.tiler, to_dict(self.config.stage))
+
+
+def encoded_length(sample: dict[str, Any]) -> int:
+    """A decoded conversation's length in tokens (image tokens included)."""
+    return len(sample["encoded"].input_ids)
 
 
 def eager_decoding() -> AbstractContextManager:

@@ -1,0 +1,119 @@
+"""The frozen vision tower's feature cache: later epochs never run the tower, and training is unchanged by it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from images import shapes
+from test_bad_data import COMMON, train, write_conversation_shards
+from tiny import make_task, tiny_config
+
+from vlm.config import ConfigError
+from vlm.training.vlm_task import VLMTask
+
+
+def _raw_samples(count: int) -> list[dict]:
+    """Shard samples as webdataset gives them: one or two synthetic pictures and a conversation about them."""
+    samples = []
+    for i in range(count):
+        images = 1 + i % 2
+        question = " ".join(["<image>"] * images) + "\nWhat is shown?"
+        record = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": f"shape {i}"}]}
+        sample = {"__key__": f"{i:04d}", "__url__": "/data/shard-000.tar", "json": json.dumps(record).encode()}
+        sample.update({f"{k}.png": shapes(seed=10 * i + k) for k in range(images)})
+        samples.append(sample)
+    return samples
+
+
+def _task(tmp_path, *overrides: str) -> VLMTask:
+    torch.manual_seed(0)
+    return make_task(tiny_config(f"stage.feature_cache_dir={tmp_path}", *overrides, stage="sft"))
+
+
+def _epoch_losses(task: VLMTask, raw: list[dict], epochs: int = 2) -> list[float]:
+    """Two epochs of training forward passes (no updates: the losses must match exactly)."""
+    batching = task.batching()
+    losses = []
+    for _ in range(epochs):
+        for start in range(0, len(raw), 3):
+            batch = batching.collate([{**batching.decode(s), "skipped": 0} for s in raw[start:start + 3]])
+            losses.append(float(task.forward_batch(batch, cached=True).loss.detach()))
+    return losses
+
+
+class TowerCalls:
+    """Counts forward calls of the ViT's patch embedding: one per tower run."""
+
+    def __init__(self, task: VLMTask) -> None:
+        self.count = 0
+        task.model.vision.vit.patch_embed.register_forward_hook(self._seen)
+
+    def _seen(self, *_: object) -> None:
+        self.count += 1
+
+
+@pytest.mark.parametrize("memory", [10**9, 0], ids=["memory", "folder"])
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_the_second_epoch_never_runs_the_tower_and_losses_are_unchanged(tmp_path, memory, packing):
+    raw = _raw_samples(6)
+    settings = [f"data.packing={str(packing).lower()}"]
+    plain = _task(tmp_path, *settings)
+    reference = _epoch_losses(plain, raw)
+
+    cached = _task(tmp_path, "stage.cache_vision_features=true", f"stage.feature_cache_memory={memory}", *settings)
+    calls = TowerCalls(cached)
+    first = _epoch_losses(cached, raw, epochs=1)
+    assert calls.count == 2  # one tower run per batch, on the tiles of all its samples
+    second = _epoch_losses(cached, raw, epochs=1)
+    assert calls.count == 2  # the second epoch reads every feature from the cache
+    assert first + second == reference  # exactly: the cache holds what the tower gave
+    assert cached.feature_cache.hits == 6 and cached.feature_cache.misses == 6
+    files = list(tmp_path.rglob("*.safetensors"))
+    assert len(files) == (6 if memory == 0 else 0)
+
+
+def test_a_changed_tower_or_tiler_reads_fresh_features(tmp_path):
+    raw = _raw_samples(3)
+    settings = ["stage.cache_vision_features=true", "stage.feature_cache_memory=0"]
+    task = _task(tmp_path, *settings)
+    _epoch_losses(task, raw, epochs=1)
+    assert len({p.parent for p in tmp_path.rglob("*.safetensors")}) == 1
+
+    changed = _task(tmp_path, *settings)  # the same tower, but one weight differs
+    with torch.no_grad():
+        changed.model.vision.vit.blocks[0].mlp.fc1.bias.add_(1.0)
+    calls = TowerCalls(changed)
+    _epoch_losses(changed, raw, epochs=1)
+    assert calls.count == 1 and changed.feature_cache.misses == 3
+
+    retiled = _task(tmp_path, *settings, "tiler.thumbnail=false")  # the same tower, another tiler setting
+    calls = TowerCalls(retiled)
+    _epoch_losses(retiled, raw, epochs=1)
+    assert calls.count == 1
+    assert len({p.parent for p in tmp_path.rglob("*.safetensors")}) == 3  # one folder per tower + tiler
+
+
+def test_the_cache_needs_a_frozen_tower(tmp_path):
+    with pytest.raises(ConfigError, match="stage.cache_vision_features=true needs a frozen vision tower"):
+        _task(tmp_path, "stage.cache_vision_features=true", "stage.train_vision=true")
+
+
+@pytest.mark.slow
+def test_packed_cached_training_counts_bad_samples_and_resumes(tmp_path, caplog):
+    """sft with packing, the feature cache in a folder and length grouping: bad samples are skipped and counted, and
+    resume=auto continues the run and the counts; the resumed process reads the features the first one wrote."""
+    pattern, bad_keys = write_conversation_shards(tmp_path / "conv", good=16)
+    args = [*COMMON, f"data.train='{pattern}'", "stage.batch_size=4", "data.shuffle_buffer=1", "init_from=null",
+            f"output_root={tmp_path / 'runs'}", "run_name=packed", "data.packing=true", "data.length_group_batches=2",
+            "trainer.checkpoint_every_n_steps=4", "stage.cache_vision_features=true", "stage.feature_cache_memory=0",
+            f"stage.feature_cache_dir={tmp_path / 'features'}"]
+    metrics, _ = train(tiny_config(*args, "stage.max_steps=4", stage="sft"))
+    assert metrics["global_step"] == 4 and metrics["samples_skipped"] == len(bad_keys)
+    written = {p: p.stat().st_mtime_ns for p in (tmp_path / "features").rglob("*.safetensors")}
+    assert len(written) == 16  # one file per good sample
+
+    metrics, _ = train(tiny_config(*args, "stage.max_steps=8", "resume=auto", stage="sft"))
+    assert metrics["global_step"] == 8 and metrics["samples_seen"] == 2 * (16 + len(bad_keys))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "features").rglob("*.safetensors")} == written

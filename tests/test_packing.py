@@ -1,0 +1,177 @@
+"""Packed rows train exactly as padded batches do, and no sample sees another; length-grouped batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import tiny_config
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
+
+from vlm.data.packing import group_by_length, pack_batch, pack_rows
+from vlm.data.processor import IGNORE_INDEX, Encoded, pad_batch
+from vlm.models.factory import new_vlm
+from vlm.models.packing import PACKED_MASKS
+from vlm.models.vlm import VisionLanguageModel
+
+
+def _vlm(family: str, attention: str = "sdpa") -> VisionLanguageModel:
+    torch.manual_seed(0)
+    config = tiny_config(stage="sft")
+    bundle = new_vlm(config.model, config.tiler)
+    model = bundle.model
+    if family == "qwen2":
+        lm = model.lm.config
+        qwen = Qwen2Config(vocab_size=lm.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512)
+        model = VisionLanguageModel(config.model, Qwen2ForCausalLM(qwen), model.image_token_id)
+    model.lm.set_attn_implementation(attention)
+    return model.eval()  # no dropout either way; gradients still flow
+
+
+def _samples(model: VisionLanguageModel, lengths: list[int], images: list[int], seed: int = 0) -> list[Encoded]:
+    """Random samples: `images[i]` images (one tile each) after a 2-token prefix, labels on the second half."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens, size = model.tokens_per_tile, model.config.vision.image_size
+    samples = []
+    for length, count in zip(lengths, images, strict=True):
+        ids = torch.randint(10, 100, (length,), generator=generator)
+        ids[2:2 + count * tokens] = model.image_token_id
+        labels = torch.where(torch.arange(length) >= length // 2, ids, IGNORE_INDEX)
+        labels[ids == model.image_token_id] = IGNORE_INDEX
+        samples.append(Encoded(ids, labels, torch.randn(count, 3, size, size, generator=generator),
+                               [tokens] * count))
+    return samples
+
+
+def _sample_losses(logits: torch.Tensor, labels: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """Mean next-token loss of each sample at (row, start, end) of logits (B, L, V) and labels (B, L)."""
+    return [F.cross_entropy(logits[row, start:end - 1], labels[row, start + 1:end], ignore_index=IGNORE_INDEX)
+            for row, start, end in spans]
+
+
+def _packed_spans(samples: list[Encoded], capacity: int) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each sample in `pack_batch(samples, width=capacity)`, in packed order."""
+    spans = []
+    for row, members in enumerate(pack_rows([len(s.input_ids) for s in samples], capacity)):
+        start = 0
+        for i in members:
+            spans.append((row, start, start + len(samples[i].input_ids)))
+            start = spans[-1][2]
+    return spans
+
+
+@pytest.mark.parametrize("family,attention", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_packed_rows_give_the_unpacked_losses_and_gradients(family, attention):
+    model = _vlm(family, attention)
+    tokens = model.tokens_per_tile
+    samples = _samples(model, [tokens + 40, 2 * tokens + 9, tokens + 20, 30, tokens + 60], [1, 2, 1, 0, 1])
+    packed = pack_batch(samples, pad_id=0, width=3 * tokens + 40)
+    assert len(packed["input_ids"]) < len(samples)  # several samples share a row
+
+    out = model(packed["input_ids"], None, packed["pixel_values"], packed["labels"], packed["image_slots"],
+                position_ids=packed["position_ids"])
+    packed_losses = _sample_losses(out.logits, packed["labels"], _packed_spans(samples, 3 * tokens + 40))
+    sum(packed_losses).backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    alone = []
+    for i in packed["order"]:
+        single = pad_batch([samples[i]], pad_id=0)
+        logits = model(single["input_ids"], single["attention_mask"], single["pixel_values"],
+                       image_slots=single["image_slots"]).logits
+        alone += _sample_losses(logits, single["labels"], [(0, 0, len(samples[i].input_ids))])
+    sum(alone).backward()
+    assert torch.allclose(torch.stack(packed_losses), torch.stack(alone), atol=1e-5, rtol=0)
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            assert torch.allclose(packed_grads[name], parameter.grad, atol=1e-5, rtol=1e-5), name
+
+    padded = pad_batch(samples, pad_id=0)  # the batch loss (mean over labelled tokens) is the padded batch's
+    with torch.no_grad():
+        padded_loss = model(padded["input_ids"], padded["attention_mask"], padded["pixel_values"], padded["labels"],
+                            padded["image_slots"]).loss
+    assert abs(float(out.loss.detach()) - float(padded_loss)) < 1e-5
+
+
+def test_a_sample_never_sees_the_other_samples_of_its_row():
+    model = _vlm("llama")
+    tokens = model.tokens_per_tile
+    first, second = _samples(model, [tokens + 30, tokens + 25], [1, 1])
+    changed = _samples(model, [tokens + 30], [1], seed=1)[0]  # other text and another image, same length
+    logits = []
+    for a in (first, changed):
+        batch = pack_batch([a, second], pad_id=0, width=2 * tokens + 80)
+        assert len(batch["input_ids"]) == 1 and batch["order"] == [0, 1]  # one row: a, then second, then padding
+        with torch.no_grad():
+            logits.append(model(batch["input_ids"], None, batch["pixel_values"], position_ids=batch["position_ids"],
+                                image_slots=batch["image_slots"]).logits[0])
+    start, end = len(first.input_ids), len(first.input_ids) + len(second.input_ids)
+    assert not torch.equal(logits[0][:start], logits[1][:start])
+    assert torch.equal(logits[0][start:end], logits[1][start:end])  # bit-identical
+
+
+def test_packing_keeps_whole_samples_and_their_images_in_order():
+    model = _vlm("llama")
+    tokens = model.tokens_per_tile
+    samples = _samples(model, [tokens + 5, 20, 2 * tokens + 5, tokens + 9], [1, 0, 2, 1])
+    samples[1].labels[0] = samples[1].input_ids[0]  # a labelled first token: still never predicted
+    batch = pack_batch(samples, pad_id=0, width=2 * tokens + 30)
+    rows = pack_rows([len(s.input_ids) for s in samples], 2 * tokens + 30)
+    assert sorted(batch["order"]) == [0, 1, 2, 3] and batch["order"] == [i for row in rows for i in row]
+    spans = _packed_spans(samples, 2 * tokens + 30)
+    ordered = [samples[i] for i in batch["order"]]
+    for (row, start, end), sample in zip(spans, ordered, strict=True):
+        assert torch.equal(batch["input_ids"][row, start:end], sample.input_ids)
+        assert torch.equal(batch["position_ids"][row, start:end], torch.arange(end - start))
+        assert batch["labels"][row, start] == IGNORE_INDEX  # nothing before a sample predicts its first token
+        assert torch.equal(batch["labels"][row, start + 1:end], sample.labels[1:])
+    assert torch.equal(batch["pixel_values"], torch.cat([s.pixel_values for s in ordered]))
+    assert batch["image_slots"].tolist() == [k for s in ordered for k in range(len(s.image_tokens))
+                                             for _ in range(tokens)]
+    narrowest = pack_batch(samples, pad_id=0)  # by default rows are as wide as the longest sample
+    assert narrowest["input_ids"].shape[1] == 2 * tokens + 5
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([10, 50], 40)
+
+
+def test_length_grouping_batches_similar_lengths_and_keeps_every_sample():
+    lengths = [int(x) for x in torch.randint(1, 500, (64,), generator=torch.Generator().manual_seed(0))]
+    stage = group_by_length(batches_per_window=4, batch_size=4, length=lambda s: s["n"], seed=0)
+    out = [s["n"] for s in stage({"n": n} for n in lengths)]
+    assert sorted(out) == sorted(lengths)
+    batches = [out[i:i + 4] for i in range(0, len(out), 4)]
+    spread = sum(max(b) - min(b) for b in batches) / len(batches)
+    ungrouped = sum(max(b) - min(b) for b in (lengths[i:i + 4] for i in range(0, 64, 4))) / 16
+    assert spread < ungrouped / 3
+    assert out != sorted(out)  # the batches of a window come in a shuffled order
+
+
+def test_a_registered_packed_mask_builder_gets_each_tokens_sample_and_position(monkeypatch):
+    """An attention implementation with its own mask builds it from `sample_layout`; here the plain block-diagonal
+    causal mask, built that way, must give what transformers builds from the position ids."""
+    model = _vlm("llama")
+    tokens = model.tokens_per_tile
+    batch = pack_batch(_samples(model, [tokens + 30, 25, tokens + 10], [1, 0, 1]), pad_id=0, width=2 * tokens + 70)
+    seen = {}
+
+    def block_diagonal(config, sample_ids, positions):
+        seen.update(sample_ids=sample_ids, positions=positions)
+        batch_size, length = sample_ids.shape
+        same_sample = and_masks(causal_mask_function, packed_sequence_mask_function(sample_ids))
+        return sdpa_mask(batch_size, length, length, mask_function=same_sample, allow_is_causal_skip=False)
+
+    def logits():
+        with torch.no_grad():
+            return model(batch["input_ids"], None, batch["pixel_values"], image_slots=batch["image_slots"],
+                         position_ids=batch["position_ids"]).logits
+
+    reference = logits()
+    monkeypatch.setitem(PACKED_MASKS, "sdpa", block_diagonal)
+    assert torch.allclose(logits(), reference, atol=1e-6)
+    assert torch.equal(seen["positions"], batch["position_ids"])
+    row = batch["position_ids"][0]
+    restarts = (row == 0).long().cumsum(0) - 1  # a new sample wherever the positions restart
+    assert torch.equal(seen["sample_ids"][0], restarts)

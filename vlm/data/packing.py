@@ -1,0 +1,97 @@
+"""Batches without padding waste: packed rows (`data.packing=true`) and length-grouped batches for runs that pad.
+
+Packing keeps a batch's samples (so a step sees the same samples, counts and loss as its padded twin) and lays them
+into as few rows as first-fit-decreasing finds, each row as wide as the batch's longest sample (so never wider than
+`model.llm.max_length`). Not wider: dense attention kernels (SDPA and eager, CPUs) compute a row's whole width squared
+whatever the mask, so a row twice as wide would cost as much attention as four half-width ones; varlen kernels (flash)
+cost the same either way. Samples are never split: the processor has already cut each one to `max_length` (and
+dropped any whose cut would go through an image), so every image travels whole with its sample. Position ids restart
+at each sample; vlm/models/packing.py turns them into block-diagonal causal attention.
+
+Length grouping (`data.length_group_batches=N`) sorts each window of N batches' worth of decoded samples by length
+and hands them out batch by batch, batches in a seeded random order, so a padded batch holds samples of similar length.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+
+from vlm.data.processor import IGNORE_INDEX, Encoded, image_slots
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the sample indices of each row, every row's total length <= capacity."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[index] > capacity:
+            raise ValueError(f"a sample of {lengths[index]} tokens does not fit a packed row of {capacity}")
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def pack_batch(encoded: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor | list[int]]:
+    """Samples -> packed rows: input_ids, labels, position_ids (R, W), W = `width` (default: the longest sample's
+    length), pixel_values and image_slots in packed order, and `order`, the sample indices in that order.
+
+    Each sample's first label is ignored: unpacked it is never predicted (nothing comes before it), and packed, the
+    token before it belongs to another sample. The rest of a row is padding: positions 0, 1, ... (a sample of its own
+    to the attention mask), no labels."""
+    lengths = [len(e.input_ids) for e in encoded]
+    width = width or max(lengths)
+    rows = pack_rows(lengths, width)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            sample, n = encoded[i], len(encoded[i].input_ids)
+            ids[r, start:start + n] = sample.input_ids
+            positions[r, start:start + n] = torch.arange(n)
+            if sample.labels is not None:
+                labels[r, start + 1:start + n] = sample.labels[1:]
+            start += n
+        positions[r, start:] = torch.arange(width - start)
+    order = [i for row in rows for i in row]
+    in_order = [encoded[i] for i in order]
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "order": order,
+            "pixel_values": torch.cat([e.pixel_values for e in in_order]), "image_slots": image_slots(in_order)}
+
+
+def group_by_length(batches_per_window: int, batch_size: int, length: Callable[[dict], int],
+                    seed: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """A pipeline stage: windows of `batches_per_window * batch_size` samples, sorted by `length`, given out a batch
+    at a time with the batches of a window in a seeded random order. The DataLoader cuts consecutive `batch_size`
+    samples into a batch, so each batch holds neighbours in length."""
+    window = batches_per_window * batch_size
+
+    def stage(source: Iterable[dict]) -> Iterator[dict]:
+        rng = random.Random(seed)
+        buffer: list[dict] = []
+        for sample in source:
+            buffer.append(sample)
+            if len(buffer) == window:
+                yield from _grouped(buffer, batch_size, length, rng)
+                buffer = []
+        yield from _grouped(buffer, batch_size, length, rng)
+
+    return stage
+
+
+def _grouped(samples: list[dict], batch_size: int, length: Callable[[dict], int], rng: random.Random) -> Iterator[dict]:
+    ordered = sorted(samples, key=length)
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    full = [b for b in batches if len(b) == batch_size]
+    rng.shuffle(full)
+    for batch in full + [b for b in batches if len(b) < batch_size]:  # a short remainder last, as one batch
+        yield from batch

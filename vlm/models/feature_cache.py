@@ -1,0 +1,96 @@
+"""A frozen vision tower's features, computed once per training sample and reused in every later epoch.
+
+With the ViT frozen (and kept in eval mode) and the tiler deterministic, a sample's tiles always give the same patch
+features, so the tower need only see each image once. Features are kept per sample (all its tiles), in memory up to a
+byte budget, then in a folder: `DIR/<fingerprint>/<hash of "shard:key">.safetensors`. The fingerprint hashes the
+tower's settings and weights and the tiler's settings, so a changed tower or tiler reads a fresh subfolder and never
+the old features. Files are written atomically, so ranks sharing a folder can read each other's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlm.data.tiler import Tiler
+from vlm.models.vision import VisionTower
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(vision: VisionTower, tiler: Tiler) -> str:
+    """A hash of everything a tile's features depend on: the tower's settings and weights, the tiler's settings."""
+    digest = hashlib.sha256()
+    settings = {"vision": dataclasses.asdict(vision.config), "tiler": dataclasses.asdict(tiler.config),
+                "tile_size": tiler.tile_size, "mean": tiler.mean, "std": tiler.std}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vision.state_dict().items()):
+        digest.update(name.encode())
+        # a copy: numpy() pins a tensor's storage, and FSDP resizes the storage of the parameters it shards
+        copy = tensor.detach().to("cpu", copy=True).reshape(-1)
+        digest.update(copy.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+class VisionFeatureCache:
+    """Patch features (N_tiles, P, Dv) per sample key; `patch_features` computes only those not seen before."""
+
+    def __init__(self, vision: VisionTower, tiler: Tiler, memory_bytes: int, directory: str | Path):
+        self.vision, self.tiler = vision, tiler
+        self.memory_bytes = memory_bytes
+        self.root = Path(directory).expanduser()
+        self.memory: dict[str, torch.Tensor] = {}
+        self.memory_used = 0
+        self.folder: Path | None = None  # fingerprinted at first use, once a resumed run has loaded its weights
+        self.hits = self.misses = 0
+
+    def patch_features(self, keys: list[str], pixel_values: torch.Tensor, tiles: list[int]) -> torch.Tensor:
+        """The tower's features of (N_tiles, 3, S, S) tiles belonging to samples `keys`, `tiles[i]` tiles each in
+        order -> (N_tiles, P, Dv), the tower run once on the tiles of the samples not cached yet."""
+        if self.folder is None:
+            self.folder = self.root / fingerprint(self.vision, self.tiler)
+            log.info("vision feature cache: %s (up to %.1f GB in memory)", self.folder, self.memory_bytes / 1e9)
+        chunks = pixel_values.split(tiles)  # per sample: (tiles[i], 3, S, S)
+        found = [self._get(key) for key in keys]
+        missing = [i for i, features in enumerate(found) if features is None]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            with torch.no_grad():
+                computed = self.vision.patch_features(torch.cat([chunks[i] for i in missing]))  # (N_miss, P, Dv)
+            for i, features in zip(missing, computed.split([tiles[i] for i in missing]), strict=True):
+                found[i] = features
+                self._put(keys[i], features)
+        return torch.cat([features.to(pixel_values.device) for features in found])  # (N_tiles, P, Dv)
+
+    def _file(self, key: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def _get(self, key: str) -> torch.Tensor | None:
+        if key in self.memory:
+            return self.memory[key]
+        path = self._file(key)
+        return load_file(path)["features"] if path.is_file() else None
+
+    def _put(self, key: str, features: torch.Tensor) -> None:
+        features = features.detach().to("cpu", copy=True)  # its own storage, not a view of the batch's
+        size = features.numel() * features.element_size()
+        if self.memory_used + size <= self.memory_bytes:
+            self.memory[key] = features
+            self.memory_used += size
+            return
+        path = self._file(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        save_file({"features": features.contiguous()}, temporary)
+        os.replace(temporary, path)

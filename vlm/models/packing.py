@@ -1,0 +1,64 @@
+"""Packed rows: several whole samples back to back in one row, each attending only to itself.
+
+A packed row carries its layout in `position_ids`: they restart at 0 at each sample's first token. That is all the
+model needs, on every attention implementation:
+- sdpa / eager / flex: with `position_ids` and no 2D `attention_mask`, transformers' `create_causal_mask` reads the
+  sample boundaries off the position ids and hands the registered mask builder (`AttentionMaskInterface`: `sdpa_mask`,
+  `eager_mask`, `flex_attention_mask`) the causal mask function ANDed with its packed-sequence mask function, so
+  attention is block-diagonal and causal, with rotary positions counted per sample;
+- flash attention: transformers runs the varlen kernel from `position_ids` (cu_seqlens) when the batch is one row,
+  so the rows are laid end to end first.
+An attention implementation with its own mask (local + global sparse attention) registers a packed-mask builder here
+(`register_packed_mask`): it gets each token's sample id and position within its sample (`sample_layout`) and returns
+the 4D mask the model then uses as-is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+# (LLM config, sample ids (B, L), positions (B, L)) -> a 4D mask (B, 1, L, L) the model uses as its attention mask
+PackedMaskBuilder = Callable[[PretrainedConfig, torch.Tensor, torch.Tensor], torch.Tensor]
+PACKED_MASKS: dict[str, PackedMaskBuilder] = {}
+
+
+def register_packed_mask(attention: str, builder: PackedMaskBuilder) -> None:
+    """Packed rows under attention implementation `attention` get their mask from `builder` (idempotent)."""
+    PACKED_MASKS[attention] = builder
+
+
+def sample_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) position ids that restart at 0 per sample -> (sample ids (B, L), positions within the sample (B, L)).
+
+    Sample ids count 0, 1, ... along each row, as transformers' `find_packed_sequence_indices` does (a new sample
+    starts wherever the position does not go up by one), but always as a tensor, also for unpacked rows."""
+    position_ids = position_ids.long()
+    # (B, L) True where a sample starts, but for the row's first one (the prepended value makes its step 1)
+    later_starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    return later_starts.long().cumsum(-1), position_ids
+
+
+def packed_lm_inputs(config: PretrainedConfig, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                     labels: torch.Tensor | None) -> dict[str, Any]:
+    """The keyword arguments for a Hugging Face causal LM on packed rows: inputs_embeds (B, L, D), position_ids
+    (B, L), labels (B, L) -> the same rows with their mask made for `config`'s attention implementation."""
+    attention = config._attn_implementation or "eager"
+    builder = PACKED_MASKS.get(attention)
+    if builder is not None:
+        sample_ids, positions = sample_layout(position_ids)
+        mask = builder(config, sample_ids, positions)
+        return {"inputs_embeds": inputs_embeds, "attention_mask": mask, "position_ids": position_ids,
+                "labels": labels, "use_cache": False}
+    if attention.startswith("flash"):
+        # varlen flash attention reads cu_seqlens off position ids for one row only: lay the rows end to end. Each
+        # row starts a sample and a sample's first label is ignored, so the loss's shift across rows reads nothing.
+        inputs_embeds = inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1])  # (1, B * L, D)
+        position_ids = position_ids.reshape(1, -1)  # (1, B * L)
+        labels = labels.reshape(1, -1) if labels is not None else None
+    # no 2D mask and no cache: transformers builds the block-diagonal causal mask from the position ids
+    return {"inputs_embeds": inputs_embeds, "attention_mask": None, "position_ids": position_ids, "labels": labels,
+            "use_cache": False}
