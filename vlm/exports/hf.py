@@ -1,11 +1,99 @@
-"""`format=hf` (placeholder until the transformers route lands)."""
+"""`format=hf`: an align or sft export as a transformers model folder.
+
+The folder holds `config.json`, `model.safetensors`, the tokenizer (chat template and `<image>` token), the processor
+config and a generation config, and loads with `AutoModelForImageTextToText`, `AutoProcessor` and
+`pipeline("image-text-to-text")`. No stock transformers class matches every setting of vlm's models (conv stem,
+pixel shuffle or pooling before the projector, image slots), so the folder carries its own modeling and processing
+code (`vlm/exports/hf_remote/`, which imports transformers, timm and torch only) under the config's `auto_map`, and
+loads with `trust_remote_code=True`. The processor reproduces the single-tile tier (`tiler=low`) exactly; an export
+trained with more tiles is refused rather than fed differently.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
-from vlm.exports.format import ConversionError
+from vlm.config import to_dict
+from vlm.exports.format import ConversionError, read_meta, staged_folder, write_provenance
+from vlm.exports.hf_remote.configuration_vlm import VlmConfig
+from vlm.exports.hf_remote.modeling_vlm import VlmForConditionalGeneration
+from vlm.exports.hf_remote.processing_vlm import VlmProcessor
+from vlm.exports.vlm import load_vlm
+from vlm.models.factory import VLMBundle, _no_init_weights
+from vlm.models.vision import timm_overrides
+
+log = logging.getLogger("vlm.export")
+
+
+def remote_config(vlm: VLMBundle) -> VlmConfig:
+    """The transformers config of `vlm`: our vision and projector settings plus the LLM's own config."""
+    model, settings = vlm.model, vlm.model.config
+    vision = {"name": settings.vision.name, "image_size": settings.vision.image_size,
+              "patch_size": settings.vision.patch_size, "timm_overrides": timm_overrides(settings.vision),
+              "conv_stem": settings.vision.conv_stem, "feature_layer": settings.vision.feature_layer,
+              "keep_cls": settings.vision.keep_cls}
+    projector = {**to_dict(settings.projector), "in_width": model.reducer.out_width(model.vision.width)}
+    return VlmConfig(vision=vision, projector=projector, text_config=model.lm.config.to_dict(),
+                     image_token_id=model.image_token_id, tokens_per_tile=model.tokens_per_tile,
+                     bos_token_id=model.lm.config.bos_token_id, eos_token_id=model.lm.config.eos_token_id,
+                     pad_token_id=model.lm.config.pad_token_id)
+
+
+def remote_processor(vlm: VLMBundle) -> VlmProcessor:
+    tiler = vlm.processor.tiler
+    if tiler.config.max_tiles != 1:
+        raise ConversionError(f"tiler.max_tiles={tiler.config.max_tiles}: format=hf reproduces the single-tile tier "
+                              f"only (tiler=low); re-train or fine-tune with tiler=low to export this model")
+    return VlmProcessor(vlm.tokenizer, chat_template=vlm.tokenizer.chat_template, tile_size=tiler.tile_size,
+                        tokens_per_tile=tiler.tokens_per_tile, image_mean=list(tiler.mean),
+                        image_std=list(tiler.std), background=list(tiler.config.background),
+                        max_long_side=tiler.config.max_long_side, max_short_side=tiler.config.max_short_side)
+
+
+def remote_reasons(vlm: VLMBundle) -> list[str]:
+    """The settings that have no stock transformers equivalent."""
+    settings = vlm.model.config
+    reasons = [f"model.vision.conv_stem={settings.vision.conv_stem}"] if settings.vision.conv_stem else []
+    if settings.projector.reduction != "none":
+        reasons.append(f"model.projector.reduction={settings.projector.reduction}")
+    if settings.projector.image_slots:
+        reasons.append(f"model.projector.image_slots={settings.projector.image_slots}")
+    return reasons or ["a timm ViT feeding the projector (no stock class loads it with these settings)"]
 
 
 def export_hf(checkpoint: Path, out: Path) -> Path:
-    raise ConversionError("format=hf is not available yet")
+    """Convert the align / sft export `checkpoint` into the transformers folder `out`."""
+    meta = read_meta(checkpoint)
+    if meta.llm_config is None:
+        raise ConversionError(f"checkpoint={str(checkpoint)!r} holds a {meta.stage!r} model; format=hf takes an "
+                              f"align or sft export (format=open_clip takes contrastive ones)")
+    vlm = load_vlm(checkpoint)
+    processor = remote_processor(vlm)
+    config = remote_config(vlm)
+    with _no_init_weights():
+        model = VlmForConditionalGeneration(config)
+    model.load_state_dict(vlm.model.state_dict(), strict=True)
+    model.generation_config.update(**generation_settings(vlm))
+    reasons = remote_reasons(vlm)
+    with staged_folder(out) as staging:
+        VlmConfig.register_for_auto_class()
+        VlmForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+        VlmProcessor.register_for_auto_class("AutoProcessor")
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_provenance(staging, checkpoint, meta, "hf", route="remote code (trust_remote_code=True)",
+                         remote_code_because=reasons, tiler_tier="single tile (tiler=low)")
+    log.info("wrote %s with its own modeling code (because of %s): load it with trust_remote_code=True", out,
+             ", ".join(reasons))
+    return out
+
+
+def generation_settings(vlm: VLMBundle) -> dict[str, Any]:
+    """Stop at the chat template's end of turn, pad with the tokenizer's pad token."""
+    tokenizer = vlm.tokenizer
+    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id}
+
+
