@@ -25,6 +25,23 @@ from vlm.models.factory import VLMBundle, _no_init_weights
 from vlm.models.vision import timm_overrides
 
 log = logging.getLogger("vlm.export")
+# Put before the tokenizer's chat template for the processor: messages whose content is a list of parts
+# ({"type": "image"}, {"type": "text", "text": ...}), as pipelines send them, become the plain strings our template
+# renders, an image part becoming "<image>\n" (as in LLaVA-style data); string contents pass unchanged.
+FLATTEN_CONTENT_PARTS = (
+    "{%- set flat = namespace(messages=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}{%- set flat.messages = flat.messages + [m] -%}"
+    "{%- else -%}{%- set part = namespace(text='') -%}"
+    "{%- for c in m['content'] -%}"
+    "{%- if c['type'] == 'image' -%}{%- set part.text = part.text + '<image>\n' -%}"
+    "{%- elif c['type'] == 'text' -%}{%- set part.text = part.text + c['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set flat.messages = flat.messages + [{'role': m['role'], 'content': part.text}] -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = flat.messages -%}"
+)
 
 
 def remote_config(vlm: VLMBundle) -> VlmConfig:
@@ -46,8 +63,8 @@ def remote_processor(vlm: VLMBundle) -> VlmProcessor:
     if tiler.config.max_tiles != 1:
         raise ConversionError(f"tiler.max_tiles={tiler.config.max_tiles}: format=hf reproduces the single-tile tier "
                               f"only (tiler=low); re-train or fine-tune with tiler=low to export this model")
-    return VlmProcessor(vlm.tokenizer, chat_template=vlm.tokenizer.chat_template, tile_size=tiler.tile_size,
-                        tokens_per_tile=tiler.tokens_per_tile, image_mean=list(tiler.mean),
+    return VlmProcessor(vlm.tokenizer, chat_template=FLATTEN_CONTENT_PARTS + vlm.tokenizer.chat_template,
+                        tile_size=tiler.tile_size, tokens_per_tile=tiler.tokens_per_tile, image_mean=list(tiler.mean),
                         image_std=list(tiler.std), background=list(tiler.config.background),
                         max_long_side=tiler.config.max_long_side, max_short_side=tiler.config.max_short_side)
 

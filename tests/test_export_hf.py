@@ -1,0 +1,112 @@
+"""format=hf: an sft export of the tiny preset loads in stock transformers (remote code) with the same inputs, logits
+and greedy answers as vlm; the README's snippets run as written; bad input is refused without a half folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_export_open_clip import REGISTERED_VIT, contrastive_export
+from tiny import tiny_config
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from vlm.export import ExportConfig, convert
+from vlm.exports.format import PROVENANCE_FILE, ConversionError
+from vlm.exports.hf import export_hf
+from vlm.exports.open_clip import export_open_clip
+from vlm.exports.vlm import export_vlm, load_vlm
+from vlm.models.factory import new_vlm
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tiny_sft_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "my-vlm-hf"
+    convert(ExportConfig(checkpoint=str(tiny_sft_export), format="hf", out=str(out), log_level="INFO"))
+    return out
+
+
+def picture(width: int = 90, height: int = 50) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_transformers_gives_the_same_inputs_logits_and_greedy_answer(tiny_sft_export, hf_folder):
+    model = AutoModelForImageTextToText.from_pretrained(hf_folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(hf_folder, trust_remote_code=True)
+    ours = load_vlm(tiny_sft_export)
+    ours.model.eval()
+    image = picture()  # not square: the letterbox padding must match too
+    expected = ours.processor.prompt(QUESTION, [image])
+    inputs = processor(images=[image], text=ours.processor.render(QUESTION, add_generation_prompt=True),
+                       return_tensors="pt")
+    assert torch.equal(inputs["input_ids"][0], expected.input_ids)
+    assert torch.allclose(inputs["pixel_values"], expected.pixel_values, atol=1e-6)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = ours.model(expected.input_ids[None], pixel_values=expected.pixel_values).logits
+    assert (logits - reference).abs().max() < 1e-4
+    theirs = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    mine = ours.model.generate(expected.input_ids[None], pixel_values=expected.pixel_values, max_new_tokens=6,
+                               do_sample=False)
+    assert torch.equal(theirs, mine)
+    # list-style messages (as pipelines send them) render as our "<image>\n" text does
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+    assert processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False) == \
+        ours.processor.render(QUESTION, add_generation_prompt=True)
+    provenance = json.loads((hf_folder / PROVENANCE_FILE).read_text())
+    assert provenance["source"] == str(tiny_sft_export.resolve())
+    assert "model.projector.image_slots=8" in provenance["remote_code_because"]
+
+
+def test_an_image_text_to_text_pipeline_answers(tiny_sft_export, hf_folder):
+    chat = pipeline("image-text-to-text", model=str(hf_folder), trust_remote_code=True)
+    image = picture()
+    answer = chat(text=[{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": "What color is the shape?"}]}],
+                  max_new_tokens=6, return_full_text=False)[0]["generated_text"]
+    ours = load_vlm(tiny_sft_export)
+    ours.model.eval()
+    prompt = ours.processor.prompt(QUESTION, [image])
+    ids = ours.model.generate(prompt.input_ids[None], pixel_values=prompt.pixel_values, max_new_tokens=6,
+                              do_sample=False)
+    assert isinstance(answer, str) and answer == ours.tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+def test_the_readme_snippets_run_as_written(hf_folder, tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use your model elsewhere", 1)[1].split("\n## ", 1)[0]
+    snippets = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(snippets) == 2
+    monkeypatch.chdir(tmp_path)
+    os.symlink(hf_folder, tmp_path / "my-vlm-hf")
+    export_open_clip(contrastive_export(tmp_path / "clip", *REGISTERED_VIT), tmp_path / "my-clip")
+    picture(160, 160).save(tmp_path / "shape.png")
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] in ("a red circle", "a blue square")  # the open_clip snippet's zero-shot label
+    assert len(printed) > 2  # the two answers of the hf snippet came first (a random model may answer blank lines)
+
+
+def test_bad_input_is_refused_by_name_without_a_half_folder(tiny_sft_export, tmp_path):
+    contrastive = contrastive_export(tmp_path / "clip", *REGISTERED_VIT)
+    with pytest.raises(ConversionError, match="holds a 'contrastive' model; format=hf takes an align or sft"):
+        export_hf(contrastive, tmp_path / "out")
+    config = tiny_config("tiler=mid", stage="sft")
+    mid = export_vlm(tmp_path / "mid", new_vlm(config.model, config.tiler), "sft", config.tiler)
+    with pytest.raises(ConversionError, match="tiler.max_tiles=4"):
+        export_hf(mid, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="already exists and is not empty"):
+        export_hf(tiny_sft_export, tmp_path / "busy")
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["keep.txt"]
