@@ -42,7 +42,8 @@ def registered_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_open_clip_loads_the_same_model_tokenizer_and_preprocessing(registered_export, tmp_path):
     out = tmp_path / "open_clip"
-    convert(ExportConfig(checkpoint=str(registered_export), format="open_clip", out=str(out), log_level="INFO"))
+    convert(ExportConfig(checkpoint=str(registered_export), format="open_clip", out=str(out), hf_route="auto",
+                         log_level="INFO"))
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     model.eval()

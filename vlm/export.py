@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, fail, preflight, setup_logging, user_errors
 from vlm.config import load_config, setting
-from vlm.exports.hf import export_hf
+from vlm.exports.hf import ROUTES, export_hf
 from vlm.exports.open_clip import export_open_clip
 
 FORMATS: dict[str, Callable[[Path, Path], Path]] = {"hf": export_hf, "open_clip": export_open_clip}
@@ -31,6 +31,7 @@ class ExportConfig:
     checkpoint: str | None = setting()  # the export folder to convert
     format: str = setting(choices=tuple(FORMATS))  # hf (align / sft exports) or open_clip (contrastive exports)
     out: str | None = setting()  # the folder to write: new or empty
+    hf_route: str = setting(choices=ROUTES)  # format=hf: stock (no remote code), remote_code, auto (stock if it maps)
     log_level: str = setting()
 
 
@@ -40,7 +41,10 @@ def convert(config: ExportConfig) -> Path:
         fail("checkpoint=PATH is required: an export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
     if not config.out:
         fail("out=DIR is required: the folder to write (new or empty)")
-    return FORMATS[config.format](Path(config.checkpoint).expanduser(), Path(config.out).expanduser())
+    checkpoint, out = Path(config.checkpoint).expanduser(), Path(config.out).expanduser()
+    if config.format == "hf":
+        return export_hf(checkpoint, out, config.hf_route)
+    return FORMATS[config.format](checkpoint, out)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")
