@@ -17,6 +17,7 @@ from tiny import tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor, PerceptionLMForConditionalGeneration, pipeline
 
 from benchmarks.llava_twin import llava_twin
+from vlm.config import ConfigError
 from vlm.export import ExportConfig, convert
 from vlm.exports.format import PROVENANCE_FILE, ConversionError
 from vlm.exports.hf import export_hf
@@ -172,3 +173,6 @@ def test_bad_input_is_refused_by_name_without_a_half_folder(tiny_sft_export, tmp
     with pytest.raises(ConversionError, match="already exists and is not empty"):
         export_hf(tiny_sft_export, tmp_path / "busy")
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["keep.txt"]
+    with pytest.raises(ConfigError, match="out=DIR is required"):
+        convert(ExportConfig(checkpoint=str(tiny_sft_export), format="hf", out=None, hf_route="auto",
+                             log_level="INFO"))

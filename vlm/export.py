@@ -9,19 +9,18 @@ format=hf turns an align or sft export into a transformers folder (`AutoModelFor
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from vlm.cli import CONFIG_DIR, fail, preflight, setup_logging, user_errors
-from vlm.config import load_config, setting
+from vlm.cli import CONFIG_DIR, preflight, setup_logging, user_errors
+from vlm.config import ConfigError, load_config, setting
 from vlm.exports.hf import ROUTES, export_hf
 from vlm.exports.open_clip import export_open_clip
 
-FORMATS: dict[str, Callable[[Path, Path], Path]] = {"hf": export_hf, "open_clip": export_open_clip}
+FORMATS = ("hf", "open_clip")
 
 
 @dataclass
@@ -29,7 +28,7 @@ class ExportConfig:
     """configs/export.yaml, which gives every default and documents each key."""
 
     checkpoint: str | None = setting()  # the export folder to convert
-    format: str = setting(choices=tuple(FORMATS))  # hf (align / sft exports) or open_clip (contrastive exports)
+    format: str = setting(choices=FORMATS)  # hf (align / sft exports) or open_clip (contrastive exports)
     out: str | None = setting()  # the folder to write: new or empty
     hf_route: str = setting(choices=ROUTES)  # format=hf: stock (no remote code), remote_code, auto (stock if it maps)
     log_level: str = setting()
@@ -38,13 +37,13 @@ class ExportConfig:
 def convert(config: ExportConfig) -> Path:
     """Write `config.out` from `config.checkpoint` in `config.format`."""
     if not config.checkpoint:
-        fail("checkpoint=PATH is required: an export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
+        raise ConfigError("checkpoint=PATH is required: an export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
     if not config.out:
-        fail("out=DIR is required: the folder to write (new or empty)")
+        raise ConfigError("out=DIR is required: the folder to write (new or empty)")
     checkpoint, out = Path(config.checkpoint).expanduser(), Path(config.out).expanduser()
-    if config.format == "hf":
-        return export_hf(checkpoint, out, config.hf_route)
-    return FORMATS[config.format](checkpoint, out)
+    if config.format == "open_clip":
+        return export_open_clip(checkpoint, out)
+    return export_hf(checkpoint, out, config.hf_route)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="export")

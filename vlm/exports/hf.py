@@ -25,7 +25,7 @@ from vlm.exports.hf_remote.modeling_vlm import VlmForConditionalGeneration
 from vlm.exports.hf_remote.processing_vlm import VlmProcessor
 from vlm.exports.hf_stock import stock_mismatches, stock_model, stock_processor
 from vlm.exports.vlm import load_vlm
-from vlm.models.factory import VLMBundle, _no_init_weights
+from vlm.models.factory import VLMBundle, no_init_weights
 from vlm.models.vision import timm_overrides
 
 log = logging.getLogger("vlm.export")
@@ -74,7 +74,7 @@ def remote_processor(vlm: VLMBundle, chat_template: str) -> VlmProcessor:
 
 
 def remote_model(vlm: VLMBundle) -> VlmForConditionalGeneration:
-    with _no_init_weights():
+    with no_init_weights():
         model = VlmForConditionalGeneration(remote_config(vlm))
     model.load_state_dict(vlm.model.state_dict(), strict=True)  # the same parameter names as ours
     return model

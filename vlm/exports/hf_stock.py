@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from vlm.data.tokenizer import IMAGE_TOKEN
-from vlm.models.factory import VLMBundle, _no_init_weights
+from vlm.models.factory import VLMBundle, no_init_weights
 from vlm.models.vision import timm_overrides
 
 
@@ -83,7 +83,7 @@ def stock_state_dict(vlm: VLMBundle) -> dict[str, torch.Tensor]:
 
 
 def stock_model(vlm: VLMBundle) -> PerceptionLMForConditionalGeneration:
-    with _no_init_weights():
+    with no_init_weights():
         model = PerceptionLMForConditionalGeneration(stock_config(vlm))
     model.load_state_dict(stock_state_dict(vlm), strict=True)
     model.tie_weights()
