@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_export_open_clip import REGISTERED_VIT, contrastive_export
-from tiny import tiny_config
+from tiny import REGISTERED_VIT, contrastive_export, sft_export, tiny_config
 from transformers import AutoModelForImageTextToText, AutoProcessor, PerceptionLMForConditionalGeneration, pipeline
 
 from benchmarks.llava_twin import llava_twin
 from vlm.config import ConfigError
+from vlm.data.processor import pad_batch
 from vlm.export import ExportConfig, convert
 from vlm.exports.format import PROVENANCE_FILE, ConversionError
 from vlm.exports.hf import export_hf
 from vlm.exports.open_clip import export_open_clip
-from vlm.exports.vlm import export_vlm, load_vlm
+from vlm.exports.vlm import load_vlm
 from vlm.models.factory import new_vlm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +62,16 @@ def test_transformers_gives_the_same_inputs_logits_and_greedy_answer(tiny_sft_ex
     mine = ours.model.generate(expected.input_ids[None], pixel_values=expected.pixel_values, max_new_tokens=6,
                                do_sample=False)
     assert torch.equal(theirs, mine)
+    # two images: the second one's tokens get the second image slot, as vlm's batches number them
+    two = [{"role": "user", "content": "<image>\nand <image>\nWhich one is red?"}]
+    expected = pad_batch([ours.processor.prompt(two, [image, picture(40, 70)])], ours.tokenizer.pad_token_id)
+    inputs = processor(images=[image, picture(40, 70)], text=ours.processor.render(two, add_generation_prompt=True),
+                       return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = ours.model(expected["input_ids"], pixel_values=expected["pixel_values"],
+                               image_slots=expected["image_slots"]).logits
+    assert (logits - reference).abs().max() < 1e-4
     # list-style messages (as pipelines send them) render as our "<image>\n" text does
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
     assert processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False) == \
@@ -99,12 +109,6 @@ def test_the_readme_snippets_run_as_written(hf_folder, tmp_path, monkeypatch, ca
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] in ("a red circle", "a blue square")  # the open_clip snippet's zero-shot label
     assert len(printed) > 2  # the two answers of the hf snippet came first (a random model may answer blank lines)
-
-
-def sft_export(folder: Path, *overrides: str) -> Path:
-    config = tiny_config(*overrides, stage="sft")
-    torch.manual_seed(0)
-    return export_vlm(folder, new_vlm(config.model, config.tiler), "sft", config.tiler)
 
 
 def test_settings_that_map_load_in_stock_perception_lm_without_remote_code(tmp_path):
@@ -163,8 +167,7 @@ def test_bad_input_is_refused_by_name_without_a_half_folder(tiny_sft_export, tmp
     contrastive = contrastive_export(tmp_path / "clip", *REGISTERED_VIT)
     with pytest.raises(ConversionError, match="holds a 'contrastive' model; format=hf takes an align or sft"):
         export_hf(contrastive, tmp_path / "out")
-    config = tiny_config("tiler=mid", stage="sft")
-    mid = export_vlm(tmp_path / "mid", new_vlm(config.model, config.tiler), "sft", config.tiler)
+    mid = sft_export(tmp_path / "mid", "tiler=mid")
     with pytest.raises(ConversionError, match="tiler.max_tiles=4"):
         export_hf(mid, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

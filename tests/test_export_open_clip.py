@@ -11,28 +11,12 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from tiny import tiny_config
+from tiny import REGISTERED_VIT, contrastive_export
 
 from vlm.export import ExportConfig, convert
-from vlm.exports.clip import export_clip, load_clip
+from vlm.exports.clip import load_clip
 from vlm.exports.format import PROVENANCE_FILE, ConversionError
 from vlm.exports.open_clip import export_open_clip
-from vlm.models.clip import CLIPModel
-from vlm.models.text import clip_tokenizer
-
-# timm's registered `test_vit` (160 px, patch 16, width 64, 6 blocks): a tower open_clip can build by name
-REGISTERED_VIT = ["model.vision.name=test_vit", "model.vision.image_size=160", "model.vision.patch_size=16",
-                  "model.vision.width=null", "model.vision.depth=null", "model.vision.heads=null",
-                  "model.vision.conv_stem=false"]
-
-
-def contrastive_export(folder: Path, *overrides: str) -> Path:
-    config = tiny_config(*overrides)
-    torch.manual_seed(0)
-    model = CLIPModel(config.model).eval()
-    with torch.no_grad():  # a trained-looking temperature, so a wrong copy shows
-        model.head.logit_scale.fill_(3.0)
-    return export_clip(folder, model, clip_tokenizer(config.model.text), config.tiler, None, ["a photo of a {}."])
 
 
 @pytest.fixture(scope="module")
