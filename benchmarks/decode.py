@@ -26,10 +26,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llava_twin import llava_twin  # noqa: E402  (benchmarks/, this script's folder)
 
 from vlm.cli import CONFIG_DIR  # noqa: E402
 from vlm.config import ModelConfig  # noqa: E402
@@ -79,17 +81,6 @@ def build_ours(config: ModelConfig) -> VisionLanguageModel:
     return VisionLanguageModel(config, lm, IMAGE_TOKEN_ID)
 
 
-def build_llava(config: ModelConfig, ours: VisionLanguageModel) -> LlavaForConditionalGeneration:
-    v = config.vision
-    vision = CLIPVisionConfig(hidden_size=ours.vision.width, intermediate_size=4 * ours.vision.width,
-                              num_hidden_layers=len(ours.vision.vit.blocks), num_attention_heads=v.heads,
-                              image_size=v.image_size, patch_size=v.patch_size, hidden_act="gelu")
-    llava = LlavaConfig(vision_config=vision, text_config=LlamaConfig(vocab_size=VOCAB, **config.llm.config),
-                        image_token_index=IMAGE_TOKEN_ID, image_seq_length=ours.tokens_per_tile,
-                        vision_feature_layer=-1, vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    return LlavaForConditionalGeneration(llava)
-
-
 def measure(generate, new_tokens: int) -> tuple[float, float]:
     """(TTFT seconds, decode tokens/s) of one greedy generation of exactly `new_tokens` tokens."""
     clock = Clock()
@@ -117,7 +108,7 @@ def main() -> None:
 
     config = model_config(args.preset)
     ours = build_ours(config).to(device, dtype).eval()
-    theirs = build_llava(config, ours).to(device, dtype).eval()
+    theirs = llava_twin(ours).to(device, dtype).eval()
     image_tokens = ours.tokens_per_tile
     text = torch.randint(3, VOCAB - 1, (1, args.text_tokens))
     ids = torch.cat([text[:, :4], torch.full((1, image_tokens), IMAGE_TOKEN_ID), text[:, 4:]], dim=1).to(device)

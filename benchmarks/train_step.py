@@ -64,9 +64,10 @@ import torch
 import transformers
 from hydra import compose, initialize_config_dir
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llava_twin import llava_twin  # noqa: E402  (benchmarks/, this script's folder)
 
 from vlm.cli import CONFIG_DIR  # noqa: E402
 from vlm.config import TrainConfig, to_train_config  # noqa: E402
@@ -98,27 +99,6 @@ def load_config(preset: str, overrides: list[str]) -> TrainConfig:
              "model.vision.gradient_checkpointing=false"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return to_train_config(compose("train", overrides=[*fixed, *PRESETS[preset], *overrides]))
-
-
-def build_llava(config: TrainConfig, ours: VisionLanguageModel) -> LlavaForConditionalGeneration:
-    """LLaVA at our model's sizes (read off the built model, so null width/depth/heads resolve as timm's)."""
-    vit, v = ours.vision.vit, config.model.vision
-    width = ours.vision.width
-    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=vit.blocks[0].mlp.fc1.out_features,
-                              num_hidden_layers=len(vit.blocks), num_attention_heads=vit.blocks[0].attn.num_heads,
-                              image_size=v.image_size, patch_size=v.patch_size, hidden_act="gelu")
-    text = LlamaConfig(**ours.lm.config.to_dict())
-    llava = LlavaConfig(vision_config=vision, text_config=text, image_token_index=ours.image_token_id,
-                        image_seq_length=ours.tokens_per_tile, vision_feature_layer=-1,
-                        vision_feature_select_strategy="default", projector_hidden_act="gelu")
-    model = LlavaForConditionalGeneration(llava)
-    # Same LLM and projector weights as ours, so the first losses differ only through the (random) ViTs.
-    model.model.language_model.load_state_dict(ours.lm.model.state_dict())
-    model.lm_head.load_state_dict(ours.lm.lm_head.state_dict())
-    projector = model.model.multi_modal_projector
-    projector.linear_1.load_state_dict(ours.projector[0].state_dict())
-    projector.linear_2.load_state_dict(ours.projector[2].state_dict())
-    return model
 
 
 def make_batch(ours: VisionLanguageModel, special: set[int], vocab: int, batch: int, seq_len: int,
@@ -338,7 +318,7 @@ def main() -> None:
     torch.manual_seed(0)
     bundle = new_vlm(config.model, config.tiler)
     ours = bundle.model
-    theirs = build_llava(config, ours)
+    theirs = llava_twin(ours)
     special = set(bundle.tokenizer.all_special_ids) | {ours.image_token_id}
     if args.length_mix:
         length_mix(args, config, ours, theirs, special, bundle.tokenizer.pad_token_id)

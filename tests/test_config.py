@@ -14,6 +14,7 @@ from tiny import TINY, make_task, tiny_config
 
 from vlm.cli import CONFIG_DIR, PATTERN_KEYS, compose_config, quote_values
 from vlm.config import ConfigError, TrainConfig, to_dict, to_train_config
+from vlm.export import ExportConfig
 from vlm.infer import InferConfig
 from vlm.models.factory import make_tiler, new_vlm
 from vlm.server.settings import ServeSettings
@@ -147,7 +148,8 @@ def _defaults_disagreeing(schema: type, composed: dict, path: str = "") -> list[
     return wrong
 
 
-@pytest.mark.parametrize("name,schema", [("train", TrainConfig), ("infer", InferConfig), ("serve", ServeSettings)])
+@pytest.mark.parametrize("name,schema", [("train", TrainConfig), ("infer", InferConfig), ("serve", ServeSettings),
+                                         ("export", ExportConfig)])
 def test_dataclass_defaults_agree_with_the_yaml(name, schema):
     """The YAML files are the only source of defaults: a dataclass default exists only where it equals them."""
     composed = {k: v for k, v in OmegaConf.to_container(compose_config(name), resolve=True).items() if k != "hydra"}

@@ -6,10 +6,11 @@ A folder is written under a temporary name and renamed into place, so a crash ne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from vlm import __version__
 from vlm.errors import UserError
 
 FORMAT = "vlm-export/1"
@@ -26,8 +28,16 @@ TOKENIZER_DIR = "tokenizer"
 REQUIRED = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR)
 
 
+PROVENANCE_FILE = "vlm_provenance.json"  # in folders converted for other libraries (format=hf, format=open_clip)
+
+
 class ExportError(UserError, FileNotFoundError):
     """An export folder that is missing, incomplete or of the wrong kind; the message names it."""
+
+
+class ConversionError(UserError, ValueError):
+    """A model setting, or an output folder, that a conversion for another library cannot take; the message names
+    the setting and what would work."""
 
 
 @dataclass
@@ -101,3 +111,30 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
     if missing or unexpected:
         raise ExportError(f"{str(directory)!r} does not match the model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `out` and rename it to `out` once the block finishes; on an error the
+    staging folder is removed, so `out` is either complete or absent. An existing non-empty `out` is refused."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"out={str(out)!r} already exists and is not empty; give a new folder")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    staging.rename(out)
+
+
+def write_provenance(folder: Path, source: Path, meta: ExportMeta, target: str, **details: Any) -> None:
+    """Record where a converted folder came from: the source export, its stage, vlm's version and the route taken."""
+    record = {"source": str(source.resolve()), "source_stage": meta.stage, "vlm_version": __version__,
+              "format": target, **details}
+    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -50,7 +50,7 @@ def empty_vlm(config: ModelConfig, llm_config: PretrainedConfig, token_id: int,
 
     Its weights are left uninitialised (transformers' `no_init_weights`): the state dict overwrites every one of them
     (loading is strict), and the random init of a billion-parameter LLM takes seconds to minutes on a CPU."""
-    with _no_init_weights():
+    with no_init_weights():
         lm = AutoModelForCausalLM.from_config(llm_config)
         lm.tie_weights()  # tying happens in the init that is skipped; the export stores tied weights once
         if gradient_checkpointing:
@@ -58,7 +58,8 @@ def empty_vlm(config: ModelConfig, llm_config: PretrainedConfig, token_id: int,
         return VisionLanguageModel(config, lm, token_id)
 
 
-def _no_init_weights() -> AbstractContextManager:
+def no_init_weights() -> AbstractContextManager:
+    """transformers' context that skips weight initialisation (for models a state dict is loaded into next)."""
     try:
         from transformers.initialization import no_init_weights  # transformers >= 5
     except ImportError:

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 from torch import nn
 
 from vlm.config import VisionConfig
 from vlm.models.conv_stem import ConvStemPatchEmbed
+
+
+def timm_overrides(config: VisionConfig) -> dict[str, Any]:
+    """The keyword arguments that shape `timm.create_model(config.name, ...)` beyond its image and patch size (the
+    conv stem aside): the size overrides that are set, and the pooling."""
+    overrides = {"embed_dim": config.width, "depth": config.depth, "num_heads": config.heads}
+    if config.global_pool == "avg":  # mean pooling needs no CLS token, and small ViTs learn faster with it
+        overrides.update(global_pool="avg", class_token=False)
+    elif config.global_pool is not None:
+        overrides["global_pool"] = config.global_pool
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
 class VisionTower(nn.Module):
@@ -19,14 +32,9 @@ class VisionTower(nn.Module):
 
     def __init__(self, config: VisionConfig):
         super().__init__()
-        overrides = {"embed_dim": config.width, "depth": config.depth, "num_heads": config.heads}
-        if config.global_pool == "avg":  # mean pooling needs no CLS token, and small ViTs learn faster with it
-            overrides.update(global_pool="avg", class_token=False)
-        elif config.global_pool is not None:
-            overrides["global_pool"] = config.global_pool
+        kwargs = timm_overrides(config)
         if config.conv_stem:
-            overrides["embed_layer"] = ConvStemPatchEmbed
-        kwargs = {k: v for k, v in overrides.items() if v is not None}
+            kwargs["embed_layer"] = ConvStemPatchEmbed
         try:
             self.vit = timm.create_model(config.name, pretrained=config.pretrained, num_classes=0,
                                          img_size=config.image_size, patch_size=config.patch_size, **kwargs)

@@ -1,0 +1,181 @@
+"""format=hf: an sft export of the tiny preset loads in stock transformers (remote code) with the same inputs, logits
+and greedy answers as vlm; the README's snippets run as written; bad input is refused without a half folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import REGISTERED_VIT, contrastive_export, sft_export, tiny_config
+from transformers import AutoModelForImageTextToText, AutoProcessor, PerceptionLMForConditionalGeneration, pipeline
+
+from benchmarks.llava_twin import llava_twin
+from vlm.config import ConfigError
+from vlm.data.processor import pad_batch
+from vlm.export import ExportConfig, convert
+from vlm.exports.format import PROVENANCE_FILE, ConversionError
+from vlm.exports.hf import export_hf
+from vlm.exports.open_clip import export_open_clip
+from vlm.exports.vlm import load_vlm
+from vlm.models.factory import new_vlm
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
+# the settings PerceptionLM expresses: one patchify convolution, every patch token, no image slots
+STOCK = ["model.vision.conv_stem=false", "model.projector.reduction=none", "model.projector.image_slots=0"]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tiny_sft_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "my-vlm-hf"
+    convert(ExportConfig(checkpoint=str(tiny_sft_export), format="hf", out=str(out), hf_route="auto",
+                         log_level="INFO"))
+    return out
+
+
+def picture(width: int = 90, height: int = 50) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_transformers_gives_the_same_inputs_logits_and_greedy_answer(tiny_sft_export, hf_folder):
+    model = AutoModelForImageTextToText.from_pretrained(hf_folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(hf_folder, trust_remote_code=True)
+    ours = load_vlm(tiny_sft_export)
+    ours.model.eval()
+    image = picture()  # not square: the letterbox padding must match too
+    expected = ours.processor.prompt(QUESTION, [image])
+    inputs = processor(images=[image], text=ours.processor.render(QUESTION, add_generation_prompt=True),
+                       return_tensors="pt")
+    assert torch.equal(inputs["input_ids"][0], expected.input_ids)
+    assert torch.allclose(inputs["pixel_values"], expected.pixel_values, atol=1e-6)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = ours.model(expected.input_ids[None], pixel_values=expected.pixel_values).logits
+    assert (logits - reference).abs().max() < 1e-4
+    theirs = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    mine = ours.model.generate(expected.input_ids[None], pixel_values=expected.pixel_values, max_new_tokens=6,
+                               do_sample=False)
+    assert torch.equal(theirs, mine)
+    # two images: the second one's tokens get the second image slot, as vlm's batches number them
+    two = [{"role": "user", "content": "<image>\nand <image>\nWhich one is red?"}]
+    expected = pad_batch([ours.processor.prompt(two, [image, picture(40, 70)])], ours.tokenizer.pad_token_id)
+    inputs = processor(images=[image, picture(40, 70)], text=ours.processor.render(two, add_generation_prompt=True),
+                       return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = ours.model(expected["input_ids"], pixel_values=expected["pixel_values"],
+                               image_slots=expected["image_slots"]).logits
+    assert (logits - reference).abs().max() < 1e-4
+    # list-style messages (as pipelines send them) render as our "<image>\n" text does
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
+    assert processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False) == \
+        ours.processor.render(QUESTION, add_generation_prompt=True)
+    provenance = json.loads((hf_folder / PROVENANCE_FILE).read_text())
+    assert provenance["source"] == str(tiny_sft_export.resolve())
+    assert "model.projector.image_slots=8" in provenance["remote_code_because"]
+
+
+def test_an_image_text_to_text_pipeline_answers(tiny_sft_export, hf_folder):
+    chat = pipeline("image-text-to-text", model=str(hf_folder), trust_remote_code=True)
+    image = picture()
+    answer = chat(text=[{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": "What color is the shape?"}]}],
+                  max_new_tokens=6, return_full_text=False)[0]["generated_text"]
+    ours = load_vlm(tiny_sft_export)
+    ours.model.eval()
+    prompt = ours.processor.prompt(QUESTION, [image])
+    ids = ours.model.generate(prompt.input_ids[None], pixel_values=prompt.pixel_values, max_new_tokens=6,
+                              do_sample=False)
+    assert isinstance(answer, str) and answer == ours.tokenizer.decode(ids[0], skip_special_tokens=True)
+
+
+def test_the_readme_snippets_run_as_written(hf_folder, tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use your model elsewhere", 1)[1].split("\n## ", 1)[0]
+    snippets = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(snippets) == 2
+    monkeypatch.chdir(tmp_path)
+    os.symlink(hf_folder, tmp_path / "my-vlm-hf")
+    export_open_clip(contrastive_export(tmp_path / "clip", *REGISTERED_VIT), tmp_path / "my-clip")
+    picture(160, 160).save(tmp_path / "shape.png")
+    for snippet in snippets:
+        exec(compile(snippet, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] in ("a red circle", "a blue square")  # the open_clip snippet's zero-shot label
+    assert len(printed) > 2  # the two answers of the hf snippet came first (a random model may answer blank lines)
+
+
+def test_settings_that_map_load_in_stock_perception_lm_without_remote_code(tmp_path):
+    source = sft_export(tmp_path / "export", *STOCK)
+    out = export_hf(source, tmp_path / "hf")
+    assert not list(out.glob("*.py")) and "auto_map" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()  # trust_remote_code stays off
+    processor = AutoProcessor.from_pretrained(out)
+    assert isinstance(model, PerceptionLMForConditionalGeneration)
+    ours = load_vlm(source)
+    ours.model.eval()
+    image = picture(100, 100)  # square: resized to the tile as our tiler does (other shapes are stretched)
+    expected = ours.processor.prompt(QUESTION, [image])
+    inputs = processor(images=[image], text=ours.processor.render(QUESTION, add_generation_prompt=True),
+                       return_tensors="pt")
+    assert torch.equal(inputs["input_ids"][0], expected.input_ids)
+    assert torch.allclose(inputs["pixel_values"][0], expected.pixel_values, atol=1e-6)  # (1 image, 1 tile, 3, S, S)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = ours.model(expected.input_ids[None], pixel_values=expected.pixel_values).logits
+    assert (logits - reference).abs().max() < 1e-4
+    theirs = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert torch.equal(theirs, ours.model.generate(expected.input_ids[None], pixel_values=expected.pixel_values,
+                                                   max_new_tokens=6, do_sample=False))
+    answer = pipeline("image-text-to-text", model=str(out))(
+        text=[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Color?"}]}],
+        max_new_tokens=3, return_full_text=False)[0]["generated_text"]
+    assert isinstance(answer, str)
+    assert json.loads((out / PROVENANCE_FILE).read_text())["hf_route"] == "stock"
+
+
+def test_the_stock_route_refuses_settings_it_cannot_express(tiny_sft_export, tmp_path):
+    with pytest.raises(ConversionError, match=r"hf_route=stock: .*model.vision.conv_stem=True.*image_slots=8"):
+        export_hf(tiny_sft_export, tmp_path / "out", route="stock")
+    assert not (tmp_path / "out").exists()
+
+
+def test_our_model_gives_the_logits_of_llava_built_at_the_same_sizes():
+    """litgpt-style: LLaVA with our weights copied across (a CLIP-shaped timm ViT, LLaVA's penultimate layer)."""
+    config = tiny_config(*STOCK, "model.vision.name=vit_base_patch16_clip_224", "model.vision.image_size=32",
+                         "model.vision.feature_layer=-2", stage="sft")
+    torch.manual_seed(0)
+    ours = new_vlm(config.model, config.tiler).model.eval()
+    with torch.no_grad():  # timm's small init makes attention near-uniform, which would hide a q/k mix-up
+        for parameter in ours.vision.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.2)
+    llava = llava_twin(ours, copy_vision=True).eval()
+    ids = torch.tensor([[5, 6, 7] + [ours.image_token_id] * ours.tokens_per_tile + [8, 9, 10, 11]])  # (1, L)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        difference = (ours(ids, pixel_values=pixels).logits - llava(input_ids=ids, pixel_values=pixels).logits)
+    assert difference.abs().max() < 1e-4
+
+
+def test_bad_input_is_refused_by_name_without_a_half_folder(tiny_sft_export, tmp_path):
+    contrastive = contrastive_export(tmp_path / "clip", *REGISTERED_VIT)
+    with pytest.raises(ConversionError, match="holds a 'contrastive' model; format=hf takes an align or sft"):
+        export_hf(contrastive, tmp_path / "out")
+    mid = sft_export(tmp_path / "mid", "tiler=mid")
+    with pytest.raises(ConversionError, match="tiler.max_tiles=4"):
+        export_hf(mid, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="already exists and is not empty"):
+        export_hf(tiny_sft_export, tmp_path / "busy")
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["keep.txt"]
+    with pytest.raises(ConfigError, match="out=DIR is required"):
+        convert(ExportConfig(checkpoint=str(tiny_sft_export), format="hf", out=None, hf_route="auto",
+                             log_level="INFO"))

@@ -1,0 +1,78 @@
+"""format=open_clip: a contrastive export loads in stock open_clip with the same embeddings and preprocessing, and
+what open_clip cannot express is refused without leaving a folder behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from tiny import REGISTERED_VIT, contrastive_export
+
+from vlm.export import ExportConfig, convert
+from vlm.exports.clip import load_clip
+from vlm.exports.format import PROVENANCE_FILE, ConversionError
+from vlm.exports.open_clip import export_open_clip
+
+
+@pytest.fixture(scope="module")
+def registered_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return contrastive_export(tmp_path_factory.mktemp("clip") / "export", *REGISTERED_VIT)
+
+
+def test_open_clip_loads_the_same_model_tokenizer_and_preprocessing(registered_export, tmp_path):
+    out = tmp_path / "open_clip"
+    convert(ExportConfig(checkpoint=str(registered_export), format="open_clip", out=str(out), hf_route="auto",
+                         log_level="INFO"))
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    model.eval()
+    ours = load_clip(registered_export)
+
+    captions = ["a red circle on a blue background", "two green squares"]
+    ids = tokenizer(captions)
+    assert torch.equal(ids, ours.tokenizer(captions))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8))
+    pixels = preprocess(image).unsqueeze(0)  # (1, 3, 160, 160)
+    assert torch.allclose(pixels, ours.tiler(image).pixel_values, atol=1e-6)  # same size: no resampling involved
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(pixels, normalize=True), ours.model.encode_image(pixels), atol=1e-5)
+        assert torch.allclose(model.encode_text(ids, normalize=True), ours.model.encode_text(ids), atol=1e-5)
+        assert torch.allclose(model.logit_scale, ours.model.head.logit_scale[0])
+    provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    assert provenance["source"] == str(registered_export.resolve()) and provenance["source_stage"] == "contrastive"
+
+
+def test_siglip_bias_travels(tmp_path):
+    source = contrastive_export(tmp_path / "export", *REGISTERED_VIT, "model.clip.loss=siglip")
+    with torch.no_grad():
+        ours = load_clip(source).model
+    export_open_clip(source, tmp_path / "open_clip")
+    model = open_clip.create_model(f"local-dir:{tmp_path / 'open_clip'}")
+    assert torch.allclose(model.logit_bias, ours.head.logit_bias[0])
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ([], "model.vision.conv_stem=true"),  # the tiny preset's conv stem
+    ([*REGISTERED_VIT, "model.vision.depth=2"], "model.vision.depth=2"),
+    ([*REGISTERED_VIT, "model.vision.global_pool=avg"], "model.vision.global_pool='avg'"),
+])
+def test_towers_open_clip_cannot_build_are_refused_by_name(tmp_path, overrides, named):
+    source = contrastive_export(tmp_path / "export", *overrides)
+    with pytest.raises(ConversionError, match=named.replace("[", r"\[")):
+        export_open_clip(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_non_empty_out_or_a_phase_2_export_is_refused(registered_export, tiny_sft_export, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="already exists and is not empty"):
+        export_open_clip(registered_export, tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ConversionError, match="holds a 'sft' model; format=open_clip takes a contrastive export"):
+        export_open_clip(tiny_sft_export, tmp_path / "out")

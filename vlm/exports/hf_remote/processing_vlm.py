@@ -1,0 +1,87 @@
+"""The processor of a vlm vision-language model for transformers: the single-tile tier of vlm's tiler (the image
+fitted into one S x S tile, centred on the normalisation mean, antialiased bicubic), and each `<image>` in the text
+expanded to the tile's image tokens. Written by `vlm.export format=hf` beside the weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import BatchFeature, ProcessorMixin
+
+IMAGE_TOKEN = "<image>"
+
+
+def fit_size(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:
+    """width x height scaled to fit inside box_w x box_h, keeping aspect; never 0."""
+    scale = min(box_w / width, box_h / height)
+    return min(box_w, max(1, round(width * scale))), min(box_h, max(1, round(height * scale)))
+
+
+class VlmProcessor(ProcessorMixin):
+    def __init__(self, tokenizer=None, chat_template: str | None = None, tile_size: int = 224,
+                 tokens_per_tile: int = 1, image_mean: list[float] | None = None,
+                 image_std: list[float] | None = None, background: list[int] | None = None,
+                 max_long_side: int = 6144, max_short_side: int = 4096, **kwargs):
+        self.tile_size, self.tokens_per_tile = tile_size, tokens_per_tile
+        self.image_mean, self.image_std = list(image_mean or [0.5] * 3), list(image_std or [0.5] * 3)
+        self.background = list(background or [255, 255, 255])
+        self.max_long_side, self.max_short_side = max_long_side, max_short_side
+        super().__init__(tokenizer, chat_template=chat_template)
+
+    def tile(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (1, 3, S, S) normalised, as vlm's tiler with max_tiles=1."""
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            canvas = Image.new("RGB", rgba.size, tuple(self.background))
+            canvas.paste(rgba, mask=rgba.getchannel("A"))
+            image = canvas
+        image = image.convert("RGB")
+        s = self.tile_size
+        width, height = image.size
+        short = min(self.max_short_side, self.max_long_side)
+        limit = (self.max_long_side, short) if width >= height else (short, self.max_long_side)
+        if width > limit[0] or height > limit[1]:  # the resolution cap comes first, as in the tiler
+            width, height = fit_size(width, height, *limit)
+        size = fit_size(width, height, s, s)  # (w, h) inside the tile
+        factor = min(image.width // (2 * size[0]), image.height // (2 * size[1]))
+        if factor >= 2:
+            image = image.reduce(factor)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W) uint8
+        if (pixels.shape[-1], pixels.shape[-2]) != size:
+            pixels = F.interpolate(pixels, size=(size[1], size[0]), mode="bicubic", antialias=True)
+        mean = torch.tensor(self.image_mean, dtype=torch.float64).view(3, 1, 1)
+        std = torch.tensor(self.image_std, dtype=torch.float64).view(3, 1, 1)
+        scale_ = (1.0 / (255.0 * std)).float()
+        shift = (mean / std).float()
+        out = torch.zeros(1, 3, s, s)
+        y, x = (s - size[1]) // 2, (s - size[0]) // 2
+        out[0, :, y:y + size[1], x:x + size[0]] = pixels[0].float() * scale_ - shift
+        return out
+
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+        texts = [text] if isinstance(text, str) else list(text or [])
+        flat = images if isinstance(images, list) else ([images] if images is not None else [])
+        flat = [im for group in flat for im in (group if isinstance(group, list) else [group])]
+        placeholders = sum(t.count(IMAGE_TOKEN) for t in texts)
+        if placeholders != len(flat):
+            raise ValueError(f"{placeholders} {IMAGE_TOKEN} placeholders in the text but {len(flat)} images")
+        expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.tokens_per_tile) for t in texts]
+        kwargs.pop("add_special_tokens", None)
+        encoded = self.tokenizer(expanded, add_special_tokens=False, padding=kwargs.pop("padding", True),
+                                 return_tensors="pt")
+        data = dict(encoded)
+        if flat:
+            data["pixel_values"] = torch.cat([self.tile(im) for im in flat])  # (N_images, 3, S, S)
+        return BatchFeature(data=data, tensor_type=kwargs.get("return_tensors"))
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
