@@ -90,6 +90,8 @@ class VlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             self.projector = nn.Sequential(nn.Linear(width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width))
         slots = settings["image_slots"]
         self.image_slot_embeddings = nn.Embedding(slots, llm_width) if slots > 0 else None
+        # "feature": the slot vector is scaled by each image token's RMS; "embedding": added as it is
+        self.slot_scales_with_feature = settings.get("image_slot_scale", "embedding") == "feature"
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -115,7 +117,10 @@ class VlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if self.image_slot_embeddings is not None:  # each run of image tokens is one image of its sample
             starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # (B, L) first token of each run
             slots = (starts.cumsum(dim=1) - 1)[is_image].clamp(max=self.image_slot_embeddings.num_embeddings - 1)
-            features = features + self.image_slot_embeddings(slots)
+            marks = self.image_slot_embeddings(slots)  # (N_img_tokens, Dlm)
+            if self.slot_scales_with_feature:
+                marks = marks * features.float().pow(2).mean(-1, keepdim=True).sqrt().to(features.dtype)
+            features = features + marks
         return embeds.masked_scatter(is_image.unsqueeze(-1), features)
 
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
