@@ -19,7 +19,7 @@ from vlm.exports.clip import load_vision_from_clip
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.metrics import answer_metrics, score_answer
-from vlm.models.factory import VLMBundle, empty_vlm, new_vlm
+from vlm.models.factory import VLMBundle, empty_vlm, new_vlm, set_attention
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.task import Batching, Stage, StageTask
 
@@ -41,6 +41,7 @@ class VLMTask(StageTask):
             bundle = load_vlm(init_from, tiler=config.tiler,
                               gradient_checkpointing=config.model.llm.gradient_checkpointing)
             bundle.model.vision.vit.set_grad_checkpointing(config.model.vision.gradient_checkpointing)
+            set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
         else:
             bundle = new_vlm(config.model, config.tiler)
             if meta is not None:
