@@ -174,20 +174,55 @@ def test_an_llm_outside_the_attention_interface_is_refused():
         use_attention(OwnAttention(LlamaConfig(num_hidden_layers=1, **SIZES)), settings())
 
 
-def test_an_export_records_its_attention_and_an_older_export_loads_dense(tmp_path):
+@pytest.fixture(scope="module")
+def local_global_export(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny sft export with a window narrower than an image's 16 tokens. Its LLM weights are drawn large enough that
+    greedy answers depend on the whole prompt (at the usual init they repeat one token whatever they read)."""
     from tiny import tiny_config
 
     from vlm.exports.vlm import export_vlm
     from vlm.models.factory import new_vlm
 
-    config = tiny_config("model.llm.attention=local_global", "model.llm.sparse.window=24",
-                         "model.llm.sparse.stride=8", stage="sft")
-    export = export_vlm(tmp_path / "export", new_vlm(config.model, config.tiler), "sft", config.tiler)
-    loaded = load_vlm(export)
+    config = tiny_config("model.llm.attention=local_global", "model.llm.sparse.window=8", "model.llm.sparse.stride=4",
+                         stage="sft")
+    torch.manual_seed(0)
+    vlm = new_vlm(config.model, config.tiler)
+    for weight in vlm.model.lm.parameters():
+        if weight.dim() > 1:
+            torch.nn.init.normal_(weight, std=0.15)
+    return export_vlm(tmp_path_factory.mktemp("local_global") / "export", vlm, "sft", config.tiler)
+
+
+def test_an_export_records_its_attention_and_an_older_export_loads_dense(local_global_export, tmp_path):
+    loaded = load_vlm(local_global_export)
     assert loaded.model.config.llm.attention == "local_global"
     assert loaded.model.lm.config._attn_implementation == ATTENTION_NAME
-    assert isinstance(cache_for(loaded.model.lm), LocalGlobalCache)
-    assert cache_for(loaded.model.lm).layers[0].pattern == SparsePattern(window=24, stride=8, sinks=4)
+    assert cache_for(loaded.model.lm).layers[0].pattern == SparsePattern(window=8, stride=4, sinks=4)
     older = load_vlm(old_export("sft", tmp_path / "old"))
     assert older.model.config.llm.attention == "dense"
     assert older.model.lm.config._attn_implementation != ATTENTION_NAME
+    assert cache_for(older.model.lm) is None
+
+
+def test_the_chat_model_answers_through_the_pattern_cache_as_with_a_full_cache(local_global_export):
+    from images import solid
+
+    from vlm.chat import ChatModel
+
+    chat = ChatModel.load(local_global_export, device="cpu")
+    prompt = chat.prepare([{"role": "user", "content": "<image>\nWhat colour is the shape?"}], [solid()])
+    answer = chat.generate(prompt, max_new_tokens=24, temperature=0)
+    inputs = chat._inputs(prompt)
+    full = chat.model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=chat.tokenizer.pad_token_id,
+                               eos_token_id=sorted(chat.eos_token_ids))[0].tolist()
+    assert len(set(answer.token_ids)) > 1 and answer.token_ids == full[: len(answer.token_ids)]
+
+
+def test_a_run_asking_for_local_global_gets_it_from_a_dense_export(tiny_sft_export):
+    from tiny import make_task, tiny_config
+
+    config = tiny_config("model.llm.attention=local_global", "model.llm.sparse.window=16", stage="sft", tiny=False)
+    task = make_task(config, init_from=tiny_sft_export)
+    assert task.model.lm.config._attn_implementation == ATTENTION_NAME
+    assert task.model.config.llm.sparse.window == 16  # what its export will record
+    assert cache_for(task.model.lm).layers[0].pattern.window == 16

@@ -107,3 +107,9 @@ def cache_for(lm: PreTrainedModel) -> Cache | None:
     if pattern is None:
         return None
     return LocalGlobalCache(pattern, lm.config.get_text_config().num_hidden_layers)
+
+
+def cache_kwargs(lm: PreTrainedModel) -> dict[str, Cache]:
+    """`generate` kwargs giving `lm` a fresh cache of the right kind: {} keeps transformers' default."""
+    cache = cache_for(lm)
+    return {} if cache is None else {"cache": cache}
