@@ -75,6 +75,26 @@ def test_a_narrow_window_changes_the_logits(family):
     assert (sparse[:, 8:] - dense[:, 8:]).abs().amax() > 1e-3
 
 
+@pytest.mark.slow
+def test_flex_attention_gives_the_sdpa_logits():
+    """kernel=flex (compiled; forward only on CPU): the cached BlockMask over gathered global keys, and the per-batch
+    one for a left-padded batch, give the boolean-mask SDPA logits."""
+    ids = torch.randint(1, 64, (2, 300))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    lm = tiny_lm()
+    logits = {}
+    with torch.no_grad():
+        for kernel in ("sdpa", "flex"):
+            config = settings(window=40, stride=16, sinks=3)
+            config.sparse.kernel = kernel
+            use_attention(lm, config)
+            logits[kernel] = (lm(ids).logits, lm(ids, attention_mask=mask).logits)
+    assert torch.allclose(logits["flex"][0], logits["sdpa"][0], atol=1e-5)
+    real = mask.bool()
+    assert torch.allclose(logits["flex"][1][real], logits["sdpa"][1][real], atol=1e-5)
+
+
 def test_gradients_are_exactly_as_sparse_as_the_pattern():
     """One layer, so token j reaches token i's output only through i's attention: d out_i / d x_j is non-zero exactly
     when j <= i and j is in i's window, global or a sink, over all pairs."""

@@ -8,7 +8,9 @@ The pattern is one `mask_mod(batch, head, q_idx, kv_idx)` and reaches the model 
 name `local_global`, both needed:
 - a mask function (`AttentionMaskInterface`): the causal mask transformers would build, AND the pattern. It gives a
   boolean SDPA mask (never skipped for `is_causal`, which would drop the pattern) or, with `kernel=flex` over a whole
-  sequence, a flex_attention `BlockMask` (cached by length when no padding makes it data-dependent);
+  sequence, a flex_attention `BlockMask`. Without padding the BlockMask is cached by length and reads keys with the
+  global ones gathered in front (see `gathered_mask_mod`), so whole blocks are skipped; with padding or packing it is
+  built per batch over the plain layout;
 - an attention function (`AttentionInterface`): SDPA with that mask, or flex_attention with the BlockMask. It refuses
   to run without a mask: a name registered without a mask function makes transformers drop the mask silently.
 
@@ -129,6 +131,36 @@ def pattern_of(config: PretrainedConfig) -> SparsePattern:
 _block_masks: dict[tuple, BlockMask] = {}  # building a BlockMask costs a compile and a pass over all blocks
 
 
+def global_slots(length: int, stride: int) -> int:
+    """Global tokens among `length` positions: 0, stride, 2*stride, ..."""
+    return -(-length // stride)
+
+
+def gathered_mask_mod(pattern: SparsePattern, length: int) -> MaskMod:
+    """The pattern over keys laid out as [the G global keys, gathered (G = global_slots)] + [all L keys].
+
+    With stride smaller than flex_attention's 128-wide blocks, every block of keys holds a global token, so a
+    BlockMask over the plain layout skips nothing. Gathered, the globals fill G / 128 dense blocks and the rest is a
+    band of width `window` (plus the sinks' first block). Each readable key is allowed exactly once: from the global
+    segment when it is global, outside the window and not a sink; from the plain segment otherwise."""
+    slots = global_slots(length, pattern.stride)
+
+    def mask_mod(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        global_position = kv_idx * pattern.stride
+        from_globals = (global_position <= q_idx) & (q_idx - global_position >= pattern.window) & (
+            global_position >= pattern.sinks)
+        position = kv_idx - slots
+        from_plain = (position <= q_idx) & ((q_idx - position < pattern.window) | (position < pattern.sinks))
+        return torch.where(kv_idx < slots, from_globals, from_plain)
+
+    return mask_mod
+
+
+def gather_globals(states: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, H, L, D) keys or values -> (B, H, G + L, D): the global ones first, for `gathered_mask_mod`."""
+    return torch.cat([states[:, :, ::stride], states], dim=-2)
+
+
 def _mask_for_attention(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
                         mask_function: MaskMod = causal_mask_function, attention_mask: torch.Tensor | None = None,
                         config: PretrainedConfig | None = None, device: torch.device | str = "cpu",
@@ -147,8 +179,9 @@ def _mask_for_attention(batch_size: int, q_length: int, kv_length: int, q_offset
                                        attention_mask=attention_mask, device=device)
         key = (pattern, q_length, str(device))
         if key not in _block_masks:
-            _block_masks[key] = create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_length, KV_LEN=kv_length,
-                                                  device=device, _compile=True)
+            gathered = q_length + global_slots(q_length, pattern.stride)
+            _block_masks[key] = create_block_mask(gathered_mask_mod(pattern, q_length), B=None, H=None,
+                                                  Q_LEN=q_length, KV_LEN=gathered, device=device, _compile=True)
         return _block_masks[key]
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_mod,
                      attention_mask=attention_mask, allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False),
@@ -164,6 +197,9 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
         raise MaskMissingError(f"{ATTENTION_NAME!r} attention got no mask: its mask function is not registered with "
                                f"transformers' AttentionMaskInterface, or the model builds its mask another way")
     if isinstance(attention_mask, BlockMask):
+        if attention_mask.seq_lengths[1] != key.shape[-2]:  # the gathered layout: global keys first
+            stride = pattern_of(module.config).stride
+            key, value = gather_globals(key, stride), gather_globals(value, stride)  # (B, H_kv, G + L, D)
         return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask.shape[-1] != key.shape[-2]:
         if key_indices is None or len(key_indices) != key.shape[-2]:
