@@ -21,6 +21,7 @@ from vlm.models.attention import (
     register,
     use_attention,
 )
+from vlm.models.llm import enable_checkpointing
 
 SIZES = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
          "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": None, "eos_token_id": None}
@@ -61,6 +62,18 @@ def test_a_window_spanning_the_sequence_equals_dense_attention(family):
     assert torch.allclose(loss, dense_loss, atol=1e-5)
     for name, grad in grads.items():
         assert torch.allclose(grad, dense_grads[name], atol=1e-5), name
+
+
+def test_gradient_checkpointing_keeps_the_pattern():
+    ids = torch.randint(1, 64, (2, 24))
+    mask = torch.ones_like(ids)
+    lm = tiny_lm().train()
+    use_attention(lm, settings(window=4, stride=8, sinks=1))
+    _, loss, grads = loss_and_grads(lm, ids, mask)
+    enable_checkpointing(lm)
+    _, recomputed_loss, recomputed = loss_and_grads(lm, ids, mask)
+    assert torch.equal(recomputed_loss, loss)
+    assert all(torch.allclose(recomputed[name], grad, atol=1e-6) for name, grad in grads.items())
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
