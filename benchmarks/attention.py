@@ -209,12 +209,12 @@ def main() -> None:
     for name in sides:
         if name.startswith("local_global"):
             reference = "dense sdpa" if backward[name] else "dense sdpa (fwd)"
-            wins = [n for n in sorted(timing[name]) if n in timing[reference]
-                    and timing[name][n][0] < timing[reference][n][0]]
-            longest = max(set(timing[name]) & set(timing[reference]), default=None)
-            ratio = timing[reference][longest][0] / timing[name][longest][0] if longest else float("nan")
-            print(f"{name} vs {reference}: crossover {wins[0] if wins else 'none up to ' + str(longest)}; "
-                  f"at L={longest}: {ratio:.2f}x dense's speed")
+            both = sorted(set(timing[name]) & set(timing[reference]))
+            ratios = {n: timing[reference][n][0] / timing[name][n][0] for n in both}  # > 1: faster than dense
+            losing = [n for n in both if ratios[n] <= 1]
+            crossover = next((n for n in both if not losing or n > losing[-1]), None)  # wins from here on
+            print(f"{name} vs {reference}: crossover {crossover or f'none up to {both[-1]}'}; speed vs dense "
+                  + ", ".join(f"{n}: {ratios[n]:.2f}x" for n in both))
 
     cache_lengths = [n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072) if n <= args.max_cache]
     cache = kv_bytes(cache_lengths, pattern, device, dtype)

@@ -129,6 +129,7 @@ def pattern_of(config: PretrainedConfig) -> SparsePattern:
 
 
 _block_masks: dict[tuple, BlockMask] = {}  # building a BlockMask costs a compile and a pass over all blocks
+MAX_BLOCK_MASKS = 16  # lengths kept; the oldest goes first
 
 
 def global_slots(length: int, stride: int) -> int:
@@ -179,6 +180,8 @@ def _mask_for_attention(batch_size: int, q_length: int, kv_length: int, q_offset
                                        attention_mask=attention_mask, device=device)
         key = (pattern, q_length, str(device))
         if key not in _block_masks:
+            if len(_block_masks) >= MAX_BLOCK_MASKS:
+                del _block_masks[next(iter(_block_masks))]
             gathered = q_length + global_slots(q_length, pattern.stride)
             _block_masks[key] = create_block_mask(gathered_mask_mod(pattern, q_length), B=None, H=None,
                                                   Q_LEN=q_length, KV_LEN=gathered, device=device, _compile=True)
