@@ -209,6 +209,17 @@ class ProjectorConfig:
 
 
 @dataclass
+class SparseAttentionConfig:
+    """The local + global pattern (model.llm.attention=local_global); positions count from each sample's first token.
+    Defaults exist so exports written before these keys load (they load as dense)."""
+
+    window: int = setting(1024, minimum=1)  # every token reads the previous `window` tokens (itself included)
+    stride: int = setting(64, minimum=1)  # positions divisible by `stride` are global: every later token reads them
+    sinks: int = setting(4, minimum=0)  # the first `sinks` tokens are always read
+    kernel: str = setting("sdpa", choices=("sdpa", "flex"))  # sdpa: boolean mask; flex: flex_attention (GPUs)
+
+
+@dataclass
 class LLMConfig:
     name_or_path: str | None = setting()  # any Hugging Face AutoModelForCausalLM; null builds a tiny random Llama
     tokenizer: str | None = setting()  # tokenizer name or path; null: same as name_or_path, or the local synthetic one
@@ -216,6 +227,8 @@ class LLMConfig:
     gradient_checkpointing: bool = setting()  # recompute decoder layers in backward to save memory
     max_length: int = setting(minimum=8)  # sequence cap; a sample whose image tokens would be cut is dropped
     chat_template: str | None = setting()  # Jinja template overriding the tokenizer's own; null keeps the tokenizer's
+    attention: str = setting("dense", choices=("dense", "local_global"))  # causal attention, or local window + global
+    sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)  # the local_global pattern
 
 
 @dataclass

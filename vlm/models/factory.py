@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
-from vlm.config import ModelConfig, TilerConfig
+from vlm.config import LLMConfig, ModelConfig, TilerConfig
 from vlm.data.processor import Processor
 from vlm.data.tiler import Tiler
 from vlm.data.tokenizer import image_token_id, new_tokenizer
+from vlm.models.attention import use_attention
 from vlm.models.llm import build_llm, enable_checkpointing
 from vlm.models.vision import VisionTower
 from vlm.models.vlm import VisionLanguageModel
@@ -53,9 +54,17 @@ def empty_vlm(config: ModelConfig, llm_config: PretrainedConfig, token_id: int,
     with no_init_weights():
         lm = AutoModelForCausalLM.from_config(llm_config)
         lm.tie_weights()  # tying happens in the init that is skipped; the export stores tied weights once
+        use_attention(lm, config.llm)
         if gradient_checkpointing:
             enable_checkpointing(lm)
         return VisionLanguageModel(config, lm, token_id)
+
+
+def set_attention(model: VisionLanguageModel, settings: LLMConfig) -> None:
+    """Give a built VLM the attention of `settings` (a run's model.llm.attention and .sparse), recorded in its config
+    so that its export carries it."""
+    model.config.llm.attention, model.config.llm.sparse = settings.attention, settings.sparse
+    use_attention(model.lm, settings)
 
 
 def no_init_weights() -> AbstractContextManager:

@@ -1,10 +1,12 @@
-"""The language model: any Hugging Face causal LM by name or path, or a tiny random Llama built from a config."""
+"""The language model: any Hugging Face causal LM by name or path, or a tiny random Llama built from a config, with
+the attention `model.llm.attention` asks for (vlm.models.attention)."""
 
 from __future__ import annotations
 
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.config import LLMConfig
+from vlm.models.attention import use_attention
 
 
 def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -21,6 +23,7 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**special, **config.config}))
     if lm.get_input_embeddings().num_embeddings < vocab_size:
         lm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    use_attention(lm, config)
     if config.gradient_checkpointing:
         enable_checkpointing(lm)
     return lm

@@ -20,8 +20,9 @@ from vlm.data.sources import DataSources
 from vlm.exports.clip import load_vision_from_clip
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import export_vlm, load_vlm
+from vlm.generation.kv_cache import cache_kwargs
 from vlm.metrics import answer_metrics, score_answer
-from vlm.models.factory import VLMBundle, empty_vlm, new_vlm
+from vlm.models.factory import VLMBundle, empty_vlm, new_vlm, set_attention
 from vlm.models.feature_cache import VisionFeatureCache
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.task import Batching, Stage, StageTask
@@ -45,6 +46,7 @@ class VLMTask(StageTask):
             bundle = load_vlm(init_from, tiler=config.tiler,
                               gradient_checkpointing=config.model.llm.gradient_checkpointing)
             bundle.model.vision.vit.set_grad_checkpointing(config.model.vision.gradient_checkpointing)
+            set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
         else:
             bundle = new_vlm(config.model, config.tiler)
             if meta is not None:
@@ -148,7 +150,7 @@ class VLMTask(StageTask):
                                       prompt["pixel_values"].to(self.device), prompt["image_slots"].to(self.device),
                                       max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
                                       do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id)
+                                      pad_token_id=tokenizer.pad_token_id, **cache_kwargs(self.model.lm))
         return tokenizer.batch_decode(new, skip_special_tokens=True)
 
     def on_validation_epoch_end(self) -> None:

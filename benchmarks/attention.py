@@ -1,0 +1,230 @@
+"""Benchmark: local + global sparse attention (model.llm.attention=local_global) vs dense causal SDPA, in one run.
+
+Three measurements, each side by side in this process:
+1. forward + backward time of one decoder layer (a 1-layer Llama: attention + MLP, mask building included) at
+   sequence lengths from 512 up to --max-length, for dense causal SDPA (transformers' `sdpa`, `is_causal`), the
+   local_global pattern through SDPA with a boolean mask, and through flex_attention with a BlockMask (forward only
+   on CPU: torch has no flex_attention backward there); with peak memory above the start (CUDA: the allocator's
+   peak; CPU: the process's resident memory, sampled every millisecond);
+2. the crossover: the first length where a local_global kernel beats dense;
+3. decode KV-cache bytes after N tokens: the same keys and values fed to transformers' DynamicCache layer and to
+   vlm's LocalGlobalCache layer, N up to --max-cache.
+Repeats alternate the sides and report medians. A PNG plot goes to --plot.
+
+Usage: python benchmarks/attention.py [--max-length 8192] [--max-cache 131072] [--window 1024] [--stride 64]
+                                      [--sinks 4] [--repeats 3] [--device cpu|cuda] [--no-flex] [--plot PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlm.config import LLMConfig, SparseAttentionConfig  # noqa: E402
+from vlm.generation.kv_cache import LocalGlobalLayer  # noqa: E402
+from vlm.models.attention import SparsePattern, use_attention  # noqa: E402
+
+WIDTH, HEADS, HEAD_DIM = 512, 8, 64  # one layer of a small LLM (SmolLM2-360M has width 960, 15 heads of 64)
+
+
+class PeakMemory:
+    """Peak memory above the start of a `with` block: CUDA's allocator peak, or resident memory sampled on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def _resident(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._resident() - self._start)
+            time.sleep(0.001)
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start, self._stop = self._resident(), threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def one_layer(attention: str, kernel: str, pattern: SparsePattern, device: torch.device,
+              dtype: torch.dtype) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=1,
+                         num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=1 << 18)
+    lm = LlamaForCausalLM(config).to(device, dtype)
+    sparse = SparseAttentionConfig(window=pattern.window, stride=pattern.stride, sinks=pattern.sinks, kernel=kernel)
+    use_attention(lm, LLMConfig(name_or_path=None, tokenizer=None, config={}, gradient_checkpointing=False,
+                                max_length=8, chat_template=None, attention=attention, sparse=sparse))
+    return lm
+
+
+def step(lm: LlamaForCausalLM, embeds: torch.Tensor, backward: bool) -> None:
+    with torch.set_grad_enabled(backward):
+        hidden = lm.model(inputs_embeds=embeds).last_hidden_state  # (1, L, D)
+        if backward:
+            hidden.float().square().mean().backward()
+    if embeds.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_layers(lengths: list[int], sides: dict[str, LlamaForCausalLM], backward: dict[str, bool], repeats: int,
+                device: torch.device, dtype: torch.dtype) -> dict[str, dict[int, tuple[float, int]]]:
+    """{side: {length: (median seconds, peak bytes)}}; a side that fails at a length (memory) is left out there."""
+    results: dict[str, dict[int, tuple[float, int]]] = {name: {} for name in sides}
+    for length in lengths:
+        embeds = torch.randn(1, length, WIDTH, device=device, dtype=dtype, requires_grad=True)
+        for name, lm in sides.items():  # warm-up: compiles flex kernels, builds and caches block masks
+            try:
+                step(lm, embeds, backward[name])
+            except (RuntimeError, MemoryError) as err:
+                print(f"  {name} at {length}: {str(err).splitlines()[0][:100]}")
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        peaks: dict[str, int] = {name: 0 for name in sides}
+        for _ in range(repeats):
+            for name, lm in sides.items():
+                try:
+                    with PeakMemory(device) as memory:
+                        start = time.perf_counter()
+                        step(lm, embeds, backward[name])
+                        times[name].append(time.perf_counter() - start)
+                    peaks[name] = max(peaks[name], memory.peak)
+                except (RuntimeError, MemoryError):
+                    break
+        for name in sides:
+            if times[name]:
+                results[name][length] = (statistics.median(times[name]), peaks[name])
+        row = "  ".join(f"{name} {results[name][length][0] * 1e3:8.1f} ms {results[name][length][1] / 2**20:7.1f} MiB"
+                        for name in sides if length in results[name])
+        print(f"L={length:6d}  {row}", flush=True)
+    return results
+
+
+def kv_bytes(lengths: list[int], pattern: SparsePattern, device: torch.device, dtype: torch.dtype,
+             chunk: int = 1024) -> dict[str, dict[int, int]]:
+    """Bytes one layer's cache holds after N tokens, fed in chunks of `chunk` as a prefill, then decode steps would."""
+    out: dict[str, dict[int, int]] = {"dense": {}, "local_global": {}}
+    for name, layer_class in (("dense", DynamicLayer), ("local_global", LocalGlobalLayer)):
+        layer = layer_class() if name == "dense" else layer_class(pattern)
+        seen = 0
+        for length in lengths:
+            while seen < length:
+                new = min(chunk, length - seen)
+                keys = torch.randn(1, HEADS, new, HEAD_DIM, device=device, dtype=dtype)
+                layer.update(keys, keys.clone(), kwargs={"position_ids": torch.arange(seen, seen + new)[None]})
+                seen += new
+            out[name][length] = (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
+    return out
+
+
+def plot(path: Path, timing: dict[str, dict[int, tuple[float, int]]], backward: dict[str, bool],
+         cache: dict[str, dict[int, int]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_time, ax_memory, ax_cache) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, rows in timing.items():
+        lengths = sorted(rows)
+        label = f"{name} ({'fwd+bwd' if backward[name] else 'fwd only'})"
+        ax_time.plot(lengths, [rows[n][0] * 1e3 for n in lengths], marker="o", label=label)
+        ax_memory.plot(lengths, [rows[n][1] / 2**20 for n in lengths], marker="o", label=label)
+    for ax, what in ((ax_time, "time per layer (ms)"), (ax_memory, "peak memory above start (MiB)")):
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel=what)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    for name, rows in cache.items():
+        lengths = sorted(rows)
+        ax_cache.plot(lengths, [rows[n] / 2**20 for n in lengths], marker="o", label=name)
+    ax_cache.set(xscale="log", yscale="log", xlabel="tokens decoded", ylabel="KV cache per layer (MiB)")
+    ax_cache.legend(fontsize=8)
+    ax_cache.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # large buffers back to the OS when freed, so RSS peaks are real
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-length", type=int, default=8192)
+    parser.add_argument("--max-cache", type=int, default=131072)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--stride", type=int, default=64)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-flex", action="store_true", help="skip the flex_attention side (it compiles first)")
+    parser.add_argument("--plot", type=Path, default=Path("docs/attention_benchmark.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pattern = SparsePattern(args.window, args.stride, args.sinks)
+    lengths = [n for n in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072) if n <= args.max_length]
+    print(f"one decoder layer: width {WIDTH}, {HEADS} heads of {HEAD_DIM}; pattern window {pattern.window}, stride "
+          f"{pattern.stride}, sinks {pattern.sinks}; {device} {dtype}, {args.threads} thread(s)")
+
+    sides = {"dense sdpa": one_layer("dense", "sdpa", pattern, device, dtype),
+             "local_global sdpa": one_layer("local_global", "sdpa", pattern, device, dtype)}
+    if not args.no_flex:
+        sides["local_global flex"] = one_layer("local_global", "flex", pattern, device, dtype)
+    backward = {name: not (name.endswith("flex") and device.type == "cpu") for name in sides}
+    if device.type == "cpu" and not args.no_flex:
+        sides["dense sdpa (fwd)"] = sides["dense sdpa"]  # flex has no CPU backward: compare forwards too
+        backward["dense sdpa (fwd)"] = False
+    timing = time_layers(lengths, sides, backward, args.repeats, device, dtype)
+
+    for name in sides:
+        if name.startswith("local_global"):
+            reference = "dense sdpa" if backward[name] else "dense sdpa (fwd)"
+            both = sorted(set(timing[name]) & set(timing[reference]))
+            ratios = {n: timing[reference][n][0] / timing[name][n][0] for n in both}  # > 1: faster than dense
+            losing = [n for n in both if ratios[n] <= 1]
+            crossover = next((n for n in both if not losing or n > losing[-1]), None)  # wins from here on
+            print(f"{name} vs {reference}: crossover {crossover or f'none up to {both[-1]}'}; speed vs dense "
+                  + ", ".join(f"{n}: {ratios[n]:.2f}x" for n in both))
+
+    cache_lengths = [n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072) if n <= args.max_cache]
+    cache = kv_bytes(cache_lengths, pattern, device, dtype)
+    for n in cache_lengths:
+        print(f"KV cache after {n:6d} tokens, per layer: dense {cache['dense'][n] / 2**20:8.2f} MiB  local_global "
+              f"{cache['local_global'][n] / 2**20:6.2f} MiB  ratio {cache['local_global'][n] / cache['dense'][n]:.4f}")
+    title = (f"local_global (window {pattern.window}, stride {pattern.stride}, sinks {pattern.sinks}) vs dense: one "
+             f"layer, width {WIDTH}, {device.type} {str(dtype).removeprefix('torch.')}, {args.threads} thread(s)")
+    plot(args.plot, timing, backward, cache, title)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Local + global sparse attention for any Hugging Face causal LM that uses transformers' attention interface.
+
+A query at position q (counted from its sample's first token) reads a key at position k <= q when
+    q - k < window   (the local window)   or   k % stride == 0   (global tokens)   or   k < sinks   (attention sinks).
+Cost grows as N * (window + N / stride) instead of N^2.
+
+The pattern is one `mask_mod(batch, head, q_idx, kv_idx)` and reaches the model through two registrations under the
+name `local_global`, both needed:
+- a mask function (`AttentionMaskInterface`): the causal mask transformers would build, AND the pattern. It gives a
+  boolean SDPA mask (never skipped for `is_causal`, which would drop the pattern) or, with `kernel=flex` over a whole
+  sequence, a flex_attention `BlockMask`. Without padding the BlockMask is cached by length and reads keys with the
+  global ones gathered in front (see `gathered_mask_mod`), so whole blocks are skipped; with padding or packing it is
+  built per batch over the plain layout;
+- an attention function (`AttentionInterface`): SDPA with that mask, or flex_attention with the BlockMask. It refuses
+  to run without a mask: a name registered without a mask function makes transformers drop the mask silently.
+
+Masks are built over absolute key positions. A pattern-aware KV cache (vlm.generation.kv_cache) keeps only the keys
+a later query can read; it reports which positions its keys hold (`KEY_INDICES`), and the attention function picks
+those columns of the mask.
+
+`pattern_mask_mod` and `local_global_mask` take per-token positions within each sample (and sample ids), so a packed
+row (several samples in one row) masks each sample on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    and_masks,
+    causal_mask_function,
+    flex_attention_mask,
+    prepare_padding_mask,
+    sdpa_mask,
+)
+
+from vlm.config import ConfigError, LLMConfig
+from vlm.models.packing import register_packed_mask
+
+ATTENTION_NAME = "local_global"
+PATTERN_ATTRIBUTE = "local_global_attention"  # where the pattern lives on the LLM's Hugging Face config
+KEY_INDICES = "local_global_key_indices"  # attention kwarg: absolute positions (K,) of the keys a cache returned
+DENSE = "sdpa"  # the attention implementation `attention=dense` restores
+
+MaskMod = Callable[[Any, Any, Any, Any], Any]
+
+
+class MaskMissingError(RuntimeError):
+    """local_global attention was called without its mask: the pattern would silently become full attention."""
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """The local + global pattern; see the module docstring."""
+
+    window: int
+    stride: int
+    sinks: int
+    kernel: str = "sdpa"
+
+    def readable(self, query_position: Any, key_position: Any) -> Any:
+        """Whether a query may read a key, positions within one sample (tensors broadcast); causality is separate."""
+        return (query_position - key_position < self.window) | (key_position % self.stride == 0) | (
+            key_position < self.sinks)
+
+    def needed_later(self, key_index: torch.Tensor, key_position: torch.Tensor, next_query_index: int) -> torch.Tensor:
+        """(K,) keys some later query can still read, given their absolute indices (K,) and their positions within
+        each row's sample (B, K). Window distances are the same in every row; global and sink keys may differ by row
+        (left padding), so a key any row needs is kept."""
+        in_window = next_query_index - key_index < self.window  # (K,)
+        fixed = ((key_position % self.stride == 0) | (key_position < self.sinks)).any(dim=0)  # (K,)
+        return in_window | fixed
+
+    def max_cached(self, length: int) -> int:
+        """Keys a pattern cache holds at most after `length` tokens (one sample)."""
+        return min(length, self.window + length // self.stride + self.sinks + 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"window": self.window, "stride": self.stride, "sinks": self.sinks, "kernel": self.kernel}
+
+
+def pattern_mask_mod(pattern: SparsePattern, positions: torch.Tensor | None = None,
+                     sample_ids: torch.Tensor | None = None) -> MaskMod:
+    """The causal local + global mask_mod over row indices. `positions` (B, L): each token's position within its
+    sample (None: the row index itself); `sample_ids` (B, L): tokens of different samples never see each other
+    (packed rows). Works on broadcast index tensors (SDPA masks) and under vmap (flex BlockMasks)."""
+
+    def mask_mod(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        if positions is None:
+            query_position, key_position = q_idx, kv_idx
+        else:
+            query_position, key_position = positions[batch_idx, q_idx], positions[batch_idx, kv_idx]
+        allowed = (kv_idx <= q_idx) & pattern.readable(query_position, key_position)
+        if sample_ids is not None:
+            allowed = allowed & (sample_ids[batch_idx, q_idx] == sample_ids[batch_idx, kv_idx])
+        return allowed
+
+    return mask_mod
+
+
+def sample_positions(padding_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 1/True on real tokens -> (B, L) each token's position from its sample's first real token (what
+    transformers' generate gives as position ids); padding gets 0 and is masked anyway."""
+    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def local_global_mask(pattern: SparsePattern, positions: torch.Tensor, sample_ids: torch.Tensor | None = None,
+                      padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A 4D boolean mask (B, 1, L, L) for rows of `positions` (B, L), e.g. packed rows with their position ids and
+    sample ids. Passed to the model as `attention_mask`, transformers uses it as-is."""
+    batch, length = positions.shape
+    return sdpa_mask(batch, length, length, mask_function=pattern_mask_mod(pattern, positions, sample_ids),
+                     attention_mask=padding_mask, allow_is_causal_skip=False, device=positions.device)
+
+
+def pattern_of(config: PretrainedConfig) -> SparsePattern:
+    settings = getattr(config, PATTERN_ATTRIBUTE, None)
+    if not settings:
+        raise MaskMissingError(f"the LLM's config uses {ATTENTION_NAME!r} attention but has no "
+                               f"{PATTERN_ATTRIBUTE!r} settings; configure it with vlm.models.attention.use_attention")
+    return SparsePattern(**settings)
+
+
+_block_masks: dict[tuple, BlockMask] = {}  # building a BlockMask costs a compile and a pass over all blocks
+MAX_BLOCK_MASKS = 16  # lengths kept; the oldest goes first
+
+
+def global_slots(length: int, stride: int) -> int:
+    """Global tokens among `length` positions: 0, stride, 2*stride, ..."""
+    return -(-length // stride)
+
+
+def gathered_mask_mod(pattern: SparsePattern, length: int) -> MaskMod:
+    """The pattern over keys laid out as [the G global keys, gathered (G = global_slots)] + [all L keys].
+
+    With stride smaller than flex_attention's 128-wide blocks, every block of keys holds a global token, so a
+    BlockMask over the plain layout skips nothing. Gathered, the globals fill G / 128 dense blocks and the rest is a
+    band of width `window` (plus the sinks' first block). Each readable key is allowed exactly once: from the global
+    segment when it is global, outside the window and not a sink; from the plain segment otherwise."""
+    slots = global_slots(length, pattern.stride)
+
+    def mask_mod(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        global_position = kv_idx * pattern.stride
+        from_globals = (global_position <= q_idx) & (q_idx - global_position >= pattern.window) & (
+            global_position >= pattern.sinks)
+        position = kv_idx - slots
+        from_plain = (position <= q_idx) & ((q_idx - position < pattern.window) | (position < pattern.sinks))
+        return torch.where(kv_idx < slots, from_globals, from_plain)
+
+    return mask_mod
+
+
+def gather_globals(states: torch.Tensor, stride: int) -> torch.Tensor:
+    """(B, H, L, D) keys or values -> (B, H, G + L, D): the global ones first, for `gathered_mask_mod`."""
+    return torch.cat([states[:, :, ::stride], states], dim=-2)
+
+
+def _mask_for_attention(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
+                        mask_function: MaskMod = causal_mask_function, attention_mask: torch.Tensor | None = None,
+                        config: PretrainedConfig | None = None, device: torch.device | str = "cpu",
+                        **kwargs: Any) -> torch.Tensor | BlockMask:
+    """The AttentionMaskInterface function: transformers' mask (causal, padding, packing) AND the pattern, over
+    absolute positions; with padding, positions count from each row's first real token."""
+    pattern = pattern_of(config)
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, kv_offset + kv_length) or None
+    padded = padding is not None and not bool(padding.all())
+    positions = sample_positions(padding) if padded else None
+    mask_mod = and_masks(mask_function, pattern_mask_mod(pattern, positions))
+    whole_sequence = isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    if pattern.kernel == "flex" and whole_sequence:
+        if padded or mask_function is not causal_mask_function:  # depends on the data: built per batch
+            return flex_attention_mask(batch_size, q_length, kv_length, mask_function=mask_mod,
+                                       attention_mask=attention_mask, device=device)
+        key = (pattern, q_length, str(device))
+        if key not in _block_masks:
+            if len(_block_masks) >= MAX_BLOCK_MASKS:
+                del _block_masks[next(iter(_block_masks))]
+            gathered = q_length + global_slots(q_length, pattern.stride)
+            _block_masks[key] = create_block_mask(gathered_mask_mod(pattern, q_length), B=None, H=None,
+                                                  Q_LEN=q_length, KV_LEN=gathered, device=device, _compile=True)
+        return _block_masks[key]
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_mod,
+                     attention_mask=attention_mask, allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False),
+                     device=device)
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | BlockMask | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The AttentionInterface function. query (B, H, Q, D), key/value (B, H_kv, K, D); the mask covers absolute key
+    positions (B, 1, Q, N >= K), narrowed to the K keys a pattern cache returned."""
+    key_indices = kwargs.pop(KEY_INDICES, None)
+    if attention_mask is None:
+        raise MaskMissingError(f"{ATTENTION_NAME!r} attention got no mask: its mask function is not registered with "
+                               f"transformers' AttentionMaskInterface, or the model builds its mask another way")
+    if isinstance(attention_mask, BlockMask):
+        if attention_mask.seq_lengths[1] != key.shape[-2]:  # the gathered layout: global keys first
+            stride = pattern_of(module.config).stride
+            key, value = gather_globals(key, stride), gather_globals(value, stride)  # (B, H_kv, G + L, D)
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask.shape[-1] != key.shape[-2]:
+        if key_indices is None or len(key_indices) != key.shape[-2]:
+            raise MaskMissingError(f"the mask covers {attention_mask.shape[-1]} key positions but attention got "
+                                   f"{key.shape[-2]} keys and no {KEY_INDICES!r} saying which")
+        attention_mask = attention_mask.index_select(-1, key_indices.to(attention_mask.device))  # (B, 1, Q, K)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register() -> None:
+    """Register the attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _mask_for_attention)
+    # packed rows (data.packing=true): the pattern counted from each sample's first token, samples kept apart
+    register_packed_mask(ATTENTION_NAME, lambda config, sample_ids, positions: local_global_mask(
+        pattern_of(config), positions, sample_ids))
+
+
+def use_attention(lm: PreTrainedModel, settings: LLMConfig) -> None:
+    """Switch `lm` to `settings.attention` (model.llm.attention) in place; the pattern goes on its config, so exports
+    of its config carry it."""
+    if settings.attention == "dense":
+        if lm.config._attn_implementation == ATTENTION_NAME:
+            lm.set_attn_implementation(DENSE)
+        if hasattr(lm.config, PATTERN_ATTRIBUTE):
+            delattr(lm.config, PATTERN_ATTRIBUTE)
+        return
+    if not getattr(type(lm), "_supports_attention_backend", False):
+        raise ConfigError(f"model.llm.attention={settings.attention!r} needs an LLM that uses transformers' attention "
+                          f"interface; {type(lm).__name__} does not (use model.llm.attention=dense)")
+    register()
+    setattr(lm.config, PATTERN_ATTRIBUTE, SparsePattern(**vars(settings.sparse)).as_dict())
+    lm.set_attn_implementation(ATTENTION_NAME)
+    if lm.config._attn_implementation != ATTENTION_NAME:
+        raise ConfigError(f"model.llm.attention={settings.attention!r}: {type(lm).__name__} did not accept the "
+                          f"{ATTENTION_NAME!r} attention implementation")
+
+
+def uses_pattern(lm: PreTrainedModel) -> SparsePattern | None:
+    """The pattern `lm` attends with, or None for dense attention."""
+    return pattern_of(lm.config) if lm.config._attn_implementation == ATTENTION_NAME else None
+
+
+register()
