@@ -2,7 +2,8 @@
 
 `vlm.infer` (terminal) and `vlm.serve` (HTTP) are thin layers over this module. It owns two classes:
 - `ChatModel`: an align/sft export on a device, with `prepare` (the shared processor: tiler + chat template),
-  `generate` and `stream`. Decoding is transformers' `generate` with its KV cache (see `vlm.generation`).
+  `generate` and `stream`. Decoding is transformers' `generate` with its KV cache (see `vlm.generation`):
+  every past key (`kv_cache="dynamic"`) or an H2O budget of heavy hitters and recent tokens (`kv_cache="h2o"`).
 - `ChatSession`: history and images over several turns.
 
 A conversation is `[{"role": "system"|"user"|"assistant", "content": str}]`; the text holds one `<image>`
@@ -28,6 +29,7 @@ from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.exports.vlm import load_vlm
 from vlm.generation.completion import Completion, ContextOverflow, Message, Prompt, PromptError
 from vlm.generation.device import pick_device, pick_dtype
+from vlm.generation.h2o import H2OBudget, H2OCache
 from vlm.generation.options import GenerationOptions, OptionError, resolve_decoding
 from vlm.generation.stopping import Cancelled, StopInAnswer, stop_reason
 from vlm.generation.streaming import AnswerJob, TextStream
@@ -127,11 +129,13 @@ class ChatModel:
             stopping.append(StopInAnswer(self.tokenizer, opts.stop, inputs["input_ids"].shape[1]))
         kwargs = {**inputs, **decoding.generate_kwargs, "stopping_criteria": stopping,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": sorted(self.eos_token_ids)}
+        budget = H2OBudget.for_prompt(opts.h2o, prompt.input_tokens) if opts.kv_cache == "h2o" else None
 
         def run(streamer: TextIteratorStreamer | None) -> list[int]:
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)  # seeds the CPU and every CUDA device
-            ids = self.model.generate(**kwargs, streamer=streamer)[0].tolist()  # only the new tokens
+            cache = {"cache": H2OCache(self.model.lm, budget)} if budget else {}  # a fresh cache per answer
+            ids = self.model.generate(**kwargs, **cache, streamer=streamer)[0].tolist()  # only the new tokens
             ends = [i for i, token in enumerate(ids) if token in self.eos_token_ids]
             return ids[: ends[0] + 1] if ends else ids  # beams may pad after the first end of turn
 
