@@ -223,11 +223,12 @@ def attention_column_sums(query: torch.Tensor, key: torch.Tensor, attention_mask
 
 
 def _refuse_padding(attention_mask: torch.Tensor | None, keys: int) -> None:
-    """Without padding the last query of a step reads every key; a padded row hides some from it."""
+    """Without padding the last query of a step reads every key; a padded row hides some from it. Masks are 4D
+    (sdpa, eager: boolean or additive) or a 2D padding mask (flash attention)."""
     if attention_mask is None:
         return
-    last = attention_mask[:, :, -1, :keys]  # (B, 1, K)
-    reads_all = last.all() if last.dtype == torch.bool else bool((last == 0).all())
+    last = attention_mask[:, :, -1, :keys] if attention_mask.dim() == 4 else attention_mask  # (B, 1, K) or (B, K)
+    reads_all = bool(last.all()) if last.dtype == torch.bool or attention_mask.dim() == 2 else bool((last == 0).all())
     if not reads_all:
         raise PaddedBatchError("kv_cache=h2o cannot evict in a left-padded batch (masks index keys by position); "
                                "generate one prompt at a time, or batch prompts of equal length")
@@ -243,7 +244,8 @@ def _observing(wrapped: Callable) -> Callable:
         if layer is not None:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             with torch.no_grad():
-                layer.observe(attention_column_sums(query, key, attention_mask, scale))
+                mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+                layer.observe(attention_column_sums(query, key, mask, scale))  # unpadded: a 2D mask is all ones
         return output
 
     return attention
