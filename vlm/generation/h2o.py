@@ -129,11 +129,20 @@ class H2OLayer(DynamicLayer):
         if held <= budget.total:
             return
         batch, heads = self.keys.shape[:2]
+        if held == budget.total + 1:  # a decoding step: drop the one lowest-scored candidate, as H2O does
+            middle = self.scores[..., budget.sinks: held - budget.recent]  # (B, H_kv, heavy + 1)
+            dropped = middle.argmin(dim=-1, keepdim=True) + budget.sinks  # (B, H_kv, 1)
+            keep = torch.arange(held - 1, device=self.device).expand(batch, heads, -1)  # (B, H_kv, total)
+            self._keep(keep + (keep >= dropped))  # every index from the dropped one on moves up by one
+            return
         sinks = torch.arange(budget.sinks, device=self.device).expand(batch, heads, -1)
         recent = torch.arange(held - budget.recent, held, device=self.device).expand(batch, heads, -1)
         middle = self.scores[..., budget.sinks: held - budget.recent]  # (B, H_kv, M) the candidates, M > heavy
         heavy = middle.topk(budget.heavy, dim=-1).indices.sort(dim=-1).values + budget.sinks  # (B, H_kv, heavy)
-        keep = torch.cat([sinks, heavy, recent], dim=-1)  # (B, H_kv, total), in position order
+        self._keep(torch.cat([sinks, heavy, recent], dim=-1))  # (B, H_kv, total), in position order
+
+    def _keep(self, keep: torch.Tensor) -> None:
+        """Keep the entries `keep` (B, H_kv, total) of every row and head."""
         rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])  # (B, H_kv, total, D)
         self.keys, self.values = self.keys.gather(2, rows), self.values.gather(2, rows)
         self.scores, self.positions = self.scores.gather(2, keep), self.positions.gather(2, keep)
@@ -209,16 +218,21 @@ def attention_column_sums(query: torch.Tensor, key: torch.Tensor, attention_mask
     totals = torch.zeros(batch, kv_heads, keys, device=key.device)
     for start in range(0, queries, block):
         end = min(start + block, queries)
-        q = query[:, :, start:end].float().view(batch, kv_heads, groups, end - start, dim)  # (B, H_kv, G, c, D)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key32) * scaling  # (B, H_kv, G, c, K)
+        # causal without a mask: this block's last query sees keys up to K - Q + end - 1; the rest are never read
+        visible = keys - queries + end if attention_mask is None else keys
+        q = query[:, :, start:end].float().view(batch, kv_heads, groups, end - start, dim) * scaling  # (B,H_kv,G,c,D)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key32[:, :, :visible])  # (B, H_kv, G, c, V)
         if attention_mask is not None:
             mask = attention_mask[:, :, start:end, :keys].unsqueeze(1)  # (B, 1, 1, c, K)
-            logits = logits.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else logits + mask.float()
-        elif queries > 1:  # causal: query i sees keys up to its own position, K - Q + i
-            seen = torch.arange(keys, device=key.device) <= torch.arange(start, end, device=key.device)[:, None] + (
-                keys - queries)  # (c, K)
-            logits = logits.masked_fill(~seen, -math.inf)
-        totals += logits.softmax(dim=-1).sum(dim=(2, 3))
+            logits = logits.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else logits.add_(mask)
+        elif end - start > 1:  # query i of the block sees keys up to its own position, K - Q + start + i
+            seen = torch.arange(visible, device=key.device) <= torch.arange(start, end, device=key.device)[:, None] + (
+                keys - queries)  # (c, V)
+            logits.masked_fill_(~seen, -math.inf)
+        # softmax in place: one (B, H_kv, G, c, V) buffer per block
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        logits.div_(logits.sum(dim=-1, keepdim=True))
+        totals[..., :visible] += logits.sum(dim=(2, 3))
     return totals
 
 
