@@ -15,7 +15,7 @@ Two parts:
    plus the full dynamic cache. Writes a PNG of exact match against budget (--plot).
 
 Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
-       [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--max-samples 200]
+       [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--max-samples 200]
        [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
 Without --export, a random tiny export is built (the quality part then measures nothing useful).
 """
@@ -199,7 +199,8 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
         started, scored, held = time.perf_counter(), [], []
         for turn in turns:
             total = round(fraction * len(turn.prompt.input_ids))
-            budget = None if method == "dynamic" else split_budget(total, args.sinks, heavy=method == "h2o")
+            sinks = args.h2o_sinks if method == "h2o" else args.sinks
+            budget = None if method == "dynamic" else split_budget(total, sinks, heavy=method == "h2o")
             held.append(budget.total if budget else len(turn.prompt.input_ids))
             scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new), turn.reference)))
         metrics = answer_metrics(scored)
@@ -251,13 +252,15 @@ def main() -> None:
     parser.add_argument("--speed-budget", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
-    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--sinks", type=int, default=4, help="sinks of the recent-only window (and of h2o)")
+    parser.add_argument("--h2o-sinks", type=int, help="h2o's sinks in the quality part (default: --sinks)")
     parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
     parser.add_argument("--plot", type=Path, default=Path("docs/kv_cache_budget.png"))
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    args.h2o_sinks = args.sinks if args.h2o_sinks is None else args.h2o_sinks
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.export is None:
