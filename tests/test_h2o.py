@@ -158,13 +158,14 @@ def test_beam_search_evicts_and_reorders_with_its_scores(lm):
     assert cache.layers[0].scores.shape[:2] == (3, 2) and cache.layers[0].held() == 10
 
 
-def test_a_padded_batch_is_refused(lm):
+@pytest.mark.parametrize("heavy", [2, 0])
+def test_a_padded_batch_is_refused(lm, heavy):
     ids = prompt(12, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
     with pytest.raises(PaddedBatchError, match="left-padded batch"):
         lm.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
-                    cache=H2OCache(lm, H2OBudget(heavy=2, recent=2, sinks=1)))
+                    cache=H2OCache(lm, H2OBudget(heavy=heavy, recent=2, sinks=1)))
 
 
 def test_fractions_resolve_against_the_prompt_length():

@@ -107,20 +107,21 @@ class H2OLayer(DynamicLayer):
         self.positions = torch.cat([self.positions, new_positions.expand(*key_states.shape[:2], new)], dim=-1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(*key_states.shape[:2], new)], dim=-1)
         self.cumulative_length += new
-        keys, values = self.keys, self.values
-        if self.budget.heavy == 0:
-            self.evict()  # a recent-only window needs no scores
-        elif kwargs is None:
+        if kwargs is None:
             raise RuntimeError("the model's attention passes no kwargs to its cache, so H2O cannot get attention "
                                "scores; use kv_cache=dynamic with this model")
-        else:
-            kwargs[H2O_LAYER] = self
-            self.awaiting_scores = True
-        return keys, values
+        kwargs[H2O_LAYER] = self  # the attention function checks the mask, then calls `observe` (which evicts)
+        self.awaiting_scores = True
+        return self.keys, self.values
 
-    def observe(self, scores: torch.Tensor) -> None:
+    @property
+    def wants_scores(self) -> bool:
+        return self.budget.heavy > 0  # a recent-only window needs none
+
+    def observe(self, scores: torch.Tensor | None) -> None:
         """Add this step's attention (B, H_kv, K) to the kept keys' totals, then evict down to the budget."""
-        self.scores += scores
+        if scores is not None:
+            self.scores += scores
         self.awaiting_scores = False
         self.evict()
 
@@ -188,8 +189,7 @@ class H2OCache(Cache):
     """An H2O layer per decoder layer of `lm`; installs the score hook on `lm` (see `install_score_hook`)."""
 
     def __init__(self, lm: PreTrainedModel, budget: H2OBudget):
-        if budget.heavy:
-            install_score_hook(lm)
+        install_score_hook(lm)
         super().__init__(layers=[H2OLayer(budget) for _ in range(lm.config.get_text_config().num_hidden_layers)])
         self.budget = budget
 
@@ -255,7 +255,9 @@ def _observing(wrapped: Callable) -> Callable:
         if layer is not None:
             _refuse_padding(attention_mask, key.shape[-2])
         output = wrapped(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-        if layer is not None:
+        if layer is not None and not layer.wants_scores:
+            layer.observe(None)
+        elif layer is not None:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             with torch.no_grad():
                 mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
