@@ -212,3 +212,10 @@ def test_chat_answers_stream_and_match_with_a_budget_holding_everything(tiny_cha
                                 h2o={"heavy": 2, "recent": 3}) as stream:
         text = "".join(stream)
     assert stream.completion.text == text and stream.completion.output_tokens == 12
+
+
+def test_a_chat_session_keeps_its_h2o_budget_across_turns(tiny_chat_model):
+    chat = tiny_chat_model.session(temperature=0, max_new_tokens=4, kv_cache="h2o", h2o={"heavy": 2, "recent": 3})
+    first, second = chat.send("What color is the shape?"), chat.send("And its shape?")
+    assert (first.output_tokens, second.output_tokens) == (4, 4) and len(chat.messages) == 4
+    assert chat.options.kv_cache == "h2o" and chat.options.h2o == H2OSettings(heavy=2, recent=3, sinks=4)
