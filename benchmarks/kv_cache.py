@@ -213,7 +213,7 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
     print("|---|---|---|---|")
     for fraction in args.budgets:
         h, w = results["h2o"][fraction], results["window"][fraction]
-        print(f"| {fraction:.0%} | {h:.3f} | {w:.3f} | {h / full:.3f} |")
+        print(f"| {fraction:.0%} | {h:.3f} | {w:.3f} | {h / full if full else float('nan'):.3f} |")
     return results
 
 
