@@ -21,6 +21,7 @@ from images import solid
 from live_server import LiveServer
 from PIL import Image
 
+from vlm.generation.options import H2OSettings
 from vlm.serve import ServeSettings, create_app
 
 QUESTION = "What color is the shape?"
@@ -132,6 +133,25 @@ def test_openai_sdk_create(url, expected, tiny_chat_model):
                         response.usage.prompt_tokens, expected, tiny_chat_model.tokenizer)
 
 
+def test_the_kv_cache_request_field_chooses_the_cache(serve, expected, tiny_chat_model):
+    """A server whose h2o budget (a 2-token window and 1 sink) changes the tiny model's greedy answer: a request
+    naming kv_cache=h2o gets the Python API's h2o answer, over SSE too; one naming none gets the default cache."""
+    budget = H2OSettings(heavy=0, recent=2, sinks=1)
+    messages = [{"role": "user", "content": f"<image>\n{QUESTION}"}]
+    windowed = tiny_chat_model.generate(messages, [solid()], max_new_tokens=8, temperature=0, kv_cache="h2o",
+                                        h2o=budget)
+    assert windowed.text != expected.text  # otherwise this test could not tell the caches apart
+    url = serve(**SETTINGS, h2o=budget)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    chunks = client.chat.completions.create(model="tiny", max_tokens=8, extra_body={**GREEDY, "kv_cache": "h2o"},
+                                            stream=True, messages=[openai_image_message()])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == windowed.text
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    message = claude.messages.create(model="tiny", max_tokens=8, extra_body=GREEDY,
+                                     messages=[anthropic_image_message()])
+    assert message.content[0].text == expected.text
+
+
 def test_models_and_health(url):
     assert [m.id for m in openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.list()] == ["export"]
     assert [m.id for m in anthropic.Anthropic(base_url=url, api_key="x").models.list()] == ["export"]
@@ -210,6 +230,8 @@ BAD_INPUTS = {
     "o-unknown-content-type": ("/v1/chat/completions", _openai(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {}}]}]), 400),
     "o-n-2": ("/v1/chat/completions", _openai(n=2), 400),
+    "a-unknown-kv-cache": ("/v1/messages", _anthropic(kv_cache="h20"), 400),
+    "o-unknown-kv-cache": ("/v1/chat/completions", _openai(kv_cache="static"), 400),
 }
 
 

@@ -2,8 +2,9 @@
 
 `vlm.infer` (terminal) and `vlm.serve` (HTTP) are thin layers over this module. It owns two classes:
 - `ChatModel`: an align/sft export on a device, with `prepare` (the shared processor: tiler + chat template),
-  `generate` and `stream`. Decoding is transformers' `generate` with its KV cache (see `vlm.generation`); a model
-  trained with local + global attention decodes with it and a cache that keeps only the keys the pattern reads.
+  `generate` and `stream`. Decoding is transformers' `generate` with its KV cache (see `vlm.generation`):
+  every past key (`kv_cache="dynamic"`), an H2O budget of heavy hitters and recent tokens (`kv_cache="h2o"`),
+  or, for a model trained with local + global attention, only the keys its pattern reads.
 - `ChatSession`: history and images over several turns.
 
 A conversation is `[{"role": "system"|"user"|"assistant", "content": str}]`; the text holds one `<image>`
@@ -29,10 +30,12 @@ from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.exports.vlm import load_vlm
 from vlm.generation.completion import Completion, ContextOverflow, Message, Prompt, PromptError
 from vlm.generation.device import pick_device, pick_dtype
+from vlm.generation.h2o import H2OBudget, H2OCache
 from vlm.generation.kv_cache import cache_kwargs
 from vlm.generation.options import GenerationOptions, OptionError, resolve_decoding
 from vlm.generation.stopping import Cancelled, StopInAnswer, stop_reason
 from vlm.generation.streaming import AnswerJob, TextStream
+from vlm.models.attention import uses_pattern
 
 __all__ = ["ChatModel", "ChatSession", "Completion", "ContextOverflow", "GenerationOptions", "OptionError", "Prompt",
            "PromptError", "TextStream"]
@@ -129,11 +132,16 @@ class ChatModel:
             stopping.append(StopInAnswer(self.tokenizer, opts.stop, inputs["input_ids"].shape[1]))
         kwargs = {**inputs, **decoding.generate_kwargs, "stopping_criteria": stopping,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": sorted(self.eos_token_ids)}
+        if opts.kv_cache == "h2o" and uses_pattern(self.model.lm) is not None:
+            raise OptionError("kv_cache='h2o' does not combine with a model trained with model.llm.attention="
+                              "local_global (it already keeps only the keys its pattern reads); use kv_cache='dynamic'")
+        budget = H2OBudget.for_prompt(opts.h2o, prompt.input_tokens) if opts.kv_cache == "h2o" else None
 
         def run(streamer: TextIteratorStreamer | None) -> list[int]:
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)  # seeds the CPU and every CUDA device
-            cache = cache_kwargs(self.model.lm)  # local + global attention: a cache of only the keys it reads
+            # a fresh cache per answer: H2O's budget, or local + global attention's pattern cache, or the default
+            cache = {"cache": H2OCache(self.model.lm, budget)} if budget else cache_kwargs(self.model.lm)
             ids = self.model.generate(**kwargs, **cache, streamer=streamer)[0].tolist()  # only the new tokens
             ends = [i for i, token in enumerate(ids) if token in self.eos_token_ids]
             return ids[: ends[0] + 1] if ends else ids  # beams may pad after the first end of turn

@@ -53,6 +53,32 @@ def auto_temperature(messages: Sequence[Message]) -> tuple[float, str]:
     return DEFAULT_TEMPERATURE, "general request (no code or creative-writing cue)"
 
 
+KV_CACHES = ("dynamic", "h2o")
+
+
+@dataclass
+class H2OSettings:
+    """The H2O cache's budget (vlm.generation.h2o). `heavy` and `recent` are each a token count (an integer) or a
+    fraction of the prompt's length (a number with a decimal point, at most 1.0); `sinks` first tokens are always kept.
+    `heavy=0` makes a recent-only window with sinks (StreamingLLM)."""
+
+    heavy: int | float = 0.1  # tokens kept for the most attention received so far
+    recent: int | float = 0.1  # the newest tokens, always kept
+    sinks: int = 4  # the first tokens, always kept (they draw attention whatever they say)
+
+    def __post_init__(self) -> None:
+        for name in ("heavy", "recent"):
+            value = getattr(self, name)
+            if _is_int(value) and value >= 0 or isinstance(value, float) and 0 <= value <= 1:
+                continue
+            raise OptionError(f"h2o.{name}={value!r} is not valid: use a token count (an integer >= 0) or a "
+                              f"fraction of the prompt's length in [0, 1]")
+        if not _is_int(self.sinks) or self.sinks < 0:
+            raise OptionError(f"h2o.sinks={self.sinks!r} is not valid: use an integer >= 0")
+        if self.recent in (0, 0.0):
+            raise OptionError("h2o.recent=0 is not valid: the window must hold at least the newest token")
+
+
 @dataclass
 class GenerationOptions:
     """Decoding settings; `ChatModel.generate(..., **options)` takes any of these by name. `vlm.infer` reads them
@@ -67,6 +93,8 @@ class GenerationOptions:
     length_penalty: float | None = None  # beam search: > 0 favours longer answers, < 0 shorter
     stop: tuple[str, ...] = ()  # stop sequences: generation ends at the first, and it is not part of the answer
     seed: int | None = None  # seeds torch's RNG before sampling, for reproducible answers
+    kv_cache: str = "dynamic"  # "dynamic": every past key; "h2o": a fixed budget of heavy hitters + recent tokens
+    h2o: H2OSettings = dataclasses.field(default_factory=H2OSettings)  # the h2o budget (with kv_cache="h2o")
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> OptionError:
@@ -97,17 +125,36 @@ class GenerationOptions:
         self.stop = tuple(stop)
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "use an integer")
+        if self.kv_cache not in KV_CACHES:
+            raise bad("kv_cache", f"choose one of {list(KV_CACHES)}")
+        self.h2o = _h2o_settings(self.h2o, H2OSettings())
 
     def updated(self, **overrides: Any) -> GenerationOptions:
-        """A copy with the given options replaced; None means "keep this one"."""
+        """A copy with the given options replaced; None means "keep this one". A dict for `h2o` changes only the
+        budget keys it names."""
         names = [f.name for f in dataclasses.fields(self)]
         for name in overrides:
             if name not in names:
                 raise OptionError(unknown_key_message(name, names, what="generation option"))
+        if "h2o" in overrides and overrides["h2o"] is not None:
+            overrides["h2o"] = _h2o_settings(overrides["h2o"], self.h2o)
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _h2o_settings(value: Any, base: H2OSettings) -> H2OSettings:
+    """`value` (H2OSettings, or a dict of some of its keys laid over `base`) as checked H2OSettings."""
+    if isinstance(value, H2OSettings):
+        return value
+    if not isinstance(value, dict):
+        raise OptionError(f"h2o={value!r} is not valid: use {{'heavy': ..., 'recent': ..., 'sinks': ...}}")
+    names = [f.name for f in dataclasses.fields(H2OSettings)]
+    for name in value:
+        if name not in names:
+            raise OptionError(unknown_key_message(f"h2o.{name}", names, what="generation option"))
+    return dataclasses.replace(base, **value)
 
 
 def _is_int(value: object) -> bool:

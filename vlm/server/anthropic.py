@@ -75,6 +75,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         "top_p": Parser.number(body, "top_p", 0, 1, low_open=True),
         "top_k": Parser.number(body, "top_k", 0, 10**6, integer=True),
         "stop": Parser.stops(body.get("stop_sequences"), "stop_sequences"),
+        "kv_cache": Parser.kv_cache(body),
     }
     stream = body.get("stream", False)
     if not isinstance(stream, bool):

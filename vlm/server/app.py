@@ -43,7 +43,8 @@ class Server:
     """Admission control and the worker pool around one ChatModel."""
 
     def __init__(self, chat: ChatModel, settings: ServeSettings) -> None:
-        chat.options(temperature=settings.temperature)  # a bad default temperature fails here, not per request
+        # the server's defaults for what a request leaves out; a bad one fails here, not per request
+        chat.options(temperature=settings.temperature, kv_cache=settings.kv_cache, h2o=settings.h2o)
         self.chat = chat.with_image_limit(settings.max_image_pixels)
         self.settings = settings
         self.model_name = settings.model_name or chat.name
@@ -74,6 +75,8 @@ class Server:
     def options(self, request: ChatRequest) -> dict[str, Any]:
         options = {k: v for k, v in request.options.items() if v not in (None, [])}
         options.setdefault("temperature", self.settings.temperature)
+        options.setdefault("kv_cache", self.settings.kv_cache)
+        options["h2o"] = self.settings.h2o
         return options
 
     def _job(self, request: ChatRequest, cancel: threading.Event,

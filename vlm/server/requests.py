@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 
 from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.generation.options import KV_CACHES
 from vlm.server.errors import ApiError
 from vlm.server.settings import ServeSettings
 
@@ -102,6 +103,14 @@ class Parser:
             span = f"{'(' if low_open else '['}{low}, {high}]"
             raise ApiError(400, f"{key}: must be {'an integer' if integer else 'a number'} in {span}, got {value!r}",
                            param=key)
+        return value
+
+    @staticmethod
+    def kv_cache(body: dict) -> str | None:
+        """The optional `kv_cache` field (both APIs): "dynamic" or "h2o"; None leaves it to the server's setting."""
+        value = body.get("kv_cache")
+        if value is not None and value not in KV_CACHES:
+            raise ApiError(400, f"kv_cache: must be one of {list(KV_CACHES)}, got {value!r}", param="kv_cache")
         return value
 
     @staticmethod

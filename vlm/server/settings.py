@@ -3,10 +3,11 @@ here are the same (a test checks), for programs that build a server with `create
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlm.config import check_fields, load_config, setting
+from vlm.generation.options import KV_CACHES, H2OSettings
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ServeSettings:
     max_tokens_limit: int | None = setting(None, minimum=1)
     default_max_tokens: int = setting(512, minimum=1)
     temperature: int | float | str = "auto"  # a number (int too: YAML writes 0), or "auto"
+    kv_cache: str = setting("dynamic", choices=KV_CACHES)  # when a request names none
+    h2o: H2OSettings = field(default_factory=H2OSettings)
     log_level: str = "INFO"
     web: bool = True  # the chat page at GET /; false for API-only deployments
 

@@ -1,0 +1,286 @@
+"""Benchmark: the H2O KV cache (vlm.generation.h2o) against transformers' DynamicCache, in one process.
+
+Two parts:
+1. Speed and memory on a long text prompt (default 4,096 tokens, 256 new tokens, greedy, exactly N new tokens):
+   - peak cache bytes: the most keys and values held after any forward pass (a logits processor reads the cache after
+     every step). While the prompt itself is read, both caches hold all of it once; that peak is printed apart.
+   - peak process memory: resident set size sampled every 2 ms during the call, minus the size before it.
+   - prefill seconds (call -> first token) and decode tokens/s ((N - 1) / (last token - first token)).
+   The sides alternate over the repeats; medians are reported, with h2o / dynamic ratios.
+2. Quality at a fixed budget: exact match on held-out questions (the synthetic held-out split, or --val SHARDS), the
+   turns decoded as vlm.eval decodes them (ConversationDecoder, greedy, eval.max_new_tokens) but one at a time, scored
+   with vlm.metrics. For each budget B (a fraction of each prompt's length), the cache holds B x prompt tokens in all:
+   - h2o: `sinks` first tokens, then the rest split evenly between heavy hitters and the recent window;
+   - window: the same `sinks` and a recent-only window for the rest (StreamingLLM);
+   plus the full dynamic cache. Writes a PNG of exact match against budget (--plot).
+
+Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
+       [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--max-samples 200]
+       [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
+Without --export, a random tiny export is built (the quality part then measures nothing useful).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlm.cli import compose_config  # noqa: E402
+from vlm.config import to_train_config  # noqa: E402
+from vlm.data.conversations import ConversationDecoder  # noqa: E402
+from vlm.data.processor import pad_batch  # noqa: E402
+from vlm.data.shards import build_pipeline, list_shards  # noqa: E402
+from vlm.data.sources import resolve_eval  # noqa: E402
+from vlm.exports.vlm import export_vlm, load_vlm  # noqa: E402
+from vlm.generation.h2o import H2OBudget, H2OCache  # noqa: E402
+from vlm.metrics import answer_metrics, score_answer  # noqa: E402
+from vlm.models.factory import VLMBundle, new_vlm  # noqa: E402
+
+MiB = 2**20
+
+
+def cache_bytes(cache: DynamicCache | H2OCache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               if layer.keys is not None for t in (layer.keys, layer.values))
+
+
+class CacheBytes(LogitsProcessor):
+    """Records the cache's bytes after every forward pass (after H2O's eviction)."""
+
+    def __init__(self, cache: DynamicCache | H2OCache):
+        self.cache, self.samples = cache, []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.samples.append(cache_bytes(self.cache))
+        return scores
+
+
+class Clock(BaseStreamer):
+    """Timestamps each new token; the first put() is the prompt."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+class PeakMemory:
+    """Peak resident set size above the starting one, sampled on a thread while the block runs."""
+
+    def __enter__(self) -> PeakMemory:
+        self.start = self.peak = rss_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.start
+
+
+def split_budget(total: int, sinks: int, heavy: bool) -> H2OBudget:
+    """`total` tokens in all: the sinks, then heavy hitters and recent tokens half and half (or all recent)."""
+    rest = max(1, total - sinks)
+    recent = math.ceil(rest / 2) if heavy else rest
+    return H2OBudget(heavy=rest - recent, recent=recent, sinks=sinks)
+
+
+# ---- 1. speed and memory on a long text prompt ----
+
+def long_prompt(lm, ids: torch.Tensor, new_tokens: int, budget: H2OBudget | None) -> dict[str, float]:
+    cache = H2OCache(lm, budget) if budget else DynamicCache()
+    recorder, clock = CacheBytes(cache), Clock()
+    gc.collect()
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                    do_sample=False, pad_token_id=0, cache=cache, streamer=clock,
+                    logits_processor=LogitsProcessorList([recorder]))
+    return {"prefill_s": clock.times[0] - start,
+            "tokens_per_s": (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]),
+            "cache_mib": max(recorder.samples) / MiB,
+            "prompt_cache_mib": ids.shape[1] * cache_bytes(cache) / max(1, cache.layers[0].keys.shape[-2]) / MiB,
+            "rss_mib": memory.added / MiB}
+
+
+def speed(lm, args: argparse.Namespace) -> None:
+    ids = torch.randint(3, lm.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
+    budget = split_budget(round(args.speed_budget * args.prompt_tokens), args.sinks, heavy=True)
+    print(f"\n== {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; h2o budget "
+          f"{budget.total} tokens ({args.speed_budget:.0%}: {budget.heavy} heavy + {budget.recent} recent + "
+          f"{budget.sinks} sinks); {args.repeats} repeats, alternating ==", flush=True)
+    long_prompt(lm, ids[:, :256], 8, None)  # warm-up
+    long_prompt(lm, ids[:, :256], 8, budget)
+    runs: dict[str, list[dict[str, float]]] = {"dynamic": [], "h2o": []}
+    for repeat in range(args.repeats):
+        for side in (("dynamic", "h2o") if repeat % 2 == 0 else ("h2o", "dynamic")):
+            runs[side].append(long_prompt(lm, ids, args.new_tokens, budget if side == "h2o" else None))
+            print(f"  repeat {repeat + 1} {side}: {runs[side][-1]}", flush=True)
+    medians = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
+    print(f"\n| {'median':<28} | {'dynamic':>10} | {'h2o':>10} | h2o / dynamic |")
+    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|---------------|")
+    for key, name in (("cache_mib", "peak cache MiB (decoding)"), ("prompt_cache_mib", "cache MiB, whole prompt"),
+                      ("rss_mib", "peak process memory +MiB"), ("prefill_s", "prefill s"),
+                      ("tokens_per_s", "decode tokens/s")):
+        d, h = medians["dynamic"][key], medians["h2o"][key]
+        print(f"| {name:<28} | {d:>10.2f} | {h:>10.2f} | {h / d:>12.3f}x |")
+
+
+# ---- 2. quality at a fixed budget ----
+
+def held_out_turns(bundle: VLMBundle, val: str | None, max_samples: int) -> list:
+    config = to_train_config(compose_config("train", ["stage=sft"] + ([f"data.val='{val}'"] if val else [])))
+    data = resolve_eval(config.data, "conversations")
+    decoder = ConversationDecoder(bundle.processor, evaluate=True, turns=config.eval.turns,
+                                  group_by=config.data.eval_group_by)
+    turns = []
+    for count, sample in enumerate(build_pipeline(list_shards(data.val, "data.val"), decoder, train=False,
+                                                  split_by_node=False)):
+        if count >= max_samples:
+            break
+        turns += sample["scored"]
+    print(f"\n== quality: {len(turns)} held-out turns from {data.val} ==", flush=True)
+    return turns
+
+
+def answer(bundle: VLMBundle, turn, budget: H2OBudget | None, max_new_tokens: int) -> str:
+    tokenizer = bundle.tokenizer
+    batch = pad_batch([turn.prompt], tokenizer.pad_token_id, left=True)
+    extra = {"cache": H2OCache(bundle.model.lm, budget)} if budget else {}
+    new = bundle.model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                batch["image_slots"], max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    return tokenizer.decode(new[0], skip_special_tokens=True)
+
+
+def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float, float]]:
+    turns = held_out_turns(bundle, args.val, args.max_samples)
+    lengths = [len(t.prompt.input_ids) for t in turns]
+    print(f"prompt tokens: min {min(lengths)}, median {statistics.median(lengths)}, max {max(lengths)}")
+    max_new = to_train_config(compose_config("train", ["stage=sft"])).eval.max_new_tokens
+    methods = [("dynamic", 1.0)] + [(m, b) for b in args.budgets for m in ("h2o", "window")]
+    results: dict[str, dict[float, float]] = {"dynamic": {}, "h2o": {}, "window": {}}
+    for method, fraction in methods:
+        started, scored, held = time.perf_counter(), [], []
+        for turn in turns:
+            total = round(fraction * len(turn.prompt.input_ids))
+            sinks = args.h2o_sinks if method == "h2o" else args.sinks
+            budget = None if method == "dynamic" else split_budget(total, sinks, heavy=method == "h2o")
+            held.append(budget.total if budget else len(turn.prompt.input_ids))
+            scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new), turn.reference)))
+        metrics = answer_metrics(scored)
+        results[method][fraction] = metrics["exact_match"]
+        groups = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("exact_match/"))
+        print(f"  {method:<7} budget {fraction:>4.0%} (mean {statistics.mean(held):.1f} tokens held): exact match "
+              f"{metrics['exact_match']:.3f} ({groups}) in {time.perf_counter() - started:.0f} s", flush=True)
+    full = results["dynamic"][1.0]
+    print(f"\n| budget (of the prompt) | h2o | recent-only window | h2o / full ({full:.3f}) |")
+    print("|---|---|---|---|")
+    for fraction in args.budgets:
+        h, w = results["h2o"][fraction], results["window"][fraction]
+        print(f"| {fraction:.0%} | {h:.3f} | {w:.3f} | {h / full if full else float('nan'):.3f} |")
+    return results
+
+
+def plot(results: dict[str, dict[float, float]], path: Path, sinks: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for method, label, marker in (("h2o", "H2O (heavy hitters + recent)", "o"),
+                                  ("window", "recent-only window (StreamingLLM)", "s")):
+        budgets = sorted(results[method])
+        axes.plot([100 * b for b in budgets], [results[method][b] for b in budgets], marker=marker, label=label)
+    axes.axhline(results["dynamic"][1.0], color="grey", linestyle="--", label="full cache (dynamic)")
+    axes.set_xscale("log")
+    ticks = sorted(results["h2o"])
+    axes.set_xticks([100 * b for b in ticks], [f"{b:.0%}" for b in ticks])
+    axes.set_xlabel(f"KV cache budget, share of the prompt ({sinks} sinks included)")
+    axes.set_ylabel("held-out exact match")
+    axes.set_ylim(0, 1.02)
+    axes.legend(loc="lower right")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--export", type=Path, help="an sft export folder (default: a random tiny one)")
+    parser.add_argument("--val", help="held-out shards (default: the synthetic held-out split)")
+    parser.add_argument("--prompt-tokens", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--speed-budget", type=float, default=0.2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
+    parser.add_argument("--sinks", type=int, default=4, help="sinks of the recent-only window (and of h2o)")
+    parser.add_argument("--h2o-sinks", type=int, help="h2o's sinks in the quality part (default: --sinks)")
+    parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
+    parser.add_argument("--plot", type=Path, default=Path("docs/kv_cache_budget.png"))
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    args.h2o_sinks = args.sinks if args.h2o_sinks is None else args.h2o_sinks
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.export is None:
+        import tempfile
+
+        config = to_train_config(compose_config("train", ["stage=sft"]))
+        args.export = export_vlm(Path(tempfile.mkdtemp()) / "export", new_vlm(config.model, config.tiler), "sft",
+                                 config.tiler)
+        print(f"no --export: a random tiny export at {args.export}")
+    bundle = load_vlm(args.export)
+    bundle.model.eval()
+    lm = bundle.model.lm
+    print(f"model: {args.export} (LLM: {lm.config.num_hidden_layers} layers, width {lm.config.hidden_size}, "
+          f"{lm.config.num_key_value_heads} key-value heads); torch threads {args.threads}")
+    with torch.inference_mode():
+        if not args.skip_speed:
+            speed(lm, args)
+        if not args.skip_quality:
+            plot(quality(bundle, args), args.plot, args.sinks)
+
+
+if __name__ == "__main__":
+    main()

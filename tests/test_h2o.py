@@ -1,0 +1,221 @@
+"""The H2O KV cache: identical answers when the budget holds everything, the budget held, positions after eviction,
+the kept set on a hand-built attention pattern, the chunked score sums, batches and beams, and settings errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from vlm.config import ConfigError, load_config
+from vlm.generation.h2o import H2O_LAYER, H2OBudget, H2OCache, H2OLayer, PaddedBatchError, attention_column_sums
+from vlm.generation.options import GenerationOptions, H2OSettings, OptionError
+
+
+@pytest.fixture(scope="module")
+def lm() -> LlamaForCausalLM:
+    """A tiny random Llama with grouped-query attention (4 query heads share 2 key-value heads)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+def prompt(length: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(lm: LlamaForCausalLM, ids: torch.Tensor, new: int, **kwargs) -> torch.Tensor:
+    return lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_budget_holding_everything_answers_like_the_dynamic_cache(lm, beams):
+    ids = prompt(30, batch=2 if beams == 1 else 1)
+    reference = greedy(lm, ids, 20, num_beams=beams)
+    cache = H2OCache(lm, H2OBudget(heavy=30, recent=20, sinks=4))
+    assert torch.equal(greedy(lm, ids, 20, num_beams=beams, cache=cache), reference)
+    assert cache.get_seq_length() == 30 + 19  # every token fed, the last one generated but never fed
+
+
+class HeldKeys(LogitsProcessor):
+    """Records, after every forward pass, how many keys each layer of `cache` holds."""
+
+    def __init__(self, cache: H2OCache):
+        self.cache, self.held = cache, []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.held.append([layer.held() for layer in self.cache.layers])
+        return scores
+
+
+def test_the_cache_never_holds_more_than_the_budget(lm):
+    budget = H2OBudget(heavy=3, recent=4, sinks=2)
+    cache = H2OCache(lm, budget)
+    read_per_step: list[int] = []
+    for layer in cache.layers:  # a spy: what each step's attention read (the scores cover every key it saw)
+        observe = layer.observe
+        layer.observe = lambda scores, observe=observe: (read_per_step.append(scores.shape[-1]), observe(scores))
+    held = HeldKeys(cache)
+    greedy(lm, prompt(30), 25, cache=cache, logits_processor=LogitsProcessorList([held]))
+    assert len(held.held) == 25
+    assert max(max(step) for step in held.held) == budget.total  # between steps
+    assert read_per_step[:2] == [30, 30]  # the prefill reads the whole prompt, then evicts
+    assert max(read_per_step[2:]) == budget.total + 1  # a decoding step: the budget and the new token
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_positions_after_eviction_match_a_reference_from_the_stored_keys(lm, block):
+    """Feed a fixed token sequence through an evicting cache; the logits of the last step (one token, or a block of
+    tokens) must equal the model run by hand on the stored keys at their original positions. The kept keys of the
+    first layer, which depend only on token and position, must equal a full run's at the positions the cache kept."""
+    tokens = prompt(40, seed=2)
+    start = 40 - block
+    cache = H2OCache(lm, H2OBudget(heavy=5, recent=6, sinks=2))
+    with torch.no_grad():
+        lm(input_ids=tokens[:, :24], cache=cache, use_cache=True)  # prefill 24, then one token at a time
+        for step in range(24, start):
+            lm(input_ids=tokens[:, step: step + 1], cache=cache, use_cache=True)
+        stored = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+        positions = cache.layers[0].positions.clone()  # (1, H_kv, 13)
+        logits = lm(input_ids=tokens[:, start:], cache=cache, use_cache=True).logits[0]
+        reference = lm(input_ids=tokens[:, start:], cache=DynamicCache(stored), use_cache=True,
+                       position_ids=torch.arange(start, 40)[None]).logits[0]
+        full = DynamicCache()
+        lm(input_ids=tokens[:, :start], cache=full, use_cache=True)
+    assert stored[0][0].shape[-2] == 13 and not torch.equal(positions[0, 0], positions[0, 1])  # heads differ
+    torch.testing.assert_close(logits, reference)
+    full_keys = full.layers[0].keys.gather(2, positions.unsqueeze(-1).expand(-1, -1, -1, stored[0][0].shape[-1]))
+    torch.testing.assert_close(stored[0][0], full_keys)
+    assert positions[0, 0, :2].tolist() == [0, 1] and positions[0, 0, -6:].tolist() == list(range(start - 6, start))
+
+
+def hand_step(layer: H2OLayer, scores: list[list[float]]) -> None:
+    """One step of `len(scores[0]) - held` new tokens, then these per-head attention totals for every key."""
+    new = len(scores[0]) - layer.held()
+    kwargs: dict = {}
+    layer.update(torch.randn(1, 2, new, 4), torch.randn(1, 2, new, 4), kwargs=kwargs)
+    assert kwargs[H2O_LAYER] is layer  # the attention function finds the layer here
+    layer.observe(torch.tensor([scores]))
+
+
+def test_the_kept_set_is_sinks_the_recent_window_and_the_top_accumulated_scores():
+    layer = H2OLayer(H2OBudget(heavy=2, recent=2, sinks=1))
+    # positions:  0    1    2    3    4    5    6    7
+    hand_step(layer, [[9.0, 0.1, 3.0, 0.2, 0.1, 4.0, 0.3, 0.3],    # head 0: heavy 2 and 5
+                      [9.0, 5.0, 0.1, 0.2, 6.0, 0.1, 0.0, 0.0]])   # head 1: heavy 1 and 4
+    assert layer.positions[0].tolist() == [[0, 2, 5, 6, 7], [0, 1, 4, 6, 7]]
+    # one new token (position 8); scores follow the kept order [0, 2, 5, 6, 7, 8]: head 0's position 6 gets 3.5 more
+    # (3.8 in all) and overtakes position 2 (3.0); the recent window moves on to 7 and 8
+    hand_step(layer, [[1.0, 0.0, 0.0, 3.5, 0.1, 0.1],
+                      [1.0, 0.0, 0.0, 0.0, 0.0, 0.1]])
+    assert layer.positions[0].tolist() == [[0, 5, 6, 7, 8], [0, 1, 4, 7, 8]]
+    assert layer.scores[0, 0].tolist() == pytest.approx([10.0, 4.0, 3.8, 0.4, 0.1])
+    assert layer.get_seq_length() == 9 and layer.held() == 5
+
+
+def test_the_kept_keys_are_the_stored_rows_of_their_positions():
+    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=1))
+    keys = torch.randn(1, 1, 5, 3)
+    layer.update(keys, keys + 1, kwargs={})
+    layer.observe(torch.tensor([[[1.0, 0.0, 2.0, 0.5, 0.0]]]))
+    assert torch.equal(layer.keys, keys[:, :, [0, 2, 4]]) and torch.equal(layer.values, keys[:, :, [0, 2, 4]] + 1)
+
+
+def test_column_sums_in_blocks_equal_the_full_softmax():
+    torch.manual_seed(0)
+    query, key = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 9, 8)  # 7 new queries over 2 held + 7 new keys
+    logits = torch.einsum("bhqd,bhkd->bhqk", query, key.repeat_interleave(2, dim=1)) * 0.3
+    causal = torch.ones(7, 9, dtype=torch.bool).tril(diagonal=2)
+    expected = logits.masked_fill(~causal, float("-inf")).softmax(-1).sum(2).view(2, 2, 2, 9).sum(2)
+    torch.testing.assert_close(attention_column_sums(query, key, None, 0.3, block=3), expected)
+    mask = causal.expand(2, 1, 7, 9)
+    torch.testing.assert_close(attention_column_sums(query, key, mask, 0.3, block=2), expected)
+
+
+def test_beam_reordering_moves_scores_and_positions_with_their_keys():
+    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0))
+    keys = torch.randn(2, 1, 4, 3)
+    layer.update(keys, keys, kwargs={})
+    layer.observe(torch.tensor([[[0.0, 5.0, 1.0, 0.0]], [[0.0, 1.0, 5.0, 0.0]]]))  # row 0 keeps 1, row 1 keeps 2
+    layer.reorder_cache(torch.tensor([1, 1]))  # both beams continue row 1
+    assert layer.positions[:, 0].tolist() == [[2, 3], [2, 3]] and torch.equal(layer.keys[0], keys[1, :, [2, 3]])
+    assert layer.scores[:, 0].tolist() == [[5.0, 0.0], [5.0, 0.0]]
+
+
+def test_a_window_without_heavy_hitters_keeps_sinks_and_the_newest_tokens(lm):
+    cache = H2OCache(lm, H2OBudget(heavy=0, recent=5, sinks=3))
+    greedy(lm, prompt(20), 6, cache=cache)
+    assert cache.layers[1].positions[0, 0].tolist() == [0, 1, 2, 20, 21, 22, 23, 24]
+
+
+def test_beam_search_evicts_and_reorders_with_its_scores(lm):
+    cache = H2OCache(lm, H2OBudget(heavy=4, recent=4, sinks=2))
+    out = greedy(lm, prompt(24), 12, num_beams=3, cache=cache)
+    assert out.shape == (1, 36)
+    assert cache.layers[0].scores.shape[:2] == (3, 2) and cache.layers[0].held() == 10
+
+
+@pytest.mark.parametrize("heavy", [2, 0])
+def test_a_padded_batch_is_refused(lm, heavy):
+    ids = prompt(12, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with pytest.raises(PaddedBatchError, match="left-padded batch"):
+        lm.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                    cache=H2OCache(lm, H2OBudget(heavy=heavy, recent=2, sinks=1)))
+
+
+def test_fractions_resolve_against_the_prompt_length():
+    assert H2OBudget.for_prompt(H2OSettings(heavy=0.1, recent=0.25, sinks=4), 100) == H2OBudget(10, 25, 4)
+    assert H2OBudget.for_prompt(H2OSettings(heavy=7, recent=1.0, sinks=0), 30) == H2OBudget(7, 30, 0)
+
+
+@pytest.mark.parametrize("options,key", [
+    ({"kv_cache": "h20"}, "kv_cache='h20'"),
+    ({"h2o": {"heavy": -1}}, "h2o.heavy=-1"),
+    ({"h2o": {"recent": 1.5}}, "h2o.recent=1.5"),
+    ({"h2o": {"sinks": 0.5}}, "h2o.sinks=0.5"),
+    ({"h2o": {"recent": 0}}, "h2o.recent=0"),
+    ({"h2o": {"heavyy": 3}}, "unknown generation option 'h2o.heavyy'. Did you mean 'h2o.heavy'?"),
+])
+def test_bad_settings_name_the_key(options, key):
+    with pytest.raises(OptionError) as caught:
+        GenerationOptions().updated(**options)
+    assert key in str(caught.value)
+
+
+def test_a_partial_h2o_override_keeps_the_other_budget_keys():
+    options = GenerationOptions(kv_cache="h2o", h2o={"heavy": 16}).updated(h2o={"recent": 0.5})
+    assert options.h2o == H2OSettings(heavy=16, recent=0.5, sinks=4)
+
+
+def test_the_infer_config_checks_the_h2o_keys():
+    from vlm.cli import compose_config
+    from vlm.infer import InferConfig
+
+    config = load_config(InferConfig, compose_config("infer", ["generation.kv_cache=h2o", "generation.h2o.heavy=64"]))
+    assert config.generation.h2o.heavy == 64 and isinstance(config.generation.h2o.heavy, int)
+    with pytest.raises(ConfigError, match=r"h2o.recent=1.5 is not valid"):
+        load_config(InferConfig, compose_config("infer", ["generation.h2o.recent=1.5"]))
+
+
+def test_chat_answers_stream_and_match_with_a_budget_holding_everything(tiny_chat_model):
+    ask = [{"role": "user", "content": "What color is the shape? Tell me."}]
+    dynamic = tiny_chat_model.generate(ask, temperature=0, max_new_tokens=12)
+    h2o = tiny_chat_model.generate(ask, temperature=0, max_new_tokens=12, kv_cache="h2o",
+                                   h2o={"heavy": 1.0, "recent": 12})
+    assert h2o.token_ids == dynamic.token_ids
+    with tiny_chat_model.stream(ask, temperature=0, max_new_tokens=12, kv_cache="h2o",
+                                h2o={"heavy": 2, "recent": 3}) as stream:
+        text = "".join(stream)
+    assert stream.completion.text == text and stream.completion.output_tokens == 12
+
+
+def test_a_chat_session_keeps_its_h2o_budget_across_turns(tiny_chat_model):
+    chat = tiny_chat_model.session(temperature=0, max_new_tokens=4, kv_cache="h2o", h2o={"heavy": 2, "recent": 3})
+    first, second = chat.send("What color is the shape?"), chat.send("And its shape?")
+    assert (first.output_tokens, second.output_tokens) == (4, 4) and len(chat.messages) == 4
+    assert chat.options.kv_cache == "h2o" and chat.options.h2o == H2OSettings(heavy=2, recent=3, sinks=4)

@@ -1,0 +1,281 @@
+"""H2O heavy-hitter KV cache (Zhang et al. 2023, "Heavy-Hitter Oracle") for transformers' `generate`.
+
+A few keys receive most of the attention. Each layer keeps, per key-value head:
+- the first `sinks` tokens (always);
+- the `recent` newest tokens;
+- the `heavy` older tokens with the most attention accumulated so far;
+and evicts everything else after every forward pass (the prompt's prefill and each decoding step), so the cache never
+holds more than heavy + recent + sinks keys between steps (+1 while a step runs). With `heavy=0` it is a recent-only
+window with sinks (StreamingLLM).
+
+Scores are kept per key-value head: each head keeps its own heavy hitters, as in the paper, at no extra memory (every
+head keeps the same number of keys). Under grouped-query attention the query heads that share a key-value head add up,
+since they read the same stored key.
+
+The scores come from the attention function registered here (`transformers.AttentionInterface`), which wraps the
+model's own (sdpa, ...) and leaves its output untouched. A cache layer asks for them by putting itself in the attention
+kwargs during `update` (the same dict reaches the attention function); during decoding the query is one token, so the
+scores are one softmax row per head, and at prefill the column sums are taken over blocks of queries, never the whole
+N x N matrix.
+
+Batches: every row evicts on its own, so unpadded batches and beam search (the cache reorders its scores with its keys)
+are exact. Left-padded batches are refused: masks index keys by position, which eviction no longer matches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, Cache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from vlm.generation.options import H2OSettings
+
+H2O_LAYER = "h2o_cache_layer"  # attention kwarg: the layer waiting for this step's attention scores
+SCORE_BLOCK = 256  # prefill queries per block when summing attention columns: memory (B, H, 256, K), not (B, H, N, N)
+HOOK_PREFIX = "h2o_scores+"  # the registered name is this + the wrapped implementation ("h2o_scores+sdpa")
+
+
+class PaddedBatchError(ValueError):
+    """H2O eviction cannot serve a left-padded batch; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class H2OBudget:
+    """Tokens each layer keeps: `heavy` by accumulated attention, the `recent` newest, the first `sinks`."""
+
+    heavy: int
+    recent: int
+    sinks: int
+
+    @property
+    def total(self) -> int:
+        return self.heavy + self.recent + self.sinks
+
+    @classmethod
+    def for_prompt(cls, settings: H2OSettings, prompt_length: int) -> H2OBudget:
+        """Resolve fractions (floats) against the prompt's length; integers are token counts."""
+        def tokens(value: int | float) -> int:
+            return value if isinstance(value, int) else math.ceil(value * prompt_length)
+
+        return cls(tokens(settings.heavy), tokens(settings.recent), settings.sinks)
+
+
+class H2OLayer(DynamicLayer):
+    """One decoder layer's kept keys and values (B, H_kv, K, D), with each key's accumulated attention and position.
+
+    Kept keys stay in position order: sinks first, then heavy hitters, then the recent window. `get_seq_length` is the
+    number of tokens seen (evicted ones included), so `generate` keeps counting positions from there; the mask is
+    built over the kept keys only (`get_mask_sizes`, `H2OCache.get_query_offset`).
+    """
+
+    is_croppable = False
+
+    def __init__(self, budget: H2OBudget):
+        super().__init__()
+        self.budget = budget
+        self.cumulative_length = 0  # tokens seen, evicted ones included
+        self.scores = torch.zeros(0)  # (B, H_kv, K) float32: attention each kept key has received so far
+        self.positions = torch.zeros(0, dtype=torch.long)  # (B, H_kv, K): each kept key's position in the sequence
+        self.awaiting_scores = False
+
+    def held(self) -> int:
+        """Keys held now (per row and head)."""
+        return 0 if self.keys is None or self.keys.numel() == 0 else self.keys.shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               kwargs: dict[str, Any] | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys (B, H_kv, Q, D); returns every key this step's queries read."""
+        if self.awaiting_scores:
+            raise RuntimeError("the H2O cache got no attention scores for the last step: the model's attention does "
+                               "not go through vlm.generation.h2o's score hook (use H2OCache(model, ...))")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            batch, heads = key_states.shape[:2]
+            self.scores = torch.zeros(batch, heads, 0, device=self.device)
+            self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
+        new = key_states.shape[-2]
+        new_positions = torch.arange(self.cumulative_length, self.cumulative_length + new, device=self.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, K + Q, D)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_positions.expand(*key_states.shape[:2], new)], dim=-1)
+        self.scores = torch.cat([self.scores, self.scores.new_zeros(*key_states.shape[:2], new)], dim=-1)
+        self.cumulative_length += new
+        if kwargs is None:
+            raise RuntimeError("the model's attention passes no kwargs to its cache, so H2O cannot get attention "
+                               "scores; use kv_cache=dynamic with this model")
+        kwargs[H2O_LAYER] = self  # the attention function checks the mask, then calls `observe` (which evicts)
+        self.awaiting_scores = True
+        return self.keys, self.values
+
+    @property
+    def wants_scores(self) -> bool:
+        return self.budget.heavy > 0  # a recent-only window needs none
+
+    def observe(self, scores: torch.Tensor | None) -> None:
+        """Add this step's attention (B, H_kv, K) to the kept keys' totals, then evict down to the budget."""
+        if scores is not None:
+            self.scores += scores
+        self.awaiting_scores = False
+        self.evict()
+
+    def evict(self) -> None:
+        held, budget = self.held(), self.budget
+        if held <= budget.total:
+            return
+        batch, heads = self.keys.shape[:2]
+        if held == budget.total + 1:  # a decoding step: drop the one lowest-scored candidate, as H2O does
+            middle = self.scores[..., budget.sinks: held - budget.recent]  # (B, H_kv, heavy + 1)
+            dropped = middle.argmin(dim=-1, keepdim=True) + budget.sinks  # (B, H_kv, 1)
+            keep = torch.arange(held - 1, device=self.device).expand(batch, heads, -1)  # (B, H_kv, total)
+            self._keep(keep + (keep >= dropped))  # every index from the dropped one on moves up by one
+            return
+        sinks = torch.arange(budget.sinks, device=self.device).expand(batch, heads, -1)
+        recent = torch.arange(held - budget.recent, held, device=self.device).expand(batch, heads, -1)
+        middle = self.scores[..., budget.sinks: held - budget.recent]  # (B, H_kv, M) the candidates, M > heavy
+        heavy = middle.topk(budget.heavy, dim=-1).indices.sort(dim=-1).values + budget.sinks  # (B, H_kv, heavy)
+        self._keep(torch.cat([sinks, heavy, recent], dim=-1))  # (B, H_kv, total), in position order
+
+    def _keep(self, keep: torch.Tensor) -> None:
+        """Keep the entries `keep` (B, H_kv, total) of every row and head."""
+        rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])  # (B, H_kv, total, D)
+        self.keys, self.values = self.keys.gather(2, rows), self.values.gather(2, rows)
+        self.scores, self.positions = self.scores.gather(2, keep), self.positions.gather(2, keep)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The mask spans the kept keys plus this step's (the cache's query offset is the kept count)."""
+        return self.held() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1  # positions are not capped; only what is held is
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores, self.positions = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        self.awaiting_scores = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an H2O cache has evicted keys and cannot be rolled back (no assisted decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)  # beam search: the scores and positions follow their keys
+        if self.held():
+            beam_idx = beam_idx.to(self.device)
+            self.scores = self.scores.index_select(0, beam_idx)
+            self.positions = self.positions.index_select(0, beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.held():
+            self.scores = self.scores.repeat_interleave(repeats, dim=0)
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.held():
+            self.scores, self.positions = self.scores[indices], self.positions[indices]
+
+
+class H2OCache(Cache):
+    """An H2O layer per decoder layer of `lm`; installs the score hook on `lm` (see `install_score_hook`)."""
+
+    def __init__(self, lm: PreTrainedModel, budget: H2OBudget):
+        install_score_hook(lm)
+        super().__init__(layers=[H2OLayer(budget) for _ in range(lm.config.get_text_config().num_hidden_layers)])
+        self.budget = budget
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Masks count positions among the kept keys, so a query comes right after them (not after every token
+        seen): a causal mask then never lets a prompt block read its own later tokens."""
+        return self.layers[layer_idx].held() if layer_idx < len(self.layers) else 0
+
+    def cached_bytes(self) -> int:
+        """Bytes of keys and values held now, all layers."""
+        return sum(t.numel() * t.element_size() for layer in self.layers if layer.held()
+                   for t in (layer.keys, layer.values))
+
+
+def attention_column_sums(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                          scaling: float, block: int = SCORE_BLOCK) -> torch.Tensor:
+    """Attention each key receives, summed over the queries and over the query heads sharing its key-value head.
+
+    query (B, H, Q, D), key (B, H_kv, K, D), the queries being the last Q of the K positions; attention_mask None
+    (causal) or the model's 4D mask (B, 1, Q, >=K), boolean (True attends) or additive. Returns (B, H_kv, K) float32.
+    """
+    batch, heads, queries, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    key32 = key.float()
+    totals = torch.zeros(batch, kv_heads, keys, device=key.device)
+    for start in range(0, queries, block):
+        end = min(start + block, queries)
+        # causal without a mask: this block's last query sees keys up to K - Q + end - 1; the rest are never read
+        visible = keys - queries + end if attention_mask is None else keys
+        q = query[:, :, start:end].float().view(batch, kv_heads, groups, end - start, dim) * scaling  # (B,H_kv,G,c,D)
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key32[:, :, :visible])  # (B, H_kv, G, c, V)
+        if attention_mask is not None:
+            mask = attention_mask[:, :, start:end, :keys].unsqueeze(1)  # (B, 1, 1, c, K)
+            logits = logits.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else logits.add_(mask)
+        elif end - start > 1:  # query i of the block sees keys up to its own position, K - Q + start + i
+            seen = torch.arange(visible, device=key.device) <= torch.arange(start, end, device=key.device)[:, None] + (
+                keys - queries)  # (c, V)
+            logits.masked_fill_(~seen, -math.inf)
+        # softmax in place: one (B, H_kv, G, c, V) buffer per block
+        logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        logits.div_(logits.sum(dim=-1, keepdim=True))
+        totals[..., :visible] += logits.sum(dim=(2, 3))
+    return totals
+
+
+def _refuse_padding(attention_mask: torch.Tensor | None, keys: int) -> None:
+    """Without padding the last query of a step reads every key; a padded row hides some from it. Masks are 4D
+    (sdpa, eager: boolean or additive) or a 2D padding mask (flash attention)."""
+    if attention_mask is None:
+        return
+    last = attention_mask[:, :, -1, :keys] if attention_mask.dim() == 4 else attention_mask  # (B, 1, K) or (B, K)
+    reads_all = bool(last.all()) if last.dtype == torch.bool or attention_mask.dim() == 2 else bool((last == 0).all())
+    if not reads_all:
+        raise PaddedBatchError("kv_cache=h2o cannot evict in a left-padded batch (masks index keys by position); "
+                               "generate one prompt at a time, or batch prompts of equal length")
+
+
+def _observing(wrapped: Callable) -> Callable:
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any):
+        layer: H2OLayer | None = kwargs.pop(H2O_LAYER, None)
+        if layer is not None:
+            _refuse_padding(attention_mask, key.shape[-2])
+        output = wrapped(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        if layer is not None and not layer.wants_scores:
+            layer.observe(None)
+        elif layer is not None:
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            with torch.no_grad():
+                mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+                layer.observe(attention_column_sums(query, key, mask, scale))  # unpadded: a 2D mask is all ones
+        return output
+
+    return attention
+
+
+def install_score_hook(lm: PreTrainedModel) -> str:
+    """Switch `lm` to its own attention wrapped by the score hook; idempotent, safe while other threads generate
+    (without an H2O cache in the kwargs the hook is the wrapped function). Returns the registered name."""
+    current = lm.config._attn_implementation
+    if current.startswith(HOOK_PREFIX):
+        return current
+    base = current if current in ALL_ATTENTION_FUNCTIONS and current in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"
+    name = HOOK_PREFIX + base
+    AttentionInterface.register(name, _observing(ALL_ATTENTION_FUNCTIONS[base]))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])  # without one, masks are dropped
+    lm.set_attn_implementation(name)
+    return name
