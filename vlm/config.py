@@ -250,6 +250,12 @@ class StageConfig:
     train_vision: bool | None = setting()  # null follows the stage table; true/false overrides it
     train_llm: bool | None = setting()
     train_projector: bool | None = setting()
+    # preference stages (dpo); null elsewhere
+    beta: float | None = setting(minimum=0)  # DPO's beta: how far the policy may move from the reference
+    loss: str | None = setting(choices=("sigmoid", "ipo"))  # DPO's sigmoid loss, or IPO (log-probs per token)
+    sft_weight: float | None = setting(minimum=0)  # weight of an NLL term on the chosen answers (0: off)
+    precompute_reference: bool | None = setting()  # reference log-probs computed once before training, no copy
+    reference: str | None = setting()  # vlm.eval: the reference export; null: the one the run recorded
 
 
 @dataclass
