@@ -9,7 +9,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from vlm.data.synthetic import render, random_spec
+from vlm.data.synthetic import random_spec, render
 
 
 def png(seed: int, size: int = 64) -> bytes:

@@ -44,7 +44,8 @@ def test_preference_loss_matches_the_papers(kind, beta, sft_weight):
                           beta, kind, sft_weight)
     assert out.loss.item() == pytest.approx(_paper(kind, beta, sft_weight), rel=1e-5)
     if kind == "sigmoid":
-        assert out.chosen_rewards.tolist() == pytest.approx([beta * (a - b) for a, b in zip(LOGPS["pc"], LOGPS["rc"])])
+        expected = [beta * (policy - reference) for policy, reference in zip(LOGPS["pc"], LOGPS["rc"], strict=True)]
+        assert out.chosen_rewards.tolist() == pytest.approx(expected)
 
 
 def test_answer_logprobs_sum_only_labelled_tokens():

@@ -50,9 +50,6 @@ class PreferenceTask(VLMTask):
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> PreferenceTask:
         """The policy from a phase 2 export (by default the newest sft one); the reference is its frozen copy."""
-        if init_from is None and config.resume is None:
-            raise ConfigError(f"stage={stage.name} starts from a trained chat model: run `python -m vlm.train "
-                              f"stage={stage.previous}` first, or pass init_from=EXPORT_FOLDER")
         if init_from is not None and read_meta(init_from).llm_config is None:
             raise ConfigError(f"init_from={str(init_from)!r} is a {read_meta(init_from).stage!r} export; stage="
                               f"{stage.name} starts from a chat model (an align or sft export)")
