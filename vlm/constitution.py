@@ -143,6 +143,7 @@ class Counts:
     kept: int = 0
     dropped_unchanged: int = 0  # revise: the revision equals the answer (nothing to learn)
     dropped_tie: int = 0  # best_of_n: every answer scored the same
+    dropped_empty: int = 0  # the critique or the revision came back empty (small critics do that)
     dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked
 
     def add(self, other: Counts) -> None:
@@ -188,6 +189,8 @@ class PairMaker:
                                                     self.critic.revise(items, answers, principles), strict=True):
             if revised is None:
                 counts.dropped_failed += 1
+            elif not revised.revision.strip():
+                counts.dropped_empty += 1
             elif normalize_exact(revised.revision) == normalize_exact(answer) or not answer.strip():
                 counts.dropped_unchanged += 1
             else:

@@ -130,14 +130,13 @@ class ChatCritic(Critic):
                   {"role": "user", "content": p.critique}] for item, answer, p in zip(items, answers, principles,
                                                                                      strict=True)]
         critiques = self._complete([(m, item.images) for m, item in zip(asked, items, strict=True)])
-        todo = [i for i, c in enumerate(critiques) if c]
+        todo = [i for i, c in enumerate(critiques) if c]  # None: the request failed; "": nothing to revise with
         revisions = self._complete([([*asked[i], {"role": "assistant", "content": critiques[i]},
                                       {"role": "user", "content": principles[i].revision}], items[i].images)
                                     for i in todo])
-        out: list[Revision | None] = [None] * len(items)
+        out: list[Revision | None] = [None if c is None else Revision("", "") for c in critiques]
         for i, revision in zip(todo, revisions, strict=True):
-            if revision:
-                out[i] = Revision(critiques[i] or "", revision)
+            out[i] = None if revision is None else Revision(critiques[i] or "", revision)
         return out
 
     def score(self, items: Sequence[Item], answers: Sequence[str],
