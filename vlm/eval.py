@@ -4,6 +4,7 @@ held-out data.
 contrastive: zero-shot top-1 (when the held-out samples carry labels) and image<->text retrieval R@1.
 align / sft: held-out loss, and the model's own answers (greedy) scored against every held-out assistant turn:
 exact match, VQA-normalised match and containment, overall and per group (e.g. question type).
+dpo: the rewards on held-out preference pairs (against the reference the run started from) and the answers' scores.
 Without data.val it scores the synthetic held-out split. Prints the metrics as JSON, writes them with every answer to
 eval.output_dir (metrics.json, predictions.jsonl), and shows the worst-scored answers on stderr.
 """
