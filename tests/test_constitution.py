@@ -150,3 +150,15 @@ def test_missing_api_key_variable_is_named(tiny_sft_export, small_synthetic, tmp
     with pytest.raises(UserError, match="NO_SUCH_KEY_VAR"):
         run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", "critic.url=http://127.0.0.1:9",
                     "critic.api=anthropic", "critic.api_key_env=NO_SUCH_KEY_VAR"))
+
+
+def test_generate_batch_matches_one_by_one_greedy_answers(tiny_chat_model):
+    from images import solid
+
+    conversations = [([{"role": "user", "content": f"<image>\n{q}"}], [solid(color)])
+                     for q, color in [("What color is the shape?", (255, 0, 0)), ("Where is it?", (0, 0, 255)),
+                                      ("What shape is this? Answer in a few words.", (0, 255, 0))]]
+    prompts = [tiny_chat_model.prepare(m, i) for m, i in conversations]
+    batched = tiny_chat_model.generate_batch(prompts, temperature=0, max_new_tokens=6)
+    single = [tiny_chat_model.generate(m, i, temperature=0, max_new_tokens=6).text.strip() for m, i in conversations]
+    assert batched == single and len(batched) == 3
