@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from preference_data import write_pairs
@@ -15,6 +16,7 @@ from tiny import tiny_config
 from vlm.data.processor import IGNORE_INDEX
 from vlm.data.shards import build_pipeline
 from vlm.data.sources import DataSources
+from vlm.exports.vlm import load_vlm
 from vlm.models.losses import answer_logprobs, preference_loss
 from vlm.training.stages import get_stage
 
@@ -165,3 +167,35 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute)
     assert recorded["reference"] == str(tiny_sft_export)
     scored, _ = evaluate(tiny_config(*common, f"checkpoint={export}", stage="dpo", tiny=False))
     assert scored["rewards/accuracy"] == metrics["rewards/accuracy"]
+
+
+class ReferenceWatch(pl.Callback):
+    """Records whether the task's reference equals the starting export when training starts and ends."""
+
+    def __init__(self, export: Path):
+        self.expected = load_vlm(export).model.state_dict()
+        self.same: list[bool] = []
+
+    def _check(self, trainer: pl.Trainer, task) -> None:
+        state = task.reference.state_dict()
+        self.same.append(all(torch.equal(state[k], v) for k, v in self.expected.items()))
+
+    def on_train_start(self, trainer: pl.Trainer, task) -> None:
+        self._check(trainer, task)
+
+    def on_train_end(self, trainer: pl.Trainer, task) -> None:
+        self._check(trainer, task)
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_reference_of_the_first_run(tiny_sft_export, tmp_path):
+    from vlm.train import run
+
+    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8)
+    common = [f"data.train={train}", "data.num_workers=0", "stage.batch_size=4", f"init_from={tiny_sft_export}",
+              f"output_root={tmp_path}", "run_name=r", "stage.lr=1e-2", "trainer.checkpoint_every_n_steps=2",
+              "resume=auto"]
+    run(tiny_config(*common, "stage.max_steps=2", stage="dpo", tiny=False))
+    watch = ReferenceWatch(tiny_sft_export)
+    metrics = run(tiny_config(*common, "stage.max_steps=4", stage="dpo", tiny=False), callbacks=[watch])
+    assert metrics["global_step"] == 4 and watch.same == [True, True]
