@@ -207,7 +207,7 @@ def useful_tokens(batch: dict) -> int:
 
 
 def length_mix(args: argparse.Namespace, config: TrainConfig, ours: VisionLanguageModel,
-               theirs: LlavaForConditionalGeneration, special: set[int], tokenizer_pad: int) -> None:
+               theirs: transformers.LlavaForConditionalGeneration, special: set[int], tokenizer_pad: int) -> None:
     """The --length-mix benchmark (see the module docstring)."""
     ours.vision.requires_grad_(False)
     theirs.model.vision_tower.requires_grad_(False)

@@ -193,7 +193,7 @@ def test_missing_column_is_named(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing touched before the input was known to be usable
 
 
-@pytest.mark.parametrize("script", ["images_to_shards.py", "llava_to_shards.py"])
+@pytest.mark.parametrize("script", ["images_to_shards.py", "llava_to_shards.py", "preferences_to_shards.py"])
 def test_scripts_run_from_anywhere_with_help(script, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "data_scripts" / script), "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)

@@ -14,7 +14,7 @@ import pytest
 from tiny import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ("vlm-train", "vlm-eval", "vlm-infer", "vlm-serve", "vlm-export")
+SCRIPTS = ("vlm-train", "vlm-eval", "vlm-infer", "vlm-serve", "vlm-export", "vlm-constitution")
 
 
 @pytest.fixture(scope="module")

@@ -122,11 +122,31 @@ class ChatModel:
         prompt = messages if isinstance(messages, Prompt) else self.prepare(messages, images)
         return TextStream(self._job(prompt, opts, cancel or threading.Event(), on_done, whole), self.tokenizer)
 
+    def generate_batch(self, prompts: Sequence[Prompt], **options: Any) -> list[str]:
+        """Answer many prompts (from `prepare`) in one left-padded batch through HF generate; each answer ends at its
+        first end-of-turn token. For pipelines that sample many answers (`vlm.constitution`); a chat uses `generate`.
+        With `seed`, the whole batch is reproducible."""
+        if not prompts:
+            return []
+        opts = self.options(**options)
+        room = self.context_length - max(p.input_tokens for p in prompts)
+        decoding = resolve_decoding(opts, prompts[0].messages, room)
+        if opts.seed is not None:
+            torch.manual_seed(opts.seed)
+        inputs = self._inputs(prompts)
+        new = self.model.generate(**inputs, **decoding.generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
+                                  eos_token_id=sorted(self.eos_token_ids))  # (B, T_new)
+        answers = []
+        for row in new.tolist():
+            ends = [i for i, token in enumerate(row) if token in self.eos_token_ids]
+            answers.append(self.tokenizer.decode(row[: ends[0]] if ends else row, skip_special_tokens=True).strip())
+        return answers
+
     def _job(self, prompt: Prompt, opts: GenerationOptions, cancel: threading.Event,
              on_done: Callable[[Completion], None] | None, whole: bool) -> AnswerJob:
         """Resolve the decoding now (the temperature="auto" choice is logged before any text appears)."""
         decoding = resolve_decoding(opts, prompt.messages, self.context_length - prompt.input_tokens)
-        inputs = self._inputs(prompt)
+        inputs = self._inputs([prompt])
         stopping = StoppingCriteriaList([Cancelled(cancel)])
         if opts.stop:
             stopping.append(StopInAnswer(self.tokenizer, opts.stop, inputs["input_ids"].shape[1]))
@@ -153,8 +173,8 @@ class ChatModel:
         return AnswerJob(run, finish, opts.stop, cancel, streamable=opts.num_beams == 1 and not whole,
                          on_done=on_done)
 
-    def _inputs(self, prompt: Prompt) -> dict[str, torch.Tensor]:
-        batch = pad_batch([prompt.encoded], self.tokenizer.pad_token_id, left=True)
+    def _inputs(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        batch = pad_batch([p.encoded for p in prompts], self.tokenizer.pad_token_id, left=True)
         vision_dtype = next(self.model.vision.parameters()).dtype
         return {"input_ids": batch["input_ids"].to(self.device),
                 "attention_mask": batch["attention_mask"].to(self.device),

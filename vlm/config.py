@@ -278,6 +278,12 @@ class StageConfig:
     cache_vision_features: bool = setting()
     feature_cache_memory: int = setting(minimum=0)  # bytes of features kept in memory; the rest go to the folder
     feature_cache_dir: str = setting()  # the cache folder (one subfolder per tower + tiler fingerprint)
+    # preference stages (dpo); null elsewhere
+    beta: float | None = setting(minimum=0)  # DPO's beta: how far the policy may move from the reference
+    loss: str | None = setting(choices=("sigmoid", "ipo"))  # DPO's sigmoid loss, or IPO (log-probs per token)
+    sft_weight: float | None = setting(minimum=0)  # weight of an NLL term on the chosen answers (0: off)
+    precompute_reference: bool | None = setting()  # reference log-probs computed once before training, no copy
+    reference: str | None = setting()  # vlm.eval: the reference export; null: the one the run recorded
 
 
 @dataclass

@@ -4,6 +4,7 @@ held-out data.
 contrastive: zero-shot top-1 (when the held-out samples carry labels) and image<->text retrieval R@1.
 align / sft: held-out loss, and the model's own answers (greedy) scored against every held-out assistant turn:
 exact match, VQA-normalised match and containment, overall and per group (e.g. question type).
+dpo: the rewards on held-out preference pairs (against the reference the run started from) and the answers' scores.
 Without data.val it scores the synthetic held-out split. Prints the metrics as JSON, writes them with every answer to
 eval.output_dir (metrics.json, predictions.jsonl), and shows the worst-scored answers on stderr.
 """
@@ -40,7 +41,7 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     if not config.checkpoint:
         raise ConfigError("checkpoint=PATH is required: the export folder of a run (OUTPUT_ROOT/STAGE/RUN/export)")
     stage = get_stage(config.stage.name)
-    data = resolve_eval(config.data, stage.data)
+    data = resolve_eval(config.data, stage.data, config.output_root)
     task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
     datamodule = ShardDataModule(data, task.batching(), config.data)
     trainer = pl.Trainer(accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision,
@@ -53,7 +54,7 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
 
 def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) -> None:
     """An empty held-out set, or one whose every sample was skipped, is an error rather than a score of 0 or NaN."""
-    if not metrics or ("loss" in metrics and not task.predictions):
+    if not metrics or ("loss" in metrics and not task.predictions and "rewards/accuracy" not in metrics):
         raise NothingToScore(f"no held-out sample of data.val={pattern!r} could be scored: the shards hold none, or "
                              f"every one was skipped (the warnings above name each skipped sample with its shard and "
                              f"the reason, e.g. no assistant turn)")

@@ -1,4 +1,4 @@
-"""`python -m vlm.train stage=contrastive|align|sft [key=value ...]` (or `vlm-train`): train one stage.
+"""`python -m vlm.train stage=contrastive|align|sft|dpo [key=value ...]` (or `vlm-train`): train one stage.
 
 compose the config -> pick the run folder -> the stage's task and data -> fit -> export + metrics.json
 """
@@ -34,7 +34,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     stage = get_stage(config.stage.name)
-    data = resolve_data(config.data, stage.data)
+    data = resolve_data(config.data, stage.data, config.output_root)
     run_folder = prepare_run(config)
     log.info("stage %s -> %s", stage.name, run_folder.dir)
     task = stage.task.create(config, stage, run_folder.init_from, data)

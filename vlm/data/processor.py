@@ -58,8 +58,9 @@ class Processor:
         return spans
 
     def encode(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = "sample",
-               add_generation_prompt: bool = False, train: bool = True) -> Encoded:
-        """Encode a conversation; raises SampleError (naming `name`) for anything that would train wrongly."""
+               add_generation_prompt: bool = False, train: bool = True, last_reply_only: bool = False) -> Encoded:
+        """Encode a conversation; raises SampleError (naming `name`) for anything that would train wrongly.
+        Labels keep every assistant reply, or with `last_reply_only` the last one (a preference pair's answer)."""
         placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         if placeholders != len(images):
             raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images")
@@ -74,7 +75,7 @@ class Processor:
         ids = encoding["input_ids"]
         keep = [False] * len(ids)
         if train:
-            spans = self.assistant_spans(messages)
+            spans = self.assistant_spans(messages)[-1:] if last_reply_only else self.assistant_spans(messages)
             keep = [any(s <= start < e for s, e in spans) and end > start
                     for start, end in encoding["offset_mapping"]]
         # expand each <image> id into its image's token run

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from vlm.config import ConfigError, closest
 from vlm.training.contrastive import ContrastiveTask
+from vlm.training.preference_task import PreferenceTask
 from vlm.training.task import Stage
 from vlm.training.vlm_task import VLMTask
 
@@ -15,6 +16,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("contrastive", ContrastiveTask, frozenset({"vision", "text", "clip_head"}), "captions", None),
     Stage("align", VLMTask, frozenset({"projector"}), "captions", "contrastive"),
     Stage("sft", VLMTask, frozenset({"projector", "llm"}), "conversations", "align"),
+    Stage("dpo", PreferenceTask, frozenset({"projector", "llm"}), "preferences", "sft"),
 )}
 
 

@@ -123,5 +123,5 @@ class Stage:
     name: str
     task: type[StageTask]  # the LightningModule that trains it and that `vlm.eval` validates its exports with
     trains: frozenset[str]  # model parts with requires_grad=True; every other part is frozen
-    data: str  # "captions" (image + txt) or "conversations" (images + LLaVA-style json)
+    data: str  # "captions" (image + txt), "conversations" (images + LLaVA-style json) or "preferences" (pairs)
     previous: str | None  # the stage whose latest export this one starts from by default

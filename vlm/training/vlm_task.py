@@ -12,7 +12,7 @@ import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import ConfigError, TrainConfig, to_dict
-from vlm.data.conversations import ConversationDecoder
+from vlm.data.conversations import ConversationDecoder, ScoredTurn
 from vlm.data.packing import pack_batch
 from vlm.data.processor import IGNORE_INDEX, pad_batch
 from vlm.data.shards import collate_skipped
@@ -40,20 +40,7 @@ class VLMTask(StageTask):
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
-        """From a phase 2 export (align -> sft), or a new VLM whose ViT comes from a contrastive export."""
-        meta = read_meta(init_from) if init_from else None
-        if meta is not None and meta.llm_config is not None:
-            bundle = load_vlm(init_from, tiler=config.tiler,
-                              gradient_checkpointing=config.model.llm.gradient_checkpointing)
-            bundle.model.vision.vit.set_grad_checkpointing(config.model.vision.gradient_checkpointing)
-            set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
-        else:
-            bundle = new_vlm(config.model, config.tiler)
-            if meta is not None:
-                load_vision_from_clip(bundle.model.vision, init_from)
-        log.info("image tokens per tile: %d; tiles per image: at most %d", bundle.model.tokens_per_tile,
-                 config.tiler.max_tiles + (1 if config.tiler.max_tiles > 1 and config.tiler.thumbnail else 0))
-        return cls(config, stage, bundle)
+        return cls(config, stage, start_bundle(config, init_from))
 
     @classmethod
     def from_export(cls, config: TrainConfig, stage: Stage, directory: Path, data: DataSources) -> VLMTask:
@@ -128,7 +115,10 @@ class VLMTask(StageTask):
         self.val_skipped += batch["skipped"]
         out = self.forward_batch(batch)
         self.log("val/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=False, rank_zero_only=True)
-        samples = batch.get("scored", [])
+        self.score_answers(batch.get("scored", []))
+
+    def score_answers(self, samples: list[list[ScoredTurn]]) -> None:
+        """Answer each sample's held-out turns greedily and keep the scored answers in `predictions`."""
         if self.answer_limit is not None:
             samples = samples[: max(0, self.answer_limit - len({p["key"] for p in self.predictions}))]
         turns = [turn for sample in samples for turn in sample]
@@ -179,3 +169,21 @@ def eager_decoding() -> AbstractContextManager:
     """Compiled code runs eagerly inside (torch >= 2.6; older versions recompile, with warnings)."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
+    """From a phase 2 export (align -> sft -> dpo), or a new VLM whose ViT comes from a contrastive export."""
+    meta = read_meta(init_from) if init_from else None
+    if meta is not None and meta.llm_config is not None:
+        bundle = load_vlm(init_from, tiler=config.tiler,
+                          gradient_checkpointing=config.model.llm.gradient_checkpointing)
+        bundle.model.vision.vit.set_grad_checkpointing(config.model.vision.gradient_checkpointing)
+        set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
+    else:
+        bundle = new_vlm(config.model, config.tiler)
+        if meta is not None:
+            load_vision_from_clip(bundle.model.vision, init_from)
+    log.info("image tokens per tile: %d; tiles per image: at most %d", bundle.model.tokens_per_tile,
+             config.tiler.max_tiles + (1 if config.tiler.max_tiles > 1 and config.tiler.thumbnail else 0))
+    return bundle
+

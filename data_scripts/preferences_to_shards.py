@@ -1,0 +1,137 @@
+"""Turn preference data (JSON list or JSONL, plus an image folder) into webdataset shards for `stage=dpo`.
+
+Each record needs `prompt`, `chosen` and `rejected`, as plain strings or as chat-message lists (TRL's vision DPO
+datasets write content as parts: {"type": "image"} and {"type": "text", "text": ...}), and `image` or `images` (file
+names). Each sample holds {"prompt": [messages], "chosen": str, "rejected": str, + the record's other fields} as
+`json` and its images as `0.jpg`, `1.png`, ... Records that training could not use are reported with their line and
+reason, and skipped. Run `python data_scripts/preferences_to_shards.py --help` for the format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python data_scripts/preferences_to_shards.py`: make `data_scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data_scripts.llava_to_shards import Entry, read_records  # noqa: E402
+from data_scripts.shard_writing import (  # noqa: E402
+    DataError,
+    Skip,
+    add_output_arguments,
+    add_run_arguments,
+    plan_jobs,
+    prepare_output,
+    read_image,
+    report,
+    run,
+    write_shards,
+)
+
+IMAGE_PLACEHOLDER = "<image>"
+EXAMPLE = """\
+input (a JSON list, or JSONL with one record per line):
+  {"image": "cat.jpg", "prompt": "<image>\\nWhat is on the mat?", "chosen": "A grey cat.",
+   "rejected": "A dog and a cat."}
+  {"images": ["a.png", "b.png"],
+   "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                           {"type": "text", "text": "Which one is bigger?"}]}],
+   "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "The first."}]}],
+   "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "The second."}]}]}
+
+  image / images   a file name relative to --images (or absolute), or a list of them
+  prompt           a string (one user message) or messages ending with a user turn; one <image> (or image part)
+                   per image, in order. A string prompt without any gets one <image> per image put in front.
+  chosen, rejected a string, or messages whose last assistant message is the answer
+
+output:
+  OUT/train/shard-000000.tar ...  samples: KEY.json, KEY.0.jpg, KEY.1.png, ...
+  OUT/val/...                     with --val-fraction > 0
+  OUT/skipped.txt                 every skipped record and why (only when some were)
+
+example:
+  python data_scripts/preferences_to_shards.py --json rlaif_v.jsonl --images images/ --out pairs/ --val-fraction 0.02
+  python -m vlm.train stage=dpo "data.train='pairs/train/shard-{000000..000009}.tar'" \\
+      "data.val='pairs/val/shard-{000000..000000}.tar'"
+"""
+
+
+def image_list(record: dict) -> list[str]:
+    image = record.get("images", record.get("image"))
+    if image is None:
+        return []
+    names = [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise Skip("bad record", f"'image'/'images' must be a file name or a list of file names, got {image!r:.80}")
+    return names
+
+
+def normalise(record: dict, num_images: int) -> dict:
+    """{"prompt": messages, "chosen": str, "rejected": str} with the record's other fields; raises Skip."""
+    from vlm.data.preferences import answer_text, prompt_messages
+    from vlm.data.processor import SampleError
+
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
+    if missing:
+        raise Skip(f"no {missing[0]}", f"no {missing[0]!r} field; a record needs prompt, chosen and rejected")
+    prompt = record["prompt"]
+    if isinstance(prompt, str) and IMAGE_PLACEHOLDER not in prompt:
+        prompt = f"{IMAGE_PLACEHOLDER}\n" * num_images + prompt
+    try:
+        messages = prompt_messages(prompt, "record")
+        chosen, rejected = (answer_text(record[k], k, "record") for k in ("chosen", "rejected"))
+    except SampleError as err:
+        raise Skip("bad record", str(err).removeprefix("record: ")) from None
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != num_images:
+        raise Skip("placeholder mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the prompt for "
+                                           f"{num_images} image(s); each image needs exactly one")
+    if chosen.strip() == rejected.strip():
+        raise Skip("chosen equals rejected", "'chosen' and 'rejected' are the same answer: nothing to learn")
+    rest = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "image", "images")}
+    return {**rest, "prompt": messages, "chosen": chosen, "rejected": rejected}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="preferences_to_shards.py",
+        description="Convert preference pairs (prompt, chosen, rejected + images) into webdataset shards for "
+                    "vlm's dpo stage.", epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="FILE", type=Path, required=True, help="JSON list or JSONL file")
+    parser.add_argument("--images", metavar="DIR", type=Path, required=True,
+                        help="folder the image paths are relative to")
+    add_output_arguments(parser, "records")
+    add_run_arguments(parser, "input")
+    return run(convert, parser.parse_args(argv))
+
+
+def convert(args: argparse.Namespace) -> int:
+    if not args.images.is_dir():
+        raise DataError(f"--images {args.images} is not a folder")
+    entries = read_records(args.json)
+
+    def build(entry: Entry) -> dict:
+        if entry.record is None:
+            raise Skip("bad record", entry.problem)
+        if not isinstance(entry.record, dict):
+            raise Skip("bad record", f"expected a JSON object, got {type(entry.record).__name__}")
+        names = image_list(entry.record)
+        sample: dict = {"json": json.dumps(normalise(entry.record, len(names)), ensure_ascii=False).encode("utf-8")}
+        for index, name in enumerate(names):
+            extension, data = read_image(args.images / name.strip())
+            sample[f"{index}.{extension}"] = data
+        return sample
+
+    splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
+    jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle)
+    prepare_output(args.out, splits, args.overwrite)
+    result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
+                          desc=f"{args.json.name} -> shards")
+    return report(result, stage="dpo")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

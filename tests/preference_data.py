@@ -1,0 +1,36 @@
+"""Small preference shards for tests: synthetic shape images with a question, a right and a wrong answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import webdataset as wds
+
+from vlm.data.synthetic import random_spec, render
+
+
+def png(seed: int, size: int = 64) -> bytes:
+    rng = random.Random(seed)
+    buffer = io.BytesIO()
+    render(random_spec(rng), rng, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = True, history: bool = False) -> str:
+    """A shard of `count` colour questions, each with a chosen and a rejected answer; `history` puts an earlier
+    question and answer before the asked one. Returns the shard path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for i in range(count):
+            prompt = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
+            if history:
+                prompt = [*prompt, {"role": "assistant", "content": "blue"},
+                          {"role": "user", "content": "What shape is this?"}]
+            record = {"prompt": prompt, "rejected": " ".join(["blue"] * answer_words), "type": "color"}
+            if chosen:
+                record["chosen"] = " ".join(["red"] * answer_words)
+            sink.write({"__key__": f"{i:06d}", "json": json.dumps(record), "0.png": png(i)})
+    return str(path)

@@ -1,0 +1,164 @@
+"""`vlm.constitution`: constitution files, pairs from the policy's own answers with the synthetic, self and HTTP
+critics (a real `vlm.serve` on 127.0.0.1 speaking both APIs), resuming, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from live_server import LiveServer
+from tiny import tiny_config
+
+from vlm.cli import compose_config
+from vlm.config import ConfigError, load_config
+from vlm.constitution import ConstitutionConfig, load_constitution, run
+from vlm.data.shards import build_pipeline
+from vlm.errors import UserError
+from vlm.serve import ServeSettings, create_app
+from vlm.training.stages import get_stage
+
+
+def _config(tiny_sft_export: Path, small_synthetic: list[str], tmp_path: Path, *overrides: str) -> ConstitutionConfig:
+    values = compose_config("constitution", [f"checkpoint={tiny_sft_export}", f"output_root={tmp_path}",
+                                             f"out={tmp_path / 'pairs'}", "device=cpu", "max_train_prompts=6",
+                                             "max_val_prompts=3", "prompts_per_shard=4", "batch_size=4",
+                                             "max_new_tokens=4", *small_synthetic, *overrides])
+    return load_config(ConstitutionConfig, values)
+
+
+def _pairs(pattern_dir: Path) -> list[dict]:
+    shards = sorted(str(p) for p in pattern_dir.glob("shard-*.tar"))
+    return [json.loads(s["json"]) for s in build_pipeline(shards, lambda s: s, train=False, split_by_node=False)]
+
+
+@pytest.mark.parametrize("name", ["default", "synthetic"])
+def test_shipped_constitutions_load(name):
+    constitution = load_constitution(name)
+    assert len(constitution.principles) >= 5 and constitution.examples
+    assert all(p.critique.strip() and p.revision.strip() for p in constitution.principles)
+
+
+@pytest.mark.parametrize("text,message", [("principles: []\n", "has no principles"),
+                                          ("principles:\n  - name: a\n    critique: Is it right?\n",
+                                           "principle 0 ('a') has no 'revision' request"),
+                                          ("principles: [\n", "is not valid YAML")])
+def test_bad_constitution_files_are_named(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_constitution(str(path))
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sft_export, small_synthetic, tmp_path,
+                                                                        caplog):
+    caplog.set_level(logging.INFO, logger="vlm.constitution")
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic")
+    summary = run(config)
+    out = tmp_path / "pairs"
+    train = summary["train"]
+    assert train["prompts"] == 6 and train["kept"] + train["dropped_unchanged"] == 6
+    pairs = _pairs(out / "train")
+    assert len(pairs) == train["kept"] > 0  # a random model answers wrongly
+    for pair in pairs:
+        assert pair["chosen"] != pair["rejected"] and repr(pair["rejected"]) in pair["critique"]
+        assert pair["prompt"][-1]["role"] == "user" and pair["principle"] and pair["type"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-000000.json", "shard-000000.tar",
+                                                                 "shard-000001.json", "shard-000001.tar"]
+    done = json.loads((out / "DONE").read_text())
+    assert done["train"].endswith("shard-{000000..000001}.tar") and done["qa_val"]
+    # a rerun after an interrupt: the finished shard is kept as it is, a half-written one is redone
+    first = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
+    (out / "train" / "shard-000001.json").unlink()
+    (out / "train" / "shard-000001.tar").rename(out / "train" / "shard-000001.tar.partial")
+    again = run(config)
+    assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
+    assert again["train"] == train and len(_pairs(out / "train")) == len(pairs)
+    assert "4 prompts were already done" in caplog.text
+
+
+def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, small_synthetic, tmp_path):
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "mode=best_of_n",
+                     "num_samples=3", "temperature=1.5", "max_val_prompts=0")
+    summary = run(config)
+    assert summary["train"]["kept"] + summary["train"]["dropped_tie"] == 6 and "val" not in summary
+    for pair in _pairs(tmp_path / "pairs" / "train"):
+        assert pair["scores"] == {"chosen": 1.0, "rejected": 0.0}
+
+
+def test_pairs_train_stage_dpo(tiny_sft_export, small_synthetic, tmp_path):
+    """The written pairs decode as stage=dpo's batches, on the path `stage=dpo` finds without data.train."""
+    run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic",
+                f"out={tmp_path / 'constitution' / 'run'}"))
+    from vlm.data.sources import resolve
+
+    config = tiny_config(f"output_root={tmp_path}", stage="dpo", tiny=False)
+    data = resolve(config.data, "preferences", config.output_root)
+    stage = get_stage("dpo")
+    task = stage.task.create(config, stage, tiny_sft_export, data)
+    samples = list(build_pipeline([str(p) for p in sorted((tmp_path / "constitution" / "run" / "train").glob("*.tar"))],
+                                  task.batching().decode, train=False, split_by_node=False))
+    batch = task.collate(samples)
+    assert batch["pairs"] is not None and task.pair_loss(batch["pairs"]).loss.isfinite()
+    assert "::" in data.val  # held-out pairs and the held-out conversations they came from
+
+
+@pytest.fixture(scope="module")
+def critic_server(tiny_chat_model):
+    server = LiveServer(create_app(tiny_chat_model, ServeSettings(max_queue=16, web=False)))
+    yield server.url
+    server.stop()
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_http_critic_against_a_live_vlm_serve(tiny_sft_export, small_synthetic, tmp_path, critic_server, api,
+                                              monkeypatch):
+    monkeypatch.setenv("CRITIC_KEY", "unused-by-this-server")
+    summary = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", f"critic.url={critic_server}",
+                          f"critic.api={api}", "critic.api_key_env=CRITIC_KEY", "critic.max_new_tokens=4",
+                          "constitution=synthetic", "max_val_prompts=0", "critic.concurrency=2"))
+    assert summary["critic_failed_requests"] == 0
+    train = summary["train"]
+    assert train["prompts"] == 6 and train["dropped_failed"] == 0
+    assert train["kept"] + train["dropped_unchanged"] + train["dropped_empty"] == 6
+    assert all(p["critique"] for p in _pairs(tmp_path / "pairs" / "train"))
+
+
+def test_self_critic_runs_the_loop(tiny_sft_export, small_synthetic, tmp_path):
+    summary = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=self", "constitution=synthetic",
+                          "critic.max_new_tokens=4", "max_val_prompts=0"))
+    train = summary["train"]
+    assert train["prompts"] == 6
+    assert train["kept"] + train["dropped_unchanged"] + train["dropped_empty"] + train["dropped_failed"] == 6
+
+
+def test_unreachable_critic_names_the_url_and_the_prompts_done(tiny_sft_export, small_synthetic, tmp_path):
+    with pytest.raises(UserError) as err:
+        run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", "critic.url=http://127.0.0.1:9",
+                    "critic.api=openai", "critic.retries=1", "critic.timeout=2", "constitution=synthetic"))
+    message = str(err.value)
+    assert "http://127.0.0.1:9/v1/chat/completions" in message and "0 train prompts were done" in message
+    assert not (tmp_path / "pairs" / "DONE").exists()
+    assert not list((tmp_path / "pairs").rglob("*.tar"))  # nothing half-written left as a shard
+
+
+def test_missing_api_key_variable_is_named(tiny_sft_export, small_synthetic, tmp_path):
+    os.environ.pop("NO_SUCH_KEY_VAR", None)
+    with pytest.raises(UserError, match="NO_SUCH_KEY_VAR"):
+        run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", "critic.url=http://127.0.0.1:9",
+                    "critic.api=anthropic", "critic.api_key_env=NO_SUCH_KEY_VAR"))
+
+
+def test_generate_batch_matches_one_by_one_greedy_answers(tiny_chat_model):
+    from images import solid
+
+    conversations = [([{"role": "user", "content": f"<image>\n{q}"}], [solid(color)])
+                     for q, color in [("What color is the shape?", (255, 0, 0)), ("Where is it?", (0, 0, 255)),
+                                      ("What shape is this? Answer in a few words.", (0, 255, 0))]]
+    prompts = [tiny_chat_model.prepare(m, i) for m, i in conversations]
+    batched = tiny_chat_model.generate_batch(prompts, temperature=0, max_new_tokens=6)
+    single = [tiny_chat_model.generate(m, i, temperature=0, max_new_tokens=6).text.strip() for m, i in conversations]
+    assert batched == single and len(batched) == 3

@@ -1,0 +1,201 @@
+"""stage=dpo: the preference losses against the papers' formulas, the frozen reference, gradients on answer tokens
+only, one vision forward per pair, truncation, bad shards, and a short end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from preference_data import write_pairs
+from tiny import tiny_config
+
+from vlm.data.processor import IGNORE_INDEX
+from vlm.data.shards import build_pipeline
+from vlm.data.sources import DataSources
+from vlm.exports.vlm import load_vlm
+from vlm.models.losses import answer_logprobs, preference_loss
+from vlm.training.stages import get_stage
+
+LOGPS = {"pc": [-3.0, -10.0, -2.5], "pr": [-5.0, -4.0, -9.0], "rc": [-4.0, -9.0, -3.0], "rr": [-4.5, -6.0, -8.0]}
+TOKENS = {"c": [2, 5, 1], "r": [3, 2, 4]}
+
+
+def _paper(kind: str, beta: float, sft_weight: float) -> float:
+    """DPO (Rafailov et al. 2023, eq. 7) / IPO (Azar et al. 2023, eq. 17 with per-token log-probs), written out."""
+    total = 0.0
+    for i in range(3):
+        pc, pr, rc, rr = (LOGPS[k][i] for k in ("pc", "pr", "rc", "rr"))
+        nc, nr = TOKENS["c"][i], TOKENS["r"][i]
+        if kind == "sigmoid":
+            total += -math.log(1 / (1 + math.exp(-beta * ((pc - rc) - (pr - rr)))))
+        else:
+            total += ((pc / nc - rc / nc) - (pr / nr - rr / nr) - 1 / (2 * beta)) ** 2
+    nll = -sum(LOGPS["pc"][i] / TOKENS["c"][i] for i in range(3)) / 3
+    return total / 3 + sft_weight * nll
+
+
+@pytest.mark.parametrize("kind,beta,sft_weight", [("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.3), ("ipo", 0.1, 0.0),
+                                                  ("ipo", 1.0, 2.0)])
+def test_preference_loss_matches_the_papers(kind, beta, sft_weight):
+    t = {k: torch.tensor(v) for k, v in LOGPS.items()}
+    out = preference_loss(t["pc"], t["pr"], t["rc"], t["rr"], torch.tensor(TOKENS["c"]), torch.tensor(TOKENS["r"]),
+                          beta, kind, sft_weight)
+    assert out.loss.item() == pytest.approx(_paper(kind, beta, sft_weight), rel=1e-5)
+    if kind == "sigmoid":
+        expected = [beta * (policy - reference) for policy, reference in zip(LOGPS["pc"], LOGPS["rc"], strict=True)]
+        assert out.chosen_rewards.tolist() == pytest.approx(expected)
+
+
+def test_answer_logprobs_sum_only_labelled_tokens():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    labels[0, 3:] = torch.tensor([1, 2])
+    labels[1, 4] = 6
+    logps, tokens = answer_logprobs(logits, labels)
+    table = logits.log_softmax(-1)
+    assert tokens.tolist() == [2, 1]
+    assert logps[0].item() == pytest.approx((table[0, 2, 1] + table[0, 3, 2]).item(), rel=1e-5)
+    assert logps[1].item() == pytest.approx(table[1, 3, 6].item(), rel=1e-5)
+
+
+def _task(export: Path, *overrides: str):
+    config = tiny_config(f"init_from={export}", *overrides, stage="dpo", tiny=False)
+    stage = get_stage("dpo")
+    return stage.task.create(config, stage, export, DataSources(None, None, None))
+
+
+def _batch(task, shard: str) -> dict:
+    samples = list(build_pipeline([shard], task.batching().decode, train=False, split_by_node=False))
+    return task.collate(samples)
+
+
+def test_reference_stays_bit_identical_while_the_policy_moves(tiny_sft_export, tmp_path):
+    task = _task(tiny_sft_export, "stage.lr=1e-2")
+    batch = _batch(task, write_pairs(tmp_path / "p.tar", 4))
+    before = {k: v.clone() for k, v in task.reference.state_dict().items()}
+    policy_before = task.model.lm.get_input_embeddings().weight.clone()
+    optimizer = task.configure_optimizers()["optimizer"]
+    task.train()
+    assert not task.reference.training
+    for _ in range(3):
+        optimizer.zero_grad()
+        task.pair_loss(batch["pairs"]).loss.backward()
+        optimizer.step()
+    after = task.reference.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in task.reference.parameters())
+    assert not torch.equal(policy_before, task.model.lm.get_input_embeddings().weight)
+
+
+def test_gradients_reach_only_the_answer_tokens(tiny_sft_export, tmp_path):
+    """The prompt (with an earlier assistant reply in it) gets no gradient from the loss; the answer does."""
+    task = _task(tiny_sft_export)
+    pairs = _batch(task, write_pairs(tmp_path / "p.tar", 2, history=True))["pairs"]
+    model = task.model
+    features = model.image_features(pairs["pixel_values"])  # the chosen rows' images; the rejected rows show them too
+    embeds = model.embed(pairs["input_ids"], None, pairs["image_slots"], image_features=torch.cat([features, features]))
+    logits = model.lm(inputs_embeds=embeds, attention_mask=pairs["attention_mask"]).logits
+    logits.retain_grad()
+    logps, tokens = answer_logprobs(logits, pairs["labels"])
+    with torch.no_grad():
+        reference = task.reference_pair_logps(pairs, None, pairs["pixel_values"])
+    preference_loss(logps[:2], logps[2:], reference[:2], reference[2:], tokens[:2], tokens[2:], 0.1,
+                    sft_weight=1.0).loss.backward()
+    predicts_answer = torch.zeros_like(pairs["labels"], dtype=torch.bool)
+    predicts_answer[:, :-1] = pairs["labels"][:, 1:] != IGNORE_INDEX  # logits at t predict token t + 1
+    grad = logits.grad.abs().sum(-1)  # (2B, L)
+    assert grad[~predicts_answer].max().item() == 0
+    assert (grad[predicts_answer] > 0).all()
+    # only the last reply is learned: the earlier "blue" of the history has no label
+    answer_tokens = [task.bundle.tokenizer.decode(row[row != IGNORE_INDEX]) for row in pairs["labels"]]
+    assert all("blue" not in text or text.strip().startswith("blue") for text in answer_tokens)
+    assert all(text.count("red") + text.count("blue") == 1 for text in answer_tokens)
+
+
+def test_one_vision_forward_per_pair(tiny_sft_export, tmp_path):
+    task = _task(tiny_sft_export)
+    batch = _batch(task, write_pairs(tmp_path / "p.tar", 3))
+    calls = {"policy": 0, "reference": 0}
+    task.model.vision.vit.patch_embed.register_forward_hook(lambda *_: calls.__setitem__("policy", calls["policy"] + 1))
+    task.reference.vision.vit.patch_embed.register_forward_hook(
+        lambda *_: calls.__setitem__("reference", calls["reference"] + 1))
+    task.pair_loss(batch["pairs"]).loss.backward()
+    assert calls == {"policy": 1, "reference": 0}  # one call for the batch's 3 tiles: chosen, rejected and reference
+    assert len(batch["pairs"]["pixel_values"]) == 3 and len(batch["pairs"]["input_ids"]) == 6
+
+
+def test_truncation_skips_pairs_that_would_cut_an_image_and_counts_them(tiny_sft_export, tmp_path):
+    task = _task(tiny_sft_export)
+    task.bundle.processor.max_length = 12  # the image alone is 16 tokens
+    shard = write_pairs(tmp_path / "p.tar", 3)
+    batch = task.collate(list(build_pipeline([shard], task.batching().decode, train=False, split_by_node=False)))
+    assert batch["pairs"] is None  # all three skipped, none crashed
+    task.bundle.processor.max_length = 40  # long answers are cut after the image: kept
+    long = write_pairs(tmp_path / "long.tar", 2, answer_words=30)
+    batch = task.collate(list(build_pipeline([long], task.batching().decode, train=False, split_by_node=False)))
+    assert batch["pairs"]["input_ids"].shape == (4, 40) and batch["skipped"] == 0
+
+
+def test_shards_without_chosen_are_skipped_with_the_reason(tiny_sft_export, tmp_path, caplog):
+    task = _task(tiny_sft_export)
+    shard = write_pairs(tmp_path / "bad.tar", 2, chosen=False)
+    assert list(build_pipeline([shard], task.batching().decode, train=False, split_by_node=False)) == []
+    assert "bad.tar:000000: no 'chosen' field" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precompute", [False, True])
+def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute):
+    from vlm.eval import evaluate
+    from vlm.train import run
+
+    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8)
+    val = write_pairs(tmp_path / "val" / "shard-000000.tar", 4)
+    common = [f"data.train={train}", f"data.val={val}", "data.num_workers=0", "stage.batch_size=4",
+              f"stage.precompute_reference={str(precompute).lower()}", "eval.batch_size=4"]
+    config = tiny_config(*common, f"init_from={tiny_sft_export}", f"output_root={tmp_path}", "stage.max_steps=4",
+                         "stage.lr=1e-2", "stage.warmup_steps=0", "run_name=r", stage="dpo", tiny=False)
+    metrics = run(config)
+    assert metrics["pairs_scored"] == 4 and metrics["rewards/accuracy"] == 1.0  # red over blue, learned
+    assert metrics["rewards/margins"] > 0
+    export = tmp_path / "dpo" / "r" / "export"
+    recorded = json.loads((export / "config.json").read_text())["train_config"]
+    assert recorded["reference"] == str(tiny_sft_export)
+    scored, _ = evaluate(tiny_config(*common, f"checkpoint={export}", stage="dpo", tiny=False))
+    assert scored["rewards/accuracy"] == metrics["rewards/accuracy"]
+
+
+class ReferenceWatch(pl.Callback):
+    """Records whether the task's reference equals the starting export when training starts and ends."""
+
+    def __init__(self, export: Path):
+        self.expected = load_vlm(export).model.state_dict()
+        self.same: list[bool] = []
+
+    def _check(self, trainer: pl.Trainer, task) -> None:
+        state = task.reference.state_dict()
+        self.same.append(all(torch.equal(state[k], v) for k, v in self.expected.items()))
+
+    def on_train_start(self, trainer: pl.Trainer, task) -> None:
+        self._check(trainer, task)
+
+    def on_train_end(self, trainer: pl.Trainer, task) -> None:
+        self._check(trainer, task)
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_reference_of_the_first_run(tiny_sft_export, tmp_path):
+    from vlm.train import run
+
+    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8)
+    common = [f"data.train={train}", "data.num_workers=0", "stage.batch_size=4", f"init_from={tiny_sft_export}",
+              f"output_root={tmp_path}", "run_name=r", "stage.lr=1e-2", "trainer.checkpoint_every_n_steps=2",
+              "resume=auto"]
+    run(tiny_config(*common, "stage.max_steps=2", stage="dpo", tiny=False))
+    watch = ReferenceWatch(tiny_sft_export)
+    metrics = run(tiny_config(*common, "stage.max_steps=4", stage="dpo", tiny=False), callbacks=[watch])
+    assert metrics["global_step"] == 4 and watch.same == [True, True]

@@ -1,0 +1,84 @@
+"""data_scripts/preferences_to_shards.py: plain and TRL-style records round-trip into shards stage=dpo decodes; every
+bad record is reported with its line and reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import webdataset as wds
+from images import noise
+from tiny import tiny_config
+
+from data_scripts import preferences_to_shards
+from vlm.data.preferences import PreferenceDecoder
+from vlm.data.shards import build_pipeline
+from vlm.data.sources import DataSources
+from vlm.training.stages import get_stage
+
+
+def _samples(directory: Path) -> list[dict]:
+    shards = sorted(str(p) for p in directory.glob("shard-*.tar"))
+    return list(wds.WebDataset(shards, shardshuffle=False, empty_check=False))
+
+
+def test_plain_and_trl_records_round_trip_and_decode(tmp_path, capsys, tiny_sft_export):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(noise(1, fmt="PNG"))
+    (images / "b.jpg").write_bytes(noise(2, fmt="JPEG"))
+    trl = {"images": ["a.png", "b.jpg"], "id": "trl",
+           "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                   {"type": "text", "text": "Which is brighter?"}]}],
+           "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "The first."}]}],
+           "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "The second."}]}]}
+    plain = {"image": "a.png", "prompt": "What is it?", "chosen": "Noise.", "rejected": "A cat."}
+    source = tmp_path / "prefs.jsonl"
+    source.write_text(json.dumps(plain) + "\n" + json.dumps(trl) + "\n")
+    code = preferences_to_shards.main(["--json", str(source), "--images", str(images), "--out",
+                                       str(tmp_path / "out"), "--no-shuffle"])
+    out = capsys.readouterr().out
+    assert code == 0 and "wrote 2 sample(s)" in out and "stage=dpo" in out
+    first, second = _samples(tmp_path / "out" / "train")
+    assert json.loads(first["json"]) == {"prompt": [{"role": "user", "content": "<image>\nWhat is it?"}],
+                                         "chosen": "Noise.", "rejected": "A cat."}
+    record = json.loads(second["json"])
+    assert record["prompt"][0]["content"] == "<image><image>Which is brighter?" and record["id"] == "trl"
+    assert second["1.jpg"] == (images / "b.jpg").read_bytes()
+    config = tiny_config(stage="dpo", tiny=False)
+    task = get_stage("dpo").task.create(config, get_stage("dpo"), tiny_sft_export, DataSources(None, None, None))
+    decoder = PreferenceDecoder(task.bundle.processor)
+    pairs = list(build_pipeline([str(p) for p in (tmp_path / "out" / "train").glob("*.tar")], decoder, train=False,
+                                split_by_node=False))
+    assert len(pairs) == 2 and len(pairs[1]["pair"].chosen.image_tokens) == 2
+
+
+def test_bad_records_are_reported_with_line_and_reason(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "ok.png").write_bytes(noise(1, fmt="PNG"))
+    good = {"image": "ok.png", "prompt": "<image>\nQ?", "chosen": "A.", "rejected": "B."}
+    bad = {
+        "no-chosen": {k: v for k, v in good.items() if k != "chosen"},
+        "no-rejected": {k: v for k, v in good.items() if k != "rejected"},
+        "same": {**good, "rejected": "A."},
+        "missing-image": {**good, "image": "nowhere.png"},
+        "placeholders": {**good, "image": ["ok.png", "ok.png"]},
+        "ends-with-assistant": {**good, "prompt": [{"role": "user", "content": "<image>Q?"},
+                                                   {"role": "assistant", "content": "A."}]},
+        "empty-chosen": {**good, "chosen": "  "},
+    }
+    lines = [json.dumps({"id": "fine", **good})] + [json.dumps({"id": k, **v}) for k, v in bad.items()]
+    lines.insert(1, "{not json")
+    source = tmp_path / "prefs.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    code = preferences_to_shards.main(["--json", str(source), "--images", str(images), "--out",
+                                       str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert code == 0 and "wrote 1 sample(s)" in out and f"skipped {len(bad) + 1} record(s)" in out
+    reasons = ["not valid JSON", "no 'chosen' field", "no 'rejected' field", "are the same answer",
+               "image file not found", "2 image(s)", "must end with a user turn", "'chosen' must be a non-empty"]
+    report = {line.split(": ", 1)[0]: line for line in err.splitlines() if line.startswith("skipped line ")}
+    for number, reason in enumerate(reasons, start=2):
+        where = f"skipped line {number}" + (f" (id {list(bad)[number - 3]!r})" if number > 2 else "")
+        assert reason in report[where], (where, report.get(where))

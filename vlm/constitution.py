@@ -1,0 +1,359 @@
+"""`python -m vlm.constitution [key=value ...]`: preference pairs from a chat model's own answers.
+
+For each prompt (images + the conversation up to its last user turn) the policy samples an answer; a critic
+critiques it under one principle of the constitution, drawn at random, and revises it (`mode=revise`: chosen = the
+revision, rejected = the answer; a revision equal to the answer is dropped), or scores `num_samples` answers
+(`mode=best_of_n`: the best against the worst; ties are dropped). Pairs go to OUT/{train,val}/shard-NNNNNN.tar, one
+shard per `prompts_per_shard` prompts, each written under a temporary name and renamed into place with its counts
+beside it; a rerun skips the prompts whose shard is there. OUT/DONE, written last, tells `stage=dpo` the patterns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import yaml
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from vlm.cli import CONFIG_DIR, preflight, setup_logging, user_errors
+from vlm.config import ConfigError, DataConfig, load_config, setting
+from vlm.critics import ChatCritic, Critic, Example, HttpCompletion, Item, Principle, SyntheticCritic, self_completion
+from vlm.data.captions import image_fields
+from vlm.data.conversations import from_llava
+from vlm.data.preferences import PAIRS_DONE
+from vlm.data.shards import build_pipeline, list_shards
+from vlm.data.sources import resolve
+from vlm.errors import UserError
+from vlm.metrics import normalize_exact
+
+log = logging.getLogger("vlm.constitution")
+
+
+@dataclass
+class CriticConfig:
+    kind: str = setting(choices=("self", "synthetic", "http"))  # pick with critic=self|synthetic|http
+    url: str | None = setting()  # http: the endpoint's base URL, e.g. http://127.0.0.1:8000
+    api: str | None = setting(choices=("openai", "anthropic"))  # http: which API it speaks
+    model: str | None = setting()  # http: the model name the endpoint expects
+    api_key_env: str | None = setting()  # http: the environment variable holding the key (never the key itself)
+    timeout: float = setting(minimum=0.1)  # http: seconds per request
+    retries: int = setting(minimum=0)  # http: retries after a failure, with exponential backoff
+    concurrency: int = setting(minimum=1)  # http: requests in flight at most
+    max_new_tokens: int = setting(minimum=1)  # the longest critique or revision
+
+
+@dataclass
+class ConstitutionConfig:
+    data: DataConfig = field(default_factory=DataConfig)  # the prompts: conversation shards, or the synthetic data
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    checkpoint: str | None = setting()  # the export that answers; null: the newest sft export under output_root
+    output_root: str = setting()
+    out: str | None = setting()  # null: OUTPUT_ROOT/constitution/<export run>-<critic>-<mode>
+    constitution: str = setting()  # a name in configs/constitutions/ or a path to a YAML file
+    mode: str = setting(choices=("revise", "best_of_n"))
+    num_samples: int = setting(minimum=2)  # best_of_n: answers per prompt
+    temperature: float = setting(minimum=0)  # the policy's sampling temperature (0: greedy)
+    top_p: float = setting(minimum=0, maximum=1)
+    max_new_tokens: int = setting(minimum=1)  # the longest sampled answer
+    batch_size: int = setting(minimum=1)  # prompts answered at once
+    prompts_per_shard: int = setting(minimum=1)  # one output shard per this many prompts: what a rerun skips
+    max_train_prompts: int | None = setting(minimum=0)  # null: all of data.train
+    max_val_prompts: int | None = setting(minimum=0)  # null: all of data.val
+    seed: int = setting()
+    device: str | None = setting()
+    log_level: str = setting()
+
+
+@dataclass
+class Constitution:
+    principles: list[Principle]
+    examples: list[Example]
+
+
+def load_constitution(name: str) -> Constitution:
+    """A shipped constitution by name, or a YAML file; every problem names the file and what is wrong."""
+    path = Path(name).expanduser()
+    if not path.suffix:
+        path = CONFIG_DIR / "constitutions" / f"{name}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in (CONFIG_DIR / "constitutions").glob("*.yaml"))
+        raise ConfigError(f"constitution={name!r}: no such file {str(path)!r}; shipped: {shipped}, or give a path")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"constitution file {str(path)!r} is not valid YAML: {err}") from None
+    principles = raw.get("principles") if isinstance(raw, dict) else None
+    if not principles or not isinstance(principles, list):
+        raise ConfigError(f"constitution file {str(path)!r} has no principles; write a list under 'principles:', "
+                          f"each with a 'critique' and a 'revision' request")
+    out = []
+    for i, p in enumerate(principles):
+        missing = [k for k in ("critique", "revision") if not isinstance(p, dict) or not str(p.get(k) or "").strip()]
+        if missing:
+            raise ConfigError(f"constitution file {str(path)!r}: principle {i} ({(p or {}).get('name', 'unnamed')!r})"
+                              f" has no {missing[0]!r} request")
+        out.append(Principle(str(p.get("name", i)), str(p["critique"]), str(p["revision"])))
+    examples = []
+    for i, e in enumerate(raw.get("examples") or []):
+        try:
+            examples.append(Example(*(str(e[k]) for k in ("question", "answer", "critique", "revision"))))
+        except (KeyError, TypeError):
+            raise ConfigError(f"constitution file {str(path)!r}: example {i} needs question, answer, critique and "
+                              f"revision") from None
+    return Constitution(out, examples)
+
+
+def read_prompts(pattern: str, key: str) -> Iterator[Item]:
+    """Conversation shards -> one Item per sample: the conversation up to its last user turn, and its recorded last
+    answer (the synthetic critic's ground truth). Caption and malformed samples are skipped with a warning."""
+    for sample in build_pipeline(list_shards(pattern, key), lambda s: s, train=False, split_by_node=False):
+        name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        try:
+            record = json.loads(sample["json"])
+            messages = from_llava(record["conversations"], name).messages
+        except (KeyError, ValueError, TypeError, UserError) as err:
+            log.warning("skipping %s: not a conversation sample (%s)", name, err)
+            continue
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            log.warning("skipping %s: no user turn", name)
+            continue
+        reply = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
+        turns = record["conversations"]
+        group = (turns[last_user + 1].get("type") if reply is not None else None) or record.get("type")
+        fields = image_fields(sample)
+        yield Item(name, messages[: last_user + 1], [sample[f] for f in fields], reply, fields,
+                   None if group is None else str(group))
+
+
+@dataclass
+class Counts:
+    prompts: int = 0
+    kept: int = 0
+    dropped_unchanged: int = 0  # revise: the revision equals the answer (nothing to learn)
+    dropped_tie: int = 0  # best_of_n: every answer scored the same
+    dropped_empty: int = 0  # the critique or the revision came back empty (small critics do that)
+    dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked
+
+    def add(self, other: Counts) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class PairMaker:
+    """Prompts -> preference samples, a batch at a time: the policy answers, the critic judges."""
+
+    def __init__(self, config: ConstitutionConfig, chat_model: Any, critic: Critic, constitution: Constitution):
+        self.config, self.chat, self.critic, self.constitution = config, chat_model, critic, constitution
+
+    def __call__(self, items: list[Item], seed: int) -> tuple[list[dict[str, Any]], Counts]:
+        from vlm.generation.completion import PromptError
+
+        counts, asked, prompts = Counts(prompts=len(items)), [], []
+        for item in items:
+            try:
+                prompts.append(self.chat.prepare(item.messages, item.images))
+                asked.append(item)
+            except PromptError as err:
+                log.warning("skipping %s: %s", item.key, err)
+                counts.dropped_failed += 1
+        # one principle per prompt, drawn from the prompt's own seed, so a resumed run draws the same ones
+        principles = [random.Random(f"{self.config.seed}:{item.key}").choice(self.constitution.principles)
+                      for item in asked]
+        n = self.config.num_samples if self.config.mode == "best_of_n" else 1
+        options = {"temperature": self.config.temperature, "top_p": self.config.top_p,
+                   "max_new_tokens": self.config.max_new_tokens, "seed": seed}
+        answers = self.chat.generate_batch(prompts * n, **options)  # sample k of prompt i at k * len(prompts) + i
+        if self.config.mode == "revise":
+            judged = self._revised(asked, answers, principles, counts)
+        else:
+            judged = self._best_of_n(asked, answers, principles, counts)
+        samples = [self._sample(item, principle, record) for item, principle, record in judged]
+        counts.kept = len(samples)
+        return samples, counts
+
+    def _revised(self, items: list[Item], answers: list[str], principles: list[Principle], counts: Counts) -> list:
+        out = []
+        for item, answer, principle, revised in zip(items, answers, principles,
+                                                    self.critic.revise(items, answers, principles), strict=True):
+            if revised is None:
+                counts.dropped_failed += 1
+            elif not revised.revision.strip():
+                counts.dropped_empty += 1
+            elif normalize_exact(revised.revision) == normalize_exact(answer) or not answer.strip():
+                counts.dropped_unchanged += 1
+            else:
+                out.append((item, principle, {"chosen": revised.revision, "rejected": answer,
+                                              "critique": revised.critique}))
+        return out
+
+    def _best_of_n(self, items: list[Item], answers: list[str], principles: list[Principle], counts: Counts) -> list:
+        n, width = self.config.num_samples, len(items)
+        scores = self.critic.score(items * n, answers, principles * n)
+        out = []
+        for i, (item, principle) in enumerate(zip(items, principles, strict=True)):
+            rows = [(scores[k * width + i], answers[k * width + i]) for k in range(n)]
+            if any(score is None for score, _ in rows):
+                counts.dropped_failed += 1
+                continue
+            best, worst = max(rows, key=lambda r: r[0]), min(rows, key=lambda r: r[0])
+            if best[0] == worst[0] or normalize_exact(best[1]) == normalize_exact(worst[1]):
+                counts.dropped_tie += 1
+                continue
+            out.append((item, principle, {"chosen": best[1], "rejected": worst[1],
+                                          "scores": {"chosen": best[0], "rejected": worst[0]}}))
+        return out
+
+    def _sample(self, item: Item, principle: Principle, record: dict[str, Any]) -> dict[str, Any]:
+        record = {"prompt": item.messages, **record, "principle": principle.name, "type": item.group,
+                  "source": item.key}
+        return {"json": json.dumps(record), **dict(zip(item.image_names, item.images, strict=True))}
+
+
+def write_atomic_shard(path: Path, samples: list[dict[str, Any]], counts: Counts, first_key: int) -> None:
+    """The shard, then its counts beside it, each under a temporary name renamed into place: a shard is whole or
+    absent, and the counts file (written last) marks its prompts as done."""
+    import webdataset as wds
+
+    partial = path.with_name(path.name + ".partial")
+    with wds.TarWriter(str(partial)) as sink:
+        for i, sample in enumerate(samples):
+            sink.write({"__key__": f"{first_key + i:09d}", **sample})
+    os.replace(partial, path)
+    counts_file = path.with_suffix(".json")
+    partial = counts_file.with_name(counts_file.name + ".partial")
+    partial.write_text(json.dumps(vars(counts)) + "\n")
+    os.replace(partial, counts_file)
+
+
+def batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def make_split(name: str, pattern: str, limit: int | None, directory: Path, make: PairMaker,
+               config: ConstitutionConfig, total: int | None) -> tuple[str, Counts]:
+    """Pairs for one split, a shard per `prompts_per_shard` prompts; shards already written are skipped."""
+    directory.mkdir(parents=True, exist_ok=True)
+    counts, resumed = Counts(), 0
+    items = read_prompts(pattern, f"data.{name}")
+    wanted = min(x for x in (limit, total) if x is not None) if (limit, total) != (None, None) else None
+    if limit is not None:
+        items = (item for i, item in zip(range(limit), items, strict=False))
+    with tqdm(total=wanted, desc=f"{name} prompts", unit="prompt", dynamic_ncols=True, disable=None) as bar:
+        for index, chunk in enumerate(batches(items, config.prompts_per_shard)):
+            path = directory / f"shard-{index:06d}.tar"
+            if path.is_file() and path.with_suffix(".json").is_file():
+                counts.add(Counts(**json.loads(path.with_suffix(".json").read_text())))
+                resumed += len(chunk)
+                bar.update(len(chunk))
+                continue
+            samples, done = [], Counts()
+            for b, batch in enumerate(batches(iter(chunk), config.batch_size)):
+                try:
+                    made, batch_counts = make(batch, config.seed * 1_000_003 + index * 1009 + b)
+                except UserError as err:
+                    raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
+                                    f"{directory}: rerun the same command to go on from there") from None
+                samples += made
+                done.add(batch_counts)
+                bar.update(len(batch))
+                bar.set_postfix(kept=counts.kept + done.kept, dropped=counts.prompts + done.prompts - counts.kept
+                                - done.kept, refresh=False)
+            write_atomic_shard(path, samples, done, index * config.prompts_per_shard)
+            counts.add(done)
+            log.info("%s: shard %d written (%d pairs from %d prompts)", name, index, done.kept, done.prompts)
+    if resumed:
+        log.info("%s: %d prompts were already done by an earlier run and skipped", name, resumed)
+    shards = len(list(directory.glob("shard-*.tar")))
+    if counts.prompts == 0:
+        raise ConfigError(f"data.{name}={pattern!r} gave no prompt: no conversation sample with a user turn")
+    return str(directory / f"shard-{{000000..{shards - 1:06d}}}.tar"), counts
+
+
+def build_critic(config: ConstitutionConfig, chat_model: Any, constitution: Constitution) -> Critic:
+    c = config.critic
+    if c.kind == "synthetic":
+        return SyntheticCritic()
+    if c.kind == "self":
+        return ChatCritic(self_completion(chat_model, c.max_new_tokens), constitution.examples)
+    if not c.url:
+        raise ConfigError("critic=http needs critic.url (the endpoint's base URL, e.g. http://127.0.0.1:8000)")
+    if c.api is None:
+        raise ConfigError("critic=http needs critic.api: openai or anthropic")
+    completion = HttpCompletion(c.url, c.api, c.model, c.api_key_env, c.timeout, c.retries, c.concurrency,
+                                c.max_new_tokens)
+    return ChatCritic(completion, constitution.examples)
+
+
+def run(config: ConstitutionConfig) -> dict[str, Any]:
+    """Write the pairs of every split; returns the summary (also OUT/summary.json)."""
+    from vlm.chat import ChatModel
+    from vlm.training.runs import latest_export
+
+    started = time.time()
+    if config.critic.kind != "http" and config.critic.url:
+        raise ConfigError(f"critic.url is set but critic.kind={config.critic.kind!r}; pick critic=http to use it")
+    constitution = load_constitution(config.constitution)
+    checkpoint = Path(config.checkpoint).expanduser() if config.checkpoint else latest_export(config.output_root,
+                                                                                              "sft")
+    if checkpoint is None:
+        raise ConfigError(f"checkpoint=null and no sft export under {config.output_root!r}: run `python -m vlm.train "
+                          f"stage=sft` first, or pass checkpoint=EXPORT_FOLDER")
+    out = Path(config.out or Path(config.output_root) / "constitution" /
+               f"{checkpoint.resolve().parent.name}-{config.critic.kind}-{config.mode}").expanduser()
+    data = resolve(config.data, "conversations")
+    chat_model = ChatModel.load(checkpoint, device=config.device)
+    make = PairMaker(config, chat_model, build_critic(config, chat_model, constitution), constitution)
+    synthetic = config.data.train is None
+    splits = {"train": (data.train, config.max_train_prompts, config.data.synthetic.num_train if synthetic else None),
+              "val": (data.val, config.max_val_prompts, config.data.synthetic.num_val if synthetic else None)}
+    patterns, summary = {}, {}
+    for name, (pattern, limit, total) in splits.items():
+        if pattern and limit != 0:
+            patterns[name], counts = make_split(name, pattern, limit, out / name, make, config, total)
+            summary[name] = vars(counts)
+    summary.update(checkpoint=str(checkpoint), critic=config.critic.kind, mode=config.mode,
+                   constitution=config.constitution, critic_failed_requests=make.critic.failed,
+                   wall_seconds=round(time.time() - started, 1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    done = {"train": patterns.get("train"), "val": patterns.get("val"), "qa_val": data.val}
+    (out / PAIRS_DONE).write_text(json.dumps(done) + "\n")
+    log.info("pairs in %s; train on them with: python -m vlm.train stage=dpo init_from=%s", out, checkpoint)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="constitution")
+def main_hydra(cfg: DictConfig) -> dict[str, Any]:
+    with user_errors():
+        config = load_config(ConstitutionConfig, cfg)
+        setup_logging(config.log_level)
+        summary = run(config)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    preflight(sys.argv[1:], "constitution")
+    main_hydra()
+
+
+if __name__ == "__main__":
+    main()

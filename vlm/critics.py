@@ -1,0 +1,253 @@
+"""Critics for `vlm.constitution`: who critiques an answer under a principle and writes its revision, or scores it.
+
+- `ChatCritic` asks a chat model, as in Constitutional AI: the few-shot examples, then the prompt and the answer,
+  then the principle's critique request, then its revision request. The model is the policy itself (`self`, through
+  `vlm.chat`) or any OpenAI-compatible or Anthropic Messages endpoint (`http`, with timeouts, retries with backoff
+  and a bounded number of requests in flight).
+- `SyntheticCritic` is no language model: for the built-in synthetic data it knows each scene's ground truth (the
+  recorded answer of the synthetic sample), names the wrong claim and writes the correct answer as the revision.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.errors import UserError
+from vlm.metrics import score_answer
+
+log = logging.getLogger(__name__)
+Message = dict[str, str]
+Request = tuple[list[Message], list[bytes]]  # a conversation and its images, in <image> order
+
+
+class CriticUnreachable(UserError, ConnectionError):
+    """Every request of a batch failed: the endpoint is down or wrong."""
+
+
+@dataclass(frozen=True)
+class Principle:
+    name: str
+    critique: str  # the critique request
+    revision: str  # the revision request
+
+
+@dataclass(frozen=True)
+class Example:
+    """A few-shot example: how a critique and a revision look."""
+
+    question: str
+    answer: str
+    critique: str
+    revision: str
+
+
+@dataclass
+class Item:
+    """One prompt of the pipeline."""
+
+    key: str
+    messages: list[Message]  # the conversation up to and including the last user turn
+    images: list[bytes]
+    reference: str | None  # the recorded answer (the synthetic critic's ground truth)
+    image_names: list[str] = field(default_factory=list)  # the images' shard fields (0.png, 1.jpg, ...)
+    group: str | None = None  # the question type (the record's or the last turn's "type"), kept with the pair
+
+
+@dataclass
+class Revision:
+    critique: str
+    revision: str
+
+
+class Critic:
+    failed = 0  # requests that failed (logged); the run goes on without their pairs
+
+    def revise(self, items: Sequence[Item], answers: Sequence[str],
+               principles: Sequence[Principle]) -> list[Revision | None]:
+        raise NotImplementedError
+
+    def score(self, items: Sequence[Item], answers: Sequence[str],
+              principles: Sequence[Principle]) -> list[float | None]:
+        raise NotImplementedError
+
+
+class SyntheticCritic(Critic):
+    """A perfect labeler for the synthetic data: it compares the answer with the scene's recorded answer."""
+
+    def revise(self, items: Sequence[Item], answers: Sequence[str],
+               principles: Sequence[Principle]) -> list[Revision | None]:
+        out: list[Revision | None] = []
+        for item, answer in zip(items, answers, strict=True):
+            if item.reference is None:
+                raise UserError(f"critic=synthetic needs the recorded answer of {item.key}; it judges the built-in "
+                                f"synthetic data (or conversation shards whose last turn is the true answer)")
+            if self._right(item, answer):
+                out.append(Revision("The answer matches the image.", answer))
+            else:
+                out.append(Revision(f"The answer says {answer!r}, but the image shows {item.reference!r}.",
+                                    item.reference))
+        return out
+
+    def score(self, items: Sequence[Item], answers: Sequence[str],
+              principles: Sequence[Principle]) -> list[float | None]:
+        return [float(self._right(item, answer)) for item, answer in zip(items, answers, strict=True)]
+
+    @staticmethod
+    def _right(item: Item, answer: str) -> bool:
+        return score_answer(answer, item.reference or "")["exact_match"] == 1.0
+
+
+class ChatCritic(Critic):
+    """Critique and revision requests sent as chat turns to `complete` (a batch of conversations -> replies, None
+    for a failed request)."""
+
+    def __init__(self, complete: Callable[[list[Request]], list[str | None]], examples: Sequence[Example]):
+        self.complete = complete
+        self.examples = examples
+
+    def _shots(self, principle: Principle) -> list[Message]:
+        turns: list[Message] = []
+        for e in self.examples:
+            turns += [{"role": "user", "content": e.question}, {"role": "assistant", "content": e.answer},
+                      {"role": "user", "content": principle.critique}, {"role": "assistant", "content": e.critique},
+                      {"role": "user", "content": principle.revision}, {"role": "assistant", "content": e.revision}]
+        return turns
+
+    def revise(self, items: Sequence[Item], answers: Sequence[str],
+               principles: Sequence[Principle]) -> list[Revision | None]:
+        asked = [[*self._shots(p), *item.messages, {"role": "assistant", "content": answer},
+                  {"role": "user", "content": p.critique}] for item, answer, p in zip(items, answers, principles,
+                                                                                     strict=True)]
+        critiques = self._complete([(m, item.images) for m, item in zip(asked, items, strict=True)])
+        todo = [i for i, c in enumerate(critiques) if c]  # None: the request failed; "": nothing to revise with
+        revisions = self._complete([([*asked[i], {"role": "assistant", "content": critiques[i]},
+                                      {"role": "user", "content": principles[i].revision}], items[i].images)
+                                    for i in todo])
+        out: list[Revision | None] = [None if c is None else Revision("", "") for c in critiques]
+        for i, revision in zip(todo, revisions, strict=True):
+            out[i] = None if revision is None else Revision(critiques[i] or "", revision)
+        return out
+
+    def score(self, items: Sequence[Item], answers: Sequence[str],
+              principles: Sequence[Principle]) -> list[float | None]:
+        asked = [([*item.messages, {"role": "assistant", "content": answer},
+                   {"role": "user", "content": f"{p.critique} Rate the answer from 1 (bad) to 10 (good); reply with "
+                                               f"the number only."}], item.images)
+                 for item, answer, p in zip(items, answers, principles, strict=True)]
+        scores = []
+        for reply in self._complete(asked):
+            number = re.search(r"\d+(\.\d+)?", reply or "")
+            scores.append(float(number.group()) if number else None)
+        return scores
+
+    def _complete(self, requests: list[Request]) -> list[str | None]:
+        replies = self.complete(requests) if requests else []
+        self.failed += sum(r is None for r in replies)
+        return [r.strip() if r else r for r in replies]
+
+
+def self_completion(chat_model, max_new_tokens: int) -> Callable[[list[Request]], list[str | None]]:
+    """The policy as its own critic: greedy replies through `ChatModel.generate_batch`; a conversation too long for
+    its context is a failed request."""
+    from vlm.generation.completion import PromptError
+
+    def complete(requests: list[Request]) -> list[str | None]:
+        prompts, index = [], []
+        for i, (messages, images) in enumerate(requests):
+            try:
+                prompts.append(chat_model.prepare(messages, images))
+                index.append(i)
+            except PromptError as err:
+                log.warning("critic=self: request %d cannot be asked: %s", i, err)
+        replies: list[str | None] = [None] * len(requests)
+        for i, reply in zip(index, chat_model.generate_batch(prompts, temperature=0, max_new_tokens=max_new_tokens),
+                            strict=True):
+            replies[i] = reply
+        return replies
+
+    return complete
+
+
+class HttpCompletion:
+    """Requests to an OpenAI-compatible (`/v1/chat/completions`) or Anthropic Messages (`/v1/messages`) endpoint:
+    `concurrency` in flight, each with `timeout` seconds and `retries` retries with exponential backoff."""
+
+    def __init__(self, url: str, api: str, model: str | None, api_key_env: str | None, timeout: float, retries: int,
+                 concurrency: int, max_new_tokens: int):
+        self.url = url.rstrip("/") + ("/v1/chat/completions" if api == "openai" else "/v1/messages")
+        self.api, self.model, self.timeout, self.retries = api, model or "default", timeout, retries
+        self.concurrency, self.max_new_tokens = concurrency, max_new_tokens
+        self.key = os.environ.get(api_key_env, "") if api_key_env else ""
+        if api_key_env and not self.key:
+            raise UserError(f"critic.api_key_env={api_key_env!r}: that environment variable is not set")
+
+    def __call__(self, requests: list[Request]) -> list[str | None]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            replies = list(pool.map(self._ask, requests))
+        if replies and all(r is None for r in replies):
+            raise CriticUnreachable(f"every request to critic.url {self.url} failed (see the warnings above)")
+        return replies
+
+    def _body(self, messages: list[Message], images: list[bytes]) -> dict:
+        """The API's request body: each <image> placeholder becomes an image part, in order."""
+        pending = list(images)
+        out, system = [], None
+        for m in messages:
+            if m["role"] == "system":
+                system = m["content"]
+                continue
+            parts = []
+            for i, text in enumerate(m["content"].split(IMAGE_TOKEN)):
+                if i > 0 and pending:
+                    data = base64.b64encode(pending.pop(0)).decode()
+                    parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+                                 if self.api == "openai" else
+                                 {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                              "data": data}})
+                if text.strip():
+                    parts.append({"type": "text", "text": text.strip()})
+            out.append({"role": m["role"], "content": parts})
+        body = {"model": self.model, "messages": out, "max_tokens": self.max_new_tokens, "temperature": 0}
+        if system and self.api == "anthropic":
+            body["system"] = system
+        elif system:
+            out.insert(0, {"role": "system", "content": system})
+        return body
+
+    def _ask(self, request: Request) -> str | None:
+        data = json.dumps(self._body(*request)).encode()
+        headers = {"content-type": "application/json"}
+        if self.api == "anthropic":
+            headers |= {"anthropic-version": "2023-06-01", **({"x-api-key": self.key} if self.key else {})}
+        elif self.key:
+            headers["authorization"] = f"Bearer {self.key}"
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(self.url, data, headers),
+                                            timeout=self.timeout) as response:
+                    reply = json.loads(response.read())
+                if self.api == "openai":
+                    return reply["choices"][0]["message"]["content"]
+                return "".join(b.get("text", "") for b in reply["content"] if b.get("type") == "text")
+            except urllib.error.HTTPError as err:
+                reason = f"HTTP {err.code}: {err.read()[:200]!r}"
+                if err.code < 500 and err.code != 429:  # the request itself is wrong: retrying will not help
+                    log.warning("critic request to %s failed: %s", self.url, reason)
+                    return None
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError) as err:
+                reason = str(getattr(err, "reason", err))
+            if attempt < self.retries:
+                time.sleep(0.5 * 2 ** attempt)
+        log.warning("critic request to %s failed after %d tries: %s", self.url, self.retries + 1, reason)
+        return None

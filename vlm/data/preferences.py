@@ -1,0 +1,140 @@
+"""Preference pairs for `stage=dpo`: the record form, its decoding into a chosen and a rejected row that share their
+images, and where `python -m vlm.constitution` leaves its pairs.
+
+A preference sample holds `json` = {"prompt": [{"role", "content"}, ...] (ending with a user turn), "chosen": str,
+"rejected": str, and optionally "principle", "critique", "type"} and its images `0.png`, `1.jpg`, ... in `<image>`
+order. Held-out shards may mix in conversation samples (LLaVA `json` with "conversations"): those are answered and
+scored as in `sft`, so one validation reports both the rewards and the answers' exact match.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.data.captions import image_fields
+from vlm.data.conversations import ConversationDecoder, from_llava
+from vlm.data.processor import Encoded, Processor, SampleError, pad_batch
+from vlm.data.shards import SkipSample
+
+PAIRS_DONE = "DONE"  # written last into a finished `vlm.constitution` output folder: the shard patterns to train on
+
+
+@dataclass
+class Pair:
+    chosen: Encoded  # prompt + chosen answer; labels on the answer only
+    rejected: Encoded  # prompt + rejected answer; the same images as `chosen`
+    key: str  # shard:key, for precomputed reference log-probs
+    group: str | None  # the record's group field (e.g. the synthetic question type)
+
+
+def message_text(content: Any, name: str) -> str:
+    """A message's content as text: a string, or a list of parts ({"type": "text", "text"} and image parts, which
+    become `<image>` placeholders in place), as TRL's vision datasets write them."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        pieces = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                pieces.append(str(part.get("text", "")))
+            elif kind in ("image", "image_url"):
+                pieces.append("<image>")
+            else:
+                raise SampleError(f"{name}: unknown content part {part!r:.80}; use text or image parts")
+        return "".join(pieces)
+    raise SampleError(f"{name}: message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def prompt_messages(prompt: Any, name: str) -> list[dict[str, str]]:
+    """`prompt` as chat messages ending with a user turn: a plain string is one user message; a list may use
+    {"role", "content"} or LLaVA's {"from", "value"}."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise SampleError(f"{name}: empty 'prompt'")
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise SampleError(f"{name}: 'prompt' must be a string or a non-empty list of messages")
+    turns = [{**t, "content": message_text(t.get("content", t.get("value", "")), name)} if isinstance(t, dict) else t
+             for t in prompt]
+    messages = from_llava(turns, name).messages
+    if messages[-1]["role"] != "user":
+        raise SampleError(f"{name}: the prompt must end with a user turn, not {messages[-1]['role']!r}")
+    return messages
+
+
+def answer_text(answer: Any, field: str, name: str) -> str:
+    """`chosen` / `rejected` as text: a string, or messages whose last assistant turn is the answer."""
+    if answer is None:
+        raise SampleError(f"{name}: no {field!r} field; a preference record needs 'prompt', 'chosen' and 'rejected'")
+    if isinstance(answer, list):
+        replies = [m for m in answer if isinstance(m, dict) and m.get("role", m.get("from")) in ("assistant", "gpt")]
+        if not replies:
+            raise SampleError(f"{name}: {field!r} is a message list without an assistant message")
+        answer = message_text(replies[-1].get("content", replies[-1].get("value")), name)
+    if not isinstance(answer, str) or not answer.strip():
+        raise SampleError(f"{name}: {field!r} must be a non-empty string")
+    return answer
+
+
+def read_record(sample: dict, name: str) -> dict[str, Any]:
+    try:
+        record = json.loads(sample["json"])
+    except KeyError:
+        raise SampleError(f"{name}: no 'json' field") from None
+    except (ValueError, TypeError) as err:
+        raise SampleError(f"{name}: malformed json ({err})") from None
+    if not isinstance(record, dict):
+        raise SampleError(f"{name}: the json must be an object with 'prompt', 'chosen' and 'rejected'")
+    return record
+
+
+class PreferenceDecoder:
+    """Raw shard sample -> {"pair": Pair}. With `evaluate`, conversation samples are decoded for answer scoring
+    instead ({"encoded", "scored"}, as in `sft`)."""
+
+    def __init__(self, processor: Processor, evaluate: bool = False, turns: str = "all", group_by: str = "type"):
+        self.processor = processor
+        self.group_by = group_by
+        self.conversations = ConversationDecoder(processor, True, turns, group_by) if evaluate else None
+
+    def __call__(self, sample: dict) -> dict[str, Any]:
+        name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        record = read_record(sample, name)
+        if "chosen" not in record and "conversations" in record:
+            if self.conversations is None:
+                raise SkipSample(f"{name}: a conversation sample, not a preference pair; stage=dpo trains on pairs "
+                                 f"(python -m vlm.constitution, or data_scripts/preferences_to_shards.py)")
+            return self.conversations(sample)
+        prompt = prompt_messages(record.get("prompt"), name)
+        chosen, rejected = (answer_text(record.get(f), f, name) for f in ("chosen", "rejected"))
+        images = [sample[f] for f in image_fields(sample)]
+        rows = [self.processor.encode([*prompt, {"role": "assistant", "content": answer}], images, name,
+                                      last_reply_only=True) for answer in (chosen, rejected)]
+        group = record.get(self.group_by)
+        return {"pair": Pair(rows[0], rows[1], name, None if group is None else str(group))}
+
+
+def latest_pairs(root: str | Path) -> dict[str, str] | None:
+    """The shard patterns of the newest finished `vlm.constitution` output under `root` (OUTPUT_ROOT/constitution):
+    {"train", "val", "qa_val"}, or None."""
+    done = sorted(Path(root).expanduser().glob(f"*/{PAIRS_DONE}"), key=lambda p: p.stat().st_mtime)
+    return json.loads(done[-1].read_text()) if done else None
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, Any] | None:
+    """B pairs -> one batch of 2B rows, the B chosen rows first, then the B rejected ones in the same order:
+    input_ids / attention_mask / labels (2B, L), image_slots for all rows, and `pixel_values` of the chosen rows only
+    (the rejected rows show the same images, so their features are the chosen rows' features again). None for B=0."""
+    if not pairs:
+        return None
+    batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch["pixel_values"] = torch.cat([p.chosen.pixel_values for p in pairs])  # (N_tiles of the B prompts, 3, S, S)
+    batch["keys"] = [p.key for p in pairs]
+    batch["groups"] = [p.group for p in pairs]
+    return batch

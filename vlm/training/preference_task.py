@@ -1,0 +1,188 @@
+"""`stage=dpo`: preference optimisation of a phase 2 model on (prompt, chosen, rejected) pairs, against a frozen
+reference: by default a copy of the starting model; with `stage.precompute_reference=true`, its log-probs computed
+in one pass before the first step and kept in memory (and in checkpoints) instead of a second model.
+
+Each pair's images go through the vision tower once: the chosen and rejected rows share the features, and so does
+the reference while the vision tower is frozen (the default). Log-probs are summed over the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlm.config import ConfigError, TrainConfig, to_dict
+from vlm.data.preferences import PreferenceDecoder, collate_pairs
+from vlm.data.shards import collate_skipped
+from vlm.data.sources import DataSources
+from vlm.exports.format import read_meta
+from vlm.exports.vlm import export_vlm, load_vlm
+from vlm.models.factory import VLMBundle
+from vlm.models.losses import PreferenceLoss, answer_logprobs, preference_loss, reward_metrics
+from vlm.models.vlm import VisionLanguageModel
+from vlm.training.reference import precompute_reference
+from vlm.training.task import Batching, Stage
+from vlm.training.vlm_task import VLMTask
+
+log = logging.getLogger(__name__)
+
+
+class PreferenceTask(VLMTask):
+    def __init__(self, config: TrainConfig, stage: Stage, bundle: VLMBundle, reference: VisionLanguageModel | None,
+                 reference_source: str | None):
+        super().__init__(config, stage, bundle)
+        settings = config.stage
+        missing = [k for k in ("beta", "loss", "sft_weight", "precompute_reference") if getattr(settings, k) is None]
+        if missing:
+            raise ConfigError(f"stage {settings.name!r} trains on preferences and needs stage.{missing[0]} "
+                              f"(see configs/stage/dpo.yaml)")
+        self.reference = reference  # frozen, eval mode, never in the optimizer; None: precomputed log-probs
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+        self.reference_source = reference_source  # the export the reference came from, recorded in the export
+        self.reference_logps: dict[str, tuple[float, float]] = {}  # precomputed: pair key -> (chosen, rejected)
+        self.val_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @classmethod
+    def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> PreferenceTask:
+        """The policy from a phase 2 export (by default the newest sft one); the reference is its frozen copy."""
+        if init_from is not None and read_meta(init_from).llm_config is None:
+            raise ConfigError(f"init_from={str(init_from)!r} is a {read_meta(init_from).stage!r} export; stage="
+                              f"{stage.name} starts from a chat model (an align or sft export)")
+        bundle = VLMTask.create(config, stage, init_from, data).bundle
+        reference = None if config.stage.precompute_reference else copy.deepcopy(bundle.model)
+        return cls(config, stage, bundle, reference, str(init_from) if init_from else None)
+
+    @classmethod
+    def from_export(cls, config: TrainConfig, stage: Stage, directory: Path, data: DataSources) -> PreferenceTask:
+        """For vlm.eval: the reference is stage.reference, else the export the run started from (recorded)."""
+        source = config.stage.reference or (read_meta(directory).train_config or {}).get("reference")
+        if not source or not Path(source).expanduser().is_dir():
+            raise ConfigError(f"the rewards of {str(directory)!r} need its reference model: pass stage.reference="
+                              f"EXPORT (the export its dpo run started from; recorded: {source!r})")
+        reference = load_vlm(source, tiler=config.tiler).model
+        return cls(config, stage, load_vlm(directory, tiler=config.tiler), reference, source)
+
+    def batching(self) -> Batching:
+        processor, settings = self.bundle.processor, self.config.eval
+        held_out = PreferenceDecoder(processor, evaluate=True, turns=settings.turns,
+                                     group_by=self.config.data.eval_group_by)
+        return Batching(PreferenceDecoder(processor, group_by=self.config.data.eval_group_by), held_out,
+                        self.collate, self.config.stage.batch_size, settings.batch_size)
+
+    def collate(self, samples: list[dict]) -> dict[str, Any]:
+        skipped = collate_skipped(samples)
+        return {"pairs": collate_pairs([s["pair"] for s in samples if "pair" in s], self.bundle.tokenizer.pad_token_id),
+                "scored": [s["scored"] for s in samples if "scored" in s], "skipped": skipped}
+
+    def train(self, mode: bool = True) -> PreferenceTask:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        if self.reference is None and not self.reference_logps:  # a resumed run has them from its checkpoint
+            datamodule = self.trainer.datamodule
+            self.reference_logps = precompute_reference(self, datamodule.train_urls + datamodule.val_urls)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["reference_logps"] = self.reference_logps
+        checkpoint["reference_source"] = self.reference_source
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.reference_logps = checkpoint.get("reference_logps", {})
+        self.reference_source = checkpoint.get("reference_source", self.reference_source)
+
+    # ---- the loss ----
+
+    def pair_logps(self, model: VisionLanguageModel, pairs: dict[str, Any],
+                   patches: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`model`'s summed answer log-probs (2B,) (chosen rows, then rejected) and answer token counts (2B,), from
+        the vision tower's patch features of the B prompts' tiles."""
+        features = None
+        if patches is not None:
+            projected = model.project(patches)  # (N_image_tokens of the B chosen rows, Dlm)
+            features = torch.cat([projected, projected])  # the rejected rows show the same images, in the same order
+        embeds = model.embed(pairs["input_ids"], None, pairs["image_slots"], image_features=features)
+        logits = model.lm(inputs_embeds=embeds, attention_mask=pairs["attention_mask"]).logits  # (2B, L, V)
+        return answer_logprobs(logits, pairs["labels"])
+
+    def pair_loss(self, pairs: dict[str, Any]) -> PreferenceLoss:
+        pixels = pairs["pixel_values"]
+        vision_trains = "vision" in self.trainable and torch.is_grad_enabled()
+        patches = None
+        if pixels.numel():
+            with torch.set_grad_enabled(vision_trains):
+                patches = self.model.vision.patch_features(pixels)  # (N_tiles, P, Dv): once per pair
+        logps, tokens = self.pair_logps(self.model, pairs, patches)
+        with torch.no_grad():
+            reference = self.reference_pair_logps(pairs, None if vision_trains or patches is None else
+                                                  patches.detach(), pixels)
+        half = len(logps) // 2
+        settings = self.config.stage
+        return preference_loss(logps[:half], logps[half:], reference[:half], reference[half:], tokens[:half],
+                               tokens[half:], settings.beta, settings.loss, settings.sft_weight)
+
+    def reference_pair_logps(self, pairs: dict[str, Any], patches: torch.Tensor | None,
+                             pixels: torch.Tensor) -> torch.Tensor:
+        """The reference's answer log-probs (2B,): from the frozen copy (sharing the patch features while the vision
+        tower is frozen; a trained one needs the reference's own), or from the precomputed table."""
+        if self.reference is None:
+            try:
+                rows = [self.reference_logps[key] for key in pairs["keys"]]
+            except KeyError as err:
+                raise RuntimeError(f"no precomputed reference log-probs for pair {err}: the data changed after the "
+                                   f"precomputing pass; rerun without resume") from None
+            chosen, rejected = zip(*rows, strict=True)
+            return torch.tensor(chosen + rejected, device=pairs["input_ids"].device)
+        if patches is None and pixels.numel():
+            patches = self.reference.vision.patch_features(pixels)
+        return self.pair_logps(self.reference, pairs, patches)[0]
+
+    # ---- training and validation ----
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        pairs = batch["pairs"]
+        self.health.count_batch(len(pairs["keys"]) if pairs else 0, batch["skipped"])
+        result = self.pair_loss(pairs)
+        loss = self.guarded(result.loss)
+        if self.health.skip_pending:
+            return loss
+        self.log("train/loss", result.loss, prog_bar=True)
+        metrics = reward_metrics(result.chosen_rewards, result.rejected_rewards)
+        self.log_dict({f"train/{k}": v for k, v in metrics.items()} | {"train/sft_nll": result.sft_nll})
+        self.log("train/margin", metrics["rewards/margins"], prog_bar=True)
+        self.health.log_to(self)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self.val_rewards = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pairs = batch["pairs"]
+        count = len(pairs["keys"]) if pairs else 0
+        self.val_samples += count + len(batch["scored"]) + batch["skipped"]
+        self.val_skipped += batch["skipped"]
+        if pairs:
+            result = self.pair_loss(pairs)
+            self.val_rewards.append((result.chosen_rewards.cpu(), result.rejected_rewards.cpu()))
+            self.log("val/loss", result.loss, batch_size=count, sync_dist=False, rank_zero_only=True)
+        self.score_answers(batch["scored"])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.val_rewards:
+            chosen, rejected = (torch.cat(r) for r in zip(*self.val_rewards, strict=True))
+            metrics = reward_metrics(chosen, rejected) | {"pairs_scored": torch.tensor(float(len(chosen)))}
+            self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
+
+    def write_export(self, directory: Path, model: VisionLanguageModel) -> Path:
+        bundle = VLMBundle(model, self.bundle.tokenizer, self.bundle.processor)
+        settings = to_dict(self.config.stage) | {"reference": self.reference_source}
+        return export_vlm(directory, bundle, self.stage.name, self.config.tiler, settings)
