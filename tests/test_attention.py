@@ -252,7 +252,7 @@ def test_the_chat_model_answers_through_the_pattern_cache_as_with_a_full_cache(l
     chat = ChatModel.load(local_global_export, device="cpu")
     prompt = chat.prepare([{"role": "user", "content": "<image>\nWhat colour is the shape?"}], [solid()])
     answer = chat.generate(prompt, max_new_tokens=24, temperature=0)
-    inputs = chat._inputs(prompt)
+    inputs = chat._inputs([prompt])
     full = chat.model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=chat.tokenizer.pad_token_id,
                                eos_token_id=sorted(chat.eos_token_ids))[0].tolist()
     assert len(set(answer.token_ids)) > 1 and answer.token_ids == full[: len(answer.token_ids)]

@@ -27,10 +27,10 @@ class ShardDataModule(pl.LightningDataModule):
                               self.config.resampled)
         pipeline = build_pipeline(self.train_urls, self.batching.decode, train=True, resampled=self.config.resampled,
                                   shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
-        if self.batching.length is None and (self.config.packing or self.config.length_group_batches):
-            key = "data.packing" if self.config.packing else "data.length_group_batches"
-            raise ConfigError(f"{key} applies to phase 2 stages (align, sft), whose samples differ in length; turn it "
-                              f"off for this stage")
+        # data.packing is read by the stages that pack (align, sft) and left alone by the others
+        if self.batching.length is None and self.config.length_group_batches:
+            raise ConfigError("data.length_group_batches applies to phase 2 stages (align, sft), whose samples differ "
+                              "in length; set it to 0 for this stage")
         if self.config.length_group_batches:
             pipeline.append(group_by_length(self.config.length_group_batches, self.batching.batch_size,
                                             self.batching.length, self.seed))
