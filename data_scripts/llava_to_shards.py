@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,19 +146,32 @@ def normalise_conversations(record: dict, num_images: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="llava_to_shards.py",
-        description="Convert LLaVA-format conversations (+ images) into webdataset shards for vlm's sft stage.",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", metavar="FILE", type=Path, required=True, help="LLaVA JSON list or JSONL file")
+    parser = records_parser("llava_to_shards.py", "Convert LLaVA-format conversations (+ images) into webdataset "
+                            "shards for vlm's sft stage.", EXAMPLE, "LLaVA JSON list or JSONL file")
+    args = parser.parse_args(argv)
+    return run(lambda a: convert_records(a, image_names, with_conversations, stage="sft"), args)
+
+
+def with_conversations(record: dict, num_images: int) -> dict:
+    return {**record, "conversations": normalise_conversations(record, num_images)}
+
+
+def records_parser(prog: str, description: str, example: str, json_help: str) -> argparse.ArgumentParser:
+    """The command line of a converter from a JSON/JSONL file of records plus an image folder."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=example,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="FILE", type=Path, required=True, help=json_help)
     parser.add_argument("--images", metavar="DIR", type=Path, required=True,
-                        help="folder the `image` paths are relative to")
+                        help="folder the image paths are relative to")
     add_output_arguments(parser, "records")
     add_run_arguments(parser, "input")
-    return run(convert, parser.parse_args(argv))
+    return parser
 
 
-def convert(args: argparse.Namespace) -> int:
+def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[str]],
+                    to_json: Callable[[dict, int], dict], stage: str) -> int:
+    """Records (one JSON object each) -> shards of {"json": to_json(record, number of images), "0.jpg", ...}; a record
+    `names_of` or `to_json` rejects with `Skip` is reported with its line and reason."""
     if not args.images.is_dir():
         raise DataError(f"--images {args.images} is not a folder")
     entries = read_records(args.json)
@@ -167,10 +181,8 @@ def convert(args: argparse.Namespace) -> int:
             raise Skip("bad record", entry.problem)
         if not isinstance(entry.record, dict):
             raise Skip("bad record", f"expected a JSON object, got {type(entry.record).__name__}")
-        names = image_names(entry.record)
-        conversations = normalise_conversations(entry.record, len(names))
-        record = {**entry.record, "conversations": conversations}
-        sample: dict = {"json": json.dumps(record, ensure_ascii=False).encode("utf-8")}
+        names = names_of(entry.record)
+        sample: dict = {"json": json.dumps(to_json(entry.record, len(names)), ensure_ascii=False).encode("utf-8")}
         for index, name in enumerate(names):
             extension, data = read_image(args.images / name.strip())
             sample[f"{index}.{extension}"] = data
@@ -181,7 +193,7 @@ def convert(args: argparse.Namespace) -> int:
     prepare_output(args.out, splits, args.overwrite)
     result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
                           desc=f"{args.json.name} -> shards")
-    return report(result, stage="sft")
+    return report(result, stage=stage)
 
 
 if __name__ == "__main__":

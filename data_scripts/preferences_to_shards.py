@@ -9,26 +9,16 @@ reason, and skipped. Run `python data_scripts/preferences_to_shards.py --help` f
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python data_scripts/preferences_to_shards.py`: make `data_scripts` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_scripts.llava_to_shards import Entry, read_records  # noqa: E402
+from data_scripts.llava_to_shards import convert_records, records_parser  # noqa: E402
 from data_scripts.shard_writing import (  # noqa: E402
-    DataError,
     Skip,
-    add_output_arguments,
-    add_run_arguments,
-    plan_jobs,
-    prepare_output,
-    read_image,
-    report,
     run,
-    write_shards,
 )
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -96,41 +86,10 @@ def normalise(record: dict, num_images: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="preferences_to_shards.py",
-        description="Convert preference pairs (prompt, chosen, rejected + images) into webdataset shards for "
-                    "vlm's dpo stage.", epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", metavar="FILE", type=Path, required=True, help="JSON list or JSONL file")
-    parser.add_argument("--images", metavar="DIR", type=Path, required=True,
-                        help="folder the image paths are relative to")
-    add_output_arguments(parser, "records")
-    add_run_arguments(parser, "input")
-    return run(convert, parser.parse_args(argv))
-
-
-def convert(args: argparse.Namespace) -> int:
-    if not args.images.is_dir():
-        raise DataError(f"--images {args.images} is not a folder")
-    entries = read_records(args.json)
-
-    def build(entry: Entry) -> dict:
-        if entry.record is None:
-            raise Skip("bad record", entry.problem)
-        if not isinstance(entry.record, dict):
-            raise Skip("bad record", f"expected a JSON object, got {type(entry.record).__name__}")
-        names = image_list(entry.record)
-        sample: dict = {"json": json.dumps(normalise(entry.record, len(names)), ensure_ascii=False).encode("utf-8")}
-        for index, name in enumerate(names):
-            extension, data = read_image(args.images / name.strip())
-            sample[f"{index}.{extension}"] = data
-        return sample
-
-    splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
-    jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle)
-    prepare_output(args.out, splits, args.overwrite)
-    result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
-                          desc=f"{args.json.name} -> shards")
-    return report(result, stage="dpo")
+    parser = records_parser("preferences_to_shards.py", "Convert preference pairs (prompt, chosen, rejected + images) "
+                            "into webdataset shards for vlm's dpo stage.", EXAMPLE, "JSON list or JSONL file")
+    args = parser.parse_args(argv)
+    return run(lambda a: convert_records(a, image_list, normalise, stage="dpo"), args)
 
 
 if __name__ == "__main__":
