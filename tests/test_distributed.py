@@ -237,15 +237,14 @@ def test_fsdp_trains_what_ddp_trains(ddp_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batches", [[], ["data.packing=true", "stage.cache_vision_features=true"]],
-                         ids=["padded", "packed-cached"])
-def test_fsdp_runs_align_then_sft_and_resumes(tmp_path, batches):
-    """Phase 2 under FSDP: align, then sft from its export, then sft continued with `resume=auto`. The export is
-    written from the weights gathered off both ranks, so it must hold exactly the final checkpoint's tensors."""
+def test_fsdp_runs_align_then_sft_and_resumes(tmp_path):
+    """Phase 2 under FSDP with the defaults (packed batches; sft caches the frozen ViT's features): align, then sft
+    from its export, then sft continued with `resume=auto`. The export is written from the weights gathered off both
+    ranks, so it must hold exactly the final checkpoint's tensors."""
     from vlm.exports.vlm import load_vlm
 
     phase2 = ["trainer.strategy=fsdp", "data.synthetic.num_train=32", "eval.batch_size=8",
-              "trainer.checkpoint_every_n_steps=2", f"stage.feature_cache_dir={tmp_path / 'features'}", *batches]
+              "trainer.checkpoint_every_n_steps=2", f"stage.feature_cache_dir={tmp_path / 'features'}"]
     _train_two_ranks(tmp_path, "stage=align", "init_from=null", "stage.max_steps=2", *phase2)
     _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=4", "run_name=sft", *phase2)
     output = _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=6", "run_name=sft", "resume=auto", *phase2)
