@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -10,7 +11,6 @@ from images import shapes
 from test_bad_data import COMMON, train, write_conversation_shards
 from tiny import make_task, tiny_config
 
-from vlm.config import ConfigError
 from vlm.training.vlm_task import VLMTask
 
 
@@ -95,9 +95,12 @@ def test_a_changed_tower_or_tiler_reads_fresh_features(tmp_path):
     assert len({p.parent for p in tmp_path.rglob("*.safetensors")}) == 3  # one folder per tower + tiler
 
 
-def test_the_cache_needs_a_frozen_tower(tmp_path):
-    with pytest.raises(ConfigError, match="stage.cache_vision_features=true needs a frozen vision tower"):
-        _task(tmp_path, "stage.cache_vision_features=true", "stage.train_vision=true")
+def test_a_stage_that_trains_the_tower_runs_without_the_cache(tmp_path, caplog):
+    """sft caches by default; a run that unfreezes the ViT must neither fail nor reuse stale features."""
+    with caplog.at_level(logging.INFO, logger="vlm"):
+        task = _task(tmp_path, "stage.cache_vision_features=true", "stage.train_vision=true")
+    assert task.feature_cache is None
+    assert "stage.cache_vision_features is off for this run" in caplog.text
 
 
 @pytest.mark.slow

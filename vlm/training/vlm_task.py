@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlm.config import ConfigError, TrainConfig, to_dict
+from vlm.config import TrainConfig, to_dict
 from vlm.data.conversations import ConversationDecoder, ScoredTurn
 from vlm.data.packing import pack_batch
 from vlm.data.processor import IGNORE_INDEX, pad_batch
@@ -50,9 +50,9 @@ class VLMTask(StageTask):
         stage = self.config.stage
         if not stage.cache_vision_features:
             return None
-        if "vision" in self.trainable:
-            raise ConfigError("stage.cache_vision_features=true needs a frozen vision tower, but this stage trains it "
-                              "(stage.train_vision); set one of them to false")
+        if "vision" in self.trainable:  # features change every step: nothing to reuse
+            log.info("stage.cache_vision_features is off for this run: it trains the vision tower (stage.train_vision)")
+            return None
         return VisionFeatureCache(self.model.vision, self.bundle.processor.tiler, stage.feature_cache_memory,
                                   stage.feature_cache_dir)
 
