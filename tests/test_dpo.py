@@ -96,8 +96,8 @@ def test_gradients_reach_only_the_answer_tokens(tiny_sft_export, tmp_path):
     task = _task(tiny_sft_export)
     pairs = _batch(task, write_pairs(tmp_path / "p.tar", 2, history=True))["pairs"]
     model = task.model
-    features = model.image_features(pairs["pixel_values"])  # the chosen rows' images; the rejected rows show them too
-    embeds = model.embed(pairs["input_ids"], None, pairs["image_slots"], image_features=torch.cat([features, features]))
+    patches = model.vision.patch_features(pairs["pixel_values"])  # the chosen rows' tiles; the rejected rows' too
+    embeds = model.embed(pairs["input_ids"], None, pairs["image_slots"], torch.cat([patches, patches]))
     logits = model.lm(inputs_embeds=embeds, attention_mask=pairs["attention_mask"]).logits
     logits.retain_grad()
     logps, tokens = answer_logprobs(logits, pairs["labels"])

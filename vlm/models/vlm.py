@@ -63,33 +63,24 @@ class VisionLanguageModel(nn.Module):
         features of those tiles when already known (a feature cache), skips the tower."""
         if patches is None:
             patches = self.vision.patch_features(pixel_values)  # (N_tiles, P, Dv)
-        return self.project(patches)
-
-    def project(self, patches: torch.Tensor) -> torch.Tensor:
-        """The vision tower's patch features (N_tiles, P, Dv) -> image embeddings (N_tiles * tokens_per_tile, Dlm).
-        Split from `image_features` so that models sharing a frozen vision tower can share its forward."""
         return self.projector(self.reducer(patches)).flatten(0, 1)  # reducer: (N_tiles, T, Dv')
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_slots: torch.Tensor | None = None, patches: torch.Tensor | None = None,
-              image_features: torch.Tensor | None = None) -> torch.Tensor:
+              image_slots: torch.Tensor | None = None, patches: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids with image-token runs + their tiles -> (B, L, Dlm) input embeddings.
 
         `image_slots` (N_image_tokens,) numbers each image token's image within its sample (`pad_batch` gives it);
-        without it, each run of consecutive image tokens counts as one image. `patches`: see `image_features`.
-        `image_features` (N_image_tokens, Dlm), from `project`, stand in for `pixel_values` when the caller computed
-        them already.
+        without it, each run of consecutive image tokens counts as one image. `patches`: see `image_features`; given,
+        `pixel_values` may be None.
         """
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, L, Dlm)
         is_image = input_ids == self.image_token_id  # (B, L)
         positions = int(is_image.sum())
-        if image_features is None and (pixel_values is None or pixel_values.numel() == 0):
+        if patches is None and (pixel_values is None or pixel_values.numel() == 0):
             if positions:
                 raise ValueError(f"the batch has {positions} image-token positions but no images")
             return embeds
-        if image_features is None:
-            image_features = self.image_features(pixel_values, patches)
-        features = image_features.to(embeds.dtype)  # (N_img_tokens, Dlm)
+        features = self.image_features(pixel_values, patches).to(embeds.dtype)  # (N_img_tokens, Dlm)
         if positions != features.shape[0]:
             raise ValueError(f"the batch has {positions} image-token positions but its images give "
                              f"{features.shape[0]} image features ({self.tokens_per_tile} per tile)")

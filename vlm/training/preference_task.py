@@ -104,11 +104,9 @@ class PreferenceTask(VLMTask):
                    patches: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """`model`'s summed answer log-probs (2B,) (chosen rows, then rejected) and answer token counts (2B,), from
         the vision tower's patch features of the B prompts' tiles."""
-        features = None
-        if patches is not None:
-            projected = model.project(patches)  # (N_image_tokens of the B chosen rows, Dlm)
-            features = torch.cat([projected, projected])  # the rejected rows show the same images, in the same order
-        embeds = model.embed(pairs["input_ids"], None, pairs["image_slots"], image_features=features)
+        if patches is not None:  # the rejected rows show the chosen rows' images, in the same order
+            patches = torch.cat([patches, patches])  # (2 N_tiles, P, Dv)
+        embeds = model.embed(pairs["input_ids"], None, pairs["image_slots"], patches)
         logits = model.lm(inputs_embeds=embeds, attention_mask=pairs["attention_mask"]).logits  # (2B, L, V)
         return answer_logprobs(logits, pairs["labels"])
 
