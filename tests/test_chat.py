@@ -83,8 +83,9 @@ def test_session_keeps_history_and_images_over_turns(tiny_chat_model, images):
 
 
 def test_stream_pieces_concatenate_to_the_full_text(tiny_chat_model, images):
-    whole = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=12, temperature=0)
-    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=12, temperature=0)
+    # sampled with a seed: a random model's greedy answer may repeat one token, which streams as a single piece
+    whole = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=12, temperature=1.0, seed=3)
+    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=12, temperature=1.0, seed=3)
     pieces = list(stream)
     assert len(pieces) > 1 and "".join(pieces) == whole.text == stream.completion.text
     assert stream.completion.token_ids == whole.token_ids and stream.completion.output_tokens == 12
@@ -140,7 +141,8 @@ def test_sampling_options_and_cancel(tiny_chat_model, images):
     sampled = tiny_chat_model.generate(ASK, [images["bytes"]], max_new_tokens=4, temperature=0.9, top_p=0.9,
                                        top_k=20, seed=1)
     assert sampled.temperature == 0.9 and 1 <= sampled.output_tokens <= 4
-    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=200, temperature=0)
+    # sampled: a random model's greedy text may be one 200-token word, whose first piece comes only at the end
+    stream = tiny_chat_model.stream(ASK, [images["pil"]], max_new_tokens=200, temperature=1.0, seed=3)
     next(stream)
     stream.close()
     assert stream.completion.stop_reason == "cancelled" and stream.completion.output_tokens < 200

@@ -327,3 +327,29 @@ def test_make_synthetic_matches_the_trainers_cache(tmp_path, capsys):
     code, _, _ = _convert(capsys, ["--kind", "conversations", "--out", str(tmp_path / "conv"), "--num-train", "5",
                                    "--num-val", "0", "--image-size", "16"], main=make_synthetic.main)
     assert code == 0 and len(_read_split(tmp_path / "conv/train")) == 5 and not (tmp_path / "conv/val").exists()
+
+
+def test_train_conversations_follow_the_question_mix_and_held_out_ones_ask_every_type_equally(tmp_path):
+    from collections import Counter
+
+    from vlm.config import ConfigError, QuestionMix, SyntheticConfig
+    from vlm.data import synthetic
+
+    settings = SyntheticConfig(num_train=16, num_val=10, samples_per_shard=100, image_size=16, seed=0,
+                               cache_dir=str(tmp_path), question_mix=QuestionMix(1, 0, 0, 1, 2))
+    kinds = {split: Counter(json.loads(s["json"])["type"]
+                            for s in _read(synthetic.ensure_split("conversations", split, settings)).values())
+             for split in ("train", "val")}
+    assert kinds["train"] == {"color": 4, "count": 4, "compare": 8}
+    assert kinds["val"] == dict.fromkeys(synthetic.QUESTION_TYPES, 2)
+    with pytest.raises(ConfigError, match="data.synthetic.question_mix"):
+        synthetic.question_rotation(dict.fromkeys(synthetic.QUESTION_TYPES, 0))
+
+
+def test_a_negative_question_count_is_refused_by_key():
+    from tiny import tiny_config
+
+    from vlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.synthetic.question_mix.compare=-1 must be >= 0"):
+        tiny_config("data.synthetic.question_mix.compare=-1")

@@ -149,6 +149,7 @@ def test_the_stock_route_refuses_settings_it_cannot_express(tiny_sft_export, tmp
 def test_our_model_gives_the_logits_of_llava_built_at_the_same_sizes():
     """litgpt-style: LLaVA with our weights copied across (a CLIP-shaped timm ViT, LLaVA's penultimate layer)."""
     config = tiny_config(*STOCK, "model.vision.name=vit_base_patch16_clip_224", "model.vision.image_size=32",
+                         "model.vision.global_pool=null",
                          "model.vision.feature_layer=-2", stage="sft")
     torch.manual_seed(0)
     ours = new_vlm(config.model, config.tiler).model.eval()

@@ -228,3 +228,28 @@ def test_an_export_loads_back_exactly(tmp_path, tied):
         logits = [b.model.eval()(encoded.input_ids[None], None, encoded.pixel_values).logits
                   for b in (original, loaded)]
     assert torch.equal(logits[0], logits[1])
+
+
+def test_a_run_continuing_an_export_names_the_model_settings_it_cannot_apply(tmp_path, caplog):
+    from tiny import sft_export
+
+    export = sft_export(tmp_path / "sft")
+    with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):
+        make_task(tiny_config(stage="sft"), init_from=export)  # the export's own settings: nothing to say
+        assert not caplog.records
+        task = make_task(tiny_config("model.llm.config.num_attention_heads=4", "model.llm.attention=local_global",
+                                     stage="sft"), init_from=export)
+    assert len(caplog.records) == 1, caplog.text  # the attention pattern is a run setting, and applies
+    assert "model.llm.config.num_attention_heads=4 is ignored: this run starts from" in caplog.text
+    assert "built with 2" in caplog.text
+    assert task.bundle.model.lm.config.num_attention_heads == 2
+
+
+def test_phase_2_takes_the_vit_architecture_of_its_contrastive_export(tmp_path, caplog):
+    from tiny import contrastive_export
+
+    export = contrastive_export(tmp_path / "clip", "model.vision.global_pool=token")
+    with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):
+        task = make_task(tiny_config("model.vision.global_pool=avg", stage="align"), init_from=export)
+    assert "model.vision.global_pool='avg' is ignored" in caplog.text and "built with 'token'" in caplog.text
+    assert task.bundle.model.vision.num_prefix_tokens == 1  # the export's CLS token, with its trained weights

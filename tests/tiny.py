@@ -28,7 +28,7 @@ TINY = [
 # timm's registered `test_vit` (160 px, patch 16, width 64, 6 blocks): a tower open_clip can build by name
 REGISTERED_VIT = ["model.vision.name=test_vit", "model.vision.image_size=160", "model.vision.patch_size=16",
                   "model.vision.width=null", "model.vision.depth=null", "model.vision.heads=null",
-                  "model.vision.conv_stem=false"]
+                  "model.vision.conv_stem=false", "model.vision.global_pool=null"]
 
 
 def tiny_config(*overrides: str, stage: str = "contrastive", tiny: bool = True) -> TrainConfig:

@@ -287,6 +287,16 @@ class StageConfig:
 
 
 @dataclass
+class QuestionMix:
+    """How many of every N train conversations ask each question type (the held-out split asks each equally)."""
+    color: int = setting(minimum=0)
+    shape: int = setting(minimum=0)
+    position: int = setting(minimum=0)
+    count: int = setting(minimum=0)
+    compare: int = setting(minimum=0)  # two-image "which image shows ..." questions
+
+
+@dataclass
 class SyntheticConfig:
     num_train: int = setting(minimum=1)  # samples in the train split
     num_val: int = setting(minimum=1)  # samples in the held-out split
@@ -294,6 +304,7 @@ class SyntheticConfig:
     image_size: int = setting(minimum=16)  # rendered image side in pixels
     seed: int = setting()  # the same seed always gives the same dataset
     cache_dir: str = setting()  # generated once, reused after
+    question_mix: QuestionMix = field(default_factory=QuestionMix)  # train conversations' share of each type
 
 
 @dataclass

@@ -8,6 +8,7 @@ Splits are written as webdataset shards into a cache directory on first use and 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlm.config import SyntheticConfig
+from vlm.config import ConfigError, SyntheticConfig
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -171,16 +172,28 @@ def _answer(kind: str, spec: ShapeSpec) -> str:
             "count": COUNT_WORDS[spec.count]}[kind]
 
 
-def conversation_samples(num: int, seed: int, image_size: int) -> Iterator[dict]:
+def question_rotation(mix: dict[str, int] | None = None) -> list[str]:
+    """The order in which samples take their question types: each type `mix[type]` times per cycle (every type once
+    when `mix` is None), interleaved so that a type's samples are spread through the cycle."""
+    weights = mix or dict.fromkeys(QUESTION_TYPES, 1)
+    if set(weights) != set(QUESTION_TYPES) or min(weights.values()) < 0 or not any(weights.values()):
+        raise ConfigError(f"data.synthetic.question_mix={weights} needs a count >= 0 for each of "
+                          f"{list(QUESTION_TYPES)}, and at least one above 0")
+    return [kind for round_ in range(max(weights.values())) for kind in QUESTION_TYPES if weights[kind] > round_]
+
+
+def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, int] | None = None) -> Iterator[dict]:
     """`sft` samples in the LLaVA form: {"__key__", "json": {"conversations", "type"}, "0.png"[, "1.png"]}; each
     assistant turn also carries the type of the question it answers, so held-out answers are scored per type.
 
-    Types rotate so every split holds each one. A third of the single-image samples ask a second question about the
-    same image in a second turn, and half of the two-image samples ask about either image again in a second turn.
+    Types rotate (see `question_rotation`) so every split holds each one. A third of the single-image samples ask a
+    second question about the same image in a second turn, and half of the two-image samples ask about either image
+    again in a second turn.
     """
     rng = random.Random(seed)
+    rotation = question_rotation(mix)
     for index in range(num):
-        kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+        kind = rotation[index % len(rotation)]
         images: list[Image.Image] = []
         if kind == "compare":
             first, second = random_spec(rng), random_spec(rng)
@@ -228,18 +241,22 @@ def corpus(seed: int = 0, num: int = 4000) -> Iterator[str]:
     yield from ["system\n", "user\n", "assistant\n"] * 50  # chat-template role words become single tokens
 
 
-KINDS = {"captions": caption_samples, "conversations": conversation_samples}
+KINDS = ("captions", "conversations")  # captions: contrastive and align; conversations: sft
 
 
-def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int, samples_per_shard: int) -> str:
-    """Write one split as shards; returns the brace pattern that reads it back."""
+def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int, samples_per_shard: int,
+                mix: dict[str, int] | None = None) -> str:
+    """Write one split as shards (conversations ask their questions in the proportions of `mix`); returns the brace
+    pattern that reads it back."""
     import webdataset as wds
     from tqdm import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
     pattern = str(directory / "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
-        for sample in tqdm(KINDS[kind](num, seed, image_size), total=num, desc=f"synthetic {kind} -> {directory.name}",
+        samples = conversation_samples(num, seed, image_size, mix) if kind == "conversations" else \
+            caption_samples(num, seed, image_size)
+        for sample in tqdm(samples, total=num, desc=f"synthetic {kind} -> {directory.name}",
                            unit="img", leave=False, disable=None):  # None: no bar when stderr is a log file
             sink.write(sample)
     shards = sorted(directory.glob("shard-*.tar"))
@@ -255,8 +272,10 @@ def ensure_split(kind: str, split: str, settings: SyntheticConfig) -> str:
     """Return the shard pattern of a synthetic split ("train" or "val"), generating it into the cache on first use."""
     num = settings.num_train if split == "train" else settings.num_val
     seed, image_size, samples_per_shard = settings.seed, settings.image_size, settings.samples_per_shard
+    # training may favour the hard questions; the held-out split always asks every type equally, so scores compare
+    mix = dataclasses.asdict(settings.question_mix) if kind == "conversations" and split == "train" else None
     recipe = [GENERATOR_VERSION, kind, num, seed, image_size, samples_per_shard, CLASSNAMES, CAPTION_TEMPLATES,
-              COUNT_CAPTION_TEMPLATES, MULTI_SHAPE_FRACTION, QUESTIONS]
+              COUNT_CAPTION_TEMPLATES, MULTI_SHAPE_FRACTION, QUESTIONS] + ([mix] if mix else [])
     fingerprint = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:10]
     directory = Path(settings.cache_dir).expanduser() / f"{kind}-{split}-{fingerprint}"
     done = directory / "DONE"
@@ -270,7 +289,7 @@ def ensure_split(kind: str, split: str, settings: SyntheticConfig) -> str:
         if directory.exists():  # an interrupted earlier generation: start that split over
             for stale in directory.iterdir():
                 stale.unlink()
-        pattern = write_split(kind, directory, num, split_seed(seed, kind, split), image_size, samples_per_shard)
+        pattern = write_split(kind, directory, num, split_seed(seed, kind, split), image_size, samples_per_shard, mix)
         (directory / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
         done.write_text(pattern + "\n")
     return pattern

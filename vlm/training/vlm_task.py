@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlm.config import TrainConfig, to_dict
+from vlm.config import TrainConfig, model_config_from, to_dict
 from vlm.data.conversations import ConversationDecoder, ScoredTurn
 from vlm.data.packing import pack_batch
 from vlm.data.processor import IGNORE_INDEX, pad_batch
@@ -175,15 +176,50 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     """From a phase 2 export (align -> sft -> dpo), or a new VLM whose ViT comes from a contrastive export."""
     meta = read_meta(init_from) if init_from else None
     if meta is not None and meta.llm_config is not None:
+        warn_ignored(ignored_architecture(meta.model, to_dict(config.model)), init_from,
+                     "a phase 2 stage keeps its export's architecture; start from a contrastive export to change it")
         bundle = load_vlm(init_from, tiler=config.tiler,
                           gradient_checkpointing=config.model.llm.gradient_checkpointing)
         bundle.model.vision.vit.set_grad_checkpointing(config.model.vision.gradient_checkpointing)
         set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
     else:
-        bundle = new_vlm(config.model, config.tiler)
+        model = config.model
+        if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
+            asked = to_dict(model.vision)
+            warn_ignored(ignored_architecture(meta.model["vision"], asked, "vision."), init_from,
+                         "the ViT keeps the architecture it was trained with")
+            trained = model_config_from(meta.model).vision
+            vision = dataclasses.replace(trained, **{k: asked[k] for k in ("pretrained", "gradient_checkpointing")})
+            model = dataclasses.replace(model, vision=vision)
+        bundle = new_vlm(model, config.tiler)
         if meta is not None:
             load_vision_from_clip(bundle.model.vision, init_from)
     log.info("image tokens per tile: %d; tiles per image: at most %d", bundle.model.tokens_per_tile,
              config.tiler.max_tiles + (1 if config.tiler.max_tiles > 1 and config.tiler.thumbnail else 0))
     return bundle
 
+
+
+# Settings a run applies to the model it continues; every other model key comes from the export it starts from.
+RUN_MODEL_SETTINGS = ("vision.gradient_checkpointing", "vision.pretrained", "llm.gradient_checkpointing",
+                      "llm.attention", "llm.sparse.", "llm.name_or_path", "llm.tokenizer", "text.", "clip.")
+
+
+def warn_ignored(ignored: list[tuple[str, Any, Any]], init_from: Path, why: str) -> None:
+    for key, built, asked in ignored:
+        log.warning("model.%s=%r is ignored: this run starts from %s, built with %r (%s)", key, asked, init_from,
+                    built, why)
+
+
+def ignored_architecture(built: dict[str, Any], asked: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, the export's value, the run's value) for each model key the run sets differently from the export."""
+    found = []
+    for key, value in asked.items():
+        name = prefix + key
+        if name.startswith(RUN_MODEL_SETTINGS) or key not in built or name + "." in RUN_MODEL_SETTINGS:
+            continue
+        if isinstance(value, dict) and isinstance(built[key], dict):
+            found += ignored_architecture(built[key], value, name + ".")
+        elif value != built[key]:
+            found.append((name, built[key], value))
+    return found
