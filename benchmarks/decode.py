@@ -72,7 +72,8 @@ class Clock(BaseStreamer):
 
 def model_config(preset: str) -> ModelConfig:
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(CONFIG_DIR / "model" / "tiny.yaml"),
-                             PRESETS[preset], {"projector": {"reduction": "none"}, "vision": {"feature_layer": -1}})
+                             PRESETS[preset], {"projector": {"reduction": "none"},
+                              "vision": {"feature_layer": -1, "global_pool": None}})  # a CLS token, as LLaVA's ViT
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 

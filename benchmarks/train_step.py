@@ -95,6 +95,7 @@ def load_config(preset: str, overrides: list[str]) -> TrainConfig:
     """The composed sft config with the preset's sizes; image tokens = patches, as LLaVA has."""
     fixed = ["stage=sft", "model.vision.conv_stem=false", "model.projector.type=mlp2x_gelu",
              "model.projector.reduction=none", "model.vision.feature_layer=-1", "model.vision.keep_cls=false",
+             "model.vision.global_pool=null",
              "model.llm.name_or_path=null", "model.llm.gradient_checkpointing=false",
              "model.vision.gradient_checkpointing=false"]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
