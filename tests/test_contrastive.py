@@ -97,3 +97,24 @@ def test_class_embeddings_average_templates():
     embeddings = class_embeddings(task.model, task.tokenizer, names, ["a {}.", "a photo of a {}."])
     assert embeddings.shape == (2, task.config.model.clip.embed_dim)
     assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_only_mean_pooling_trains_the_patch_tokens_phase_2_reads(pool):
+    """Phase 2 reads the ViT's patch tokens. Pooled by a CLS token, the contrastive loss never reaches them (the LLM
+    then learns shapes from a by-product); mean-pooled, as the tiny default is, every one of them is trained."""
+    assert tiny_config().model.vision.global_pool == "avg"
+    torch.manual_seed(0)
+    task = make_task(tiny_config(f"model.vision.global_pool={pool}"), synthetic.CLASSNAMES)
+    batch, model = _batch(task, 8), task.model
+    tokens = model.visual.forward_features(batch["pixels"])  # (B, prefix + N, D): feature_layer=-1's tokens
+    tokens.retain_grad()
+    image = torch.nn.functional.normalize(model.head.image_projection(model.visual.pool(tokens)), dim=-1)
+    out = task.loss_fn(image_features=image, text_features=model.encode_text(batch["ids"]),
+                       logit_scale=model.head.logit_scale.exp(), output_dict=True)
+    out["contrastive_loss"].backward()
+    patch_gradients = tokens.grad[:, model.visual.num_prefix_tokens:].abs().amax(dim=-1)  # (B, N)
+    if pool == "avg":
+        assert bool((patch_gradients > 0).all())
+    else:
+        assert bool((patch_gradients == 0).all()) and bool((tokens.grad[:, 0] != 0).any())
