@@ -11,9 +11,11 @@ from tiny import tiny_config
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_to_the_same_loss_and_export_the_same_keys(tmp_path, caplog, small_synthetic):
+@pytest.mark.parametrize("attention", ["dense", "local_global"])
+def test_compiled_blocks_train_to_the_same_loss_and_export_the_same_keys(tmp_path, caplog, small_synthetic, attention):
+    sparse = ["model.llm.sparse.window=8", "model.llm.sparse.stride=4", "model.llm.sparse.sinks=1"]
     data = [*small_synthetic, "stage.batch_size=8", "eval.batch_size=8", "stage.max_steps=3", "init_from=null",
-            f"output_root={tmp_path / 'runs'}"]
+            f"output_root={tmp_path / 'runs'}", f"model.llm.attention={attention}", *sparse]
     plain, plain_run = train(tiny_config(*COMMON, *data, "run_name=plain", stage="sft"))
     with caplog.at_level(logging.INFO, logger="vlm.training.trainer"):
         compiled, compiled_run = train(tiny_config(*COMMON, *data, "run_name=compiled", "trainer.compile=true",

@@ -57,6 +57,9 @@ HEADS = {
 # The conv stem's BatchNorm normalises with each rank's own batch statistics on CPUs (torch's SyncBatchNorm needs
 # GPUs; build_trainer turns it on there), which no loss can make equal to one process; this test is about the loss.
 PLAIN_STEM = ["model.vision.conv_stem=false"]
+# a window narrower than a packed row, so the pattern is really sparse
+LOCAL_GLOBAL = ["model.llm.attention=local_global", "model.llm.sparse.window=8", "model.llm.sparse.stride=4",
+                "model.llm.sparse.sinks=1"]
 
 
 def _rank_worker(rank: int, port: int, out: str) -> None:
@@ -237,14 +240,15 @@ def test_fsdp_trains_what_ddp_trains(ddp_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_runs_align_then_sft_and_resumes(tmp_path):
+@pytest.mark.parametrize("attention", [[], LOCAL_GLOBAL], ids=["dense", "local_global"])
+def test_fsdp_runs_align_then_sft_and_resumes(tmp_path, attention):
     """Phase 2 under FSDP with the defaults (packed batches; sft caches the frozen ViT's features): align, then sft
     from its export, then sft continued with `resume=auto`. The export is written from the weights gathered off both
-    ranks, so it must hold exactly the final checkpoint's tensors."""
+    ranks, so it must hold exactly the final checkpoint's tensors. Sparse attention takes the same path."""
     from vlm.exports.vlm import load_vlm
 
     phase2 = ["trainer.strategy=fsdp", "data.synthetic.num_train=32", "eval.batch_size=8",
-              "trainer.checkpoint_every_n_steps=2", f"stage.feature_cache_dir={tmp_path / 'features'}"]
+              "trainer.checkpoint_every_n_steps=2", f"stage.feature_cache_dir={tmp_path / 'features'}", *attention]
     _train_two_ranks(tmp_path, "stage=align", "init_from=null", "stage.max_steps=2", *phase2)
     _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=4", "run_name=sft", *phase2)
     output = _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=6", "run_name=sft", "resume=auto", *phase2)
@@ -254,7 +258,9 @@ def test_fsdp_runs_align_then_sft_and_resumes(tmp_path):
     assert metrics["global_step"] == 6 and "exact_match" in metrics
     checkpoint = torch.load(run / "checkpoints" / "step00000006.ckpt", map_location="cpu", weights_only=False)
     trained = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
-    exported = load_vlm(run / "export").model.state_dict()  # as inference loads it (tied weights written once)
+    loaded = load_vlm(run / "export")
+    assert loaded.model.config.llm.attention == ("local_global" if attention else "dense")
+    exported = loaded.model.state_dict()  # as inference loads it (tied weights written once)
     assert exported.keys() == trained.keys()
     assert all(torch.equal(exported[k], trained[k]) for k in exported)
 
