@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import subprocess
@@ -342,8 +343,10 @@ def test_train_conversations_follow_the_question_mix_and_held_out_ones_ask_every
              for split in ("train", "val")}
     assert kinds["train"] == {"color": 4, "count": 4, "compare": 8}
     assert kinds["val"] == dict.fromkeys(synthetic.QUESTION_TYPES, 2)
+    nothing = dataclasses.replace(settings, cache_dir=str(tmp_path / "none"), question_mix=QuestionMix(0, 0, 0, 0, 0))
     with pytest.raises(ConfigError, match="data.synthetic.question_mix"):
-        synthetic.question_rotation(dict.fromkeys(synthetic.QUESTION_TYPES, 0))
+        synthetic.ensure_split("conversations", "train", nothing)
+    assert not (tmp_path / "none").exists()  # refused before anything was written
 
 
 def test_a_negative_question_count_is_refused_by_key():

@@ -274,6 +274,7 @@ def ensure_split(kind: str, split: str, settings: SyntheticConfig) -> str:
     seed, image_size, samples_per_shard = settings.seed, settings.image_size, settings.samples_per_shard
     # training may favour the hard questions; the held-out split always asks every type equally, so scores compare
     mix = dataclasses.asdict(settings.question_mix) if kind == "conversations" and split == "train" else None
+    question_rotation(mix)  # a bad mix fails here, before anything is written
     recipe = [GENERATOR_VERSION, kind, num, seed, image_size, samples_per_shard, CLASSNAMES, CAPTION_TEMPLATES,
               COUNT_CAPTION_TEMPLATES, MULTI_SHAPE_FRACTION, QUESTIONS] + ([mix] if mix else [])
     fingerprint = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:10]
