@@ -199,7 +199,6 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     return bundle
 
 
-
 # Settings a run applies to the model it continues; every other model key comes from the export it starts from.
 RUN_MODEL_SETTINGS = ("vision.gradient_checkpointing", "vision.pretrained", "llm.gradient_checkpointing",
                       "llm.attention", "llm.sparse.", "llm.name_or_path", "llm.tokenizer", "text.", "clip.")
