@@ -16,7 +16,6 @@ from vlm.data.tiler import Tiler
 from vlm.exports.format import (
     TOKENIZER_DIR,
     WEIGHTS_FILE,
-    ExportError,
     ExportMeta,
     load_weights,
     read_meta,
@@ -58,13 +57,9 @@ def load_clip(directory: str | Path) -> ClipBundle:
 
 
 def load_vision_from_clip(vision: VisionTower, directory: str | Path) -> None:
-    """Copy the ViT of a contrastive export into `vision` (phase 2 starts from the phase 1 image tower)."""
-    meta = read_meta(directory, expect_stage=("contrastive",))
-    exported = model_config_from(meta.model).vision
-    for key in ("name", "image_size", "patch_size", "width", "depth", "heads"):
-        if getattr(exported, key) != getattr(vision.config, key):
-            raise ExportError(f"init_from={str(directory)!r} has model.vision.{key}={getattr(exported, key)!r} but "
-                              f"this run has {getattr(vision.config, key)!r}; use the same model preset")
+    """Copy the ViT of a contrastive export into `vision`, built with the export's vision settings (phase 2 starts
+    from the phase 1 image tower)."""
+    read_meta(directory, expect_stage=("contrastive",))
     with safe_open(str(Path(directory).expanduser() / WEIGHTS_FILE), framework="pt") as f:
         state = {k.removeprefix("visual."): f.get_tensor(k) for k in f.keys() if k.startswith("visual.")}
     vision.load_state_dict(state)

@@ -185,11 +185,11 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     else:
         model = config.model
         if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
-            asked = to_dict(model.vision)
-            warn_ignored(ignored_architecture(meta.model["vision"], asked, "vision."), init_from,
+            warn_ignored(ignored_architecture(meta.model["vision"], to_dict(model.vision), "vision."), init_from,
                          "the ViT keeps the architecture it was trained with")
-            trained = model_config_from(meta.model).vision
-            vision = dataclasses.replace(trained, **{k: asked[k] for k in ("pretrained", "gradient_checkpointing")})
+            # no hub weights: the export's weights replace them
+            vision = dataclasses.replace(model_config_from(meta.model).vision, pretrained=False,
+                                         gradient_checkpointing=model.vision.gradient_checkpointing)
             model = dataclasses.replace(model, vision=vision)
         bundle = new_vlm(model, config.tiler)
         if meta is not None:
