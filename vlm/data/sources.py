@@ -36,8 +36,7 @@ def resolve(config: DataConfig, kind: str, output_root: str = "checkpoints") -> 
     if config.train is None and config.val is not None:
         raise ConfigError("data.val is set but data.train is not; set both, or neither for the synthetic dataset")
     if config.train is None and kind == "preferences":
-        pairs = constitution_pairs(output_root)
-        return DataSources(pairs["train"], "::".join(p for p in (pairs["val"], pairs.get("qa_val")) if p), None)
+        return constitution_pairs(output_root)
     if config.train is None:
         s = config.synthetic
         splits = {split: synthetic.ensure_split(kind, split, s) for split in ("train", "val")}
@@ -61,9 +60,9 @@ def find_classnames(config: DataConfig) -> list[str] | None:
     return None
 
 
-def constitution_pairs(output_root: str) -> dict[str, str]:
-    """The newest finished `vlm.constitution` output under OUTPUT_ROOT/constitution: its train and held-out pair
-    shards, and the held-out conversations they came from ("qa_val"), scored for answer accuracy."""
+def constitution_pairs(output_root: str) -> DataSources:
+    """The newest finished `vlm.constitution` output under OUTPUT_ROOT/constitution: its train pair shards; held out,
+    its pairs and the conversations they came from ("qa_val"), scored for answer accuracy."""
     root = Path(output_root).expanduser() / "constitution"
     found = latest_pairs(root)
     if found is None:
@@ -71,15 +70,15 @@ def constitution_pairs(output_root: str) -> dict[str, str]:
                           f"`python -m vlm.constitution` first (with the same output_root), or pass data.train= and "
                           f"data.val= preference shards (data_scripts/preferences_to_shards.py writes them)")
     log.info("no data.train given: using the preference pairs of %s", Path(found["train"]).parent.parent)
-    return found
+    held_out = "::".join(p for p in (found["val"], found.get("qa_val")) if p)
+    return DataSources(found["train"], held_out, None)
 
 
 def resolve_eval(config: DataConfig, kind: str, output_root: str = "checkpoints") -> DataSources:
     """Held-out data for vlm.eval: data.val, or the synthetic held-out split (for preferences: the newest
     constitution output's held-out pairs and conversations)."""
     if config.val is None and kind == "preferences":
-        pairs = constitution_pairs(output_root)
-        return DataSources(None, "::".join(p for p in (pairs["val"], pairs.get("qa_val")) if p), None)
+        return DataSources(None, constitution_pairs(output_root).val, None)
     if config.val is None:
         val = synthetic.ensure_split(kind, "val", config.synthetic)
         return DataSources(None, val, list(synthetic.CLASSNAMES))
