@@ -59,10 +59,9 @@ def clip_vision_state(ours: VisionLanguageModel) -> dict[str, torch.Tensor]:
              "post_layernorm.weight": vit.norm.weight, "post_layernorm.bias": vit.norm.bias}
     for i, block in enumerate(vit.blocks):
         layer = f"encoder.layers.{i}."
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), block.attn.qkv.weight.chunk(3), strict=True):
-            state[f"{layer}self_attn.{name}.weight"] = part  # (D, D) each
-        for name, part in zip(("q_proj", "k_proj", "v_proj"), block.attn.qkv.bias.chunk(3), strict=True):
-            state[f"{layer}self_attn.{name}.bias"] = part
+        for kind in ("weight", "bias"):  # (3D, D) -> (D, D) each; (3D,) -> (D,) each
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), getattr(block.attn.qkv, kind).chunk(3), strict=True):
+                state[f"{layer}self_attn.{name}.{kind}"] = part
         pairs = {"self_attn.out_proj": block.attn.proj, "layer_norm1": block.norm1, "layer_norm2": block.norm2,
                  "mlp.fc1": block.mlp.fc1, "mlp.fc2": block.mlp.fc2}
         for name, module in pairs.items():

@@ -113,13 +113,20 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
                           f"unexpected {sorted(unexpected)[:5]}")
 
 
+def refuse_taken(out: str | Path) -> None:
+    """A conversion writes a new folder: an existing non-empty `out` is refused (converters call this before loading
+    the model, so a taken `out` fails at once)."""
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConversionError(f"out={str(out)!r} already exists and is not empty; give a new folder")
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside `out` and rename it to `out` once the block finishes; on an error the
     staging folder is removed, so `out` is either complete or absent. An existing non-empty `out` is refused."""
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConversionError(f"out={str(out)!r} already exists and is not empty; give a new folder")
+    refuse_taken(out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

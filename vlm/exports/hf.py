@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vlm.config import to_dict
-from vlm.exports.format import ConversionError, read_meta, staged_folder, write_provenance
+from vlm.exports.format import ConversionError, read_meta, refuse_taken, staged_folder, write_provenance
 from vlm.exports.hf_remote.configuration_vlm import VlmConfig
 from vlm.exports.hf_remote.modeling_vlm import VlmForConditionalGeneration
 from vlm.exports.hf_remote.processing_vlm import VlmProcessor
@@ -98,6 +98,7 @@ def export_hf(checkpoint: Path, out: Path, route: str = "auto") -> Path:
     if meta.llm_config is None:
         raise ConversionError(f"checkpoint={str(checkpoint)!r} holds a {meta.stage!r} model; format=hf takes an "
                               f"align or sft export (format=open_clip takes contrastive ones)")
+    refuse_taken(out)  # before the model is loaded
     vlm = load_vlm(checkpoint)
     if vlm.processor.tiler.config.max_tiles != 1:
         raise ConversionError(f"tiler.max_tiles={vlm.processor.tiler.config.max_tiles}: format=hf reproduces the "

@@ -31,7 +31,8 @@ def video_token(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """PerceptionLM's processor needs a video token; any special token other than `<image>` that chat text never
     holds will do (videos are not used). None when the tokenizer has none to spare."""
     used = (IMAGE_TOKEN, tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token)
-    spare = [t for t in sorted(tokenizer.get_added_vocab(), key=tokenizer.get_added_vocab().get) if t not in used]
+    added = tokenizer.get_added_vocab()  # {token: id}
+    spare = [t for t in sorted(added, key=added.get) if t not in used]
     template = tokenizer.chat_template or ""
     return next((t for t in spare if t not in template), None)
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from vlm.config import ModelConfig
 from vlm.exports.clip import load_clip
-from vlm.exports.format import ConversionError, read_meta, staged_folder, write_provenance
+from vlm.exports.format import ConversionError, read_meta, refuse_taken, staged_folder, write_provenance
 from vlm.models.clip import CLIPModel
 
 log = logging.getLogger("vlm.export")
@@ -100,6 +100,7 @@ def export_open_clip(checkpoint: Path, out: Path) -> Path:
     if meta.stage != "contrastive":
         raise ConversionError(f"checkpoint={str(checkpoint)!r} holds a {meta.stage!r} model; format=open_clip takes "
                               f"a contrastive export (format=hf takes align and sft ones)")
+    refuse_taken(out)  # before the model is loaded
     bundle = load_clip(checkpoint)
     settings = open_clip_settings(bundle.model.config, bundle.tiler.mean, bundle.tiler.std)
     with staged_folder(out) as staging:
