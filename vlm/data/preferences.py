@@ -29,7 +29,6 @@ class Pair:
     chosen: Encoded  # prompt + chosen answer; labels on the answer only
     rejected: Encoded  # prompt + rejected answer; the same images as `chosen`
     key: str  # shard:key, for precomputed reference log-probs
-    group: str | None  # the record's group field (e.g. the synthetic question type)
 
 
 def message_text(content: Any, name: str) -> str:
@@ -100,7 +99,6 @@ class PreferenceDecoder:
 
     def __init__(self, processor: Processor, evaluate: bool = False, turns: str = "all", group_by: str = "type"):
         self.processor = processor
-        self.group_by = group_by
         self.conversations = ConversationDecoder(processor, True, turns, group_by) if evaluate else None
 
     def __call__(self, sample: dict) -> dict[str, Any]:
@@ -116,8 +114,7 @@ class PreferenceDecoder:
         images = [sample[f] for f in image_fields(sample)]
         rows = [self.processor.encode([*prompt, {"role": "assistant", "content": answer}], images, name,
                                       last_reply_only=True) for answer in (chosen, rejected)]
-        group = record.get(self.group_by)
-        return {"pair": Pair(rows[0], rows[1], name, None if group is None else str(group))}
+        return {"pair": Pair(rows[0], rows[1], name)}
 
 
 def latest_pairs(root: str | Path) -> dict[str, str] | None:
@@ -136,5 +133,4 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, Any] | None:
     batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     batch["pixel_values"] = torch.cat([p.chosen.pixel_values for p in pairs])  # (N_tiles of the B prompts, 3, S, S)
     batch["keys"] = [p.key for p in pairs]
-    batch["groups"] = [p.group for p in pairs]
     return batch

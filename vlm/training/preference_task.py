@@ -26,7 +26,7 @@ from vlm.models.losses import PreferenceLoss, answer_logprobs, preference_loss, 
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.reference import precompute_reference
 from vlm.training.task import Batching, Stage
-from vlm.training.vlm_task import VLMTask
+from vlm.training.vlm_task import VLMTask, start_bundle
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class PreferenceTask(VLMTask):
         if init_from is not None and read_meta(init_from).llm_config is None:
             raise ConfigError(f"init_from={str(init_from)!r} is a {read_meta(init_from).stage!r} export; stage="
                               f"{stage.name} starts from a chat model (an align or sft export)")
-        bundle = VLMTask.create(config, stage, init_from, data).bundle
+        bundle = start_bundle(config, init_from)
         reference = None if config.stage.precompute_reference else copy.deepcopy(bundle.model)
         return cls(config, stage, bundle, reference, str(init_from) if init_from else None)
 
@@ -106,8 +106,8 @@ class PreferenceTask(VLMTask):
         the vision tower's patch features of the B prompts' tiles."""
         if patches is not None:  # the rejected rows show the chosen rows' images, in the same order
             patches = torch.cat([patches, patches])  # (2 N_tiles, P, Dv)
-        embeds = model.embed(pairs["input_ids"], None, pairs["image_slots"], patches)
-        logits = model.lm(inputs_embeds=embeds, attention_mask=pairs["attention_mask"]).logits  # (2B, L, V)
+        logits = model(pairs["input_ids"], pairs["attention_mask"], image_slots=pairs["image_slots"],
+                       patches=patches).logits  # (2B, L, V)
         return answer_logprobs(logits, pairs["labels"])
 
     def pair_loss(self, pairs: dict[str, Any]) -> PreferenceLoss:
