@@ -258,6 +258,21 @@ def test_the_chat_model_answers_through_the_pattern_cache_as_with_a_full_cache(l
     assert len(set(answer.token_ids)) > 1 and answer.token_ids == full[: len(answer.token_ids)]
 
 
+def test_h2o_refuses_a_local_global_model_in_chat_and_when_built_directly(local_global_export):
+    from images import solid
+
+    from vlm.chat import ChatModel, OptionError
+    from vlm.generation.h2o import H2OBudget, H2OCache
+
+    chat = ChatModel.load(local_global_export, device="cpu")
+    prompt = chat.prepare([{"role": "user", "content": "<image>\nWhat colour is the shape?"}], [solid()])
+    with pytest.raises(OptionError, match="kv_cache='h2o' does not combine with .*local_global"):
+        chat.generate(prompt, max_new_tokens=4, temperature=0, kv_cache="h2o")
+    with pytest.raises(OptionError, match="kv_cache='h2o'"):  # the benchmarks build the cache themselves
+        H2OCache(chat.model.lm, H2OBudget(heavy=2, recent=2, sinks=1))
+    assert chat.model.lm.config._attn_implementation == ATTENTION_NAME  # the pattern was left in place
+
+
 def test_a_run_asking_for_local_global_gets_it_from_a_dense_export(tiny_sft_export):
     from tiny import make_task, tiny_config
 

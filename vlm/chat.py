@@ -30,12 +30,11 @@ from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.exports.vlm import load_vlm
 from vlm.generation.completion import Completion, ContextOverflow, Message, Prompt, PromptError
 from vlm.generation.device import pick_device, pick_dtype
-from vlm.generation.h2o import H2OBudget, H2OCache
+from vlm.generation.h2o import H2OBudget, H2OCache, refuse_pattern
 from vlm.generation.kv_cache import cache_kwargs
 from vlm.generation.options import GenerationOptions, OptionError, resolve_decoding
 from vlm.generation.stopping import Cancelled, StopInAnswer, stop_reason
 from vlm.generation.streaming import AnswerJob, TextStream
-from vlm.models.attention import uses_pattern
 
 __all__ = ["ChatModel", "ChatSession", "Completion", "ContextOverflow", "GenerationOptions", "OptionError", "Prompt",
            "PromptError", "TextStream"]
@@ -135,7 +134,7 @@ class ChatModel:
             torch.manual_seed(opts.seed)
         inputs = self._inputs(prompts)
         new = self.model.generate(**inputs, **decoding.generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=sorted(self.eos_token_ids))  # (B, T_new)
+                                  eos_token_id=sorted(self.eos_token_ids), **cache_kwargs(self.model.lm))  # (B, T_new)
         answers = []
         for row in new.tolist():
             ends = [i for i, token in enumerate(row) if token in self.eos_token_ids]
@@ -152,9 +151,8 @@ class ChatModel:
             stopping.append(StopInAnswer(self.tokenizer, opts.stop, inputs["input_ids"].shape[1]))
         kwargs = {**inputs, **decoding.generate_kwargs, "stopping_criteria": stopping,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": sorted(self.eos_token_ids)}
-        if opts.kv_cache == "h2o" and uses_pattern(self.model.lm) is not None:
-            raise OptionError("kv_cache='h2o' does not combine with a model trained with model.llm.attention="
-                              "local_global (it already keeps only the keys its pattern reads); use kv_cache='dynamic'")
+        if opts.kv_cache == "h2o":
+            refuse_pattern(self.model.lm)  # now, before any text streams
         budget = H2OBudget.for_prompt(opts.h2o, prompt.input_tokens) if opts.kv_cache == "h2o" else None
 
         def run(streamer: TextIteratorStreamer | None) -> list[int]:

@@ -35,7 +35,8 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from vlm.generation.options import H2OSettings
+from vlm.generation.options import H2OSettings, OptionError
+from vlm.models.attention import uses_pattern
 
 H2O_LAYER = "h2o_cache_layer"  # attention kwarg: the layer waiting for this step's attention scores
 SCORE_BLOCK = 256  # prefill queries per block when summing attention columns: memory (B, H, 256, K), not (B, H, N, N)
@@ -267,9 +268,18 @@ def _observing(wrapped: Callable) -> Callable:
     return attention
 
 
+def refuse_pattern(lm: PreTrainedModel) -> None:
+    """H2O evicts by attention mass; a local + global model already keeps only the keys its pattern reads, and H2O's
+    held-key masks would break that pattern."""
+    if uses_pattern(lm) is not None:
+        raise OptionError("kv_cache='h2o' does not combine with a model trained with model.llm.attention="
+                          "local_global (it already keeps only the keys its pattern reads); use kv_cache='dynamic'")
+
+
 def install_score_hook(lm: PreTrainedModel) -> str:
     """Switch `lm` to its own attention wrapped by the score hook; idempotent, safe while other threads generate
     (without an H2O cache in the kwargs the hook is the wrapped function). Returns the registered name."""
+    refuse_pattern(lm)
     current = lm.config._attn_implementation
     if current.startswith(HOOK_PREFIX):
         return current
