@@ -45,15 +45,11 @@ from vlm.data.shards import build_pipeline, list_shards  # noqa: E402
 from vlm.data.sources import resolve_eval  # noqa: E402
 from vlm.exports.vlm import export_vlm, load_vlm  # noqa: E402
 from vlm.generation.h2o import H2OBudget, H2OCache  # noqa: E402
+from vlm.generation.kv_cache import cached_bytes  # noqa: E402
 from vlm.metrics import answer_metrics, score_answer  # noqa: E402
 from vlm.models.factory import VLMBundle, new_vlm  # noqa: E402
 
 MiB = 2**20
-
-
-def cache_bytes(cache: DynamicCache | H2OCache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               if layer.keys is not None for t in (layer.keys, layer.values))
 
 
 class CacheBytes(LogitsProcessor):
@@ -63,7 +59,7 @@ class CacheBytes(LogitsProcessor):
         self.cache, self.samples = cache, []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self.samples.append(cache_bytes(self.cache))
+        self.samples.append(cached_bytes(self.cache))
         return scores
 
 
@@ -134,7 +130,7 @@ def long_prompt(lm, ids: torch.Tensor, new_tokens: int, budget: H2OBudget | None
     return {"prefill_s": clock.times[0] - start,
             "tokens_per_s": (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]),
             "cache_mib": max(recorder.samples) / MiB,
-            "prompt_cache_mib": ids.shape[1] * cache_bytes(cache) / max(1, cache.layers[0].keys.shape[-2]) / MiB,
+            "prompt_cache_mib": ids.shape[1] * cached_bytes(cache) / max(1, cache.layers[0].keys.shape[-2]) / MiB,
             "rss_mib": memory.added / MiB}
 
 

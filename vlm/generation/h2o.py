@@ -199,11 +199,6 @@ class H2OCache(Cache):
         seen): a causal mask then never lets a prompt block read its own later tokens."""
         return self.layers[layer_idx].held() if layer_idx < len(self.layers) else 0
 
-    def cached_bytes(self) -> int:
-        """Bytes of keys and values held now, all layers."""
-        return sum(t.numel() * t.element_size() for layer in self.layers if layer.held()
-                   for t in (layer.keys, layer.values))
-
 
 def attention_column_sums(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                           scaling: float, block: int = SCORE_BLOCK) -> torch.Tensor:

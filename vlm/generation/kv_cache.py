@@ -94,10 +94,11 @@ class LocalGlobalCache(Cache):
     def __init__(self, pattern: SparsePattern, num_layers: int):
         super().__init__(layers=[LocalGlobalLayer(pattern) for _ in range(num_layers)])
 
-    def cached_bytes(self) -> int:
-        """Bytes of keys and values held now, all layers."""
-        return sum(t.numel() * t.element_size() for layer in self.layers if layer.cached_length()
-                   for t in (layer.keys, layer.values))
+
+def cached_bytes(cache: Cache) -> int:
+    """Bytes of keys and values any cache (dynamic, pattern, H2O) holds now, all layers."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers if layer.keys is not None
+               for t in (layer.keys, layer.values))
 
 
 def cache_for(lm: PreTrainedModel) -> Cache | None:
