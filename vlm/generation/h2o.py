@@ -248,7 +248,7 @@ def _observing(wrapped: Callable) -> Callable:
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any):
         layer: H2OLayer | None = kwargs.pop(H2O_LAYER, None)
-        if layer is not None:
+        if layer is not None and query.shape[-2] > 1:  # padding comes with the prompt: decoding steps add none
             _refuse_padding(attention_mask, key.shape[-2])
         output = wrapped(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if layer is not None and not layer.wants_scores:
