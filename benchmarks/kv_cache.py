@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
-from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from decode import Clock  # noqa: E402  (benchmarks/, this script's folder)
 
 from vlm.cli import compose_config  # noqa: E402
 from vlm.config import to_train_config  # noqa: E402
@@ -61,22 +62,6 @@ class CacheBytes(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self.samples.append(cached_bytes(self.cache))
         return scores
-
-
-class Clock(BaseStreamer):
-    """Timestamps each new token; the first put() is the prompt."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.prompt_seen:
-            self.times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
 
 
 def rss_bytes() -> int:
