@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import webdataset as wds
@@ -166,3 +167,28 @@ def test_a_llava_json_round_trip_trains_and_reports_answer_accuracy(tmp_path, ca
     assert len(rows) == 12 and all(r["group"] is None and r["images"] == ["0.png"] for r in rows)
     for name in ("exact_match", "normalized_match", "contains"):
         assert sum(r["scores"][name] for r in rows) / 12 == pytest.approx(evaluated[name], abs=1e-4)
+
+
+class _ValidationReads(pl.Callback):
+    """(held-out samples read, answers scored) at the end of each validation."""
+
+    def __init__(self):
+        self.reads: list[tuple[int, int]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.reads.append((pl_module.val_samples, len(pl_module.predictions)))
+
+
+def test_validations_during_training_read_eval_max_samples_and_the_final_one_reads_all(tmp_path):
+    records = [_record(("<image>\nWhich colour?", colour, None)) for colour in ["red", "blue", "green"] * 2]
+    shards = _write_conversations(tmp_path / "data", records)
+    watch = _ValidationReads()
+    run(tiny_config(f"data.train={shards}", f"data.val={shards}", "data.num_workers=0", f"output_root={tmp_path}",
+                    "init_from=null", "stage.batch_size=3", "stage.max_steps=2", "trainer.val_check_interval=1",
+                    "eval.max_samples=2", "eval.batch_size=2", stage="sft", tiny=False), callbacks=[watch])
+    assert watch.reads == [(2, 2), (2, 2), (6, 6)]
+    watch.reads.clear()
+    run(tiny_config(f"data.train={shards}", f"data.val={shards}", "data.num_workers=0", f"output_root={tmp_path}",
+                    "init_from=null", "stage.batch_size=3", "stage.max_steps=1", "trainer.val_check_interval=1",
+                    "eval.max_samples=null", "eval.batch_size=2", stage="sft", tiny=False), callbacks=[watch])
+    assert watch.reads == [(6, 6), (6, 6)]

@@ -349,7 +349,7 @@ class EvalConfig:
     batch_size: int = setting(minimum=1)
     max_new_tokens: int = setting(minimum=1)  # phase 2: the longest answer generated for scoring
     turns: str = setting(choices=("all", "last"))  # phase 2: score every assistant turn, or each sample's last
-    max_samples: int | None = setting(minimum=1)  # held-out samples answered per validation; null: all
+    max_samples: int | None = setting(minimum=1)  # held-out samples a validation reads (loss, answers); null: all
     output_dir: str | None = setting()  # vlm.eval: where metrics.json and predictions.jsonl go; null: RUN/eval
 
 

@@ -45,7 +45,8 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
     datamodule = ShardDataModule(data, task.batching(), config.data)
     trainer = pl.Trainer(accelerator=config.trainer.accelerator, devices=1, precision=config.trainer.precision,
-                         logger=False, enable_checkpointing=False, enable_model_summary=False)
+                         logger=False, enable_checkpointing=False, enable_model_summary=False,
+                         limit_val_batches=task.val_batch_limit())  # eval.max_samples: score only the first ones
     metrics: dict[str, Any] = validate(trainer, task, datamodule)
     check_scored(task, metrics, data.val)
     metrics.update(checkpoint=str(Path(config.checkpoint).resolve()), data=data.val)

@@ -49,8 +49,8 @@ class StageTask(pl.LightningModule):
         self.trainable = trainable_parts(stage.trains, config.stage)
         self.health = DataHealth(config.data.max_skip_rate, config.trainer.max_nonfinite_steps)
         self.parameter_counts = apply_freezing(model.parts(), self.trainable)
-        # held-out samples a validation answers at most (None: all); a run's final validation answers all of them
-        self.answer_limit: int | None = config.eval.max_samples
+        # held-out samples a validation reads at most (None: all); a run's final validation reads all of them
+        self.sample_limit: int | None = config.eval.max_samples
         self.predictions: list[dict[str, Any]] = []  # phase 2: the last validation's answers and their scores
 
     # ---- what each stage provides ----
@@ -67,6 +67,10 @@ class StageTask(pl.LightningModule):
 
     def batching(self) -> Batching:
         raise NotImplementedError
+
+    def val_batch_limit(self) -> int | None:
+        """Held-out batches a validation during training reads (None: all of them)."""
+        return None
 
     def empty_model(self) -> nn.Module:
         """A fresh unsharded model of the same shape, for a sharded run's gathered weights."""

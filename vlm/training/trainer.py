@@ -55,7 +55,7 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
                       sync_batchnorm=t.accelerator != "cpu" and torch.cuda.is_available(),
                       logger=build_logger(t.logger, run.dir, resume_step), default_root_dir=run.dir,
                       num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False,
-                      limit_val_batches=None)
+                      limit_val_batches=task.val_batch_limit())
 
 
 def validate(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule) -> dict[str, float]:
@@ -82,7 +82,8 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
     """Final validation, the export folder and metrics.json; returns the metrics."""
     metrics: dict[str, Any] = {}
     if datamodule.val_urls:
-        task.answer_limit = None  # the final figures answer the whole held-out set, as vlm.eval does
+        task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
+        trainer.limit_val_batches = 1.0
         metrics.update(validate(trainer, task, datamodule))
     seen, skipped = global_sample_counts(trainer, task.health)
     metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,

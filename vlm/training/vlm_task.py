@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,13 @@ class VLMTask(StageTask):
                         settings.batch_size, val_collate=self.collate_padded,
                         length=encoded_length)
 
+    def val_batch_limit(self) -> int | None:
+        """Enough batches for `eval.max_samples` samples: a validation during training computes its loss and its
+        answers on the same first samples of the held-out set, and decodes no more of it."""
+        if self.sample_limit is None:
+            return None
+        return math.ceil(self.sample_limit / self.config.eval.batch_size)
+
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         """Training samples -> packed rows (data.packing) or a padded batch, with each sample's key and tile count in
         batch order (for the feature cache)."""
@@ -120,8 +128,8 @@ class VLMTask(StageTask):
 
     def score_answers(self, samples: list[list[ScoredTurn]]) -> None:
         """Answer each sample's held-out turns greedily and keep the scored answers in `predictions`."""
-        if self.answer_limit is not None:
-            samples = samples[: max(0, self.answer_limit - len({p["key"] for p in self.predictions}))]
+        if self.sample_limit is not None:
+            samples = samples[: max(0, self.sample_limit - len({p["key"] for p in self.predictions}))]
         turns = [turn for sample in samples for turn in sample]
         if not turns:
             return
