@@ -11,7 +11,7 @@ from images import noise
 from tiny import tiny_config
 
 from data_scripts import preferences_to_shards
-from vlm.data.preferences import PreferenceDecoder
+from vlm.data.preferences import PreferenceDecoder, prompt_messages
 from vlm.data.shards import build_pipeline
 from vlm.data.sources import DataSources
 from vlm.training.stages import get_stage
@@ -82,3 +82,11 @@ def test_bad_records_are_reported_with_line_and_reason(tmp_path, capsys):
     for number, reason in enumerate(reasons, start=2):
         where = f"skipped line {number}" + (f" (id {list(bad)[number - 3]!r})" if number > 2 else "")
         assert reason in report[where], (where, report.get(where))
+
+
+def test_prompts_in_either_message_form_give_the_same_text():
+    parts = [{"type": "image"}, {"type": "text", "text": "What colour?"}]
+    expected = [{"role": "user", "content": "<image>What colour?"}]
+    assert prompt_messages([{"role": "user", "content": parts}], "r") == expected
+    assert prompt_messages([{"from": "human", "value": parts}], "r") == expected  # LLaVA's keys, TRL's parts
+    assert prompt_messages([{"from": "human", "value": "<image>What colour?"}], "r") == expected

@@ -50,6 +50,13 @@ def message_text(content: Any, name: str) -> str:
     raise SampleError(f"{name}: message content must be a string or a list of parts, got {type(content).__name__}")
 
 
+def _as_text_turn(turn: dict, name: str) -> dict:
+    """A turn with its text in "content" alone: from_llava reads "value" first, so parts left there would reach the
+    model as the list's repr."""
+    text = message_text(turn.get("content", turn.get("value", "")), name)
+    return {**{k: v for k, v in turn.items() if k != "value"}, "content": text}
+
+
 def prompt_messages(prompt: Any, name: str) -> list[dict[str, str]]:
     """`prompt` as chat messages ending with a user turn: a plain string is one user message; a list may use
     {"role", "content"} or LLaVA's {"from", "value"}."""
@@ -59,8 +66,7 @@ def prompt_messages(prompt: Any, name: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": prompt}]
     if not isinstance(prompt, list) or not prompt:
         raise SampleError(f"{name}: 'prompt' must be a string or a non-empty list of messages")
-    turns = [{**t, "content": message_text(t.get("content", t.get("value", "")), name)} if isinstance(t, dict) else t
-             for t in prompt]
+    turns = [_as_text_turn(t, name) if isinstance(t, dict) else t for t in prompt]
     messages = from_llava(turns, name).messages
     if messages[-1]["role"] != "user":
         raise SampleError(f"{name}: the prompt must end with a user turn, not {messages[-1]['role']!r}")
