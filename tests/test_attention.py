@@ -195,6 +195,23 @@ def test_the_pattern_cache_generates_the_full_cache_tokens_and_stays_bounded(fam
     assert single.layers[0].cached_length() < seen // 2
 
 
+def test_a_pattern_cache_works_out_its_keep_set_once_per_step_for_all_layers(monkeypatch):
+    """Every layer caches the same positions: one keep set (one device-to-host sync) per step, not one per layer."""
+    lm = tiny_lm(layers=3)
+    use_attention(lm, settings(window=5, stride=4, sinks=2))
+    made = []
+    needed_later = SparsePattern.needed_later
+    monkeypatch.setattr(SparsePattern, "needed_later", lambda self, *args: made.append(args[2]) or needed_later(self,
+                                                                                                               *args))
+    ids = torch.randint(1, 64, (1, 10))
+    full = lm.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert made == []  # the default cache
+    cache = cache_for(lm)
+    assert torch.equal(lm.generate(ids, cache=cache, max_new_tokens=12, min_new_tokens=12, do_sample=False), full)
+    assert made == list(range(10, 22))  # the prompt, then each new token but the last: one keep set each
+    assert len({id(layer.plan) for layer in cache.layers}) == 1
+
+
 def test_dense_models_keep_the_default_cache():
     assert cache_for(tiny_lm()) is None
 

@@ -17,18 +17,37 @@ from transformers.cache_utils import DynamicLayer
 from vlm.models.attention import KEY_INDICES, SparsePattern, uses_pattern
 
 
+class KeepPlan:
+    """Which cached keys survive a step. Every layer caches the same positions, so the first layer to reach a step
+    works its keep set out (one device-to-host sync) and the others reuse it."""
+
+    def __init__(self):
+        self.step: tuple[int, int] | None = None  # (tokens seen, keys held before dropping) it was made for
+        self.keep = torch.zeros(0, dtype=torch.long)  # (K',) indices into those keys
+
+    def keep_for(self, pattern: SparsePattern, indices: torch.Tensor, positions: torch.Tensor,
+                 seen: int) -> torch.Tensor:
+        step = (seen, indices.numel())
+        if self.step != step:
+            self.keep = pattern.needed_later(indices, positions, seen).nonzero().squeeze(-1)
+            self.step = step
+        return self.keep
+
+
 class LocalGlobalLayer(DynamicLayer):
     """One layer's keys and values (B, H_kv, K, D), holding only the keys a later query can read.
 
     `update` returns the kept keys plus the new ones and tells the attention function their absolute positions
     through the attention kwargs (`KEY_INDICES`), so it reads the right columns of a mask built over all positions.
+    Layers of one cache share a `KeepPlan`.
     """
 
     is_croppable = False
 
-    def __init__(self, pattern: SparsePattern):
+    def __init__(self, pattern: SparsePattern, plan: KeepPlan | None = None):
         super().__init__()
         self.pattern = pattern
+        self.plan = plan or KeepPlan()
         self.cumulative_length = 0  # tokens seen, dropped ones included
         self.key_indices = torch.zeros(0, dtype=torch.long)  # (K,) absolute position of each cached key
         self.key_positions = torch.zeros(0, 0, dtype=torch.long)  # (B, K) its position within each row's sample
@@ -50,7 +69,7 @@ class LocalGlobalLayer(DynamicLayer):
         self.cumulative_length += new
         if kwargs is not None:
             kwargs[KEY_INDICES] = indices
-        keep = self.pattern.needed_later(indices, positions, self.cumulative_length).nonzero().squeeze(-1)  # (K',)
+        keep = self.plan.keep_for(self.pattern, indices, positions, self.cumulative_length)  # (K',)
         self.keys, self.values = keys.index_select(-2, keep), values.index_select(-2, keep)
         self.key_indices, self.key_positions = indices[keep], positions.index_select(-1, keep)
         return keys, values
@@ -68,6 +87,7 @@ class LocalGlobalLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        self.plan.step = None
         self.key_indices = torch.zeros(0, dtype=torch.long)
         self.key_positions = torch.zeros(0, 0, dtype=torch.long)
 
@@ -92,7 +112,8 @@ class LocalGlobalCache(Cache):
     """A cache of `LocalGlobalLayer`s, one per decoder layer."""
 
     def __init__(self, pattern: SparsePattern, num_layers: int):
-        super().__init__(layers=[LocalGlobalLayer(pattern) for _ in range(num_layers)])
+        plan = KeepPlan()
+        super().__init__(layers=[LocalGlobalLayer(pattern, plan) for _ in range(num_layers)])
 
 
 def cached_bytes(cache: Cache) -> int:
