@@ -128,6 +128,19 @@ def test_one_vision_forward_per_pair(tiny_sft_export, tmp_path):
     assert len(batch["pairs"]["pixel_values"]) == 3 and len(batch["pairs"]["input_ids"]) == 6
 
 
+def test_the_feature_cache_spares_the_vision_tower_from_the_second_epoch_on(tiny_sft_export, tmp_path):
+    pairs = write_pairs(tmp_path / "p.tar", 3)
+    cached = _task(tiny_sft_export, f"stage.feature_cache_dir={tmp_path / 'features'}")
+    plain = _task(tiny_sft_export, "stage.cache_vision_features=false")
+    calls = []
+    cached.model.vision.vit.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    batch = _batch(cached, pairs)
+    losses = [cached.pair_loss(batch["pairs"]).loss for _ in range(2)]  # two epochs of the same pairs
+    assert len(calls) == 1
+    assert torch.equal(losses[0], losses[1])
+    assert torch.equal(losses[0], plain.pair_loss(_batch(plain, pairs)["pairs"]).loss)
+
+
 def test_truncation_skips_pairs_that_would_cut_an_image_and_counts_them(tiny_sft_export, tmp_path):
     task = _task(tiny_sft_export)
     task.bundle.processor.max_length = 12  # the image alone is 16 tokens

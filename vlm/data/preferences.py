@@ -139,4 +139,5 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, Any] | None:
     batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     batch["pixel_values"] = torch.cat([p.chosen.pixel_values for p in pairs])  # (N_tiles of the B prompts, 3, S, S)
     batch["keys"] = [p.key for p in pairs]
+    batch["tiles"] = [len(p.chosen.pixel_values) for p in pairs]  # per pair, for the feature cache
     return batch
