@@ -25,42 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
+
+from vlm.data import synthetic
 
 IMAGES = (
     ("6144x4096 JPEG", 6144, 4096, "JPEG"),
     ("12000x8000 JPEG", 12000, 8000, "JPEG"),
     ("4000x3000 PNG", 4000, 3000, "PNG"),
 )
-
-
-def synthetic_photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A natural-looking RGB image, fast: smooth gradients and shapes drawn at 1/8 size, upscaled, plus mild noise."""
-    rng = np.random.default_rng(seed)
-    sw, sh = max(8, width // 8), max(8, height // 8)
-    y, x = np.mgrid[0:sh, 0:sw].astype(np.float32)
-    base = np.stack(
-        [
-            128 + 100 * np.sin(x / sw * 3.1 + 0.5) * np.cos(y / sh * 2.3),
-            128 + 90 * np.cos(x / sw * 1.7 - y / sh * 2.9),
-            128 + 80 * np.sin((x + y) / (sw + sh) * 5.0 + 1.0),
-        ],
-        axis=-1,
-    )
-    small = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(small)
-    for _ in range(40):
-        x0, y0 = int(rng.integers(0, sw)), int(rng.integers(0, sh))
-        x1, y1 = x0 + int(rng.integers(4, sw // 4 + 5)), y0 + int(rng.integers(4, sh // 4 + 5))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-    small = small.filter(ImageFilter.GaussianBlur(1))
-    big = np.asarray(small.resize((width, height), Image.Resampling.BICUBIC))
-    noise = rng.integers(-6, 7, size=(min(height, 1024), min(width, 1024), 3), dtype=np.int16)
-    reps = (-(-height // noise.shape[0]), -(-width // noise.shape[1]), 1)
-    noisy = big.astype(np.int16) + np.tile(noise, reps)[:height, :width]
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
 def _status_mib(field: str) -> float:
@@ -197,7 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tiler-bench-") as tmp:
         for label, width, height, fmt in IMAGES:
             path = Path(tmp) / f"{width}x{height}.{fmt.lower()}"
-            synthetic_photo(width, height).save(path, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+            synthetic.photo(width, height).save(path, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
             size_mb = path.stat().st_size / 1e6
             results = {side: run_worker(side, path, args) for side in sides}
             rows.append((label, size_mb, results))

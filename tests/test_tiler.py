@@ -13,10 +13,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageDraw, ImageFile, ImageFilter, JpegImagePlugin
+from PIL import Image, ImageFile, JpegImagePlugin
 
 from vlm.cli import compose_config
 from vlm.config import TilerConfig, load_config
+from vlm.data import synthetic
 from vlm.data import tiler as tiler_mod
 from vlm.data.tiler import (
     OPENAI_CLIP_MEAN,
@@ -48,35 +49,6 @@ def pixel(tiler: Tiler, tiled, tile: int = 0, xy: tuple[int, int] | None = None)
 
 def close(a, b, tol: int = 2) -> bool:
     return all(abs(int(x) - int(y)) <= tol for x, y in zip(a, b, strict=True))
-
-
-def synthetic_photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A natural-looking RGB image, fast: smooth gradients and shapes drawn at 1/8 size, upscaled, plus mild noise."""
-    rng = np.random.default_rng(seed)
-    sw, sh = max(8, width // 8), max(8, height // 8)
-    y, x = np.mgrid[0:sh, 0:sw].astype(np.float32)
-    base = np.stack(
-        [
-            128 + 100 * np.sin(x / sw * 3.1 + 0.5) * np.cos(y / sh * 2.3),
-            128 + 90 * np.cos(x / sw * 1.7 - y / sh * 2.9),
-            128 + 80 * np.sin((x + y) / (sw + sh) * 5.0 + 1.0),
-        ],
-        axis=-1,
-    )
-    small = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(small)
-    for _ in range(40):
-        x0, y0 = int(rng.integers(0, sw)), int(rng.integers(0, sh))
-        x1, y1 = x0 + int(rng.integers(4, sw // 4 + 5)), y0 + int(rng.integers(4, sh // 4 + 5))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
-    small = small.filter(ImageFilter.GaussianBlur(1))
-    big = np.asarray(small.resize((width, height), Image.Resampling.BICUBIC))
-    noise = rng.integers(-6, 7, size=(min(height, 1024), min(width, 1024), 3), dtype=np.int16)
-    reps = (-(-height // noise.shape[0]), -(-width // noise.shape[1]), 1)
-    return Image.fromarray(
-        np.clip(big.astype(np.int16) + np.tile(noise, reps)[:height, :width], 0, 255).astype(np.uint8)
-    )
 
 
 # ---------------------------------------------------------------- colour modes, EXIF, animation
@@ -315,7 +287,7 @@ def test_normalisation_and_mean_padding():
 @pytest.fixture(scope="module")
 def big_jpeg(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big") / "photo_6144x4096.jpg"
-    synthetic_photo(6144, 4096).save(path, quality=90)
+    synthetic.photo(6144, 4096).save(path, quality=90)
     return path
 
 
@@ -405,7 +377,7 @@ def test_pil_global_guard_is_relaxed_only_while_we_read(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_truncated_file_names_the_source(fmt, tmp_path):
     data = io.BytesIO()
-    synthetic_photo(400, 300).save(data, format=fmt)
+    synthetic.photo(400, 300).save(data, format=fmt)
     cut = data.getvalue()[: len(data.getvalue()) // 2]
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(cut)
@@ -542,7 +514,7 @@ def test_tiles_properties_and_token_count_matches_vit(tiny_vit, width, height, m
 
 def test_cli_prints_plan_and_saves_tiles(tmp_path, capsys):
     path = tmp_path / "photo.png"
-    synthetic_photo(640, 480).save(path)
+    synthetic.photo(640, 480).save(path)
     out_dir = tmp_path / "tiles"
     assert (
         main([str(path), "--tile-size", "64", "--max-tiles", "6", "--tokens-per-tile", "16", "--save", str(out_dir)])
