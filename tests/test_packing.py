@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from tiny import tiny_config
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
 
-from vlm.data.packing import group_by_length, pack_batch, pack_rows
+from vlm.data.packing import best_width, group_by_length, pack_batch, pack_rows
 from vlm.data.processor import IGNORE_INDEX, Encoded, pad_batch
 from vlm.models.factory import new_vlm
-from vlm.models.packing import PACKED_MASKS
+from vlm.models.packing import PACKED_MASKS, attention_break_even
 from vlm.models.vlm import VisionLanguageModel
 
 
@@ -135,6 +137,21 @@ def test_packing_keeps_whole_samples_and_their_images_in_order():
     assert narrowest["input_ids"].shape[1] == 2 * tokens + 5
     with pytest.raises(ValueError, match="does not fit"):
         pack_rows([10, 50], 40)
+
+
+def test_rows_are_as_wide_as_packs_at_the_least_compute():
+    lengths = [12, 10, 10, 8]
+    # attention free (varlen kernels): the fullest rows, 12 + 8 and 10 + 10, no padding at all
+    assert best_width(lengths, 48, math.inf) == 20
+    # attention dearer than the linear layers from width 1: rows never wider than the longest sample
+    assert best_width(lengths, 48, 1.0) == 12
+    assert best_width([30, 5], 24, math.inf) == 30  # max_length below the longest sample: that sample's width
+    llama = LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+    llama._attn_implementation = "sdpa"
+    # per token: q, o 2 x 192 x 192, k, v 2 x 192 x 96, MLP 3 x 192 x 512; attention 2 x 192 per key
+    assert attention_break_even(llama) == (2 * 192 * 192 + 2 * 192 * 96 + 3 * 192 * 512) / (2 * 192)
+    llama._attn_implementation = "flash_attention_2"
+    assert attention_break_even(llama) == math.inf
 
 
 def test_length_grouping_batches_similar_lengths_and_keeps_every_sample():

@@ -1,12 +1,15 @@
 """Batches without padding waste: packed rows (`data.packing=true`) and length-grouped batches for runs that pad.
 
 Packing keeps a batch's samples (so a step sees the same samples, counts and loss as its padded twin) and lays them
-into as few rows as first-fit-decreasing finds, each row as wide as the batch's longest sample (so never wider than
-`model.llm.max_length`). Not wider: dense attention kernels (SDPA and eager, CPUs) compute a row's whole width squared
-whatever the mask, so a row twice as wide would cost as much attention as four half-width ones; varlen kernels (flash)
-cost the same either way. Samples are never split: the processor has already cut each one to `max_length` (and
-dropped any whose cut would go through an image), so every image travels whole with its sample. Position ids restart
-at each sample; vlm/models/packing.py turns them into block-diagonal causal attention.
+into rows by first-fit decreasing. The row width W is the one, from the longest sample up to `model.llm.max_length`,
+that costs the least compute: rows x W x (1 + W / A). A row's linear layers cost W, while dense attention kernels
+(SDPA and eager, CPUs) compute its whole W x W score matrix whatever the mask; A is the width at which the two cost
+the same (vlm.models.packing.attention_break_even: about 1,150 tokens for the tiny preset, 25,000 for a 7B Llama,
+unbounded for varlen flash kernels, whose cost does not depend on the row). Small models thus get rows a little wider
+than the longest sample, large ones rows as full as they can be. Samples are never split: the processor has already
+cut each one to `max_length` (and dropped any whose cut would go through an image), so every image travels whole
+with its sample. Position ids restart at each sample; vlm/models/packing.py turns them into block-diagonal causal
+attention.
 
 Length grouping (`data.length_group_batches=N`) sorts each window of N batches' worth of decoded samples by length
 and hands them out batch by batch, batches in a seeded random order, so a padded batch holds samples of similar length.
@@ -37,6 +40,17 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
         rows[row].append(index)
         room[row] -= lengths[index]
     return rows
+
+
+WIDTH_STEP = 8  # candidate row widths go up by this many tokens
+
+
+def best_width(lengths: list[int], max_width: int, break_even: float) -> int:
+    """The row width, from the longest of `lengths` up to `max_width`, whose packing costs the least compute:
+    rows x W x (1 + W / break_even) (see the module docstring)."""
+    longest = max(lengths)
+    candidates = [longest, *range(longest + WIDTH_STEP, max(longest, max_width) + 1, WIDTH_STEP)]
+    return min(candidates, key=lambda width: len(pack_rows(lengths, width)) * width * (1 + width / break_even))
 
 
 def pack_batch(encoded: list[Encoded], pad_id: int, width: int | None = None) -> dict[str, torch.Tensor | list[int]]:

@@ -15,6 +15,7 @@ the 4D mask the model then uses as-is.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,20 @@ PACKED_MASKS: dict[str, PackedMaskBuilder] = {}
 def register_packed_mask(attention: str, builder: PackedMaskBuilder) -> None:
     """Packed rows under attention implementation `attention` get their mask from `builder` (idempotent)."""
     PACKED_MASKS[attention] = builder
+
+
+def attention_break_even(config: PretrainedConfig) -> float:
+    """The packed-row width W at which a dense attention kernel's cost per token (a score and a weighted value per key:
+    2 x W x heads x head_dim) equals the linear layers' (q, k, v, o and a gated MLP); unbounded for varlen flash
+    kernels, which never compute across samples."""
+    if (config._attn_implementation or "").startswith("flash"):
+        return math.inf
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    linear = text.hidden_size * head_dim * 2 * (heads + kv_heads) + 3 * text.hidden_size * text.intermediate_size
+    return linear / (2 * heads * head_dim)
 
 
 def sample_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import TrainConfig, model_config_from, to_dict
 from vlm.data.conversations import ConversationDecoder, ScoredTurn
-from vlm.data.packing import pack_batch
+from vlm.data.packing import best_width, pack_batch
 from vlm.data.processor import IGNORE_INDEX, pad_batch
 from vlm.data.shards import collate_skipped
 from vlm.data.sources import DataSources
@@ -26,6 +26,7 @@ from vlm.generation.kv_cache import cache_kwargs
 from vlm.metrics import answer_metrics, score_answer
 from vlm.models.factory import VLMBundle, empty_vlm, new_vlm, set_attention
 from vlm.models.feature_cache import VisionFeatureCache
+from vlm.models.packing import attention_break_even
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.task import Batching, Stage, StageTask
 
@@ -79,7 +80,10 @@ class VLMTask(StageTask):
         if not self.config.data.packing:
             return self.collate_padded(samples)
         skipped = collate_skipped(samples)
-        batch = pack_batch([s["encoded"] for s in samples], self.bundle.tokenizer.pad_token_id)
+        encoded = [s["encoded"] for s in samples]
+        width = best_width([len(e.input_ids) for e in encoded], self.bundle.processor.max_length,
+                           attention_break_even(self.model.lm.config))
+        batch = pack_batch(encoded, self.bundle.tokenizer.pad_token_id, width)
         samples = [samples[i] for i in batch.pop("order")]
         return {**batch, **self._sample_fields(samples), "skipped": skipped}
 
