@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import signal
+import time
 
 import pytest
 from hypothesis import given
@@ -22,6 +25,7 @@ from vlm.generation.options import (
     auto_temperature,
 )
 from vlm.generation.stopping import StopScanner
+from vlm.generation.streaming import interrupts_deferred
 
 ASK = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
 
@@ -177,3 +181,16 @@ def test_stop_scanner_streams_exactly_the_cut_text(pieces, stops):
     assert (scanner.stop is None) == (first is None)
     if first is not None:  # the earliest stop (two may start at the same place: either is right)
         assert text.find(scanner.stop) == first[0]
+
+
+def test_ctrl_c_while_the_generation_thread_starts_waits_until_it_has_started():
+    """A Ctrl-C that lands inside Thread.start() must not leave a thread that never ran (the stream would then wait
+    for it forever): it is raised once the block is done."""
+    ran = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # a handler runs between bytecodes: the deferred one records it here
+            ran.append("rest of the block")
+    assert ran == ["rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -3,8 +3,10 @@ gets the pieces through stop-sequence scanning, and can cancel at any point."""
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,10 +93,7 @@ class TextStream(Iterator[str]):
         streamer = TextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
         result: dict[str, Any] = {}
 
-        thread_began = threading.Event()
-
         def work() -> None:
-            thread_began.set()
             try:
                 result["ids"] = job.run(streamer)
             except BaseException as err:  # hand it to the reader, and never leave it blocked on the queue
@@ -108,8 +107,9 @@ class TextStream(Iterator[str]):
         emitted: list[str] = []
         finished = launched = False
         try:
-            launched = True  # before start(): a Ctrl-C inside start() leaves a running thread whose ident may be unset
-            thread.start()
+            with interrupts_deferred():  # a Ctrl-C inside start() could leave the thread never started, or unjoinable
+                thread.start()
+                launched = True
             for piece in streamer:
                 if job.cancel.is_set():
                     continue  # drain: generate ends within a step
@@ -127,6 +127,22 @@ class TextStream(Iterator[str]):
             if not finished:
                 job.cancel.set()  # the reader left early (Ctrl-C, a closed stream): stop generating
             if launched:
-                thread_began.wait()  # join() refuses a thread whose start() was interrupted before it signalled
                 thread.join()
             self._done(job.finish(result.get("ids", []), "".join(emitted), scanner.stop))
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block is raised as KeyboardInterrupt when the block ends, so the block runs whole. Signal
+    handlers belong to the main thread: elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
