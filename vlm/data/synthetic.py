@@ -255,8 +255,8 @@ def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int
     directory.mkdir(parents=True, exist_ok=True)
     pattern = str(directory / "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
-        samples = conversation_samples(num, seed, image_size, mix) if kind == "conversations" else \
-            caption_samples(num, seed, image_size)
+        samples = (conversation_samples(num, seed, image_size, mix) if kind == "conversations"
+                   else caption_samples(num, seed, image_size))
         for sample in tqdm(samples, total=num, desc=f"synthetic {kind} -> {directory.name}",
                            unit="img", leave=False, disable=None):  # None: no bar when stderr is a log file
             sink.write(sample)

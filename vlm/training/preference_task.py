@@ -113,11 +113,9 @@ class PreferenceTask(VLMTask):
     def pair_loss(self, pairs: dict[str, Any]) -> PreferenceLoss:
         pixels = pairs["pixel_values"]
         vision_trains = "vision" in self.trainable and torch.is_grad_enabled()
-        patches = None
-        if pixels.numel() and self.feature_cache is not None and torch.is_grad_enabled():
-            # training with the tower frozen: each pair's features computed once, reused in later epochs
-            patches = self.feature_cache.patch_features(pairs["keys"], pixels, pairs["tiles"])
-        elif pixels.numel():
+        # training with the tower frozen: each pair's features computed once, reused in later epochs
+        patches = self.cached_patches(pairs) if torch.is_grad_enabled() else None
+        if patches is None and pixels.numel():
             with torch.set_grad_enabled(vision_trains):
                 patches = self.model.vision.patch_features(pixels)  # (N_tiles, P, Dv): once per pair
         logps, tokens = self.pair_logps(self.model, pairs, patches)

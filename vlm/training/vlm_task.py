@@ -100,12 +100,18 @@ class VLMTask(StageTask):
         return {"num_samples": len(samples), "keys": [s["key"] for s in samples],
                 "tiles": [len(s["encoded"].pixel_values) for s in samples]}
 
+    def cached_patches(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The vision tower's features (N_tiles, P, Dv) of the batch's tiles through the feature cache (its `keys`
+        and per-sample `tiles` name them); None without a cache (stage.cache_vision_features off, or the tower
+        trains) or without images."""
+        if self.feature_cache is None or not batch["pixel_values"].numel():
+            return None
+        return self.feature_cache.patch_features(batch["keys"], batch["pixel_values"], batch["tiles"])
+
     def forward_batch(self, batch: dict[str, Any], cached: bool = False) -> CausalLMOutputWithPast:
         """The model on a padded or packed batch; `cached`: the vision features come from the feature cache (when
         stage.cache_vision_features is on; held-out batches bypass it)."""
-        patches = None
-        if cached and self.feature_cache is not None and batch["pixel_values"].numel():
-            patches = self.feature_cache.patch_features(batch["keys"], batch["pixel_values"], batch["tiles"])
+        patches = self.cached_patches(batch) if cached else None
         return self.model(batch["input_ids"], batch.get("attention_mask"), batch["pixel_values"], batch["labels"],
                           batch["image_slots"], position_ids=batch.get("position_ids"), patches=patches)
 
