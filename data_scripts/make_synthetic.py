@@ -7,7 +7,6 @@ defaults, same seeds), written with `vlm.data.synthetic.write_split`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -70,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for split, num in splits.items():
         directory = args.out / split
         seed = synthetic.split_seed(args.seed, args.kind, split)
-        mix = dataclasses.asdict(d.question_mix) if split == "train" else None  # held-out: every type equally
-        pattern = synthetic.write_split(args.kind, directory, num, seed,
-                                        args.image_size, args.samples_per_shard, mix)
+        pattern = synthetic.write_split(args.kind, directory, num, seed, args.image_size, args.samples_per_shard,
+                                        **synthetic.train_choices(d, args.kind, split))
         if args.kind == "captions":
             write_classnames([directory], synthetic.CLASSNAMES)
         patterns.append(override(f"data.{split}", pattern))

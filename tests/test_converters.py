@@ -337,7 +337,8 @@ def test_train_conversations_follow_the_question_mix_and_held_out_ones_ask_every
     from vlm.data import synthetic
 
     settings = SyntheticConfig(num_train=16, num_val=10, samples_per_shard=100, image_size=16, seed=0,
-                               cache_dir=str(tmp_path), question_mix=QuestionMix(1, 0, 0, 1, 2))
+                               cache_dir=str(tmp_path), question_mix=QuestionMix(1, 0, 0, 1, 2),
+                               same_shape_pairs=0.0)
     kinds = {split: Counter(json.loads(s["json"])["type"]
                             for s in _read(synthetic.ensure_split("conversations", split, settings)).values())
              for split in ("train", "val")}
@@ -356,3 +357,23 @@ def test_a_negative_question_count_is_refused_by_key():
 
     with pytest.raises(ConfigError, match=r"data.synthetic.question_mix.compare=-1 must be >= 0"):
         tiny_config("data.synthetic.question_mix.compare=-1")
+
+
+def test_same_shape_pairs_show_one_shape_in_two_colours_in_train_only(tmp_path):
+    from vlm.config import QuestionMix, SyntheticConfig
+    from vlm.data import synthetic
+
+    def pairs(split: str, same_shape_pairs: float) -> list[list[dict]]:
+        settings = SyntheticConfig(num_train=40, num_val=40, samples_per_shard=100, image_size=16, seed=0,
+                                   cache_dir=str(tmp_path / str(same_shape_pairs)),
+                                   question_mix=QuestionMix(0, 0, 0, 0, 1), same_shape_pairs=same_shape_pairs)
+        shards = synthetic.ensure_split("conversations", split, settings)
+        records = [json.loads(sample["json"]) for sample in _read(shards).values()]
+        return [r["pictures"] for r in records if r["type"] == "compare"]
+
+    always = pairs("train", 1.0)
+    assert len(always) == 40
+    assert all(a["shape"] == b["shape"] and a["color"] != b["color"] for a, b in always)
+    at_random = pairs("train", 0.0)
+    assert any(a["shape"] != b["shape"] for a, b in at_random)
+    assert pairs("val", 1.0) == pairs("val", 0.0)  # held-out pictures never follow the train-only setting

@@ -305,6 +305,8 @@ class SyntheticConfig:
     seed: int = setting()  # the same seed always gives the same dataset
     cache_dir: str = setting()  # generated once, reused after
     question_mix: QuestionMix = field(default_factory=QuestionMix)  # train conversations' share of each type
+    same_shape_pairs: float = setting(minimum=0, maximum=1)  # train two-image questions showing one shape in two
+    #                                                          colours (held-out: pictures drawn at random)
 
 
 @dataclass

@@ -39,6 +39,9 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     log.info("stage %s -> %s", stage.name, run_folder.dir)
     task = stage.task.create(config, stage, run_folder.init_from, data)
     datamodule = ShardDataModule(data, task.batching(), config.data, config.trainer.seed)
+    if datamodule.val_urls and task.val_batch_limit() is not None:
+        log.info("validations during training read the first %d held-out samples (eval.max_samples); the last one "
+                 "reads all", task.sample_limit)
     trainer = build_trainer(config, run_folder, task)
     trainer.callbacks.extend(callbacks)
     trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)

@@ -18,6 +18,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -81,7 +82,7 @@ COMPARE_QUESTIONS = ("Which image shows the {c} {s}, the first or the second?",
                      "Is the {c} {s} in the first image or the second image?",
                      "Which picture contains the {c} {s}: first or second?")
 QUESTION_TYPES = ("color", "shape", "position", "count", "compare")
-GENERATOR_VERSION = 6  # bump when drawing changes, so cached splits are regenerated
+GENERATOR_VERSION = 7  # bump when drawing changes, so cached splits are regenerated
 
 
 @dataclass(frozen=True)
@@ -183,13 +184,16 @@ def question_rotation(mix: dict[str, int] | None = None) -> list[str]:
     return [kind for round_ in range(max(weights.values())) for kind in QUESTION_TYPES if weights[kind] > round_]
 
 
-def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, int] | None = None) -> Iterator[dict]:
-    """`sft` samples in the LLaVA form: {"__key__", "json": {"conversations", "type"}, "0.png"[, "1.png"]}; each
-    assistant turn also carries the type of the question it answers, so held-out answers are scored per type.
+def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, int] | None = None,
+                         same_shape_pairs: float = 0.0) -> Iterator[dict]:
+    """`sft` samples in the LLaVA form: {"__key__", "json": {"conversations", "type", "pictures"}, "0.png"[, "1.png"]};
+    each assistant turn also carries the type of the question it answers, so held-out answers are scored per type, and
+    `pictures` holds what each image shows (colour, shape, position, count).
 
     Types rotate (see `question_rotation`) so every split holds each one. A third of the single-image samples ask a
     second question about the same image in a second turn, and half of the two-image samples ask about either image
-    again in a second turn.
+    again in a second turn. A `same_shape_pairs` share of the two-image samples show one shape in two colours, so
+    only the colour tells the pictures apart; the others draw both pictures at random (about 1 in 4 share the shape).
     """
     rng = random.Random(seed)
     rotation = question_rotation(mix)
@@ -198,10 +202,15 @@ def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, in
         images: list[Image.Image] = []
         if kind == "compare":
             first, second = random_spec(rng), random_spec(rng)
+            # the rng is only drawn when asked to, so a split without same-shape pairs stays as it was
+            if same_shape_pairs and rng.random() < same_shape_pairs:
+                other_colors = [color for color in COLORS if color != first.color]
+                second = dataclasses.replace(second, shape=first.shape, color=rng.choice(other_colors))
             while (second.color, second.shape) == (first.color, first.shape):
                 second = random_spec(rng)
             target = rng.choice(("first", "second"))
             asked = first if target == "first" else second
+            specs = [first, second]
             images = [render(first, rng, image_size), render(second, rng, image_size)]
             question = rng.choice(COMPARE_QUESTIONS).format(c=asked.color, s=asked.shape)
             turns = [("<image>\n<image>\n" + question, target, kind)]
@@ -213,6 +222,7 @@ def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, in
                 turns.append((question, follow_target, kind))
         else:
             spec = random_spec(rng, count=rng.randint(1, 3) if kind == "count" else 1)
+            specs = [spec]
             images = [render(spec, rng, image_size)]
             turns = [("<image>\n" + rng.choice(QUESTIONS[kind]), _answer(kind, spec), kind)]
             if kind != "count" and rng.random() < 1 / 3:
@@ -221,7 +231,9 @@ def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, in
         conversations = []
         for question, answer, asked in turns:  # each answer carries its own question type, for per-type scoring
             conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer, "type": asked}]
-        sample = {"__key__": f"{index:08d}", "json": json.dumps({"conversations": conversations, "type": kind})}
+        record = {"conversations": conversations, "type": kind,
+                  "pictures": [dataclasses.asdict(spec) for spec in specs]}  # the truth, for reading errors
+        sample = {"__key__": f"{index:08d}", "json": json.dumps(record)}
         for i, image in enumerate(images):
             sample[f"{i}.png"] = _png(image)
         yield sample
@@ -245,17 +257,25 @@ def corpus(seed: int = 0, num: int = 4000) -> Iterator[str]:
 KINDS = ("captions", "conversations")  # captions: contrastive and align; conversations: sft
 
 
+def train_choices(settings: SyntheticConfig, kind: str, split: str) -> dict[str, Any]:
+    """What a train split of conversations may favour: hard question types (`mix`) and same-shape two-image pairs.
+    The held-out split asks every type equally and draws its pictures at random, so scores compare across settings."""
+    if kind != "conversations" or split != "train":
+        return {}
+    return {"mix": dataclasses.asdict(settings.question_mix), "same_shape_pairs": settings.same_shape_pairs}
+
+
 def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int, samples_per_shard: int,
-                mix: dict[str, int] | None = None) -> str:
-    """Write one split as shards (conversations ask their questions in the proportions of `mix`); returns the brace
-    pattern that reads it back."""
+                mix: dict[str, int] | None = None, same_shape_pairs: float = 0.0) -> str:
+    """Write one split as shards (conversations ask their questions in the proportions of `mix`, see
+    `conversation_samples`); returns the brace pattern that reads it back."""
     import webdataset as wds
     from tqdm import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
     pattern = str(directory / "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
-        samples = (conversation_samples(num, seed, image_size, mix) if kind == "conversations"
+        samples = (conversation_samples(num, seed, image_size, mix, same_shape_pairs) if kind == "conversations"
                    else caption_samples(num, seed, image_size))
         for sample in tqdm(samples, total=num, desc=f"synthetic {kind} -> {directory.name}",
                            unit="img", leave=False, disable=None):  # None: no bar when stderr is a log file
@@ -273,11 +293,10 @@ def ensure_split(kind: str, split: str, settings: SyntheticConfig) -> str:
     """Return the shard pattern of a synthetic split ("train" or "val"), generating it into the cache on first use."""
     num = settings.num_train if split == "train" else settings.num_val
     seed, image_size, samples_per_shard = settings.seed, settings.image_size, settings.samples_per_shard
-    # training may favour the hard questions; the held-out split always asks every type equally, so scores compare
-    mix = dataclasses.asdict(settings.question_mix) if kind == "conversations" and split == "train" else None
-    question_rotation(mix)  # a bad mix fails here, before anything is written
+    choices = train_choices(settings, kind, split)
+    question_rotation(choices.get("mix"))  # a bad mix fails here, before anything is written
     recipe = [GENERATOR_VERSION, kind, num, seed, image_size, samples_per_shard, CLASSNAMES, CAPTION_TEMPLATES,
-              COUNT_CAPTION_TEMPLATES, MULTI_SHAPE_FRACTION, QUESTIONS] + ([mix] if mix else [])
+              COUNT_CAPTION_TEMPLATES, MULTI_SHAPE_FRACTION, QUESTIONS] + ([choices] if choices else [])
     fingerprint = hashlib.sha1(json.dumps(recipe).encode()).hexdigest()[:10]
     directory = Path(settings.cache_dir).expanduser() / f"{kind}-{split}-{fingerprint}"
     done = directory / "DONE"
@@ -291,7 +310,8 @@ def ensure_split(kind: str, split: str, settings: SyntheticConfig) -> str:
         if directory.exists():  # an interrupted earlier generation: start that split over
             for stale in directory.iterdir():
                 stale.unlink()
-        pattern = write_split(kind, directory, num, split_seed(seed, kind, split), image_size, samples_per_shard, mix)
+        pattern = write_split(kind, directory, num, split_seed(seed, kind, split), image_size, samples_per_shard,
+                              **choices)
         (directory / "classnames.txt").write_text("\n".join(CLASSNAMES) + "\n")
         done.write_text(pattern + "\n")
     return pattern
