@@ -252,7 +252,6 @@ def main() -> None:
                                  config.tiler)
         print(f"no --export: a random tiny export at {args.export}")
     bundle = load_vlm(args.export)
-    bundle.model.eval()
     lm = bundle.model.lm
     print(f"model: {args.export} (LLM: {lm.config.num_hidden_layers} layers, width {lm.config.hidden_size}, "
           f"{lm.config.num_key_value_heads} key-value heads); torch threads {args.threads}")

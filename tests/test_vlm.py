@@ -230,6 +230,22 @@ def test_an_export_loads_back_exactly(tmp_path, tied):
     assert torch.equal(logits[0], logits[1])
 
 
+def test_a_loaded_export_sees_each_image_alone_whatever_else_is_in_the_batch(tmp_path):
+    """An export loads ready to answer: in eval mode, so the conv stem's BatchNorm uses its running statistics and an
+    image's features do not depend on the other images of the batch."""
+    from vlm.exports.vlm import export_vlm, load_vlm
+
+    torch.manual_seed(0)
+    config = tiny_config("model.vision.conv_stem=true", stage="sft")
+    loaded = load_vlm(export_vlm(tmp_path / "export", new_vlm(config.model, config.tiler), "sft", config.tiler))
+    size = config.model.vision.image_size
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        alone = loaded.model.vision.patch_features(images[:1])
+        together = loaded.model.vision.patch_features(images)[:1]
+    torch.testing.assert_close(alone, together)
+
+
 def test_a_run_continuing_an_export_names_the_model_settings_it_cannot_apply(tmp_path, caplog):
     from tiny import sft_export
 

@@ -250,7 +250,11 @@ def corpus(seed: int = 0, num: int = 4000) -> Iterator[str]:
     yield from DESCRIBE_PROMPTS
     for template in COMPARE_QUESTIONS:
         yield template.format(c=" ".join(COLORS), s=" ".join(SHAPES))
-    yield " ".join(POSITIONS) + " " + " ".join(COUNT_WORDS.values()) + " first second"
+    answers = [*COLORS, *SHAPES, *POSITIONS, *COUNT_WORDS.values(), "first", "second"]
+    yield " ".join(answers)
+    # an answer starts its line in the chat template ("assistant\nsecond"), where a word has no leading space: each
+    # must be one token there too, not "s" "e" "co" "nd" (which "square" would share)
+    yield from [f"assistant\n{answer}" for answer in answers] * 10
     yield from ["system\n", "user\n", "assistant\n"] * 50  # chat-template role words become single tokens
 
 

@@ -26,8 +26,8 @@ def export_vlm(directory: Path, vlm: VLMBundle, stage: str, tiler: TilerConfig,
 
 def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
              gradient_checkpointing: bool = False) -> VLMBundle:
-    """A phase 2 export folder (any stage after contrastive) -> model, tokenizer and processor. `tiler` overrides the
-    exported tiler settings."""
+    """A phase 2 export folder (any stage after contrastive) -> model (in eval mode, as `from_pretrained` gives it),
+    tokenizer and processor. `tiler` overrides the exported tiler settings."""
     meta = read_meta(directory)
     directory = Path(directory).expanduser()
     if meta.llm_config is None:
@@ -37,4 +37,5 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
     model = empty_vlm(model_config_from(meta.model), AutoConfig.for_model(**meta.llm_config),
                       image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)
+    model.eval()  # the conv stem's BatchNorm would otherwise normalise each image by its own batch's statistics
     return bundle(model, tokenizer, tiler or TilerConfig(**meta.tiler))
