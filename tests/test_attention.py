@@ -242,7 +242,7 @@ def local_global_export(tmp_path_factory: pytest.TempPathFactory):
 
     config = tiny_config("model.llm.attention=local_global", "model.llm.sparse.window=8", "model.llm.sparse.stride=4",
                          stage="sft")
-    torch.manual_seed(1)
+    torch.manual_seed(0)
     vlm = new_vlm(config.model, config.tiler)
     for weight in vlm.model.lm.parameters():
         if weight.dim() > 1:

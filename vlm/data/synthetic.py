@@ -250,11 +250,9 @@ def corpus(seed: int = 0, num: int = 4000) -> Iterator[str]:
     yield from DESCRIBE_PROMPTS
     for template in COMPARE_QUESTIONS:
         yield template.format(c=" ".join(COLORS), s=" ".join(SHAPES))
-    answers = [*COLORS, *SHAPES, *POSITIONS, *COUNT_WORDS.values(), "first", "second"]
-    yield " ".join(answers)
-    # an answer starts its line in the chat template ("assistant\nsecond"), where a word has no leading space: each
-    # must be one token there too, not "s" "e" "co" "nd" (which "square" would share)
-    yield from [f"assistant\n{answer}" for answer in answers] * 10
+    # Answer words are learned after a space only, so at the start of a reply "second" is "s" "e" "co" "nd". Making
+    # each one token there kept two-image answers at chance on seeds 1 and 3 (see README); the pieces stay.
+    yield " ".join(POSITIONS) + " " + " ".join(COUNT_WORDS.values()) + " first second"
     yield from ["system\n", "user\n", "assistant\n"] * 50  # chat-template role words become single tokens
 
 
