@@ -338,7 +338,7 @@ def test_train_conversations_follow_the_question_mix_and_held_out_ones_ask_every
 
     settings = SyntheticConfig(num_train=16, num_val=10, samples_per_shard=100, image_size=16, seed=0,
                                cache_dir=str(tmp_path), question_mix=QuestionMix(1, 0, 0, 1, 2),
-                               same_shape_pairs=0.0)
+                               same_shape_pairs=0.0, color_only_pairs=0.0)
     kinds = {split: Counter(json.loads(s["json"])["type"]
                             for s in _read(synthetic.ensure_split("conversations", split, settings)).values())
              for split in ("train", "val")}
@@ -359,21 +359,28 @@ def test_a_negative_question_count_is_refused_by_key():
         tiny_config("data.synthetic.question_mix.compare=-1")
 
 
-def test_same_shape_pairs_show_one_shape_in_two_colours_in_train_only(tmp_path):
+def test_two_image_train_choices_shape_the_train_split_only(tmp_path):
+    """same_shape_pairs: one shape in two colours; color_only_pairs: asked by colour alone, about two colours."""
     from vlm.config import QuestionMix, SyntheticConfig
     from vlm.data import synthetic
 
-    def pairs(split: str, same_shape_pairs: float) -> list[list[dict]]:
+    def records(split: str, same_shape_pairs: float = 0.0, color_only_pairs: float = 0.0) -> list[dict]:
         settings = SyntheticConfig(num_train=40, num_val=40, samples_per_shard=100, image_size=16, seed=0,
-                                   cache_dir=str(tmp_path / str(same_shape_pairs)),
-                                   question_mix=QuestionMix(0, 0, 0, 0, 1), same_shape_pairs=same_shape_pairs)
+                                   cache_dir=str(tmp_path / f"{same_shape_pairs}-{color_only_pairs}"),
+                                   question_mix=QuestionMix(0, 0, 0, 0, 1), same_shape_pairs=same_shape_pairs,
+                                   color_only_pairs=color_only_pairs)
         shards = synthetic.ensure_split("conversations", split, settings)
-        records = [json.loads(sample["json"]) for sample in _read(shards).values()]
-        return [r["pictures"] for r in records if r["type"] == "compare"]
+        return [r for r in (json.loads(s["json"]) for s in _read(shards).values()) if r["type"] == "compare"]
 
-    always = pairs("train", 1.0)
-    assert len(always) == 40
-    assert all(a["shape"] == b["shape"] and a["color"] != b["color"] for a, b in always)
-    at_random = pairs("train", 0.0)
-    assert any(a["shape"] != b["shape"] for a, b in at_random)
-    assert pairs("val", 1.0) == pairs("val", 0.0)  # held-out pictures never follow the train-only setting
+    same_shape = [r["pictures"] for r in records("train", same_shape_pairs=1.0)]
+    assert len(same_shape) == 40
+    assert all(a["shape"] == b["shape"] and a["color"] != b["color"] for a, b in same_shape)
+    assert any(a["shape"] != b["shape"] for a, b in (r["pictures"] for r in records("train")))
+    for record in records("train", color_only_pairs=1.0):
+        first, second = record["pictures"]
+        assert first["color"] != second["color"]
+        for question, answer in zip(record["conversations"][::2], record["conversations"][1::2], strict=True):
+            named = first if answer["value"] == "first" else second
+            assert f"the {named['color']} shape" in question["value"]
+    # held-out pictures and questions never follow the train-only settings
+    assert records("val", 1.0, 1.0) == records("val")

@@ -307,6 +307,7 @@ class SyntheticConfig:
     question_mix: QuestionMix = field(default_factory=QuestionMix)  # train conversations' share of each type
     same_shape_pairs: float = setting(minimum=0, maximum=1)  # train two-image questions showing one shape in two
     #                                                          colours (held-out: pictures drawn at random)
+    color_only_pairs: float = setting(minimum=0, maximum=1)  # train two-image questions asked by colour alone
 
 
 @dataclass

@@ -81,6 +81,8 @@ QUESTIONS = {
 COMPARE_QUESTIONS = ("Which image shows the {c} {s}, the first or the second?",
                      "Is the {c} {s} in the first image or the second image?",
                      "Which picture contains the {c} {s}: first or second?")
+# train-only two-image questions that name the colour alone (words the tokenizer already knows)
+COLOR_ONLY_QUESTIONS = tuple(question.replace("{c} {s}", "{c} shape") for question in COMPARE_QUESTIONS)
 QUESTION_TYPES = ("color", "shape", "position", "count", "compare")
 GENERATOR_VERSION = 7  # bump when drawing changes, so cached splits are regenerated
 
@@ -185,7 +187,7 @@ def question_rotation(mix: dict[str, int] | None = None) -> list[str]:
 
 
 def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, int] | None = None,
-                         same_shape_pairs: float = 0.0) -> Iterator[dict]:
+                         same_shape_pairs: float = 0.0, color_only_pairs: float = 0.0) -> Iterator[dict]:
     """`sft` samples in the LLaVA form: {"__key__", "json": {"conversations", "type", "pictures"}, "0.png"[, "1.png"]};
     each assistant turn also carries the type of the question it answers, so held-out answers are scored per type, and
     `pictures` holds what each image shows (colour, shape, position, count).
@@ -194,6 +196,7 @@ def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, in
     second question about the same image in a second turn, and half of the two-image samples ask about either image
     again in a second turn. A `same_shape_pairs` share of the two-image samples show one shape in two colours, so
     only the colour tells the pictures apart; the others draw both pictures at random (about 1 in 4 share the shape).
+    A `color_only_pairs` share of them ask by colour alone ("the pink shape"), about pictures of two colours.
     """
     rng = random.Random(seed)
     rotation = question_rotation(mix)
@@ -208,17 +211,21 @@ def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, in
                 second = dataclasses.replace(second, shape=first.shape, color=rng.choice(other_colors))
             while (second.color, second.shape) == (first.color, first.shape):
                 second = random_spec(rng)
+            by_color = bool(color_only_pairs) and rng.random() < color_only_pairs
+            while by_color and second.color == first.color:  # asked by colour alone: the colours must differ
+                second = random_spec(rng)
+            templates = COLOR_ONLY_QUESTIONS if by_color else COMPARE_QUESTIONS
             target = rng.choice(("first", "second"))
             asked = first if target == "first" else second
             specs = [first, second]
             images = [render(first, rng, image_size), render(second, rng, image_size)]
-            question = rng.choice(COMPARE_QUESTIONS).format(c=asked.color, s=asked.shape)
+            question = rng.choice(templates).format(c=asked.color, s=asked.shape)
             turns = [("<image>\n<image>\n" + question, target, kind)]
             if rng.random() < 0.5:  # a follow-up about either picture: twice the two-image signal per sample
                 # drawn afresh, not "the other one": that answer follows from the first one's text, without looking
                 follow_target = rng.choice(("first", "second"))
                 asked = first if follow_target == "first" else second
-                question = rng.choice(COMPARE_QUESTIONS).format(c=asked.color, s=asked.shape)
+                question = rng.choice(templates).format(c=asked.color, s=asked.shape)
                 turns.append((question, follow_target, kind))
         else:
             spec = random_spec(rng, count=rng.randint(1, 3) if kind == "count" else 1)
@@ -264,11 +271,13 @@ def train_choices(settings: SyntheticConfig, kind: str, split: str) -> dict[str,
     The held-out split asks every type equally and draws its pictures at random, so scores compare across settings."""
     if kind != "conversations" or split != "train":
         return {}
-    return {"mix": dataclasses.asdict(settings.question_mix), "same_shape_pairs": settings.same_shape_pairs}
+    return {"mix": dataclasses.asdict(settings.question_mix), "same_shape_pairs": settings.same_shape_pairs,
+            "color_only_pairs": settings.color_only_pairs}
 
 
 def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int, samples_per_shard: int,
-                mix: dict[str, int] | None = None, same_shape_pairs: float = 0.0) -> str:
+                mix: dict[str, int] | None = None, same_shape_pairs: float = 0.0,
+                color_only_pairs: float = 0.0) -> str:
     """Write one split as shards (conversations ask their questions in the proportions of `mix`, see
     `conversation_samples`); returns the brace pattern that reads it back."""
     import webdataset as wds
@@ -277,8 +286,8 @@ def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int
     directory.mkdir(parents=True, exist_ok=True)
     pattern = str(directory / "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
-        samples = (conversation_samples(num, seed, image_size, mix, same_shape_pairs) if kind == "conversations"
-                   else caption_samples(num, seed, image_size))
+        samples = (conversation_samples(num, seed, image_size, mix, same_shape_pairs, color_only_pairs)
+                   if kind == "conversations" else caption_samples(num, seed, image_size))
         for sample in tqdm(samples, total=num, desc=f"synthetic {kind} -> {directory.name}",
                            unit="img", leave=False, disable=None):  # None: no bar when stderr is a log file
             sink.write(sample)
