@@ -205,7 +205,7 @@ def conversation_samples(num: int, seed: int, image_size: int, mix: dict[str, in
         images: list[Image.Image] = []
         if kind == "compare":
             first, second = random_spec(rng), random_spec(rng)
-            # the rng is only drawn when asked to, so a split without same-shape pairs stays as it was
+            # these two draw from the rng only when set, so a split without them stays as it was
             if same_shape_pairs and rng.random() < same_shape_pairs:
                 other_colors = [color for color in COLORS if color != first.color]
                 second = dataclasses.replace(second, shape=first.shape, color=rng.choice(other_colors))
@@ -267,8 +267,9 @@ KINDS = ("captions", "conversations")  # captions: contrastive and align; conver
 
 
 def train_choices(settings: SyntheticConfig, kind: str, split: str) -> dict[str, Any]:
-    """What a train split of conversations may favour: hard question types (`mix`) and same-shape two-image pairs.
-    The held-out split asks every type equally and draws its pictures at random, so scores compare across settings."""
+    """What a train split of conversations may favour: hard question types (`mix`), and two-image questions about one
+    shape in two colours or asked by colour alone. The held-out split asks every type equally, draws its pictures at
+    random and names colour and shape, so scores compare across settings."""
     if kind != "conversations" or split != "train":
         return {}
     return {"mix": dataclasses.asdict(settings.question_mix), "same_shape_pairs": settings.same_shape_pairs,
