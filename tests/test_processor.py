@@ -134,4 +134,3 @@ def test_image_tokens_follow_the_tiler(bundle):
     features = bundle.model.image_features(encoded.pixel_values)
     assert features.shape[0] == expected  # what the model produces matches what the processor reserved
     assert torch.isfinite(features).all()
-

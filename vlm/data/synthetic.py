@@ -84,7 +84,7 @@ COMPARE_QUESTIONS = ("Which image shows the {c} {s}, the first or the second?",
 # train-only two-image questions that name the colour alone (words the tokenizer already knows)
 COLOR_ONLY_QUESTIONS = tuple(question.replace("{c} {s}", "{c} shape") for question in COMPARE_QUESTIONS)
 QUESTION_TYPES = ("color", "shape", "position", "count", "compare")
-GENERATOR_VERSION = 7  # bump when drawing changes, so cached splits are regenerated
+GENERATOR_VERSION = 7  # bump when what a split holds changes (drawing, record fields), so caches are regenerated
 
 
 @dataclass(frozen=True)
@@ -277,9 +277,8 @@ def train_choices(settings: SyntheticConfig, kind: str, split: str) -> dict[str,
 
 
 def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int, samples_per_shard: int,
-                mix: dict[str, int] | None = None, same_shape_pairs: float = 0.0,
-                color_only_pairs: float = 0.0) -> str:
-    """Write one split as shards (conversations ask their questions in the proportions of `mix`, see
+                **choices: Any) -> str:
+    """Write one split as shards, conversations drawn with `choices` (`train_choices`, passed to
     `conversation_samples`); returns the brace pattern that reads it back."""
     import webdataset as wds
     from tqdm import tqdm
@@ -287,8 +286,8 @@ def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int
     directory.mkdir(parents=True, exist_ok=True)
     pattern = str(directory / "shard-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=samples_per_shard, verbose=0) as sink:
-        samples = (conversation_samples(num, seed, image_size, mix, same_shape_pairs, color_only_pairs)
-                   if kind == "conversations" else caption_samples(num, seed, image_size))
+        samples = (conversation_samples(num, seed, image_size, **choices) if kind == "conversations"
+                   else caption_samples(num, seed, image_size))
         for sample in tqdm(samples, total=num, desc=f"synthetic {kind} -> {directory.name}",
                            unit="img", leave=False, disable=None):  # None: no bar when stderr is a log file
             sink.write(sample)
