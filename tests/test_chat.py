@@ -183,14 +183,31 @@ def test_stop_scanner_streams_exactly_the_cut_text(pieces, stops):
         assert text.find(scanner.stop) == first[0]
 
 
-def test_ctrl_c_while_the_generation_thread_starts_waits_until_it_has_started():
+@pytest.fixture
+def sigint_handler():
+    """Sets SIGINT's handler for the test (a shell's background job starts pytest with SIGINT ignored)."""
+    previous = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted_block(ran: list[str]) -> None:
+    with interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # a handler runs between bytecodes: the deferred one records it here
+        ran.append("rest of the block")
+
+
+def test_ctrl_c_while_the_generation_thread_starts_waits_until_it_has_started(sigint_handler):
     """A Ctrl-C that lands inside Thread.start() must not leave a thread that never ran (the stream would then wait
-    for it forever): it is raised once the block is done."""
-    ran = []
+    for it forever): it is raised once the block is done; in a process that ignores SIGINT, it stays ignored."""
+    sigint_handler(signal.default_int_handler)
+    ran: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)  # a handler runs between bytecodes: the deferred one records it here
-            ran.append("rest of the block")
+        _interrupted_block(ran)
     assert ran == ["rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    sigint_handler(signal.SIG_IGN)
+    _interrupted_block(ran)
+    assert ran == ["rest of the block"] * 2
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

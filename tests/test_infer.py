@@ -93,7 +93,9 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export):
     process = subprocess.Popen([sys.executable, "-m", "vlm.infer", f"checkpoint={tiny_sft_export}", "device=cpu",
                                 "generation.temperature=0", "generation.max_new_tokens=480"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                               env=env, text=True, encoding="utf-8")
+                               env=env, text=True, encoding="utf-8",
+                               # a shell's background job (`pytest &`) would pass SIGINT on ignored, and so would Popen
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         process.stdin.write("Tell me everything.\n")
         process.stdin.flush()
