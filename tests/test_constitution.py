@@ -44,7 +44,9 @@ def test_shipped_constitutions_load(name):
 @pytest.mark.parametrize("text,message", [("principles: []\n", "has no principles"),
                                           ("principles:\n  - name: a\n    critique: Is it right?\n",
                                            "principle 0 ('a') has no 'revision' request"),
-                                          ("principles: [\n", "is not valid YAML")])
+                                          ("principles: [\n", "is not valid YAML"),
+                                          ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
+                                           "    types: color\n", "principle 0 ('a') has types 'color'")])
 def test_bad_constitution_files_are_named(tmp_path, text, message):
     path = tmp_path / "mine.yaml"
     path.write_text(text)
@@ -65,7 +67,9 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
     assert len(pairs) == train["kept"] > 0  # a random model answers wrongly
     for pair in pairs:
         assert pair["chosen"] != pair["rejected"] and repr(pair["rejected"]) in pair["critique"]
-        assert pair["prompt"][-1]["role"] == "user" and pair["principle"] and pair["type"]
+        assert pair["prompt"][-1]["role"] == "user" and pair["type"]
+        # the synthetic constitution's principles each judge one question type: the pair's is the one drawn
+        assert pair["principle"] == {"compare": "which_image"}.get(pair["type"], pair["type"])
     assert sorted(p.name for p in (out / "train").iterdir()) == ["shard-000000.json", "shard-000000.tar",
                                                                  "shard-000001.json", "shard-000001.tar"]
     done = json.loads((out / "DONE").read_text())

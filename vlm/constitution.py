@@ -103,7 +103,11 @@ def load_constitution(name: str) -> Constitution:
         if missing:
             raise ConfigError(f"constitution file {str(path)!r}: principle {i} ({(p or {}).get('name', 'unnamed')!r})"
                               f" has no {missing[0]!r} request")
-        out.append(Principle(str(p.get("name", i)), str(p["critique"]), str(p["revision"])))
+        types = p.get("types") or []
+        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+            raise ConfigError(f"constitution file {str(path)!r}: principle {i} ({p.get('name', 'unnamed')!r}) has "
+                              f"types {types!r}; write a list of question types, e.g. [color, shape]")
+        out.append(Principle(str(p.get("name", i)), str(p["critique"]), str(p["revision"]), tuple(types)))
     examples = []
     for i, e in enumerate(raw.get("examples") or []):
         try:
@@ -168,9 +172,7 @@ class PairMaker:
             except PromptError as err:
                 log.warning("skipping %s: %s", item.key, err)
                 counts.dropped_failed += 1
-        # one principle per prompt, drawn from the prompt's own seed, so a resumed run draws the same ones
-        principles = [random.Random(f"{self.config.seed}:{item.key}").choice(self.constitution.principles)
-                      for item in asked]
+        principles = [self._principle(item) for item in asked]
         n = self.config.num_samples if self.config.mode == "best_of_n" else 1
         options = {"temperature": self.config.temperature, "top_p": self.config.top_p,
                    "max_new_tokens": self.config.max_new_tokens, "seed": seed}
@@ -182,6 +184,13 @@ class PairMaker:
         samples = [self._sample(item, principle, record) for item, principle, record in judged]
         counts.kept = len(samples)
         return samples, counts
+
+    def _principle(self, item: Item) -> Principle:
+        """One principle per prompt, drawn at random from those that judge its question type (all of them when none
+        does), from the prompt's own seed, so a resumed run draws the same ones."""
+        every = self.constitution.principles
+        fitting = [p for p in every if p.judges(item.group)] or every
+        return random.Random(f"{self.config.seed}:{item.key}").choice(fitting)
 
     def _revised(self, items: list[Item], answers: list[str], principles: list[Principle], counts: Counts) -> list:
         out = []

@@ -40,6 +40,10 @@ class Principle:
     name: str
     critique: str  # the critique request
     revision: str  # the revision request
+    types: tuple[str, ...] = ()  # the question types (a record's "type") it judges; empty: every question
+
+    def judges(self, question_type: str | None) -> bool:
+        return not self.types or question_type in self.types
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
     metrics: dict[str, Any] = {}
     if datamodule.val_urls:
         task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
-        trainer.limit_val_batches = 1.0
+        trainer.limit_val_batches = task.val_batch_limit() or 1.0
         metrics.update(validate(trainer, task, datamodule))
     seen, skipped = global_sample_counts(trainer, task.health)
     metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,
