@@ -198,6 +198,47 @@ class _Layout:
     swapped: bool  # EXIF orientation swaps width and height
 
 
+class TileWriter:
+    """Writes uint8 pixels into normalised float32 tiles of `tile_size`, as x * scale - shift, which equals
+    (x / 255 - mean) / std."""
+
+    def __init__(self, tile_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.tile_size = tile_size
+        std_a = np.array(std, dtype=np.float64).reshape(3, 1, 1)
+        self.scale = (1.0 / (255.0 * std_a)).astype(np.float32)  # (3, 1, 1)
+        self.shift = (np.array(mean, dtype=np.float64).reshape(3, 1, 1) / std_a).astype(np.float32)  # (3, 1, 1)
+
+    def paste_grid(self, tiles: np.ndarray, img: np.ndarray, rows: int, cols: int) -> None:
+        """Centre uint8 img (3, h, w) in the (rows*S, cols*S) canvas and write it, normalised, as row-major tiles
+        (rows*cols, 3, S, S). Tile by tile rather than via a whole canvas: one pass over memory, cache-sized pieces."""
+        s = self.tile_size
+        _, h, w = img.shape
+        y0, x0 = (rows * s - h) // 2, (cols * s - w) // 2  # image origin on the canvas
+        for r in range(rows):
+            for c in range(cols):
+                # the part of the image that falls on tile (r, c), in canvas coordinates
+                top, bottom = max(y0, r * s), min(y0 + h, (r + 1) * s)
+                left, right = max(x0, c * s), min(x0 + w, (c + 1) * s)
+                tile = tiles[r * cols + c]
+                if top >= bottom or left >= right:
+                    tile.fill(0.0)  # all padding
+                    continue
+                part = img[:, top - y0 : bottom - y0, left - x0 : right - x0]
+                self.paste(tile, part, top - r * s, left - c * s)
+
+    def paste(self, dst: np.ndarray, img: np.ndarray, y: int, x: int) -> None:
+        """Write uint8 img (3, h, w) normalised into float32 dst (3, S, S) at (y, x); everything else gets the mean
+        colour, which is 0 once normalised."""
+        _, h, w = img.shape
+        dst[:, :y] = 0.0
+        dst[:, y + h :] = 0.0
+        dst[:, y : y + h, :x] = 0.0
+        dst[:, y : y + h, x + w :] = 0.0
+        region = dst[:, y : y + h, x : x + w]  # (3, h, w)
+        np.multiply(img, self.scale, out=region)  # uint8 -> float32 and scale in one pass
+        np.subtract(region, self.shift, out=region)
+
+
 class Tiler:
     """Turns any image into a bounded set of encoder-sized, normalised tiles (see the module docstring)."""
 
@@ -221,10 +262,7 @@ class Tiler:
         self.tokens_per_tile = tokens_per_tile
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        # normalise as x * scale - shift == (x / 255 - mean) / std, both (3, 1, 1) float32
-        std_a = np.array(self.std, dtype=np.float64).reshape(3, 1, 1)
-        self._scale = (1.0 / (255.0 * std_a)).astype(np.float32)
-        self._shift = (np.array(self.mean, dtype=np.float64).reshape(3, 1, 1) / std_a).astype(np.float32)
+        self._writer = TileWriter(tile_size, self.mean, self.std)
 
     # ---- planning (pure functions of the size) ----
 
@@ -330,10 +368,10 @@ class Tiler:
         # Per-tile work is done in numpy on a view of `out`: single-threaded and predictable, whereas many small
         # multi-threaded torch ops stall badly when the CPU is shared (e.g. dataloader workers, a busy server).
         tiles = out.numpy()
-        self._paste_grid(tiles[: rows * cols], img[0].numpy(), rows, cols)
+        self._writer.paste_grid(tiles[: rows * cols], img[0].numpy(), rows, cols)
         if n > rows * cols:
             thumb = _resize(img, _fit_size(*layout.capped, s, s))[0].numpy()  # (3, h, w), h and w <= S
-            self._paste(tiles[-1], thumb, (s - thumb.shape[1]) // 2, (s - thumb.shape[2]) // 2)
+            self._writer.paste(tiles[-1], thumb, (s - thumb.shape[1]) // 2, (s - thumb.shape[2]) // 2)
         return TiledImage(
             pixel_values=out,
             grid=layout.grid,
@@ -341,36 +379,6 @@ class Tiler:
             original_size=layout.size,
             capped_size=layout.capped,
         )
-
-    def _paste_grid(self, tiles: np.ndarray, img: np.ndarray, rows: int, cols: int) -> None:
-        """Centre uint8 img (3, h, w) in the (rows*S, cols*S) canvas and write it, normalised, as row-major tiles
-        (rows*cols, 3, S, S). Tile by tile rather than via a whole canvas: one pass over memory, cache-sized pieces."""
-        s = self.tile_size
-        _, h, w = img.shape
-        y0, x0 = (rows * s - h) // 2, (cols * s - w) // 2  # image origin on the canvas
-        for r in range(rows):
-            for c in range(cols):
-                # the part of the image that falls on tile (r, c), in canvas coordinates
-                top, bottom = max(y0, r * s), min(y0 + h, (r + 1) * s)
-                left, right = max(x0, c * s), min(x0 + w, (c + 1) * s)
-                tile = tiles[r * cols + c]
-                if top >= bottom or left >= right:
-                    tile.fill(0.0)  # all padding
-                    continue
-                part = img[:, top - y0 : bottom - y0, left - x0 : right - x0]
-                self._paste(tile, part, top - r * s, left - c * s)
-
-    def _paste(self, dst: np.ndarray, img: np.ndarray, y: int, x: int) -> None:
-        """Write uint8 img (3, h, w) normalised into float32 dst (3, S, S) at (y, x); everything else gets the mean
-        colour, which is 0 once normalised."""
-        _, h, w = img.shape
-        dst[:, :y] = 0.0
-        dst[:, y + h :] = 0.0
-        dst[:, y : y + h, :x] = 0.0
-        dst[:, y : y + h, x + w :] = 0.0
-        region = dst[:, y : y + h, x : x + w]  # (3, h, w)
-        np.multiply(img, self._scale, out=region)  # uint8 -> float32 and scale in one pass
-        np.subtract(region, self._shift, out=region)
 
     def to_images(self, tiled: TiledImage) -> list[Image.Image]:
         """De-normalise tiles back to PIL images (for people to look at; see the CLI's --save)."""
