@@ -10,13 +10,14 @@ Two parts:
 2. Quality at a fixed budget: exact match on held-out questions (the synthetic held-out split, or --val SHARDS), the
    turns decoded as vlm.eval decodes them (ConversationDecoder, greedy, eval.max_new_tokens) but one at a time, scored
    with vlm.metrics. For each budget B (a fraction of each prompt's length), the cache holds B x prompt tokens in all:
-   - h2o: `sinks` first tokens, then the rest split evenly between heavy hitters and the recent window;
+   - h2o: `sinks` first tokens, then the rest split evenly between heavy hitters and the recent window, once with each
+     ranking of heavy hitters (mean attention per query that read the key, the default; summed, the paper's);
    - window: the same `sinks` and a recent-only window for the rest (StreamingLLM);
    plus the full dynamic cache. Writes a PNG of exact match against budget (--plot).
 
 Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
-       [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--max-samples 200]
-       [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
+       [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--ranking mean|sum]
+       [--max-samples 200] [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
 Without --export, a random tiny export is built (the quality part then measures nothing useful).
 """
 
@@ -47,6 +48,7 @@ from vlm.data.sources import resolve_eval  # noqa: E402
 from vlm.exports.vlm import export_vlm, load_vlm  # noqa: E402
 from vlm.generation.h2o import H2OBudget, H2OCache  # noqa: E402
 from vlm.generation.kv_cache import cached_bytes  # noqa: E402
+from vlm.generation.options import RANKINGS  # noqa: E402
 from vlm.metrics import answer_metrics, score_answer  # noqa: E402
 from vlm.models.factory import VLMBundle, new_vlm  # noqa: E402
 
@@ -94,11 +96,11 @@ class PeakMemory:
         return self.peak - self.start
 
 
-def split_budget(total: int, sinks: int, heavy: bool) -> H2OBudget:
+def split_budget(total: int, sinks: int, heavy: bool, ranking: str = "mean") -> H2OBudget:
     """`total` tokens in all: the sinks, then heavy hitters and recent tokens half and half (or all recent)."""
     rest = max(1, total - sinks)
     recent = math.ceil(rest / 2) if heavy else rest
-    return H2OBudget(heavy=rest - recent, recent=recent, sinks=sinks)
+    return H2OBudget(heavy=rest - recent, recent=recent, sinks=sinks, ranking=ranking)
 
 
 # ---- 1. speed and memory on a long text prompt ----
@@ -121,7 +123,7 @@ def long_prompt(lm, ids: torch.Tensor, new_tokens: int, budget: H2OBudget | None
 
 def speed(lm, args: argparse.Namespace) -> None:
     ids = torch.randint(3, lm.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    budget = split_budget(round(args.speed_budget * args.prompt_tokens), args.sinks, heavy=True)
+    budget = split_budget(round(args.speed_budget * args.prompt_tokens), args.sinks, heavy=True, ranking=args.ranking)
     print(f"\n== {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; h2o budget "
           f"{budget.total} tokens ({args.speed_budget:.0%}: {budget.heavy} heavy + {budget.recent} recent + "
           f"{budget.sinks} sinks); {args.repeats} repeats, alternating ==", flush=True)
@@ -174,27 +176,31 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
     lengths = [len(t.prompt.input_ids) for t in turns]
     print(f"prompt tokens: min {min(lengths)}, median {statistics.median(lengths)}, max {max(lengths)}")
     max_new = to_train_config(compose_config("train", ["stage=sft"])).eval.max_new_tokens
-    methods = [("dynamic", 1.0)] + [(m, b) for b in args.budgets for m in ("h2o", "window")]
-    results: dict[str, dict[float, float]] = {"dynamic": {}, "h2o": {}, "window": {}}
+    rankings = [f"h2o-{r}" for r in RANKINGS]  # h2o with each heavy-hitter ranking, then the window
+    methods = [("dynamic", 1.0)] + [(m, b) for b in args.budgets for m in (*rankings, "window")]
+    results: dict[str, dict[float, float]] = {m: {} for m in ("dynamic", *rankings, "window")}
     for method, fraction in methods:
         started, scored, held = time.perf_counter(), [], []
+        h2o, ranking = method.startswith("h2o"), method.removeprefix("h2o-")
         for turn in turns:
             total = round(fraction * len(turn.prompt.input_ids))
-            sinks = args.h2o_sinks if method == "h2o" else args.sinks
-            budget = None if method == "dynamic" else split_budget(total, sinks, heavy=method == "h2o")
+            sinks = args.h2o_sinks if h2o else args.sinks
+            budget = None if method == "dynamic" else split_budget(total, sinks, h2o, ranking if h2o else "mean")
             held.append(budget.total if budget else len(turn.prompt.input_ids))
             scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new), turn.reference)))
         metrics = answer_metrics(scored)
         results[method][fraction] = metrics["exact_match"]
         groups = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("exact_match/"))
-        print(f"  {method:<7} budget {fraction:>4.0%} (mean {statistics.mean(held):.1f} tokens held): exact match "
+        print(f"  {method:<8} budget {fraction:>4.0%} (mean {statistics.mean(held):.1f} tokens held): exact match "
               f"{metrics['exact_match']:.3f} ({groups}) in {time.perf_counter() - started:.0f} s", flush=True)
     full = results["dynamic"][1.0]
-    print(f"\n| budget (of the prompt) | h2o | recent-only window | h2o / full ({full:.3f}) |")
-    print("|---|---|---|---|")
+    print(f"\n| budget (of the prompt) | h2o, mean ranking | h2o, sum ranking (paper) | recent-only window | "
+          f"h2o mean / full ({full:.3f}) |")
+    print("|---|---|---|---|---|")
     for fraction in args.budgets:
-        h, w = results["h2o"][fraction], results["window"][fraction]
-        print(f"| {fraction:.0%} | {h:.3f} | {w:.3f} | {h / full if full else float('nan'):.3f} |")
+        mean, total, window = (results[m][fraction] for m in ("h2o-mean", "h2o-sum", "window"))
+        print(f"| {fraction:.0%} | {mean:.3f} | {total:.3f} | {window:.3f} | "
+              f"{mean / full if full else float('nan'):.3f} |")
     return results
 
 
@@ -205,13 +211,14 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int) -> None
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, label, marker in (("h2o", "H2O (heavy hitters + recent)", "o"),
+    for method, label, marker in (("h2o-mean", "H2O, heavy hitters by mean attention (default)", "o"),
+                                  ("h2o-sum", "H2O, heavy hitters by summed attention (paper)", "^"),
                                   ("window", "recent-only window (StreamingLLM)", "s")):
         budgets = sorted(results[method])
         axes.plot([100 * b for b in budgets], [results[method][b] for b in budgets], marker=marker, label=label)
     axes.axhline(results["dynamic"][1.0], color="grey", linestyle="--", label="full cache (dynamic)")
     axes.set_xscale("log")
-    ticks = sorted(results["h2o"])
+    ticks = sorted(results["window"])
     axes.set_xticks([100 * b for b in ticks], [f"{b:.0%}" for b in ticks])
     axes.set_xlabel(f"KV cache budget, share of the prompt ({sinks} sinks included)")
     axes.set_ylabel("held-out exact match")
@@ -235,6 +242,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
     parser.add_argument("--sinks", type=int, default=4, help="sinks of the recent-only window (and of h2o)")
     parser.add_argument("--h2o-sinks", type=int, help="h2o's sinks in the quality part (default: --sinks)")
+    parser.add_argument("--ranking", choices=RANKINGS, default="mean",
+                        help="how h2o ranks heavy hitters in the speed part (the quality part runs both)")
     parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
     parser.add_argument("--plot", type=Path, default=Path("docs/kv_cache_budget.png"))
     parser.add_argument("--skip-speed", action="store_true")

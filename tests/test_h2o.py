@@ -116,6 +116,21 @@ def test_the_kept_set_is_sinks_the_recent_window_and_the_top_accumulated_scores(
     assert layer.get_seq_length() == 9 and layer.held() == 5
 
 
+@pytest.mark.parametrize("ranking,kept,after", [("sum", [0, 3], [0, 4]), ("mean", [2, 3], [3, 4])])
+def test_heavy_hitters_rank_by_summed_or_mean_attention(ranking, kept, after):
+    """Position 0 has received the most attention in all (2.0 against 1.5), but from four queries; position 2 from
+    two. Summed, 0 stays; per query, 2 does."""
+    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0, ranking=ranking))
+    layer.update(torch.randn(1, 1, 4, 3), torch.randn(1, 1, 4, 3), kwargs={})
+    layer.observe(torch.tensor([[[2.0, 0.3, 1.5, 0.1]]]))
+    assert layer.positions[0, 0].tolist() == kept
+    # a decoding step (position 4): the candidates now have one more reader each. Summed, 0 (2.0) keeps its lead over
+    # 3 (0.1 + 1.0). Per query, 3 (1.1 over 2 readers) overtakes 2 (1.5 + 0.0 over 3)
+    layer.update(torch.randn(1, 1, 1, 3), torch.randn(1, 1, 1, 3), kwargs={})
+    layer.observe(torch.tensor([[[0.0, 1.0, 0.2]]]))
+    assert layer.positions[0, 0].tolist() == after
+
+
 def test_the_kept_keys_are_the_stored_rows_of_their_positions():
     layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=1))
     keys = torch.randn(1, 1, 5, 3)
@@ -179,6 +194,7 @@ def test_fractions_resolve_against_the_prompt_length():
     ({"h2o": {"recent": 1.5}}, "h2o.recent=1.5"),
     ({"h2o": {"sinks": 0.5}}, "h2o.sinks=0.5"),
     ({"h2o": {"recent": 0}}, "h2o.recent=0"),
+    ({"h2o": {"ranking": "max"}}, "h2o.ranking='max'"),
     ({"h2o": {"heavyy": 3}}, "unknown generation option 'h2o.heavyy'. Did you mean 'h2o.heavy'?"),
 ])
 def test_bad_settings_name_the_key(options, key):

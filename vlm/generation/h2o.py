@@ -8,6 +8,10 @@ and evicts everything else after every forward pass (the prompt's prefill and ea
 holds more than heavy + recent + sinks keys between steps (+1 while a step runs). With `heavy=0` it is a recent-only
 window with sinks (StreamingLLM).
 
+Heavy hitters are ranked by their accumulated attention (`ranking=sum`, the paper's) or by that total over the
+queries that have read them (`mean`, the default): a sum favours keys for being old, and on short image prompts it
+evicts the question's last words first (see the README's budget table).
+
 Scores are kept per key-value head: each head keeps its own heavy hitters, as in the paper, at no extra memory (every
 head keeps the same number of keys). Under grouped-query attention the query heads that share a key-value head add up,
 since they read the same stored key.
@@ -49,11 +53,13 @@ class PaddedBatchError(ValueError):
 
 @dataclass(frozen=True)
 class H2OBudget:
-    """Tokens each layer keeps: `heavy` by accumulated attention, the `recent` newest, the first `sinks`."""
+    """Tokens each layer keeps: `heavy` by accumulated attention (ranked by its `sum` or its `mean` per query that
+    read the key; see H2OSettings), the `recent` newest, the first `sinks`."""
 
     heavy: int
     recent: int
     sinks: int
+    ranking: str = "mean"
 
     @property
     def total(self) -> int:
@@ -65,7 +71,7 @@ class H2OBudget:
         def tokens(value: int | float) -> int:
             return value if isinstance(value, int) else math.ceil(value * prompt_length)
 
-        return cls(tokens(settings.heavy), tokens(settings.recent), settings.sinks)
+        return cls(tokens(settings.heavy), tokens(settings.recent), settings.sinks, settings.ranking)
 
 
 class H2OLayer(DynamicLayer):
@@ -132,16 +138,25 @@ class H2OLayer(DynamicLayer):
             return
         batch, heads = self.keys.shape[:2]
         if held == budget.total + 1:  # a decoding step: drop the one lowest-scored candidate, as H2O does
-            middle = self.scores[..., budget.sinks: held - budget.recent]  # (B, H_kv, heavy + 1)
+            middle = self.ranks()[..., budget.sinks: held - budget.recent]  # (B, H_kv, heavy + 1)
             dropped = middle.argmin(dim=-1, keepdim=True) + budget.sinks  # (B, H_kv, 1)
             keep = torch.arange(held - 1, device=self.device).expand(batch, heads, -1)  # (B, H_kv, total)
             self._keep(keep + (keep >= dropped))  # every index from the dropped one on moves up by one
             return
         sinks = torch.arange(budget.sinks, device=self.device).expand(batch, heads, -1)
         recent = torch.arange(held - budget.recent, held, device=self.device).expand(batch, heads, -1)
-        middle = self.scores[..., budget.sinks: held - budget.recent]  # (B, H_kv, M) the candidates, M > heavy
+        middle = self.ranks()[..., budget.sinks: held - budget.recent]  # (B, H_kv, M) the candidates, M > heavy
         heavy = middle.topk(budget.heavy, dim=-1).indices.sort(dim=-1).values + budget.sinks  # (B, H_kv, heavy)
         self._keep(torch.cat([sinks, heavy, recent], dim=-1))  # (B, H_kv, total), in position order
+
+    def ranks(self) -> torch.Tensor:
+        """What heavy hitters are chosen by (B, H_kv, K): the accumulated attention, or (`mean`) that total over the
+        queries that have read each key. Every token from a key's position on read it while it was kept (causal, and
+        an evicted key never returns), so that count is the tokens seen minus its position. Summed totals favour old
+        keys: of an N-token prompt, key j is read by N - j of its queries, so the question's last words lose."""
+        if self.budget.ranking == "sum":
+            return self.scores
+        return self.scores / (self.cumulative_length - self.positions)
 
     def _keep(self, keep: torch.Tensor) -> None:
         """Keep the entries `keep` (B, H_kv, total) of every row and head."""

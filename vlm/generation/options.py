@@ -54,17 +54,21 @@ def auto_temperature(messages: Sequence[Message]) -> tuple[float, str]:
 
 
 KV_CACHES = ("dynamic", "h2o")
+RANKINGS = ("mean", "sum")  # how H2O orders heavy-hitter candidates
 
 
 @dataclass
 class H2OSettings:
     """The H2O cache's budget (vlm.generation.h2o). `heavy` and `recent` are each a token count (an integer) or a
     fraction of the prompt's length (a number with a decimal point, at most 1.0); `sinks` first tokens are always kept.
-    `heavy=0` makes a recent-only window with sinks (StreamingLLM)."""
+    `heavy=0` makes a recent-only window with sinks (StreamingLLM). `ranking` orders the heavy-hitter candidates: `sum`,
+    the attention each key has received so far (the paper's), or `mean`, that sum over the queries that have read the
+    key, which does not favour a key for being old."""
 
     heavy: int | float = 0.1  # tokens kept for the most attention received so far
     recent: int | float = 0.1  # the newest tokens, always kept
     sinks: int = 4  # the first tokens, always kept (they draw attention whatever they say)
+    ranking: str = "mean"  # mean or sum: see above
 
     def __post_init__(self) -> None:
         for name in ("heavy", "recent"):
@@ -77,6 +81,8 @@ class H2OSettings:
             raise OptionError(f"h2o.sinks={self.sinks!r} is not valid: use an integer >= 0")
         if self.recent in (0, 0.0):
             raise OptionError("h2o.recent=0 is not valid: the window must hold at least the newest token")
+        if self.ranking not in RANKINGS:
+            raise OptionError(f"h2o.ranking={self.ranking!r} is not valid: use one of {list(RANKINGS)}")
 
 
 @dataclass
