@@ -9,15 +9,17 @@ Two parts:
    The sides alternate over the repeats; medians are reported, with h2o / dynamic ratios.
 2. Quality at a fixed budget: exact match on held-out questions (the synthetic held-out split, or --val SHARDS), the
    turns decoded as vlm.eval decodes them (ConversationDecoder, greedy, eval.max_new_tokens) but one at a time, scored
-   with vlm.metrics. For each budget B (a fraction of each prompt's length), the cache holds B x prompt tokens in all:
+   with vlm.metrics. For each budget B (a fraction of each prompt's length), the cache holds B x prompt tokens in all
+   (plus the sinks with --sinks-on-top):
    - h2o: `sinks` first tokens, then the rest split evenly between heavy hitters and the recent window, once with each
      ranking of heavy hitters (mean attention per query that read the key, the default; summed, the paper's);
    - window: the same `sinks` and a recent-only window for the rest (StreamingLLM);
    plus the full dynamic cache. Writes a PNG of exact match against budget (--plot).
 
 Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
-       [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--ranking mean|sum]
-       [--max-samples 200] [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
+       [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--sinks-on-top]
+       [--ranking mean|sum] [--max-samples 200] [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality]
+       [--threads 1]
 Without --export, a random tiny export is built (the quality part then measures nothing useful).
 """
 
@@ -183,7 +185,7 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
         started, scored, held = time.perf_counter(), [], []
         h2o, ranking = method.startswith("h2o"), method.removeprefix("h2o-")
         for turn in turns:
-            total = round(fraction * len(turn.prompt.input_ids))
+            total = round(fraction * len(turn.prompt.input_ids)) + (args.sinks if args.sinks_on_top else 0)
             sinks = args.h2o_sinks if h2o else args.sinks
             budget = None if method == "dynamic" else split_budget(total, sinks, h2o, ranking if h2o else "mean")
             held.append(budget.total if budget else len(turn.prompt.input_ids))
@@ -204,7 +206,7 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
     return results
 
 
-def plot(results: dict[str, dict[float, float]], path: Path, sinks: int) -> None:
+def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,7 +222,7 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int) -> None
     axes.set_xscale("log")
     ticks = sorted(results["window"])
     axes.set_xticks([100 * b for b in ticks], [f"{b:.0%}" for b in ticks])
-    axes.set_xlabel(f"KV cache budget, share of the prompt ({sinks} sinks included)")
+    axes.set_xlabel(f"KV cache budget, share of the prompt ({sinks} sinks {'on top' if on_top else 'included'})")
     axes.set_ylabel("held-out exact match")
     axes.set_ylim(0, 1.02)
     axes.legend(loc="lower right")
@@ -242,6 +244,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
     parser.add_argument("--sinks", type=int, default=4, help="sinks of the recent-only window (and of h2o)")
     parser.add_argument("--h2o-sinks", type=int, help="h2o's sinks in the quality part (default: --sinks)")
+    parser.add_argument("--sinks-on-top", action="store_true",
+                        help="a budget B holds B x prompt tokens plus the sinks, as generation.h2o's defaults do "
+                             "(heavy 0.1 + recent 0.1 + 4 sinks); by default the sinks count within B")
     parser.add_argument("--ranking", choices=RANKINGS, default="mean",
                         help="how h2o ranks heavy hitters in the speed part (the quality part runs both)")
     parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
@@ -268,7 +273,7 @@ def main() -> None:
         if not args.skip_speed:
             speed(lm, args)
         if not args.skip_quality:
-            plot(quality(bundle, args), args.plot, args.sinks)
+            plot(quality(bundle, args), args.plot, args.sinks, args.sinks_on_top)
 
 
 if __name__ == "__main__":
