@@ -1,4 +1,5 @@
-"""Progress when stderr is a log file (SLURM, CI, `> run.log`): plain lines every few percent, no bar redraws."""
+"""What a run prints: plain progress lines when stderr is a log file (SLURM, CI, `> run.log`), no bar redraws,
+and no warnings a vlm user cannot act on."""
 
 from __future__ import annotations
 
@@ -19,3 +20,38 @@ def test_a_run_logged_to_a_file_prints_plain_progress_lines(tmp_path, capsys, sm
     assert [line.split()[3] for line in lines] == [f"{step}/40" for step in range(2, 41, 2)]  # every 5%
     assert "steps/s" in lines[-1] and "loss" in lines[-1]
     assert "\r" not in err  # no carriage-return redraws
+
+
+def test_frozen_parts_in_eval_mode_raise_no_lightning_warning(tmp_path):
+    """vlm keeps frozen parts in eval mode on purpose; Lightning's own check at the start of fit must stay quiet."""
+    import warnings
+
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+
+    from vlm.training import quiet_lightning
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen, self.head = nn.Linear(2, 2).eval(), nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.head(self.frozen(batch[0])).pow(2).mean()
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            self.frozen.eval()
+            return self
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.head.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        quiet_lightning()  # as on import; pytest restores the filters a test module's import left
+        trainer.fit(Module(), data)
+    assert not [w for w in caught if "eval mode" in str(w.message)]

@@ -12,6 +12,15 @@ def _worth_reading(record: logging.LogRecord) -> bool:
     return "💡" not in message and not message.startswith("`Trainer(limit_val_batches=")
 
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_worth_reading)
-# torch's pytree deprecation leaks through Lightning and tells a vlm user nothing they can act on
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+def quiet_lightning() -> None:
+    """Hide what Lightning and torch print that a vlm user cannot act on. Runs on import; call it again inside a
+    `warnings.catch_warnings()` block, which restores the filters it found."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_worth_reading)
+    # torch's pytree deprecation leaks through Lightning and tells a vlm user nothing they can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # frozen parts (and DPO's reference) are kept in eval mode on purpose (vlm/training/freezing.py), and the
+    # parameter table says which; Lightning's warning about modules in eval mode would only alarm
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+quiet_lightning()

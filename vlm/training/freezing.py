@@ -35,8 +35,9 @@ def apply_freezing(parts: dict[str, nn.Module], trainable: Iterable[str]) -> dic
         counts[name] = (total if name in trainable else 0, total)
     rows = "\n".join(f"  {name:<10} {'train ' if trained else 'frozen'} {total:>14,d}"
                      for name, (trained, total) in counts.items())
-    log.info("parameters by part:\n%s\n  trainable: %s of %s", rows, f"{sum(c[0] for c in counts.values()):,d}",
-             f"{sum(c[1] for c in counts.values()):,d}")
+    trained_sum, total_sum = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    log.info("parameters by part (frozen parts run in eval mode):\n%s\n  trainable: %s of %s", rows,
+             f"{trained_sum:,d}", f"{total_sum:,d}")
     return counts
 
 
