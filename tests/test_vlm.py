@@ -148,7 +148,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
                                        "model.vision.gradient_checkpointing=true", stage="sft").model,
                            tiny_config(stage="sft").tiler)
     checkpointed.model.load_state_dict(plain.model.state_dict())
-    assert checkpointed.model.lm.is_gradient_checkpointing and not plain.model.lm.is_gradient_checkpointing
+    assert checkpointed.model.lm.is_activation_checkpointing and not plain.model.lm.is_activation_checkpointing
     assert checkpointed.model.vision.vit.grad_checkpointing
     encoded = _inputs(plain)
     grads = []
