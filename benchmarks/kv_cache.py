@@ -98,10 +98,13 @@ class PeakMemory:
         return self.peak - self.start
 
 
-def split_budget(total: int, sinks: int, heavy: bool, ranking: str = "mean") -> H2OBudget:
-    """`total` tokens in all: the sinks, then heavy hitters and recent tokens half and half (or all recent)."""
+def split_budget(total: int, sinks: int, ranking: str | None) -> H2OBudget:
+    """`total` tokens in all: the sinks, then heavy hitters (ranked by `ranking`) and recent tokens half and half;
+    all recent with `ranking=None` (a recent-only window)."""
     rest = max(1, total - sinks)
-    recent = math.ceil(rest / 2) if heavy else rest
+    if ranking is None:
+        return H2OBudget(heavy=0, recent=rest, sinks=sinks)
+    recent = math.ceil(rest / 2)
     return H2OBudget(heavy=rest - recent, recent=recent, sinks=sinks, ranking=ranking)
 
 
@@ -125,7 +128,7 @@ def long_prompt(lm, ids: torch.Tensor, new_tokens: int, budget: H2OBudget | None
 
 def speed(lm, args: argparse.Namespace) -> None:
     ids = torch.randint(3, lm.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    budget = split_budget(round(args.speed_budget * args.prompt_tokens), args.sinks, heavy=True, ranking=args.ranking)
+    budget = split_budget(round(args.speed_budget * args.prompt_tokens), args.sinks, args.ranking)
     print(f"\n== {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; h2o budget "
           f"{budget.total} tokens ({args.speed_budget:.0%}: {budget.heavy} heavy + {budget.recent} recent + "
           f"{budget.sinks} sinks); {args.repeats} repeats, alternating ==", flush=True)
@@ -178,16 +181,16 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
     lengths = [len(t.prompt.input_ids) for t in turns]
     print(f"prompt tokens: min {min(lengths)}, median {statistics.median(lengths)}, max {max(lengths)}")
     max_new = to_train_config(compose_config("train", ["stage=sft"])).eval.max_new_tokens
-    rankings = [f"h2o-{r}" for r in RANKINGS]  # h2o with each heavy-hitter ranking, then the window
+    rankings = {f"h2o-{r}": r for r in RANKINGS}  # h2o with each heavy-hitter ranking; the window has none
     methods = [("dynamic", 1.0)] + [(m, b) for b in args.budgets for m in (*rankings, "window")]
     results: dict[str, dict[float, float]] = {m: {} for m in ("dynamic", *rankings, "window")}
     for method, fraction in methods:
         started, scored, held = time.perf_counter(), [], []
-        h2o, ranking = method.startswith("h2o"), method.removeprefix("h2o-")
+        ranking = rankings.get(method)
         for turn in turns:
             total = round(fraction * len(turn.prompt.input_ids)) + (args.sinks if args.sinks_on_top else 0)
-            sinks = args.h2o_sinks if h2o else args.sinks
-            budget = None if method == "dynamic" else split_budget(total, sinks, h2o, ranking if h2o else "mean")
+            sinks = args.h2o_sinks if ranking else args.sinks
+            budget = None if method == "dynamic" else split_budget(total, sinks, ranking)
             held.append(budget.total if budget else len(turn.prompt.input_ids))
             scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new), turn.reference)))
         metrics = answer_metrics(scored)

@@ -59,7 +59,7 @@ class H2OBudget:
     heavy: int
     recent: int
     sinks: int
-    ranking: str = "mean"
+    ranking: str = H2OSettings.ranking  # one default, the settings'
 
     @property
     def total(self) -> int:
