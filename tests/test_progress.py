@@ -52,6 +52,7 @@ def test_frozen_parts_in_eval_mode_raise_no_lightning_warning(tmp_path):
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
     with warnings.catch_warnings(record=True) as caught:
-        quiet_lightning()  # as on import; pytest restores the filters a test module's import left
+        warnings.simplefilter("always")  # a warning shown earlier in this process would otherwise be shown once only
+        quiet_lightning()  # as on import (its filters go in front); pytest restores the filters an import left
         trainer.fit(Module(), data)
     assert not [w for w in caught if "eval mode" in str(w.message)]
