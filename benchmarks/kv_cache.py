@@ -248,8 +248,8 @@ def main() -> None:
     parser.add_argument("--sinks", type=int, default=4, help="sinks of the recent-only window (and of h2o)")
     parser.add_argument("--h2o-sinks", type=int, help="h2o's sinks in the quality part (default: --sinks)")
     parser.add_argument("--sinks-on-top", action="store_true",
-                        help="a budget B holds B x prompt tokens plus the sinks, as generation.h2o's defaults do "
-                             "(heavy 0.1 + recent 0.1 + 4 sinks); by default the sinks count within B")
+                        help="quality part: a budget B holds B x prompt tokens plus the sinks, as generation.h2o's "
+                             "defaults do (heavy 0.1 + recent 0.1 + 4 sinks); by default the sinks count within B")
     parser.add_argument("--ranking", choices=RANKINGS, default="mean",
                         help="how h2o ranks heavy hitters in the speed part (the quality part runs both)")
     parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
