@@ -3,8 +3,10 @@
 Two parts:
 1. Speed and memory on a long text prompt (default 4,096 tokens, 256 new tokens, greedy, exactly N new tokens):
    - peak cache bytes: the most keys and values held after any forward pass (a logits processor reads the cache after
-     every step). While the prompt itself is read, both caches hold all of it once; that peak is printed apart.
+     every step). While the prompt is read whole, both caches hold all of it once; that peak is printed apart.
    - peak process memory: resident set size sampled every 2 ms during the call, minus the size before it.
+   With --speed-prompt-block N, h2o reads the prompt N tokens per pass, evicting after each (its whole-prompt peak
+   then never happens).
    - prefill seconds (call -> first token) and decode tokens/s ((N - 1) / (last token - first token)).
    The sides alternate over the repeats; medians are reported, with h2o / dynamic ratios.
 2. Quality at a fixed budget: exact match on held-out questions (the synthetic held-out split, or --val SHARDS), the
@@ -14,12 +16,14 @@ Two parts:
    - h2o: `sinks` first tokens, then the rest split evenly between heavy hitters and the recent window, once with each
      ranking of heavy hitters (mean attention per query that read the key, the default; summed, the paper's);
    - window: the same `sinks` and a recent-only window for the rest (StreamingLLM);
-   plus the full dynamic cache. Writes a PNG of exact match against budget (--plot).
+   plus the full dynamic cache. Writes a PNG of exact match against budget (--plot). By default each prompt is read
+   whole and the budget binds from the answer on; --prompt-block 1 reads it a token at a time, evicting after each,
+   as the paper evaluates (every prompt token then reads only what the budget keeps).
 
 Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
        [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--sinks-on-top]
-       [--ranking mean|sum] [--max-samples 200] [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality]
-       [--threads 1]
+       [--ranking mean|sum] [--prompt-block N] [--speed-prompt-block N] [--max-samples 200]
+       [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
 Without --export, a random tiny export is built (the quality part then measures nothing useful).
 """
 
@@ -98,14 +102,14 @@ class PeakMemory:
         return self.peak - self.start
 
 
-def split_budget(total: int, sinks: int, ranking: str | None) -> H2OBudget:
+def split_budget(total: int, sinks: int, ranking: str | None, prompt_block: int | None = None) -> H2OBudget:
     """`total` tokens in all: the sinks, then heavy hitters (ranked by `ranking`) and recent tokens half and half;
     all recent with `ranking=None` (a recent-only window)."""
     rest = max(1, total - sinks)
     if ranking is None:
-        return H2OBudget(heavy=0, recent=rest, sinks=sinks)
+        return H2OBudget(heavy=0, recent=rest, sinks=sinks, prompt_block=prompt_block)
     recent = math.ceil(rest / 2)
-    return H2OBudget(heavy=rest - recent, recent=recent, sinks=sinks, ranking=ranking)
+    return H2OBudget(heavy=rest - recent, recent=recent, sinks=sinks, ranking=ranking, prompt_block=prompt_block)
 
 
 # ---- 1. speed and memory on a long text prompt ----
@@ -116,22 +120,34 @@ def long_prompt(lm, ids: torch.Tensor, new_tokens: int, budget: H2OBudget | None
     gc.collect()
     start = time.perf_counter()
     with PeakMemory() as memory:
+        if budget is not None:  # with budget.prompt_block, the prompt is read in blocks first (no-op without)
+            cache.read_prompt(lm, lm.get_input_embeddings()(ids))
         lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                     do_sample=False, pad_token_id=0, cache=cache, streamer=clock,
                     logits_processor=LogitsProcessorList([recorder]))
     return {"prefill_s": clock.times[0] - start,
             "tokens_per_s": (len(clock.times) - 1) / (clock.times[-1] - clock.times[0]),
             "cache_mib": max(recorder.samples) / MiB,
-            "prompt_cache_mib": ids.shape[1] * cached_bytes(cache) / max(1, cache.layers[0].keys.shape[-2]) / MiB,
+            "prompt_cache_mib": prompt_peak_keys(ids.shape[1], budget) * cached_bytes(cache)
+            / max(1, cache.layers[0].keys.shape[-2]) / MiB,
             "rss_mib": memory.added / MiB}
+
+
+def prompt_peak_keys(prompt_tokens: int, budget: H2OBudget | None) -> int:
+    """Keys held at most while the prompt is read: all of it, or (in blocks) the budget and one block."""
+    if budget is None or budget.prompt_block is None:
+        return prompt_tokens
+    return min(prompt_tokens, budget.total + budget.prompt_block)
 
 
 def speed(lm, args: argparse.Namespace) -> None:
     ids = torch.randint(3, lm.config.vocab_size, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    budget = split_budget(round(args.speed_budget * args.prompt_tokens), args.sinks, args.ranking)
+    budget = split_budget(round(args.speed_budget * args.prompt_tokens), args.sinks, args.ranking,
+                          args.speed_prompt_block)
+    reading = "whole" if budget.prompt_block is None else f"in blocks of {budget.prompt_block}"
     print(f"\n== {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; h2o budget "
           f"{budget.total} tokens ({args.speed_budget:.0%}: {budget.heavy} heavy + {budget.recent} recent + "
-          f"{budget.sinks} sinks); {args.repeats} repeats, alternating ==", flush=True)
+          f"{budget.sinks} sinks); h2o reads the prompt {reading}; {args.repeats} repeats, alternating ==", flush=True)
     long_prompt(lm, ids[:, :256], 8, None)  # warm-up
     long_prompt(lm, ids[:, :256], 8, budget)
     runs: dict[str, list[dict[str, float]]] = {"dynamic": [], "h2o": []}
@@ -142,7 +158,7 @@ def speed(lm, args: argparse.Namespace) -> None:
     medians = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
     print(f"\n| {'median':<28} | {'dynamic':>10} | {'h2o':>10} | h2o / dynamic |")
     print(f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|---------------|")
-    for key, name in (("cache_mib", "peak cache MiB (decoding)"), ("prompt_cache_mib", "cache MiB, whole prompt"),
+    for key, name in (("cache_mib", "peak cache MiB (decoding)"), ("prompt_cache_mib", "peak cache MiB (prompt)"),
                       ("rss_mib", "peak process memory +MiB"), ("prefill_s", "prefill s"),
                       ("tokens_per_s", "decode tokens/s")):
         d, h = medians["dynamic"][key], medians["h2o"][key]
@@ -190,7 +206,7 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
         for turn in turns:
             total = round(fraction * len(turn.prompt.input_ids)) + (args.sinks if args.sinks_on_top else 0)
             sinks = args.h2o_sinks if ranking else args.sinks
-            budget = None if method == "dynamic" else split_budget(total, sinks, ranking)
+            budget = None if method == "dynamic" else split_budget(total, sinks, ranking, args.prompt_block)
             held.append(budget.total if budget else len(turn.prompt.input_ids))
             scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new), turn.reference)))
         metrics = answer_metrics(scored)
@@ -209,7 +225,8 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
     return results
 
 
-def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top: bool) -> None:
+def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top: bool,
+         prompt_block: int | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,6 +244,8 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top:
     axes.set_xticks([100 * b for b in ticks], [f"{b:.0%}" for b in ticks])
     axes.set_xlabel(f"KV cache budget, share of the prompt ({sinks} sinks {'on top' if on_top else 'included'})")
     axes.set_ylabel("held-out exact match")
+    reading = "whole, then evicted" if prompt_block is None else f"{prompt_block} token(s) a pass, evicting after each"
+    axes.set_title(f"prompt read {reading}", fontsize=9)
     axes.set_ylim(0, 1.02)
     axes.legend(loc="lower right")
     axes.grid(alpha=0.3)
@@ -250,6 +269,13 @@ def main() -> None:
     parser.add_argument("--sinks-on-top", action="store_true",
                         help="quality part: a budget B holds B x prompt tokens plus the sinks, as generation.h2o's "
                              "defaults do (heavy 0.1 + recent 0.1 + 4 sinks); by default the sinks count within B")
+    parser.add_argument("--prompt-block", type=int,
+                        help="quality part: read each prompt this many tokens at a time, evicting after each (1: the "
+                             "paper's evaluation, where every prompt token reads only what the budget keeps); by "
+                             "default the prompt is read whole and the budget binds from the answer on")
+    parser.add_argument("--speed-prompt-block", type=int,
+                        help="speed part: h2o reads the long prompt this many tokens at a time, evicting after each, "
+                             "so its memory stays within the budget + the block while the prompt is read")
     parser.add_argument("--ranking", choices=RANKINGS, default="mean",
                         help="how h2o ranks heavy hitters in the speed part (the quality part runs both)")
     parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
@@ -276,7 +302,7 @@ def main() -> None:
         if not args.skip_speed:
             speed(lm, args)
         if not args.skip_quality:
-            plot(quality(bundle, args), args.plot, args.sinks, args.sinks_on_top)
+            plot(quality(bundle, args), args.plot, args.sinks, args.sinks_on_top, args.prompt_block)
 
 
 if __name__ == "__main__":

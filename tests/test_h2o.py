@@ -66,6 +66,35 @@ def test_the_cache_never_holds_more_than_the_budget(lm):
     assert max(read_per_step[2:]) == budget.total + 1  # a decoding step: the budget and the new token
 
 
+def read_then_generate(lm: LlamaForCausalLM, ids: torch.Tensor, new: int, cache: H2OCache, **kwargs) -> torch.Tensor:
+    cache.read_prompt(lm, lm.get_input_embeddings()(ids))  # what VisionLanguageModel.generate does first
+    return greedy(lm, ids, new, cache=cache, **kwargs)
+
+
+@pytest.mark.parametrize("block", [1, 7])
+def test_a_prompt_read_in_blocks_with_room_for_everything_answers_like_the_dynamic_cache(lm, block):
+    ids = prompt(30, batch=2)
+    cache = H2OCache(lm, H2OBudget(heavy=30, recent=20, sinks=4, prompt_block=block))
+    assert torch.equal(read_then_generate(lm, ids, 20, cache), greedy(lm, ids, 20))
+    assert cache.get_seq_length() == 30 + 19
+
+
+def test_a_prompt_read_in_blocks_never_holds_more_than_the_budget_and_a_block(lm):
+    budget = H2OBudget(heavy=3, recent=4, sinks=2, prompt_block=5)
+    cache = H2OCache(lm, budget)
+    read_per_step: list[int] = []
+    for layer in cache.layers:
+        observe = layer.observe
+        layer.observe = lambda scores, observe=observe: (read_per_step.append(scores.shape[-1]), observe(scores))
+    ids = prompt(30)
+    answer = read_then_generate(lm, ids, 10, cache)
+    prompt_reads = read_per_step[: 2 * 6]  # 29 tokens in blocks of 5: 6 passes, 2 layers each
+    assert prompt_reads[:2] == [5, 5] and max(prompt_reads) == budget.total + 5
+    assert read_per_step[12:14] == [budget.total + 1] * 2  # generate reads only the last prompt token
+    assert max(read_per_step) == budget.total + 5 and max(layer.held() for layer in cache.layers) == budget.total
+    assert not torch.equal(answer, greedy(lm, ids, 10, cache=H2OCache(lm, H2OBudget(heavy=3, recent=4, sinks=2))))
+
+
 @pytest.mark.parametrize("block", [1, 4])
 def test_positions_after_eviction_match_a_reference_from_the_stored_keys(lm, block):
     """Feed a fixed token sequence through an evicting cache; the logits of the last step (one token, or a block of
@@ -195,6 +224,7 @@ def test_fractions_resolve_against_the_prompt_length():
     ({"h2o": {"sinks": 0.5}}, "h2o.sinks=0.5"),
     ({"h2o": {"recent": 0}}, "h2o.recent=0"),
     ({"h2o": {"ranking": "max"}}, "h2o.ranking='max'"),
+    ({"h2o": {"prompt_block": 0}}, "h2o.prompt_block=0"),
     ({"h2o": {"heavyy": 3}}, "unknown generation option 'h2o.heavyy'. Did you mean 'h2o.heavy'?"),
 ])
 def test_bad_settings_name_the_key(options, key):
@@ -224,6 +254,9 @@ def test_chat_answers_stream_and_match_with_a_budget_holding_everything(tiny_cha
     h2o = tiny_chat_model.generate(ask, temperature=0, max_new_tokens=12, kv_cache="h2o",
                                    h2o={"heavy": 1.0, "recent": 12})
     assert h2o.token_ids == dynamic.token_ids
+    in_blocks = tiny_chat_model.generate(ask, temperature=0, max_new_tokens=12, kv_cache="h2o",
+                                         h2o={"heavy": 1.0, "recent": 12, "prompt_block": 3})
+    assert in_blocks.token_ids == dynamic.token_ids
     with tiny_chat_model.stream(ask, temperature=0, max_new_tokens=12, kv_cache="h2o",
                                 h2o={"heavy": 2, "recent": 3}) as stream:
         text = "".join(stream)

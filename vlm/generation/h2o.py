@@ -60,6 +60,7 @@ class H2OBudget:
     recent: int
     sinks: int
     ranking: str = H2OSettings.ranking  # one default, the settings'
+    prompt_block: int | None = None  # prompt tokens per pass (evicting after each); None: the prompt in one pass
 
     @property
     def total(self) -> int:
@@ -71,7 +72,8 @@ class H2OBudget:
         def tokens(value: int | float) -> int:
             return value if isinstance(value, int) else math.ceil(value * prompt_length)
 
-        return cls(tokens(settings.heavy), tokens(settings.recent), settings.sinks, settings.ranking)
+        return cls(tokens(settings.heavy), tokens(settings.recent), settings.sinks, settings.ranking,
+                   settings.prompt_block)
 
 
 class H2OLayer(DynamicLayer):
@@ -208,6 +210,19 @@ class H2OCache(Cache):
         install_score_hook(lm)
         super().__init__(layers=[H2OLayer(budget) for _ in range(lm.config.get_text_config().num_hidden_layers)])
         self.budget = budget
+
+    @torch.no_grad()
+    def read_prompt(self, lm: PreTrainedModel, inputs_embeds: torch.Tensor) -> None:
+        """With `budget.prompt_block` = N, read all but the last of the prompt's (B, L, D) embeddings N tokens per
+        pass, evicting after each, so no prompt token reads a key the budget has dropped and the cache never holds
+        more than the budget + N. `generate` then finds them cached and reads only the last token. Without a block
+        size this does nothing: `generate` reads the whole prompt at once and the budget applies from then on."""
+        block = self.budget.prompt_block
+        if block is None or self.get_seq_length():
+            return
+        for start in range(0, inputs_embeds.shape[1] - 1, block):
+            end = min(start + block, inputs_embeds.shape[1] - 1)
+            lm(inputs_embeds=inputs_embeds[:, start:end], cache=self, use_cache=True, logits_to_keep=1)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """Masks count positions among the kept keys, so a query comes right after them (not after every token

@@ -63,12 +63,16 @@ class H2OSettings:
     fraction of the prompt's length (a number with a decimal point, at most 1.0); `sinks` first tokens are always kept.
     `heavy=0` makes a recent-only window with sinks (StreamingLLM). `ranking` orders the heavy-hitter candidates: `sum`,
     the attention each key has received so far (the paper's), or `mean`, that sum over the queries that have read the
-    key, which does not favour a key for being old."""
+    key, which does not favour a key for being old. `prompt_block`: with None the prompt is read in one pass and the
+    budget applies from the answer on; with N it is read N tokens at a time, evicting after each block, so the
+    cache never holds more than the budget + N (1: as the paper evaluates, each prompt token reads only what is
+    kept)."""
 
     heavy: int | float = 0.1  # tokens kept for the most attention received so far
     recent: int | float = 0.1  # the newest tokens, always kept
     sinks: int = 4  # the first tokens, always kept (they draw attention whatever they say)
     ranking: str = "mean"  # mean or sum: see above
+    prompt_block: int | None = None  # None: the prompt in one pass; N: N tokens per pass, evicting after each
 
     def __post_init__(self) -> None:
         for name in ("heavy", "recent"):
@@ -81,6 +85,9 @@ class H2OSettings:
             raise OptionError(f"h2o.sinks={self.sinks!r} is not valid: use an integer >= 0")
         if self.recent in (0, 0.0):
             raise OptionError("h2o.recent=0 is not valid: the window must hold at least the newest token")
+        if self.prompt_block is not None and (not _is_int(self.prompt_block) or self.prompt_block < 1):
+            raise OptionError(f"h2o.prompt_block={self.prompt_block!r} is not valid: use an integer >= 1 (tokens of "
+                              f"the prompt read per pass), or null to read it in one pass")
         if self.ranking not in RANKINGS:
             raise OptionError(f"h2o.ranking={self.ranking!r} is not valid: use one of {list(RANKINGS)}")
 
