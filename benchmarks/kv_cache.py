@@ -247,7 +247,7 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top:
     reading = "whole, then evicted" if prompt_block is None else f"{prompt_block} token(s) a pass, evicting after each"
     axes.set_title(f"prompt read {reading}", fontsize=9)
     axes.set_ylim(0, 1.02)
-    axes.legend(loc="lower right")
+    axes.legend(loc="best", fontsize=8)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

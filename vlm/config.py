@@ -335,7 +335,7 @@ class TrainerConfig:
     strategy: str = setting()  # auto, ddp, fsdp (Lightning strategies); fsdp shards every transformer block
     # FSDP's sharding: params+grads+optimizer state, grads+optimizer state, full within a node, or none (DDP-like)
     fsdp_sharding: str = setting(choices=("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
-    precision: str = setting()  # 32-true, bf16-mixed, 16-mixed
+    precision: str = setting()  # auto (bf16-mixed where the hardware runs it), 32-true, bf16-mixed, 16-mixed
     gradient_clip_val: float | None = setting(minimum=0)  # clip the gradient norm to this; null: no clipping
     val_check_interval: int = setting(minimum=1)  # validate every N optimizer steps
     log_every_n_steps: int = setting(minimum=1)

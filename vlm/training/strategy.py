@@ -63,7 +63,7 @@ def check_strategy(trainer: TrainerConfig) -> None:
     if trainer.strategy not in FSDP_NAMES:
         return
     on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and trainer.precision != "32-true":
+    if on_cpu and trainer.precision not in ("32-true", "auto"):
         # Lightning's FSDP mixed precision autocasts on CUDA only; on CPU the blocks would get bf16 inputs in fp32 ops
         raise ConfigError(f"trainer.precision={trainer.precision!r} with trainer.strategy=fsdp needs GPUs; "
                           "FSDP on CPU ranks runs in 32-true")
@@ -74,6 +74,26 @@ def check_strategy(trainer: TrainerConfig) -> None:
         # torch groups HYBRID_SHARD ranks by the accelerators of a node, which CPU ranks do not have
         raise ConfigError("trainer.fsdp_sharding=HYBRID_SHARD needs GPUs (it groups ranks by GPUs per node); "
                           "on CPU ranks use FULL_SHARD or SHARD_GRAD_OP")
+
+
+def resolve_precision(trainer: TrainerConfig) -> str:
+    """`trainer.precision`, with `auto` made concrete for these devices: bf16 mixed precision where the hardware
+    runs it natively (a GPU with bf16, else fp16 mixed; a CPU whose oneDNN has bf16 kernels, as AVX-512 and AMX x86
+    CPUs do), else 32-true. FSDP on CPU ranks always runs in 32-true (see check_strategy)."""
+    if trainer.precision != "auto":
+        return trainer.precision
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
+        chosen, why = ("bf16-mixed", "the GPU has bf16") if torch.cuda.is_bf16_supported() else (
+            "16-mixed", "the GPU has no bf16")
+    elif trainer.strategy in FSDP_NAMES:
+        chosen, why = "32-true", "FSDP on CPU ranks"
+    elif torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        chosen, why = "bf16-mixed", "this CPU has bf16 kernels; trainer.precision=32-true for full precision"
+    else:
+        chosen, why = "32-true", "this CPU has no bf16 kernels"
+    log.info("trainer.precision=auto: %s (%s)", chosen, why)
+    return chosen
 
 
 def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
