@@ -15,7 +15,8 @@ from vlm.config import ConfigError
 from vlm.models.blocks import transformer_block_types
 from vlm.models.clip import CLIPModel
 from vlm.models.factory import new_vlm
-from vlm.training.strategy import BlockShardedFSDP, build_strategy, check_strategy
+from vlm.training import strategy as strategy_module
+from vlm.training.strategy import BlockShardedFSDP, build_strategy, check_strategy, resolve_precision
 
 
 def test_the_blocks_of_every_tower_become_fsdp_units():
@@ -62,3 +63,17 @@ def test_fsdp_cpu_offload_is_block_sharded_too():
 def test_an_unknown_sharding_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="trainer.fsdp_sharding.*FULL_SHARD"):
         tiny_config("trainer.fsdp_sharding=FULL")
+
+
+@pytest.mark.parametrize(("overrides", "bf16_cpu", "chosen"), [
+    (["trainer.precision=auto"], True, "bf16-mixed"),
+    (["trainer.precision=auto"], False, "32-true"),
+    (["trainer.precision=auto", "trainer.strategy=fsdp"], True, "32-true"),  # FSDP autocasts on CUDA only
+    (["trainer.precision=32-true"], True, "32-true"),
+    (["trainer.precision=bf16-mixed"], False, "bf16-mixed"),  # an explicit choice stands
+])
+def test_auto_precision_on_a_cpu_takes_bf16_only_where_it_runs_natively(monkeypatch, overrides, bf16_cpu, chosen):
+    monkeypatch.setattr(strategy_module, "cpu_has_bf16", lambda: bf16_cpu)  # the hardware probe, not the rule
+    config = tiny_config("trainer.accelerator=cpu", *overrides)
+    check_strategy(config.trainer)  # auto passes the FSDP-on-CPU precision check
+    assert resolve_precision(config.trainer) == chosen

@@ -76,6 +76,12 @@ def check_strategy(trainer: TrainerConfig) -> None:
                           "on CPU ranks use FULL_SHARD or SHARD_GRAD_OP")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels on this CPU (x86 with AVX-512 or AMX, Arm with BF16): bf16 matmuls are
+    then faster than fp32 ones, where elsewhere they would be emulated and slower."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(trainer: TrainerConfig) -> str:
     """`trainer.precision`, with `auto` made concrete for these devices: bf16 mixed precision where the hardware
     runs it natively (a GPU with bf16, else fp16 mixed; a CPU whose oneDNN has bf16 kernels, as AVX-512 and AMX x86
@@ -88,7 +94,7 @@ def resolve_precision(trainer: TrainerConfig) -> str:
             "16-mixed", "the GPU has no bf16")
     elif trainer.strategy in FSDP_NAMES:
         chosen, why = "32-true", "FSDP on CPU ranks"
-    elif torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    elif cpu_has_bf16():
         chosen, why = "bf16-mixed", "this CPU has bf16 kernels; trainer.precision=32-true for full precision"
     else:
         chosen, why = "32-true", "this CPU has no bf16 kernels"
