@@ -157,7 +157,9 @@ def _train_two_ranks(tmp_path: Path, *extra: str, cache: Path | None = None) -> 
     return output
 
 
-CONTRASTIVE_RUN = ["stage=contrastive", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3"]
+# 32-true: FSDP on CPU ranks runs in full precision (trainer.precision=auto picks it there), and DDP must match it
+CONTRASTIVE_RUN = ["stage=contrastive", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",
+                   "trainer.precision=32-true"]
 
 
 @pytest.fixture(scope="module")
