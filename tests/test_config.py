@@ -76,6 +76,8 @@ def test_bad_values_name_the_key():
         tiny_config("stage.max_steps=abc")
     with pytest.raises(ConfigError, match="tiler.max_tiles=0 must be >= 1"):
         tiny_config("tiler.max_tiles=0")
+    with pytest.raises(ConfigError, match=r"trainer.precision='bf17' is not valid; choose one of \['auto', '32-true'"):
+        tiny_config("trainer.precision=bf17")
     with pytest.raises(ConfigError, match="unknown config key 'stage.lrr'"):
         to_train_config({"stage": {"lrr": 1}})
 

@@ -335,7 +335,8 @@ class TrainerConfig:
     strategy: str = setting()  # auto, ddp, fsdp (Lightning strategies); fsdp shards every transformer block
     # FSDP's sharding: params+grads+optimizer state, grads+optimizer state, full within a node, or none (DDP-like)
     fsdp_sharding: str = setting(choices=("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
-    precision: str = setting()  # auto (bf16-mixed where the hardware runs it), 32-true, bf16-mixed, 16-mixed
+    # auto: bf16-mixed where the hardware runs it natively, else 32-true (vlm.training.strategy.resolve_precision)
+    precision: str = setting(choices=("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"))
     gradient_clip_val: float | None = setting(minimum=0)  # clip the gradient norm to this; null: no clipping
     val_check_interval: int = setting(minimum=1)  # validate every N optimizer steps
     log_every_n_steps: int = setting(minimum=1)
