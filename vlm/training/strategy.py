@@ -52,6 +52,10 @@ class BlockShardedFSDP(FSDPStrategy):
         return self._root
 
 
+def runs_on_cpu(trainer: TrainerConfig) -> bool:
+    return trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+
+
 def check_strategy(trainer: TrainerConfig) -> None:
     """Refuse, before any work, a strategy Lightning does not know and FSDP settings these devices cannot run."""
     known = ["auto", *StrategyRegistry.available_strategies()]
@@ -62,7 +66,7 @@ def check_strategy(trainer: TrainerConfig) -> None:
                           "Common ones: auto, ddp, fsdp")
     if trainer.strategy not in FSDP_NAMES:
         return
-    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    on_cpu = runs_on_cpu(trainer)
     if on_cpu and trainer.precision not in ("32-true", "auto"):
         # Lightning's FSDP mixed precision autocasts on CUDA only; on CPU the blocks would get bf16 inputs in fp32 ops
         raise ConfigError(f"trainer.precision={trainer.precision!r} with trainer.strategy=fsdp needs GPUs; "
@@ -88,8 +92,7 @@ def resolve_precision(trainer: TrainerConfig) -> str:
     CPUs do), else 32-true. FSDP on CPU ranks always runs in 32-true (see check_strategy)."""
     if trainer.precision != "auto":
         return trainer.precision
-    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
-    if not on_cpu:
+    if not runs_on_cpu(trainer):
         chosen, why = ("bf16-mixed", "the GPU has bf16") if torch.cuda.is_bf16_supported() else (
             "16-mixed", "the GPU has no bf16")
     elif trainer.strategy in FSDP_NAMES:
