@@ -120,7 +120,7 @@ def long_prompt(lm, ids: torch.Tensor, new_tokens: int, budget: H2OBudget | None
     gc.collect()
     start = time.perf_counter()
     with PeakMemory() as memory:
-        if budget is not None:  # with budget.prompt_block, the prompt is read in blocks first (no-op without)
+        if budget is not None and budget.prompt_block is not None:  # the prompt in blocks first, as vlm.chat does
             cache.read_prompt(lm, lm.get_input_embeddings()(ids))
         lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                     do_sample=False, pad_token_id=0, cache=cache, streamer=clock,
