@@ -1,13 +1,16 @@
 """Benchmark: local + global sparse attention (model.llm.attention=local_global) vs dense causal SDPA, in one run.
 
-Three measurements, each side by side in this process:
+Four measurements, each side by side in this process:
 1. forward + backward time of one decoder layer (a 1-layer Llama: attention + MLP, mask building included) at
    sequence lengths from 512 up to --max-length, for dense causal SDPA (transformers' `sdpa`, `is_causal`), the
-   local_global pattern through SDPA with a boolean mask, and through flex_attention with a BlockMask (forward only
-   on CPU: torch has no flex_attention backward there); with peak memory above the start (CUDA: the allocator's
-   peak; CPU: the process's resident memory, sampled every millisecond);
-2. the crossover: the first length where a local_global kernel beats dense;
-3. decode KV-cache bytes after N tokens: the same keys and values fed to transformers' DynamicCache layer and to
+   local_global pattern through SDPA with a boolean mask, and, on GPUs, through flex_attention with a BlockMask
+   (CPUs run `kernel=flex` through SDPA, see vlm.models.attention.flex_runs_on); with peak memory above the start
+   (CUDA: the allocator's peak; CPU: the process's resident memory, sampled every millisecond);
+2. on GPUs, the attention kernels alone, forward + backward on the same q, k, v: dense causal SDPA (flash) against
+   compiled flex_attention with the pattern's cached BlockMask over gathered global keys (the layer adds the same
+   projections and MLP to both sides, which dilutes the kernel's gain);
+3. the crossover: the first length where a local_global side beats dense;
+4. decode KV-cache bytes after N tokens: the same keys and values fed to transformers' DynamicCache layer and to
    vlm's LocalGlobalCache layer, N up to --max-cache.
 Repeats alternate the sides and report medians. A PNG plot goes to --plot.
 
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
@@ -33,7 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlm.config import LLMConfig, SparseAttentionConfig  # noqa: E402
 from vlm.generation.kv_cache import LocalGlobalLayer  # noqa: E402
-from vlm.models.attention import SparsePattern, use_attention  # noqa: E402
+from vlm.models.attention import (  # noqa: E402
+    SparsePattern,
+    flex_runs_on,
+    gather_globals,
+    gathered_block_mask,
+    use_attention,
+)
 
 WIDTH, HEADS, HEAD_DIM = 512, 8, 64  # one layer of a small LLM (SmolLM2-360M has width 960, 15 heads of 64)
 
@@ -85,16 +95,61 @@ def one_layer(attention: str, kernel: str, pattern: SparsePattern, device: torch
     return lm
 
 
-def step(lm: LlamaForCausalLM, embeds: torch.Tensor, backward: bool) -> None:
-    with torch.set_grad_enabled(backward):
-        hidden = lm.model(inputs_embeds=embeds).last_hidden_state  # (1, L, D)
-        if backward:
-            hidden.float().square().mean().backward()
+def step(lm: LlamaForCausalLM, embeds: torch.Tensor) -> None:
+    hidden = lm.model(inputs_embeds=embeds).last_hidden_state  # (1, L, D)
+    hidden.float().square().mean().backward()
     if embeds.device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def time_layers(lengths: list[int], sides: dict[str, LlamaForCausalLM], backward: dict[str, bool], repeats: int,
+def release(device: torch.device) -> None:
+    """Hand memory a failed side left behind back to the allocator, so the next side starts clean."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_kernels(lengths: list[int], pattern: SparsePattern, repeats: int,
+                 device: torch.device) -> None:
+    """Prints the median seconds of the attention kernels alone, forward + backward, bf16, one sample of
+    HEADS heads. Dense: causal SDPA. Flex: flex_attention compiled for each length, with the cached BlockMask and the
+    global keys gathered in front, as `kernel=flex` runs it."""
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def dense_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def flex_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        block_mask = gathered_block_mask(pattern, q.shape[-2], q.device)
+        return flex(q, gather_globals(k, pattern.stride), gather_globals(v, pattern.stride), block_mask=block_mask)
+
+    kernels = {"dense sdpa": dense_step, "local_global flex": flex_step}
+    results: dict[str, dict[int, float]] = {name: {} for name in kernels}
+    for length in lengths:
+        q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        times: dict[str, list[float]] = {name: [] for name in kernels}
+        for repeat in range(repeats + 1):  # the first round warms up (compiles flex, builds the block mask)
+            for name, kernel in kernels.items():
+                try:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    kernel(q, k, v).sum().backward()
+                    torch.cuda.synchronize()
+                    if repeat:
+                        times[name].append(time.perf_counter() - start)
+                except (RuntimeError, MemoryError) as err:
+                    print(f"  kernel {name} at {length}: {str(err).splitlines()[0][:100]}")
+                    release(device)
+        for name in kernels:
+            if times[name]:
+                results[name][length] = statistics.median(times[name])
+        dense, sparse = results["dense sdpa"].get(length), results["local_global flex"].get(length)
+        ratio = f"flex {dense / sparse:5.2f}x dense's speed" if dense and sparse else ""
+        print(f"kernels L={length:6d}  dense sdpa {dense * 1e3 if dense else float('nan'):8.2f} ms  local_global flex "
+              f"{sparse * 1e3 if sparse else float('nan'):8.2f} ms  {ratio}", flush=True)
+
+
+def time_layers(lengths: list[int], sides: dict[str, LlamaForCausalLM], repeats: int,
                 device: torch.device, dtype: torch.dtype) -> dict[str, dict[int, tuple[float, int]]]:
     """{side: {length: (median seconds, peak bytes)}}; a side that fails at a length (memory) is left out there."""
     results: dict[str, dict[int, tuple[float, int]]] = {name: {} for name in sides}
@@ -102,21 +157,28 @@ def time_layers(lengths: list[int], sides: dict[str, LlamaForCausalLM], backward
         embeds = torch.randn(1, length, WIDTH, device=device, dtype=dtype, requires_grad=True)
         for name, lm in sides.items():  # warm-up: compiles flex kernels, builds and caches block masks
             try:
-                step(lm, embeds, backward[name])
+                step(lm, embeds)
             except (RuntimeError, MemoryError) as err:
                 print(f"  {name} at {length}: {str(err).splitlines()[0][:100]}")
+                release(device)
         times: dict[str, list[float]] = {name: [] for name in sides}
         peaks: dict[str, int] = {name: 0 for name in sides}
+        failed: set[str] = set()
         for _ in range(repeats):
             for name, lm in sides.items():
+                if name in failed:
+                    continue
                 try:
                     with PeakMemory(device) as memory:
                         start = time.perf_counter()
-                        step(lm, embeds, backward[name])
+                        step(lm, embeds)
                         times[name].append(time.perf_counter() - start)
                     peaks[name] = max(peaks[name], memory.peak)
-                except (RuntimeError, MemoryError):
-                    break
+                except (RuntimeError, MemoryError) as err:
+                    failed.add(name)
+                    times[name] = []
+                    print(f"  {name} at {length}: {str(err).splitlines()[0][:100]}")
+                    release(device)
         for name in sides:
             if times[name]:
                 results[name][length] = (statistics.median(times[name]), peaks[name])
@@ -143,8 +205,8 @@ def kv_bytes(lengths: list[int], pattern: SparsePattern, device: torch.device, d
     return out
 
 
-def plot(path: Path, timing: dict[str, dict[int, tuple[float, int]]], backward: dict[str, bool],
-         cache: dict[str, dict[int, int]], title: str) -> None:
+def plot(path: Path, timing: dict[str, dict[int, tuple[float, int]]], cache: dict[str, dict[int, int]],
+         title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +215,7 @@ def plot(path: Path, timing: dict[str, dict[int, tuple[float, int]]], backward: 
     fig, (ax_time, ax_memory, ax_cache) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, rows in timing.items():
         lengths = sorted(rows)
-        label = f"{name} ({'fwd+bwd' if backward[name] else 'fwd only'})"
+        label = f"{name} (fwd+bwd)"
         ax_time.plot(lengths, [rows[n][0] * 1e3 for n in lengths], marker="o", label=label)
         ax_memory.plot(lengths, [rows[n][1] / 2**20 for n in lengths], marker="o", label=label)
     for ax, what in ((ax_time, "time per layer (ms)"), (ax_memory, "peak memory above start (MiB)")):
@@ -198,17 +260,18 @@ def main() -> None:
 
     sides = {"dense sdpa": one_layer("dense", "sdpa", pattern, device, dtype),
              "local_global sdpa": one_layer("local_global", "sdpa", pattern, device, dtype)}
-    if not args.no_flex:
+    run_flex = not args.no_flex and flex_runs_on(device)
+    if run_flex:
         sides["local_global flex"] = one_layer("local_global", "flex", pattern, device, dtype)
-    backward = {name: not (name.endswith("flex") and device.type == "cpu") for name in sides}
-    if device.type == "cpu" and not args.no_flex:
-        sides["dense sdpa (fwd)"] = sides["dense sdpa"]  # flex has no CPU backward: compare forwards too
-        backward["dense sdpa (fwd)"] = False
-    timing = time_layers(lengths, sides, backward, args.repeats, device, dtype)
+    elif not args.no_flex:
+        print("kernel=flex runs through SDPA on CPUs (vlm.models.attention.flex_runs_on): no flex side here")
+    timing = time_layers(lengths, sides, args.repeats, device, dtype)
+    if run_flex:
+        time_kernels(lengths, pattern, args.repeats, device)
 
     for name in sides:
         if name.startswith("local_global"):
-            reference = "dense sdpa" if backward[name] else "dense sdpa (fwd)"
+            reference = "dense sdpa"
             both = sorted(set(timing[name]) & set(timing[reference]))
             ratios = {n: timing[reference][n][0] / timing[name][n][0] for n in both}  # > 1: faster than dense
             losing = [n for n in both if ratios[n] <= 1]
@@ -223,7 +286,7 @@ def main() -> None:
               f"{cache['local_global'][n] / 2**20:6.2f} MiB  ratio {cache['local_global'][n] / cache['dense'][n]:.4f}")
     title = (f"local_global (window {pattern.window}, stride {pattern.stride}, sinks {pattern.sinks}) vs dense: one "
              f"layer, width {WIDTH}, {device.type} {str(dtype).removeprefix('torch.')}, {args.threads} thread(s)")
-    plot(args.plot, timing, backward, cache, title)
+    plot(args.plot, timing, cache, title)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,26 @@ keeps only what the pattern reads. Tiny random Llama and Qwen2 models."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_export_compat import old_export
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from vlm.config import ConfigError, LLMConfig, SparseAttentionConfig
 from vlm.exports.vlm import load_vlm
 from vlm.generation.kv_cache import LocalGlobalCache, cache_for
+from vlm.models import attention as attention_module
 from vlm.models.attention import (
     ATTENTION_NAME,
     MaskMissingError,
     SparsePattern,
     local_global_mask,
+    packed_block_mask,
+    packed_mask,
     register,
     use_attention,
 )
@@ -89,9 +95,11 @@ def test_a_narrow_window_changes_the_logits(family):
 
 
 @pytest.mark.slow
-def test_flex_attention_gives_the_sdpa_logits():
-    """kernel=flex (compiled; forward only on CPU): the cached BlockMask over gathered global keys, and the per-batch
-    one for a left-padded batch, give the boolean-mask SDPA logits."""
+def test_flex_attention_gives_the_sdpa_logits(monkeypatch):
+    """kernel=flex where flex_attention runs (compiled; here on the CPU, forward only, made to run it): the cached
+    BlockMask over gathered global keys, and the per-batch one for a left-padded batch, give the boolean-mask SDPA
+    logits."""
+    monkeypatch.setattr(attention_module, "flex_runs_on", lambda device: True)
     ids = torch.randint(1, 64, (2, 300))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
@@ -106,6 +114,42 @@ def test_flex_attention_gives_the_sdpa_logits():
     assert torch.allclose(logits["flex"][0], logits["sdpa"][0], atol=1e-5)
     real = mask.bool()
     assert torch.allclose(logits["flex"][1][real], logits["sdpa"][1][real], atol=1e-5)
+
+
+def test_cpus_run_kernel_flex_through_the_boolean_mask():
+    """On CPUs, kernel=flex gets SDPA's boolean masks, whole, padded and packed, so it trains and generates there."""
+    config = settings(window=4, stride=8, sinks=1)
+    config.sparse.kernel = "flex"
+    lm = tiny_lm()
+    use_attention(lm, config)
+    build = ALL_MASK_ATTENTION_FUNCTIONS[ATTENTION_NAME]
+    assert isinstance(build(2, 12, 12, config=lm.config, device="cpu"), torch.Tensor)
+    assert isinstance(build(2, 12, 12, attention_mask=torch.ones(2, 12, dtype=torch.long), config=lm.config,
+                            device="cpu"), torch.Tensor)
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    assert isinstance(packed_mask(lm.config, torch.cat([torch.zeros(5), torch.ones(7)]).long()[None], positions),
+                      torch.Tensor)
+    _, loss, grads = loss_and_grads(lm.train(), torch.randint(1, 64, (2, 12)), torch.ones(2, 12, dtype=torch.long))
+    assert loss.isfinite() and all(grad.isfinite().all() for grad in grads.values())
+
+
+def test_the_packed_block_mask_attends_as_the_boolean_mask():
+    """Packed rows under kernel=flex on GPUs: the per-batch BlockMask lets flex_attention read exactly what the
+    boolean mask lets SDPA read (flex run unfused here: the CPU has no compiled per-batch flex kernel)."""
+    pattern = SparsePattern(window=40, stride=16, sinks=3)
+    positions = torch.stack([torch.cat([torch.arange(170), torch.arange(130)]),
+                             torch.cat([torch.arange(90), torch.arange(150), torch.arange(60)])])  # (2, 300)
+    sample_ids = torch.stack([torch.cat([torch.zeros(170), torch.ones(130)]),
+                              torch.cat([torch.zeros(90), torch.ones(150), torch.full((60,), 2)])]).long()
+    query, key, value = torch.randn(3, 2, 4, 300, 8).unbind(0)  # (B, H, L, D) each
+    block_mask = packed_block_mask(pattern, positions, sample_ids)
+    boolean = local_global_mask(pattern, positions, sample_ids)  # (B, 1, L, L)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+        flex = flex_attention(query, key, value, block_mask=block_mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=boolean)
+    assert torch.allclose(flex, sdpa, atol=1e-5)
+    assert block_mask.sparsity() > 100 / 3  # more than causality alone skips (3 of 9 blocks): those across samples
 
 
 def test_gradients_are_exactly_as_sparse_as_the_pattern():

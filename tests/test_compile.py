@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_bad_data import COMMON, train
 from tiny import tiny_config
+from torch._dynamo.testing import CompileCounter
+
+from vlm.training.vlm_task import eager_decoding
 
 
 @pytest.mark.slow
@@ -26,3 +30,15 @@ def test_compiled_blocks_train_to_the_same_loss_and_export_the_same_keys(tmp_pat
     assert compiled["exact_match"] == plain["exact_match"]
     keys = [set(load_file(str(run / "export" / "model.safetensors"))) for run in (plain_run, compiled_run)]
     assert keys[0] == keys[1]  # compiling in place leaves the module tree, so checkpoints and exports, unchanged
+
+
+@pytest.mark.parametrize("blocks_compiled", [False, True])
+def test_validation_decodes_eagerly_only_when_blocks_were_compiled(blocks_compiled):
+    """The eager stance reaches every compiled function, flex_attention's kernel too (it would fall back to an unfused
+    pass over all scores), so held-out answers take it only when trainer.compile compiled the blocks."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x: x * 2 + 1, backend=counter)
+    with eager_decoding(blocks_compiled):
+        assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 3.0))
+    assert counter.frame_count == (0 if blocks_compiled else 1)

@@ -8,9 +8,9 @@ The pattern is one `mask_mod(batch, head, q_idx, kv_idx)` and reaches the model 
 name `local_global`, both needed:
 - a mask function (`AttentionMaskInterface`): the causal mask transformers would build, AND the pattern. It gives a
   boolean SDPA mask (never skipped for `is_causal`, which would drop the pattern) or, with `kernel=flex` over a whole
-  sequence, a flex_attention `BlockMask`. Without padding the BlockMask is cached by length and reads keys with the
-  global ones gathered in front (see `gathered_mask_mod`), so whole blocks are skipped; with padding or packing it is
-  built per batch over the plain layout;
+  sequence on a GPU, a flex_attention `BlockMask`. Without padding the BlockMask is cached by length and reads keys
+  with the global ones gathered in front (see `gathered_mask_mod`), so whole blocks are skipped; with padding or
+  packing it is built per batch over the plain layout. CPUs always get the boolean mask (see `flex_runs_on`);
 - an attention function (`AttentionInterface`): SDPA with that mask, or flex_attention with the BlockMask. It refuses
   to run without a mask: a name registered without a mask function makes transformers drop the mask silently.
 
@@ -121,6 +121,31 @@ def local_global_mask(pattern: SparsePattern, positions: torch.Tensor, sample_id
                      attention_mask=padding_mask, allow_is_causal_skip=False, device=positions.device)
 
 
+def packed_block_mask(pattern: SparsePattern, positions: torch.Tensor, sample_ids: torch.Tensor) -> BlockMask:
+    """A flex_attention BlockMask for packed rows: positions and sample ids (B, L) as for `local_global_mask`. Built
+    per batch over the plain layout: blocks across samples are skipped and no (L, L) mask is materialised."""
+    batch, length = positions.shape
+    return create_block_mask(pattern_mask_mod(pattern, positions, sample_ids), B=batch, H=None, Q_LEN=length,
+                             KV_LEN=length, device=positions.device, _compile=True)
+
+
+def flex_runs_on(device: torch.device | str) -> bool:
+    """Whether `kernel=flex` runs flex_attention on `device`. CPUs run the same pattern through SDPA's boolean mask:
+    torch has no flex_attention backward there, and its CPU compiler fails once the kernel turns dynamic (the second
+    prompt length or packed layout it meets, torch 2.14)."""
+    return torch.device(device).type != "cpu"
+
+
+def packed_mask(config: PretrainedConfig, sample_ids: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor | BlockMask:
+    """The mask for packed rows (data.packing): the pattern counted from each sample's first token, samples kept
+    apart; a BlockMask where flex_attention runs, else the 4D boolean mask."""
+    pattern = pattern_of(config)
+    if pattern.kernel == "flex" and flex_runs_on(positions.device):
+        return packed_block_mask(pattern, positions, sample_ids)
+    return local_global_mask(pattern, positions, sample_ids)
+
+
 def pattern_of(config: PretrainedConfig) -> SparsePattern:
     settings = getattr(config, PATTERN_ATTRIBUTE, None)
     if not settings:
@@ -163,6 +188,19 @@ def gather_globals(states: torch.Tensor, stride: int) -> torch.Tensor:
     return torch.cat([states[:, :, ::stride], states], dim=-2)
 
 
+def gathered_block_mask(pattern: SparsePattern, length: int, device: torch.device | str) -> BlockMask:
+    """The BlockMask for a whole unpadded sequence of `length` queries over keys laid out by `gather_globals`; cached
+    by pattern, length and device."""
+    key = (pattern, length, str(device))
+    if key not in _block_masks:
+        if len(_block_masks) >= MAX_BLOCK_MASKS:
+            del _block_masks[next(iter(_block_masks))]
+        gathered = length + global_slots(length, pattern.stride)
+        _block_masks[key] = create_block_mask(gathered_mask_mod(pattern, length), B=None, H=None, Q_LEN=length,
+                                              KV_LEN=gathered, device=device, _compile=True)
+    return _block_masks[key]
+
+
 def _mask_for_attention(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
                         mask_function: MaskMod = causal_mask_function, attention_mask: torch.Tensor | None = None,
                         config: PretrainedConfig | None = None, device: torch.device | str = "cpu",
@@ -175,18 +213,11 @@ def _mask_for_attention(batch_size: int, q_length: int, kv_length: int, q_offset
     positions = sample_positions(padding) if padded else None
     mask_mod = and_masks(mask_function, pattern_mask_mod(pattern, positions))
     whole_sequence = isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0 and q_length == kv_length
-    if pattern.kernel == "flex" and whole_sequence:
+    if pattern.kernel == "flex" and whole_sequence and flex_runs_on(device):
         if padded or mask_function is not causal_mask_function:  # depends on the data: built per batch
             return flex_attention_mask(batch_size, q_length, kv_length, mask_function=mask_mod,
                                        attention_mask=attention_mask, device=device)
-        key = (pattern, q_length, str(device))
-        if key not in _block_masks:
-            if len(_block_masks) >= MAX_BLOCK_MASKS:
-                del _block_masks[next(iter(_block_masks))]
-            gathered = q_length + global_slots(q_length, pattern.stride)
-            _block_masks[key] = create_block_mask(gathered_mask_mod(pattern, q_length), B=None, H=None,
-                                                  Q_LEN=q_length, KV_LEN=gathered, device=device, _compile=True)
-        return _block_masks[key]
+        return gathered_block_mask(pattern, q_length, device)
     return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function=mask_mod,
                      attention_mask=attention_mask, allow_is_causal_skip=False, use_vmap=kwargs.get("use_vmap", False),
                      device=device)
@@ -217,9 +248,7 @@ def register() -> None:
     """Register the attention and mask functions with transformers (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME, _attention)
     AttentionMaskInterface.register(ATTENTION_NAME, _mask_for_attention)
-    # packed rows (data.packing=true): the pattern counted from each sample's first token, samples kept apart
-    register_packed_mask(ATTENTION_NAME, lambda config, sample_ids, positions: local_global_mask(
-        pattern_of(config), positions, sample_ids))
+    register_packed_mask(ATTENTION_NAME, packed_mask)  # packed rows (data.packing=true)
 
 
 def use_attention(lm: PreTrainedModel, settings: LLMConfig) -> None:

@@ -10,7 +10,7 @@ model needs, on every attention implementation:
   so the rows are laid end to end first.
 An attention implementation with its own mask (local + global sparse attention) registers a packed-mask builder here
 (`register_packed_mask`): it gets each token's sample id and position within its sample (`sample_layout`) and returns
-the 4D mask the model then uses as-is.
+the 4D mask (boolean, or a flex_attention BlockMask) the model then uses as-is.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import PretrainedConfig
 
-# (LLM config, sample ids (B, L), positions (B, L)) -> a 4D mask (B, 1, L, L) the model uses as its attention mask
-PackedMaskBuilder = Callable[[PretrainedConfig, torch.Tensor, torch.Tensor], torch.Tensor]
+# (LLM config, sample ids (B, L), positions (B, L)) -> a 4D mask (B, 1, L, L), boolean or a flex_attention BlockMask,
+# that the model uses as its attention mask
+PackedMaskBuilder = Callable[[PretrainedConfig, torch.Tensor, torch.Tensor], torch.Tensor | BlockMask]
 PACKED_MASKS: dict[str, PackedMaskBuilder] = {}
 
 

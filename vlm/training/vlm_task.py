@@ -154,7 +154,7 @@ class VLMTask(StageTask):
         """Greedy answers for a left-padded prompt batch."""
         tokenizer = self.bundle.tokenizer
         # blocks compiled for training (trainer.compile) decode eagerly: every new KV-cache length would recompile them
-        with eager_decoding():
+        with eager_decoding(self.config.trainer.compile):
             new = self.model.generate(prompt["input_ids"].to(self.device), prompt["attention_mask"].to(self.device),
                                       prompt["pixel_values"].to(self.device), prompt["image_slots"].to(self.device),
                                       max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
@@ -184,10 +184,14 @@ def encoded_length(sample: dict[str, Any]) -> int:
     return len(sample["encoded"].input_ids)
 
 
-def eager_decoding() -> AbstractContextManager:
-    """Compiled code runs eagerly inside (torch >= 2.6; older versions recompile, with warnings)."""
+def eager_decoding(blocks_compiled: bool) -> AbstractContextManager:
+    """With blocks compiled for training, compiled code runs eagerly inside (torch >= 2.6; older versions recompile,
+    with warnings). Only then: the stance reaches all compiled code, flex_attention's kernel too, which would fall
+    back to an unfused implementation that materialises every score."""
     set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    if not blocks_compiled or set_stance is None:
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
 
 
 def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
