@@ -216,7 +216,7 @@ class SparseAttentionConfig:
     window: int = setting(1024, minimum=1)  # every token reads the previous `window` tokens (itself included)
     stride: int = setting(64, minimum=1)  # positions divisible by `stride` are global: every later token reads them
     sinks: int = setting(4, minimum=0)  # the first `sinks` tokens are always read
-    kernel: str = setting("sdpa", choices=("sdpa", "flex"))  # sdpa: boolean mask; flex: flex_attention (GPUs)
+    kernel: str = setting("sdpa", choices=("sdpa", "flex"))  # sdpa: boolean mask; flex: flex_attention on GPUs
 
 
 @dataclass
