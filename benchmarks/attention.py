@@ -113,6 +113,7 @@ def time_kernels(lengths: list[int], pattern: SparsePattern, repeats: int,
     """Prints the median seconds of the attention kernels alone, forward + backward, bf16, one sample of
     HEADS heads. Dense: causal SDPA. Flex: flex_attention compiled for each length, with the cached BlockMask and the
     global keys gathered in front, as `kernel=flex` runs it."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(lengths) + 1)  # one per length
     flex = torch.compile(flex_attention, dynamic=False)
 
     def dense_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
