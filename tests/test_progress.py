@@ -56,3 +56,39 @@ def test_frozen_parts_in_eval_mode_raise_no_lightning_warning(tmp_path):
         quiet_lightning()  # as on import (its filters go in front); pytest restores the filters an import left
         trainer.fit(Module(), data)
     assert not [w for w in caught if "eval mode" in str(w.message)]
+
+
+def test_rank_zero_validation_metrics_raise_no_sync_dist_advice(tmp_path):
+    """Every rank scores the whole held-out set and rank 0 logs it; in a distributed run Lightning's advice to sync
+    each epoch-level value (20 lines per validation) must stay quiet."""
+    import os
+    import warnings
+
+    import lightning.pytorch as pl
+    import torch
+    import torch.distributed as dist
+    from test_distributed import free_port
+
+    from vlm.training import quiet_lightning
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.layer(batch[0]).pow(2).mean(), sync_dist=False, rank_zero_only=True)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 2)), batch_size=2)
+        trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_lightning()
+            trainer.validate(Module(), data, verbose=False)
+    finally:
+        dist.destroy_process_group()
+    assert not [w for w in caught if "sync_dist" in str(w.message)]

@@ -6,6 +6,7 @@ The 2-process FSDP training runs themselves are in test_distributed.py.
 from __future__ import annotations
 
 import pytest
+import torch
 from open_clip.transformer import ResidualAttentionBlock
 from timm.models.vision_transformer import Block
 from tiny import tiny_config
@@ -16,7 +17,13 @@ from vlm.models.blocks import transformer_block_types
 from vlm.models.clip import CLIPModel
 from vlm.models.factory import new_vlm
 from vlm.training import strategy as strategy_module
-from vlm.training.strategy import BlockShardedFSDP, build_strategy, check_strategy, resolve_precision
+from vlm.training.strategy import (
+    BlockShardedFSDP,
+    build_strategy,
+    check_strategy,
+    resolve_precision,
+    set_matmul_precision,
+)
 
 
 def test_the_blocks_of_every_tower_become_fsdp_units():
@@ -77,3 +84,24 @@ def test_auto_precision_on_a_cpu_takes_bf16_only_where_it_runs_natively(monkeypa
     config = tiny_config("trainer.accelerator=cpu", *overrides)
     check_strategy(config.trainer)  # auto passes the FSDP-on-CPU precision check
     assert resolve_precision(config.trainer) == chosen
+
+
+@pytest.mark.parametrize(("accelerator", "setting", "expected"), [
+    ("cpu", "medium", "highest"),  # CPUs keep torch's default: trainer.precision decides bf16 there
+    ("gpu", "high", "high"),  # TF32, the default
+    ("gpu", "highest", "highest"),
+])
+def test_matmul_precision_applies_to_gpu_runs_only(accelerator, setting, expected):
+    config = tiny_config(f"trainer.accelerator={accelerator}", f"trainer.matmul_precision={setting}")
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        set_matmul_precision(config.trainer)
+        assert torch.get_float32_matmul_precision() == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_bad_matmul_precision_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="trainer.matmul_precision.*highest"):
+        tiny_config("trainer.matmul_precision=fast")

@@ -337,6 +337,8 @@ class TrainerConfig:
     fsdp_sharding: str = setting(choices=("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
     # auto: bf16-mixed where the hardware runs it natively, else 32-true (vlm.training.strategy.resolve_precision)
     precision: str = setting(choices=("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"))
+    # fp32 matmuls on GPUs: highest (full fp32), high (TF32 where the GPU has it), medium (bf16); CPUs ignore it
+    matmul_precision: str = setting(choices=("highest", "high", "medium"))
     gradient_clip_val: float | None = setting(minimum=0)  # clip the gradient norm to this; null: no clipping
     val_check_interval: int = setting(minimum=1)  # validate every N optimizer steps
     log_every_n_steps: int = setting(minimum=1)

@@ -21,7 +21,7 @@ from vlm.data.sources import resolve as resolve_data
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.runs import prepare_run
 from vlm.training.stages import get_stage
-from vlm.training.strategy import check_strategy, resolve_precision
+from vlm.training.strategy import check_strategy, resolve_precision, set_matmul_precision
 from vlm.training.trainer import build_trainer, finish
 
 log = logging.getLogger("vlm.train")
@@ -33,6 +33,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     started = time.time()
     check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
     config.trainer.precision = resolve_precision(config.trainer)  # "auto" -> what these devices run; saved with the run
+    set_matmul_precision(config.trainer)  # TF32 (high) by default on GPUs
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     stage = get_stage(config.stage.name)
     data = resolve_data(config.data, stage.data, config.output_root)

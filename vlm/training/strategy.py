@@ -105,6 +105,14 @@ def resolve_precision(trainer: TrainerConfig) -> str:
     return chosen
 
 
+def set_matmul_precision(trainer: TrainerConfig) -> None:
+    """`trainer.matmul_precision` for the fp32 matmuls left under mixed precision, on GPUs only: on CPUs torch would
+    let oneDNN run them in bf16 too, which `trainer.precision` decides there."""
+    if not runs_on_cpu(trainer):
+        torch.set_float32_matmul_precision(trainer.matmul_precision)
+        log.info("fp32 matmuls on GPUs: trainer.matmul_precision=%s", trainer.matmul_precision)
+
+
 def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
     """The Lightning strategy for `trainer.strategy`: a name Lightning resolves, or block-sharded FSDP for `fsdp` (and
     `fsdp_cpu_offload`, which also keeps the shards in CPU memory between uses). `vlm.train` has already run
