@@ -102,8 +102,10 @@ def step(lm: LlamaForCausalLM, embeds: torch.Tensor) -> None:
         torch.cuda.synchronize()
 
 
-def release(device: torch.device) -> None:
-    """Hand memory a failed side left behind back to the allocator, so the next side starts clean."""
+def report_failure(what: str, length: int, err: BaseException, device: torch.device) -> None:
+    """Print why a side failed at a length (out of memory, mostly), and hand what it left behind back to the
+    allocator, so the next side starts clean."""
+    print(f"  {what} at {length}: {str(err).splitlines()[0][:100]}")
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -124,7 +126,6 @@ def time_kernels(lengths: list[int], pattern: SparsePattern, repeats: int,
         return flex(q, gather_globals(k, pattern.stride), gather_globals(v, pattern.stride), block_mask=block_mask)
 
     kernels = {"dense sdpa": dense_step, "local_global flex": flex_step}
-    results: dict[str, dict[int, float]] = {name: {} for name in kernels}
     for length in lengths:
         q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -139,12 +140,9 @@ def time_kernels(lengths: list[int], pattern: SparsePattern, repeats: int,
                     if repeat:
                         times[name].append(time.perf_counter() - start)
                 except (RuntimeError, MemoryError) as err:
-                    print(f"  kernel {name} at {length}: {str(err).splitlines()[0][:100]}")
-                    release(device)
-        for name in kernels:
-            if times[name]:
-                results[name][length] = statistics.median(times[name])
-        dense, sparse = results["dense sdpa"].get(length), results["local_global flex"].get(length)
+                    report_failure(f"kernel {name}", length, err, device)
+        medians = {name: statistics.median(seconds) for name, seconds in times.items() if seconds}
+        dense, sparse = medians.get("dense sdpa"), medians.get("local_global flex")
         ratio = f"flex {dense / sparse:5.2f}x dense's speed" if dense and sparse else ""
         print(f"kernels L={length:6d}  dense sdpa {dense * 1e3 if dense else float('nan'):8.2f} ms  local_global flex "
               f"{sparse * 1e3 if sparse else float('nan'):8.2f} ms  {ratio}", flush=True)
@@ -160,8 +158,7 @@ def time_layers(lengths: list[int], sides: dict[str, LlamaForCausalLM], repeats:
             try:
                 step(lm, embeds)
             except (RuntimeError, MemoryError) as err:
-                print(f"  {name} at {length}: {str(err).splitlines()[0][:100]}")
-                release(device)
+                report_failure(name, length, err, device)
         times: dict[str, list[float]] = {name: [] for name in sides}
         peaks: dict[str, int] = {name: 0 for name in sides}
         failed: set[str] = set()
@@ -178,8 +175,7 @@ def time_layers(lengths: list[int], sides: dict[str, LlamaForCausalLM], repeats:
                 except (RuntimeError, MemoryError) as err:
                     failed.add(name)
                     times[name] = []
-                    print(f"  {name} at {length}: {str(err).splitlines()[0][:100]}")
-                    release(device)
+                    report_failure(name, length, err, device)
         for name in sides:
             if times[name]:
                 results[name][length] = (statistics.median(times[name]), peaks[name])
