@@ -18,12 +18,14 @@ Two parts:
    - window: the same `sinks` and a recent-only window for the rest (StreamingLLM);
    plus the full dynamic cache. Writes a PNG of exact match against budget (--plot). By default each prompt is read
    whole and the budget binds from the answer on; --prompt-block 1 reads it a token at a time, evicting after each,
-   as the paper evaluates (every prompt token then reads only what the budget keeps).
+   as the paper evaluates (every prompt token then reads only what the budget keeps). --full-cache-layers I ... lets
+   those decoder layers keep every key while the others evict: a diagnostic of which layer's eviction costs answers
+   ("tokens held" then averages over the layers).
 
 Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
        [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--sinks-on-top]
-       [--ranking mean|sum] [--prompt-block N] [--speed-prompt-block N] [--max-samples 200]
-       [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
+       [--ranking mean|sum] [--prompt-block N] [--speed-prompt-block N] [--full-cache-layers I ...]
+       [--max-samples 200] [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
 Without --export, a random tiny export is built (the quality part then measures nothing useful).
 """
 
@@ -59,6 +61,7 @@ from vlm.metrics import answer_metrics, score_answer  # noqa: E402
 from vlm.models.factory import VLMBundle, new_vlm  # noqa: E402
 
 MiB = 2**20
+NEVER_EVICT = 2**31  # a recent window no prompt reaches: that layer keeps every key
 
 
 class CacheBytes(LogitsProcessor):
@@ -182,14 +185,29 @@ def held_out_turns(bundle: VLMBundle, val: str | None, max_samples: int) -> list
     return turns
 
 
-def answer(bundle: VLMBundle, turn, budget: H2OBudget | None, max_new_tokens: int) -> str:
+def answer(bundle: VLMBundle, turn, budget: H2OBudget | None, max_new_tokens: int,
+           full_layers: tuple[int, ...] = ()) -> str:
+    """Greedy answer to one held-out turn; `budget` None: the dynamic cache. `full_layers`: decoder layers that keep
+    every key while the others evict (a diagnostic: which layer's eviction costs the answers)."""
     tokenizer = bundle.tokenizer
     batch = pad_batch([turn.prompt], tokenizer.pad_token_id, left=True)
-    extra = {"cache": H2OCache(bundle.model.lm, budget)} if budget else {}
+    extra = {}
+    if budget:
+        cache = H2OCache(bundle.model.lm, budget)
+        for index in full_layers:
+            cache.layers[index].budget = H2OBudget(heavy=0, recent=NEVER_EVICT, sinks=0)
+        extra = {"cache": cache}
     new = bundle.model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                 batch["image_slots"], max_new_tokens=max_new_tokens, do_sample=False,
                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
     return tokenizer.decode(new[0], skip_special_tokens=True)
+
+
+def held_per_layer(budget: H2OBudget | None, prompt_tokens: int, layers: int, full_layers: tuple[int, ...]) -> float:
+    """Keys a layer holds after the prompt, averaged over the layers (`full_layers` hold the whole prompt)."""
+    if budget is None:
+        return prompt_tokens
+    return (budget.total * (layers - len(full_layers)) + prompt_tokens * len(full_layers)) / layers
 
 
 def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float, float]]:
@@ -197,6 +215,9 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
     lengths = [len(t.prompt.input_ids) for t in turns]
     print(f"prompt tokens: min {min(lengths)}, median {statistics.median(lengths)}, max {max(lengths)}")
     max_new = to_train_config(compose_config("train", ["stage=sft"])).eval.max_new_tokens
+    layers = bundle.model.lm.config.num_hidden_layers
+    if any(not 0 <= index < layers for index in args.full_cache_layers):
+        raise SystemExit(f"--full-cache-layers {args.full_cache_layers}: this LLM has layers 0-{layers - 1}")
     rankings = {f"h2o-{r}": r for r in RANKINGS}  # h2o with each heavy-hitter ranking; the window has none
     methods = [("dynamic", 1.0)] + [(m, b) for b in args.budgets for m in (*rankings, "window")]
     results: dict[str, dict[float, float]] = {m: {} for m in ("dynamic", *rankings, "window")}
@@ -207,8 +228,9 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
             total = round(fraction * len(turn.prompt.input_ids)) + (args.sinks if args.sinks_on_top else 0)
             sinks = args.h2o_sinks if ranking else args.sinks
             budget = None if method == "dynamic" else split_budget(total, sinks, ranking, args.prompt_block)
-            held.append(budget.total if budget else len(turn.prompt.input_ids))
-            scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new), turn.reference)))
+            held.append(held_per_layer(budget, len(turn.prompt.input_ids), layers, args.full_cache_layers))
+            scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new, args.full_cache_layers),
+                                                    turn.reference)))
         metrics = answer_metrics(scored)
         results[method][fraction] = metrics["exact_match"]
         groups = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("exact_match/"))
@@ -278,6 +300,9 @@ def main() -> None:
                              "so its memory stays within the budget + the block while the prompt is read")
     parser.add_argument("--ranking", choices=RANKINGS, default="mean",
                         help="how h2o ranks heavy hitters in the speed part (the quality part runs both)")
+    parser.add_argument("--full-cache-layers", type=int, nargs="+", default=(),
+                        help="quality part, a diagnostic: these decoder layers (from 0) keep every key while the "
+                             "others evict, to see which layer's eviction costs the answers")
     parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
     parser.add_argument("--plot", type=Path, default=Path("docs/kv_cache_budget.png"))
     parser.add_argument("--skip-speed", action="store_true")
@@ -285,6 +310,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     args.h2o_sinks = args.sinks if args.h2o_sinks is None else args.h2o_sinks
+    args.full_cache_layers = tuple(args.full_cache_layers)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.export is None:
