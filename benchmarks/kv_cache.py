@@ -248,7 +248,7 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
 
 
 def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top: bool,
-         prompt_block: int | None) -> None:
+         prompt_block: int | None, full_layers: tuple[int, ...] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,7 +267,11 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top:
     axes.set_xlabel(f"KV cache budget, share of the prompt ({sinks} sinks {'on top' if on_top else 'included'})")
     axes.set_ylabel("held-out exact match")
     reading = "whole, then evicted" if prompt_block is None else f"{prompt_block} token(s) a pass, evicting after each"
-    axes.set_title(f"prompt read {reading}", fontsize=9)
+    kept = ""
+    if full_layers:
+        layers = ", ".join(map(str, full_layers))
+        kept = f"; layers {layers} keep every key" if len(full_layers) > 1 else f"; layer {layers} keeps every key"
+    axes.set_title(f"prompt read {reading}{kept}", fontsize=9)
     axes.set_ylim(0, 1.02)
     axes.legend(loc="best", fontsize=8)
     axes.grid(alpha=0.3)
@@ -328,7 +332,8 @@ def main() -> None:
         if not args.skip_speed:
             speed(lm, args)
         if not args.skip_quality:
-            plot(quality(bundle, args), args.plot, args.sinks, args.sinks_on_top, args.prompt_block)
+            plot(quality(bundle, args), args.plot, args.sinks, args.sinks_on_top, args.prompt_block,
+                 args.full_cache_layers)
 
 
 if __name__ == "__main__":
