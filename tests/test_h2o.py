@@ -8,7 +8,15 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from vlm.config import ConfigError, load_config
-from vlm.generation.h2o import H2O_LAYER, H2OBudget, H2OCache, H2OLayer, PaddedBatchError, attention_column_sums
+from vlm.generation.h2o import (
+    H2O_LAYER,
+    H2OBudget,
+    H2OCache,
+    H2OLayer,
+    PaddedBatchError,
+    attention_column_sums,
+    score_block,
+)
 from vlm.generation.options import GenerationOptions, H2OSettings, OptionError
 
 
@@ -177,6 +185,15 @@ def test_column_sums_in_blocks_equal_the_full_softmax():
     torch.testing.assert_close(attention_column_sums(query, key, None, 0.3, block=3), expected)
     mask = causal.expand(2, 1, 7, 9)
     torch.testing.assert_close(attention_column_sums(query, key, mask, 0.3, block=2), expected)
+
+
+def test_cpu_column_sums_by_default_take_cache_sized_blocks_with_the_same_result():
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 8, 1024, 4), torch.randn(1, 8, 1024, 4)
+    rows = score_block(8, 1024, torch.device("cpu"))
+    assert 16 <= rows < 1024 and rows * 8 * 1024 <= 2**20  # several blocks, each's logits within 4 MiB
+    torch.testing.assert_close(attention_column_sums(query, key, None, 0.5),
+                               attention_column_sums(query, key, None, 0.5, block=1024))
 
 
 def test_beam_reordering_moves_scores_and_positions_with_their_keys():

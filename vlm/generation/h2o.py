@@ -43,7 +43,12 @@ from vlm.generation.options import H2OSettings, OptionError
 from vlm.models.attention import uses_pattern
 
 H2O_LAYER = "h2o_cache_layer"  # attention kwarg: the layer waiting for this step's attention scores
-SCORE_BLOCK = 256  # prefill queries per block when summing attention columns: memory (B, H, 256, K), not (B, H, N, N)
+# Prefill queries per block when summing attention columns: memory (B, H, rows, K), never (B, H, N, N). On CPUs a
+# block's logits are kept near 2**20 floats (4 MiB), so the softmax's passes over them run in cache (2x faster than
+# 256 rows at 4k keys); elsewhere 256 rows, as kernel launches would dominate smaller blocks.
+SCORE_BLOCK = 256
+CPU_SCORE_BLOCK_FLOATS = 2**20
+MIN_SCORE_BLOCK = 16
 HOOK_PREFIX = "h2o_scores+"  # the registered name is this + the wrapped implementation ("h2o_scores+sdpa")
 
 
@@ -230,35 +235,45 @@ class H2OCache(Cache):
         return self.layers[layer_idx].held() if layer_idx < len(self.layers) else 0
 
 
+def score_block(heads: int, keys: int, device: torch.device) -> int:
+    """Prompt queries per block of `attention_column_sums` (see SCORE_BLOCK)."""
+    if device.type != "cpu":
+        return SCORE_BLOCK
+    return max(MIN_SCORE_BLOCK, min(SCORE_BLOCK, CPU_SCORE_BLOCK_FLOATS // (heads * keys)))
+
+
 def attention_column_sums(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                          scaling: float, block: int = SCORE_BLOCK) -> torch.Tensor:
+                          scaling: float, block: int | None = None) -> torch.Tensor:
     """Attention each key receives, summed over the queries and over the query heads sharing its key-value head.
 
     query (B, H, Q, D), key (B, H_kv, K, D), the queries being the last Q of the K positions; attention_mask None
-    (causal) or the model's 4D mask (B, 1, Q, >=K), boolean (True attends) or additive. Returns (B, H_kv, K) float32.
+    (causal) or the model's 4D mask (B, 1, Q, >=K), boolean (True attends) or additive; `block` queries per pass
+    (default: `score_block`). Returns (B, H_kv, K) float32.
     """
     batch, heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     groups = heads // kv_heads
+    block = block or score_block(heads, keys, key.device)
     key32 = key.float()
     totals = torch.zeros(batch, kv_heads, keys, device=key.device)
     for start in range(0, queries, block):
         end = min(start + block, queries)
+        rows = end - start
         # causal without a mask: this block's last query sees keys up to K - Q + end - 1; the rest are never read
         visible = keys - queries + end if attention_mask is None else keys
-        q = query[:, :, start:end].float().view(batch, kv_heads, groups, end - start, dim) * scaling  # (B,H_kv,G,c,D)
+        q = query[:, :, start:end].float().view(batch, kv_heads, groups, rows, dim) * scaling  # (B, H_kv, G, c, D)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key32[:, :, :visible])  # (B, H_kv, G, c, V)
         if attention_mask is not None:
             mask = attention_mask[:, :, start:end, :keys].unsqueeze(1)  # (B, 1, 1, c, K)
             logits = logits.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else logits.add_(mask)
-        elif end - start > 1:  # query i of the block sees keys up to its own position, K - Q + start + i
-            seen = torch.arange(visible, device=key.device) <= torch.arange(start, end, device=key.device)[:, None] + (
-                keys - queries)  # (c, V)
-            logits.masked_fill_(~seen, -math.inf)
-        # softmax in place: one (B, H_kv, G, c, V) buffer per block
+        elif rows > 1:  # causal: query i of the block reads the block's last `rows` keys up to its own, i
+            later = torch.ones(rows, rows, dtype=torch.bool, device=key.device).triu_(1)  # (c, c)
+            logits[..., visible - rows:].masked_fill_(later, -math.inf)
+        # softmax in place (one (B, H_kv, G, c, V) buffer per block); each row's normaliser is applied in the
+        # query-weighted sum over the block's rows rather than by a division pass
         logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
-        logits.div_(logits.sum(dim=-1, keepdim=True))
-        totals[..., :visible] += logits.sum(dim=(2, 3))
+        inverse_norm = logits.sum(dim=-1).reciprocal_()  # (B, H_kv, G, c)
+        totals[..., :visible] += torch.einsum("bhgq,bhgqk->bhk", inverse_norm, logits)
     return totals
 
 
