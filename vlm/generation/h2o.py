@@ -43,12 +43,12 @@ from vlm.generation.options import H2OSettings, OptionError
 from vlm.models.attention import uses_pattern
 
 H2O_LAYER = "h2o_cache_layer"  # attention kwarg: the layer waiting for this step's attention scores
-# Prefill queries per block when summing attention columns: memory (B, H, rows, K), never (B, H, N, N). On CPUs a
-# block's logits are kept near 2**20 floats (4 MiB), so the softmax's passes over them run in cache (2x faster than
-# 256 rows at 4k keys); elsewhere 256 rows, as kernel launches would dominate smaller blocks.
-SCORE_BLOCK = 256
-CPU_SCORE_BLOCK_FLOATS = 2**20
-MIN_SCORE_BLOCK = 16
+# Prefill queries per block when summing attention columns: memory (B, H, rows, K), never (B, H, N, N). A block's
+# scores are kept within a float budget: on CPUs 2**20 (4 MiB), so the softmax's passes over them run in cache (2x
+# faster than 256 rows at 4k keys); elsewhere 2**28 (1 GiB), as kernel launches would dominate small blocks.
+SCORE_BLOCK_ROWS = (16, 256)  # fewest and most queries per block
+SCORE_BLOCK_FLOATS = {"cpu": 2**20}
+ACCELERATOR_SCORE_BLOCK_FLOATS = 2**28
 HOOK_PREFIX = "h2o_scores+"  # the registered name is this + the wrapped implementation ("h2o_scores+sdpa")
 
 
@@ -236,10 +236,11 @@ class H2OCache(Cache):
 
 
 def score_block(heads: int, keys: int, device: torch.device) -> int:
-    """Prompt queries per block of `attention_column_sums` (see SCORE_BLOCK)."""
-    if device.type != "cpu":
-        return SCORE_BLOCK
-    return max(MIN_SCORE_BLOCK, min(SCORE_BLOCK, CPU_SCORE_BLOCK_FLOATS // (heads * keys)))
+    """Prompt queries per block of `attention_column_sums`: as many as the device's float budget allows for `heads`
+    rows of `keys` scores each, within SCORE_BLOCK_ROWS."""
+    budget = SCORE_BLOCK_FLOATS.get(device.type, ACCELERATOR_SCORE_BLOCK_FLOATS)
+    fewest, most = SCORE_BLOCK_ROWS
+    return max(fewest, min(most, budget // (heads * keys)))
 
 
 def attention_column_sums(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
