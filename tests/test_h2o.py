@@ -187,7 +187,7 @@ def test_column_sums_in_blocks_equal_the_full_softmax():
     torch.testing.assert_close(attention_column_sums(query, key, mask, 0.3, block=2), expected)
 
 
-def test_cpu_column_sums_by_default_take_cache_sized_blocks_with_the_same_result():
+def test_default_column_sum_blocks_fit_the_device_budget_with_the_same_result():
     torch.manual_seed(0)
     query, key = torch.randn(1, 8, 1024, 4), torch.randn(1, 8, 1024, 4)
     rows = score_block(8, 1024, torch.device("cpu"))

@@ -44,11 +44,11 @@ from vlm.models.attention import uses_pattern
 
 H2O_LAYER = "h2o_cache_layer"  # attention kwarg: the layer waiting for this step's attention scores
 # Prefill queries per block when summing attention columns: memory (B, H, rows, K), never (B, H, N, N). A block's
-# scores are kept within a float budget: on CPUs 2**20 (4 MiB), so the softmax's passes over them run in cache (2x
-# faster than 256 rows at 4k keys); elsewhere 2**28 (1 GiB), as kernel launches would dominate small blocks.
+# scores stay within a budget of floats: on CPUs 4 MiB, so the softmax's passes over them run in cache; elsewhere
+# 1 GiB, since kernel launches would dominate small blocks.
 SCORE_BLOCK_ROWS = (16, 256)  # fewest and most queries per block
-SCORE_BLOCK_FLOATS = {"cpu": 2**20}
-ACCELERATOR_SCORE_BLOCK_FLOATS = 2**28
+CPU_SCORE_FLOATS = 2**20
+ACCELERATOR_SCORE_FLOATS = 2**28
 HOOK_PREFIX = "h2o_scores+"  # the registered name is this + the wrapped implementation ("h2o_scores+sdpa")
 
 
@@ -238,7 +238,7 @@ class H2OCache(Cache):
 def score_block(heads: int, keys: int, device: torch.device) -> int:
     """Prompt queries per block of `attention_column_sums`: as many as the device's float budget allows for `heads`
     rows of `keys` scores each, within SCORE_BLOCK_ROWS."""
-    budget = SCORE_BLOCK_FLOATS.get(device.type, ACCELERATOR_SCORE_BLOCK_FLOATS)
+    budget = CPU_SCORE_FLOATS if device.type == "cpu" else ACCELERATOR_SCORE_FLOATS
     fewest, most = SCORE_BLOCK_ROWS
     return max(fewest, min(most, budget // (heads * keys)))
 
