@@ -154,14 +154,15 @@ def time_layers(lengths: list[int], sides: dict[str, LlamaForCausalLM], repeats:
     results: dict[str, dict[int, tuple[float, int]]] = {name: {} for name in sides}
     for length in lengths:
         embeds = torch.randn(1, length, WIDTH, device=device, dtype=dtype, requires_grad=True)
+        failed: set[str] = set()  # sides left out at this length: not run (nor reported) again
         for name, lm in sides.items():  # warm-up: compiles flex kernels, builds and caches block masks
             try:
                 step(lm, embeds)
             except (RuntimeError, MemoryError) as err:
+                failed.add(name)
                 report_failure(name, length, err, device)
         times: dict[str, list[float]] = {name: [] for name in sides}
         peaks: dict[str, int] = {name: 0 for name in sides}
-        failed: set[str] = set()
         for _ in range(repeats):
             for name, lm in sides.items():
                 if name in failed:
