@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from test_export_compat import old_export
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -111,6 +111,8 @@ def test_flex_attention_gives_the_sdpa_logits(monkeypatch):
             config.sparse.kernel = kernel
             use_attention(lm, config)
             logits[kernel] = (lm(ids).logits, lm(ids, attention_mask=mask).logits)
+    build = ALL_MASK_ATTENTION_FUNCTIONS[ATTENTION_NAME]  # the flex side really built BlockMasks
+    assert isinstance(build(2, 300, 300, config=lm.config, device="cpu"), BlockMask)
     assert torch.allclose(logits["flex"][0], logits["sdpa"][0], atol=1e-5)
     real = mask.bool()
     assert torch.allclose(logits["flex"][1][real], logits["sdpa"][1][real], atol=1e-5)

@@ -26,7 +26,7 @@ from vlm.data.sources import resolve_eval
 from vlm.metrics import SCORES
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.stages import get_stage
-from vlm.training.strategy import resolve_precision, set_matmul_precision
+from vlm.training.strategy import configure_precision
 from vlm.training.task import StageTask
 from vlm.training.trainer import validate
 
@@ -45,9 +45,8 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     data = resolve_eval(config.data, stage.data, config.output_root)
     task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
     datamodule = ShardDataModule(data, task.batching(), config.data)
-    set_matmul_precision(config.trainer)
     trainer = pl.Trainer(accelerator=config.trainer.accelerator, devices=1,
-                         precision=resolve_precision(config.trainer), logger=False, enable_checkpointing=False,
+                         precision=configure_precision(config.trainer), logger=False, enable_checkpointing=False,
                          enable_model_summary=False,
                          limit_val_batches=task.val_batch_limit())  # eval.max_samples: score only the first ones
     metrics: dict[str, Any] = validate(trainer, task, datamodule)

@@ -21,7 +21,7 @@ from vlm.data.sources import resolve as resolve_data
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.runs import prepare_run
 from vlm.training.stages import get_stage
-from vlm.training.strategy import check_strategy, resolve_precision, set_matmul_precision
+from vlm.training.strategy import check_strategy, configure_precision
 from vlm.training.trainer import build_trainer, finish
 
 log = logging.getLogger("vlm.train")
@@ -32,8 +32,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     Trainer's own (tests and benchmarks watch or perturb a run through them)."""
     started = time.time()
     check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
-    config.trainer.precision = resolve_precision(config.trainer)  # "auto" -> what these devices run; saved with the run
-    set_matmul_precision(config.trainer)  # TF32 (high) by default on GPUs
+    config.trainer.precision = configure_precision(config.trainer)  # "auto" -> what runs here; saved with the run
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     stage = get_stage(config.stage.name)
     data = resolve_data(config.data, stage.data, config.output_root)

@@ -79,6 +79,10 @@ class SparsePattern:
         fixed = ((key_position % self.stride == 0) | (key_position < self.sinks)).any(dim=0)  # (K,)
         return in_window | fixed
 
+    def uses_flex(self, device: torch.device | str) -> bool:
+        """Whether this pattern's attention runs through flex_attention on `device` (`kernel=flex` there)."""
+        return self.kernel == "flex" and flex_runs_on(device)
+
     def max_cached(self, length: int) -> int:
         """Keys a pattern cache holds at most after `length` tokens (one sample)."""
         return min(length, self.window + length // self.stride + self.sinks + 1)
@@ -141,7 +145,7 @@ def packed_mask(config: PretrainedConfig, sample_ids: torch.Tensor,
     """The mask for packed rows (data.packing): the pattern counted from each sample's first token, samples kept
     apart; a BlockMask where flex_attention runs, else the 4D boolean mask."""
     pattern = pattern_of(config)
-    if pattern.kernel == "flex" and flex_runs_on(positions.device):
+    if pattern.uses_flex(positions.device):
         return packed_block_mask(pattern, positions, sample_ids)
     return local_global_mask(pattern, positions, sample_ids)
 
@@ -213,7 +217,7 @@ def _mask_for_attention(batch_size: int, q_length: int, kv_length: int, q_offset
     positions = sample_positions(padding) if padded else None
     mask_mod = and_masks(mask_function, pattern_mask_mod(pattern, positions))
     whole_sequence = isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0 and q_length == kv_length
-    if pattern.kernel == "flex" and whole_sequence and flex_runs_on(device):
+    if whole_sequence and pattern.uses_flex(device):
         if padded or mask_function is not causal_mask_function:  # depends on the data: built per batch
             return flex_attention_mask(batch_size, q_length, kv_length, mask_function=mask_mod,
                                        attention_mask=attention_mask, device=device)

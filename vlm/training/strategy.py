@@ -126,3 +126,10 @@ def build_strategy(trainer: TrainerConfig, model: nn.Module) -> str | Strategy:
     return BlockShardedFSDP(auto_wrap_policy=blocks, sharding_strategy=trainer.fsdp_sharding,
                             cpu_offload=trainer.strategy == "fsdp_cpu_offload",
                             state_dict_type="full")  # one checkpoint file: atomic writes and resume=auto as ever
+
+
+def configure_precision(trainer: TrainerConfig) -> str:
+    """Set this process's fp32 matmul precision (`set_matmul_precision`) and return the Trainer's precision
+    (`resolve_precision`): what every entry point that builds a Trainer does first."""
+    set_matmul_precision(trainer)
+    return resolve_precision(trainer)
