@@ -192,7 +192,7 @@ def test_default_column_sum_blocks_fit_the_device_budget_with_the_same_result():
     query, key = torch.randn(1, 8, 1024, 4), torch.randn(1, 8, 1024, 4)
     rows = score_block(8, 1024, torch.device("cpu"))
     assert 16 <= rows < 1024 and rows * 8 * 1024 <= 2**20  # several blocks, each's logits within 4 MiB
-    # GPUs take bigger blocks, but a 128k-token prompt's no longer asks for 256 rows (4 GiB of scores at 32 heads)
+    # GPUs take bigger blocks, but a 128k-token prompt no longer gets 256 rows (4 GiB of scores at 32 heads)
     assert score_block(8, 1024, torch.device("cuda")) == 256
     assert score_block(32, 2**17, torch.device("cuda")) * 32 * 2**17 * 4 <= 2**30
     torch.testing.assert_close(attention_column_sums(query, key, None, 0.5),
