@@ -35,6 +35,8 @@ from transformers.cache_utils import DynamicLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from plotting import plot_path, pyplot_or_exit  # noqa: E402  (benchmarks/, this script's folder)
+
 from vlm.config import LLMConfig, SparseAttentionConfig  # noqa: E402
 from vlm.generation.kv_cache import LocalGlobalLayer  # noqa: E402
 from vlm.models.attention import (  # noqa: E402
@@ -205,11 +207,9 @@ def kv_bytes(lengths: list[int], pattern: SparsePattern, device: torch.device, d
 
 def plot(path: Path, timing: dict[str, dict[int, tuple[float, int]]], cache: dict[str, dict[int, int]],
          title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_or_exit(path)
+    if plt is None:
+        return
     fig, (ax_time, ax_memory, ax_cache) = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, rows in timing.items():
         lengths = sorted(rows)
@@ -246,8 +246,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-flex", action="store_true", help="skip the flex_attention side (it compiles first)")
-    parser.add_argument("--plot", type=Path, default=Path("docs/attention_benchmark.png"))
+    parser.add_argument("--plot", type=plot_path, default=Path("docs/attention_benchmark.png"),
+                        help="where the PNG goes; none: no plot")
     args = parser.parse_args()
+    pyplot_or_exit(args.plot)  # a missing plotting library stops the run now, not after the measuring
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

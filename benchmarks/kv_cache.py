@@ -46,6 +46,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode import Clock  # noqa: E402  (benchmarks/, this script's folder)
+from plotting import plot_path, pyplot_or_exit  # noqa: E402
 
 from vlm.cli import compose_config  # noqa: E402
 from vlm.config import to_train_config  # noqa: E402
@@ -249,11 +250,9 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
 
 def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top: bool,
          prompt_block: int | None, full_layers: tuple[int, ...] = ()) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot_or_exit(path)
+    if plt is None:
+        return
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
     for method, label, marker in (("h2o-mean", "H2O, heavy hitters by mean attention (default)", "o"),
                                   ("h2o-sum", "H2O, heavy hitters by summed attention (paper)", "^"),
@@ -308,11 +307,13 @@ def main() -> None:
                         help="quality part, a diagnostic: these decoder layers (from 0) keep every key while the "
                              "others evict, to see which layer's eviction costs the answers")
     parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
-    parser.add_argument("--plot", type=Path, default=Path("docs/kv_cache_budget.png"))
+    parser.add_argument("--plot", type=plot_path, default=Path("docs/kv_cache_budget.png"),
+                        help="where the PNG goes; none: no plot")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    pyplot_or_exit(args.plot)  # a missing plotting library stops the run now, not after the measuring
     args.h2o_sinks = args.sinks if args.h2o_sinks is None else args.h2o_sinks
     args.full_cache_layers = tuple(args.full_cache_layers)
     torch.set_num_threads(args.threads)
