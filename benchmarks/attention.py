@@ -12,10 +12,10 @@ Four measurements, each side by side in this process:
 3. the crossover: the first length where a local_global side beats dense;
 4. decode KV-cache bytes after N tokens: the same keys and values fed to transformers' DynamicCache layer and to
    vlm's LocalGlobalCache layer, N up to --max-cache.
-Repeats alternate the sides and report medians. A PNG plot goes to --plot.
+Repeats alternate the sides and report medians. A PNG plot goes to --plot (none: no plot).
 
 Usage: python benchmarks/attention.py [--max-length 8192] [--max-cache 131072] [--window 1024] [--stride 64]
-                                      [--sinks 4] [--repeats 3] [--device cpu|cuda] [--no-flex] [--plot PATH]
+                                      [--sinks 4] [--repeats 3] [--device cpu|cuda] [--no-flex] [--plot PATH|none]
 """
 
 from __future__ import annotations

@@ -25,8 +25,10 @@ stamp() { echo "== $1 at +$(( $(date +%s) - started )) s"; }
 stamp "decode"
 python benchmarks/decode.py --device cuda --dtype bfloat16 --repeats 5 2>&1 | tee "$out/decode.log"
 stamp "attention"
+plot="$out/attention_benchmark_cuda.png"
+python -c "import matplotlib" 2>/dev/null || { echo "no matplotlib here: the figures only, no plot"; plot=none; }
 python benchmarks/attention.py --device cuda --max-length 131072 --max-cache 131072 \
-  --plot "$out/attention_benchmark_cuda.png" 2>&1 | tee "$out/attention.log"
+  --plot "$plot" 2>&1 | tee "$out/attention.log"
 stamp "align + sft, FSDP, bf16, flex"
 sparse="model.llm.attention=local_global model.llm.sparse.window=24 model.llm.sparse.stride=8 model.llm.sparse.kernel=flex"
 common="trainer=gpu trainer.strategy=fsdp data.num_workers=4 output_root=$out/runs $sparse"

@@ -25,7 +25,7 @@ Two parts:
 Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
        [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--sinks-on-top]
        [--ranking mean|sum] [--prompt-block N] [--speed-prompt-block N] [--full-cache-layers I ...]
-       [--max-samples 200] [--plot docs/kv_cache_budget.png] [--skip-speed] [--skip-quality] [--threads 1]
+       [--max-samples 200] [--plot docs/kv_cache_budget.png|none] [--skip-speed] [--skip-quality] [--threads 1]
 Without --export, a random tiny export is built (the quality part then measures nothing useful).
 """
 
