@@ -19,11 +19,18 @@ def png(seed: int, size: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = True, history: bool = False) -> str:
+def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = True, history: bool = False,
+                anchors: int = 0) -> str:
     """A shard of `count` colour questions, each with a chosen and a rejected answer; `history` puts an earlier
-    question and answer before the asked one. Returns the shard path."""
+    question and answer before the asked one; `anchors` conversation samples (a shape question and its answer)
+    follow the pairs. Returns the shard path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(path)) as sink:
+        for i in range(count, count + anchors):
+            turns = [{"role": "user", "content": "<image>\nWhat shape is this?"},
+                     {"role": "assistant", "content": "a circle"}]
+            sink.write({"__key__": f"{i:06d}", "json": json.dumps({"conversations": turns, "type": "shape"}),
+                        "0.png": png(i)})
         for i in range(count):
             prompt = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
             if history:

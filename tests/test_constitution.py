@@ -3,6 +3,7 @@ critics (a real `vlm.serve` on 127.0.0.1 speaking both APIs), resuming, and clea
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -14,9 +15,12 @@ from tiny import tiny_config
 
 from vlm.cli import compose_config
 from vlm.config import ConfigError, load_config
-from vlm.constitution import ConstitutionConfig, load_constitution, run
+from vlm.constitution import ConstitutionConfig, Counts, PairMaker, load_constitution, read_prompts, run
+from vlm.critics import SyntheticCritic
+from vlm.data.preferences import PreferenceDecoder
 from vlm.data.shards import build_pipeline
 from vlm.errors import UserError
+from vlm.exports.vlm import load_vlm
 from vlm.serve import ServeSettings, create_app
 from vlm.training.stages import get_stage
 
@@ -82,6 +86,35 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
     assert again["train"] == train and len(_pairs(out / "train")) == len(pairs)
     assert "4 prompts were already done" in caplog.text
+
+
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_anchors_keep_a_share_of_the_answers_the_critic_left_unchanged(tiny_sft_export, small_synthetic, tmp_path,
+                                                                       share):
+    from vlm.data.sources import resolve
+
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", f"anchors={share}")
+    items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 40))
+    answers = [item.reference if i % 4 else "no idea" for i, item in enumerate(items)]  # 30 right, 10 wrong
+    make = PairMaker(config, None, SyntheticCritic(), load_constitution("synthetic"))
+    principles = [make._principle(item) for item in items]
+    counts, kept = Counts(), []
+    pairs = make._revised(items, answers, principles, counts, kept)
+    right = [(item, answer) for i, (item, answer) in enumerate(zip(items, answers, strict=True)) if i % 4]
+    assert len(pairs) == 10 and counts.dropped_unchanged == 30
+    if share == 1.0:
+        assert kept == right
+    else:
+        assert 5 < len(kept) < 25 and all(anchor in right for anchor in kept)
+        again: list = []
+        make._revised(items, answers, principles, Counts(), again)
+        assert again == kept  # drawn from each prompt's own seed: a resumed run keeps the same anchors
+    item, answer = kept[0]
+    sample = make._anchor(item, answer)
+    decoded = PreferenceDecoder(load_vlm(tiny_sft_export).processor)({"__url__": "a.tar", "__key__": "0", **sample})
+    labels = decoded["encoded"].labels
+    assert load_vlm(tiny_sft_export).tokenizer.decode(labels[labels != -100]).split("<|im_end|>")[0] == answer
+    assert json.loads(sample["json"])["type"] == item.group
 
 
 def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, small_synthetic, tmp_path):

@@ -153,6 +153,25 @@ def test_truncation_skips_pairs_that_would_cut_an_image_and_counts_them(tiny_sft
     assert batch["pairs"]["input_ids"].shape == (4, 40) and batch["skipped"] == 0
 
 
+def test_anchors_add_their_answers_nll_to_the_pairs_loss(tiny_sft_export, tmp_path):
+    """Conversation samples in the pair shards are anchors: the loss is the pairs' loss plus anchor_weight times
+    the NLL of the anchors' answers, which reaches the answer tokens only."""
+    task = _task(tiny_sft_export, "stage.anchor_weight=0.5")
+    batch = _batch(task, write_pairs(tmp_path / "p.tar", 3, anchors=2))
+    anchors = batch["anchors"]
+    assert len(batch["pairs"]["keys"]) == 3 and anchors["num_samples"] == 2 and batch["scored"] == []
+    answer = [task.bundle.tokenizer.decode(row[row != IGNORE_INDEX]) for row in anchors["labels"]]
+    assert all(text.strip().startswith("a circle") for text in answer)
+    total, pairs, anchor_nll = task.training_loss(batch)
+    out = task.model(anchors["input_ids"], anchors["attention_mask"], anchors["pixel_values"],
+                     image_slots=anchors["image_slots"])
+    logps, tokens = answer_logprobs(out.logits, anchors["labels"])
+    assert anchor_nll.item() == pytest.approx(-(logps.sum() / tokens.sum()).item(), rel=1e-4)
+    assert total.item() == pytest.approx(pairs.loss.item() + 0.5 * anchor_nll.item(), rel=1e-5)
+    only_anchors = {**batch, "pairs": None}
+    assert task.training_loss(only_anchors)[0].item() == pytest.approx(0.5 * anchor_nll.item(), rel=1e-5)
+
+
 def test_shards_without_chosen_are_skipped_with_the_reason(tiny_sft_export, tmp_path, caplog):
     task = _task(tiny_sft_export)
     shard = write_pairs(tmp_path / "bad.tar", 2, chosen=False)

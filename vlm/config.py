@@ -282,6 +282,7 @@ class StageConfig:
     beta: float | None = setting(minimum=0)  # DPO's beta: how far the policy may move from the reference
     loss: str | None = setting(choices=("sigmoid", "ipo"))  # DPO's sigmoid loss, or IPO (log-probs per token)
     sft_weight: float | None = setting(minimum=0)  # weight of an NLL term on the chosen answers (0: off)
+    anchor_weight: float | None = setting(minimum=0)  # weight of the NLL of conversation samples mixed into the pairs
     precompute_reference: bool | None = setting()  # reference log-probs computed once before training, no copy
     reference: str | None = setting()  # vlm.eval: the reference export; null: the one the run recorded
 

@@ -3,9 +3,12 @@
 For each prompt (images + the conversation up to its last user turn) the policy samples an answer; a critic
 critiques it under one principle of the constitution, drawn at random, and revises it (`mode=revise`: chosen = the
 revision, rejected = the answer; a revision equal to the answer is dropped), or scores `num_samples` answers
-(`mode=best_of_n`: the best against the worst; ties are dropped). Pairs go to OUT/{train,val}/shard-NNNNNN.tar, one
-shard per `prompts_per_shard` prompts, each written under a temporary name and renamed into place with its counts
-beside it; a rerun skips the prompts whose shard is there. OUT/DONE, written last, tells `stage=dpo` the patterns.
+(`mode=best_of_n`: the best against the worst; ties are dropped). With `anchors` > 0, that share of the training
+answers the critic leaves unchanged is kept too, as conversation samples: `stage=dpo` holds their likelihood up, so
+what the policy already answers right does not drift while the pairs move it. Samples go to
+OUT/{train,val}/shard-NNNNNN.tar, one shard per `prompts_per_shard` prompts, each written under a temporary name and
+renamed into place with its counts beside it; a rerun skips the prompts whose shard is there. OUT/DONE, written
+last, tells `stage=dpo` the patterns.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class ConstitutionConfig:
     temperature: float = setting(minimum=0)  # the policy's sampling temperature (0: greedy)
     top_p: float = setting(minimum=0, maximum=1)
     max_new_tokens: int = setting(minimum=1)  # the longest sampled answer
+    anchors: float = setting(minimum=0, maximum=1)  # revise: share of the unchanged train answers kept as anchors
     batch_size: int = setting(minimum=1)  # prompts answered at once
     prompts_per_shard: int = setting(minimum=1)  # one output shard per this many prompts: what a rerun skips
     max_train_prompts: int | None = setting(minimum=0)  # null: all of data.train
@@ -146,6 +150,7 @@ class Counts:
     prompts: int = 0
     kept: int = 0
     dropped_unchanged: int = 0  # revise: the revision equals the answer (nothing to learn)
+    anchors: int = 0  # revise: unchanged answers kept as anchors (train split; counted in dropped_unchanged too)
     dropped_tie: int = 0  # best_of_n: every answer scored the same
     dropped_empty: int = 0  # the critique or the revision came back empty (small critics do that)
     dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked
@@ -161,7 +166,8 @@ class PairMaker:
     def __init__(self, config: ConstitutionConfig, chat_model: Any, critic: Critic, constitution: Constitution):
         self.config, self.chat, self.critic, self.constitution = config, chat_model, critic, constitution
 
-    def __call__(self, items: list[Item], seed: int) -> tuple[list[dict[str, Any]], Counts]:
+    def __call__(self, items: list[Item], seed: int, anchors: bool = False) -> tuple[list[dict[str, Any]], Counts]:
+        """Pair samples for `items`, then (with `anchors`) the anchor samples, and the counts."""
         from vlm.generation.completion import PromptError
 
         counts, asked, prompts = Counts(prompts=len(items)), [], []
@@ -177,13 +183,14 @@ class PairMaker:
         options = {"temperature": self.config.temperature, "top_p": self.config.top_p,
                    "max_new_tokens": self.config.max_new_tokens, "seed": seed}
         answers = self.chat.generate_batch(prompts * n, **options)  # sample k of prompt i at k * len(prompts) + i
+        kept_right: list[tuple[Item, str]] = []
         if self.config.mode == "revise":
-            judged = self._revised(asked, answers, principles, counts)
+            judged = self._revised(asked, answers, principles, counts, kept_right if anchors else None)
         else:
             judged = self._best_of_n(asked, answers, principles, counts)
         samples = [self._sample(item, principle, record) for item, principle, record in judged]
-        counts.kept = len(samples)
-        return samples, counts
+        counts.kept, counts.anchors = len(samples), len(kept_right)
+        return samples + [self._anchor(item, answer) for item, answer in kept_right], counts
 
     def _principle(self, item: Item) -> Principle:
         """One principle per prompt, drawn at random from those that judge its question type (all of them when none
@@ -192,7 +199,10 @@ class PairMaker:
         fitting = [p for p in every if p.judges(item.group)] or every
         return random.Random(f"{self.config.seed}:{item.key}").choice(fitting)
 
-    def _revised(self, items: list[Item], answers: list[str], principles: list[Principle], counts: Counts) -> list:
+    def _revised(self, items: list[Item], answers: list[str], principles: list[Principle], counts: Counts,
+                 kept_right: list[tuple[Item, str]] | None) -> list:
+        """(item, principle, pair record) for each answer the critic changed; of those it left as they were, the
+        share `anchors` (drawn from each prompt's own seed) goes to `kept_right`, when given."""
         out = []
         for item, answer, principle, revised in zip(items, answers, principles,
                                                     self.critic.revise(items, answers, principles), strict=True):
@@ -202,6 +212,9 @@ class PairMaker:
                 counts.dropped_empty += 1
             elif normalize_exact(revised.revision) == normalize_exact(answer) or not answer.strip():
                 counts.dropped_unchanged += 1
+                draw = random.Random(f"{self.config.seed}:{item.key}:anchor").random()
+                if kept_right is not None and answer.strip() and draw < self.config.anchors:
+                    kept_right.append((item, answer))
             else:
                 out.append((item, principle, {"chosen": revised.revision, "rejected": answer,
                                               "critique": revised.critique}))
@@ -227,6 +240,13 @@ class PairMaker:
     def _sample(self, item: Item, principle: Principle, record: dict[str, Any]) -> dict[str, Any]:
         record = {"prompt": item.messages, **record, "principle": principle.name, "type": item.group,
                   "source": item.key}
+        return {"json": json.dumps(record), **dict(zip(item.image_names, item.images, strict=True))}
+
+    @staticmethod
+    def _anchor(item: Item, answer: str) -> dict[str, Any]:
+        """A conversation sample: the prompt and the policy's own answer, which the critic left unchanged."""
+        record = {"conversations": [*item.messages, {"role": "assistant", "content": answer}], "type": item.group,
+                  "source": item.key, "anchor": True}
         return {"json": json.dumps(record), **dict(zip(item.image_names, item.images, strict=True))}
 
 
@@ -277,7 +297,7 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
             samples, done = [], Counts()
             for b, batch in enumerate(batches(iter(chunk), config.batch_size)):
                 try:
-                    made, batch_counts = make(batch, config.seed * 1_000_003 + index * 1009 + b)
+                    made, batch_counts = make(batch, config.seed * 1_000_003 + index * 1009 + b, name == "train")
                 except UserError as err:
                     raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
                                     f"{directory}: rerun the same command to go on from there") from None
@@ -285,10 +305,11 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
                 done.add(batch_counts)
                 bar.update(len(batch))
                 bar.set_postfix(kept=counts.kept + done.kept, dropped=counts.prompts + done.prompts - counts.kept
-                                - done.kept, refresh=False)
+                                - done.kept, anchors=counts.anchors + done.anchors, refresh=False)
             write_atomic_shard(path, samples, done, index * config.prompts_per_shard)
             counts.add(done)
-            log.info("%s: shard %d written (%d pairs from %d prompts)", name, index, done.kept, done.prompts)
+            log.info("%s: shard %d written (%d pairs and %d anchors from %d prompts)", name, index, done.kept,
+                     done.anchors, done.prompts)
     if resumed:
         log.info("%s: %d prompts were already done by an earlier run and skipped", name, resumed)
     shards = len(list(directory.glob("shard-*.tar")))

@@ -61,20 +61,24 @@ def from_llava(conversations: Any, name: str = "sample", group_by: str = "type",
 class ConversationDecoder:
     """Raw shard sample -> {"encoded": Encoded, "key": "shard:key"}; with `evaluate`, also
     {"scored": [ScoredTurn, ...]}: the last assistant turn (`turns="last"`) or every one (`turns="all"`), each given
-    the true history before it."""
+    the true history before it. `last_reply_only`: only the last assistant turn is labelled (the earlier ones are
+    context)."""
 
-    def __init__(self, processor: Processor, evaluate: bool = False, turns: str = "all", group_by: str = "type"):
+    def __init__(self, processor: Processor, evaluate: bool = False, turns: str = "all", group_by: str = "type",
+                 last_reply_only: bool = False):
         self.processor = processor
         self.evaluate = evaluate
         self.turns = turns
         self.group_by = group_by
+        self.last_reply_only = last_reply_only
 
     def __call__(self, sample: dict) -> dict[str, Any]:
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
         fields = image_fields(sample)
         images = [sample[f] for f in fields]
         conversation = self._conversation(sample, name)
-        out: dict[str, Any] = {"encoded": self.processor.encode(conversation.messages, images, name), "key": name}
+        encoded = self.processor.encode(conversation.messages, images, name, last_reply_only=self.last_reply_only)
+        out: dict[str, Any] = {"encoded": encoded, "key": name}
         if self.evaluate:
             out["scored"] = self._scored_turns(conversation, images, fields, name)
         return out

@@ -3,8 +3,10 @@ images, and where `python -m vlm.constitution` leaves its pairs.
 
 A preference sample holds `json` = {"prompt": [{"role", "content"}, ...] (ending with a user turn), "chosen": str,
 "rejected": str, and optionally "principle", "critique", "type"} and its images `0.png`, `1.jpg`, ... in `<image>`
-order. Held-out shards may mix in conversation samples (LLaVA `json` with "conversations"): those are answered and
-scored as in `sft`, so one validation reports both the rewards and the answers' exact match.
+order. Shards may mix in conversation samples (LLaVA `json` with "conversations"). In training they are anchors:
+their answers' likelihood is kept up (`stage.anchor_weight`), so the answers the policy already gets right do not
+drift while the pairs move it. Held out, they are answered and scored as in `sft`, so one validation reports both
+the rewards and the answers' exact match.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 from vlm.data.captions import image_fields
 from vlm.data.conversations import ConversationDecoder, from_llava
 from vlm.data.processor import Encoded, Processor, SampleError, pad_batch
-from vlm.data.shards import SkipSample
 
 PAIRS_DONE = "DONE"  # written last into a finished `vlm.constitution` output folder: the shard patterns to train on
 
@@ -100,20 +101,17 @@ def read_record(sample: dict, name: str) -> dict[str, Any]:
 
 
 class PreferenceDecoder:
-    """Raw shard sample -> {"pair": Pair}. With `evaluate`, conversation samples are decoded for answer scoring
-    instead ({"encoded", "scored"}, as in `sft`)."""
+    """Raw shard sample -> {"pair": Pair}. Conversation samples become {"encoded", "key"} with their last answer
+    labelled (an anchor, as a pair's chosen answer is); with `evaluate`, also {"scored"}, answered and scored."""
 
     def __init__(self, processor: Processor, evaluate: bool = False, turns: str = "all", group_by: str = "type"):
         self.processor = processor
-        self.conversations = ConversationDecoder(processor, True, turns, group_by) if evaluate else None
+        self.conversations = ConversationDecoder(processor, evaluate, turns, group_by, last_reply_only=True)
 
     def __call__(self, sample: dict) -> dict[str, Any]:
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
         record = read_record(sample, name)
         if "chosen" not in record and "conversations" in record:
-            if self.conversations is None:
-                raise SkipSample(f"{name}: a conversation sample, not a preference pair; stage=dpo trains on pairs "
-                                 f"(python -m vlm.constitution, or data_scripts/preferences_to_shards.py)")
             return self.conversations(sample)
         prompt = prompt_messages(record.get("prompt"), name)
         chosen, rejected = (answer_text(record.get(f), f, name) for f in ("chosen", "rejected"))

@@ -4,6 +4,8 @@ in one pass before the first step and kept in memory (and in checkpoints) instea
 
 Each pair's images go through the vision tower once: the chosen and rejected rows share the features, and so does
 the reference while the vision tower is frozen (the default). Log-probs are summed over the answer tokens only.
+Conversation samples mixed into the training shards are anchors: their answers' NLL, times `stage.anchor_weight`,
+joins the loss, so what the policy already answers right stays put while the pairs move it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class PreferenceTask(VLMTask):
                  reference_source: str | None):
         super().__init__(config, stage, bundle)
         settings = config.stage
-        missing = [k for k in ("beta", "loss", "sft_weight", "precompute_reference") if getattr(settings, k) is None]
+        missing = [k for k in ("beta", "loss", "sft_weight", "anchor_weight", "precompute_reference")
+                   if getattr(settings, k) is None]
         if missing:
             raise ConfigError(f"stage {settings.name!r} trains on preferences and needs stage.{missing[0]} "
                               f"(see configs/stage/dpo.yaml)")
@@ -75,9 +78,13 @@ class PreferenceTask(VLMTask):
                         self.collate, self.config.stage.batch_size, settings.batch_size)
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
+        """{"pairs": the pairs' rows (None without pairs), "anchors": the conversation samples as a padded batch
+        (None without them), "scored": the held-out conversations' turns to answer, "skipped"}."""
         skipped = collate_skipped(samples)
+        conversations = [s for s in samples if "encoded" in s]
+        anchors = self.collate_padded(conversations) if conversations else None
         return {"pairs": collate_pairs([s["pair"] for s in samples if "pair" in s], self.bundle.tokenizer.pad_token_id),
-                "scored": [s["scored"] for s in samples if "scored" in s], "skipped": skipped}
+                "anchors": anchors, "scored": anchors.pop("scored", []) if anchors else [], "skipped": skipped}
 
     def train(self, mode: bool = True) -> PreferenceTask:
         super().train(mode)
@@ -145,17 +152,32 @@ class PreferenceTask(VLMTask):
 
     # ---- training and validation ----
 
+    def training_loss(self, batch: dict) -> tuple[torch.Tensor, PreferenceLoss | None, torch.Tensor | None]:
+        """(what training minimises, the pairs' loss terms, the anchors' mean answer NLL): the preference loss of the
+        batch's pairs plus `stage.anchor_weight` times the NLL of its anchors' answers (either may be absent)."""
+        pairs, anchors = batch["pairs"], batch["anchors"]
+        result = self.pair_loss(pairs) if pairs else None
+        anchor_nll = self.forward_batch(anchors, cached=True).loss if anchors else None
+        terms = [result.loss] if result else []
+        if anchor_nll is not None:
+            terms.append(self.config.stage.anchor_weight * anchor_nll)
+        return torch.stack(terms).sum(), result, anchor_nll
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        pairs = batch["pairs"]
-        self.health.count_batch(len(pairs["keys"]) if pairs else 0, batch["skipped"])
-        result = self.pair_loss(pairs)
-        loss = self.guarded(result.loss)
+        pairs, anchors = batch["pairs"], batch["anchors"]
+        self.health.count_batch((len(pairs["keys"]) if pairs else 0) + (anchors["num_samples"] if anchors else 0),
+                                batch["skipped"])
+        total, result, anchor_nll = self.training_loss(batch)
+        loss = self.guarded(total)
         if self.health.skip_pending:
             return loss
-        self.log("train/loss", result.loss, prog_bar=True)
-        metrics = reward_metrics(result.chosen_rewards, result.rejected_rewards)
-        self.log_dict({f"train/{k}": v for k, v in metrics.items()} | {"train/sft_nll": result.sft_nll})
-        self.log("train/margin", metrics["rewards/margins"], prog_bar=True)
+        self.log("train/loss", total, prog_bar=True)
+        if anchor_nll is not None:
+            self.log("train/anchor_nll", anchor_nll)
+        if result is not None:
+            metrics = reward_metrics(result.chosen_rewards, result.rejected_rewards)
+            self.log_dict({f"train/{k}": v for k, v in metrics.items()} | {"train/sft_nll": result.sft_nll})
+            self.log("train/margin", metrics["rewards/margins"], prog_bar=True)
         self.health.log_to(self)
         return loss
 
