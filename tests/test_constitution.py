@@ -86,6 +86,11 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
     assert again["train"] == train and len(_pairs(out / "train")) == len(pairs)
     assert "4 prompts were already done" in caplog.text
+    # a rerun with settings that change what a shard holds would keep the old shards: refused, naming the key
+    with pytest.raises(ConfigError) as err:
+        run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "anchors=0.5"))
+    assert "anchors=0.05 (now 0.5)" in str(err.value) and str(out) in str(err.value)
+    assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])

@@ -185,7 +185,7 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute)
     from vlm.eval import evaluate
     from vlm.train import run
 
-    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8)
+    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8, anchors=4)  # anchors train alongside
     val = write_pairs(tmp_path / "val" / "shard-000000.tar", 4)
     common = [f"data.train={train}", f"data.val={val}", "data.num_workers=0", "stage.batch_size=4",
               f"stage.precompute_reference={str(precompute).lower()}", "eval.batch_size=4"]
@@ -223,7 +223,7 @@ class ReferenceWatch(pl.Callback):
 def test_resume_keeps_the_reference_of_the_first_run(tiny_sft_export, tmp_path):
     from vlm.train import run
 
-    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8)
+    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8, anchors=4)  # anchors train alongside
     common = [f"data.train={train}", "data.num_workers=0", "stage.batch_size=4", f"init_from={tiny_sft_export}",
               f"output_root={tmp_path}", "run_name=r", "stage.lr=1e-2", "trainer.checkpoint_every_n_steps=2",
               "resume=auto"]

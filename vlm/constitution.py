@@ -333,6 +333,38 @@ def build_critic(config: ConstitutionConfig, chat_model: Any, constitution: Cons
     return ChatCritic(completion, constitution.examples)
 
 
+SETTINGS_FILE = "settings.json"  # what the shards in an output folder were made with
+
+
+def pair_settings(config: ConstitutionConfig, checkpoint: Path, train: str | None, val: str | None) -> dict[str, Any]:
+    """The settings that decide what each shard holds: a rerun that resumes a folder must use the same ones."""
+    c = config
+    return {"checkpoint": str(checkpoint.resolve()), "data.train": train, "data.val": val, "critic.kind": c.critic.kind,
+            "critic.url": c.critic.url, "critic.model": c.critic.model, "constitution": c.constitution,
+            "mode": c.mode, "num_samples": c.num_samples, "temperature": c.temperature, "top_p": c.top_p,
+            "max_new_tokens": c.max_new_tokens, "anchors": c.anchors, "batch_size": c.batch_size,
+            "prompts_per_shard": c.prompts_per_shard, "seed": c.seed}
+
+
+def check_resumable(out: Path, settings: dict[str, Any]) -> None:
+    """Record `settings` in the output folder; where it already has shards, refuse settings that differ from theirs,
+    since those shards would be skipped and kept as they are."""
+    recorded_file = out / SETTINGS_FILE
+    if any(out.glob("*/shard-*.tar")):
+        if not recorded_file.is_file():  # written before settings were recorded: nothing to compare with
+            log.warning("%s has shards but no %s: resuming them without checking their settings", out, SETTINGS_FILE)
+            return
+        recorded = json.loads(recorded_file.read_text())
+        changed = [k for k in settings if recorded.get(k) != settings[k]]
+        if changed:
+            listed = ", ".join(f"{k}={recorded.get(k)!r} (now {settings[k]!r})" for k in changed)
+            raise ConfigError(f"{out} holds pairs made with {listed}; a rerun there resumes them as they are. Pass "
+                              f"out= for a new folder, or delete {out} to start over")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    recorded_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def run(config: ConstitutionConfig) -> dict[str, Any]:
     """Write the pairs of every split; returns the summary (also OUT/summary.json)."""
     from vlm.chat import ChatModel
@@ -350,6 +382,7 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
     out = Path(config.out or Path(config.output_root) / "constitution" /
                f"{checkpoint.resolve().parent.name}-{config.critic.kind}-{config.mode}").expanduser()
     data = resolve(config.data, "conversations")
+    check_resumable(out, pair_settings(config, checkpoint, data.train, data.val))
     chat_model = ChatModel.load(checkpoint, device=config.device)
     make = PairMaker(config, chat_model, build_critic(config, chat_model, constitution), constitution)
     synthetic = config.data.train is None
