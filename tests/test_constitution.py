@@ -16,7 +16,7 @@ from tiny import tiny_config
 from vlm.cli import compose_config
 from vlm.config import ConfigError, load_config
 from vlm.constitution import ConstitutionConfig, Counts, PairMaker, load_constitution, read_prompts, run
-from vlm.critics import SyntheticCritic
+from vlm.critics import ChatCritic, Item, SyntheticCritic
 from vlm.data.preferences import PreferenceDecoder
 from vlm.data.shards import build_pipeline
 from vlm.errors import UserError
@@ -170,11 +170,31 @@ def test_http_critic_against_a_live_vlm_serve(tiny_sft_export, small_synthetic, 
 
 
 def test_self_critic_runs_the_loop(tiny_sft_export, small_synthetic, tmp_path):
-    summary = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=self", "constitution=synthetic",
+    summary = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=self", "constitution=default",
                           "critic.max_new_tokens=4", "max_val_prompts=0"))
     train = summary["train"]
-    assert train["prompts"] == 6
-    assert train["kept"] + train["dropped_unchanged"] + train["dropped_empty"] + train["dropped_failed"] == 6
+    assert train["prompts"] == 6 and train["dropped_failed"] == 0 and summary["critic_failed_requests"] == 0
+    assert train["kept"] + train["dropped_unchanged"] + train["dropped_empty"] == 6
+
+
+def test_a_self_critic_gets_as_many_examples_as_its_context_leaves_room_for():
+    """Each example is 6 turns; a context of 12 turns holds the critique request (3 turns), the room for its reply
+    and the revision request (2), and one example; a context of 6 holds none, and the request is still asked."""
+    constitution = load_constitution("default")
+    item = Item("k", [{"role": "user", "content": "<image>\nWhat color is the shape?"}], [b""], "red")
+    asked: list = []
+
+    def complete(requests):
+        asked.extend(requests)
+        return ["ok" for _ in requests]
+
+    for context, examples in ((12, 1), (6, 0), (100, len(constitution.examples))):
+        asked.clear()
+        critic = ChatCritic(complete, constitution.examples, lambda messages, images, n=context: len(messages) <= n, 8)
+        critic.revise([item], ["blue"], constitution.principles[:1])
+        critique_request = asked[0][0]
+        assert len(critique_request) == 6 * examples + 3
+        assert critique_request[-3:-1] == [*item.messages, {"role": "assistant", "content": "blue"}]
 
 
 def test_unreachable_critic_names_the_url_and_the_prompts_done(tiny_sft_export, small_synthetic, tmp_path):

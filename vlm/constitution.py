@@ -31,7 +31,17 @@ from tqdm import tqdm
 
 from vlm.cli import CONFIG_DIR, preflight, setup_logging, user_errors
 from vlm.config import ConfigError, DataConfig, load_config, setting
-from vlm.critics import ChatCritic, Critic, Example, HttpCompletion, Item, Principle, SyntheticCritic, self_completion
+from vlm.critics import (
+    ChatCritic,
+    Critic,
+    Example,
+    HttpCompletion,
+    Item,
+    Principle,
+    SyntheticCritic,
+    fits_context,
+    self_completion,
+)
 from vlm.data.captions import image_fields
 from vlm.data.conversations import from_llava
 from vlm.data.preferences import PAIRS_DONE
@@ -323,7 +333,8 @@ def build_critic(config: ConstitutionConfig, chat_model: Any, constitution: Cons
     if c.kind == "synthetic":
         return SyntheticCritic()
     if c.kind == "self":
-        return ChatCritic(self_completion(chat_model, c.max_new_tokens), constitution.examples)
+        return ChatCritic(self_completion(chat_model, c.max_new_tokens), constitution.examples,
+                          fits_context(chat_model), c.max_new_tokens)
     if not c.url:
         raise ConfigError("critic=http needs critic.url (the endpoint's base URL, e.g. http://127.0.0.1:8000)")
     if c.api is None:

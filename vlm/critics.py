@@ -114,15 +114,30 @@ class SyntheticCritic(Critic):
 
 class ChatCritic(Critic):
     """Critique and revision requests sent as chat turns to `complete` (a batch of conversations -> replies, None
-    for a failed request)."""
+    for a failed request). With `fits` (does a conversation fit the critic's context?), each request carries as many
+    of the few-shot examples as leave room for a `reply_tokens` critique and the revision request after it."""
 
-    def __init__(self, complete: Callable[[list[Request]], list[str | None]], examples: Sequence[Example]):
+    def __init__(self, complete: Callable[[list[Request]], list[str | None]], examples: Sequence[Example],
+                 fits: Callable[[list[Message], list[bytes]], bool] | None = None, reply_tokens: int = 0):
         self.complete = complete
         self.examples = examples
+        self.fits = fits
+        self.reply_tokens = reply_tokens
 
-    def _shots(self, principle: Principle) -> list[Message]:
+    def _critique_request(self, item: Item, answer: str, principle: Principle) -> list[Message]:
+        asked = [*item.messages, {"role": "assistant", "content": answer},
+                 {"role": "user", "content": principle.critique}]
+        for count in range(len(self.examples), 0, -1):
+            request = [*self._shots(principle, count), *asked]
+            room = [*request, {"role": "assistant", "content": "x " * self.reply_tokens},
+                    {"role": "user", "content": principle.revision}]
+            if self.fits is None or self.fits(room, item.images):
+                return request
+        return asked
+
+    def _shots(self, principle: Principle, count: int) -> list[Message]:
         turns: list[Message] = []
-        for e in self.examples:
+        for e in self.examples[:count]:
             turns += [{"role": "user", "content": e.question}, {"role": "assistant", "content": e.answer},
                       {"role": "user", "content": principle.critique}, {"role": "assistant", "content": e.critique},
                       {"role": "user", "content": principle.revision}, {"role": "assistant", "content": e.revision}]
@@ -130,9 +145,8 @@ class ChatCritic(Critic):
 
     def revise(self, items: Sequence[Item], answers: Sequence[str],
                principles: Sequence[Principle]) -> list[Revision | None]:
-        asked = [[*self._shots(p), *item.messages, {"role": "assistant", "content": answer},
-                  {"role": "user", "content": p.critique}] for item, answer, p in zip(items, answers, principles,
-                                                                                     strict=True)]
+        asked = [self._critique_request(item, answer, p) for item, answer, p in zip(items, answers, principles,
+                                                                                      strict=True)]
         critiques = self._complete([(m, item.images) for m, item in zip(asked, items, strict=True)])
         todo = [i for i, c in enumerate(critiques) if c]  # None: the request failed; "": nothing to revise with
         revisions = self._complete([([*asked[i], {"role": "assistant", "content": critiques[i]},
@@ -159,6 +173,20 @@ class ChatCritic(Critic):
         replies = self.complete(requests) if requests else []
         self.failed += sum(r is None for r in replies)
         return [r.strip() if r else r for r in replies]
+
+
+def fits_context(chat_model) -> Callable[[list[Message], list[bytes]], bool]:
+    """Whether a conversation (and its images) fits the chat model's context, as a prompt."""
+    from vlm.generation.completion import PromptError
+
+    def fits(messages: list[Message], images: list[bytes]) -> bool:
+        try:
+            chat_model.prepare(messages, images)
+        except PromptError:
+            return False
+        return True
+
+    return fits
 
 
 def self_completion(chat_model, max_new_tokens: int) -> Callable[[list[Request]], list[str | None]]:
