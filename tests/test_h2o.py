@@ -14,7 +14,7 @@ from vlm.generation.h2o import (
     H2OCache,
     H2OLayer,
     PaddedBatchError,
-    attention_column_sums,
+    attention_column_scores,
     score_block,
 )
 from vlm.generation.options import GenerationOptions, H2OSettings, OptionError
@@ -139,7 +139,7 @@ def hand_step(layer: H2OLayer, scores: list[list[float]]) -> None:
 
 
 def test_the_kept_set_is_sinks_the_recent_window_and_the_top_accumulated_scores():
-    layer = H2OLayer(H2OBudget(heavy=2, recent=2, sinks=1))
+    layer = H2OLayer(H2OBudget(heavy=2, recent=2, sinks=1, ranking="sum"))
     # positions:  0    1    2    3    4    5    6    7
     hand_step(layer, [[9.0, 0.1, 3.0, 0.2, 0.1, 4.0, 0.3, 0.3],    # head 0: heavy 2 and 5
                       [9.0, 5.0, 0.1, 0.2, 6.0, 0.1, 0.0, 0.0]])   # head 1: heavy 1 and 4
@@ -168,6 +168,19 @@ def test_heavy_hitters_rank_by_summed_or_mean_attention(ranking, kept, after):
     assert layer.positions[0, 0].tolist() == after
 
 
+@pytest.mark.parametrize("ranking,after", [("max", [3, 4]), ("sum", [0, 4])])
+def test_heavy_hitters_rank_by_the_largest_share_one_query_gave(ranking, after):
+    """Position 0 drew 0.9 of one query's attention, then 0.2; position 3 drew 0.1, then 0.95. Summed, 0 leads
+    (1.1 against 1.05); by the largest share, 3 does, so the key one query needed most is the one kept."""
+    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0, ranking=ranking))
+    layer.update(torch.randn(1, 1, 4, 3), torch.randn(1, 1, 4, 3), kwargs={})
+    layer.observe(torch.tensor([[[0.9, 0.3, 0.5, 0.1]]]))
+    assert layer.positions[0, 0].tolist() == [0, 3]
+    layer.update(torch.randn(1, 1, 1, 3), torch.randn(1, 1, 1, 3), kwargs={})
+    layer.observe(torch.tensor([[[0.2, 0.95, 0.1]]]))
+    assert layer.positions[0, 0].tolist() == after
+
+
 def test_the_kept_keys_are_the_stored_rows_of_their_positions():
     layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=1))
     keys = torch.randn(1, 1, 5, 3)
@@ -176,15 +189,19 @@ def test_the_kept_keys_are_the_stored_rows_of_their_positions():
     assert torch.equal(layer.keys, keys[:, :, [0, 2, 4]]) and torch.equal(layer.values, keys[:, :, [0, 2, 4]] + 1)
 
 
-def test_column_sums_in_blocks_equal_the_full_softmax():
+def test_column_scores_in_blocks_equal_the_full_softmax():
     torch.manual_seed(0)
     query, key = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 9, 8)  # 7 new queries over 2 held + 7 new keys
     logits = torch.einsum("bhqd,bhkd->bhqk", query, key.repeat_interleave(2, dim=1)) * 0.3
     causal = torch.ones(7, 9, dtype=torch.bool).tril(diagonal=2)
     expected = logits.masked_fill(~causal, float("-inf")).softmax(-1).sum(2).view(2, 2, 2, 9).sum(2)
-    torch.testing.assert_close(attention_column_sums(query, key, None, 0.3, block=3), expected)
+    torch.testing.assert_close(attention_column_scores(query, key, None, 0.3, block=3), expected)
     mask = causal.expand(2, 1, 7, 9)
-    torch.testing.assert_close(attention_column_sums(query, key, mask, 0.3, block=2), expected)
+    torch.testing.assert_close(attention_column_scores(query, key, mask, 0.3, block=2), expected)
+    # the largest share of any query in the heads sharing a key-value head, in blocks, with or without the mask
+    largest = logits.masked_fill(~causal, float("-inf")).softmax(-1).view(2, 2, 2, 7, 9).amax(dim=(2, 3))
+    torch.testing.assert_close(attention_column_scores(query, key, None, 0.3, "max", block=3), largest)
+    torch.testing.assert_close(attention_column_scores(query, key, mask, 0.3, "max", block=2), largest)
 
 
 def test_default_column_sum_blocks_fit_the_device_budget_with_the_same_result():
@@ -195,8 +212,8 @@ def test_default_column_sum_blocks_fit_the_device_budget_with_the_same_result():
     # GPUs take bigger blocks, but a 128k-token prompt no longer gets 256 rows (4 GiB of scores at 32 heads)
     assert score_block(8, 1024, torch.device("cuda")) == 256
     assert score_block(32, 2**17, torch.device("cuda")) * 32 * 2**17 * 4 <= 2**30
-    torch.testing.assert_close(attention_column_sums(query, key, None, 0.5),
-                               attention_column_sums(query, key, None, 0.5, block=1024))
+    torch.testing.assert_close(attention_column_scores(query, key, None, 0.5),
+                               attention_column_scores(query, key, None, 0.5, block=1024))
 
 
 def test_beam_reordering_moves_scores_and_positions_with_their_keys():
@@ -243,7 +260,7 @@ def test_fractions_resolve_against_the_prompt_length():
     ({"h2o": {"recent": 1.5}}, "h2o.recent=1.5"),
     ({"h2o": {"sinks": 0.5}}, "h2o.sinks=0.5"),
     ({"h2o": {"recent": 0}}, "h2o.recent=0"),
-    ({"h2o": {"ranking": "max"}}, "h2o.ranking='max'"),
+    ({"h2o": {"ranking": "top"}}, "h2o.ranking='top'"),
     ({"h2o": {"prompt_block": 0}}, "h2o.prompt_block=0"),
     ({"h2o": {"heavyy": 3}}, "unknown generation option 'h2o.heavyy'. Did you mean 'h2o.heavy'?"),
 ])

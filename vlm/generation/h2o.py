@@ -8,9 +8,11 @@ and evicts everything else after every forward pass (the prompt's prefill and ea
 holds more than heavy + recent + sinks keys between steps (+1 while a step runs). With `heavy=0` it is a recent-only
 window with sinks (StreamingLLM).
 
-Heavy hitters are ranked by their accumulated attention (`ranking=sum`, the paper's) or by that total over the
-queries that have read them (`mean`, the default): a sum favours keys for being old, and on short image prompts it
-evicts the question's last words first (see the README's budget table).
+Heavy hitters are ranked by the most attention any one query has given them (`ranking=max`, the default), by their
+accumulated attention (`sum`, the paper's), or by that total over the queries that have read them (`mean`). A sum
+favours keys for being old, and on short image prompts it evicts the question's last words first; a mean dilutes a
+key that one query needed badly among the many that ignored it. The largest share keeps exactly those keys, and on
+the synthetic held-out questions it keeps the most answers at every budget (see the README's budget table).
 
 Scores are kept per key-value head: each head keeps its own heavy hitters, as in the paper, at no extra memory (every
 head keeps the same number of keys). Under grouped-query attention the query heads that share a key-value head add up,
@@ -58,8 +60,8 @@ class PaddedBatchError(ValueError):
 
 @dataclass(frozen=True)
 class H2OBudget:
-    """Tokens each layer keeps: `heavy` by accumulated attention (ranked by its `sum` or its `mean` per query that
-    read the key; see H2OSettings), the `recent` newest, the first `sinks`."""
+    """Tokens each layer keeps: `heavy` by the attention they received (ranked by its largest share, its `sum`, or
+    its `mean` per query that read the key; see H2OSettings), the `recent` newest, the first `sinks`."""
 
     heavy: int
     recent: int
@@ -95,7 +97,7 @@ class H2OLayer(DynamicLayer):
         super().__init__()
         self.budget = budget
         self.cumulative_length = 0  # tokens seen, evicted ones included
-        self.scores = torch.zeros(0)  # (B, H_kv, K) float32: attention each kept key has received so far
+        self.scores = torch.zeros(0)  # (B, H_kv, K) float32: attention each kept key has received so far (max: most)
         self.positions = torch.zeros(0, dtype=torch.long)  # (B, H_kv, K): each kept key's position in the sequence
         self.awaiting_scores = False
 
@@ -133,8 +135,11 @@ class H2OLayer(DynamicLayer):
         return self.budget.heavy > 0  # a recent-only window needs none
 
     def observe(self, scores: torch.Tensor | None) -> None:
-        """Add this step's attention (B, H_kv, K) to the kept keys' totals, then evict down to the budget."""
-        if scores is not None:
+        """Add this step's attention (B, H_kv, K) to the kept keys' totals (`max`: keep the larger share), then
+        evict down to the budget."""
+        if scores is not None and self.budget.ranking == "max":
+            self.scores = torch.maximum(self.scores, scores)
+        elif scores is not None:
             self.scores += scores
         self.awaiting_scores = False
         self.evict()
@@ -157,11 +162,12 @@ class H2OLayer(DynamicLayer):
         self._keep(torch.cat([sinks, heavy, recent], dim=-1))  # (B, H_kv, total), in position order
 
     def ranks(self) -> torch.Tensor:
-        """What heavy hitters are chosen by (B, H_kv, K): the accumulated attention, or (`mean`) that total over the
-        queries that have read each key. Every token from a key's position on read it while it was kept (causal, and
-        an evicted key never returns), so that count is the tokens seen minus its position. Summed totals favour old
-        keys: of an N-token prompt, key j is read by N - j of its queries, so the question's last words lose."""
-        if self.budget.ranking == "sum":
+        """What heavy hitters are chosen by (B, H_kv, K): the largest share of a query's attention (`max`), the
+        accumulated attention (`sum`), or (`mean`) that total over the queries that have read each key. Every token
+        from a key's position on read it while it was kept (causal, and an evicted key never returns), so that count
+        is the tokens seen minus its position. Summed totals favour old keys: of an N-token prompt, key j is read by
+        N - j of its queries, so the question's last words lose."""
+        if self.budget.ranking in ("sum", "max"):
             return self.scores
         return self.scores / (self.cumulative_length - self.positions)
 
@@ -243,9 +249,10 @@ def score_block(heads: int, keys: int, device: torch.device) -> int:
     return max(fewest, min(most, budget // (heads * keys)))
 
 
-def attention_column_sums(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
-                          scaling: float, block: int | None = None) -> torch.Tensor:
-    """Attention each key receives, summed over the queries and over the query heads sharing its key-value head.
+def attention_column_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float, reduce: str = "sum", block: int | None = None) -> torch.Tensor:
+    """Attention each key receives over the queries and the query heads sharing its key-value head: summed
+    (`reduce="sum"`) or its largest share (`"max"`).
 
     query (B, H, Q, D), key (B, H_kv, K, D), the queries being the last Q of the K positions; attention_mask None
     (causal) or the model's 4D mask (B, 1, Q, >=K), boolean (True attends) or additive; `block` queries per pass
@@ -274,7 +281,11 @@ def attention_column_sums(query: torch.Tensor, key: torch.Tensor, attention_mask
         # query-weighted sum over the block's rows rather than by a division pass
         logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
         inverse_norm = logits.sum(dim=-1).reciprocal_()  # (B, H_kv, G, c)
-        totals[..., :visible] += torch.einsum("bhgq,bhgqk->bhk", inverse_norm, logits)
+        if reduce == "max":
+            shares = logits.mul_(inverse_norm.unsqueeze(-1)).amax(dim=(2, 3))  # (B, H_kv, V)
+            totals[..., :visible] = torch.maximum(totals[..., :visible], shares)
+        else:
+            totals[..., :visible] += torch.einsum("bhgq,bhgqk->bhk", inverse_norm, logits)
     return totals
 
 
@@ -303,7 +314,8 @@ def _observing(wrapped: Callable) -> Callable:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             with torch.no_grad():
                 mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
-                layer.observe(attention_column_sums(query, key, mask, scale))  # unpadded: a 2D mask is all ones
+                reduce = "max" if layer.budget.ranking == "max" else "sum"
+                layer.observe(attention_column_scores(query, key, mask, scale, reduce))  # a 2D mask is all ones
         return output
 
     return attention
