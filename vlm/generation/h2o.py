@@ -15,8 +15,8 @@ key that one query needed badly among the many that ignored it. The largest shar
 the synthetic held-out questions it keeps the most answers at every budget (see the README's budget table).
 
 Scores are kept per key-value head: each head keeps its own heavy hitters, as in the paper, at no extra memory (every
-head keeps the same number of keys). Under grouped-query attention the query heads that share a key-value head add up,
-since they read the same stored key.
+head keeps the same number of keys). Under grouped-query attention the query heads that share a key-value head count
+together (their largest share, or their sum), since they read the same stored key.
 
 The scores come from the attention function registered here (`transformers.AttentionInterface`), which wraps the
 model's own (sdpa, ...) and leaves its output untouched. A cache layer asks for them by putting itself in the attention
