@@ -6,6 +6,7 @@ import dataclasses
 import subprocess
 import sys
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -98,13 +99,19 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).parent)
 
 
+def _cli_concurrently(*commands: list[str]) -> list[subprocess.CompletedProcess]:
+    """`python -m vlm.train ARGS` for each list of args, run side by side (each spends its time importing)."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return list(pool.map(lambda args: _cli(*args), commands))
+
+
 @pytest.mark.slow
 def test_cli_typo_names_key_and_choices():
-    result = _cli("stage.lrr=0.1")
-    assert result.returncode == 2
-    assert "unknown config key 'stage.lrr'. Did you mean 'stage.lr'?" in result.stderr
-    result = _cli("model=tny")
-    assert result.returncode == 2 and "Could not find 'model/tny'" in result.stderr and "tiny" in result.stderr
+    key_typo, group_typo = _cli_concurrently(["stage.lrr=0.1"], ["model=tny"])
+    assert key_typo.returncode == 2
+    assert "unknown config key 'stage.lrr'. Did you mean 'stage.lr'?" in key_typo.stderr
+    assert group_typo.returncode == 2 and "Could not find 'model/tny'" in group_typo.stderr
+    assert "tiny" in group_typo.stderr
 
 
 @pytest.mark.slow

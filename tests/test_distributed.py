@@ -241,16 +241,29 @@ def test_fsdp_trains_what_ddp_trains(ddp_run, tmp_path):
     assert json.loads((runs / "fsdp" / "metrics.json").read_text())["global_step"] == 9
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("attention", [[], LOCAL_GLOBAL], ids=["dense", "local_global"])
-def test_fsdp_runs_align_then_sft_and_resumes(tmp_path, attention):
-    """Phase 2 under FSDP with the defaults (packed batches; sft caches the frozen ViT's features): align, then sft
-    from its export, then sft continued with `resume=auto`. The export is written from the weights gathered off both
-    ranks, so it must hold exactly the final checkpoint's tensors. Sparse attention takes the same path."""
+PHASE2_FSDP = ["trainer.strategy=fsdp", "data.synthetic.num_train=32", "eval.batch_size=8",
+               "trainer.checkpoint_every_n_steps=2"]
+
+
+def _assert_export_is_the_final_checkpoint(run: Path, step: int, attention: str) -> None:
+    """The export is written from the weights gathered off both ranks: it must hold exactly the final checkpoint's
+    tensors, and record the attention it trained with."""
     from vlm.exports.vlm import load_vlm
 
-    phase2 = ["trainer.strategy=fsdp", "data.synthetic.num_train=32", "eval.batch_size=8",
-              "trainer.checkpoint_every_n_steps=2", f"stage.feature_cache_dir={tmp_path / 'features'}", *attention]
+    checkpoint = torch.load(run / "checkpoints" / f"step{step:08d}.ckpt", map_location="cpu", weights_only=False)
+    trained = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    loaded = load_vlm(run / "export")
+    assert loaded.model.config.llm.attention == attention
+    exported = loaded.model.state_dict()  # as inference loads it (tied weights written once)
+    assert exported.keys() == trained.keys()
+    assert all(torch.equal(exported[k], trained[k]) for k in exported)
+
+
+@pytest.mark.slow
+def test_fsdp_runs_align_then_sft_and_resumes(tmp_path):
+    """Phase 2 under FSDP with the defaults (packed batches; sft caches the frozen ViT's features): align, then sft
+    from its export, then sft continued with `resume=auto`."""
+    phase2 = [*PHASE2_FSDP, f"stage.feature_cache_dir={tmp_path / 'features'}"]
     _train_two_ranks(tmp_path, "stage=align", "init_from=null", "stage.max_steps=2", *phase2)
     _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=4", "run_name=sft", *phase2)
     output = _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=6", "run_name=sft", "resume=auto", *phase2)
@@ -258,13 +271,16 @@ def test_fsdp_runs_align_then_sft_and_resumes(tmp_path, attention):
     assert "from step00000004.ckpt" in output, output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and "exact_match" in metrics
-    checkpoint = torch.load(run / "checkpoints" / "step00000006.ckpt", map_location="cpu", weights_only=False)
-    trained = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
-    loaded = load_vlm(run / "export")
-    assert loaded.model.config.llm.attention == ("local_global" if attention else "dense")
-    exported = loaded.model.state_dict()  # as inference loads it (tied weights written once)
-    assert exported.keys() == trained.keys()
-    assert all(torch.equal(exported[k], trained[k]) for k in exported)
+    _assert_export_is_the_final_checkpoint(run, 6, "dense")
+
+
+@pytest.mark.slow
+def test_fsdp_trains_and_exports_sparse_attention(tmp_path):
+    """Local-window + global-stride attention takes the same FSDP path: a new phase 2 model trained on both ranks
+    and exported from their gathered weights."""
+    _train_two_ranks(tmp_path, "stage=sft", "init_from=null", "stage.max_steps=2", "run_name=sparse", *PHASE2_FSDP,
+                     f"stage.feature_cache_dir={tmp_path / 'features'}", *LOCAL_GLOBAL)
+    _assert_export_is_the_final_checkpoint(tmp_path / "runs" / "sft" / "sparse", 2, "local_global")
 
 
 NONFINITE_SCRIPT = """
