@@ -78,13 +78,14 @@ class PreferenceTask(VLMTask):
                         self.collate, self.config.stage.batch_size, settings.batch_size)
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
-        """{"pairs": the pairs' rows (None without pairs), "anchors": the conversation samples as a padded batch
-        (None without them), "scored": the held-out conversations' turns to answer, "skipped"}."""
+        """{"pairs": the pairs' rows (None without pairs), "anchors": the training conversation samples as a padded
+        batch (None without them), "scored": the held-out conversations' turns to answer, "skipped"}. Held-out
+        conversations are only answered, so they are not padded into a batch."""
         skipped = collate_skipped(samples)
-        conversations = [s for s in samples if "encoded" in s]
-        anchors = self.collate_padded(conversations) if conversations else None
+        anchors = [s for s in samples if "encoded" in s and "scored" not in s]
         return {"pairs": collate_pairs([s["pair"] for s in samples if "pair" in s], self.bundle.tokenizer.pad_token_id),
-                "anchors": anchors, "scored": anchors.pop("scored", []) if anchors else [], "skipped": skipped}
+                "anchors": self.collate_padded(anchors) if anchors else None,
+                "scored": [s["scored"] for s in samples if "scored" in s], "skipped": skipped}
 
     def train(self, mode: bool = True) -> PreferenceTask:
         super().train(mode)
