@@ -76,18 +76,18 @@ def _batch(task, shard: str) -> dict:
 def test_reference_stays_bit_identical_while_the_policy_moves(tiny_sft_export, tmp_path):
     task = _task(tiny_sft_export, "stage.lr=1e-2")
     batch = _batch(task, write_pairs(tmp_path / "p.tar", 4))
-    before = {k: v.clone() for k, v in task.reference.state_dict().items()}
+    before = {k: v.clone() for k, v in task.reference.model.state_dict().items()}
     policy_before = task.model.lm.get_input_embeddings().weight.clone()
     optimizer = task.configure_optimizers()["optimizer"]
     task.train()
-    assert not task.reference.training
+    assert not task.reference.model.training
     for _ in range(3):
         optimizer.zero_grad()
         task.pair_loss(batch["pairs"]).loss.backward()
         optimizer.step()
-    after = task.reference.state_dict()
+    after = task.reference.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(p.grad is None for p in task.reference.parameters())
+    assert all(p.grad is None for p in task.reference.model.parameters())
     assert not torch.equal(policy_before, task.model.lm.get_input_embeddings().weight)
 
 
@@ -102,7 +102,7 @@ def test_gradients_reach_only_the_answer_tokens(tiny_sft_export, tmp_path):
     logits.retain_grad()
     logps, tokens = answer_logprobs(logits, pairs["labels"])
     with torch.no_grad():
-        reference = task.reference_pair_logps(pairs, None, pairs["pixel_values"])
+        reference = task.reference.pair_logps(pairs, None, pairs["pixel_values"])
     preference_loss(logps[:2], logps[2:], reference[:2], reference[2:], tokens[:2], tokens[2:], 0.1,
                     sft_weight=1.0).loss.backward()
     predicts_answer = torch.zeros_like(pairs["labels"], dtype=torch.bool)
@@ -121,7 +121,7 @@ def test_one_vision_forward_per_pair(tiny_sft_export, tmp_path):
     batch = _batch(task, write_pairs(tmp_path / "p.tar", 3))
     calls = {"policy": 0, "reference": 0}
     task.model.vision.vit.patch_embed.register_forward_hook(lambda *_: calls.__setitem__("policy", calls["policy"] + 1))
-    task.reference.vision.vit.patch_embed.register_forward_hook(
+    task.reference.model.vision.vit.patch_embed.register_forward_hook(
         lambda *_: calls.__setitem__("reference", calls["reference"] + 1))
     task.pair_loss(batch["pairs"]).loss.backward()
     assert calls == {"policy": 1, "reference": 0}  # one call for the batch's 3 tiles: chosen, rejected and reference
@@ -209,7 +209,7 @@ class ReferenceWatch(pl.Callback):
         self.same: list[bool] = []
 
     def _check(self, trainer: pl.Trainer, task) -> None:
-        state = task.reference.state_dict()
+        state = task.reference.model.state_dict()
         self.same.append(all(torch.equal(state[k], v) for k, v in self.expected.items()))
 
     def on_train_start(self, trainer: pl.Trainer, task) -> None:

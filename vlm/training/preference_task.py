@@ -24,9 +24,9 @@ from vlm.data.sources import DataSources
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.models.factory import VLMBundle
-from vlm.models.losses import PreferenceLoss, answer_logprobs, preference_loss, reward_metrics
+from vlm.models.losses import PreferenceLoss, preference_loss, reward_metrics
 from vlm.models.vlm import VisionLanguageModel
-from vlm.training.reference import precompute_reference
+from vlm.training.reference import Reference, pair_logps
 from vlm.training.task import Batching, Stage
 from vlm.training.vlm_task import VLMTask, start_bundle
 
@@ -43,11 +43,7 @@ class PreferenceTask(VLMTask):
         if missing:
             raise ConfigError(f"stage {settings.name!r} trains on preferences and needs stage.{missing[0]} "
                               f"(see configs/stage/dpo.yaml)")
-        self.reference = reference  # frozen, eval mode, never in the optimizer; None: precomputed log-probs
-        if reference is not None:
-            reference.requires_grad_(False).eval()
-        self.reference_source = reference_source  # the export the reference came from, recorded in the export
-        self.reference_logps: dict[str, tuple[float, float]] = {}  # precomputed: pair key -> (chosen, rejected)
+        self.reference = Reference(reference, reference_source)  # a frozen copy, or precomputed log-probs
         self.val_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod
@@ -87,36 +83,20 @@ class PreferenceTask(VLMTask):
                 "anchors": self.collate_padded(anchors) if anchors else None,
                 "scored": [s["scored"] for s in samples if "scored" in s], "skipped": skipped}
 
-    def train(self, mode: bool = True) -> PreferenceTask:
-        super().train(mode)
-        if self.reference is not None:
-            self.reference.eval()
-        return self
-
     def on_fit_start(self) -> None:
-        if self.reference is None and not self.reference_logps:  # a resumed run has them from its checkpoint
+        if self.reference.model is None and not self.reference.table:  # a resumed run has them from its checkpoint
             datamodule = self.trainer.datamodule
-            self.reference_logps = precompute_reference(self, datamodule.train_urls + datamodule.val_urls)
+            self.reference.precompute(self, datamodule.train_urls + datamodule.val_urls)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["reference_logps"] = self.reference_logps
-        checkpoint["reference_source"] = self.reference_source
+        checkpoint["reference_logps"] = self.reference.table
+        checkpoint["reference_source"] = self.reference.source
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.reference_logps = checkpoint.get("reference_logps", {})
-        self.reference_source = checkpoint.get("reference_source", self.reference_source)
+        self.reference.table = checkpoint.get("reference_logps", {})
+        self.reference.source = checkpoint.get("reference_source", self.reference.source)
 
     # ---- the loss ----
-
-    def pair_logps(self, model: VisionLanguageModel, pairs: dict[str, Any],
-                   patches: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`model`'s summed answer log-probs (2B,) (chosen rows, then rejected) and answer token counts (2B,), from
-        the vision tower's patch features of the B prompts' tiles."""
-        if patches is not None:  # the rejected rows show the chosen rows' images, in the same order
-            patches = torch.cat([patches, patches])  # (2 N_tiles, P, Dv)
-        logits = model(pairs["input_ids"], pairs["attention_mask"], image_slots=pairs["image_slots"],
-                       patches=patches).logits  # (2B, L, V)
-        return answer_logprobs(logits, pairs["labels"])
 
     def pair_loss(self, pairs: dict[str, Any]) -> PreferenceLoss:
         pixels = pairs["pixel_values"]
@@ -126,30 +106,13 @@ class PreferenceTask(VLMTask):
         if patches is None and pixels.numel():
             with torch.set_grad_enabled(vision_trains):
                 patches = self.model.vision.patch_features(pixels)  # (N_tiles, P, Dv): once per pair
-        logps, tokens = self.pair_logps(self.model, pairs, patches)
-        with torch.no_grad():
-            reference = self.reference_pair_logps(pairs, None if vision_trains or patches is None else
-                                                  patches.detach(), pixels)
+        logps, tokens = pair_logps(self.model, pairs, patches)
+        reference = self.reference.pair_logps(pairs, None if vision_trains or patches is None else patches.detach(),
+                                              pixels)
         half = len(logps) // 2
         settings = self.config.stage
         return preference_loss(logps[:half], logps[half:], reference[:half], reference[half:], tokens[:half],
                                tokens[half:], settings.beta, settings.loss, settings.sft_weight)
-
-    def reference_pair_logps(self, pairs: dict[str, Any], patches: torch.Tensor | None,
-                             pixels: torch.Tensor) -> torch.Tensor:
-        """The reference's answer log-probs (2B,): from the frozen copy (sharing the patch features while the vision
-        tower is frozen; a trained one needs the reference's own), or from the precomputed table."""
-        if self.reference is None:
-            try:
-                rows = [self.reference_logps[key] for key in pairs["keys"]]
-            except KeyError as err:
-                raise RuntimeError(f"no precomputed reference log-probs for pair {err}: the data changed after the "
-                                   f"precomputing pass; rerun without resume") from None
-            chosen, rejected = zip(*rows, strict=True)
-            return torch.tensor(chosen + rejected, device=pairs["input_ids"].device)
-        if patches is None and pixels.numel():
-            patches = self.reference.vision.patch_features(pixels)
-        return self.pair_logps(self.reference, pairs, patches)[0]
 
     # ---- training and validation ----
 
@@ -206,5 +169,5 @@ class PreferenceTask(VLMTask):
 
     def write_export(self, directory: Path, model: VisionLanguageModel) -> Path:
         bundle = VLMBundle(model, self.bundle.tokenizer, self.bundle.processor)
-        settings = to_dict(self.config.stage) | {"reference": self.reference_source}
+        settings = to_dict(self.config.stage) | {"reference": self.reference.source}
         return export_vlm(directory, bundle, self.stage.name, self.config.tiler, settings)

@@ -1,15 +1,21 @@
-"""`stage.precompute_reference=true`: the reference model's answer log-probs for every pair, computed once before
-the first step with the starting weights, so that no second model sits in memory while training."""
+"""The half of DPO that never trains: the reference policy, and the answer log-probs both policies are compared by.
+
+`Reference` is either a frozen copy of the starting model (the default) or, with `stage.precompute_reference=true`,
+the answer log-probs that model gave every pair, computed in one pass before the first step, so that no second model
+sits in memory while training.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlm.data.shards import build_pipeline, make_loader
+from vlm.models.losses import answer_logprobs
+from vlm.models.vlm import VisionLanguageModel
 
 if TYPE_CHECKING:
     from vlm.training.preference_task import PreferenceTask
@@ -17,25 +23,67 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def precompute_reference(task: PreferenceTask, urls: list[str]) -> dict[str, tuple[float, float]]:
-    """{pair key: (chosen, rejected) summed answer log-probs} under the task's model as it is now (before training),
-    over every pair in `urls` (train and held-out: validation's rewards need them too). Memory: two floats a pair."""
-    started, batching = time.time(), task.batching()
-    table: dict[str, tuple[float, float]] = {}
-    was_training = task.model.training
-    task.model.eval()
-    loader = make_loader(build_pipeline(urls, batching.val_decode, train=False, split_by_node=False),
-                         batching.eval_batch_size, 0, batching.collate, drop_last=False)
-    for batch in loader:
-        pairs = batch["pairs"]
-        if pairs is None:
-            continue
-        pairs = {k: v.to(task.device) if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
-        patches = task.model.vision.patch_features(pairs["pixel_values"]) if pairs["pixel_values"].numel() else None
-        logps = task.pair_logps(task.model, pairs, patches)[0].tolist()
-        half = len(logps) // 2
-        table.update({key: (logps[i], logps[half + i]) for i, key in enumerate(pairs["keys"])})
-    task.model.train(was_training)
-    log.info("reference log-probs of %d pairs precomputed in %.1f s", len(table), time.time() - started)
-    return table
+def pair_logps(model: VisionLanguageModel, pairs: dict[str, Any],
+               patches: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model`'s summed answer log-probs (2B,) (chosen rows, then rejected) and answer token counts (2B,), from the
+    vision tower's patch features (N_tiles, P, Dv) of the B prompts' tiles."""
+    if patches is not None:  # the rejected rows show the chosen rows' images, in the same order
+        patches = torch.cat([patches, patches])  # (2 N_tiles, P, Dv)
+    logits = model(pairs["input_ids"], pairs["attention_mask"], image_slots=pairs["image_slots"],
+                   patches=patches).logits  # (2B, L, V)
+    return answer_logprobs(logits, pairs["labels"])
+
+
+class Reference(torch.nn.Module):
+    """The frozen reference of `stage=dpo`: `model` (eval mode whatever the task's mode, no gradients, never in the
+    optimizer), or with `model=None` a table of precomputed log-probs, filled by `precompute`, kept in checkpoints."""
+
+    def __init__(self, model: VisionLanguageModel | None, source: str | None):
+        super().__init__()
+        self.model = model
+        if model is not None:
+            model.requires_grad_(False).eval()
+        self.source = source  # the export it came from, recorded in the dpo export
+        self.table: dict[str, tuple[float, float]] = {}  # precomputed: pair key -> (chosen, rejected)
+
+    def train(self, mode: bool = True) -> Reference:
+        return super().train(False)  # no dropout: the reference's log-probs must not change between calls
+
+    @torch.no_grad()
+    def pair_logps(self, pairs: dict[str, Any], patches: torch.Tensor | None, pixels: torch.Tensor) -> torch.Tensor:
+        """The reference's answer log-probs (2B,): from the model (sharing the policy's patch features while the
+        vision tower is frozen; a trained tower passes None and the reference computes its own), or from the table."""
+        if self.model is None:
+            try:
+                rows = [self.table[key] for key in pairs["keys"]]
+            except KeyError as err:
+                raise RuntimeError(f"no precomputed reference log-probs for pair {err}: the data changed after the "
+                                   f"precomputing pass; rerun without resume") from None
+            chosen, rejected = zip(*rows, strict=True)
+            return torch.tensor(chosen + rejected, device=pairs["input_ids"].device)
+        if patches is None and pixels.numel():
+            patches = self.model.vision.patch_features(pixels)
+        return pair_logps(self.model, pairs, patches)[0]
+
+    @torch.no_grad()
+    def precompute(self, task: PreferenceTask, urls: list[str]) -> None:
+        """Fill the table: every pair's (chosen, rejected) summed answer log-probs under the task's model as it is now
+        (before training), over every pair in `urls` (train and held-out: validation's rewards need them too).
+        Memory: two floats a pair."""
+        started, batching = time.time(), task.batching()
+        was_training = task.model.training
+        task.model.eval()
+        loader = make_loader(build_pipeline(urls, batching.val_decode, train=False, split_by_node=False),
+                             batching.eval_batch_size, 0, batching.collate, drop_last=False)
+        for batch in loader:
+            pairs = batch["pairs"]
+            if pairs is None:
+                continue
+            pairs = {k: v.to(task.device) if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
+            pixels = pairs["pixel_values"]
+            patches = task.model.vision.patch_features(pixels) if pixels.numel() else None
+            logps = pair_logps(task.model, pairs, patches)[0].tolist()
+            half = len(logps) // 2
+            self.table.update({key: (logps[i], logps[half + i]) for i, key in enumerate(pairs["keys"])})
+        task.model.train(was_training)
+        log.info("reference log-probs of %d pairs precomputed in %.1f s", len(self.table), time.time() - started)
