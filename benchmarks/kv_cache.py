@@ -107,13 +107,14 @@ class PeakMemory:
         return self.peak - self.start
 
 
-def split_budget(total: int, sinks: int, ranking: str | None, prompt_block: int | None = None) -> H2OBudget:
-    """`total` tokens in all: the sinks, then heavy hitters (ranked by `ranking`) and recent tokens half and half;
-    all recent with `ranking=None` (a recent-only window)."""
+def split_budget(total: int, sinks: int, ranking: str | None, prompt_block: int | None = None,
+                 heavy_share: float = 0.5) -> H2OBudget:
+    """`total` tokens in all: the sinks, then heavy hitters (ranked by `ranking`) and recent tokens, `heavy_share` of
+    them heavy (at least one recent); all recent with `ranking=None` (a recent-only window)."""
     rest = max(1, total - sinks)
     if ranking is None:
         return H2OBudget(heavy=0, recent=rest, sinks=sinks, prompt_block=prompt_block)
-    recent = math.ceil(rest / 2)
+    recent = max(1, math.ceil(rest * (1 - heavy_share)))
     return H2OBudget(heavy=rest - recent, recent=recent, sinks=sinks, ranking=ranking, prompt_block=prompt_block)
 
 
@@ -229,7 +230,8 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
         for turn in turns:
             total = round(fraction * len(turn.prompt.input_ids)) + (args.sinks if args.sinks_on_top else 0)
             sinks = args.h2o_sinks if ranking else args.sinks
-            budget = None if method == "dynamic" else split_budget(total, sinks, ranking, args.prompt_block)
+            budget = None if method == "dynamic" else split_budget(total, sinks, ranking, args.prompt_block,
+                                                                     args.heavy_share)
             held.append(held_per_layer(budget, len(turn.prompt.input_ids), layers, args.full_cache_layers))
             scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new, args.full_cache_layers),
                                                     turn.reference)))
@@ -291,6 +293,8 @@ def main() -> None:
     parser.add_argument("--speed-budget", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
+    parser.add_argument("--heavy-share", type=float, default=0.5,
+                        help="share of h2o's budget after the sinks kept as heavy hitters (the rest: recent tokens)")
     parser.add_argument("--sinks", type=int, default=4, help="sinks of the recent-only window (and of h2o)")
     parser.add_argument("--h2o-sinks", type=int, help="h2o's sinks in the quality part (default: --sinks)")
     parser.add_argument("--sinks-on-top", action="store_true",
