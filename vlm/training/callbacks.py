@@ -69,7 +69,7 @@ class PlainProgress(ProgressBar):
     def __init__(self) -> None:
         super().__init__()
         self._enabled = True
-        self._started = 0.0
+        self._started: float | None = None
         self._first_step = 0
 
     def disable(self) -> None:
@@ -79,14 +79,18 @@ class PlainProgress(ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._started, self._first_step = time.monotonic(), trainer.global_step
+        self._started = None  # set by the first batch: work done before it (dpo's reference pass) is not a step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self._started is None:
+            self._started, self._first_step = time.monotonic(), trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         step, total = trainer.global_step, trainer.max_steps
         every = max(1, total // PLAIN_LINES_PER_RUN)
         if not self._enabled or not trainer.is_global_zero or (step % every and step != total):
             return
-        rate = (step - self._first_step) / max(time.monotonic() - self._started, 1e-9)
+        rate = (step - self._first_step) / max(time.monotonic() - (self._started or 0.0), 1e-9)
         left = (total - step) / rate if rate > 0 else float("inf")
         metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num")
