@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from preference_data import write_pairs
 from tiny import TINY, make_task, tiny_config
 
 from vlm.data import synthetic
@@ -260,9 +261,10 @@ def _assert_export_is_the_final_checkpoint(run: Path, step: int, attention: str)
 
 
 @pytest.mark.slow
-def test_fsdp_runs_align_then_sft_and_resumes(tmp_path):
+def test_fsdp_runs_align_sft_and_dpo_and_resumes(tmp_path):
     """Phase 2 under FSDP with the defaults (packed batches; sft caches the frozen ViT's features): align, then sft
-    from its export, then sft continued with `resume=auto`."""
+    from its export, then sft continued with `resume=auto`; then dpo from that export with precomputed reference
+    log-probs (computed where FSDP's weights are whole), continued with `resume=auto` from the table it saved."""
     phase2 = [*PHASE2_FSDP, f"stage.feature_cache_dir={tmp_path / 'features'}"]
     _train_two_ranks(tmp_path, "stage=align", "init_from=null", "stage.max_steps=2", *phase2)
     _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=4", "run_name=sft", *phase2)
@@ -272,6 +274,18 @@ def test_fsdp_runs_align_then_sft_and_resumes(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and "exact_match" in metrics
     _assert_export_is_the_final_checkpoint(run, 6, "dense")
+
+    for shard in range(2):  # a shard per rank
+        write_pairs(tmp_path / "pairs" / f"train-{shard}.tar", 8)
+    dpo = ["stage=dpo", "run_name=dpo", "stage.precompute_reference=true", "stage.batch_size=4", *PHASE2_FSDP,
+           f"data.train={tmp_path / 'pairs' / 'train-{0..1}.tar'}",
+           f"data.val={write_pairs(tmp_path / 'pairs' / 'val.tar', 4)}"]
+    output = _train_two_ranks(tmp_path, "stage.max_steps=2", *dpo)
+    assert "reference log-probs of 20 pairs precomputed" in output, output
+    output = _train_two_ranks(tmp_path, "stage.max_steps=4", "resume=auto", *dpo)
+    assert "from step00000002.ckpt" in output and "precomputed" not in output, output
+    metrics = json.loads((tmp_path / "runs" / "dpo" / "dpo" / "metrics.json").read_text())
+    assert metrics["global_step"] == 4 and metrics["pairs_scored"] == 4
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ only, one vision forward per pair, truncation, bad shards, and a short end-to-en
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -190,8 +191,14 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute)
     common = [f"data.train={train}", f"data.val={val}", "data.num_workers=0", "stage.batch_size=4",
               f"stage.precompute_reference={str(precompute).lower()}", "eval.batch_size=4"]
     config = tiny_config(*common, f"init_from={tiny_sft_export}", f"output_root={tmp_path}", "stage.max_steps=4",
-                         "stage.lr=1e-2", "stage.warmup_steps=0", "run_name=r", stage="dpo", tiny=False)
+                         "stage.lr=1e-2", "stage.warmup_steps=0", "run_name=r", "trainer.log_every_n_steps=1",
+                         stage="dpo", tiny=False)
     metrics = run(config)
+    with open(tmp_path / "dpo" / "r" / "logs" / "metrics.csv") as file:
+        first = next(row for row in csv.DictReader(file) if row.get("train/margin"))
+    # at the first step the policy is the reference: a precomputed reference ran in the steps' precision (bf16 AMP
+    # on CPUs that have it), so the margin is exactly zero, as with the copy
+    assert float(first["train/margin"]) == 0.0 and first["step"] == "0"
     assert metrics["pairs_scored"] == 4 and metrics["rewards/accuracy"] == 1.0  # red over blue, learned
     assert metrics["rewards/margins"] > 0
     export = tmp_path / "dpo" / "r" / "export"

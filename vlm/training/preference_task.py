@@ -27,6 +27,7 @@ from vlm.models.factory import VLMBundle
 from vlm.models.losses import PreferenceLoss, preference_loss, reward_metrics
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.reference import Reference, pair_logps
+from vlm.training.strategy import run_with_whole_weights
 from vlm.training.task import Batching, Stage
 from vlm.training.vlm_task import VLMTask, start_bundle
 
@@ -83,10 +84,15 @@ class PreferenceTask(VLMTask):
                 "anchors": self.collate_padded(anchors) if anchors else None,
                 "scored": [s["scored"] for s in samples if "scored" in s], "skipped": skipped}
 
-    def on_fit_start(self) -> None:
-        if self.reference.model is None and not self.reference.table:  # a resumed run has them from its checkpoint
-            datamodule = self.trainer.datamodule
-            self.reference.precompute(self, datamodule.train_urls + datamodule.val_urls)
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # after any resume's restore (under FSDP that follows on_fit_start): a resumed run has the table already
+        if self.reference.model is None and not self.reference.table:
+            urls = self.trainer.datamodule.train_urls + self.trainer.datamodule.val_urls
+            # the precision the steps run in (the policy's log-probs must match the reference's at step 0), and
+            # under FSDP inside the root's forward, where its weights are whole
+            with self.trainer.precision_plugin.val_step_context():
+                run_with_whole_weights(self.trainer, self, lambda: self.reference.precompute(self, urls))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reference_logps"] = self.reference.table

@@ -8,8 +8,10 @@ CPU ranks over gloo, slowly: enough to smoke-test a sharded run on a laptop or i
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, Strategy, StrategyRegistry
 from torch import nn
@@ -21,6 +23,7 @@ from vlm.models.blocks import transformer_block_types
 log = logging.getLogger(__name__)
 
 FSDP_NAMES = ("fsdp", "fsdp_cpu_offload")  # Lightning's names for FSDP; both get the settings below
+Result = TypeVar("Result")
 
 
 class BlockShardedFSDP(FSDPStrategy):
@@ -50,6 +53,29 @@ class BlockShardedFSDP(FSDPStrategy):
         if self.global_rank == 0:
             log.info("FSDP (%s): %d units over %d ranks", self.sharding_strategy.name, units, self.world_size)
         return self._root
+
+
+def run_with_whole_weights(trainer: pl.Trainer, task: pl.LightningModule, work: Callable[[], Result]) -> Result:
+    """Run `work`, which calls the task's models outside a training or validation step, with every weight whole.
+
+    Under FSDP the weights outside the blocks stay sharded except inside the root wrapper's forward (each block gathers
+    its own as it runs), so `work` runs there: the root's forward is pointed at it for one call, as Lightning does for
+    its steps. Other strategies hold whole weights, and `work` runs as it is.
+    """
+    root = trainer.strategy.model
+    if not isinstance(root, FullyShardedDataParallel):
+        return work()
+    forward = task.forward
+
+    def run_work(*_: Any, **__: Any) -> Result:
+        task.forward = forward  # the models inside may call the task's own forward again
+        return work()
+
+    task.forward = run_work
+    try:
+        return root()
+    finally:
+        task.forward = forward
 
 
 def runs_on_cpu(trainer: TrainerConfig) -> bool:
