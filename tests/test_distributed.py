@@ -262,18 +262,16 @@ def _assert_export_is_the_final_checkpoint(run: Path, step: int, attention: str)
 
 @pytest.mark.slow
 def test_fsdp_runs_align_sft_and_dpo_and_resumes(tmp_path):
-    """Phase 2 under FSDP with the defaults (packed batches; sft caches the frozen ViT's features): align, then sft
-    from its export, then sft continued with `resume=auto`; then dpo from that export with precomputed reference
-    log-probs (computed where FSDP's weights are whole), continued with `resume=auto` from the table it saved."""
+    """Phase 2 and 3 under FSDP with the defaults: align, then sft from its export (packed batches, the frozen ViT's
+    features cached), then dpo from that export with precomputed reference log-probs (computed where FSDP's weights
+    are whole), continued with `resume=auto` from the table it saved."""
     phase2 = [*PHASE2_FSDP, f"stage.feature_cache_dir={tmp_path / 'features'}"]
     _train_two_ranks(tmp_path, "stage=align", "init_from=null", "stage.max_steps=2", *phase2)
     _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=4", "run_name=sft", *phase2)
-    output = _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=6", "run_name=sft", "resume=auto", *phase2)
     run = tmp_path / "runs" / "sft" / "sft"
-    assert "from step00000004.ckpt" in output, output
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["global_step"] == 6 and "exact_match" in metrics
-    _assert_export_is_the_final_checkpoint(run, 6, "dense")
+    assert metrics["global_step"] == 4 and "exact_match" in metrics
+    _assert_export_is_the_final_checkpoint(run, 4, "dense")
 
     for shard in range(2):  # a shard per rank
         write_pairs(tmp_path / "pairs" / f"train-{shard}.tar", 8)
