@@ -59,8 +59,8 @@ def run_with_whole_weights(trainer: pl.Trainer, task: pl.LightningModule, work: 
     """Run `work`, which calls the task's models outside a training or validation step, with every weight whole.
 
     Under FSDP the weights outside the blocks stay sharded except inside the root wrapper's forward (each block gathers
-    its own as it runs), so `work` runs there: the root's forward is pointed at it for one call, as Lightning does for
-    its steps. Other strategies hold whole weights, and `work` runs as it is.
+    its own as it runs), so `work` runs there: the root is called once with the task's forward pointed at `work`, as
+    Lightning routes its steps. Other strategies hold whole weights, and `work` runs as it is.
     """
     root = trainer.strategy.model
     if not isinstance(root, FullyShardedDataParallel):
