@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 import webdataset as wds
 from images import solid
 from tiny import tiny_config
@@ -50,9 +51,14 @@ def write_which_image_shards(path: Path, count: int, seed: int, colour_questions
 def test_a_short_run_from_scratch_learns_which_of_two_images_shows_a_colour(tmp_path):
     train = write_which_image_shards(tmp_path / "train" / "shard-000000.tar", 2000, seed=0, colour_questions=0.5)
     val = write_which_image_shards(tmp_path / "val" / "shard-000000.tar", 128, seed=1)
-    metrics = run(tiny_config(f"data.train={train}", f"data.val={val}", "data.num_workers=0", "init_from=null",
-                              f"output_root={tmp_path / 'runs'}", "stage.max_steps=500", "stage.warmup_steps=20",
-                              "trainer.val_check_interval=1000", "trainer.seed=0", stage="sft", tiny=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the default-width model is big enough for both of CI's cores, and nothing runs beside it
+    try:
+        metrics = run(tiny_config(f"data.train={train}", f"data.val={val}", "data.num_workers=0", "init_from=null",
+                                  f"output_root={tmp_path / 'runs'}", "stage.max_steps=500", "stage.warmup_steps=20",
+                                  "trainer.val_check_interval=1000", "trainer.seed=0", stage="sft", tiny=False))
+    finally:
+        torch.set_num_threads(threads)
     # chance is 0.5: the answer needs the asked colour matched to one image's tokens, and that image's place
     assert metrics["answers_scored"] == 128
     assert metrics["exact_match/compare"] >= 0.95, metrics
