@@ -238,3 +238,27 @@ def test_resume_keeps_the_reference_of_the_first_run(tiny_sft_export, tmp_path):
     watch = ReferenceWatch(tiny_sft_export)
     metrics = run(tiny_config(*common, "stage.max_steps=4", stage="dpo", tiny=False), callbacks=[watch])
     assert metrics["global_step"] == 4 and watch.same == [True, True]
+
+
+class ModeWatch(pl.Callback):
+    """Records, at each training batch, which of the task's parts run in training mode."""
+
+    def __init__(self):
+        self.training: list[dict[str, bool]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, task, *_) -> None:
+        self.training.append({name: part.training for name, part in task.model.parts().items()})
+
+
+@pytest.mark.parametrize("precompute", ["false", "true"])
+def test_trained_parts_train_and_the_frozen_vision_tower_stays_in_eval_mode(tiny_sft_export, tmp_path, precompute):
+    """The export loads in eval mode; training runs the projector and the LLM in training mode (dropout, gradient
+    checkpointing) and the frozen ViT in eval mode, also after the precomputing pass switched modes for itself."""
+    from vlm.train import run
+
+    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 4)
+    watch = ModeWatch()
+    run(tiny_config(f"data.train={train}", "data.num_workers=0", "stage.batch_size=4", f"init_from={tiny_sft_export}",
+                    f"output_root={tmp_path}", f"stage.precompute_reference={precompute}", "stage.max_steps=1",
+                    stage="dpo", tiny=False), callbacks=[watch])
+    assert watch.training == [{"vision": False, "projector": True, "llm": True}]

@@ -85,7 +85,6 @@ class PreferenceTask(VLMTask):
                 "scored": [s["scored"] for s in samples if "scored" in s], "skipped": skipped}
 
     def on_train_start(self) -> None:
-        super().on_train_start()
         # after any resume's restore (under FSDP that follows on_fit_start): a resumed run has the table already
         if self.reference.model is None and not self.reference.table:
             urls = self.trainer.datamodule.train_urls + self.trainer.datamodule.val_urls
@@ -93,6 +92,7 @@ class PreferenceTask(VLMTask):
             # under FSDP inside the root's forward, where its weights are whole
             with self.trainer.precision_plugin.val_step_context():
                 run_with_whole_weights(self.trainer, self, lambda: self.reference.precompute(self, urls))
+        super().on_train_start()  # then each part's training mode, whatever the pass left
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reference_logps"] = self.reference.table

@@ -92,9 +92,11 @@ class StageTask(pl.LightningModule):
         return self
 
     def on_train_start(self) -> None:
-        # Lightning (>= 2.2) leaves each module in the mode it finds it and never calls train(): without this, a frozen
-        # ViT would run in training mode, its BatchNorm normalising by batch statistics and updating its running ones
-        keep_frozen_parts_in_eval(self.model.parts(), self.trainable)
+        # Lightning (>= 2.2) leaves each module in the mode it finds it and never calls train(). A model loaded from an
+        # export is in eval mode: without this its trained parts would run so (no dropout, and Hugging Face layers skip
+        # gradient checkpointing outside training mode), and a new model's frozen ViT would run in training mode (its
+        # BatchNorm normalising by batch statistics and updating its running ones)
+        self.train()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.health.drop_skipped_gradients(optimizer)
