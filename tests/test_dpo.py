@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from preference_data import write_pairs
-from tiny import tiny_config
+from tiny import sft_export, tiny_config
 
 from vlm.data.processor import IGNORE_INDEX
 from vlm.data.shards import build_pipeline
@@ -262,3 +262,35 @@ def test_trained_parts_train_and_the_frozen_vision_tower_stays_in_eval_mode(tiny
                     f"output_root={tmp_path}", f"stage.precompute_reference={precompute}", "stage.max_steps=1",
                     stage="dpo", tiny=False), callbacks=[watch])
     assert watch.training == [{"vision": False, "projector": True, "llm": True}]
+
+
+@pytest.mark.parametrize("disable_dropout", ["true", "false"])
+def test_the_policy_trains_without_dropout_so_it_starts_as_the_reference(tmp_path, disable_dropout):
+    """On an LLM built with attention dropout, the first step's margin is exactly zero only with dropout off (the
+    default): with it on, the policy's log-probs are noisy where the reference's are not."""
+    from vlm.train import run
+
+    export = sft_export(tmp_path / "sft", "+model.llm.config.attention_dropout=0.5")
+    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 4)
+    run(tiny_config(f"data.train={train}", "data.num_workers=0", "stage.batch_size=4", f"init_from={export}",
+                    f"output_root={tmp_path}", f"stage.disable_dropout={disable_dropout}", "stage.max_steps=1",
+                    "run_name=r", "trainer.log_every_n_steps=1", stage="dpo", tiny=False))
+    with open(tmp_path / "dpo" / "r" / "logs" / "metrics.csv") as file:
+        first = next(row for row in csv.DictReader(file) if row.get("train/margin"))
+    assert (float(first["train/margin"]) == 0.0) == (disable_dropout == "true")
+    reloaded = load_vlm(tmp_path / "dpo" / "r" / "export").model
+    assert reloaded.lm.config.attention_dropout == 0.5  # the export keeps the model's own rate for later stages
+
+
+def test_disable_dropout_silences_every_kind_of_dropout_in_a_timm_vit():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from vlm.training.freezing import disable_dropout
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_rate=0.3,
+                            pos_drop_rate=0.3, attn_drop_rate=0.3, proj_drop_rate=0.3, drop_path_rate=0.3).train()
+    images = torch.randn(2, 3, 32, 32)
+    assert not torch.equal(vit(images), vit(images))
+    assert disable_dropout(vit) > 0
+    assert torch.equal(vit(images), vit(images)) and vit.training

@@ -284,6 +284,7 @@ class StageConfig:
     sft_weight: float | None = setting(minimum=0)  # weight of an NLL term on the chosen answers (0: off)
     anchor_weight: float | None = setting(minimum=0)  # weight of the NLL of conversation samples mixed into the pairs
     precompute_reference: bool | None = setting()  # reference log-probs computed once before training, no copy
+    disable_dropout: bool | None = setting()  # no dropout in the policy: its log-probs compare with the reference's
     reference: str | None = setting()  # vlm.eval: the reference export; null: the one the run recorded
 
 

@@ -46,3 +46,18 @@ def keep_frozen_parts_in_eval(parts: dict[str, nn.Module], trainable: Iterable[s
     for name, module in parts.items():
         if name not in trainable:
             module.eval()
+
+
+def disable_dropout(module: nn.Module) -> int:
+    """Turn off every dropout in `module`, also in training mode: dropout layers, stochastic depth (timm's DropPath)
+    and the `attention_dropout` rate Hugging Face attention reads. Returns how many rates were above zero. The config
+    the module was built from keeps its rates, so an export trains with them again in a later stage."""
+    zeroed = 0
+    for sub in module.modules():
+        rates = ["p"] if isinstance(sub, nn.modules.dropout._DropoutNd) else ["drop_prob", "attention_dropout"]
+        for rate in rates:
+            value = getattr(sub, rate, None)
+            if isinstance(value, float):
+                zeroed += value > 0
+                setattr(sub, rate, 0.0)
+    return zeroed

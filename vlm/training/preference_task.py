@@ -26,6 +26,7 @@ from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.models.factory import VLMBundle
 from vlm.models.losses import PreferenceLoss, preference_loss, reward_metrics
 from vlm.models.vlm import VisionLanguageModel
+from vlm.training.freezing import disable_dropout
 from vlm.training.reference import Reference, pair_logps
 from vlm.training.strategy import run_with_whole_weights
 from vlm.training.task import Batching, Stage
@@ -39,12 +40,14 @@ class PreferenceTask(VLMTask):
                  reference_source: str | None):
         super().__init__(config, stage, bundle)
         settings = config.stage
-        missing = [k for k in ("beta", "loss", "sft_weight", "anchor_weight", "precompute_reference")
-                   if getattr(settings, k) is None]
+        missing = [k for k in ("beta", "loss", "sft_weight", "anchor_weight", "precompute_reference",
+                               "disable_dropout") if getattr(settings, k) is None]
         if missing:
             raise ConfigError(f"stage {settings.name!r} trains on preferences and needs stage.{missing[0]} "
                               f"(see configs/stage/dpo.yaml)")
         self.reference = Reference(reference, reference_source)  # a frozen copy, or precomputed log-probs
+        if settings.disable_dropout and (zeroed := disable_dropout(self.model)):
+            log.info("dropout off in the policy (%d rates; stage.disable_dropout=false keeps them)", zeroed)
         self.val_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod
