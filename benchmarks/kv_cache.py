@@ -58,7 +58,7 @@ from vlm.data.sources import resolve_eval  # noqa: E402
 from vlm.exports.vlm import export_vlm, load_vlm  # noqa: E402
 from vlm.generation.h2o import H2OBudget, H2OCache  # noqa: E402
 from vlm.generation.kv_cache import cached_bytes  # noqa: E402
-from vlm.generation.options import RANKINGS  # noqa: E402
+from vlm.generation.options import IMAGE_BLOCKS, RANKINGS  # noqa: E402
 from vlm.metrics import answer_metrics, score_answer  # noqa: E402
 from vlm.models.factory import VLMBundle, new_vlm  # noqa: E402
 
@@ -107,7 +107,7 @@ class PeakMemory:
         return self.peak - self.start
 
 
-def split_budget(total: int, sinks: int, ranking: str | None, prompt_block: int | None = None,
+def split_budget(total: int, sinks: int, ranking: str | None, prompt_block: int | str | None = None,
                  heavy_share: float = 0.5) -> H2OBudget:
     """`total` tokens in all: the sinks, then heavy hitters (ranked by `ranking`) and recent tokens, `heavy_share` of
     them heavy (at least one recent); all recent with `ranking=None` (a recent-only window)."""
@@ -252,7 +252,7 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
 
 
 def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top: bool,
-         prompt_block: int | None, full_layers: tuple[int, ...] = ()) -> None:
+         prompt_block: int | str | None, full_layers: tuple[int, ...] = ()) -> None:
     plt = pyplot_or_exit(path)
     if plt is None:
         return
@@ -269,7 +269,11 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top:
     axes.set_xticks([100 * b for b in ticks], [f"{b:.0%}" for b in ticks])
     axes.set_xlabel(f"KV cache budget, share of the prompt ({sinks} sinks {'on top' if on_top else 'included'})")
     axes.set_ylabel("held-out exact match")
-    reading = "whole, then evicted" if prompt_block is None else f"{prompt_block} token(s) a pass, evicting after each"
+    reading = f"{prompt_block} token(s) a pass, evicting after each"
+    if prompt_block is None:
+        reading = "whole, then evicted"
+    elif prompt_block == IMAGE_BLOCKS:
+        reading = "a pass per image, evicting after each; the words after the last image with the answer's first step"
     kept = ""
     if full_layers:
         layers = ", ".join(map(str, full_layers))
@@ -282,6 +286,11 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     print(f"plot: {path}")
+
+
+def prompt_block(value: str) -> int | str:
+    """--prompt-block: a token count, or "image"."""
+    return value if value == IMAGE_BLOCKS else int(value)
 
 
 def main() -> None:
@@ -300,10 +309,12 @@ def main() -> None:
     parser.add_argument("--sinks-on-top", action="store_true",
                         help="quality part: a budget B holds B x prompt tokens plus the sinks, as generation.h2o's "
                              "defaults do (heavy 0.1 + recent 0.1 + 4 sinks); by default the sinks count within B")
-    parser.add_argument("--prompt-block", type=int,
+    parser.add_argument("--prompt-block", type=prompt_block,
                         help="quality part: read each prompt this many tokens at a time, evicting after each (1: the "
-                             "paper's evaluation, where every prompt token reads only what the budget keeps); by "
-                             "default the prompt is read whole and the budget binds from the answer on")
+                             "paper's evaluation, where every prompt token reads only what the budget keeps), or "
+                             "'image': a pass per image, ending with its last token, the words after the last image "
+                             "read with the answer's first step; by default the prompt is read whole and the budget "
+                             "binds from the answer on")
     parser.add_argument("--speed-prompt-block", type=int,
                         help="speed part: h2o reads the long prompt this many tokens at a time, evicting after each, "
                              "so its memory stays within the budget + the block while the prompt is read")

@@ -15,9 +15,10 @@ from vlm.generation.h2o import (
     H2OLayer,
     PaddedBatchError,
     attention_column_scores,
+    image_run_ends,
     score_block,
 )
-from vlm.generation.options import GenerationOptions, H2OSettings, OptionError
+from vlm.generation.options import IMAGE_BLOCKS, GenerationOptions, H2OSettings, OptionError
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +60,19 @@ class HeldKeys(LogitsProcessor):
         return scores
 
 
+def spy_reads(cache: H2OCache) -> list[int]:
+    """The keys each layer's attention read, pass by pass (the scores it reports cover every key it saw)."""
+    reads: list[int] = []
+    for layer in cache.layers:
+        observe = layer.observe
+        layer.observe = lambda scores, observe=observe: (reads.append(scores.shape[-1]), observe(scores))
+    return reads
+
+
 def test_the_cache_never_holds_more_than_the_budget(lm):
     budget = H2OBudget(heavy=3, recent=4, sinks=2)
     cache = H2OCache(lm, budget)
-    read_per_step: list[int] = []
-    for layer in cache.layers:  # a spy: what each step's attention read (the scores cover every key it saw)
-        observe = layer.observe
-        layer.observe = lambda scores, observe=observe: (read_per_step.append(scores.shape[-1]), observe(scores))
+    read_per_step = spy_reads(cache)
     held = HeldKeys(cache)
     greedy(lm, prompt(30), 25, cache=cache, logits_processor=LogitsProcessorList([held]))
     assert len(held.held) == 25
@@ -90,10 +97,7 @@ def test_a_prompt_read_in_blocks_with_room_for_everything_answers_like_the_dynam
 def test_a_prompt_read_in_blocks_never_holds_more_than_the_budget_and_a_block(lm):
     budget = H2OBudget(heavy=3, recent=4, sinks=2, prompt_block=5)
     cache = H2OCache(lm, budget)
-    read_per_step: list[int] = []
-    for layer in cache.layers:
-        observe = layer.observe
-        layer.observe = lambda scores, observe=observe: (read_per_step.append(scores.shape[-1]), observe(scores))
+    read_per_step = spy_reads(cache)
     ids = prompt(30)
     answer = read_then_generate(lm, ids, 10, cache)
     prompt_reads = read_per_step[: 2 * 6]  # 29 tokens in blocks of 5: 6 passes, 2 layers each
@@ -101,6 +105,50 @@ def test_a_prompt_read_in_blocks_never_holds_more_than_the_budget_and_a_block(lm
     assert read_per_step[12:14] == [budget.total + 1] * 2  # generate reads only the last prompt token
     assert max(read_per_step) == budget.total + 5 and max(layer.held() for layer in cache.layers) == budget.total
     assert not torch.equal(answer, greedy(lm, ids, 10, cache=H2OCache(lm, H2OBudget(heavy=3, recent=4, sinks=2))))
+
+
+def image_rows() -> torch.Tensor:
+    """Image tokens of a 2-row, 30-token batch: row 0 has an image ending at 11, row 1 one ending at 19."""
+    images = torch.zeros(2, 30, dtype=torch.bool)
+    images[0, 3:11] = True
+    images[1, 12:19] = True
+    return images
+
+
+def test_image_blocks_end_a_pass_after_each_image_of_any_row(lm):
+    images = image_rows()
+    assert image_run_ends(images) == [11, 19]
+    budget = H2OBudget(heavy=3, recent=4, sinks=2, prompt_block=IMAGE_BLOCKS)
+    cache = H2OCache(lm, budget)
+    reads = spy_reads(cache)
+    ids = prompt(30, batch=2)
+    cache.read_prompt(lm, lm.get_input_embeddings()(ids), images)
+    assert reads == [11, 11, 9 + 8, 9 + 8]  # passes [0, 11) and [11, 19), each after the 9 kept keys (2 layers)
+    greedy(lm, ids, 1, cache=cache)
+    assert reads[4:] == [9 + 11, 9 + 11]  # generate reads the words after the last image, [19, 30), in one pass
+
+
+def test_image_blocks_with_room_for_everything_answer_like_the_dynamic_cache(lm):
+    ids = prompt(30, batch=2)
+    cache = H2OCache(lm, H2OBudget(heavy=30, recent=20, sinks=4, prompt_block=IMAGE_BLOCKS))
+    cache.read_prompt(lm, lm.get_input_embeddings()(ids), image_rows())
+    assert cache.get_seq_length() == 19
+    assert torch.equal(greedy(lm, ids, 20, cache=cache), greedy(lm, ids, 20))
+
+
+def test_the_chat_model_reads_each_image_whole_with_image_blocks(tiny_chat_model):
+    from images import solid
+
+    chat = tiny_chat_model
+    prompt_ = chat.prepare([{"role": "user", "content": "<image>\nWhat colour is the shape?"}], [solid()])
+    inputs = chat._inputs([prompt_])
+    image_end = int((inputs["input_ids"][0] == chat.model.image_token_id).nonzero().max()) + 1
+    cache = H2OCache(chat.model.lm, H2OBudget(heavy=2, recent=3, sinks=1, prompt_block=IMAGE_BLOCKS))
+    reads = spy_reads(cache)
+    chat.model.generate(**inputs, cache=cache, max_new_tokens=1, do_sample=False,
+                        pad_token_id=chat.tokenizer.pad_token_id)
+    assert reads[0] == image_end < inputs["input_ids"].shape[1] - 1  # the first pass ends with the image
+    assert reads[len(cache.layers)] == 6 + inputs["input_ids"].shape[1] - image_end  # then generate reads the words
 
 
 @pytest.mark.parametrize("block", [1, 4])
@@ -262,6 +310,7 @@ def test_fractions_resolve_against_the_prompt_length():
     ({"h2o": {"recent": 0}}, "h2o.recent=0"),
     ({"h2o": {"ranking": "top"}}, "h2o.ranking='top'"),
     ({"h2o": {"prompt_block": 0}}, "h2o.prompt_block=0"),
+    ({"h2o": {"prompt_block": "images"}}, "h2o.prompt_block='images'"),
     ({"h2o": {"heavyy": 3}}, "unknown generation option 'h2o.heavyy'. Did you mean 'h2o.heavy'?"),
 ])
 def test_bad_settings_name_the_key(options, key):

@@ -41,7 +41,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from vlm.generation.options import H2OSettings, OptionError
+from vlm.generation.options import IMAGE_BLOCKS, H2OSettings, OptionError
 from vlm.models.attention import uses_pattern
 
 H2O_LAYER = "h2o_cache_layer"  # attention kwarg: the layer waiting for this step's attention scores
@@ -67,7 +67,7 @@ class H2OBudget:
     recent: int
     sinks: int
     ranking: str = H2OSettings.ranking  # one default, the settings'
-    prompt_block: int | None = None  # prompt tokens per pass (evicting after each); None: the prompt in one pass
+    prompt_block: int | str | None = None  # tokens per pass (evicting after each), "image", or None: one pass
 
     @property
     def total(self) -> int:
@@ -223,22 +223,40 @@ class H2OCache(Cache):
         self.budget = budget
 
     @torch.no_grad()
-    def read_prompt(self, lm: PreTrainedModel, inputs_embeds: torch.Tensor) -> None:
-        """With `budget.prompt_block` = N, read all but the last of the prompt's (B, L, D) embeddings N tokens per
-        pass, evicting after each, so no prompt token reads a key the budget has dropped and the cache never holds
-        more than the budget + N. `generate` then finds them cached and reads only the last token. Without a block
-        size this does nothing: `generate` reads the whole prompt at once and the budget applies from then on."""
+    def read_prompt(self, lm: PreTrainedModel, inputs_embeds: torch.Tensor,
+                    image_tokens: torch.Tensor | None = None) -> None:
+        """Read the start of the prompt's (B, L, D) embeddings into the cache in passes, evicting after each;
+        `generate` then finds them cached and reads the rest in its first pass.
+
+        With `budget.prompt_block` = N, all but the last token, N tokens per pass, so no prompt token reads a key the
+        budget has dropped and the cache never holds more than the budget + N. With `prompt_block="image"`, up to the
+        last image's end, a pass ending after each image's last token (in any row of `image_tokens`, (B, L) bool):
+        every image is read whole, then evicted, before the words after it read it. Without a block size this does
+        nothing: `generate` reads the whole prompt at once and the budget applies from then on."""
         block = self.budget.prompt_block
         if block is None or self.get_seq_length():
             return
-        for start in range(0, inputs_embeds.shape[1] - 1, block):
-            end = min(start + block, inputs_embeds.shape[1] - 1)
+        last = inputs_embeds.shape[1] - 1  # generate reads at least the last token
+        if block == IMAGE_BLOCKS:
+            ends = [end for end in image_run_ends(image_tokens) if end <= last] if image_tokens is not None else []
+        else:
+            ends = [*range(block, last, block), last] if last else []
+        start = 0
+        for end in ends:
             lm(inputs_embeds=inputs_embeds[:, start:end], cache=self, use_cache=True, logits_to_keep=1)
+            start = end
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """Masks count positions among the kept keys, so a query comes right after them (not after every token
         seen): a causal mask then never lets a prompt block read its own later tokens."""
         return self.layers[layer_idx].held() if layer_idx < len(self.layers) else 0
+
+
+def image_run_ends(image_tokens: torch.Tensor) -> list[int]:
+    """Positions just after each run of image tokens in any row of `image_tokens` (B, L) bool, ascending."""
+    after = image_tokens[:, :-1] & ~image_tokens[:, 1:]  # (B, L-1): token i is an image's last
+    ends = (after.any(dim=0).nonzero().flatten() + 1).tolist()
+    return ends + ([image_tokens.shape[1]] if bool(image_tokens[:, -1].any()) else [])
 
 
 def score_block(heads: int, keys: int, device: torch.device) -> int:

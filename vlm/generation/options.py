@@ -55,6 +55,7 @@ def auto_temperature(messages: Sequence[Message]) -> tuple[float, str]:
 
 KV_CACHES = ("dynamic", "h2o")
 RANKINGS = ("max", "mean", "sum")  # how H2O orders heavy-hitter candidates
+IMAGE_BLOCKS = "image"  # h2o.prompt_block: a pass per image, each ending with the image's last token
 
 
 @dataclass
@@ -67,13 +68,15 @@ class H2OSettings:
     does not favour a key for being old. `prompt_block`: with None the prompt is read in one pass and the
     budget applies from the answer on; with N it is read N tokens at a time, evicting after each block, so the
     cache never holds more than the budget + N (1: as the paper evaluates, each prompt token reads only what is
-    kept)."""
+    kept); with "image" a pass ends after each image, so an image is read whole, then evicted, before the words
+    after it read it, and the words after the last image are read with the answer's first step (the cache holds at
+    most the budget + the longest stretch between two image ends, or after the last)."""
 
     heavy: int | float = 0.1  # tokens kept for the most attention received so far
     recent: int | float = 0.1  # the newest tokens, always kept
     sinks: int = 4  # the first tokens, always kept (they draw attention whatever they say)
     ranking: str = "max"  # max, mean or sum: see above
-    prompt_block: int | None = None  # None: the prompt in one pass; N: N tokens per pass, evicting after each
+    prompt_block: int | str | None = None  # None: the prompt in one pass; N: N tokens per pass; "image": per image
 
     def __post_init__(self) -> None:
         for name in ("heavy", "recent"):
@@ -86,9 +89,10 @@ class H2OSettings:
             raise OptionError(f"h2o.sinks={self.sinks!r} is not valid: use an integer >= 0")
         if self.recent in (0, 0.0):
             raise OptionError("h2o.recent=0 is not valid: the window must hold at least the newest token")
-        if self.prompt_block is not None and (not _is_int(self.prompt_block) or self.prompt_block < 1):
+        if self.prompt_block not in (None, IMAGE_BLOCKS) and (not _is_int(self.prompt_block) or self.prompt_block < 1):
             raise OptionError(f"h2o.prompt_block={self.prompt_block!r} is not valid: use an integer >= 1 (tokens of "
-                              f"the prompt read per pass), or null to read it in one pass")
+                              f"the prompt read per pass), {IMAGE_BLOCKS!r} (a pass per image), or null to read it "
+                              f"in one pass")
         if self.ranking not in RANKINGS:
             raise OptionError(f"h2o.ranking={self.ranking!r} is not valid: use one of {list(RANKINGS)}")
 

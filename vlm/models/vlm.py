@@ -124,7 +124,7 @@ class VisionLanguageModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         read_prompt = getattr(generate_kwargs.get("cache"), "read_prompt", None)
         if read_prompt is not None:  # a cache that reads the prompt its own way (H2O with h2o.prompt_block)
-            read_prompt(self.lm, embeds)
+            read_prompt(self.lm, embeds, input_ids == self.image_token_id)
         out = self.lm.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
                                **generate_kwargs)  # (B, L + T_new)
         return out[:, input_ids.shape[1]:]
