@@ -264,7 +264,7 @@ def _assert_export_is_the_final_checkpoint(run: Path, step: int, attention: str)
 def test_fsdp_runs_align_sft_and_dpo_and_resumes(tmp_path):
     """Phase 2 and 3 under FSDP with the defaults: align, then sft from its export (packed batches, the frozen ViT's
     features cached), then dpo from that export with precomputed reference log-probs (computed where FSDP's weights
-    are whole), continued with `resume=auto` from the table it saved."""
+    are whole, each rank a share), continued with `resume=auto` from the table it saved."""
     phase2 = [*PHASE2_FSDP, f"stage.feature_cache_dir={tmp_path / 'features'}"]
     _train_two_ranks(tmp_path, "stage=align", "init_from=null", "stage.max_steps=2", *phase2)
     _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=4", "run_name=sft", *phase2)
@@ -275,11 +275,14 @@ def test_fsdp_runs_align_sft_and_dpo_and_resumes(tmp_path):
 
     for shard in range(2):  # a shard per rank
         write_pairs(tmp_path / "pairs" / f"train-{shard}.tar", 8)
-    dpo = ["stage=dpo", "run_name=dpo", "stage.precompute_reference=true", "stage.batch_size=4", *PHASE2_FSDP,
+    dpo = ["stage=dpo", "run_name=dpo", "stage.precompute_reference=true", "stage.batch_size=4", "eval.batch_size=4",
+           *PHASE2_FSDP,
            f"data.train={tmp_path / 'pairs' / 'train-{0..1}.tar'}",
            f"data.val={write_pairs(tmp_path / 'pairs' / 'val.tar', 4)}"]
     output = _train_two_ranks(tmp_path, "stage.max_steps=2", *dpo)
+    # 5 batches of 4 pairs: rank 0 computes 3 and rank 1 two (and one more call to keep pace); both hold all 20
     assert "reference log-probs of 20 pairs precomputed" in output, output
+    assert "(12 of them on rank 0 of 2)" in output and "(8 of them on rank 1 of 2)" in output, output
     output = _train_two_ranks(tmp_path, "stage.max_steps=4", "resume=auto", *dpo)
     assert "from step00000002.ckpt" in output and "precomputed" not in output, output
     metrics = json.loads((tmp_path / "runs" / "dpo" / "dpo" / "metrics.json").read_text())

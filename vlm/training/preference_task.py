@@ -94,7 +94,8 @@ class PreferenceTask(VLMTask):
             # the precision the steps run in (the policy's log-probs must match the reference's at step 0), and
             # under FSDP inside the root's forward, where its weights are whole
             with self.trainer.precision_plugin.val_step_context():
-                run_with_whole_weights(self.trainer, self, lambda: self.reference.precompute(self, urls))
+                run_with_whole_weights(self.trainer, self, lambda: self.reference.precompute(
+                    self, urls, self.trainer.global_rank, self.trainer.world_size))
         super().on_train_start()  # then each part's training mode, whatever the pass left
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

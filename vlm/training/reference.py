@@ -8,6 +8,7 @@ sits in memory while training.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -66,24 +67,43 @@ class Reference(torch.nn.Module):
         return pair_logps(self.model, pairs, patches)[0]
 
     @torch.no_grad()
-    def precompute(self, task: PreferenceTask, urls: list[str]) -> None:
+    def precompute(self, task: PreferenceTask, urls: list[str], rank: int = 0, world_size: int = 1) -> None:
         """Fill the table: every pair's (chosen, rejected) summed answer log-probs under the task's model as it is now
         (before training), over every pair in `urls` (train and held-out: validation's rewards need them too).
-        Memory: two floats a pair."""
+        Memory: two floats a pair. With several ranks each computes every `world_size`-th batch, making as many
+        forward calls as the busiest rank (FSDP's ranks gather weights together), and the ranks then share their
+        tables, so each holds the whole one."""
         started, batching = time.time(), task.batching()
         was_training = task.model.training
         task.model.eval()
         loader = make_loader(build_pipeline(urls, batching.val_decode, train=False, split_by_node=False),
                              batching.eval_batch_size, 0, batching.collate, drop_last=False)
+        batches = computed = 0
+        last = None
         for batch in loader:
-            pairs = batch["pairs"]
-            if pairs is None:
+            if batch["pairs"] is None:
                 continue
-            pairs = {k: v.to(task.device) if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
-            pixels = pairs["pixel_values"]
-            patches = task.model.vision.patch_features(pixels) if pixels.numel() else None
-            logps = pair_logps(task.model, pairs, patches)[0].tolist()
-            half = len(logps) // 2
-            self.table.update({key: (logps[i], logps[half + i]) for i, key in enumerate(pairs["keys"])})
+            last, batches = batch["pairs"], batches + 1
+            if (batches - 1) % world_size == rank:
+                self.table.update(self._logps(task, last))
+                computed += 1
+        for _ in range(math.ceil(batches / world_size) - computed):  # a forward call to keep pace, result unused
+            self._logps(task, last)
+        mine = len(self.table)
+        if world_size > 1:
+            tables: list[dict[str, tuple[float, float]]] = [{} for _ in range(world_size)]
+            torch.distributed.all_gather_object(tables, self.table)
+            self.table = {key: logps for table in tables for key, logps in table.items()}
         task.model.train(was_training)
-        log.info("reference log-probs of %d pairs precomputed in %.1f s", len(self.table), time.time() - started)
+        log.info("reference log-probs of %d pairs precomputed in %.1f s (%d of them on rank %d of %d)",
+                 len(self.table), time.time() - started, mine, rank, world_size)
+
+    @staticmethod
+    def _logps(task: PreferenceTask, pairs: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        """{pair key: (chosen, rejected) summed answer log-probs} of one batch of pairs under the task's model."""
+        pairs = {k: v.to(task.device) if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
+        pixels = pairs["pixel_values"]
+        patches = task.model.vision.patch_features(pixels) if pixels.numel() else None
+        logps = pair_logps(task.model, pairs, patches)[0].tolist()
+        half = len(logps) // 2
+        return {key: (logps[i], logps[half + i]) for i, key in enumerate(pairs["keys"])}
