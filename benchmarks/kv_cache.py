@@ -273,7 +273,7 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top:
     if prompt_block is None:
         reading = "whole, then evicted"
     elif prompt_block == IMAGE_BLOCKS:
-        reading = "a pass per image, evicting after each; the words after the last image with the answer's first step"
+        reading = "a pass per image, evicting after each; the rest with the answer"
     kept = ""
     if full_layers:
         layers = ", ".join(map(str, full_layers))
