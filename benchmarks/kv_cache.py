@@ -19,13 +19,16 @@ Two parts:
    - window: the same `sinks` and a recent-only window for the rest (StreamingLLM);
    plus the full dynamic cache. Writes a PNG of exact match against budget (--plot). By default each prompt is read
    whole and the budget binds from the answer on; --prompt-block 1 reads it a token at a time, evicting after each,
-   as the paper evaluates (every prompt token then reads only what the budget keeps). --full-cache-layers I ... lets
+   as the paper evaluates (every prompt token then reads only what the budget keeps); --prompt-block image reads it
+   a pass per image. What the answers cost is printed too, against the dynamic cache: the most the cache held at
+   once per answer (mean over answers, the prompt's reading included), answer tokens per second (prompt included)
+   and the peak process memory over all the answers. --full-cache-layers I ... lets
    those decoder layers keep every key while the others evict: a diagnostic of which layer's eviction costs answers
    ("tokens held" then averages over the layers).
 
 Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
        [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--sinks-on-top]
-       [--ranking max|mean|sum] [--prompt-block N] [--speed-prompt-block N] [--full-cache-layers I ...]
+       [--ranking max|mean|sum] [--prompt-block N|image] [--speed-prompt-block N] [--full-cache-layers I ...]
        [--max-samples 200] [--plot docs/kv_cache_budget.png|none] [--skip-speed] [--skip-quality] [--threads 1]
 Without --export, a random tiny export is built (the quality part then measures nothing useful).
 """
@@ -39,6 +42,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -188,22 +192,41 @@ def held_out_turns(bundle: VLMBundle, val: str | None, max_samples: int) -> list
     return turns
 
 
+@dataclass
+class Answered:
+    text: str
+    peak_cache_bytes: int  # the most the cache held at once, the prompt's reading included
+    new_tokens: int
+
+
+def track_peak_bytes(cache: H2OCache) -> list[int]:
+    """A one-item list that keeps the most bytes `cache` held at once: read after each layer takes a pass's keys,
+    before H2O evicts."""
+    peak = [0]
+    for layer in cache.layers:
+        def update(*args, _update=layer.update, **kwargs):
+            stored = _update(*args, **kwargs)
+            peak[0] = max(peak[0], cached_bytes(cache))
+            return stored
+        layer.update = update
+    return peak
+
+
 def answer(bundle: VLMBundle, turn, budget: H2OBudget | None, max_new_tokens: int,
-           full_layers: tuple[int, ...] = ()) -> str:
+           full_layers: tuple[int, ...] = ()) -> Answered:
     """Greedy answer to one held-out turn; `budget` None: the dynamic cache. `full_layers`: decoder layers that keep
     every key while the others evict (a diagnostic: which layer's eviction costs the answers)."""
     tokenizer = bundle.tokenizer
     batch = pad_batch([turn.prompt], tokenizer.pad_token_id, left=True)
-    extra = {}
-    if budget:
-        cache = H2OCache(bundle.model.lm, budget)
-        for index in full_layers:
-            cache.layers[index].budget = H2OBudget(heavy=0, recent=NEVER_EVICT, sinks=0)
-        extra = {"cache": cache}
+    cache = DynamicCache() if budget is None else H2OCache(bundle.model.lm, budget)
+    peak = [0] if budget is None else track_peak_bytes(cache)
+    for index in full_layers if budget else ():
+        cache.layers[index].budget = H2OBudget(heavy=0, recent=NEVER_EVICT, sinks=0)
     new = bundle.model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                 batch["image_slots"], max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
-    return tokenizer.decode(new[0], skip_special_tokens=True)
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, cache=cache)
+    peak_bytes = cached_bytes(cache) if budget is None else peak[0]  # a dynamic cache only grows
+    return Answered(tokenizer.decode(new[0], skip_special_tokens=True), peak_bytes, new.shape[1])
 
 
 def held_per_layer(budget: H2OBudget | None, prompt_tokens: int, layers: int, full_layers: tuple[int, ...]) -> float:
@@ -224,22 +247,29 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
     rankings = {f"h2o-{r}": r for r in RANKINGS}  # h2o with each heavy-hitter ranking; the window has none
     methods = [("dynamic", 1.0)] + [(m, b) for b in args.budgets for m in (*rankings, "window")]
     results: dict[str, dict[float, float]] = {m: {} for m in ("dynamic", *rankings, "window")}
+    costs: dict[tuple[str, float], dict[str, float]] = {}
+    answer(bundle, turns[0], None, max_new)  # warm-up: the first call's allocations are no method's cost
     for method, fraction in methods:
-        started, scored, held = time.perf_counter(), [], []
+        started, scored, held, answers = time.perf_counter(), [], [], []
         ranking = rankings.get(method)
-        for turn in turns:
-            total = round(fraction * len(turn.prompt.input_ids)) + (args.sinks if args.sinks_on_top else 0)
-            sinks = args.h2o_sinks if ranking else args.sinks
-            budget = None if method == "dynamic" else split_budget(total, sinks, ranking, args.prompt_block,
-                                                                     args.heavy_share)
-            held.append(held_per_layer(budget, len(turn.prompt.input_ids), layers, args.full_cache_layers))
-            scored.append((turn.group, score_answer(answer(bundle, turn, budget, max_new, args.full_cache_layers),
-                                                    turn.reference)))
+        with PeakMemory() as memory:
+            for turn in turns:
+                total = round(fraction * len(turn.prompt.input_ids)) + (args.sinks if args.sinks_on_top else 0)
+                sinks = args.h2o_sinks if ranking else args.sinks
+                budget = None if method == "dynamic" else split_budget(total, sinks, ranking, args.prompt_block,
+                                                                         args.heavy_share)
+                held.append(held_per_layer(budget, len(turn.prompt.input_ids), layers, args.full_cache_layers))
+                answers.append(answer(bundle, turn, budget, max_new, args.full_cache_layers))
+                scored.append((turn.group, score_answer(answers[-1].text, turn.reference)))
+        seconds = time.perf_counter() - started
+        costs[method, fraction] = {"cache_kib": statistics.mean(a.peak_cache_bytes for a in answers) / 1024,
+                                   "tokens_per_s": sum(a.new_tokens for a in answers) / seconds,
+                                   "rss_mib": memory.added / MiB}
         metrics = answer_metrics(scored)
         results[method][fraction] = metrics["exact_match"]
         groups = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("exact_match/"))
         print(f"  {method:<8} budget {fraction:>4.0%} (mean {statistics.mean(held):.1f} tokens held): exact match "
-              f"{metrics['exact_match']:.3f} ({groups}) in {time.perf_counter() - started:.0f} s", flush=True)
+              f"{metrics['exact_match']:.3f} ({groups}) in {seconds:.0f} s", flush=True)
     full = results["dynamic"][1.0]
     print(f"\n| budget (of the prompt) | h2o, max ranking (default) | h2o, mean ranking | h2o, sum ranking (paper) | "
           f"recent-only window | h2o max / full ({full:.3f}) | h2o max - window |")
@@ -248,7 +278,21 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
         largest, mean, total, window = (results[m][fraction] for m in ("h2o-max", "h2o-mean", "h2o-sum", "window"))
         print(f"| {fraction:.0%} | {largest:.3f} | {mean:.3f} | {total:.3f} | {window:.3f} | "
               f"{largest / full if full else float('nan'):.3f} | {largest - window:+.3f} |")
+    print_costs(costs)
     return results
+
+
+def print_costs(costs: dict[tuple[str, float], dict[str, float]]) -> None:
+    """What each method's answers cost against the dynamic cache's: the peak cache per answer (mean), answer tokens
+    per second (the prompt's reading included: these answers are a few tokens) and the peak process memory."""
+    base = costs["dynamic", 1.0]
+    print("\n| method, budget | peak cache KiB per answer (mean) | x dynamic | answer tokens/s | x dynamic | "
+          "peak process memory +MiB |")
+    print("|---|---|---|---|---|---|")
+    for (method, fraction), cost in costs.items():
+        print(f"| {method} {fraction:.0%} | {cost['cache_kib']:.1f} | {cost['cache_kib'] / base['cache_kib']:.3f} | "
+              f"{cost['tokens_per_s']:.1f} | {cost['tokens_per_s'] / base['tokens_per_s']:.3f} | "
+              f"{cost['rss_mib']:.1f} |")
 
 
 def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top: bool,
