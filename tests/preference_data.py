@@ -20,10 +20,10 @@ def png(seed: int, size: int = 64) -> bytes:
 
 
 def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = True, history: bool = False,
-                anchors: int = 0) -> str:
+                anchors: int = 0, images: bool = True) -> str:
     """A shard of `count` colour questions, each with a chosen and a rejected answer; `history` puts an earlier
     question and answer before the asked one; `anchors` conversation samples (a shape question and its answer)
-    follow the pairs. Returns the shard path."""
+    follow the pairs; `images=False` asks about a tomato instead, with no image. Returns the shard path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(path)) as sink:
         for i in range(count, count + anchors):
@@ -32,12 +32,13 @@ def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = Tr
             sink.write({"__key__": f"{i:06d}", "json": json.dumps({"conversations": turns, "type": "shape"}),
                         "0.png": png(i)})
         for i in range(count):
-            prompt = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
+            question = "<image>\nWhat color is the shape?" if images else "What color is a ripe tomato?"
+            prompt = [{"role": "user", "content": question}]
             if history:
                 prompt = [*prompt, {"role": "assistant", "content": "blue"},
                           {"role": "user", "content": "What shape is this?"}]
             record = {"prompt": prompt, "rejected": " ".join(["blue"] * answer_words), "type": "color"}
             if chosen:
                 record["chosen"] = " ".join(["red"] * answer_words)
-            sink.write({"__key__": f"{i:06d}", "json": json.dumps(record), "0.png": png(i)})
+            sink.write({"__key__": f"{i:06d}", "json": json.dumps(record)} | ({"0.png": png(i)} if images else {}))
     return str(path)

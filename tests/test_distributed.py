@@ -5,6 +5,7 @@ Two gloo processes stand in for two GPUs; nothing here needs a GPU.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -275,14 +276,17 @@ def test_fsdp_runs_align_sft_and_dpo_and_resumes(tmp_path):
 
     for shard in range(2):  # a shard per rank
         write_pairs(tmp_path / "pairs" / f"train-{shard}.tar", 8)
-    dpo = ["stage=dpo", "run_name=dpo", "stage.precompute_reference=true", "stage.batch_size=4", "eval.batch_size=4",
-           *PHASE2_FSDP,
+    dpo = ["stage=dpo", "run_name=dpo", "stage.precompute_reference=true", "stage.batch_size=4", *PHASE2_FSDP,
            f"data.train={tmp_path / 'pairs' / 'train-{0..1}.tar'}",
-           f"data.val={write_pairs(tmp_path / 'pairs' / 'val.tar', 4)}"]
+           f"data.val={write_pairs(tmp_path / 'pairs' / 'val.tar', 4, images=False)}"]
     output = _train_two_ranks(tmp_path, "stage.max_steps=2", *dpo)
-    # 5 batches of 4 pairs: rank 0 computes 3 and rank 1 two (and one more call to keep pace); both hold all 20
+    # 3 batches: each train shard's 8 pairs, then the 4 held-out ones, text-only. Rank 0 computes the first and the
+    # third (12 pairs), rank 1 the second and then the third again to keep pace; both hold all 20
     assert "reference log-probs of 20 pairs precomputed" in output, output
     assert "(12 of them on rank 0 of 2)" in output and "(8 of them on rank 1 of 2)" in output, output
+    with open(tmp_path / "runs" / "dpo" / "dpo" / "logs" / "metrics.csv") as file:
+        first = next(row for row in csv.DictReader(file) if row.get("train/margin"))
+    assert abs(float(first["train/margin"])) < 1e-5  # at step 0 the policy is the reference the ranks computed
     output = _train_two_ranks(tmp_path, "stage.max_steps=4", "resume=auto", *dpo)
     assert "from step00000002.ckpt" in output and "precomputed" not in output, output
     metrics = json.loads((tmp_path / "runs" / "dpo" / "dpo" / "metrics.json").read_text())
