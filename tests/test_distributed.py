@@ -265,7 +265,8 @@ def _assert_export_is_the_final_checkpoint(run: Path, step: int, attention: str)
 def test_fsdp_runs_align_sft_and_dpo_and_resumes(tmp_path):
     """Phase 2 and 3 under FSDP with the defaults: align, then sft from its export (packed batches, the frozen ViT's
     features cached), then dpo from that export with precomputed reference log-probs (computed where FSDP's weights
-    are whole, each rank a share), continued with `resume=auto` from the table it saved."""
+    are whole, each rank a share), continued with `resume=auto` from the table it saved. Rank 1's dpo shard is
+    text-only: every rank still runs the ViT's blocks at every step, as FSDP needs."""
     phase2 = [*PHASE2_FSDP, f"stage.feature_cache_dir={tmp_path / 'features'}"]
     _train_two_ranks(tmp_path, "stage=align", "init_from=null", "stage.max_steps=2", *phase2)
     _train_two_ranks(tmp_path, "stage=sft", "stage.max_steps=4", "run_name=sft", *phase2)
@@ -275,13 +276,14 @@ def test_fsdp_runs_align_sft_and_dpo_and_resumes(tmp_path):
     _assert_export_is_the_final_checkpoint(run, 4, "dense")
 
     for shard in range(2):  # a shard per rank
-        write_pairs(tmp_path / "pairs" / f"train-{shard}.tar", 8)
+        write_pairs(tmp_path / "pairs" / f"train-{shard}.tar", 8, images=shard == 0)  # rank 1's text-only
     dpo = ["stage=dpo", "run_name=dpo", "stage.precompute_reference=true", "stage.batch_size=4", *PHASE2_FSDP,
            f"data.train={tmp_path / 'pairs' / 'train-{0..1}.tar'}",
            f"data.val={write_pairs(tmp_path / 'pairs' / 'val.tar', 4, images=False)}"]
     output = _train_two_ranks(tmp_path, "stage.max_steps=2", *dpo)
-    # 3 batches: each train shard's 8 pairs, then the 4 held-out ones, text-only. Rank 0 computes the first and the
-    # third (12 pairs), rank 1 the second and then the third again to keep pace; both hold all 20
+    # 3 batches: train-0's 8 pairs with images, train-1's 8 text-only ones, the 4 held-out ones, text-only. Rank 0
+    # computes the first and the third (12 pairs), rank 1 the second and then the third again to keep pace; both
+    # hold all 20
     assert "reference log-probs of 20 pairs precomputed" in output, output
     assert "(12 of them on rank 0 of 2)" in output and "(8 of them on rank 1 of 2)" in output, output
     with open(tmp_path / "runs" / "dpo" / "dpo" / "logs" / "metrics.csv") as file:

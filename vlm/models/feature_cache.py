@@ -54,22 +54,26 @@ class VisionFeatureCache:
 
     def patch_features(self, keys: list[str], pixel_values: torch.Tensor, tiles: list[int]) -> torch.Tensor:
         """The tower's features of (N_tiles, 3, S, S) tiles belonging to samples `keys`, `tiles[i]` tiles each in
-        order -> (N_tiles, P, Dv), the tower run once on the tiles of the samples not cached yet."""
+        order -> (N_tiles, P, Dv), the tower run once on the tiles of the samples not cached yet.
+
+        The tower runs at every call, on no tiles when every sample is cached or text-only, and the first call
+        fingerprints it: under FSDP every rank must run the same blocks and gathers, whatever its batch holds."""
         if self.folder is None:
             self.folder = self.root / fingerprint(self.vision, self.tiler)
             log.info("vision feature cache: %s (up to %.1f GB in memory)", self.folder, self.memory_bytes / 1e9)
         chunks = pixel_values.split(tiles)  # per sample: (tiles[i], 3, S, S)
-        found = [self._get(key) for key in keys]
-        missing = [i for i, features in enumerate(found) if features is None]
-        self.hits += len(keys) - len(missing)
+        with_tiles = [i for i, count in enumerate(tiles) if count]
+        found = {i: self._get(keys[i]) for i in with_tiles}
+        missing = [i for i in with_tiles if found[i] is None]
+        self.hits += len(with_tiles) - len(missing)
         self.misses += len(missing)
-        if missing:
-            with torch.no_grad():
-                computed = self.vision.patch_features(torch.cat([chunks[i] for i in missing]))  # (N_miss, P, Dv)
-            for i, features in zip(missing, computed.split([tiles[i] for i in missing]), strict=True):
-                found[i] = features
-                self._put(keys[i], features)
-        return torch.cat([features.to(pixel_values.device) for features in found])  # (N_tiles, P, Dv)
+        with torch.no_grad():
+            computed = self.vision.patch_features(torch.cat([pixel_values[:0], *(chunks[i] for i in missing)]))
+        for i, features in zip(missing, computed.split([tiles[i] for i in missing]), strict=True):
+            found[i] = features
+            self._put(keys[i], features)
+        device = pixel_values.device
+        return torch.cat([computed[:0].to(device), *(found[i].to(device) for i in with_tiles)])  # (N_tiles, P, Dv)
 
     def _file(self, key: str) -> Path:
         assert self.folder is not None

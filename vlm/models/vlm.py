@@ -79,6 +79,8 @@ class VisionLanguageModel(nn.Module):
         if patches is None and (pixel_values is None or pixel_values.numel() == 0):
             if positions:
                 raise ValueError(f"the batch has {positions} image-token positions but no images")
+            if pixel_values is not None:  # no tiles: the tower still runs, as FSDP needs every rank to run its blocks
+                self.vision.patch_features(pixel_values)
             return embeds
         features = self.image_features(pixel_values, patches).to(embeds.dtype)  # (N_img_tokens, Dlm)
         if positions != features.shape[0]:

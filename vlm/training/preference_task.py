@@ -113,12 +113,11 @@ class PreferenceTask(VLMTask):
         vision_trains = "vision" in self.trainable and torch.is_grad_enabled()
         # training with the tower frozen: each pair's features computed once, reused in later epochs
         patches = self.cached_patches(pairs) if torch.is_grad_enabled() else None
-        if patches is None and pixels.numel():
+        if patches is None:  # on no tiles too: under FSDP every rank must run the tower's blocks
             with torch.set_grad_enabled(vision_trains):
                 patches = self.model.vision.patch_features(pixels)  # (N_tiles, P, Dv): once per pair
         logps, tokens = pair_logps(self.model, pairs, patches)
-        reference = self.reference.pair_logps(pairs, None if vision_trains or patches is None else patches.detach(),
-                                              pixels)
+        reference = self.reference.pair_logps(pairs, None if vision_trains else patches.detach(), pixels)
         half = len(logps) // 2
         settings = self.config.stage
         return preference_loss(logps[:half], logps[half:], reference[:half], reference[half:], tokens[:half],

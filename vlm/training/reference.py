@@ -62,7 +62,7 @@ class Reference(torch.nn.Module):
                                    f"precomputing pass; rerun without resume") from None
             chosen, rejected = zip(*rows, strict=True)
             return torch.tensor(chosen + rejected, device=pairs["input_ids"].device)
-        if patches is None and pixels.numel():
+        if patches is None:  # on no tiles too: under FSDP every rank must run the tower's blocks
             patches = self.model.vision.patch_features(pixels)
         return pair_logps(self.model, pairs, patches)[0]
 
@@ -102,8 +102,7 @@ class Reference(torch.nn.Module):
     def _logps(task: PreferenceTask, pairs: dict[str, Any]) -> dict[str, tuple[float, float]]:
         """{pair key: (chosen, rejected) summed answer log-probs} of one batch of pairs under the task's model."""
         pairs = {k: v.to(task.device) if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
-        pixels = pairs["pixel_values"]
-        patches = task.model.vision.patch_features(pixels) if pixels.numel() else None
+        patches = task.model.vision.patch_features(pairs["pixel_values"])  # (N_tiles, P, Dv), on no tiles too
         logps = pair_logps(task.model, pairs, patches)[0].tolist()
         half = len(logps) // 2
         return {key: (logps[i], logps[half + i]) for i, key in enumerate(pairs["keys"])}

@@ -103,8 +103,8 @@ class VLMTask(StageTask):
     def cached_patches(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The vision tower's features (N_tiles, P, Dv) of the batch's tiles through the feature cache (its `keys`
         and per-sample `tiles` name them); None without a cache (stage.cache_vision_features off, or the tower
-        trains) or without images."""
-        if self.feature_cache is None or not batch["pixel_values"].numel():
+        trains)."""
+        if self.feature_cache is None:  # text-only batches go through it too (see VisionFeatureCache.patch_features)
             return None
         return self.feature_cache.patch_features(batch["keys"], batch["pixel_values"], batch["tiles"])
 
