@@ -103,7 +103,7 @@ def test_gradients_reach_only_the_answer_tokens(tiny_sft_export, tmp_path):
     logits.retain_grad()
     logps, tokens = answer_logprobs(logits, pairs["labels"])
     with torch.no_grad():
-        reference = task.reference.pair_logps(pairs, None, pairs["pixel_values"])
+        reference = task.reference.pair_logps(pairs, None)
     preference_loss(logps[:2], logps[2:], reference[:2], reference[2:], tokens[:2], tokens[2:], 0.1,
                     sft_weight=1.0).loss.backward()
     predicts_answer = torch.zeros_like(pairs["labels"], dtype=torch.bool)

@@ -76,12 +76,13 @@ class VisionLanguageModel(nn.Module):
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, L, Dlm)
         is_image = input_ids == self.image_token_id  # (B, L)
         positions = int(is_image.sum())
-        if patches is None and (pixel_values is None or pixel_values.numel() == 0):
-            if positions:
-                raise ValueError(f"the batch has {positions} image-token positions but no images")
-            if pixel_values is not None:  # no tiles: the tower still runs, as FSDP needs every rank to run its blocks
-                self.vision.patch_features(pixel_values)
+        if positions and patches is None and (pixel_values is None or pixel_values.numel() == 0):
+            raise ValueError(f"the batch has {positions} image-token positions but no images")
+        if patches is None and pixel_values is None:
             return embeds
+        # a batch of no tiles (text-only) still runs the tower and projector, on nothing: FSDP needs every rank to
+        # run the same blocks, whatever its batch holds
+
         features = self.image_features(pixel_values, patches).to(embeds.dtype)  # (N_img_tokens, Dlm)
         if positions != features.shape[0]:
             raise ValueError(f"the batch has {positions} image-token positions but its images give "

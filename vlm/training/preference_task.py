@@ -117,7 +117,7 @@ class PreferenceTask(VLMTask):
             with torch.set_grad_enabled(vision_trains):
                 patches = self.model.vision.patch_features(pixels)  # (N_tiles, P, Dv): once per pair
         logps, tokens = pair_logps(self.model, pairs, patches)
-        reference = self.reference.pair_logps(pairs, None if vision_trains else patches.detach(), pixels)
+        reference = self.reference.pair_logps(pairs, None if vision_trains else patches.detach())
         half = len(logps) // 2
         settings = self.config.stage
         return preference_loss(logps[:half], logps[half:], reference[:half], reference[half:], tokens[:half],

@@ -25,11 +25,13 @@ log = logging.getLogger(__name__)
 
 
 def pair_logps(model: VisionLanguageModel, pairs: dict[str, Any],
-               patches: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+               patches: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`model`'s summed answer log-probs (2B,) (chosen rows, then rejected) and answer token counts (2B,), from the
-    vision tower's patch features (N_tiles, P, Dv) of the B prompts' tiles."""
-    if patches is not None:  # the rejected rows show the chosen rows' images, in the same order
-        patches = torch.cat([patches, patches])  # (2 N_tiles, P, Dv)
+    vision tower's patch features (N_tiles, P, Dv) of the B prompts' tiles; None: `model`'s tower computes them (on
+    no tiles too: under FSDP every rank must run the tower's blocks)."""
+    if patches is None:
+        patches = model.vision.patch_features(pairs["pixel_values"])
+    patches = torch.cat([patches, patches])  # (2 N_tiles, P, Dv): the rejected rows show the chosen rows' images
     logits = model(pairs["input_ids"], pairs["attention_mask"], image_slots=pairs["image_slots"],
                    patches=patches).logits  # (2B, L, V)
     return answer_logprobs(logits, pairs["labels"])
@@ -51,7 +53,7 @@ class Reference(torch.nn.Module):
         return super().train(False)  # no dropout: the reference's log-probs must not change between calls
 
     @torch.no_grad()
-    def pair_logps(self, pairs: dict[str, Any], patches: torch.Tensor | None, pixels: torch.Tensor) -> torch.Tensor:
+    def pair_logps(self, pairs: dict[str, Any], patches: torch.Tensor | None) -> torch.Tensor:
         """The reference's answer log-probs (2B,): from the model (sharing the policy's patch features while the
         vision tower is frozen; a trained tower passes None and the reference computes its own), or from the table."""
         if self.model is None:
@@ -62,8 +64,6 @@ class Reference(torch.nn.Module):
                                    f"precomputing pass; rerun without resume") from None
             chosen, rejected = zip(*rows, strict=True)
             return torch.tensor(chosen + rejected, device=pairs["input_ids"].device)
-        if patches is None:  # on no tiles too: under FSDP every rank must run the tower's blocks
-            patches = self.model.vision.patch_features(pixels)
         return pair_logps(self.model, pairs, patches)[0]
 
     @torch.no_grad()
@@ -102,7 +102,6 @@ class Reference(torch.nn.Module):
     def _logps(task: PreferenceTask, pairs: dict[str, Any]) -> dict[str, tuple[float, float]]:
         """{pair key: (chosen, rejected) summed answer log-probs} of one batch of pairs under the task's model."""
         pairs = {k: v.to(task.device) if isinstance(v, torch.Tensor) else v for k, v in pairs.items()}
-        patches = task.model.vision.patch_features(pairs["pixel_values"])  # (N_tiles, P, Dv), on no tiles too
-        logps = pair_logps(task.model, pairs, patches)[0].tolist()
+        logps = pair_logps(task.model, pairs)[0].tolist()
         half = len(logps) // 2
         return {key: (logps[i], logps[half + i]) for i, key in enumerate(pairs["keys"])}
