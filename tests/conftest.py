@@ -12,7 +12,7 @@ from tiny import tiny_config
 from vlm.chat import ChatModel
 from vlm.exports.vlm import export_vlm
 from vlm.models.factory import new_vlm
-from vlm.training.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV
+from vlm.training.runs import INIT_ENV, PARENT_ENV, RESUME_ENV, RUN_DIR_ENV
 
 # The tiny models are far too small for intra-op threads to help; on CI's 2 shared cores they only contend (a
 # generate step was ~25x slower with 2 threads than with 1 while other work ran).
@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 def fresh_run_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """`prepare_run` leaves its choice of run folder in the environment, for the DDP ranks Lightning starts from this
     process; a test that trains in this process must not hand that choice to the next test."""
-    for name in (RUN_DIR_ENV, RESUME_ENV, PARENT_ENV):
+    for name in (RUN_DIR_ENV, RESUME_ENV, INIT_ENV, PARENT_ENV):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -227,15 +227,22 @@ class ReferenceWatch(pl.Callback):
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_reference_of_the_first_run(tiny_sft_export, tmp_path):
+def test_resume_rebuilds_the_model_and_its_reference_from_the_export_the_run_started_from(tmp_path):
+    """Checkpoints hold the policy, not the frozen reference's copy of it: a resumed run builds both from the export
+    its first session started from (recorded), here one whose shapes differ from the command line's defaults."""
     from vlm.train import run
 
+    export = sft_export(tmp_path / "sft")  # the tiny preset's shapes; the runs below name the default ones
     train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8, anchors=4)  # anchors train alongside
-    common = [f"data.train={train}", "data.num_workers=0", "stage.batch_size=4", f"init_from={tiny_sft_export}",
+    common = [f"data.train={train}", "data.num_workers=0", "stage.batch_size=4", f"init_from={export}",
               f"output_root={tmp_path}", "run_name=r", "stage.lr=1e-2", "trainer.checkpoint_every_n_steps=2",
               "resume=auto"]
     run(tiny_config(*common, "stage.max_steps=2", stage="dpo", tiny=False))
-    watch = ReferenceWatch(tiny_sft_export)
+    checkpoint = torch.load(tmp_path / "dpo" / "r" / "checkpoints" / "step00000002.ckpt", weights_only=False)
+    assert checkpoint["init_from"] == str(export)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("reference.")]
+    assert any(k.startswith("model.lm.") for k in checkpoint["state_dict"])
+    watch = ReferenceWatch(export)
     metrics = run(tiny_config(*common, "stage.max_steps=4", stage="dpo", tiny=False), callbacks=[watch])
     assert metrics["global_step"] == 4 and watch.same == [True, True]
 

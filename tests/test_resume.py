@@ -28,7 +28,7 @@ from vlm.config import ConfigError
 from vlm.training.checkpoint_io import AtomicCheckpointIO
 from vlm.training.data_position import pass_seed
 from vlm.training.resume import find_resume_checkpoint, remove_partial_writes
-from vlm.training.runs import PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
+from vlm.training.runs import INIT_ENV, PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,13 +159,27 @@ def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder
     assert unnamed.dir.name not in ("old", "new", "2020") and unnamed.dir.is_dir()
 
 
+def test_a_resumed_run_is_built_from_the_export_its_checkpoint_records(tmp_path, tiny_sft_export):
+    run_dir = tmp_path / "sft" / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = run_dir / "checkpoints" / "step00000002.ckpt"
+    torch.save({"state_dict": {}, "global_step": 2, "init_from": str(tiny_sft_export)}, checkpoint)
+    config = tiny_config(f"output_root={tmp_path}", "run_name=r", "resume=auto", "init_from=null", stage="sft")
+    assert prepare_run(config).init_from == tiny_sft_export  # not what the command line says
+    torch.save({"state_dict": {}, "global_step": 2, "init_from": str(tmp_path / "moved")}, checkpoint)
+    with pytest.raises(ConfigError, match=r"needs the export its run started from, '.*moved', which is gone"):
+        prepare_run(config)
+
+
 def test_ranks_launched_by_lightning_use_rank_zero_folder_and_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path / "chosen"))
     monkeypatch.setenv(RESUME_ENV, str(tmp_path / "chosen" / "checkpoints" / "step00000004.ckpt"))
+    monkeypatch.setenv(INIT_ENV, str(tmp_path / "sft" / "export"))
     monkeypatch.setenv(PARENT_ENV, str(os.getppid()))  # as in a process that rank 0 started...
     monkeypatch.setenv("LOCAL_RANK", "1")  # ...as Lightning's launcher starts rank 1
-    run = prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other"))
+    run = prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other", "init_from=null", stage="sft"))
     assert run.dir == tmp_path / "chosen" and run.resume_from.name == "step00000004.ckpt"
+    assert run.init_from == tmp_path / "sft" / "export"
     monkeypatch.delenv("LOCAL_RANK")  # a plain child of a process that trained in-process: its own choice
     assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other")).dir.name == "other"
     monkeypatch.setenv("LOCAL_RANK", "1")

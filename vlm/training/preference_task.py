@@ -1,6 +1,7 @@
 """`stage=dpo`: preference optimisation of a phase 2 model on (prompt, chosen, rejected) pairs, against a frozen
 reference: by default a copy of the starting model; with `stage.precompute_reference=true`, its log-probs computed
-in one pass before the first step and kept in memory (and in checkpoints) instead of a second model.
+in one pass before the first step and kept in memory (and in checkpoints) instead of a second model. Checkpoints never
+hold the copy: a resumed run builds it again from the export it started from.
 
 Each pair's images go through the vision tower once: the chosen and rejected rows share the features, and so does
 the reference while the vision tower is frozen (the default). Log-probs are summed over the answer tokens only.
@@ -100,11 +101,10 @@ class PreferenceTask(VLMTask):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["reference_logps"] = self.reference.table
-        checkpoint["reference_source"] = self.reference.source
+        self.reference.leave_out_model(checkpoint, "reference.")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.reference.table = checkpoint.get("reference_logps", {})
-        self.reference.source = checkpoint.get("reference_source", self.reference.source)
 
     # ---- the loss ----
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from vlm.training.preference_task import PreferenceTask
 
 log = logging.getLogger(__name__)
+FSDP_WRAPPER = "_fsdp_wrapped_module."  # in the state-dict keys of modules FSDP wraps, until its hooks remove it
 
 
 def pair_logps(model: VisionLanguageModel, pairs: dict[str, Any],
@@ -39,7 +40,10 @@ def pair_logps(model: VisionLanguageModel, pairs: dict[str, Any],
 
 class Reference(torch.nn.Module):
     """The frozen reference of `stage=dpo`: `model` (eval mode whatever the task's mode, no gradients, never in the
-    optimizer), or with `model=None` a table of precomputed log-probs, filled by `precompute`, kept in checkpoints."""
+    optimizer), or with `model=None` a table of precomputed log-probs, filled by `precompute`, kept in checkpoints.
+
+    Checkpoints leave the model's weights out: they are the export's the run started from, which a resumed run is
+    built from again (vlm/training/resume.py), so a second copy of the LLM in every checkpoint would buy nothing."""
 
     def __init__(self, model: VisionLanguageModel | None, source: str | None):
         super().__init__()
@@ -48,6 +52,26 @@ class Reference(torch.nn.Module):
             model.requires_grad_(False).eval()
         self.source = source  # the export it came from, recorded in the dpo export
         self.table: dict[str, tuple[float, float]] = {}  # precomputed: pair key -> (chosen, rejected)
+        self._prefix = ""  # this module's key prefix in the state dict being loaded
+        self.register_load_state_dict_pre_hook(self._note_prefix)
+        self.register_load_state_dict_post_hook(self._allow_missing_model)
+
+    def leave_out_model(self, checkpoint: dict[str, Any], prefix: str) -> None:
+        """Drop the model's weights from a checkpoint whose state dict holds this module's under `prefix`. (Done on
+        the finished checkpoint, not by a state-dict hook: FSDP's own hooks expect every weight of their units.)"""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(f"{prefix}model.")]:
+            del state[key]
+
+    def _note_prefix(self, module: Reference, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        self._prefix = prefix
+
+    def _allow_missing_model(self, module: Reference, incompatible: Any) -> None:
+        # the model keeps the weights it was built with (a checkpoint written before they were left out loads them).
+        # Under FSDP the keys still name its wrappers here; its own hooks drop those names later
+        ours = f"{self._prefix}model.".replace(FSDP_WRAPPER, "")
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not k.replace(FSDP_WRAPPER, "").startswith(ours)]
 
     def train(self, mode: bool = True) -> Reference:
         return super().train(False)  # no dropout: the reference's log-probs must not change between calls

@@ -1,7 +1,12 @@
-"""Resume discovery: which checkpoint of a run `resume=auto` continues from.
+"""Resume discovery: which checkpoint `resume=auto` continues from, and which export it builds its model from.
 
 The run's checkpoints are tried newest first; the newest one that loads wins, and each unreadable newer one (a file
 truncated by a full disk or copied half-way, say) is named in a warning and set aside.
+
+Every checkpoint records the export its run started from (`StartingExport`). A resumed run builds its model from that
+export again, as its first session did, and only then loads the checkpoint's weights: so the architecture and tokenizer
+are the export's whatever the command line says, and `stage=dpo` gets its frozen reference back from the export
+instead of from a second copy of the weights in every checkpoint.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import logging
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
+from vlm.config import ConfigError
 from vlm.training.checkpoint_io import TEMP_MARK
 
 log = logging.getLogger(__name__)
@@ -67,3 +74,30 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> None:
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The global step a checkpoint was taken at."""
     return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+
+
+STARTING_EXPORT_KEY = "init_from"  # checkpoint entry: the export folder the run started from (None: fresh weights)
+
+
+class StartingExport(pl.Callback):
+    """Writes into every checkpoint the export folder the run started from."""
+
+    def __init__(self, init_from: Path | None):
+        self.init_from = init_from
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, task: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint[STARTING_EXPORT_KEY] = str(self.init_from) if self.init_from else None
+
+
+def recorded_start(path: str | os.PathLike) -> Path | None:
+    """The export folder the run of checkpoint `path` started from (None: fresh weights, or a checkpoint older than
+    the record, which holds every weight itself). A recorded folder that is gone is an error: the model cannot be
+    rebuilt as the run built it."""
+    recorded = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(STARTING_EXPORT_KEY)
+    if recorded is None:
+        return None
+    if not Path(recorded).is_dir():
+        raise ConfigError(f"resuming from {str(path)!r} needs the export its run started from, {recorded!r}, which is "
+                          f"gone: the model (its architecture, tokenizer and, for dpo, the frozen reference) is "
+                          f"rebuilt from it before the checkpoint's weights load. Put it back at that path")
+    return Path(recorded)

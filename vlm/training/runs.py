@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vlm.config import ConfigError, TrainConfig
 from vlm.exports.format import is_complete
-from vlm.training.resume import find_resume_checkpoint, remove_partial_writes
+from vlm.training.resume import find_resume_checkpoint, recorded_start, remove_partial_writes
 from vlm.training.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class Run:
     dir: Path
     resume_from: Path | None  # Lightning checkpoint to continue from
-    init_from: Path | None  # export folder whose weights start this stage
+    init_from: Path | None  # export folder the model is built from (resuming: the run's own, its weights then loaded)
 
     @property
     def checkpoints(self) -> Path:
@@ -46,15 +46,16 @@ def latest_export(output_root: str | Path, stage: str) -> Path | None:
 
 
 # Lightning's DDP launcher starts ranks 1..N-1 by re-running the command; these carry rank 0's choices to them so
-# every rank writes to one run folder and resumes from one checkpoint, whatever the clock says when it starts.
-RUN_DIR_ENV, RESUME_ENV, PARENT_ENV = "VLM_RUN_DIR", "VLM_RESUME_FROM", "VLM_RUN_PARENT"
+# every rank writes to one run folder, resumes from one checkpoint and builds its model from one export, whatever the
+# clock says when it starts.
+RUN_DIR_ENV, RESUME_ENV, INIT_ENV, PARENT_ENV = "VLM_RUN_DIR", "VLM_RESUME_FROM", "VLM_INIT_FROM", "VLM_RUN_PARENT"
 
 
 def prepare_run(config: TrainConfig) -> Run:
     """The run folder and the checkpoint to resume from, on every rank the same; never another run's folder."""
     inherited = _from_parent_rank()
     if inherited is not None:
-        return Run(inherited[0], inherited[1], None if inherited[1] else _init_source(config))
+        return inherited
     stage_dir = Path(config.output_root).expanduser() / config.stage.name
     launch_name = _launch_name(named=bool(config.run_name))
     default_name = launch_name or time.strftime("%Y%m%d-%H%M%S")
@@ -87,17 +88,20 @@ def prepare_run(config: TrainConfig) -> Run:
                                   f"or choose another run_name")
             run_dir = run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""), PARENT_ENV: str(os.getpid())})
-    return Run(run_dir, resume_from, None if resume_from else _init_source(config))
+    run = Run(run_dir, resume_from, _start(config, resume_from))
+    os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""),
+                       INIT_ENV: str(run.init_from or ""), PARENT_ENV: str(os.getpid())})
+    return run
 
 
-def _from_parent_rank() -> tuple[Path, Path | None] | None:
-    """(run folder, resume checkpoint) chosen by rank 0 when this process is a rank Lightning launched from it."""
+def _from_parent_rank() -> Run | None:
+    """The run (folder, checkpoint, starting export) rank 0 chose, when this process is a rank Lightning launched
+    from it."""
     launched = os.environ.get("LOCAL_RANK", "0") != "0" and os.environ.get(PARENT_ENV) == str(os.getppid())
     if not launched or not os.environ.get(RUN_DIR_ENV):  # e.g. a plain child process of one that trained
         return None
-    resume = os.environ.get(RESUME_ENV)
-    return Path(os.environ[RUN_DIR_ENV]), Path(resume) if resume else None
+    resume, init = os.environ.get(RESUME_ENV), os.environ.get(INIT_ENV)
+    return Run(Path(os.environ[RUN_DIR_ENV]), Path(resume) if resume else None, Path(init) if init else None)
 
 
 def _launch_name(named: bool) -> str | None:
@@ -115,6 +119,17 @@ def _launch_name(named: bool) -> str | None:
         raise ConfigError(f"this is one of {os.environ['WORLD_SIZE']} ranks started by an external launcher; pass "
                           f"run_name=NAME so that every rank writes to the same run folder")
     return None
+
+
+def _start(config: TrainConfig, resume_from: Path | None) -> Path | None:
+    """The export the model is built from: a resumed run's own (recorded in its checkpoint), else `init_from`'s."""
+    if resume_from is None:
+        return _init_source(config)
+    started = recorded_start(resume_from)
+    if started:
+        log.info("resume: the model is built from %s, the export this run started from, then takes the checkpoint's "
+                 "weights", started)
+    return started
 
 
 def _init_source(config: TrainConfig) -> Path | None:

@@ -22,7 +22,7 @@ from vlm.training.data_position import DataPosition
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.health import DataHealth
 from vlm.training.loggers import build_logger
-from vlm.training.resume import checkpoint_step
+from vlm.training.resume import StartingExport, checkpoint_step
 from vlm.training.runs import Run
 from vlm.training.strategy import build_strategy
 from vlm.training.task import StageTask
@@ -47,7 +47,7 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
                       precision=t.precision, max_steps=config.stage.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
-                      callbacks=[checkpoints, DataPosition(), progress_callback(),
+                      callbacks=[checkpoints, DataPosition(), StartingExport(run.init_from), progress_callback(),
                                  LearningRateMonitor(logging_interval="step")],
                       plugins=[AtomicCheckpointIO()],  # a checkpoint is whole or absent, never truncated
                       # BatchNorm (the conv stem) sees the global batch on several GPUs, as the contrastive loss does;
