@@ -374,6 +374,9 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.full_cache_layers and args.prompt_block is not None:  # one mask serves every layer of a pass
+        parser.error("--full-cache-layers needs the prompt read whole (no --prompt-block): a pass of several tokens "
+                     "is masked once for all layers, which then must hold the same number of keys")
     pyplot_or_exit(args.plot)  # a missing plotting library stops the run now, not after the measuring
     args.h2o_sinks = args.sinks if args.h2o_sinks is None else args.h2o_sinks
     args.full_cache_layers = tuple(args.full_cache_layers)

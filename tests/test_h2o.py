@@ -94,6 +94,17 @@ def test_a_prompt_read_in_blocks_with_room_for_everything_answers_like_the_dynam
     assert cache.get_seq_length() == 30 + 19
 
 
+@pytest.mark.parametrize("block", [7, IMAGE_BLOCKS])
+def test_beam_search_after_a_prompt_read_in_blocks_answers_like_the_dynamic_cache(lm, block):
+    """`generate` expands the rows for beams after the cache has read the prompt once per row."""
+    ids = prompt(30, batch=2)
+    beams = {"num_beams": 3, "num_return_sequences": 2}
+    cache = H2OCache(lm, H2OBudget(heavy=30, recent=20, sinks=4, prompt_block=block))
+    cache.read_prompt(lm, lm.get_input_embeddings()(ids), image_rows())
+    assert torch.equal(greedy(lm, ids, 12, cache=cache, **beams), greedy(lm, ids, 12, **beams))
+    assert all(layer.keys.shape[0] == 2 * 3 for layer in cache.layers)
+
+
 def test_a_prompt_read_in_blocks_never_holds_more_than_the_budget_and_a_block(lm):
     budget = H2OBudget(heavy=3, recent=4, sinks=2, prompt_block=5)
     cache = H2OCache(lm, budget)

@@ -116,6 +116,7 @@ class H2OLayer(DynamicLayer):
             batch, heads = key_states.shape[:2]
             self.scores = torch.zeros(batch, heads, 0, device=self.device)
             self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
+        self._expand_to(key_states.shape[0])
         new = key_states.shape[-2]
         new_positions = torch.arange(self.cumulative_length, self.cumulative_length + new, device=self.device)
         self.keys = torch.cat([self.keys, key_states], dim=-2)  # (B, H_kv, K + Q, D)
@@ -129,6 +130,17 @@ class H2OLayer(DynamicLayer):
         kwargs[H2O_LAYER] = self  # the attention function checks the mask, then calls `observe` (which evicts)
         self.awaiting_scores = True
         return self.keys, self.values
+
+    def _expand_to(self, batch: int) -> None:
+        """Repeat each cached row for the `batch` rows now arriving: a prompt read before `generate` (`read_prompt`)
+        was cached once per row, and `generate` then expands the rows for beams or `num_return_sequences`."""
+        held_rows = self.keys.shape[0]
+        if batch == held_rows or not self.held():
+            return
+        if batch % held_rows:
+            raise RuntimeError(f"the H2O cache holds {held_rows} rows and got {batch}: not a whole number of beams or "
+                               f"returned sequences per row")
+        self.batch_repeat_interleave(batch // held_rows)
 
     @property
     def wants_scores(self) -> bool:
