@@ -159,12 +159,20 @@ def test_bad_options_and_prompts_fail_clearly(tiny_chat_model, images):
         tiny_chat_model.generate(ASK, [images["pil"]], max_tokens=3)
     with pytest.raises(OptionError, match="top_p"):
         GenerationOptions(top_p=1.5)
-    with pytest.raises(PromptError, match="placeholders"):
+    with pytest.raises(PromptError, match="1 <image> placeholder but 0 images"):
         tiny_chat_model.generate(ASK, [])
     with pytest.raises(PromptError, match="context"):
         tiny_chat_model.generate([{"role": "user", "content": "shape " * 600}])
     with pytest.raises(ImageLoadError):
         tiny_chat_model.generate(ASK, [b"not an image"])
+
+
+def test_a_bad_image_path_is_named_and_one_path_is_not_taken_for_a_list(tiny_chat_model, tmp_path):
+    missing = str(tmp_path / "missing.png")
+    with pytest.raises(ImageLoadError, match=f"request image 0 \\('{missing}'\\): cannot read the image file"):
+        tiny_chat_model.generate(ASK, [missing])
+    with pytest.raises(PromptError, match="images must be a list"):
+        tiny_chat_model.generate(ASK, missing)  # a string is a sequence: read as one image per character before
 
 
 @given(pieces=st.lists(st.text("ab\n", max_size=4), max_size=8),

@@ -57,14 +57,17 @@ def test_siglip_bias_travels(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,named", [
-    ([], "model.vision.conv_stem=true"),  # the tiny preset's conv stem
-    ([*REGISTERED_VIT, "model.vision.depth=2"], "model.vision.depth=2"),
-    ([*REGISTERED_VIT, "model.vision.global_pool=avg"], "model.vision.global_pool='avg'"),
+    # the tiny preset: every setting that differs is named at once, so one retraining fixes them all
+    ([], ["model.vision.conv_stem=true", "model.vision.width=32", "model.vision.depth=2", "model.vision.heads=2",
+          "model.vision.patch_size=8", "model.vision.global_pool='avg'"]),
+    ([*REGISTERED_VIT, "model.vision.depth=2"], ["model.vision.depth=2"]),
+    ([*REGISTERED_VIT, "model.vision.global_pool=avg"], ["model.vision.global_pool='avg'"]),
 ])
 def test_towers_open_clip_cannot_build_are_refused_by_name(tmp_path, overrides, named):
     source = contrastive_export(tmp_path / "export", *overrides)
-    with pytest.raises(ConversionError, match=named.replace("[", r"\[")):
+    with pytest.raises(ConversionError) as refusal:
         export_open_clip(source, tmp_path / "out")
+    assert all(setting in str(refusal.value) for setting in named), str(refusal.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

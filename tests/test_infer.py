@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from vlm.cli import CONFIG_DIR, quote_values
-from vlm.infer import TEXT_KEYS, stream_answer
+from vlm.exports.format import not_a_folder
+from vlm.infer import TEXT_KEYS, image_file_problem, stream_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["device=cpu", "generation.temperature=0", "generation.max_new_tokens=5"]
@@ -73,8 +74,25 @@ def test_missing_checkpoint_is_one_clean_error(tmp_path):
 def test_missing_image_and_bad_option_are_clean_errors(tiny_sft_export, tmp_path):
     result = run_infer(f"checkpoint={tiny_sft_export}", f"image={tmp_path / 'nope.png'}", "prompt=hi")
     assert result.returncode == 2 and "nope.png" in result.stderr and "Traceback" not in result.stderr
+    result = run_infer(f"checkpoint={tiny_sft_export}", "prompt=")
+    assert result.returncode == 2 and "prompt is empty" in result.stderr and result.stdout == ""
     result = run_infer(f"checkpoint={tiny_sft_export}", "generation.temprature=0")
     assert result.returncode == 2 and "generation.temperature" in result.stderr  # the typo's closest key
+
+
+def test_an_image_is_checked_before_the_model_loads(tmp_path, pictures):
+    (tmp_path / "notes.png").write_text("not a picture")
+    assert image_file_problem(pictures[0]) is None
+    assert image_file_problem(str(tmp_path)) == f"image {str(tmp_path)!r} is a folder, not an image file"
+    assert image_file_problem(str(tmp_path / "nope.png")) == f"image {str(tmp_path / 'nope.png')!r} not found"
+    assert "is not an image" in image_file_problem(str(tmp_path / "notes.png"))
+
+
+def test_a_file_given_for_an_export_folder_names_the_folder(tiny_sft_export):
+    assert not_a_folder(tiny_sft_export) is None
+    config = Path(tiny_sft_export) / "config.json"
+    assert not_a_folder(config) == f"{str(config)!r} is a file; pass the export folder that holds it " \
+                                   f"({str(tiny_sft_export)!r})"
 
 
 @pytest.mark.parametrize("text", ["Which is blue, the first or the second?", "it's [x, y] = {a: 1}", "a \\' b\\",

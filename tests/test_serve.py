@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from live_server import LiveServer
 from PIL import Image
 
 from vlm.generation.options import H2OSettings
-from vlm.serve import ServeSettings, create_app
+from vlm.serve import ServeSettings, create_app, listening_socket
 
 QUESTION = "What color is the shape?"
 # anthropic 2.x has no temperature/top_p/top_k arguments any more; the server still reads them from the body
@@ -152,9 +153,10 @@ def test_the_kv_cache_request_field_chooses_the_cache(serve, expected, tiny_chat
     assert message.content[0].text == expected.text
 
 
-def test_models_and_health(url):
-    assert [m.id for m in openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.list()] == ["export"]
-    assert [m.id for m in anthropic.Anthropic(base_url=url, api_key="x").models.list()] == ["export"]
+def test_models_and_health(url, tiny_sft_export):
+    run_name = f"sft-{tiny_sft_export.parent.name}"  # an export folder goes by its stage and run
+    assert [m.id for m in openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.list()] == [run_name]
+    assert [m.id for m in anthropic.Anthropic(base_url=url, api_key="x").models.list()] == [run_name]
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["running"] == 0 and health["queued"] == 0
 
@@ -206,6 +208,7 @@ BAD_INPUTS = {
     "a-image-placeholder-in-text": ("/v1/messages", _anthropic(messages=[{"role": "user", "content": "<image>"}]),
                                     400),
     "a-temperature-out-of-range": ("/v1/messages", _anthropic(temperature=3), 400),
+    "a-stop-sequences-a-string": ("/v1/messages", _anthropic(stop_sequences="x"), 400),  # a list only, unlike OpenAI
     "a-not-json": ("/v1/messages", b"{not json", 400),
     "a-nested-100k-deep": ("/v1/messages", NESTED_100K, 400),
     "a-huge-integer": ("/v1/messages", b'{"model": "tiny", "max_tokens": ' + b"9" * 5000 + b"}", 400),
@@ -255,6 +258,18 @@ def test_bad_input_gets_4xx_in_the_api_shape_and_server_keeps_serving(url, case)
         check_error_shape(path, response)
         good = _anthropic() if path == "/v1/messages" else _openai()
         assert client.post(path, json=good).status_code == 200
+
+
+def test_an_image_over_the_pixel_limit_is_refused_by_its_field_and_the_setting(url):
+    big = b64(solid(size=(1200, 1000)))
+    with httpx.Client(base_url=url, timeout=30) as client:
+        anthropic_error = client.post("/v1/messages", json=_a_image(big)).json()["error"]
+        openai_reply = client.post("/v1/chat/completions", json=_o_image(f"data:image/png;base64,{big}"))
+    openai_error = openai_reply.json()["error"]
+    limit = "1200x1000 (1,200,000 pixels), over this server's max_image_pixels=1,000,000"
+    assert anthropic_error["message"] == f"messages.0.content.0.source: the image is {limit}"
+    assert openai_error["message"] == f"messages[0].content[0].image_url: the image is {limit}"
+    assert openai_error["param"] == "messages[0].content[0].image_url"
 
 
 def test_api_key_required_when_set(serve, expected):
@@ -324,3 +339,15 @@ def test_load_32_concurrent_requests(serve, record_property):
     assert counts[200] >= 1 and set(counts) <= {200, 429, 529}
     health = httpx.get(f"{url}/health").json()
     assert health["running"] == 0 and health["queued"] == 0
+
+
+def test_a_taken_port_is_one_clear_error_before_the_server_says_it_serves(capsys):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    with taken, pytest.raises(SystemExit) as stopped:
+        listening_socket("127.0.0.1", port)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (f"error: cannot listen on 127.0.0.1:{port} (Address already in use); set host= "
+                                       f"to an address of this machine and port= to a free port\n")
+    with listening_socket("127.0.0.1", port) as free:  # released: the same port binds
+        assert free.getsockname()[1] == port

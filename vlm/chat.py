@@ -13,8 +13,8 @@ placeholder per image, and `images` lists the image sources (paths, bytes or PIL
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,8 +25,8 @@ import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from vlm.data.processor import ImageSource, Processor, SampleError, pad_batch
-from vlm.data.tiler import Tiler
 from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.exports.format import read_meta
 from vlm.exports.vlm import load_vlm
 from vlm.generation.completion import Completion, ContextOverflow, Message, Prompt, PromptError
 from vlm.generation.device import pick_device, pick_dtype
@@ -40,6 +40,13 @@ __all__ = ["ChatModel", "ChatSession", "Completion", "ContextOverflow", "Generat
            "PromptError", "TextStream"]
 
 log = logging.getLogger(__name__)
+
+
+def export_name(path: str | Path) -> str:
+    """The name a model goes by (in the REPL's banner, the server's model id): the folder's, or for the `export`
+    folder of a training run (checkpoints/sft/RUN/export) its stage and run, "sft-RUN"."""
+    folder = Path(path).expanduser().resolve()
+    return f"{read_meta(folder).stage}-{folder.parent.name}" if folder.name == "export" else folder.name
 
 
 class ChatModel:
@@ -74,15 +81,7 @@ class ChatModel:
         target = pick_device(device)
         model = bundle.model.to(device=target, dtype=pick_dtype(dtype, target))
         log.info("loaded %s on %s (%s)", path, target, next(model.parameters()).dtype)
-        return cls(model, bundle.tokenizer, bundle.processor, target, name or Path(path).expanduser().name)
-
-    def with_image_limit(self, max_pixels: int) -> ChatModel:
-        """The same weights, with a stricter decompression-bomb guard (the server refuses huge images early)."""
-        tiler = self.processor.tiler
-        config = dataclasses.replace(tiler.config, max_pixels=min(max_pixels, tiler.config.max_pixels))
-        limited = Tiler(config, tiler.tile_size, tiler.tokens_per_tile, tiler.mean, tiler.std)
-        processor = Processor(self.tokenizer, limited, self.context_length)
-        return ChatModel(self.model, self.tokenizer, processor, self.device, self.name, self.defaults)
+        return cls(model, bundle.tokenizer, bundle.processor, target, name or export_name(path))
 
     def options(self, **overrides: Any) -> GenerationOptions:
         return self.defaults.updated(**overrides)
@@ -97,6 +96,9 @@ class ChatModel:
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise PromptError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}, "
                                   f"got {m!r:.120}")
+        if isinstance(images, str | bytes | os.PathLike):  # one path would otherwise be read as its characters
+            raise PromptError(f"images must be a list (one entry per {IMAGE_TOKEN}), got one "
+                              f"{type(images).__name__}: pass [{images!r:.80}]")
         try:
             encoded = self.processor.prompt(messages, list(images))
         except SampleError as err:

@@ -18,11 +18,13 @@ from typing import Any
 
 import hydra
 from omegaconf import DictConfig
+from PIL import Image
 
 from vlm.chat import ChatModel, ChatSession, PromptError
 from vlm.cli import CONFIG_DIR, fail, preflight, quote_values, setup_logging, user_errors
 from vlm.config import load_config, setting
 from vlm.data.tiler import ImageLoadError
+from vlm.exports.format import not_a_folder
 from vlm.generation.options import GenerationOptions
 
 log = logging.getLogger("vlm.infer")
@@ -51,14 +53,28 @@ HELP = """commands:
 Ctrl-C stops the answer being written; the chat goes on."""
 
 
+def image_file_problem(path: str) -> str | None:
+    """Why `path` cannot be attached (missing, a folder, not an image), read from its header only; None if it can."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        return f"image {path!r} is a folder, not an image file"
+    if not file.is_file():
+        return f"image {path!r} not found"
+    try:
+        with Image.open(file):
+            return None
+    except Exception:  # PIL raises many types for files that are not images
+        return f"image {path!r} is not an image, or not a format this Pillow build can read"
+
+
 def image_list(value: Any) -> list[str]:
-    """`image=a.jpg` or `image=[a.jpg,b.jpg]` -> paths, each checked to exist."""
+    """`image=a.jpg` or `image=[a.jpg,b.jpg]` -> paths, each checked before the model loads."""
     if value is None:
         return []
     paths = [str(p) for p in (value if isinstance(value, list) else [value])]
     for path in paths:
-        if not Path(path).expanduser().is_file():
-            fail(f"image {path!r} not found")
+        if problem := image_file_problem(path):
+            fail(problem)
     return [str(Path(p).expanduser()) for p in paths]
 
 
@@ -119,9 +135,9 @@ def repl(session: ChatSession, banner: str) -> None:
                 pending.clear()
                 print("(conversation cleared)")
             elif command == "/image":
-                missing = [p for p in args if not Path(p).expanduser().is_file()]
-                if not args or missing:
-                    print(f"error: image {missing[0]!r} not found" if missing else "usage: /image PATH [PATH...]")
+                problems = [problem for p in args if (problem := image_file_problem(p))]
+                if not args or problems:
+                    print(f"error: {problems[0]}" if problems else "usage: /image PATH [PATH...]")
                     continue
                 pending += [str(Path(p).expanduser()) for p in args]
                 print(f"(attached {len(pending)} image{'s' if len(pending) > 1 else ''} to your next message)")
@@ -144,8 +160,10 @@ def infer(cfg: DictConfig) -> None:
     setup_logging(config.log_level)
     if not config.checkpoint:
         fail("checkpoint=PATH is required: an align or sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
-    if not Path(config.checkpoint).expanduser().is_dir():
-        fail(f"checkpoint folder {config.checkpoint!r} does not exist")
+    if problem := not_a_folder(config.checkpoint):
+        fail(problem)
+    if config.prompt is not None and not config.prompt.strip():
+        fail("prompt is empty: give a question, or leave prompt out to chat in the REPL")
     images = image_list(config.image)
     if images and config.prompt is None:
         fail("image=... needs prompt=\"...\" (in the chat REPL, attach images with /image PATH)")

@@ -17,8 +17,8 @@ hold. Both are re-exported here.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
-from pathlib import Path
 
 import hydra
 import uvicorn
@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from vlm.chat import ChatModel
 from vlm.cli import CONFIG_DIR, fail, preflight, setup_logging, user_errors
+from vlm.exports.format import not_a_folder
 from vlm.server import ServeSettings, create_app
 from vlm.server.web import page_url
 
@@ -41,8 +42,8 @@ def serve(cfg: DictConfig) -> None:
     setup_logging(settings.log_level)
     if not settings.checkpoint:
         fail("checkpoint=PATH is required: an align or sft export folder")
-    if not Path(settings.checkpoint).expanduser().is_dir():
-        fail(f"checkpoint folder {settings.checkpoint!r} does not exist")
+    if problem := not_a_folder(settings.checkpoint):
+        fail(problem)
     with user_errors():
         try:
             chat = ChatModel.load(settings.checkpoint, device=settings.device, dtype=settings.dtype,
@@ -53,12 +54,26 @@ def serve(cfg: DictConfig) -> None:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without api_key: anyone who can reach port %d can use the model",
                     settings.host, settings.port)
+    listener = listening_socket(settings.host, settings.port)
     log.info("serving %s on http://%s:%d (POST /v1/messages, POST /v1/chat/completions)",
              chat.name, settings.host, settings.port)
     if settings.web:
         log.info("chat page: %s", page_url(settings.host, settings.port))
-    uvicorn.run(create_app(chat, settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(create_app(chat, settings), log_level=settings.log_level.lower(),
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[listener])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the log says it serves: a taken port or an unknown host is one clear error
+    instead of a "serving on" line followed by uvicorn's failure."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as err:
+        reason = (err.strerror or str(err)).split(" (while attempting")[0]  # Python appends the address again
+        fail(f"cannot listen on {host}:{port} ({reason}); set host= to an address of this machine and port= to a "
+             f"free port")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ the tiler reports for that image; labels keep the assistant turns only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,11 @@ class Encoded:
     labels: torch.Tensor | None  # (L,) IGNORE_INDEX outside assistant turns; None for prompts
     pixel_values: torch.Tensor  # (N_tiles, 3, S, S), tiles of every image in order
     image_tokens: list[int]  # image tokens per image
+
+
+def image_label(name: str, index: int, image: ImageSource) -> str:
+    """How errors name an image: its sample and place, and its file when it has one."""
+    return f"{name} image {index}" + (f" ({os.fspath(image)!r})" if isinstance(image, str | os.PathLike) else "")
 
 
 class Processor:
@@ -63,13 +69,14 @@ class Processor:
         Labels keep every assistant reply, or with `last_reply_only` the last one (a preference pair's answer)."""
         placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
         if placeholders != len(images):
-            raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholders but {len(images)} images")
+            raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
+                              f"{len(images)} image{'s' * (len(images) != 1)}")
         if train:
             if not any(m["role"] == "assistant" for m in messages):
                 raise SampleError(f"{name}: no assistant turn to learn from or to score")
             if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
                 raise SampleError(f"{name}: empty assistant turn")
-        tiled = [self.tiler(image, name=f"{name} image {i}") for i, image in enumerate(images)]
+        tiled = [self.tiler(image, name=image_label(name, i, image)) for i, image in enumerate(images)]
         text = self.render(messages, add_generation_prompt=add_generation_prompt)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
         ids = encoding["input_ids"]

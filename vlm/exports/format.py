@@ -91,11 +91,21 @@ def write_export(directory: str | Path, model: nn.Module, meta: ExportMeta,
     return directory
 
 
+def not_a_folder(directory: str | Path) -> str | None:
+    """Why `directory` is no export folder to open (missing, or a file), or None when it is a folder."""
+    path = Path(directory).expanduser()
+    if path.is_dir():
+        return None
+    if path.exists():
+        return f"{str(directory)!r} is a file; pass the export folder that holds it ({str(path.parent)!r})"
+    return f"export folder {str(directory)!r} does not exist"
+
+
 def read_meta(directory: str | Path, expect_stage: tuple[str, ...] | None = None) -> ExportMeta:
     """The metadata of an export folder, after checking that every required file is there."""
+    if problem := not_a_folder(directory):
+        raise ExportError(problem)
     directory = Path(directory).expanduser()
-    if not directory.is_dir():
-        raise ExportError(f"export folder {str(directory)!r} does not exist")
     for name in REQUIRED:
         if not (directory / name).exists():
             raise ExportError(f"export folder {str(directory)!r} is missing {name!r}; re-export it from its run")
@@ -118,7 +128,8 @@ def refuse_taken(out: str | Path) -> None:
     the model, so a taken `out` fails at once)."""
     out = Path(out).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConversionError(f"out={str(out)!r} already exists and is not empty; give a new folder")
+        what = "is a file" if not out.is_dir() else "already exists and is not empty"
+        raise ConversionError(f"out={str(out)!r} {what}; give a new folder")
 
 
 @contextlib.contextmanager

@@ -40,23 +40,34 @@ def registered_vit(name: str) -> dict[str, Any]:
             "global_pool": vit.global_pool, "class_token": getattr(vit, "cls_token", None) is not None}
 
 
-def open_clip_settings(config: ModelConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-    """open_clip_config.json for `config`; a vision setting open_clip cannot express raises ConversionError."""
+def refuse_unbuildable_tower(config: ModelConfig, registered: dict[str, Any]) -> None:
+    """One ConversionError naming every vision setting open_clip cannot build (so one retraining fixes them all)."""
     vision = config.vision
+    problems = []
     if vision.conv_stem:
-        raise ConversionError("model.vision.conv_stem=true has no open_clip equivalent: open_clip builds timm towers "
-                              "from registered names only (timm_model_name). Export format=open_clip from a model "
-                              "trained with model.vision.conv_stem=false")
-    registered = registered_vit(vision.name)
+        problems.append("model.vision.conv_stem=true: open_clip has no convolutional stem")
     for key in ("image_size", "patch_size", "width", "depth", "heads"):
         value = getattr(vision, key)
         if value is not None and value != registered[key]:
-            raise ConversionError(f"model.vision.{key}={value} differs from the registered timm model "
-                                  f"{vision.name!r} ({registered[key]}); open_clip builds timm towers at their "
-                                  f"registered sizes only")
+            problems.append(f"model.vision.{key}={value}: {vision.name!r} is registered with {registered[key]}")
     if vision.global_pool == "avg" and registered["class_token"]:  # ours then drops the CLS token; timm's keeps it
-        raise ConversionError(f"model.vision.global_pool='avg' removes the CLS token of {vision.name!r}, which "
-                              f"open_clip cannot do; export a model trained with global_pool=token or null")
+        problems.append(f"model.vision.global_pool='avg' removes the CLS token of {vision.name!r}, which open_clip "
+                        f"keeps (use token or null)")
+    if problems:
+        fix = " ".join([*(f"model.vision.{key}={registered[key]}" for key in ("image_size", "patch_size")),
+                        *(f"model.vision.{key}=null" for key in ("width", "depth", "heads"))])
+        raise ConversionError(
+            "format=open_clip cannot build this export's image tower: open_clip makes timm towers from a registered "
+            "name (timm_model_name) at its registered sizes only.\n  - " + "\n  - ".join(problems) + "\n"
+            f"Train the contrastive stage with a tower it can build, e.g. model.vision.conv_stem=false "
+            f"model.vision.global_pool=null {fix} (the registered model's sizes)")
+
+
+def open_clip_settings(config: ModelConfig, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+    """open_clip_config.json for `config`; a vision setting open_clip cannot express raises ConversionError."""
+    vision = config.vision
+    registered = registered_vit(vision.name)
+    refuse_unbuildable_tower(config, registered)
     model_cfg: dict[str, Any] = {
         "embed_dim": config.clip.embed_dim,
         "vision_cfg": {"timm_model_name": vision.name, "timm_model_pretrained": False,

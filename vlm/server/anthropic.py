@@ -74,7 +74,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         "temperature": Parser.number(body, "temperature", 0, 1),
         "top_p": Parser.number(body, "top_p", 0, 1, low_open=True),
         "top_k": Parser.number(body, "top_k", 0, 10**6, integer=True),
-        "stop": Parser.stops(body.get("stop_sequences"), "stop_sequences"),
+        "stop": Parser.stops(body.get("stop_sequences"), "stop_sequences", one_string=False),
         "kv_cache": Parser.kv_cache(body),
     }
     stream = body.get("stream", False)

@@ -45,7 +45,7 @@ class Server:
     def __init__(self, chat: ChatModel, settings: ServeSettings) -> None:
         # the server's defaults for what a request leaves out; a bad one fails here, not per request
         chat.options(temperature=settings.temperature, kv_cache=settings.kv_cache, h2o=settings.h2o)
-        self.chat = chat.with_image_limit(settings.max_image_pixels)
+        self.chat = chat
         self.settings = settings
         self.model_name = settings.model_name or chat.name
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="vlm-generate")

@@ -76,7 +76,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         "max_new_tokens": max_tokens,
         "temperature": Parser.number(body, "temperature", 0, 2),
         "top_p": Parser.number(body, "top_p", 0, 1, low_open=True),
-        "stop": Parser.stops(body.get("stop"), "stop"),
+        "stop": Parser.stops(body.get("stop"), "stop", one_string=True),
         "kv_cache": Parser.kv_cache(body),
         "seed": Parser.number(body, "seed", -(2**63), 2**63 - 1, integer=True),
     }

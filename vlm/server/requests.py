@@ -2,18 +2,21 @@
 image decoding and sniffing, and the common field checks (`Parser`). Every failure is an `ApiError` naming the field.
 
 Images are only accepted inline (base64 of a JPEG, PNG, GIF or WebP whose bytes match the declared type); the server
-never fetches URLs or files. Decoded images still go through the processor's tiler and its bomb guard later.
+never fetches URLs or files. An image over `max_image_pixels` is refused from its header, before any decoding.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from PIL import Image
 
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.options import KV_CACHES
@@ -74,7 +77,24 @@ class Parser:
             raise ApiError(400, f"{where}: the data is not a JPEG, PNG, GIF or WebP image", param=where)
         if actual != media_type:
             raise ApiError(400, f"{where}: the image is {actual} but media_type says {media_type}", param=where)
+        self.refuse_too_many_pixels(raw, where)
         return raw
+
+    def refuse_too_many_pixels(self, raw: bytes, where: str) -> None:
+        """The decompression-bomb guard, from the image's header alone: nothing is decoded for a refused image."""
+        limit = self.settings.max_image_pixels
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit decides, not PIL's
+                with Image.open(io.BytesIO(raw)) as picture:
+                    width, height = picture.size
+        except Image.DecompressionBombError:
+            width, height = limit + 1, 1  # past PIL's own hard limit, which is far above any sane setting
+        except Exception:  # a signature that matched, then a broken header
+            raise ApiError(400, f"{where}: the image's header cannot be read", param=where) from None
+        if width * height > limit:
+            raise ApiError(400, f"{where}: the image is {width}x{height} ({width * height:,} pixels), over this "
+                                f"server's max_image_pixels={limit:,}", param=where)
 
     @staticmethod
     def text(value: Any, where: str) -> str:
@@ -114,10 +134,11 @@ class Parser:
         return value
 
     @staticmethod
-    def stops(value: Any, where: str) -> list[str]:
+    def stops(value: Any, where: str, one_string: bool) -> list[str]:
+        """Stop sequences: a list of strings, or with `one_string` (OpenAI's `stop`) a single string too."""
         if value is None:
             return []
-        values = [value] if isinstance(value, str) else value
+        values = [value] if one_string and isinstance(value, str) else value
         if not isinstance(values, list) or not all(isinstance(s, str) and s for s in values) or len(values) > 16:
             raise ApiError(400, f"{where}: must be a list of at most 16 non-empty strings", param=where)
         return values
