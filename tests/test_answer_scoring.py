@@ -17,7 +17,7 @@ from tiny import tiny_config
 from data_scripts import llava_to_shards
 from vlm.data import synthetic
 from vlm.data.conversations import ConversationDecoder
-from vlm.eval import NothingToScore, evaluate, write_results
+from vlm.eval import NothingToScore, evaluate, show_worst, write_results
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.metrics import answer_metrics, normalize_exact, normalize_vqa, score_answer
 from vlm.models.factory import new_vlm
@@ -192,3 +192,15 @@ def test_validations_during_training_read_eval_max_samples_and_the_final_one_rea
                     "init_from=null", "stage.batch_size=3", "stage.max_steps=1", "trainer.val_check_interval=1",
                     "eval.max_samples=null", "eval.batch_size=2", stage="sft", tiny=False), callbacks=[watch])
     assert watch.reads == [(6, 6), (6, 6)]
+
+
+def test_the_worst_answers_shown_are_wrong_ones_only(capsys):
+    def row(key: str, reference: str, prediction: str) -> dict:
+        return {"key": key, "question": "What color?", "reference": reference, "prediction": prediction,
+                "scores": score_answer(prediction, reference)}
+
+    show_worst([row("a", "pink", "pink"), row("b", "pink", "blue"), row("c", "red", "red")])
+    shown = capsys.readouterr().err
+    assert "the 1 worst-scored of 1 wrong answers:" in shown and "- b:" in shown and "- a:" not in shown
+    show_worst([row("a", "pink", "pink")])
+    assert capsys.readouterr().err == "all 1 answers are exact matches\n"

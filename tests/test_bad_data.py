@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from vlm.data import synthetic
 from vlm.train import run
+from vlm.training.health import NoTrainingBatch
 
 COMMON = ["data.num_workers=0", "stage.warmup_steps=2", "trainer.val_check_interval=1000",
           "trainer.checkpoint_every_n_steps=1000", "trainer.log_every_n_steps=1"]
@@ -132,6 +133,25 @@ def test_bad_conversation_samples_are_skipped_in_sft(tmp_path, caplog):
     for key in bad_keys:
         assert len(_warnings_naming(caplog, key)) == 1, key
     assert "malformed json" in _warnings_naming(caplog, "bad-json")[0]
+
+
+@pytest.mark.parametrize("good", [0, 3])
+def test_data_that_gives_no_batch_stops_the_run_instead_of_passing_over_it_forever(tmp_path, caplog, good):
+    """Only bad samples, or fewer good ones than a batch: no pass yields a batch, and steps never come."""
+    if good:
+        pattern = write_caption_shards(tmp_path / "shards", good_per_shard=good, bad_kinds=["corrupt", "noimage"],
+                                       shards=1)
+    else:
+        pattern = str(tmp_path / "bad.tar")
+        with wds.TarWriter(pattern) as sink:
+            for index, kind in enumerate(["corrupt", "noimage"]):
+                sink.write({"__key__": f"bad-{kind}-{index:04d}", **BAD_CAPTIONS[kind](index)})
+    config = tiny_config(*COMMON, f"data.train='{pattern}'", "stage.batch_size=8", "stage.max_steps=5",
+                         f"output_root={tmp_path / 'runs'}", "run_name=empty")
+    with caplog.at_level(logging.WARNING), pytest.raises(NoTrainingBatch, match=r"gave no training batch in two "
+                                                                                r"passes.*stage.batch_size=8"):
+        train(config)
+    assert len(_warnings_naming(caplog, "bad-corrupt-0000")) == 1  # two passes, one warning per bad sample
 
 
 @pytest.mark.slow

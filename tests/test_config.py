@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import re
 import subprocess
 import sys
 import typing
@@ -13,12 +15,13 @@ import pytest
 from omegaconf import MISSING, OmegaConf
 from tiny import TINY, make_task, tiny_config
 
-from vlm.cli import CONFIG_DIR, PATTERN_KEYS, compose_config, quote_values
+from vlm.cli import CONFIG_DIR, PATTERN_KEYS, compose_config, preflight, quote_values
 from vlm.config import ConfigError, TrainConfig, to_dict, to_train_config
 from vlm.export import ExportConfig
 from vlm.infer import InferConfig
 from vlm.models.factory import make_tiler, new_vlm
 from vlm.server.settings import ServeSettings
+from vlm.training.loggers import build_logger
 from vlm.training.stages import STAGES, get_stage
 
 GROUPS = {group: sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
@@ -110,8 +113,27 @@ def test_cli_typo_names_key_and_choices():
     key_typo, group_typo = _cli_concurrently(["stage.lrr=0.1"], ["model=tny"])
     assert key_typo.returncode == 2
     assert "unknown config key 'stage.lrr'. Did you mean 'stage.lr'?" in key_typo.stderr
-    assert group_typo.returncode == 2 and "Could not find 'model/tny'" in group_typo.stderr
-    assert "tiny" in group_typo.stderr
+    assert group_typo.returncode == 2
+    assert "model='tny' is not valid; choose one of ['base', 'large', 'tiny']. Did you mean 'tiny'?" \
+           in group_typo.stderr
+
+
+@pytest.mark.parametrize("config,arg,message", [
+    ("train", "stage=sfft", "stage='sfft' is not valid; choose one of ['align', 'contrastive', 'dpo', 'sft']. "
+                            "Did you mean 'sft'?"),
+    ("constitution", "critic=synth", "critic='synth' is not valid; choose one of ['http', 'self', 'synthetic']. "
+                                     "Did you mean 'synthetic'?"),
+    ("train", "model.projector.type=mlp", "model.projector.type='mlp' is not valid; choose one of ['linear', "
+                                          "'mlp2x_gelu']. Did you mean 'mlp2x_gelu'?"),  # the one it starts
+])
+def test_a_mistyped_choice_names_the_valid_ones_and_the_closest(config, arg, message, capsys):
+    if "." in arg:  # a key's value is checked when the config loads
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            tiny_config(arg)
+        return
+    with pytest.raises(SystemExit):
+        preflight([arg], config)
+    assert capsys.readouterr().err == f"error: {message}\n"
 
 
 @pytest.mark.slow
@@ -164,3 +186,10 @@ def test_dataclass_defaults_agree_with_the_yaml(name, schema):
     composed = {k: v for k, v in OmegaConf.to_container(compose_config(name), resolve=True).items() if k != "hydra"}
     assert set(composed) == {f.name for f in dataclasses.fields(schema)}
     assert _defaults_disagreeing(schema, composed) == []
+
+
+def test_a_tensorboard_logger_without_its_package_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as on a machine without tensorboard
+    with pytest.raises(ConfigError, match=r"trainer.logger=tensorboard needs the tensorboard package: pip install "
+                                          r"'vlm\[tensorboard\]'"):
+        build_logger("tensorboard", tmp_path, None)

@@ -78,6 +78,9 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
                                                                  "shard-000001.json", "shard-000001.tar"]
     done = json.loads((out / "DONE").read_text())
     assert done["train"].endswith("shard-{000000..000001}.tar") and done["qa_val"]
+    # out= is not where stage=dpo looks by itself, so the command it suggests names the pairs
+    assert f"stage=dpo init_from={tiny_sft_export} data.train='{done['train']}' data.val='{done['val']}::" \
+           f"{done['qa_val']}'" in caplog.text
     # a rerun after an interrupt: the finished shard is kept as it is, a half-written one is redone
     first = (out / "train" / "shard-000000.tar").stat().st_mtime_ns
     (out / "train" / "shard-000001.json").unlink()

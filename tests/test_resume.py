@@ -153,10 +153,22 @@ def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder
     assert prepare_run(tiny_config(f"output_root={tmp_path}", "resume=auto")).dir.name == "new"
     (tmp_path / "contrastive" / "2020").mkdir()
     (tmp_path / "contrastive" / "2020" / "metrics.json").write_text("{}")
+    (tmp_path / "contrastive" / "old" / "checkpoints" / "step00000003.ckpt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"run folder '.*old' already holds a run; pass resume=auto"):
         prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=old"))
     unnamed = prepare_run(tiny_config(f"output_root={tmp_path}"))
     assert unnamed.dir.name not in ("old", "new", "2020") and unnamed.dir.is_dir()
+    # a start that failed before writing anything (bad data, a missing logger package) leaves empty folders only
+    (tmp_path / "contrastive" / "failed" / "logs").mkdir(parents=True)
+    assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=failed")).dir.name == "failed"
+
+
+def test_an_unreadable_checkpoint_named_by_resume_is_one_clear_error(tmp_path):
+    broken = tmp_path / "contrastive" / "r" / "checkpoints" / "step00000003.ckpt"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ConfigError, match=r"resume='.*step00000003.ckpt' cannot be loaded \(.*\); name an earlier"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={broken}"))
 
 
 def test_a_resumed_run_is_built_from_the_export_its_checkpoint_records(tmp_path, tiny_sft_export):

@@ -72,6 +72,14 @@ def test_missing_shards_name_the_pattern(tmp_path):
         list_shards(str(tmp_path / "shard-{000..001}.tar"))
 
 
+def test_a_folder_given_for_shards_gets_the_pattern_of_the_shards_inside(tmp_path):
+    write_shards(tmp_path / "out" / "train", num_shards=3, per_shard=1)
+    for folder in (tmp_path / "out", tmp_path / "out" / "train"):
+        with pytest.raises(ShardError, match=rf"'{folder}' is a folder; name its shards, e.g. data.train="
+                                             rf"'{tmp_path / 'out' / 'train'}/shard-\{{000..002\}}.tar'"):
+            list_shards(str(folder))
+
+
 def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
     urls = list_shards(write_shards(tmp_path, num_shards=2, per_shard=10, corrupt={3, 14}))
     tiler = Tiler(TilerConfig(), tile_size=16, tokens_per_tile=4)

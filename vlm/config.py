@@ -45,9 +45,11 @@ def setting(default: Any = MISSING, *, choices: Iterable[Any] | None = None, min
 
 
 def closest(key: str, valid: Iterable[str]) -> str | None:
-    """The valid name closest to a typo, or None."""
-    match = difflib.get_close_matches(key, [str(v) for v in valid], n=1)
-    return match[0] if match else None
+    """The valid name closest to a typo (or the one valid name it starts, "mlp" for "mlp2x_gelu"), or None."""
+    names = [str(v) for v in valid]
+    match = difflib.get_close_matches(key, names, n=1)
+    started = [name for name in names if key and name.startswith(key)]
+    return match[0] if match else started[0] if len(started) == 1 else None
 
 
 def unknown_key_message(key: str, valid: Iterable[str], what: str = "config key") -> str:

@@ -46,7 +46,7 @@ from vlm.data.captions import image_fields
 from vlm.data.conversations import from_llava
 from vlm.data.preferences import PAIRS_DONE
 from vlm.data.shards import build_pipeline, list_shards
-from vlm.data.sources import resolve
+from vlm.data.sources import pair_sources, resolve
 from vlm.errors import UserError
 from vlm.metrics import normalize_exact
 
@@ -410,7 +410,9 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     done = {"train": patterns.get("train"), "val": patterns.get("val"), "qa_val": data.val}
     (out / PAIRS_DONE).write_text(json.dumps(done) + "\n")
-    log.info("pairs in %s; train on them with: python -m vlm.train stage=dpo init_from=%s", out, checkpoint)
+    sources = pair_sources(done)  # what stage=dpo would find by itself as the newest output under output_root
+    log.info("pairs in %s; train on them with: python -m vlm.train stage=dpo init_from=%s data.train='%s' "
+             "data.val='%s'", out, checkpoint, sources.train, sources.val)
     return summary
 
 

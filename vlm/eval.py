@@ -74,11 +74,13 @@ def write_results(metrics: dict[str, Any], predictions: list[dict[str, Any]], di
 
 
 def show_worst(predictions: list[dict[str, Any]], count: int = WORST_SHOWN) -> None:
-    """The answers with the lowest summed scores, for reading failures rather than only numbers."""
-    worst = sorted(predictions, key=lambda p: sum(p["scores"][s] for s in SCORES))[:count]
+    """The wrong answers with the lowest summed scores, for reading failures rather than only numbers."""
+    wrong = [p for p in predictions if p["scores"]["exact_match"] < 1]
+    worst = sorted(wrong, key=lambda p: sum(p["scores"][s] for s in SCORES))[:count]
     if not worst:
+        print(f"all {len(predictions)} answers are exact matches", file=sys.stderr)
         return
-    print(f"the {len(worst)} worst-scored answers:", file=sys.stderr)
+    print(f"the {len(worst)} worst-scored of {len(wrong)} wrong answers:", file=sys.stderr)
     for row in worst:
         scores = ", ".join(f"{s}={row['scores'][s]:.0f}" for s in SCORES)
         print(f"- {row['key']}: Q: {row['question']!r}\n  expected {row['reference']!r}, got {row['prediction']!r} "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -41,11 +42,29 @@ def list_shards(pattern: str, key: str = "data.train") -> list[str]:
                          f"{urls[0] if urls else 'none'!r}); check the path and the {{000..009}} range")
     if missing:
         raise ShardError(f"{key}={pattern!r}: {len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]!r}")
+    if folders := [u for u in local if os.path.isdir(u.removeprefix("file:"))]:
+        raise ShardError(f"{key}={pattern!r}: {folders[0]!r} is a folder; name its shards, e.g. "
+                         f"{key}={shard_pattern_hint(folders[0].removeprefix('file:'))!r}")
     return urls
+
+
+def shard_pattern_hint(folder: str) -> str:
+    """A brace pattern over the .tar files in `folder` (or its `train` subfolder, as converters and vlm.constitution
+    write them) when their names differ only in a number, else a range for the user to fill in."""
+    if not any(name.endswith(".tar") for name in os.listdir(folder)) and os.path.isdir(os.path.join(folder, "train")):
+        folder = os.path.join(folder, "train")
+    names = sorted(name for name in os.listdir(folder) if name.endswith(".tar"))
+    found = [re.fullmatch(r"(.*?)(\d+)\.tar", name) for name in names]
+    if names and all(found) and len({(m.group(1), len(m.group(2))) for m in found}) == 1:
+        first, last = found[0], found[-1]
+        return os.path.join(folder, f"{first.group(1)}{{{first.group(2)}..{last.group(2)}}}.tar")
+    return os.path.join(folder, "shard-{000000..000009}.tar")
 
 
 def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """A pipeline stage applying `decode` to each raw sample; failures are logged once and counted in `skipped`."""
+
+    warned: set[tuple[str | None, str | None]] = set()  # per reader; workers persist, so later passes stay quiet
 
     def stage(source: Iterable[dict]) -> Iterator[dict]:
         skipped = 0
@@ -54,7 +73,10 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
                 sample = decode(raw)
             except Exception as err:  # any bad sample is dropped; the count keeps the run honest
                 skipped += 1
-                log.warning("skipping sample %s in %s: %s", raw.get("__key__"), raw.get("__url__"), err)
+                where = (raw.get("__url__"), raw.get("__key__"))
+                if where not in warned:
+                    warned.add(where)
+                    log.warning("skipping sample %s in %s: %s", where[1], where[0], err)
                 continue
             sample["skipped"] = skipped
             skipped = 0

@@ -46,6 +46,9 @@ def resolve(config: DataConfig, kind: str, output_root: str = "checkpoints") -> 
     list_shards(config.train, "data.train")  # a bad pattern fails here, before any model is built
     if config.val:
         list_shards(config.val, "data.val")
+    else:
+        log.warning("data.train is set and data.val is not: nothing is held out, so this run reports no validation "
+                    "metrics (metrics.json holds counts only); pass data.val= held-out shards to measure it")
     return DataSources(config.train, config.val, find_classnames(config))
 
 
@@ -70,6 +73,12 @@ def constitution_pairs(output_root: str) -> DataSources:
                           f"`python -m vlm.constitution` first (with the same output_root), or pass data.train= and "
                           f"data.val= preference shards (data_scripts/preferences_to_shards.py writes them)")
     log.info("no data.train given: using the preference pairs of %s", Path(found["train"]).parent.parent)
+    return pair_sources(found)
+
+
+def pair_sources(found: dict[str, str]) -> DataSources:
+    """What stage=dpo trains on from a finished constitution output's record: its train pairs; held out, its pairs
+    and the conversations they came from ("qa_val")."""
     held_out = "::".join(p for p in (found["val"], found.get("qa_val")) if p)
     return DataSources(found["train"], held_out, None)
 

@@ -76,3 +76,31 @@ class DataHealth:
 
     def log_to(self, module: pl.LightningModule) -> None:
         module.log_dict({"data/skipped": float(self.skipped), "data/skip_rate": self.skip_rate}, on_step=True)
+
+
+class NoTrainingBatch(UserError, RuntimeError):
+    """The training data gave no batch in whole passes over its shards."""
+
+
+class EmptyPassGuard(pl.Callback):
+    """Stops a run whose training data gives no batch: with steps, not epochs, ending a run (max_epochs=-1), Lightning
+    would otherwise start pass after pass over shards that yield nothing, forever. Two empty passes in a row are
+    needed, since a run resumed at the end of a pass may find nothing left in that first one."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.empty_passes = 0
+
+    def on_train_batch_start(self, *_: object) -> None:
+        self.batches += 1
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, task: pl.LightningModule) -> None:
+        self.empty_passes = 0 if self.batches else self.empty_passes + 1
+        self.batches = 0
+        if self.empty_passes >= 2:
+            data = trainer.datamodule
+            raise NoTrainingBatch(
+                f"data.train={data.train_pattern!r} ({len(data.train_urls)} shards) gave no training batch in two "
+                f"passes: none of its samples could be read or decoded (the warnings above say why), or it holds "
+                f"fewer usable samples than stage.batch_size={data.batching.batch_size} per rank (an incomplete "
+                f"batch is dropped)")

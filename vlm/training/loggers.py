@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from vlm.config import ConfigError
 
 
 class _ContinuingWriter(ExperimentWriter):
@@ -53,5 +56,8 @@ class ContinuingCSVLogger(CSVLogger):
 def build_logger(kind: str, run_dir: Path, resume_step: int | None) -> Logger:
     """`trainer.logger`: csv (logs/metrics.csv, continued from `resume_step` on resume) or tensorboard."""
     if kind == "tensorboard":
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("trainer.logger=tensorboard needs the tensorboard package: pip install "
+                              "'vlm[tensorboard]' (or tensorboard), or use trainer.logger=csv")
         return TensorBoardLogger(run_dir, name="logs", version="")
     return ContinuingCSVLogger(run_dir, name="logs", version="", resume_step=resume_step)

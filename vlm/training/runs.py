@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vlm.config import ConfigError, TrainConfig
 from vlm.exports.format import is_complete
-from vlm.training.resume import find_resume_checkpoint, recorded_start, remove_partial_writes
+from vlm.training.resume import checkpoint_problem, find_resume_checkpoint, recorded_start, remove_partial_writes
 from vlm.training.stages import get_stage
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,13 @@ def prepare_run(config: TrainConfig) -> Run:
         resume_from = Path(config.resume).expanduser()
         if not resume_from.is_file():
             raise ConfigError(f"resume={config.resume!r}: no such checkpoint file")
+        if problem := checkpoint_problem(resume_from):
+            raise ConfigError(f"resume={config.resume!r} cannot be loaded ({problem}); name an earlier checkpoint of "
+                              f"its run, or pass resume=auto to take the newest one that loads")
         run_dir = resume_from.parent.parent
     else:
         run_dir = stage_dir / (config.run_name or default_name)
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and any(path.is_file() for path in run_dir.rglob("*")):  # a failed start leaves no file
             if config.run_name or launch_name:  # every rank must agree on the folder, so no fresh suffix
                 raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; pass resume=auto to continue it "
                                   f"or choose another run_name")

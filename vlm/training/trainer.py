@@ -20,7 +20,7 @@ from vlm.training.callbacks import progress_callback
 from vlm.training.checkpoint_io import AtomicCheckpointIO
 from vlm.training.data_position import DataPosition
 from vlm.training.datamodule import ShardDataModule
-from vlm.training.health import DataHealth
+from vlm.training.health import DataHealth, EmptyPassGuard
 from vlm.training.loggers import build_logger
 from vlm.training.resume import StartingExport, checkpoint_step
 from vlm.training.runs import Run
@@ -48,7 +48,7 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
                       callbacks=[checkpoints, DataPosition(), StartingExport(run.init_from), progress_callback(),
-                                 LearningRateMonitor(logging_interval="step")],
+                                 EmptyPassGuard(), LearningRateMonitor(logging_interval="step")],
                       plugins=[AtomicCheckpointIO()],  # a checkpoint is whole or absent, never truncated
                       # BatchNorm (the conv stem) sees the global batch on several GPUs, as the contrastive loss does;
                       # torch's SyncBatchNorm runs on GPUs only, so CPU ranks keep their own statistics
