@@ -142,6 +142,10 @@ def test_a_mid_epoch_resume_reseeds_the_shard_order(tmp_path, small_synthetic):
     train(tiny_config(*args, "resume=auto"), observe)
     assert observe.start["step"] == 3 and observe.start["epoch"] == 0
     assert observe.start["data_seed"] == pass_seed(0, 0, 3) != 0  # not a replay of epoch 0's order
+    # a resume past the run's end is refused: it would only validate and overwrite the export
+    with pytest.raises(ConfigError, match=r"step00000006.ckpt' is at step 6, past stage.max_steps=4: there is "
+                                          r"nothing left to train"):
+        train(tiny_config(*args, "resume=auto", "stage.max_steps=4"))
 
 
 # ---- run folders --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
-from vlm.config import TrainConfig, to_dict
+from vlm.config import ConfigError, TrainConfig, to_dict
 from vlm.metrics import answer_metrics
 from vlm.models.blocks import compile_blocks
 from vlm.training.callbacks import progress_callback
@@ -42,6 +42,10 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
                                   every_n_train_steps=t.checkpoint_every_n_steps, monitor="step", mode="max",
                                   save_top_k=3, save_last=False, save_on_train_epoch_end=True)
     resume_step = checkpoint_step(run.resume_from) if run.resume_from else None
+    if resume_step is not None and resume_step > config.stage.max_steps:
+        raise ConfigError(f"{str(run.resume_from)!r} is at step {resume_step}, past stage.max_steps="
+                          f"{config.stage.max_steps}: there is nothing left to train; raise stage.max_steps to "
+                          f"continue the run (at {resume_step} it only validates and exports again)")
     return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                       strategy=build_strategy(t, task.model),
                       precision=t.precision, max_steps=config.stage.max_steps, max_epochs=-1,
