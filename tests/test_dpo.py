@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -206,6 +207,18 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute)
     assert recorded["reference"] == str(tiny_sft_export)
     scored, _ = evaluate(tiny_config(*common, f"checkpoint={export}", stage="dpo", tiny=False))
     assert scored["rewards/accuracy"] == metrics["rewards/accuracy"]
+
+
+def test_a_dpo_run_without_a_single_pair_says_so(tiny_sft_export, tmp_path, caplog):
+    from vlm.train import run
+
+    conversations_only = write_pairs(tmp_path / "train" / "shard-000000.tar", 0, anchors=4)
+    config = tiny_config(f"data.train={conversations_only}", "data.num_workers=0", "stage.batch_size=2",
+                         f"init_from={tiny_sft_export}", f"output_root={tmp_path}", "stage.max_steps=2",
+                         "stage.precompute_reference=true", stage="dpo", tiny=False)
+    with caplog.at_level(logging.WARNING):
+        run(config)
+    assert "stage=dpo trained 2 batches without a single preference pair" in caplog.text
 
 
 class ReferenceWatch(pl.Callback):

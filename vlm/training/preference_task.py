@@ -50,6 +50,7 @@ class PreferenceTask(VLMTask):
         if settings.disable_dropout and (zeroed := disable_dropout(self.model)):
             log.info("dropout off in the policy (%d rates; stage.disable_dropout=false keeps them)", zeroed)
         self.val_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.batches_trained, self.pairs_trained = 0, 0  # this session's: none of them pairs is worth a warning
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> PreferenceTask:
@@ -140,6 +141,8 @@ class PreferenceTask(VLMTask):
         pairs, anchors = batch["pairs"], batch["anchors"]
         self.health.count_batch((len(pairs["keys"]) if pairs else 0) + (anchors["num_samples"] if anchors else 0),
                                 batch["skipped"])
+        self.batches_trained += 1
+        self.pairs_trained += len(pairs["keys"]) if pairs else 0
         total, result, anchor_nll = self.training_loss(batch)
         loss = self.guarded(total)
         if self.health.skip_pending:
@@ -153,6 +156,13 @@ class PreferenceTask(VLMTask):
             self.log("train/margin", metrics["rewards/margins"], prog_bar=True)
         self.health.log_to(self)
         return loss
+
+    def on_train_end(self) -> None:
+        if self.batches_trained and not self.pairs_trained:
+            log.warning("stage=%s trained %d batches without a single preference pair: data.train held only "
+                        "conversation samples, which train as anchors (their answers' NLL). Preference shards hold "
+                        "`chosen` and `rejected` (vlm.constitution or data_scripts/preferences_to_shards.py)",
+                        self.stage.name, self.batches_trained)
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
