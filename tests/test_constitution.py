@@ -215,6 +215,7 @@ def test_missing_api_key_variable_is_named(tiny_sft_export, small_synthetic, tmp
     with pytest.raises(UserError, match="NO_SUCH_KEY_VAR"):
         run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", "critic.url=http://127.0.0.1:9",
                     "critic.api=anthropic", "critic.api_key_env=NO_SUCH_KEY_VAR"))
+    assert not (tmp_path / "pairs").exists()  # a start that failed leaves no folder to trip over
 
 
 def test_generate_batch_matches_one_by_one_greedy_answers(tiny_chat_model):

@@ -393,9 +393,10 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
     out = Path(config.out or Path(config.output_root) / "constitution" /
                f"{checkpoint.resolve().parent.name}-{config.critic.kind}-{config.mode}").expanduser()
     data = resolve(config.data, "conversations")
-    check_resumable(out, pair_settings(config, checkpoint, data.train, data.val))
     chat_model = ChatModel.load(checkpoint, device=config.device)
     make = PairMaker(config, chat_model, build_critic(config, chat_model, constitution), constitution)
+    # after the model and critic load: a start that fails there leaves no output folder behind
+    check_resumable(out, pair_settings(config, checkpoint, data.train, data.val))
     synthetic = config.data.train is None
     splits = {"train": (data.train, config.max_train_prompts, config.data.synthetic.num_train if synthetic else None),
               "val": (data.val, config.max_val_prompts, config.data.synthetic.num_val if synthetic else None)}
