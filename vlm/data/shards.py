@@ -76,7 +76,8 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
                 where = (raw.get("__url__"), raw.get("__key__"))
                 if where not in warned:
                     warned.add(where)
-                    log.warning("skipping sample %s in %s: %s", where[1], where[0], err)
+                    reason = str(err).removeprefix(f"{where[0]}:{where[1]}: ")  # decoders name the sample too
+                    log.warning("skipping sample %s in %s: %s", where[1], where[0], reason)
                 continue
             sample["skipped"] = skipped
             skipped = 0
