@@ -8,10 +8,12 @@ import pytest
 import torch
 import webdataset as wds
 from images import solid
+from tiny import tiny_config
 
 from vlm.config import TilerConfig
 from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.data.shards import ShardError, build_pipeline, list_shards, make_loader, reader_plan
+from vlm.data.sources import resolve
 from vlm.data.tiler import Tiler
 from vlm.training.health import DataHealth
 
@@ -98,3 +100,10 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
     for b in batches:
         lenient.count_batch(len(b["ids"]), b["skipped"])
     assert lenient.skipped == 2 and lenient.seen == 20
+
+
+def test_training_shards_without_held_out_ones_warn_that_nothing_is_measured(tmp_path, caplog):
+    pattern = write_shards(tmp_path, num_shards=1, per_shard=1)
+    with caplog.at_level(logging.WARNING):
+        sources = resolve(tiny_config(f"data.train='{pattern}'").data, "captions")
+    assert sources.val is None and "data.train is set and data.val is not: nothing is held out" in caplog.text
