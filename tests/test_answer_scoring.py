@@ -124,7 +124,8 @@ def test_held_out_data_without_answers_or_samples_is_an_error(tiny_export, tmp_p
                          tiny=False)
     with pytest.raises(NothingToScore, match="could be scored"):
         evaluate(config)
-    assert f"{no_answers}:0000: no assistant turn" in caplog.text  # the warning names the shard and the sample
+    # the warning names the sample and its shard, once
+    assert f"skipping sample 0000 in {no_answers}: no assistant turn" in caplog.text
     empty = tmp_path / "empty" / "shard-000000.tar"
     empty.parent.mkdir()
     with wds.TarWriter(str(empty)):

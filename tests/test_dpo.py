@@ -178,7 +178,7 @@ def test_shards_without_chosen_are_skipped_with_the_reason(tiny_sft_export, tmp_
     task = _task(tiny_sft_export)
     shard = write_pairs(tmp_path / "bad.tar", 2, chosen=False)
     assert list(build_pipeline([shard], task.batching().decode, train=False, split_by_node=False)) == []
-    assert "bad.tar:000000: no 'chosen' field" in caplog.text
+    assert f"skipping sample 000000 in {shard}: no 'chosen' field" in caplog.text
 
 
 @pytest.mark.slow
