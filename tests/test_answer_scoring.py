@@ -15,6 +15,7 @@ from images import solid
 from tiny import tiny_config
 
 from data_scripts import llava_to_shards
+from vlm.config import ConfigError
 from vlm.data import synthetic
 from vlm.data.conversations import ConversationDecoder
 from vlm.eval import NothingToScore, evaluate, show_worst, write_results
@@ -116,6 +117,12 @@ def test_a_model_with_one_answer_scores_the_fraction_of_references_equal_to_it(t
     write_results(metrics, predictions, tmp_path / "out")
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert sum(r["scores"]["exact_match"] for r in rows) / len(rows) == pytest.approx(metrics["exact_match"])
+
+
+def test_an_export_evaluated_as_the_other_phase_names_the_stage_to_pass(tiny_export):
+    with pytest.raises(ConfigError, match=rf"checkpoint='{tiny_export}' holds a 'sft' model, which "
+                                          rf"stage=contrastive cannot evaluate; pass stage=sft"):
+        evaluate(tiny_config(f"checkpoint={tiny_export}", stage="contrastive"))
 
 
 def test_held_out_data_without_answers_or_samples_is_an_error(tiny_export, tmp_path, caplog):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import ConfigError, TrainConfig, to_train_config
 from vlm.data.sources import resolve_eval
+from vlm.exports.format import read_meta
 from vlm.metrics import SCORES
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.stages import get_stage
@@ -42,6 +43,10 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     if not config.checkpoint:
         raise ConfigError("checkpoint=PATH is required: the export folder of a run (OUTPUT_ROOT/STAGE/RUN/export)")
     stage = get_stage(config.stage.name)
+    made_by = read_meta(config.checkpoint).stage
+    if (made_by == "contrastive") != (stage.name == "contrastive"):  # phase 1 and phase 2 models score differently
+        raise ConfigError(f"checkpoint={config.checkpoint!r} holds a {made_by!r} model, which stage={stage.name} "
+                          f"cannot evaluate; pass stage={made_by}")
     data = resolve_eval(config.data, stage.data, config.output_root)
     task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
     datamodule = ShardDataModule(data, task.batching(), config.data)
