@@ -123,7 +123,7 @@ _PIL_LIMIT_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _pil_bomb_limit(max_pixels: int) -> Iterator[None]:
+def pil_bomb_limit(max_pixels: int) -> Iterator[None]:
     """Let PIL's global bomb guard admit images up to `max_pixels` inside the block, then restore it.
 
     Only ever raises the threshold (never None, never lower) and holds a lock, so two tilers in different threads
@@ -306,7 +306,7 @@ class Tiler:
         else:
             raise TypeError(f"Tiler input must be a path, bytes or a PIL image, got {type(source).__name__}")
         try:
-            with _pil_bomb_limit(self.config.max_pixels):
+            with pil_bomb_limit(self.config.max_pixels):
                 im = Image.open(fp)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageLoadError(self._bomb_message(label, None, str(e))) from e
@@ -344,7 +344,7 @@ class Tiler:
         big = Image.MAX_IMAGE_PIXELS is not None and stored[0] * stored[1] > Image.MAX_IMAGE_PIXELS
         try:
             # Some plugins re-check PIL's guard while decoding; an image past PIL's threshold but within ours passes.
-            with _pil_bomb_limit(self.config.max_pixels) if big else contextlib.nullcontext():
+            with pil_bomb_limit(self.config.max_pixels) if big else contextlib.nullcontext():
                 if owned and self.config.draft and isinstance(im, JpegImagePlugin.JpegImageFile):
                     # JPEG keeps EXIF in the header, so plan first, then decode at 1/2, 1/4 or 1/8 scale in the DCT
                     # domain (PIL picks the smallest scale still >= the request, in stored orientation).

@@ -11,13 +11,13 @@ import base64
 import binascii
 import io
 import json
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from PIL import Image
 
+from vlm.data.tiler import pil_bomb_limit
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.options import KV_CACHES
 from vlm.server.errors import ApiError
@@ -84,12 +84,10 @@ class Parser:
         """The decompression-bomb guard, from the image's header alone: nothing is decoded for a refused image."""
         limit = self.settings.max_image_pixels
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit decides, not PIL's
-                with Image.open(io.BytesIO(raw)) as picture:
-                    width, height = picture.size
+            with pil_bomb_limit(limit), Image.open(io.BytesIO(raw)) as picture:  # the tiler's guard on PIL's limit
+                width, height = picture.size
         except Image.DecompressionBombError:
-            width, height = limit + 1, 1  # past PIL's own hard limit, which is far above any sane setting
+            width, height = limit + 1, 1  # past PIL's own hard limit, twice what the guard let through
         except Exception:  # a signature that matched, then a broken header
             raise ApiError(400, f"{where}: the image's header cannot be read", param=where) from None
         if width * height > limit:
