@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from vlm.config import closest, unknown_key_message
+from vlm.config import invalid_choice_message, unknown_key_message
 from vlm.errors import UserError
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -100,9 +100,7 @@ def preflight(args: list[str], config_name: str) -> None:
     for group, value in (a.split("=", 1) for a in group_args):
         options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
         if value not in options:
-            match = closest(value, options)
-            fail(f"{group}={value!r} is not valid; choose one of {options}."
-                 + (f" Did you mean {match!r}?" if match else ""))
+            fail(invalid_choice_message(group, value, options))
     key_args = [a for a in args if a not in group_args and not a.startswith(("+", "~", "hydra."))]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         try:

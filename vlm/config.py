@@ -52,6 +52,14 @@ def closest(key: str, valid: Iterable[str]) -> str | None:
     return match[0] if match else started[0] if len(started) == 1 else None
 
 
+def invalid_choice_message(key: str, value: Any, allowed: Iterable[Any]) -> str:
+    """One message for a value outside its choices (a config key's, or a config group's): the valid ones and the
+    closest."""
+    allowed = list(allowed)
+    match = closest(str(value), [str(a) for a in allowed])
+    return f"{key}={value!r} is not valid; choose one of {allowed}." + (f" Did you mean {match!r}?" if match else "")
+
+
 def unknown_key_message(key: str, valid: Iterable[str], what: str = "config key") -> str:
     """One message for every unknown name: the key, its closest valid sibling, and the valid ones under its parent."""
     valid = sorted(str(v) for v in valid)
@@ -79,9 +87,7 @@ def check_fields(obj: Any, path: str = "", error: type[ValueError] = ConfigError
             continue
         allowed = f.metadata.get("choices")
         if allowed is not None and value not in allowed:
-            match = closest(str(value), [str(a) for a in allowed])
-            hint = f" Did you mean {match!r}?" if match else ""
-            raise error(f"{key}={value!r} is not valid; choose one of {list(allowed)}.{hint}")
+            raise error(invalid_choice_message(key, value, allowed))
         low, high = f.metadata.get("minimum"), f.metadata.get("maximum")
         if low is None and high is None:
             continue
