@@ -65,7 +65,16 @@ class VisionTower(nn.Module):
         return self.vit.forward_head(tokens, pre_logits=True)
 
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, N(+prefix), D) from `config.feature_layer`, CLS dropped unless `keep_cls`."""
+        """(B, 3, S, S) -> (B, N(+prefix), D) from `config.feature_layer`, CLS dropped unless `keep_cls`.
+
+        A batch of no tiles (text-only, or every feature cached) still runs the blocks, on one blank tile whose
+        features are dropped: FSDP needs every rank to run the same blocks, and CUDA's attention kernels fail on, or
+        return nothing for, a batch of 0."""
+        if pixels.shape[0] == 0:
+            return self._patch_features(pixels.new_zeros(1, *pixels.shape[1:]))[:0]  # (0, N(+prefix), D)
+        return self._patch_features(pixels)
+
+    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.config.feature_layer == -1:
             tokens = self.vit.forward_features(pixels)  # (B, prefix + N, D), after the final norm
         else:
