@@ -139,11 +139,14 @@ def test_a_mid_epoch_resume_reseeds_the_shard_order(tmp_path, small_synthetic):
     train(tiny_config(*args))
     (tmp_path / "contrastive/m/checkpoints/step00000006.ckpt").unlink()  # as if killed between steps 3 and 6
     observe = Observe()
-    train(tiny_config(*args, "resume=auto"), observe)
+    train(tiny_config(*args, "resume=auto", "stage.max_steps=12"), observe)
     assert observe.start["step"] == 3 and observe.start["epoch"] == 0
     assert observe.start["data_seed"] == pass_seed(0, 0, 3) != 0  # not a replay of epoch 0's order
+    # the checkpoint it resumed from is pruned like the others (Lightning alone would keep it for good)
+    checkpoints = sorted(p.name for p in (tmp_path / "contrastive/m/checkpoints").glob("*.ckpt"))
+    assert checkpoints == [f"step{s:08d}.ckpt" for s in (6, 9, 12)]
     # a resume past the run's end is refused: it would only validate and overwrite the export
-    with pytest.raises(ConfigError, match=r"step00000006.ckpt' is at step 6, past stage.max_steps=4: there is "
+    with pytest.raises(ConfigError, match=r"step00000012.ckpt' is at step 12, past stage.max_steps=4: there is "
                                           r"nothing left to train"):
         train(tiny_config(*args, "resume=auto", "stage.max_steps=4"))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlm.config import ConfigError
 from vlm.training.checkpoint_io import TEMP_MARK
@@ -77,6 +78,17 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 
 STARTING_EXPORT_KEY = "init_from"  # checkpoint entry: the export folder the run started from (None: fresh weights)
+
+
+class NewestCheckpoints(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that the checkpoint a run resumed from is pruned like any other once
+    save_top_k newer ones exist. Lightning keeps that one forever, so every resume would leave one more file (with
+    its optimizer state) behind in the run's folder."""
+
+    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
+        if previous == current or "://" in previous:  # remote files: Lightning's own rule
+            return super()._should_remove_checkpoint(trainer, previous, current)
+        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
 
 
 class StartingExport(pl.Callback):

@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 
 from vlm.config import ConfigError, TrainConfig, to_dict
@@ -22,7 +22,7 @@ from vlm.training.data_position import DataPosition
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.health import DataHealth, EmptyPassGuard
 from vlm.training.loggers import build_logger
-from vlm.training.resume import StartingExport, checkpoint_step
+from vlm.training.resume import NewestCheckpoints, StartingExport, checkpoint_step
 from vlm.training.runs import Run
 from vlm.training.strategy import build_strategy
 from vlm.training.task import StageTask
@@ -38,9 +38,9 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
         log.info("trainer.compile: %d transformer blocks compile on their first batch", compile_blocks(task.model))
     # save_on_train_epoch_end: without it, a save due on an epoch's last batch waits for a validation that our
     # step-based schedule does not run there, and that checkpoint is never written
-    checkpoints = ModelCheckpoint(dirpath=run.checkpoints, filename="step{step:08d}", auto_insert_metric_name=False,
-                                  every_n_train_steps=t.checkpoint_every_n_steps, monitor="step", mode="max",
-                                  save_top_k=3, save_last=False, save_on_train_epoch_end=True)
+    checkpoints = NewestCheckpoints(dirpath=run.checkpoints, filename="step{step:08d}", auto_insert_metric_name=False,
+                                   every_n_train_steps=t.checkpoint_every_n_steps, monitor="step", mode="max",
+                                   save_top_k=3, save_last=False, save_on_train_epoch_end=True)
     resume_step = checkpoint_step(run.resume_from) if run.resume_from else None
     if resume_step is not None and resume_step > config.stage.max_steps:
         raise ConfigError(f"{str(run.resume_from)!r} is at step {resume_step}, past stage.max_steps="
