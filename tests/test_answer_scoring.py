@@ -212,3 +212,12 @@ def test_the_worst_answers_shown_are_wrong_ones_only(capsys):
     assert "the 1 worst-scored of 1 wrong answers:" in shown and "- b:" in shown and "- a:" not in shown
     show_worst([row("a", "pink", "pink")])
     assert capsys.readouterr().err == "all 1 answers are exact matches\n"
+
+
+def test_a_model_that_answers_nothing_leaves_no_answers_file(tmp_path):
+    """A contrastive evaluation writes its metrics alone, and removes the answers an earlier sft evaluation wrote to
+    the same folder, which are not this model's."""
+    write_results({"exact_match": 1.0}, [{"key": "s0", "prediction": "red"}], tmp_path)
+    write_results({"i2t_r1": 0.5}, [], tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"i2t_r1": 0.5}
+    assert not (tmp_path / "predictions.jsonl").exists()

@@ -5,8 +5,9 @@ contrastive: zero-shot top-1 (when the held-out samples carry labels) and image<
 align / sft: held-out loss, and the model's own answers (greedy) scored against every held-out assistant turn:
 exact match, VQA-normalised match and containment, overall and per group (e.g. question type).
 dpo: the rewards on held-out preference pairs (against the reference the run started from) and the answers' scores.
-Without data.val it scores the synthetic held-out split. Prints the metrics as JSON, writes them with every answer to
-eval.output_dir (metrics.json, predictions.jsonl), and shows the worst-scored answers on stderr.
+Without data.val it scores the synthetic held-out split. Prints the metrics as JSON and writes them to eval.output_dir
+(metrics.json); phase 2 stages also write every answer there (predictions.jsonl) and show the worst-scored ones on
+stderr.
 """
 
 from __future__ import annotations
@@ -69,13 +70,16 @@ def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) 
 
 
 def write_results(metrics: dict[str, Any], predictions: list[dict[str, Any]], directory: Path) -> None:
-    """metrics.json and predictions.jsonl (one line per answered turn: key, images, question, reference, prediction,
-    group, scores)."""
+    """metrics.json, and predictions.jsonl where the stage answers questions (one line per answered turn: key,
+    images, question, reference, prediction, group, scores); a contrastive model answers none."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    with open(directory / "predictions.jsonl", "w") as file:
-        for row in predictions:
-            file.write(json.dumps(row) + "\n")
+    answers = directory / "predictions.jsonl"
+    answers.unlink(missing_ok=True)  # an earlier evaluation's answers in the same folder are not this model's
+    if predictions:
+        with open(answers, "w") as file:
+            for row in predictions:
+                file.write(json.dumps(row) + "\n")
 
 
 def show_worst(predictions: list[dict[str, Any]], count: int = WORST_SHOWN) -> None:
@@ -100,8 +104,11 @@ def main_hydra(cfg: DictConfig) -> dict[str, Any]:
     out = Path(config.eval.output_dir or Path(config.checkpoint).expanduser().resolve().parent / "eval")
     write_results(metrics, predictions, out)
     print(json.dumps(metrics, indent=2))
-    show_worst(predictions)
-    print(f"metrics and every answer: {out}", file=sys.stderr)
+    if predictions:
+        show_worst(predictions)
+        print(f"metrics and every answer: {out}", file=sys.stderr)
+    else:
+        print(f"metrics: {out / 'metrics.json'}", file=sys.stderr)
     return metrics
 
 
