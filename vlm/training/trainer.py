@@ -64,9 +64,10 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
 
 def validate(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule) -> dict[str, float]:
     """One validation pass: the logged metrics, with the answer scores computed exactly from the answers (the logged
-    ones went through float32)."""
+    ones went through float32), and the counts (`*_scored`) as integers."""
     results = trainer.validate(task, datamodule=datamodule, verbose=False)
-    metrics = {k.removeprefix("val/"): float(v) for k, v in (results[0] if results else {}).items()}
+    metrics = {k.removeprefix("val/"): int(v) if k.endswith("_scored") else float(v)
+               for k, v in (results[0] if results else {}).items()}
     if task.predictions:
         metrics.update(answer_metrics([(p["group"], p["scores"]) for p in task.predictions]),
                        answers_scored=len(task.predictions))
