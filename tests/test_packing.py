@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import tarfile
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_config
+from tiny import make_task, tiny_config
 from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
 
 from vlm.data.packing import best_width, group_by_length, pack_batch, pack_rows
 from vlm.data.processor import IGNORE_INDEX, Encoded, pad_batch
+from vlm.data.sources import DataSources
 from vlm.models.factory import new_vlm
 from vlm.models.packing import PACKED_MASKS, attention_break_even
 from vlm.models.vlm import VisionLanguageModel
+from vlm.training.datamodule import ShardDataModule
 
 
 def _vlm(family: str, attention: str = "sdpa") -> VisionLanguageModel:
@@ -164,6 +168,21 @@ def test_length_grouping_batches_similar_lengths_and_keeps_every_sample():
     ungrouped = sum(max(b) - min(b) for b in (lengths[i:i + 4] for i in range(0, 64, 4))) / 16
     assert spread < ungrouped / 3
     assert out != sorted(out)  # the batches of a window come in a shuffled order
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_length_grouping_beside_packing_says_it_saves_no_padding(tmp_path, caplog, packing):
+    shard = tmp_path / "shard-000000.tar"
+    tarfile.open(shard, "w").close()
+    config = tiny_config("data.length_group_batches=2", f"data.packing={str(packing).lower()}", stage="sft")
+    data = ShardDataModule(DataSources(train=str(shard), val=None, classnames=None), make_task(config).batching(),
+                           config.data)
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        data.train_dataloader()
+    warned = [r.getMessage() for r in caplog.records if "length_group_batches" in r.getMessage()]
+    assert warned == (["data.length_group_batches=2 with data.packing=true: packed rows pad little already, so "
+                       "grouping by length saves no padding here; it only changes which samples share a step (set "
+                       "data.length_group_batches=0, or data.packing=false to pad instead)"] if packing else [])
 
 
 def test_a_registered_packed_mask_builder_gets_each_tokens_sample_and_position(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
@@ -10,6 +12,8 @@ from vlm.data.packing import group_by_length
 from vlm.data.shards import build_pipeline, list_shards, make_loader, reader_plan
 from vlm.data.sources import DataSources
 from vlm.training.task import Batching
+
+log = logging.getLogger(__name__)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -31,6 +35,11 @@ class ShardDataModule(pl.LightningDataModule):
         if self.batching.length is None and self.config.length_group_batches:
             raise ConfigError("data.length_group_batches applies to phase 2 stages (align, sft), whose samples differ "
                               "in length; set it to 0 for this stage")
+        if self.config.length_group_batches and self.config.packing:
+            log.warning("data.length_group_batches=%d with data.packing=true: packed rows pad little already, so "
+                        "grouping by length saves no padding here; it only changes which samples share a step "
+                        "(set data.length_group_batches=0, or data.packing=false to pad instead)",
+                        self.config.length_group_batches)
         if self.config.length_group_batches:
             pipeline.append(group_by_length(self.config.length_group_batches, self.batching.batch_size,
                                             self.batching.length, self.seed))
