@@ -159,6 +159,7 @@ def test_models_and_health(url, tiny_sft_export):
     assert [m.id for m in anthropic.Anthropic(base_url=url, api_key="x").models.list()] == [run_name]
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["running"] == 0 and health["queued"] == 0
+    assert httpx.head(f"{url}/health").status_code == 200  # load balancers' probes
 
 
 def _noise_solid(size: int) -> bytes:

@@ -91,6 +91,8 @@ def test_page_assets_config_and_web_false(live, serve, tiny_chat_model):
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "script-src 'self'" in page.headers["content-security-policy"]
         assert '<script src="/web/chat.js"' in page.text and "https://" not in page.text  # no CDN
+        head = client.head("/")  # uptime checks and curl -I
+        assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and not head.content
         for name, kind in (("chat.js", "text/javascript"), ("chat.css", "text/css")):
             asset = client.get(f"/web/{name}")
             assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)

@@ -225,7 +225,7 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
     if settings.web:
         app.include_router(web_router(server))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and uptime monitors' probes
     async def health() -> dict:
         return server.health()
 

@@ -51,7 +51,7 @@ def web_router(server: Server) -> APIRouter:
     page = (WEB_DIR / "index.html").read_bytes()
     assets = {name: (WEB_DIR / name).read_bytes() for name in ASSETS}
 
-    @router.get("/", include_in_schema=False)
+    @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: uptime checks and curl -I
     async def index() -> Response:
         return Response(page, media_type="text/html; charset=utf-8",
                         headers={**HEADERS, "content-security-policy": CONTENT_SECURITY_POLICY})
