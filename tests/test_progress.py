@@ -92,3 +92,34 @@ def test_rank_zero_validation_metrics_raise_no_sync_dist_advice(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not [w for w in caught if "sync_dist" in str(w.message)]
+
+
+@pytest.mark.parametrize("seconds", [0.0, 15.0], ids=["long", "short"])
+def test_a_long_validation_logged_to_a_file_prints_plain_lines(tmp_path, capsys, seconds):
+    """A validation running longer than the line interval (here 0 s) gets a line per interval, with batch, share and
+    time; a short one (a 15 s interval, not reached here) prints none, so validations during training add no noise."""
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+
+    from vlm.training.callbacks import PlainProgress
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 1)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.layer(batch[0]).pow(2).mean())
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(10, 2)), batch_size=2)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=tmp_path, callbacks=[PlainProgress(validation_line_seconds=seconds)])
+    trainer.validate(Module(), data, verbose=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("validate")]
+    if seconds:
+        assert lines == []
+    else:
+        expected = [f"validate: batch {n}/5 ({n / 5:.0%})" for n in range(1, 6)]
+        assert [line.rsplit(",", 1)[0] for line in lines] == expected
+        assert all(line.endswith(" s") for line in lines)

@@ -26,6 +26,7 @@ from vlm.config import ConfigError, TrainConfig, to_train_config
 from vlm.data.sources import resolve_eval
 from vlm.exports.format import read_meta
 from vlm.metrics import SCORES
+from vlm.training.callbacks import progress_callback
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.stages import get_stage
 from vlm.training.strategy import configure_precision
@@ -53,7 +54,7 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     datamodule = ShardDataModule(data, task.batching(), config.data)
     trainer = pl.Trainer(accelerator=config.trainer.accelerator, devices=1,
                          precision=configure_precision(config.trainer), logger=False, enable_checkpointing=False,
-                         enable_model_summary=False,
+                         enable_model_summary=False, callbacks=[progress_callback()],
                          limit_val_batches=task.val_batch_limit())  # eval.max_samples: score only the first ones
     metrics: dict[str, Any] = validate(trainer, task, datamodule)
     check_scored(task, metrics, data.val)

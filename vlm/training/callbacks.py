@@ -1,6 +1,7 @@
 """Progress: a bar that counts optimizer steps towards `stage.max_steps` across epochs on a terminal, and a plain
 line every few percent when stderr goes to a file (SLURM logs, CI, `> run.log`), where a bar's carriage-return
-redraws would pile up into megabytes."""
+redraws would pile up into megabytes; there, a validation that runs long (a final one over every held-out answer,
+`vlm.eval`) gets a line every few seconds too."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 
 PLAIN_LINES_PER_RUN = 20  # a plain progress line every 5% of the run
+VALIDATION_LINE_SECONDS = 15.0  # a long validation's plain progress line at most this often
 
 
 def progress_callback() -> ProgressBar:
@@ -66,11 +68,13 @@ def pl_stage(trainer: pl.Trainer) -> str:
 class PlainProgress(ProgressBar):
     """One line per 5% of the run: step, percentage, steps per second, time left, and the logged losses."""
 
-    def __init__(self) -> None:
+    def __init__(self, validation_line_seconds: float = VALIDATION_LINE_SECONDS) -> None:
         super().__init__()
         self._enabled = True
         self._started: float | None = None
         self._first_step = 0
+        self._validation_line_seconds = validation_line_seconds
+        self._validation_started = self._last_line = 0.0
 
     def disable(self) -> None:
         self._enabled = False
@@ -96,3 +100,18 @@ class PlainProgress(ProgressBar):
                            for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num")
         print(f"train {pl_stage(trainer)}: step {step}/{total} ({step / total:.0%}), {rate:.2f} steps/s, "
               f"{left:.0f} s left {metrics}".rstrip(), file=sys.stderr, flush=True)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_started = self._last_line = time.monotonic()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        now = time.monotonic()
+        if (not self._enabled or trainer.sanity_checking or not trainer.is_global_zero
+                or now - self._last_line < self._validation_line_seconds):
+            return
+        self._last_line = now
+        total = trainer.num_val_batches[dataloader_idx]  # inf for shards of unknown length and no eval.max_samples
+        of = f"/{int(total)} ({(batch_idx + 1) / total:.0%})" if total != float("inf") else ""
+        label = f"validate {pl_stage(trainer)}".rstrip()
+        print(f"{label}: batch {batch_idx + 1}{of}, {now - self._validation_started:.0f} s", file=sys.stderr, flush=True)
