@@ -118,3 +118,19 @@ def test_only_mean_pooling_trains_the_patch_tokens_phase_2_reads(pool):
         assert bool((patch_gradients > 0).all())
     else:
         assert bool((patch_gradients == 0).all()) and bool((tokens.grad[:, 0] != 0).any())
+
+
+@pytest.mark.parametrize("limit", [5, None], ids=["five", "all"])
+def test_eval_max_samples_sets_how_many_held_out_samples_a_contrastive_validation_ranks(tmp_path, limit):
+    """Retrieval R@1 depends on how many candidates it ranks, so eval.max_samples=5 must score exactly 5 samples,
+    not the 8 of the two batches of 4 that hold them; without a limit, all 12 held-out samples are scored."""
+    from vlm.eval import evaluate
+
+    torch.manual_seed(0)
+    export = make_task(tiny_config(), synthetic.CLASSNAMES).export(tmp_path / "export")
+    config = tiny_config("data.synthetic.num_train=8", "data.synthetic.num_val=12",
+                         "data.synthetic.samples_per_shard=12", f"data.synthetic.cache_dir={tmp_path / 'data'}",
+                         "data.num_workers=0", "eval.batch_size=4",
+                         f"eval.max_samples={limit if limit else 'null'}", f"checkpoint={export}")
+    metrics, _ = evaluate(config)
+    assert metrics["samples_scored"] == (limit or 12) and type(metrics["samples_scored"]) is int

@@ -114,4 +114,5 @@ class PlainProgress(ProgressBar):
         total = trainer.num_val_batches[dataloader_idx]  # inf for shards of unknown length and no eval.max_samples
         of = f"/{int(total)} ({(batch_idx + 1) / total:.0%})" if total != float("inf") else ""
         label = f"validate {pl_stage(trainer)}".rstrip()
-        print(f"{label}: batch {batch_idx + 1}{of}, {now - self._validation_started:.0f} s", file=sys.stderr, flush=True)
+        elapsed = now - self._validation_started
+        print(f"{label}: batch {batch_idx + 1}{of}, {elapsed:.0f} s", file=sys.stderr, flush=True)

@@ -81,9 +81,10 @@ class ContrastiveTask(StageTask):
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
-        image, text, labels = (torch.cat(parts) for parts in zip(*self._val, strict=True))
+        # eval.max_samples: retrieval ranks among exactly that many, not the whole last batch's worth
+        image, text, labels = (torch.cat(parts)[:self.sample_limit] for parts in zip(*self._val, strict=True))
         classes = self._classes if bool((labels >= 0).all()) else None
-        metrics = contrastive_metrics(image, text, labels, classes)
+        metrics = contrastive_metrics(image, text, labels, classes) | {"samples_scored": float(len(image))}
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
         self._val, self._classes = [], None
 

@@ -8,6 +8,7 @@ training and validation steps, and its export format.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,11 @@ class StageTask(pl.LightningModule):
         raise NotImplementedError
 
     def val_batch_limit(self) -> int | None:
-        """Held-out batches a validation during training reads (None: all of them)."""
-        return None
+        """Enough held-out batches for `eval.max_samples` samples (None: all of them); the task scores the first
+        `sample_limit` of what they hold, so a validation during training reads no more of the held-out set."""
+        if self.sample_limit is None:
+            return None
+        return math.ceil(self.sample_limit / self.config.eval.batch_size)
 
     def empty_model(self) -> nn.Module:
         """A fresh unsharded model of the same shape, for a sharded run's gathered weights."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -66,13 +65,6 @@ class VLMTask(StageTask):
         return Batching(ConversationDecoder(processor), held_out, self.collate, self.config.stage.batch_size,
                         settings.batch_size, val_collate=self.collate_padded,
                         length=encoded_length)
-
-    def val_batch_limit(self) -> int | None:
-        """Enough batches for `eval.max_samples` samples: a validation during training computes its loss and its
-        answers on the same first samples of the held-out set, and decodes no more of it."""
-        if self.sample_limit is None:
-            return None
-        return math.ceil(self.sample_limit / self.config.eval.batch_size)
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         """Training samples -> packed rows (data.packing) or a padded batch, with each sample's key and tile count in
