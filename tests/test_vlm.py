@@ -131,22 +131,25 @@ def test_merge_count_mismatch_raises(bundle):
         bundle.model.embed(encoded.input_ids[None], encoded.pixel_values[:1])
 
 
-def test_a_batch_of_no_tiles_runs_the_blocks_on_one_blank_tile_and_gives_no_features(bundle):
-    """Text-only batches and fully cached ones still run the tower (FSDP's ranks must stay in step), but never on a
-    batch of 0: CUDA's flash and cuDNN attention fail on it, and torch 2.11's SDPA returned None for it."""
+def test_a_batch_of_no_tiles_runs_the_tower_with_sdpas_math_kernel_alone(bundle):
+    """Text-only batches and fully cached ones still run the tower (FSDP's ranks must stay in step), and their attention
+    runs on SDPA's math kernel: CUDA's flash and cuDNN kernels fail on a batch of 0, and torch 2.11's returned None for
+    it. Batches with tiles keep every kernel."""
     vision = bundle.model.vision
-    batch_sizes = []
-    hook = vision.vit.blocks[0].register_forward_pre_hook(lambda module, args: batch_sizes.append(len(args[0])))
+    seen = []  # (batch size, flash allowed, cuDNN allowed) at the first block
+    hook = vision.vit.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(
+        (len(args[0]), torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())))
     try:
         size = bundle.processor.tiler.tile_size
         features = vision.patch_features(torch.zeros(0, 3, size, size))
+        one = vision.patch_features(torch.zeros(1, 3, size, size))
         ids = torch.randint(0, 400, (2, 12))
         text_only = bundle.model(ids, torch.ones_like(ids), torch.zeros(0, 3, size, size), ids.clone())
     finally:
         hook.remove()
-    assert features.shape == (0, *vision.patch_features(torch.zeros(1, 3, size, size)).shape[1:])
-    assert batch_sizes == [1, 1]  # the blank tile, once per call
-    assert torch.isfinite(text_only.loss)
+    assert features.shape == (0, *one.shape[1:])
+    assert seen == [(0, False, False), (1, True, True), (0, False, False)]
+    assert torch.isfinite(text_only.loss) and torch.backends.cuda.flash_sdp_enabled()  # restored after the call
 
 
 def test_without_images_the_wrapper_equals_the_plain_llm(bundle):

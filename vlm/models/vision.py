@@ -7,6 +7,7 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlm.config import VisionConfig
 from vlm.models.conv_stem import ConvStemPatchEmbed
@@ -67,11 +68,12 @@ class VisionTower(nn.Module):
     def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N(+prefix), D) from `config.feature_layer`, CLS dropped unless `keep_cls`.
 
-        A batch of no tiles (text-only, or every feature cached) still runs the blocks, on one blank tile whose
-        features are dropped: FSDP needs every rank to run the same blocks, and CUDA's attention kernels fail on, or
-        return nothing for, a batch of 0."""
+        A batch of no tiles (text-only, or every feature cached) still runs the tower, so that FSDP's ranks run the
+        same blocks and BatchNorm's ranks the same syncs; its attention then runs SDPA's math kernel alone, since
+        CUDA's flash and cuDNN kernels fail on, or return nothing for, a batch of 0."""
         if pixels.shape[0] == 0:
-            return self._patch_features(pixels.new_zeros(1, *pixels.shape[1:]))[:0]  # (0, N(+prefix), D)
+            with sdpa_kernel([SDPBackend.MATH]):
+                return self._patch_features(pixels)  # (0, N(+prefix), D)
         return self._patch_features(pixels)
 
     def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
