@@ -123,3 +123,21 @@ def test_a_long_validation_logged_to_a_file_prints_plain_lines(tmp_path, capsys,
         expected = [f"validate: batch {n}/5 ({n / 5:.0%})" for n in range(1, 6)]
         assert [line.rsplit(",", 1)[0] for line in lines] == expected
         assert all(line.endswith(" s") for line in lines)
+
+
+def test_a_resumed_run_hears_nothing_of_its_checkpoint_folder_not_being_empty(tmp_path):
+    """Resuming reopens a checkpoint folder that holds checkpoints on purpose; Lightning's warning about it is noise."""
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from vlm.training import quiet_lightning
+
+    (tmp_path / "step00000004.ckpt").write_bytes(b"")
+    checkpoints = ModelCheckpoint(dirpath=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        checkpoints._ModelCheckpoint__warn_if_dir_not_empty(tmp_path)  # what Lightning's setup calls on resume
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)  # others still get through
+    assert [str(w.message) for w in caught] == ["an unrelated warning"]

@@ -24,6 +24,9 @@ def quiet_lightning() -> None:
     # every rank scores the whole held-out set (val shards are read unsplit) and rank 0 logs it, so Lightning's advice
     # to sync epoch-level values across ranks does not apply to vlm's val/ metrics
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
+    # a run folder that holds checkpoints is only ever reopened by resume=auto or resume=PATH (vlm refuses to start a
+    # new run there), so Lightning's warning that the folder is not empty is the resume working as asked
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 quiet_lightning()
