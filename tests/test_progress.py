@@ -141,3 +141,17 @@ def test_a_resumed_run_hears_nothing_of_its_checkpoint_folder_not_being_empty(tm
         checkpoints._ModelCheckpoint__warn_if_dir_not_empty(tmp_path)  # what Lightning's setup calls on resume
         warnings.warn("an unrelated warning", UserWarning, stacklevel=1)  # others still get through
     assert [str(w.message) for w in caught] == ["an unrelated warning"]
+
+
+def test_open_clips_info_chatter_stays_out_of_the_log_and_warnings_stay_in(caplog):
+    import logging
+
+    import open_clip
+
+    from vlm.training import quiet_lightning
+
+    quiet_lightning()  # as on import
+    with caplog.at_level(logging.INFO):
+        open_clip.get_tokenizer("ViT-B-32")
+        logging.warning("a root warning still shows")
+    assert [r.getMessage() for r in caplog.records] == ["a root warning still shows"]

@@ -2,6 +2,7 @@
 Lightning."""
 
 import logging
+import os
 import warnings
 
 
@@ -12,10 +13,17 @@ def _worth_reading(record: logging.LogRecord) -> bool:
     return "💡" not in message and not message.startswith("`Trainer(limit_val_batches=")
 
 
+def _not_open_clip_chatter(record: logging.LogRecord) -> bool:
+    """open_clip logs each model and tokenizer lookup at INFO on the root logger ("Parsing tokenizer identifier.
+    Schema: None, Identifier: ViT-B-32"), which Hydra's logging prints in every contrastive run."""
+    return record.levelno >= logging.WARNING or f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+
 def quiet_lightning() -> None:
     """Hide what Lightning and torch print that a vlm user cannot act on. Runs on import; call it again inside a
     `warnings.catch_warnings()` block, which restores the filters it found."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_worth_reading)
+    logging.getLogger().addFilter(_not_open_clip_chatter)  # a root filter: Hydra's logging setup keeps it
     # torch's pytree deprecation leaks through Lightning and tells a vlm user nothing they can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # frozen parts (and DPO's reference) are kept in eval mode on purpose (vlm/training/freezing.py), and the
