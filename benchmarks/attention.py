@@ -16,18 +16,22 @@ Repeats alternate the sides and report medians. A PNG plot goes to --plot (none:
 
 Usage: python benchmarks/attention.py [--max-length 8192] [--max-cache 131072] [--window 1024] [--stride 64]
                                       [--sinks 4] [--repeats 3] [--device cpu|cuda] [--no-flex]
-                                      [--kernel-lengths 8192,32768] [--plot PATH|none]
+                                      [--kernel-lengths 8192,32768] [--flex-kernel-options JSON ...]
+                                      [--plot PATH|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import flex_attention
@@ -113,22 +117,29 @@ def report_failure(what: str, length: int, err: BaseException, device: torch.dev
         torch.cuda.empty_cache()
 
 
-def time_kernels(lengths: list[int], pattern: SparsePattern, repeats: int,
-                 device: torch.device) -> None:
+def time_kernels(lengths: list[int], pattern: SparsePattern, repeats: int, device: torch.device,
+                 flex_options: list[dict[str, Any]]) -> None:
     """Prints the median seconds of the attention kernels alone, forward + backward, bf16, one sample of
     HEADS heads. Dense: causal SDPA. Flex: flex_attention compiled for each length, with the cached BlockMask and the
-    global keys gathered in front, as `kernel=flex` runs it."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(lengths) + 1)  # one per length
+    global keys gathered in front, as `kernel=flex` runs it; once per set of `kernel_options` (block sizes, warps,
+    stages) in `flex_options`, to find the fastest for a GPU."""
+    compiles = len(lengths) * len(flex_options) + 1
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, compiles)  # one per length, set
     flex = torch.compile(flex_attention, dynamic=False)
 
     def dense_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def flex_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        block_mask = gathered_block_mask(pattern, q.shape[-2], q.device)
-        return flex(q, gather_globals(k, pattern.stride), gather_globals(v, pattern.stride), block_mask=block_mask)
+    def flex_step(options: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            block_mask = gathered_block_mask(pattern, q.shape[-2], q.device)
+            return flex(q, gather_globals(k, pattern.stride), gather_globals(v, pattern.stride), block_mask=block_mask,
+                        kernel_options=options or None)
+        return run
 
-    kernels = {"dense sdpa": dense_step, "local_global flex": flex_step}
+    flex_sides = {f"local_global flex {json.dumps(options)}" if options else "local_global flex": flex_step(options)
+                  for options in flex_options}
+    kernels = {"dense sdpa": dense_step, **flex_sides}
     for length in lengths:
         q, k, v = (torch.randn(1, HEADS, length, HEAD_DIM, device=device, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
@@ -142,13 +153,15 @@ def time_kernels(lengths: list[int], pattern: SparsePattern, repeats: int,
                     torch.cuda.synchronize()
                     if repeat:
                         times[name].append(time.perf_counter() - start)
-                except (RuntimeError, MemoryError) as err:
+                except Exception as err:  # out of memory, or kernel options this GPU cannot run
                     report_failure(f"kernel {name}", length, err, device)
         medians = {name: statistics.median(seconds) for name, seconds in times.items() if seconds}
-        dense, sparse = medians.get("dense sdpa"), medians.get("local_global flex")
-        ratio = f"flex {dense / sparse:5.2f}x dense's speed" if dense and sparse else ""
-        print(f"kernels L={length:6d}  dense sdpa {dense * 1e3 if dense else float('nan'):8.2f} ms  local_global flex "
-              f"{sparse * 1e3 if sparse else float('nan'):8.2f} ms  {ratio}", flush=True)
+        dense = medians.get("dense sdpa")
+        for name in flex_sides:
+            sparse = medians.get(name)
+            ratio = f"flex {dense / sparse:5.2f}x dense's speed" if dense and sparse else ""
+            print(f"kernels L={length:6d}  dense sdpa {dense * 1e3 if dense else float('nan'):8.2f} ms  {name} "
+                  f"{sparse * 1e3 if sparse else float('nan'):8.2f} ms  {ratio}", flush=True)
 
 
 def time_layers(lengths: list[int], sides: dict[str, LlamaForCausalLM], repeats: int,
@@ -244,6 +257,16 @@ def lengths_list(text: str) -> list[int]:
     return lengths
 
 
+def kernel_options(text: str) -> dict[str, Any]:
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err.msg})") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of kernel options")
+    return options
+
+
 def main() -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # large buffers back to the OS when freed, so RSS peaks are real
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
@@ -260,6 +283,10 @@ def main() -> None:
     parser.add_argument("--kernel-lengths", type=lengths_list, default=None,
                         help="comma-separated lengths for the kernels-alone timing on GPUs (each compiles flex once); "
                              "default: every timed length from 8192 up")
+    parser.add_argument("--flex-kernel-options", type=kernel_options, action="append", default=None,
+                        help="a JSON object of flex_attention kernel_options for the kernels-alone timing, e.g. "
+                             "'{\"BLOCK_M\": 64, \"BLOCK_N\": 64, \"num_warps\": 4}'; repeat it to time several "
+                             "side by side (default: flex's own choice)")
     parser.add_argument("--plot", type=plot_path, default=Path("docs/attention_benchmark.png"),
                         help="where the PNG goes; none: no plot")
     args = parser.parse_args()
@@ -281,7 +308,8 @@ def main() -> None:
         print("kernel=flex runs through SDPA on CPUs (vlm.models.attention.flex_runs_on): no flex side here")
     timing = time_layers(lengths, sides, args.repeats, device, dtype)
     if run_flex:
-        time_kernels(args.kernel_lengths or [n for n in lengths if n >= 8192], pattern, args.repeats, device)
+        time_kernels(args.kernel_lengths or [n for n in lengths if n >= 8192], pattern, args.repeats, device,
+                     args.flex_kernel_options or [{}])
 
     for name in sides:
         if name.startswith("local_global"):
