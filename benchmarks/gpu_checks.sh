@@ -7,7 +7,8 @@
 #
 # 1. benchmarks/decode.py: decode tokens/s and time to first token against LLaVA, bf16;
 # 2. benchmarks/attention.py to 128k tokens: one layer's forward + backward time and peak memory, dense SDPA against
-#    local_global (sdpa, flex), then the attention kernels alone; KV-cache bytes;
+#    local_global (sdpa, flex), then the attention kernels alone; KV-cache bytes; then flex's kernel settings side by
+#    side at 32k (Hopper's TMA, smaller blocks, more warps);
 # 3. align + sft under FSDP with bf16 mixed precision and local_global flex attention (window 24, stride 8).
 set -o pipefail
 out=${1:-gpu_checks}
@@ -29,6 +30,11 @@ plot="$out/attention_benchmark_cuda.png"
 python -c "import matplotlib" 2>/dev/null || { echo "no matplotlib here: the figures only, no plot"; plot=none; }
 python benchmarks/attention.py --device cuda --max-length 131072 --max-cache 131072 \
   --plot "$plot" 2>&1 | tee "$out/attention.log"
+stamp "flex kernel settings at 32k"
+python benchmarks/attention.py --device cuda --max-length 32768 --max-cache 1024 --kernel-lengths 32768 --plot none \
+  --flex-kernel-options '{}' --flex-kernel-options '{"USE_TMA": true}' \
+  --flex-kernel-options '{"BLOCK_M": 64, "BLOCK_N": 64}' --flex-kernel-options '{"num_warps": 8}' \
+  2>&1 | tee "$out/flex_settings.log"
 stamp "align + sft, FSDP, bf16, flex"
 sparse="model.llm.attention=local_global model.llm.sparse.window=24 model.llm.sparse.stride=8 model.llm.sparse.kernel=flex"
 common="trainer=gpu trainer.strategy=fsdp data.num_workers=4 output_root=$out/runs $sparse"
