@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-from vlm.data.processor import ImageSource, Processor, SampleError, pad_batch
+from vlm.data.processor import ImageSource, Processor, PromptTooLong, SampleError, pad_batch
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import load_vlm
@@ -69,6 +69,9 @@ class ChatModel:
         # The training max_length caps training samples; a prompt may use the model's whole context. Truncating a
         # prompt would cut its generation prompt, so `prepare` refuses prompts that do not fit instead.
         self.processor = Processor(tokenizer, processor.tiler, self.context_length)
+        # No token spans more characters than the longest vocabulary entry, so longer text cannot fit; `prepare`
+        # refuses it before tokenizing (megabytes of text would hold a worker for seconds).
+        self.max_text_chars = self.context_length * max(map(len, tokenizer.get_vocab()))
         configured = model.lm.generation_config.eos_token_id  # an id or a list; the tokenizer's EOS ends turns too
         ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
         self.eos_token_ids: set[int] = {i for i in ids if i is not None}
@@ -96,11 +99,16 @@ class ChatModel:
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise PromptError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}, "
                                   f"got {m!r:.120}")
+        if (text_chars := sum(len(m["content"]) for m in messages)) > self.max_text_chars:
+            raise ContextOverflow(f"the conversation's text is {text_chars:,} characters, more than the model's "
+                                  f"context of {self.context_length} tokens can hold; shorten it or start a new chat")
         if isinstance(images, str | bytes | os.PathLike):  # one path would otherwise be read as its characters
             raise PromptError(f"images must be a list (one entry per {IMAGE_TOKEN}), got one "
                               f"{type(images).__name__}: pass [{images!r:.80}]")
         try:
             encoded = self.processor.prompt(messages, list(images))
+        except PromptTooLong as err:
+            raise ContextOverflow(str(err).removeprefix("request: ")) from None
         except SampleError as err:
             raise PromptError(str(err).removeprefix("request: ")) from None
         if len(encoded.input_ids) >= self.context_length:

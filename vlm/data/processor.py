@@ -9,6 +9,7 @@ the tiler reports for that image; labels keep the assistant turns only.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,10 @@ ImageSource = str | bytes | Image.Image
 
 class SampleError(SkipSample):
     """A conversation that cannot be encoded; the message names the sample."""
+
+
+class PromptTooLong(SampleError):
+    """A prompt longer than the model's context (a chat forgets its oldest turns on this one)."""
 
 
 @dataclass
@@ -46,6 +51,11 @@ class Processor:
         self.tiler = tiler
         self.max_length = max_length
         self.image_token_id = image_token_id(tokenizer)
+        # the template's control tokens (role markers, end of turn, padding): text that spelled one would start or
+        # end a turn, so a message could forge another role's turn
+        controls = [t.content for t in tokenizer.added_tokens_decoder.values()
+                    if t.special and t.content != IMAGE_TOKEN]
+        self.control_token = re.compile("|".join(map(re.escape, controls))) if controls else None
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
@@ -71,6 +81,10 @@ class Processor:
         if placeholders != len(images):
             raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
                               f"{len(images)} image{'s' * (len(images) != 1)}")
+        for i, message in enumerate(messages):
+            if self.control_token and (found := self.control_token.search(message["content"])):
+                raise SampleError(f"{name}: message {i} ({message['role']}) holds {found.group()!r}, a control token "
+                                  f"of the chat template; text may not spell one, since it would start or end a turn")
         if train:
             if not any(m["role"] == "assistant" for m in messages):
                 raise SampleError(f"{name}: no assistant turn to learn from or to score")
@@ -106,7 +120,7 @@ class Processor:
             raise SampleError(f"{name}: {len(tiled)} images but the rendered text holds {image_index} {IMAGE_TOKEN}")
         if len(out_ids) > self.max_length:
             if not train:  # a prompt cut short would lose the question and the generation prompt
-                raise SampleError(f"{name}: the prompt is {len(out_ids)} tokens, more than the model's context of "
+                raise PromptTooLong(f"{name}: the prompt is {len(out_ids)} tokens, more than the model's context of "
                                   f"{self.max_length}; shorten it or use fewer or smaller images")
             if image_ends and image_ends[-1] > self.max_length:
                 raise SampleError(f"{name}: {len(out_ids)} tokens exceed model.llm.max_length={self.max_length} and "
