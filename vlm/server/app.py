@@ -9,7 +9,6 @@ and `GET /health` live here too, next to the two chat routes; the chat page's ro
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
 import time
@@ -18,6 +17,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,15 +28,25 @@ from vlm.chat import ChatModel
 from vlm.data.tiler import ImageLoadError
 from vlm.generation.completion import Completion, PromptError
 from vlm.generation.options import OptionError
+from vlm.server.access import SameSiteOnly, check_key
 from vlm.server.anthropic import anthropic_events, anthropic_message, parse_anthropic
 from vlm.server.errors import ANTHROPIC, OPENAI, ApiError, api_of, error_response
 from vlm.server.openai import openai_completion, openai_events, parse_openai
-from vlm.server.requests import ChatRequest, Parser, read_json
+from vlm.server.requests import ChatRequest, Parser, read_json, require_dict
 from vlm.server.settings import ServeSettings
 from vlm.server.sse import Events
 from vlm.server.web import web_router
 
 log = logging.getLogger("vlm.serve")  # the name users' log lines and filters already know
+
+
+@dataclass
+class Ticket:
+    """One admitted request: its cancel flag, whether a worker has started it, and whether its slot is free again."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    freed: bool = False
 
 
 class Server:
@@ -56,15 +66,39 @@ class Server:
         self.lock = threading.Lock()
         self.parser = Parser(settings, settings.max_tokens_limit or chat.context_length)
 
-    def admit(self, api: str) -> None:
+    def admit(self, api: str) -> Ticket:
         with self.lock:
             if self.admitted >= self.capacity:
                 status = 529 if api == ANTHROPIC else 429
                 raise ApiError(status, f"the server is busy ({self.capacity} requests running or queued); retry soon")
             self.admitted += 1
+        return Ticket()
 
-    def release(self) -> None:
+    def start(self, ticket: Ticket) -> bool:
+        """On a worker: False if the client left while the request waited (its slot is already free)."""
         with self.lock:
+            if ticket.cancel.is_set():
+                return False
+            ticket.started = True
+            self.running += 1
+            return True
+
+    def abandon(self, ticket: Ticket) -> None:
+        """The client left: stop its generation at the next token, or free its slot now if it is still queued."""
+        ticket.cancel.set()
+        with self.lock:
+            if not ticket.started:
+                self._free(ticket)
+
+    def finish(self, ticket: Ticket) -> None:
+        with self.lock:
+            if ticket.started:
+                self.running -= 1
+            self._free(ticket)
+
+    def _free(self, ticket: Ticket) -> None:  # under self.lock; a ticket's slot is freed once
+        if not ticket.freed:
+            ticket.freed = True
             self.admitted -= 1
 
     def health(self) -> dict:
@@ -79,44 +113,40 @@ class Server:
         options["h2o"] = self.settings.h2o
         return options
 
-    def _job(self, request: ChatRequest, cancel: threading.Event,
+    def _job(self, request: ChatRequest, ticket: Ticket,
              emit: Callable[[str, Any], None] | None) -> Completion | None:
-        """Runs on a worker thread: encode (tiler + template), then generate; always frees the slot."""
+        """Runs on a worker thread: encode (tiler + template), then generate; always frees the slot. None: the client
+        left while the request waited (a stream hears "skipped")."""
         try:
-            if cancel.is_set():
-                return None  # the client left while this request waited
+            if not self.start(ticket):
+                if emit is not None:
+                    emit("skipped", None)
+                return None
+            prompt = self.chat.prepare(request.messages, request.images)
+            if emit is None:
+                completion = self.chat.generate(prompt, cancel=ticket.cancel, **self.options(request))
+            else:
+                emit("start", prompt.input_tokens)
+                with self.chat.stream(prompt, cancel=ticket.cancel, **self.options(request)) as stream:
+                    for piece in stream:
+                        emit("text", piece)
+                completion = stream.completion
+                emit("done", completion)
             with self.lock:
-                self.running += 1
-            try:
-                prompt = self.chat.prepare(request.messages, request.images)
-                if emit is None:
-                    completion = self.chat.generate(prompt, cancel=cancel, **self.options(request))
-                else:
-                    emit("start", prompt.input_tokens)
-                    with self.chat.stream(prompt, cancel=cancel, **self.options(request)) as stream:
-                        for piece in stream:
-                            emit("text", piece)
-                    completion = stream.completion
-                    emit("done", completion)
-                with self.lock:
-                    self.finished[completion.stop_reason] += 1
-                return completion
-            finally:
-                with self.lock:
-                    self.running -= 1
+                self.finished[completion.stop_reason] += 1
+            return completion
         except Exception as err:
             if emit is None:
                 raise
             emit("error", err)
             return None
         finally:
-            self.release()
+            self.finish(ticket)
 
     async def complete(self, http: Request, request: ChatRequest, api: str) -> Completion:
-        self.admit(api)
-        cancel = threading.Event()
-        future = asyncio.get_running_loop().run_in_executor(self.pool, self._job, request, cancel, None)
-        watcher = asyncio.create_task(_watch_disconnect(http, cancel))
+        ticket = self.admit(api)
+        future = asyncio.get_running_loop().run_in_executor(self.pool, self._job, request, ticket, None)
+        watcher = asyncio.create_task(self._watch_disconnect(http, ticket))
         try:
             # shield: if this handler is cancelled the job still runs (and sees `cancel`) so its slot is freed
             completion = await asyncio.shield(future)
@@ -126,32 +156,36 @@ class Server:
         except (PromptError, ImageLoadError, OptionError) as err:
             raise ApiError(400, str(err)) from None
         except asyncio.CancelledError:
-            cancel.set()
+            self.abandon(ticket)
             raise
         finally:
             watcher.cancel()
 
-    async def stream(self, request: ChatRequest, api: str,
+    async def stream(self, http: Request, request: ChatRequest, api: str,
                      render: Callable[[int, Events], AsyncIterator[bytes]]) -> StreamingResponse:
-        self.admit(api)
+        ticket = self.admit(api)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancel = threading.Event()
 
         def emit(kind: str, value: Any) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
             except RuntimeError:  # the event loop is gone (shutdown): stop generating
-                cancel.set()
+                ticket.cancel.set()
 
-        loop.run_in_executor(self.pool, self._job, request, cancel, emit)  # the job reports through `emit`
+        loop.run_in_executor(self.pool, self._job, request, ticket, emit)  # the job reports through `emit`
+        watcher = asyncio.create_task(self._watch_disconnect(http, ticket))  # until the first event
         try:
             kind, value = await queue.get()  # encoding errors still get a proper 4xx before any event is sent
         except asyncio.CancelledError:
-            cancel.set()
+            self.abandon(ticket)
             raise
+        finally:
+            watcher.cancel()
+        if kind == "skipped":
+            raise ApiError(499, "the client closed the request")
         if kind == "error":
-            cancel.set()
+            ticket.cancel.set()
             if isinstance(value, PromptError | ImageLoadError | OptionError):
                 raise ApiError(400, str(value))
             raise value
@@ -168,29 +202,17 @@ class Server:
                 async for chunk in render(value, events()):
                     yield chunk
             finally:
-                cancel.set()  # normal end: no-op; a client that disconnected: stop its generation now
+                ticket.cancel.set()  # normal end: no-op; a client that disconnected: stop its generation now
 
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
-
-async def _watch_disconnect(http: Request, cancel: threading.Event) -> None:
-    while not cancel.is_set():
-        if await http.is_disconnected():
-            cancel.set()
-            return
-        await asyncio.sleep(0.2)
-
-
-def check_key(request: Request, api_key: str | None) -> None:
-    if not api_key:
-        return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
-    if given is None and auth[:7].lower() == "bearer ":
-        given = auth[7:].strip()
-    if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
-        raise ApiError(401, "invalid or missing API key (send x-api-key: KEY or Authorization: Bearer KEY)")
+    async def _watch_disconnect(self, http: Request, ticket: Ticket) -> None:
+        while not ticket.cancel.is_set():
+            if await http.is_disconnected():
+                self.abandon(ticket)
+                return
+            await asyncio.sleep(0.2)
 
 
 def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> FastAPI:
@@ -206,6 +228,7 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
     app = FastAPI(title="vlm", summary="A vision-language model behind the Anthropic and OpenAI chat APIs",
                   docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = server
+    app.add_middleware(SameSiteOnly, bound_to=settings.host, allowed_hosts=settings.allowed_hosts)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -229,14 +252,35 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
     async def health() -> dict:
         return server.health()
 
+    def model_entry() -> dict:
+        """The one model, as both SDKs read it: OpenAI's Model and Anthropic's ModelInfo."""
+        name, now = server.model_name, int(time.time())
+        return {"id": name, "object": "model", "type": "model", "created": now, "owned_by": "vlm",
+                "display_name": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         check_key(request, settings.api_key)
-        name, now = server.model_name, int(time.time())
-        # one body both SDKs read: OpenAI's list of models and Anthropic's page of ModelInfo
-        entry = {"id": name, "object": "model", "type": "model", "created": now, "owned_by": "vlm",
-                 "display_name": name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))}
-        return {"object": "list", "data": [entry], "has_more": False, "first_id": name, "last_id": name}
+        name = server.model_name
+        return {"object": "list", "data": [model_entry()], "has_more": False, "first_id": name, "last_id": name}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(request: Request, model_id: str) -> dict:
+        check_key(request, settings.api_key)
+        if model_id != server.model_name:
+            raise ApiError(404, f"model {model_id!r} not found; this server serves {server.model_name!r}")
+        return model_entry()
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request) -> dict:
+        check_key(request, settings.api_key)
+        body = require_dict(await read_json(request, settings.max_body_bytes))
+        chat, _ = parse_anthropic({**body, "max_tokens": 1}, server.parser)  # counting asks for no answer
+        try:
+            prompt = await asyncio.to_thread(server.chat.prepare, chat.messages, chat.images)
+        except (PromptError, ImageLoadError) as err:
+            raise ApiError(400, str(err)) from None
+        return {"input_tokens": prompt.input_tokens}
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
@@ -244,7 +288,7 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
         chat, _ = parse_anthropic(await read_json(request, settings.max_body_bytes), server.parser)
         msg_id = f"msg_{uuid.uuid4().hex[:24]}"
         if chat.stream:
-            return await server.stream(chat, ANTHROPIC, lambda tokens, events: anthropic_events(
+            return await server.stream(request, chat, ANTHROPIC, lambda tokens, events: anthropic_events(
                 msg_id, server.model_name, tokens, events))
         completion = await server.complete(request, chat, ANTHROPIC)
         return JSONResponse(anthropic_message(msg_id, server.model_name, completion))
@@ -255,7 +299,7 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
         chat, _ = parse_openai(await read_json(request, settings.max_body_bytes), server.parser)
         cmpl_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
-            return await server.stream(chat, OPENAI, lambda tokens, events: openai_events(
+            return await server.stream(request, chat, OPENAI, lambda tokens, events: openai_events(
                 cmpl_id, server.model_name, created, chat.include_usage, events))
         completion = await server.complete(request, chat, OPENAI)
         return JSONResponse(openai_completion(cmpl_id, server.model_name, created, completion))

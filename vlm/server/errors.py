@@ -20,9 +20,9 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                    405: "invalid_request_error", 413: "request_too_large", 429: "rate_limit_error",
-                    529: "overloaded_error"}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 529: "overloaded_error"}
 _OPENAI_TYPES = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 _OPENAI_CODES = {401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded"}
 
@@ -40,4 +40,6 @@ def error_response(api: str, err: ApiError) -> JSONResponse:
 
 
 def api_of(request: Request) -> str:
-    return ANTHROPIC if request.url.path.startswith("/v1/messages") else OPENAI
+    """Anthropic's routes, and any route called by an Anthropic client (its SDK sends `anthropic-version`)."""
+    anthropic = request.url.path.startswith("/v1/messages") or "anthropic-version" in request.headers
+    return ANTHROPIC if anthropic else OPENAI

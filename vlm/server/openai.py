@@ -63,7 +63,8 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
                 if found is None:
                     raise ApiError(400, f"{at}.image_url.url: send the image inline as a data:image/...;base64,... "
                                         "URL (this server does not fetch remote URLs)", param=f"{at}.image_url")
-                images.append(parser.image(found["data"], found["type"], f"{at}.image_url"))
+                media_type = "image/jpeg" if found["type"] == "image/jpg" else found["type"]  # a common misspelling
+                images.append(parser.image(found["data"], media_type, f"{at}.image_url"))
                 parts.append(IMAGE_TOKEN)
             else:
                 raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
@@ -80,7 +81,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         "kv_cache": Parser.kv_cache(body),
         "seed": Parser.number(body, "seed", -(2**63), 2**63 - 1, integer=True),
     }
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null: the default, as the API's schema allows
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: must be true or false", param="stream")
     stream_options = body.get("stream_options") or {}

@@ -18,6 +18,7 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = setting(8000, minimum=0, maximum=65535)
     api_key: str | None = None
+    allowed_hosts: list[str] = setting([])  # host names besides loopback ones a loopback-bound server answers to
     model_name: str | None = None
     device: str = "auto"
     dtype: str = "auto"
