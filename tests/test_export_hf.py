@@ -171,7 +171,7 @@ def test_bad_input_is_refused_by_name_without_a_half_folder(tiny_sft_export, tmp
     mid = sft_export(tmp_path / "mid", "tiler=mid")
     with pytest.raises(ConversionError, match="tiler.max_tiles=4"):
         export_hf(mid, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="already exists and is not empty"):
@@ -180,3 +180,52 @@ def test_bad_input_is_refused_by_name_without_a_half_folder(tiny_sft_export, tmp
     with pytest.raises(ConfigError, match="out=DIR is required"):
         convert(ExportConfig(checkpoint=str(tiny_sft_export), format="hf", out=None, hf_route="auto",
                              log_level="INFO"))
+
+
+def test_batches_beams_and_image_files_give_each_prompt_its_own_images(tiny_sft_export, hf_folder, tmp_path):
+    model = AutoModelForImageTextToText.from_pretrained(hf_folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(hf_folder, trust_remote_code=True)
+    ours = load_vlm(tiny_sft_export)
+    two = [{"role": "user", "content": "<image>\nand <image>\nWhich one is red?"}]
+    prompts = [(two, [picture(), picture(40, 70)]), (QUESTION, [picture(30, 30)])]
+    texts = [ours.processor.render(messages, add_generation_prompt=True) for messages, _ in prompts]
+    batch = processor(images=[im for _, images in prompts for im in images], text=texts, return_tensors="pt")
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate counts them past left padding
+    with torch.no_grad():
+        last = model(**batch, position_ids=positions).logits[:, -1]  # (2, V): each row ends with its own prompt
+        for row, (text, (_, images)) in enumerate(zip(texts, prompts, strict=True)):
+            alone = model(**processor(images=images, text=text, return_tensors="pt")).logits[0, -1]
+            assert (last[row] - alone).abs().max() < 1e-4
+        # beams and num_return_sequences copy each prompt: its copies must see its own two images
+        ids, kwargs = model._expand_inputs_for_generation(2, input_ids=batch["input_ids"], **{
+            k: v for k, v in batch.items() if k != "input_ids"})
+        copies = model(input_ids=ids, position_ids=positions.repeat_interleave(2, dim=0), **kwargs).logits[:, -1]
+    assert (copies - last.repeat_interleave(2, dim=0)).abs().max() < 1e-4
+    # an image file, turned by its EXIF orientation, as vlm's tiler reads it
+    turned = tmp_path / "turned.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated 90 degrees clockwise
+    picture(30, 20).save(turned, exif=exif, quality=95)
+    inputs = processor(images=[str(turned)], text=texts[1], return_tensors="pt")
+    assert torch.allclose(inputs["pixel_values"], ours.processor.prompt(QUESTION, [str(turned)]).pixel_values,
+                          atol=1e-6)
+
+
+def test_a_folder_of_the_users_beside_the_output_is_left_alone(tiny_sft_export, tmp_path):
+    (tmp_path / "res.partial").mkdir()
+    (tmp_path / "res.partial" / "notes.txt").write_text("mine")
+    export_hf(tiny_sft_export, tmp_path / "res")
+    assert (tmp_path / "res.partial" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res", "res.partial"]
+
+
+def test_a_model_trained_with_local_global_attention_is_exported_with_a_note(tmp_path, caplog):
+    """transformers has no local + global attention: the export attends densely, which is the same pattern only up
+    to the window; the log and the provenance say so."""
+    trained = sft_export(tmp_path / "sparse", "model.llm.attention=local_global", "model.llm.sparse.window=8",
+                         "model.llm.sparse.stride=4", "model.llm.sparse.sinks=1")
+    with caplog.at_level("WARNING", logger="vlm.export"):
+        out = export_hf(trained, tmp_path / "hf")
+    note = json.loads((out / PROVENANCE_FILE).read_text())["attention"]
+    assert note in caplog.text
+    assert "window 8, stride 4, sinks 1" in note and "answers as vlm does for sequences up to 8 tokens" in note

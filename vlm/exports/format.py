@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import shutil
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,15 +81,22 @@ def write_export(directory: str | Path, model: nn.Module, meta: ExportMeta,
                  write_tokenizer: Callable[[Path], None]) -> Path:
     """Save `model` and `meta`; `write_tokenizer(path)` writes the tokenizer files into `path`."""
     directory = Path(directory)
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / TOKENIZER_DIR).mkdir(parents=True)
+    staging = new_staging_folder(directory)
+    (staging / TOKENIZER_DIR).mkdir()
     save_model(model, str(staging / WEIGHTS_FILE))  # handles tied weights (shared storage)
     (staging / CONFIG_FILE).write_text(meta.to_json())
     write_tokenizer(staging / TOKENIZER_DIR)
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
     return directory
+
+
+def new_staging_folder(final: Path) -> Path:
+    """A new, empty, uniquely named folder beside `final` to write into before renaming it to `final` (a fixed name
+    such as FINAL.partial could be a folder of the user's)."""
+    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.partial")
+    staging.mkdir(parents=True)  # with the umask's permissions, as the finished folder should have
+    return staging
 
 
 def not_a_folder(directory: str | Path) -> str | None:
@@ -138,9 +146,7 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
     staging folder is removed, so `out` is either complete or absent. An existing non-empty `out` is refused."""
     out = Path(out).expanduser()
     refuse_taken(out)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = new_staging_folder(out)
     try:
         yield staging
     except BaseException:

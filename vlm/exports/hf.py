@@ -103,6 +103,8 @@ def export_hf(checkpoint: Path, out: Path, route: str = "auto") -> Path:
     if vlm.processor.tiler.config.max_tiles != 1:
         raise ConversionError(f"tiler.max_tiles={vlm.processor.tiler.config.max_tiles}: format=hf reproduces the "
                               f"single-tile tier only (tiler=low); fine-tune with tiler=low to export this model")
+    # batched generation: every prompt ends where its answer starts (init_kwargs: what save_pretrained writes)
+    vlm.tokenizer.padding_side = vlm.tokenizer.init_kwargs["padding_side"] = "left"
     mismatches = stock_mismatches(vlm)
     route = choose_route(route, mismatches)
     chat_template = FLATTEN_CONTENT_PARTS + vlm.tokenizer.chat_template
@@ -117,6 +119,9 @@ def export_hf(checkpoint: Path, out: Path, route: str = "auto") -> Path:
         for cls, auto in ((VlmConfig, "AutoConfig"), (VlmForConditionalGeneration, "AutoModelForImageTextToText"),
                           (VlmProcessor, "AutoProcessor")):
             cls.register_for_auto_class(auto)
+    if note := dense_attention_note(vlm):
+        log.warning("%s", note)
+        details["attention"] = note
     model.generation_config.update(**generation_settings(vlm))
     with staged_folder(out) as staging:
         model.save_pretrained(staging)
@@ -130,6 +135,18 @@ def export_hf(checkpoint: Path, out: Path, route: str = "auto") -> Path:
         log.info("wrote %s with its own modeling code (because of %s): load it with trust_remote_code=True", out,
                  ", ".join(details["remote_code_because"]))
     return out
+
+
+def dense_attention_note(vlm: VLMBundle) -> str | None:
+    """transformers has no local + global attention: an export of a model trained with it attends densely, which is
+    the same pattern only while a sequence fits the window."""
+    llm = vlm.model.config.llm
+    if llm.attention != "local_global":
+        return None
+    sparse = llm.sparse
+    return (f"model.llm.attention=local_global (window {sparse.window}, stride {sparse.stride}, sinks {sparse.sinks}): "
+            f"the exported model attends densely, as transformers has no such attention; it answers as vlm does for "
+            f"sequences up to {sparse.window} tokens, prompt and answer together, and differently past that")
 
 
 def generation_settings(vlm: VLMBundle) -> dict[str, Any]:

@@ -123,6 +123,21 @@ class VlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
             features = features + marks
         return embeds.masked_scatter(is_image.unsqueeze(-1), features)
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.Tensor | None = None, **model_kwargs):
+        """Beams and num_return_sequences copy each prompt, and its images go with it. transformers repeats every
+        row of pixel_values (N_images, 3, S, S) on its own, so a copy of a prompt with two images would see its
+        first image twice."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if expand_size > 1 and pixel_values is not None and input_ids is not None:
+            tiles = ((input_ids == self.config.image_token_id).sum(dim=1) // self.config.tokens_per_tile).tolist()
+            pixel_values = torch.cat([group for group in pixel_values.split(tiles) for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids,
+                                                                        **model_kwargs)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None, **kwargs):
         if inputs_embeds is None:

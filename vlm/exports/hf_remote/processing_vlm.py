@@ -4,11 +4,14 @@ expanded to the tile's image tokens. Written by `vlm.export format=hf` beside th
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import load_image
 
 IMAGE_TOKEN = "<image>"
 
@@ -30,8 +33,16 @@ class VlmProcessor(ProcessorMixin):
         self.max_long_side, self.max_short_side = max_long_side, max_short_side
         super().__init__(tokenizer, chat_template=chat_template)
 
-    def tile(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> (1, 3, S, S) normalised, as vlm's tiler with max_tiles=1."""
+    def tile(self, image) -> torch.Tensor:
+        """An image (PIL, numpy array, path, URL or base64 string) -> (1, 3, S, S) normalised, as vlm's tiler with
+        max_tiles=1: EXIF orientation applied, transparency over the background colour."""
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        elif isinstance(image, str | os.PathLike) and os.path.isfile(image):
+            image = Image.open(image)  # as stored: its transparency is composited below
+        elif not isinstance(image, Image.Image):
+            image = load_image(image)  # a URL or base64
+        image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             canvas = Image.new("RGB", rgba.size, tuple(self.background))
