@@ -204,6 +204,12 @@ def test_a_bad_image_path_is_named_and_one_path_is_not_taken_for_a_list(tiny_cha
         tiny_chat_model.generate(ASK, [missing])
     with pytest.raises(PromptError, match="images must be a list"):
         tiny_chat_model.generate(ASK, missing)  # a string is a sequence: read as one image per character before
+    session = tiny_chat_model.session()
+    for one in (missing, Image.new("RGB", (8, 8))):  # a session too, for a path or a PIL image
+        with pytest.raises(PromptError, match="images must be a list"):
+            session.send("What color is the shape?", images=one)
+    assert session.turns == []
+    assert session.send("Hi", images=None, max_new_tokens=1).output_tokens == 1  # None: no images
 
 
 @given(pieces=st.lists(st.text("ab\n", max_size=4), max_size=8),

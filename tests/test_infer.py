@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from vlm.cli import CONFIG_DIR, quote_values
-from vlm.exports.format import not_a_folder
+from vlm.exports.format import PROVENANCE_FILE, ExportError, not_a_folder, read_meta
 from vlm.infer import TEXT_KEYS, image_file_problem, stream_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +89,24 @@ def test_an_image_is_checked_before_the_model_loads(tmp_path, pictures):
     assert "is not an image" in image_file_problem(str(tmp_path / "notes.png"))
 
 
-def test_a_file_given_for_an_export_folder_names_the_folder(tiny_sft_export):
+def test_a_file_or_folder_given_for_an_export_folder_says_what_to_pass(tiny_sft_export, tmp_path):
     assert not_a_folder(tiny_sft_export) is None
     config = Path(tiny_sft_export) / "config.json"
     assert not_a_folder(config) == f"{str(config)!r} is a file; pass the export folder that holds it " \
                                    f"({str(tiny_sft_export)!r})"
+    checkpoint = tmp_path / "run" / "checkpoints" / "step00000004.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"weights")
+    assert not_a_folder(checkpoint).startswith(f"{str(checkpoint)!r} is a training checkpoint, not an export; pass "
+                                               f"its run's export folder ({str(tmp_path / 'run' / 'export')!r})")
+    (tmp_path / "run" / "export").mkdir()
+    with pytest.raises(ExportError, match="it is a run folder; pass its export folder .*run/export'$"):
+        read_meta(tmp_path / "run")
+    converted = tmp_path / "my-vlm-hf"
+    converted.mkdir()
+    (converted / PROVENANCE_FILE).write_text(json.dumps({"source": "/runs/sft/export"}))
+    with pytest.raises(ExportError, match="converted for another library .* export it came from: '/runs/sft/export'"):
+        read_meta(converted)
 
 
 @pytest.mark.parametrize("text", ["Which is blue, the first or the second?", "it's [x, y] = {a: 1}", "a \\' b\\",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
 from vlm.data.processor import ImageSource, Processor, PromptTooLong, SampleError, pad_batch
@@ -40,6 +41,15 @@ __all__ = ["ChatModel", "ChatSession", "Completion", "ContextOverflow", "Generat
            "PromptError", "TextStream"]
 
 log = logging.getLogger(__name__)
+
+
+def image_list(images: Sequence[ImageSource] | None) -> list[ImageSource]:
+    """`images` as a list (None: none). One path, bytes or PIL image is refused: a path would otherwise be read as
+    its characters, one image per letter."""
+    if isinstance(images, str | bytes | os.PathLike | Image.Image):
+        raise PromptError(f"images must be a list (one entry per {IMAGE_TOKEN}), got one "
+                          f"{type(images).__name__}: pass [{images!r:.80}]")
+    return list(images or [])
 
 
 def export_name(path: str | Path) -> str:
@@ -102,11 +112,8 @@ class ChatModel:
         if (text_chars := sum(len(m["content"]) for m in messages)) > self.max_text_chars:
             raise ContextOverflow(f"the conversation's text is {text_chars:,} characters, more than the model's "
                                   f"context of {self.context_length} tokens can hold; shorten it or start a new chat")
-        if isinstance(images, str | bytes | os.PathLike):  # one path would otherwise be read as its characters
-            raise PromptError(f"images must be a list (one entry per {IMAGE_TOKEN}), got one "
-                              f"{type(images).__name__}: pass [{images!r:.80}]")
         try:
-            encoded = self.processor.prompt(messages, list(images))
+            encoded = self.processor.prompt(messages, image_list(images))
         except PromptTooLong as err:
             raise ContextOverflow(str(err).removeprefix("request: ")) from None
         except SampleError as err:
@@ -228,7 +235,7 @@ class ChatSession:
         self.turns.clear()
 
     def _prepare(self, text: str, images: Sequence[ImageSource]) -> Prompt:
-        images = list(images)
+        images = image_list(images)
         if images and IMAGE_TOKEN not in text:
             text = f"{IMAGE_TOKEN}\n" * len(images) + text
         self.turns.append(_Turn("user", text, images))

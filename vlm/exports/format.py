@@ -104,9 +104,24 @@ def not_a_folder(directory: str | Path) -> str | None:
     path = Path(directory).expanduser()
     if path.is_dir():
         return None
+    if path.suffix == ".ckpt" and path.is_file():
+        return (f"{str(directory)!r} is a training checkpoint, not an export; pass its run's export folder "
+                f"({str(path.parent.parent / 'export')!r}), which the run writes when it ends (resume=PATH.ckpt "
+                f"finishes an interrupted run)")
     if path.exists():
         return f"{str(directory)!r} is a file; pass the export folder that holds it ({str(path.parent)!r})"
     return f"export folder {str(directory)!r} does not exist"
+
+
+def missing_file_hint(directory: Path) -> str:
+    """What the folder missing an export's files is instead, and what to pass."""
+    if (directory / "export").is_dir():
+        return f"it is a run folder; pass its export folder {str(directory / 'export')!r}"
+    if (directory / PROVENANCE_FILE).exists():
+        source = json.loads((directory / PROVENANCE_FILE).read_text()).get("source")
+        return (f"it was converted for another library (it loads with transformers or open_clip); vlm reads the "
+                f"export it came from: {source!r}")
+    return "re-export it from its run"
 
 
 def read_meta(directory: str | Path, expect_stage: tuple[str, ...] | None = None) -> ExportMeta:
@@ -116,7 +131,8 @@ def read_meta(directory: str | Path, expect_stage: tuple[str, ...] | None = None
     directory = Path(directory).expanduser()
     for name in REQUIRED:
         if not (directory / name).exists():
-            raise ExportError(f"export folder {str(directory)!r} is missing {name!r}; re-export it from its run")
+            raise ExportError(f"{str(directory)!r} is not an export folder: it has no {name!r}; "
+                              f"{missing_file_hint(directory)}")
     meta = ExportMeta.read(directory)
     if expect_stage and meta.stage not in expect_stage:
         raise ExportError(f"{str(directory)!r} holds a {meta.stage!r} model; expected one of {list(expect_stage)}")
@@ -134,7 +150,7 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
 def refuse_taken(out: str | Path) -> None:
     """A conversion writes a new folder: an existing non-empty `out` is refused (converters call this before loading
     the model, so a taken `out` fails at once)."""
-    out = Path(out).expanduser()
+    out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is a file" if not out.is_dir() else "already exists and is not empty"
         raise ConversionError(f"out={str(out)!r} {what}; give a new folder")
@@ -144,7 +160,7 @@ def refuse_taken(out: str | Path) -> None:
 def staged_folder(out: str | Path) -> Iterator[Path]:
     """Yield an empty staging folder beside `out` and rename it to `out` once the block finishes; on an error the
     staging folder is removed, so `out` is either complete or absent. An existing non-empty `out` is refused."""
-    out = Path(out).expanduser()
+    out = Path(out).expanduser().resolve()  # "." has no name to put a staging folder beside
     refuse_taken(out)
     staging = new_staging_folder(out)
     try:
