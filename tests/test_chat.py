@@ -181,14 +181,26 @@ def test_text_that_cannot_fit_the_context_is_refused_before_it_is_tokenized(tiny
 
 def test_a_session_over_the_context_forgets_its_oldest_exchanges(tiny_chat_model, caplog):
     session = tiny_chat_model.session()
-    words = tiny_chat_model.context_length // 4  # each turn a quarter of the context: the fourth cannot fit
+    context = tiny_chat_model.context_length
+    words = context // 4  # each turn a quarter of the context: the fourth cannot fit
     with caplog.at_level(logging.WARNING, logger="vlm.chat"):
         for turn in range(6):
             session.send(f"turn {turn}: " + "shape " * words, max_new_tokens=1, temperature=0)
     assert "forgetting its oldest exchange" in caplog.text
     asked = [m["content"].split(":")[0] for m in session.messages if m["role"] == "user"]
     assert asked[-1] == "turn 5" and "turn 0" not in asked and len(asked) < 4
-    assert tiny_chat_model.prepare(session.messages).input_tokens < tiny_chat_model.context_length
+    assert tiny_chat_model.prepare(session.messages).input_tokens < context
+
+
+def test_a_session_forgets_old_exchanges_to_leave_room_for_the_answer(tiny_chat_model):
+    session = tiny_chat_model.session()
+    context = tiny_chat_model.context_length
+    for turn in range(3):  # over 80% of the context, answered in one token each
+        session.send(f"turn {turn}: " + "shape " * (context // 4), max_new_tokens=1, temperature=0)
+    assert len(session.turns) == 6
+    answer = session.send("and now?", max_new_tokens=context // 4, temperature=0)
+    assert context - answer.input_tokens >= context // 4  # the prompt left room for the answer asked for
+    assert [m["content"].split(":")[0] for m in session.messages if m["role"] == "user"][0] != "turn 0"
 
 
 def test_message_text_cannot_forge_a_turn_with_the_templates_control_tokens(tiny_chat_model):

@@ -212,7 +212,7 @@ class ChatSession:
 
     `send(text, images=[...])` answers and records both turns; `stream(...)` does the same piece by piece. When
     `text` has no `<image>` placeholder, one per image is put at the start of the message. When the history no
-    longer fits the context, the oldest exchanges are dropped (logged).
+    longer fits the context with room for the answer, the oldest exchanges are dropped (logged).
     """
 
     def __init__(self, model: ChatModel, system: str | None = None, **options: Any):
@@ -234,20 +234,26 @@ class ChatSession:
         """Forget every turn (the system prompt and options stay)."""
         self.turns.clear()
 
-    def _prepare(self, text: str, images: Sequence[ImageSource]) -> Prompt:
+    def _prepare(self, text: str, images: Sequence[ImageSource], options: GenerationOptions) -> Prompt:
+        """Add the user turn and encode the chat, forgetting the oldest exchanges while it does not fit with room
+        for the answer (`max_new_tokens`, or a quarter of the context if that is less)."""
         images = image_list(images)
         if images and IMAGE_TOKEN not in text:
             text = f"{IMAGE_TOKEN}\n" * len(images) + text
         self.turns.append(_Turn("user", text, images))
+        wanted_room = min(options.max_new_tokens, self.model.context_length // 4)
         try:
             while True:
                 try:
-                    return self.model.prepare(self.messages, self.images)
+                    prompt = self.model.prepare(self.messages, self.images)
+                    if len(self.turns) <= 1 or self.model.context_length - prompt.input_tokens >= wanted_room:
+                        return prompt
                 except ContextOverflow:
                     if len(self.turns) <= 1:
                         raise
-                    log.warning("the chat no longer fits the model's context; forgetting its oldest exchange")
-                    del self.turns[: 2 if len(self.turns) > 2 else 1]
+                log.warning("the chat no longer fits the model's context with room for an answer; forgetting its "
+                            "oldest exchange")
+                del self.turns[: 2 if len(self.turns) > 2 else 1]
         except BaseException:  # Ctrl-C too
             self.turns.pop()  # a turn that cannot be answered is not part of the history
             raise
@@ -257,12 +263,14 @@ class ChatSession:
 
     def send(self, text: str, images: Sequence[ImageSource] = (), **options: Any) -> Completion:
         """Ask, wait for the whole answer, and remember both turns."""
-        prompt = self._prepare(text, images)
-        completion = self.model.generate(prompt, **self.options.updated(**options).as_dict())
+        options = self.options.updated(**options)
+        prompt = self._prepare(text, images, options)
+        completion = self.model.generate(prompt, **options.as_dict())
         self._record(completion)
         return completion
 
     def stream(self, text: str, images: Sequence[ImageSource] = (), **options: Any) -> TextStream:
         """Ask and get the answer as a TextStream; the answer is remembered when the stream ends (even if cut short)."""
-        prompt = self._prepare(text, images)
-        return self.model.stream(prompt, on_done=self._record, **self.options.updated(**options).as_dict())
+        options = self.options.updated(**options)
+        prompt = self._prepare(text, images, options)
+        return self.model.stream(prompt, on_done=self._record, **options.as_dict())
