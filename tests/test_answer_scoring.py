@@ -18,7 +18,7 @@ from data_scripts import llava_to_shards
 from vlm.config import ConfigError
 from vlm.data import synthetic
 from vlm.data.conversations import ConversationDecoder
-from vlm.eval import NothingToScore, evaluate, show_worst, write_results
+from vlm.eval import NothingToScore, evaluate, show_confusions, show_worst, write_results
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.metrics import answer_metrics, normalize_exact, normalize_vqa, score_answer
 from vlm.models.factory import new_vlm
@@ -214,10 +214,22 @@ def test_the_worst_answers_shown_are_wrong_ones_only(capsys):
     assert capsys.readouterr().err == "all 1 answers are exact matches\n"
 
 
-def test_a_model_that_answers_nothing_leaves_no_answers_file(tmp_path):
-    """A contrastive evaluation writes its metrics alone, and removes the answers an earlier sft evaluation wrote to
-    the same folder, which are not this model's."""
+def test_an_evaluation_with_no_rows_leaves_no_earlier_rows_behind(tmp_path):
+    """An evaluation that scores no answers writes its metrics alone, and removes the rows an earlier evaluation
+    wrote to the same folder, which are not this model's."""
     write_results({"exact_match": 1.0}, [{"key": "s0", "prediction": "red"}], tmp_path)
-    write_results({"i2t_r1": 0.5}, [], tmp_path)
-    assert json.loads((tmp_path / "metrics.json").read_text()) == {"i2t_r1": 0.5}
+    write_results({"rewards/accuracy": 0.5}, [], tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"rewards/accuracy": 0.5}
     assert not (tmp_path / "predictions.jsonl").exists()
+
+
+def test_the_most_frequent_zero_shot_confusions_are_shown(capsys):
+    def row(label: str, prediction: str) -> dict:
+        return {"key": "k", "caption": "c", "caption_rank": 0, "label": label, "prediction": prediction,
+                "top": [prediction], "correct": label == prediction}
+
+    show_confusions([row("red star", "red cross")] * 2 + [row("blue star", "red star"), row("red star", "red star")])
+    assert capsys.readouterr().err == ("the most frequent of 3 zero-shot mistakes (label -> predicted class):\n"
+                                       "- 'red star' -> 'red cross': 2\n- 'blue star' -> 'red star': 1\n")
+    show_confusions([row("red star", "red star")])
+    assert capsys.readouterr().err == "all 1 zero-shot predictions are right\n"

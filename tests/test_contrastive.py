@@ -13,7 +13,7 @@ from tiny import make_task, tiny_config
 from vlm.data import synthetic
 from vlm.exports.clip import load_clip
 from vlm.exports.format import ExportError
-from vlm.metrics import class_embeddings, contrastive_metrics
+from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions
 from vlm.training.contrastive import ContrastiveTask
 from vlm.training.optim import build_optimizer
 
@@ -90,6 +90,21 @@ def test_zero_shot_and_retrieval_metrics():
     assert metrics["i2t_r1"] == 0.0 and "zero_shot_top1" not in metrics
 
 
+def test_per_sample_predictions_rank_each_caption_and_name_the_classes():
+    classes = torch.eye(3)  # (C, E): class i points along axis i
+    image = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.2, 1.0], [0.0, 0.0, 1.0]])  # sample 1 looks like class 2
+    text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.3, 1.0]])
+    rows = contrastive_predictions(image, text, torch.tensor([0, 1, 2]), classes, ["red", "green", "blue"],
+                                   ["s0", "s1", "s2"], ["a red", "a green", "a blue"], top=2)
+    assert [r["caption_rank"] for r in rows] == [0, 1, 0]  # sample 1's image scores caption 2 above its own
+    assert [(r["label"], r["prediction"], r["correct"]) for r in rows] == [
+        ("red", "red", True), ("green", "blue", False), ("blue", "blue", True)]
+    assert rows[1]["top"] == ["blue", "green"] and rows[1]["key"] == "s1" and rows[1]["caption"] == "a green"
+    unlabelled = contrastive_predictions(image, text, torch.tensor([-1, -1, -1]), None, None, ["s0", "s1", "s2"],
+                                         ["a", "b", "c"])
+    assert set(unlabelled[0]) == {"key", "caption", "caption_rank"}
+
+
 def test_class_embeddings_average_templates():
     task = make_task(tiny_config(), None)
     task.model.eval()
@@ -132,5 +147,8 @@ def test_eval_max_samples_sets_how_many_held_out_samples_a_contrastive_validatio
                          "data.synthetic.samples_per_shard=12", f"data.synthetic.cache_dir={tmp_path / 'data'}",
                          "data.num_workers=0", "eval.batch_size=4",
                          f"eval.max_samples={limit if limit else 'null'}", f"checkpoint={export}")
-    metrics, _ = evaluate(config)
+    metrics, predictions = evaluate(config)
     assert metrics["samples_scored"] == (limit or 12) and type(metrics["samples_scored"]) is int
+    assert len(predictions) == len({p["key"] for p in predictions}) == metrics["samples_scored"]
+    assert sum(p["correct"] for p in predictions) / len(predictions) == pytest.approx(metrics["zero_shot_top1"])
+    assert sum(p["caption_rank"] == 0 for p in predictions) / len(predictions) == pytest.approx(metrics["i2t_r1"])

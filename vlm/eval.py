@@ -6,14 +6,15 @@ align / sft: held-out loss, and the model's own answers (greedy) scored against 
 exact match, VQA-normalised match and containment, overall and per group (e.g. question type).
 dpo: the rewards on held-out preference pairs (against the reference the run started from) and the answers' scores.
 Without data.val it scores the synthetic held-out split. Prints the metrics as JSON and writes them to eval.output_dir
-(metrics.json); phase 2 stages also write every answer there (predictions.jsonl) and show the worst-scored ones on
-stderr.
+(metrics.json), with a line per held-out sample or answer (predictions.jsonl); on stderr it shows the worst-scored
+answers, or for a contrastive model its most frequent zero-shot confusions.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,13 @@ def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) 
 
 
 def write_results(metrics: dict[str, Any], predictions: list[dict[str, Any]], directory: Path) -> None:
-    """metrics.json, and predictions.jsonl where the stage answers questions (one line per answered turn: key,
-    images, question, reference, prediction, group, scores); a contrastive model answers none."""
+    """metrics.json and predictions.jsonl: one line per answered turn (key, images, question, reference, prediction,
+    group, scores), or for a contrastive model per sample (key, caption, caption_rank; with class labels also label,
+    prediction, top, correct)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     answers = directory / "predictions.jsonl"
-    answers.unlink(missing_ok=True)  # an earlier evaluation's answers in the same folder are not this model's
+    answers.unlink(missing_ok=True)  # an earlier evaluation's rows in the same folder are not this model's
     if predictions:
         with open(answers, "w") as file:
             for row in predictions:
@@ -97,6 +99,24 @@ def show_worst(predictions: list[dict[str, Any]], count: int = WORST_SHOWN) -> N
               f"({scores})", file=sys.stderr)
 
 
+def show_confusions(predictions: list[dict[str, Any]], count: int = WORST_SHOWN) -> None:
+    """Zero-shot: the most frequent (label, predicted class) mistakes; without labels, the images whose own caption
+    ranked lowest among all captions."""
+    if "correct" in predictions[0]:
+        wrong = Counter((p["label"], p["prediction"]) for p in predictions if not p["correct"])
+        if not wrong:
+            print(f"all {len(predictions)} zero-shot predictions are right", file=sys.stderr)
+            return
+        print(f"the most frequent of {wrong.total()} zero-shot mistakes (label -> predicted class):", file=sys.stderr)
+        for (label, predicted), times in wrong.most_common(count):
+            print(f"- {label!r} -> {predicted!r}: {times}", file=sys.stderr)
+        return
+    worst = sorted(predictions, key=lambda p: p["caption_rank"], reverse=True)[:count]
+    print(f"the {len(worst)} samples whose own caption ranked lowest of {len(predictions)}:", file=sys.stderr)
+    for row in worst:
+        print(f"- {row['key']}: {row['caption']!r} ranked {row['caption_rank'] + 1}", file=sys.stderr)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main_hydra(cfg: DictConfig) -> dict[str, Any]:
     with user_errors():
@@ -105,9 +125,10 @@ def main_hydra(cfg: DictConfig) -> dict[str, Any]:
     out = Path(config.eval.output_dir or Path(config.checkpoint).expanduser().resolve().parent / "eval")
     write_results(metrics, predictions, out)
     print(json.dumps(metrics, indent=2))
+    contrastive = config.stage.name == "contrastive"
     if predictions:
-        show_worst(predictions)
-        print(f"metrics and every answer: {out}", file=sys.stderr)
+        (show_confusions if contrastive else show_worst)(predictions)
+        print(f"metrics and every {'prediction' if contrastive else 'answer'}: {out}", file=sys.stderr)
     else:
         print(f"metrics: {out / 'metrics.json'}", file=sys.stderr)
     return metrics

@@ -33,6 +33,24 @@ def contrastive_metrics(image: torch.Tensor, text: torch.Tensor, labels: torch.T
     return metrics
 
 
+def contrastive_predictions(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
+                            classes: torch.Tensor | None, classnames: list[str] | None, keys: list[str],
+                            captions: list[str], top: int = 5) -> list[dict]:
+    """One row per sample: its caption's rank among all captions for its image (0 is retrieved first), and with
+    classes its label, the predicted class, the `top` best classes and whether the prediction is right."""
+    similarity = image @ text.T  # (N, N)
+    own = similarity.diagonal().unsqueeze(1)  # (N, 1)
+    caption_ranks = (similarity > own).sum(dim=1).tolist()  # captions scored above the sample's own
+    rows = [{"key": key, "caption": caption, "caption_rank": rank}
+            for key, caption, rank in zip(keys, captions, caption_ranks, strict=True)]
+    if classes is not None and classnames:
+        best = (image @ classes.T).topk(min(top, len(classnames)), dim=1).indices.tolist()  # (N, top)
+        for row, label, ranked in zip(rows, labels.tolist(), best, strict=True):
+            row.update(label=classnames[label], prediction=classnames[ranked[0]],
+                       top=[classnames[i] for i in ranked], correct=ranked[0] == label)
+    return rows
+
+
 # The VQA evaluation's normalisation (Antol et al. 2015): number words as digits, articles dropped, punctuation out
 # except decimal points. Apostrophes are dropped too, so "don't" and "dont" agree.
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",

@@ -30,7 +30,8 @@ def text_field(sample: dict, name: str) -> str:
 
 
 class CaptionDecoder:
-    """Raw webdataset sample -> {"pixels": (3, S, S), "ids": (L,), "label": int (-1 when absent)}."""
+    """Raw webdataset sample -> {"pixels": (3, S, S), "ids": (L,), "label": int (-1 when absent), "key": its shard
+    and key, "caption": str}."""
 
     def __init__(self, tiler: Tiler, tokenizer: Callable[[list[str]], torch.Tensor]):
         if tiler.config.max_tiles != 1:
@@ -43,9 +44,11 @@ class CaptionDecoder:
         if not fields:
             raise SkipSample("no image field (jpg/jpeg/png/webp)")
         caption = text_field(sample, "txt")
-        tiled = self.tiler(sample[fields[0]], name=f"{sample.get('__url__')}:{sample.get('__key__')}")
+        key = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        tiled = self.tiler(sample[fields[0]], name=key)
         label = int(text_field(sample, "cls")) if "cls" in sample else -1
-        return {"pixels": tiled.pixel_values[0], "ids": self.tokenizer([caption])[0], "label": label}
+        return {"pixels": tiled.pixel_values[0], "ids": self.tokenizer([caption])[0], "label": label, "key": key,
+                "caption": caption}
 
 
 def collate_captions(samples: list[dict]) -> dict[str, torch.Tensor | int]:
@@ -53,4 +56,5 @@ def collate_captions(samples: list[dict]) -> dict[str, torch.Tensor | int]:
     return {"pixels": torch.stack([s["pixels"] for s in samples]),  # (B, 3, S, S)
             "ids": torch.stack([s["ids"] for s in samples]),  # (B, L)
             "labels": torch.tensor([s["label"] for s in samples]),  # (B,)
+            "keys": [s["key"] for s in samples], "captions": [s["caption"] for s in samples],
             "skipped": skipped}

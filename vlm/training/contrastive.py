@@ -11,7 +11,7 @@ from vlm.config import TrainConfig
 from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.data.sources import DataSources
 from vlm.exports.clip import export_clip, load_clip
-from vlm.metrics import class_embeddings, contrastive_metrics
+from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions
 from vlm.models.clip import CLIPModel
 from vlm.models.factory import make_tiler
 from vlm.models.losses import build_contrastive_loss
@@ -26,7 +26,8 @@ class ContrastiveTask(StageTask):
         self.tokenizer = tokenizer
         self.classnames = classnames
         self.loss_fn = build_contrastive_loss(config.model.clip)
-        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (image, text, labels) per batch
+        self._val_samples: list[tuple[str, str]] = []  # (key, caption) in batch order
         self._classes: torch.Tensor | None = None  # (C, E) class embeddings for zero-shot top-1
 
     @classmethod
@@ -68,7 +69,7 @@ class ContrastiveTask(StageTask):
         self.model.clamp_logit_scale()
 
     def on_validation_epoch_start(self) -> None:
-        self._val, self._classes = [], None
+        self._val, self._val_samples, self._classes = [], [], None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch_idx == 0 and self.classnames:  # in a step, so sharded (FSDP) weights are gathered as for a batch
@@ -77,6 +78,7 @@ class ContrastiveTask(StageTask):
         image = self.model.encode_image(batch["pixels"])
         text = self.model.encode_text(batch["ids"])
         self._val.append((image.float().cpu(), text.float().cpu(), batch["labels"].cpu()))
+        self._val_samples += zip(batch["keys"], batch["captions"], strict=True)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
@@ -86,7 +88,10 @@ class ContrastiveTask(StageTask):
         classes = self._classes if bool((labels >= 0).all()) else None
         metrics = contrastive_metrics(image, text, labels, classes) | {"samples_scored": float(len(image))}
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
-        self._val, self._classes = [], None
+        keys, captions = zip(*self._val_samples[:len(image)], strict=True)
+        self.predictions = contrastive_predictions(image, text, labels, classes, self.classnames, list(keys),
+                                                   list(captions))
+        self._val, self._val_samples, self._classes = [], [], None
 
     def empty_model(self) -> CLIPModel:
         return CLIPModel(self.config.model)

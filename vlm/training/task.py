@@ -52,7 +52,9 @@ class StageTask(pl.LightningModule):
         self.parameter_counts = apply_freezing(model.parts(), self.trainable)
         # held-out samples a validation reads at most (None: all); a run's final validation reads all of them
         self.sample_limit: int | None = config.eval.max_samples
-        self.predictions: list[dict[str, Any]] = []  # phase 2: the last validation's answers and their scores
+        # the last validation's rows for predictions.jsonl: phase 2's answers and their scores, contrastive's
+        # zero-shot predictions and caption ranks
+        self.predictions: list[dict[str, Any]] = []
 
     # ---- what each stage provides ----
 
@@ -75,6 +77,10 @@ class StageTask(pl.LightningModule):
         if self.sample_limit is None:
             return None
         return math.ceil(self.sample_limit / self.config.eval.batch_size)
+
+    def prediction_metrics(self) -> dict[str, Any]:
+        """Figures computed exactly from `predictions` (the logged ones went through float32); none by default."""
+        return {}
 
     def empty_model(self) -> nn.Module:
         """A fresh unsharded model of the same shape, for a sharded run's gathered weights."""

@@ -14,7 +14,6 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 
 from vlm.config import ConfigError, TrainConfig, to_dict
-from vlm.metrics import answer_metrics
 from vlm.models.blocks import compile_blocks
 from vlm.training.callbacks import progress_callback
 from vlm.training.checkpoint_io import AtomicCheckpointIO
@@ -68,10 +67,7 @@ def validate(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule) 
     results = trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = {k.removeprefix("val/"): int(v) if k.endswith("_scored") else float(v)
                for k, v in (results[0] if results else {}).items()}
-    if task.predictions:
-        metrics.update(answer_metrics([(p["group"], p["scores"]) for p in task.predictions]),
-                       answers_scored=len(task.predictions))
-    return metrics
+    return metrics | task.prediction_metrics()
 
 
 def global_sample_counts(trainer: pl.Trainer, health: DataHealth) -> tuple[int, int]:

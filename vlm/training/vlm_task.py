@@ -154,11 +154,17 @@ class VLMTask(StageTask):
                                       pad_token_id=tokenizer.pad_token_id, **cache_kwargs(self.model.lm))
         return tokenizer.batch_decode(new, skip_special_tokens=True)
 
+    def prediction_metrics(self) -> dict[str, Any]:
+        """Answer scores overall and per group, and the count of answers scored."""
+        if not self.predictions:
+            return {}
+        scores = answer_metrics([(p["group"], p["scores"]) for p in self.predictions])
+        return scores | {"answers_scored": len(self.predictions)}
+
     def on_validation_epoch_end(self) -> None:
         if not self.predictions:
             return
-        metrics = answer_metrics([(p["group"], p["scores"]) for p in self.predictions])
-        metrics["answers_scored"] = float(len(self.predictions))
+        metrics = {k: float(v) for k, v in self.prediction_metrics().items()}
         overall = metrics.pop("exact_match")
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
         self.log("val/exact_match", overall, prog_bar=True, sync_dist=False, rank_zero_only=True)
