@@ -22,12 +22,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from test_bad_data import COMMON, train
-from tiny import TINY, tiny_config
+from tiny import TINY, make_task, tiny_config
 
 from vlm.config import ConfigError
 from vlm.training.checkpoint_io import AtomicCheckpointIO
 from vlm.training.data_position import pass_seed
-from vlm.training.resume import find_resume_checkpoint, remove_partial_writes
+from vlm.training.resume import StartingExport, find_resume_checkpoint, remove_partial_writes
 from vlm.training.runs import INIT_ENV, PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,6 +176,29 @@ def test_an_unreadable_checkpoint_named_by_resume_is_one_clear_error(tmp_path):
     broken.write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ConfigError, match=r"resume='.*step00000003.ckpt' cannot be loaded \(.*\); name an earlier"):
         prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={broken}"))
+
+
+def test_a_checkpoint_of_another_stage_is_refused_before_its_run_is_touched(tmp_path):
+    run_dir = tmp_path / "contrastive" / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "metrics.csv").write_text("step,train/loss\n1,2.0\n2,1.5\n")
+    checkpoint = run_dir / "checkpoints" / "step00000002.ckpt"
+    written = {"state_dict": {}, "global_step": 2}
+    StartingExport(None).on_save_checkpoint(None, make_task(tiny_config()), written)  # as a contrastive run saves
+    torch.save(written, checkpoint)
+    for where in (checkpoint, tmp_path / "elsewhere.ckpt"):  # the stage is recorded in it, wherever it is
+        where.write_bytes(checkpoint.read_bytes())
+        with pytest.raises(ConfigError, match=r"is a checkpoint of the contrastive stage, and this run is stage=sft; "
+                                              r"pass stage=contrastive to continue it"):
+            prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={where}", stage="sft"))
+    old = tmp_path / "align" / "o" / "checkpoints" / "step00000001.ckpt"  # written before the stage was recorded
+    old.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": 1}, old)
+    with pytest.raises(ConfigError, match="is a checkpoint of the align stage"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={old}", stage="sft"))
+    assert (run_dir / "logs" / "metrics.csv").read_text() == "step,train/loss\n1,2.0\n2,1.5\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["align", "contrastive", "elsewhere.ckpt"]  # no sft folder
 
 
 def test_a_resumed_run_is_built_from_the_export_its_checkpoint_records(tmp_path, tiny_sft_export):

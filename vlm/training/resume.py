@@ -78,6 +78,7 @@ def checkpoint_step(path: str | os.PathLike) -> int:
 
 
 STARTING_EXPORT_KEY = "init_from"  # checkpoint entry: the export folder the run started from (None: fresh weights)
+STAGE_KEY = "vlm_stage"  # checkpoint entry: the stage of the run that wrote it
 
 
 class NewestCheckpoints(ModelCheckpoint):
@@ -92,13 +93,23 @@ class NewestCheckpoints(ModelCheckpoint):
 
 
 class StartingExport(pl.Callback):
-    """Writes into every checkpoint the export folder the run started from."""
+    """Writes into every checkpoint the export folder the run started from, and the run's stage."""
 
     def __init__(self, init_from: Path | None):
         self.init_from = init_from
 
     def on_save_checkpoint(self, trainer: pl.Trainer, task: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[STARTING_EXPORT_KEY] = str(self.init_from) if self.init_from else None
+        checkpoint[STAGE_KEY] = task.stage.name
+
+
+def recorded_stage(path: Path) -> str | None:
+    """The stage of the run that wrote checkpoint `path`: recorded in it, or for older checkpoints the run folder's
+    place (OUTPUT_ROOT/STAGE/RUN/checkpoints/NAME.ckpt); None if neither tells."""
+    recorded = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(STAGE_KEY)
+    if recorded is None and len(path.parents) > 2 and path.parent.name == "checkpoints":
+        recorded = path.parents[2].name
+    return recorded
 
 
 def recorded_start(path: str | os.PathLike) -> Path | None:

@@ -13,8 +13,14 @@ from pathlib import Path
 
 from vlm.config import ConfigError, TrainConfig
 from vlm.exports.format import is_complete
-from vlm.training.resume import checkpoint_problem, find_resume_checkpoint, recorded_start, remove_partial_writes
-from vlm.training.stages import get_stage
+from vlm.training.resume import (
+    checkpoint_problem,
+    find_resume_checkpoint,
+    recorded_stage,
+    recorded_start,
+    remove_partial_writes,
+)
+from vlm.training.stages import STAGES, get_stage
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +88,10 @@ def prepare_run(config: TrainConfig) -> Run:
         if problem := checkpoint_problem(resume_from):
             raise ConfigError(f"resume={config.resume!r} cannot be loaded ({problem}); name an earlier checkpoint of "
                               f"its run, or pass resume=auto to take the newest one that loads")
+        written_by = recorded_stage(resume_from)
+        if written_by in STAGES and written_by != config.stage.name:  # before any folder or log is touched
+            raise ConfigError(f"resume={config.resume!r} is a checkpoint of the {written_by} stage, and this run is "
+                              f"stage={config.stage.name}; pass stage={written_by} to continue it")
         run_dir = resume_from.parent.parent
     else:
         run_dir = stage_dir / (config.run_name or default_name)
