@@ -290,3 +290,37 @@ def test_phase_2_takes_the_vit_architecture_of_its_contrastive_export(tmp_path, 
         task = make_task(tiny_config("model.vision.global_pool=avg", stage="align"), init_from=export)
     assert "model.vision.global_pool='avg' is ignored" in caplog.text and "built with 'token'" in caplog.text
     assert task.bundle.model.vision.num_prefix_tokens == 1  # the export's CLS token, with its trained weights
+
+
+def _damage(folder, how: str) -> str:
+    """Damage a copy of an export as `how` says; -> the file the error must name."""
+    import json
+
+    if how == "weights-cut-short":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return "model.safetensors"
+    if how == "weights-empty":
+        (folder / "model.safetensors").write_bytes(b"")
+        return "model.safetensors"
+    if how == "config-without-model":
+        config = json.loads((folder / "config.json").read_text())
+        del config["model"]
+        (folder / "config.json").write_text(json.dumps(config))
+        return "config.json"
+    (folder / "tokenizer" / "tokenizer.json").unlink()
+    return "tokenizer"
+
+
+@pytest.mark.parametrize("how", ["weights-cut-short", "weights-empty", "config-without-model", "tokenizer-missing"])
+def test_a_damaged_export_is_one_error_naming_the_file(tiny_sft_export, tmp_path, how):
+    import shutil
+
+    from vlm.exports.format import ExportError
+    from vlm.exports.vlm import load_vlm
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_sft_export, folder)
+    named = _damage(folder, how)
+    with pytest.raises(ExportError, match=f"'{folder / named}'.*(damaged|lacks)"):
+        load_vlm(folder)

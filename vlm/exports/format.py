@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -68,8 +69,18 @@ class ExportMeta:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else None
             raise ExportError(f"{str(path)!r} is not a vlm export (format {found!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        if lacking := [name for name in required if name not in raw]:
+            raise ExportError(f"{str(path)!r} lacks {lacking}: it is damaged; re-export it from its run")
+        known = {f.name for f in fields}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one short line: its type, and its message's first line."""
+    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {message[:200]}" if message else type(err).__name__
 
 
 def is_complete(directory: Path) -> bool:
@@ -141,7 +152,15 @@ def read_meta(directory: str | Path, expect_stage: tuple[str, ...] | None = None
 
 def load_weights(model: nn.Module, directory: str | Path) -> None:
     """Load the folder's weights into `model`; every key must match."""
-    missing, unexpected = load_model(model, str(Path(directory).expanduser() / WEIGHTS_FILE), strict=False)
+    weights = Path(directory).expanduser() / WEIGHTS_FILE
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{str(weights)!r} cannot be read ({first_line(err)}): it is damaged or cut short; "
+                          f"re-export it from its run") from None
+    except RuntimeError as err:  # a tensor of another shape than config.json's settings give
+        raise ExportError(f"{str(weights)!r} does not match the model its config.json describes "
+                          f"({first_line(err)})") from None
     if missing or unexpected:
         raise ExportError(f"{str(directory)!r} does not match the model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")

@@ -10,7 +10,15 @@ from transformers import AutoConfig
 
 from vlm.config import TilerConfig, model_config_from, to_dict
 from vlm.data.tokenizer import image_token_id, load_tokenizer, prepare_tokenizer
-from vlm.exports.format import TOKENIZER_DIR, ExportError, ExportMeta, load_weights, read_meta, write_export
+from vlm.exports.format import (
+    TOKENIZER_DIR,
+    ExportError,
+    ExportMeta,
+    first_line,
+    load_weights,
+    read_meta,
+    write_export,
+)
 from vlm.models.factory import VLMBundle, bundle, empty_vlm
 
 
@@ -33,7 +41,11 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
     if meta.llm_config is None:
         raise ExportError(f"{str(directory)!r} holds a {meta.stage!r} model, not a vision-language model; give an "
                           f"export of a phase 2 stage (align, sft, ...)")
-    tokenizer = prepare_tokenizer(load_tokenizer(str(directory / TOKENIZER_DIR)))
+    try:
+        tokenizer = prepare_tokenizer(load_tokenizer(str(directory / TOKENIZER_DIR)))
+    except Exception as err:  # missing or damaged files surface as OSError, ValueError or an import hint
+        raise ExportError(f"{str(directory / TOKENIZER_DIR)!r} cannot be loaded ({first_line(err)}): it is damaged "
+                          f"or incomplete; re-export it from its run") from None
     model = empty_vlm(model_config_from(meta.model), AutoConfig.for_model(**meta.llm_config),
                       image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)
