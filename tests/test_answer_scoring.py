@@ -18,7 +18,8 @@ from data_scripts import llava_to_shards
 from vlm.config import ConfigError
 from vlm.data import synthetic
 from vlm.data.conversations import ConversationDecoder
-from vlm.eval import NothingToScore, evaluate, show_confusions, show_worst, write_results
+from vlm.eval import NothingToScore, evaluate, results_folder, show_confusions, show_worst, write_results
+from vlm.exports.format import ExportError
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.metrics import answer_metrics, normalize_exact, normalize_vqa, score_answer
 from vlm.models.factory import new_vlm
@@ -123,6 +124,18 @@ def test_an_export_evaluated_as_the_other_phase_names_the_stage_to_pass(tiny_exp
     with pytest.raises(ConfigError, match=rf"checkpoint='{tiny_export}' holds a 'sft' model, which "
                                           rf"stage=contrastive cannot evaluate; pass stage=sft"):
         evaluate(tiny_config(f"checkpoint={tiny_export}", stage="contrastive"))
+
+
+def test_a_results_folder_that_cannot_be_made_fails_before_the_evaluation(tiny_export, tmp_path):
+    (tmp_path / "red.png").write_bytes(b"an image, not a folder")
+    config = tiny_config(f"checkpoint={tiny_export}", f"eval.output_dir={tmp_path / 'red.png'}", stage="sft")
+    with pytest.raises(ConfigError, match=r"eval.output_dir='.*red.png' cannot be a folder for the results"):
+        results_folder(config)
+    assert results_folder(tiny_config(f"checkpoint={tiny_export}", stage="sft")) == tiny_export.parent / "eval"
+    missing = tmp_path / "gone" / "export"
+    with pytest.raises(ExportError, match="does not exist"):
+        results_folder(tiny_config(f"checkpoint={missing}", stage="sft"))
+    assert not (tmp_path / "gone").exists()  # no eval folder beside an export that is not there
 
 
 def test_held_out_data_without_answers_or_samples_is_an_error(tiny_export, tmp_path, caplog):

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import ConfigError, TrainConfig, to_train_config
 from vlm.data.sources import resolve_eval
-from vlm.exports.format import read_meta
+from vlm.exports.format import ExportError, not_a_folder, read_meta
 from vlm.metrics import SCORES
 from vlm.training.callbacks import progress_callback
 from vlm.training.datamodule import ShardDataModule
@@ -69,6 +69,21 @@ def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) 
         raise NothingToScore(f"no held-out sample of data.val={pattern!r} could be scored: the shards hold none, or "
                              f"every one was skipped (the warnings above name each skipped sample with its shard and "
                              f"the reason, e.g. no assistant turn)")
+
+
+def results_folder(config: TrainConfig) -> Path:
+    """eval.output_dir (default: the `eval` folder beside the export), made before the evaluation runs, so a path
+    that cannot be a folder fails at once rather than after the work."""
+    if not config.checkpoint:
+        raise ConfigError("checkpoint=PATH is required: the export folder of a run (OUTPUT_ROOT/STAGE/RUN/export)")
+    if problem := not_a_folder(config.checkpoint):  # before a folder is made beside it
+        raise ExportError(problem)
+    out = Path(config.eval.output_dir or Path(config.checkpoint).expanduser().resolve().parent / "eval").expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, or no permission
+        raise ConfigError(f"eval.output_dir={str(out)!r} cannot be a folder for the results ({err.strerror})") from None
+    return out
 
 
 def write_results(metrics: dict[str, Any], predictions: list[dict[str, Any]], directory: Path) -> None:
@@ -121,8 +136,8 @@ def show_confusions(predictions: list[dict[str, Any]], count: int = WORST_SHOWN)
 def main_hydra(cfg: DictConfig) -> dict[str, Any]:
     with user_errors():
         config = to_train_config(cfg)
+        out = results_folder(config)
         metrics, predictions = evaluate(config)
-    out = Path(config.eval.output_dir or Path(config.checkpoint).expanduser().resolve().parent / "eval")
     write_results(metrics, predictions, out)
     print(json.dumps(metrics, indent=2))
     contrastive = config.stage.name == "contrastive"
