@@ -15,6 +15,7 @@ import torch
 from preference_data import write_pairs
 from tiny import sft_export, tiny_config
 
+from vlm.config import ConfigError
 from vlm.data.processor import IGNORE_INDEX
 from vlm.data.shards import build_pipeline
 from vlm.data.sources import DataSources
@@ -220,6 +221,21 @@ def test_a_dpo_run_without_a_single_pair_says_so(tiny_sft_export, tmp_path, capl
     with caplog.at_level(logging.WARNING):
         run(config)
     assert "stage=dpo trained 2 batches without a single preference pair" in caplog.text
+
+
+def test_a_constitution_output_that_kept_no_pair_is_named_when_dpo_looks_for_pairs(tmp_path):
+    from vlm.data.preferences import PAIRS_DONE
+    from vlm.data.sources import constitution_pairs
+
+    folder = tmp_path / "constitution" / "run-synthetic-revise"
+    folder.mkdir(parents=True)
+    shards = {"train": str(folder / "train" / "shard-{000000..000000}.tar"),
+              "val": str(folder / "val" / "shard-{000000..000000}.tar"), "qa_val": None}
+    (folder / PAIRS_DONE).write_text(json.dumps({**shards, "train_pairs": 0}))
+    with pytest.raises(ConfigError, match=f"the newest preference pairs, '{folder}', hold no train pair"):
+        constitution_pairs(str(tmp_path))
+    (folder / PAIRS_DONE).write_text(json.dumps({**shards, "train_pairs": 3}))
+    assert constitution_pairs(str(tmp_path)).train == shards["train"]
 
 
 class ReferenceWatch(pl.Callback):

@@ -409,7 +409,13 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
                    constitution=config.constitution, critic_failed_requests=make.critic.failed,
                    wall_seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    done = {"train": patterns.get("train"), "val": patterns.get("val"), "qa_val": data.val}
+    train_pairs = summary.get("train", {}).get("kept")
+    if train_pairs == 0:
+        log.warning("no preference pair was kept from the %d train prompts: the critic left every answer as it was "
+                    "(the model answers them right, or the critic agrees with it), so stage=dpo has nothing to learn "
+                    "from here; use more prompts (max_train_prompts), mode=best_of_n, or a stronger critic",
+                    summary["train"]["prompts"])
+    done = {"train": patterns.get("train"), "val": patterns.get("val"), "qa_val": data.val, "train_pairs": train_pairs}
     (out / PAIRS_DONE).write_text(json.dumps(done) + "\n")
     sources = pair_sources(done)  # what stage=dpo would find by itself as the newest output under output_root
     log.info("pairs in %s; train on them with: python -m vlm.train stage=dpo init_from=%s data.train='%s' "

@@ -72,7 +72,12 @@ def constitution_pairs(output_root: str) -> DataSources:
         raise ConfigError(f"no data.train given and no finished preference pairs under {str(root)!r}: run "
                           f"`python -m vlm.constitution` first (with the same output_root), or pass data.train= and "
                           f"data.val= preference shards (data_scripts/preferences_to_shards.py writes them)")
-    log.info("no data.train given: using the preference pairs of %s", Path(found["train"]).parent.parent)
+    folder = Path(found["train"]).parent.parent if found.get("train") else root
+    if found.get("train_pairs") == 0:
+        raise ConfigError(f"the newest preference pairs, {str(folder)!r}, hold no train pair (its summary.json counts "
+                          f"the prompts and why each answer was dropped): rerun `python -m vlm.constitution` with more "
+                          f"prompts or mode=best_of_n, or pass data.train= and data.val= preference shards")
+    log.info("no data.train given: using the preference pairs of %s", folder)
     return pair_sources(found)
 
 
