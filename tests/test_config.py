@@ -91,10 +91,35 @@ def test_bad_values_name_the_key():
     ("stage.batch_size=-2", "stage.batch_size=-2 must be >= 1"),
     ("model.projector.reduction_factor=0", "model.projector.reduction_factor=0 must be >= 1"),
     ("model.projector.image_slots=-1", "model.projector.image_slots=-1 must be >= 0"),
+    ("stage.betas=[0.9]", r"stage.betas=\[0.9\] must be two numbers in \[0, 1\)"),
+    ("stage.betas=[0.9,1.5]", r"stage.betas=\[0.9, 1.5\] must be two numbers"),
+    ("trainer.devices=0", "trainer.devices=0: give a count"),
+    ("trainer.devices=abc", "trainer.devices='abc': give a count"),
+    ("trainer.accelerator=tpu", r"trainer.accelerator='tpu' is not valid; choose one of \['auto', 'cpu'"),
+    ("model.vision.image_size=60", "model.vision.image_size=60 must be a multiple of model.vision.patch_size=8"),
 ])
 def test_out_of_range_numbers_name_the_key_and_the_bound(override, message):
     with pytest.raises(ConfigError, match=message):
         tiny_config(override)
+
+
+@pytest.mark.parametrize("devices", ["auto", "1", "-1", "[0,1]", "'0,1'"])
+def test_every_form_of_trainer_devices_lightning_takes_passes_the_check(devices):
+    tiny_config(f"trainer.devices={devices}")
+
+
+def test_settings_lightning_refuses_and_a_bad_model_name_are_one_error_leaving_no_run_folder(tmp_path):
+    from vlm.train import run
+
+    for override, message in (("trainer.devices=[0,1]", r"trainer settings \(accelerator=cpu, devices=\[0, 1\].*"
+                                                         r"CPUAccelerator"),
+                              ("model.vision.name=nonexistent_vit", "model.vision.name='nonexistent_vit'")):
+        with pytest.raises(ConfigError, match=message):
+            run(tiny_config(override, "trainer.accelerator=cpu", f"output_root={tmp_path}"))
+    assert list((tmp_path / "contrastive").iterdir()) == []  # each failed start removed its folder
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot make the run folder .* check output_root="):
+        run(tiny_config(f"output_root={tmp_path / 'file'}"))
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

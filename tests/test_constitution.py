@@ -33,6 +33,15 @@ def _config(tiny_sft_export: Path, small_synthetic: list[str], tmp_path: Path, *
     return load_config(ConstitutionConfig, values)
 
 
+def test_an_output_path_that_is_a_file_is_refused_before_the_model_loads(tiny_sft_export, small_synthetic, tmp_path):
+    from vlm.constitution import run
+
+    (tmp_path / "pairs").write_text("notes")
+    with pytest.raises(ConfigError, match=r"out='.*pairs' is a file; give a folder for the preference pairs"):
+        run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic"))
+    assert (tmp_path / "pairs").read_text() == "notes"
+
+
 def _pairs(pattern_dir: Path) -> list[dict]:
     shards = sorted(str(p) for p in pattern_dir.glob("shard-*.tar"))
     return [json.loads(s["json"]) for s in build_pipeline(shards, lambda s: s, train=False, split_by_node=False)]

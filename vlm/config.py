@@ -183,6 +183,12 @@ class VisionConfig:
     keep_cls: bool = setting()  # phase 2: keep the prefix (CLS) tokens in the image tokens
     gradient_checkpointing: bool = setting()  # recompute block activations in backward to save memory
 
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int) and isinstance(self.patch_size, int) and self.patch_size > 0 \
+                and self.image_size % self.patch_size:
+            raise ValueError(f"model.vision.image_size={self.image_size} must be a multiple of "
+                             f"model.vision.patch_size={self.patch_size} (the ViT cuts each tile into whole patches)")
+
 
 @dataclass
 class TextConfig:
@@ -276,7 +282,7 @@ class StageConfig:
     lr_vision: float | None = setting(minimum=0)
     lr_text: float | None = setting(minimum=0)
     weight_decay: float = setting(minimum=0)
-    betas: tuple[float, float] = setting()  # AdamW betas
+    betas: tuple[float, float] = setting()  # AdamW betas: (beta1, beta2), each in [0, 1)
     warmup_steps: int = setting(minimum=0)  # linear warmup, then cosine decay to `min_lr_ratio * lr`
     min_lr_ratio: float = setting(minimum=0, maximum=1)
     train_vision: bool | None = setting()  # null follows the stage table; true/false overrides it
@@ -294,6 +300,13 @@ class StageConfig:
     precompute_reference: bool | None = setting()  # reference log-probs computed once before training, no copy
     disable_dropout: bool | None = setting()  # no dropout in the policy: its log-probs compare with the reference's
     reference: str | None = setting()  # vlm.eval: the reference export; null: the one the run recorded
+
+    def __post_init__(self) -> None:
+        betas = list(self.betas) if isinstance(self.betas, list | tuple) else None
+        if betas is not None and (len(betas) != 2 or not all(isinstance(b, int | float) and 0 <= b < 1
+                                                              for b in betas)):
+            raise ValueError(f"stage.betas={betas!r} must be two numbers in [0, 1): AdamW's [beta1, beta2], e.g. "
+                             f"[0.9, 0.95]")
 
 
 @dataclass
@@ -339,8 +352,8 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = setting()  # cpu, gpu, auto
-    devices: Any = setting()  # int, list of ids or "auto"
+    accelerator: str = setting(choices=("auto", "cpu", "gpu", "cuda", "mps"))
+    devices: Any = setting()  # a count, -1 (all), a list of ids, "0,1", or "auto"
     num_nodes: int = setting(minimum=1)
     strategy: str = setting()  # auto, ddp, fsdp (Lightning strategies); fsdp shards every transformer block
     # FSDP's sharding: params+grads+optimizer state, grads+optimizer state, full within a node, or none (DDP-like)
@@ -357,6 +370,21 @@ class TrainerConfig:
     seed: int = setting()  # seeds weights, data order and dropout
     compile: bool = setting()  # torch.compile each transformer block (ViT, text tower, LLM layers) in place
     max_nonfinite_steps: int = setting(minimum=1)  # stop after this many non-finite losses in a row
+
+    def __post_init__(self) -> None:
+        devices = self.devices
+        if devices == MISSING:  # the schema's own placeholder, before the YAML's value arrives
+            return
+        if isinstance(devices, str) and devices != "auto":
+            ok = all(part.strip().isdigit() for part in devices.split(",")) and devices.strip() != ""
+        elif isinstance(devices, list | tuple):
+            ok = bool(devices) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+        else:
+            ok = devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool)
+                                       and (devices >= 1 or devices == -1))
+        if not ok:
+            raise ValueError(f"trainer.devices={devices!r}: give a count (1, 8), -1 for every device, a list of ids "
+                             f"([0, 1] or \"0,1\"), or auto")
 
 
 @dataclass

@@ -392,6 +392,8 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
                           f"stage=sft` first, or pass checkpoint=EXPORT_FOLDER")
     out = Path(config.out or Path(config.output_root) / "constitution" /
                f"{checkpoint.resolve().parent.name}-{config.critic.kind}-{config.mode}").expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={str(out)!r} is a file; give a folder for the preference pairs")
     data = resolve(config.data, "conversations")
     chat_model = ChatModel.load(checkpoint, device=config.device)
     make = PairMaker(config, chat_model, build_critic(config, chat_model, constitution), constitution)

@@ -19,7 +19,7 @@ from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import TrainConfig, to_train_config
 from vlm.data.sources import resolve as resolve_data
 from vlm.training.datamodule import ShardDataModule
-from vlm.training.runs import prepare_run
+from vlm.training.runs import prepare_run, removed_if_left_empty
 from vlm.training.stages import get_stage
 from vlm.training.strategy import check_strategy, configure_precision
 from vlm.training.trainer import build_trainer, finish
@@ -38,14 +38,15 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     data = resolve_data(config.data, stage.data, config.output_root)
     run_folder = prepare_run(config)
     log.info("stage %s -> %s", stage.name, run_folder.dir)
-    task = stage.task.create(config, stage, run_folder.init_from, data)
-    datamodule = ShardDataModule(data, task.batching(), config.data, config.trainer.seed)
-    if datamodule.val_urls and task.val_batch_limit() is not None:
-        log.info("validations during training read the first %d held-out samples (eval.max_samples); the last one "
-                 "reads all", task.sample_limit)
-    trainer = build_trainer(config, run_folder, task)
-    trainer.callbacks.extend(callbacks)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
+    with removed_if_left_empty(run_folder.dir):  # a start that fails leaves no empty run folder behind
+        task = stage.task.create(config, stage, run_folder.init_from, data)
+        datamodule = ShardDataModule(data, task.batching(), config.data, config.trainer.seed)
+        if datamodule.val_urls and task.val_batch_limit() is not None:
+            log.info("validations during training read the first %d held-out samples (eval.max_samples); the last "
+                     "one reads all", task.sample_limit)
+        trainer = build_trainer(config, run_folder, task)
+        trainer.callbacks.extend(callbacks)
+        trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
     return finish(trainer, task, datamodule, run_folder, config, started)
 
 

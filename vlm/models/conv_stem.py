@@ -11,6 +11,8 @@ import math
 from timm.layers import PatchEmbed
 from torch import nn
 
+from vlm.config import ConfigError
+
 
 class ConvStemPatchEmbed(PatchEmbed):
     """timm's PatchEmbed with `proj` = [3x3 conv stride 2, BN, ReLU] x log2(patch) + 1x1 conv to embed_dim."""
@@ -19,7 +21,7 @@ class ConvStemPatchEmbed(PatchEmbed):
         super().__init__(*args, **kwargs)
         patch = self.patch_size[0]
         if patch != self.patch_size[1] or patch < 2 or patch & (patch - 1):
-            raise ValueError(f"model.vision.conv_stem needs a square power-of-two patch size, got {self.patch_size}")
+            raise ConfigError(f"model.vision.conv_stem needs a square power-of-two patch size, got {self.patch_size}")
         embed_dim = self.proj.out_channels
         layers: list[nn.Module] = []
         channels, width = self.proj.in_channels, max(16, embed_dim // 2 ** (int(math.log2(patch)) - 1) // 2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import nn
 
-from vlm.config import ClipHeadConfig
+from vlm.config import ClipHeadConfig, ConfigError
 from vlm.data.processor import IGNORE_INDEX
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo")
@@ -23,7 +23,7 @@ def build_contrastive_loss(config: ClipHeadConfig, rank: int = 0, world_size: in
                         rank=rank, world_size=world_size)
     if config.loss == "siglip":
         return SigLipLoss(cache_labels=True, rank=rank, world_size=world_size)
-    raise ValueError(f"unknown model.clip.loss {config.loss!r}; choose one of ['clip', 'siglip']")
+    raise ConfigError(f"unknown model.clip.loss {config.loss!r}; choose one of ['clip', 'siglip']")
 
 
 def answer_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +54,7 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, 
     `sft_weight` adds that times the chosen answers' per-token NLL, which keeps their likelihood from drifting down.
     """
     if kind not in PREFERENCE_LOSSES:
-        raise ValueError(f"stage.loss={kind!r} is not valid; choose one of {list(PREFERENCE_LOSSES)}")
+        raise ConfigError(f"stage.loss={kind!r} is not valid; choose one of {list(PREFERENCE_LOSSES)}")
     chosen_tokens, rejected_tokens = chosen_tokens.clamp(min=1), rejected_tokens.clamp(min=1)
     if kind == "ipo":
         policy_chosen, reference_chosen = policy_chosen / chosen_tokens, reference_chosen / chosen_tokens

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 from torch import nn
 
+from vlm.config import ConfigError
+
 
 def linear(vision_width: int, llm_width: int) -> nn.Module:
     return nn.Linear(vision_width, llm_width)
@@ -21,5 +23,5 @@ PROJECTORS: dict[str, Callable[[int, int], nn.Module]] = {"linear": linear, "mlp
 
 def build_projector(name: str, vision_width: int, llm_width: int) -> nn.Module:
     if name not in PROJECTORS:
-        raise ValueError(f"unknown projector {name!r}; choose one of {sorted(PROJECTORS)}")
+        raise ConfigError(f"unknown projector {name!r}; choose one of {sorted(PROJECTORS)}")
     return PROJECTORS[name](vision_width, llm_width)

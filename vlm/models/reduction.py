@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.config import ConfigError
+
 
 class TokenReducer(nn.Module):
     """(B, N, D) tokens on a square grid -> (B, N/r^2, D r^2) with pixel shuffle, (B, N/r^2, D) with pooling."""
@@ -15,7 +17,7 @@ class TokenReducer(nn.Module):
     def __init__(self, kind: str, factor: int):
         super().__init__()
         if kind not in ("none", "pixel_shuffle", "avg_pool"):
-            raise ValueError(f"unknown token reduction {kind!r}; choose one of ['avg_pool', 'none', 'pixel_shuffle']")
+            raise ConfigError(f"unknown token reduction {kind!r}; choose one of ['avg_pool', 'none', 'pixel_shuffle']")
         self.kind, self.factor = kind, factor if kind != "none" else 1
 
     def out_width(self, width: int) -> int:
@@ -26,7 +28,7 @@ class TokenReducer(nn.Module):
         if self.kind == "none":
             return tokens
         if side * side != tokens or side % self.factor:
-            raise ValueError(f"token reduction {self.kind} x{self.factor} needs a square patch grid divisible by "
+            raise ConfigError(f"token reduction {self.kind} x{self.factor} needs a square patch grid divisible by "
                              f"{self.factor}; got {tokens} tokens. Change model.projector.reduction_factor or the "
                              f"image/patch size")
         return (side // self.factor) ** 2

@@ -7,7 +7,7 @@ import torch
 from open_clip.transformer import TextTransformer
 from torch import nn
 
-from vlm.config import TextConfig
+from vlm.config import ConfigError, TextConfig
 
 
 class TextTower(nn.Module):
@@ -30,7 +30,7 @@ class TextTower(nn.Module):
         state = {k: v for k, v in reference.state_dict().items() if k.split(".")[0] in keys}
         missing, unexpected = self.transformer.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if k != "attn_mask"]:
-            raise ValueError(f"model.text.pretrained={spec!r} does not match model.text (missing {missing[:5]}, "
+            raise ConfigError(f"model.text.pretrained={spec!r} does not match model.text (missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}); copy the text width/heads/layers of {name!r}")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,6 @@ def clip_tokenizer(config: TextConfig) -> open_clip.tokenizer.SimpleTokenizer:
     """The open_clip tokenizer; CLIP's BPE vocabulary ships inside the open_clip wheel, so this works offline."""
     tokenizer = open_clip.get_tokenizer(config.tokenizer, context_length=config.context_length)
     if getattr(tokenizer, "vocab_size", config.vocab_size) > config.vocab_size:
-        raise ValueError(f"model.text.vocab_size={config.vocab_size} is smaller than the {config.tokenizer!r} "
+        raise ConfigError(f"model.text.vocab_size={config.vocab_size} is smaller than the {config.tokenizer!r} "
                          f"tokenizer's vocabulary ({tokenizer.vocab_size})")
     return tokenizer

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vlm.config import VisionConfig
+from vlm.config import ConfigError, VisionConfig
 from vlm.models.conv_stem import ConvStemPatchEmbed
 
 
@@ -40,9 +40,10 @@ class VisionTower(nn.Module):
             self.vit = timm.create_model(config.name, pretrained=config.pretrained, num_classes=0,
                                          img_size=config.image_size, patch_size=config.patch_size, **kwargs)
         except RuntimeError as err:  # timm raises RuntimeError for unknown names
-            raise ValueError(f"model.vision.name={config.name!r}: {err}") from None
+            raise ConfigError(f"model.vision.name={config.name!r}: {err}") from None
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
-            raise ValueError(f"model.vision.name={config.name!r} is not a ViT (no patch_embed/blocks); pick a timm ViT")
+            raise ConfigError(f"model.vision.name={config.name!r} is not a ViT (no patch_embed/blocks); pick a timm "
+                              f"ViT")
         self.config = config
         self.width: int = self.vit.num_features
         self.num_prefix_tokens: int = getattr(self.vit, "num_prefix_tokens", 1)  # CLS / register tokens

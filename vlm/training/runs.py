@@ -5,9 +5,12 @@ Layout: OUTPUT_ROOT/STAGE/RUN_NAME/{checkpoints/, export/, logs/, metrics.json}.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,11 +103,27 @@ def prepare_run(config: TrainConfig) -> Run:
                 raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; pass resume=auto to continue it "
                                   f"or choose another run_name")
             run_dir = run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a folder must go, or no permission
+        raise ConfigError(f"cannot make the run folder {str(run_dir)!r} ({err.strerror}): check output_root="
+                          f"{config.output_root!r}") from None
     run = Run(run_dir, resume_from, _start(config, resume_from))
     os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""),
                        INIT_ENV: str(run.init_from or ""), PARENT_ENV: str(os.getpid())})
     return run
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(run_dir: Path) -> Iterator[None]:
+    """On an error in the block, remove `run_dir` if it holds no file (a failed start), so run folders and
+    resume=auto only ever see runs that wrote something."""
+    try:
+        yield
+    except BaseException:
+        if run_dir.is_dir() and not any(path.is_file() for path in run_dir.rglob("*")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _from_parent_rank() -> Run | None:

@@ -10,10 +10,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 
 from vlm.config import ConfigError, TrainConfig, to_dict
+from vlm.exports.format import first_line
 from vlm.models.blocks import compile_blocks
 from vlm.training.callbacks import progress_callback
 from vlm.training.checkpoint_io import AtomicCheckpointIO
@@ -45,6 +47,16 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
         raise ConfigError(f"{str(run.resume_from)!r} is at step {resume_step}, past stage.max_steps="
                           f"{config.stage.max_steps}: there is nothing left to train; raise stage.max_steps to "
                           f"continue the run (at {resume_step} it only validates and exports again)")
+    try:
+        return _trainer(config, run, task, checkpoints, resume_step)
+    except (MisconfigurationException, TypeError, ValueError) as err:  # Lightning's checks of the trainer settings
+        raise ConfigError(f"trainer settings (accelerator={t.accelerator}, devices={t.devices}, strategy="
+                          f"{t.strategy}, precision={t.precision}): {first_line(err)}") from None
+
+
+def _trainer(config: TrainConfig, run: Run, task: StageTask, checkpoints: NewestCheckpoints,
+             resume_step: int | None) -> pl.Trainer:
+    t = config.trainer
     return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                       strategy=build_strategy(t, task.model),
                       precision=t.precision, max_steps=config.stage.max_steps, max_epochs=-1,
