@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ from data_scripts.shard_writing import (  # noqa: E402
     Skip,
     add_output_arguments,
     add_run_arguments,
+    json_type,
     plan_jobs,
     prepare_output,
     read_image,
     report,
     run,
+    text_field,
     write_classnames,
     write_shards,
 )
@@ -42,7 +45,7 @@ or JSONL, one object per line:
   {"image": "cats/001.jpg", "caption": "a grey cat asleep on a sofa", "label": "cat"}
 
   image    path relative to --images, or absolute
-  caption  the text paired with the image
+  caption  the text paired with the image, on one line (quote it if it contains commas)
   label    a class name, or an integer class index (then pass --classnames to name the classes)
 
 output:
@@ -90,18 +93,40 @@ def read_annotations(path: Path) -> list[Row]:
 
 
 def _read_csv(text: str, path: Path) -> list[Row]:
-    reader = csv.DictReader(text.splitlines(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-    if reader.fieldnames is None:
-        return []
-    reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "image, caption" headers are common
-    rows = []
-    for fields in reader:
-        extra = fields.pop(None, None)  # DictReader keeps surplus cells under the key None
-        if extra:
-            rows.append(Row(reader.line_num, None, f"{len(extra)} more cell(s) than the header has columns "
-                                                   "(quote captions that contain commas)"))
+    """Rows of a CSV with a header row. A quoted cell must end on the line it starts on: a row whose quote is not
+    closed there (which the csv module would silently continue over the following lines, swallowing them into the
+    caption) is reported at its line, and the lines after it are read as rows of their own."""
+    lines = io.StringIO(text, newline="").readlines()  # split at \n, \r\n or \r only, as the csv module splits
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines[-1] += "\n"  # so that a quote left open on the last line shows as a line break in its cell
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    names: list[str] | None = None
+    rows: list[Row] = []
+    start = 0  # index in `lines` where the current csv reader began
+    while start < len(lines):
+        reader = csv.reader((lines[i] for i in range(start, len(lines))), delimiter=delimiter)
+        consumed = 0  # lines this reader has read
+        for cells in reader:
+            first, consumed = start + consumed + 1, reader.line_num  # `first`: 1-based line the row starts on
+            if any("\n" in cell or "\r" in cell for cell in cells):
+                if names is None:
+                    raise DataError(f"{path} line {first}: the header row has a quote that is not closed on its line")
+                runs_on = f"it runs on to line {start + consumed}" if start + consumed > first else "it is never closed"
+                rows.append(Row(first, None, f"a quoted cell is not closed on this line ({runs_on}: an unclosed "
+                                             "quote? a caption cannot span lines)"))
+                start = first  # the lines it swallowed are read again, as rows of their own
+                break
+            if names is None:
+                names = [name.strip() for name in cells]  # "image, caption" headers are common
+            elif not cells:
+                continue  # a blank line
+            elif len(cells) > len(names):
+                rows.append(Row(first, None, f"{len(cells) - len(names)} more cell(s) than the header has columns "
+                                             "(quote captions that contain commas)"))
+            else:
+                rows.append(Row(first, dict(zip(names, [*cells, *[None] * (len(names) - len(cells))], strict=True))))
         else:
-            rows.append(Row(reader.line_num, fields))
+            break
     return rows
 
 
@@ -118,7 +143,7 @@ def _read_jsonl(text: str) -> list[Row]:
         if isinstance(fields, dict):
             rows.append(Row(number, fields))
         else:
-            rows.append(Row(number, None, f"expected a JSON object, got {type(fields).__name__}"))
+            rows.append(Row(number, None, f"not a JSON object ({json_type(fields)})"))
     return rows
 
 
@@ -126,6 +151,11 @@ def _is_index(value: object) -> bool:
     if isinstance(value, bool):
         return False
     return isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+
+
+def _is_label(value: object) -> bool:
+    """A class name or an integer class index (not a list, a float or a boolean, whose text is no class name)."""
+    return isinstance(value, str) or _is_index(value)
 
 
 def _label_value(fields: dict) -> object:
@@ -139,7 +169,7 @@ def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, lis
     All non-empty labels integers: they are indices, named by --classnames if given. Otherwise they are names: the
     class list is --classnames (its order) or else the sorted unique names.
     """
-    labels = [v for row in rows if row.fields and (v := _label_value(row.fields)) is not None]
+    labels = [v for row in rows if row.fields and _is_label(v := _label_value(row.fields))]  # others are skipped
     given = None
     if classnames_file is not None:
         try:
@@ -186,16 +216,18 @@ def convert(args: argparse.Namespace) -> int:
     def build(row: Row) -> dict:
         if row.fields is None:
             raise Skip("unparsable row", row.problem)
-        image = row.fields.get("image")
-        if not isinstance(image, str) or not image.strip():
+        image = text_field(row.fields, "image")
+        if image is None or not image.strip():
             raise Skip("no image", "no image path in the 'image' column")
-        caption = row.fields.get("caption")
-        caption = "" if caption is None else str(caption).strip()
+        caption = (text_field(row.fields, "caption") or "").strip()
         if not caption:
             raise Skip("empty caption", f"empty caption for {image}")
         sample: dict = {"txt": caption.encode("utf-8")}
         label = _label_value(row.fields)
         if label is not None:
+            if not _is_label(label):
+                raise Skip("bad record", f"'label' must be a class name or an integer class index, got "
+                                         f"{json_type(label)}")
             if indexed:
                 sample["cls"] = str(int(label)).encode()
             elif str(label).strip() in position:
@@ -215,7 +247,7 @@ def convert(args: argparse.Namespace) -> int:
     if classnames:
         write_classnames([s.directory for s in result.splits.values() if s.samples], classnames)
         print(f"{len(classnames)} classes, written to classnames.txt beside the shards")
-    elif any(_label_value(r.fields) is not None for r in rows if r.fields):
+    elif any(_is_label(_label_value(r.fields)) for r in rows if r.fields):
         print("note: labels are class indices and no --classnames was given, so no classnames.txt was written; "
               "training reports retrieval but not zero-shot accuracy")
     return report(result, stage="contrastive")

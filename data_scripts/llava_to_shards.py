@@ -24,6 +24,7 @@ from data_scripts.shard_writing import (  # noqa: E402
     Skip,
     add_output_arguments,
     add_run_arguments,
+    json_type,
     plan_jobs,
     prepare_output,
     read_image,
@@ -68,8 +69,8 @@ example:
 @dataclass
 class Entry:
     where: str  # "record 12 (id 'abc')" or "line 13 (id 'abc')"
-    record: Any  # the parsed record; None when the line was not valid JSON (`problem` says why)
-    problem: str = ""
+    record: Any  # the parsed record (`null` in the file: None); None too when the line was not valid JSON
+    problem: str = ""  # why the line could not be parsed, when it could not
 
 
 def read_records(path: Path) -> list[Entry]:
@@ -127,9 +128,13 @@ def normalise_conversations(record: dict, num_images: int) -> list[dict]:
         raise Skip("no conversations", "'conversations' is missing or empty")
     normalised = []
     for number, turn in enumerate(turns, start=1):
+        if isinstance(turn, dict) and turn.get("value") is not None and not isinstance(turn["value"], str):
+            raise Skip("bad turn", f"turn {number}: 'value' must be a string, got {json_type(turn['value'])}")
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise Skip("bad turn", f"turn {number} is not an object with a text 'value': {turn!r:.80}")
-        role = ROLES.get(str(turn.get("from", "")).strip().lower())
+        if not isinstance(turn.get("from", ""), str):
+            raise Skip("bad turn", f"turn {number}: 'from' must be a string, got {json_type(turn['from'])}")
+        role = ROLES.get(turn.get("from", "").strip().lower())
         if role is None:
             raise Skip("unknown role", f"turn {number} has unknown role {turn.get('from')!r}; use human, gpt or "
                                        "system (user and assistant are accepted too)")
@@ -177,10 +182,10 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
     entries = read_records(args.json)
 
     def build(entry: Entry) -> dict:
-        if entry.record is None:
+        if entry.problem:
             raise Skip("bad record", entry.problem)
         if not isinstance(entry.record, dict):
-            raise Skip("bad record", f"expected a JSON object, got {type(entry.record).__name__}")
+            raise Skip("bad record", f"not a JSON object ({json_type(entry.record)})")
         names = names_of(entry.record)
         sample: dict = {"json": json.dumps(to_json(entry.record, len(names)), ensure_ascii=False).encode("utf-8")}
         for index, name in enumerate(names):

@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as `python data_scripts/preferences_to_shar
 from data_scripts.llava_to_shards import convert_records, records_parser  # noqa: E402
 from data_scripts.shard_writing import (  # noqa: E402
     Skip,
+    json_type,
     run,
 )
 
@@ -59,6 +60,17 @@ def image_list(record: dict) -> list[str]:
     return names
 
 
+def check_text_parts(value: object, field: str) -> None:
+    """Raise Skip for a text part whose 'text' is not a string (a list, a number) in a message list: read as the
+    text of its Python repr, it would be written out as the prompt or the answer."""
+    for number, message in enumerate(value if isinstance(value, list) else [], start=1):
+        content = message.get("content", message.get("value")) if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text", ""), str):
+                raise Skip("bad record", f"{field!r} message {number}: a text part's 'text' must be a string, got "
+                                         f"{json_type(part['text'])}")
+
+
 def normalise(record: dict, num_images: int) -> dict:
     """{"prompt": messages, "chosen": str, "rejected": str} with the record's other fields; raises Skip."""
     from vlm.data.preferences import answer_text, prompt_messages
@@ -67,6 +79,8 @@ def normalise(record: dict, num_images: int) -> dict:
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in record]
     if missing:
         raise Skip(f"no {missing[0]}", f"no {missing[0]!r} field; a record needs prompt, chosen and rejected")
+    for field in ("prompt", "chosen", "rejected"):
+        check_text_parts(record[field], field)
     prompt = record["prompt"]
     if isinstance(prompt, str) and IMAGE_PLACEHOLDER not in prompt:
         prompt = f"{IMAGE_PLACEHOLDER}\n" * num_images + prompt

@@ -15,6 +15,7 @@ import os
 import random
 import shlex
 import sys
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,26 @@ class Skip(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages: null, boolean, number, string, list, object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def text_field(record: dict, name: str) -> str | None:
+    """record[name] as text, None when absent or null; any other type (a list, a number) is a bad record rather
+    than its Python repr written out as text."""
+    value = record.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise Skip("bad record", f"{name!r} must be a string, got {json_type(value)}")
 
 
 # ---- images ----------------------------------------------------------------------------------------------------
@@ -160,20 +181,36 @@ def plan_jobs(records: Sequence[T], where: Callable[[int, T], str], val_fraction
     return jobs
 
 
+SPLITS = ("train", "val")  # every split a converter writes; --overwrite clears them all, not just this run's
+
+
 def prepare_output(out: Path, splits: Iterable[str], overwrite: bool) -> None:
-    """Create OUT/<split>; refuse to mix with shards of an earlier run unless `overwrite`, then delete those."""
+    """Create OUT/<split>; refuse to mix with what an earlier run wrote unless `overwrite`, then delete all of it:
+    the shards and classnames.txt of every split (also of a split this run does not write, which would otherwise
+    hold stale samples) and OUT/skipped.txt."""
+    splits = list(splits)
+    every = [*SPLITS, *(split for split in splits if split not in SPLITS)]
+    for path in (out, *(out / split for split in every)):
+        if path.exists() and not path.is_dir():
+            raise DataError(f"--out {out} is a file, not a folder; choose another --out" if path == out else
+                            f"{path} is a file, not a folder; move it or choose another --out")
+    old = {split: sorted((out / split).glob("shard-*.tar")) for split in every}
+    if any(old.values()) and not overwrite:
+        split, shards = next((split, shards) for split, shards in old.items() if shards)
+        raise DataError(f"{out / split} already holds {len(shards)} shard(s) from an earlier run; pass --overwrite to "
+                        f"replace them, or choose another --out")
+    if overwrite:
+        for split, shards in old.items():
+            for path in [*shards, out / split / "classnames.txt"]:
+                path.unlink(missing_ok=True)
+            if split not in splits and (out / split).is_dir() and not any((out / split).iterdir()):
+                (out / split).rmdir()  # a split of the earlier run that this one does not write
+        (out / "skipped.txt").unlink(missing_ok=True)
     for split in splits:
-        directory = out / split
-        old = sorted(directory.glob("shard-*.tar")) if directory.is_dir() else []
-        if old and not overwrite:
-            raise DataError(f"{directory} already holds {len(old)} shard(s) from an earlier run; pass --overwrite to "
-                            f"replace them, or choose another --out")
-        for path in old:
-            path.unlink()
-        stale = directory / "classnames.txt"
-        if stale.is_file() and overwrite:
-            stale.unlink()
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            (out / split).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"cannot create the output folder {out / split}: {err.strerror or err}") from None
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------
@@ -194,6 +231,41 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
         while window:
             first, future = window.popleft()
             yield first, future.result()
+
+
+PLAIN_LINES_PER_RUN = 20  # in a log file, a progress line every 5% of the records, as training's PlainProgress does
+PLAIN_LINE_SECONDS = 15.0  # ... or after this long without one, whichever comes first
+
+
+class _Progress:
+    """tqdm's bar on a terminal. When stderr is a log file (SLURM, CI, `> convert.log`), where the bar is off, a plain
+    line every 5% of the records or every 15 s: done/total, percentage, rate, time left, skips so far."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc = total, desc
+        self.bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True) if sys.stderr.isatty() else None
+        self.done = self.skipped = 0
+        self.every = max(1, total // PLAIN_LINES_PER_RUN)
+        self.started = self.last_line = time.monotonic()
+
+    def update(self, skipped: bool) -> None:
+        self.done += 1
+        self.skipped += skipped
+        if self.bar is not None:
+            self.bar.update()
+            return
+        now = time.monotonic()
+        if self.done % self.every and self.done != self.total and now - self.last_line < PLAIN_LINE_SECONDS:
+            return
+        self.last_line = now
+        rate = self.done / max(now - self.started, 1e-9)
+        left = (self.total - self.done) / rate
+        print(f"{self.desc}: {self.done}/{self.total} ({self.done / max(self.total, 1):.0%}), {rate:.1f} records/s, "
+              f"{left:.0f} s left, {self.skipped} skipped", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _SplitWriter:
@@ -255,27 +327,27 @@ def write_shards(out: Path, jobs: Sequence[Job[T]], build: Callable[[T], dict[st
                  workers: int = DEFAULT_WORKERS, desc: str = "converting") -> Result:
     """Build every job's sample and write it to OUT/<split>/shard-*.tar; skipped records are reported as they come
     (to stderr, the first MAX_PRINTED_SKIPS of them) and all listed in OUT/skipped.txt."""
-    if samples_per_shard < 1:
-        raise DataError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    check_output_arguments(samples_per_shard)
     splits = sorted({job.split for job in jobs}, key=["train", "val"].index)
     writers = {split: _SplitWriter(out / split, samples_per_shard) for split in splits}
     skipped: Counter = Counter()
     skip_lines: list[tuple[str, str]] = []  # (key, message): skipped.txt lists them in input order
+    progress = _Progress(len(jobs), desc)
     try:
-        with tqdm(total=len(jobs), desc=desc, unit="sample", dynamic_ncols=True, disable=None) as bar:  # no bar in logs
-            for job, outcome in ordered_map(_attempt(build), jobs, workers):
-                if isinstance(outcome, Skip):
-                    skipped[outcome.kind] += 1
-                    skip_lines.append((job.key, f"{job.where}: {outcome}"))
-                    if len(skip_lines) <= MAX_PRINTED_SKIPS:
-                        tqdm.write(f"skipped {skip_lines[-1][1]}", file=sys.stderr)
-                    elif len(skip_lines) == MAX_PRINTED_SKIPS + 1:
-                        tqdm.write(f"(more skips are only counted now; {out / 'skipped.txt'} will list them all)",
-                                   file=sys.stderr)
-                else:
-                    writers[job.split].write({"__key__": job.key, **outcome})
-                bar.update()
+        for job, outcome in ordered_map(_attempt(build), jobs, workers):
+            if isinstance(outcome, Skip):
+                skipped[outcome.kind] += 1
+                skip_lines.append((job.key, f"{job.where}: {outcome}"))
+                if len(skip_lines) <= MAX_PRINTED_SKIPS:
+                    tqdm.write(f"skipped {skip_lines[-1][1]}", file=sys.stderr)
+                elif len(skip_lines) == MAX_PRINTED_SKIPS + 1:
+                    tqdm.write(f"(more skips are only counted now; {out / 'skipped.txt'} will list them all)",
+                               file=sys.stderr)
+            else:
+                writers[job.split].write({"__key__": job.key, **outcome})
+            progress.update(isinstance(outcome, Skip))
     finally:
+        progress.close()
         for writer in writers.values():
             writer.close()
     log = out / "skipped.txt"
@@ -352,12 +424,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, order: str) -> None:
                         help=f"keep the {order} order in the train shards (default: seeded shuffle)")
     parser.add_argument("--workers", metavar="N", type=int, default=DEFAULT_WORKERS,
                         help=f"threads reading and checking images (default: {DEFAULT_WORKERS})")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards left in OUT by an earlier run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace what an earlier run left in OUT (the shards of every split, classnames.txt, "
+                             "skipped.txt)")
+
+
+def check_output_arguments(samples_per_shard: int, val_fraction: float = 0.0) -> None:
+    """The shared options' values, checked before anything is read or any folder is made."""
+    if samples_per_shard < 1:
+        raise DataError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
 
 
 def run(convert: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a converter; a problem with the input as a whole is one `error:` line and exit code 2."""
+    """Run a converter; a bad option value or a problem with the input as a whole is one `error:` line and exit
+    code 2, given before OUT is touched."""
     try:
+        check_output_arguments(args.samples_per_shard, args.val_fraction)
         return convert(args)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -194,6 +194,88 @@ def test_missing_column_is_named(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing touched before the input was known to be usable
 
 
+def test_an_unclosed_quote_is_reported_and_the_rows_it_swallowed_are_kept(tmp_path, capsys):
+    """csv would read a quoted cell on over the following lines into the caption; each row stands on its line."""
+    rows = _write_images(tmp_path / "images", 4)
+    annotations = tmp_path / "a.csv"
+    annotations.write_text(f'image,caption\n{rows[0]["image"]},"a red square\n{rows[1]["image"]},green\n'
+                           f'{rows[2]["image"]},"blue, dark"\n\n{rows[3]["image"]},"open to the end')
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                       "--out", str(tmp_path / "out"), "--no-shuffle"])
+    assert code == 0 and "skipped 2 record(s): unparsable row (2)" in out and "wrote 2 sample(s)" in out
+    assert "a.csv line 2: a quoted cell is not closed on this line (it runs on to line 4" in err
+    assert "a.csv line 6: a quoted cell is not closed on this line (it is never closed" in err
+    assert [line.split(":")[0] for line in (tmp_path / "out/skipped.txt").read_text().splitlines()] == \
+           ["a.csv line 2", "a.csv line 6"]
+    assert [s["txt"].decode() for s in _read_split(tmp_path / "out/train").values()] == ["green", "blue, dark"]
+
+
+def test_non_string_text_and_null_records_are_bad_records(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 2)
+    lines = [json.dumps(rows[0]), json.dumps({**rows[1], "caption": ["a"]}), json.dumps({**rows[1], "caption": 7}),
+             "null", json.dumps({**rows[1], "label": ["cat"]}), json.dumps({**rows[1], "image": [rows[1]["image"]]})]
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text("\n".join(lines) + "\n")
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                       "--out", str(tmp_path / "out")])
+    assert code == 0 and "wrote 1 sample(s)" in out and "skipped 5 record(s)" in out
+    assert (tmp_path / "out/skipped.txt").read_text().splitlines() == [
+        "a.jsonl line 2: 'caption' must be a string, got list",
+        "a.jsonl line 3: 'caption' must be a string, got number",
+        "a.jsonl line 4: not a JSON object (null)",
+        "a.jsonl line 5: 'label' must be a class name or an integer class index, got list",
+        "a.jsonl line 6: 'image' must be a string, got list"]
+    assert (tmp_path / "out/train/classnames.txt").read_text() == "cat\ndog\n"  # no "['cat']" class
+
+
+def test_overwrite_leaves_only_this_runs_output(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 4)
+    annotations = _write_csv(tmp_path / "a.csv", [*rows, {"image": "gone.png", "caption": "x", "label": "cat"}])
+    argv = ["--images", str(tmp_path / "images"), "--annotations", str(annotations), "--out", str(tmp_path / "ow")]
+    assert _convert(capsys, [*argv, "--val-fraction", "0.5"])[0] == 0
+    assert _read_split(tmp_path / "ow/val") and (tmp_path / "ow/skipped.txt").is_file()
+    code, _, err = _convert(capsys, argv)
+    assert code == 2 and "--overwrite" in err
+    (tmp_path / "images/gone.png").write_bytes(noise(7))
+    code, out, _ = _convert(capsys, [*argv, "--overwrite"])
+    assert code == 0 and "wrote 5 sample(s)" in out and "data.val" not in out
+    assert len(_read_split(tmp_path / "ow/train")) == 5
+    assert sorted(p.relative_to(tmp_path / "ow").as_posix() for p in (tmp_path / "ow").rglob("*")) == \
+           ["train", "train/classnames.txt", "train/shard-000000.tar"]  # no stale val/ nor skipped.txt
+
+
+def test_bad_out_and_option_values_are_one_line_and_create_nothing(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 2)
+    annotations = _write_csv(tmp_path / "a.csv", rows)
+    argv = ["--images", str(tmp_path / "images"), "--annotations", str(annotations)]
+    code, _, err = _convert(capsys, [*argv, "--out", str(annotations)])
+    assert code == 2 and err == f"error: --out {annotations} is a file, not a folder; choose another --out\n"
+    code, _, err = _convert(capsys, ["--kind", "captions", "--num-train", "2", "--num-val", "0", "--image-size", "8",
+                                     "--out", str(annotations)], main=make_synthetic.main)
+    assert code == 2 and err == f"error: --out {annotations} is a file, not a folder; choose another --out\n"
+    for option, value in (("--samples-per-shard", "0"), ("--val-fraction", "1.5")):
+        code, _, err = _convert(capsys, [*argv, "--out", str(tmp_path / "out"), option, value])
+        assert code == 2 and err.startswith(f"error: {option} must be") and err.count("\n") == 1
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("seconds", [15.0, 0.0])
+def test_progress_lines_in_a_log_file(tmp_path, capsys, monkeypatch, seconds):
+    """Piped to a file (pytest's capture is not a terminal), a line every 5% of the records, or every `seconds`."""
+    from data_scripts import shard_writing
+
+    monkeypatch.setattr(shard_writing, "PLAIN_LINE_SECONDS", seconds)
+    rows = _write_images(tmp_path / "images", 2) + [{"image": f"gone{i}.png", "caption": "x"} for i in range(38)]
+    annotations = _write_csv(tmp_path / "a.csv", rows, ("image", "caption"))
+    code, _, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                     "--out", str(tmp_path / f"out{seconds}"), "--no-shuffle"])
+    assert code == 0 and "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("a.csv -> shards: ")]
+    every = 2 if seconds else 1  # 5% of 40 records; with no time limit, every record
+    assert [line.split()[3] for line in lines] == [f"{n}/40" for n in range(every, 41, every)]
+    assert "(100%)" in lines[-1] and "records/s" in lines[-1] and lines[-1].endswith("s left, 38 skipped")
+
+
 @pytest.mark.parametrize("script", ["images_to_shards.py", "llava_to_shards.py", "preferences_to_shards.py"])
 def test_scripts_run_from_anywhere_with_help(script, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "data_scripts" / script), "--help"], cwd=tmp_path,
@@ -304,6 +386,24 @@ def test_llava_all_bad_exits_1(tmp_path, capsys):
     code, _, err = _convert(capsys, ["--json", str(tmp_path / "llava.json"), "--images", str(tmp_path),
                                      "--out", str(tmp_path / "out")], main=llava_to_shards.main)
     assert code == 1 and "record 0 (id 'x')" in err
+
+
+def test_llava_null_and_non_string_records_are_bad_records(tmp_path, capsys):
+    good = {"id": "fine", "conversations": _turns("Q?", "A.")}
+    records = [good, None, {"conversations": [{"from": "human", "value": ["Q?"]}, {"from": "gpt", "value": "A."}]},
+               {"conversations": [{"from": ["human"], "value": "Q?"}, {"from": "gpt", "value": "A."}]}]
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    (tmp_path / "llava.jsonl").write_text(f"{json.dumps(good)}\nnull\n")
+    argv = ["--images", str(tmp_path), "--out"]
+    code, out, _ = _convert(capsys, ["--json", str(tmp_path / "llava.json"), *argv, str(tmp_path / "list")],
+                            main=llava_to_shards.main)
+    assert code == 0 and "wrote 1 sample(s)" in out
+    assert (tmp_path / "list/skipped.txt").read_text().splitlines() == [
+        "record 1: not a JSON object (null)", "record 2: turn 1: 'value' must be a string, got list",
+        "record 3: turn 1: 'from' must be a string, got list"]
+    code, _, _ = _convert(capsys, ["--json", str(tmp_path / "llava.jsonl"), *argv, str(tmp_path / "lines")],
+                          main=llava_to_shards.main)
+    assert code == 0 and (tmp_path / "lines/skipped.txt").read_text() == "line 2: not a JSON object (null)\n"
 
 
 # ---- synthetic ----------------------------------------------------------------------------------------------------
