@@ -14,8 +14,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from vlm.cli import CONFIG_DIR, quote_values
+from vlm.config import load_config
 from vlm.exports.format import PROVENANCE_FILE, ExportError, not_a_folder, read_meta
-from vlm.infer import TEXT_KEYS, image_file_problem, stream_answer
+from vlm.infer import TEXT_KEYS, InferConfig, image_file_problem, stream_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["device=cpu", "generation.temperature=0", "generation.max_new_tokens=5"]
@@ -114,7 +115,9 @@ def test_a_file_or_folder_given_for_an_export_folder_says_what_to_pass(tiny_sft_
 def test_free_text_arguments_reach_the_config_verbatim(text):
     (override,) = quote_values([f"prompt={text}"], TEXT_KEYS)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        assert compose("infer", overrides=[override]).prompt == text
+        composed = compose("infer", overrides=[override])
+    assert composed.prompt == text
+    assert load_config(InferConfig, composed).prompt == text  # checked against the schema, still verbatim
     assert quote_values(['prompt="already, quoted"', "image=[a.png,b.png]"], TEXT_KEYS) == ['prompt="already, quoted"',
                                                                                     "image=[a.png,b.png]"]
 

@@ -101,12 +101,24 @@ def check_fields(obj: Any, path: str = "", error: type[ValueError] = ConfigError
             raise error(f"{key}={value} must be <= {high}")
 
 
+def _escape_interpolations(value: Any) -> Any:
+    """Strings with "${" escaped, so merging them into the schema does not read them as interpolations again
+    (a prompt asking "What does ${HOME} mean?")."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: _escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_interpolations(v) for v in value]
+    return value
+
+
 def load_config(schema: type[T], values: DictConfig | dict[str, Any], path: str = "",
                 error: type[ValueError] = ConfigError) -> T:
     """Merge composed values onto `schema`: unknown keys, wrong types, missing values and values outside a field's
     rules raise `error` with the key's full name (`path` prefixes it)."""
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
+    if isinstance(values, DictConfig):  # resolved here: text that spells ${...} is text from now on
+        values = _escape_interpolations(OmegaConf.to_container(values, resolve=True))
     raw = {k: v for k, v in values.items() if k != "hydra"}
     structured = OmegaConf.structured(schema)
     try:
