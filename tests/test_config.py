@@ -134,6 +134,22 @@ def _cli_concurrently(*commands: list[str]) -> list[subprocess.CompletedProcess]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["train", "eval", "infer", "serve", "export", "constitution"])
+def test_help_describes_the_entry_point_its_groups_and_its_settings(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        preflight(["--help"], name)
+    shown = capsys.readouterr().out
+    assert exit_.value.code == 0 and shown.startswith(f"`python -m vlm.{name}")
+    assert f"usage: python -m vlm.{name}" in shown and f"settings of configs/{name}.yaml" in shown
+    assert "hydra:" not in shown and "defaults:" not in shown
+    if name in ("train", "eval"):
+        assert "  stage: align, contrastive (default), dpo, sft" in shown and "eval:" in shown
+    if name == "constitution":
+        assert "  critic: http, self (default), synthetic" in shown and "stage:" not in shown
+    if name in ("infer", "serve", "export"):
+        assert "config groups" not in shown and "checkpoint: null" in shown
+
+
 def test_cli_typo_names_key_and_choices():
     key_typo, group_typo = _cli_concurrently(["stage.lrr=0.1"], ["model=tny"])
     assert key_typo.returncode == 2

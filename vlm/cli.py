@@ -7,6 +7,7 @@ maps the folder there), so `pip install .`, a wheel or `pip install -e .` all fi
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import re
 import sys
@@ -90,8 +91,11 @@ def preflight(args: list[str], config_name: str) -> None:
         sys.argv[1:] = args
     if not CONFIG_DIR.is_dir():
         fail(f"config folder {str(CONFIG_DIR)!r} not found; reinstall vlm (`pip install .` ships the configs)")
+    if "--help" in args or "-h" in args:
+        print(help_text(config_name))
+        sys.exit(0)
     if any(a.startswith("-") for a in args):
-        return  # Hydra's own flags (--help, --cfg job, -m) do their own checking
+        return  # Hydra's own flags (--hydra-help, --cfg job, -m) do their own checking
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     bad = [a for a in args if "=" not in a]
     if bad:
@@ -114,6 +118,42 @@ def preflight(args: list[str], config_name: str) -> None:
             compose(config_name, overrides=args)
         except Exception as err:
             fail(str(err).strip())
+
+
+def _without_blocks(yaml_text: str, keys: tuple[str, ...]) -> str:
+    """The YAML text without the top-level blocks `keys` (each runs to the next top-level key)."""
+    kept, skipping = [], False
+    for line in yaml_text.splitlines():
+        if line and not line[0].isspace() and not line.startswith("#"):
+            skipping = line.split(":", 1)[0] in keys
+        if not skipping:
+            kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def help_text(config_name: str) -> str:
+    """`--help` for an entry point: what it does, its config groups with their options, and its settings as its YAML
+    file documents them."""
+    module = importlib.import_module(f"vlm.{config_name}")
+    summary = (module.__doc__ or "").strip().split("\n\n")[0]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        choices = compose(config_name, return_hydra_config=True).hydra.runtime.choices
+    groups = {group: value for group, value in choices.items() if not group.startswith("hydra/")}
+    usage = f"usage: python -m vlm.{config_name} {'[GROUP=OPTION ...] ' if groups else ''}[KEY=VALUE ...]"
+    lines = [summary, "", usage, f"config files: {CONFIG_DIR}"]
+    if groups:
+        lines += ["", "config groups (GROUP=OPTION; each option is configs/GROUP/OPTION.yaml, its keys GROUP.KEY=...):"]
+        for group, chosen in sorted(groups.items()):
+            options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+            lines.append(f"  {group}: " + ", ".join(f"{o} (default)" if o == chosen else o for o in options))
+    files = [config_name]
+    defaults = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").get("defaults", [])
+    files += [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+    for name in files:
+        text = _without_blocks((CONFIG_DIR / f"{name}.yaml").read_text(), ("defaults", "hydra"))
+        lines += ["", f"settings of configs/{name}.yaml (KEY=VALUE; nested keys with dots, e.g. eval.max_samples=64):",
+                  text]
+    return "\n".join(lines)
 
 
 def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
