@@ -288,6 +288,13 @@ def test_sigkill_mid_run_then_resume_auto_continues_from_the_last_checkpoint(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["../../escape", "a/b", ".."])
+def test_a_run_name_that_is_a_path_is_refused(tmp_path, name):
+    with pytest.raises(ConfigError, match=f"run_name='{re.escape(name)}' must be a folder name, not a path"):
+        prepare_run(tiny_config(f"output_root={tmp_path / 'runs'}", f"run_name={name}"))
+    assert not tmp_path.joinpath("runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_a_run_name_that_holds_a_run_is_refused_without_resume(tmp_path):
     folder = tmp_path / "runs" / "contrastive" / "crash"
     (folder / "checkpoints").mkdir(parents=True)

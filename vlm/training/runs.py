@@ -65,6 +65,9 @@ def prepare_run(config: TrainConfig) -> Run:
     inherited = _from_parent_rank()
     if inherited is not None:
         return inherited
+    if config.run_name and (Path(config.run_name).name != config.run_name or config.run_name in (".", "..")):
+        raise ConfigError(f"run_name={config.run_name!r} must be a folder name, not a path: runs live in "
+                          f"OUTPUT_ROOT/STAGE/RUN_NAME (set output_root= to write elsewhere)")
     stage_dir = Path(config.output_root).expanduser() / config.stage.name
     launch_name = _launch_name(named=bool(config.run_name))
     default_name = launch_name or time.strftime("%Y%m%d-%H%M%S")
