@@ -24,7 +24,7 @@ from PIL import Image
 
 from vlm.generation.options import H2OSettings
 from vlm.serve import ServeSettings, create_app, listening_socket
-from vlm.server.app import Server
+from vlm.server.admission import Admission
 from vlm.server.errors import OPENAI, ApiError
 
 QUESTION = "What color is the shape?"
@@ -358,25 +358,25 @@ def test_client_disconnect_frees_the_slot(serve):
         assert client.post("/v1/messages", json=_anthropic()).status_code == 200
 
 
-def test_a_client_that_leaves_while_queued_frees_its_slot_at_once(tiny_chat_model):
+def test_a_client_that_leaves_while_queued_frees_its_slot_at_once():
     """Queued requests whose clients hung up must not keep others out until a worker reaches them."""
-    server = Server(tiny_chat_model, ServeSettings(max_concurrency=1, max_queue=1))
-    running = server.admit(OPENAI)
-    assert server.start(running)  # a worker runs it
-    queued = server.admit(OPENAI)
+    slots = Admission(capacity=2)
+    running = slots.admit(OPENAI)
+    assert slots.start(running)  # a worker runs it
+    queued = slots.admit(OPENAI)
     with pytest.raises(ApiError, match="busy"):
-        server.admit(OPENAI)
-    server.abandon(queued)  # its client left while it waited
-    assert server.health()["queued"] == 0
-    newcomer = server.admit(OPENAI)  # admitted at once, not refused as busy
-    assert not server.start(queued)  # the worker that reaches it skips it ...
-    server.finish(queued)  # ... and its slot is not freed a second time
-    assert server.health() | {"finished": {}} == server.health() | {"running": 1, "queued": 1}
-    server.abandon(running)  # a running answer stops at its next token, and holds its slot until then
-    assert server.health()["running"] == 1 and running.cancel.is_set()
-    server.finish(running)
-    assert server.start(newcomer) and server.health()["running"] == 1 and server.health()["queued"] == 0
-    server.pool.shutdown()
+        slots.admit(OPENAI)
+    slots.abandon(queued)  # its client left while it waited
+    assert slots.counts()["queued"] == 0
+    newcomer = slots.admit(OPENAI)  # admitted at once, not refused as busy
+    assert not slots.start(queued)  # the worker that reaches it skips it ...
+    slots.finish(queued)  # ... and its slot is not freed a second time
+    assert slots.counts() == {"running": 1, "queued": 1, "capacity": 2, "finished": {}}
+    slots.abandon(running)  # a running answer stops at its next token, and holds its slot until then
+    assert slots.counts()["running"] == 1 and running.cancel.is_set()
+    slots.finish(running, "cancelled")
+    assert slots.start(newcomer)
+    assert slots.counts() == {"running": 1, "queued": 0, "capacity": 2, "finished": {"cancelled": 1}}
 
 
 @pytest.mark.slow

@@ -1,23 +1,20 @@
-"""The FastAPI app (`create_app`) and what runs behind it: `Server`, a bounded queue in front of `max_concurrency`
-worker threads around one ChatModel, and the API key check.
+"""The FastAPI app (`create_app`) and what runs behind it: `Server`, the worker threads (`max_concurrency`) around one
+ChatModel behind admission control (`vlm.server.admission`), and the routes.
 
-Generation never runs on the event loop, and a full queue answers 529 (Anthropic) / 429 (OpenAI) at once. A client
-that goes away stops its generation through a StoppingCriteria flag (`cancel`), freeing its slot. `GET /v1/models`
-and `GET /health` live here too, next to the two chat routes; the chat page's routes come from `vlm.server.web`.
+Generation never runs on the event loop. A client that goes away stops its generation through a StoppingCriteria
+flag (`cancel`), freeing its slot. `GET /v1/models` and `GET /health` live here too, next to the chat routes; who may
+call is `vlm.server.access`'s business, and the chat page's routes come from `vlm.server.web`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,6 +26,7 @@ from vlm.data.tiler import ImageLoadError
 from vlm.generation.completion import Completion, PromptError
 from vlm.generation.options import OptionError
 from vlm.server.access import SameSiteOnly, check_key
+from vlm.server.admission import Admission, Ticket
 from vlm.server.anthropic import anthropic_events, anthropic_message, parse_anthropic
 from vlm.server.errors import ANTHROPIC, OPENAI, ApiError, api_of, error_response
 from vlm.server.openai import openai_completion, openai_events, parse_openai
@@ -40,17 +38,8 @@ from vlm.server.web import web_router
 log = logging.getLogger("vlm.serve")  # the name users' log lines and filters already know
 
 
-@dataclass
-class Ticket:
-    """One admitted request: its cancel flag, whether a worker has started it, and whether its slot is free again."""
-
-    cancel: threading.Event = field(default_factory=threading.Event)
-    started: bool = False
-    freed: bool = False
-
-
 class Server:
-    """Admission control and the worker pool around one ChatModel."""
+    """The worker pool around one ChatModel, behind admission control (`slots`)."""
 
     def __init__(self, chat: ChatModel, settings: ServeSettings) -> None:
         # the server's defaults for what a request leaves out; a bad one fails here, not per request
@@ -59,52 +48,11 @@ class Server:
         self.settings = settings
         self.model_name = settings.model_name or chat.name
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="vlm-generate")
-        self.capacity = settings.max_concurrency + settings.max_queue
-        self.admitted = 0  # running + waiting; guarded by self.lock (released from worker threads)
-        self.running = 0
-        self.finished = Counter()  # stop reasons of finished generations, for /health
-        self.lock = threading.Lock()
+        self.slots = Admission(settings.max_concurrency + settings.max_queue)
         self.parser = Parser(settings, settings.max_tokens_limit or chat.context_length)
 
-    def admit(self, api: str) -> Ticket:
-        with self.lock:
-            if self.admitted >= self.capacity:
-                status = 529 if api == ANTHROPIC else 429
-                raise ApiError(status, f"the server is busy ({self.capacity} requests running or queued); retry soon")
-            self.admitted += 1
-        return Ticket()
-
-    def start(self, ticket: Ticket) -> bool:
-        """On a worker: False if the client left while the request waited (its slot is already free)."""
-        with self.lock:
-            if ticket.cancel.is_set():
-                return False
-            ticket.started = True
-            self.running += 1
-            return True
-
-    def abandon(self, ticket: Ticket) -> None:
-        """The client left: stop its generation at the next token, or free its slot now if it is still queued."""
-        ticket.cancel.set()
-        with self.lock:
-            if not ticket.started:
-                self._free(ticket)
-
-    def finish(self, ticket: Ticket) -> None:
-        with self.lock:
-            if ticket.started:
-                self.running -= 1
-            self._free(ticket)
-
-    def _free(self, ticket: Ticket) -> None:  # under self.lock; a ticket's slot is freed once
-        if not ticket.freed:
-            ticket.freed = True
-            self.admitted -= 1
-
     def health(self) -> dict:
-        with self.lock:
-            return {"status": "ok", "model": self.model_name, "running": self.running,
-                    "queued": self.admitted - self.running, "capacity": self.capacity, "finished": dict(self.finished)}
+        return {"status": "ok", "model": self.model_name, **self.slots.counts()}
 
     def options(self, request: ChatRequest) -> dict[str, Any]:
         options = {k: v for k, v in request.options.items() if v not in (None, [])}
@@ -117,8 +65,9 @@ class Server:
              emit: Callable[[str, Any], None] | None) -> Completion | None:
         """Runs on a worker thread: encode (tiler + template), then generate; always frees the slot. None: the client
         left while the request waited (a stream hears "skipped")."""
+        stop_reason = None
         try:
-            if not self.start(ticket):
+            if not self.slots.start(ticket):
                 if emit is not None:
                     emit("skipped", None)
                 return None
@@ -132,8 +81,7 @@ class Server:
                         emit("text", piece)
                 completion = stream.completion
                 emit("done", completion)
-            with self.lock:
-                self.finished[completion.stop_reason] += 1
+            stop_reason = completion.stop_reason
             return completion
         except Exception as err:
             if emit is None:
@@ -141,10 +89,10 @@ class Server:
             emit("error", err)
             return None
         finally:
-            self.finish(ticket)
+            self.slots.finish(ticket, stop_reason)
 
     async def complete(self, http: Request, request: ChatRequest, api: str) -> Completion:
-        ticket = self.admit(api)
+        ticket = self.slots.admit(api)
         future = asyncio.get_running_loop().run_in_executor(self.pool, self._job, request, ticket, None)
         watcher = asyncio.create_task(self._watch_disconnect(http, ticket))
         try:
@@ -156,14 +104,14 @@ class Server:
         except (PromptError, ImageLoadError, OptionError) as err:
             raise ApiError(400, str(err)) from None
         except asyncio.CancelledError:
-            self.abandon(ticket)
+            self.slots.abandon(ticket)
             raise
         finally:
             watcher.cancel()
 
     async def stream(self, http: Request, request: ChatRequest, api: str,
                      render: Callable[[int, Events], AsyncIterator[bytes]]) -> StreamingResponse:
-        ticket = self.admit(api)
+        ticket = self.slots.admit(api)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -178,7 +126,7 @@ class Server:
         try:
             kind, value = await queue.get()  # encoding errors still get a proper 4xx before any event is sent
         except asyncio.CancelledError:
-            self.abandon(ticket)
+            self.slots.abandon(ticket)
             raise
         finally:
             watcher.cancel()
@@ -210,7 +158,7 @@ class Server:
     async def _watch_disconnect(self, http: Request, ticket: Ticket) -> None:
         while not ticket.cancel.is_set():
             if await http.is_disconnected():
-                self.abandon(ticket)
+                self.slots.abandon(ticket)
                 return
             await asyncio.sleep(0.2)
 

@@ -1,0 +1,77 @@
+"""Admission control: at most `capacity` requests running or queued, each holding a `Ticket` until it is done.
+
+A full server refuses at once (529 for Anthropic clients, 429 for OpenAI ones). A client that leaves while its request
+waits frees its slot at once; one that leaves while its answer is written stops it at the next token, and the slot is
+freed when the worker lets go of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+from vlm.server.errors import ANTHROPIC, ApiError
+
+
+@dataclass
+class Ticket:
+    """One admitted request: its cancel flag, whether a worker has started it, and whether its slot is free again."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    freed: bool = False
+
+
+class Admission:
+    """The slots of running and queued requests; every method is safe from the event loop and worker threads."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.admitted = 0  # running + waiting
+        self.running = 0
+        self.finished: Counter = Counter()  # stop reasons of finished generations, for /health
+        self.lock = threading.Lock()
+
+    def admit(self, api: str) -> Ticket:
+        with self.lock:
+            if self.admitted >= self.capacity:
+                status = 529 if api == ANTHROPIC else 429
+                raise ApiError(status, f"the server is busy ({self.capacity} requests running or queued); retry soon")
+            self.admitted += 1
+        return Ticket()
+
+    def start(self, ticket: Ticket) -> bool:
+        """On a worker: False if the client left while the request waited (its slot is already free)."""
+        with self.lock:
+            if ticket.cancel.is_set():
+                return False
+            ticket.started = True
+            self.running += 1
+            return True
+
+    def abandon(self, ticket: Ticket) -> None:
+        """The client left: stop its generation at the next token, or free its slot now if it is still queued."""
+        ticket.cancel.set()
+        with self.lock:
+            if not ticket.started:
+                self._free(ticket)
+
+    def finish(self, ticket: Ticket, stop_reason: str | None = None) -> None:
+        """The worker is done with `ticket` (`stop_reason`: how its answer ended, if it was generated)."""
+        with self.lock:
+            if ticket.started:
+                self.running -= 1
+            if stop_reason is not None:
+                self.finished[stop_reason] += 1
+            self._free(ticket)
+
+    def _free(self, ticket: Ticket) -> None:  # under self.lock; a ticket's slot is freed once
+        if not ticket.freed:
+            ticket.freed = True
+            self.admitted -= 1
+
+    def counts(self) -> dict:
+        with self.lock:
+            return {"running": self.running, "queued": self.admitted - self.running, "capacity": self.capacity,
+                    "finished": dict(self.finished)}
