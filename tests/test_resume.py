@@ -77,9 +77,12 @@ def test_a_writer_killed_mid_save_never_leaves_a_checkpoint_that_resume_picks(tm
     leftovers = list((tmp_path / "checkpoints").glob(".step00000020.ckpt.tmp-*"))
     assert leftovers and leftovers[0].stat().st_size > 1 << 20  # 4 MB written, under a hidden name
     assert find_resume_checkpoint(tmp_path) == good
+    staging = tmp_path / ".export.0123abcd.partial"  # an export whose writer was killed
+    (staging / "tokenizer").mkdir(parents=True)
     with caplog.at_level(logging.INFO):
         remove_partial_writes(tmp_path)
     assert not leftovers[0].exists() and "step00000020.ckpt.tmp" in caplog.text
+    assert not staging.exists() and good.exists()
 
 
 # ---- (b) a truncated checkpoint, and everything a checkpoint restores -----------------------------------------

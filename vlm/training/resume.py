@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -65,11 +66,15 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True) -
 
 
 def remove_partial_writes(run_dir: str | os.PathLike) -> None:
-    """Delete temporary files left by a process killed while writing a checkpoint (they are never resumed from)."""
+    """Delete what a process killed while writing left behind: temporary checkpoint files (never resumed from) and
+    export staging folders (.export.<random>.partial)."""
     run_dir = Path(run_dir)
     for leftover in [*(run_dir / "checkpoints").glob(f".*{TEMP_MARK}*"), *run_dir.glob(f".*{TEMP_MARK}*")]:
         log.info("removing %s, a checkpoint whose writer was interrupted", leftover)
         leftover.unlink(missing_ok=True)
+    for staging in run_dir.glob(".*.partial"):
+        log.info("removing %s, an export whose writer was interrupted", staging)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
