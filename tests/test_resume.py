@@ -27,7 +27,7 @@ from tiny import TINY, make_task, tiny_config
 from vlm.config import ConfigError
 from vlm.training.checkpoint_io import AtomicCheckpointIO
 from vlm.training.data_position import pass_seed
-from vlm.training.resume import StartingExport, find_resume_checkpoint, remove_partial_writes
+from vlm.training.resume import StartingExport, checkpoint_step, find_resume_checkpoint, remove_partial_writes
 from vlm.training.runs import INIT_ENV, PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +202,18 @@ def test_a_checkpoint_of_another_stage_is_refused_before_its_run_is_touched(tmp_
         prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={old}", stage="sft"))
     assert (run_dir / "logs" / "metrics.csv").read_text() == "step,train/loss\n1,2.0\n2,1.5\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["align", "contrastive", "elsewhere.ckpt"]  # no sft folder
+
+
+def test_a_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    """Whether it loads, its stage, the export it started from and its step: one read of the file for all four."""
+    checkpoint = tmp_path / "contrastive" / "r" / "checkpoints" / "step00000002.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": 2, "init_from": None, "vlm_stage": "contrastive"}, checkpoint)
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: reads.append(path) or load(path, *args, **kwargs))
+    run = prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={checkpoint}"))
+    assert run.resume_from == checkpoint and checkpoint_step(checkpoint) == 2
+    assert len(reads) == 1
 
 
 def test_a_resumed_run_is_built_from_the_export_its_checkpoint_records(tmp_path, tiny_sft_export):

@@ -12,6 +12,7 @@ instead of from a second copy of the weights in every checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -34,8 +35,19 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """None when `path` loads as a Lightning checkpoint, else why not. mmap reads the structure, not the tensors."""
+RECORD_KEYS = ("global_step", "init_from", "vlm_stage")  # what resuming reads of a checkpoint besides its weights
+
+
+def checkpoint_record(path: str | os.PathLike) -> dict | str:
+    """A checkpoint's `RECORD_KEYS` entries, or why it does not load as a Lightning checkpoint. Read once per file
+    version however many questions a resume asks of it; mmap reads the pickled structure, not the tensors."""
+    path = Path(path)
+    stat = path.stat()
+    return _record(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _record(path: str, mtime_ns: int, size: int) -> dict | str:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # truncated zip, empty file, bad pickle: all mean "do not resume from this"
@@ -43,7 +55,13 @@ def checkpoint_problem(path: Path) -> str | None:
         return f"{type(err).__name__}: {reason}"
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         return "not a Lightning training checkpoint (no state_dict / global_step)"
-    return None
+    return {key: checkpoint.get(key) for key in RECORD_KEYS}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """None when `path` loads as a Lightning checkpoint, else why not."""
+    record = checkpoint_record(path)
+    return record if isinstance(record, str) else None
 
 
 def find_resume_checkpoint(run_dir: str | os.PathLike, set_aside: bool = True) -> Path | None:
@@ -79,11 +97,10 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> None:
 
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The global step a checkpoint was taken at."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    return int(checkpoint_record(path)["global_step"])
 
 
-STARTING_EXPORT_KEY = "init_from"  # checkpoint entry: the export folder the run started from (None: fresh weights)
-STAGE_KEY = "vlm_stage"  # checkpoint entry: the stage of the run that wrote it
+STARTING_EXPORT_KEY, STAGE_KEY = RECORD_KEYS[1:]  # entries: the export the run started from (None: fresh), its stage
 
 
 class NewestCheckpoints(ModelCheckpoint):
@@ -111,7 +128,7 @@ class StartingExport(pl.Callback):
 def recorded_stage(path: Path) -> str | None:
     """The stage of the run that wrote checkpoint `path`: recorded in it, or for older checkpoints the run folder's
     place (OUTPUT_ROOT/STAGE/RUN/checkpoints/NAME.ckpt); None if neither tells."""
-    recorded = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(STAGE_KEY)
+    recorded = checkpoint_record(path)[STAGE_KEY]
     if recorded is None and len(path.parents) > 2 and path.parent.name == "checkpoints":
         recorded = path.parents[2].name
     return recorded
@@ -121,7 +138,7 @@ def recorded_start(path: str | os.PathLike) -> Path | None:
     """The export folder the run of checkpoint `path` started from (None: fresh weights, or a checkpoint older than
     the record, which holds every weight itself). A recorded folder that is gone is an error: the model cannot be
     rebuilt as the run built it."""
-    recorded = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get(STARTING_EXPORT_KEY)
+    recorded = checkpoint_record(path)[STARTING_EXPORT_KEY]
     if recorded is None:
         return None
     if not Path(recorded).is_dir():
