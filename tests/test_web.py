@@ -449,6 +449,9 @@ def test_controls_are_labelled_and_work_from_the_keyboard(page):
     page.settings(max_tokens=400)
     page.send(QUESTION)
     page.wait("document.querySelector('.message.assistant .content').textContent.length > 0")
+    page.find("#settings-toggle").click()
+    press(Keys.ESCAPE)  # in the open settings: closes them, and the answer goes on
+    assert page.js("return document.getElementById('settings').hidden && document.body.classList.contains('busy')")
     press(Keys.ESCAPE)  # stops the answer
     assert page.last_answer()["state"] == "stopped"
 
@@ -565,3 +568,51 @@ def test_key_and_busy_errors_are_shown_and_the_page_recovers(browser, serve, tmp
         time.sleep(0.05)
     page.find(".regenerate").click()
     assert page.last_answer()["state"] == "done"
+
+
+@pytest.mark.slow
+def test_a_conversation_over_the_context_forgets_its_oldest_exchanges_and_goes_on(page, tiny_chat_model):
+    """Like the REPL and ChatSession: once the whole conversation no longer fits the tiny model's 512 tokens, the page
+    leaves out its oldest exchanges and asks again (the server answers 400 first), and says so in the chat. A message
+    too long on its own still shows the server's error, and forgets nothing."""
+    long = " ".join(["word"] * 50)  # about 200 tokens: two exchanges fit, three do not
+    page.settings(max_tokens=4, greedy=True)
+
+    def sent_tokens() -> int:  # the prompt the page should now send: its remembered turns, as the server merges them
+        turns = page.js("return state.turns.filter((t) => !t.failed && !t.forgotten && t.text.trim())"
+                        ".map((t) => ({role: t.role, content: t.text}))")
+        merged = []  # the random model's greedy answers are blank, so not sent: the questions follow each other
+        for turn in turns:
+            if merged and merged[-1]["role"] == turn["role"]:
+                merged[-1]["content"] += "\n\n" + turn["content"]
+            else:
+                merged.append(turn)
+        return tiny_chat_model.prepare(merged).input_tokens
+
+    notes = []
+    for i in range(4):
+        page.send(f"Question {i}: {long}")
+        page.wait(f"document.querySelectorAll('.message.assistant').length === {i + 1}")
+        answer = page.last_answer()
+        assert answer["state"] == "done", answer
+        assert answer["usage"].startswith(f"{sent_tokens()} in · "), answer["usage"]  # what was sent, exactly
+        notes.append(page.js("return document.querySelectorAll('.message.assistant')[arguments[0]]"
+                             ".querySelector('.context-note')?.textContent || ''", i))
+    assert notes[:2] == ["", ""] and all("Older messages left out" in note for note in notes[2:]), notes
+    assert "oldest exchange is forgotten" in notes[2]  # one exchange each time
+    forgotten = page.js("return [...document.querySelectorAll('.message')]"
+                        ".map((m) => m.classList.contains('forgotten'))")
+    assert forgotten == [True] * 4 + [False] * 4  # shown, and marked: the first two questions and their answers
+    assert page.js("return state.turns.filter((t) => t.forgotten).length") == 4
+
+    page.send(" ".join(["word"] * 150))  # over the context by itself: the error, as before, and nothing forgotten
+    page.wait("document.querySelectorAll('.message.assistant').length === 5")
+    failed = page.last_answer()
+    assert failed["state"] == "error" and "more than the model's context" in failed["error"], failed
+    assert page.js("return state.turns.filter((t) => t.forgotten).length") == 4
+    assert page.js("return document.querySelectorAll('.context-note').length") == 2
+    page.send(QUESTION)  # the chat goes on, with the two exchanges it still remembers
+    page.wait("document.querySelectorAll('.message.assistant').length === 6")
+    answer = page.last_answer()
+    assert answer["state"] == "done" and answer["usage"].startswith(f"{sent_tokens()} in · "), answer
+    assert sent_tokens() > tiny_chat_model.prepare([{"role": "user", "content": QUESTION}]).input_tokens + 300

@@ -8,9 +8,10 @@ const $ = (id) => document.getElementById(id);
 
 const state = {
   config: null, // GET /web/config: the server's limits
-  turns: [], // the conversation: {role, text, images, el, answerEl, failed}
+  turns: [], // the conversation: {role, text, images, el, answerEl, failed, forgotten}
   attached: [], // images waiting to be sent: {name, url, ready: Promise, mediaType, data}
   busy: null, // {controller} while an answer streams
+  sending: false, // while send() waits for its images to be ready: a second Enter must not send twice
   settings: { model: "", temperature: "auto", maxTokens: null, system: "", apiKey: "" },
 };
 
@@ -140,8 +141,9 @@ async function prepareImage(file) {
   return { mediaType: blob.type, data: await blobToBase64(blob) };
 }
 
+// the images the next request carries: those of failed and forgotten turns are no longer sent
 function imagesInChat() {
-  return state.turns.reduce((n, t) => n + (t.failed ? 0 : t.images.length), 0);
+  return state.turns.reduce((n, t) => n + (t.failed || t.forgotten ? 0 : t.images.length), 0);
 }
 
 function attachFiles(files) {
@@ -358,13 +360,32 @@ function notify(message) {
 
 // ---------- talking to the server ----------
 
-class ServerError extends Error {}
+class ServerError extends Error {
+  constructor(message, status = 0, detail = "") {
+    super(message);
+    this.status = status; // the HTTP status, 0 for an error event in the stream
+    this.detail = detail; // the API's own error message
+  }
+}
 
-async function errorMessage(response) {
+// The server's 400 for a conversation longer than the model's context. Its wordings ("the prompt is N tokens, more
+// than the model's context of 512", "the conversation is at least N tokens ... and the model's context is 512", "the
+// conversation's text is N characters, more than the model's context of 512 tokens can hold") all name it.
+const CONTEXT_FULL = /\bmodel's context\b/i;
+
+function contextFull(err) {
+  return err instanceof ServerError && err.status === 400 && CONTEXT_FULL.test(err.detail);
+}
+
+async function serverError(response) {
   let message = `HTTP ${response.status}`;
+  let detail = "";
   try {
     const body = await response.json();
-    if (body.error) message = `${response.status} ${body.error.type}: ${body.error.message}`;
+    if (body.error) {
+      detail = String(body.error.message);
+      message = `${response.status} ${body.error.type}: ${detail}`;
+    }
   } catch {
     // not JSON (a proxy's page): the status says enough
   }
@@ -375,14 +396,16 @@ async function errorMessage(response) {
     529: " Try again in a moment.",
   };
   const hint = hints[response.status];
-  return hint ? `${message.replace(/[.\s]*$/, "")}.${hint}` : message;
+  return new ServerError(hint ? `${message.replace(/[.\s]*$/, "")}.${hint}` : message, response.status, detail);
 }
 
-function requestBody() {
+// The request for `turns`, less the failed and forgotten turns and those in `left` (a Set being tried without).
+function requestBody(turns, left) {
   const s = state.settings;
   const messages = [];
-  for (const turn of state.turns) {
-    if (turn.failed || (turn.role === "assistant" && !turn.text.trim())) continue;
+  for (const turn of turns) {
+    if (turn.failed || turn.forgotten || left.has(turn)) continue;
+    if (turn.role === "assistant" && !turn.text.trim()) continue;
     const content = turn.images.map((image) => ({
       type: "image",
       source: { type: "base64", media_type: image.mediaType, data: image.data },
@@ -426,6 +449,26 @@ async function readEvents(response, onEvent, onChunk) {
   }
 }
 
+// Adds the oldest exchange still sent before `userTurn` (a question and its answers) to `left`; false if none is.
+function leaveOutOldest(turns, userTurn, left) {
+  const end = turns.indexOf(userTurn);
+  let i = turns.findIndex((t, k) => k < end && !t.failed && !t.forgotten && !left.has(t));
+  if (i < 0) return false;
+  do left.add(turns[i++]); while (i < end && turns[i].role !== "user");
+  return true;
+}
+
+// Marks the turns left out as forgotten: later requests no longer send them, and they are dimmed on screen.
+function forget(left) {
+  for (const turn of left) {
+    turn.forgotten = true;
+    for (const node of [turn.el, turn.answerEl]) {
+      node?.classList.add("forgotten");
+      node?.setAttribute("title", "Forgotten: no longer sent to the model");
+    }
+  }
+}
+
 async function answer(userTurn) {
   const turns = state.turns; // this conversation, even if New chat replaces it while the answer streams
   const node = addAnswer();
@@ -438,13 +481,30 @@ async function answer(userTurn) {
   const usage = { stop: "" };
   let started = 0;
   try {
-    const response = await fetch("/v1/messages", {
-      method: "POST",
-      headers: { "content-type": "application/json", ...authHeaders() },
-      body: JSON.stringify(requestBody()),
-      signal: controller.signal,
-    });
-    if (!response.ok) throw new ServerError(await errorMessage(response));
+    // Like the REPL and ChatSession: while the conversation is over the model's context, the oldest exchanges are
+    // left out and the request is sent again. They are forgotten only once an answer starts: if even the latest
+    // message alone is too long, its error shows and the earlier messages stay for the next one.
+    const left = new Set();
+    let response;
+    for (;;) {
+      response = await fetch("/v1/messages", {
+        method: "POST",
+        headers: { "content-type": "application/json", ...authHeaders() },
+        body: JSON.stringify(requestBody(turns, left)),
+        signal: controller.signal,
+      });
+      if (response.ok) break;
+      const err = await serverError(response);
+      if (!contextFull(err) || !leaveOutOldest(turns, userTurn, left)) throw err;
+    }
+    if (left.size) {
+      forget(left);
+      const count = [...left].filter((t) => t.role === "user").length;
+      const note = el("p", "context-note", `Older messages left out: the conversation no longer fits the model's `
+        + `context, so the ${count === 1 ? "oldest exchange is" : `${count} oldest exchanges are`} forgotten.`);
+      note.setAttribute("role", "status");
+      node.prepend(note);
+    }
     node.dataset.state = "streaming";
     let shown = "";
     const show = () => {
@@ -464,7 +524,7 @@ async function answer(userTurn) {
         usage.stop = data.delta.stop_reason;
         usage.seconds = (performance.now() - started) / 1000;
       } else if (name === "error") {
-        throw new ServerError(`${data.error.type}: ${data.error.message}`);
+        throw new ServerError(`${data.error.type}: ${data.error.message}`, 0, data.error.message);
       }
     }, show).finally(show);
     turns.push(reply);
@@ -497,12 +557,17 @@ function setBusy(busy) {
 }
 
 async function send() {
-  if (state.busy) return;
+  if (state.busy || state.sending) return;
   const text = $("prompt").value.trim();
   if (!text && !state.attached.length) return;
   const images = state.attached.splice(0);
   renderAttachments();
-  await Promise.all(images.map((image) => image.ready));
+  state.sending = true; // until answer() sets busy: an Enter while a photo is still scaled down sends nothing more
+  try {
+    await Promise.all(images.map((image) => image.ready));
+  } finally {
+    state.sending = false;
+  }
   const turn = { role: "user", text, images: images.filter((image) => image.ok) };
   if (!turn.text && !turn.images.length) return;
   $("prompt").value = "";
@@ -513,7 +578,7 @@ async function send() {
 }
 
 function regenerate() {
-  if (state.busy) return;
+  if (state.busy || state.sending) return;
   const index = state.turns.findLastIndex((t) => t.role === "user");
   if (index < 0) return;
   const turn = state.turns[index];
@@ -552,7 +617,8 @@ function wire() {
     send();
   });
   $("prompt").addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    // isComposing, or Safari's keyCode 229: the Enter that ends an IME composition only confirms the text
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
       event.preventDefault();
       send();
     }
@@ -573,7 +639,9 @@ function wire() {
   $("api-key").addEventListener("change", loadModels); // once the key is typed, not per keystroke
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape") return;
-    if (state.busy) state.busy.controller.abort();
+    // in the open settings, Esc closes them (the answer goes on); elsewhere it stops the answer
+    const inSettings = !$("settings").hidden && $("settings").contains(document.activeElement);
+    if (state.busy && !inSettings) state.busy.controller.abort();
     else if (!$("settings").hidden) toggleSettings(false);
   });
   document.addEventListener("paste", (event) => {
