@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from arguments import at_least  # noqa: E402
 from plotting import plot_path, pyplot_or_exit  # noqa: E402  (benchmarks/, this script's folder)
 
 from vlm.config import LLMConfig, SparseAttentionConfig  # noqa: E402
@@ -271,14 +272,14 @@ def main() -> None:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # large buffers back to the OS when freed, so RSS peaks are real
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-length", type=int, default=8192)
-    parser.add_argument("--max-cache", type=int, default=131072)
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--stride", type=int, default=64)
-    parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-length", type=at_least(512), default=8192)
+    parser.add_argument("--max-cache", type=at_least(1024), default=131072)
+    parser.add_argument("--window", type=at_least(1), default=1024)
+    parser.add_argument("--stride", type=at_least(1), default=64)
+    parser.add_argument("--sinks", type=at_least(0), default=4)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--no-flex", action="store_true", help="skip the flex_attention side (it compiles first)")
     parser.add_argument("--kernel-lengths", type=lengths_list, default=None,
                         help="comma-separated lengths for the kernels-alone timing on GPUs (each compiles flex once); "

@@ -93,7 +93,9 @@ def load_config(args: argparse.Namespace, output_root: str) -> TrainConfig:
     """The composed train config, as `python -m vlm.train stage=contrastive` would see it, plus the bench settings."""
     workers = [] if args.workers is None else [f"data.num_workers={args.workers}"]
     # open_clip's ViT has a single patchify convolution, so ours drops the tiny preset's conv stem to match it
+    # fp32 on both sides: the plain loop runs no autocast, so bf16-mixed (the CPU default) would compare unlike runs
     overrides = ["stage=contrastive", "model.vision.conv_stem=false", f"stage.batch_size={args.batch_size}", *workers,
+                 "trainer.precision=32-true",
                  f"output_root={output_root}", "init_from=null", "trainer.accelerator=cpu", "trainer.devices=1",
                  f"trainer.checkpoint_every_n_steps={NEVER}", f"trainer.val_check_interval={NEVER}", *args.overrides]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -43,6 +43,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from arguments import at_least  # noqa: E402  (benchmarks/, this script's folder)
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from vlm.cli import CONFIG_DIR  # noqa: E402
@@ -133,12 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="tiny,base")
     parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--images", type=int, default=1024, help="samples in the benchmark shards")
+    parser.add_argument("--images", type=at_least(1), default=1024, help="samples in the benchmark shards")
     parser.add_argument("--image-size", default="512x384", help="base: JPEG width x height")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--train-batch", type=int, default=None, help="default: stage batch (tiny), 2 (base)")
-    parser.add_argument("--train-steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for the trainer")
+    parser.add_argument("--train-batch", type=at_least(1), default=None, help="default: stage batch (tiny), 2 (base)")
+    parser.add_argument("--train-steps", type=at_least(1), default=3)
+    parser.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(),
+                        help="torch threads for the trainer")
     parser.add_argument("--gpu-rate", type=float, default=None,
                         help="images/s one GPU process trains at, if known: prints the loader workers it needs")
     args = parser.parse_args(argv)

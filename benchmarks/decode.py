@@ -31,7 +31,8 @@ from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llava_twin import llava_twin  # noqa: E402  (benchmarks/, this script's folder)
+from arguments import at_least  # noqa: E402  (benchmarks/, this script's folder)
+from llava_twin import llava_twin  # noqa: E402
 
 from vlm.cli import CONFIG_DIR  # noqa: E402
 from vlm.config import ModelConfig  # noqa: E402
@@ -95,12 +96,14 @@ def measure(generate, new_tokens: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--text-tokens", type=int, default=32, help="text tokens in the prompt besides the image")
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--new-tokens", type=at_least(2), default=64)
+    parser.add_argument("--text-tokens", type=at_least(0), default=32,
+                        help="text tokens in the prompt besides the image")
+    parser.add_argument("--repeats", type=at_least(1), default=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=at_least(1), default=1,
+                        help="torch intra-op threads (default 1: steady ratios on a shared machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -50,6 +50,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from arguments import at_least  # noqa: E402
 from decode import Clock  # noqa: E402  (benchmarks/, this script's folder)
 from plotting import plot_path, pyplot_or_exit  # noqa: E402
 
@@ -341,15 +342,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--export", type=Path, help="an sft export folder (default: a random tiny one)")
     parser.add_argument("--val", help="held-out shards (default: the synthetic held-out split)")
-    parser.add_argument("--prompt-tokens", type=int, default=4096)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=at_least(1), default=4096)
+    parser.add_argument("--new-tokens", type=at_least(2), default=256)
     parser.add_argument("--speed-budget", type=float, default=0.2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.2, 0.1])
     parser.add_argument("--heavy-share", type=float, default=0.5,
                         help="share of h2o's budget after the sinks kept as heavy hitters (the rest: recent tokens)")
-    parser.add_argument("--sinks", type=int, default=4, help="sinks of the recent-only window (and of h2o)")
-    parser.add_argument("--h2o-sinks", type=int, help="h2o's sinks in the quality part (default: --sinks)")
+    parser.add_argument("--sinks", type=at_least(0), default=4, help="sinks of the recent-only window (and of h2o)")
+    parser.add_argument("--h2o-sinks", type=at_least(0), help="h2o's sinks in the quality part (default: --sinks)")
     parser.add_argument("--sinks-on-top", action="store_true",
                         help="quality part: a budget B holds B x prompt tokens plus the sinks, as generation.h2o's "
                              "defaults do (heavy 0.1 + recent 0.1 + 4 sinks); by default the sinks count within B")
@@ -359,7 +360,7 @@ def main() -> None:
                              "'image': a pass per image, ending with its last token, the words after the last image "
                              "read with the answer's first step; by default the prompt is read whole and the budget "
                              "binds from the answer on")
-    parser.add_argument("--speed-prompt-block", type=int,
+    parser.add_argument("--speed-prompt-block", type=at_least(1),
                         help="speed part: h2o reads the long prompt this many tokens at a time, evicting after each, "
                              "so its memory stays within the budget + the block while the prompt is read")
     parser.add_argument("--ranking", choices=RANKINGS, default="max",
@@ -367,12 +368,13 @@ def main() -> None:
     parser.add_argument("--full-cache-layers", type=int, nargs="+", default=(),
                         help="quality part, a diagnostic: these decoder layers (from 0) keep every key while the "
                              "others evict, to see which layer's eviction costs the answers")
-    parser.add_argument("--max-samples", type=int, default=200, help="held-out samples (each has several turns)")
+    parser.add_argument("--max-samples", type=at_least(1), default=200,
+                        help="held-out samples (each has several turns)")
     parser.add_argument("--plot", type=plot_path, default=Path("docs/kv_cache_budget.png"),
                         help="where the PNG goes; none: no plot")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     if args.full_cache_layers and args.prompt_block is not None:  # one mask serves every layer of a pass
         parser.error("--full-cache-layers needs the prompt read whole (no --prompt-block): a pass of several tokens "

@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from arguments import at_least  # benchmarks/, this script's folder
 from PIL import Image
 
 from vlm.data import synthetic
@@ -142,10 +143,11 @@ def run_worker(side: str, image: Path, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tile-size", type=int, default=336, help="tile size S (default 336)")
-    parser.add_argument("--max-tiles", type=int, default=12, help="most grid tiles (default 12)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per image and side (default 5)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads in each worker (default: torch's)")
+    parser.add_argument("--tile-size", type=at_least(1), default=336, help="tile size S (default 336)")
+    parser.add_argument("--max-tiles", type=at_least(1), default=12, help="most grid tiles (default 12)")
+    parser.add_argument("--repeats", type=at_least(1), default=5, help="timed calls per image and side (default 5)")
+    parser.add_argument("--threads", type=at_least(1), default=None,
+                        help="torch threads in each worker (default: torch's)")
     parser.add_argument("--pil-backend", action="store_true", help="also time transformers' PIL-backend processor")
     parser.add_argument("--worker", choices=["ours", "hf", "hf-pil"], help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
