@@ -528,6 +528,10 @@ def test_cli_prints_plan_and_saves_tiles(tmp_path, capsys):
     saved = sorted(out_dir.glob("*.png"))
     assert len(saved) == n and saved[-1].name.endswith("thumbnail.png")
     assert Image.open(saved[0]).size == (64, 64)
+    square = tmp_path / "square.png"  # a second image into the same folder: only its own tiles are there
+    synthetic.photo(64, 64).save(square)
+    assert main([str(square), "--tile-size", "64", "--max-tiles", "6", "--save", str(out_dir)]) == 0
+    assert [p.name for p in sorted(out_dir.glob("*.png"))] == ["tile_00_r0c0.png"]
 
 
 @pytest.mark.slow

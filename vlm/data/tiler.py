@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(args.save)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in out_dir.glob("tile_*.png"):  # an earlier image's tiles would read as this one's
+                stale.unlink()
             for i, tile in enumerate(tiler.to_images(tiled)):
                 label = "thumbnail" if i >= rows * cols else f"r{i // cols}c{i % cols}"
                 tile.save(out_dir / f"tile_{i:02d}_{label}.png")
