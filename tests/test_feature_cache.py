@@ -96,6 +96,30 @@ def test_a_changed_tower_or_tiler_reads_fresh_features(tmp_path):
     assert len({p.parent for p in tmp_path.rglob("*.safetensors")}) == 3  # one folder per tower + tiler
 
 
+def test_a_rewritten_shard_or_another_shard_of_the_same_name_misses_the_cache(tmp_path, monkeypatch):
+    """A sample's features belong to the shard file it came from: rewritten shards (same name, other pictures) and
+    another project's shard of the same relative name must not get them."""
+    settings = ["stage.cache_vision_features=true", "stage.feature_cache_memory=0"]
+    for project in ("a", "b"):
+        (tmp_path / project / "train").mkdir(parents=True)
+        (tmp_path / project / "train" / "shard-000.tar").write_bytes(b"the pictures of " + project.encode())
+    raw = [{**sample, "__url__": "train/shard-000.tar"} for sample in _raw_samples(3)]  # relative, as typed
+    monkeypatch.chdir(tmp_path / "a")
+    first = _task(tmp_path / "cache", *settings)
+    _epoch_losses(first, raw, epochs=1)
+    again = _task(tmp_path / "cache", *settings)
+    _epoch_losses(again, raw, epochs=1)
+    assert again.feature_cache.hits == 3  # the same file: its features are reused
+    (tmp_path / "a" / "train" / "shard-000.tar").write_bytes(b"rewritten with other pictures")
+    rewritten = _task(tmp_path / "cache", *settings)
+    _epoch_losses(rewritten, raw, epochs=1)
+    assert rewritten.feature_cache.hits == 0 and rewritten.feature_cache.misses == 3
+    monkeypatch.chdir(tmp_path / "b")
+    elsewhere = _task(tmp_path / "cache", *settings)
+    _epoch_losses(elsewhere, raw, epochs=1)
+    assert elsewhere.feature_cache.hits == 0
+
+
 def test_a_stage_that_trains_the_tower_runs_without_the_cache(tmp_path, caplog):
     """sft caches by default; a run that unfreezes the ViT must neither fail nor reuse stale features."""
     with caplog.at_level(logging.INFO, logger="vlm"):

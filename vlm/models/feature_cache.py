@@ -2,9 +2,11 @@
 
 With the ViT frozen (and kept in eval mode) and the tiler deterministic, a sample's tiles always give the same patch
 features, so the tower need only see each image once. Features are kept per sample (all its tiles), in memory up to a
-byte budget, then in a folder: `DIR/<fingerprint>/<hash of "shard:key">.safetensors`. The fingerprint hashes the
-tower's settings and weights and the tiler's settings, so a changed tower or tiler reads a fresh subfolder and never
-the old features. Files are written atomically, so ranks sharing a folder can read each other's.
+byte budget, then in a folder: `DIR/<fingerprint>/<hash of the sample's identity>.safetensors`. The fingerprint hashes
+the tower's settings and weights and the tiler's settings, so a changed tower or tiler reads a fresh subfolder and
+never the old features. A sample's identity is its key in its shard, and the shard file's full path, size and
+modification time, so a rewritten shard, or another project's shard of the same relative name, is a miss. Files are
+written atomically, so ranks sharing a folder can read each other's.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class VisionFeatureCache:
         self.memory_used = 0
         self.folder: Path | None = None  # fingerprinted at first use, once a resumed run has loaded its weights
         self.hits = self.misses = 0
+        self.shard_ids: dict[str, str] = {}  # shard name as read -> its identity (path, size, modification time)
 
     def patch_features(self, keys: list[str], pixel_values: torch.Tensor, tiles: list[int]) -> torch.Tensor:
         """The tower's features of (N_tiles, 3, S, S) tiles belonging to samples `keys`, `tiles[i]` tiles each in
@@ -61,6 +64,7 @@ class VisionFeatureCache:
         if self.folder is None:
             self.folder = self.root / fingerprint(self.vision, self.tiler)
             log.info("vision feature cache: %s (up to %.1f GB in memory)", self.folder, self.memory_bytes / 1e9)
+        keys = [self._identity(key) for key in keys]
         chunks = pixel_values.split(tiles)  # per sample: (tiles[i], 3, S, S)
         with_tiles = [i for i, count in enumerate(tiles) if count]
         found = {i: self._get(keys[i]) for i in with_tiles}
@@ -74,6 +78,18 @@ class VisionFeatureCache:
             self._put(keys[i], features)
         device = pixel_values.device
         return torch.cat([computed[:0].to(device), *(found[i].to(device) for i in with_tiles)])  # (N_tiles, P, Dv)
+
+    def _identity(self, key: str) -> str:
+        """"shard:key" -> the key with the shard file's resolved path, size and modification time (a shard that is no
+        local file, a URL or a pipe, keeps its name)."""
+        shard, _, sample = key.rpartition(":")
+        if shard not in self.shard_ids:
+            try:
+                stat = os.stat(shard)
+                self.shard_ids[shard] = f"{os.path.realpath(shard)}|{stat.st_size}|{stat.st_mtime_ns}"
+            except OSError:
+                self.shard_ids[shard] = shard
+        return f"{self.shard_ids[shard]}:{sample}"
 
     def _file(self, key: str) -> Path:
         assert self.folder is not None
