@@ -204,6 +204,20 @@ def test_a_checkpoint_of_another_stage_is_refused_before_its_run_is_touched(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["align", "contrastive", "elsewhere.ckpt"]  # no sft folder
 
 
+def test_resume_auto_takes_the_furthest_step_whatever_the_files_times(tmp_path):
+    """A copy, rsync or download resets modification times; the step each checkpoint records decides."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for step, age in ((10, 30), (20, 0), (30, 20)):  # step 20 looks newest, as after `cp -r`
+        path = folder / f"step{step:08d}.ckpt"
+        torch.save({"state_dict": {}, "global_step": step}, path)
+        os.utime(path, ns=(time.time_ns() - age * 10**9,) * 2)
+    assert find_resume_checkpoint(tmp_path).name == "step00000030.ckpt"
+    (folder / "step00000040.ckpt").write_bytes(b"cut short")  # unreadable: named and set aside first
+    assert find_resume_checkpoint(tmp_path).name == "step00000030.ckpt"
+    assert (folder / "step00000040.ckpt.corrupt").exists()
+
+
 def test_a_resume_reads_its_checkpoint_once(tmp_path, monkeypatch):
     """Whether it loads, its stage, the export it started from and its step: one read of the file for all four."""
     checkpoint = tmp_path / "contrastive" / "r" / "checkpoints" / "step00000002.ckpt"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -29,10 +30,18 @@ log = logging.getLogger(__name__)
 
 
 def checkpoint_candidates(run_dir: Path) -> list[Path]:
-    """A run's checkpoints, newest first: Lightning's step checkpoints and SLURM requeue (hpc_ckpt_*) ones."""
+    """A run's checkpoints, furthest first: Lightning's step checkpoints and SLURM requeue (hpc_ckpt_*) ones, by the
+    step each records (a copy, rsync or download resets modification times), then by time. Unreadable ones come
+    first, so that the search names them and sets them aside."""
     run_dir = Path(run_dir)
     found = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-    return sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+
+    def order(path: Path) -> tuple[float, int, str]:
+        record = checkpoint_record(path)
+        step = record["global_step"] if isinstance(record, dict) else math.inf
+        return step, path.stat().st_mtime_ns, path.name
+
+    return sorted(found, key=order, reverse=True)
 
 
 RECORD_KEYS = ("global_step", "init_from", "vlm_stage")  # what resuming reads of a checkpoint besides its weights
