@@ -150,6 +150,7 @@ def test_help_describes_the_entry_point_its_groups_and_its_settings(name, capsys
         assert "config groups" not in shown and "checkpoint: null" in shown
 
 
+@pytest.mark.slow  # three `python -m vlm.train` processes, each importing torch and Lightning
 def test_cli_typo_names_key_and_choices():
     key_typo, group_typo = _cli_concurrently(["stage.lrr=0.1"], ["model=tny"])
     assert key_typo.returncode == 2

@@ -324,6 +324,7 @@ def test_a_run_name_that_is_a_path_is_refused(tmp_path, name):
     assert not tmp_path.joinpath("runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # `python -m vlm.train` processes, each importing torch and Lightning
 def test_a_run_name_that_holds_a_run_is_refused_without_resume(tmp_path):
     folder = tmp_path / "runs" / "contrastive" / "crash"
     (folder / "checkpoints").mkdir(parents=True)
