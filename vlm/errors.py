@@ -7,3 +7,11 @@ subclass (ConfigError, ShardError, ExportError, ...), so callers can still catch
 
 class UserError(Exception):
     """An error whose message names what is wrong and what would work."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one short line for a message: its type, and the first sentence of its message's first line
+    (library messages go on with advice that does not apply)."""
+    message = str(err).strip()
+    sentence = message.splitlines()[0].split(". ")[0][:200] if message else ""
+    return f"{type(err).__name__}: {sentence}" if sentence else type(err).__name__

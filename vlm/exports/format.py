@@ -21,7 +21,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vlm import __version__
-from vlm.errors import UserError
+from vlm.errors import UserError, first_line
 
 FORMAT = "vlm-export/1"
 CONFIG_FILE = "config.json"
@@ -75,12 +75,6 @@ class ExportMeta:
             raise ExportError(f"{str(path)!r} lacks {lacking}: it is damaged; re-export it from its run")
         known = {f.name for f in fields}
         return cls(**{k: v for k, v in raw.items() if k in known})
-
-
-def first_line(err: BaseException) -> str:
-    """An exception as one short line: its type, and its message's first line."""
-    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {message[:200]}" if message else type(err).__name__
 
 
 def is_complete(directory: Path) -> bool:

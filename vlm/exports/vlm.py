@@ -10,11 +10,11 @@ from transformers import AutoConfig
 
 from vlm.config import TilerConfig, model_config_from, to_dict
 from vlm.data.tokenizer import image_token_id, load_tokenizer, prepare_tokenizer
+from vlm.errors import first_line
 from vlm.exports.format import (
     TOKENIZER_DIR,
     ExportError,
     ExportMeta,
-    first_line,
     load_weights,
     read_meta,
     write_export,

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlm.config import ConfigError
+from vlm.errors import first_line
 from vlm.training.checkpoint_io import TEMP_MARK
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,7 @@ def _record(path: str, mtime_ns: int, size: int) -> dict | str:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # truncated zip, empty file, bad pickle: all mean "do not resume from this"
-        reason = str(err).split(". ")[0].splitlines()[0] if str(err) else "unreadable"
-        return f"{type(err).__name__}: {reason}"
+        return first_line(err)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         return "not a Lightning training checkpoint (no state_dict / global_step)"
     return {key: checkpoint.get(key) for key in RECORD_KEYS}

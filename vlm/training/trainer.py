@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
 
 from vlm.config import ConfigError, TrainConfig, to_dict
-from vlm.exports.format import first_line
+from vlm.errors import first_line
 from vlm.models.blocks import compile_blocks
 from vlm.training.callbacks import progress_callback
 from vlm.training.checkpoint_io import AtomicCheckpointIO
