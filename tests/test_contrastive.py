@@ -84,9 +84,9 @@ def test_zero_shot_and_retrieval_metrics():
     labels = torch.tensor([0, 1, 2, 3])
     image = classes[labels] + 0.01 * torch.randn(4, 8)
     text = image.clone()
-    metrics = contrastive_metrics(image, text, labels, classes)
+    metrics = contrastive_metrics(image @ text.T, labels, image @ classes.T)
     assert metrics == {"i2t_r1": 1.0, "t2i_r1": 1.0, "zero_shot_top1": 1.0}
-    metrics = contrastive_metrics(image, text.roll(1, 0), labels, None)
+    metrics = contrastive_metrics(image @ text.roll(1, 0).T, labels, None)
     assert metrics["i2t_r1"] == 0.0 and "zero_shot_top1" not in metrics
 
 
@@ -94,13 +94,13 @@ def test_per_sample_predictions_rank_each_caption_and_name_the_classes():
     classes = torch.eye(3)  # (C, E): class i points along axis i
     image = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.2, 1.0], [0.0, 0.0, 1.0]])  # sample 1 looks like class 2
     text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.3, 1.0]])
-    rows = contrastive_predictions(image, text, torch.tensor([0, 1, 2]), classes, ["red", "green", "blue"],
+    rows = contrastive_predictions(image @ text.T, torch.tensor([0, 1, 2]), image @ classes.T, ["red", "green", "blue"],
                                    ["s0", "s1", "s2"], ["a red", "a green", "a blue"], top=2)
     assert [r["caption_rank"] for r in rows] == [0, 1, 0]  # sample 1's image scores caption 2 above its own
     assert [(r["label"], r["prediction"], r["correct"]) for r in rows] == [
         ("red", "red", True), ("green", "blue", False), ("blue", "blue", True)]
     assert rows[1]["top"] == ["blue", "green"] and rows[1]["key"] == "s1" and rows[1]["caption"] == "a green"
-    unlabelled = contrastive_predictions(image, text, torch.tensor([-1, -1, -1]), None, None, ["s0", "s1", "s2"],
+    unlabelled = contrastive_predictions(image @ text.T, torch.tensor([-1, -1, -1]), None, None, ["s0", "s1", "s2"],
                                          ["a", "b", "c"])
     assert set(unlabelled[0]) == {"key", "caption", "caption_rank"}
 

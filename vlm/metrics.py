@@ -20,31 +20,30 @@ def class_embeddings(model: CLIPModel, tokenizer, classnames: list[str], templat
     return torch.nn.functional.normalize(embeddings, dim=-1)
 
 
-def contrastive_metrics(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
-                        classes: torch.Tensor | None) -> dict[str, float]:
-    """image (N, E), text (N, E), labels (N,), classes (C, E) or None -> top-1 / R@1 figures."""
-    similarity = image @ text.T  # (N, N)
-    target = torch.arange(len(image))
+def contrastive_metrics(similarity: torch.Tensor, labels: torch.Tensor,
+                        class_scores: torch.Tensor | None) -> dict[str, float]:
+    """similarity (N, N) image x text, labels (N,), class_scores (N, C) image x class or None -> top-1 / R@1."""
+    target = torch.arange(len(similarity))
     metrics = {"i2t_r1": (similarity.argmax(dim=1) == target).float().mean().item(),
                "t2i_r1": (similarity.argmax(dim=0) == target).float().mean().item()}
-    if classes is not None:
-        predicted = (image @ classes.T).argmax(dim=1)  # (N,)
+    if class_scores is not None:
+        predicted = class_scores.argmax(dim=1)  # (N,)
         metrics["zero_shot_top1"] = (predicted == labels).float().mean().item()
     return metrics
 
 
-def contrastive_predictions(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor,
-                            classes: torch.Tensor | None, classnames: list[str] | None, keys: list[str],
-                            captions: list[str], top: int = 5) -> list[dict]:
+def contrastive_predictions(similarity: torch.Tensor, labels: torch.Tensor, class_scores: torch.Tensor | None,
+                            classnames: list[str] | None, keys: list[str], captions: list[str],
+                            top: int = 5) -> list[dict]:
     """One row per sample: its caption's rank among all captions for its image (0 is retrieved first), and with
-    classes its label, the predicted class, the `top` best classes and whether the prediction is right."""
-    similarity = image @ text.T  # (N, N)
+    class scores its label, the predicted class, the `top` best classes and whether the prediction is right.
+    similarity (N, N) and class_scores (N, C) are those `contrastive_metrics` reads."""
     own = similarity.diagonal().unsqueeze(1)  # (N, 1)
     caption_ranks = (similarity > own).sum(dim=1).tolist()  # captions scored above the sample's own
     rows = [{"key": key, "caption": caption, "caption_rank": rank}
             for key, caption, rank in zip(keys, captions, caption_ranks, strict=True)]
-    if classes is not None and classnames:
-        best = (image @ classes.T).topk(min(top, len(classnames)), dim=1).indices.tolist()  # (N, top)
+    if class_scores is not None and classnames:
+        best = class_scores.topk(min(top, len(classnames)), dim=1).indices.tolist()  # (N, top)
         for row, label, ranked in zip(rows, labels.tolist(), best, strict=True):
             row.update(label=classnames[label], prediction=classnames[ranked[0]],
                        top=[classnames[i] for i in ranked], correct=ranked[0] == label)

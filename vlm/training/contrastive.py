@@ -86,10 +86,12 @@ class ContrastiveTask(StageTask):
         # eval.max_samples: retrieval ranks among exactly that many, not the whole last batch's worth
         image, text, labels = (torch.cat(parts)[:self.sample_limit] for parts in zip(*self._val, strict=True))
         classes = self._classes if bool((labels >= 0).all()) else None
-        metrics = contrastive_metrics(image, text, labels, classes) | {"samples_scored": float(len(image))}
+        similarity = image @ text.T  # (N, N), read by the metrics and the per-sample rows alike
+        class_scores = image @ classes.T if classes is not None else None  # (N, C)
+        metrics = contrastive_metrics(similarity, labels, class_scores) | {"samples_scored": float(len(image))}
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
         keys, captions = zip(*self._val_samples[:len(image)], strict=True)
-        self.predictions = contrastive_predictions(image, text, labels, classes, self.classnames, list(keys),
+        self.predictions = contrastive_predictions(similarity, labels, class_scores, self.classnames, list(keys),
                                                    list(captions))
         self._val, self._val_samples, self._classes = [], [], None
 
