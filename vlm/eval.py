@@ -41,10 +41,14 @@ class NothingToScore(ConfigError):
     """Held-out data with no sample that can be scored."""
 
 
-def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Validate the export `config.checkpoint` with its stage's task: (metrics, the answers it scored)."""
+def require_checkpoint(config: TrainConfig) -> None:
     if not config.checkpoint:
         raise ConfigError("checkpoint=PATH is required: the export folder of a run (OUTPUT_ROOT/STAGE/RUN/export)")
+
+
+def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Validate the export `config.checkpoint` with its stage's task: (metrics, the answers it scored)."""
+    require_checkpoint(config)
     stage = get_stage(config.stage.name)
     made_by = read_meta(config.checkpoint).stage
     if (made_by == "contrastive") != (stage.name == "contrastive"):  # phase 1 and phase 2 models score differently
@@ -74,8 +78,7 @@ def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) 
 def results_folder(config: TrainConfig) -> Path:
     """eval.output_dir (default: the `eval` folder beside the export), made before the evaluation runs, so a path
     that cannot be a folder fails at once rather than after the work."""
-    if not config.checkpoint:
-        raise ConfigError("checkpoint=PATH is required: the export folder of a run (OUTPUT_ROOT/STAGE/RUN/export)")
+    require_checkpoint(config)
     if problem := not_a_folder(config.checkpoint):  # before a folder is made beside it
         raise ExportError(problem)
     out = Path(config.eval.output_dir or Path(config.checkpoint).expanduser().resolve().parent / "eval").expanduser()
