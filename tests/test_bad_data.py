@@ -105,14 +105,16 @@ def _warnings_naming(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
 
 # ---- bad samples ----------------------------------------------------------------------------------------------
 
-def test_bad_caption_samples_are_skipped_named_once_and_counted(tmp_path, caplog):
+def test_bad_caption_samples_are_skipped_named_once_and_counted(tmp_path, caplog, monkeypatch):
     bad_kinds = list(BAD_CAPTIONS) + ["corrupt", "truncated"]  # 8 bad samples among 48 good
     pattern = write_caption_shards(tmp_path / "shards", good_per_shard=24, bad_kinds=bad_kinds)
     # one pass exactly: 48 good samples / batch 8 = 6 steps; shuffle_buffer=1 keeps the stream order fixed
+    monkeypatch.chdir(tmp_path)  # output_root relative to the launch folder, as in the README
     config = tiny_config(*COMMON, f"data.train='{pattern}'", "stage.batch_size=8", "stage.max_steps=6",
-                         "data.shuffle_buffer=1", f"output_root={tmp_path / 'runs'}", "run_name=bad")
+                         "data.shuffle_buffer=1", "output_root=runs", "run_name=bad")
     with caplog.at_level(logging.WARNING):
         metrics, run_dir = train(config)
+    assert metrics["export"] == str(tmp_path / "runs" / "contrastive" / "bad" / "export")  # usable from any folder
     assert metrics["global_step"] == 6
     assert metrics["samples_skipped"] == len(bad_kinds) and metrics["samples_seen"] == 48 + len(bad_kinds)
     assert json.loads((run_dir / "metrics.json").read_text())["samples_skipped"] == len(bad_kinds)

@@ -64,6 +64,32 @@ LOCAL_GLOBAL = ["model.llm.attention=local_global", "model.llm.sparse.window=8",
                 "model.llm.sparse.sinks=1"]
 
 
+def _count_samples_on_ranks(rank: int, out: Path) -> None:
+    """Rank 0 reads clean shards; rank 1 skips `bad` of every 10 samples it reads."""
+    from vlm.training.health import DataHealth, TooManyBadSamples
+
+    def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(values)
+        return values
+
+    results = {}
+    for bad in (1, 2):
+        health = DataHealth(max_skip_rate=0.05, max_nonfinite_steps=3, min_samples=40)
+        stopped_at = None
+        for batch in range(6):
+            try:
+                health.count_batch(10 - bad * rank, bad * rank, sum_over_ranks)
+            except TooManyBadSamples as error:
+                stopped_at = (batch, str(error))
+                break
+        results[bad] = {"stopped_at": stopped_at, "local": [health.seen, health.skipped]}
+    resumed = DataHealth(max_skip_rate=0.05, max_nonfinite_steps=3)
+    resumed.restore(100, 7, rank)
+    resumed.count_batch(10 - rank, rank, sum_over_ranks)
+    results["resumed"] = [resumed.total_seen, resumed.total_skipped]
+    (out / f"health-rank{rank}.json").write_text(json.dumps(results))
+
+
 def _rank_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -98,13 +124,15 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
                         "missing": sorted(set(reference_grads) ^ set(grads)),
                         "grad_scale": max(g.abs().max().item() for g in reference_grads.values())},
                        Path(out) / f"{name}-rank{rank}.pt")
+        _count_samples_on_ranks(rank, Path(out))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One pair of gloo processes computes every loss head (start-up dominates, so they share it)."""
+    """One pair of gloo processes computes every loss head and the sample counts (start-up dominates, so they share
+    it)."""
     out = tmp_path_factory.mktemp("ranks")
     mp.spawn(_rank_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out
@@ -240,7 +268,9 @@ def test_fsdp_trains_what_ddp_trains(ddp_run, tmp_path):
     output = _train_two_ranks(tmp_path, *CONTRASTIVE_RUN, "stage.max_steps=9", "trainer.strategy=fsdp",
                               "run_name=fsdp", "resume=auto", cache=cache)
     assert "from step00000006.ckpt" in output, output
-    assert json.loads((runs / "fsdp" / "metrics.json").read_text())["global_step"] == 9
+    resumed = json.loads((runs / "fsdp" / "metrics.json").read_text())
+    assert resumed["global_step"] == 9
+    assert resumed["samples_seen"] == 2 * 9 * 8, "the checkpoint's totals are counted once, not once per rank"
 
 
 PHASE2_FSDP = ["trainer.strategy=fsdp", "data.synthetic.num_train=32", "eval.batch_size=8",
@@ -379,3 +409,17 @@ def test_fewer_shards_than_ranks_is_one_clear_line(tmp_path):
     assert result.returncode == 2, output[-3000:]
     assert "has 1 shards for 2 ranks" in output and "data.resampled=true" in output
     assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_the_skip_rate_limit_reads_every_ranks_samples(two_rank_results):
+    """`data.max_skip_rate` is decided on the counts summed over ranks, so every rank stops at the same batch or none
+    does: a rank whose own shards are 10% bad must not stop a run that is 5% bad overall (the limit), and a run that
+    is 10% bad overall stops on both ranks at once. A resumed run's totals count once, not once per rank."""
+    ranks = [json.loads((two_rank_results / f"health-rank{rank}.json").read_text()) for rank in range(WORLD)]
+    for rank in ranks:
+        assert rank["1"]["stopped_at"] is None  # 6 of 120 samples bad, 5%
+        assert rank["2"]["stopped_at"][0] == 1  # 4 of 40 bad at the second batch, 10%
+        assert rank["2"]["stopped_at"][1].startswith("4 of 40 samples (10.0%) could not be decoded")
+        assert rank["resumed"] == [100 + 20, 7 + 1]
+    assert ranks[1]["1"]["local"] == [60, 6]  # rank 1 alone: 10% bad, over the limit

@@ -54,7 +54,7 @@ class ContrastiveTask(StageTask):
         return Batching(decode, decode, collate_captions, self.config.stage.batch_size, self.config.eval.batch_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.health.count_batch(len(batch["ids"]), batch["skipped"])
+        self.count_batch(len(batch["ids"]), batch["skipped"])
         outputs = self.model(batch["pixels"], batch["ids"])
         losses = self.loss_fn(**outputs, output_dict=True)
         loss = self.guarded(sum(losses.values()))

@@ -31,8 +31,8 @@ def pass_seed(seed: int, epoch: int, global_step: int) -> int:
 class DataPosition(pl.Callback):
     """Saves where in the data stream each checkpoint was taken; on resume, seeds the shard order from it.
 
-    It also carries the task's sample counts (`health.seen`, `health.skipped`) across restarts, so the skip rate and
-    metrics.json count the whole run. Under DDP the counts are rank 0's, as in metrics.json.
+    It also carries the task's sample counts across restarts, so the skip rate and metrics.json count the whole run:
+    the checkpoint holds every rank's totals, and a resumed run gives them back to rank 0 (see `DataHealth.restore`).
 
     The DataModule builds its pipeline from `datamodule.seed`, and webdataset shuffles the shards of the n-th pass
     through it in this process with seed + n (resampled mode: draws seeded from seed and n). A resumed process counts
@@ -63,7 +63,7 @@ class DataPosition(pl.Callback):
                                 "first_epoch": self.first_epoch, "seed": int(getattr(trainer.datamodule, "seed", 0))}
         health = getattr(pl_module, "health", None)  # the task's DataHealth: skip counts span restarts
         if health is not None:
-            checkpoint[self.KEY].update(samples_seen=health.seen, samples_skipped=health.skipped)
+            checkpoint[self.KEY].update(samples_seen=health.total_seen, samples_skipped=health.total_skipped)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -73,7 +73,7 @@ class DataPosition(pl.Callback):
             return
         health = getattr(pl_module, "health", None)
         if health is not None and "samples_seen" in position:
-            health.seen, health.skipped = position["samples_seen"], position["samples_skipped"]
+            health.restore(position["samples_seen"], position["samples_skipped"], trainer.global_rank)
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "seed"):
             return

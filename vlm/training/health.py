@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -21,28 +22,44 @@ class NonFiniteLoss(UserError, FloatingPointError):
 
 
 class DataHealth:
-    """Counts skipped samples and non-finite losses; raises when either passes its limit."""
+    """Counts skipped samples and non-finite losses; raises when either passes its limit.
+
+    Under DDP/FSDP each rank reads its own shards. `seen` and `skipped` are this rank's counts; `total_seen` and
+    `total_skipped` are every rank's, summed at each batch, and they decide the stop, so all ranks stop at the same
+    step on the same numbers. A resumed run puts the checkpoint's totals on rank 0 alone (`restore`)."""
 
     def __init__(self, max_skip_rate: float, max_nonfinite_steps: int, min_samples: int = 500):
         self.max_skip_rate = max_skip_rate
         self.max_nonfinite_steps = max_nonfinite_steps
         self.min_samples = min_samples
-        self.seen = 0
-        self.skipped = 0
+        self.seen = self.skipped = 0
+        self.total_seen = self.total_skipped = 0
         self.nonfinite_in_a_row = 0
         self.skip_pending = False  # the current step's loss was non-finite: drop its gradients before the update
 
-    def count_batch(self, batch_size: int, skipped: int) -> None:
+    def count_batch(self, batch_size: int, skipped: int,
+                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Count a training batch; `sum_over_ranks` (every rank calls it at every batch) makes the totals global."""
         self.seen += batch_size + skipped
         self.skipped += skipped
-        if self.seen >= self.min_samples and self.skip_rate > self.max_skip_rate:
-            raise TooManyBadSamples(f"{self.skipped} of {self.seen} samples ({self.skip_rate:.1%}) could not be "
-                                    f"decoded, more than data.max_skip_rate={self.max_skip_rate}; the warnings above "
-                                    f"name the shards and keys")
+        counts = torch.tensor([self.seen, self.skipped], dtype=torch.float64)
+        if sum_over_ranks is not None:
+            counts = sum_over_ranks(counts)
+        self.total_seen, self.total_skipped = (int(c) for c in counts.tolist())
+        if self.total_seen >= self.min_samples and self.skip_rate > self.max_skip_rate:
+            raise TooManyBadSamples(f"{self.total_skipped} of {self.total_seen} samples ({self.skip_rate:.1%}) could "
+                                    f"not be decoded, more than data.max_skip_rate={self.max_skip_rate}; the "
+                                    f"warnings above name the shards and keys")
+
+    def restore(self, seen: int, skipped: int, rank: int) -> None:
+        """The whole run's counts from a checkpoint: kept on rank 0, so that the sum over ranks counts them once."""
+        self.total_seen, self.total_skipped = seen, skipped
+        self.seen, self.skipped = (seen, skipped) if rank == 0 else (0, 0)
 
     @property
     def skip_rate(self) -> float:
-        return self.skipped / max(1, self.seen)
+        """The share of the samples read on all ranks that were skipped."""
+        return self.total_skipped / max(1, self.total_seen)
 
     def check_loss(self, loss: torch.Tensor, step: int, module: pl.LightningModule) -> bool:
         """True when the step should run; False skips it (every rank agrees, so DDP stays in sync)."""
@@ -75,7 +92,7 @@ class DataHealth:
             self.skip_pending = False
 
     def log_to(self, module: pl.LightningModule) -> None:
-        module.log_dict({"data/skipped": float(self.skipped), "data/skip_rate": self.skip_rate}, on_step=True)
+        module.log_dict({"data/skipped": float(self.total_skipped), "data/skip_rate": self.skip_rate}, on_step=True)
 
 
 class NoTrainingBatch(UserError, RuntimeError):

@@ -139,8 +139,8 @@ class PreferenceTask(VLMTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         pairs, anchors = batch["pairs"], batch["anchors"]
-        self.health.count_batch((len(pairs["keys"]) if pairs else 0) + (anchors["num_samples"] if anchors else 0),
-                                batch["skipped"])
+        self.count_batch((len(pairs["keys"]) if pairs else 0) + (anchors["num_samples"] if anchors else 0),
+                         batch["skipped"])
         self.batches_trained += 1
         self.pairs_trained += len(pairs["keys"]) if pairs else 0
         total, result, anchor_nll = self.training_loss(batch)

@@ -91,6 +91,15 @@ class StageTask(pl.LightningModule):
 
     # ---- shared by every stage ----
 
+    def count_batch(self, samples: int, skipped: int) -> None:
+        """Count a training batch's samples, and those its reader skipped, towards every rank's totals."""
+        self.health.count_batch(samples, skipped, self.sum_over_ranks)
+
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        return self.trainer.strategy.reduce(values.to(self.device), reduce_op="sum").cpu()
+
     def guarded(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate; a non-finite one skips its step on every rank (see DataHealth.guard)."""
         return self.health.guard(loss, self.global_step, self)

@@ -21,7 +21,7 @@ from vlm.training.callbacks import progress_callback
 from vlm.training.checkpoint_io import AtomicCheckpointIO
 from vlm.training.data_position import DataPosition
 from vlm.training.datamodule import ShardDataModule
-from vlm.training.health import DataHealth, EmptyPassGuard
+from vlm.training.health import EmptyPassGuard
 from vlm.training.loggers import build_logger
 from vlm.training.resume import NewestCheckpoints, StartingExport, checkpoint_step
 from vlm.training.runs import Run
@@ -82,14 +82,6 @@ def validate(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule) 
     return metrics | task.prediction_metrics()
 
 
-def global_sample_counts(trainer: pl.Trainer, health: DataHealth) -> tuple[int, int]:
-    """Samples seen and skipped, summed over every rank (each rank reads its own shards). Every rank must call it."""
-    counts = torch.tensor([health.seen, health.skipped], dtype=torch.float64, device=trainer.strategy.root_device)
-    if trainer.world_size > 1:
-        counts = trainer.strategy.reduce(counts, reduce_op="sum")
-    return int(counts[0]), int(counts[1])
-
-
 def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, run: Run, config: TrainConfig,
            started: float) -> dict[str, Any]:
     """Final validation, the export folder and metrics.json; returns the metrics."""
@@ -98,10 +90,9 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
         trainer.limit_val_batches = task.val_batch_limit() or 1.0
         metrics.update(validate(trainer, task, datamodule))
-    seen, skipped = global_sample_counts(trainer, task.health)
     metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,
-                    "wall_seconds": round(time.time() - started, 1), "samples_skipped": skipped,
-                    "samples_seen": seen, "export": str(run.export)})
+                    "wall_seconds": round(time.time() - started, 1), "samples_skipped": task.health.total_skipped,
+                    "samples_seen": task.health.total_seen, "export": str(run.export.absolute())})
     # FSDP leaves each rank a shard: gather the full weights (a collective every rank joins), export them on rank 0
     gathered = trainer.strategy.lightning_module_state_dict() if isinstance(trainer.strategy, FSDPStrategy) else None
     if trainer.is_global_zero:

@@ -108,7 +108,7 @@ class VLMTask(StageTask):
                           batch["image_slots"], position_ids=batch.get("position_ids"), patches=patches)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.health.count_batch(batch["num_samples"], batch["skipped"])
+        self.count_batch(batch["num_samples"], batch["skipped"])
         out = self.forward_batch(batch, cached=True)
         loss = self.guarded(out.loss)
         if self.health.skip_pending:
