@@ -86,17 +86,18 @@ def write_conversation_shards(directory: Path, good: int, shards: int = 2) -> tu
          {"__key__": "bad-noconv", "json": json.dumps({"type": "color"}), "0.png": shapes(2)},
          {"__key__": "bad-image", "json": samples[0]["json"], "0.png": b"\x89PNG\r\n\x1a\nnot really"},
          {"__key__": "bad-notdict", "json": b"[1, 2, 3]", "0.png": shapes(3)},
+         {"__key__": "bad-notext", "0.png": shapes(4)},  # neither a conversation nor a caption
     ]
     per_shard = good // shards
     for shard in range(shards):
         with wds.TarWriter(str(directory / f"shard-{shard:03d}.tar")) as sink:
             chunk = samples[shard * per_shard:(shard + 1) * per_shard]
             for i, sample in enumerate(chunk):
-                if i in (1, 3) and broken:
+                if i in (1, 3, 5) and broken:
                     sink.write(broken.pop())
                 sink.write({**sample, "__key__": f"s{shard}-{sample['__key__']}"})
     return str(directory / f"shard-{{000..{shards - 1:03d}}}.tar"), ["bad-json", "bad-noconv", "bad-image",
-                                                                     "bad-notdict"]
+                                                                     "bad-notdict", "bad-notext"]
 
 
 def _warnings_naming(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
@@ -135,6 +136,10 @@ def test_bad_conversation_samples_are_skipped_in_sft(tmp_path, caplog):
     for key in bad_keys:
         assert len(_warnings_naming(caplog, key)) == 1, key
     assert "malformed json" in _warnings_naming(caplog, "bad-json")[0]
+    assert _warnings_naming(caplog, "bad-notext")[0].endswith("no 'json' field (a conversation) and no 'txt' field "
+                                                              "(a caption)")
+    image_warning = _warnings_naming(caplog, "bad-image")[0]
+    assert image_warning.count("shard-00") == 1 and ".tar: image 0: not a" in image_warning, image_warning
 
 
 @pytest.mark.parametrize("good", [0, 3])

@@ -85,6 +85,8 @@ class ConversationDecoder:
 
     def _conversation(self, sample: dict, name: str) -> Conversation:
         if "json" not in sample:  # a caption sample
+            if "txt" not in sample:
+                raise SampleError(f"{name}: no 'json' field (a conversation) and no 'txt' field (a caption)")
             prompt = DESCRIBE_PROMPTS[zlib.crc32(str(sample.get("__key__")).encode()) % len(DESCRIBE_PROMPTS)]
             return Conversation([{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"},
                                  {"role": "assistant", "content": text_field(sample, "txt")}], [None, None])

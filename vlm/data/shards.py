@@ -76,7 +76,10 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
                 where = (raw.get("__url__"), raw.get("__key__"))
                 if where not in warned:
                     warned.add(where)
-                    reason = str(err).removeprefix(f"{where[0]}:{where[1]}: ")  # decoders name the sample too
+                    reason = str(err)
+                    named = f"{where[0]}:{where[1]}"  # decoders name it too: "SHARD:KEY: ...", "SHARD:KEY image 0: ..."
+                    if reason.startswith(named):
+                        reason = reason.removeprefix(named).lstrip(": ")
                     log.warning("skipping sample %s in %s: %s", where[1], where[0], reason)
                 continue
             sample["skipped"] = skipped
