@@ -40,6 +40,7 @@ import gc
 import math
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -384,14 +385,16 @@ def main() -> None:
     args.full_cache_layers = tuple(args.full_cache_layers)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.export is None:
-        import tempfile
+    with tempfile.TemporaryDirectory(prefix="vlm-bench-kv-cache-") as scratch:  # the random export, if any
+        if args.export is None:
+            config = to_train_config(compose_config("train", ["stage=sft"]))
+            args.export = export_vlm(Path(scratch) / "export", new_vlm(config.model, config.tiler), "sft",
+                                     config.tiler)
+            print("no --export: a random tiny export, removed at the end")
+        measure(load_vlm(args.export), args)
 
-        config = to_train_config(compose_config("train", ["stage=sft"]))
-        args.export = export_vlm(Path(tempfile.mkdtemp()) / "export", new_vlm(config.model, config.tiler), "sft",
-                                 config.tiler)
-        print(f"no --export: a random tiny export at {args.export}")
-    bundle = load_vlm(args.export)
+
+def measure(bundle: VLMBundle, args: argparse.Namespace) -> None:
     lm = bundle.model.lm
     print(f"model: {args.export} (LLM: {lm.config.num_hidden_layers} layers, width {lm.config.hidden_size}, "
           f"{lm.config.num_key_value_heads} key-value heads); torch threads {args.threads}")

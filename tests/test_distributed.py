@@ -206,6 +206,9 @@ def test_two_process_ddp_training_run_finishes(ddp_run):
     for rank 1, both ranks write to one run folder, the run finishes, and rank 0 writes metrics and the export."""
     run, output = ddp_run
     assert "Starting with 2 processes" in output or "MEMBER: 2/2" in output
+    # rank 1 runs the command again: it must not tell the start-up a second time, nor repeat library warnings
+    assert output.count("parameters by part") == 1 and output.count("stage contrastive ->") == 1, output
+    assert "FutureWarning" not in output, output
     assert [p.name for p in run.parent.iterdir()] == ["ddp"], "ranks wrote to different run folders"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["global_step"] == 6 and metrics["samples_skipped"] == 0

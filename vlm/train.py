@@ -5,14 +5,16 @@ compose the config -> pick the run folder -> the stage's task and data -> fit ->
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, user_errors
@@ -31,23 +33,39 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     """Train the stage `config.stage.name` and write its export; returns the final metrics. `callbacks` join the
     Trainer's own (tests and benchmarks watch or perturb a run through them)."""
     started = time.time()
-    check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
-    config.trainer.precision = configure_precision(config.trainer)  # "auto" -> what runs here; saved with the run
-    pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
-    stage = get_stage(config.stage.name)
-    data = resolve_data(config.data, stage.data, config.output_root)
-    run_folder = prepare_run(config)
-    log.info("stage %s -> %s", stage.name, run_folder.dir)
+    with start_up_told_once():
+        check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
+        config.trainer.precision = configure_precision(config.trainer)  # "auto" -> what runs here; saved with the run
+        pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
+        stage = get_stage(config.stage.name)
+        data = resolve_data(config.data, stage.data, config.output_root)
+        run_folder = prepare_run(config)
+        log.info("stage %s -> %s", stage.name, run_folder.dir)
     with removed_if_left_empty(run_folder.dir):  # a start that fails leaves no empty run folder behind
-        task = stage.task.create(config, stage, run_folder.init_from, data)
-        datamodule = ShardDataModule(data, task.batching(), config.data, config.trainer.seed)
-        if datamodule.val_urls and task.val_batch_limit() is not None:
-            log.info("validations during training read the first %d held-out samples (eval.max_samples); the last "
-                     "one reads all", task.sample_limit)
-        trainer = build_trainer(config, run_folder, task)
+        with start_up_told_once():
+            task = stage.task.create(config, stage, run_folder.init_from, data)
+            datamodule = ShardDataModule(data, task.batching(), config.data, config.trainer.seed)
+            if datamodule.val_urls and task.val_batch_limit() is not None:
+                log.info("validations during training read the first %d held-out samples (eval.max_samples); the "
+                         "last one reads all", task.sample_limit)
+            trainer = build_trainer(config, run_folder, task)
         trainer.callbacks.extend(callbacks)
         trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
     return finish(trainer, task, datamodule, run_folder, config, started)
+
+
+@contextlib.contextmanager
+def start_up_told_once() -> Iterator[None]:
+    """Lightning starts ranks 1, 2, ... of a machine by running the command again: they keep their warnings, and
+    leave the start-up's account (data, run folder, parameter counts) to rank 0."""
+    vlm_log = logging.getLogger("vlm")
+    level = vlm_log.level
+    if rank_zero_only.rank != 0:
+        vlm_log.setLevel(max(vlm_log.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        vlm_log.setLevel(level)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -3,6 +3,7 @@ losses of `stage=dpo` (DPO's sigmoid loss, IPO), on log-probabilities of answers
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,10 @@ from vlm.config import ClipHeadConfig, ConfigError
 from vlm.data.processor import IGNORE_INDEX
 
 PREFERENCE_LOSSES = ("sigmoid", "ipo")
+# open_clip's gathering calls torch.distributed.nn.all_gather, which this torch marks deprecated: the warning names a
+# library line our users cannot change, twice per rank
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
 
 
 def build_contrastive_loss(config: ClipHeadConfig, rank: int = 0, world_size: int = 1) -> nn.Module:
