@@ -616,3 +616,13 @@ def test_a_conversation_over_the_context_forgets_its_oldest_exchanges_and_goes_o
     answer = page.last_answer()
     assert answer["state"] == "done" and answer["usage"].startswith(f"{sent_tokens()} in · "), answer
     assert sent_tokens() > tiny_chat_model.prepare([{"role": "user", "content": QUESTION}]).input_tokens + 300
+
+    # fits the context, but leaves the answer less than its room (max_tokens, at most a quarter of the context): the
+    # oldest exchange is forgotten before asking, as ChatSession does, rather than the answer being cut short
+    page.settings(max_tokens=128, greedy=True)
+    page.send(QUESTION)
+    page.wait("document.querySelectorAll('.message.assistant').length === 7")
+    answer = page.last_answer()
+    assert answer["state"] == "done" and answer["usage"].startswith(f"{sent_tokens()} in · "), answer
+    assert page.js("return state.turns.filter((t) => t.forgotten).length") > 4
+    assert sent_tokens() + 128 <= tiny_chat_model.context_length

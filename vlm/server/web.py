@@ -41,7 +41,8 @@ def page_config(server: Server) -> dict:
     return {"max_images": settings.max_images, "max_image_bytes": settings.max_image_bytes,
             "image_pixels": tiler.config.max_tiles * tiler.tile_size ** 2, "media_types": list(MEDIA_TYPES),
             "max_tokens": min(settings.default_max_tokens, server.parser.tokens_limit),
-            "max_tokens_limit": server.parser.tokens_limit, "temperature": settings.temperature,
+            "max_tokens_limit": server.parser.tokens_limit, "context_tokens": server.chat.context_length,
+            "temperature": settings.temperature,
             "api_key_required": bool(settings.api_key)}
 
 

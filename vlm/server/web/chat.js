@@ -449,6 +449,18 @@ async function readEvents(response, onEvent, onChunk) {
   }
 }
 
+// The prompt's length in tokens, as the server counts it; null when it does not count it (the answer's request then
+// says why).
+async function promptTokens(body, signal) {
+  const response = await fetch("/v1/messages/count_tokens", {
+    method: "POST",
+    headers: { "content-type": "application/json", ...authHeaders() },
+    body: JSON.stringify(body),
+    signal,
+  });
+  return response.ok ? (await response.json()).input_tokens : null;
+}
+
 // Adds the oldest exchange still sent before `userTurn` (a question and its answers) to `left`; false if none is.
 function leaveOutOldest(turns, userTurn, left) {
   const end = turns.indexOf(userTurn);
@@ -481,27 +493,34 @@ async function answer(userTurn) {
   const usage = { stop: "" };
   let started = 0;
   try {
-    // Like the REPL and ChatSession: while the conversation is over the model's context, the oldest exchanges are
-    // left out and the request is sent again. They are forgotten only once an answer starts: if even the latest
-    // message alone is too long, its error shows and the earlier messages stay for the next one.
+    // Like the REPL and ChatSession: while the conversation leaves the answer less than its room in the model's
+    // context (max_tokens, at most a quarter of the context), or is over the context (the server's 400), the oldest
+    // exchanges are left out and the prompt is measured or sent again. They are forgotten only once an answer
+    // starts: if even the latest message alone is too long, its error shows and the earlier messages stay.
     const left = new Set();
+    const context = state.config.context_tokens;
     let response;
     for (;;) {
+      const body = requestBody(turns, left);
+      const room = Math.min(body.max_tokens, Math.floor(context / 4));
+      const tokens = await promptTokens(body, controller.signal);
+      if (tokens !== null && context - tokens < room && leaveOutOldest(turns, userTurn, left)) continue;
       response = await fetch("/v1/messages", {
         method: "POST",
         headers: { "content-type": "application/json", ...authHeaders() },
-        body: JSON.stringify(requestBody(turns, left)),
+        body: JSON.stringify(body),
         signal: controller.signal,
       });
-      if (response.ok) break;
+      if (response.ok) break; // the server answers once the prompt is encoded, as generation starts
       const err = await serverError(response);
       if (!contextFull(err) || !leaveOutOldest(turns, userTurn, left)) throw err;
     }
+    started = performance.now(); // tok/s: from here, not from message_start, which may share a chunk with the end
     if (left.size) {
       forget(left);
       const count = [...left].filter((t) => t.role === "user").length;
       const note = el("p", "context-note", `Older messages left out: the conversation no longer fits the model's `
-        + `context, so the ${count === 1 ? "oldest exchange is" : `${count} oldest exchanges are`} forgotten.`);
+        + `context with room for an answer, so the ${count === 1 ? "oldest exchange is" : `${count} oldest exchanges are`} forgotten.`);
       note.setAttribute("role", "status");
       node.prepend(note);
     }
@@ -515,7 +534,6 @@ async function answer(userTurn) {
     };
     await readEvents(response, (name, data) => {
       if (name === "message_start") {
-        started = performance.now();
         usage.input = data.message.usage.input_tokens;
       } else if (name === "content_block_delta" && data.delta.type === "text_delta") {
         reply.text += data.delta.text;
