@@ -7,16 +7,27 @@ import itertools
 import json
 import logging
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from images import solid
 from live_server import LiveServer
 from tiny import tiny_config
 
 from vlm.cli import compose_config
 from vlm.config import ConfigError, load_config
-from vlm.constitution import ConstitutionConfig, Counts, PairMaker, load_constitution, read_prompts, run
-from vlm.critics import ChatCritic, Item, SyntheticCritic
+from vlm.constitution import (
+    ConstitutionConfig,
+    Counts,
+    PairMaker,
+    load_constitution,
+    read_prompts,
+    run,
+    why_no_pairs,
+)
+from vlm.critics import ChatCritic, CriticRefused, CriticUnreachable, HttpCompletion, Item, SyntheticCritic
 from vlm.data.preferences import PreferenceDecoder
 from vlm.data.shards import build_pipeline
 from vlm.errors import UserError
@@ -103,6 +114,30 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
         run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "anchors=0.5"))
     assert "anchors=0.05 (now 0.5)" in str(err.value) and str(out) in str(err.value)
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
+    # asked for more prompts: the last shard held 2 of its 4, so it is made again, and a new one follows
+    more = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "max_train_prompts=10"))
+    assert more["train"]["prompts"] == 10 and "shard 1 holds 2 of its 4 prompts" in caplog.text
+    assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
+    assert [json.loads((out / "train" / f"shard-00000{i}.json").read_text())["prompts"] for i in range(3)] == [4, 4, 2]
+
+
+def test_a_changed_constitution_file_is_not_resumed_as_it_was(tiny_sft_export, small_synthetic, tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text((Path(load_constitution.__globals__["CONFIG_DIR"]) / "constitutions" / "synthetic.yaml")
+                    .read_text())
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", f"constitution={mine}",
+                     "max_train_prompts=4", "max_val_prompts=0")
+    run(config)
+    mine.write_text(mine.read_text().replace("principles:", "principles:  # edited", 1))
+    with pytest.raises(ConfigError, match="constitution_digest="):
+        run(config)
+
+
+def test_a_principle_that_is_not_a_mapping_is_named(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text('principles:\n  - "just a string"\n')
+    with pytest.raises(ConfigError, match=r"principle 0 is 'just a string'; write each principle as a mapping"):
+        load_constitution(str(path))
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])
@@ -228,8 +263,6 @@ def test_missing_api_key_variable_is_named(tiny_sft_export, small_synthetic, tmp
 
 
 def test_generate_batch_matches_one_by_one_greedy_answers(tiny_chat_model):
-    from images import solid
-
     conversations = [([{"role": "user", "content": f"<image>\n{q}"}], [solid(color)])
                      for q, color in [("What color is the shape?", (255, 0, 0)), ("Where is it?", (0, 0, 255)),
                                       ("What shape is this? Answer in a few words.", (0, 255, 0))]]
@@ -237,3 +270,105 @@ def test_generate_batch_matches_one_by_one_greedy_answers(tiny_chat_model):
     batched = tiny_chat_model.generate_batch(prompts, temperature=0, max_new_tokens=6)
     single = [tiny_chat_model.generate(m, i, temperature=0, max_new_tokens=6).text.strip() for m, i in conversations]
     assert batched == single and len(batched) == 3
+
+
+class _OddCritic(BaseHTTPRequestHandler):
+    """A critic endpoint whose reply depends on the URL's first path segment: the replies a buggy or wrong server
+    sends."""
+
+    REPLIES = {
+        "parts": json.dumps({"choices": [{"message": {"content": [{"type": "text", "text": "looks "},
+                                                                   {"type": "text", "text": "fine"}]}}]}),
+        "null-choices": json.dumps({"choices": None}),
+        "null-content": json.dumps({"choices": [{"message": {"content": None}}]}),
+        "a-list": "[]",
+        "anthropic-text": json.dumps({"content": [{"type": "text", "text": "ok"}]}),
+    }
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers["content-length"]))
+        mode = self.path.split("/")[1]
+        body = self.REPLIES.get(mode, "").encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body) + 100 if mode == "cut-short" else len(body)))
+        self.end_headers()
+        self.wfile.write(body if mode != "cut-short" else b'{"choices": [')
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def odd_critic():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OddCritic)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+REQUEST = ([{"role": "user", "content": "<image>\nWhat color is it?"}], [solid((255, 0, 0))])
+
+
+@pytest.mark.parametrize("mode,api,refusal", [
+    ("null-choices", "openai", "the reply has no choices[0].message.content"),
+    ("a-list", "openai", "the reply has no choices[0].message.content"),
+    ("null-content", "openai", "the reply's choices[0].message.content is NoneType, not text"),
+    ("parts", "anthropic", "the reply has no content"),  # an OpenAI reply read as an Anthropic one
+])
+def test_a_critic_reply_in_the_wrong_shape_is_a_refused_request_not_a_crash(odd_critic, mode, api, refusal, caplog):
+    ask = HttpCompletion(f"{odd_critic}/{mode}", api, None, None, timeout=5, retries=2, concurrency=2,
+                         max_new_tokens=8)
+    with pytest.raises(CriticRefused) as err:  # a UserError: one line for the user, and the prompts done so far kept
+        ask([REQUEST, REQUEST])
+    assert refusal in str(err.value) and f"critic.api={api!r}" in str(err.value)
+    assert f"is critic.api={api!r} the endpoint's API?" in caplog.text
+    assert "(3 tries)" not in caplog.text  # the same request would get the same reply: not retried
+
+
+def test_critic_replies_that_are_text_parts_or_cut_short(odd_critic, caplog):
+    assert HttpCompletion(f"{odd_critic}/parts", "openai", None, None, 5, 0, 1, 8)([REQUEST]) == ["looks fine"]
+    assert HttpCompletion(f"{odd_critic}/anthropic-text", "anthropic", None, None, 5, 0, 1, 8)([REQUEST]) == ["ok"]
+    with pytest.raises(CriticUnreachable, match="IncompleteRead"):  # a connection cut mid-reply: retried, then given up
+        HttpCompletion(f"{odd_critic}/cut-short", "openai", None, None, 5, 1, 1, 8)([REQUEST])
+    assert "(2 tries)" in caplog.text
+
+
+def test_images_go_to_the_critic_with_their_own_media_type():
+    from io import BytesIO
+
+    from PIL import Image
+
+    jpeg = BytesIO()
+    Image.new("RGB", (8, 8), "red").save(jpeg, "JPEG")
+    for api in ("openai", "anthropic"):
+        body = HttpCompletion("http://127.0.0.1:9", api, None, None, 5, 0, 1, 8)._body(
+            [{"role": "user", "content": "<image>\n<image>\nWhich is red?"}], [jpeg.getvalue(), solid((0, 0, 255))])
+        parts = json.dumps(body["messages"][0]["content"])
+        assert parts.index("image/jpeg") < parts.index("image/png"), parts
+
+
+def test_best_of_n_counts_replies_without_a_score(tiny_sft_export, small_synthetic, tmp_path, caplog):
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "mode=best_of_n",
+                     "num_samples=2", "max_train_prompts=3")
+    from vlm.data.sources import resolve
+
+    items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 3))
+    critic = ChatCritic(lambda requests: ["7" if i % 2 else "I cannot rate that" for i in range(len(requests))], [])
+    make = PairMaker(config, None, critic, load_constitution("synthetic"))
+    counts = Counts()
+    make._best_of_n(items, ["red", "blue", "green"] * 2, [make._principle(item) for item in items], counts)
+    assert counts.dropped_unscored == 3 and counts.dropped_failed == 0
+    assert "the critic's reply held no score for 3 of 6 answers (e.g. 'I cannot rate that')" in caplog.text
+    assert why_no_pairs(counts, "best_of_n").startswith("the critic's replies held no number")
+
+
+@pytest.mark.parametrize("url", ["localhost:1234", "ftp://example.com", "http://"])
+def test_a_critic_url_that_is_not_http_is_refused_before_the_model_loads(tmp_path, url):
+    config = load_config(ConstitutionConfig, compose_config("constitution", [
+        "checkpoint=/nonexistent/export", "critic=http", f"critic.url={url}", "critic.api=openai",
+        f"out={tmp_path / 'pairs'}"]))
+    with pytest.raises(ConfigError, match=r"critic.url=.* is not an http:// or https:// URL"):
+        run(config)
+    assert not (tmp_path / "pairs").exists()

@@ -13,12 +13,15 @@ last, tells `stage=dpo` the patterns.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import random
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ from vlm.config import ConfigError, DataConfig, load_config, setting
 from vlm.critics import (
     ChatCritic,
     Critic,
+    CriticRefused,
     Example,
     HttpCompletion,
     Item,
@@ -93,6 +97,7 @@ class ConstitutionConfig:
 class Constitution:
     principles: list[Principle]
     examples: list[Example]
+    digest: str = ""  # of the file's text: a resumed run must use the constitution its shards were made with
 
 
 def load_constitution(name: str) -> Constitution:
@@ -113,23 +118,29 @@ def load_constitution(name: str) -> Constitution:
                           f"each with a 'critique' and a 'revision' request")
     out = []
     for i, p in enumerate(principles):
-        missing = [k for k in ("critique", "revision") if not isinstance(p, dict) or not str(p.get(k) or "").strip()]
+        if not isinstance(p, dict):
+            raise ConfigError(f"constitution file {str(path)!r}: principle {i} is {p!r:.60}; write each principle as "
+                              f"a mapping with a 'critique' and a 'revision' request (and optionally 'name', 'types')")
+        missing = [k for k in ("critique", "revision") if not str(p.get(k) or "").strip()]
         if missing:
-            raise ConfigError(f"constitution file {str(path)!r}: principle {i} ({(p or {}).get('name', 'unnamed')!r})"
-                              f" has no {missing[0]!r} request")
+            raise ConfigError(f"constitution file {str(path)!r}: principle {i} ({p.get('name', 'unnamed')!r}) has no "
+                              f"{missing[0]!r} request")
         types = p.get("types") or []
         if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
             raise ConfigError(f"constitution file {str(path)!r}: principle {i} ({p.get('name', 'unnamed')!r}) has "
                               f"types {types!r}; write a list of question types, e.g. [color, shape]")
         out.append(Principle(str(p.get("name", i)), str(p["critique"]), str(p["revision"]), tuple(types)))
     examples = []
+    if not isinstance(raw.get("examples") or [], list):
+        raise ConfigError(f"constitution file {str(path)!r}: 'examples' must be a list, each with question, answer, "
+                          f"critique and revision")
     for i, e in enumerate(raw.get("examples") or []):
         try:
             examples.append(Example(*(str(e[k]) for k in ("question", "answer", "critique", "revision"))))
         except (KeyError, TypeError):
             raise ConfigError(f"constitution file {str(path)!r}: example {i} needs question, answer, critique and "
                               f"revision") from None
-    return Constitution(out, examples)
+    return Constitution(out, examples, hashlib.sha256(path.read_bytes()).hexdigest()[:16])
 
 
 def read_prompts(pattern: str, key: str) -> Iterator[Item]:
@@ -164,6 +175,8 @@ class Counts:
     dropped_tie: int = 0  # best_of_n: every answer scored the same
     dropped_empty: int = 0  # the critique or the revision came back empty (small critics do that)
     dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked
+    dropped_unscored: int = 0  # best_of_n: a reply held no number to score the answer by
+    critic_failed: int = 0  # the critic's failed requests (a prompt may ask several)
 
     def add(self, other: Counts) -> None:
         for name in vars(self):
@@ -239,6 +252,9 @@ class PairMaker:
             if any(score is None for score, _ in rows):
                 counts.dropped_failed += 1
                 continue
+            if any(math.isnan(score) for score, _ in rows):
+                counts.dropped_unscored += 1
+                continue
             best, worst = max(rows, key=lambda r: r[0]), min(rows, key=lambda r: r[0])
             if best[0] == worst[0] or normalize_exact(best[1]) == normalize_exact(worst[1]):
                 counts.dropped_tie += 1
@@ -296,36 +312,62 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
     wanted = min(x for x in (limit, total) if x is not None) if (limit, total) != (None, None) else None
     if limit is not None:
         items = (item for i, item in zip(range(limit), items, strict=False))
+    shards = 0
     with tqdm(total=wanted, desc=f"{name} prompts", unit="prompt", dynamic_ncols=True, disable=None) as bar:
         for index, chunk in enumerate(batches(items, config.prompts_per_shard)):
-            path = directory / f"shard-{index:06d}.tar"
+            path, shards = directory / f"shard-{index:06d}.tar", index + 1
             if path.is_file() and path.with_suffix(".json").is_file():
-                counts.add(Counts(**json.loads(path.with_suffix(".json").read_text())))
-                resumed += len(chunk)
-                bar.update(len(chunk))
-                continue
-            samples, done = [], Counts()
+                recorded = Counts(**json.loads(path.with_suffix(".json").read_text()))
+                if recorded.prompts >= len(chunk):  # it holds these prompts (an earlier run may have asked fewer)
+                    counts.add(recorded)
+                    resumed += len(chunk)
+                    bar.update(len(chunk))
+                    continue
+                log.info("%s: shard %d holds %d of its %d prompts (an earlier run stopped there): making it again",
+                         name, index, recorded.prompts, len(chunk))
+            samples, done, failed_before = [], Counts(), make.critic.failed
             for b, batch in enumerate(batches(iter(chunk), config.batch_size)):
                 try:
                     made, batch_counts = make(batch, config.seed * 1_000_003 + index * 1009 + b, name == "train")
+                except CriticRefused as err:
+                    raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
+                                    f"{directory}") from None
                 except UserError as err:
                     raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
                                     f"{directory}: rerun the same command to go on from there") from None
                 samples += made
                 done.add(batch_counts)
-                bar.update(len(batch))
                 bar.set_postfix(kept=counts.kept + done.kept, dropped=counts.prompts + done.prompts - counts.kept
                                 - done.kept, anchors=counts.anchors + done.anchors, refresh=False)
+                bar.update(len(batch))  # draws the bar with the counts above
+            done.critic_failed = make.critic.failed - failed_before
             write_atomic_shard(path, samples, done, index * config.prompts_per_shard)
             counts.add(done)
             log.info("%s: shard %d written (%d pairs and %d anchors from %d prompts)", name, index, done.kept,
                      done.anchors, done.prompts)
     if resumed:
         log.info("%s: %d prompts were already done by an earlier run and skipped", name, resumed)
-    shards = len(list(directory.glob("shard-*.tar")))
     if counts.prompts == 0:
         raise ConfigError(f"data.{name}={pattern!r} gave no prompt: no conversation sample with a user turn")
     return str(directory / f"shard-{{000000..{shards - 1:06d}}}.tar"), counts
+
+
+def check_critic(config: ConstitutionConfig) -> None:
+    """The critic's settings, checked before the policy loads (which takes long for a large one)."""
+    c = config.critic
+    if c.kind != "http":
+        if c.url:
+            raise ConfigError(f"critic.url is set but critic.kind={c.kind!r}; pick critic=http to use it")
+        return
+    if not c.url:
+        raise ConfigError("critic=http needs critic.url (the endpoint's base URL, e.g. http://127.0.0.1:8000)")
+    parsed = urllib.parse.urlparse(c.url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"critic.url={c.url!r} is not an http:// or https:// URL, e.g. http://127.0.0.1:8000")
+    if c.api is None:
+        raise ConfigError("critic=http needs critic.api: openai or anthropic")
+    if c.api_key_env and not os.environ.get(c.api_key_env):
+        raise ConfigError(f"critic.api_key_env={c.api_key_env!r}: that environment variable is not set")
 
 
 def build_critic(config: ConstitutionConfig, chat_model: Any, constitution: Constitution) -> Critic:
@@ -335,10 +377,6 @@ def build_critic(config: ConstitutionConfig, chat_model: Any, constitution: Cons
     if c.kind == "self":
         return ChatCritic(self_completion(chat_model, c.max_new_tokens), constitution.examples,
                           fits_context(chat_model), c.max_new_tokens)
-    if not c.url:
-        raise ConfigError("critic=http needs critic.url (the endpoint's base URL, e.g. http://127.0.0.1:8000)")
-    if c.api is None:
-        raise ConfigError("critic=http needs critic.api: openai or anthropic")
     completion = HttpCompletion(c.url, c.api, c.model, c.api_key_env, c.timeout, c.retries, c.concurrency,
                                 c.max_new_tokens)
     return ChatCritic(completion, constitution.examples)
@@ -347,11 +385,14 @@ def build_critic(config: ConstitutionConfig, chat_model: Any, constitution: Cons
 SETTINGS_FILE = "settings.json"  # what the shards in an output folder were made with
 
 
-def pair_settings(config: ConstitutionConfig, checkpoint: Path, train: str | None, val: str | None) -> dict[str, Any]:
+def pair_settings(config: ConstitutionConfig, checkpoint: Path, train: str | None, val: str | None,
+                  constitution: Constitution) -> dict[str, Any]:
     """The settings that decide what each shard holds: a rerun that resumes a folder must use the same ones."""
     c = config
     return {"checkpoint": str(checkpoint.resolve()), "data.train": train, "data.val": val, "critic.kind": c.critic.kind,
-            "critic.url": c.critic.url, "critic.model": c.critic.model, "constitution": c.constitution,
+            "critic.url": c.critic.url, "critic.api": c.critic.api, "critic.model": c.critic.model,
+            "critic.max_new_tokens": c.critic.max_new_tokens, "constitution": c.constitution,
+            "constitution_digest": constitution.digest,
             "mode": c.mode, "num_samples": c.num_samples, "temperature": c.temperature, "top_p": c.top_p,
             "max_new_tokens": c.max_new_tokens, "anchors": c.anchors, "batch_size": c.batch_size,
             "prompts_per_shard": c.prompts_per_shard, "seed": c.seed}
@@ -366,7 +407,7 @@ def check_resumable(out: Path, settings: dict[str, Any]) -> None:
             log.warning("%s has shards but no %s: resuming them without checking their settings", out, SETTINGS_FILE)
             return
         recorded = json.loads(recorded_file.read_text())
-        changed = [k for k in settings if recorded.get(k) != settings[k]]
+        changed = [k for k in settings if k in recorded and recorded[k] != settings[k]]  # older folders record fewer
         if changed:
             listed = ", ".join(f"{k}={recorded.get(k)!r} (now {settings[k]!r})" for k in changed)
             raise ConfigError(f"{out} holds pairs made with {listed}; a rerun there resumes them as they are. Pass "
@@ -382,8 +423,7 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
     from vlm.training.runs import latest_export
 
     started = time.time()
-    if config.critic.kind != "http" and config.critic.url:
-        raise ConfigError(f"critic.url is set but critic.kind={config.critic.kind!r}; pick critic=http to use it")
+    check_critic(config)
     constitution = load_constitution(config.constitution)
     checkpoint = Path(config.checkpoint).expanduser() if config.checkpoint else latest_export(config.output_root,
                                                                                               "sft")
@@ -398,7 +438,7 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
     chat_model = ChatModel.load(checkpoint, device=config.device)
     make = PairMaker(config, chat_model, build_critic(config, chat_model, constitution), constitution)
     # after the model and critic load: a start that fails there leaves no output folder behind
-    check_resumable(out, pair_settings(config, checkpoint, data.train, data.val))
+    check_resumable(out, pair_settings(config, checkpoint, data.train, data.val, constitution))
     synthetic = config.data.train is None
     splits = {"train": (data.train, config.max_train_prompts, config.data.synthetic.num_train if synthetic else None),
               "val": (data.val, config.max_val_prompts, config.data.synthetic.num_val if synthetic else None)}
@@ -408,21 +448,40 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
             patterns[name], counts = make_split(name, pattern, limit, out / name, make, config, total)
             summary[name] = vars(counts)
     summary.update(checkpoint=str(checkpoint), critic=config.critic.kind, mode=config.mode,
-                   constitution=config.constitution, critic_failed_requests=make.critic.failed,
+                   constitution=config.constitution,
+                   critic_failed_requests=sum(split["critic_failed"] for split in summary.values()),
                    wall_seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     train_pairs = summary.get("train", {}).get("kept")
-    if train_pairs == 0:
-        log.warning("no preference pair was kept from the %d train prompts: the critic left every answer as it was "
-                    "(the model answers them right, or the critic agrees with it), so stage=dpo has nothing to learn "
-                    "from here; use more prompts (max_train_prompts), mode=best_of_n, or a stronger critic",
-                    summary["train"]["prompts"])
     done = {"train": patterns.get("train"), "val": patterns.get("val"), "qa_val": data.val, "train_pairs": train_pairs}
     (out / PAIRS_DONE).write_text(json.dumps(done) + "\n")
-    sources = pair_sources(done)  # what stage=dpo would find by itself as the newest output under output_root
-    log.info("pairs in %s; train on them with: python -m vlm.train stage=dpo init_from=%s data.train='%s' "
-             "data.val='%s'", out, checkpoint, sources.train, sources.val)
+    if train_pairs == 0:
+        log.warning("no preference pair was kept from the %d train prompts: %s", summary["train"]["prompts"],
+                    why_no_pairs(Counts(**summary["train"]), config.mode))
+    elif train_pairs is not None:
+        sources = pair_sources(done)  # what stage=dpo would find by itself as the newest output under output_root
+        held_out = f" data.val='{sources.val}'" if sources.val else ""
+        log.info("pairs in %s; train on them with: python -m vlm.train stage=dpo init_from=%s data.train='%s'%s",
+                 out, checkpoint, sources.train, held_out)
     return summary
+
+
+def why_no_pairs(counts: Counts, mode: str) -> str:
+    """What most of a split's prompts were dropped for, and what to change: for the warning when none was kept."""
+    better_critic = "a stronger critic (critic=http with a larger model)"
+    reasons = {
+        "dropped_unchanged": "the critic left the answers as they were (the model answers them right, or the critic "
+                             "agrees with it); use more prompts (max_train_prompts), "
+                             + ("a higher temperature, or " if mode == "best_of_n" else "mode=best_of_n, or ")
+                             + better_critic,
+        "dropped_tie": "the critic gave every answer of a prompt the same score; raise num_samples or temperature, "
+                       f"or use {better_critic}",
+        "dropped_unscored": f"the critic's replies held no number to score the answers by; use {better_critic}",
+        "dropped_empty": f"the critiques or revisions came back empty; use {better_critic}",
+        "dropped_failed": "the critic's requests failed or the prompts could not be asked (see the warnings above)",
+    }
+    most = max(reasons, key=lambda name: getattr(counts, name))
+    return f"{reasons[most]}. stage=dpo has nothing to learn from here"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="constitution")

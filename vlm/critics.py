@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import base64
+import http.client
+import io
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -21,6 +24,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
 
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.errors import UserError
@@ -33,6 +39,40 @@ Request = tuple[list[Message], list[bytes]]  # a conversation and its images, in
 
 class CriticUnreachable(UserError, ConnectionError):
     """Every request of a batch failed: the endpoint is down or wrong."""
+
+
+class CriticRefused(UserError, ValueError):
+    """Every request of a batch was refused (a 4xx) or answered in a form the API does not have: retrying the same
+    requests cannot help."""
+
+
+class MalformedReply(ValueError):
+    """A critic's reply that is not an OpenAI chat completion or an Anthropic message with text."""
+
+
+def reply_text(reply: Any, api: str) -> str:
+    """The text of an OpenAI chat completion (`choices[0].message.content`, a string or a list of text parts) or an
+    Anthropic message (`content`, a list of blocks); MalformedReply for anything else."""
+    where = "choices[0].message.content" if api == "openai" else "content"
+    try:
+        content = reply["choices"][0]["message"]["content"] if api == "openai" else reply["content"]
+    except (KeyError, IndexError, TypeError):
+        raise MalformedReply(f"the reply has no {where}") from None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content
+                       if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
+    raise MalformedReply(f"the reply's {where} is {type(content).__name__}, not text")
+
+
+def media_type(image: bytes) -> str:
+    """The MIME type of encoded image bytes, as the APIs want it beside base64 data."""
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            return Image.MIME.get(im.format or "", "image/png")
+    except Exception:  # the critic's server will say what is wrong with it
+        return "image/png"
 
 
 @dataclass(frozen=True)
@@ -83,6 +123,7 @@ class Critic:
 
     def score(self, items: Sequence[Item], answers: Sequence[str],
               principles: Sequence[Principle]) -> list[float | None]:
+        """A score per answer, higher is better; None where the request failed, NaN where the reply held none."""
         raise NotImplementedError
 
 
@@ -163,11 +204,14 @@ class ChatCritic(Critic):
                    {"role": "user", "content": f"{p.critique} Rate the answer from 1 (bad) to 10 (good); reply with "
                                                f"the number only."}], item.images)
                  for item, answer, p in zip(items, answers, principles, strict=True)]
-        scores = []
-        for reply in self._complete(asked):
-            number = re.search(r"\d+(\.\d+)?", reply or "")
-            scores.append(float(number.group()) if number else None)
-        return scores
+        replies = self._complete(asked)
+        numbers = [re.search(r"\d+(\.\d+)?", reply) if reply is not None else None for reply in replies]
+        unscored = [reply for reply, number in zip(replies, numbers, strict=True) if reply is not None and not number]
+        if unscored:
+            log.warning("the critic's reply held no score for %d of %d answers (e.g. %r): they are dropped",
+                        len(unscored), len(replies), unscored[0][:80])
+        return [None if reply is None else float(number.group()) if number else math.nan
+                for reply, number in zip(replies, numbers, strict=True)]
 
     def _complete(self, requests: list[Request]) -> list[str | None]:
         replies = self.complete(requests) if requests else []
@@ -223,13 +267,23 @@ class HttpCompletion:
         self.key = os.environ.get(api_key_env, "") if api_key_env else ""
         if api_key_env and not self.key:
             raise UserError(f"critic.api_key_env={api_key_env!r}: that environment variable is not set")
+        self.last_failure = ""  # the reason the latest failed request gave up
+        self.last_refused = False  # ... and whether retrying could not have helped
 
     def __call__(self, requests: list[Request]) -> list[str | None]:
         with ThreadPoolExecutor(self.concurrency) as pool:
             replies = list(pool.map(self._ask, requests))
         if replies and all(r is None for r in replies):
-            raise CriticUnreachable(f"every request to critic.url {self.url} failed (see the warnings above)")
+            if self.last_refused:
+                raise CriticRefused(f"critic.url {self.url} refused every request of a batch (the last: "
+                                    f"{self.last_failure}); check critic.api={self.api!r}, critic.model, the key "
+                                    f"in critic.api_key_env, and that the prompts fit the critic's context")
+            raise CriticUnreachable(f"every request to critic.url {self.url} failed (the last: {self.last_failure})")
         return replies
+
+    def _failed(self, reason: str, refused: bool) -> None:
+        self.last_failure, self.last_refused = reason, refused
+        log.warning("critic request to %s failed: %s", self.url, reason)
 
     def _body(self, messages: list[Message], images: list[bytes]) -> dict:
         """The API's request body: each <image> placeholder becomes an image part, in order."""
@@ -242,11 +296,11 @@ class HttpCompletion:
             parts = []
             for i, text in enumerate(m["content"].split(IMAGE_TOKEN)):
                 if i > 0 and pending:
-                    data = base64.b64encode(pending.pop(0)).decode()
-                    parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
+                    image = pending.pop(0)
+                    data, kind = base64.b64encode(image).decode(), media_type(image)
+                    parts.append({"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
                                  if self.api == "openai" else
-                                 {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                              "data": data}})
+                                 {"type": "image", "source": {"type": "base64", "media_type": kind, "data": data}})
                 if text.strip():
                     parts.append({"type": "text", "text": text.strip()})
             out.append({"role": m["role"], "content": parts})
@@ -268,18 +322,18 @@ class HttpCompletion:
             try:
                 with urllib.request.urlopen(urllib.request.Request(self.url, data, headers),
                                             timeout=self.timeout) as response:
-                    reply = json.loads(response.read())
-                if self.api == "openai":
-                    return reply["choices"][0]["message"]["content"]
-                return "".join(b.get("text", "") for b in reply["content"] if b.get("type") == "text")
+                    return reply_text(json.loads(response.read()), self.api)
             except urllib.error.HTTPError as err:
                 reason = f"HTTP {err.code}: {err.read()[:200]!r}"
                 if err.code < 500 and err.code != 429:  # the request itself is wrong: retrying will not help
-                    log.warning("critic request to %s failed: %s", self.url, reason)
+                    self._failed(reason, refused=True)
                     return None
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError) as err:
-                reason = str(getattr(err, "reason", err))
+            except MalformedReply as err:  # the server answered, in another API's form: so will it again
+                self._failed(f"{err} (is critic.api={self.api!r} the endpoint's API?)", refused=True)
+                return None
+            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError, ValueError) as err:
+                reason = str(getattr(err, "reason", err)) or type(err).__name__
             if attempt < self.retries:
                 time.sleep(0.5 * 2 ** attempt)
-        log.warning("critic request to %s failed after %d tries: %s", self.url, self.retries + 1, reason)
+        self._failed(f"{reason} ({self.retries + 1} tries)", refused=False)
         return None
