@@ -184,17 +184,18 @@ def test_shards_without_chosen_are_skipped_with_the_reason(tiny_sft_export, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precompute", [False, True])
-def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute):
-    from vlm.eval import evaluate
+def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute, monkeypatch):
+    from vlm.eval import as_trained, evaluate
     from vlm.train import run
 
     train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8, anchors=4)  # anchors train alongside
     val = write_pairs(tmp_path / "val" / "shard-000000.tar", 4)
     common = [f"data.train={train}", f"data.val={val}", "data.num_workers=0", "stage.batch_size=4",
               f"stage.precompute_reference={str(precompute).lower()}", "eval.batch_size=4"]
-    config = tiny_config(*common, f"init_from={tiny_sft_export}", f"output_root={tmp_path}", "stage.max_steps=4",
+    monkeypatch.chdir(tiny_sft_export.parent)  # init_from relative to the launch folder: recorded absolute
+    config = tiny_config(*common, f"init_from={tiny_sft_export.name}", f"output_root={tmp_path}", "stage.max_steps=4",
                          "stage.lr=1e-2", "stage.warmup_steps=0", "run_name=r", "trainer.log_every_n_steps=1",
-                         stage="dpo", tiny=False)
+                         "stage.beta=0.1", "stage.loss=sigmoid", stage="dpo", tiny=False)
     metrics = run(config)
     with open(tmp_path / "dpo" / "r" / "logs" / "metrics.csv") as file:
         first = next(row for row in csv.DictReader(file) if row.get("train/margin"))
@@ -209,6 +210,17 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute)
     assert recorded["reference"] == str(tiny_sft_export)
     scored, _ = evaluate(tiny_config(*common, f"checkpoint={export}", stage="dpo", tiny=False))
     assert scored["rewards/accuracy"] == metrics["rewards/accuracy"]
+    # `python -m vlm.eval stage=dpo checkpoint=EXPORT`, nothing else given: scored as the run scored itself, with its
+    # beta and loss (not the stage's defaults) and on its held-out pairs (not whatever is newest under output_root)
+    plain = ["data.num_workers=0", "eval.batch_size=4", f"checkpoint={export}", f"output_root={tmp_path / 'none'}"]
+    as_run = tiny_config(*plain, stage="dpo", tiny=False)
+    as_trained(as_run, given={"stage", "checkpoint", "output_root"})
+    assert (as_run.stage.beta, as_run.stage.loss, as_run.data.val) == (0.1, "sigmoid", val)
+    scored, _ = evaluate(as_run)
+    assert scored["rewards/margins"] == pytest.approx(metrics["rewards/margins"], rel=1e-3)
+    given = tiny_config(*plain, "stage.beta=0.5", stage="dpo", tiny=False)
+    as_trained(given, given={"stage", "checkpoint", "output_root", "stage.beta"})
+    assert (given.stage.beta, given.stage.loss) == (0.5, "sigmoid")  # what the user gives stands
 
 
 def test_a_dpo_run_without_a_single_pair_says_so(tiny_sft_export, tmp_path, caplog):

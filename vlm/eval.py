@@ -13,27 +13,33 @@ answers, or for a contrastive model its most frequent zero-shot confusions.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import ConfigError, TrainConfig, to_train_config
+from vlm.data.shards import ShardError, list_shards
 from vlm.data.sources import resolve_eval
 from vlm.exports.format import ExportError, not_a_folder, read_meta
 from vlm.metrics import SCORES
 from vlm.training.callbacks import progress_callback
 from vlm.training.datamodule import ShardDataModule
+from vlm.training.runs import removed_if_left_empty
 from vlm.training.stages import get_stage
 from vlm.training.strategy import configure_precision
 from vlm.training.task import StageTask
 from vlm.training.trainer import validate
 
+log = logging.getLogger("vlm.eval")
 WORST_SHOWN = 5
 
 
@@ -135,12 +141,35 @@ def show_confusions(predictions: list[dict[str, Any]], count: int = WORST_SHOWN)
         print(f"- {row['key']}: {row['caption']!r} ranked {row['caption_rank'] + 1}", file=sys.stderr)
 
 
+def as_trained(config: TrainConfig, given: Collection[str]) -> None:
+    """Score as the export's run did: the stage settings its scores depend on (dpo: stage.beta, stage.loss,
+    stage.sft_weight) and, without data.val, its held-out data come from its export, unless given in `given`
+    (the keys set on the command line)."""
+    require_checkpoint(config)
+    recorded = read_meta(config.checkpoint).train_config or {}
+    for key in get_stage(config.stage.name).task.SCORED_WITH:
+        if f"stage.{key}" not in given and key in recorded and recorded[key] != getattr(config.stage, key):
+            log.info("stage.%s=%r, as its run trained (recorded in the export)", key, recorded[key])
+            setattr(config.stage, key, recorded[key])
+    held_out = recorded.get("held_out")
+    if config.data.val is None and held_out:
+        try:
+            list_shards(held_out, "data.val")
+        except ShardError as err:
+            log.warning("the held-out data its run validated on is gone (%s); looking for the newest instead", err)
+            return
+        log.info("data.val='%s': the held-out data its run validated on", held_out)
+        config.data.val = held_out
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
 def main_hydra(cfg: DictConfig) -> dict[str, Any]:
     with user_errors():
         config = to_train_config(cfg)
         out = results_folder(config)
-        metrics, predictions = evaluate(config)
+        with removed_if_left_empty(out):  # a failed evaluation leaves no empty results folder behind
+            as_trained(config, {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task})
+            metrics, predictions = evaluate(config)
     write_results(metrics, predictions, out)
     print(json.dumps(metrics, indent=2))
     contrastive = config.stage.name == "contrastive"

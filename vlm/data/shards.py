@@ -32,10 +32,13 @@ class ShardError(UserError, ValueError):
     """A shard pattern that matches nothing, or too few shards for the readers."""
 
 
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
+
+
 def list_shards(pattern: str, key: str = "data.train") -> list[str]:
     """Expand a brace pattern ("a/{000..009}.tar", "pipe:..." or "a.tar::b.tar") and check local files exist."""
     urls = expand_urls(pattern)
-    local = [u for u in urls if not u.startswith(("pipe:", "http://", "https://", "gs://", "s3://"))]
+    local = [u for u in urls if not u.startswith(REMOTE_PREFIXES)]
     missing = [u for u in local if not os.path.exists(u.removeprefix("file:"))]
     if not urls or len(missing) == len(urls):
         raise ShardError(f"{key}={pattern!r} matches no shard file (first expanded path: "
@@ -46,6 +49,14 @@ def list_shards(pattern: str, key: str = "data.train") -> list[str]:
         raise ShardError(f"{key}={pattern!r}: {folders[0]!r} is a folder; name its shards, e.g. "
                          f"{key}={shard_pattern_hint(folders[0].removeprefix('file:'))!r}")
     return urls
+
+
+def absolute_pattern(pattern: str) -> str:
+    """A shard pattern that reads the same shards from any folder: its local parts ("a/{0..9}.tar::b.tar") made
+    absolute; URLs and pipes stay as they are."""
+    parts = pattern.split("::")
+    return "::".join(part if part.startswith(REMOTE_PREFIXES) else os.path.abspath(os.path.expanduser(part))
+                     for part in parts)
 
 
 def shard_pattern_hint(folder: str) -> str:

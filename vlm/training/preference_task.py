@@ -20,7 +20,7 @@ import torch
 
 from vlm.config import ConfigError, TrainConfig, to_dict
 from vlm.data.preferences import PreferenceDecoder, collate_pairs
-from vlm.data.shards import collate_skipped
+from vlm.data.shards import absolute_pattern, collate_skipped
 from vlm.data.sources import DataSources
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import export_vlm, load_vlm
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class PreferenceTask(VLMTask):
+    SCORED_WITH = ("beta", "loss", "sft_weight")  # the rewards and the loss on held-out pairs
+
     def __init__(self, config: TrainConfig, stage: Stage, bundle: VLMBundle, reference: VisionLanguageModel | None,
                  reference_source: str | None):
         super().__init__(config, stage, bundle)
@@ -51,6 +53,7 @@ class PreferenceTask(VLMTask):
             log.info("dropout off in the policy (%d rates; stage.disable_dropout=false keeps them)", zeroed)
         self.val_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.batches_trained, self.pairs_trained = 0, 0  # this session's: none of them pairs is worth a warning
+        self.held_out: str | None = None  # the held-out pairs the run validated on, recorded in its export
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> PreferenceTask:
@@ -60,15 +63,23 @@ class PreferenceTask(VLMTask):
                               f"{stage.name} starts from a chat model (an align or sft export)")
         bundle = start_bundle(config, init_from)
         reference = None if config.stage.precompute_reference else copy.deepcopy(bundle.model)
-        return cls(config, stage, bundle, reference, str(init_from) if init_from else None)
+        task = cls(config, stage, bundle, reference, str(init_from.absolute()) if init_from else None)
+        task.held_out = absolute_pattern(data.val) if data.val else None
+        return task
 
     @classmethod
     def from_export(cls, config: TrainConfig, stage: Stage, directory: Path, data: DataSources) -> PreferenceTask:
         """For vlm.eval: the reference is stage.reference, else the export the run started from (recorded)."""
-        source = config.stage.reference or (read_meta(directory).train_config or {}).get("reference")
-        if not source or not Path(source).expanduser().is_dir():
-            raise ConfigError(f"the rewards of {str(directory)!r} need its reference model: pass stage.reference="
-                              f"EXPORT (the export its dpo run started from; recorded: {source!r})")
+        if config.stage.reference:
+            source = config.stage.reference
+            if not Path(source).expanduser().is_dir():
+                raise ConfigError(f"stage.reference={source!r} is not a folder; give the export its dpo run started "
+                                  f"from")
+        else:
+            source = (read_meta(directory).train_config or {}).get("reference")
+            if not source or not Path(source).expanduser().is_dir():
+                raise ConfigError(f"the rewards of {str(directory)!r} need its reference model: pass stage.reference="
+                                  f"EXPORT (the export its dpo run started from; recorded: {source!r})")
         reference = load_vlm(source, tiler=config.tiler).model
         return cls(config, stage, load_vlm(directory, tiler=config.tiler), reference, source)
 
@@ -188,5 +199,5 @@ class PreferenceTask(VLMTask):
 
     def write_export(self, directory: Path, model: VisionLanguageModel) -> Path:
         bundle = VLMBundle(model, self.bundle.tokenizer, self.bundle.processor)
-        settings = to_dict(self.config.stage) | {"reference": self.reference.source}
+        settings = to_dict(self.config.stage) | {"reference": self.reference.source, "held_out": self.held_out}
         return export_vlm(directory, bundle, self.stage.name, self.config.tiler, settings)

@@ -42,6 +42,9 @@ class Batching:
 class StageTask(pl.LightningModule):
     """The base of every stage's LightningModule. `model.parts()` names the parts the stage table trains."""
 
+    # stage.* settings the held-out scores depend on: `vlm.eval` takes them from the export's run unless given
+    SCORED_WITH: tuple[str, ...] = ()
+
     def __init__(self, config: TrainConfig, stage: Stage, model: nn.Module):
         super().__init__()
         self.config = config
