@@ -10,10 +10,12 @@ import signal
 import time
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from vlm.chat import ChatModel
 from vlm.data.tiler import ImageLoadError
 from vlm.generation.completion import ContextOverflow, PromptError
 from vlm.generation.options import (
@@ -268,3 +270,9 @@ def test_ctrl_c_while_the_generation_thread_starts_waits_until_it_has_started(si
     _interrupted_block(ran)
     assert ran == ["rest of the block"] * 2
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_asking_for_a_gpu_that_is_not_there_is_one_clear_error(tiny_sft_export):
+    with pytest.raises(OptionError, match=r"device='cuda', but torch sees no CUDA GPU here; use device=cpu"):
+        ChatModel.load(tiny_sft_export, device="cuda")

@@ -93,6 +93,7 @@ def test_bad_values_name_the_key():
     ("model.projector.image_slots=-1", "model.projector.image_slots=-1 must be >= 0"),
     ("stage.betas=[0.9]", r"stage.betas=\[0.9\] must be two numbers in \[0, 1\)"),
     ("stage.betas=[0.9,1.5]", r"stage.betas=\[0.9, 1.5\] must be two numbers"),
+    ("stage.beta=0", r"stage.beta=0(.0)? must be > 0: the preference losses divide by it"),
     ("trainer.devices=0", "trainer.devices=0: give a count"),
     ("trainer.devices=abc", "trainer.devices='abc': give a count"),
     ("trainer.accelerator=tpu", r"trainer.accelerator='tpu' is not valid; choose one of \['auto', 'cpu'"),

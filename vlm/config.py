@@ -319,6 +319,9 @@ class StageConfig:
                                                               for b in betas)):
             raise ValueError(f"stage.betas={betas!r} must be two numbers in [0, 1): AdamW's [beta1, beta2], e.g. "
                              f"[0.9, 0.95]")
+        if isinstance(self.beta, int | float) and self.beta <= 0:
+            raise ValueError(f"stage.beta={self.beta:g} must be > 0: the preference losses divide by it (IPO aims each "
+                             f"pair's margin at 1/(2 beta))")
 
 
 @dataclass

@@ -14,9 +14,12 @@ def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except RuntimeError as err:
         raise OptionError(f"device={device!r} is not valid: {err}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"device={device!r}, but torch sees no CUDA GPU here; use device=cpu (or auto)")
+    return chosen
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
