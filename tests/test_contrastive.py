@@ -152,3 +152,27 @@ def test_eval_max_samples_sets_how_many_held_out_samples_a_contrastive_validatio
     assert len(predictions) == len({p["key"] for p in predictions}) == metrics["samples_scored"]
     assert sum(p["correct"] for p in predictions) / len(predictions) == pytest.approx(metrics["zero_shot_top1"])
     assert sum(p["caption_rank"] == 0 for p in predictions) / len(predictions) == pytest.approx(metrics["i2t_r1"])
+
+
+def test_the_picture_command_draws_what_it_says(tmp_path, capsys):
+    """`python -m vlm.data.synthetic shape.png a.png`: each picture's shape is in the colour and quadrant printed."""
+    import numpy as np
+    from PIL import Image
+
+    synthetic.main([str(tmp_path / "shape.png"), str(tmp_path / "a.jpg"), "--seed", "5"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        path, said = line.split(": a ")
+        colour, rest = said.split(" ", 1)
+        position = rest.split(", ")[1]
+        image = np.asarray(Image.open(path).convert("RGB"), dtype=float)
+        assert image.shape == (64, 64, 3)
+        # the pixels closest to the named colour lie in the named quadrant
+        distance = np.abs(image - np.array(synthetic.COLORS[colour])).sum(axis=2)
+        rows, cols = np.nonzero(distance < 60)
+        assert len(rows) > 20, line
+        assert ("bottom" in position) == (rows.mean() > 32) and ("right" in position) == (cols.mean() > 32), line
+    with pytest.raises(SystemExit) as exit_:
+        synthetic.main([str(tmp_path / "notes.txt")])
+    assert exit_.value.code == 2 and "give a file name ending in .png" in capsys.readouterr().err

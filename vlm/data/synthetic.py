@@ -4,10 +4,14 @@ Coloured shapes drawn at a random position and size on a random tinted backgroun
 phrasings (phase 1 and `align`) and question/answer conversations (`sft`): colour, shape, count, position, and a
 two-image comparison. Everything is a pure function of the seed, so the same config always yields the same shards.
 Splits are written as webdataset shards into a cache directory on first use and reused after.
+
+CLI: `python -m vlm.data.synthetic shape.png [a.png ...] [--seed N] [--size S]` draws pictures of the kind a model
+trained on this data answers about, and prints what each shows.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import hashlib
@@ -355,3 +359,29 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     reps = (-(-height // noise.shape[0]), -(-width // noise.shape[1]), 1)
     noisy = big.astype(np.int16) + np.tile(noise, reps)[:height, :width]
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlm.data.synthetic",
+                                     description="Draw synthetic shape pictures to ask a trained model about; prints "
+                                                 "what each one shows.")
+    parser.add_argument("paths", nargs="+", type=Path, help="image files to write (.png, .jpg or .webp)")
+    parser.add_argument("--seed", type=int, default=2, help="the same seed draws the same pictures")
+    parser.add_argument("--size", type=int, default=64, help="width and height in pixels (the training data's: 64)")
+    args = parser.parse_args(argv)
+    if bad := [str(p) for p in args.paths if p.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")]:
+        parser.error(f"{bad[0]}: give a file name ending in .png, .jpg or .webp")
+    if args.size < 8:
+        parser.error(f"--size {args.size}: give at least 8 pixels")
+    rng = random.Random(args.seed)
+    for path in args.paths:
+        spec = random_spec(rng)
+        try:
+            render(spec, rng, args.size).save(path)
+        except OSError as err:
+            parser.exit(2, f"error: cannot write {str(path)!r} ({err.strerror or err})\n")
+        print(f"{path}: a {spec.color} {spec.shape}, {spec.position}")
+
+
+if __name__ == "__main__":
+    main()
