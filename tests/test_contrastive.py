@@ -159,12 +159,12 @@ def test_the_picture_command_draws_what_it_says(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    synthetic.main([str(tmp_path / "shape.png"), str(tmp_path / "a.jpg"), "--seed", "5"])
+    synthetic.main([str(tmp_path / "shape.png"), str(tmp_path / "a.jpg"), "--seed", "3"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     for line in lines:
-        path, said = line.split(": a ")
-        colour, rest = said.split(" ", 1)
+        path, said = line.split(": ")
+        colour, rest = said.split(" ", 2)[1:]
         position = rest.split(", ")[1]
         image = np.asarray(Image.open(path).convert("RGB"), dtype=float)
         assert image.shape == (64, 64, 3)

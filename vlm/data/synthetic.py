@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> None:
             render(spec, rng, args.size).save(path)
         except OSError as err:
             parser.exit(2, f"error: cannot write {str(path)!r} ({err.strerror or err})\n")
-        print(f"{path}: a {spec.color} {spec.shape}, {spec.position}")
+        article = "an" if spec.color[0] in "aeiou" else "a"
+        print(f"{path}: {article} {spec.color} {spec.shape}, {spec.position}")
 
 
 if __name__ == "__main__":
