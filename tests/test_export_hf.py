@@ -229,3 +229,14 @@ def test_a_model_trained_with_local_global_attention_is_exported_with_a_note(tmp
     note = json.loads((out / PROVENANCE_FILE).read_text())["attention"]
     assert note in caplog.text
     assert "window 8, stride 4, sinks 1" in note and "answers as vlm does for sequences up to 8 tokens" in note
+
+
+def test_exported_files_have_the_umasks_permissions(tiny_sft_export, hf_folder):
+    """safetensors writes owner-only files; an export is meant to be shared (another user, a container), so every
+    file gets what the umask gives a new file (0644 under the usual 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for folder in (tiny_sft_export, hf_folder):
+        modes = {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777) for p in folder.rglob("*") if p.is_file()}
+        assert "model.safetensors" in modes
+        assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

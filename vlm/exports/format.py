@@ -91,9 +91,19 @@ def write_export(directory: str | Path, model: nn.Module, meta: ExportMeta,
     save_model(model, str(staging / WEIGHTS_FILE))  # handles tied weights (shared storage)
     (staging / CONFIG_FILE).write_text(meta.to_json())
     write_tokenizer(staging / TOKENIZER_DIR)
+    readable_as_the_folder(staging)
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
     return directory
+
+
+def readable_as_the_folder(folder: Path) -> None:
+    """Give every file in `folder` the permissions the umask gives new files. safetensors writes its files
+    owner-only (0600), so an export shared with other users or containers would not load."""
+    mode = folder.stat().st_mode & 0o666  # mkdir applied the umask to 0777
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)
 
 
 def new_staging_folder(final: Path) -> Path:
@@ -181,6 +191,7 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    readable_as_the_folder(staging)
     if out.exists():
         out.rmdir()  # empty, checked above
     staging.rename(out)
