@@ -334,3 +334,14 @@ def test_a_run_name_that_holds_a_run_is_refused_without_resume(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"run folder {str(folder)!r} already holds a run; pass resume=auto" in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
+
+
+def test_a_resumed_metrics_csv_keeps_the_validation_logged_at_the_checkpoints_step(tmp_path):
+    """A run that ended at step 4 validated there; resumed from its step-4 checkpoint, it trains step 4 again (logged
+    at step 4) but does not validate again: the validation row stays, the training rows from step 4 on go."""
+    from vlm.training.loggers import _ContinuingWriter
+
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,3,2.0,\n0,4,,1.7\n0,4,1.8,\n0,5,1.6,\n")
+    _ContinuingWriter(str(tmp_path), resume_step=4)
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step,train/loss,val/loss", "0,3,2.0,",
+                                                                   "0,4,,1.7"]

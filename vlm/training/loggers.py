@@ -16,11 +16,19 @@ from vlm.config import ConfigError
 
 class _ContinuingWriter(ExperimentWriter):
     """Lightning's CSV writer deletes an existing metrics.csv when it starts. On resume, keep the rows logged before
-    the checkpoint's step instead (the rows after it belong to steps the resumed run trains again)."""
+    the checkpoint's step instead (the training rows from it on belong to steps the resumed run trains again)."""
 
     def __init__(self, log_dir: str, resume_step: int):
         self.resume_step = resume_step
         super().__init__(log_dir)
+
+    def _before_resume(self, row: dict[str, str]) -> bool:
+        """Rows of steps before the checkpoint's, and the validation rows at its step (a run's last validation is
+        logged at the step it saved, and the resumed run does not repeat it)."""
+        step = int(float(row["step"]))
+        filled = [key for key, value in row.items() if value not in ("", None) and key not in ("step", "epoch")]
+        return step < self.resume_step or (step == self.resume_step and bool(filled)
+                                           and all(key.startswith("val/") for key in filled))
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
@@ -29,7 +37,7 @@ class _ContinuingWriter(ExperimentWriter):
         with open(path, newline="") as file:
             reader = csv.DictReader(file)
             header = list(reader.fieldnames or [])
-            rows = [row for row in reader if row.get("step") and int(float(row["step"])) < self.resume_step]
+            rows = [row for row in reader if row.get("step") and self._before_resume(row)]
         with open(path, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=header)
             writer.writeheader()
@@ -58,6 +66,6 @@ def build_logger(kind: str, run_dir: Path, resume_step: int | None) -> Logger:
     if kind == "tensorboard":
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise ConfigError("trainer.logger=tensorboard needs the tensorboard package: pip install "
-                              "'vlm[tensorboard]' (or tensorboard), or use trainer.logger=csv")
+                              "'vlm[tensorboard]' (in a checkout: pip install -e '.[tensorboard]'), or use trainer.logger=csv")
         return TensorBoardLogger(run_dir, name="logs", version="")
     return ContinuingCSVLogger(run_dir, name="logs", version="", resume_step=resume_step)
