@@ -66,6 +66,7 @@ def build_logger(kind: str, run_dir: Path, resume_step: int | None) -> Logger:
     if kind == "tensorboard":
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise ConfigError("trainer.logger=tensorboard needs the tensorboard package: pip install "
-                              "'vlm[tensorboard]' (in a checkout: pip install -e '.[tensorboard]'), or use trainer.logger=csv")
+                              "'vlm[tensorboard]' (in a checkout: pip install -e '.[tensorboard]'), or use "
+                              "trainer.logger=csv")
         return TensorBoardLogger(run_dir, name="logs", version="")
     return ContinuingCSVLogger(run_dir, name="logs", version="", resume_step=resume_step)
