@@ -345,3 +345,20 @@ def test_a_resumed_metrics_csv_keeps_the_validation_logged_at_the_checkpoints_st
     _ContinuingWriter(str(tmp_path), resume_step=4)
     assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,step,train/loss,val/loss", "0,3,2.0,",
                                                                    "0,4,,1.7"]
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, caplog):
+    """resume=step4 while step6 exists starts a new branch from step 4; the old branch's step 6 must not be what a
+    later resume=auto continues, so it is renamed *.superseded (kept, and out of every search)."""
+    checkpoints = tmp_path / "contrastive" / "r" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step in (2, 4, 6):
+        torch.save({"state_dict": {}, "global_step": step, "vlm_stage": "contrastive"},
+                   checkpoints / f"step{step:08d}.ckpt")
+    with caplog.at_level(logging.WARNING):
+        run = prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={checkpoints / 'step00000004.ckpt'}"))
+    assert run.resume_from == checkpoints / "step00000004.ckpt"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step00000002.ckpt", "step00000004.ckpt",
+                                                             "step00000006.ckpt.superseded"]
+    assert "1 later checkpoints of the run (step00000006.ckpt) are set aside" in caplog.text
+    assert find_resume_checkpoint(checkpoints.parent) == checkpoints / "step00000004.ckpt"

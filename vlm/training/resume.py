@@ -104,6 +104,19 @@ def remove_partial_writes(run_dir: str | os.PathLike) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def set_aside_newer(resume_from: Path) -> list[Path]:
+    """Rename the checkpoints of `resume_from`'s run taken at later steps to NAME.superseded: they belong to the
+    branch a resume from an earlier step leaves, and `resume=auto` must continue the new branch, not them."""
+    step = checkpoint_step(resume_from)
+    newer = [path for path in checkpoint_candidates(resume_from.parent.parent)
+             if path.resolve() != resume_from.resolve() and isinstance(checkpoint_record(path), dict)
+             and checkpoint_step(path) > step]
+    for path in newer:
+        with contextlib.suppress(FileNotFoundError):  # another rank set it aside first
+            path.rename(path.with_name(path.name + ".superseded"))
+    return newer
+
+
 def checkpoint_step(path: str | os.PathLike) -> int:
     """The global step a checkpoint was taken at."""
     return int(checkpoint_record(path)["global_step"])

@@ -22,6 +22,7 @@ from vlm.training.resume import (
     recorded_stage,
     recorded_start,
     remove_partial_writes,
+    set_aside_newer,
 )
 from vlm.training.stages import STAGES, get_stage
 
@@ -99,6 +100,10 @@ def prepare_run(config: TrainConfig) -> Run:
             raise ConfigError(f"resume={config.resume!r} is a checkpoint of the {written_by} stage, and this run is "
                               f"stage={config.stage.name}; pass stage={written_by} to continue it")
         run_dir = resume_from.parent.parent
+        if newer := set_aside_newer(resume_from):
+            log.warning("resume=%s: %d later checkpoints of the run (%s) are set aside as *.superseded, so that "
+                        "resume=auto continues from this branch", config.resume, len(newer),
+                        ", ".join(p.name for p in newer))
     else:
         run_dir = stage_dir / (config.run_name or default_name)
         if run_dir.exists() and any(path.is_file() for path in run_dir.rglob("*")):  # a failed start leaves no file
