@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import http.client
-import io
 import json
 import logging
 import math
@@ -26,8 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
-
+from vlm.data.tiler import sniff_media_type
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.errors import UserError
 from vlm.metrics import score_answer
@@ -64,15 +62,6 @@ def reply_text(reply: Any, api: str) -> str:
         return "".join(part["text"] for part in content
                        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
     raise MalformedReply(f"the reply's {where} is {type(content).__name__}, not text")
-
-
-def media_type(image: bytes) -> str:
-    """The MIME type of encoded image bytes, as the APIs want it beside base64 data."""
-    try:
-        with Image.open(io.BytesIO(image)) as im:
-            return Image.MIME.get(im.format or "", "image/png")
-    except Exception:  # the critic's server will say what is wrong with it
-        return "image/png"
 
 
 @dataclass(frozen=True)
@@ -297,7 +286,7 @@ class HttpCompletion:
             for i, text in enumerate(m["content"].split(IMAGE_TOKEN)):
                 if i > 0 and pending:
                     image = pending.pop(0)
-                    data, kind = base64.b64encode(image).decode(), media_type(image)
+                    data, kind = base64.b64encode(image).decode(), sniff_media_type(image) or "image/png"
                     parts.append({"type": "image_url", "image_url": {"url": f"data:{kind};base64,{data}"}}
                                  if self.api == "openai" else
                                  {"type": "image", "source": {"type": "base64", "media_type": kind, "data": data}})

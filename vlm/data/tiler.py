@@ -119,6 +119,19 @@ def _cap_size(width: int, height: int, max_long: int, max_short: int) -> tuple[i
     return _fit_size(width, height, limit_w, limit_h)
 
 
+def sniff_media_type(data: bytes) -> str | None:
+    """The media type the bytes' signature says, for the formats both APIs accept."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
 _PIL_LIMIT_LOCK = threading.Lock()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
-from vlm.data.tiler import pil_bomb_limit
+from vlm.data.tiler import pil_bomb_limit, sniff_media_type
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.options import KV_CACHES
 from vlm.server.errors import ApiError
@@ -35,19 +35,6 @@ class ChatRequest:
     options: dict[str, Any]
     stream: bool = False
     include_usage: bool = False
-
-
-def _sniff(data: bytes) -> str | None:
-    """The media type the bytes' signature says, for the formats both APIs accept."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
 
 
 class Parser:
@@ -72,7 +59,7 @@ class Parser:
             raise ApiError(400, f"{where}: image data is not valid base64", param=where) from None
         if len(raw) > limit:
             raise ApiError(400, f"{where}: the image is {len(raw):,} bytes, over the {limit:,}-byte limit", param=where)
-        actual = _sniff(raw)
+        actual = sniff_media_type(raw)
         if actual is None:
             raise ApiError(400, f"{where}: the data is not a JPEG, PNG, GIF or WebP image", param=where)
         if actual != media_type:
