@@ -329,12 +329,10 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
             for b, batch in enumerate(batches(iter(chunk), config.batch_size)):
                 try:
                     made, batch_counts = make(batch, config.seed * 1_000_003 + index * 1009 + b, name == "train")
-                except CriticRefused as err:
+                except UserError as err:  # a refusal needs a fix first; a critic that was away, only a rerun
+                    rerun = "" if isinstance(err, CriticRefused) else ": rerun the same command to go on from there"
                     raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
-                                    f"{directory}") from None
-                except UserError as err:
-                    raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
-                                    f"{directory}: rerun the same command to go on from there") from None
+                                    f"{directory}{rerun}") from None
                 samples += made
                 done.add(batch_counts)
                 bar.set_postfix(kept=counts.kept + done.kept, dropped=counts.prompts + done.prompts - counts.kept
