@@ -41,7 +41,8 @@ input (a JSON list, or JSONL with one record per line):
 output:
   OUT/train/shard-000000.tar ...  samples: KEY.json, KEY.0.jpg, KEY.1.png, ...
   OUT/val/...                     with --val-fraction > 0
-  OUT/skipped.txt                 every skipped record and why (only when some were)
+  OUT/skipped.txt                 every skipped record and why (only when some were); records of a JSON
+                                  list are numbered from 0, as in the list; JSONL records by line number
 
 example:
   python data_scripts/preferences_to_shards.py --json rlaif_v.jsonl --images images/ --out pairs/ --val-fraction 0.02

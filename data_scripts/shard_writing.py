@@ -26,6 +26,8 @@ from typing import Any, Generic, TypeVar
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from vlm.errors import json_type
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -46,17 +48,6 @@ class Skip(Exception):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
-
-
-def json_type(value: object) -> str:
-    """The JSON name of a parsed value's type, for messages: null, boolean, number, string, list, object."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
 
 
 def text_field(record: dict, name: str) -> str | None:

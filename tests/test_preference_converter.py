@@ -84,12 +84,13 @@ def test_bad_records_are_reported_with_line_and_reason(tmp_path, capsys):
         assert reason in report[where], (where, report.get(where))
 
 
-def test_null_records_and_non_string_text_parts_are_bad_records(tmp_path, capsys):
+def test_null_records_null_answers_and_non_string_text_parts_are_bad_records(tmp_path, capsys):
     (tmp_path / "ok.png").write_bytes(noise(1, fmt="PNG"))
     good = {"image": "ok.png", "prompt": "Q?", "chosen": "A.", "rejected": "B."}
     parts = [{"type": "image"}, {"type": "text", "text": ["Q?"]}]
     lines = [json.dumps(good), "null", json.dumps({**good, "prompt": [{"role": "user", "content": parts}]}),
-             json.dumps({**good, "rejected": [{"role": "assistant", "content": [{"type": "text", "text": 7}]}]})]
+             json.dumps({**good, "rejected": [{"role": "assistant", "content": [{"type": "text", "text": 7}]}]}),
+             json.dumps({**good, "chosen": None})]
     (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
     code = preferences_to_shards.main(["--json", str(tmp_path / "prefs.jsonl"), "--images", str(tmp_path), "--out",
                                        str(tmp_path / "out")])
@@ -97,7 +98,8 @@ def test_null_records_and_non_string_text_parts_are_bad_records(tmp_path, capsys
     assert (tmp_path / "out/skipped.txt").read_text().splitlines() == [
         "line 2: not a JSON object (null)",
         "line 3: 'prompt' message 1: a text part's 'text' must be a string, got list",
-        "line 4: 'rejected' message 1: a text part's 'text' must be a string, got number"]
+        "line 4: 'rejected' message 1: a text part's 'text' must be a string, got number",
+        "line 5: 'chosen' must be a non-empty string or a message list, got null"]
 
 
 def test_prompts_in_either_message_form_give_the_same_text():

@@ -15,3 +15,14 @@ def first_line(err: BaseException) -> str:
     message = str(err).strip()
     sentence = message.splitlines()[0].split(". ")[0][:200] if message else ""
     return f"{type(err).__name__}: {sentence}" if sentence else type(err).__name__
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, for messages: null, boolean, number, string, list, object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)

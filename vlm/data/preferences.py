@@ -21,6 +21,7 @@ import torch
 from vlm.data.captions import image_fields
 from vlm.data.conversations import ConversationDecoder, from_llava
 from vlm.data.processor import Encoded, Processor, SampleError, pad_batch
+from vlm.errors import json_type
 
 PAIRS_DONE = "DONE"  # written last into a finished `vlm.constitution` output folder: the shard patterns to train on
 
@@ -74,9 +75,13 @@ def prompt_messages(prompt: Any, name: str) -> list[dict[str, str]]:
     return messages
 
 
+MISSING = object()  # a record without the field, told apart from one whose field is null
+
+
 def answer_text(answer: Any, field: str, name: str) -> str:
-    """`chosen` / `rejected` as text: a string, or messages whose last assistant turn is the answer."""
-    if answer is None:
+    """`chosen` / `rejected` as text: a string, or messages whose last assistant turn is the answer. `answer` is
+    MISSING when the record has no such field."""
+    if answer is MISSING:
         raise SampleError(f"{name}: no {field!r} field; a preference record needs 'prompt', 'chosen' and 'rejected'")
     if isinstance(answer, list):
         replies = [m for m in answer if isinstance(m, dict) and m.get("role", m.get("from")) in ("assistant", "gpt")]
@@ -84,7 +89,8 @@ def answer_text(answer: Any, field: str, name: str) -> str:
             raise SampleError(f"{name}: {field!r} is a message list without an assistant message")
         answer = message_text(replies[-1].get("content", replies[-1].get("value")), name)
     if not isinstance(answer, str) or not answer.strip():
-        raise SampleError(f"{name}: {field!r} must be a non-empty string")
+        got = "an empty string" if isinstance(answer, str) else json_type(answer)
+        raise SampleError(f"{name}: {field!r} must be a non-empty string or a message list, got {got}")
     return answer
 
 
@@ -114,7 +120,7 @@ class PreferenceDecoder:
         if "chosen" not in record and "conversations" in record:
             return self.conversations(sample)
         prompt = prompt_messages(record.get("prompt"), name)
-        chosen, rejected = (answer_text(record.get(f), f, name) for f in ("chosen", "rejected"))
+        chosen, rejected = (answer_text(record.get(f, MISSING), f, name) for f in ("chosen", "rejected"))
         images = [sample[f] for f in image_fields(sample)]
         rows = [self.processor.encode([*prompt, {"role": "assistant", "content": answer}], images, name,
                                       last_reply_only=True) for answer in (chosen, rejected)]
