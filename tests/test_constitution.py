@@ -7,7 +7,10 @@ import itertools
 import json
 import logging
 import os
+import re
+import signal
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -119,6 +122,27 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
     assert more["train"]["prompts"] == 10 and "shard 1 holds 2 of its 4 prompts" in caplog.text
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
     assert [json.loads((out / "train" / f"shard-00000{i}.json").read_text())["prompts"] for i in range(3)] == [4, 4, 2]
+
+
+def test_ctrl_c_keeps_the_shards_written_and_says_where(tiny_sft_export, small_synthetic, tmp_path, caplog,
+                                                        monkeypatch):
+    caplog.set_level(logging.INFO, logger="vlm.constitution")
+    revise, calls = SyntheticCritic.revise, itertools.count()
+
+    def interrupted_on_the_second_batch(self, *args):
+        if next(calls) == 1:
+            raise KeyboardInterrupt  # as Ctrl-C arrives while the critic works
+        return revise(self, *args)
+
+    monkeypatch.setattr(SyntheticCritic, "revise", interrupted_on_the_second_batch)
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic")
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    out = tmp_path / "pairs" / "train"
+    assert f"stopped: 4 train prompts were done and are kept in {out}; rerun the same command" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.json", "shard-000000.tar"]
+    monkeypatch.setattr(SyntheticCritic, "revise", revise)
+    assert run(config)["train"]["prompts"] == 6 and "4 prompts were already done" in caplog.text
 
 
 def test_a_changed_constitution_file_is_not_resumed_as_it_was(tiny_sft_export, small_synthetic, tmp_path):
@@ -289,7 +313,7 @@ class _OddCritic(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers["content-length"]))
         mode = self.path.split("/")[1]
         body = self.REPLIES.get(mode, "").encode()
-        self.send_response(200)
+        self.send_response(503 if mode == "busy" else 200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body) + 100 if mode == "cut-short" else len(body)))
         self.end_headers()
@@ -333,6 +357,19 @@ def test_critic_replies_that_are_text_parts_or_cut_short(odd_critic, caplog):
     with pytest.raises(CriticUnreachable, match="IncompleteRead"):  # a connection cut mid-reply: retried, then given up
         HttpCompletion(f"{odd_critic}/cut-short", "openai", None, None, 5, 1, 1, 8)([REQUEST])
     assert "(2 tries)" in caplog.text
+
+
+def test_ctrl_c_ends_the_critic_requests_in_flight_at_their_next_retry(odd_critic, caplog):
+    ask = HttpCompletion(f"{odd_critic}/busy", "openai", None, None, timeout=5, retries=6, concurrency=2,
+                         max_new_tokens=8)
+    threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGINT)).start()  # Ctrl-C, 0.3 s in
+    with caplog.at_level(logging.WARNING, logger="vlm"), pytest.raises(KeyboardInterrupt):
+        ask([REQUEST] * 4)
+    deadline = time.monotonic() + 3  # retrying on, the two in flight would try until 0.5 + 1 + ... + 16 = 31.5 s
+    while caplog.text.count("failed: HTTP 503") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tries = [int(t) for t in re.findall(r"\((\d+) tries\)", caplog.text)]
+    assert len(tries) == 2 and max(tries) <= 2, caplog.text  # the two queued requests were never sent
 
 
 def test_images_go_to_the_critic_with_their_own_media_type():

@@ -333,6 +333,11 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
                     rerun = "" if isinstance(err, CriticRefused) else ": rerun the same command to go on from there"
                     raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
                                     f"{directory}{rerun}") from None
+                except KeyboardInterrupt:
+                    bar.close()
+                    log.warning("stopped: %d %s prompts were done and are kept in %s; rerun the same command to go "
+                                "on from there", counts.prompts, name, directory)
+                    raise
                 samples += made
                 done.add(batch_counts)
                 bar.set_postfix(kept=counts.kept + done.kept, dropped=counts.prompts + done.prompts - counts.kept
@@ -487,7 +492,10 @@ def main_hydra(cfg: DictConfig) -> dict[str, Any]:
     with user_errors():
         config = load_config(ConstitutionConfig, cfg)
         setup_logging(config.log_level)
-        summary = run(config)
+        try:
+            summary = run(config)
+        except KeyboardInterrupt:  # the shards written so far are whole, and make_split said where they are
+            raise SystemExit(130) from None
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import re
-import time
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -258,10 +258,17 @@ class HttpCompletion:
             raise UserError(f"critic.api_key_env={api_key_env!r}: that environment variable is not set")
         self.last_failure = ""  # the reason the latest failed request gave up
         self.last_refused = False  # ... and whether retrying could not have helped
+        self.stopping = threading.Event()  # set on Ctrl-C: requests in flight give up instead of retrying
 
     def __call__(self, requests: list[Request]) -> list[str | None]:
-        with ThreadPoolExecutor(self.concurrency) as pool:
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
             replies = list(pool.map(self._ask, requests))
+        except BaseException:  # Ctrl-C: drop the queued requests and end the ones in flight at their next retry
+            self.stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         if replies and all(r is None for r in replies):
             if self.last_refused:
                 raise CriticRefused(f"critic.url {self.url} refused every request of a batch (the last: "
@@ -322,7 +329,7 @@ class HttpCompletion:
                 return None
             except (urllib.error.URLError, http.client.HTTPException, TimeoutError, OSError, ValueError) as err:
                 reason = str(getattr(err, "reason", err)) or type(err).__name__
-            if attempt < self.retries:
-                time.sleep(0.5 * 2 ** attempt)
-        self._failed(f"{reason} ({self.retries + 1} tries)", refused=False)
+            if attempt == self.retries or self.stopping.wait(0.5 * 2 ** attempt):  # the backoff, or Ctrl-C
+                break
+        self._failed(f"{reason} ({attempt + 1} tries)", refused=False)
         return None
