@@ -250,7 +250,7 @@ def convert(args: argparse.Namespace) -> int:
     elif any(_is_label(_label_value(r.fields)) for r in rows if r.fields):
         print("note: labels are class indices and no --classnames was given, so no classnames.txt was written; "
               "training reports retrieval but not zero-shot accuracy")
-    return report(result, stage="contrastive")
+    return report(result, "python -m vlm.train stage=contrastive")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ example:
       --val-fraction 0.01
   python -m vlm.train stage=sft "data.train='shards/train/shard-{000000..000664}.tar'" \\
       "data.val='shards/val/shard-{000000..000006}.tar'"
+
+prompts for vlm.constitution (records whose conversation ends with the user's question):
+  python data_scripts/llava_to_shards.py --prompts --json prompts.jsonl --images data/ --out prompts/
+  python -m vlm.constitution checkpoint=checkpoints/sft/RUN/export \\
+      "data.train='prompts/train/shard-{000000..000009}.tar'"
 """
 
 
@@ -121,8 +127,9 @@ def image_names(record: dict) -> list[str]:
     return names
 
 
-def normalise_conversations(record: dict, num_images: int) -> list[dict]:
-    """The record's turns with roles mapped to human/gpt/system; raises Skip when training could not use them."""
+def normalise_conversations(record: dict, num_images: int, prompts: bool = False) -> list[dict]:
+    """The record's turns with roles mapped to human/gpt/system; raises Skip when training could not use them, or
+    with `prompts`, when vlm.constitution could not (it needs a user turn to answer, not an assistant turn)."""
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise Skip("no conversations", "'conversations' is missing or empty")
@@ -141,8 +148,11 @@ def normalise_conversations(record: dict, num_images: int) -> list[dict]:
         if role == "gpt" and not turn["value"].strip():
             raise Skip("empty assistant turn", f"turn {number}: the assistant (gpt) reply is empty")
         normalised.append({**turn, "from": role})
-    if not any(turn["from"] == "gpt" for turn in normalised):
-        raise Skip("no assistant turn", "no assistant (gpt) turn: there is nothing to learn from")
+    if prompts and not any(turn["from"] == "human" for turn in normalised):
+        raise Skip("no user turn", "no user (human) turn: there is no prompt to answer")
+    if not prompts and not any(turn["from"] == "gpt" for turn in normalised):
+        raise Skip("no assistant turn", "no assistant (gpt) turn: there is nothing to learn from (prompts for "
+                                        "vlm.constitution need --prompts)")
     placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in normalised)
     if placeholders != num_images:
         raise Skip("placeholder mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the conversation "
@@ -153,12 +163,16 @@ def normalise_conversations(record: dict, num_images: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = records_parser("llava_to_shards.py", "Convert LLaVA-format conversations (+ images) into webdataset "
                             "shards for vlm's sft stage.", EXAMPLE, "LLaVA JSON list or JSONL file")
+    parser.add_argument("--prompts", action="store_true",
+                        help="the records are prompts for vlm.constitution: a conversation may end with a user turn "
+                             "and need not hold an assistant turn")
     args = parser.parse_args(argv)
-    return run(lambda a: convert_records(a, image_names, with_conversations, stage="sft"), args)
+    use = "python -m vlm.constitution checkpoint=SFT_EXPORT" if args.prompts else "python -m vlm.train stage=sft"
+    return run(lambda a: convert_records(a, image_names, partial(with_conversations, prompts=a.prompts), use), args)
 
 
-def with_conversations(record: dict, num_images: int) -> dict:
-    return {**record, "conversations": normalise_conversations(record, num_images)}
+def with_conversations(record: dict, num_images: int, prompts: bool = False) -> dict:
+    return {**record, "conversations": normalise_conversations(record, num_images, prompts)}
 
 
 def records_parser(prog: str, description: str, example: str, json_help: str) -> argparse.ArgumentParser:
@@ -174,7 +188,7 @@ def records_parser(prog: str, description: str, example: str, json_help: str) ->
 
 
 def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[str]],
-                    to_json: Callable[[dict, int], dict], stage: str) -> int:
+                    to_json: Callable[[dict, int], dict], use: str) -> int:
     """Records (one JSON object each) -> shards of {"json": to_json(record, number of images), "0.jpg", ...}; a record
     `names_of` or `to_json` rejects with `Skip` is reported with its line and reason."""
     if not args.images.is_dir():
@@ -198,7 +212,7 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
     prepare_output(args.out, splits, args.overwrite)
     result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
                           desc=f"{args.json.name} -> shards")
-    return report(result, stage=stage)
+    return report(result, use)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = records_parser("preferences_to_shards.py", "Convert preference pairs (prompt, chosen, rejected + images) "
                             "into webdataset shards for vlm's dpo stage.", EXAMPLE, "JSON list or JSONL file")
     args = parser.parse_args(argv)
-    return run(lambda a: convert_records(a, image_list, normalise, stage="dpo"), args)
+    return run(lambda a: convert_records(a, image_list, normalise, "python -m vlm.train stage=dpo"), args)
 
 
 if __name__ == "__main__":

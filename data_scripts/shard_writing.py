@@ -368,10 +368,10 @@ def override(key: str, pattern: str) -> str:
     return shlex.quote(f"{key}='{escaped}'")
 
 
-def report(result: Result, stage: str) -> int:
+def report(result: Result, use: str) -> int:
     """Print the summary and the data.train= / data.val= patterns; return the exit code (1 when nothing was written).
 
-    `stage` is the vlm stage the data suits, for the example command line.
+    `use` is the vlm command the data suits ("python -m vlm.train stage=sft"), for the example command line.
     """
     total_skipped = sum(result.skipped.values())
     if total_skipped:
@@ -391,10 +391,10 @@ def report(result: Result, stage: str) -> int:
         args.append(override(f"data.{split.name}", split.pattern))
         print(f"  {split.name}: {split.samples} sample(s) in {split.shards} shard(s): {args[-1]}")
     train = result.splits.get("train")
-    if train is not None and 0 < train.shards < 8:
+    if train is not None and 0 < train.shards < 8 and "vlm.train" in use:  # readers of a training run
         print(f"note: train has {train.shards} shard(s); each GPU x DataLoader worker reads whole shards, so the "
               f"trainer will use at most {train.shards} reader(s). Lower --samples-per-shard for more shards.")
-    print(f"train on them with:\n  python -m vlm.train stage={stage} " + " ".join(args))
+    print(f"{'train on them' if 'vlm.train' in use else 'use them'} with:\n  {use} " + " ".join(args))
     return 0
 
 

@@ -388,6 +388,23 @@ def test_llava_all_bad_exits_1(tmp_path, capsys):
     assert code == 1 and "record 0 (id 'x')" in err
 
 
+def test_llava_prompts_for_the_constitution_need_a_user_turn_not_an_answer(tmp_path, capsys):
+    from vlm.constitution import read_prompts
+
+    (tmp_path / "a.png").write_bytes(noise(1, fmt="PNG"))
+    records = [{"id": "asked", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}]},
+               {"id": "told", "image": "a.png", "conversations": [{"from": "gpt", "value": "<image>Red."}]}]
+    (tmp_path / "prompts.json").write_text(json.dumps(records))
+    argv = ["--json", str(tmp_path / "prompts.json"), "--images", str(tmp_path), "--out"]
+    code, out, err = _convert(capsys, [*argv, str(tmp_path / "sft")], main=llava_to_shards.main)
+    assert code == 0 and "record 0 (id 'asked'): no assistant (gpt) turn" in err and "need --prompts" in err
+    code, out, err = _convert(capsys, ["--prompts", *argv, str(tmp_path / "prompts")], main=llava_to_shards.main)
+    assert code == 0 and "record 1 (id 'told'): no user (human) turn" in err
+    assert "python -m vlm.constitution checkpoint=SFT_EXPORT \"data.train=" in out
+    (item,) = read_prompts(str(tmp_path / "prompts/train/shard-000000.tar"), "data.train")
+    assert item.messages == [{"role": "user", "content": "<image>\nColour?"}] and item.reference is None
+
+
 def test_llava_null_and_non_string_records_are_bad_records(tmp_path, capsys):
     good = {"id": "fine", "conversations": _turns("Q?", "A.")}
     records = [good, None, {"conversations": [{"from": "human", "value": ["Q?"]}, {"from": "gpt", "value": "A."}]},
