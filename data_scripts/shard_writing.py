@@ -106,19 +106,19 @@ def read_image(path: Path) -> tuple[str, bytes]:
         raise Skip("unreadable image", f"cannot read image file {path}: {err.strerror or err}") from None
     if not data:
         raise Skip("unreadable image", f"image file is empty (0 bytes): {path}")
+    from vlm.data.tiler import ImageLoadError, Tiler, TilerConfig, pil_bomb_limit
+
+    if _checker is None:
+        _checker = Tiler(TilerConfig(max_tiles=1), tile_size=16, tokens_per_tile=1)  # tiny tiles: a cheap decode
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with pil_bomb_limit(_checker.config.max_pixels), Image.open(io.BytesIO(data)) as im:  # the trainer's limit
             im.verify()
     except Image.DecompressionBombError:
-        pass  # over PIL's default guard but maybe within the trainer's limit: the tiler below decides
+        pass  # far over the trainer's limit: the tiler below says so in its words
     except UnidentifiedImageError:
         raise Skip("unreadable image", f"not an image file (no format PIL can read): {path}") from None
     except Exception as err:  # PIL raises many types for broken files
         raise Skip("unreadable image", f"not a readable image: {path} ({err})") from None
-    from vlm.data.tiler import ImageLoadError, Tiler, TilerConfig
-
-    if _checker is None:
-        _checker = Tiler(TilerConfig(max_tiles=1), tile_size=16, tokens_per_tile=1)  # tiny tiles: a cheap decode
     try:
         _checker(data, name=str(path))
     except ImageLoadError as err:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import struct
+import zlib
 
 from PIL import Image
 
@@ -32,3 +34,13 @@ def noise(seed: int, size: tuple[int, int] = (16, 12), fmt: str = "PNG") -> byte
     """Random pixels, encoded: every image differs from every other."""
     rng = random.Random(seed)
     return encode(Image.frombytes("RGB", size, bytes(rng.randrange(256) for _ in range(size[0] * size[1] * 3))), fmt)
+
+
+def crafted_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but carries almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")

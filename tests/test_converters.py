@@ -9,17 +9,18 @@ import io
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import webdataset as wds
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from images import noise
+from images import crafted_png, noise
 from PIL import Image
 
 from data_scripts import images_to_shards, llava_to_shards, make_synthetic
-from data_scripts.shard_writing import split_names
+from data_scripts.shard_writing import Skip, read_image, split_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -386,6 +387,16 @@ def test_llava_all_bad_exits_1(tmp_path, capsys):
     code, _, err = _convert(capsys, ["--json", str(tmp_path / "llava.json"), "--images", str(tmp_path),
                                      "--out", str(tmp_path / "out")], main=llava_to_shards.main)
     assert code == 1 and "record 0 (id 'x')" in err
+
+
+def test_an_image_past_pils_guard_but_within_the_trainers_is_checked_without_pils_warning(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(crafted_png(12_000, 10_000))  # 120 MP: PIL warns from 89 MP, the trainer takes up to 256 MP
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(Skip, match="big.png: cannot decode the image"):  # its header claims pixels it lacks
+            read_image(path)
+    assert not shown, [str(w.message) for w in shown]
 
 
 def test_llava_prompts_for_the_constitution_need_a_user_turn_not_an_answer(tmp_path, capsys):

@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +141,12 @@ def pil_bomb_limit(max_pixels: int) -> Iterator[None]:
     """Let PIL's global bomb guard admit images up to `max_pixels` inside the block, then restore it.
 
     Only ever raises the threshold (never None, never lower) and holds a lock, so two tilers in different threads
-    cannot restore each other's value and leave the global changed.
+    cannot restore each other's value and leave the global changed. PIL's DecompressionBombWarning is silenced inside:
+    an image over `max_pixels` gets the caller's error, and one under it is wanted.
     """
-    with _PIL_LIMIT_LOCK:
+    with _PIL_LIMIT_LOCK, warnings.catch_warnings():
+        # PIL warns from its threshold to twice it; the caller refuses anything over `max_pixels` with its own message
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         saved = Image.MAX_IMAGE_PIXELS
         if saved is not None and saved < max_pixels:
             Image.MAX_IMAGE_PIXELS = max_pixels
