@@ -237,7 +237,7 @@ def test_a_dpo_run_without_a_single_pair_says_so(tiny_sft_export, tmp_path, capl
 
 def test_a_constitution_output_that_kept_no_pair_is_named_when_dpo_looks_for_pairs(tmp_path):
     from vlm.data.preferences import PAIRS_DONE
-    from vlm.data.sources import constitution_pairs
+    from vlm.data.sources import constitution_pairs, resolve_eval
 
     folder = tmp_path / "constitution" / "run-synthetic-revise"
     folder.mkdir(parents=True)
@@ -246,8 +246,12 @@ def test_a_constitution_output_that_kept_no_pair_is_named_when_dpo_looks_for_pai
     (folder / PAIRS_DONE).write_text(json.dumps({**shards, "train_pairs": 0}))
     with pytest.raises(ConfigError, match=f"the newest preference pairs, '{folder}', hold no train pair"):
         constitution_pairs(str(tmp_path))
+    data = tiny_config(stage="dpo", tiny=False).data  # no data.val: vlm.eval reads the held-out pairs alone
+    assert resolve_eval(data, "preferences", str(tmp_path)).val == shards["val"]
     (folder / PAIRS_DONE).write_text(json.dumps({**shards, "train_pairs": 3}))
     assert constitution_pairs(str(tmp_path)).train == shards["train"]
+    with pytest.raises(ConfigError, match=r"^no data.val given and no finished preference pairs .*pass data.val="):
+        resolve_eval(data, "preferences", str(tmp_path / "elsewhere"))  # vlm.eval of an export without pairs
 
 
 class ReferenceWatch(pl.Callback):

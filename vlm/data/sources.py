@@ -63,21 +63,23 @@ def find_classnames(config: DataConfig) -> list[str] | None:
     return None
 
 
-def constitution_pairs(output_root: str) -> DataSources:
+def constitution_pairs(output_root: str, missing: str = "data.train") -> DataSources:
     """The newest finished `vlm.constitution` output under OUTPUT_ROOT/constitution: its train pair shards; held out,
-    its pairs and the conversations they came from ("qa_val"), scored for answer accuracy."""
+    its pairs and the conversations they came from ("qa_val"), scored for answer accuracy. `missing` is the key the
+    user left out (training: data.train; vlm.eval: data.val), for messages."""
     root = Path(output_root).expanduser() / "constitution"
     found = latest_pairs(root)
+    keys = "data.train= and data.val=" if missing == "data.train" else "data.val="
     if found is None:
-        raise ConfigError(f"no data.train given and no finished preference pairs under {str(root)!r}: run "
-                          f"`python -m vlm.constitution` first (with the same output_root), or pass data.train= and "
-                          f"data.val= preference shards (data_scripts/preferences_to_shards.py writes them)")
+        raise ConfigError(f"no {missing} given and no finished preference pairs under {str(root)!r}: run "
+                          f"`python -m vlm.constitution` first (with the same output_root), or pass {keys} "
+                          f"preference shards (data_scripts/preferences_to_shards.py writes them)")
     folder = Path(found["train"]).parent.parent if found.get("train") else root
-    if found.get("train_pairs") == 0:
+    if found.get("train_pairs") == 0 and missing == "data.train":  # vlm.eval reads the held-out pairs alone
         raise ConfigError(f"the newest preference pairs, {str(folder)!r}, hold no train pair (its summary.json counts "
                           f"the prompts and why each answer was dropped): rerun `python -m vlm.constitution` with more "
-                          f"prompts or mode=best_of_n, or pass data.train= and data.val= preference shards")
-    log.info("no data.train given: using the preference pairs of %s", folder)
+                          f"prompts or mode=best_of_n, or pass {keys} preference shards")
+    log.info("no %s given: using the preference pairs of %s", missing, folder)
     return pair_sources(found)
 
 
@@ -92,7 +94,7 @@ def resolve_eval(config: DataConfig, kind: str, output_root: str = "checkpoints"
     """Held-out data for vlm.eval: data.val, or the synthetic held-out split (for preferences: the newest
     constitution output's held-out pairs and conversations)."""
     if config.val is None and kind == "preferences":
-        return DataSources(None, constitution_pairs(output_root).val, None)
+        return DataSources(None, constitution_pairs(output_root, missing="data.val").val, None)
     if config.val is None:
         val = synthetic.ensure_split(kind, "val", config.synthetic)
         return DataSources(None, val, list(synthetic.CLASSNAMES))
