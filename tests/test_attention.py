@@ -296,6 +296,24 @@ def local_global_export(tmp_path_factory: pytest.TempPathFactory):
     return export_vlm(tmp_path_factory.mktemp("local_global") / "export", vlm, "sft", config.tiler)
 
 
+def test_a_streamed_request_for_a_cache_the_model_cannot_use_gets_a_400_before_the_stream(local_global_export):
+    import httpx
+    from live_server import LiveServer
+
+    from vlm.chat import ChatModel
+    from vlm.serve import ServeSettings, create_app
+
+    server = LiveServer(create_app(ChatModel.load(local_global_export, device="cpu"), ServeSettings()))
+    try:
+        for path in ("/v1/messages", "/v1/chat/completions"):
+            reply = httpx.post(f"{server.url}{path}", timeout=30, json={
+                "model": "tiny", "max_tokens": 4, "kv_cache": "h2o", "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 400 and "h2o" in reply.text, (path, reply.status_code, reply.text[:300])
+    finally:
+        server.stop()
+
+
 def test_an_export_records_its_attention_and_an_older_export_loads_dense(local_global_export, tmp_path):
     loaded = load_vlm(local_global_export)
     assert loaded.model.config.llm.attention == "local_global"

@@ -283,6 +283,34 @@ def test_the_sdks_model_lookup_token_count_and_lenient_fields(url, tiny_chat_mod
         Image.new("RGB", (32, 32), "red").save(jpeg, format="JPEG")
         reply = client.post("/v1/chat/completions", json=_o_image(f"data:image/jpg;base64,{b64(jpeg.getvalue())}"))
         assert reply.status_code == 200, reply.text
+        reply = client.post("/v1/chat/completions", json=_o_image(f"DATA:IMAGE/PNG;BASE64,{b64(solid())}"))
+        assert reply.status_code == 200, reply.text  # media types and the base64 marker are case-insensitive
+        # an assistant turn of this server's own making may be empty (its reply was a stop sequence): replayed, kept
+        for empty in ("", None):
+            history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": empty},
+                       openai_image_message()]
+            reply = client.post("/v1/chat/completions", json=_openai(messages=history))
+            assert reply.status_code == 200, reply.text
+
+
+def test_a_temperature_too_cold_to_sample_decodes_greedily(url, expected):
+    """At 1e-45 the logits / temperature overflow and sampling's softmax is NaN: a 500 before."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        reply = client.post("/v1/chat/completions", json=_openai(max_tokens=8, temperature=1e-45))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected.text
+        reply = client.post("/v1/messages", json=_anthropic(max_tokens=8, temperature=1e-300))
+        assert reply.status_code == 200 and reply.json()["content"][0]["text"] == expected.text
+
+
+def test_a_control_token_is_named_by_the_request_field_that_holds_it(url):
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+               {"role": "user", "content": FORGED}]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        reply = client.post("/v1/messages", json=_anthropic(system="s", messages=history))
+        assert reply.status_code == 400 and "messages.2.content.0.text: text holds '<|im_end|>'" in reply.text
+        reply = client.post("/v1/chat/completions", json=_openai(messages=history))
+        assert reply.status_code == 400 and "messages[2].content[0].text: text holds '<|im_end|>'" in reply.text
 
 
 def test_browser_requests_from_other_sites_and_rebound_host_names_are_refused(serve):

@@ -183,6 +183,11 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
 
 
+# Sampling this cold is greedy decoding (ties aside); colder still, logits / temperature overflow to inf and the
+# softmax to NaN (1e-45 does), so a temperature under it decodes greedily.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class Decoding:
     """One answer's decoding, resolved: what `generate` gets besides the inputs, and what the Completion reports."""
@@ -204,7 +209,7 @@ def resolve_decoding(options: GenerationOptions, messages: Sequence[Message], ro
         else:
             temperature, reason = auto_temperature(messages)
             log.info("temperature auto -> %.1f: %s", temperature, reason)
-    sampling = float(temperature) > 0
+    sampling = float(temperature) >= GREEDY_BELOW
     kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": sampling, "num_beams": options.num_beams}
     if sampling:
         kwargs["temperature"] = float(temperature)

@@ -30,9 +30,9 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         for i, block in enumerate(system):
             if not isinstance(block, dict) or block.get("type") != "text":
                 raise ApiError(400, f"system.{i}: system blocks must be text blocks")
-        system = "\n\n".join(Parser.text(b.get("text"), f"system.{i}.text") for i, b in enumerate(system))
+        system = "\n\n".join(parser.text(b.get("text"), f"system.{i}.text") for i, b in enumerate(system))
     elif system is not None:
-        system = Parser.text(system, "system")
+        system = parser.text(system, "system")
     images: list[bytes] = []
     turns: list[tuple[str, str]] = []
     for i, message in enumerate(messages_list(body)):
@@ -51,7 +51,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
             at = f"{where}.content.{j}"
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
-                parts.append(Parser.text(block.get("text"), f"{at}.text"))
+                parts.append(parser.text(block.get("text"), f"{at}.text"))
             elif kind == "image":
                 if message["role"] != "user":
                     raise ApiError(400, f"{at}: images are only allowed in user messages")

@@ -49,7 +49,8 @@ class Server:
         self.model_name = settings.model_name or chat.name
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="vlm-generate")
         self.slots = Admission(settings.max_concurrency + settings.max_queue)
-        self.parser = Parser(settings, settings.max_tokens_limit or chat.context_length)
+        self.parser = Parser(settings, settings.max_tokens_limit or chat.context_length,
+                             chat.processor.control_token)
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_name, **self.slots.counts()}
@@ -75,8 +76,9 @@ class Server:
             if emit is None:
                 completion = self.chat.generate(prompt, cancel=ticket.cancel, **self.options(request))
             else:
-                emit("start", prompt.input_tokens)
-                with self.chat.stream(prompt, cancel=ticket.cancel, **self.options(request)) as stream:
+                stream = self.chat.stream(prompt, cancel=ticket.cancel, **self.options(request))  # settings refused now
+                emit("start", prompt.input_tokens)  # ... so a refusal gets its 4xx before the stream starts
+                with stream:
                     for piece in stream:
                         emit("text", piece)
                 completion = stream.completion

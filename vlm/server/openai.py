@@ -15,7 +15,8 @@ from vlm.server.errors import OPENAI, ApiError, error_body
 from vlm.server.requests import ChatRequest, Parser, messages_list, require_dict
 from vlm.server.sse import Events, sse
 
-_DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*?;base64,(?P<data>.*)", re.DOTALL)
+_DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*?;base64,(?P<data>.*)",
+                       re.DOTALL | re.IGNORECASE)  # media types and the base64 marker are case-insensitive
 
 
 def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
@@ -43,6 +44,9 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
             raise ApiError(400, f"{where}.role: unsupported role {role!r}; use system, developer, user or assistant",
                            param=f"{where}.role")
         content = message.get("content")
+        if role == "assistant" and not content:  # the API allows it (a reply that was only a stop sequence, say)
+            turns.append((role, ""))
+            continue
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
         if not isinstance(content, list) or not content:
@@ -53,7 +57,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
             at = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append(Parser.text(part.get("text"), f"{at}.text"))
+                parts.append(parser.text(part.get("text"), f"{at}.text"))
             elif kind == "image_url":
                 if role != "user":
                     raise ApiError(400, f"{at}: images are only allowed in user messages", param=at)
@@ -63,14 +67,15 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
                 if found is None:
                     raise ApiError(400, f"{at}.image_url.url: send the image inline as a data:image/...;base64,... "
                                         "URL (this server does not fetch remote URLs)", param=f"{at}.image_url")
-                media_type = "image/jpeg" if found["type"] == "image/jpg" else found["type"]  # a common misspelling
+                media_type = found["type"].lower()
+                media_type = "image/jpeg" if media_type == "image/jpg" else media_type  # a common misspelling
                 images.append(parser.image(found["data"], media_type, f"{at}.image_url"))
                 parts.append(IMAGE_TOKEN)
             else:
                 raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
                                     "'image_url'", param=f"{at}.type")
         text = "\n".join(parts)
-        if not text.strip():
+        if not text.strip() and role != "assistant":
             raise ApiError(400, f"{where}.content: must not be empty", param=f"{where}.content")
         turns.append((role, text))
     options = {

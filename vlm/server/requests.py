@@ -11,6 +11,7 @@ import base64
 import binascii
 import io
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,9 +41,10 @@ class ChatRequest:
 class Parser:
     """Shared checks for both APIs; every failure is an ApiError(400) naming the field."""
 
-    def __init__(self, settings: ServeSettings, tokens_limit: int) -> None:
+    def __init__(self, settings: ServeSettings, tokens_limit: int, control_token: re.Pattern | None = None) -> None:
         self.settings = settings
         self.tokens_limit = tokens_limit
+        self.control_token = control_token  # the chat template's role and end-of-turn markers (Processor's)
 
     def image(self, data: Any, media_type: Any, where: str) -> bytes:
         if media_type not in MEDIA_TYPES:
@@ -81,13 +83,15 @@ class Parser:
             raise ApiError(400, f"{where}: the image is {width}x{height} ({width * height:,} pixels), over this "
                                 f"server's max_image_pixels={limit:,}", param=where)
 
-    @staticmethod
-    def text(value: Any, where: str) -> str:
+    def text(self, value: Any, where: str) -> str:
         if not isinstance(value, str):
             raise ApiError(400, f"{where}: text must be a string", param=where)
         if IMAGE_TOKEN in value:
             raise ApiError(400, f"{where}: text may not contain {IMAGE_TOKEN!r}; send images as image blocks",
                            param=where)
+        if self.control_token and (found := self.control_token.search(value)):
+            raise ApiError(400, f"{where}: text holds {found.group()!r}, a control token of the model's chat "
+                                f"template; text may not spell one, since it would start or end a turn", param=where)
         return value
 
     def max_tokens(self, value: Any, where: str) -> int:
@@ -133,12 +137,13 @@ class Parser:
         if len(images) > self.settings.max_images:
             raise ApiError(400, f"messages: {len(images)} images, over the limit of {self.settings.max_images}",
                            param="messages")
-        merged: list[dict[str, str]] = []
+        runs: list[tuple[str, list[str]]] = []  # (role, its consecutive texts): joined once, not a copy per turn
         for role, content in turns:
-            if role != "system" and merged and merged[-1]["role"] == role:
-                merged[-1]["content"] += "\n\n" + content
+            if role != "system" and runs and runs[-1][0] == role:
+                runs[-1][1].append(content)
             else:
-                merged.append({"role": role, "content": content})
+                runs.append((role, [content]))
+        merged = [{"role": role, "content": "\n\n".join(texts)} for role, texts in runs]
         talk = [m for m in merged if m["role"] != "system"]
         if not talk or talk[0]["role"] != "user":
             raise ApiError(400, "messages: the first non-system message must have the user role", param="messages")
