@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,12 +13,14 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from images import crafted_png
 from PIL import Image
 
-from vlm.cli import CONFIG_DIR, quote_values
+from vlm.cli import CONFIG_DIR, PATH_KEYS, PATTERN_KEYS, TEXT_KEYS, quote_values
 from vlm.config import load_config
+from vlm.errors import UserError
 from vlm.exports.format import PROVENANCE_FILE, ExportError, not_a_folder, read_meta
-from vlm.infer import TEXT_KEYS, InferConfig, image_file_problem, stream_answer
+from vlm.infer import InferConfig, image_file_problem, stream_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["device=cpu", "generation.temperature=0", "generation.max_new_tokens=5"]
@@ -82,12 +86,37 @@ def test_missing_image_and_bad_option_are_clean_errors(tiny_sft_export, tmp_path
     assert result.returncode == 2 and "generation.temperature" in result.stderr  # the typo's closest key
 
 
+@pytest.mark.slow
+def test_an_answer_piped_to_a_reader_that_left_ends_quietly(tiny_sft_export, pictures):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "vlm.infer", f"checkpoint={tiny_sft_export}", f"image={pictures[1]}",
+               "prompt=hi", "generation.max_new_tokens=8"]
+    # `| true`: the reader is gone before the first word, as `| head -c 5` is after its fifth byte
+    result = subprocess.run(["bash", "-c", shlex.join(command) + ' | true; exit "${PIPESTATUS[0]}"'], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_an_answer_that_cannot_be_written_is_one_clear_error(monkeypatch):
+    from vlm.infer import to_stdout
+
+    full = open("/dev/full", "w")  # noqa: SIM115 (every write fails: no space left on device)
+    monkeypatch.setattr(sys, "stdout", full)
+    with pytest.raises(UserError, match=r"cannot write the answer to stdout \(No space left on device\)"):
+        to_stdout("an answer")
+    with contextlib.suppress(OSError):  # closing flushes the unwritten answer again
+        full.close()
+
+
 def test_an_image_is_checked_before_the_model_loads(tmp_path, pictures):
     (tmp_path / "notes.png").write_text("not a picture")
     assert image_file_problem(pictures[0]) is None
     assert image_file_problem(str(tmp_path)) == f"image {str(tmp_path)!r} is a folder, not an image file"
     assert image_file_problem(str(tmp_path / "nope.png")) == f"image {str(tmp_path / 'nope.png')!r} not found"
     assert "is not an image" in image_file_problem(str(tmp_path / "notes.png"))
+    assert image_file_problem("") == "image= is empty: give an image file, or a list of them: image=[a.jpg,b.jpg]"
+    (tmp_path / "big.png").write_bytes(crafted_png(20_000, 20_000))  # past PIL's own hard limit: the tiler judges it
+    assert image_file_problem(str(tmp_path / "big.png")) is None
 
 
 def test_a_file_or_folder_given_for_an_export_folder_says_what_to_pass(tiny_sft_export, tmp_path):
@@ -120,6 +149,19 @@ def test_free_text_arguments_reach_the_config_verbatim(text):
     assert load_config(InferConfig, composed).prompt == text  # checked against the schema, still verbatim
     assert quote_values(['prompt="already, quoted"', "image=[a.png,b.png]"], TEXT_KEYS) == ['prompt="already, quoted"',
                                                                                     "image=[a.png,b.png]"]
+    assert quote_values(["prompt=null"], TEXT_KEYS) == ["prompt='null'"]  # a word here, not Hydra's null
+
+
+@pytest.mark.parametrize("name", ["IMG (1).png", "café.png", "photo's.png", "a,b.png", "~/x=1 {2}.png", "null.png"])
+def test_file_names_reach_the_config_verbatim(name):
+    keys = PATH_KEYS + PATTERN_KEYS
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        composed = compose("infer", overrides=quote_values([f"image={name}", f"checkpoint=runs/{name}"], keys))
+        assert (composed.image, composed.checkpoint) == (name, f"runs/{name}")
+        assert compose("export", overrides=quote_values(["out=null"], keys)).out is None  # null still means none
+        if "," not in name:  # in a list, a comma separates names (quote such a name yourself)
+            listed = compose("infer", overrides=quote_values([f"image=[{name}, second.png]"], keys)).image
+            assert list(listed) == [name, "second.png"]
 
 
 @pytest.mark.slow

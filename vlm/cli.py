@@ -24,6 +24,10 @@ _PACKAGE = Path(__file__).resolve().parent
 # inside an installed wheel: vlm/configs; in a checkout (editable installs too): configs/ beside the package
 CONFIG_DIR = next((d for d in (_PACKAGE / "configs", _PACKAGE.parent / "configs") if d.is_dir()), _PACKAGE / "configs")
 PATTERN_KEYS = ("data.train", "data.val")  # shard patterns: braces and colons mean something to Hydra's parser
+# file and folder names: parentheses, quotes, commas, accents, `~`, `=` mean something to Hydra's parser too
+TEXT_KEYS = ("prompt", "system")  # free text: "null" is a word there, not Hydra's null
+PATH_KEYS = ("checkpoint", "init_from", "resume", "out", "output_root", "eval.output_dir", "data.classnames",
+             "data.synthetic.cache_dir", "stage.reference", "constitution", "image")
 _MISSING = object()
 
 
@@ -55,18 +59,32 @@ def user_errors() -> Iterator[None]:
 
 
 def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
-    """Quote the values of `keys` for Hydra, so braces, commas, brackets and colons in them need no quoting by the
-    user (`data.train=/d/shard-{000..009}.tar`, `prompt=Is it red, or blue?`); already-quoted values are kept."""
+    """Quote the values of `keys` for Hydra, so braces, commas, brackets, colons and quotes in them need no quoting
+    by the user (`data.train=/d/shard-{000..009}.tar`, `prompt=Is it red, or blue?`, `image=IMG (1).png`). Kept as
+    they are: values already quoted, and `null` for a path or pattern (it means none). A list of paths
+    (`image=[a.png,b (1).png]`) has each element quoted."""
     out = []
     for arg in args:
         key, eq, value = arg.partition("=")
-        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-        if eq and key in keys and not quoted:
-            # inside Hydra's single quotes: escape quotes, the backslashes before them, and ${ interpolations
-            escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
-            arg = f"{key}='" + escaped.replace("${", "\\${") + "'"
+        if eq and key in keys and not _quoted(value) and not (value == "null" and key not in TEXT_KEYS):
+            if key in PATH_KEYS and len(value) >= 2 and value[0] == "[" and value[-1] == "]":
+                arg = f"{key}=[" + ",".join(_hydra_quoted(v.strip()) for v in value[1:-1].split(",")) + "]"
+            else:
+                arg = f"{key}={_hydra_quoted(value)}"
         out.append(arg)
     return out
+
+
+def _quoted(value: str) -> bool:
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+
+
+def _hydra_quoted(value: str) -> str:
+    """`value` inside Hydra's single quotes: quotes, the backslashes before them, and ${ interpolations escaped."""
+    if _quoted(value):
+        return value
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    return "'" + escaped.replace("${", "\\${") + "'"
 
 
 def _unknown_key(cfg: DictConfig, key: str) -> str | None:
@@ -84,9 +102,9 @@ def _unknown_key(cfg: DictConfig, key: str) -> str | None:
 def preflight(args: list[str], config_name: str) -> None:
     """Compose the config once before Hydra runs, so a typo fails at once with the key and its valid choices.
 
-    Also quotes shard patterns in place in sys.argv, where Hydra reads them.
+    Also quotes shard patterns and paths in place in sys.argv, where Hydra reads them.
     """
-    args = quote_values(args, PATTERN_KEYS)
+    args = quote_values(args, PATTERN_KEYS + PATH_KEYS)
     if args != sys.argv[1:] and len(args) == len(sys.argv) - 1:
         sys.argv[1:] = args
     if not CONFIG_DIR.is_dir():

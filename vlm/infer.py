@@ -9,6 +9,7 @@ configs/infer.yaml; the chat itself is `vlm.chat` (also the Python API).
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -21,14 +22,14 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from vlm.chat import ChatModel, ChatSession, PromptError
-from vlm.cli import CONFIG_DIR, fail, preflight, quote_values, setup_logging, user_errors
+from vlm.cli import CONFIG_DIR, TEXT_KEYS, fail, preflight, quote_values, setup_logging, user_errors
 from vlm.config import load_config, setting
-from vlm.data.tiler import ImageLoadError
+from vlm.data.tiler import ImageLoadError, pil_bomb_limit
+from vlm.errors import UserError
 from vlm.exports.format import not_a_folder
 from vlm.generation.options import GenerationOptions
 
 log = logging.getLogger("vlm.infer")
-TEXT_KEYS = ("prompt", "system")
 
 
 @dataclass
@@ -55,13 +56,15 @@ Ctrl-C stops the answer being written; the chat goes on."""
 
 def image_file_problem(path: str) -> str | None:
     """Why `path` cannot be attached (missing, a folder, not an image), read from its header only; None if it can."""
+    if not path.strip():
+        return "image= is empty: give an image file, or a list of them: image=[a.jpg,b.jpg]"
     file = Path(path).expanduser()
     if file.is_dir():
         return f"image {path!r} is a folder, not an image file"
     if not file.is_file():
         return f"image {path!r} not found"
-    try:
-        with Image.open(file):
+    try:  # the header only: the model's tiler judges the size (tiler.max_pixels) when it reads the pixels
+        with pil_bomb_limit(sys.maxsize), Image.open(file):
             return None
     except Exception:  # PIL raises many types for files that are not images
         return f"image {path!r} is not an image, or not a format this Pillow build can read"
@@ -90,6 +93,8 @@ def stream_answer(session: ChatSession, text: str, images: list[str], write: Cal
     except KeyboardInterrupt:
         stream.close()
         write(" [stopped]")
+    finally:
+        stream.close()  # a write that failed (a closed pipe) stops the generation too; a second close does nothing
     write("\n")
     completion = stream.completion
     if completion is not None and completion.stop_reason == "max_tokens":
@@ -176,8 +181,22 @@ def infer(cfg: DictConfig) -> None:
     if config.prompt is None:
         repl(session, f"vlm chat with {model.name} on {model.device}. /help lists the commands.")
         return
-    with user_errors():  # an unreadable image, a prompt longer than the context
-        stream_answer(session, config.prompt, images, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    with user_errors():  # an unreadable image, a prompt longer than the context, a full disk
+        try:
+            stream_answer(session, config.prompt, images, to_stdout)
+        except BrokenPipeError:  # `vlm.infer ... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or flushing stdout at exit fails again
+            sys.exit(141)  # as a shell reports a process ended by SIGPIPE
+
+
+def to_stdout(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): infer() ends quietly
+    except OSError as err:
+        raise UserError(f"cannot write the answer to stdout ({err.strerror or err})") from None
 
 
 def main() -> None:
