@@ -177,6 +177,10 @@ def test_bad_input_is_refused_by_name_without_a_half_folder(tiny_sft_export, tmp
     with pytest.raises(ConversionError, match="already exists and is not empty"):
         export_hf(tiny_sft_export, tmp_path / "busy")
     assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["keep.txt"]
+    with pytest.raises(ConversionError, match=r"keep.txt' is a file, so no folder can be made inside it"):
+        export_hf(tiny_sft_export, tmp_path / "busy" / "keep.txt" / "sub")  # refused before the model loads
+    with pytest.raises(ConversionError, match=r"out='/proc/vlm-export': cannot make a folder beside it"):
+        export_hf(tiny_sft_export, "/proc/vlm-export")  # a file system that makes no folders
     with pytest.raises(ConfigError, match="out=DIR is required"):
         convert(ExportConfig(checkpoint=str(tiny_sft_export), format="hf", out=None, hf_route="auto",
                              log_level="INFO"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -177,6 +178,11 @@ def refuse_taken(out: str | Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "is a file" if not out.is_dir() else "already exists and is not empty"
         raise ConversionError(f"out={str(out)!r} {what}; give a new folder")
+    nearest = next(p for p in out.parents if p.exists())  # the folder the new ones will be made in
+    if not nearest.is_dir():
+        raise ConversionError(f"out={str(out)!r}: {str(nearest)!r} is a file, so no folder can be made inside it")
+    if not os.access(nearest, os.W_OK):
+        raise ConversionError(f"out={str(out)!r}: no permission to make folders in {str(nearest)!r}")
 
 
 @contextlib.contextmanager
@@ -185,7 +191,10 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
     staging folder is removed, so `out` is either complete or absent. An existing non-empty `out` is refused."""
     out = Path(out).expanduser().resolve()  # "." has no name to put a staging folder beside
     refuse_taken(out)
-    staging = new_staging_folder(out)
+    try:
+        staging = new_staging_folder(out)
+    except OSError as err:  # a file system that refuses new folders (read-only, /sys, ...)
+        raise ConversionError(f"out={str(out)!r}: cannot make a folder beside it ({err.strerror or err})") from None
     try:
         yield staging
     except BaseException:
