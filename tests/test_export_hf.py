@@ -210,9 +210,12 @@ def test_batches_beams_and_image_files_give_each_prompt_its_own_images(tiny_sft_
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: shown rotated 90 degrees clockwise
     picture(30, 20).save(turned, exif=exif, quality=95)
-    inputs = processor(images=[str(turned)], text=texts[1], return_tensors="pt")
-    assert torch.allclose(inputs["pixel_values"], ours.processor.prompt(QUESTION, [str(turned)]).pixel_values,
-                          atol=1e-6)
+    # ... and any mode, as the tiler reads it: 16-bit greys scaled (converting to RGB would clip them at 255)
+    deep = Image.fromarray((np.arange(30 * 20).reshape(20, 30) * 100).astype(np.uint16))
+    for image in (str(turned), deep):
+        inputs = processor(images=[image], text=texts[1], return_tensors="pt")
+        assert torch.allclose(inputs["pixel_values"], ours.processor.prompt(QUESTION, [image]).pixel_values,
+                              atol=1e-6)
 
 
 def test_a_folder_of_the_users_beside_the_output_is_left_alone(tiny_sft_export, tmp_path):

@@ -35,7 +35,7 @@ class VlmProcessor(ProcessorMixin):
 
     def tile(self, image) -> torch.Tensor:
         """An image (PIL, numpy array, path, URL or base64 string) -> (1, 3, S, S) normalised, as vlm's tiler with
-        max_tiles=1: EXIF orientation applied, transparency over the background colour."""
+        max_tiles=1: EXIF orientation applied, transparency over the background colour, 16-bit scaled to 8."""
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image)
         elif isinstance(image, str | os.PathLike) and os.path.isfile(image):
@@ -43,6 +43,9 @@ class VlmProcessor(ProcessorMixin):
         elif not isinstance(image, Image.Image):
             image = load_image(image)  # a URL or base64
         image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 0..65535 scaled to 0..255 (PIL's convert clips)
+            values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)  # (H, W)
+            image = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
         if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
             rgba = image.convert("RGBA")
             canvas = Image.new("RGB", rgba.size, tuple(self.background))
