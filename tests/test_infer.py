@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import signal
@@ -191,8 +192,6 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export):
 
 def test_the_temperature_choice_is_logged_before_the_answer_starts(tiny_chat_model):
     """In the REPL, "temperature auto -> 0.7" must not land between the `vlm> ` prompt and the answer."""
-    import logging
-
     events: list[str] = []
 
     class Recorder(logging.Handler):
@@ -211,3 +210,13 @@ def test_the_temperature_choice_is_logged_before_the_answer_starts(tiny_chat_mod
         logger.setLevel(level)
     choice = next(i for i, e in enumerate(events) if e.startswith("log: temperature auto"))
     assert choice < events.index("out: vlm> ")
+
+
+def test_an_answer_cut_by_the_context_says_so_not_max_new_tokens(tiny_chat_model, caplog):
+    caplog.set_level(logging.INFO, logger="vlm.infer")
+    long = tiny_chat_model.session(temperature=0, max_new_tokens=4000)
+    stream_answer(long, "word " * 120, [], lambda text: None)  # 488 prompt tokens of the tiny model's 512
+    assert "the answer filled the model's context of 512 tokens (the prompt took 488)" in caplog.text
+    assert "max_new_tokens" not in caplog.text
+    stream_answer(tiny_chat_model.session(temperature=0, max_new_tokens=3), "word", [], lambda text: None)
+    assert "the answer reached max_new_tokens=3" in caplog.text
