@@ -167,6 +167,11 @@ def test_bad_options_and_prompts_fail_clearly(tiny_chat_model, images):
         tiny_chat_model.generate([{"role": "user", "content": "shape " * 600}])
     with pytest.raises(ImageLoadError):
         tiny_chat_model.generate(ASK, [b"not an image"])
+    session = tiny_chat_model.session(max_new_tokens=1)
+    session.send("hi", images=[images["pil"]])
+    with pytest.raises(PromptError, match="the message has 2 <image> placeholders but 1 image attached"):
+        session.send("<image> and <image>", images=[images["pil"]])  # its own counts, not the chat's 3 and 2
+    assert len(session.turns) == 2  # the refused message is not kept
 
 
 def test_text_that_cannot_fit_the_context_is_refused_before_it_is_tokenized(tiny_chat_model):

@@ -55,7 +55,9 @@ def test_one_shot_prints_the_answer(tiny_sft_export, tiny_chat_model, pictures):
 
 @pytest.mark.slow
 def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
-    script = f"/help\n/image {pictures[0]}\nWhat color is the shape?\n/reset\nAnd now?\n/bogus\n/quit\n"
+    # a refused message keeps its attached image for the next one
+    script = (f"/help\n/image {pictures[0]}\n<image> or <image>?\nWhat color is the shape?\n/reset\nAnd now?\n/bogus\n"
+              "/quit\n")
     result = run_infer(f"checkpoint={tiny_sft_export}", *GREEDY, stdin=script)
     assert result.returncode == 0, result.stderr
     first = tiny_chat_model.generate([{"role": "user", "content": "<image>\nWhat color is the shape?"}],
@@ -66,6 +68,7 @@ def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
     assert "/image PATH" in out and "attached 1 image" in out and "conversation cleared" in out
     assert f"vlm> {first.text}\n" in out and f"vlm> {after_reset.text}\n" in out  # the reset forgot turn one
     assert "unknown command '/bogus'" in out
+    assert "error: the message has 2 <image> placeholders but 1 image attached" in out and "stay attached" in out
 
 
 @pytest.mark.slow

@@ -240,6 +240,9 @@ class ChatSession:
         images = image_list(images)
         if images and IMAGE_TOKEN not in text:
             text = f"{IMAGE_TOKEN}\n" * len(images) + text
+        if (placeholders := text.count(IMAGE_TOKEN)) != len(images):  # this message's own, not the chat's totals
+            raise PromptError(f"the message has {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} "
+                              f"but {len(images)} image{'s' * (len(images) != 1)} attached; each image needs one")
         self.turns.append(_Turn("user", text, images))
         wanted_room = min(options.max_new_tokens, self.model.context_length // 4)
         try:

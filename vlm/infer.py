@@ -157,8 +157,12 @@ def repl(session: ChatSession, banner: str) -> None:
         images, pending = pending, []
         try:
             stream_answer(session, line, images, write, prefix="vlm> ")
-        except (PromptError, ImageLoadError) as err:
-            print(f"\nerror: {err}")
+        except PromptError as err:  # the message, not its images: they stay for the retyped one
+            pending = images
+            kept = f" (the {len(images)} attached image{'s' * (len(images) > 1)} stay attached)" if images else ""
+            print(f"\nerror: {err}{kept}")
+        except ImageLoadError as err:
+            print(f"\nerror: {err} (attach images again with /image)")
         except KeyboardInterrupt:  # before the answer started streaming
             write(" [stopped]\n")
 
