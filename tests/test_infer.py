@@ -18,7 +18,7 @@ from images import crafted_png
 from PIL import Image
 
 from vlm.cli import CONFIG_DIR, PATH_KEYS, PATTERN_KEYS, TEXT_KEYS, quote_values
-from vlm.config import load_config
+from vlm.config import ConfigError, load_config
 from vlm.errors import UserError
 from vlm.exports.format import PROVENANCE_FILE, ExportError, not_a_folder, read_meta
 from vlm.infer import InferConfig, image_file_problem, stream_answer
@@ -223,3 +223,11 @@ def test_an_answer_cut_by_the_context_says_so_not_max_new_tokens(tiny_chat_model
     assert "max_new_tokens" not in caplog.text
     stream_answer(tiny_chat_model.session(temperature=0, max_new_tokens=3), "word", [], lambda text: None)
     assert "the answer reached max_new_tokens=3" in caplog.text
+
+
+def test_one_value_given_to_a_list_key_is_shown_as_a_list():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        composed = compose("infer", overrides=["generation.stop=foo"])
+    with pytest.raises(ConfigError, match=r"^bad value for 'generation.stop': it takes a list, e.g. "
+                                          r"generation.stop=\[foo\], got 'foo'$"):
+        load_config(InferConfig, composed)

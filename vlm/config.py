@@ -133,6 +133,9 @@ def load_config(schema: type[T], values: DictConfig | dict[str, Any], path: str 
         valid = [str(k) for k in node.keys()] if isinstance(node, DictConfig) else []
         if leaf in valid:  # a known key with a value of the wrong type
             reason = str(getattr(err, "msg", err)).splitlines()[0]
+            if "is not a ListConfig" in reason:  # OmegaConf's words for one value given to a list
+                given = OmegaConf.select(OmegaConf.create(raw), key, default=None)
+                reason = f"it takes a list, e.g. {path + key}=[{given}], got {given!r}"
             raise error(f"bad value for {path + key!r}: {reason}") from None
         raise error(unknown_key_message(path + key, valid)) from None
     except ValueError as err:  # a dataclass's own __post_init__ check
