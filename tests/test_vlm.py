@@ -324,3 +324,18 @@ def test_a_damaged_export_is_one_error_naming_the_file(tiny_sft_export, tmp_path
     named = _damage(folder, how)
     with pytest.raises(ExportError, match=f"'{folder / named}'.*(damaged|lacks)"):
         load_vlm(folder)
+
+
+@pytest.mark.parametrize("pool,prefix", [("avg", 0), ("token", 1)])
+@pytest.mark.parametrize("layer", [-1, -2])
+def test_keep_cls_keeps_the_prefix_tokens_a_tower_has_at_any_feature_layer(pool, prefix, layer):
+    from vlm.models.vision import VisionTower
+
+    shapes = {}
+    for keep in (False, True):
+        config = tiny_config(f"model.vision.global_pool={pool}", f"model.vision.feature_layer={layer}",
+                             f"model.vision.keep_cls={str(keep).lower()}").model.vision
+        tower = VisionTower(config).eval()
+        assert tower.num_prefix_tokens == prefix
+        shapes[keep] = tower.patch_features(torch.randn(2, 3, config.image_size, config.image_size)).shape
+    assert shapes[True][1] == shapes[False][1] + prefix and shapes[True][0] == 2

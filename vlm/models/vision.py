@@ -83,9 +83,10 @@ class VisionTower(nn.Module):
         else:
             depth = len(self.vit.blocks)
             index = self.config.feature_layer % depth
+            keep_prefix = self.config.keep_cls and self.num_prefix_tokens > 0  # timm gives no pair without any
             tokens = self.vit.forward_intermediates(pixels, indices=[index], intermediates_only=True,
-                                                    output_fmt="NLC", return_prefix_tokens=self.config.keep_cls)[0]
-            if self.config.keep_cls:
+                                                    output_fmt="NLC", return_prefix_tokens=keep_prefix)[0]
+            if keep_prefix:
                 patches, prefix = tokens
                 return torch.cat([prefix, patches], dim=1)  # (B, prefix + N, D)
             return tokens  # (B, N, D)
