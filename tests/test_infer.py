@@ -81,13 +81,16 @@ def test_missing_checkpoint_is_one_clean_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_image_and_bad_option_are_clean_errors(tiny_sft_export, tmp_path):
+def test_missing_image_and_bad_option_are_clean_errors(tiny_sft_export, tmp_path, pictures):
     result = run_infer(f"checkpoint={tiny_sft_export}", f"image={tmp_path / 'nope.png'}", "prompt=hi")
     assert result.returncode == 2 and "nope.png" in result.stderr and "Traceback" not in result.stderr
     result = run_infer(f"checkpoint={tiny_sft_export}", "prompt=")
     assert result.returncode == 2 and "prompt is empty" in result.stderr and result.stdout == ""
     result = run_infer(f"checkpoint={tiny_sft_export}", "generation.temprature=0")
     assert result.returncode == 2 and "generation.temperature" in result.stderr  # the typo's closest key
+    result = run_infer(f"checkpoint={tiny_sft_export}", f"image={pictures[0]}", "prompt=<image> or <image>?")
+    assert result.returncode == 2 and "2 <image> placeholders but 1 image attached" in result.stderr
+    assert "loaded" not in result.stderr  # found before the model loads
 
 
 @pytest.mark.slow

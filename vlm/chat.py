@@ -200,6 +200,17 @@ class ChatModel:
         return ChatSession(self, system=system, **options)
 
 
+def with_placeholders(text: str, images: int) -> str:
+    """A user message for `images` attached images: one <image> each put in front when it has none; a message that
+    places a different number is refused (its own counts, not a chat's totals)."""
+    if images and IMAGE_TOKEN not in text:
+        return f"{IMAGE_TOKEN}\n" * images + text
+    if (placeholders := text.count(IMAGE_TOKEN)) != images:
+        raise PromptError(f"the message has {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
+                          f"{images} image{'s' * (images != 1)} attached; each image needs one")
+    return text
+
+
 @dataclass
 class _Turn:
     role: str
@@ -238,11 +249,7 @@ class ChatSession:
         """Add the user turn and encode the chat, forgetting the oldest exchanges while it does not fit with room
         for the answer (`max_new_tokens`, or a quarter of the context if that is less)."""
         images = image_list(images)
-        if images and IMAGE_TOKEN not in text:
-            text = f"{IMAGE_TOKEN}\n" * len(images) + text
-        if (placeholders := text.count(IMAGE_TOKEN)) != len(images):  # this message's own, not the chat's totals
-            raise PromptError(f"the message has {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} "
-                              f"but {len(images)} image{'s' * (len(images) != 1)} attached; each image needs one")
+        text = with_placeholders(text, len(images))
         self.turns.append(_Turn("user", text, images))
         wanted_room = min(options.max_new_tokens, self.model.context_length // 4)
         try:

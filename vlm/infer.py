@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
-from vlm.chat import ChatModel, ChatSession, PromptError
+from vlm.chat import ChatModel, ChatSession, PromptError, with_placeholders
 from vlm.cli import CONFIG_DIR, TEXT_KEYS, fail, preflight, quote_values, setup_logging, user_errors
 from vlm.config import load_config, setting
 from vlm.data.tiler import ImageLoadError, pil_bomb_limit
@@ -181,6 +181,9 @@ def infer(cfg: DictConfig) -> None:
     images = image_list(config.image)
     if images and config.prompt is None:
         fail("image=... needs prompt=\"...\" (in the chat REPL, attach images with /image PATH)")
+    if config.prompt is not None:
+        with user_errors():  # before the model loads
+            with_placeholders(config.prompt, len(images))
     with user_errors():
         try:
             model = ChatModel.load(config.checkpoint, device=config.device, dtype=config.dtype)
