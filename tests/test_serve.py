@@ -311,6 +311,12 @@ def test_a_control_token_is_named_by_the_request_field_that_holds_it(url):
         assert reply.status_code == 400 and "messages.2.content.0.text: text holds '<|im_end|>'" in reply.text
         reply = client.post("/v1/chat/completions", json=_openai(messages=history))
         assert reply.status_code == 400 and "messages[2].content[0].text: text holds '<|im_end|>'" in reply.text
+        # the model's own answer sent back may spell them (an answer about SVG's <image> element): kept as text
+        said = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "SVG's <image> ends<|im_end|>"},
+                {"role": "user", "content": "and then?"}]
+        for path, body in (("/v1/messages", _anthropic(messages=said)),
+                           ("/v1/chat/completions", _openai(messages=said))):
+            assert client.post(path, json=body).status_code == 200
 
 
 def test_browser_requests_from_other_sites_and_rebound_host_names_are_refused(serve):

@@ -51,7 +51,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
             at = f"{where}.content.{j}"
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
-                parts.append(parser.text(block.get("text"), f"{at}.text"))
+                parts.append(parser.text(block.get("text"), f"{at}.text", message["role"]))
             elif kind == "image":
                 if message["role"] != "user":
                     raise ApiError(400, f"{at}: images are only allowed in user messages")

@@ -57,7 +57,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
             at = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append(parser.text(part.get("text"), f"{at}.text"))
+                parts.append(parser.text(part.get("text"), f"{at}.text", role))
             elif kind == "image_url":
                 if role != "user":
                     raise ApiError(400, f"{at}: images are only allowed in user messages", param=at)

@@ -83,9 +83,14 @@ class Parser:
             raise ApiError(400, f"{where}: the image is {width}x{height} ({width * height:,} pixels), over this "
                                 f"server's max_image_pixels={limit:,}", param=where)
 
-    def text(self, value: Any, where: str) -> str:
+    def text(self, value: Any, where: str, role: str = "user") -> str:
+        """A text block's text. In a user or system turn, `<image>` and the template's control tokens are refused,
+        since they would place images or forge turns; an assistant turn is the model's own answer sent back, which
+        may spell `<image>` in plain tokens (an answer about SVG), so there they are kept as text, not markers."""
         if not isinstance(value, str):
             raise ApiError(400, f"{where}: text must be a string", param=where)
+        if role == "assistant":
+            return self.as_plain_text(value)
         if IMAGE_TOKEN in value:
             raise ApiError(400, f"{where}: text may not contain {IMAGE_TOKEN!r}; send images as image blocks",
                            param=where)
@@ -93,6 +98,13 @@ class Parser:
             raise ApiError(400, f"{where}: text holds {found.group()!r}, a control token of the model's chat "
                                 f"template; text may not spell one, since it would start or end a turn", param=where)
         return value
+
+    def as_plain_text(self, text: str) -> str:
+        """`text` with every `<image>` and control token broken by a zero-width space after its first character, so
+        the tokenizer reads it as the plain characters it was, not as a marker."""
+        markers = [IMAGE_TOKEN] + ([self.control_token.pattern] if self.control_token else [])
+        return re.sub("|".join(m if m != IMAGE_TOKEN else re.escape(m) for m in markers),
+                      lambda found: found.group()[0] + "\u200b" + found.group()[1:], text)
 
     def max_tokens(self, value: Any, where: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
