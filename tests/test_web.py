@@ -401,6 +401,8 @@ def test_paste_and_drop_attach_images(page, tiny_chat_model):
 
 @pytest.mark.slow
 def test_oversized_image_error_then_next_message_works(page, tiny_chat_model):
+    from selenium.webdriver.common.keys import Keys
+
     page.settings(max_tokens=4, greedy=True)
     page.attach_file(noise_png(), "noise.png")
     page.thumbnails_ready(1)
@@ -409,7 +411,8 @@ def test_oversized_image_error_then_next_message_works(page, tiny_chat_model):
     assert failed["state"] == "error" and "400 invalid_request_error" in failed["error"], failed
     assert "over the 4,096-byte limit" in failed["error"]
     assert page.js("return document.querySelector('.message.user').classList.contains('failed')")
-    page.send(QUESTION)
+    assert page.js("return document.getElementById('prompt').value") == QUESTION  # back in the box to edit
+    page.type(Keys.ENTER)
     answer = page.last_answer()
     assert answer["state"] == "done", answer
     expected = greedy(tiny_chat_model, [{"role": "user", "content": QUESTION}], [], 4)  # the failed turn is left out
@@ -446,9 +449,14 @@ def test_controls_are_labelled_and_work_from_the_keyboard(page):
     assert page.js("return !document.getElementById('settings').hidden && document.activeElement.id === 'model'")
     press(Keys.ESCAPE)  # closes the settings
     assert page.js("return document.getElementById('settings').hidden")
-    page.settings(max_tokens=400)
-    page.send(QUESTION)
+    page.settings(max_tokens=100_000)  # over the model's limit: marked, and the limit is sent instead
+    assert page.js("return document.getElementById('max-tokens').getAttribute('aria-invalid')") == "true"
+    assert page.js("return document.getElementById('max-tokens-help').textContent").startswith("From 1 to 512")
+    page.type(QUESTION)
+    page.js("document.getElementById('send').focus()")
+    press(Keys.ENTER)  # Send from the keyboard: its button hides, and the focus moves to Stop, not to the page
     page.wait("document.querySelector('.message.assistant .content').textContent.length > 0")
+    assert page.js("return document.activeElement.id") == "stop"
     page.find("#settings-toggle").click()
     press(Keys.ESCAPE)  # in the open settings: closes them, and the answer goes on
     assert page.js("return document.getElementById('settings').hidden && document.body.classList.contains('busy')")

@@ -46,7 +46,9 @@ function showSettings() {
   $("api-key").value = s.apiKey;
   $("api-key-field").hidden = !state.config.api_key_required && !s.apiKey;
   const serverDefault = state.config.temperature;
-  $("temperature-help").textContent = `Auto uses the server's default (${serverDefault}); 0 is greedy.`;
+  $("temperature-help").textContent = serverDefault === "auto"
+    ? "Auto picks 0.2 for code, 0.8 for creative writing and 0.7 otherwise; 0 is greedy."
+    : `Auto uses the server's default (${serverDefault}); 0 is greedy.`;
 }
 
 function readSettings() {
@@ -55,7 +57,12 @@ function readSettings() {
   $("temperature").disabled = s.temperature === "auto";
   $("temperature-value").textContent = s.temperature === "auto" ? "auto" : s.temperature.toFixed(2);
   const tokens = Number.parseInt($("max-tokens").value, 10);
-  s.maxTokens = Number.isFinite(tokens) && tokens >= 1 ? tokens : null;
+  const limit = state.config.max_tokens_limit;
+  s.maxTokens = Number.isFinite(tokens) && tokens >= 1 ? Math.min(tokens, limit) : null;
+  const field = $("max-tokens");
+  const valid = Number.isFinite(tokens) && tokens >= 1 && tokens <= limit;
+  field.setAttribute("aria-invalid", String(!valid));
+  $("max-tokens-help").textContent = valid ? "" : `From 1 to ${limit}; answers use ${s.maxTokens ?? state.config.max_tokens}.`;
   s.system = $("system").value;
   s.model = $("model").value || s.model;
   s.apiKey = $("api-key").value.trim();
@@ -559,6 +566,10 @@ async function answer(userTurn) {
       const message = err instanceof ServerError ? err.message : `could not reach the server (${err.message})`;
       showError(node, message);
       finishAnswer(node, "error", null);
+      if (!$("prompt").value.trim() && turns === state.turns) {
+        $("prompt").value = userTurn.text; // back in the box to edit (Regenerate sends it again as it was)
+        autogrow();
+      }
     }
   } finally {
     state.busy = null;
@@ -568,10 +579,12 @@ async function answer(userTurn) {
 }
 
 function setBusy(busy) {
+  const hadFocus = document.activeElement === $(busy ? "send" : "stop");
   $("send").hidden = busy;
   $("stop").hidden = !busy;
   document.body.classList.toggle("busy", busy);
-  if (!busy && document.activeElement === document.body) $("prompt").focus();
+  if (hadFocus) $(busy ? "stop" : "prompt").focus(); // a hidden button would drop focus to the page
+  else if (!busy && document.activeElement === document.body) $("prompt").focus();
 }
 
 async function send() {
@@ -636,7 +649,8 @@ function wire() {
   });
   $("prompt").addEventListener("keydown", (event) => {
     // isComposing, or Safari's keyCode 229: the Enter that ends an IME composition only confirms the text
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+    const touch = window.matchMedia("(pointer: coarse)").matches; // no Shift on a phone's keyboard: Send sends
+    if (event.key === "Enter" && !event.shiftKey && !touch && !event.isComposing && event.keyCode !== 229) {
       event.preventDefault();
       send();
     }
@@ -664,10 +678,10 @@ function wire() {
   });
   document.addEventListener("paste", (event) => {
     const files = imageFiles(event.clipboardData).filter((f) => f.type.startsWith("image/"));
-    if (files.length) {
-      event.preventDefault(); // an image, not its file name, goes into the message
-      attachFiles(files);
-    }
+    if (!files.length) return;
+    attachFiles(files);
+    // an image alone: not its file name into the message; with text (a spreadsheet's copy), the text goes in too
+    if (!event.clipboardData.types.includes("text/plain")) event.preventDefault();
   });
   let depth = 0; // dragenter/dragleave fire for every child element crossed
   const overlay = $("drop-overlay");
@@ -680,11 +694,15 @@ function wire() {
     depth = Math.max(0, depth - 1);
     if (!depth) overlay.hidden = true;
   });
-  document.addEventListener("dragover", (event) => event.preventDefault());
+  const carriesFiles = (event) => [...(event.dataTransfer?.types || [])].includes("Files");
+  document.addEventListener("dragover", (event) => {
+    if (carriesFiles(event)) event.preventDefault(); // files land here; dragged text drops as usual
+  });
   document.addEventListener("drop", (event) => {
-    event.preventDefault();
     depth = 0;
     overlay.hidden = true;
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
     attachFiles(imageFiles(event.dataTransfer));
   });
 }
