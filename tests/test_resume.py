@@ -1,6 +1,6 @@
 """Resume after a crash: atomic checkpoints, `resume=auto` from the newest loadable one, and no silent overwrites.
 
-(a) a training subprocess killed with SIGKILL mid-run continues from its last checkpoint and completes;
+(a) a training subprocess killed with SIGTERM mid-run exits 143, continues from its last checkpoint and completes;
 (b) a truncated newest checkpoint is passed over, with a warning naming it, for the one before;
 (c) a run_name that already holds a run, without resume=auto, stops with exit code 2 naming the folder.
 """
@@ -161,6 +161,8 @@ def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder
         (tmp_path / "contrastive" / name / "checkpoints").mkdir(parents=True)
         time.sleep(0.02)
     assert prepare_run(tiny_config(f"output_root={tmp_path}", "resume=auto")).dir.name == "new"
+    (tmp_path / "contrastive" / "old" / "eval").mkdir()  # vlm.eval of the older run: not a sign of training
+    assert prepare_run(tiny_config(f"output_root={tmp_path}", "resume=auto")).dir.name == "new"
     (tmp_path / "contrastive" / "2020").mkdir()
     (tmp_path / "contrastive" / "2020" / "metrics.json").write_text("{}")
     (tmp_path / "contrastive" / "old" / "checkpoints" / "step00000003.ckpt").write_bytes(b"")
@@ -171,6 +173,16 @@ def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder
     # a start that failed before writing anything (bad data, a missing logger package) leaves empty folders only
     (tmp_path / "contrastive" / "failed" / "logs").mkdir(parents=True)
     assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=failed")).dir.name == "failed"
+
+
+def test_resume_auto_of_a_run_that_finished_without_a_checkpoint_is_refused(tmp_path, tiny_sft_export):
+    import shutil
+
+    shutil.copytree(tiny_sft_export, tmp_path / "contrastive" / "short" / "export")  # a finished run, 3 steps long
+    with pytest.raises(ConfigError, match=r"'.*short' is a finished run \(its export is complete\) with no "
+                                          r"checkpoint to continue from"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=short", "resume=auto"))
+    assert sorted(p.name for p in (tmp_path / "contrastive" / "short").iterdir()) == ["export"]
 
 
 def test_an_unreadable_checkpoint_named_by_resume_is_one_clear_error(tmp_path):
@@ -286,7 +298,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_auto_continues_from_the_last_checkpoint(tmp_path):
+def test_sigterm_mid_run_fails_and_resume_auto_continues_from_the_last_checkpoint(tmp_path):
     args = ["stage.max_steps=60", "trainer.checkpoint_every_n_steps=10"]
     checkpoints = tmp_path / "runs" / "contrastive" / "crash" / "checkpoints"
     with open(tmp_path / "first.log", "w") as log:
@@ -296,9 +308,10 @@ def test_sigkill_mid_run_then_resume_auto_continues_from_the_last_checkpoint(tmp
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint at step 20 within 4 minutes"
             time.sleep(0.02)
-        first.send_signal(signal.SIGKILL)
+        first.send_signal(signal.SIGTERM)  # a scheduler's kill (SIGKILL mid-save: test_a_writer_killed_mid_save...)
         first.wait(timeout=60)
-    assert first.returncode == -signal.SIGKILL
+    assert first.returncode == 143, (tmp_path / "first.log").read_text()[-3000:]  # not 0: the job did not finish
+    assert "stopped by SIGTERM at step" in (tmp_path / "first.log").read_text()
     last = find_resume_checkpoint(checkpoints.parent)
     assert last is not None and 20 <= _step(last) < 60, "the run was not killed mid-way"
 

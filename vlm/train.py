@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, user_errors
@@ -50,7 +51,12 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
                          "last one reads all", task.sample_limit)
             trainer = build_trainer(config, run_folder, task)
         trainer.callbacks.extend(callbacks)
-        trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
+        except SIGTERMException:  # Lightning's, a SystemExit of code 0: a killed job must not read as a finished one
+            log.error("stopped by SIGTERM at step %d, before the export; resume=auto continues from the newest "
+                      "checkpoint in %s", trainer.global_step, run_folder.checkpoints)
+            raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a process it ended
     return finish(trainer, task, datamodule, run_folder, config, started)
 
 

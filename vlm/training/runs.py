@@ -44,14 +44,16 @@ class Run:
         return self.dir / "export"
 
 
-def _runs(stage_dir: Path) -> list[Path]:
-    return sorted((p for p in stage_dir.glob("*") if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.stat().st_mtime)
+def _runs(stage_dir: Path, by: str) -> list[Path]:
+    """The run folders of a stage that hold `by` ("export", "checkpoints"), oldest first by when training last wrote
+    it: not by the run folder's own time, which an evaluation's `eval/` folder beside the export changes."""
+    runs = [p for p in stage_dir.glob("*") if p.is_dir() and not p.name.startswith(".") and (p / by).is_dir()]
+    return sorted(runs, key=lambda p: (p / by).stat().st_mtime)
 
 
 def latest_export(output_root: str | Path, stage: str) -> Path | None:
     """The newest complete export folder of a stage, or None."""
-    exports = [run / "export" for run in _runs(Path(output_root) / stage) if is_complete(run / "export")]
+    exports = [run / "export" for run in _runs(Path(output_root) / stage, "export") if is_complete(run / "export")]
     return exports[-1] if exports else None
 
 
@@ -77,13 +79,17 @@ def prepare_run(config: TrainConfig) -> Run:
         if config.run_name:
             run_dir = stage_dir / config.run_name
         else:
-            runs = [r for r in _runs(stage_dir) if (r / "checkpoints").is_dir()]
+            runs = _runs(stage_dir, "checkpoints")
             run_dir = runs[-1] if runs else stage_dir / default_name
         if run_dir.exists():
             remove_partial_writes(run_dir)
             resume_from = find_resume_checkpoint(run_dir)
         if resume_from:
             log.info("resume=auto: continuing %s from %s", run_dir, resume_from.name)
+        elif is_complete(run_dir / "export"):  # finished before its first checkpoint: starting over would erase it
+            raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run (its export is complete) with no "
+                              f"checkpoint to continue from; choose another run_name, or delete the folder to train "
+                              f"it again")
         elif (run_dir / "checkpoints").is_dir():
             log.warning("resume=auto: no loadable checkpoint in %s, so this run starts again from step 0", run_dir)
         else:
