@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from images import solid
 from PIL import Image
 from tiny import make_task, tiny_config
 
@@ -14,6 +15,7 @@ from vlm.data import synthetic
 from vlm.exports.clip import load_clip
 from vlm.exports.format import ExportError
 from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions
+from vlm.models.factory import make_tiler
 from vlm.training.contrastive import ContrastiveTask
 from vlm.training.optim import build_optimizer
 
@@ -88,6 +90,27 @@ def test_zero_shot_and_retrieval_metrics():
     assert metrics == {"i2t_r1": 1.0, "t2i_r1": 1.0, "zero_shot_top1": 1.0}
     metrics = contrastive_metrics(image @ text.roll(1, 0).T, labels, None)
     assert metrics["i2t_r1"] == 0.0 and "zero_shot_top1" not in metrics
+    # samples without a label are left out of the zero-shot score, not the whole score
+    partly = torch.tensor([0, -1, 2, -1])
+    wrong = contrastive_metrics(image @ text.T, partly, image @ classes.roll(1, 0).T)  # every class one off
+    assert contrastive_metrics(image @ text.T, partly, image @ classes.T)["zero_shot_top1"] == 1.0
+    assert wrong["zero_shot_top1"] == 0.0
+    rows = contrastive_predictions(image @ text.T, partly, image @ classes.T, list("abcd"), list("kkkk"), list("cccc"))
+    assert [r.get("correct") for r in rows] == [True, None, True, None] and rows[1]["prediction"] == "b"
+
+
+def test_a_held_out_label_outside_the_class_names_is_a_skipped_sample_naming_them():
+    from vlm.data.captions import CaptionDecoder
+    from vlm.data.shards import SkipSample
+
+    task = make_task(tiny_config(), synthetic.CLASSNAMES)
+    tiler = make_tiler(task.config.tiler, task.model.visual)
+    sample = {"__key__": "k7", "__url__": "val.tar", "png": solid(), "txt": b"a red circle", "cls": b"40"}
+    held_out = CaptionDecoder(tiler, task.tokenizer, synthetic.CLASSNAMES)
+    with pytest.raises(SkipSample, match=r"its 'cls' '40' is not a class index 0-31 of the 32 class names"):
+        held_out(sample)
+    assert CaptionDecoder(tiler, task.tokenizer)(sample)["label"] == 40  # training reads no label: kept
+    assert CaptionDecoder(tiler, task.tokenizer)({**sample, "cls": b"dog"})["label"] == -1
 
 
 def test_per_sample_predictions_rank_each_caption_and_name_the_classes():

@@ -126,8 +126,8 @@ def show_worst(predictions: list[dict[str, Any]], count: int = WORST_SHOWN) -> N
 def show_confusions(predictions: list[dict[str, Any]], count: int = WORST_SHOWN) -> None:
     """Zero-shot: the most frequent (label, predicted class) mistakes; without labels, the images whose own caption
     ranked lowest among all captions."""
-    if "correct" in predictions[0]:
-        wrong = Counter((p["label"], p["prediction"]) for p in predictions if not p["correct"])
+    if any("correct" in p for p in predictions):  # the labelled samples were scored zero-shot
+        wrong = Counter((p["label"], p["prediction"]) for p in predictions if p.get("correct") is False)
         if not wrong:
             print(f"all {len(predictions)} zero-shot predictions are right", file=sys.stderr)
             return

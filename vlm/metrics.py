@@ -26,9 +26,10 @@ def contrastive_metrics(similarity: torch.Tensor, labels: torch.Tensor,
     target = torch.arange(len(similarity))
     metrics = {"i2t_r1": (similarity.argmax(dim=1) == target).float().mean().item(),
                "t2i_r1": (similarity.argmax(dim=0) == target).float().mean().item()}
-    if class_scores is not None:
+    labelled = labels >= 0  # (N,) samples without a class label ("cls") are left out of the zero-shot score
+    if class_scores is not None and bool(labelled.any()):
         predicted = class_scores.argmax(dim=1)  # (N,)
-        metrics["zero_shot_top1"] = (predicted == labels).float().mean().item()
+        metrics["zero_shot_top1"] = (predicted[labelled] == labels[labelled]).float().mean().item()
     return metrics
 
 
@@ -45,8 +46,9 @@ def contrastive_predictions(similarity: torch.Tensor, labels: torch.Tensor, clas
     if class_scores is not None and classnames:
         best = class_scores.topk(min(top, len(classnames)), dim=1).indices.tolist()  # (N, top)
         for row, label, ranked in zip(rows, labels.tolist(), best, strict=True):
-            row.update(label=classnames[label], prediction=classnames[ranked[0]],
-                       top=[classnames[i] for i in ranked], correct=ranked[0] == label)
+            row.update(prediction=classnames[ranked[0]], top=[classnames[i] for i in ranked])
+            if label >= 0:
+                row.update(label=classnames[label], correct=ranked[0] == label)
     return rows
 
 

@@ -33,11 +33,13 @@ class CaptionDecoder:
     """Raw webdataset sample -> {"pixels": (3, S, S), "ids": (L,), "label": int (-1 when absent), "key": its shard
     and key, "caption": str}."""
 
-    def __init__(self, tiler: Tiler, tokenizer: Callable[[list[str]], torch.Tensor]):
+    def __init__(self, tiler: Tiler, tokenizer: Callable[[list[str]], torch.Tensor],
+                 classnames: list[str] | None = None):
         if tiler.config.max_tiles != 1:
             raise ValueError("the contrastive stage encodes one tile per image; use tiler=low (tiler.max_tiles=1)")
         self.tiler = tiler
         self.tokenizer = tokenizer
+        self.classnames = classnames  # given: a label must be an index into them (held-out samples, zero-shot)
 
     def __call__(self, sample: dict) -> dict[str, Any]:
         fields = image_fields(sample)
@@ -46,9 +48,19 @@ class CaptionDecoder:
         caption = text_field(sample, "txt")
         key = f"{sample.get('__url__')}:{sample.get('__key__')}"
         tiled = self.tiler(sample[fields[0]], name=key)
-        label = int(text_field(sample, "cls")) if "cls" in sample else -1
+        label = self._label(sample) if "cls" in sample else -1
         return {"pixels": tiled.pixel_values[0], "ids": self.tokenizer([caption])[0], "label": label, "key": key,
                 "caption": caption}
+
+
+    def _label(self, sample: dict) -> int:
+        text = text_field(sample, "cls").strip()
+        if self.classnames is None:  # training reads no label: one it cannot use is no reason to skip the sample
+            return int(text) if text.lstrip("-").isdigit() else -1
+        if not text.isdigit() or int(text) >= len(self.classnames):
+            raise SkipSample(f"its 'cls' {text!r} is not a class index 0-{len(self.classnames) - 1} of the "
+                             f"{len(self.classnames)} class names (classnames.txt, data.classnames)")
+        return int(text)
 
 
 def collate_captions(samples: list[dict]) -> dict[str, torch.Tensor | int]:

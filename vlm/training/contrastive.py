@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from vlm.models.factory import make_tiler
 from vlm.models.losses import build_contrastive_loss
 from vlm.models.text import clip_tokenizer
 from vlm.training.task import Batching, Stage, StageTask
+
+log = logging.getLogger(__name__)
 
 
 class ContrastiveTask(StageTask):
@@ -50,8 +53,12 @@ class ContrastiveTask(StageTask):
         self.loss_fn = build_contrastive_loss(self.config.model.clip, self.global_rank, self.trainer.world_size)
 
     def batching(self) -> Batching:
-        decode = CaptionDecoder(make_tiler(self.config.tiler, self.model.visual), self.tokenizer)
-        return Batching(decode, decode, collate_captions, self.config.stage.batch_size, self.config.eval.batch_size)
+        tiler = make_tiler(self.config.tiler, self.model.visual)
+        decode = CaptionDecoder(tiler, self.tokenizer)
+        # held out, a label names one of the class names zero-shot scores against
+        decode_val = CaptionDecoder(tiler, self.tokenizer, self.classnames) if self.classnames else decode
+        return Batching(decode, decode_val, collate_captions, self.config.stage.batch_size,
+                        self.config.eval.batch_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.count_batch(len(batch["ids"]), batch["skipped"])
@@ -85,7 +92,10 @@ class ContrastiveTask(StageTask):
             return
         # eval.max_samples: retrieval ranks among exactly that many, not the whole last batch's worth
         image, text, labels = (torch.cat(parts)[:self.sample_limit] for parts in zip(*self._val, strict=True))
-        classes = self._classes if bool((labels >= 0).all()) else None
+        classes = self._classes
+        if classes is not None and not bool((labels >= 0).all()):
+            log.warning("zero-shot top-1 scores the %d of %d held-out samples that have a class label ('cls')",
+                        int((labels >= 0).sum()), len(labels))
         similarity = image @ text.T  # (N, N), read by the metrics and the per-sample rows alike
         class_scores = image @ classes.T if classes is not None else None  # (N, C)
         metrics = contrastive_metrics(similarity, labels, class_scores) | {"samples_scored": float(len(image))}
