@@ -3,6 +3,7 @@ empty folder through the console scripts."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,3 +67,9 @@ def test_a_wheel_install_trains_from_an_empty_folder(wheel, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     exports = list((empty / "checkpoints" / "contrastive").glob("*/export/model.safetensors"))
     assert len(exports) == 1
+    scored = subprocess.run(
+        [str(venv / "bin" / "vlm-eval"), f"checkpoint={exports[0].parent}", "eval.batch_size=8", "data.num_workers=0",
+         "data.synthetic.num_train=16", "data.synthetic.num_val=8", "data.synthetic.samples_per_shard=8",
+         f"data.synthetic.cache_dir={tmp_path / 'synthetic'}", *TINY],
+        cwd=empty, env=env, capture_output=True, text=True, timeout=300)
+    assert json.loads(scored.stdout)["samples_scored"] == 8, scored.stderr[-3000:]  # stdout: the metrics alone
