@@ -72,6 +72,8 @@ def test_missing_shards_name_the_pattern(tmp_path):
     write_shards(tmp_path, 1, 1)
     with pytest.raises(ShardError, match="1 of 2 shards are missing"):
         list_shards(str(tmp_path / "shard-{000..001}.tar"))
+    with pytest.raises(ShardError, match=r"shard-\{000..001.tar' is not a valid shard pattern \(Unbalanced braces"):
+        list_shards(str(tmp_path / "shard-{000..001.tar"))
 
 
 def test_a_folder_given_for_shards_gets_the_pattern_of_the_shards_inside(tmp_path):

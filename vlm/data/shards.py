@@ -37,7 +37,11 @@ REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
 
 def list_shards(pattern: str, key: str = "data.train") -> list[str]:
     """Expand a brace pattern ("a/{000..009}.tar", "pipe:..." or "a.tar::b.tar") and check local files exist."""
-    urls = expand_urls(pattern)
+    try:
+        urls = expand_urls(pattern)
+    except ValueError as err:  # braceexpand's UnbalancedBracesError: "{000..009.tar"
+        raise ShardError(f"{key}={pattern!r} is not a valid shard pattern ({err}); write ranges as "
+                         f"shard-{{000000..000009}}.tar") from None
     local = [u for u in urls if not u.startswith(REMOTE_PREFIXES)]
     missing = [u for u in local if not os.path.exists(u.removeprefix("file:"))]
     if not urls or len(missing) == len(urls):
