@@ -18,7 +18,7 @@ from data_scripts import llava_to_shards
 from vlm.config import ConfigError
 from vlm.data import synthetic
 from vlm.data.conversations import ConversationDecoder
-from vlm.eval import NothingToScore, evaluate, results_folder, show_confusions, show_worst, write_results
+from vlm.eval import NothingToScore, as_trained, evaluate, results_folder, show_confusions, show_worst, write_results
 from vlm.exports.format import ExportError
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.metrics import answer_metrics, normalize_exact, normalize_vqa, score_answer
@@ -180,7 +180,11 @@ def test_a_llava_json_round_trip_trains_and_reports_answer_accuracy(tmp_path, ca
     metrics = run(tiny_config(*common, stage="sft"))
     assert {"exact_match", "normalized_match", "contains", "answers_scored"} <= metrics.keys()
     assert metrics["answers_scored"] == 12
-    config = tiny_config(*common, f"checkpoint={metrics['export']}", "eval.max_samples=null", stage="sft")
+    # `vlm.eval stage=sft checkpoint=EXPORT`, no data.val: the held-out shards the run validated on, not the
+    # synthetic set
+    config = tiny_config(*common[2:], f"checkpoint={metrics['export']}", "eval.max_samples=null", stage="sft")
+    as_trained(config, given={"stage", "checkpoint"})
+    assert config.data.val == val
     evaluated, predictions = evaluate(config)
     assert evaluated["exact_match"] == pytest.approx(metrics["exact_match"], abs=1e-4)
     write_results(evaluated, predictions, tmp_path / "eval")

@@ -53,7 +53,6 @@ class PreferenceTask(VLMTask):
             log.info("dropout off in the policy (%d rates; stage.disable_dropout=false keeps them)", zeroed)
         self.val_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.batches_trained, self.pairs_trained = 0, 0  # this session's: none of them pairs is worth a warning
-        self.held_out: str | None = None  # the held-out pairs the run validated on, recorded in its export
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> PreferenceTask:
