@@ -18,13 +18,14 @@ from data_scripts import llava_to_shards
 from vlm.config import ConfigError
 from vlm.data import synthetic
 from vlm.data.conversations import ConversationDecoder
-from vlm.eval import NothingToScore, as_trained, evaluate, results_folder, show_confusions, show_worst, write_results
+from vlm.eval import as_trained, evaluate, results_folder, show_confusions, show_worst, write_results
 from vlm.exports.format import ExportError
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.metrics import answer_metrics, normalize_exact, normalize_vqa, score_answer
 from vlm.models.factory import new_vlm
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train import run
+from vlm.training.trainer import NothingToScore
 
 
 @pytest.mark.parametrize("text,exact,vqa", [
@@ -154,6 +155,15 @@ def test_held_out_data_without_answers_or_samples_is_an_error(tiny_export, tmp_p
                          tiny=False)
     with pytest.raises(NothingToScore, match="could be scored: the shards hold none"):
         evaluate(config)
+    # training on with such held-out data: the model is exported, and the missing figures are said, not left silent
+    train = _write_conversations(tmp_path / "train", [{"conversations": [
+        {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}] * 4)
+    metrics = run(tiny_config(f"data.train={train}", f"data.val={no_answers}", "data.num_workers=0",
+                              f"output_root={tmp_path / 'runs'}", f"init_from={tiny_export}", "stage.max_steps=1",
+                              "stage.batch_size=2", stage="sft", tiny=False))
+    assert "exact_match" not in metrics and Path(metrics["export"]).is_dir()
+    assert f"no held-out sample of data.val={no_answers!r} could be scored" in caplog.text
+    assert "metrics.json holds counts only" in caplog.text
 
 
 @pytest.mark.slow

@@ -36,15 +36,10 @@ from vlm.training.datamodule import ShardDataModule
 from vlm.training.runs import removed_if_left_empty
 from vlm.training.stages import get_stage
 from vlm.training.strategy import configure_precision
-from vlm.training.task import StageTask
-from vlm.training.trainer import validate
+from vlm.training.trainer import check_scored, validate
 
 log = logging.getLogger("vlm.eval")
 WORST_SHOWN = 5
-
-
-class NothingToScore(ConfigError):
-    """Held-out data with no sample that can be scored."""
 
 
 def require_checkpoint(config: TrainConfig) -> None:
@@ -71,14 +66,6 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     check_scored(task, metrics, data.val)
     metrics.update(checkpoint=str(Path(config.checkpoint).resolve()), data=data.val)
     return metrics, task.predictions
-
-
-def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) -> None:
-    """An empty held-out set, or one whose every sample was skipped, is an error rather than a score of 0 or NaN."""
-    if not metrics or ("loss" in metrics and not task.predictions and "rewards/accuracy" not in metrics):
-        raise NothingToScore(f"no held-out sample of data.val={pattern!r} could be scored: the shards hold none, or "
-                             f"every one was skipped (the warnings above name each skipped sample with its shard and "
-                             f"the reason, e.g. no assistant turn)")
 
 
 def results_folder(config: TrainConfig) -> Path:

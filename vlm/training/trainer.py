@@ -82,6 +82,18 @@ def validate(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule) 
     return metrics | task.prediction_metrics()
 
 
+class NothingToScore(ConfigError):
+    """Held-out data with no sample that can be scored."""
+
+
+def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) -> None:
+    """An empty held-out set, or one whose every sample was skipped, is an error rather than a score of 0 or NaN."""
+    if not metrics or ("loss" in metrics and not task.predictions and "rewards/accuracy" not in metrics):
+        raise NothingToScore(f"no held-out sample of data.val={pattern!r} could be scored: the shards hold none, or "
+                             f"every one was skipped (the warnings above name each skipped sample with its shard and "
+                             f"the reason, e.g. no assistant turn)")
+
+
 def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, run: Run, config: TrainConfig,
            started: float) -> dict[str, Any]:
     """Final validation, the export folder and metrics.json; returns the metrics."""
@@ -90,6 +102,10 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
         trainer.limit_val_batches = task.val_batch_limit() or 1.0
         metrics.update(validate(trainer, task, datamodule))
+        try:
+            check_scored(task, metrics, config.data.val or datamodule.val_urls[0])
+        except NothingToScore as err:  # the model trained and is exported; its figures are what is missing
+            log.warning("%s; metrics.json holds counts only", err)
     metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,
                     "wall_seconds": round(time.time() - started, 1), "samples_skipped": task.health.total_skipped,
                     "samples_seen": task.health.total_seen, "export": str(run.export.absolute())})
