@@ -185,7 +185,7 @@ def prepare_output(out: Path, splits: Iterable[str], overwrite: bool) -> None:
         if path.exists() and not path.is_dir():
             raise DataError(f"--out {out} is a file, not a folder; choose another --out" if path == out else
                             f"{path} is a file, not a folder; move it or choose another --out")
-    old = {split: sorted((out / split).glob("shard-*.tar")) for split in every}
+    old = {split: sorted((out / split).glob("shard-*.tar*")) for split in every}  # .partial: an interrupted run
     if any(old.values()) and not overwrite:
         split, shards = next((split, shards) for split, shards in old.items() if shards)
         raise DataError(f"{out / split} already holds {len(shards)} shard(s) from an earlier run; pass --overwrite to "
@@ -260,7 +260,9 @@ class _Progress:
 
 
 class _SplitWriter:
-    """Shards of one split. The first shard is opened only when a sample arrives, so no empty tar is left behind."""
+    """Shards of one split. The first shard is opened only when a sample arrives, so no empty tar is left behind;
+    each is written as NAME.partial and renamed once whole, so an interrupted run leaves no cut-off shard that a
+    shard pattern would match."""
 
     def __init__(self, directory: Path, samples_per_shard: int):
         self.directory = directory
@@ -272,12 +274,16 @@ class _SplitWriter:
         if self.sink is None:
             import webdataset as wds
 
-            self.sink = wds.ShardWriter(str(self.directory / SHARD_NAME), maxcount=self.samples_per_shard, verbose=0)
+            self.sink = wds.ShardWriter(str(self.directory / f"{SHARD_NAME}.partial"), maxcount=self.samples_per_shard,
+                                        verbose=0, post=lambda name: os.replace(name, name.removesuffix(".partial")))
         self.sink.write(sample)
         self.samples += 1
 
-    def close(self) -> None:
+    def close(self, whole: bool = True) -> None:
+        """`whole=False` (the run was interrupted): the shard in progress keeps its .partial name."""
         if self.sink is not None:
+            if not whole:
+                self.sink.post = None
             self.sink.close()
 
 
@@ -324,6 +330,7 @@ def write_shards(out: Path, jobs: Sequence[Job[T]], build: Callable[[T], dict[st
     skipped: Counter = Counter()
     skip_lines: list[tuple[str, str]] = []  # (key, message): skipped.txt lists them in input order
     progress = _Progress(len(jobs), desc)
+    finished = False
     try:
         for job, outcome in ordered_map(_attempt(build), jobs, workers):
             if isinstance(outcome, Skip):
@@ -337,10 +344,11 @@ def write_shards(out: Path, jobs: Sequence[Job[T]], build: Callable[[T], dict[st
             else:
                 writers[job.split].write({"__key__": job.key, **outcome})
             progress.update(isinstance(outcome, Skip))
+        finished = True
     finally:
         progress.close()
         for writer in writers.values():
-            writer.close()
+            writer.close(whole=finished)
     log = out / "skipped.txt"
     if skip_lines:
         log.write_text("".join(f"{line}\n" for _, line in sorted(skip_lines)))
@@ -437,3 +445,7 @@ def run(convert: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nstopped: the shards in {args.out} are whole but the set is not (the one being written is left as "
+              f"*.partial); rerun with --overwrite to convert it all", file=sys.stderr)
+        return 130

@@ -245,6 +245,30 @@ def test_overwrite_leaves_only_this_runs_output(tmp_path, capsys):
            ["train", "train/classnames.txt", "train/shard-000000.tar"]  # no stale val/ nor skipped.txt
 
 
+def test_an_interrupted_conversion_leaves_no_cut_off_shard_under_a_shard_name(tmp_path, capsys, monkeypatch):
+    rows = _write_images(tmp_path / "images", 5)
+    annotations = _write_csv(tmp_path / "a.csv", rows)
+    argv = ["--images", str(tmp_path / "images"), "--annotations", str(annotations), "--out", str(tmp_path / "out"),
+            "--samples-per-shard", "2", "--workers", "1", "--no-shuffle"]
+    reads, read = [], images_to_shards.read_image
+
+    def ctrl_c_at_the_fourth_image(path):
+        reads.append(path)
+        if len(reads) == 4:
+            raise KeyboardInterrupt  # as the user's Ctrl-C arrives mid-conversion
+        return read(path)
+
+    monkeypatch.setattr(images_to_shards, "read_image", ctrl_c_at_the_fourth_image)
+    code, _, err = _convert(capsys, argv)
+    assert code == 130 and "stopped: the shards in" in err and "--overwrite" in err
+    written = sorted(p.name for p in (tmp_path / "out/train").iterdir())
+    assert written == ["shard-000000.tar", "shard-000001.tar.partial"]
+    monkeypatch.undo()
+    code, out, _ = _convert(capsys, [*argv, "--overwrite"])  # the rerun clears the partial one too
+    assert code == 0 and sorted(p.name for p in (tmp_path / "out/train").glob("shard-*")) == [
+        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
 def test_bad_out_and_option_values_are_one_line_and_create_nothing(tmp_path, capsys):
     rows = _write_images(tmp_path / "images", 2)
     annotations = _write_csv(tmp_path / "a.csv", rows)
