@@ -109,3 +109,15 @@ def test_training_shards_without_held_out_ones_warn_that_nothing_is_measured(tmp
     with caplog.at_level(logging.WARNING):
         sources = resolve(tiny_config(f"data.train='{pattern}'").data, "captions")
     assert sources.val is None and "data.train is set and data.val is not: nothing is held out" in caplog.text
+
+
+def test_a_shard_that_is_not_a_tar_is_named_once_and_the_others_are_read(tmp_path, caplog):
+    pattern = write_shards(tmp_path, 2, 3)
+    (tmp_path / "shard-001.tar").write_bytes(bytes(range(256)) * 20)  # garbage under a shard's name
+    pipeline = build_pipeline(list_shards(pattern), lambda s: s, train=False, split_by_node=False)
+    with caplog.at_level(logging.WARNING, logger="vlm.data.shards"):
+        for _ in range(2):  # two passes, as two epochs
+            assert [s["__key__"] for s in pipeline] == ["00000", "00001", "00002"]
+    warnings = [r.getMessage() for r in caplog.records if "cannot be read as a tar file" in r.getMessage()]
+    assert warnings == [f"skipping the rest of {tmp_path / 'shard-001.tar'}: it cannot be read as a tar file "
+                        f"(ReadError: invalid header); its samples from there on are not read"]

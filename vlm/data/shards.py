@@ -104,6 +104,23 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
     return stage
 
 
+def unreadable_shard_handler() -> Callable[[Exception], bool]:
+    """webdataset's handler for a shard it cannot read (not a tar, cut short): one warning naming the shard and why,
+    once per reader, instead of the library's warning with a file object's repr on every pass; reading goes on."""
+    warned: set[str] = set()
+
+    def handler(err: Exception) -> bool:
+        url = next((a for a in reversed(err.args) if isinstance(a, str)), "a shard")  # webdataset appends the url
+        if url not in warned:
+            warned.add(url)
+            reason = err.args[0] if err.args and isinstance(err.args[0], str) and err.args[0] != url else ""
+            log.warning("skipping the rest of %s: it cannot be read as a tar file (%s%s); its samples from there on "
+                        "are not read", url, type(err).__name__, f": {reason}" if reason else "")
+        return True
+
+    return handler
+
+
 def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bool, resampled: bool = False,
                    shuffle_buffer: int = 1000, seed: int = 0, split_by_node: bool = True) -> wds.DataPipeline:
     """Shards -> samples -> decoded samples. Train pipelines shuffle shards and samples; eval pipelines do not."""
@@ -116,7 +133,7 @@ def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bo
         if split_by_node:
             shards.append(wds.split_by_node)
         shards.append(wds.split_by_worker)
-    stages = [*shards, wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    stages = [*shards, wds.tarfile_to_samples(handler=unreadable_shard_handler())]
     if train and shuffle_buffer > 1:
         # seeded, so two runs with the same config see the same batches (resume reseeds it per epoch)
         stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 256), seed=seed))
