@@ -260,3 +260,13 @@ def test_the_most_frequent_zero_shot_confusions_are_shown(capsys):
                                        "- 'red star' -> 'red cross': 2\n- 'blue star' -> 'red star': 1\n")
     show_confusions([row("red star", "red star")])
     assert capsys.readouterr().err == "all 1 zero-shot predictions are right\n"
+
+
+def test_vlm_eval_takes_the_stage_from_the_export_unless_given(tiny_sft_export, tmp_path):
+    from vlm.eval import with_the_exports_stage
+
+    plain = [f"checkpoint={tiny_sft_export}"]
+    assert with_the_exports_stage(plain) == [*plain, "stage=sft"]
+    assert with_the_exports_stage([*plain, "stage=dpo"]) == [*plain, "stage=dpo"]  # what the user gives stands
+    missing = [f"checkpoint={tmp_path / 'none'}"]
+    assert with_the_exports_stage(missing) == missing  # the evaluation names the missing folder itself

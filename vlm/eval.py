@@ -34,7 +34,7 @@ from vlm.metrics import SCORES
 from vlm.training.callbacks import progress_callback
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.runs import removed_if_left_empty
-from vlm.training.stages import get_stage
+from vlm.training.stages import STAGES, get_stage
 from vlm.training.strategy import configure_precision
 from vlm.training.trainer import check_scored, validate
 
@@ -169,8 +169,22 @@ def main_hydra(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main() -> None:
+    sys.argv[1:] = with_the_exports_stage(sys.argv[1:])
     preflight(sys.argv[1:], "eval")
     main_hydra()
+
+
+def with_the_exports_stage(args: list[str]) -> list[str]:
+    """`args` plus stage=STAGE read from the checkpoint's export when no stage is given: an export knows the stage
+    that made it, and stage picks the config group, so it is chosen before Hydra composes."""
+    given = dict(a.split("=", 1) for a in args if "=" in a)
+    if "stage" in given or not given.get("checkpoint"):
+        return args
+    try:
+        made_by = read_meta(given["checkpoint"].strip("'\"")).stage
+    except Exception:  # no export there: the evaluation itself says so, naming the path
+        return args
+    return [*args, f"stage={made_by}"] if made_by in STAGES else args
 
 
 if __name__ == "__main__":
