@@ -52,7 +52,6 @@ class CaptionDecoder:
         return {"pixels": tiled.pixel_values[0], "ids": self.tokenizer([caption])[0], "label": label, "key": key,
                 "caption": caption}
 
-
     def _label(self, sample: dict) -> int:
         text = text_field(sample, "cls").strip()
         if self.classnames is None:  # training reads no label: one it cannot use is no reason to skip the sample
