@@ -121,3 +121,17 @@ def test_a_shard_that_is_not_a_tar_is_named_once_and_the_others_are_read(tmp_pat
     warnings = [r.getMessage() for r in caplog.records if "cannot be read as a tar file" in r.getMessage()]
     assert warnings == [f"skipping the rest of {tmp_path / 'shard-001.tar'}: it cannot be read as a tar file "
                         f"(ReadError: invalid header); its samples from there on are not read"]
+
+
+def test_skip_warnings_stop_at_a_hundred_per_reader_and_the_rest_are_counted(tmp_path, caplog):
+    from vlm.data.shards import MAX_SKIP_WARNINGS
+
+    bad = MAX_SKIP_WARNINGS + 20
+    pattern = write_shards(tmp_path, 1, bad + 1, corrupt=set(range(bad)))  # the last sample alone decodes
+    decode = CaptionDecoder(Tiler(TilerConfig(max_tiles=1), tile_size=16, tokens_per_tile=1), lambda t: torch.zeros(1))
+    pipeline = build_pipeline(list_shards(pattern), decode, train=False, split_by_node=False)
+    with caplog.at_level(logging.WARNING, logger="vlm.data.shards"):
+        (only,) = list(pipeline)
+    assert only["skipped"] == bad  # every skip counted
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == MAX_SKIP_WARNINGS + 1 and lines[-1].startswith(f"{MAX_SKIP_WARNINGS} samples skipped")

@@ -76,6 +76,9 @@ def shard_pattern_hint(folder: str) -> str:
     return os.path.join(folder, "shard-{000000..000009}.tar")
 
 
+MAX_SKIP_WARNINGS = 100  # per reader: a shard set of the wrong kind would otherwise log a line per sample
+
+
 def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """A pipeline stage applying `decode` to each raw sample; failures are logged once and counted in `skipped`."""
 
@@ -89,8 +92,13 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
             except Exception as err:  # any bad sample is dropped; the count keeps the run honest
                 skipped += 1
                 where = (raw.get("__url__"), raw.get("__key__"))
-                if where not in warned:
-                    warned.add(where)
+                if where in warned or len(warned) > MAX_SKIP_WARNINGS:
+                    continue
+                warned.add(where)
+                if len(warned) > MAX_SKIP_WARNINGS:
+                    log.warning("%d samples skipped in this reader so far, each named above; the skipped samples "
+                                "after them are counted (data/skipped) without a line each", MAX_SKIP_WARNINGS)
+                else:
                     reason = str(err)
                     named = f"{where[0]}:{where[1]}"  # decoders name it too: "SHARD:KEY: ...", "SHARD:KEY image 0: ..."
                     if reason.startswith(named):
