@@ -362,9 +362,13 @@ def test_critic_replies_that_are_text_parts_or_cut_short(odd_critic, caplog):
 def test_ctrl_c_ends_the_critic_requests_in_flight_at_their_next_retry(odd_critic, caplog):
     ask = HttpCompletion(f"{odd_critic}/busy", "openai", None, None, timeout=5, retries=6, concurrency=2,
                          max_new_tokens=8)
-    threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGINT)).start()  # Ctrl-C, 0.3 s in
-    with caplog.at_level(logging.WARNING, logger="vlm"), pytest.raises(KeyboardInterrupt):
-        ask([REQUEST] * 4)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt, as in shells
+    try:
+        threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGINT)).start()  # Ctrl-C, 0.3 s in
+        with caplog.at_level(logging.WARNING, logger="vlm"), pytest.raises(KeyboardInterrupt):
+            ask([REQUEST] * 4)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 3  # retrying on, the two in flight would try until 0.5 + 1 + ... + 16 = 31.5 s
     while caplog.text.count("failed: HTTP 503") < 2 and time.monotonic() < deadline:
         time.sleep(0.05)

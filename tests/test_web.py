@@ -619,6 +619,8 @@ def test_a_conversation_over_the_context_forgets_its_oldest_exchanges_and_goes_o
     assert failed["state"] == "error" and "more than the model's context" in failed["error"], failed
     assert page.js("return state.turns.filter((t) => t.forgotten).length") == 4
     assert page.js("return document.querySelectorAll('.context-note').length") == 2
+    assert page.js("return document.getElementById('prompt').value") == " ".join(["word"] * 150)  # back, to edit
+    page.find("#prompt").clear()
     page.send(QUESTION)  # the chat goes on, with the two exchanges it still remembers
     page.wait("document.querySelectorAll('.message.assistant').length === 6")
     answer = page.last_answer()
