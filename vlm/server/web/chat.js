@@ -58,11 +58,12 @@ function readSettings() {
   $("temperature-value").textContent = s.temperature === "auto" ? "auto" : s.temperature.toFixed(2);
   const tokens = Number.parseInt($("max-tokens").value, 10);
   const limit = state.config.max_tokens_limit;
-  s.maxTokens = Number.isFinite(tokens) && tokens >= 1 ? Math.min(tokens, limit) : null;
-  const field = $("max-tokens");
-  const valid = Number.isFinite(tokens) && tokens >= 1 && tokens <= limit;
-  field.setAttribute("aria-invalid", String(!valid));
-  $("max-tokens-help").textContent = valid ? "" : `From 1 to ${limit}; answers use ${s.maxTokens ?? state.config.max_tokens}.`;
+  const given = Number.isFinite(tokens) && tokens >= 1;
+  s.maxTokens = given ? Math.min(tokens, limit) : null;
+  const valid = given && tokens <= limit;
+  $("max-tokens").setAttribute("aria-invalid", String(!valid));
+  $("max-tokens-help").textContent = valid ? ""
+    : `From 1 to ${limit}; answers use ${s.maxTokens ?? state.config.max_tokens}.`;
   s.system = $("system").value;
   s.model = $("model").value || s.model;
   s.apiKey = $("api-key").value.trim();
@@ -685,8 +686,9 @@ function wire() {
   });
   let depth = 0; // dragenter/dragleave fire for every child element crossed
   const overlay = $("drop-overlay");
+  const carriesFiles = (event) => [...(event.dataTransfer?.types || [])].includes("Files");
   document.addEventListener("dragenter", (event) => {
-    if (![...(event.dataTransfer?.types || [])].includes("Files")) return;
+    if (!carriesFiles(event)) return;
     depth++;
     overlay.hidden = false;
   });
@@ -694,7 +696,6 @@ function wire() {
     depth = Math.max(0, depth - 1);
     if (!depth) overlay.hidden = true;
   });
-  const carriesFiles = (event) => [...(event.dataTransfer?.types || [])].includes("Files");
   document.addEventListener("dragover", (event) => {
     if (carriesFiles(event)) event.preventDefault(); // files land here; dragged text drops as usual
   });
