@@ -43,6 +43,7 @@ from vlm.critics import (
     Item,
     Principle,
     SyntheticCritic,
+    api_key,
     fits_context,
     self_completion,
 )
@@ -369,8 +370,7 @@ def check_critic(config: ConstitutionConfig) -> None:
         raise ConfigError(f"critic.url={c.url!r} is not an http:// or https:// URL, e.g. http://127.0.0.1:8000")
     if c.api is None:
         raise ConfigError("critic=http needs critic.api: openai or anthropic")
-    if c.api_key_env and not os.environ.get(c.api_key_env):
-        raise ConfigError(f"critic.api_key_env={c.api_key_env!r}: that environment variable is not set")
+    api_key(c.api_key_env)
 
 
 def build_critic(config: ConstitutionConfig, chat_model: Any, constitution: Constitution) -> Critic:

@@ -244,6 +244,15 @@ def self_completion(chat_model, max_new_tokens: int) -> Callable[[list[Request]]
     return complete
 
 
+def api_key(api_key_env: str | None) -> str:
+    """The key in the environment variable `api_key_env` names ("" for none named); a named one that is unset is
+    an error, found before any request."""
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    if api_key_env and not key:
+        raise UserError(f"critic.api_key_env={api_key_env!r}: that environment variable is not set")
+    return key
+
+
 class HttpCompletion:
     """Requests to an OpenAI-compatible (`/v1/chat/completions`) or Anthropic Messages (`/v1/messages`) endpoint:
     `concurrency` in flight, each with `timeout` seconds and `retries` retries with exponential backoff."""
@@ -253,9 +262,7 @@ class HttpCompletion:
         self.url = url.rstrip("/") + ("/v1/chat/completions" if api == "openai" else "/v1/messages")
         self.api, self.model, self.timeout, self.retries = api, model or "default", timeout, retries
         self.concurrency, self.max_new_tokens = concurrency, max_new_tokens
-        self.key = os.environ.get(api_key_env, "") if api_key_env else ""
-        if api_key_env and not self.key:
-            raise UserError(f"critic.api_key_env={api_key_env!r}: that environment variable is not set")
+        self.key = api_key(api_key_env)
         self.last_failure = ""  # the reason the latest failed request gave up
         self.last_refused = False  # ... and whether retrying could not have helped
         self.stopping = threading.Event()  # set on Ctrl-C: requests in flight give up instead of retrying
