@@ -61,15 +61,8 @@ def text_field(record: dict, name: str) -> str | None:
 
 # ---- images ----------------------------------------------------------------------------------------------------
 
-def _stored_extension(data: bytes) -> str | None:
-    """The shard extension for formats stored byte-for-byte, from the file's magic bytes (not its name)."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
+# formats stored byte-for-byte, by the media type their bytes' signature gives: their shard extension
+STORED_EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 
 
 def _reencode_png(data: bytes) -> bytes:
@@ -106,7 +99,7 @@ def read_image(path: Path) -> tuple[str, bytes]:
         raise Skip("unreadable image", f"cannot read image file {path}: {err.strerror or err}") from None
     if not data:
         raise Skip("unreadable image", f"image file is empty (0 bytes): {path}")
-    from vlm.data.tiler import ImageLoadError, Tiler, TilerConfig, pil_bomb_limit
+    from vlm.data.tiler import ImageLoadError, Tiler, TilerConfig, pil_bomb_limit, sniff_media_type
 
     if _checker is None:
         _checker = Tiler(TilerConfig(max_tiles=1), tile_size=16, tokens_per_tile=1)  # tiny tiles: a cheap decode
@@ -123,7 +116,7 @@ def read_image(path: Path) -> tuple[str, bytes]:
         _checker(data, name=str(path))
     except ImageLoadError as err:
         raise Skip("unreadable image", str(err)) from None
-    extension = _stored_extension(data)
+    extension = STORED_EXTENSIONS.get(sniff_media_type(data))  # from the bytes, not the file's name
     if extension is not None:
         return extension, data
     try:
