@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from vlm.config import ConfigError, TrainConfig, to_dict
+from vlm.config import ConfigError, TrainConfig
 from vlm.data.preferences import PreferenceDecoder, collate_pairs
 from vlm.data.shards import absolute_pattern, collate_skipped
 from vlm.data.sources import DataSources
 from vlm.exports.format import read_meta
-from vlm.exports.vlm import export_vlm, load_vlm
+from vlm.exports.vlm import load_vlm
 from vlm.models.factory import VLMBundle
 from vlm.models.losses import PreferenceLoss, preference_loss, reward_metrics
 from vlm.models.vlm import VisionLanguageModel
@@ -196,7 +196,5 @@ class PreferenceTask(VLMTask):
             metrics = reward_metrics(chosen, rejected) | {"pairs_scored": torch.tensor(float(len(chosen)))}
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
 
-    def write_export(self, directory: Path, model: VisionLanguageModel) -> Path:
-        bundle = VLMBundle(model, self.bundle.tokenizer, self.bundle.processor)
-        settings = to_dict(self.config.stage) | {"reference": self.reference.source, "held_out": self.held_out}
-        return export_vlm(directory, bundle, self.stage.name, self.config.tiler, settings)
+    def export_settings(self) -> dict[str, Any]:
+        return super().export_settings() | {"reference": self.reference.source}

@@ -177,8 +177,11 @@ class VLMTask(StageTask):
 
     def write_export(self, directory: Path, model: VisionLanguageModel) -> Path:
         bundle = VLMBundle(model, self.bundle.tokenizer, self.bundle.processor)
-        return export_vlm(directory, bundle, self.stage.name, self.config.tiler,
-                          to_dict(self.config.stage) | {"held_out": self.held_out})
+        return export_vlm(directory, bundle, self.stage.name, self.config.tiler, self.export_settings())
+
+    def export_settings(self) -> dict[str, Any]:
+        """What the export records of its run (its train_config): the stage settings and its held-out data."""
+        return to_dict(self.config.stage) | {"held_out": self.held_out}
 
 
 def encoded_length(sample: dict[str, Any]) -> int:
