@@ -91,10 +91,9 @@ def stream_answer(session: ChatSession, text: str, images: list[str], write: Cal
         for piece in stream:
             write(piece)
     except KeyboardInterrupt:
-        stream.close()
         write(" [stopped]")
     finally:
-        stream.close()  # a write that failed (a closed pipe) stops the generation too; a second close does nothing
+        stream.close()  # Ctrl-C, or a write that failed (a closed pipe), stops the generation; done, it does nothing
     write("\n")
     completion = stream.completion
     if completion is not None and completion.stop_reason == "max_tokens":
@@ -112,10 +111,6 @@ def repl(session: ChatSession, banner: str) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
 
     print(banner)
     pending: list[str] = []
@@ -156,7 +151,7 @@ def repl(session: ChatSession, banner: str) -> None:
             continue
         images, pending = pending, []
         try:
-            stream_answer(session, line, images, write, prefix="vlm> ")
+            stream_answer(session, line, images, to_stdout, prefix="vlm> ")
         except PromptError as err:  # the message, not its images: they stay for the retyped one
             pending = images
             kept = f" (the {len(images)} attached image{'s' * (len(images) > 1)} stay attached)" if images else ""
@@ -164,7 +159,7 @@ def repl(session: ChatSession, banner: str) -> None:
         except ImageLoadError as err:
             print(f"\nerror: {err} (attach images again with /image)")
         except KeyboardInterrupt:  # before the answer started streaming
-            write(" [stopped]\n")
+            to_stdout(" [stopped]\n")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="infer")
