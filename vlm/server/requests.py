@@ -45,6 +45,9 @@ class Parser:
         self.settings = settings
         self.tokens_limit = tokens_limit
         self.control_token = control_token  # the chat template's role and end-of-turn markers (Processor's)
+        # every marker the tokenizer reads as a special token: <image> and those
+        extra = [control_token.pattern] if control_token else []
+        self.markers = re.compile("|".join([re.escape(IMAGE_TOKEN), *extra]))
 
     def image(self, data: Any, media_type: Any, where: str) -> bytes:
         if media_type not in MEDIA_TYPES:
@@ -102,9 +105,7 @@ class Parser:
     def as_plain_text(self, text: str) -> str:
         """`text` with every `<image>` and control token broken by a zero-width space after its first character, so
         the tokenizer reads it as the plain characters it was, not as a marker."""
-        markers = [IMAGE_TOKEN] + ([self.control_token.pattern] if self.control_token else [])
-        return re.sub("|".join(m if m != IMAGE_TOKEN else re.escape(m) for m in markers),
-                      lambda found: found.group()[0] + "\u200b" + found.group()[1:], text)
+        return self.markers.sub(lambda found: found.group()[0] + "\u200b" + found.group()[1:], text)
 
     def max_tokens(self, value: Any, where: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
