@@ -144,7 +144,7 @@ def test_bad_conversation_samples_are_skipped_in_sft(tmp_path, caplog):
 
 @pytest.mark.parametrize("good", [0, 3])
 def test_data_that_gives_no_batch_stops_the_run_instead_of_passing_over_it_forever(tmp_path, caplog, good):
-    """Only bad samples, or fewer good ones than a batch: no pass yields a batch, and steps never come."""
+    """Only bad samples, or fewer good ones than a batch: the first pass yields no batch, and the run stops there."""
     if good:
         pattern = write_caption_shards(tmp_path / "shards", good_per_shard=good, bad_kinds=["corrupt", "noimage"],
                                        shards=1)
@@ -155,10 +155,10 @@ def test_data_that_gives_no_batch_stops_the_run_instead_of_passing_over_it_forev
                 sink.write({"__key__": f"bad-{kind}-{index:04d}", **BAD_CAPTIONS[kind](index)})
     config = tiny_config(*COMMON, f"data.train='{pattern}'", "stage.batch_size=8", "stage.max_steps=5",
                          f"output_root={tmp_path / 'runs'}", "run_name=empty")
-    with caplog.at_level(logging.WARNING), pytest.raises(NoTrainingBatch, match=r"gave no training batch in two "
-                                                                                r"passes.*stage.batch_size=8"):
+    with caplog.at_level(logging.WARNING), pytest.raises(NoTrainingBatch, match=r"gave no training batch in a whole "
+                                                                                r"pass.*stage.batch_size=8"):
         train(config)
-    assert len(_warnings_naming(caplog, "bad-corrupt-0000")) == 1  # two passes, one warning per bad sample
+    assert len(_warnings_naming(caplog, "bad-corrupt-0000")) == 1  # one pass, one warning per bad sample
 
 
 @pytest.mark.slow

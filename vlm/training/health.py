@@ -101,12 +101,16 @@ class NoTrainingBatch(UserError, RuntimeError):
 
 class EmptyPassGuard(pl.Callback):
     """Stops a run whose training data gives no batch: with steps, not epochs, ending a run (max_epochs=-1), Lightning
-    would otherwise start pass after pass over shards that yield nothing, forever. Two empty passes in a row are
-    needed, since a run resumed at the end of a pass may find nothing left in that first one."""
+    would otherwise start pass after pass over shards that yield nothing, forever. A fresh run stops after one empty
+    pass; a resumed one after two in a row, since it may start at the end of a pass and find nothing left in it."""
 
     def __init__(self) -> None:
         self.batches = 0
         self.empty_passes = 0
+        self.empty_passes_allowed = 0
+
+    def on_train_start(self, trainer: pl.Trainer, task: pl.LightningModule) -> None:
+        self.empty_passes_allowed = 1 if trainer.ckpt_path else 0
 
     def on_train_batch_start(self, *_: object) -> None:
         self.batches += 1
