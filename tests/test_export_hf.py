@@ -93,6 +93,13 @@ def test_an_image_text_to_text_pipeline_answers(tiny_sft_export, hf_folder):
     ids = ours.model.generate(prompt.input_ids[None], pixel_values=prompt.pixel_values, max_new_tokens=6,
                               do_sample=False)
     assert isinstance(answer, str) and answer == ours.tokenizer.decode(ids[0], skip_special_tokens=True)
+    # batched (left-padded: the second question is longer), each answer as it is alone
+    questions = ["What color is the shape?", "How many shapes are in this picture, and where is each one?"]
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": q}]}]
+                     for q in questions]
+    batched = chat(text=conversations, batch_size=2, max_new_tokens=6, return_full_text=False)
+    alone = [chat(text=c, max_new_tokens=6, return_full_text=False)[0]["generated_text"] for c in conversations]
+    assert [out[0]["generated_text"] for out in batched] == alone
 
 
 def test_the_readme_snippets_run_as_written(hf_folder, tmp_path, monkeypatch, capsys):

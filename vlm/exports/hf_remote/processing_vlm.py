@@ -22,6 +22,16 @@ def fit_size(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]
     return min(box_w, max(1, round(width * scale))), min(box_h, max(1, round(height * scale)))
 
 
+class PipelineImageBatching:
+    """The padding settings transformers' pipelines take from an image processor when they batch inputs: each input's
+    pixel_values (N_images, 3, S, S) are concatenated along the first dimension, never padded, and the text keeps the
+    tokenizer's padding side (left, for generation)."""
+
+    padding_value = 0.0
+    padding_side = None
+    model_input_names = ["pixel_values"]
+
+
 class VlmProcessor(ProcessorMixin):
     def __init__(self, tokenizer=None, chat_template: str | None = None, tile_size: int = 224,
                  tokens_per_tile: int = 1, image_mean: list[float] | None = None,
@@ -95,6 +105,11 @@ class VlmProcessor(ProcessorMixin):
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def image_processor(self) -> PipelineImageBatching:
+        """What a pipeline reads of an image processor to batch several inputs (`batch_size` > 1)."""
+        return PipelineImageBatching()
 
     @property
     def model_input_names(self) -> list[str]:
