@@ -153,8 +153,8 @@ class Page:
 
     def open(self, keep_settings: bool = False) -> Page:
         self.driver.get(self.url)
-        if not keep_settings:
-            self.js("localStorage.clear()")
+        if not keep_settings:  # a fresh page: no settings, and no conversation kept from a test before
+            self.js("localStorage.clear(); sessionStorage.clear()")
             self.driver.get(self.url)
         self.wait("document.body.dataset.ready === 'true'")
         return self
@@ -321,6 +321,11 @@ def test_image_question_streams_a_growing_answer(page, tiny_chat_model):
     assert answer["usage"].startswith(f"{prompt.input_tokens} in · "), answer["usage"]
     assert answer["usage"].endswith(" · max_tokens") or answer["usage"].endswith(" · end_turn")
     assert page.js("return document.querySelector('.message.user img').naturalWidth") == 320  # the original shown
+    page.open(keep_settings=True)  # a reload keeps the conversation, with the image as it was sent
+    assert [a["text"] for a in page.answers()] == [answer["text"]]
+    with Image.open(io.BytesIO(upload)) as sent:
+        assert page.js("return document.querySelector('.message.user img').naturalWidth") == sent.width
+    assert page.js("return state.turns[0].images[0].data") == base64.b64encode(upload).decode()
 
 
 @pytest.mark.slow
@@ -528,10 +533,23 @@ def test_regenerate_new_chat_and_settings_persist(page, tiny_chat_model):
     fresh = page.last_answer()
     assert same_text(fresh["text"], expected.text) and len(page.answers()) == 1
     check_usage(fresh["usage"], expected)  # only the system prompt and this question: nothing from before
-    page.open(keep_settings=True)  # a reload keeps the settings
+    page.open(keep_settings=True)  # a reload keeps the settings and the conversation
     values = page.js("return ['max-tokens', 'system', 'temperature-auto'].map((id) => {"
                      "const e = document.getElementById(id); return e.type === 'checkbox' ? e.checked : e.value})")
     assert values == ["6", "Answer briefly.", False]
+    assert [a["text"] for a in page.answers()] == [fresh["text"]] and page.find(".regenerate")
+    assert page.js("return document.querySelector('.message.user .content').textContent") == QUESTION
+    page.send("And the other one?")  # the kept exchange goes with the next question
+    follow_up = page.last_answer()
+    check_usage(follow_up["usage"], greedy(tiny_chat_model, [
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": expected.text}, {"role": "user", "content": "And the other one?"}], [], 6))
+    page.find("#new-chat").click()
+    page.open(keep_settings=True)  # New chat is kept too: nothing comes back
+    assert page.answers() == [] and page.js("return !document.getElementById('empty').hidden")
+    # a conversation over the browser's quota (about 5 million characters) is not kept, and the page says so
+    page.js("state.turns.push({role: 'user', text: 'x'.repeat(6e6), images: []}); saveChat()")
+    assert "too large" in page.find("#notice").text and page.js("return sessionStorage.length") == 0
 
 
 @pytest.mark.slow

@@ -4,16 +4,66 @@
 "use strict";
 
 const STORE_KEY = "vlm.chat.settings";
+const CHAT_KEY = "vlm.chat.conversation"; // sessionStorage: this tab's conversation, kept across a reload
 const $ = (id) => document.getElementById(id);
 
 const state = {
   config: null, // GET /web/config: the server's limits
-  turns: [], // the conversation: {role, text, images, el, answerEl, failed, forgotten}
+  turns: [], // the conversation: {role, text, images, el, answerEl, failed, forgotten, stopped}
   attached: [], // images waiting to be sent: {name, url, ready: Promise, mediaType, data}
   busy: null, // {controller} while an answer streams
   sending: false, // while send() waits for its images to be ready: a second Enter must not send twice
+  unsaved: false, // the conversation is over the browser's storage quota (said once)
   settings: { model: "", temperature: "auto", maxTokens: null, system: "", apiKey: "" },
 };
+
+// ---------- the conversation across a reload ----------
+
+// Kept in sessionStorage, so it lasts as long as the tab and no other tab sees it. Failed turns are left out (their
+// text went back into the message box). A conversation over the browser's quota is not kept, and the page says so.
+function saveChat() {
+  const turns = state.turns.filter((t) => !t.failed).map((t) => ({
+    role: t.role,
+    text: t.text,
+    forgotten: Boolean(t.forgotten),
+    stopped: Boolean(t.stopped),
+    images: t.images.map(({ name, mediaType, data }) => ({ name, mediaType, data })),
+  }));
+  try {
+    if (turns.length) sessionStorage.setItem(CHAT_KEY, JSON.stringify(turns));
+    else sessionStorage.removeItem(CHAT_KEY);
+    state.unsaved = false;
+  } catch {
+    sessionStorage.removeItem(CHAT_KEY);
+    if (!state.unsaved) notify("This conversation is too large for the browser to keep: a reload will lose it.");
+    state.unsaved = true;
+  }
+}
+
+function restoreChat() {
+  let saved = [];
+  try {
+    saved = JSON.parse(sessionStorage.getItem(CHAT_KEY) || "[]");
+  } catch {
+    // unreadable or blocked storage: start a new chat
+  }
+  let question = null;
+  for (const { role, text, forgotten, stopped, images } of saved) {
+    const turn = { role, text, forgotten, stopped, images: images.map((i) => ({ ...i, ok: true })) };
+    for (const image of turn.images) image.url = `data:${image.mediaType};base64,${image.data}`;
+    if (role === "user") {
+      turn.el = addUserMessage(turn);
+      question = turn;
+    } else {
+      turn.el = addAnswer();
+      renderMarkdown(text, turn.el.querySelector(".content"));
+      finishAnswer(turn.el, stopped ? "stopped" : "done", null);
+      if (question) question.answerEl = turn.el;
+    }
+    if (forgotten) forget([turn]);
+    state.turns.push(turn);
+  }
+}
 
 // ---------- settings ----------
 
@@ -558,6 +608,7 @@ async function answer(userTurn) {
   } catch (err) {
     if (err.name === "AbortError") {
       usage.stop = "stopped";
+      reply.stopped = true;
       if (reply.text) turns.push(reply);
       finishAnswer(node, "stopped", usage);
     } else {
@@ -576,6 +627,7 @@ async function answer(userTurn) {
     state.busy = null;
     setBusy(false);
     scrollToEnd(false);
+    if (turns === state.turns) saveChat();
   }
 }
 
@@ -626,6 +678,7 @@ function newChat() {
   for (const turn of state.turns) for (const image of turn.images) URL.revokeObjectURL(image.url);
   for (const entry of [...state.attached]) removeAttachment(entry);
   state.turns = [];
+  saveChat();
   $("messages").replaceChildren($("empty"));
   $("empty").hidden = false;
   $("prompt").value = "";
@@ -720,6 +773,7 @@ async function start() {
   }
   showSettings();
   await loadModels();
+  restoreChat();
   renderAttachments();
   autogrow();
   document.body.dataset.ready = "true";
