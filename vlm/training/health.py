@@ -118,10 +118,11 @@ class EmptyPassGuard(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, task: pl.LightningModule) -> None:
         self.empty_passes = 0 if self.batches else self.empty_passes + 1
         self.batches = 0
-        if self.empty_passes >= 2:
+        if self.empty_passes > self.empty_passes_allowed:
             data = trainer.datamodule
+            passes = "a whole pass" if self.empty_passes == 1 else f"{self.empty_passes} passes"
             raise NoTrainingBatch(
-                f"data.train={data.train_pattern!r} ({len(data.train_urls)} shards) gave no training batch in two "
-                f"passes: none of its samples could be read or decoded (the warnings above say why), or it holds "
+                f"data.train={data.train_pattern!r} ({len(data.train_urls)} shards) gave no training batch in "
+                f"{passes}: none of its samples could be read or decoded (the warnings above say why), or it holds "
                 f"fewer usable samples than stage.batch_size={data.batching.batch_size} per rank (an incomplete "
                 f"batch is dropped)")
