@@ -205,6 +205,12 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
         for item in items:
             yield item, fn(item)
         return
+    # torch (under the image check's tiler, and webdataset) is imported here, before any thread: a first import in
+    # a worker while the main thread imports it too fails in torch's circular imports, or crashes the interpreter
+    import webdataset  # noqa: F401
+
+    import vlm.data.tiler  # noqa: F401
+
     with ThreadPoolExecutor(workers) as pool:
         window: deque = deque()
         for item in items:

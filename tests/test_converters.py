@@ -367,6 +367,25 @@ def test_llava_round_trip(tmp_path, capsys):
     assert not any(k.endswith(("jpg", "png", "webp")) for k in text) and json.loads(text["json"]) == records[2]
 
 
+def test_a_fresh_process_with_a_text_only_record_first_converts_with_workers(tmp_path):
+    """A fresh interpreter, as a user runs the script: the first record written has no image, so the main thread
+    imports webdataset (and with it torch) while a worker thread imports the image check's tiler."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(noise(1, fmt="PNG"))
+    (images / "b.png").write_bytes(noise(2, fmt="PNG"))
+    records = [{"id": "text", "conversations": _turns("Hello?", "Hi.")},
+               *({"id": name, "image": f"{name}.png", "conversations": _turns("<image>\nColour?", "grey")}
+                 for name in ("a", "b"))]
+    source = tmp_path / "llava.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = subprocess.run([sys.executable, str(ROOT / "data_scripts" / "llava_to_shards.py"), "--json", str(source),
+                             "--images", str(images), "--out", str(tmp_path / "out"), "--no-shuffle", "--workers", "2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(_read(str(tmp_path / "out/train/shard-{000000..000000}.tar"))) == ["00000000", "00000001", "00000002"]
+
+
 def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()
