@@ -101,6 +101,7 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
                                                                  "shard-000001.json", "shard-000001.tar"]
     done = json.loads((out / "DONE").read_text())
     assert done["train"].endswith("shard-{000000..000001}.tar") and done["qa_val"]
+    assert done["checkpoint"] == str(tiny_sft_export)  # stage=dpo starts from the model that gave the answers
     # out= is not where stage=dpo looks by itself, so the command it suggests names the pairs
     assert f"stage=dpo init_from={tiny_sft_export} data.train='{done['train']}' data.val='{done['val']}::" \
            f"{done['qa_val']}'" in caplog.text

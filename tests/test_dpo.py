@@ -254,6 +254,33 @@ def test_a_constitution_output_that_kept_no_pair_is_named_when_dpo_looks_for_pai
         resolve_eval(data, "preferences", str(tmp_path / "elsewhere"))  # vlm.eval of an export without pairs
 
 
+def test_dpo_starts_from_the_export_whose_answers_its_pairs_are(tmp_path, caplog):
+    from vlm.data.preferences import PAIRS_DONE
+    from vlm.data.sources import constitution_pairs
+    from vlm.training.runs import prepare_run
+
+    made_by, newer = sft_export(tmp_path / "sft" / "a" / "export"), sft_export(tmp_path / "sft" / "b" / "export")
+    folder = tmp_path / "constitution" / "a-synthetic-revise"
+    folder.mkdir(parents=True)
+    (folder / PAIRS_DONE).write_text(json.dumps({"train": str(folder / "train" / "shard-{000000..000000}.tar"),
+                                                 "val": None, "qa_val": None, "train_pairs": 3,
+                                                 "checkpoint": str(made_by)}))
+    pairs = constitution_pairs(str(tmp_path))
+    assert pairs.made_by == str(made_by)
+    common = [f"output_root={tmp_path}"]
+    with caplog.at_level(logging.INFO, logger="vlm"):  # init_from=auto: the model that answered, not the newest sft
+        assert prepare_run(tiny_config(*common, "run_name=auto", stage="dpo"), pairs.made_by).init_from == made_by
+    assert f"starting from {made_by}, whose answers the preference pairs are" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="vlm"):  # another model: said, not refused
+        prepare_run(tiny_config(*common, "run_name=other", f"init_from={newer}", stage="dpo"), pairs.made_by)
+    assert f"the preference pairs are the answers of {made_by}, and this run starts from {newer}" in caplog.text
+    # pairs of unknown origin (data.train given) and no sft export to start from: refused, never fresh weights
+    with pytest.raises(ConfigError, match=r"no 'sft' export under .*stage=dpo starts from a trained model"):
+        prepare_run(tiny_config(f"output_root={tmp_path / 'empty'}", "run_name=none", stage="dpo"))
+    with pytest.raises(ConfigError, match=r"stage=dpo learns from a chat model's own answers .* init_from=PATH"):
+        _task(None)
+
+
 class ReferenceWatch(pl.Callback):
     """Records whether the task's reference equals the starting export when training starts and ends."""
 

@@ -456,7 +456,8 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
                    wall_seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     train_pairs = summary.get("train", {}).get("kept")
-    done = {"train": patterns.get("train"), "val": patterns.get("val"), "qa_val": data.val, "train_pairs": train_pairs}
+    done = {"train": patterns.get("train"), "val": patterns.get("val"), "qa_val": data.val, "train_pairs": train_pairs,
+            "checkpoint": str(checkpoint)}
     (out / PAIRS_DONE).write_text(json.dumps(done) + "\n")
     if train_pairs == 0:
         log.warning("no preference pair was kept from the %d train prompts: %s", summary["train"]["prompts"],

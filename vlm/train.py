@@ -40,7 +40,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
         pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
         stage = get_stage(config.stage.name)
         data = resolve_data(config.data, stage.data, config.output_root)
-        run_folder = prepare_run(config)
+        run_folder = prepare_run(config, data.made_by)
         log.info("stage %s -> %s", stage.name, run_folder.dir)
     with removed_if_left_empty(run_folder.dir):  # a start that fails leaves no empty run folder behind
         with start_up_told_once():

@@ -19,6 +19,7 @@ class DataSources:
     train: str | None  # None when only held-out data is needed (vlm.eval)
     val: str | None
     classnames: list[str] | None  # label order for zero-shot classification; None: retrieval metrics only
+    made_by: str | None = None  # preference pairs of vlm.constitution: the export whose answers they are
 
 
 def read_classnames(path: str | Path) -> list[str]:
@@ -87,7 +88,7 @@ def pair_sources(found: dict[str, str]) -> DataSources:
     """What stage=dpo trains on from a finished constitution output's record: its train pairs; held out, its pairs
     and the conversations they came from ("qa_val")."""
     held_out = "::".join(p for p in (found["val"], found.get("qa_val")) if p)
-    return DataSources(found["train"], held_out, None)
+    return DataSources(found["train"], held_out, None, found.get("checkpoint"))
 
 
 def resolve_eval(config: DataConfig, kind: str, output_root: str = "checkpoints") -> DataSources:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 class PreferenceTask(VLMTask):
     SCORED_WITH = ("beta", "loss", "sft_weight")  # the rewards and the loss on held-out pairs
+    STARTS_FRESH = False  # preferences between a model's answers say nothing to random weights
 
     def __init__(self, config: TrainConfig, stage: Stage, bundle: VLMBundle, reference: VisionLanguageModel | None,
                  reference_source: str | None):
@@ -57,7 +58,10 @@ class PreferenceTask(VLMTask):
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> PreferenceTask:
         """The policy from a phase 2 export (by default the newest sft one); the reference is its frozen copy."""
-        if init_from is not None and read_meta(init_from).llm_config is None:
+        if init_from is None:
+            raise ConfigError(f"stage={stage.name} learns from a chat model's own answers and cannot start from fresh "
+                              f"weights: pass init_from=PATH (an sft or align export) or init_from=auto")
+        if read_meta(init_from).llm_config is None:
             raise ConfigError(f"init_from={str(init_from)!r} is a {read_meta(init_from).stage!r} export; stage="
                               f"{stage.name} starts from a chat model (an align or sft export)")
         bundle = start_bundle(config, init_from)

@@ -63,8 +63,9 @@ def latest_export(output_root: str | Path, stage: str) -> Path | None:
 RUN_DIR_ENV, RESUME_ENV, INIT_ENV, PARENT_ENV = "VLM_RUN_DIR", "VLM_RESUME_FROM", "VLM_INIT_FROM", "VLM_RUN_PARENT"
 
 
-def prepare_run(config: TrainConfig) -> Run:
-    """The run folder and the checkpoint to resume from, on every rank the same; never another run's folder."""
+def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
+    """The run folder and the checkpoint to resume from, on every rank the same; never another run's folder.
+    `pairs_made_by`: the export whose answers the run's preference pairs are, where vlm.constitution recorded it."""
     inherited = _from_parent_rank()
     if inherited is not None:
         return inherited
@@ -122,7 +123,7 @@ def prepare_run(config: TrainConfig) -> Run:
     except OSError as err:  # a file where a folder must go, or no permission
         raise ConfigError(f"cannot make the run folder {str(run_dir)!r} ({err.strerror}): check output_root="
                           f"{config.output_root!r}") from None
-    run = Run(run_dir, resume_from, _start(config, resume_from))
+    run = Run(run_dir, resume_from, _start(config, resume_from, pairs_made_by))
     os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""),
                        INIT_ENV: str(run.init_from or ""), PARENT_ENV: str(os.getpid())})
     return run
@@ -167,10 +168,15 @@ def _launch_name(named: bool) -> str | None:
     return None
 
 
-def _start(config: TrainConfig, resume_from: Path | None) -> Path | None:
+def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | None) -> Path | None:
     """The export the model is built from: a resumed run's own (recorded in its checkpoint), else `init_from`'s."""
     if resume_from is None:
-        return _init_source(config)
+        start = _init_source(config, pairs_made_by)
+        if pairs_made_by and start and Path(pairs_made_by).resolve() != start.resolve():
+            log.warning("the preference pairs are the answers of %s, and this run starts from %s: they are not this "
+                        "model's own answers (pass init_from=%s to train the model that gave them)", pairs_made_by,
+                        start, pairs_made_by)
+        return start
     started = recorded_start(resume_from)
     if started:
         log.info("resume: the model is built from %s, the export this run started from, then takes the checkpoint's "
@@ -178,15 +184,23 @@ def _start(config: TrainConfig, resume_from: Path | None) -> Path | None:
     return started
 
 
-def _init_source(config: TrainConfig) -> Path | None:
+def _init_source(config: TrainConfig, pairs_made_by: str | None) -> Path | None:
     if config.init_from is None:
         return None
     if config.init_from != "auto":
         return Path(config.init_from).expanduser()
-    previous = get_stage(config.stage.name).previous
+    if pairs_made_by:  # preference pairs: learn from the model whose own answers they are
+        log.info("init_from=auto: starting from %s, whose answers the preference pairs are", pairs_made_by)
+        return Path(pairs_made_by)
+    stage = get_stage(config.stage.name)
+    previous = stage.previous
     if previous is None:
         return None
     found = latest_export(config.output_root, previous)
+    if found is None and not stage.task.STARTS_FRESH:
+        raise ConfigError(f"init_from=auto: no {previous!r} export under {config.output_root!r}, and stage="
+                          f"{stage.name} starts from a trained model: run `python -m vlm.train stage={previous}` "
+                          f"first, or pass init_from=PATH")
     if found is None:
         log.warning("init_from=auto: no %r export under %s, so this %s run starts from fresh weights; run "
                     "`python -m vlm.train stage=%s` first, or pass init_from=PATH", previous, config.output_root,

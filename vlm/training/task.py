@@ -44,6 +44,8 @@ class StageTask(pl.LightningModule):
 
     # stage.* settings the held-out scores depend on: `vlm.eval` takes them from the export's run unless given
     SCORED_WITH: tuple[str, ...] = ()
+    # whether a run may start from fresh weights when init_from=auto finds no export of the stage before
+    STARTS_FRESH = True
 
     def __init__(self, config: TrainConfig, stage: Stage, model: nn.Module):
         super().__init__()
