@@ -223,6 +223,42 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute,
     assert (given.stage.beta, given.stage.loss) == (0.5, "sigmoid")  # what the user gives stands
 
 
+@pytest.mark.slow
+def test_a_trained_vision_tower_is_scored_against_the_references_own(tmp_path):
+    """stage.train_vision=true on the tiny preset (its conv stem has BatchNorm): the policy starts equal to the
+    reference, and held-out rewards agree whether the reference is a frozen copy (reading its own tower's features)
+    or precomputed, in the run and in vlm.eval."""
+    from vlm.eval import as_trained, evaluate
+    from vlm.train import run
+
+    export = sft_export(tmp_path / "sft")
+    train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8)
+    val = write_pairs(tmp_path / "val" / "shard-000000.tar", 4)
+    margins = {}
+    for precompute, name in (("false", "copy"), ("true", "table")):
+        config = tiny_config(f"data.train={train}", f"data.val={val}", "data.num_workers=0", "stage.batch_size=4",
+                             "eval.batch_size=4", f"init_from={export}", f"output_root={tmp_path}", f"run_name={name}",
+                             "stage.max_steps=3", "stage.lr=1e-2", "stage.warmup_steps=0", "stage.train_vision=true",
+                             f"stage.precompute_reference={precompute}", "trainer.precision=32-true",
+                             "trainer.log_every_n_steps=1", stage="dpo", tiny=False)
+        metrics = run(config)
+        with open(tmp_path / "dpo" / name / "logs" / "metrics.csv") as file:
+            first = next(row for row in csv.DictReader(file) if row.get("train/margin"))
+        assert float(first["train/margin"]) == 0.0  # BatchNorm on its running statistics, as in the reference
+        margins[precompute] = metrics["rewards/margins"]
+    trained, start = load_vlm(tmp_path / "dpo" / "copy" / "export").model, load_vlm(export).model
+    assert any(not torch.equal(a, b) for a, b in zip(trained.vision.parameters(), start.vision.parameters(),
+                                                     strict=True))  # the tower trained
+    assert margins["false"] == pytest.approx(margins["true"], rel=1e-4, abs=1e-6)
+    plain = tiny_config("data.num_workers=0", "eval.batch_size=4", "trainer.precision=32-true",
+                        f"checkpoint={tmp_path / 'dpo' / 'table' / 'export'}", f"output_root={tmp_path / 'none'}",
+                        stage="dpo", tiny=False)
+    as_trained(plain, given={"stage", "checkpoint", "output_root"})
+    assert plain.stage.train_vision is True
+    scored, _ = evaluate(plain)
+    assert scored["rewards/margins"] == pytest.approx(margins["true"], rel=1e-4, abs=1e-6)
+
+
 def test_a_dpo_run_without_a_single_pair_says_so(tiny_sft_export, tmp_path, caplog):
     from vlm.train import run
 

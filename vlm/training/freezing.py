@@ -48,6 +48,15 @@ def keep_frozen_parts_in_eval(parts: dict[str, nn.Module], trainable: Iterable[s
             module.eval()
 
 
+def keep_batch_norm_statistics(module: nn.Module) -> int:
+    """Put every BatchNorm layer of `module` in eval mode: it normalises by its running statistics and no longer
+    updates them, as a frozen copy of it does. Returns how many layers."""
+    layers = [sub for sub in module.modules() if isinstance(sub, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.eval()
+    return len(layers)
+
+
 def disable_dropout(module: nn.Module) -> int:
     """Turn off every dropout in `module`, also in training mode: dropout layers, stochastic depth (timm's DropPath)
     and the `attention_dropout` rate Hugging Face attention reads. Returns how many rates were above zero. The config

@@ -27,7 +27,7 @@ from vlm.exports.vlm import load_vlm
 from vlm.models.factory import VLMBundle
 from vlm.models.losses import PreferenceLoss, preference_loss, reward_metrics
 from vlm.models.vlm import VisionLanguageModel
-from vlm.training.freezing import disable_dropout
+from vlm.training.freezing import disable_dropout, keep_batch_norm_statistics
 from vlm.training.reference import Reference, pair_logps
 from vlm.training.strategy import run_with_whole_weights
 from vlm.training.task import Batching, Stage
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class PreferenceTask(VLMTask):
-    SCORED_WITH = ("beta", "loss", "sft_weight")  # the rewards and the loss on held-out pairs
+    # the rewards and the loss on held-out pairs; train_vision: whether the reference reads its own image features
+    SCORED_WITH = ("beta", "loss", "sft_weight", "train_vision")
     STARTS_FRESH = False  # preferences between a model's answers say nothing to random weights
 
     def __init__(self, config: TrainConfig, stage: Stage, bundle: VLMBundle, reference: VisionLanguageModel | None,
@@ -103,6 +104,14 @@ class PreferenceTask(VLMTask):
                 "anchors": self.collate_padded(anchors) if anchors else None,
                 "scored": [s["scored"] for s in samples if "scored" in s], "skipped": skipped}
 
+    def train(self, mode: bool = True) -> PreferenceTask:
+        """With stage.disable_dropout, the policy's BatchNorm layers (the tiny ViT's conv stem, when stage.train_vision
+        trains it) also run as in eval mode: batch statistics would make its log-probs differ from the reference's."""
+        super().train(mode)
+        if mode and self.config.stage.disable_dropout:
+            keep_batch_norm_statistics(self.model)
+        return self
+
     def on_train_start(self) -> None:
         # after any resume's restore (under FSDP that follows on_fit_start): a resumed run has the table already
         if self.reference.model is None and not self.reference.table:
@@ -125,11 +134,12 @@ class PreferenceTask(VLMTask):
 
     def pair_loss(self, pairs: dict[str, Any]) -> PreferenceLoss:
         pixels = pairs["pixel_values"]
-        vision_trains = "vision" in self.trainable and torch.is_grad_enabled()
+        # a trained tower is no longer the reference's: the reference reads its own features, also when validating
+        vision_trains = "vision" in self.trainable
         # training with the tower frozen: each pair's features computed once, reused in later epochs
         patches = self.cached_patches(pairs) if torch.is_grad_enabled() else None
         if patches is None:  # on no tiles too: under FSDP every rank must run the tower's blocks
-            with torch.set_grad_enabled(vision_trains):
+            with torch.set_grad_enabled(vision_trains and torch.is_grad_enabled()):
                 patches = self.model.vision.patch_features(pixels)  # (N_tiles, P, Dv): once per pair
         logps, tokens = pair_logps(self.model, pairs, patches)
         reference = self.reference.pair_logps(pairs, None if vision_trains else patches.detach())
