@@ -298,6 +298,26 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.mark.slow
+def test_ctrl_c_mid_run_exits_130_and_says_where_resume_auto_goes_on(tmp_path):
+    checkpoints = tmp_path / "runs" / "contrastive" / "crash" / "checkpoints"
+    with open(tmp_path / "first.log", "w") as log:  # SIGINT as the default: a background job's children ignore it
+        first = subprocess.Popen(_command(tmp_path, "stage.max_steps=400", "trainer.checkpoint_every_n_steps=5"),
+                                 cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 240
+        while not any(checkpoints.glob("*.ckpt")):
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 4 minutes"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=60)
+    output = (tmp_path / "first.log").read_text()
+    assert first.returncode == 130, output[-3000:]  # 128 + SIGINT: not 1, as if the run had failed
+    assert "stopped by Ctrl-C at step" in output and f"resume=auto continues from the newest checkpoint in " \
+        f"{checkpoints}" in output, output[-3000:]
+
+
+@pytest.mark.slow
 def test_sigterm_mid_run_fails_and_resume_auto_continues_from_the_last_checkpoint(tmp_path):
     args = ["stage.max_steps=60", "trainer.checkpoint_every_n_steps=10"]
     checkpoints = tmp_path / "runs" / "contrastive" / "crash" / "checkpoints"

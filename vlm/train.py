@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import lightning.pytorch as pl
@@ -22,7 +22,7 @@ from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import TrainConfig, to_train_config
 from vlm.data.sources import resolve as resolve_data
 from vlm.training.datamodule import ShardDataModule
-from vlm.training.runs import prepare_run, removed_if_left_empty
+from vlm.training.runs import Run, prepare_run, removed_if_left_empty
 from vlm.training.stages import get_stage
 from vlm.training.strategy import check_strategy, configure_precision
 from vlm.training.trainer import build_trainer, finish
@@ -54,10 +54,22 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
         try:
             trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
         except SIGTERMException:  # Lightning's, a SystemExit of code 0: a killed job must not read as a finished one
-            log.error("stopped by SIGTERM at step %d, before the export; resume=auto continues from the newest "
-                      "checkpoint in %s", trainer.global_step, run_folder.checkpoints)
-            raise SystemExit(143) from None  # 128 + SIGTERM, as a shell reports a process it ended
+            stopped(trainer, run_folder, "SIGTERM", 143)
+        except SystemExit as stop:  # Lightning ends a Ctrl-C with exit code 1, after its own shutdown
+            if stop.code != 1 or not trainer.interrupted:
+                raise
+            stopped(trainer, run_folder, "Ctrl-C", 130)
     return finish(trainer, task, datamodule, run_folder, config, started)
+
+
+def stopped(trainer: pl.Trainer, run_folder: Run, by: str, code: int) -> NoReturn:
+    """End a run stopped by a signal with 128 + the signal's number, as a shell reports a process it ended (a job
+    that did not finish must not read as one that did), saying where it can go on from."""
+    written = any(run_folder.checkpoints.glob("*.ckpt"))
+    where = (f"resume=auto continues from the newest checkpoint in {run_folder.checkpoints}" if written else
+             "no checkpoint was written yet, so resume=auto starts it again from step 0")
+    log.error("stopped by %s at step %d, before the export; %s", by, trainer.global_step, where)
+    raise SystemExit(code) from None
 
 
 @contextlib.contextmanager
