@@ -83,6 +83,8 @@ def normalise(record: dict, num_images: int) -> dict:
     for field in ("prompt", "chosen", "rejected"):
         check_text_parts(record[field], field)
     prompt = record["prompt"]
+    if isinstance(prompt, str) and not prompt.strip():
+        raise Skip("bad record", "'prompt' is empty: give the question the answers reply to")
     if isinstance(prompt, str) and IMAGE_PLACEHOLDER not in prompt:
         prompt = f"{IMAGE_PLACEHOLDER}\n" * num_images + prompt
     try:
@@ -94,6 +96,10 @@ def normalise(record: dict, num_images: int) -> dict:
     if placeholders != num_images:
         raise Skip("placeholder mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the prompt for "
                                            f"{num_images} image(s); each image needs exactly one")
+    for field, answer in (("chosen", chosen), ("rejected", rejected)):
+        if IMAGE_PLACEHOLDER in answer:
+            raise Skip("placeholder in answer", f"{field!r} holds {IMAGE_PLACEHOLDER} (or an image part): images go "
+                                                f"in the prompt, an answer is text")
     if chosen.strip() == rejected.strip():
         raise Skip("chosen equals rejected", "'chosen' and 'rejected' are the same answer: nothing to learn")
     rest = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected", "image", "images")}

@@ -67,6 +67,10 @@ def test_bad_records_are_reported_with_line_and_reason(tmp_path, capsys):
         "ends-with-assistant": {**good, "prompt": [{"role": "user", "content": "<image>Q?"},
                                                    {"role": "assistant", "content": "A."}]},
         "empty-chosen": {**good, "chosen": "  "},
+        "empty-prompt": {**good, "prompt": " "},
+        "image-in-answer": {**good, "chosen": "A. <image>"},
+        "image-part-in-answer": {**good, "rejected": [{"role": "assistant", "content": [
+            {"type": "image"}, {"type": "text", "text": "B."}]}]},
     }
     lines = [json.dumps({"id": "fine", **good})] + [json.dumps({"id": k, **v}) for k, v in bad.items()]
     lines.insert(1, "{not json")
@@ -77,11 +81,29 @@ def test_bad_records_are_reported_with_line_and_reason(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0 and "wrote 1 sample(s)" in out and f"skipped {len(bad) + 1} record(s)" in out
     reasons = ["not valid JSON", "no 'chosen' field", "no 'rejected' field", "are the same answer",
-               "image file not found", "2 image(s)", "must end with a user turn", "'chosen' must be a non-empty"]
+               "image file not found", "2 image(s)", "must end with a user turn", "'chosen' must be a non-empty",
+               "'prompt' is empty", "'chosen' holds <image>", "'rejected' holds <image>"]
     report = {line.split(": ", 1)[0]: line for line in err.splitlines() if line.startswith("skipped line ")}
     for number, reason in enumerate(reasons, start=2):
         where = f"skipped line {number}" + (f" (id {list(bad)[number - 3]!r})" if number > 2 else "")
         assert reason in report[where], (where, report.get(where))
+
+
+def test_text_that_is_not_utf8_skips_its_record_with_its_line(tmp_path, capsys):
+    """A Latin-1 line and a lone surrogate escape (as a cut emoji leaves in scraped data): each record is reported
+    with its line, the others are written, and no shard is left half-written."""
+    (tmp_path / "ok.png").write_bytes(noise(1, fmt="PNG"))
+    good = {"image": "ok.png", "prompt": "Q?", "chosen": "A.", "rejected": "B."}
+    lines = [json.dumps(good).encode(), json.dumps({**good, "prompt": "Caf\u00e9?"}).replace("\\u00e9", "\xe9")
+             .encode("latin-1"), json.dumps({**good, "chosen": "A \ud83d"}).encode(), json.dumps(good).encode()]
+    (tmp_path / "prefs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    code = preferences_to_shards.main(["--json", str(tmp_path / "prefs.jsonl"), "--images", str(tmp_path), "--out",
+                                       str(tmp_path / "out")])
+    assert code == 0 and "wrote 2 sample(s)" in capsys.readouterr().out
+    skipped = (tmp_path / "out/skipped.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in skipped] == ["line 2", "line 3"]
+    assert all("not valid UTF-8" in line for line in skipped) and "Caf" in skipped[0]
+    assert not list((tmp_path / "out").rglob("*.partial"))
 
 
 def test_null_records_null_answers_and_non_string_text_parts_are_bad_records(tmp_path, capsys):
