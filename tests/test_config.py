@@ -145,6 +145,16 @@ def test_help_describes_the_entry_point_its_groups_and_its_settings(name, capsys
     assert "hydra:" not in shown and "defaults:" not in shown
     if name in ("train", "eval"):
         assert "  stage: align, contrastive (default), dpo, sft" in shown and "eval:" in shown
+        # each group's chosen option, with the comment on each key
+        assert "settings of configs/stage/contrastive.yaml (stage.KEY=VALUE" in shown and "max_steps:" in shown
+        assert "settings of configs/model/tiny.yaml" in shown and "settings of configs/trainer/cpu.yaml" in shown
+    if name == "train":  # a group chosen on the command line: its file and the ones it builds on
+        with pytest.raises(SystemExit):
+            preflight(["stage=dpo", "--help"], name)
+        shown = capsys.readouterr().out
+        assert "  stage: align, contrastive, dpo (chosen), sft" in shown
+        assert shown.index("configs/stage/contrastive.yaml") < shown.index("configs/stage/sft.yaml") < \
+            shown.index("configs/stage/dpo.yaml") and "beta: 0.3" in shown
     if name == "constitution":
         assert "  critic: http, self (default), synthetic" in shown and "stage:" not in shown
     if name in ("infer", "serve", "export"):

@@ -110,7 +110,7 @@ def preflight(args: list[str], config_name: str) -> None:
     if not CONFIG_DIR.is_dir():
         fail(f"config folder {str(CONFIG_DIR)!r} not found; reinstall vlm (`pip install .` ships the configs)")
     if "--help" in args or "-h" in args:
-        print(help_text(config_name))
+        print(help_text(config_name, [a for a in args if not a.startswith("-")]))
         sys.exit(0)
     if any(a.startswith("-") for a in args):
         return  # Hydra's own flags (--hydra-help, --cfg job, -m) do their own checking
@@ -149,21 +149,27 @@ def _without_blocks(yaml_text: str, keys: tuple[str, ...]) -> str:
     return "\n".join(kept).strip()
 
 
-def help_text(config_name: str) -> str:
+def help_text(config_name: str, args: list[str] = ()) -> str:
     """`--help` for an entry point: what it does, its config groups with their options, and its settings as its YAML
-    file documents them."""
+    files document them: its own, and each group's chosen option (`args` may choose, e.g. stage=dpo)."""
     module = importlib.import_module(f"vlm.{config_name}")
     summary = (module.__doc__ or "").strip().split("\n\n")[0]
+    chosen = [a for a in args if "=" in a and (CONFIG_DIR / a.split("=", 1)[0]).is_dir()]
+    picked = {a.split("=", 1)[0] for a in chosen}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        choices = compose(config_name, return_hydra_config=True).hydra.runtime.choices
+        try:
+            choices = compose(config_name, overrides=chosen, return_hydra_config=True).hydra.runtime.choices
+        except Exception as err:  # Hydra names the group and lists its options
+            fail(str(err).split("Config search path")[0].strip())
     groups = {group: value for group, value in choices.items() if not group.startswith("hydra/")}
     usage = f"usage: python -m vlm.{config_name} {'[GROUP=OPTION ...] ' if groups else ''}[KEY=VALUE ...]"
     lines = [summary, "", usage, f"config files: {CONFIG_DIR}"]
     if groups:
         lines += ["", "config groups (GROUP=OPTION; each option is configs/GROUP/OPTION.yaml, its keys GROUP.KEY=...):"]
-        for group, chosen in sorted(groups.items()):
+        for group, option in sorted(groups.items()):
             options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
-            lines.append(f"  {group}: " + ", ".join(f"{o} (default)" if o == chosen else o for o in options))
+            mark = " (chosen)" if group in picked else " (default)"
+            lines.append(f"  {group}: " + ", ".join(f"{o}{mark}" if o == option else o for o in options))
     files = [config_name]
     defaults = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").get("defaults", [])
     files += [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
@@ -171,7 +177,20 @@ def help_text(config_name: str) -> str:
         text = _without_blocks((CONFIG_DIR / f"{name}.yaml").read_text(), ("defaults", "hydra"))
         lines += ["", f"settings of configs/{name}.yaml (KEY=VALUE; nested keys with dots, e.g. eval.max_samples=64):",
                   text]
+    for group, option in sorted(groups.items()):
+        for name in _with_parents(group, option):
+            text = _without_blocks((CONFIG_DIR / group / f"{name}.yaml").read_text(), ("defaults",))
+            lines += ["", f"settings of configs/{group}/{name}.yaml ({group}.KEY=VALUE; {group}=OPTION picks another "
+                          f"file):", text]
     return "\n".join(lines)
+
+
+def _with_parents(group: str, option: str) -> list[str]:
+    """The option files of `group` that `option` is composed from: the options its `defaults` list names (each with
+    its own), then itself."""
+    defaults = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml").get("defaults", [])
+    parents = [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+    return [name for parent in parents for name in _with_parents(group, parent)] + [option]
 
 
 def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
