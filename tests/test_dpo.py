@@ -410,3 +410,15 @@ def test_disable_dropout_silences_every_kind_of_dropout_in_a_timm_vit():
     assert not torch.equal(vit(images), vit(images))
     assert disable_dropout(vit) > 0
     assert torch.equal(vit(images), vit(images)) and vit.training
+
+
+def test_a_pair_missing_from_the_precomputed_table_names_the_data_change():
+    from vlm.training.reference import Reference
+
+    reference = Reference(None, None)
+    reference.table = {"shard:00000001": (-1.0, -2.0)}
+    pairs = {"keys": ["shard:00000001", "other:00000007"], "input_ids": torch.zeros(4, 3, dtype=torch.long)}
+    with pytest.raises(ConfigError, match=r"pair 'other:00000007': data.train or data.val changed .* resume it with "
+                                          r"its own data"):
+        reference.pair_logps(pairs, None)
+    assert reference.pair_logps({**pairs, "keys": pairs["keys"][:1]}, None).tolist() == [-1.0, -2.0]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlm.config import ConfigError
 from vlm.data.shards import build_pipeline, make_loader
 from vlm.models.losses import answer_logprobs
 from vlm.models.vlm import VisionLanguageModel
@@ -84,8 +85,9 @@ class Reference(torch.nn.Module):
             try:
                 rows = [self.table[key] for key in pairs["keys"]]
             except KeyError as err:
-                raise RuntimeError(f"no precomputed reference log-probs for pair {err}: the data changed after the "
-                                   f"precomputing pass; rerun without resume") from None
+                raise ConfigError(f"no precomputed reference log-probs for pair {err}: data.train or data.val changed "
+                                  f"after this run's precomputing pass (stage.precompute_reference=true); resume it "
+                                  f"with its own data, or start a new run without resume") from None
             chosen, rejected = zip(*rows, strict=True)
             return torch.tensor(chosen + rejected, device=pairs["input_ids"].device)
         return pair_logps(self.model, pairs, patches)[0]
