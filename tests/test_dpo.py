@@ -210,6 +210,8 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute,
     assert recorded["reference"] == str(tiny_sft_export)
     scored, _ = evaluate(tiny_config(*common, f"checkpoint={export}", stage="dpo", tiny=False))
     assert scored["rewards/accuracy"] == metrics["rewards/accuracy"]
+    fewer, _ = evaluate(tiny_config(*common, f"checkpoint={export}", "eval.max_samples=2", stage="dpo", tiny=False))
+    assert fewer["pairs_scored"] == 2  # eval.max_samples bounds the pairs too
     # `python -m vlm.eval stage=dpo checkpoint=EXPORT`, nothing else given: scored as the run scored itself, with its
     # beta and loss (not the stage's defaults) and on its held-out pairs (not whatever is newest under output_root)
     plain = ["data.num_workers=0", "eval.batch_size=4", f"checkpoint={export}", f"output_root={tmp_path / 'none'}"]

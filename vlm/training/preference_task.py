@@ -206,7 +206,7 @@ class PreferenceTask(VLMTask):
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
         if self.val_rewards:
-            chosen, rejected = (torch.cat(r) for r in zip(*self.val_rewards, strict=True))
+            chosen, rejected = (torch.cat(r)[:self.sample_limit] for r in zip(*self.val_rewards, strict=True))
             metrics = reward_metrics(chosen, rejected) | {"pairs_scored": torch.tensor(float(len(chosen)))}
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
 
