@@ -338,7 +338,7 @@ class ReferenceWatch(pl.Callback):
 
 
 @pytest.mark.slow
-def test_resume_rebuilds_the_model_and_its_reference_from_the_export_the_run_started_from(tmp_path):
+def test_resume_rebuilds_the_model_and_its_reference_from_the_export_the_run_started_from(tmp_path, caplog):
     """Checkpoints hold the policy, not the frozen reference's copy of it: a resumed run builds both from the export
     its first session started from (recorded), here one whose shapes differ from the command line's defaults."""
     from vlm.train import run
@@ -351,11 +351,16 @@ def test_resume_rebuilds_the_model_and_its_reference_from_the_export_the_run_sta
     run(tiny_config(*common, "stage.max_steps=2", stage="dpo", tiny=False))
     checkpoint = torch.load(tmp_path / "dpo" / "r" / "checkpoints" / "step00000002.ckpt", weights_only=False)
     assert checkpoint["init_from"] == str(export)
+    assert checkpoint["vlm_stage_settings"]["lr"] == 1e-2 and checkpoint["vlm_stage_settings"]["max_steps"] == 2
     assert not [k for k in checkpoint["state_dict"] if k.startswith("reference.")]
     assert any(k.startswith("model.lm.") for k in checkpoint["state_dict"])
     watch = ReferenceWatch(export)
-    metrics = run(tiny_config(*common, "stage.max_steps=4", stage="dpo", tiny=False), callbacks=[watch])
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        metrics = run(tiny_config(*common, "stage.max_steps=4", "stage.loss=sigmoid", stage="dpo", tiny=False),
+                      callbacks=[watch])
     assert metrics["global_step"] == 4 and watch.same == [True, True]
+    # the resumed run says which settings it changes: the first two steps trained with IPO
+    assert "stage.loss: 'ipo' -> 'sigmoid'; stage.max_steps: 2 -> 4" in caplog.text
 
 
 class ModeWatch(pl.Callback):

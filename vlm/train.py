@@ -22,6 +22,7 @@ from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import TrainConfig, to_train_config
 from vlm.data.sources import resolve as resolve_data
 from vlm.training.datamodule import ShardDataModule
+from vlm.training.resume import warn_changed_settings
 from vlm.training.runs import Run, prepare_run, removed_if_left_empty
 from vlm.training.stages import get_stage
 from vlm.training.strategy import check_strategy, configure_precision
@@ -41,6 +42,8 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
         stage = get_stage(config.stage.name)
         data = resolve_data(config.data, stage.data, config.output_root)
         run_folder = prepare_run(config, data.made_by)
+        if run_folder.resume_from:
+            warn_changed_settings(run_folder.resume_from, config.stage)
         log.info("stage %s -> %s", stage.name, run_folder.dir)
     with removed_if_left_empty(run_folder.dir):  # a start that fails leaves no empty run folder behind
         with start_up_told_once():

@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from vlm.config import ConfigError
+from vlm.config import ConfigError, StageConfig, to_dict
 from vlm.errors import first_line
 from vlm.training.checkpoint_io import TEMP_MARK
 
@@ -45,7 +45,8 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     return sorted(found, key=order, reverse=True)
 
 
-RECORD_KEYS = ("global_step", "init_from", "vlm_stage")  # what resuming reads of a checkpoint besides its weights
+# what resuming reads of a checkpoint besides its weights
+RECORD_KEYS = ("global_step", "init_from", "vlm_stage", "vlm_stage_settings")
 
 
 def checkpoint_record(path: str | os.PathLike) -> dict | str:
@@ -122,7 +123,8 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(checkpoint_record(path)["global_step"])
 
 
-STARTING_EXPORT_KEY, STAGE_KEY = RECORD_KEYS[1:]  # entries: the export the run started from (None: fresh), its stage
+# entries: the export the run started from (None: fresh), its stage, and its stage.* settings
+STARTING_EXPORT_KEY, STAGE_KEY, STAGE_SETTINGS_KEY = RECORD_KEYS[1:]
 
 
 class NewestCheckpoints(ModelCheckpoint):
@@ -145,6 +147,22 @@ class StartingExport(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, task: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[STARTING_EXPORT_KEY] = str(self.init_from) if self.init_from else None
         checkpoint[STAGE_KEY] = task.stage.name
+        checkpoint[STAGE_SETTINGS_KEY] = to_dict(task.config.stage)
+
+
+def warn_changed_settings(path: Path, settings: StageConfig) -> None:
+    """Say which stage.* settings a resumed run changes from those checkpoint `path` trained with: the steps before
+    it trained with the old values, and the run's config.json and export record the new ones."""
+    recorded = checkpoint_record(path)[STAGE_SETTINGS_KEY]
+    if not recorded:  # an older checkpoint, without the record
+        return
+    now = to_dict(settings)
+    changed = [f"stage.{key}: {recorded[key]!r} -> {now[key]!r}" for key in sorted(now.keys() & recorded.keys())
+               if now[key] != recorded[key]]
+    if changed:
+        log.warning("resuming with stage settings other than those the run trained with until %s: %s. The steps "
+                    "before it trained with the old values; the run's config.json and export will record the new "
+                    "ones", path.name, "; ".join(changed))
 
 
 def recorded_stage(path: Path) -> str | None:
