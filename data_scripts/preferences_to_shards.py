@@ -52,6 +52,8 @@ example:
 
 
 def image_list(record: dict) -> list[str]:
+    if "image" in record and "images" in record:
+        raise Skip("bad record", "both 'image' and 'images': give the file names in one of them")
     image = record.get("images", record.get("image"))
     if image is None:
         return []

@@ -158,6 +158,16 @@ def test_a_changed_constitution_file_is_not_resumed_as_it_was(tiny_sft_export, s
         run(config)
 
 
+def test_a_critic_url_with_a_trailing_slash_is_the_same_endpoint(tiny_sft_export, small_synthetic, tmp_path):
+    from vlm.constitution import pair_settings
+
+    constitution = load_constitution("synthetic")
+    settings = [pair_settings(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http",
+                                     f"critic.url=http://127.0.0.1:9{suffix}"), tiny_sft_export, None, None,
+                              constitution) for suffix in ("", "/")]
+    assert settings[0] == settings[1] and settings[0]["critic.url"] == "http://127.0.0.1:9"
+
+
 def test_a_principle_that_is_not_a_mapping_is_named(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text('principles:\n  - "just a string"\n')

@@ -317,6 +317,10 @@ def test_dpo_starts_from_the_export_whose_answers_its_pairs_are(tmp_path, caplog
         prepare_run(tiny_config(f"output_root={tmp_path / 'empty'}", "run_name=none", stage="dpo"))
     with pytest.raises(ConfigError, match=r"stage=dpo learns from a chat model's own answers .* init_from=PATH"):
         _task(None)
+    with caplog.at_level(logging.WARNING, logger="vlm"):  # vlm.eval's key, given to training
+        _task(made_by, "stage.reference=/elsewhere")
+    assert f"stage.reference='/elsewhere' is read by vlm.eval only: this run's reference is the export it starts " \
+           f"from, {made_by}" in caplog.text
 
 
 class ReferenceWatch(pl.Callback):

@@ -71,6 +71,7 @@ def test_bad_records_are_reported_with_line_and_reason(tmp_path, capsys):
         "image-in-answer": {**good, "chosen": "A. <image>"},
         "image-part-in-answer": {**good, "rejected": [{"role": "assistant", "content": [
             {"type": "image"}, {"type": "text", "text": "B."}]}]},
+        "image-and-images": {**good, "images": ["ok.png"]},
     }
     lines = [json.dumps({"id": "fine", **good})] + [json.dumps({"id": k, **v}) for k, v in bad.items()]
     lines.insert(1, "{not json")
@@ -82,7 +83,8 @@ def test_bad_records_are_reported_with_line_and_reason(tmp_path, capsys):
     assert code == 0 and "wrote 1 sample(s)" in out and f"skipped {len(bad) + 1} record(s)" in out
     reasons = ["not valid JSON", "no 'chosen' field", "no 'rejected' field", "are the same answer",
                "image file not found", "2 image(s)", "must end with a user turn", "'chosen' must be a non-empty",
-               "'prompt' is empty", "'chosen' holds <image>", "'rejected' holds <image>"]
+               "'prompt' is empty", "'chosen' holds <image>", "'rejected' holds <image>",
+               "both 'image' and 'images'"]
     report = {line.split(": ", 1)[0]: line for line in err.splitlines() if line.startswith("skipped line ")}
     for number, reason in enumerate(reasons, start=2):
         where = f"skipped line {number}" + (f" (id {list(bad)[number - 3]!r})" if number > 2 else "")

@@ -392,8 +392,9 @@ def pair_settings(config: ConstitutionConfig, checkpoint: Path, train: str | Non
                   constitution: Constitution) -> dict[str, Any]:
     """The settings that decide what each shard holds: a rerun that resumes a folder must use the same ones."""
     c = config
+    url = c.critic.url and c.critic.url.rstrip("/")  # http://host:8000/ and http://host:8000 are one endpoint
     return {"checkpoint": str(checkpoint.resolve()), "data.train": train, "data.val": val, "critic.kind": c.critic.kind,
-            "critic.url": c.critic.url, "critic.api": c.critic.api, "critic.model": c.critic.model,
+            "critic.url": url, "critic.api": c.critic.api, "critic.model": c.critic.model,
             "critic.max_new_tokens": c.critic.max_new_tokens, "constitution": c.constitution,
             "constitution_digest": constitution.digest,
             "mode": c.mode, "num_samples": c.num_samples, "temperature": c.temperature, "top_p": c.top_p,

@@ -110,7 +110,7 @@ def export_open_clip(checkpoint: Path, out: Path) -> Path:
     meta = read_meta(checkpoint)
     if meta.stage != "contrastive":
         raise ConversionError(f"checkpoint={str(checkpoint)!r} holds a {meta.stage!r} model; format=open_clip takes "
-                              f"a contrastive export (format=hf takes align and sft ones)")
+                              f"a contrastive export (format=hf takes align, sft and dpo ones)")
     refuse_taken(out)  # before the model is loaded
     bundle = load_clip(checkpoint)
     settings = open_clip_settings(bundle.model.config, bundle.tiler.mean, bundle.tiler.std)

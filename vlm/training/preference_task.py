@@ -65,6 +65,9 @@ class PreferenceTask(VLMTask):
         if read_meta(init_from).llm_config is None:
             raise ConfigError(f"init_from={str(init_from)!r} is a {read_meta(init_from).stage!r} export; stage="
                               f"{stage.name} starts from a chat model (an align or sft export)")
+        if config.stage.reference:
+            log.warning("stage.reference=%r is read by vlm.eval only: this run's reference is the export it starts "
+                        "from, %s", config.stage.reference, init_from)
         bundle = start_bundle(config, init_from)
         reference = None if config.stage.precompute_reference else copy.deepcopy(bundle.model)
         task = cls(config, stage, bundle, reference, str(init_from.absolute()) if init_from else None)
