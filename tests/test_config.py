@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import MISSING, OmegaConf
-from tiny import TINY, make_task, tiny_config
+from tiny import TINY, make_task, sft_export, tiny_config
 
 from vlm.cli import CONFIG_DIR, PATTERN_KEYS, compose_config, preflight, quote_values
 from vlm.config import ConfigError, TrainConfig, to_dict, to_train_config
@@ -49,8 +49,9 @@ def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_stage_instantiates_with_tiny_models(stage):
-    task = make_task(tiny_config(stage=stage), classnames=["a", "b"])
+def test_every_stage_instantiates_with_tiny_models(stage, tmp_path):
+    start = sft_export(tmp_path / "sft") if stage == "dpo" else None  # dpo learns from a chat model's answers
+    task = make_task(tiny_config(stage=stage), classnames=["a", "b"], init_from=start)
     trained = get_stage(stage).trains
     assert trained and all(task.parameter_counts[part][0] > 0 for part in trained)
     assert all(task.parameter_counts[part][0] == 0 for part in task.parameter_counts if part not in trained)
