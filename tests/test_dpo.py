@@ -423,6 +423,16 @@ def test_disable_dropout_silences_every_kind_of_dropout_in_a_timm_vit():
     assert torch.equal(vit(images), vit(images)) and vit.training
 
 
+def test_an_sft_export_scored_as_dpo_keeps_dpos_settings(tiny_sft_export, caplog):
+    from vlm.eval import as_trained
+
+    config = tiny_config(f"checkpoint={tiny_sft_export}", stage="dpo", tiny=False)
+    with caplog.at_level(logging.INFO, logger="vlm"):
+        as_trained(config, given={"stage", "checkpoint"})
+    assert (config.stage.beta, config.stage.loss, config.stage.sft_weight) == (0.3, "ipo", 1.0)
+    assert "as its run trained" not in caplog.text  # its sft run had no beta to take
+
+
 def test_a_pair_missing_from_the_precomputed_table_names_the_data_change():
     from vlm.training.reference import Reference
 

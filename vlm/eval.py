@@ -135,9 +135,11 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
     require_checkpoint(config)
     recorded = read_meta(config.checkpoint).train_config or {}
     for key in get_stage(config.stage.name).task.SCORED_WITH:
-        if f"stage.{key}" not in given and key in recorded and recorded[key] != getattr(config.stage, key):
-            log.info("stage.%s=%r, as its run trained (recorded in the export)", key, recorded[key])
-            setattr(config.stage, key, recorded[key])
+        # None: the run's stage had no such setting (an sft export scored with stage=dpo keeps dpo's defaults)
+        value = recorded.get(key)
+        if f"stage.{key}" not in given and value is not None and value != getattr(config.stage, key):
+            log.info("stage.%s=%r, as its run trained (recorded in the export)", key, value)
+            setattr(config.stage, key, value)
     held_out = recorded.get("held_out")
     if config.data.val is None and held_out:
         try:
