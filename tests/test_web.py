@@ -332,7 +332,10 @@ def test_image_question_streams_a_growing_answer(page, tiny_chat_model):
 def test_screenshot_of_a_conversation_with_an_image_and_the_phone_layout(page, live, monkeypatch):
     """The README's screenshot: a real upload and a real stream, with the reply scripted at the model (the test's
     model is random, and its words would only be noise). Then the same page at phone width: no sideways scrolling,
-    and the settings cover the screen."""
+    and the settings cover the screen as a modal sheet."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
     words = REPLY.split(" ")
     monkeypatch.setattr(live.app.state.server.chat, "stream", lambda prompt, cancel=None, **options: ScriptedStream(
         prompt, [w + " " for w in words[:-1]] + words[-1:], delay=0.01))
@@ -353,9 +356,24 @@ def test_screenshot_of_a_conversation_with_an_image_and_the_phone_layout(page, l
         panel = page.js("const r = document.getElementById('settings').getBoundingClientRect();"
                         "return [r.width, r.height]")
         assert panel == page.js("return [window.innerWidth, window.innerHeight]")
+        # a modal sheet: Tab goes round its own controls (and the browser's), never to the chat hidden behind it
+        assert page.js("return document.getElementById('settings').getAttribute('aria-modal')") == "true"
+        reached = set()
+        for _ in range(16):
+            ActionChains(page.driver).send_keys(Keys.TAB).perform()  # a real key press, to whatever has the focus
+            reached.add(page.js("const a = document.activeElement;"
+                                "return document.getElementById('settings').contains(a) ? 'settings' :"
+                                "a === document.body ? 'body' : a.id || a.tagName"))
+        assert reached <= {"settings", "body"} and "settings" in reached, reached
         page.find("#settings-close").click()
+        assert page.js("return !document.querySelector('main').inert && document.activeElement.id") == \
+            "settings-toggle"
     finally:
         page.viewport(1280, 800)
+    page.find("#settings-toggle").click()  # beside the chat on a wide screen: not modal
+    assert page.js("return !document.querySelector('main').inert && "
+                   "!document.getElementById('settings').hasAttribute('aria-modal')")
+    page.find("#settings-close").click()
 
 
 @pytest.mark.slow

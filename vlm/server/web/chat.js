@@ -120,10 +120,27 @@ function readSettings() {
   saveSettings();
 }
 
+// At phone width (chat.css's breakpoint) the open settings cover the page: a modal sheet, with what is behind it
+// out of reach of focus and screen readers until Done. Beside the chat on wider screens, they are not modal.
+const PHONE = window.matchMedia("(max-width: 720px)");
+
+function sheetMode() {
+  const modal = !$("settings").hidden && PHONE.matches;
+  for (const behind of document.querySelectorAll(".topbar, main")) behind.inert = modal;
+  if (modal) {
+    $("settings").setAttribute("role", "dialog");
+    $("settings").setAttribute("aria-modal", "true");
+  } else {
+    $("settings").removeAttribute("role");
+    $("settings").removeAttribute("aria-modal");
+  }
+}
+
 function toggleSettings(open) {
   const panel = $("settings");
   panel.hidden = !open;
   $("settings-toggle").setAttribute("aria-expanded", String(open));
+  sheetMode();
   if (open) $("model").focus();
   else $("settings-toggle").focus();
 }
@@ -718,6 +735,7 @@ function wire() {
   });
   $("settings-toggle").addEventListener("click", () => toggleSettings($("settings").hidden));
   $("settings-close").addEventListener("click", () => toggleSettings(false));
+  PHONE.addEventListener("change", sheetMode); // a phone turned, a window resized with the settings open
   for (const id of ["temperature-auto", "temperature", "max-tokens", "system", "api-key", "model"]) {
     $(id).addEventListener("input", readSettings);
     $(id).addEventListener("change", readSettings);
