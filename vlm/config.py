@@ -425,7 +425,8 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_root: str = setting()  # runs go to OUTPUT_ROOT/STAGE/RUN_NAME
     run_name: str | None = setting()  # null: a timestamp
-    init_from: str | None = setting()  # export folder to start from; auto: the previous stage's latest; null: fresh
+    # export folder to start from; auto: the previous stage's latest (dpo: the one its pairs came from); null: fresh
+    init_from: str | None = setting()
     resume: str | None = setting()  # auto: continue this stage's newest run from its last valid checkpoint; or a .ckpt
     checkpoint: str | None = setting()  # vlm.eval: the export folder to evaluate
 
