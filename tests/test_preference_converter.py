@@ -114,7 +114,9 @@ def test_null_records_null_answers_and_non_string_text_parts_are_bad_records(tmp
     parts = [{"type": "image"}, {"type": "text", "text": ["Q?"]}]
     lines = [json.dumps(good), "null", json.dumps({**good, "prompt": [{"role": "user", "content": parts}]}),
              json.dumps({**good, "rejected": [{"role": "assistant", "content": [{"type": "text", "text": 7}]}]}),
-             json.dumps({**good, "chosen": None})]
+             json.dumps({**good, "chosen": None}), json.dumps({**good, "prompt": [{"role": "user"}]}),
+             json.dumps({**good, "prompt": [{"role": "user", "content": None}]}),
+             json.dumps({**good, "chosen": [{"role": "assistant"}]})]
     (tmp_path / "prefs.jsonl").write_text("\n".join(lines) + "\n")
     code = preferences_to_shards.main(["--json", str(tmp_path / "prefs.jsonl"), "--images", str(tmp_path), "--out",
                                        str(tmp_path / "out")])
@@ -123,7 +125,10 @@ def test_null_records_null_answers_and_non_string_text_parts_are_bad_records(tmp
         "line 2: not a JSON object (null)",
         "line 3: 'prompt' message 1: a text part's 'text' must be a string, got list",
         "line 4: 'rejected' message 1: a text part's 'text' must be a string, got number",
-        "line 5: 'chosen' must be a non-empty string or a message list, got null"]
+        "line 5: 'chosen' must be a non-empty string or a message list, got null",
+        "line 6: a 'user' message has no 'content'",
+        "line 7: message content must be a string or a list of parts, got null",
+        "line 8: the assistant message of 'chosen' has no 'content'"]
 
 
 def test_prompts_in_either_message_form_give_the_same_text():
