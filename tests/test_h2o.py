@@ -314,12 +314,14 @@ def test_fractions_resolve_against_the_prompt_length():
 
 
 @pytest.mark.parametrize("options,key", [
-    ({"kv_cache": "h20"}, "kv_cache='h20'"),
+    ({"kv_cache": "h20"}, "kv_cache='h20' is not valid; choose one of ['dynamic', 'h2o']. Did you mean 'h2o'?"),
     ({"h2o": {"heavy": -1}}, "h2o.heavy=-1"),
     ({"h2o": {"recent": 1.5}}, "h2o.recent=1.5"),
     ({"h2o": {"sinks": 0.5}}, "h2o.sinks=0.5"),
     ({"h2o": {"recent": 0}}, "h2o.recent=0"),
     ({"h2o": {"ranking": "top"}}, "h2o.ranking='top'"),
+    ({"h2o": {"ranking": "means"}}, "h2o.ranking='means' is not valid; choose one of ['max', 'mean', 'sum']. Did you "
+                                    "mean 'mean'?"),
     ({"h2o": {"prompt_block": 0}}, "h2o.prompt_block=0"),
     ({"h2o": {"prompt_block": "images"}}, "h2o.prompt_block='images'"),
     ({"h2o": {"heavyy": 3}}, "unknown generation option 'h2o.heavyy'. Did you mean 'h2o.heavy'?"),

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlm.config import ConfigError, unknown_key_message
+from vlm.config import ConfigError, invalid_choice_message, unknown_key_message
 from vlm.data.tokenizer import IMAGE_TOKEN
 
 log = logging.getLogger("vlm.chat")
@@ -94,7 +94,7 @@ class H2OSettings:
                               f"the prompt read per pass), {IMAGE_BLOCKS!r} (a pass per image), or null to read it "
                               f"in one pass")
         if self.ranking not in RANKINGS:
-            raise OptionError(f"h2o.ranking={self.ranking!r} is not valid: use one of {list(RANKINGS)}")
+            raise OptionError(invalid_choice_message("h2o.ranking", self.ranking, RANKINGS))
 
 
 @dataclass
@@ -144,7 +144,7 @@ class GenerationOptions:
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "use an integer")
         if self.kv_cache not in KV_CACHES:
-            raise bad("kv_cache", f"choose one of {list(KV_CACHES)}")
+            raise OptionError(invalid_choice_message("kv_cache", self.kv_cache, KV_CACHES))
         self.h2o = _h2o_settings(self.h2o, H2OSettings())
 
     def updated(self, **overrides: Any) -> GenerationOptions:
