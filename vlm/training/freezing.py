@@ -48,13 +48,12 @@ def keep_frozen_parts_in_eval(parts: dict[str, nn.Module], trainable: Iterable[s
             module.eval()
 
 
-def keep_batch_norm_statistics(module: nn.Module) -> int:
+def keep_batch_norm_statistics(module: nn.Module) -> None:
     """Put every BatchNorm layer of `module` in eval mode: it normalises by its running statistics and no longer
-    updates them, as a frozen copy of it does. Returns how many layers."""
-    layers = [sub for sub in module.modules() if isinstance(sub, nn.modules.batchnorm._BatchNorm)]
-    for layer in layers:
-        layer.eval()
-    return len(layers)
+    updates them, as a frozen copy of it does."""
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            sub.eval()
 
 
 def disable_dropout(module: nn.Module) -> int:

@@ -58,7 +58,8 @@ class PreferenceTask(VLMTask):
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> PreferenceTask:
-        """The policy from a phase 2 export (by default the newest sft one); the reference is its frozen copy."""
+        """The policy from a phase 2 export (by default the one whose answers the pairs are, else the newest sft
+        one); the reference is its frozen copy."""
         if init_from is None:
             raise ConfigError(f"stage={stage.name} learns from a chat model's own answers and cannot start from fresh "
                               f"weights: pass init_from=PATH (an sft or align export) or init_from=auto")
@@ -70,7 +71,7 @@ class PreferenceTask(VLMTask):
                         "from, %s", config.stage.reference, init_from)
         bundle = start_bundle(config, init_from)
         reference = None if config.stage.precompute_reference else copy.deepcopy(bundle.model)
-        task = cls(config, stage, bundle, reference, str(init_from.absolute()) if init_from else None)
+        task = cls(config, stage, bundle, reference, str(init_from.absolute()))
         task.held_out = absolute_pattern(data.val) if data.val else None
         return task
 
