@@ -34,7 +34,11 @@ function saveChat() {
     else sessionStorage.removeItem(CHAT_KEY);
     state.unsaved = false;
   } catch {
-    sessionStorage.removeItem(CHAT_KEY);
+    try {
+      sessionStorage.removeItem(CHAT_KEY); // an older, shorter copy would come back on a reload
+    } catch {
+      // storage blocked (some private modes): nothing is kept
+    }
     if (!state.unsaved) notify("This conversation is too large for the browser to keep: a reload will lose it.");
     state.unsaved = true;
   }
