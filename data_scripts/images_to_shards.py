@@ -27,9 +27,11 @@ from data_scripts.shard_writing import (  # noqa: E402
     plan_jobs,
     prepare_output,
     read_image,
+    read_text_keeping_bad_bytes,
     report,
     run,
     text_field,
+    utf8,
     write_classnames,
     write_shards,
 )
@@ -72,11 +74,11 @@ class Row:
 def read_annotations(path: Path) -> list[Row]:
     """Rows of a CSV (header row; .tsv: tab-separated) or JSONL file; the format is told by the name or the content."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often start CSVs with a byte-order mark
+        text = read_text_keeping_bad_bytes(path)
     except FileNotFoundError:
         raise DataError(f"annotation file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read annotation file {path}: {err}") from None
+    except OSError as err:
+        raise DataError(f"cannot read annotation file {path}: {err.strerror or err}") from None
     is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (
         path.suffix.lower() not in (".csv", ".tsv") and text.lstrip().startswith("{"))
     rows = _read_jsonl(text) if is_jsonl else _read_csv(text, path)
@@ -222,7 +224,7 @@ def convert(args: argparse.Namespace) -> int:
         caption = (text_field(row.fields, "caption") or "").strip()
         if not caption:
             raise Skip("empty caption", f"empty caption for {image}")
-        sample: dict = {"txt": caption.encode("utf-8")}
+        sample: dict = {"txt": utf8(caption, "the caption")}
         label = _label_value(row.fields)
         if label is not None:
             if not _is_label(label):

@@ -29,8 +29,10 @@ from data_scripts.shard_writing import (  # noqa: E402
     plan_jobs,
     prepare_output,
     read_image,
+    read_text_keeping_bad_bytes,
     report,
     run,
+    utf8,
     write_shards,
 )
 
@@ -82,9 +84,9 @@ class Entry:
 def read_records(path: Path) -> list[Entry]:
     """Records of a JSON list, or of JSONL (one JSON object per line); told apart by the first character. Bytes that
     are not UTF-8 (a Latin-1 line, a cut-off character) are kept as lone surrogates, so that only the records holding
-    them are refused (`sample_json`), each with its line."""
+    them are refused, each with its line."""
     try:
-        text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+        text = read_text_keeping_bad_bytes(path)
     except FileNotFoundError:
         raise DataError(f"JSON file not found: {path}") from None
     except OSError as err:
@@ -189,18 +191,6 @@ def records_parser(prog: str, description: str, example: str, json_help: str) ->
     return parser
 
 
-def sample_json(record: dict) -> bytes:
-    """A sample's JSON as UTF-8; raises Skip for text that has no UTF-8 form: bytes of another encoding in the input
-    file (read as lone surrogates) or a lone surrogate escape ("\\ud800") in its JSON."""
-    text = json.dumps(record, ensure_ascii=False)
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        context = text[max(0, err.start - 30): err.start].encode("utf-8", "replace").decode()
-        raise Skip("not UTF-8", f"text that is not valid UTF-8 after {context!r}: bytes of another encoding (save "
-                                f"the file as UTF-8) or a lone surrogate escape") from None
-
-
 def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[str]],
                     to_json: Callable[[dict, int], dict], use: str) -> int:
     """Records (one JSON object each) -> shards of {"json": to_json(record, number of images), "0.jpg", ...}; a record
@@ -215,7 +205,7 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
         if not isinstance(entry.record, dict):
             raise Skip("bad record", f"not a JSON object ({json_type(entry.record)})")
         names = names_of(entry.record)
-        sample: dict = {"json": sample_json(to_json(entry.record, len(names)))}
+        sample: dict = {"json": utf8(json.dumps(to_json(entry.record, len(names)), ensure_ascii=False), "the record")}
         for index, name in enumerate(names):
             extension, data = read_image(args.images / name.strip())
             sample[f"{index}.{extension}"] = data

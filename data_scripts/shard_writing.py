@@ -50,6 +50,24 @@ class Skip(Exception):
         self.kind = kind
 
 
+def read_text_keeping_bad_bytes(path: Path) -> str:
+    """A text file decoded as UTF-8 (a leading byte-order mark dropped, as spreadsheets write one), with bytes of
+    another encoding (a Latin-1 line, a cut-off character) kept as lone surrogates, so that only the records holding
+    them are refused (`utf8`), each with its line. Raises OSError as reading does."""
+    return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+
+
+def utf8(text: str, what: str) -> bytes:
+    """`text` as UTF-8 to store; raises Skip for text that has no UTF-8 form: bytes of another encoding in the input
+    file (read as lone surrogates) or a lone surrogate escape ("\\ud800") in its JSON."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        context = text[max(0, err.start - 30): err.start].encode("utf-8", "replace").decode()
+        raise Skip("not UTF-8", f"{what} holds text that is not valid UTF-8 after {context!r}: bytes of another "
+                                f"encoding (save the file as UTF-8) or a lone surrogate escape") from None
+
+
 def text_field(record: dict, name: str) -> str | None:
     """record[name] as text, None when absent or null; any other type (a list, a number) is a bad record rather
     than its Python repr written out as text."""

@@ -177,6 +177,20 @@ def test_missing_and_corrupt_images_are_skipped(tmp_path, capsys):
     assert len(_read_split(tmp_path / "out/train")) == 4
 
 
+def test_a_latin1_caption_skips_its_row_and_the_rest_convert(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 3)
+    annotations = tmp_path / "a.csv"
+    captions = ["a cat", "a dog", "un caf\u00e9"]  # the last one written in Latin-1, as an old spreadsheet saves it
+    annotations.write_bytes(b"image,caption,label\n" + b"".join(
+        f"{r['image']},{c},{r['label']}\n".encode("latin-1" if "\u00e9" in c else "utf-8")
+        for r, c in zip(rows, captions, strict=True)))
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                       "--out", str(tmp_path / "out"), "--no-shuffle"])
+    assert code == 0 and "wrote 2 sample(s)" in out
+    assert "a.csv line 4: the caption holds text that is not valid UTF-8 after 'un caf'" in err
+    assert [s["txt"].decode() for s in _read_split(tmp_path / "out/train").values()] == captions[:2]
+
+
 def test_nothing_written_exits_1(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     annotations = _write_csv(tmp_path / "a.csv", [{"image": "nope.png", "caption": "x"}], ("image", "caption"))
