@@ -52,12 +52,18 @@ def message_text(content: Any, name: str) -> str:
     raise SampleError(f"{name}: message content must be a string or a list of parts, got {json_type(content)}")
 
 
+def turn_text(turn: dict, name: str, which: str) -> str:
+    """The text of a {"role", "content"} or LLaVA {"from", "value"} message; `which` names it in the error for a
+    message without either."""
+    if "content" not in turn and "value" not in turn:
+        raise SampleError(f"{name}: {which} has no 'content'")
+    return message_text(turn.get("content", turn.get("value")), name)
+
+
 def _as_text_turn(turn: dict, name: str) -> dict:
     """A turn with its text in "content" alone: from_llava reads "value" first, so parts left there would reach the
     model as the list's repr."""
-    if "content" not in turn and "value" not in turn:
-        raise SampleError(f"{name}: a {turn.get('role', turn.get('from', 'prompt'))!r} message has no 'content'")
-    text = message_text(turn.get("content", turn.get("value")), name)
+    text = turn_text(turn, name, f"a {turn.get('role', turn.get('from', 'prompt'))!r} message")
     return {**{k: v for k, v in turn.items() if k != "value"}, "content": text}
 
 
@@ -89,10 +95,7 @@ def answer_text(answer: Any, field: str, name: str) -> str:
         replies = [m for m in answer if isinstance(m, dict) and m.get("role", m.get("from")) in ("assistant", "gpt")]
         if not replies:
             raise SampleError(f"{name}: {field!r} is a message list without an assistant message")
-        reply = replies[-1]
-        if "content" not in reply and "value" not in reply:
-            raise SampleError(f"{name}: the assistant message of {field!r} has no 'content'")
-        answer = message_text(reply.get("content", reply.get("value")), name)
+        answer = turn_text(replies[-1], name, f"the assistant message of {field!r}")
     if not isinstance(answer, str) or not answer.strip():
         got = "an empty string" if isinstance(answer, str) else json_type(answer)
         raise SampleError(f"{name}: {field!r} must be a non-empty string or a message list, got {got}")
