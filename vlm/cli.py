@@ -170,10 +170,7 @@ def help_text(config_name: str, args: list[str] = ()) -> str:
             options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
             mark = " (chosen)" if group in picked else " (default)"
             lines.append(f"  {group}: " + ", ".join(f"{o}{mark}" if o == option else o for o in options))
-    files = [config_name]
-    defaults = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").get("defaults", [])
-    files += [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
-    for name in files:
+    for name in [config_name, *_file_defaults(CONFIG_DIR / f"{config_name}.yaml")]:
         text = _without_blocks((CONFIG_DIR / f"{name}.yaml").read_text(), ("defaults", "hydra"))
         lines += ["", f"settings of configs/{name}.yaml (KEY=VALUE; nested keys with dots, e.g. eval.max_samples=64):",
                   text]
@@ -185,11 +182,16 @@ def help_text(config_name: str, args: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def _file_defaults(path: Path) -> list[str]:
+    """The files a YAML config's `defaults` list names beside it (plain names; not group choices, not _self_)."""
+    defaults = OmegaConf.load(path).get("defaults", [])
+    return [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+
+
 def _with_parents(group: str, option: str) -> list[str]:
     """The option files of `group` that `option` is composed from: the options its `defaults` list names (each with
     its own), then itself."""
-    defaults = OmegaConf.load(CONFIG_DIR / group / f"{option}.yaml").get("defaults", [])
-    parents = [entry for entry in defaults if isinstance(entry, str) and entry != "_self_"]
+    parents = _file_defaults(CONFIG_DIR / group / f"{option}.yaml")
     return [name for parent in parents for name in _with_parents(group, parent)] + [option]
 
 
