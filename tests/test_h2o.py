@@ -343,8 +343,10 @@ def test_the_infer_config_checks_the_h2o_keys():
 
     config = load_config(InferConfig, compose_config("infer", ["generation.kv_cache=h2o", "generation.h2o.heavy=64"]))
     assert config.generation.h2o.heavy == 64 and isinstance(config.generation.h2o.heavy, int)
-    with pytest.raises(ConfigError, match=r"h2o.recent=1.5 is not valid"):
+    with pytest.raises(ConfigError, match=r"^generation\.h2o\.recent=1.5 is not valid"):
         load_config(InferConfig, compose_config("infer", ["generation.h2o.recent=1.5"]))
+    with pytest.raises(ConfigError, match=r"^generation\.top_p=2.0 is not valid"):  # named as the user typed it
+        load_config(InferConfig, compose_config("infer", ["generation.top_p=2"]))
 
 
 def test_chat_answers_stream_and_match_with_a_budget_holding_everything(tiny_chat_model):

@@ -30,7 +30,13 @@ CAP_SHORT_SIDE = 4096
 
 
 class ConfigError(UserError, ValueError):
-    """A configuration key or value that cannot work; the message names the key and what would."""
+    """A configuration key or value that cannot work; the message names the key and what would. `key`, where the
+    raiser sets it, is the key as the raiser knows it (`top_p`, `h2o.ranking`), and the message starts with it, so
+    `load_config` can name the key by its full path (`generation.top_p`)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 def setting(default: Any = MISSING, *, choices: Iterable[Any] | None = None, minimum: float | None = None,
@@ -139,9 +145,28 @@ def load_config(schema: type[T], values: DictConfig | dict[str, Any], path: str 
             raise error(f"bad value for {path + key!r}: {reason}") from None
         raise error(unknown_key_message(path + key, valid)) from None
     except ValueError as err:  # a dataclass's own __post_init__ check
-        raise error(str(err)) from None
+        raise error(_with_full_key(str(err), getattr(err, "key", None), raw, path)) from None
     check_fields(config, path, error)
     return config  # type: ignore[return-value]
+
+
+def _with_full_key(message: str, key: str | None, raw: dict[str, Any], path: str) -> str:
+    """`message`, which starts with `key` as a nested dataclass knows it, starting with that key's full path in the
+    composed values `raw` instead ("top_p=2" -> "generation.top_p=2") where exactly one path ends with it."""
+    if not key or not message.startswith(key):
+        return message
+    paths = [p for p in _dotted_keys(raw) if p == key or p.endswith("." + key)]
+    return path + paths[0] + message[len(key):] if len(paths) == 1 else message
+
+
+def _dotted_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key of a nested dict as a dotted path, branches included."""
+    keys = []
+    for name, value in values.items():
+        keys.append(prefix + str(name))
+        if isinstance(value, dict):
+            keys += _dotted_keys(value, prefix + str(name) + ".")
+    return keys
 
 
 def to_dict(config: Any) -> dict[str, Any]:

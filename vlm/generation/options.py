@@ -84,17 +84,18 @@ class H2OSettings:
             if _is_int(value) and value >= 0 or isinstance(value, float) and 0 <= value <= 1:
                 continue
             raise OptionError(f"h2o.{name}={value!r} is not valid: use a token count (an integer >= 0) or a "
-                              f"fraction of the prompt's length in [0, 1]")
+                              f"fraction of the prompt's length in [0, 1]", key=f"h2o.{name}")
         if not _is_int(self.sinks) or self.sinks < 0:
-            raise OptionError(f"h2o.sinks={self.sinks!r} is not valid: use an integer >= 0")
+            raise OptionError(f"h2o.sinks={self.sinks!r} is not valid: use an integer >= 0", key="h2o.sinks")
         if self.recent in (0, 0.0):
-            raise OptionError("h2o.recent=0 is not valid: the window must hold at least the newest token")
+            raise OptionError("h2o.recent=0 is not valid: the window must hold at least the newest token",
+                              key="h2o.recent")
         if self.prompt_block not in (None, IMAGE_BLOCKS) and (not _is_int(self.prompt_block) or self.prompt_block < 1):
             raise OptionError(f"h2o.prompt_block={self.prompt_block!r} is not valid: use an integer >= 1 (tokens of "
                               f"the prompt read per pass), {IMAGE_BLOCKS!r} (a pass per image), or null to read it "
-                              f"in one pass")
+                              f"in one pass", key="h2o.prompt_block")
         if self.ranking not in RANKINGS:
-            raise OptionError(invalid_choice_message("h2o.ranking", self.ranking, RANKINGS))
+            raise OptionError(invalid_choice_message("h2o.ranking", self.ranking, RANKINGS), key="h2o.ranking")
 
 
 @dataclass
@@ -116,7 +117,7 @@ class GenerationOptions:
 
     def __post_init__(self) -> None:
         def bad(name: str, rule: str) -> OptionError:
-            return OptionError(f"{name}={getattr(self, name)!r} is not valid: {rule}")
+            return OptionError(f"{name}={getattr(self, name)!r} is not valid: {rule}", key=name)
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise bad("max_new_tokens", "use an integer >= 1")
@@ -144,7 +145,7 @@ class GenerationOptions:
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "use an integer")
         if self.kv_cache not in KV_CACHES:
-            raise OptionError(invalid_choice_message("kv_cache", self.kv_cache, KV_CACHES))
+            raise OptionError(invalid_choice_message("kv_cache", self.kv_cache, KV_CACHES), key="kv_cache")
         self.h2o = _h2o_settings(self.h2o, H2OSettings())
 
     def updated(self, **overrides: Any) -> GenerationOptions:
