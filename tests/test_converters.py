@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import subprocess
 import sys
 import warnings
@@ -21,6 +22,7 @@ from PIL import Image
 
 from data_scripts import images_to_shards, llava_to_shards, make_synthetic
 from data_scripts.shard_writing import Skip, read_image, split_names
+from vlm.data.shards import list_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -259,7 +261,7 @@ def test_overwrite_leaves_only_this_runs_output(tmp_path, capsys):
            ["train", "train/classnames.txt", "train/shard-000000.tar"]  # no stale val/ nor skipped.txt
 
 
-def test_an_interrupted_conversion_leaves_no_cut_off_shard_under_a_shard_name(tmp_path, capsys, monkeypatch):
+def test_an_interrupted_conversion_leaves_no_cut_off_shard_under_a_shard_name(tmp_path, capsys, monkeypatch, caplog):
     rows = _write_images(tmp_path / "images", 5)
     annotations = _write_csv(tmp_path / "a.csv", rows)
     argv = ["--images", str(tmp_path / "images"), "--annotations", str(annotations), "--out", str(tmp_path / "out"),
@@ -277,6 +279,10 @@ def test_an_interrupted_conversion_leaves_no_cut_off_shard_under_a_shard_name(tm
     assert code == 130 and "stopped: the shards in" in err and "--overwrite" in err
     written = sorted(p.name for p in (tmp_path / "out/train").iterdir())
     assert written == ["shard-000000.tar", "shard-000001.tar.partial"]
+    with caplog.at_level(logging.WARNING, logger="vlm.data.shards"):  # training on the whole shard says the set is cut
+        assert len(list_shards(str(tmp_path / "out/train/shard-000000.tar"))) == 1
+    assert f"data.train: {tmp_path / 'out/train'} holds shard-000001.tar.partial, left by a converter that was " \
+           f"stopped before it finished" in caplog.text
     monkeypatch.undo()
     code, out, _ = _convert(capsys, [*argv, "--overwrite"])  # the rerun clears the partial one too
     assert code == 0 and sorted(p.name for p in (tmp_path / "out/train").glob("shard-*")) == [

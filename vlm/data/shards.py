@@ -8,6 +8,7 @@ skips across DataLoader workers and stop when the rate passes `data.max_skip_rat
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -52,7 +53,22 @@ def list_shards(pattern: str, key: str = "data.train") -> list[str]:
     if folders := [u for u in local if os.path.isdir(u.removeprefix("file:"))]:
         raise ShardError(f"{key}={pattern!r}: {folders[0]!r} is a folder; name its shards, e.g. "
                          f"{key}={shard_pattern_hint(folders[0].removeprefix('file:'))!r}")
+    warn_unfinished_conversion({os.path.dirname(u.removeprefix("file:")) or "." for u in local}, key)
     return urls
+
+
+_WARNED_UNFINISHED: set[str] = set()  # folders already warned about: a run lists its shards more than once
+
+
+def warn_unfinished_conversion(folders: Iterable[str], key: str) -> None:
+    """A converter names the shard it is writing NAME.partial until it is whole; one left behind means the run was
+    stopped, and the whole shards beside it are only part of the data set. Warns once per folder."""
+    for folder in sorted(set(folders) - _WARNED_UNFINISHED):
+        _WARNED_UNFINISHED.add(folder)
+        if unfinished := sorted(glob.glob(os.path.join(glob.escape(folder), "*.partial"))):
+            log.warning("%s: %s holds %s, left by a converter that was stopped before it finished; its shards are "
+                        "only part of the data set (rerun the converter with --overwrite to write all of it)",
+                        key, folder, os.path.basename(unfinished[0]))
 
 
 def absolute_pattern(pattern: str) -> str:
