@@ -13,7 +13,13 @@ import pytest
 import torch
 from PIL import Image
 from tiny import REGISTERED_VIT, contrastive_export, sft_export, tiny_config
-from transformers import AutoModelForImageTextToText, AutoProcessor, PerceptionLMForConditionalGeneration, pipeline
+from transformers import (
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PerceptionLMForConditionalGeneration,
+    pipeline,
+)
 
 from benchmarks.llava_twin import llava_twin
 from vlm.config import ConfigError
@@ -58,6 +64,7 @@ def test_transformers_gives_the_same_inputs_logits_and_greedy_answer(tiny_sft_ex
         logits = model(**inputs).logits
         reference = ours.model(expected.input_ids[None], pixel_values=expected.pixel_values).logits
     assert (logits - reference).abs().max() < 1e-4
+    assert type(AutoModel.from_pretrained(hf_folder, trust_remote_code=True)).__name__ == type(model).__name__
     theirs = model.generate(**inputs, max_new_tokens=6, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     mine = ours.model.generate(expected.input_ids[None], pixel_values=expected.pixel_values, max_new_tokens=6,
                                do_sample=False)

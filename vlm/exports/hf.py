@@ -119,6 +119,9 @@ def export_hf(checkpoint: Path, out: Path, route: str = "auto") -> Path:
         for cls, auto in ((VlmConfig, "AutoConfig"), (VlmForConditionalGeneration, "AutoModelForImageTextToText"),
                           (VlmProcessor, "AutoProcessor")):
             cls.register_for_auto_class(auto)
+        # AutoModel as well (a class registers under one auto class): the whole model, as remote-code VLMs offer it
+        model.config.auto_map = {"AutoModel": f"{VlmForConditionalGeneration.__module__.rpartition('.')[2]}."
+                                              f"{VlmForConditionalGeneration.__name__}"}
     if note := dense_attention_note(vlm):
         log.warning("%s", note)
         details["attention"] = note
