@@ -21,16 +21,17 @@ from tiny import tiny_config
 
 from vlm.cli import compose_config
 from vlm.config import ConfigError, load_config
-from vlm.constitution import (
-    ConstitutionConfig,
-    Counts,
-    PairMaker,
-    load_constitution,
-    read_prompts,
-    run,
-    why_no_pairs,
+from vlm.constitution import run, why_no_pairs
+from vlm.constitution.critics import (
+    ChatCritic,
+    CriticRefused,
+    CriticUnreachable,
+    HttpCompletion,
+    Item,
+    SyntheticCritic,
 )
-from vlm.critics import ChatCritic, CriticRefused, CriticUnreachable, HttpCompletion, Item, SyntheticCritic
+from vlm.constitution.pairs import Counts, PairMaker, read_prompts
+from vlm.constitution.settings import ConstitutionConfig, load_constitution
 from vlm.data.preferences import PreferenceDecoder
 from vlm.data.shards import build_pipeline
 from vlm.errors import UserError
@@ -48,8 +49,6 @@ def _config(tiny_sft_export: Path, small_synthetic: list[str], tmp_path: Path, *
 
 
 def test_an_output_path_that_is_a_file_is_refused_before_the_model_loads(tiny_sft_export, small_synthetic, tmp_path):
-    from vlm.constitution import run
-
     (tmp_path / "pairs").write_text("notes")
     with pytest.raises(ConfigError, match=r"out='.*pairs' is a file; give a folder for the preference pairs"):
         run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic"))
@@ -159,7 +158,7 @@ def test_a_changed_constitution_file_is_not_resumed_as_it_was(tiny_sft_export, s
 
 
 def test_a_critic_url_with_a_trailing_slash_is_the_same_endpoint(tiny_sft_export, small_synthetic, tmp_path):
-    from vlm.constitution import pair_settings
+    from vlm.constitution.output import pair_settings
 
     constitution = load_constitution("synthetic")
     settings = [pair_settings(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http",

@@ -463,7 +463,7 @@ def test_an_image_past_pils_guard_but_within_the_trainers_is_checked_without_pil
 
 
 def test_llava_prompts_for_the_constitution_need_a_user_turn_not_an_answer(tmp_path, capsys):
-    from vlm.constitution import read_prompts
+    from vlm.constitution.pairs import read_prompts
 
     (tmp_path / "a.png").write_bytes(noise(1, fmt="PNG"))
     records = [{"id": "asked", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}]},

@@ -1,0 +1,155 @@
+"""Prompts in, preference samples out: each prompt's conversation up to its last user turn, the policy's answers to
+it, and the critic's judgement of them (`mode=revise` or `best_of_n`), with the counts of what was kept and dropped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vlm.constitution.critics import Critic, Item, Principle
+from vlm.constitution.settings import Constitution, ConstitutionConfig
+from vlm.data.captions import image_fields
+from vlm.data.conversations import from_llava
+from vlm.data.shards import build_pipeline, list_shards
+from vlm.errors import UserError
+from vlm.metrics import normalize_exact
+
+log = logging.getLogger(__name__)
+
+
+def read_prompts(pattern: str, key: str) -> Iterator[Item]:
+    """Conversation shards -> one Item per sample: the conversation up to its last user turn, and its recorded last
+    answer (the synthetic critic's ground truth). Caption and malformed samples are skipped with a warning."""
+    for sample in build_pipeline(list_shards(pattern, key), lambda s: s, train=False, split_by_node=False):
+        name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        try:
+            record = json.loads(sample["json"])
+            messages = from_llava(record["conversations"], name).messages
+        except (KeyError, ValueError, TypeError, UserError) as err:
+            log.warning("skipping %s: not a conversation sample (%s)", name, err)
+            continue
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last_user is None:
+            log.warning("skipping %s: no user turn", name)
+            continue
+        reply = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
+        turns = record["conversations"]
+        group = (turns[last_user + 1].get("type") if reply is not None else None) or record.get("type")
+        fields = image_fields(sample)
+        yield Item(name, messages[: last_user + 1], [sample[f] for f in fields], reply, fields,
+                   None if group is None else str(group))
+
+
+@dataclass
+class Counts:
+    prompts: int = 0
+    kept: int = 0
+    dropped_unchanged: int = 0  # revise: the revision equals the answer (nothing to learn)
+    anchors: int = 0  # revise: unchanged answers kept as anchors (train split; counted in dropped_unchanged too)
+    dropped_tie: int = 0  # best_of_n: every answer scored the same
+    dropped_empty: int = 0  # the critique or the revision came back empty (small critics do that)
+    dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked
+    dropped_unscored: int = 0  # best_of_n: a reply held no number to score the answer by
+    critic_failed: int = 0  # the critic's failed requests (a prompt may ask several)
+
+    def add(self, other: Counts) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class PairMaker:
+    """Prompts -> preference samples, a batch at a time: the policy answers, the critic judges."""
+
+    def __init__(self, config: ConstitutionConfig, chat_model: Any, critic: Critic, constitution: Constitution):
+        self.config, self.chat, self.critic, self.constitution = config, chat_model, critic, constitution
+
+    def __call__(self, items: list[Item], seed: int, anchors: bool = False) -> tuple[list[dict[str, Any]], Counts]:
+        """Pair samples for `items`, then (with `anchors`) the anchor samples, and the counts."""
+        from vlm.generation.completion import PromptError
+
+        counts, asked, prompts = Counts(prompts=len(items)), [], []
+        for item in items:
+            try:
+                prompts.append(self.chat.prepare(item.messages, item.images))
+                asked.append(item)
+            except PromptError as err:
+                log.warning("skipping %s: %s", item.key, err)
+                counts.dropped_failed += 1
+        principles = [self._principle(item) for item in asked]
+        n = self.config.num_samples if self.config.mode == "best_of_n" else 1
+        options = {"temperature": self.config.temperature, "top_p": self.config.top_p,
+                   "max_new_tokens": self.config.max_new_tokens, "seed": seed}
+        answers = self.chat.generate_batch(prompts * n, **options)  # sample k of prompt i at k * len(prompts) + i
+        kept_right: list[tuple[Item, str]] = []
+        if self.config.mode == "revise":
+            judged = self._revised(asked, answers, principles, counts, kept_right if anchors else None)
+        else:
+            judged = self._best_of_n(asked, answers, principles, counts)
+        samples = [self._sample(item, principle, record) for item, principle, record in judged]
+        counts.kept, counts.anchors = len(samples), len(kept_right)
+        return samples + [self._anchor(item, answer) for item, answer in kept_right], counts
+
+    def _principle(self, item: Item) -> Principle:
+        """One principle per prompt, drawn at random from those that judge its question type (all of them when none
+        does), from the prompt's own seed, so a resumed run draws the same ones."""
+        every = self.constitution.principles
+        fitting = [p for p in every if p.judges(item.group)] or every
+        return random.Random(f"{self.config.seed}:{item.key}").choice(fitting)
+
+    def _revised(self, items: list[Item], answers: list[str], principles: list[Principle], counts: Counts,
+                 kept_right: list[tuple[Item, str]] | None) -> list:
+        """(item, principle, pair record) for each answer the critic changed; of those it left as they were, the
+        share `anchors` (drawn from each prompt's own seed) goes to `kept_right`, when given."""
+        out = []
+        for item, answer, principle, revised in zip(items, answers, principles,
+                                                    self.critic.revise(items, answers, principles), strict=True):
+            if revised is None:
+                counts.dropped_failed += 1
+            elif not revised.revision.strip():
+                counts.dropped_empty += 1
+            elif normalize_exact(revised.revision) == normalize_exact(answer) or not answer.strip():
+                counts.dropped_unchanged += 1
+                draw = random.Random(f"{self.config.seed}:{item.key}:anchor").random()
+                if kept_right is not None and answer.strip() and draw < self.config.anchors:
+                    kept_right.append((item, answer))
+            else:
+                out.append((item, principle, {"chosen": revised.revision, "rejected": answer,
+                                              "critique": revised.critique}))
+        return out
+
+    def _best_of_n(self, items: list[Item], answers: list[str], principles: list[Principle], counts: Counts) -> list:
+        n, width = self.config.num_samples, len(items)
+        scores = self.critic.score(items * n, answers, principles * n)
+        out = []
+        for i, (item, principle) in enumerate(zip(items, principles, strict=True)):
+            rows = [(scores[k * width + i], answers[k * width + i]) for k in range(n)]
+            if any(score is None for score, _ in rows):
+                counts.dropped_failed += 1
+                continue
+            if any(math.isnan(score) for score, _ in rows):
+                counts.dropped_unscored += 1
+                continue
+            best, worst = max(rows, key=lambda r: r[0]), min(rows, key=lambda r: r[0])
+            if best[0] == worst[0] or normalize_exact(best[1]) == normalize_exact(worst[1]):
+                counts.dropped_tie += 1
+                continue
+            out.append((item, principle, {"chosen": best[1], "rejected": worst[1],
+                                          "scores": {"chosen": best[0], "rejected": worst[0]}}))
+        return out
+
+    def _sample(self, item: Item, principle: Principle, record: dict[str, Any]) -> dict[str, Any]:
+        record = {"prompt": item.messages, **record, "principle": principle.name, "type": item.group,
+                  "source": item.key}
+        return {"json": json.dumps(record), **dict(zip(item.image_names, item.images, strict=True))}
+
+    @staticmethod
+    def _anchor(item: Item, answer: str) -> dict[str, Any]:
+        """A conversation sample: the prompt and the policy's own answer, which the critic left unchanged."""
+        record = {"conversations": [*item.messages, {"role": "assistant", "content": answer}], "type": item.group,
+                  "source": item.key, "anchor": True}
+        return {"json": json.dumps(record), **dict(zip(item.image_names, item.images, strict=True))}
