@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -160,6 +161,18 @@ def test_help_describes_the_entry_point_its_groups_and_its_settings(name, capsys
         assert "  critic: http, self (default), synthetic" in shown and "stage:" not in shown
     if name in ("infer", "serve", "export"):
         assert "config groups" not in shown and "checkpoint: null" in shown
+
+
+def test_help_piped_into_a_reader_that_stops_early_is_no_error():
+    """`python -m vlm.train --help | head -3`: the reader closes the pipe before the help is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-c", "from vlm.cli import print_help; print_help('settings ' * 9000)"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 @pytest.mark.slow  # three `python -m vlm.train` processes, each importing torch and Lightning

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
@@ -99,6 +101,15 @@ def _unknown_key(cfg: DictConfig, key: str) -> str | None:
     return unknown_key_message(f"{parent}.{leaf}" if parent else leaf, list(node.keys()))
 
 
+def print_help(text: str) -> NoReturn:
+    """Print `text` and exit 0; a reader that stops early (`--help | head`) is not an error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush cannot fail again
+    sys.exit(0)
+
+
 def preflight(args: list[str], config_name: str) -> None:
     """Compose the config once before Hydra runs, so a typo fails at once with the key and its valid choices.
 
@@ -110,8 +121,7 @@ def preflight(args: list[str], config_name: str) -> None:
     if not CONFIG_DIR.is_dir():
         fail(f"config folder {str(CONFIG_DIR)!r} not found; reinstall vlm (`pip install .` ships the configs)")
     if "--help" in args or "-h" in args:
-        print(help_text(config_name, [a for a in args if not a.startswith("-")]))
-        sys.exit(0)
+        print_help(help_text(config_name, [a for a in args if not a.startswith("-")]))
     if any(a.startswith("-") for a in args):
         return  # Hydra's own flags (--hydra-help, --cfg job, -m) do their own checking
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
