@@ -22,6 +22,7 @@ from PIL import Image
 
 from data_scripts import images_to_shards, llava_to_shards, make_synthetic
 from data_scripts.shard_writing import Skip, read_image, split_names
+from vlm.data.captions import image_fields
 from vlm.data.shards import list_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -364,12 +365,14 @@ def test_llava_round_trip(tmp_path, capsys):
     (images / "a.jpg").write_bytes(noise(1, fmt="JPEG"))
     (images / "b.png").write_bytes(noise(2, fmt="PNG"))
     (images / "c.jpeg").write_bytes(noise(3, fmt="JPEG"))
+    (images / "d.webp").write_bytes(noise(4, fmt="WEBP"))
     records = [
         {"id": "one", "image": "a.jpg", "conversations": _turns("<image>\nWhat is it?", "Noise.")},
         {"id": "two", "image": ["b.png", "c.jpeg"], "source": "test",
          "conversations": [{"from": "system", "value": "Be brief."},
                            *_turns("<image>\n<image>\nSame?", "No.", "user", "assistant")]},
         {"id": "text", "conversations": _turns("Hello?", "Hi.")},
+        {"id": "mixed", "image": ["d.webp", "a.jpg"], "conversations": _turns("<image>\n<image>\nSame?", "No.")},
     ]
     source = tmp_path / "llava.json"
     source.write_text(json.dumps(records))
@@ -377,14 +380,16 @@ def test_llava_round_trip(tmp_path, capsys):
                                      "--no-shuffle"], main=llava_to_shards.main)
     assert code == 0 and "stage=sft" in out
     samples = _read(str(tmp_path / "out/train/shard-{000000..000000}.tar"))
-    assert list(samples) == ["00000000", "00000001", "00000002"]
-    one, two, text = samples.values()
+    assert list(samples) == ["00000000", "00000001", "00000002", "00000003"]
+    one, two, text, mixed = samples.values()
     assert one["0.jpg"] == (images / "a.jpg").read_bytes() and json.loads(one["json"]) == records[0]
     assert two["0.png"] == (images / "b.png").read_bytes() and two["1.jpg"] == (images / "c.jpeg").read_bytes()
     kept = json.loads(two["json"])
     assert [t["from"] for t in kept["conversations"]] == ["system", "human", "gpt"]  # user/assistant mapped
     assert kept["source"] == "test" and kept["image"] == ["b.png", "c.jpeg"]
     assert not any(k.endswith(("jpg", "png", "webp")) for k in text) and json.loads(text["json"]) == records[2]
+    # the trainer reads the images in <image> order whatever their formats ("0.webp" before "1.jpg")
+    assert [mixed[f] for f in image_fields(mixed)] == [(images / n).read_bytes() for n in ("d.webp", "a.jpg")]
 
 
 def test_a_fresh_process_with_a_text_only_record_first_converts_with_workers(tmp_path):

@@ -11,8 +11,8 @@ from images import solid
 from tiny import tiny_config
 
 from vlm.config import TilerConfig
-from vlm.data.captions import CaptionDecoder, collate_captions
-from vlm.data.shards import ShardError, build_pipeline, list_shards, make_loader, reader_plan
+from vlm.data.captions import CaptionDecoder, collate_captions, text_field
+from vlm.data.shards import ShardError, SkipSample, build_pipeline, list_shards, make_loader, reader_plan
 from vlm.data.sources import resolve
 from vlm.data.tiler import Tiler
 from vlm.training.health import DataHealth
@@ -135,3 +135,8 @@ def test_skip_warnings_stop_at_a_hundred_per_reader_and_the_rest_are_counted(tmp
     assert only["skipped"] == bad  # every skip counted
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == MAX_SKIP_WARNINGS + 1 and lines[-1].startswith(f"{MAX_SKIP_WARNINGS} samples skipped")
+
+
+def test_a_caption_that_is_not_utf8_is_skipped_naming_its_field():
+    with pytest.raises(SkipSample, match=r"^the 'txt' field is not UTF-8 text \(invalid start byte at byte 2\)$"):
+        text_field({"txt": b"a \xff cat"}, "txt")

@@ -16,14 +16,22 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 def image_fields(sample: dict) -> list[str]:
     """The sample's image fields in order: "png" alone, or "0.png", "1.jpg", ... sorted by their index."""
     fields = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
-    return sorted(fields, key=lambda k: (len(k), k))
+
+    def index(field: str) -> tuple[int, str]:  # "10.png" after "2.jpg", and "1.jpg" before "0.webp" never
+        stem = field.rpartition(".")[0]
+        return (int(stem), field) if stem.isdigit() else (-1, field)
+
+    return sorted(fields, key=index)
 
 
 def text_field(sample: dict, name: str) -> str:
     value = sample.get(name)
     if value is None:
         raise SkipSample(f"no {name!r} field")
-    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    try:
+        text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    except UnicodeDecodeError as err:
+        raise SkipSample(f"the {name!r} field is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not text.strip():
         raise SkipSample(f"empty {name!r} field")
     return text
