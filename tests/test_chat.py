@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,10 +194,34 @@ def test_a_session_over_the_context_forgets_its_oldest_exchanges(tiny_chat_model
     with caplog.at_level(logging.WARNING, logger="vlm.chat"):
         for turn in range(6):
             session.send(f"turn {turn}: " + "shape " * words, max_new_tokens=1, temperature=0)
-    assert "forgetting its oldest exchange" in caplog.text
+    assert "the chat no longer fits the model's context with room for an answer, so its oldest exchange is " \
+           "forgotten" in caplog.text
     asked = [m["content"].split(":")[0] for m in session.messages if m["role"] == "user"]
     assert asked[-1] == "turn 5" and "turn 0" not in asked and len(asked) < 4
     assert tiny_chat_model.prepare(session.messages).input_tokens < context
+
+
+def test_a_message_too_long_even_alone_leaves_the_chat_as_it_was(tiny_chat_model, images, caplog):
+    session = tiny_chat_model.session(max_new_tokens=1, temperature=0)
+    session.send("What is this?", images=[images["path"]])
+    session.send("And its colour?")
+    before = session.messages
+    with caplog.at_level(logging.WARNING, logger="vlm.chat"), pytest.raises(ContextOverflow):
+        session.send("shape " * tiny_chat_model.context_length)
+    assert session.messages == before and len(session.images) == 1  # nothing forgotten, not even the image
+    assert "forgotten" not in caplog.text
+
+
+def test_a_chat_keeps_its_images_as_they_were_when_sent(tiny_chat_model, images, tmp_path):
+    """A screenshot saved over, or a temporary file deleted, after its turn: the chat still shows what was asked
+    about."""
+    shot = tmp_path / "shot.png"
+    shot.write_bytes(Path(images["path"]).read_bytes())
+    session = tiny_chat_model.session(max_new_tokens=1, temperature=0)
+    session.send("What is this?", images=[str(shot)])
+    shot.unlink()
+    session.send("Are you sure?")  # reads the chat's images again, the deleted file's among them
+    assert session.images == [Path(images["path"]).read_bytes()]
 
 
 def test_a_session_forgets_old_exchanges_to_leave_room_for_the_answer(tiny_chat_model):

@@ -68,7 +68,8 @@ def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
     assert "/image PATH" in out and "attached 1 image" in out and "conversation cleared" in out
     assert f"vlm> {first.text}\n" in out and f"vlm> {after_reset.text}\n" in out  # the reset forgot turn one
     assert "unknown command '/bogus'" in out
-    assert "error: the message has 2 <image> placeholders but 1 image attached" in out and "stay attached" in out
+    assert "you> error: the message has 2 <image> placeholders but 1 image attached (the attached image stays " \
+           "attached)\n" in out  # right after the prompt the user typed it at: no empty line before it
 
 
 @pytest.mark.slow
@@ -121,6 +122,9 @@ def test_an_image_is_checked_before_the_model_loads(tmp_path, pictures):
     assert image_file_problem(str(tmp_path)) == f"image {str(tmp_path)!r} is a folder, not an image file"
     assert image_file_problem(str(tmp_path / "nope.png")) == f"image {str(tmp_path / 'nope.png')!r} not found"
     assert "is not an image" in image_file_problem(str(tmp_path / "notes.png"))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert image_file_problem(str(tmp_path / "empty.jpg")) == f"image {str(tmp_path / 'empty.jpg')!r} is an empty " \
+                                                              f"file (0 bytes)"
     assert image_file_problem("") == "image= is empty: give an image file, or a list of them: image=[a.jpg,b.jpg]"
     (tmp_path / "big.png").write_bytes(crafted_png(20_000, 20_000))  # past PIL's own hard limit: the tiler judges it
     assert image_file_problem(str(tmp_path / "big.png")) is None

@@ -13,6 +13,7 @@ placeholder per image, and `images` lists the image sources (paths, bytes or PIL
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -211,6 +212,14 @@ def with_placeholders(text: str, images: int) -> str:
     return text
 
 
+def snapshot(image: ImageSource) -> ImageSource:
+    """A file's bytes (a path read once; the file may change or go later), any other image source as it is."""
+    if isinstance(image, str | os.PathLike):
+        with contextlib.suppress(OSError):  # it was read a moment ago; if it is gone now, the next turn says so
+            return Path(image).read_bytes()
+    return image
+
+
 @dataclass
 class _Turn:
     role: str
@@ -234,8 +243,7 @@ class ChatSession:
 
     @property
     def messages(self) -> list[Message]:
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": t.role, "content": t.content} for t in self.turns]
+        return self._messages(self.turns)
 
     @property
     def images(self) -> list[ImageSource]:
@@ -245,28 +253,35 @@ class ChatSession:
         """Forget every turn (the system prompt and options stay)."""
         self.turns.clear()
 
+    def _messages(self, turns: list[_Turn]) -> list[Message]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": t.role, "content": t.content} for t in turns]
+
     def _prepare(self, text: str, images: Sequence[ImageSource], options: GenerationOptions) -> Prompt:
-        """Add the user turn and encode the chat, forgetting the oldest exchanges while it does not fit with room
-        for the answer (`max_new_tokens`, or a quarter of the context if that is less)."""
+        """Encode the chat with the new user turn, leaving out the oldest exchanges while it does not fit with room
+        for the answer (`max_new_tokens`, or a quarter of the context if that is less). The history changes only
+        once the prompt is encoded: a message too long even alone, or an unreadable image, leaves it as it was."""
         images = image_list(images)
-        text = with_placeholders(text, len(images))
-        self.turns.append(_Turn("user", text, images))
+        turn = _Turn("user", with_placeholders(text, len(images)), images)
+        turns = [*self.turns, turn]
         wanted_room = min(options.max_new_tokens, self.model.context_length // 4)
-        try:
-            while True:
-                try:
-                    prompt = self.model.prepare(self.messages, self.images)
-                    if len(self.turns) <= 1 or self.model.context_length - prompt.input_tokens >= wanted_room:
-                        return prompt
-                except ContextOverflow:
-                    if len(self.turns) <= 1:
-                        raise
-                log.warning("the chat no longer fits the model's context with room for an answer; forgetting its "
-                            "oldest exchange")
-                del self.turns[: 2 if len(self.turns) > 2 else 1]
-        except BaseException:  # Ctrl-C too
-            self.turns.pop()  # a turn that cannot be answered is not part of the history
-            raise
+        forgotten = 0  # exchanges left out
+        while True:
+            try:
+                prompt = self.model.prepare(self._messages(turns), [i for t in turns for i in t.images])
+                if len(turns) <= 1 or self.model.context_length - prompt.input_tokens >= wanted_room:
+                    break
+            except ContextOverflow:
+                if len(turns) <= 1:
+                    raise
+            del turns[: 2 if len(turns) > 2 else 1]
+            forgotten += 1
+        if forgotten:
+            log.warning("the chat no longer fits the model's context with room for an answer, so %s forgotten",
+                        "its oldest exchange is" if forgotten == 1 else f"its {forgotten} oldest exchanges are")
+        turn.images = [snapshot(image) for image in images]  # later turns see these images as they were read now
+        self.turns = turns
+        return prompt
 
     def _record(self, completion: Completion) -> None:
         self.turns.append(_Turn("assistant", completion.text, []))

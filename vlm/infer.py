@@ -67,7 +67,9 @@ def image_file_problem(path: str) -> str | None:
         with pil_bomb_limit(sys.maxsize), Image.open(file):
             return None
     except Exception:  # PIL raises many types for files that are not images
-        return f"image {path!r} is not an image, or not a format this Pillow build can read"
+        empty = file.stat().st_size == 0
+        return f"image {path!r} is an empty file (0 bytes)" if empty else \
+            f"image {path!r} is not an image, or not a format this Pillow build can read"
 
 
 def image_list(value: Any) -> list[str]:
@@ -154,10 +156,11 @@ def repl(session: ChatSession, banner: str) -> None:
             stream_answer(session, line, images, to_stdout, prefix="vlm> ")
         except PromptError as err:  # the message, not its images: they stay for the retyped one
             pending = images
-            kept = f" (the {len(images)} attached image{'s' * (len(images) > 1)} stay attached)" if images else ""
-            print(f"\nerror: {err}{kept}")
-        except ImageLoadError as err:
-            print(f"\nerror: {err} (attach images again with /image)")
+            kept = ("(the attached image stays attached)" if len(images) == 1 else
+                    f"(the {len(images)} attached images stay attached)")
+            print(f"error: {err}" + (f" {kept}" if images else ""))
+        except ImageLoadError as err:  # before the answer starts: nothing was printed for it
+            print(f"error: {err} (attach images again with /image)")
         except KeyboardInterrupt:  # before the answer started streaming
             to_stdout(" [stopped]\n")
 
