@@ -68,8 +68,9 @@ def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
     assert "/image PATH" in out and "attached 1 image" in out and "conversation cleared" in out
     assert f"vlm> {first.text}\n" in out and f"vlm> {after_reset.text}\n" in out  # the reset forgot turn one
     assert "unknown command '/bogus'" in out
-    assert "you> error: the message has 2 <image> placeholders but 1 image attached (the attached image stays " \
-           "attached)\n" in out  # right after the prompt the user typed it at: no empty line before it
+    # right after the prompt the user typed it at (no empty line before it), and the image stays for the next message
+    assert "you> error: the message has 2 <image> placeholders but 1 image attached" in out
+    assert "(the attached image stays attached)\nyou> " in out
 
 
 @pytest.mark.slow
