@@ -1,4 +1,4 @@
-"""Turn a folder of images and a CSV/JSONL caption file into webdataset shards for the contrastive and align stages.
+"""Turn a folder of images and a CSV, JSONL or JSON caption file into webdataset shards for the contrastive and align stages.
 
 Each sample holds the original image bytes (jpg/png/webp; other formats re-encoded to png), the caption as `txt`,
 and the class index as `cls` when the annotations have labels. Broken rows are reported with their line number and
@@ -43,12 +43,13 @@ annotations (CSV with a header row; `label` is optional):
   cats/001.jpg,a grey cat asleep on a sofa,cat
   dogs/017.png,"a dog catching a frisbee, mid-air",dog
 
-or JSONL, one object per line:
+or JSONL, one object per line (or a JSON array of such objects, reported by record index):
   {"image": "cats/001.jpg", "caption": "a grey cat asleep on a sofa", "label": "cat"}
 
   image    path relative to --images, or absolute
   caption  the text paired with the image, on one line (quote it if it contains commas)
-  label    a class name, or an integer class index (then pass --classnames to name the classes)
+  label    a class name, or an integer class index (then pass --classnames to name the classes); one kind for
+           every row
 
 output:
   OUT/train/shard-000000.tar ...  samples: KEY.jpg|png|webp, KEY.txt, KEY.cls (label index)
@@ -66,9 +67,14 @@ example:
 
 @dataclass
 class Row:
-    line: int  # line number in the annotation file (1-based, the header is line 1 for CSV)
+    line: int  # line number in the annotation file (1-based, the header is line 1 for CSV); in a JSON array, the index
     fields: dict | None  # None: the line could not be parsed (`problem` says why)
     problem: str = ""
+    unit: str = "line"  # "record" in a JSON array
+
+    @property
+    def where(self) -> str:
+        return f"{self.unit} {self.line}"
 
 
 def read_annotations(path: Path) -> list[Row]:
@@ -79,9 +85,13 @@ def read_annotations(path: Path) -> list[Row]:
         raise DataError(f"annotation file not found: {path}") from None
     except OSError as err:
         raise DataError(f"cannot read annotation file {path}: {err.strerror or err}") from None
-    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (
-        path.suffix.lower() not in (".csv", ".tsv") and text.lstrip().startswith("{"))
-    rows = _read_jsonl(text) if is_jsonl else _read_csv(text, path)
+    start = text.lstrip()[:1]
+    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (path.suffix.lower() not in (".csv", ".tsv")
+                                                                 and start in ("{", "["))
+    if is_jsonl and start == "[":  # one JSON array of records (a .json file)
+        rows = _read_json_array(text, path)
+    else:
+        rows = _read_jsonl(text) if is_jsonl else _read_csv(text, path)
     if not rows:
         raise DataError(f"{path} has no annotation rows")
     present = set().union(*(row.fields for row in rows if row.fields))
@@ -132,6 +142,18 @@ def _read_csv(text: str, path: Path) -> list[Row]:
     return rows
 
 
+def _read_json_array(text: str, path: Path) -> list[Row]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); write one JSON array of records, "
+                        f"or one record per line (JSONL)") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path} holds {json_type(records)}; write one JSON array of records, or JSONL")
+    return [Row(i, r, unit="record") if isinstance(r, dict) else
+            Row(i, None, f"not a JSON object ({json_type(r)})", unit="record") for i, r in enumerate(records)]
+
+
 def _read_jsonl(text: str) -> list[Row]:
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -171,7 +193,8 @@ def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, lis
     All non-empty labels integers: they are indices, named by --classnames if given. Otherwise they are names: the
     class list is --classnames (its order) or else the sorted unique names.
     """
-    labels = [v for row in rows if row.fields and _is_label(v := _label_value(row.fields))]  # others are skipped
+    labelled = [(row.where, v) for row in rows if row.fields and _is_label(v := _label_value(row.fields))]
+    labels = [v for _, v in labelled]  # the other rows are skipped
     given = None
     if classnames_file is not None:
         try:
@@ -187,6 +210,14 @@ def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, lis
         return True, given
     if not labels:
         return False, given
+    # names, and some numbers among them: an index would become a class of its own ("3"), shifting every index after
+    # it, unless --classnames lists it as a name
+    numbers = [(line, v) for line, v in labelled if _is_index(v) and str(v).strip() not in (given or [])]
+    if numbers:
+        (line, number), (name_line, name) = numbers[0], next((n, v) for n, v in labelled if not _is_index(v))
+        raise DataError(f"labels mix class indices and class names: {line} has label {number!r}, "
+                        f"{name_line} has {name!r} ({len(numbers)} numeric label(s) in all); write every label as a "
+                        f"name, or every label as an index with --classnames naming them")
     return False, given if given is not None else sorted({str(v).strip() for v in labels})
 
 
@@ -199,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", metavar="DIR", type=Path, required=True,
                         help="folder the `image` paths are relative to")
     parser.add_argument("--annotations", metavar="FILE", type=Path, required=True,
-                        help="CSV (header row) or JSONL file")
+                        help="CSV (header row), JSONL, or a JSON array of records")
     add_output_arguments(parser, "rows")
     parser.add_argument("--classnames", metavar="FILE", type=Path,
                         help="class names, one per line in label order: names integer labels, or fixes the order "
@@ -241,7 +272,7 @@ def convert(args: argparse.Namespace) -> int:
         return sample
 
     splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
-    jobs = plan_jobs(rows, lambda _, row: f"{args.annotations.name} line {row.line}", args.val_fraction, args.seed,
+    jobs = plan_jobs(rows, lambda _, row: f"{args.annotations.name} {row.where}", args.val_fraction, args.seed,
                      shuffle=not args.no_shuffle)
     prepare_output(args.out, splits, args.overwrite)
     result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,

@@ -140,6 +140,19 @@ def test_images_jsonl_round_trip_with_reencoding(tmp_path, capsys):
     _check_caption_samples(samples, rows, tmp_path / "images", sorted(NAMES))
 
 
+def test_a_json_array_of_records_converts_like_jsonl(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 4)
+    annotations = tmp_path / "captions.json"
+    annotations.write_text(json.dumps([*rows[:2], "not a record", *rows[2:]], indent=1))  # indented: "[\n {" ...
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                       "--out", str(tmp_path / "out"), "--no-shuffle"])
+    assert code == 0 and "wrote 4 sample(s)" in out
+    assert "captions.json record 2: not a JSON object (string)" in err
+    samples = _read_split(tmp_path / "out/train")
+    assert sorted(samples) == ["00000000", "00000001", "00000003", "00000004"]  # keys: the records' places
+    _check_caption_samples(samples, [*rows[:2], None, *rows[2:]], tmp_path / "images", sorted(NAMES[:4]))
+
+
 def test_integer_labels_and_classnames_file(tmp_path, capsys):
     rows = _write_images(tmp_path / "images", 6)
     for i, row in enumerate(rows):
@@ -156,6 +169,21 @@ def test_integer_labels_and_classnames_file(tmp_path, capsys):
     (tmp_path / "one.txt").write_text("zebra\n")
     code, _, err = _convert(capsys, [*argv, "--out", str(tmp_path / "bad"), "--classnames", str(tmp_path / "one.txt")])
     assert code == 2 and "label index 1" in err
+
+
+def test_a_number_among_name_labels_is_refused_unless_classnames_names_it(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 4)  # names, then one index: it would be a class "3" of its own
+    rows[2]["label"] = "3"
+    annotations = _write_csv(tmp_path / "a.csv", rows)
+    argv = ["--images", str(tmp_path / "images"), "--annotations", str(annotations)]
+    code, _, err = _convert(capsys, [*argv, "--out", str(tmp_path / "mixed")])
+    assert code == 2 and f"labels mix class indices and class names: line 4 has label '3', line 2 has " \
+                         f"{NAMES[0]!r} (1 numeric label(s) in all)" in err
+    assert not (tmp_path / "mixed").exists()  # refused before anything is written
+    names = tmp_path / "names.txt"  # a class that is called "3"
+    names.write_text("".join(f"{n}\n" for n in sorted({*NAMES[:4], "3"})))
+    code, _, _ = _convert(capsys, [*argv, "--out", str(tmp_path / "named"), "--classnames", str(names)])
+    assert code == 0
 
 
 def test_missing_and_corrupt_images_are_skipped(tmp_path, capsys):
