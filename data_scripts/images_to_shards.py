@@ -1,4 +1,5 @@
-"""Turn a folder of images and a CSV, JSONL or JSON caption file into webdataset shards for the contrastive and align stages.
+"""Turn a folder of images and a CSV, JSONL or JSON caption file into webdataset shards for the contrastive and align
+stages.
 
 Each sample holds the original image bytes (jpg/png/webp; other formats re-encoded to png), the caption as `txt`,
 and the class index as `cls` when the annotations have labels. Broken rows are reported with their line number and
