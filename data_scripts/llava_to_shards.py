@@ -151,6 +151,9 @@ def normalise_conversations(record: dict, num_images: int, prompts: bool = False
                                        "system (user and assistant are accepted too)")
         if role == "gpt" and not turn["value"].strip():
             raise Skip("empty assistant turn", f"turn {number}: the assistant (gpt) reply is empty")
+        if role == "gpt" and not any(t["from"] == "human" for t in normalised):
+            raise Skip("assistant turn first", f"turn {number}: an assistant (gpt) turn before any user (human) turn; "
+                                               "a conversation starts with the user (after an optional system turn)")
         normalised.append({**turn, "from": role})
     if prompts and not any(turn["from"] == "human" for turn in normalised):
         raise Skip("no user turn", "no user (human) turn: there is no prompt to answer")

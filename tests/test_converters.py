@@ -452,6 +452,7 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
         "empty-conversations": {"image": "ok.png", "conversations": []},
         "unknown-role": {"image": "ok.png", "conversations": _turns("<image>\nQ?", "A.", gpt="robot")},
         "empty-answer": {"image": "ok.png", "conversations": _turns("<image>\nQ?", "  ")},
+        "assistant-first": {"image": "ok.png", "conversations": [{"from": "gpt", "value": "Hello."}, *good]},
         "too-few-placeholders": {"image": ["ok.png", "ok.png"], "conversations": good},
         "placeholder-without-image": {"conversations": good},
     }
@@ -469,6 +470,7 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
         "empty-conversations": "'conversations' is missing or empty",
         "unknown-role": "unknown role 'robot'",
         "empty-answer": "assistant (gpt) reply is empty",
+        "assistant-first": "turn 1: an assistant (gpt) turn before any user (human) turn",
         "too-few-placeholders": "1 <image> placeholder(s) in the conversation for 2 image(s)",
         "placeholder-without-image": "1 <image> placeholder(s) in the conversation for 0 image(s)",
     }

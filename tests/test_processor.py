@@ -94,6 +94,9 @@ def test_empty_assistant_turn_and_unknown_role(bundle):
         bundle.processor.encode(messages, IMAGES[:1], name="s1")
     with pytest.raises(SampleError, match="s2: unknown role 'robot'"):
         from_llava([{"from": "robot", "value": "beep"}], name="s2")
+    with pytest.raises(SampleError, match="s3: turn 2 is an assistant turn before any user turn"):
+        from_llava([{"from": "system", "value": "Be brief."}, {"from": "gpt", "value": "Hello."},
+                    {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hi"}], name="s3")
 
 
 def test_a_sample_spelling_a_control_token_is_refused_by_message_and_token(bundle):

@@ -52,6 +52,9 @@ def from_llava(conversations: Any, name: str = "sample", group_by: str = "type",
         if role is None:
             raise SampleError(f"{name}: unknown role {turn.get('from', turn.get('role'))!r}; "
                               f"use one of {sorted(ROLES)}")
+        if role == "assistant" and not any(m["role"] == "user" for m in messages):
+            raise SampleError(f"{name}: turn {len(messages) + 1} is an assistant turn before any user turn; a "
+                              f"conversation starts with the user (after an optional system turn)")
         messages.append({"role": role, "content": str(turn.get("value", turn.get("content", "")))})
         group = turn.get(group_by, record_group)
         groups.append(None if group is None else str(group))
