@@ -162,6 +162,9 @@ def test_bad_options_and_prompts_fail_clearly(tiny_chat_model, images):
         tiny_chat_model.generate(ASK, [images["pil"]], max_tokens=3)
     with pytest.raises(OptionError, match="top_p"):
         GenerationOptions(top_p=1.5)
+    for endless in (float("inf"), float("nan")):  # infinitely hot sampling is uniform noise, not an answer
+        with pytest.raises(OptionError, match=r"^temperature=(inf|nan) is not valid: use a number >= 0"):
+            GenerationOptions(temperature=endless)
     with pytest.raises(PromptError, match="1 <image> placeholder but 0 images"):
         tiny_chat_model.generate(ASK, [])
     with pytest.raises(PromptError, match="context"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,7 +182,7 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)  # not NaN or inf
 
 
 # Sampling this cold is greedy decoding (ties aside); colder still, logits / temperature overflow to inf and the
