@@ -21,7 +21,7 @@ from vlm.cli import CONFIG_DIR, PATH_KEYS, PATTERN_KEYS, TEXT_KEYS, quote_values
 from vlm.config import ConfigError, load_config
 from vlm.errors import UserError
 from vlm.exports.format import PROVENANCE_FILE, ExportError, not_a_folder, read_meta
-from vlm.infer import InferConfig, image_file_problem, stream_answer
+from vlm.infer import InferConfig, image_file_problem, infer_config, stream_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = ["device=cpu", "generation.temperature=0", "generation.max_new_tokens=5"]
@@ -239,3 +239,9 @@ def test_one_value_given_to_a_list_key_is_shown_as_a_list():
     with pytest.raises(ConfigError, match=r"^bad value for 'generation.stop': it takes a list, e.g. "
                                           r"generation.stop=\[foo\], got 'foo'$"):
         load_config(InferConfig, composed)
+
+
+def test_stop_sequences_typed_in_a_shell_read_their_escapes():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):  # as bash passes them on
+        composed = compose("infer", overrides=[r'generation.stop=["\n\n",a\tb,"c:\\n"]'])
+    assert infer_config(composed).generation.stop == ("\n\n", "a\tb", "c:\\n")

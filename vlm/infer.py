@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -165,10 +166,26 @@ def repl(session: ChatSession, banner: str) -> None:
             to_stdout(" [stopped]\n")
 
 
+SHELL_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
+
+
+def unescaped(text: str) -> str:
+    r"""A stop sequence as typed in a shell: `generation.stop=["\n\n"]` arrives with a backslash and an n, which
+    Hydra keeps; here \n, \t and \r are a newline, a tab and a return, and \\ one backslash."""
+    return re.sub(r"\\[ntr\\]", lambda match: SHELL_ESCAPES[match.group(0)], text)
+
+
+def infer_config(cfg: DictConfig) -> InferConfig:
+    """The composed config, checked; stop sequences with their shell escapes read."""
+    config = load_config(InferConfig, cfg)
+    config.generation.stop = tuple(unescaped(s) for s in config.generation.stop)
+    return config
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="infer")
 def infer(cfg: DictConfig) -> None:
     with user_errors():
-        config = load_config(InferConfig, cfg)
+        config = infer_config(cfg)
     setup_logging(config.log_level)
     if not config.checkpoint:
         fail("checkpoint=PATH is required: an align or sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
