@@ -266,6 +266,22 @@ def test_bad_input_gets_4xx_in_the_api_shape_and_server_keeps_serving(url, case)
         assert client.post(path, json=good).status_code == 200
 
 
+def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_for_nothing_pass(url):
+    """Answered without log-probs or JSON mode, a client would take the plain text for what it asked."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for field, value in (("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+                             ("presence_penalty", 0.5), ("tools", [{"type": "function"}])):
+            response = client.post("/v1/chat/completions", json=_openai(**{field: value}))
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+        response = client.post("/v1/messages", json=_anthropic(thinking={"type": "enabled", "budget_tokens": 1024}))
+        assert response.status_code == 400
+        assert response.json()["error"]["message"] == "thinking: extended thinking is not supported by this server"
+        nothing = _openai(logprobs=False, top_logprobs=0, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
+                          response_format={"type": "text"}, tool_choice="none", modalities=["text"])
+        assert client.post("/v1/chat/completions", json=nothing).status_code == 200
+        assert client.post("/v1/messages", json=_anthropic(thinking={"type": "disabled"})).status_code == 200
+
+
 def test_the_sdks_model_lookup_token_count_and_lenient_fields(url, tiny_chat_model):
     name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     assert openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.retrieve(name).id == name

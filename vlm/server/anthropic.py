@@ -10,8 +10,14 @@ from typing import Any
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.completion import Completion
 from vlm.server.errors import ANTHROPIC, ApiError, error_body
-from vlm.server.requests import ChatRequest, Parser, messages_list, require_dict
+from vlm.server.requests import ChatRequest, Parser, Unsupported, messages_list, require_dict, unsupported_field
 from vlm.server.sse import Events, sse
+
+_TOOLS = ("tool use is not supported by this server", (None, [], {}, {"type": "none"}))
+UNSUPPORTED: Unsupported = {
+    "tools": _TOOLS, "tool_choice": _TOOLS,
+    "thinking": ("extended thinking is not supported by this server", (None, {"type": "disabled"})),
+}
 
 
 def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
@@ -22,9 +28,8 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     if "max_tokens" not in body:
         raise ApiError(400, "max_tokens: Field required")
     max_tokens = parser.max_tokens(body["max_tokens"], "max_tokens")
-    for key in ("tools", "tool_choice"):
-        if body.get(key):
-            raise ApiError(400, f"{key}: tool use is not supported by this server")
+    if found := unsupported_field(body, UNSUPPORTED):
+        raise ApiError(400, f"{found[0]}: {found[1]}")
     system = body.get("system")
     if isinstance(system, list):
         for i, block in enumerate(system):

@@ -12,9 +12,22 @@ from typing import Any
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.completion import Completion
 from vlm.server.errors import OPENAI, ApiError, error_body
-from vlm.server.requests import ChatRequest, Parser, messages_list, require_dict
+from vlm.server.requests import ChatRequest, Parser, Unsupported, messages_list, require_dict, unsupported_field
 from vlm.server.sse import Events, sse
 
+_TOOLS = ("tool use is not supported by this server", (None, [], {}, "none"))
+_LOGPROBS = ("log-probabilities are not returned by this server", (None, False, 0))
+UNSUPPORTED: Unsupported = {
+    "tools": _TOOLS, "functions": _TOOLS, "tool_choice": _TOOLS, "function_call": _TOOLS,
+    "logprobs": _LOGPROBS, "top_logprobs": _LOGPROBS,
+    "response_format": ("structured output (json_object, json_schema) is not supported by this server; ask for the "
+                        "format in the prompt", (None, {"type": "text"})),
+    "logit_bias": ("logit_bias is not supported by this server", (None, {})),
+    "presence_penalty": ("presence_penalty is not supported by this server", (None, 0)),
+    "frequency_penalty": ("frequency_penalty is not supported by this server", (None, 0)),
+    "modalities": ("this server answers in text only", (None, ["text"])),
+    "audio": ("this server answers in text only", (None,)),
+}
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*?;base64,(?P<data>.*)",
                        re.DOTALL | re.IGNORECASE)  # media types and the base64 marker are case-insensitive
 
@@ -24,9 +37,8 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model: you must provide a model name", param="model")
-    for key in ("tools", "functions", "tool_choice", "function_call"):
-        if body.get(key):
-            raise ApiError(400, f"{key}: tool use is not supported by this server", param=key)
+    if found := unsupported_field(body, UNSUPPORTED):
+        raise ApiError(400, f"{found[0]}: {found[1]}", param=found[0])
     if body.get("n") not in (None, 1):
         raise ApiError(400, "n: only n=1 is supported", param="n")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"

@@ -172,6 +172,18 @@ def require_dict(body: Any) -> dict:
     return body
 
 
+Unsupported = dict[str, tuple[str, tuple[Any, ...]]]  # field -> (why it is refused, the values that ask for nothing)
+
+
+def unsupported_field(body: dict, features: Unsupported) -> tuple[str, str] | None:
+    """The first field of `body` asking for a feature this server lacks, as (field, why): answering without the
+    feature would look like success. Values that ask for nothing (null, false, 0, {"type": "text"}, ...) pass."""
+    for field, (why, off) in features.items():
+        if body.get(field) not in off:
+            return field, why
+    return None
+
+
 def messages_list(body: dict) -> list:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
