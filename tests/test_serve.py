@@ -282,6 +282,22 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
         assert client.post("/v1/messages", json=_anthropic(thinking={"type": "disabled"})).status_code == 200
 
 
+def test_an_image_that_does_not_decode_is_named_by_its_request_field(url):
+    """Its header passes the request checks; the model's tiler finds the rest missing."""
+    second = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(TRUNCATED_PNG)}}
+    anthropic = _anthropic(messages=[{"role": "user", "content": [*anthropic_image_message()["content"], second]}])
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            error = client.post(path, json=anthropic).json()["error"]
+            assert error["message"].startswith("messages.0.content.2.source: cannot decode the image"), error
+        url_part = {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(TRUNCATED_PNG)}"}}
+        openai = _openai(messages=[{"role": "user", "content": [*openai_image_message()["content"], url_part]}])
+        for stream in (False, True):
+            error = client.post("/v1/chat/completions", json={**openai, "stream": stream}).json()["error"]
+            assert error["param"] == "messages[0].content[2].image_url", error
+            assert error["message"].startswith("messages[0].content[2].image_url: cannot decode the image"), error
+
+
 def test_the_sdks_model_lookup_token_count_and_lenient_fields(url, tiny_chat_model):
     name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     assert openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.retrieve(name).id == name

@@ -17,11 +17,12 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from vlm.data.shards import SkipSample
-from vlm.data.tiler import Tiler
+from vlm.data.tiler import ImageLoadError, TiledImage, Tiler
 from vlm.data.tokenizer import IMAGE_TOKEN, image_token_id
 
 IGNORE_INDEX = -100
 ImageSource = str | bytes | Image.Image
+PROMPT_NAME = "request"  # how errors name a prompt being answered: "request image 0: ..."
 
 
 class SampleError(SkipSample):
@@ -90,7 +91,7 @@ class Processor:
                 raise SampleError(f"{name}: no assistant turn to learn from or to score")
             if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
                 raise SampleError(f"{name}: empty assistant turn")
-        tiled = [self.tiler(image, name=image_label(name, i, image)) for i, image in enumerate(images)]
+        tiled = [self._tile(image, name, i) for i, image in enumerate(images)]
         text = self.render(messages, add_generation_prompt=add_generation_prompt)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
         ids = encoding["input_ids"]
@@ -133,7 +134,14 @@ class Processor:
         return Encoded(torch.tensor(out_ids), torch.tensor(out_labels) if train else None, pixels,
                        [t.num_tokens for t in tiled])
 
-    def prompt(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = "request") -> Encoded:
+    def _tile(self, image: ImageSource, name: str, index: int) -> TiledImage:
+        try:
+            return self.tiler(image, name=image_label(name, index, image))
+        except ImageLoadError as err:
+            err.image_index = index  # which of the sample's images (a server names its request field)
+            raise
+
+    def prompt(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = PROMPT_NAME) -> Encoded:
         """Encode a conversation for generation: the reply starts right after."""
         return self.encode(messages, images, name=name, add_generation_prompt=True, train=False)
 

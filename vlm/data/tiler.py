@@ -57,7 +57,10 @@ class ImageLoadError(UserError, ValueError):
     """The input could not be turned into tiles: undecodable, truncated, empty, not an image, or too large.
 
     The message always names the source (the path, or the `name=` given, e.g. a webdataset shard key).
+    `image_index`: which of a sample's images it was, where the processor tiled several.
     """
+
+    image_index: int | None = None
 
 
 @dataclass

@@ -39,6 +39,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     elif system is not None:
         system = parser.text(system, "system")
     images: list[bytes] = []
+    image_fields: list[str] = []  # each image's place in the request
     turns: list[tuple[str, str]] = []
     for i, message in enumerate(messages_list(body)):
         where = f"messages.{i}"
@@ -66,6 +67,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
                     raise ApiError(400, f"{at}.source.type: only 'base64' image sources are accepted, got {got!r} "
                                         "(this server does not fetch URLs or files)")
                 images.append(parser.image(source.get("data"), source.get("media_type"), f"{at}.source"))
+                image_fields.append(f"{at}.source")
                 parts.append(IMAGE_TOKEN)
             else:
                 raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
@@ -85,7 +87,8 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: must be true or false")
-    return ChatRequest(parser.conversation(turns, system, images), images, options, stream), model
+    return ChatRequest(parser.conversation(turns, system, images), images, options, stream,
+                       image_fields=image_fields), model
 
 
 def anthropic_stop(completion: Completion) -> str:

@@ -104,7 +104,7 @@ class Server:
                 raise ApiError(499, "the client closed the request")
             return completion
         except (PromptError, ImageLoadError, OptionError) as err:
-            raise ApiError(400, str(err)) from None
+            raise request.error(err) from None
         except asyncio.CancelledError:
             self.slots.abandon(ticket)
             raise
@@ -137,7 +137,7 @@ class Server:
         if kind == "error":
             ticket.cancel.set()
             if isinstance(value, PromptError | ImageLoadError | OptionError):
-                raise ApiError(400, str(value))
+                raise request.error(value)
             raise value
 
         async def events() -> Events:
@@ -229,7 +229,7 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
         try:
             prompt = await asyncio.to_thread(server.chat.prepare, chat.messages, chat.images)
         except (PromptError, ImageLoadError) as err:
-            raise ApiError(400, str(err)) from None
+            raise chat.error(err) from None
         return {"input_tokens": prompt.input_tokens}
 
     @app.post("/v1/messages")

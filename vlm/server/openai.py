@@ -47,6 +47,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     else:
         max_tokens = min(parser.settings.default_max_tokens, parser.tokens_limit)
     images: list[bytes] = []
+    image_fields: list[str] = []  # each image's place in the request
     turns: list[tuple[str, str]] = []
     for i, message in enumerate(messages_list(body)):
         where = f"messages[{i}]"
@@ -82,6 +83,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
                 media_type = found["type"].lower()
                 media_type = "image/jpeg" if media_type == "image/jpg" else media_type  # a common misspelling
                 images.append(parser.image(found["data"], media_type, f"{at}.image_url"))
+                image_fields.append(f"{at}.image_url")
                 parts.append(IMAGE_TOKEN)
             else:
                 raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
@@ -103,7 +105,8 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         raise ApiError(400, "stream: must be true or false", param="stream")
     stream_options = body.get("stream_options") or {}
     include_usage = bool(stream_options.get("include_usage")) if isinstance(stream_options, dict) else False
-    return ChatRequest(parser.conversation(turns, None, images), images, options, stream, include_usage), model
+    return ChatRequest(parser.conversation(turns, None, images), images, options, stream, include_usage,
+                       image_fields), model
 
 
 def openai_finish(completion: Completion) -> str:

@@ -12,12 +12,13 @@ import binascii
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from PIL import Image
 
+from vlm.data.processor import PROMPT_NAME, image_label
 from vlm.data.tiler import pil_bomb_limit, sniff_media_type
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.options import KV_CACHES
@@ -36,6 +37,16 @@ class ChatRequest:
     options: dict[str, Any]
     stream: bool = False
     include_usage: bool = False
+    image_fields: list[str] = field(default_factory=list)  # where each image was in the request, for errors
+
+    def error(self, err: Exception) -> ApiError:
+        """A 400 for a request the model could not take (a prompt too long, an undecodable image, a bad option);
+        an image is named by its field in the request."""
+        index = getattr(err, "image_index", None)
+        if index is None or index >= len(self.image_fields):
+            return ApiError(400, str(err))
+        where, label = self.image_fields[index], image_label(PROMPT_NAME, index, b"")
+        return ApiError(400, where + str(err).removeprefix(label), param=where)
 
 
 class Parser:
@@ -178,9 +189,9 @@ Unsupported = dict[str, tuple[str, tuple[Any, ...]]]  # field -> (why it is refu
 def unsupported_field(body: dict, features: Unsupported) -> tuple[str, str] | None:
     """The first field of `body` asking for a feature this server lacks, as (field, why): answering without the
     feature would look like success. Values that ask for nothing (null, false, 0, {"type": "text"}, ...) pass."""
-    for field, (why, off) in features.items():
-        if body.get(field) not in off:
-            return field, why
+    for name, (why, off) in features.items():
+        if body.get(name) not in off:
+            return name, why
     return None
 
 
