@@ -177,6 +177,20 @@ def test_eval_max_samples_sets_how_many_held_out_samples_a_contrastive_validatio
     assert sum(p["caption_rank"] == 0 for p in predictions) / len(predictions) == pytest.approx(metrics["i2t_r1"])
 
 
+def test_vlm_eval_scores_a_contrastive_export_on_the_held_out_data_its_run_validated_on(tmp_path):
+    """Not the synthetic shapes: a model of one's own classes would score near chance there."""
+    from vlm.eval import as_trained
+
+    task = make_task(tiny_config(), synthetic.CLASSNAMES)
+    task.held_out = str(tmp_path / "val" / "shard-{000000..000000}.tar")  # as vlm.train sets it from data.val
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "shard-000000.tar").write_bytes(b"")
+    export = task.export(tmp_path / "export")
+    config = tiny_config(f"checkpoint={export}")
+    as_trained(config, given={"checkpoint"})
+    assert config.data.val == task.held_out
+
+
 def test_the_picture_command_draws_what_it_says(tmp_path, capsys):
     """`python -m vlm.data.synthetic shape.png a.png`: each picture's shape is in the colour and quadrant printed."""
     import numpy as np

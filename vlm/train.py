@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, user_errors
 from vlm.config import TrainConfig, to_train_config
+from vlm.data.shards import absolute_pattern
 from vlm.data.sources import resolve as resolve_data
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.resume import warn_changed_settings
@@ -48,6 +49,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     with removed_if_left_empty(run_folder.dir):  # a start that fails leaves no empty run folder behind
         with start_up_told_once():
             task = stage.task.create(config, stage, run_folder.init_from, data)
+            task.held_out = absolute_pattern(data.val) if data.val else None  # recorded in the export for vlm.eval
             datamodule = ShardDataModule(data, task.batching(), config.data, config.trainer.seed)
             if datamodule.val_urls and task.val_batch_limit() is not None:
                 log.info("validations during training read the first %d held-out samples (eval.max_samples); the "

@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import open_clip
 from safetensors import safe_open
@@ -40,9 +41,10 @@ class ClipBundle:
 
 
 def export_clip(directory: Path, model: CLIPModel, tokenizer: open_clip.tokenizer.SimpleTokenizer,
-                tiler: TilerConfig, classnames: list[str] | None, templates: list[str]) -> Path:
+                tiler: TilerConfig, classnames: list[str] | None, templates: list[str],
+                train_config: dict[str, Any] | None = None) -> Path:
     meta = ExportMeta(stage="contrastive", model=to_dict(model.config), tiler=to_dict(tiler), classnames=classnames,
-                      templates=list(templates))
+                      templates=list(templates), train_config=train_config)
     return write_export(directory, model, meta, lambda path: save_clip_tokenizer(tokenizer, path))
 
 

@@ -110,4 +110,4 @@ class ContrastiveTask(StageTask):
 
     def write_export(self, directory: Path, model: CLIPModel) -> Path:
         return export_clip(directory, model, self.tokenizer, self.config.tiler, self.classnames,
-                           list(self.config.eval.templates))
+                           list(self.config.eval.templates), self.export_settings())

@@ -20,7 +20,7 @@ import torch
 
 from vlm.config import ConfigError, TrainConfig
 from vlm.data.preferences import PreferenceDecoder, collate_pairs
-from vlm.data.shards import absolute_pattern, collate_skipped
+from vlm.data.shards import collate_skipped
 from vlm.data.sources import DataSources
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import load_vlm
@@ -71,9 +71,7 @@ class PreferenceTask(VLMTask):
                         "from, %s", config.stage.reference, init_from)
         bundle = start_bundle(config, init_from)
         reference = None if config.stage.precompute_reference else copy.deepcopy(bundle.model)
-        task = cls(config, stage, bundle, reference, str(init_from.absolute()))
-        task.held_out = absolute_pattern(data.val) if data.val else None
-        return task
+        return cls(config, stage, bundle, reference, str(init_from.absolute()))
 
     @classmethod
     def from_export(cls, config: TrainConfig, stage: Stage, directory: Path, data: DataSources) -> PreferenceTask:

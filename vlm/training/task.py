@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from vlm.config import TrainConfig
+from vlm.config import TrainConfig, to_dict
 from vlm.data.sources import DataSources
 from vlm.training.freezing import apply_freezing, keep_frozen_parts_in_eval, trainable_parts
 from vlm.training.gradients import clip_gradients
@@ -60,6 +60,7 @@ class StageTask(pl.LightningModule):
         # the last validation's rows for predictions.jsonl: phase 2's answers and their scores, contrastive's
         # zero-shot predictions and caption ranks
         self.predictions: list[dict[str, Any]] = []
+        self.held_out: str | None = None  # the held-out data a training run validates on, recorded in its export
 
     # ---- what each stage provides ----
 
@@ -93,6 +94,11 @@ class StageTask(pl.LightningModule):
 
     def write_export(self, directory: Path, model: nn.Module) -> Path:
         raise NotImplementedError
+
+    def export_settings(self) -> dict[str, Any]:
+        """What the export records of its run (its train_config): the stage settings and its held-out data, which
+        `vlm.eval` scores on by default."""
+        return to_dict(self.config.stage) | {"held_out": self.held_out}
 
     # ---- shared by every stage ----
 

@@ -16,7 +16,7 @@ from vlm.config import TrainConfig, model_config_from, to_dict
 from vlm.data.conversations import ConversationDecoder, ScoredTurn
 from vlm.data.packing import best_width, pack_batch
 from vlm.data.processor import IGNORE_INDEX, pad_batch
-from vlm.data.shards import absolute_pattern, collate_skipped
+from vlm.data.shards import collate_skipped
 from vlm.data.sources import DataSources
 from vlm.exports.clip import load_vision_from_clip
 from vlm.exports.format import read_meta
@@ -39,13 +39,10 @@ class VLMTask(StageTask):
         self.val_samples = 0  # held-out samples read in the last validation, and how many of them were skipped
         self.val_skipped = 0
         self.feature_cache = self._feature_cache()
-        self.held_out: str | None = None  # the held-out data the run validated on, recorded in its export for vlm.eval
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
-        task = cls(config, stage, start_bundle(config, init_from))
-        task.held_out = absolute_pattern(data.val) if data.val else None
-        return task
+        return cls(config, stage, start_bundle(config, init_from))
 
     @classmethod
     def from_export(cls, config: TrainConfig, stage: Stage, directory: Path, data: DataSources) -> VLMTask:
@@ -178,10 +175,6 @@ class VLMTask(StageTask):
     def write_export(self, directory: Path, model: VisionLanguageModel) -> Path:
         bundle = VLMBundle(model, self.bundle.tokenizer, self.bundle.processor)
         return export_vlm(directory, bundle, self.stage.name, self.config.tiler, self.export_settings())
-
-    def export_settings(self) -> dict[str, Any]:
-        """What the export records of its run (its train_config): the stage settings and its held-out data."""
-        return to_dict(self.config.stage) | {"held_out": self.held_out}
 
 
 def encoded_length(sample: dict[str, Any]) -> int:
