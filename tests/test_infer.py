@@ -174,6 +174,9 @@ def test_file_names_reach_the_config_verbatim(name):
         if "," not in name:  # in a list, a comma separates names (quote such a name yourself)
             listed = compose("infer", overrides=quote_values([f"image=[{name}, second.png]"], keys)).image
             assert list(listed) == [name, "second.png"]
+        quote = '"' if "'" in name else "'"  # quoted, any name is one item of the list
+        listed = compose("infer", overrides=quote_values([f"image=[{quote}{name}{quote},second.png]"], keys)).image
+        assert list(listed) == [name, "second.png"]
 
 
 @pytest.mark.slow

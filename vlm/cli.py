@@ -70,11 +70,17 @@ def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
         key, eq, value = arg.partition("=")
         if eq and key in keys and not _quoted(value) and not (value == "null" and key not in TEXT_KEYS):
             if key in PATH_KEYS and len(value) >= 2 and value[0] == "[" and value[-1] == "]":
-                arg = f"{key}=[" + ",".join(_hydra_quoted(v.strip()) for v in value[1:-1].split(",")) + "]"
+                arg = f"{key}=[" + ",".join(_hydra_quoted(v.strip()) for v in _list_items(value[1:-1])) + "]"
             else:
                 arg = f"{key}={_hydra_quoted(value)}"
         out.append(arg)
     return out
+
+
+def _list_items(inner: str) -> list[str]:
+    """The items of a list value's inside, split at the commas outside quotes: `'my pic, 1.png',b.png` is two."""
+    items = [item for item, _ in re.findall(r"""((?:'[^']*'|"[^"]*"|[^,])+)(,|$)""", inner)]  # a lone ' is text
+    return items or [inner]  # `[]`: one empty path, which the entry point names as such
 
 
 def _quoted(value: str) -> bool:
