@@ -232,8 +232,13 @@ def test_an_answer_cut_by_the_context_says_so_not_max_new_tokens(tiny_chat_model
     stream_answer(long, "word " * 120, [], lambda text: None)  # 488 prompt tokens of the tiny model's 512
     assert "the answer filled the model's context of 512 tokens (the prompt took 488)" in caplog.text
     assert "max_new_tokens" not in caplog.text
-    stream_answer(tiny_chat_model.session(temperature=0, max_new_tokens=3), "word", [], lambda text: None)
+    short = tiny_chat_model.session(temperature=0, max_new_tokens=3)
+    stream_answer(short, "word", [], lambda text: None)
     assert "the answer reached max_new_tokens=3" in caplog.text
+    # the same reasons in the API (the server's Anthropic stop_reason; OpenAI says "length" for both)
+    cut_by_context = tiny_chat_model.generate(long.messages[:1], temperature=0, max_new_tokens=4000)
+    assert cut_by_context.stop_reason == "model_context_window_exceeded"
+    assert tiny_chat_model.generate(short.messages[:1], temperature=0, max_new_tokens=3).stop_reason == "max_tokens"
 
 
 def test_one_value_given_to_a_list_key_is_shown_as_a_list():

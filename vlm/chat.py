@@ -183,7 +183,8 @@ class ChatModel:
             return ids[: ends[0] + 1] if ends else ids  # beams may pad after the first end of turn
 
         def finish(ids: list[int], text: str, stop: str | None) -> Completion:
-            reason = stop_reason(ids, self.eos_token_ids, stop, cancel.is_set(), decoding.max_new_tokens)
+            reason = stop_reason(ids, self.eos_token_ids, stop, cancel.is_set(), decoding.max_new_tokens,
+                                 context_bound=decoding.max_new_tokens < opts.max_new_tokens)
             return Completion(text, reason, prompt.input_tokens, len(ids), stop, ids, decoding.temperature)
 
         return AnswerJob(run, finish, opts.stop, cancel, streamable=opts.num_beams == 1 and not whole,

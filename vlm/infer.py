@@ -99,14 +99,13 @@ def stream_answer(session: ChatSession, text: str, images: list[str], write: Cal
         stream.close()  # Ctrl-C, or a write that failed (a closed pipe), stops the generation; done, it does nothing
     write("\n")
     completion = stream.completion
-    if completion is not None and completion.stop_reason == "max_tokens":
-        context = session.model.context_length
-        if completion.input_tokens + completion.output_tokens >= context:  # before max_new_tokens was reached
-            log.info("the answer filled the model's context of %d tokens (the prompt took %d); /reset in the chat, "
-                     "or a shorter prompt, leaves more room", context, completion.input_tokens)
-        else:
-            log.info("the answer reached max_new_tokens=%d; raise generation.max_new_tokens for longer answers",
-                     session.options.max_new_tokens)
+    reason = completion.stop_reason if completion is not None else None
+    if reason == "model_context_window_exceeded":  # before max_new_tokens was reached
+        log.info("the answer filled the model's context of %d tokens (the prompt took %d); /reset in the chat, or a "
+                 "shorter prompt, leaves more room", session.model.context_length, completion.input_tokens)
+    elif reason == "max_tokens":
+        log.info("the answer reached max_new_tokens=%d; raise generation.max_new_tokens for longer answers",
+                 session.options.max_new_tokens)
 
 
 def repl(session: ChatSession, banner: str) -> None:

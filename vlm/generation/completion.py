@@ -35,7 +35,7 @@ class Completion:
     """One answer. `output_tokens` counts every generated token, including the end-of-turn token."""
 
     text: str
-    stop_reason: str  # "end_turn" | "max_tokens" | "stop_sequence" | "cancelled"
+    stop_reason: str  # one of vlm.generation.stopping.STOP_REASONS
     input_tokens: int  # prompt tokens, image tokens included
     output_tokens: int
     stop_sequence: str | None = None  # which stop sequence ended it

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from transformers import StoppingCriteria
 
-STOP_REASONS = ("end_turn", "max_tokens", "stop_sequence", "cancelled")
+# the Messages API's names; model_context_window_exceeded: the answer filled the context before max_new_tokens
+STOP_REASONS = ("end_turn", "max_tokens", "model_context_window_exceeded", "stop_sequence", "cancelled")
 
 
 class Cancelled(StoppingCriteria):
@@ -87,8 +88,10 @@ class StopScanner:
         return rest if self.stop is None else ""
 
 
-def stop_reason(ids: Sequence[int], eos_ids: set[int], stop: str | None, cancelled: bool, max_new: int) -> str:
-    """Why an answer of `ids` ended; a stop sequence or end-of-turn token wins over a cancel that came after it."""
+def stop_reason(ids: Sequence[int], eos_ids: set[int], stop: str | None, cancelled: bool, max_new: int,
+                context_bound: bool = False) -> str:
+    """Why an answer of `ids` ended; a stop sequence or end-of-turn token wins over a cancel that came after it.
+    `context_bound`: `max_new` is the context's room, less than the max_new_tokens asked for."""
     if stop is not None:
         return "stop_sequence"
     if ids and ids[-1] in eos_ids:
@@ -96,5 +99,5 @@ def stop_reason(ids: Sequence[int], eos_ids: set[int], stop: str | None, cancell
     if cancelled:
         return "cancelled"
     if len(ids) >= max_new:
-        return "max_tokens"
+        return "model_context_window_exceeded" if context_bound else "max_tokens"
     return "end_turn"

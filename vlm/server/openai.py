@@ -110,7 +110,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
 
 
 def openai_finish(completion: Completion) -> str:
-    return "length" if completion.stop_reason == "max_tokens" else "stop"
+    return "length" if completion.stop_reason in ("max_tokens", "model_context_window_exceeded") else "stop"
 
 
 def openai_usage(completion: Completion) -> dict:
