@@ -167,6 +167,12 @@ def test_bad_options_and_prompts_fail_clearly(tiny_chat_model, images):
             GenerationOptions(temperature=endless)
     with pytest.raises(PromptError, match="1 <image> placeholder but 0 images"):
         tiny_chat_model.generate(ASK, [])
+    with pytest.raises(PromptError, match=r"must start and end with a user message .*got \['assistant', 'user'\]"):
+        tiny_chat_model.generate([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hi"}])
+    with pytest.raises(PromptError, match=r"got \['user', 'assistant'\]; the answer is the next assistant message"):
+        tiny_chat_model.generate([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}])
+    with pytest.raises(PromptError, match=r"^message 1 \(user\) is empty"):
+        tiny_chat_model.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": " "}])
     with pytest.raises(PromptError, match="context"):
         tiny_chat_model.generate([{"role": "user", "content": "shape " * 600}])
     with pytest.raises(ImageLoadError):
@@ -201,7 +207,7 @@ def test_a_session_over_the_context_forgets_its_oldest_exchanges(tiny_chat_model
            "forgotten" in caplog.text
     asked = [m["content"].split(":")[0] for m in session.messages if m["role"] == "user"]
     assert asked[-1] == "turn 5" and "turn 0" not in asked and len(asked) < 4
-    assert tiny_chat_model.prepare(session.messages).input_tokens < context
+    assert tiny_chat_model.prepare([*session.messages, {"role": "user", "content": "and?"}]).input_tokens < context
 
 
 def test_a_message_too_long_even_alone_leaves_the_chat_as_it_was(tiny_chat_model, images, caplog):

@@ -110,6 +110,12 @@ class ChatModel:
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise PromptError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}, "
                                   f"got {m!r:.120}")
+            if m["role"] == "user" and not m["content"].strip():
+                raise PromptError(f"message {i} (user) is empty; ask something, or attach an image")
+        turns = [m["role"] for m in messages if m["role"] != "system"]
+        if not turns or turns[0] != "user" or turns[-1] != "user":
+            raise PromptError(f"the conversation must start and end with a user message (after any system ones), "
+                              f"got {turns or 'system messages only'}; the answer is the next assistant message")
         if (text_chars := sum(len(m["content"]) for m in messages)) > self.max_text_chars:
             raise ContextOverflow(f"the conversation's text is {text_chars:,} characters, more than the model's "
                                   f"context of {self.context_length} tokens can hold; shorten it or start a new chat")
