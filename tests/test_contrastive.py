@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import random
 
 import pytest
@@ -159,7 +160,7 @@ def test_only_mean_pooling_trains_the_patch_tokens_phase_2_reads(pool):
 
 
 @pytest.mark.parametrize("limit", [5, None], ids=["five", "all"])
-def test_eval_max_samples_sets_how_many_held_out_samples_a_contrastive_validation_ranks(tmp_path, limit):
+def test_eval_max_samples_sets_how_many_held_out_samples_a_contrastive_validation_ranks(tmp_path, limit, caplog):
     """Retrieval R@1 depends on how many candidates it ranks, so eval.max_samples=5 must score exactly 5 samples,
     not the 8 of the two batches of 4 that hold them; without a limit, all 12 held-out samples are scored."""
     from vlm.eval import evaluate
@@ -170,7 +171,9 @@ def test_eval_max_samples_sets_how_many_held_out_samples_a_contrastive_validatio
                          "data.synthetic.samples_per_shard=12", f"data.synthetic.cache_dir={tmp_path / 'data'}",
                          "data.num_workers=0", "eval.batch_size=4",
                          f"eval.max_samples={limit if limit else 'null'}", f"checkpoint={export}")
-    metrics, predictions = evaluate(config)
+    with caplog.at_level(logging.INFO):
+        metrics, predictions = evaluate(config)
+    assert "parameters by part" not in caplog.text  # a table of what trains and what is frozen: nothing trains here
     assert metrics["samples_scored"] == (limit or 12) and type(metrics["samples_scored"]) is int
     assert len(predictions) == len({p["key"] for p in predictions}) == metrics["samples_scored"]
     assert sum(p["correct"] for p in predictions) / len(predictions) == pytest.approx(metrics["zero_shot_top1"])

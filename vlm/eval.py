@@ -12,11 +12,12 @@ answers, or for a contrastive model its most frequent zero-shot confusions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,18 @@ def require_checkpoint(config: TrainConfig) -> None:
         raise ConfigError("checkpoint=PATH is required: the export folder of a run (OUTPUT_ROOT/STAGE/RUN/export)")
 
 
+@contextlib.contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """`logger`'s INFO lines left out while the block runs."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Validate the export `config.checkpoint` with its stage's task: (metrics, the answers it scored)."""
     require_checkpoint(config)
@@ -56,7 +69,8 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
         raise ConfigError(f"checkpoint={config.checkpoint!r} holds a {made_by!r} model, which stage={stage.name} "
                           f"cannot evaluate; pass stage={made_by}")
     data = resolve_eval(config.data, stage.data, config.output_root)
-    task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
+    with quiet("vlm.training.freezing"):  # its "train / frozen" table speaks of training, which this is not
+        task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
     datamodule = ShardDataModule(data, task.batching(), config.data)
     trainer = pl.Trainer(accelerator=config.trainer.accelerator, devices=1,
                          precision=configure_precision(config.trainer), logger=False, enable_checkpointing=False,
