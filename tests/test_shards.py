@@ -140,3 +140,9 @@ def test_skip_warnings_stop_at_a_hundred_per_reader_and_the_rest_are_counted(tmp
 def test_a_caption_that_is_not_utf8_is_skipped_naming_its_field():
     with pytest.raises(SkipSample, match=r"^the 'txt' field is not UTF-8 text \(invalid start byte at byte 2\)$"):
         text_field({"txt": b"a \xff cat"}, "txt")
+
+
+def test_a_conversation_sample_given_to_the_contrastive_stage_says_which_stages_read_it():
+    decode = CaptionDecoder(Tiler(TilerConfig(), tile_size=16, tokens_per_tile=4), lambda texts: torch.zeros(1, 8))
+    with pytest.raises(SkipSample, match=r"^no 'txt' caption: it holds a conversation \('json'\), which stage=align"):
+        decode({"__key__": "k", "json": b"{}", "0.png": solid()})

@@ -53,6 +53,9 @@ class CaptionDecoder:
         fields = image_fields(sample)
         if not fields:
             raise SkipSample("no image field (jpg/jpeg/png/webp)")
+        if "txt" not in sample and "json" in sample:
+            raise SkipSample("no 'txt' caption: it holds a conversation ('json'), which stage=align and sft read; "
+                             "stage=contrastive trains on image + caption shards (data_scripts/images_to_shards.py)")
         caption = text_field(sample, "txt")
         key = f"{sample.get('__url__')}:{sample.get('__key__')}"
         tiled = self.tiler(sample[fields[0]], name=key)
