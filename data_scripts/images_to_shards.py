@@ -12,6 +12,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,33 @@ def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, lis
     return False, given if given is not None else sorted({str(v).strip() for v in labels})
 
 
+def _stripped(row: Row, name: str) -> str:
+    """A field's text, stripped; "" where the row has none (its own check reports why, when it is converted)."""
+    value = row.fields.get(name) if row.fields else None
+    return value.strip() if isinstance(value, str) else ""
+
+
+def image_key(row: Row, images: Path) -> str:
+    """The image a row shows, as a normalised path (a row without one is its own group)."""
+    image = _stripped(row, "image")
+    return os.path.normpath(images / image) if image else f"row {row.where}"
+
+
+def repeated_rows(rows: list[Row], images: Path) -> dict[str, str]:
+    """{where a row repeats an earlier one's image and caption: where that one is}."""
+    seen: dict[tuple[str, str], str] = {}
+    repeats = {}
+    for row in rows:
+        if not _stripped(row, "image") or not _stripped(row, "caption"):
+            continue  # what is missing is reported when the row is converted
+        key = (image_key(row, images), _stripped(row, "caption"))
+        if key in seen:
+            repeats[row.where] = seen[key]
+        else:
+            seen[key] = row.where
+    return repeats
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="images_to_shards.py",
@@ -246,10 +274,13 @@ def convert(args: argparse.Namespace) -> int:
     rows = read_annotations(args.annotations)
     indexed, classnames = class_list(rows, args.classnames)
     position = {name: i for i, name in enumerate(classnames or [])}
+    first_of = repeated_rows(rows, args.images)
 
     def build(row: Row) -> dict:
         if row.fields is None:
             raise Skip("unparsable row", row.problem)
+        if row.where in first_of:
+            raise Skip("duplicate", f"the same image and caption as {first_of[row.where]}; kept once")
         image = text_field(row.fields, "image")
         if image is None or not image.strip():
             raise Skip("no image", "no image path in the 'image' column")
@@ -274,7 +305,7 @@ def convert(args: argparse.Namespace) -> int:
 
     splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
     jobs = plan_jobs(rows, lambda _, row: f"{args.annotations.name} {row.where}", args.val_fraction, args.seed,
-                     shuffle=not args.no_shuffle)
+                     shuffle=not args.no_shuffle, group=lambda _, row: image_key(row, args.images))
     prepare_output(args.out, splits, args.overwrite)
     result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
                           desc=f"{args.annotations.name} -> shards")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -151,15 +152,16 @@ def normalise_conversations(record: dict, num_images: int, prompts: bool = False
                                        "system (user and assistant are accepted too)")
         if role == "gpt" and not turn["value"].strip():
             raise Skip("empty assistant turn", f"turn {number}: the assistant (gpt) reply is empty")
-        if role == "gpt" and not any(t["from"] == "human" for t in normalised):
-            raise Skip("assistant turn first", f"turn {number}: an assistant (gpt) turn before any user (human) turn; "
-                                               "a conversation starts with the user (after an optional system turn)")
         normalised.append({**turn, "from": role})
     if prompts and not any(turn["from"] == "human" for turn in normalised):
         raise Skip("no user turn", "no user (human) turn: there is no prompt to answer")
     if not prompts and not any(turn["from"] == "gpt" for turn in normalised):
         raise Skip("no assistant turn", "no assistant (gpt) turn: there is nothing to learn from (prompts for "
                                         "vlm.constitution need --prompts)")
+    first = next(number for number, turn in enumerate(normalised, start=1) if turn["from"] != "system")
+    if normalised[first - 1]["from"] == "gpt":
+        raise Skip("assistant turn first", f"turn {first}: an assistant (gpt) turn before any user (human) turn; a "
+                                           "conversation starts with the user (after an optional system turn)")
     placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in normalised)
     if placeholders != num_images:
         raise Skip("placeholder mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the conversation "
@@ -215,7 +217,15 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
         return sample
 
     splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
-    jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle)
+    def first_image(_: int, entry: Entry) -> str:  # the records of one image stay in one split
+        try:
+            names = names_of(entry.record) if isinstance(entry.record, dict) and not entry.problem else []
+        except Skip:
+            names = []
+        return os.path.normpath(args.images / names[0].strip()) if names else entry.where
+
+    jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle,
+                     group=first_image)
     prepare_output(args.out, splits, args.overwrite)
     result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
                           desc=f"{args.json.name} -> shards")

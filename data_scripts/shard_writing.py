@@ -155,25 +155,32 @@ class Job(Generic[T]):
     record: T
 
 
-def split_names(count: int, val_fraction: float, seed: int) -> list[str]:
-    """The split of each of `count` records: a seeded sample of round(count * val_fraction) go to "val".
+def split_names(count: int, val_fraction: float, seed: int, groups: Sequence[str] | None = None) -> list[str]:
+    """The split of each of `count` records: a seeded sample of round(count * val_fraction) go to "val". With
+    `groups` (one key per record, e.g. its image), whole groups are drawn instead, round(groups * val_fraction) of
+    them, so the records of one image never sit on both sides of the split.
 
-    The choice depends only on the count, the fraction and the seed, never on which images turn out to be broken,
-    so re-running a conversion after fixing files keeps every record in its split.
+    The choice depends only on the count (or the groups), the fraction and the seed, never on which images turn out to
+    be broken, so re-running a conversion after fixing files keeps every record in its split.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
-    # a requested val split is never empty and train never is; a single record always trains
-    wanted = min(max(round(count * val_fraction), 1), count - 1) if val_fraction > 0 and count >= 2 else 0
-    chosen = set(random.Random(seed).sample(range(count), wanted))
-    return ["val" if i in chosen else "train" for i in range(count)]
+    keys = list(groups) if groups is not None else list(range(count))
+    distinct = list(dict.fromkeys(keys))  # in first-seen order
+    # a requested val split is never empty and train never is; a single group always trains
+    n = len(distinct)
+    wanted = min(max(round(n * val_fraction), 1), n - 1) if val_fraction > 0 and n >= 2 else 0
+    chosen = {distinct[i] for i in random.Random(seed).sample(range(n), wanted)}
+    return ["val" if key in chosen else "train" for key in keys]
 
 
 def plan_jobs(records: Sequence[T], where: Callable[[int, T], str], val_fraction: float, seed: int,
-              shuffle: bool) -> list[Job[T]]:
+              shuffle: bool, group: Callable[[int, T], str] | None = None) -> list[Job[T]]:
     """Jobs in writing order. Train records are shuffled (seeded) unless `shuffle` is off, because annotation files
-    are often sorted by class and the trainer's shuffle buffer only mixes samples that are near each other."""
-    splits = split_names(len(records), val_fraction, seed)
+    are often sorted by class and the trainer's shuffle buffer only mixes samples that are near each other. `group`:
+    records with the same key (the same image) land in the same split."""
+    groups = [group(i, r) for i, r in enumerate(records)] if group is not None else None
+    splits = split_names(len(records), val_fraction, seed, groups)
     width = max(8, len(str(max(len(records) - 1, 0))))
     jobs = [Job(f"{i:0{width}d}", where(i, r), s, r) for i, (r, s) in enumerate(zip(records, splits, strict=True))]
     if shuffle:
@@ -430,7 +437,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
     parser.add_argument("--samples-per-shard", metavar="N", type=int, default=1000,
                         help="samples per .tar (default: 1000)")
     parser.add_argument("--val-fraction", metavar="F", type=float, default=0.0,
-                        help=f"fraction of {unit} held out in OUT/val (default: 0, no val split)")
+                        help=f"fraction of {unit} held out in OUT/val, drawn by image: the {unit} of one image stay "
+                             f"on one side (default: 0, no val split)")
     parser.add_argument("--seed", metavar="S", type=int, default=0,
                         help="seed of the train/val split and train order (default: 0)")
 

@@ -153,6 +153,23 @@ def test_a_json_array_of_records_converts_like_jsonl(tmp_path, capsys):
     _check_caption_samples(samples, [*rows[:2], None, *rows[2:]], tmp_path / "images", sorted(NAMES[:4]))
 
 
+def test_a_repeated_row_is_kept_once_and_an_images_captions_share_one_split(tmp_path, capsys):
+    """COCO-style files give each image several captions: held out apart from its own image's other captions, a
+    caption would be scored on a picture the model trained on."""
+    rows = _write_images(tmp_path / "images", 12)
+    captioned = [{**row, "caption": f"{row['caption']}, told the {nth} way"}
+                 for row in rows for nth in ("one", "other")]
+    annotations = _write_csv(tmp_path / "a.csv", [*captioned, captioned[5]])  # line 26 repeats line 7
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                       "--out", str(tmp_path / "out"), "--val-fraction", "0.25", "--no-shuffle"])
+    assert code == 0 and "a.csv line 26: the same image and caption as line 7; kept once" in err
+    samples = {**_read_split(tmp_path / "out/train"), **_read_split(tmp_path / "out/val")}
+    assert len(samples) == 24  # 12 images x 2 captions; the repeat is left out
+    images_by_split = {split: {captioned[int(key)]["image"] for key in _read_split(tmp_path / "out" / split)}
+                       for split in ("train", "val")}
+    assert not images_by_split["train"] & images_by_split["val"] and len(images_by_split["val"]) == 3
+
+
 def test_integer_labels_and_classnames_file(tmp_path, capsys):
     rows = _write_images(tmp_path / "images", 6)
     for i, row in enumerate(rows):
@@ -420,6 +437,22 @@ def test_llava_round_trip(tmp_path, capsys):
     assert [mixed[f] for f in image_fields(mixed)] == [(images / n).read_bytes() for n in ("d.webp", "a.jpg")]
 
 
+def test_llava_records_of_one_image_share_a_split(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        (images / f"{i}.png").write_bytes(noise(i, fmt="PNG"))
+    records = [{"id": f"{i}-{kind}", "image": f"{i}.png", "conversations": _turns("<image>\nWhat is it?", kind)}
+               for i in range(8) for kind in ("brief", "detailed")]  # as LLaVA-Instruct asks of each COCO image
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    code, _, _ = _convert(capsys, ["--json", str(tmp_path / "llava.json"), "--images", str(images), "--out",
+                                   str(tmp_path / "out"), "--val-fraction", "0.25"], main=llava_to_shards.main)
+    assert code == 0
+    shown = {split: {json.loads(s["json"])["image"] for s in _read_split(tmp_path / "out" / split).values()}
+             for split in ("train", "val")}
+    assert len(shown["val"]) == 2 and not shown["train"] & shown["val"]
+
+
 def test_a_fresh_process_with_a_text_only_record_first_converts_with_workers(tmp_path):
     """A fresh interpreter, as a user runs the script: the first record written has no image, so the main thread
     imports webdataset (and with it torch) while a worker thread imports the image check's tiler."""
@@ -506,7 +539,8 @@ def test_llava_prompts_for_the_constitution_need_a_user_turn_not_an_answer(tmp_p
     (tmp_path / "prompts.json").write_text(json.dumps(records))
     argv = ["--json", str(tmp_path / "prompts.json"), "--images", str(tmp_path), "--out"]
     code, out, err = _convert(capsys, [*argv, str(tmp_path / "sft")], main=llava_to_shards.main)
-    assert code == 0 and "record 0 (id 'asked'): no assistant (gpt) turn" in err and "need --prompts" in err
+    assert code == 1 and "record 0 (id 'asked'): no assistant (gpt) turn" in err and "need --prompts" in err
+    assert "record 1 (id 'told'): turn 1: an assistant (gpt) turn before any user (human) turn" in err
     code, out, err = _convert(capsys, ["--prompts", *argv, str(tmp_path / "prompts")], main=llava_to_shards.main)
     assert code == 0 and "record 1 (id 'told'): no user (human) turn" in err
     assert "python -m vlm.constitution checkpoint=SFT_EXPORT \"data.train=" in out
