@@ -435,6 +435,8 @@ def test_oversized_image_error_then_next_message_works(page, tiny_chat_model):
     assert "over the 4,096-byte limit" in failed["error"]
     assert page.js("return document.querySelector('.message.user').classList.contains('failed')")
     assert page.js("return document.getElementById('prompt').value") == QUESTION  # back in the box to edit
+    page.thumbnails_ready(1)  # with its image, which the user takes out before sending again
+    page.find(".thumb-remove").click()
     page.type(Keys.ENTER)
     answer = page.last_answer()
     assert answer["state"] == "done", answer
@@ -530,6 +532,28 @@ def test_model_output_is_rendered_as_text_never_html(page, live, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_reload_mid_answer_keeps_the_question_and_odd_settings_and_files_are_read_as_shown(page, live, monkeypatch):
+    monkeypatch.setattr(live.app.state.server.chat, "stream",
+                        lambda prompt, cancel=None, **options: ScriptedStream(prompt, ["slow "] * 200, delay=0.05))
+    page.send("Tell me a long story")
+    page.wait("document.querySelector('.message.assistant .content').textContent")  # streaming
+    page.open(keep_settings=True)
+    assert page.js("return document.querySelector('.message.user .content').textContent") == "Tell me a long story"
+    assert page.answers()[-1]["state"] == "stopped"
+    assert "not answered: the page was reloaded" in page.answers()[-1]["usage"] and page.find(".regenerate")
+    page.settings(max_tokens="1e2")  # a number input reads "1e2" as 100: so does the page
+    assert page.js("return state.settings.maxTokens") == 100
+    page.settings(max_tokens="1.7")  # no whole number of tokens: marked, and the server's default goes
+    assert page.js("return [state.settings.maxTokens, document.getElementById('max-tokens').ariaInvalid]") == \
+        [None, "true"]
+    page.attach_file(b"plain text, not a picture", "notes.png")  # named like an image, refused on the spot
+    page.wait("document.getElementById('notice').textContent === 'notes.png: not a readable image'")
+    assert page.js("return state.attached.length") == 0
+    page.find("#new-chat").click()  # what the notice said was about the old chat
+    assert page.find("#notice").text == ""
+
+
+@pytest.mark.slow
 def test_regenerate_new_chat_and_settings_persist(page, tiny_chat_model):
     page.settings(max_tokens=6, greedy=True, system="Answer briefly.")
     page.send(QUESTION)
@@ -556,6 +580,7 @@ def test_regenerate_new_chat_and_settings_persist(page, tiny_chat_model):
                      "const e = document.getElementById(id); return e.type === 'checkbox' ? e.checked : e.value})")
     assert values == ["6", "Answer briefly.", False]
     assert [a["text"] for a in page.answers()] == [fresh["text"]] and page.find(".regenerate")
+    assert page.answers()[0]["usage"] == fresh["usage"]  # its token counts and speed, as before the reload
     assert page.js("return document.querySelector('.message.user .content').textContent") == QUESTION
     page.send("And the other one?")  # the kept exchange goes with the next question
     follow_up = page.last_answer()
@@ -574,14 +599,27 @@ def test_regenerate_new_chat_and_settings_persist(page, tiny_chat_model):
 def test_key_and_busy_errors_are_shown_and_the_page_recovers(browser, serve, tmp_path):
     keyed = Page(browser, serve(api_key="s3cret", **SETTINGS).url, tmp_path).open()
     assert keyed.js("return !document.getElementById('api-key-field').hidden")  # the server wants a key
-    keyed.settings(max_tokens=2)
+    key_help = "return document.getElementById('api-key-help').textContent"
+    assert keyed.js(key_help) == "This server needs an API key."
+    keyed.settings(max_tokens=2, api_key="wrong")
+    keyed.wait(f"({key_help.removeprefix('return ')}) === 'The server refused this key.'")
+    keyed.attach_file(solid_png((200, 30, 30)), "red.png")
+    keyed.thumbnails_ready(1)
     keyed.send(QUESTION)
     refused = keyed.last_answer()
     assert refused["state"] == "error" and "401 authentication_error" in refused["error"], refused
     assert "API key in Settings" in refused["error"]
+    # back in the box to edit and send again: the text and its image; the error in sight below them
+    assert keyed.js("return document.getElementById('prompt').value") == QUESTION
+    keyed.thumbnails_ready(1)
+    assert keyed.js("const box = document.querySelector('.error').getBoundingClientRect(); const log = "
+                    "document.getElementById('messages').getBoundingClientRect(); return box.bottom <= log.bottom + 1")
     keyed.settings(api_key="s3cret")
+    keyed.wait(f"({key_help.removeprefix('return ')}) === ''")  # the models list answered with the key
     keyed.find(".regenerate").click()  # retries the refused question, now with the key
     assert keyed.last_answer()["state"] == "done" and len(keyed.answers()) == 1
+    # asked again as it was, the question is no longer a draft: the box and the attachments are empty
+    assert keyed.js("return [document.getElementById('prompt').value, state.attached.length]") == ["", 0]
 
     busy = serve(max_concurrency=1, max_queue=0)
     page = Page(browser, busy.url, tmp_path).open()

@@ -27,6 +27,7 @@ function saveChat() {
     text: t.text,
     forgotten: Boolean(t.forgotten),
     stopped: Boolean(t.stopped),
+    usage: t.usage,
     images: t.images.map(({ name, mediaType, data }) => ({ name, mediaType, data })),
   }));
   try {
@@ -52,20 +53,24 @@ function restoreChat() {
     // unreadable or blocked storage: start a new chat
   }
   let question = null;
-  for (const { role, text, forgotten, stopped, images } of saved) {
-    const turn = { role, text, forgotten, stopped, images: images.map((i) => ({ ...i, ok: true })) };
-    for (const image of turn.images) image.url = `data:${image.mediaType};base64,${image.data}`;
+  for (const { role, text, forgotten, stopped, usage, images } of saved) {
+    const turn = { role, text, forgotten, stopped, usage, images: images.map((i) => ({ ...i, ok: true })) };
+    for (const image of turn.images) image.url = dataUrl(image);
     if (role === "user") {
       turn.el = addUserMessage(turn);
       question = turn;
     } else {
       turn.el = addAnswer();
       renderMarkdown(text, turn.el.querySelector(".content"));
-      finishAnswer(turn.el, stopped ? "stopped" : "done", null);
+      finishAnswer(turn.el, stopped ? "stopped" : "done", usage || null);
       if (question) question.answerEl = turn.el;
     }
     if (forgotten) forget([turn]);
     state.turns.push(turn);
+  }
+  if (question && !question.answerEl) { // the page was reloaded while its answer streamed: Regenerate asks again
+    question.answerEl = addAnswer();
+    finishAnswer(question.answerEl, "stopped", { stop: "not answered: the page was reloaded" });
   }
 }
 
@@ -110,9 +115,10 @@ function readSettings() {
   s.temperature = $("temperature-auto").checked ? "auto" : Number($("temperature").value);
   $("temperature").disabled = s.temperature === "auto";
   $("temperature-value").textContent = s.temperature === "auto" ? "auto" : s.temperature.toFixed(2);
-  const tokens = Number.parseInt($("max-tokens").value, 10);
+  const typed = $("max-tokens").value.trim();
+  const tokens = Number(typed); // "1e2" is 100, as the field itself reads it; "1.7" is no count of tokens
   const limit = state.config.max_tokens_limit;
-  const given = Number.isFinite(tokens) && tokens >= 1;
+  const given = typed !== "" && Number.isInteger(tokens) && tokens >= 1;
   s.maxTokens = given ? Math.min(tokens, limit) : null;
   const valid = given && tokens <= limit;
   $("max-tokens").setAttribute("aria-invalid", String(!valid));
@@ -127,6 +133,7 @@ function readSettings() {
 // At phone width (chat.css's breakpoint) the open settings cover the page: a modal sheet, with what is behind it
 // out of reach of focus and screen readers until Done. Beside the chat on wider screens, they are not modal.
 const PHONE = window.matchMedia("(max-width: 720px)");
+const TOUCH = window.matchMedia("(pointer: coarse)"); // no Shift on a phone's keyboard: Enter adds a line, Send sends
 
 function sheetMode() {
   const modal = !$("settings").hidden && PHONE.matches;
@@ -160,6 +167,8 @@ async function loadModels() {
     const response = await fetch("/v1/models", { headers: authHeaders() });
     if (response.ok) names = (await response.json()).data.map((m) => m.id);
     else if (response.status === 401) $("api-key-field").hidden = false;
+    $("api-key-help").textContent = response.status !== 401 ? ""
+      : state.settings.apiKey ? "The server refused this key." : "This server needs an API key.";
   } catch {
     // the server is unreachable: the first message will say so
   }
@@ -167,7 +176,10 @@ async function loadModels() {
   for (const name of names.length ? names : [state.settings.model || "vlm"]) {
     select.append(new Option(name, name, false, name === state.settings.model));
   }
-  if (!names.includes(state.settings.model) && names.length) state.settings.model = names[0];
+  if (!names.includes(state.settings.model) && names.length) {
+    state.settings.model = names[0];
+    saveSettings();
+  }
   $("model-name").textContent = names.length ? select.value : "";
 }
 
@@ -180,6 +192,19 @@ function blobToBase64(blob) {
     reader.onerror = () => reject(reader.error);
     reader.readAsDataURL(blob);
   });
+}
+
+// The first bytes of each format the server takes (its own check, `sniff_media_type`, reads the same ones)
+const SIGNATURES = {
+  "image/jpeg": [[0xff, 0xd8, 0xff]],
+  "image/png": [[0x89, 0x50, 0x4e, 0x47]],
+  "image/gif": [[0x47, 0x49, 0x46, 0x38]],
+  "image/webp": [[0x52, 0x49, 0x46, 0x46]],
+};
+
+async function isImageOfType(file, type) {
+  const head = new Uint8Array(await file.slice(0, 4).arrayBuffer());
+  return (SIGNATURES[type] || []).some((sig) => sig.every((byte, i) => head[i] === byte));
 }
 
 function canvasBlob(canvas, type, quality) {
@@ -195,7 +220,10 @@ async function prepareImage(file) {
   try {
     bitmap = await createImageBitmap(file);
   } catch {
-    if (!types.includes(file.type)) throw new Error(`${file.name || "image"}: this browser cannot read it`);
+    // a format the browser cannot decode but the server reads is sent as it is, once its bytes say it is one
+    if (!types.includes(file.type) || !(await isImageOfType(file, file.type))) {
+      throw new Error(`${file.name || "image"}: not a readable image`);
+    }
   }
   const pixels = bitmap ? bitmap.width * bitmap.height : 0;
   if (!bitmap || (types.includes(file.type) && file.size <= maxBytes && pixels <= budget)) {
@@ -246,6 +274,15 @@ function attachFiles(files) {
     state.attached.push(entry);
   }
   renderAttachments();
+}
+
+function dataUrl(image) {
+  return `data:${image.mediaType};base64,${image.data}`;
+}
+
+// The images a failed message put back into the attachments, while they are still there
+function restoredImages(turn) {
+  return state.attached.filter((entry) => entry.from === turn);
 }
 
 function removeAttachment(entry) {
@@ -562,15 +599,17 @@ function forget(left) {
 
 async function answer(userTurn) {
   const turns = state.turns; // this conversation, even if New chat replaces it while the answer streams
+  for (const old of document.querySelectorAll(".regenerate")) old.remove(); // it would redo the wrong answer
   const node = addAnswer();
   userTurn.answerEl = node;
   const content = node.querySelector(".content");
   const controller = new AbortController();
   state.busy = { controller };
   setBusy(true);
-  const reply = { role: "assistant", text: "", images: [], el: node };
   const usage = { stop: "" };
+  const reply = { role: "assistant", text: "", images: [], el: node, usage }; // usage: shown again after a reload
   let started = 0;
+  let failed = false;
   try {
     // Like the REPL and ChatSession: while the conversation leaves the answer less than its room in the model's
     // context (max_tokens, at most a quarter of the context), or is over the context (the server's 400), the oldest
@@ -639,15 +678,18 @@ async function answer(userTurn) {
       const message = err instanceof ServerError ? err.message : `could not reach the server (${err.message})`;
       showError(node, message);
       finishAnswer(node, "error", null);
-      if (!$("prompt").value.trim() && turns === state.turns) {
-        $("prompt").value = userTurn.text; // back in the box to edit (Regenerate sends it again as it was)
+      if (!$("prompt").value.trim() && !state.attached.length && turns === state.turns) {
+        $("prompt").value = userTurn.text; // back in the box to edit, images too (Regenerate sends it as it was)
         autogrow();
+        state.attached.push(...userTurn.images.map((image) => ({ ...image, url: dataUrl(image), from: userTurn })));
+        renderAttachments();
       }
+      failed = true;
     }
   } finally {
     state.busy = null;
     setBusy(false);
-    scrollToEnd(false);
+    scrollToEnd(failed); // the error, below a message box grown by the text put back, must be in sight
     if (turns === state.turns) saveChat();
   }
 }
@@ -679,6 +721,7 @@ async function send() {
   autogrow();
   turn.el = addUserMessage(turn);
   state.turns.push(turn);
+  saveChat(); // a reload while the answer streams keeps the question
   await answer(turn);
 }
 
@@ -691,6 +734,11 @@ function regenerate() {
   turn.failed = false;
   turn.el.classList.remove("failed");
   turn.answerEl?.remove();
+  if ($("prompt").value === turn.text) { // put back when it failed; asked again now, it is not a draft any more
+    $("prompt").value = "";
+    autogrow();
+  }
+  restoredImages(turn).forEach(removeAttachment);
   answer(turn);
 }
 
@@ -700,6 +748,8 @@ function newChat() {
   for (const entry of [...state.attached]) removeAttachment(entry);
   state.turns = [];
   saveChat();
+  clearTimeout(notify.timer);
+  $("notice").textContent = ""; // what it said was about the old chat
   $("messages").replaceChildren($("empty"));
   $("empty").hidden = false;
   $("prompt").value = "";
@@ -724,8 +774,7 @@ function wire() {
   });
   $("prompt").addEventListener("keydown", (event) => {
     // isComposing, or Safari's keyCode 229: the Enter that ends an IME composition only confirms the text
-    const touch = window.matchMedia("(pointer: coarse)").matches; // no Shift on a phone's keyboard: Send sends
-    if (event.key === "Enter" && !event.shiftKey && !touch && !event.isComposing && event.keyCode !== 229) {
+    if (event.key === "Enter" && !event.shiftKey && !TOUCH.matches && !event.isComposing && event.keyCode !== 229) {
       event.preventDefault();
       send();
     }
@@ -794,6 +843,10 @@ async function start() {
     return;
   }
   showSettings();
+  if (TOUCH.matches) {
+    $("empty-hint").textContent = "Attach one with the paperclip, then type a question. The Send button sends; "
+      + "Enter adds a line.";
+  }
   await loadModels();
   restoreChat();
   renderAttachments();
