@@ -512,7 +512,8 @@ class ScriptedStream:
 
 @pytest.mark.slow
 def test_model_output_is_rendered_as_text_never_html(page, live, monkeypatch):
-    pieces = ["Here: ", XSS, "\n\n```html\n<script>window.ran = 1</script>\n```\n", "- one **bold**\n- two `<b>`\n"]
+    pieces = ["Here: ", XSS, "\n\n```html\n<script>window.ran = 1</script>\n```\n", "- one **bold**\n- two `<b>`\n",
+              "- three **bold `<i>` code**\n"]
     monkeypatch.setattr(live.app.state.server.chat, "stream",
                         lambda prompt, cancel=None, **options: ScriptedStream(prompt, pieces))
     page.send("Say something dangerous")
@@ -524,7 +525,8 @@ def test_model_output_is_rendered_as_text_never_html(page, live, monkeypatch):
     assert page.js("return document.querySelector('.message.assistant pre code').textContent") == \
         "<script>window.ran = 1</script>"
     assert page.js("return [...document.querySelectorAll('.message.assistant li')].map((li) => li.innerHTML)") == \
-        ["one <strong>bold</strong>", "two <code>&lt;b&gt;</code>"]  # markdown as elements, text escaped
+        ["one <strong>bold</strong>", "two <code>&lt;b&gt;</code>",
+         "three <strong>bold <code>&lt;i&gt;</code> code</strong>"]  # markdown as elements, text escaped
     from selenium.common.exceptions import NoAlertPresentException
 
     with pytest.raises(NoAlertPresentException):

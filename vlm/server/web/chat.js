@@ -336,7 +336,13 @@ function inline(text) {
   let last = 0;
   for (let match; (match = pattern.exec(text));) {
     if (match.index > last) nodes.push(document.createTextNode(text.slice(last, match.index)));
-    nodes.push(match[1] !== undefined ? el("code", "", match[1]) : el("strong", "", match[2]));
+    if (match[1] !== undefined) {
+      nodes.push(el("code", "", match[1]));
+    } else {
+      const strong = el("strong"); // its text may hold `code` too
+      strong.append(...inline(match[2]));
+      nodes.push(strong);
+    }
     last = pattern.lastIndex;
   }
   if (last < text.length) nodes.push(document.createTextNode(text.slice(last)));
