@@ -135,6 +135,30 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(t
     assert _logged_steps(checkpoints.parent) == list(range(12))  # metrics.csv runs on: 0-7, then 8-11 after resume
 
 
+class FirstStepRates(pl.Callback):
+    """Each param group's learning rate, betas and weight decay as the first step after a (re)start takes them."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        if not hasattr(self, "groups"):
+            self.groups = [(g["lr"], g["betas"], g["weight_decay"]) for g in trainer.optimizers[0].param_groups]
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_learning_rate_trains_with_it(tmp_path, small_synthetic):
+    """The optimizer's groups and the schedule's peak come back from the checkpoint; the new stage.* values must win,
+    as the resume's warning and the run's config.json say."""
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.warmup_steps=4",
+            "trainer.checkpoint_every_n_steps=2", f"output_root={tmp_path}", "run_name=r"]
+    train(tiny_config(*args, "stage.max_steps=2"))
+    rates = FirstStepRates()
+    train(tiny_config(*args, "stage.max_steps=4", "stage.lr=5e-4", "stage.weight_decay=0.2", "stage.betas=[0.8,0.9]",
+                      "resume=auto"), rates)
+    # step 2 of a 4-step warmup: 3/4 of the new peak, in every group (this stage trains one part at one rate)
+    assert [lr for lr, _, _ in rates.groups] == pytest.approx([5e-4 * 3 / 4] * len(rates.groups))
+    assert {betas for _, betas, _ in rates.groups} == {(0.8, 0.9)}
+    assert {decay for _, _, decay in rates.groups} == {0.2, 0.0}  # weight decay only where the groups decay
+
+
 @pytest.mark.slow
 def test_a_mid_epoch_resume_reseeds_the_shard_order(tmp_path, small_synthetic):
     args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",

@@ -23,8 +23,8 @@ def build_optimizer(parts: dict[str, nn.Module], stage: StageConfig) -> torch.op
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         decay = [p for n, p in named if not _no_decay(n, p)]
         plain = [p for n, p in named if _no_decay(n, p)]
-        groups += [{"params": decay, "lr": lr, "weight_decay": stage.weight_decay, "part": part},
-                   {"params": plain, "lr": lr, "weight_decay": 0.0, "part": part}]
+        groups += [{"params": decay, "lr": lr, "weight_decay": stage.weight_decay, "part": part, "decay": True},
+                   {"params": plain, "lr": lr, "weight_decay": 0.0, "part": part, "decay": False}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"stage {stage.name!r} has nothing to train; check the stage.train_* settings")
@@ -42,3 +42,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def apply_stage_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                         stage: StageConfig) -> None:
+    """Set each param group's peak learning rate, betas and weight decay from `stage` again, and the schedule's place
+    on the new peak. A resumed run restores them from its checkpoint (the optimizer's groups, the schedule's
+    base_lrs), so without this a run resumed with another stage.lr would go on with the old one."""
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        peak = getattr(stage, f"lr_{group['part']}", None) or stage.lr
+        group["initial_lr"], group["betas"] = peak, tuple(stage.betas)
+        group["weight_decay"] = stage.weight_decay if group.get("decay", group["weight_decay"] > 0) else 0.0
+        group["lr"] = peak * factor(scheduler.last_epoch)  # the rate the next step takes
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]

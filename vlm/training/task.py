@@ -23,7 +23,7 @@ from vlm.data.sources import DataSources
 from vlm.training.freezing import apply_freezing, keep_frozen_parts_in_eval, trainable_parts
 from vlm.training.gradients import clip_gradients
 from vlm.training.health import DataHealth
-from vlm.training.optim import build_optimizer, warmup_cosine
+from vlm.training.optim import apply_stage_settings, build_optimizer, warmup_cosine
 
 
 @dataclass
@@ -127,6 +127,8 @@ class StageTask(pl.LightningModule):
         # gradient checkpointing outside training mode), and a new model's frozen ViT would run in training mode (its
         # BatchNorm normalising by batch statistics and updating its running ones)
         self.train()
+        if self.trainer.ckpt_path:  # resumed: the optimizer's settings came back from the checkpoint
+            apply_stage_settings(self.optimizers().optimizer, self.lr_schedulers(), self.config.stage)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.health.drop_skipped_gradients(optimizer)
