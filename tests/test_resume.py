@@ -374,6 +374,36 @@ def test_sigterm_mid_run_fails_and_resume_auto_continues_from_the_last_checkpoin
 
 
 @pytest.mark.slow
+class StopInFinalValidation(pl.Callback):
+    """A scheduler's SIGTERM, or the user's Ctrl-C, while the run's last validation reads the held-out set, after
+    training ended."""
+
+    def __init__(self, by: str):
+        self.by = by
+
+    def on_validation_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.state.fn != "validate":  # the final pass, not the ones during fit
+            return
+        if self.by == "Ctrl-C":
+            raise KeyboardInterrupt
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "Lightning handles no SIGTERM here"
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("by,code", [("SIGTERM", 143), ("Ctrl-C", 130)])
+def test_a_stop_in_the_final_validation_ends_the_run_before_its_export(tmp_path, small_synthetic, caplog, by, code):
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=2", "trainer.checkpoint_every_n_steps=2",
+            f"output_root={tmp_path}", "run_name=r"]
+    with caplog.at_level(logging.ERROR, logger="vlm"), pytest.raises(SystemExit) as stop:
+        train(tiny_config(*args), StopInFinalValidation(by))
+    assert stop.value.code == code  # not a finished run: a kill must not read as success
+    assert f"stopped by {by} at step 2" in caplog.text and "resume=auto continues" in caplog.text
+    run_dir = tmp_path / "contrastive" / "r"
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "export").exists()
+    metrics, _ = train(tiny_config(*args, "resume=auto"))  # from the step-2 checkpoint: validates and exports
+    assert metrics["global_step"] == 2 and (run_dir / "export").is_dir()
+
+
 @pytest.mark.parametrize("name", ["../../escape", "a/b", ".."])
 def test_a_run_name_that_is_a_path_is_refused(tmp_path, name):
     with pytest.raises(ConfigError, match=f"run_name='{re.escape(name)}' must be a folder name, not a path"):

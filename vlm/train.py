@@ -58,13 +58,13 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
         trainer.callbacks.extend(callbacks)
         try:
             trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
+            return finish(trainer, task, datamodule, run_folder, config, started)  # the final validation, the export
         except SIGTERMException:  # Lightning's, a SystemExit of code 0: a killed job must not read as a finished one
             stopped(trainer, run_folder, "SIGTERM", 143)
         except SystemExit as stop:  # Lightning ends a Ctrl-C with exit code 1, after its own shutdown
             if stop.code != 1 or not trainer.interrupted:
                 raise
             stopped(trainer, run_folder, "Ctrl-C", 130)
-    return finish(trainer, task, datamodule, run_folder, config, started)
 
 
 def stopped(trainer: pl.Trainer, run_folder: Run, by: str, code: int) -> NoReturn:

@@ -13,6 +13,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vlm.config import ConfigError, TrainConfig, to_dict
 from vlm.errors import first_line
@@ -102,6 +103,8 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
         trainer.limit_val_batches = task.val_batch_limit() or 1.0
         metrics.update(validate(trainer, task, datamodule))
+        if trainer.received_sigterm:  # a validation goes on through SIGTERM; the export must not be written as if
+            raise SIGTERMException  # the run finished (vlm.train says where resume=auto goes on)
         try:
             check_scored(task, metrics, config.data.val or datamodule.val_urls[0])
         except NothingToScore as err:  # the model trained and is exported; its figures are what is missing
