@@ -402,6 +402,13 @@ def test_a_stop_in_the_final_validation_ends_the_run_before_its_export(tmp_path,
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "export").exists()
     metrics, _ = train(tiny_config(*args, "resume=auto"))  # from the step-2 checkpoint: validates and exports
     assert metrics["global_step"] == 2 and (run_dir / "export").is_dir()
+    # now finished: a resume has nothing to train, and must not redo the figures over those of the real run
+    written = (run_dir / "metrics.json").read_text()
+    with pytest.raises(ConfigError, match=r"is a finished run: its export is complete and its newest checkpoint is "
+                                          r"at step 2, stage.max_steps=2; raise stage.max_steps"):
+        train(tiny_config(*args, "resume=auto"))
+    assert (run_dir / "metrics.json").read_text() == written
+    assert train(tiny_config(*args, "stage.max_steps=3", "resume=auto"))[0]["global_step"] == 3  # trained further
 
 
 @pytest.mark.parametrize("name", ["../../escape", "a/b", ".."])

@@ -18,6 +18,7 @@ from vlm.config import ConfigError, TrainConfig
 from vlm.exports.format import is_complete
 from vlm.training.resume import (
     checkpoint_problem,
+    checkpoint_step,
     find_resume_checkpoint,
     recorded_stage,
     recorded_start,
@@ -85,9 +86,15 @@ def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
         if run_dir.exists():
             remove_partial_writes(run_dir)
             resume_from = find_resume_checkpoint(run_dir)
+        finished = is_complete(run_dir / "export")
+        if resume_from and finished and checkpoint_step(resume_from) == config.stage.max_steps:  # past it: build_trainer refuses
+            raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run: its export is complete and its "
+                              f"newest checkpoint is at step {checkpoint_step(resume_from)}, stage.max_steps="
+                              f"{config.stage.max_steps}; raise stage.max_steps to train it further, or choose another "
+                              f"run_name")
         if resume_from:
             log.info("resume=auto: continuing %s from %s", run_dir, resume_from.name)
-        elif is_complete(run_dir / "export"):  # finished before its first checkpoint: starting over would erase it
+        elif finished:  # finished before its first checkpoint: starting over would erase it
             raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run (its export is complete) with no "
                               f"checkpoint to continue from; choose another run_name, or delete the folder to train "
                               f"it again")
