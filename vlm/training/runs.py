@@ -87,7 +87,8 @@ def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
             remove_partial_writes(run_dir)
             resume_from = find_resume_checkpoint(run_dir)
         finished = is_complete(run_dir / "export")
-        if resume_from and finished and checkpoint_step(resume_from) == config.stage.max_steps:  # past it: build_trainer refuses
+        # at stage.max_steps there is nothing left to train (past it, build_trainer refuses)
+        if resume_from and finished and checkpoint_step(resume_from) == config.stage.max_steps:
             raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run: its export is complete and its "
                               f"newest checkpoint is at step {checkpoint_step(resume_from)}, stage.max_steps="
                               f"{config.stage.max_steps}; raise stage.max_steps to train it further, or choose another "
