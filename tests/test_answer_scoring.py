@@ -121,6 +121,21 @@ def test_a_model_with_one_answer_scores_the_fraction_of_references_equal_to_it(t
     assert sum(r["scores"]["exact_match"] for r in rows) / len(rows) == pytest.approx(metrics["exact_match"])
 
 
+def test_eval_max_samples_bounds_the_held_out_loss_as_it_bounds_the_answers(tiny_export, tmp_path):
+    """3 samples asked for, in batches of 4: the loss of exactly those 3, as one batch of 3 gives it, not of 4."""
+    records = [_record(("<image>\nWhich colour?", answer, None)) for answer in ("blue", "a red one", "green", "pink")]
+    val = _write_conversations(tmp_path / "val", records)
+
+    def loss(limit: int, batch: int) -> float:
+        config = tiny_config(f"checkpoint={tiny_export}", f"data.val={val}", "data.train=null", "data.num_workers=0",
+                             f"eval.max_samples={limit}", f"eval.batch_size={batch}", "eval.max_new_tokens=2",
+                             stage="sft", tiny=False)
+        return evaluate(config)[0]["loss"]
+
+    assert loss(3, 4) == pytest.approx(loss(3, 3), abs=1e-5)
+    assert loss(3, 4) != pytest.approx(loss(4, 4), abs=1e-3)
+
+
 def test_an_export_evaluated_as_the_other_phase_names_the_stage_to_pass(tiny_export):
     with pytest.raises(ConfigError, match=rf"checkpoint='{tiny_export}' holds a 'sft' model, which "
                                           rf"stage=contrastive cannot evaluate; pass stage=sft"):

@@ -25,6 +25,7 @@ from vlm.generation.kv_cache import cache_kwargs
 from vlm.metrics import answer_metrics, score_answer
 from vlm.models.factory import VLMBundle, empty_vlm, new_vlm, set_attention
 from vlm.models.feature_cache import VisionFeatureCache
+from vlm.models.losses import answer_logprobs
 from vlm.models.packing import attention_break_even
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.task import Batching, Stage, StageTask
@@ -119,13 +120,24 @@ class VLMTask(StageTask):
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
-        self.predictions, self.val_samples, self.val_skipped = [], 0, 0
+        self.predictions, self.val_samples, self.val_skipped, self.loss_samples = [], 0, 0, 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.val_samples += batch["num_samples"] + batch["skipped"]
         self.val_skipped += batch["skipped"]
         out = self.forward_batch(batch)
-        self.log("val/loss", out.loss, batch_size=len(batch["input_ids"]), sync_dist=False, rank_zero_only=True)
+        # eval.max_samples: the loss of the first `sample_limit` samples, as the answers (the last batch read may
+        # hold more than the limit leaves)
+        rows = len(batch["input_ids"])
+        if self.sample_limit is not None:
+            rows = min(rows, max(0, self.sample_limit - self.loss_samples))
+        self.loss_samples += rows
+        if rows == len(batch["input_ids"]):
+            self.log("val/loss", out.loss, batch_size=rows, sync_dist=False, rank_zero_only=True)
+        elif rows:
+            logps, tokens = answer_logprobs(out.logits[:rows], batch["labels"][:rows])  # (rows,), (rows,)
+            self.log("val/loss", -logps.sum() / tokens.sum().clamp(min=1), batch_size=rows, sync_dist=False,
+                     rank_zero_only=True)
         self.score_answers(batch.get("scored", []))
 
     def score_answers(self, samples: list[list[ScoredTurn]]) -> None:
