@@ -290,6 +290,17 @@ def test_phase_2_takes_the_vit_architecture_of_its_contrastive_export(tmp_path, 
         task = make_task(tiny_config("model.vision.global_pool=avg", stage="align"), init_from=export)
     assert "model.vision.global_pool='avg' is ignored" in caplog.text and "built with 'token'" in caplog.text
     assert task.bundle.model.vision.num_prefix_tokens == 1  # the export's CLS token, with its trained weights
+    assert "starts from the contrastive export" not in caplog.text  # align is the stage that does so
+
+
+def test_sft_from_a_contrastive_export_says_the_projector_and_llm_start_fresh(tmp_path, caplog):
+    from tiny import contrastive_export
+
+    export = contrastive_export(tmp_path / "clip")
+    with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):
+        make_task(tiny_config(stage="sft"), init_from=export)
+    assert f"stage=sft starts from the contrastive export {export}: only its ViT comes trained, the projector and " \
+           f"the LLM start fresh. stage=align trains the projector first" in caplog.text
 
 
 def _damage(folder, how: str) -> str:

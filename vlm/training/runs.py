@@ -196,6 +196,7 @@ def _init_source(config: TrainConfig, pairs_made_by: str | None) -> Path | None:
     if config.init_from is None:
         return None
     if config.init_from != "auto":
+        log.info("init_from: starting from %s", config.init_from)
         return Path(config.init_from).expanduser()
     if pairs_made_by:  # preference pairs: learn from the model whose own answers they are
         log.info("init_from=auto: starting from %s, whose answers the preference pairs are", pairs_made_by)

@@ -43,6 +43,13 @@ class VLMTask(StageTask):
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
+        if init_from and stage.previous != "contrastive" and read_meta(init_from).stage == "contrastive":
+            from vlm.training.stages import STAGES  # the stage table imports this module
+
+            after = next(s.name for s in STAGES.values() if s.previous == "contrastive")
+            log.warning("stage=%s starts from the contrastive export %s: only its ViT comes trained, the projector and "
+                        "the LLM start fresh. stage=%s trains the projector first; pass init_from=its export (or "
+                        "init_from=auto once it has run)", stage.name, init_from, after)
         return cls(config, stage, start_bundle(config, init_from))
 
     @classmethod
