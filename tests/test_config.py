@@ -255,8 +255,15 @@ def test_dataclass_defaults_agree_with_the_yaml(name, schema):
     assert _defaults_disagreeing(schema, composed) == []
 
 
-def test_a_tensorboard_logger_without_its_package_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # as on a machine without tensorboard
-    with pytest.raises(ConfigError, match=r"trainer.logger=tensorboard needs the tensorboard package: pip install "
-                                          r"'vlm\[tensorboard\]'"):
+def test_a_tensorboard_logger_without_its_package_names_the_extra_before_anything_starts(tmp_path, monkeypatch):
+    from vlm.train import run
+
+    find_spec = importlib.util.find_spec  # as on a machine without tensorboard, and with everything else
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in ("tensorboard", "tensorboardX") else find_spec(name, *args))
+    message = r"^trainer.logger=tensorboard needs the tensorboard package: pip install 'vlm\[tensorboard\]'"
+    with pytest.raises(ConfigError, match=message):
         build_logger("tensorboard", tmp_path, None)
+    with pytest.raises(ConfigError, match=message):  # the message alone, and no run folder
+        run(tiny_config("trainer.logger=tensorboard", f"output_root={tmp_path / 'runs'}"))
+    assert not (tmp_path / "runs").exists()

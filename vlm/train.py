@@ -23,6 +23,7 @@ from vlm.config import TrainConfig, to_train_config
 from vlm.data.shards import absolute_pattern
 from vlm.data.sources import resolve as resolve_data
 from vlm.training.datamodule import ShardDataModule
+from vlm.training.loggers import check_logger
 from vlm.training.resume import warn_changed_settings
 from vlm.training.runs import Run, prepare_run, removed_if_left_empty
 from vlm.training.stages import get_stage
@@ -38,6 +39,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     started = time.time()
     with start_up_told_once():
         check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
+        check_logger(config.trainer.logger)
         config.trainer.precision = configure_precision(config.trainer)  # "auto" -> what runs here; saved with the run
         pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
         stage = get_stage(config.stage.name)

@@ -61,12 +61,17 @@ class ContinuingCSVLogger(CSVLogger):
         return super().experiment
 
 
+def check_logger(kind: str) -> None:
+    """`trainer.logger` can run here: checked when a run starts, before any model is built."""
+    if kind == "tensorboard" and importlib.util.find_spec("tensorboard") is None \
+            and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("trainer.logger=tensorboard needs the tensorboard package: pip install 'vlm[tensorboard]' "
+                          "(in a checkout: pip install -e '.[tensorboard]'), or use trainer.logger=csv")
+
+
 def build_logger(kind: str, run_dir: Path, resume_step: int | None) -> Logger:
     """`trainer.logger`: csv (logs/metrics.csv, continued from `resume_step` on resume) or tensorboard."""
     if kind == "tensorboard":
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise ConfigError("trainer.logger=tensorboard needs the tensorboard package: pip install "
-                              "'vlm[tensorboard]' (in a checkout: pip install -e '.[tensorboard]'), or use "
-                              "trainer.logger=csv")
+        check_logger(kind)
         return TensorBoardLogger(run_dir, name="logs", version="")
     return ContinuingCSVLogger(run_dir, name="logs", version="", resume_step=resume_step)

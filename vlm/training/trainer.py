@@ -50,6 +50,8 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
                           f"continue the run (at {resume_step} it only validates and exports again)")
     try:
         return _trainer(config, run, task, checkpoints, resume_step)
+    except ConfigError:  # ours, which names its key
+        raise
     except (MisconfigurationException, TypeError, ValueError) as err:  # Lightning's checks of the trainer settings
         raise ConfigError(f"trainer settings (accelerator={t.accelerator}, devices={t.devices}, strategy="
                           f"{t.strategy}, precision={t.precision}): {first_line(err)}") from None
