@@ -163,6 +163,14 @@ def test_help_describes_the_entry_point_its_groups_and_its_settings(name, capsys
         assert "config groups" not in shown and "checkpoint: null" in shown
 
 
+def test_help_with_a_mistyped_group_option_names_it_as_a_run_would(capsys):
+    with pytest.raises(SystemExit) as stop:
+        preflight(["stage=sftt", "--help"], "train")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: stage='sftt' is not valid; choose one of ['align', 'contrastive', " \
+                                      "'dpo', 'sft']. Did you mean 'sft'?\n"
+
+
 def test_help_piped_into_a_reader_that_stops_early_is_no_error():
     """`python -m vlm.train --help | head -3`: the reader closes the pipe before the help is written."""
     read_end, write_end = os.pipe()

@@ -433,6 +433,22 @@ def test_an_sft_export_scored_as_dpo_keeps_dpos_settings(tiny_sft_export, caplog
     assert "as its run trained" not in caplog.text  # its sft run had no beta to take
 
 
+def test_eval_says_each_setting_it_scores_a_dpo_export_with_even_at_its_default(tiny_sft_export, tmp_path, caplog):
+    import shutil
+
+    from vlm.eval import as_trained
+
+    export = Path(shutil.copytree(tiny_sft_export, tmp_path / "dpo-export"))
+    meta = json.loads((export / "config.json").read_text())
+    meta["stage"], meta["train_config"] = "dpo", {"beta": 0.3, "loss": "ipo", "sft_weight": 2.0}  # beta, loss: defaults
+    (export / "config.json").write_text(json.dumps(meta))
+    config = tiny_config(f"checkpoint={export}", stage="dpo", tiny=False)
+    with caplog.at_level(logging.INFO, logger="vlm"):
+        as_trained(config, given={"stage", "checkpoint"})
+    for setting in ("stage.beta=0.3", "stage.loss='ipo'", "stage.sft_weight=2.0"):
+        assert f"{setting}, as its run trained (recorded in the export)" in caplog.text
+
+
 def test_a_pair_missing_from_the_precomputed_table_names_the_data_change():
     from vlm.training.reference import Reference
 

@@ -126,19 +126,19 @@ def preflight(args: list[str], config_name: str) -> None:
         sys.argv[1:] = args
     if not CONFIG_DIR.is_dir():
         fail(f"config folder {str(CONFIG_DIR)!r} not found; reinstall vlm (`pip install .` ships the configs)")
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    group_args = [a for a in args if a.split("=", 1)[0] in groups]
+    for group, value in (a.split("=", 1) for a in group_args):  # before --help, which shows the chosen options
+        options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+        if value not in options:
+            fail(invalid_choice_message(group, value, options))
     if "--help" in args or "-h" in args:
         print_help(help_text(config_name, [a for a in args if not a.startswith("-")]))
     if any(a.startswith("-") for a in args):
         return  # Hydra's own flags (--hydra-help, --cfg job, -m) do their own checking
-    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     bad = [a for a in args if "=" not in a]
     if bad:
         fail(f"arguments are key=value overrides, got {bad[0]!r}")
-    group_args = [a for a in args if a.split("=", 1)[0] in groups]
-    for group, value in (a.split("=", 1) for a in group_args):
-        options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
-        if value not in options:
-            fail(invalid_choice_message(group, value, options))
     key_args = [a for a in args if a not in group_args and not a.startswith(("+", "~", "hydra."))]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         try:

@@ -151,7 +151,7 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
     for key in get_stage(config.stage.name).task.SCORED_WITH:
         # None: the run's stage had no such setting (an sft export scored with stage=dpo keeps dpo's defaults)
         value = recorded.get(key)
-        if f"stage.{key}" not in given and value is not None and value != getattr(config.stage, key):
+        if f"stage.{key}" not in given and value is not None:
             log.info("stage.%s=%r, as its run trained (recorded in the export)", key, value)
             setattr(config.stage, key, value)
     held_out = recorded.get("held_out")

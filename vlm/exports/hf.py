@@ -97,7 +97,7 @@ def export_hf(checkpoint: Path, out: Path, route: str = "auto") -> Path:
     meta = read_meta(checkpoint)
     if meta.llm_config is None:
         raise ConversionError(f"checkpoint={str(checkpoint)!r} holds a {meta.stage!r} model; format=hf takes an "
-                              f"align or sft export (format=open_clip takes contrastive ones)")
+                              f"align, sft or dpo export (format=open_clip takes contrastive ones)")
     refuse_taken(out)  # before the model is loaded
     vlm = load_vlm(checkpoint)
     if vlm.processor.tiler.config.max_tiles != 1:
