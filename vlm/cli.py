@@ -46,6 +46,18 @@ def setup_logging(level: str) -> None:
         fail(f"log_level={level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR")
 
 
+@contextlib.contextmanager
+def quiet(logger: str) -> Iterator[None]:
+    """`logger`'s INFO lines (and those of its children) left out while the block runs; its warnings stay."""
+    target = logging.getLogger(logger)
+    level = target.level
+    target.setLevel(max(target.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -12,12 +12,11 @@ answers, or for a contrastive model its most frequent zero-shot confusions.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vlm.cli import CONFIG_DIR, preflight, user_errors
+from vlm.cli import CONFIG_DIR, preflight, quiet, user_errors
 from vlm.config import ConfigError, TrainConfig, to_train_config
 from vlm.data.shards import ShardError, list_shards
 from vlm.data.sources import resolve_eval
@@ -46,18 +45,6 @@ WORST_SHOWN = 5
 def require_checkpoint(config: TrainConfig) -> None:
     if not config.checkpoint:
         raise ConfigError("checkpoint=PATH is required: the export folder of a run (OUTPUT_ROOT/STAGE/RUN/export)")
-
-
-@contextlib.contextmanager
-def quiet(logger: str) -> Iterator[None]:
-    """`logger`'s INFO lines left out while the block runs."""
-    target = logging.getLogger(logger)
-    level = target.level
-    target.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        target.setLevel(level)
 
 
 def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import hydra
@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from vlm.cli import CONFIG_DIR, preflight, user_errors
+from vlm.cli import CONFIG_DIR, preflight, quiet, user_errors
 from vlm.config import TrainConfig, to_train_config
 from vlm.data.shards import absolute_pattern
 from vlm.data.sources import resolve as resolve_data
@@ -79,18 +79,10 @@ def stopped(trainer: pl.Trainer, run_folder: Run, by: str, code: int) -> NoRetur
     raise SystemExit(code) from None
 
 
-@contextlib.contextmanager
-def start_up_told_once() -> Iterator[None]:
+def start_up_told_once() -> contextlib.AbstractContextManager:
     """Lightning starts ranks 1, 2, ... of a machine by running the command again: they keep their warnings, and
     leave the start-up's account (data, run folder, parameter counts) to rank 0."""
-    vlm_log = logging.getLogger("vlm")
-    level = vlm_log.level
-    if rank_zero_only.rank != 0:
-        vlm_log.setLevel(max(vlm_log.getEffectiveLevel(), logging.WARNING))
-    try:
-        yield
-    finally:
-        vlm_log.setLevel(level)
+    return quiet("vlm") if rank_zero_only.rank != 0 else contextlib.nullcontext()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
