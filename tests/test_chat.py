@@ -210,6 +210,26 @@ def test_a_session_over_the_context_forgets_its_oldest_exchanges(tiny_chat_model
     assert tiny_chat_model.prepare([*session.messages, {"role": "user", "content": "and?"}]).input_tokens < context
 
 
+def test_a_question_left_unanswered_is_forgotten_with_its_exchange(tiny_chat_model, monkeypatch):
+    """A generation that failed after the question was taken leaves two questions in a row; leaving out the oldest
+    exchanges must still leave a conversation that starts with a question."""
+    session = tiny_chat_model.session(temperature=0, max_new_tokens=1)
+    words = "shape " * (tiny_chat_model.context_length // 4)
+    session.send(f"turn 0: {words}")
+
+    def device_lost(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ChatModel, "generate", device_lost)
+        with pytest.raises(RuntimeError):
+            session.send(f"turn 1: {words}")
+    for turn in range(2, 6):
+        session.send(f"turn {turn}: {words}")
+    roles = [m["role"] for m in session.messages]
+    assert roles[0] == "user" and roles[-2:] == ["user", "assistant"] and "turn 5" in session.messages[-2]["content"]
+
+
 def test_a_message_too_long_even_alone_leaves_the_chat_as_it_was(tiny_chat_model, images, caplog):
     session = tiny_chat_model.session(max_new_tokens=1, temperature=0)
     session.send("What is this?", images=[images["path"]])

@@ -281,7 +281,9 @@ class ChatSession:
             except ContextOverflow:
                 if len(turns) <= 1:
                     raise
-            del turns[: 2 if len(turns) > 2 else 1]
+            del turns[0]  # the oldest exchange: its question and the answers after it
+            while turns[0].role != "user":
+                del turns[0]
             forgotten += 1
         if forgotten:
             log.warning("the chat no longer fits the model's context with room for an answer, so %s forgotten",
