@@ -390,6 +390,7 @@ class StopInFinalValidation(pl.Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("by,code", [("SIGTERM", 143), ("Ctrl-C", 130)])
 def test_a_stop_in_the_final_validation_ends_the_run_before_its_export(tmp_path, small_synthetic, caplog, by, code):
     args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=2", "trainer.checkpoint_every_n_steps=2",
