@@ -15,11 +15,16 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or "embedding" in name or "logit_" in name or "cls_token" in name or "pos_embed" in name
 
 
+def peak_lr(stage: StageConfig, part: str) -> float:
+    """A part's peak learning rate: its own `stage.lr_<part>` where set, else `stage.lr`."""
+    return getattr(stage, f"lr_{part}", None) or stage.lr
+
+
 def build_optimizer(parts: dict[str, nn.Module], stage: StageConfig) -> torch.optim.Optimizer:
     """AdamW with one param group per (part, decay) so each part can have its own learning rate."""
     groups = []
     for part, module in parts.items():
-        lr = getattr(stage, f"lr_{part}", None) or stage.lr
+        lr = peak_lr(stage, part)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         decay = [p for n, p in named if not _no_decay(n, p)]
         plain = [p for n, p in named if _no_decay(n, p)]
@@ -50,7 +55,7 @@ def apply_stage_settings(optimizer: torch.optim.Optimizer, scheduler: torch.opti
     on the new peak. A resumed run restores them from its checkpoint (the optimizer's groups, the schedule's
     base_lrs), so without this a run resumed with another stage.lr would go on with the old one."""
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
-        peak = getattr(stage, f"lr_{group['part']}", None) or stage.lr
+        peak = peak_lr(stage, group["part"])
         group["initial_lr"], group["betas"] = peak, tuple(stage.betas)
         group["weight_decay"] = stage.weight_decay if group.get("decay", group["weight_decay"] > 0) else 0.0
         group["lr"] = peak * factor(scheduler.last_epoch)  # the rate the next step takes
