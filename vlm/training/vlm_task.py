@@ -127,18 +127,18 @@ class VLMTask(StageTask):
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
-        self.predictions, self.val_samples, self.val_skipped, self.loss_samples = [], 0, 0, 0
+        self.predictions, self.val_samples, self.val_skipped = [], 0, 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.val_samples += batch["num_samples"] + batch["skipped"]
         self.val_skipped += batch["skipped"]
         out = self.forward_batch(batch)
         # eval.max_samples: the loss of the first `sample_limit` samples, as the answers (the last batch read may
-        # hold more than the limit leaves)
+        # hold more than the limit leaves); the samples before this batch are those read, less the skipped ones
         rows = len(batch["input_ids"])
         if self.sample_limit is not None:
-            rows = min(rows, max(0, self.sample_limit - self.loss_samples))
-        self.loss_samples += rows
+            before = self.val_samples - self.val_skipped - rows
+            rows = min(rows, max(0, self.sample_limit - before))
         if rows == len(batch["input_ids"]):
             self.log("val/loss", out.loss, batch_size=rows, sync_dist=False, rank_zero_only=True)
         elif rows:
