@@ -152,18 +152,14 @@ def preflight(args: list[str], config_name: str) -> None:
     if bad:
         fail(f"arguments are key=value overrides, got {bad[0]!r}")
     key_args = [a for a in args if a not in group_args and not a.startswith(("+", "~", "hydra."))]
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        try:
-            base = compose(config_name, overrides=group_args)
-        except Exception as err:  # Hydra names the group and lists its options
-            fail(str(err).split("Config search path")[0].strip())
-        for arg in key_args:
-            if message := _unknown_key(base, arg.split("=", 1)[0]):
-                fail(message)
-        try:
-            compose(config_name, overrides=args)
-        except Exception as err:
-            fail(str(err).strip())
+    base = _composed_or_fail(config_name, group_args)
+    for arg in key_args:
+        if message := _unknown_key(base, arg.split("=", 1)[0]):
+            fail(message)
+    try:
+        compose_config(config_name, args)
+    except Exception as err:
+        fail(str(err).strip())
 
 
 def _without_blocks(yaml_text: str, keys: tuple[str, ...]) -> str:
@@ -184,11 +180,7 @@ def help_text(config_name: str, args: list[str] = ()) -> str:
     summary = (module.__doc__ or "").strip().split("\n\n")[0]
     chosen = [a for a in args if "=" in a and (CONFIG_DIR / a.split("=", 1)[0]).is_dir()]
     picked = {a.split("=", 1)[0] for a in chosen}
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        try:
-            choices = compose(config_name, overrides=chosen, return_hydra_config=True).hydra.runtime.choices
-        except Exception as err:  # Hydra names the group and lists its options
-            fail(str(err).split("Config search path")[0].strip())
+    choices = _composed_or_fail(config_name, chosen, return_hydra_config=True).hydra.runtime.choices
     groups = {group: value for group, value in choices.items() if not group.startswith("hydra/")}
     usage = f"usage: python -m vlm.{config_name} {'[GROUP=OPTION ...] ' if groups else ''}[KEY=VALUE ...]"
     lines = [summary, "", usage, f"config files: {CONFIG_DIR}"]
@@ -223,7 +215,16 @@ def _with_parents(group: str, option: str) -> list[str]:
     return [name for parent in parents for name in _with_parents(group, parent)] + [option]
 
 
-def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+def compose_config(config_name: str, overrides: list[str] | None = None, return_hydra_config: bool = False
+                   ) -> DictConfig:
     """The composed config `config_name` (train, infer, serve) with Hydra overrides, outside any Hydra app."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides or []))
+        return compose(config_name, overrides=list(overrides or []), return_hydra_config=return_hydra_config)
+
+
+def _composed_or_fail(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """`compose_config`, or one `error:` line with what Hydra says is wrong (it names the group and its options)."""
+    try:
+        return compose_config(config_name, overrides, return_hydra_config)
+    except Exception as err:
+        fail(str(err).split("Config search path")[0].strip())
