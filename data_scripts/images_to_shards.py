@@ -12,7 +12,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from data_scripts.shard_writing import (  # noqa: E402
     Skip,
     add_output_arguments,
     add_run_arguments,
+    image_group,
     json_type,
     plan_jobs,
     prepare_output,
@@ -231,8 +231,7 @@ def _stripped(row: Row, name: str) -> str:
 
 def image_key(row: Row, images: Path) -> str:
     """The image a row shows, as a normalised path (a row without one is its own group)."""
-    image = _stripped(row, "image")
-    return os.path.normpath(images / image) if image else f"row {row.where}"
+    return image_group(images, _stripped(row, "image"), f"row {row.where}")
 
 
 def repeated_rows(rows: list[Row], images: Path) -> dict[str, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from data_scripts.shard_writing import (  # noqa: E402
     Skip,
     add_output_arguments,
     add_run_arguments,
+    image_group,
     json_type,
     plan_jobs,
     prepare_output,
@@ -216,14 +216,14 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
             sample[f"{index}.{extension}"] = data
         return sample
 
-    splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
     def first_image(_: int, entry: Entry) -> str:  # the records of one image stay in one split
         try:
             names = names_of(entry.record) if isinstance(entry.record, dict) and not entry.problem else []
         except Skip:
             names = []
-        return os.path.normpath(args.images / names[0].strip()) if names else entry.where
+        return image_group(args.images, names[0] if names else None, entry.where)
 
+    splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
     jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle,
                      group=first_image)
     prepare_output(args.out, splits, args.overwrite)

@@ -174,6 +174,12 @@ def split_names(count: int, val_fraction: float, seed: int, groups: Sequence[str
     return ["val" if key in chosen else "train" for key in keys]
 
 
+def image_group(images: Path, name: str | None, where: str) -> str:
+    """What keeps a record in its image's split (`plan_jobs`'s `group`): the image's normalised path under `images`,
+    or for a record without one, its own place `where`."""
+    return os.path.normpath(images / name.strip()) if name and name.strip() else where
+
+
 def plan_jobs(records: Sequence[T], where: Callable[[int, T], str], val_fraction: float, seed: int,
               shuffle: bool, group: Callable[[int, T], str] | None = None) -> list[Job[T]]:
     """Jobs in writing order. Train records are shuffled (seeded) unless `shuffle` is off, because annotation files
