@@ -66,8 +66,8 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
                     got = source.get("type") if isinstance(source, dict) else source
                     raise ApiError(400, f"{at}.source.type: only 'base64' image sources are accepted, got {got!r} "
                                         "(this server does not fetch URLs or files)")
-                images.append(parser.image(source.get("data"), source.get("media_type"), f"{at}.source"))
                 image_fields.append(f"{at}.source")
+                images.append(parser.image(source.get("data"), source.get("media_type"), image_fields[-1]))
                 parts.append(IMAGE_TOKEN)
             else:
                 raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "

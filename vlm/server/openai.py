@@ -82,8 +82,8 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
                                         "URL (this server does not fetch remote URLs)", param=f"{at}.image_url")
                 media_type = found["type"].lower()
                 media_type = "image/jpeg" if media_type == "image/jpg" else media_type  # a common misspelling
-                images.append(parser.image(found["data"], media_type, f"{at}.image_url"))
                 image_fields.append(f"{at}.image_url")
+                images.append(parser.image(found["data"], media_type, image_fields[-1]))
                 parts.append(IMAGE_TOKEN)
             else:
                 raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
