@@ -147,7 +147,7 @@ class Ours:
         self.windows += 1
         self.config.run_name = f"ours-{self.windows}"  # a fresh run folder (logs) per window, as a new run has
         self.config.stage.max_steps = warmup + steps
-        trainer = build_trainer(self.config, prepare_run(self.config), self.task)
+        trainer = build_trainer(self.config, prepare_run(self.config), self.task, time.time())
         timer = WindowTimer(warmup)
         trainer.callbacks.append(timer)
         trainer.fit(self.task, datamodule=self.datamodule)

@@ -26,7 +26,7 @@ from tiny import TINY, make_task, tiny_config
 
 from vlm.config import ConfigError
 from vlm.training.checkpoint_io import AtomicCheckpointIO
-from vlm.training.data_position import pass_seed
+from vlm.training.data_position import DataPosition, pass_seed
 from vlm.training.resume import StartingExport, checkpoint_step, find_resume_checkpoint, remove_partial_writes
 from vlm.training.runs import INIT_ENV, PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
 
@@ -117,9 +117,12 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(t
     assert run.resume_from == checkpoints / "step00000008.ckpt"
     assert any("step00000012.ckpt" in r.getMessage() and "cannot be loaded" in r.getMessage() for r in caplog.records)
 
+    saved = torch.load(run.resume_from, weights_only=False)
+    assert 0 < saved[DataPosition.KEY]["wall_seconds"] < 600
+    saved[DataPosition.KEY]["wall_seconds"] = 1000.0  # as if the sessions up to step 8 had taken that long
+    torch.save(saved, run.resume_from)
     observe = Observe()
     metrics, _ = train(resumed, observe)
-    saved = torch.load(run.resume_from, weights_only=False)
     start = observe.start
     assert start["step"] == 8 and metrics["global_step"] == 12  # continued from step 8, not 0, and completed
     assert start["scheduler_step"] == 8 and start["lr"] == pytest.approx(saved["optimizer_states"][0]
@@ -130,6 +133,7 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(t
     # uninterrupted run uses there (seed + 1); and the sample counts carry on
     assert start["epoch"] == 1 and start["data_seed"] == 0 + 1 and start["samples_seen"] == 64
     assert metrics["samples_seen"] == 12 * 8
+    assert 1000 < metrics["wall_seconds"] < 1600  # the whole run's wall time: the earlier sessions' and this one's
     assert (checkpoints / "step00000012.ckpt.corrupt").is_file()  # set aside for a post-mortem
     assert find_resume_checkpoint(checkpoints.parent) == newest  # rewritten whole by the resumed run
     assert _logged_steps(checkpoints.parent) == list(range(12))  # metrics.csv runs on: 0-7, then 8-11 after resume

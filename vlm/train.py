@@ -56,11 +56,11 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
             if datamodule.val_urls and task.val_batch_limit() is not None:
                 log.info("validations during training read the first %d held-out samples (eval.max_samples); the "
                          "last one reads all", task.sample_limit)
-            trainer = build_trainer(config, run_folder, task)
+            trainer = build_trainer(config, run_folder, task, started)
         trainer.callbacks.extend(callbacks)
         try:
             trainer.fit(task, datamodule=datamodule, ckpt_path=run_folder.resume_from)
-            return finish(trainer, task, datamodule, run_folder, config, started)  # the final validation, the export
+            return finish(trainer, task, datamodule, run_folder, config)  # the final validation, the export
         except SIGTERMException:  # Lightning's, a SystemExit of code 0: a killed job must not read as a finished one
             stopped(trainer, run_folder, "SIGTERM", 143)
         except SystemExit as stop:  # Lightning ends a Ctrl-C with exit code 1, after its own shutdown

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,8 +32,9 @@ def pass_seed(seed: int, epoch: int, global_step: int) -> int:
 class DataPosition(pl.Callback):
     """Saves where in the data stream each checkpoint was taken; on resume, seeds the shard order from it.
 
-    It also carries the task's sample counts across restarts, so the skip rate and metrics.json count the whole run:
-    the checkpoint holds every rank's totals, and a resumed run gives them back to rank 0 (see `DataHealth.restore`).
+    It also carries the run's totals across restarts, so the skip rate and metrics.json count the whole run: the
+    task's sample counts (the checkpoint holds every rank's totals, and a resumed run gives them back to rank 0, see
+    `DataHealth.restore`) and the wall time (each earlier session's up to the checkpoint the next one resumed from).
 
     The DataModule builds its pipeline from `datamodule.seed`, and webdataset shuffles the shards of the n-th pass
     through it in this process with seed + n (resampled mode: draws seeded from seed and n). A resumed process counts
@@ -41,10 +43,16 @@ class DataPosition(pl.Callback):
 
     KEY = "vlm_data_position"
 
-    def __init__(self) -> None:
+    def __init__(self, session_started: float) -> None:
+        self.session_started = session_started  # time.time() when this process started the run
+        self.earlier_seconds = 0.0  # the wall time of the sessions before it, up to the checkpoint it resumed from
         self.epoch = 0  # the epoch being trained
         self.batches_in_epoch = 0  # batches consumed in it, by this rank
         self.first_epoch = 0  # the epoch of this process's first pass (its seed + 0)
+
+    def run_seconds(self) -> float:
+        """The run's wall time so far, over every session of it."""
+        return self.earlier_seconds + time.time() - self.session_started
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         # runs before ModelCheckpoint's hook for the same batch (Lightning orders checkpoint callbacks last); counted
@@ -60,7 +68,8 @@ class DataPosition(pl.Callback):
         last = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
         checkpoint[self.KEY] = {"epoch": trainer.current_epoch + last, "batches_in_epoch": 0 if last
                                 else self.batches_in_epoch, "global_step": trainer.global_step,
-                                "first_epoch": self.first_epoch, "seed": int(getattr(trainer.datamodule, "seed", 0))}
+                                "first_epoch": self.first_epoch, "seed": int(getattr(trainer.datamodule, "seed", 0)),
+                                "wall_seconds": self.run_seconds()}
         health = getattr(pl_module, "health", None)  # the task's DataHealth: skip counts span restarts
         if health is not None:
             checkpoint[self.KEY].update(samples_seen=health.total_seen, samples_skipped=health.total_skipped)
@@ -71,6 +80,7 @@ class DataPosition(pl.Callback):
         position = checkpoint.get(self.KEY)
         if position is None:
             return
+        self.earlier_seconds = position.get("wall_seconds", 0.0)
         health = getattr(pl_module, "health", None)
         if health is not None and "samples_seen" in position:
             health.restore(position["samples_seen"], position["samples_skipped"], trainer.global_rank)

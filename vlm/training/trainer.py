@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ from vlm.training.task import StageTask
 log = logging.getLogger(__name__)
 
 
-def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
-    """The Trainer for a stage. FSDP shards the task model's transformer blocks one by one; `trainer.compile`
-    compiles them in place."""
+def build_trainer(config: TrainConfig, run: Run, task: StageTask, started: float) -> pl.Trainer:
+    """The Trainer for a stage, whose process started the run at `started` (time.time()). FSDP shards the task
+    model's transformer blocks one by one; `trainer.compile` compiles them in place."""
     t = config.trainer
     if t.compile:
         log.info("trainer.compile: %d transformer blocks compile on their first batch", compile_blocks(task.model))
@@ -49,7 +48,7 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
                           f"{config.stage.max_steps}: there is nothing left to train; raise stage.max_steps to "
                           f"continue the run (at {resume_step} it only validates and exports again)")
     try:
-        return _trainer(config, run, task, checkpoints, resume_step)
+        return _trainer(config, run, task, checkpoints, resume_step, started)
     except ConfigError:  # ours, which names its key
         raise
     except (MisconfigurationException, TypeError, ValueError) as err:  # Lightning's checks of the trainer settings
@@ -58,14 +57,14 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask) -> pl.Trainer:
 
 
 def _trainer(config: TrainConfig, run: Run, task: StageTask, checkpoints: NewestCheckpoints,
-             resume_step: int | None) -> pl.Trainer:
+             resume_step: int | None, started: float) -> pl.Trainer:
     t = config.trainer
     return pl.Trainer(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                       strategy=build_strategy(t, task.model),
                       precision=t.precision, max_steps=config.stage.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
-                      callbacks=[checkpoints, DataPosition(), StartingExport(run.init_from), progress_callback(),
+                      callbacks=[checkpoints, DataPosition(started), StartingExport(run.init_from), progress_callback(),
                                  EmptyPassGuard(), LearningRateMonitor(logging_interval="step")],
                       plugins=[AtomicCheckpointIO()],  # a checkpoint is whole or absent, never truncated
                       # BatchNorm (the conv stem) sees the global batch on several GPUs, as the contrastive loss does;
@@ -97,9 +96,10 @@ def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) 
                              f"the reason, e.g. no assistant turn)")
 
 
-def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, run: Run, config: TrainConfig,
-           started: float) -> dict[str, Any]:
-    """Final validation, the export folder and metrics.json; returns the metrics."""
+def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, run: Run,
+           config: TrainConfig) -> dict[str, Any]:
+    """Final validation, the export folder and metrics.json; returns the metrics. Wall time and sample counts are
+    the whole run's, over every session of a resumed one."""
     metrics: dict[str, Any] = {}
     if datamodule.val_urls:
         task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
@@ -112,7 +112,7 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         except NothingToScore as err:  # the model trained and is exported; its figures are what is missing
             log.warning("%s; metrics.json holds counts only", err)
     metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,
-                    "wall_seconds": round(time.time() - started, 1), "samples_skipped": task.health.total_skipped,
+                    "wall_seconds": round(run_seconds(trainer), 1), "samples_skipped": task.health.total_skipped,
                     "samples_seen": task.health.total_seen, "export": str(run.export.absolute())})
     # FSDP leaves each rank a shard: gather the full weights (a collective every rank joins), export them on rank 0
     gathered = trainer.strategy.lightning_module_state_dict() if isinstance(trainer.strategy, FSDPStrategy) else None
@@ -125,6 +125,10 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         log.info("export folder: %s", Path(run.export).resolve())
     leave_process_group()
     return metrics
+
+
+def run_seconds(trainer: pl.Trainer) -> float:
+    return next(c for c in trainer.callbacks if isinstance(c, DataPosition)).run_seconds()
 
 
 def leave_process_group() -> None:
