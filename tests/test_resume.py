@@ -423,6 +423,20 @@ def test_a_run_name_that_is_a_path_is_refused(tmp_path, name):
     assert not tmp_path.joinpath("runs").exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("stage, init_from, message", [
+    ("contrastive", "exports/clip", "init_from='exports/clip': stage=contrastive starts from fresh weights, or "
+                                    "pretrained timm/open_clip ones"),
+    ("sft", "exports/missing", "init_from='exports/missing' is not a folder: give an export folder"),
+])
+def test_an_init_from_the_stage_cannot_start_from_is_refused_before_a_run_folder_is_made(tmp_path, stage, init_from,
+                                                                                        message):
+    (tmp_path / "exports" / "clip").mkdir(parents=True)
+    config = tiny_config(f"output_root={tmp_path / 'runs'}", f"init_from={tmp_path / init_from}", stage=stage)
+    with pytest.raises(ConfigError, match=re.escape(message.replace("exports/", f"{tmp_path}/exports/"))):
+        prepare_run(config)
+    assert not tmp_path.joinpath("runs").exists()
+
+
 @pytest.mark.slow  # `python -m vlm.train` processes, each importing torch and Lightning
 def test_a_run_name_that_holds_a_run_is_refused_without_resume(tmp_path):
     folder = tmp_path / "runs" / "contrastive" / "crash"

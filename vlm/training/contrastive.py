@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from vlm.config import ConfigError, TrainConfig
+from vlm.config import TrainConfig
 from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.data.sources import DataSources
 from vlm.exports.clip import export_clip, load_clip
@@ -36,9 +36,6 @@ class ContrastiveTask(StageTask):
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None,
                data: DataSources) -> ContrastiveTask:
-        if init_from is not None:
-            raise ConfigError("the contrastive stage starts from fresh (or timm/open_clip pretrained) weights; "
-                             "use resume=auto to continue a run")
         return cls(config, stage, CLIPModel(config.model), clip_tokenizer(config.model.text), data.classnames)
 
     @classmethod

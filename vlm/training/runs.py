@@ -126,12 +126,13 @@ def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
                 raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; pass resume=auto to continue it "
                                   f"or choose another run_name")
             run_dir = run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
+    start = _start(config, resume_from, pairs_made_by)  # checked before the run folder is made
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file where a folder must go, or no permission
         raise ConfigError(f"cannot make the run folder {str(run_dir)!r} ({err.strerror}): check output_root="
                           f"{config.output_root!r}") from None
-    run = Run(run_dir, resume_from, _start(config, resume_from, pairs_made_by))
+    run = Run(run_dir, resume_from, start)
     os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""),
                        INIT_ENV: str(run.init_from or ""), PARENT_ENV: str(os.getpid())})
     return run
@@ -195,14 +196,22 @@ def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | N
 def _init_source(config: TrainConfig, pairs_made_by: str | None) -> Path | None:
     if config.init_from is None:
         return None
+    stage = get_stage(config.stage.name)
+    previous = stage.previous
     if config.init_from != "auto":
+        if previous is None:
+            raise ConfigError(f"init_from={config.init_from!r}: stage={stage.name} starts from fresh weights, or "
+                              f"pretrained timm/open_clip ones (model.vision.pretrained, model.text.pretrained); use "
+                              f"resume=auto to continue a run")
+        start = Path(config.init_from).expanduser()
+        if not start.is_dir():
+            raise ConfigError(f"init_from={config.init_from!r} is not a folder: give an export folder "
+                              f"(OUTPUT_ROOT/STAGE/RUN/export), or init_from=auto for the newest {previous!r} one")
         log.info("init_from: starting from %s", config.init_from)
-        return Path(config.init_from).expanduser()
+        return start
     if pairs_made_by:  # preference pairs: learn from the model whose own answers they are
         log.info("init_from=auto: starting from %s, whose answers the preference pairs are", pairs_made_by)
         return Path(pairs_made_by)
-    stage = get_stage(config.stage.name)
-    previous = stage.previous
     if previous is None:
         return None
     found = latest_export(config.output_root, previous)
