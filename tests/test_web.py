@@ -513,7 +513,7 @@ class ScriptedStream:
 @pytest.mark.slow
 def test_model_output_is_rendered_as_text_never_html(page, live, monkeypatch):
     pieces = ["Here: ", XSS, "\n\n```html\n<script>window.ran = 1</script>\n```\n", "- one **bold**\n- two `<b>`\n",
-              "- three **bold `<i>` code**\n"]
+              "- three **bold `<i>` code**\n", "\n1. first\n   - sub a\n   - sub b\n2. second\n   goes on\n"]
     monkeypatch.setattr(live.app.state.server.chat, "stream",
                         lambda prompt, cancel=None, **options: ScriptedStream(prompt, pieces))
     page.send("Say something dangerous")
@@ -524,9 +524,13 @@ def test_model_output_is_rendered_as_text_never_html(page, live, monkeypatch):
     assert page.js("return window.ran === undefined")
     assert page.js("return document.querySelector('.message.assistant pre code').textContent") == \
         "<script>window.ran = 1</script>"
-    assert page.js("return [...document.querySelectorAll('.message.assistant li')].map((li) => li.innerHTML)") == \
+    assert page.js("return [...document.querySelectorAll('.message.assistant .content > ul > li')]"
+                   ".map((li) => li.innerHTML)") == \
         ["one <strong>bold</strong>", "two <code>&lt;b&gt;</code>",
          "three <strong>bold <code>&lt;i&gt;</code> code</strong>"]  # markdown as elements, text escaped
+    # a list nests by indentation, and an item's indented next line stays in it
+    assert page.js("return [...document.querySelectorAll('.message.assistant ol > li')].map((li) => li.innerHTML)") \
+        == ["first<ul><li>sub a</li><li>sub b</li></ul>", "second<br>goes on"]
     from selenium.common.exceptions import NoAlertPresentException
 
     with pytest.raises(NoAlertPresentException):

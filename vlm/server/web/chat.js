@@ -351,11 +351,12 @@ function inline(text) {
 
 // A small markdown subset: ``` code blocks (an unclosed one runs to the end, as while streaming), - / 1. lists,
 // # headings and paragraphs.
+// Lists nest by indentation: `lists` holds the open ones, outermost first, each with its items' indent.
 function renderMarkdown(text, container) {
   const blocks = [];
   const lines = text.split("\n");
   let paragraph = [];
-  let list = null;
+  let lists = [];
   const flush = () => {
     if (paragraph.length) {
       const p = el("p");
@@ -363,7 +364,16 @@ function renderMarkdown(text, container) {
       blocks.push(p);
     }
     paragraph = [];
-    list = null;
+    lists = [];
+  };
+  const openList = (tag, indent, number) => {
+    const list = el(tag);
+    if (number && number !== "1") list.start = Number(number);
+    const parent = lists.at(-1);
+    if (parent) parent.list.lastElementChild.append(list); // inside the item above it
+    else blocks.push(list);
+    lists.push({ list, indent });
+    return list;
   };
   for (let i = 0; i < lines.length; i++) {
     const line = lines[i];
@@ -379,17 +389,20 @@ function renderMarkdown(text, container) {
       blocks.push(pre);
       continue;
     }
-    const item = line.match(/^\s*(?:([-*+])|(\d+)[.)])\s+(.*)$/);
+    const item = line.match(/^(\s*)(?:([-*+])|(\d+)[.)])\s+(.*)$/);
     if (item) {
-      const tag = item[1] ? "ul" : "ol";
+      const indent = item[1].replace(/\t/g, "    ").length;
+      const tag = item[2] ? "ul" : "ol";
       if (paragraph.length) flush();
-      if (!list || list.tagName.toLowerCase() !== tag) {
-        list = el(tag);
-        if (item[2] && item[2] !== "1") list.start = Number(item[2]);
-        blocks.push(list);
+      while (lists.length && lists.at(-1).indent > indent) lists.pop();
+      let top = lists.at(-1);
+      if (top && top.indent === indent && top.list.tagName.toLowerCase() !== tag) {
+        lists.pop(); // "1." after "-" at one depth: a new list beside the old one
+        top = null;
       }
+      const list = top && top.indent === indent ? top.list : openList(tag, indent, item[3]);
       const li = el("li");
-      li.append(...inline(item[3]));
+      li.append(...inline(item[4]));
       list.append(li);
       continue;
     }
@@ -401,8 +414,10 @@ function renderMarkdown(text, container) {
       blocks.push(h);
     } else if (!line.trim()) {
       flush();
+    } else if (lists.length && /^\s/.test(line)) {
+      lists.at(-1).list.lastElementChild.append(el("br"), ...inline(line.trim())); // an item's indented next line
     } else {
-      list = null;
+      lists = [];
       paragraph.push(line);
     }
   }
