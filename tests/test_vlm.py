@@ -314,16 +314,22 @@ def _damage(folder, how: str) -> str:
     if how == "weights-empty":
         (folder / "model.safetensors").write_bytes(b"")
         return "model.safetensors"
-    if how == "config-without-model":
+    if how.startswith("config-"):
         config = json.loads((folder / "config.json").read_text())
-        del config["model"]
+        if how == "config-without-model":
+            del config["model"]
+        elif how == "config-tiler-null":
+            config["tiler"] = None
+        else:  # config-wider-llm: the weights no longer fit the model it describes, and the error is theirs
+            config["llm_config"]["hidden_size"] *= 2
         (folder / "config.json").write_text(json.dumps(config))
-        return "config.json"
+        return "model.safetensors" if how == "config-wider-llm" else "config.json"
     (folder / "tokenizer" / "tokenizer.json").unlink()
     return "tokenizer"
 
 
-@pytest.mark.parametrize("how", ["weights-cut-short", "weights-empty", "config-without-model", "tokenizer-missing"])
+@pytest.mark.parametrize("how", ["weights-cut-short", "weights-empty", "config-without-model", "config-tiler-null",
+                                 "config-wider-llm", "tokenizer-missing"])
 def test_a_damaged_export_is_one_error_naming_the_file(tiny_sft_export, tmp_path, how):
     import shutil
 
@@ -333,7 +339,8 @@ def test_a_damaged_export_is_one_error_naming_the_file(tiny_sft_export, tmp_path
     folder = tmp_path / "export"
     shutil.copytree(tiny_sft_export, folder)
     named = _damage(folder, how)
-    with pytest.raises(ExportError, match=f"'{folder / named}'.*(damaged|lacks)"):
+    # a mismatch names the first tensor that does not fit, with both shapes
+    with pytest.raises(ExportError, match=f"'{folder / named}'.*(damaged|lacks|size mismatch for .*torch.Size)"):
         load_vlm(folder)
 
 

@@ -74,6 +74,10 @@ class ExportMeta:
         required = [f.name for f in fields if f.default is dataclasses.MISSING]
         if lacking := [name for name in required if name not in raw]:
             raise ExportError(f"{str(path)!r} lacks {lacking}: it is damaged; re-export it from its run")
+        if wrong := [name for name, kind in (("stage", str), ("model", dict), ("tiler", dict))
+                     if not isinstance(raw[name], kind)]:
+            raise ExportError(f"{str(path)!r} is damaged: its {wrong[0]!r} is {json.dumps(raw[wrong[0]])[:60]}, not "
+                              f"{'a string' if wrong[0] == 'stage' else 'an object'}; re-export it from its run")
         known = {f.name for f in fields}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -164,8 +168,9 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
         raise ExportError(f"{str(weights)!r} cannot be read ({first_line(err)}): it is damaged or cut short; "
                           f"re-export it from its run") from None
     except RuntimeError as err:  # a tensor of another shape than config.json's settings give
-        raise ExportError(f"{str(weights)!r} does not match the model its config.json describes "
-                          f"({first_line(err)})") from None
+        # torch's first line only says "Error(s) in loading state_dict"; the next names the tensor and its shapes
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), first_line(err))
+        raise ExportError(f"{str(weights)!r} does not match the model its config.json describes ({detail})") from None
     if missing or unexpected:
         raise ExportError(f"{str(directory)!r} does not match the model: missing {sorted(missing)[:5]}, "
                           f"unexpected {sorted(unexpected)[:5]}")
