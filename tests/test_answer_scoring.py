@@ -285,3 +285,24 @@ def test_vlm_eval_takes_the_stage_from_the_export_unless_given(tiny_sft_export, 
     assert with_the_exports_stage([*plain, "stage=dpo"]) == [*plain, "stage=dpo"]  # what the user gives stands
     missing = [f"checkpoint={tmp_path / 'none'}"]
     assert with_the_exports_stage(missing) == missing  # the evaluation names the missing folder itself
+
+
+@pytest.mark.parametrize("given, max_tiles", [({"checkpoint"}, 4), ({"checkpoint", "tiler"}, 1),
+                                              ({"checkpoint", "tiler.max_tiles"}, 1)])
+def test_vlm_eval_reads_images_at_the_tier_the_export_trained_with_unless_told(tiny_sft_export, tmp_path, given,
+                                                                               max_tiles):
+    """A model trained with tiler=mid scored with one tile per image would get figures its run never saw."""
+    import shutil
+
+    from vlm.training.stages import get_stage
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_sft_export, export)
+    meta = json.loads((export / "config.json").read_text())
+    meta["tiler"]["max_tiles"] = 4
+    (export / "config.json").write_text(json.dumps(meta))
+    config = tiny_config(f"checkpoint={export}", stage="sft")
+    as_trained(config, given=given)
+    assert config.tiler.max_tiles == max_tiles
+    task = get_stage("sft").task.from_export(config, get_stage("sft"), export, None)
+    assert task.bundle.processor.tiler.config.max_tiles == max_tiles  # what the held-out images go through

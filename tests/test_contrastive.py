@@ -194,6 +194,19 @@ def test_vlm_eval_scores_a_contrastive_export_on_the_held_out_data_its_run_valid
     assert config.data.val == task.held_out
 
 
+@pytest.mark.parametrize("given, templates", [({"checkpoint"}, ["{}"]), ({"checkpoint", "eval.templates"}, None)])
+def test_vlm_eval_ranks_classes_with_the_prompts_the_export_validated_with_unless_told(tmp_path, given, templates):
+    from vlm.eval import as_trained
+
+    task = make_task(tiny_config("eval.templates=['{}']"), synthetic.CLASSNAMES)
+    export = task.export(tmp_path / "export")
+    config = tiny_config(f"checkpoint={export}")
+    default = list(config.eval.templates)
+    assert default != ["{}"]
+    as_trained(config, given=given)
+    assert list(config.eval.templates) == (templates or default)
+
+
 def test_the_picture_command_draws_what_it_says(tmp_path, capsys):
     """`python -m vlm.data.synthetic shape.png a.png`: each picture's shape is in the colour and quadrant printed."""
     import numpy as np

@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, quiet, user_errors
-from vlm.config import ConfigError, TrainConfig, to_train_config
+from vlm.config import ConfigError, TilerConfig, TrainConfig, to_train_config
 from vlm.data.shards import ShardError, list_shards
 from vlm.data.sources import resolve_eval
 from vlm.exports.format import ExportError, not_a_folder, read_meta
@@ -130,11 +130,19 @@ def show_confusions(predictions: list[dict[str, Any]], count: int = WORST_SHOWN)
 
 
 def as_trained(config: TrainConfig, given: Collection[str]) -> None:
-    """Score as the export's run did: the stage settings its scores depend on (dpo: stage.beta, stage.loss,
-    stage.sft_weight) and, without data.val, its held-out data come from its export, unless given in `given`
-    (the keys set on the command line)."""
+    """Score as the export's run did: its resolution tier (tiler), a contrastive model's zero-shot prompt templates,
+    the stage settings its scores depend on (dpo: stage.beta, stage.loss, stage.sft_weight) and, without data.val,
+    its held-out data come from its export, unless given in `given` (the keys set on the command line)."""
     require_checkpoint(config)
-    recorded = read_meta(config.checkpoint).train_config or {}
+    meta = read_meta(config.checkpoint)
+    if not any(key == "tiler" or key.startswith("tiler.") for key in given):
+        config.tiler = TilerConfig(**meta.tiler)
+        log.info("tiler: max_tiles=%d, the resolution tier its run trained with (recorded in the export)",
+                 config.tiler.max_tiles)
+    if meta.templates and "eval.templates" not in given:
+        config.eval.templates = list(meta.templates)
+        log.info("eval.templates=%s: the zero-shot prompts its run validated with", meta.templates)
+    recorded = meta.train_config or {}
     for key in get_stage(config.stage.name).task.SCORED_WITH:
         # None: the run's stage had no such setting (an sft export scored with stage=dpo keeps dpo's defaults)
         value = recorded.get(key)
@@ -146,7 +154,7 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
         try:
             list_shards(held_out, "data.val")
         except ShardError as err:
-            log.warning("the held-out data its run validated on is gone (%s); looking for the newest instead", err)
+            log.warning("the held-out data its run validated on is gone (%s); scoring on the default held-out data instead", err)
             return
         log.info("data.val='%s': the held-out data its run validated on", held_out)
         config.data.val = held_out

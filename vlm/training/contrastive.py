@@ -42,7 +42,6 @@ class ContrastiveTask(StageTask):
     def from_export(cls, config: TrainConfig, stage: Stage, directory: Path,
                     data: DataSources) -> ContrastiveTask:
         clip = load_clip(directory)
-        config.eval.templates = config.eval.templates or clip.templates
         return cls(config, stage, clip.model, clip.tokenizer, data.classnames or clip.classnames)
 
     def setup(self, stage: str) -> None:
