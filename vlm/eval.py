@@ -154,7 +154,8 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
         try:
             list_shards(held_out, "data.val")
         except ShardError as err:
-            log.warning("the held-out data its run validated on is gone (%s); scoring on the default held-out data instead", err)
+            log.warning("the held-out data its run validated on is gone (%s); scoring on the default held-out data "
+                        "instead", err)
             return
         log.info("data.val='%s': the held-out data its run validated on", held_out)
         config.data.val = held_out
