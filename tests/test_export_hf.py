@@ -261,3 +261,18 @@ def test_exported_files_have_the_umasks_permissions(tiny_sft_export, hf_folder):
         modes = {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777) for p in folder.rglob("*") if p.is_file()}
         assert "model.safetensors" in modes
         assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_the_processor_pads_as_asked_and_refuses_a_truncation_that_would_cut_an_image(tiny_sft_export, hf_folder):
+    processor = AutoProcessor.from_pretrained(hf_folder, trust_remote_code=True)
+    text = load_vlm(tiny_sft_export).processor.render(QUESTION, add_generation_prompt=True)
+    alone = processor(images=[picture()], text=text, return_tensors="pt")["input_ids"]
+    padded = processor(images=[picture()], text=text, return_tensors="pt", padding="max_length",
+                       max_length=alone.shape[1] + 7)
+    assert padded["input_ids"].shape == (1, alone.shape[1] + 7) and padded["attention_mask"].sum() == alone.shape[1]
+    multiple = processor(images=[picture()], text=text, return_tensors="pt", pad_to_multiple_of=64)
+    assert multiple["input_ids"].shape[1] % 64 == 0
+    with pytest.raises(ValueError, match=f"truncation to max_length=5 would cut a prompt of {alone.shape[1]} tokens"):
+        processor(images=[picture()], text=text, return_tensors="pt", truncation=True, max_length=5)
+    fits = processor(images=[picture()], text=text, return_tensors="pt", truncation=True, max_length=alone.shape[1])
+    assert torch.equal(fits["input_ids"], alone)

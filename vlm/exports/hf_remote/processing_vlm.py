@@ -14,6 +14,7 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import load_image
 
 IMAGE_TOKEN = "<image>"
+PADDING_OPTIONS = ("padding", "max_length", "pad_to_multiple_of", "padding_side", "return_attention_mask")
 
 
 def fit_size(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]:
@@ -92,13 +93,21 @@ class VlmProcessor(ProcessorMixin):
         if placeholders != len(flat):
             raise ValueError(f"{placeholders} {IMAGE_TOKEN} placeholders in the text but {len(flat)} images")
         expanded = [t.replace(IMAGE_TOKEN, IMAGE_TOKEN * self.tokens_per_tile) for t in texts]
-        kwargs.pop("add_special_tokens", None)
-        encoded = self.tokenizer(expanded, add_special_tokens=False, padding=kwargs.pop("padding", True),
-                                 return_tensors="pt")
+        kwargs.pop("add_special_tokens", None)  # the chat template writes them
+        return_tensors, truncation = kwargs.pop("return_tensors", None), kwargs.pop("truncation", None)
+        # the rest of kwargs is for other modalities (videos, audio) or chat-template bookkeeping
+        padding = {name: kwargs.pop(name) for name in PADDING_OPTIONS if name in kwargs}
+        encoded = self.tokenizer(expanded, add_special_tokens=False, return_tensors="pt",
+                                 **{"padding": True} | padding)
+        longest, limit = encoded["input_ids"].shape[1], padding.get("max_length")
+        if truncation and limit is not None and longest > limit:  # a cut image would be read as a shorter one
+            raise ValueError(f"truncation to max_length={limit} would cut a prompt of {longest} tokens, and each "
+                             f"image is {self.tokens_per_tile} tokens that must stay whole; raise max_length or "
+                             f"shorten the text")
         data = dict(encoded)
         if flat:
             data["pixel_values"] = torch.cat([self.tile(im) for im in flat])  # (N_images, 3, S, S)
-        return BatchFeature(data=data, tensor_type=kwargs.get("return_tensors"))
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)
