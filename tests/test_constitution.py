@@ -124,6 +124,24 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
     assert [json.loads((out / "train" / f"shard-00000{i}.json").read_text())["prompts"] for i in range(3)] == [4, 4, 2]
 
 
+def test_pairs_written_from_one_folder_are_read_from_any_other(tiny_sft_export, small_synthetic, tmp_path,
+                                                                monkeypatch):
+    """OUT/DONE and the dpo export that reads it name the shards and the policy by absolute paths, so stage=dpo and
+    vlm.eval find them wherever they run, although the constitution was given relative ones."""
+    from vlm.data.shards import list_shards
+
+    (tmp_path / "runs" / "sft" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "sft" / "r" / "export").symlink_to(tiny_sft_export)
+    monkeypatch.chdir(tmp_path)
+    run(_config(Path("runs/sft/r/export"), small_synthetic, Path("runs"), "critic=synthetic"))
+    done = json.loads((tmp_path / "runs" / "pairs" / "DONE").read_text())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert done["checkpoint"] == str(tmp_path / "runs" / "sft" / "r" / "export")
+    for split in ("train", "val", "qa_val"):
+        assert Path(done[split]).is_absolute() and list_shards(done[split]), split
+
+
 def test_ctrl_c_keeps_the_shards_written_and_says_where(tiny_sft_export, small_synthetic, tmp_path, caplog,
                                                         monkeypatch):
     caplog.set_level(logging.INFO, logger="vlm.constitution")

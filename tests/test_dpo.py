@@ -290,6 +290,13 @@ def test_a_constitution_output_that_kept_no_pair_is_named_when_dpo_looks_for_pai
     assert constitution_pairs(str(tmp_path)).train == shards["train"]
     with pytest.raises(ConfigError, match=r"^no data.val given and no finished preference pairs .*pass data.val="):
         resolve_eval(data, "preferences", str(tmp_path / "elsewhere"))  # vlm.eval of an export without pairs
+    # written with max_train_prompts=0 (or max_val_prompts=0): no such split to train (or score) on
+    (folder / PAIRS_DONE).write_text(json.dumps({**shards, "train": None, "train_pairs": None}))
+    with pytest.raises(ConfigError, match=f"the newest preference pairs, '{folder}', have no train split"):
+        constitution_pairs(str(tmp_path))
+    (folder / PAIRS_DONE).write_text(json.dumps({**shards, "val": None, "train_pairs": 3}))
+    with pytest.raises(ConfigError, match=f"the newest preference pairs, '{folder}', have no held-out split"):
+        resolve_eval(data, "preferences", str(tmp_path))
 
 
 def test_dpo_starts_from_the_export_whose_answers_its_pairs_are(tmp_path, caplog):

@@ -32,6 +32,7 @@ from vlm.constitution.output import check_resumable, make_split, pair_settings
 from vlm.constitution.pairs import Counts, PairMaker
 from vlm.constitution.settings import ConstitutionConfig, build_critic, check_critic, load_constitution
 from vlm.data.preferences import PAIRS_DONE
+from vlm.data.shards import absolute_pattern
 from vlm.data.sources import pair_sources, resolve
 
 log = logging.getLogger("vlm.constitution")
@@ -50,8 +51,10 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
     if checkpoint is None:
         raise ConfigError(f"checkpoint=null and no sft export under {config.output_root!r}: run `python -m vlm.train "
                           f"stage=sft` first, or pass checkpoint=EXPORT_FOLDER")
-    out = Path(config.out or Path(config.output_root) / "constitution" /
-               f"{checkpoint.resolve().parent.name}-{config.critic.kind}-{config.mode}").expanduser()
+    # absolute: OUT/DONE and the export dpo writes record these paths, read from wherever stage=dpo and vlm.eval run
+    checkpoint = checkpoint.absolute()
+    out = Path(config.out or Path(config.output_root).expanduser() / "constitution" /
+               f"{checkpoint.resolve().parent.name}-{config.critic.kind}-{config.mode}").expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={str(out)!r} is a file; give a folder for the preference pairs")
     data = resolve(config.data, "conversations")
@@ -73,7 +76,8 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
                    wall_seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     train_pairs = summary.get("train", {}).get("kept")
-    done = {"train": patterns.get("train"), "val": patterns.get("val"), "qa_val": data.val, "train_pairs": train_pairs,
+    done = {"train": patterns.get("train"), "val": patterns.get("val"),
+            "qa_val": absolute_pattern(data.val) if data.val else None, "train_pairs": train_pairs,
             "checkpoint": str(checkpoint)}
     (out / PAIRS_DONE).write_text(json.dumps(done) + "\n")
     if train_pairs == 0:

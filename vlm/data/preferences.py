@@ -135,11 +135,12 @@ class PreferenceDecoder:
         return {"pair": Pair(rows[0], rows[1], name)}
 
 
-def latest_pairs(root: str | Path) -> dict[str, str] | None:
-    """The shard patterns of the newest finished `vlm.constitution` output under `root` (OUTPUT_ROOT/constitution):
-    {"train", "val", "qa_val"}, or None."""
+def latest_pairs(root: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest finished `vlm.constitution` output under `root` (OUTPUT_ROOT/constitution): its folder and its
+    record, the shard patterns {"train", "val", "qa_val"} (None for a split it wrote no prompt of) with "train_pairs"
+    and "checkpoint"; or None."""
     done = sorted(Path(root).expanduser().glob(f"*/{PAIRS_DONE}"), key=lambda p: p.stat().st_mtime)
-    return json.loads(done[-1].read_text()) if done else None
+    return (done[-1].parent, json.loads(done[-1].read_text())) if done else None
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, Any] | None:

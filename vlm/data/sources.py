@@ -75,13 +75,20 @@ def constitution_pairs(output_root: str, missing: str = "data.train") -> DataSou
         raise ConfigError(f"no {missing} given and no finished preference pairs under {str(root)!r}: run "
                           f"`python -m vlm.constitution` first (with the same output_root), or pass {keys} "
                           f"preference shards (data_scripts/preferences_to_shards.py writes them)")
-    folder = Path(found["train"]).parent.parent if found.get("train") else root
-    if found.get("train_pairs") == 0 and missing == "data.train":  # vlm.eval reads the held-out pairs alone
+    folder, record = found
+    if missing == "data.train" and not record.get("train"):  # vlm.eval reads the held-out pairs alone
+        raise ConfigError(f"the newest preference pairs, {str(folder)!r}, have no train split (written with "
+                          f"max_train_prompts=0): rerun `python -m vlm.constitution` with train prompts, or pass "
+                          f"{keys} preference shards")
+    if missing == "data.train" and record.get("train_pairs") == 0:
         raise ConfigError(f"the newest preference pairs, {str(folder)!r}, hold no train pair (its summary.json counts "
                           f"the prompts and why each answer was dropped): rerun `python -m vlm.constitution` with more "
                           f"prompts or mode=best_of_n, or pass {keys} preference shards")
+    if missing == "data.val" and not (record.get("val") or record.get("qa_val")):
+        raise ConfigError(f"the newest preference pairs, {str(folder)!r}, have no held-out split (written with "
+                          f"max_val_prompts=0): pass data.val= preference or conversation shards")
     log.info("no %s given: using the preference pairs of %s", missing, folder)
-    return pair_sources(found)
+    return pair_sources(record)
 
 
 def pair_sources(found: dict[str, str]) -> DataSources:
