@@ -119,9 +119,14 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
     # asked for more prompts: the last shard held 2 of its 4, so it is made again, and a new one follows
     more = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "max_train_prompts=10"))
-    assert more["train"]["prompts"] == 10 and "shard 1 holds 2 of its 4 prompts" in caplog.text
+    assert more["train"]["prompts"] == 10 and "shard 1 holds 2 prompts where this run asks 4" in caplog.text
     assert (out / "train" / "shard-000000.tar").stat().st_mtime_ns == first
     assert [json.loads((out / "train" / f"shard-00000{i}.json").read_text())["prompts"] for i in range(3)] == [4, 4, 2]
+    # asked for fewer: the shard cut short by the limit is made again with only the prompts asked for
+    fewer = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "max_train_prompts=5"))
+    assert fewer["train"]["prompts"] == 5 and "shard 1 holds 4 prompts where this run asks 1" in caplog.text
+    assert json.loads((out / "DONE").read_text())["train"].endswith("shard-{000000..000001}.tar")
+    assert json.loads((out / "train" / "shard-000001.json").read_text())["prompts"] == 1
 
 
 def test_pairs_written_from_one_folder_are_read_from_any_other(tiny_sft_export, small_synthetic, tmp_path,
@@ -302,8 +307,25 @@ def test_unreachable_critic_names_the_url_and_the_prompts_done(tiny_sft_export, 
                     "critic.api=openai", "critic.retries=1", "critic.timeout=2", "constitution=synthetic"))
     message = str(err.value)
     assert "http://127.0.0.1:9/v1/chat/completions" in message and "0 train prompts were done" in message
+    assert message.endswith("rerun the same command to go on from there")  # the critic may be back by then
     assert not (tmp_path / "pairs" / "DONE").exists()
     assert not list((tmp_path / "pairs").rglob("*.tar"))  # nothing half-written left as a shard
+
+
+def test_the_synthetic_critic_on_prompts_without_answers_says_what_to_change(tiny_sft_export, tmp_path):
+    """Prompt-only shards carry no true answer to judge by: a rerun would fail the same way, so none is suggested."""
+    from data_scripts import llava_to_shards
+
+    (tmp_path / "red.png").write_bytes(solid((255, 0, 0)))
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the shape?"}]}) + "\n")
+    assert llava_to_shards.main(["--prompts", "--json", str(tmp_path / "prompts.jsonl"), "--images", str(tmp_path),
+                                 "--out", str(tmp_path / "shards"), "--val-fraction", "0"]) == 0
+    train = tmp_path / "shards" / "train" / "shard-000000.tar"
+    with pytest.raises(UserError) as err:
+        run(_config(tiny_sft_export, [f"data.train={train}", f"data.val={train}"], tmp_path, "critic=synthetic"))
+    assert "critic=synthetic needs the recorded answer of" in str(err.value)
+    assert "0 train prompts were done" in str(err.value) and "rerun" not in str(err.value)
 
 
 def test_missing_api_key_variable_is_named(tiny_sft_export, small_synthetic, tmp_path):

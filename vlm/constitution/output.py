@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from vlm.config import ConfigError
-from vlm.constitution.critics import CriticRefused, Item
+from vlm.constitution.critics import CriticUnreachable, Item
 from vlm.constitution.pairs import Counts, PairMaker, read_prompts
 from vlm.constitution.settings import Constitution, ConstitutionConfig
 from vlm.errors import UserError
@@ -64,19 +64,21 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
             path, shards = directory / f"shard-{index:06d}.tar", index + 1
             if path.is_file() and path.with_suffix(".json").is_file():
                 recorded = Counts(**json.loads(path.with_suffix(".json").read_text()))
-                if recorded.prompts >= len(chunk):  # it holds these prompts (an earlier run may have asked fewer)
+                if recorded.prompts == len(chunk):  # it holds these prompts
                     counts.add(recorded)
                     resumed += len(chunk)
                     bar.update(len(chunk))
                     continue
-                log.info("%s: shard %d holds %d of its %d prompts (an earlier run stopped there): making it again",
-                         name, index, recorded.prompts, len(chunk))
+                why = ("an earlier run stopped there" if recorded.prompts < len(chunk) else
+                       "an earlier run asked for more prompts")
+                log.info("%s: shard %d holds %d prompts where this run asks %d (%s): making it again", name, index,
+                         recorded.prompts, len(chunk), why)
             samples, done, failed_before = [], Counts(), make.critic.failed
             for b, batch in enumerate(batches(iter(chunk), config.batch_size)):
                 try:
                     made, batch_counts = make(batch, config.seed * 1_000_003 + index * 1009 + b, name == "train")
-                except UserError as err:  # a refusal needs a fix first; a critic that was away, only a rerun
-                    rerun = "" if isinstance(err, CriticRefused) else ": rerun the same command to go on from there"
+                except UserError as err:  # a critic that was away needs only a rerun; anything else a fix first
+                    rerun = ": rerun the same command to go on from there" if isinstance(err, CriticUnreachable) else ""
                     raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
                                     f"{directory}{rerun}") from None
                 except KeyboardInterrupt:
