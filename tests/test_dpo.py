@@ -447,13 +447,17 @@ def test_eval_says_each_setting_it_scores_a_dpo_export_with_even_at_its_default(
 
     export = Path(shutil.copytree(tiny_sft_export, tmp_path / "dpo-export"))
     meta = json.loads((export / "config.json").read_text())
-    meta["stage"], meta["train_config"] = "dpo", {"beta": 0.3, "loss": "ipo", "sft_weight": 2.0}  # beta, loss: defaults
+    meta["stage"], meta["train_config"] = "dpo", {"beta": 0.3, "loss": "ipo", "sft_weight": 2.0,  # beta, loss:
+                                                  "reference": str(tiny_sft_export)}  # defaults
     (export / "config.json").write_text(json.dumps(meta))
     config = tiny_config(f"checkpoint={export}", stage="dpo", tiny=False)
     with caplog.at_level(logging.INFO, logger="vlm"):
         as_trained(config, given={"stage", "checkpoint"})
+        get_stage("dpo").task.from_export(config, get_stage("dpo"), export, None)
     for setting in ("stage.beta=0.3", "stage.loss='ipo'", "stage.sft_weight=2.0"):
         assert f"{setting}, as its run trained (recorded in the export)" in caplog.text
+    # and the model the rewards are measured against
+    assert f"stage.reference={tiny_sft_export}: the export its run started from (recorded" in caplog.text
 
 
 def test_a_pair_missing_from_the_precomputed_table_names_the_data_change():

@@ -81,11 +81,14 @@ class PreferenceTask(VLMTask):
             if not Path(source).expanduser().is_dir():
                 raise ConfigError(f"stage.reference={source!r} is not a folder; give the export its dpo run started "
                                   f"from")
+            log.info("stage.reference=%s: the rewards are measured against it", source)
         else:
             source = (read_meta(directory).train_config or {}).get("reference")
             if not source or not Path(source).expanduser().is_dir():
                 raise ConfigError(f"the rewards of {str(directory)!r} need its reference model: pass stage.reference="
                                   f"EXPORT (the export its dpo run started from; recorded: {source!r})")
+            log.info("stage.reference=%s: the export its run started from (recorded in the export), which the "
+                     "rewards are measured against", source)
         reference = load_vlm(source, tiler=config.tiler).model
         return cls(config, stage, load_vlm(directory, tiler=config.tiler), reference, source)
 
