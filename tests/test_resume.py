@@ -196,6 +196,18 @@ def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder
     (tmp_path / "contrastive" / "old" / "checkpoints" / "step00000003.ckpt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"run folder '.*old' already holds a run; pass resume=auto"):
         prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=old"))
+    # a finished run: resume=auto goes on only with a checkpoint and more steps, so the message says what will work
+    from vlm.exports.format import REQUIRED
+
+    (tmp_path / "contrastive" / "old" / "export").mkdir()
+    for name in REQUIRED:
+        (tmp_path / "contrastive" / "old" / "export" / name).write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds a finished run \(its export is complete\); pass resume=auto with a "
+                                          r"higher stage.max_steps"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=old"))
+    (tmp_path / "contrastive" / "old" / "checkpoints" / "step00000003.ckpt").unlink()
+    with pytest.raises(ConfigError, match=r"with no checkpoint to continue from; choose another run_name, or delete"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=old"))
     unnamed = prepare_run(tiny_config(f"output_root={tmp_path}"))
     assert unnamed.dir.name not in ("old", "new", "2020") and unnamed.dir.is_dir()
     # a start that failed before writing anything (bad data, a missing logger package) leaves empty folders only

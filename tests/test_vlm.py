@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tiny import make_task, tiny_config
@@ -357,3 +359,15 @@ def test_keep_cls_keeps_the_prefix_tokens_a_tower_has_at_any_feature_layer(pool,
         assert tower.num_prefix_tokens == prefix
         shapes[keep] = tower.patch_features(torch.randn(2, 3, config.image_size, config.image_size)).shape
     assert shapes[True][1] == shapes[False][1] + prefix and shapes[True][0] == 2
+
+
+def test_a_folder_of_shards_given_as_a_model_is_named_as_data(tmp_path):
+    from vlm.exports.format import ExportError
+    from vlm.exports.vlm import load_vlm
+
+    (tmp_path / "pairs" / "train").mkdir(parents=True)
+    for i in range(2):
+        (tmp_path / "pairs" / "train" / f"shard-00000{i}.tar").write_bytes(b"")
+    with pytest.raises(ExportError, match=re.escape(f"it holds data shards, not a model (as data: data.train='"
+                                                    f"{tmp_path}/pairs/train/shard-{{000000..000001}}.tar')")):
+        load_vlm(tmp_path / "pairs")

@@ -123,8 +123,7 @@ def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
         run_dir = stage_dir / (config.run_name or default_name)
         if run_dir.exists() and any(path.is_file() for path in run_dir.rglob("*")):  # a failed start leaves no file
             if config.run_name or launch_name:  # every rank must agree on the folder, so no fresh suffix
-                raise ConfigError(f"run folder {str(run_dir)!r} already holds a run; pass resume=auto to continue it "
-                                  f"or choose another run_name")
+                raise ConfigError(f"run folder {str(run_dir)!r} already holds {held_run(run_dir)}")
             run_dir = run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
     start = _start(config, resume_from, pairs_made_by)  # checked before the run folder is made
     try:
@@ -136,6 +135,17 @@ def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
     os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""),
                        INIT_ENV: str(run.init_from or ""), PARENT_ENV: str(os.getpid())})
     return run
+
+
+def held_run(run_dir: Path) -> str:
+    """What a run folder a new run may not take holds, and what to do instead."""
+    if not is_complete(run_dir / "export"):
+        return "a run; pass resume=auto to continue it or choose another run_name"
+    if any((run_dir / "checkpoints").glob("*.ckpt")):
+        return ("a finished run (its export is complete); pass resume=auto with a higher stage.max_steps to train it "
+                "further, or choose another run_name")
+    return ("a finished run (its export is complete) with no checkpoint to continue from; choose another run_name, or "
+            "delete the folder to train it again")
 
 
 @contextlib.contextmanager
