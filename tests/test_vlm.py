@@ -282,6 +282,10 @@ def test_a_run_continuing_an_export_names_the_model_settings_it_cannot_apply(tmp
     assert "model.llm.config.num_attention_heads=4 is ignored: this run starts from" in caplog.text
     assert "built with 2" in caplog.text
     assert task.bundle.model.lm.config.num_attention_heads == 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):  # another LLM: the export's is trained on
+        make_task(tiny_config(f"model.llm.name_or_path={tmp_path / 'my-llm'}", stage="sft"), init_from=export)
+    assert f"model.llm.name_or_path='{tmp_path / 'my-llm'}' is ignored: this run starts from" in caplog.text
 
 
 def test_phase_2_takes_the_vit_architecture_of_its_contrastive_export(tmp_path, caplog):

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from vlm.config import LLMConfig
 from vlm.data import synthetic
+from vlm.errors import first_line
 
 IMAGE_TOKEN = "<image>"
 # ChatML, as Qwen and SmolLM use: <|im_start|>role\ncontent<|im_end|>\n per message.
@@ -40,8 +41,6 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
     """Add `<image>` and a pad token, and make sure there is a chat template."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
         tokenizer.chat_template = chat_template
     elif not tokenizer.chat_template:
@@ -49,14 +48,23 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
         missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        # the model learns to end each answer with <|im_end|>: generation must stop there (as TRL's chat format)
+        tokenizer.eos_token = "<|im_end|>"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, key: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """A Hugging Face tokenizer by name or path; `key` names the setting it came from, for errors."""
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as err:
-        raise FileNotFoundError(f"cannot load the tokenizer {name_or_path!r}: {err}") from None
+    except (OSError, ValueError) as err:  # no such folder or hub name; a folder without tokenizer files
+        raise FileNotFoundError(f"{key}={name_or_path!r}: cannot load a tokenizer from it ({first_line(err)[:300]})"
+                                ) from None
 
 
 def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -67,5 +75,6 @@ def new_tokenizer(config: LLMConfig) -> PreTrainedTokenizerBase:
     """The LLM's tokenizer by name or path (`model.llm.tokenizer`, else `model.llm.name_or_path`), or, for the tiny
     random LLM, a byte-level BPE trained on the synthetic corpus; prepared either way."""
     source = config.tokenizer or config.name_or_path
-    tokenizer = load_tokenizer(source) if source else build_local_tokenizer(list(synthetic.corpus()))
+    key = "model.llm.tokenizer" if config.tokenizer else "model.llm.name_or_path"
+    tokenizer = load_tokenizer(source, key) if source else build_local_tokenizer(list(synthetic.corpus()))
     return prepare_tokenizer(tokenizer, config.chat_template)

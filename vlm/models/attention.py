@@ -24,6 +24,7 @@ row (several samples in one row) masks each sample on its own.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,8 +43,10 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from vlm.config import ConfigError, LLMConfig
+from vlm.config import ConfigError, LLMConfig, SparseAttentionConfig
 from vlm.models.packing import register_packed_mask
+
+log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "local_global"
 PATTERN_ATTRIBUTE = "local_global_attention"  # where the pattern lives on the LLM's Hugging Face config
@@ -259,6 +262,10 @@ def use_attention(lm: PreTrainedModel, settings: LLMConfig) -> None:
     """Switch `lm` to `settings.attention` (model.llm.attention) in place; the pattern goes on its config, so exports
     of its config carry it."""
     if settings.attention == "dense":
+        if vars(settings.sparse) != vars(SparseAttentionConfig()):
+            log.warning("model.llm.sparse.* is set (%s) and has no effect: the pattern applies with "
+                        "model.llm.attention=local_global, and this model attends densely",
+                        ", ".join(f"{k}={v}" for k, v in vars(settings.sparse).items()))
         if lm.config._attn_implementation == ATTENTION_NAME:
             lm.set_attn_implementation(DENSE)
         if hasattr(lm.config, PATTERN_ATTRIBUTE):
@@ -267,12 +274,27 @@ def use_attention(lm: PreTrainedModel, settings: LLMConfig) -> None:
     if not getattr(type(lm), "_supports_attention_backend", False):
         raise ConfigError(f"model.llm.attention={settings.attention!r} needs an LLM that uses transformers' attention "
                           f"interface; {type(lm).__name__} does not (use model.llm.attention=dense)")
+    if problem := unsupported_attention(lm.config):
+        raise ConfigError(f"model.llm.attention={settings.attention!r} cannot attend as {type(lm).__name__} does: "
+                          f"{problem} (use model.llm.attention=dense)")
     register()
     setattr(lm.config, PATTERN_ATTRIBUTE, SparsePattern(**vars(settings.sparse)).as_dict())
     lm.set_attn_implementation(ATTENTION_NAME)
     if lm.config._attn_implementation != ATTENTION_NAME:
         raise ConfigError(f"model.llm.attention={settings.attention!r}: {type(lm).__name__} did not accept the "
                           f"{ATTENTION_NAME!r} attention implementation")
+
+
+def unsupported_attention(config: Any) -> str | None:
+    """What of an LLM's own attention the local + global pattern would silently drop, or None: a sliding window of
+    its own (on some or all layers) and softcapped scores (Gemma 2) are not in the pattern's masks and kernels."""
+    sliding = ("sliding_attention" in config.layer_types if getattr(config, "layer_types", None)
+               else getattr(config, "sliding_window", None) is not None)
+    if sliding:
+        return f"its layers attend within a sliding window of their own (sliding_window={config.sliding_window})"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return f"it softcaps its attention scores (attn_logit_softcapping={config.attn_logit_softcapping})"
+    return None
 
 
 def uses_pattern(lm: PreTrainedModel) -> SparsePattern | None:

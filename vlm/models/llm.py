@@ -3,9 +3,11 @@ the attention `model.llm.attention` asks for (vlm.models.attention)."""
 
 from __future__ import annotations
 
+import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from vlm.config import LLMConfig
+from vlm.config import ConfigError, LLMConfig
+from vlm.errors import first_line
 from vlm.models.attention import use_attention
 
 
@@ -14,9 +16,15 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     vocab_size = len(tokenizer)
     if config.name_or_path:
         try:
-            lm = AutoModelForCausalLM.from_pretrained(config.name_or_path, dtype="auto")
+            # float32 whatever the checkpoint's dtype (most ship bf16): the projector and ViT are float32, and the
+            # trainer's precision setting (bf16-mixed, bf16-true, ...) decides what runs in lower precision
+            lm = AutoModelForCausalLM.from_pretrained(config.name_or_path, dtype=torch.float32)
         except OSError as err:
             raise FileNotFoundError(f"model.llm.name_or_path={config.name_or_path!r}: {err}") from None
+        except ValueError as err:  # a config of no causal LM (T5, CLIP, ...): transformers names the classes it knows
+            raise ConfigError(f"model.llm.name_or_path={config.name_or_path!r} is not a causal language model "
+                              f"({first_line(err)[:200]})") from None
+        check_causal(lm, config.name_or_path)
     else:
         special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                    "pad_token_id": tokenizer.pad_token_id}  # so generate stops on the template's end of turn
@@ -35,3 +43,16 @@ def enable_checkpointing(lm: PreTrainedModel) -> None:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_causal(lm: PreTrainedModel, name: str) -> None:
+    """Refuse an LLM whose tokens see later ones: an encoder such as BERT loads as a causal LM class with
+    is_decoder=False and would learn to copy the token it should predict. Two prompts that differ only in their
+    last token must give the first token the same logits."""
+    ids = torch.tensor([[0, 1], [0, 2]])  # (2, 2)
+    with torch.no_grad():
+        first = lm(input_ids=ids).logits[:, 0].float()  # (2, V)
+    if not torch.allclose(first[0], first[1], atol=1e-5, rtol=1e-4):
+        raise ConfigError(f"model.llm.name_or_path={name!r} ({type(lm).__name__}) is not causal: its tokens attend to "
+                          f"later ones, so it cannot learn to predict the next token; give a decoder-only LLM")
+

@@ -44,7 +44,9 @@ def attention_break_even(config: PretrainedConfig) -> float:
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    linear = text.hidden_size * head_dim * 2 * (heads + kv_heads) + 3 * text.hidden_size * text.intermediate_size
+    # GPT-2-style configs name the MLP width n_inner, None meaning 4 x hidden
+    mlp = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * text.hidden_size
+    linear = text.hidden_size * head_dim * 2 * (heads + kv_heads) + 3 * text.hidden_size * mlp
     return linear / (2 * heads * head_dim)
 
 

@@ -240,7 +240,7 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
 
 # Settings a run applies to the model it continues; every other model key comes from the export it starts from.
 RUN_MODEL_SETTINGS = ("vision.gradient_checkpointing", "vision.pretrained", "llm.gradient_checkpointing",
-                      "llm.attention", "llm.sparse.", "llm.name_or_path", "llm.tokenizer", "text.", "clip.")
+                      "llm.attention", "llm.sparse.", "text.", "clip.")
 
 
 def warn_ignored(ignored: list[tuple[str, Any, Any]], init_from: Path, why: str) -> None:

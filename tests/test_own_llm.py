@@ -1,0 +1,121 @@
+"""`model.llm.name_or_path=FOLDER`: a user's own Hugging Face LLM and tokenizer, saved locally with tiny random
+weights: what loads and trains, and what is refused with the key named."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+from images import solid
+from tiny import tiny_config
+from transformers import (
+    BertConfig,
+    BertModel,
+    GPT2Config,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from vlm.config import ConfigError
+from vlm.data.processor import pad_batch
+from vlm.data.tokenizer import build_local_tokenizer, new_tokenizer, prepare_tokenizer
+from vlm.models.attention import use_attention
+from vlm.models.factory import new_vlm
+from vlm.models.llm import build_llm
+from vlm.models.packing import attention_break_even
+
+SIZES = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 4, "vocab_size": 1100}
+
+
+def _plain_tokenizer(folder, eos: str | None = "<|endoftext|>"):
+    """A byte-level BPE as many base LLMs ship it: an EOS token (or none) and no chat template or pad token."""
+    tokenizer = build_local_tokenizer(["a red circle", "two blue squares"], vocab_size=300)
+    tokenizer.chat_template, tokenizer.pad_token, tokenizer.eos_token = None, None, eos
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _saved(folder, model, tokenizer: bool = True):
+    model.save_pretrained(folder)
+    if tokenizer:
+        _plain_tokenizer(folder)
+    return str(folder)
+
+
+def test_an_llm_saved_in_bfloat16_trains_with_the_float32_projector(tmp_path):
+    folder = _saved(tmp_path / "llama-bf16", LlamaForCausalLM(LlamaConfig(**SIZES)).to(torch.bfloat16))
+    config = tiny_config(f"model.llm.name_or_path={folder}", stage="sft")
+    bundle = new_vlm(config.model, config.tiler)
+    assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}
+    prompt = bundle.processor.prompt([{"role": "user", "content": "<image>\nWhat colour?"}], [solid((255, 0, 0))])
+    batch = pad_batch([prompt], bundle.tokenizer.pad_token_id)
+    out = bundle.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=batch["input_ids"], pixel_values=batch["pixel_values"], image_slots=batch["image_slots"])
+    out.loss.backward()  # was: masked_scatter between bfloat16 embeddings and float32 image features
+    assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("t5", "is not a causal language model (ValueError: Unrecognized configuration class"),
+    ("bert", "(BertLMHeadModel) is not causal: its tokens attend to later ones"),
+])
+def test_a_model_that_is_no_causal_lm_is_refused_naming_the_key(tmp_path, kind, message):
+    model = (T5ForConditionalGeneration(T5Config(vocab_size=1100, d_model=32, d_ff=64, num_layers=1, num_heads=2))
+             if kind == "t5" else BertModel(BertConfig(vocab_size=1100, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=1, num_attention_heads=2)))
+    folder = _saved(tmp_path / kind, model)
+    llm = tiny_config(f"model.llm.name_or_path={folder}", stage="sft").model.llm
+    with pytest.raises(ConfigError, match=re.escape(f"model.llm.name_or_path='{folder}' {message}")):
+        build_llm(llm, new_tokenizer(llm))
+
+
+def test_a_folder_without_tokenizer_files_is_named_by_its_key(tmp_path):
+    (tmp_path / "empty").mkdir()
+    llm = tiny_config(f"model.llm.name_or_path={tmp_path / 'empty'}", stage="sft").model.llm
+    with pytest.raises(FileNotFoundError, match=rf"^model.llm.name_or_path='{tmp_path / 'empty'}': cannot load a "
+                                                r"tokenizer from it"):
+        new_tokenizer(llm)
+
+
+def test_a_tokenizer_without_a_chat_template_ends_answers_where_the_template_ends_turns(tmp_path):
+    """The ChatML template vlm falls back on ends each answer with <|im_end|>, which the model learns to write:
+    generation stops there only if it is the EOS (the base model's EOS never ends an answer)."""
+    tokenizer = prepare_tokenizer(build_local_tokenizer(["a red circle"], vocab_size=300).__class__.from_pretrained(
+        _plain_tokenizer(tmp_path / "tok")))
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|im_end|>"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "red"}], tokenize=False)
+    assert "red<|im_end|>" in rendered
+    # one with a template of its own and no EOS or pad token still gets a pad token to batch with
+    bare = build_local_tokenizer(["a red circle"], vocab_size=300)
+    bare.pad_token, bare.eos_token = None, None
+    prepared = prepare_tokenizer(bare)
+    assert prepared.pad_token == "<pad>" and prepared.pad_token_id is not None
+
+
+def test_local_global_refuses_llms_whose_own_attention_it_would_drop(tmp_path, caplog):
+    settings = tiny_config("model.llm.attention=local_global", stage="sft").model.llm
+    windowed = MistralForCausalLM(MistralConfig(**SIZES, sliding_window=16))
+    with pytest.raises(ConfigError, match=r"model.llm.attention='local_global' cannot attend as MistralForCausalLM "
+                                          r"does: its layers attend within a sliding window of their own "
+                                          r"\(sliding_window=16\)"):
+        use_attention(windowed, settings)
+    use_attention(MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None)), settings)  # no window: it attends
+    dense = tiny_config("model.llm.sparse.window=24", stage="sft").model.llm
+    with caplog.at_level(logging.WARNING, logger="vlm.models.attention"):
+        use_attention(LlamaForCausalLM(LlamaConfig(**SIZES)), dense)
+    assert "model.llm.sparse.* is set (window=24," in caplog.text and "has no effect" in caplog.text
+
+
+def test_packing_sizes_rows_for_gpt2_style_configs():
+    gpt2 = GPT2Config(n_embd=32, n_head=4, n_layer=2)
+    gpt2._attn_implementation = "sdpa"
+    # n_inner=None: an MLP of 4 x 32; q, k, v, o of 32 x 8 per head
+    assert attention_break_even(gpt2) == (32 * 8 * 2 * 8 + 3 * 32 * 128) / (2 * 4 * 8)
