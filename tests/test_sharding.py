@@ -102,6 +102,13 @@ def test_matmul_precision_applies_to_gpu_runs_only(accelerator, setting, expecte
         torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.parametrize("precision", ["16-mixed", "16-true"])
+def test_fp16_on_a_cpu_is_refused_where_lightning_would_run_bf16(precision):
+    config = tiny_config("trainer.accelerator=cpu", f"trainer.precision={precision}")
+    with pytest.raises(ConfigError, match=f"trainer.precision={precision}: fp16 runs on GPUs only"):
+        resolve_precision(config.trainer)
+
+
 def test_a_bad_matmul_precision_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="trainer.matmul_precision.*highest"):
         tiny_config("trainer.matmul_precision=fast")

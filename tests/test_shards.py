@@ -55,6 +55,12 @@ def test_too_few_shards_for_the_ranks_names_numbers_and_fix(caplog):
     with caplog.at_level(logging.WARNING):
         assert reader_plan(num_shards=3, num_workers=2, world_size=2, pattern="p", resampled=False) == 1
     assert "3 shards for 2 ranks x 2 workers = 4 readers" in caplog.text
+    # 3 shards for 2 ranks: one rank's pass is half the other's
+    assert "'p' has 3 shards for 2 ranks: some ranks read 2 and others 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert reader_plan(num_shards=4, num_workers=2, world_size=2, pattern="p", resampled=False) == 2
+    assert not caplog.records
     assert reader_plan(num_shards=1, num_workers=4, world_size=8, pattern="p", resampled=True) == 4
 
 

@@ -177,6 +177,11 @@ def reader_plan(num_shards: int, num_workers: int, world_size: int, pattern: str
         raise ShardError(f"{pattern!r} has {num_shards} shards for {world_size} ranks: every rank needs at least "
                          f"one. Write more, smaller shards (e.g. {world_size * max(1, num_workers)}), or set "
                          f"data.resampled=true to draw shards with replacement")
+    if num_shards % world_size:
+        log.warning("%r has %d shards for %d ranks: some ranks read %d and others %d, so the ones with fewer start "
+                    "their next pass early and their samples count more; a multiple of %d shards reads every sample "
+                    "once per epoch", pattern, num_shards, world_size, num_shards // world_size + 1,
+                    num_shards // world_size, world_size)
     readers = world_size * max(1, num_workers)
     if num_shards < readers:
         fitted = num_shards // world_size

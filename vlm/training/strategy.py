@@ -116,6 +116,9 @@ def resolve_precision(trainer: TrainerConfig) -> str:
     """`trainer.precision`, with `auto` made concrete for these devices: bf16 mixed precision where the hardware
     runs it natively (a GPU with bf16, else fp16 mixed; a CPU whose oneDNN has bf16 kernels, as AVX-512 and AMX x86
     CPUs do), else 32-true. FSDP on CPU ranks always runs in 32-true (see check_strategy)."""
+    if trainer.precision.startswith("16") and runs_on_cpu(trainer):  # Lightning would run bf16-mixed instead
+        raise ConfigError(f"trainer.precision={trainer.precision}: fp16 runs on GPUs only; on CPUs use bf16-mixed or "
+                          f"32-true (or auto)")
     if trainer.precision != "auto":
         return trainer.precision
     if not runs_on_cpu(trainer):
