@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import threading
 
 import pytest
 import torch
@@ -47,6 +49,40 @@ def test_every_sample_once_over_two_ranks_and_two_workers(tmp_path, monkeypatch)
         assert len(rank_keys) == 20  # half the samples on each rank
         seen += rank_keys
     assert sorted(seen) == [f"{i:05d}" for i in range(40)]  # no duplicates, none missing
+
+
+def test_resampled_readers_of_one_shard_each_draw_their_own_order(tmp_path, monkeypatch):
+    """Drawn with replacement, two ranks read the same shard: their batches must not be copies of each other."""
+    urls = list_shards(write_shards(tmp_path, num_shards=1, per_shard=40))
+    orders = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        samples = iter(build_pipeline(urls, _keys, train=True, resampled=True, shuffle_buffer=40, seed=1))
+        orders.append([next(samples)["key"] for _ in range(20)])
+    assert orders[0] != orders[1] and sorted(orders[0]) != sorted(orders[1])
+    again = iter(build_pipeline(urls, _keys, train=True, resampled=True, shuffle_buffer=40, seed=1))
+    assert [next(again)["key"] for _ in range(20)] == orders[1]  # still seeded: rank 1's own order again
+
+
+def test_resampled_shards_that_never_read_stop_the_reader_naming_one(tmp_path):
+    for name in ("a.tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"not a tar file at all" * 100)
+    urls = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    raised = []
+
+    def first_sample() -> None:
+        try:
+            next(iter(build_pipeline(urls, _keys, train=True, resampled=True, seed=1)))
+        except ShardError as err:
+            raised.append(str(err))
+
+    reader = threading.Thread(target=first_sample, daemon=True)  # without the guard it would draw forever
+    reader.start()
+    reader.join(timeout=60)
+    assert not reader.is_alive() and len(raised) == 1
+    assert re.match(r"12 shards drawn in a row could not be read \(the last: .*\.tar\), with no sample between "
+                    r"them; with data.resampled=true", raised[0])
 
 
 def test_too_few_shards_for_the_ranks_names_numbers_and_fix(caplog):
@@ -152,3 +188,18 @@ def test_a_conversation_sample_given_to_the_contrastive_stage_says_which_stages_
     decode = CaptionDecoder(Tiler(TilerConfig(), tile_size=16, tokens_per_tile=4), lambda texts: torch.zeros(1, 8))
     with pytest.raises(SkipSample, match=r"^no 'txt' caption: it holds a conversation \('json'\), which stage=align"):
         decode({"__key__": "k", "json": b"{}", "0.png": solid()})
+
+
+def test_a_shard_error_raised_in_a_loader_worker_is_one_clean_line(tmp_path, capsys):
+    """PyTorch wraps a worker's exception in its traceback; the user sees the message alone, exit code 2."""
+    from vlm.cli import user_errors
+
+    (tmp_path / "a.tar").write_bytes(b"not a tar file at all" * 100)
+    loader = make_loader(build_pipeline([str(tmp_path / "a.tar")], _keys, train=True, resampled=True, seed=1),
+                         batch_size=2, num_workers=1, drop_last=False, collate=list)
+    with pytest.raises(SystemExit) as stop, user_errors():
+        next(iter(loader))
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("error: 10 shards drawn in a row could not be read") and "Traceback" not in lines[-1]
+    assert not any("Original Traceback" in line for line in lines)

@@ -69,7 +69,16 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (UserError, FileNotFoundError) as err:
-        fail(str(err))
+        fail(original_message(str(err)))
+
+
+def original_message(message: str) -> str:
+    """An error raised in a DataLoader worker reaches the main process as "Caught X in DataLoader worker process N.
+    Original Traceback ...", ending with the original "X: message" line: the message alone, as if raised here."""
+    if not message.startswith("Caught ") or "Original Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:

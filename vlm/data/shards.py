@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import random
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -128,21 +129,52 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
     return stage
 
 
-def unreadable_shard_handler() -> Callable[[Exception], bool]:
+class UnreadableShards:
     """webdataset's handler for a shard it cannot read (not a tar, cut short): one warning naming the shard and why,
-    once per reader, instead of the library's warning with a file object's repr on every pass; reading goes on."""
-    warned: set[str] = set()
+    once per reader, instead of the library's warning with a file object's repr on every pass; reading goes on.
 
-    def handler(err: Exception) -> bool:
+    Drawing shards with replacement (data.resampled) never ends a pass, so the check that a pass gave a batch never
+    runs: `max_failures_in_a_row` unreadable shards with no sample between them stop the reader instead. `passing`
+    is the pipeline stage after the reader that sees each sample go by."""
+
+    def __init__(self, max_failures_in_a_row: int | None = None) -> None:
+        self.max_failures_in_a_row = max_failures_in_a_row
+        self.failures_in_a_row = 0
+        self.warned: set[str] = set()
+
+    def __call__(self, err: Exception) -> bool:
         url = next((a for a in reversed(err.args) if isinstance(a, str)), "a shard")  # webdataset appends the url
-        if url not in warned:
-            warned.add(url)
+        if url not in self.warned:
+            self.warned.add(url)
             reason = err.args[0] if err.args and isinstance(err.args[0], str) and err.args[0] != url else ""
             log.warning("skipping the rest of %s: it cannot be read as a tar file (%s%s); its samples from there on "
                         "are not read", url, type(err).__name__, f": {reason}" if reason else "")
+        self.failures_in_a_row += 1
+        if self.max_failures_in_a_row and self.failures_in_a_row >= self.max_failures_in_a_row:
+            raise ShardError(f"{self.failures_in_a_row} shards drawn in a row could not be read (the last: {url}), "
+                             f"with no sample between them; with data.resampled=true they would be drawn forever. "
+                             f"Check the shard pattern and the warnings above")
         return True
 
-    return handler
+    def passing(self, samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            self.failures_in_a_row = 0
+            yield sample
+
+
+class ReaderShuffle(wds.PipelineStage):
+    """The sample shuffle buffer, seeded by (seed, pass, rank, worker). Readers of different shards need no seeds of
+    their own, but drawing shards with replacement (data.resampled) lets two readers draw the same shard: with one
+    seed they would yield it in one order, and the global batch would hold copies of the same samples."""
+
+    def __init__(self, bufsize: int, initial: int, seed: int) -> None:
+        self.bufsize, self.initial, self.seed, self.passes = bufsize, initial, seed, -1
+
+    def run(self, samples: Iterable[dict]) -> Iterator[dict]:
+        self.passes += 1
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"vlm-shuffle/{self.seed}/{self.passes}/{rank}/{worker}")  # str seeds: stable hashing
+        return wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
 
 
 def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bool, resampled: bool = False,
@@ -157,10 +189,11 @@ def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bo
         if split_by_node:
             shards.append(wds.split_by_node)
         shards.append(wds.split_by_worker)
-    stages = [*shards, wds.tarfile_to_samples(handler=unreadable_shard_handler())]
+    unreadable = UnreadableShards(2 * len(urls) + 8 if resampled else None)  # a pass ends otherwise (EmptyPassGuard)
+    stages = [*shards, wds.tarfile_to_samples(handler=unreadable), unreadable.passing]
     if train and shuffle_buffer > 1:
         # seeded, so two runs with the same config see the same batches (resume reseeds it per epoch)
-        stages.append(wds.detshuffle(shuffle_buffer, initial=min(shuffle_buffer, 256), seed=seed))
+        stages.append(ReaderShuffle(shuffle_buffer, initial=min(shuffle_buffer, 256), seed=seed))
     stages.append(decode_samples(decode))
     return wds.DataPipeline(*stages)
 
