@@ -120,6 +120,19 @@ def test_a_rewritten_shard_or_another_shard_of_the_same_name_misses_the_cache(tm
     assert elsewhere.feature_cache.hits == 0
 
 
+
+def test_a_shard_read_through_a_pipe_is_cached_for_its_run_only(tmp_path):
+    """`pipe:` and URL shards have no size or time to tell a rewritten one by: a later run reads them again."""
+    settings = ["stage.cache_vision_features=true", "stage.feature_cache_memory=0"]
+    raw = [{**sample, "__url__": "pipe:aws s3 cp s3://bucket/shard-000.tar -"} for sample in _raw_samples(3)]
+    first = _task(tmp_path / "cache", *settings)
+    _epoch_losses(first, raw, epochs=2)
+    assert (first.feature_cache.misses, first.feature_cache.hits) == (3, 3)  # the second epoch reuses them
+    later = _task(tmp_path / "cache", *settings)
+    _epoch_losses(later, raw, epochs=1)
+    assert (later.feature_cache.misses, later.feature_cache.hits) == (3, 0)
+
+
 def test_a_stage_that_trains_the_tower_runs_without_the_cache(tmp_path, caplog):
     """sft caches by default; a run that unfreezes the ViT must neither fail nor reuse stale features."""
     with caplog.at_level(logging.INFO, logger="vlm"):

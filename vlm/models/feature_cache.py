@@ -5,8 +5,10 @@ features, so the tower need only see each image once. Features are kept per samp
 byte budget, then in a folder: `DIR/<fingerprint>/<hash of the sample's identity>.safetensors`. The fingerprint hashes
 the tower's settings and weights and the tiler's settings, so a changed tower or tiler reads a fresh subfolder and
 never the old features. A sample's identity is its key in its shard, and the shard file's full path, size and
-modification time, so a rewritten shard, or another project's shard of the same relative name, is a miss. Files are
-written atomically, so ranks sharing a folder can read each other's.
+modification time, so a rewritten shard, or another project's shard of the same relative name, is a miss. A shard
+that is no local file (a URL, a `pipe:` command) has no such fingerprint, so its features serve this process only:
+a later run reads the shard's images again. Files are written atomically, so ranks sharing a folder can read each
+other's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -54,6 +57,7 @@ class VisionFeatureCache:
         self.folder: Path | None = None  # fingerprinted at first use, once a resumed run has loaded its weights
         self.hits = self.misses = 0
         self.shard_ids: dict[str, str] = {}  # shard name as read -> its identity (path, size, modification time)
+        self.process = uuid.uuid4().hex  # the identity of the shards read here that are no local files
 
     def patch_features(self, keys: list[str], pixel_values: torch.Tensor, tiles: list[int]) -> torch.Tensor:
         """The tower's features of (N_tiles, 3, S, S) tiles belonging to samples `keys`, `tiles[i]` tiles each in
@@ -80,15 +84,16 @@ class VisionFeatureCache:
         return torch.cat([computed[:0].to(device), *(found[i].to(device) for i in with_tiles)])  # (N_tiles, P, Dv)
 
     def _identity(self, key: str) -> str:
-        """"shard:key" -> the key with the shard file's resolved path, size and modification time (a shard that is no
-        local file, a URL or a pipe, keeps its name)."""
+        """"shard:key" -> the key with the shard file's resolved path, size and modification time; a shard that is no
+        local file (a URL or a pipe), whose content may have changed since another run read it, with this process's
+        identity instead."""
         shard, _, sample = key.rpartition(":")
         if shard not in self.shard_ids:
             try:
                 stat = os.stat(shard)
                 self.shard_ids[shard] = f"{os.path.realpath(shard)}|{stat.st_size}|{stat.st_mtime_ns}"
             except OSError:
-                self.shard_ids[shard] = shard
+                self.shard_ids[shard] = f"{shard}|{self.process}"
         return f"{self.shard_ids[shard]}:{sample}"
 
     def _file(self, key: str) -> Path:
