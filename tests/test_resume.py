@@ -426,6 +426,10 @@ def test_a_stop_in_the_final_validation_ends_the_run_before_its_export(tmp_path,
         train(tiny_config(*args, "resume=auto"))
     assert (run_dir / "metrics.json").read_text() == written
     assert train(tiny_config(*args, "stage.max_steps=3", "resume=auto"))[0]["global_step"] == 3  # trained further
+    # its last step falls between the periodic checkpoints: saved anyway, so that run too reads as finished
+    assert (run_dir / "checkpoints" / "step00000003.ckpt").is_file()
+    with pytest.raises(ConfigError, match=r"newest checkpoint is at step 3, stage.max_steps=3"):
+        train(tiny_config(*args, "stage.max_steps=3", "resume=auto"))
 
 
 @pytest.mark.parametrize("name", ["../../escape", "a/b", ".."])

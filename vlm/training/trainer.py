@@ -100,6 +100,7 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
            config: TrainConfig) -> dict[str, Any]:
     """Final validation, the export folder and metrics.json; returns the metrics. Wall time and sample counts are
     the whole run's, over every session of a resumed one."""
+    save_final_checkpoint(trainer, run, config)
     metrics: dict[str, Any] = {}
     if datamodule.val_urls:
         task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
@@ -125,6 +126,15 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         log.info("export folder: %s", Path(run.export).resolve())
     leave_process_group()
     return metrics
+
+
+def save_final_checkpoint(trainer: pl.Trainer, run: Run, config: TrainConfig) -> None:
+    """A checkpoint at the last step of a run that wrote periodic ones but missed it: resume=auto then knows the run
+    finished, and a run given more steps goes on from there instead of training its last steps again. Every rank
+    takes the same decision (from the settings, not from files another node may not see), as saving is collective."""
+    every = config.trainer.checkpoint_every_n_steps
+    if trainer.global_step > every and trainer.global_step % every:
+        trainer.save_checkpoint(run.checkpoints / f"step{trainer.global_step:08d}.ckpt")
 
 
 def run_seconds(trainer: pl.Trainer) -> float:
