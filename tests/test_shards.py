@@ -65,6 +65,17 @@ def test_resampled_readers_of_one_shard_each_draw_their_own_order(tmp_path, monk
     assert [next(again)["key"] for _ in range(20)] == orders[1]  # still seeded: rank 1's own order again
 
 
+def test_a_pipeline_seeded_one_higher_reads_the_next_pass_in_the_same_order(tmp_path):
+    """A run resumed at an epoch's start builds its pipeline with seed + 1 (vlm.training.data_position): its first
+    pass must read the samples as the uninterrupted run's second pass does."""
+    urls = list_shards(write_shards(tmp_path, num_shards=4, per_shard=10))
+    uninterrupted = build_pipeline(urls, _keys, train=True, shuffle_buffer=20, seed=5)
+    list(uninterrupted)  # the first pass
+    second = [s["key"] for s in uninterrupted]
+    resumed = [s["key"] for s in build_pipeline(urls, _keys, train=True, shuffle_buffer=20, seed=6)]
+    assert second == resumed and second != sorted(second)
+
+
 def test_resampled_shards_that_never_read_stop_the_reader_naming_one(tmp_path):
     for name in ("a.tar", "b.tar"):
         (tmp_path / name).write_bytes(b"not a tar file at all" * 100)

@@ -163,7 +163,7 @@ class UnreadableShards:
 
 
 class ReaderShuffle(wds.PipelineStage):
-    """The sample shuffle buffer, seeded by (seed, pass, rank, worker). Readers of different shards need no seeds of
+    """The sample shuffle buffer, seeded by (seed + pass, rank, worker). Readers of different shards need no seeds of
     their own, but drawing shards with replacement (data.resampled) lets two readers draw the same shard: with one
     seed they would yield it in one order, and the global batch would hold copies of the same samples."""
 
@@ -173,7 +173,9 @@ class ReaderShuffle(wds.PipelineStage):
     def run(self, samples: Iterable[dict]) -> Iterator[dict]:
         self.passes += 1
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(f"vlm-shuffle/{self.seed}/{self.passes}/{rank}/{worker}")  # str seeds: stable hashing
+        # seed + pass, as webdataset's detshuffle counts: a run resumed at an epoch's start gets the next pass's
+        # seed as its own (vlm.training.data_position), and so the order the uninterrupted run would have read
+        rng = random.Random(f"vlm-shuffle/{self.seed + self.passes}/{rank}/{worker}")  # str seeds: stable hashing
         return wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
 
 

@@ -8,7 +8,8 @@ replaying the stream. A checkpoint records the epoch, the batches consumed in it
     run that keeps crashing at the same point still reaches every shard. Samples of the interrupted epoch that were
     consumed before the crash may be seen twice (at most the batches-in-epoch recorded in the checkpoint, times the
     global batch size); none are skipped. In resampled mode (no epochs) the shard draws are reseeded the same way.
-The order of samples inside the shuffle buffer is not seeded by the pipeline, so it is not reproduced either way.
+The shuffle buffer is seeded the same way (seed + pass, per rank and worker), so at an epoch boundary the resumed
+run also reads the samples in the uninterrupted run's order.
 """
 
 from __future__ import annotations
