@@ -36,12 +36,17 @@ def _keys(sample: dict) -> dict:
     return {"key": sample["__key__"]}
 
 
+def _as_rank(monkeypatch: pytest.MonkeyPatch, rank: int, world_size: int = 2) -> None:
+    """Make webdataset's node split see this process as `rank` of `world_size` (its RANK / WORLD_SIZE reading)."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+
+
 def test_every_sample_once_over_two_ranks_and_two_workers(tmp_path, monkeypatch):
     urls = list_shards(write_shards(tmp_path, num_shards=8, per_shard=5))
     seen = []
     for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
+        _as_rank(monkeypatch, rank)
         pipeline = build_pipeline(urls, _keys, train=True, shuffle_buffer=10, seed=1)
         loader = make_loader(pipeline, batch_size=3, num_workers=2, drop_last=False,
                              collate=lambda samples: [s["key"] for s in samples])
@@ -56,8 +61,7 @@ def test_resampled_readers_of_one_shard_each_draw_their_own_order(tmp_path, monk
     urls = list_shards(write_shards(tmp_path, num_shards=1, per_shard=40))
     orders = []
     for rank in range(2):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
+        _as_rank(monkeypatch, rank)
         samples = iter(build_pipeline(urls, _keys, train=True, resampled=True, shuffle_buffer=40, seed=1))
         orders.append([next(samples)["key"] for _ in range(20)])
     assert orders[0] != orders[1] and sorted(orders[0]) != sorted(orders[1])
