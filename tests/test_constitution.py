@@ -36,6 +36,7 @@ from vlm.data.preferences import PreferenceDecoder
 from vlm.data.shards import build_pipeline
 from vlm.errors import UserError
 from vlm.exports.vlm import load_vlm
+from vlm.generation.options import OptionError
 from vlm.serve import ServeSettings, create_app
 from vlm.training.stages import get_stage
 
@@ -344,6 +345,14 @@ def test_generate_batch_matches_one_by_one_greedy_answers(tiny_chat_model):
     batched = tiny_chat_model.generate_batch(prompts, temperature=0, max_new_tokens=6)
     single = [tiny_chat_model.generate(m, i, temperature=0, max_new_tokens=6).text.strip() for m, i in conversations]
     assert batched == single and len(batched) == 3
+    # a stop sequence cuts each answer where generate stops; an H2O cache is refused, never silently dropped
+    stop = [next(c for c in text if c.strip()) for text in single][:1]  # a character the first answer holds
+    cut = [tiny_chat_model.generate(m, i, temperature=0, max_new_tokens=6, stop=stop).text.strip()
+           for m, i in conversations]
+    assert tiny_chat_model.generate_batch(prompts, temperature=0, max_new_tokens=6, stop=stop) == cut
+    assert cut[0] != single[0]
+    with pytest.raises(OptionError, match=r"kv_cache='h2o': generate_batch decodes with the dynamic cache"):
+        tiny_chat_model.generate_batch(prompts, temperature=0, kv_cache="h2o")
 
 
 class _OddCritic(BaseHTTPRequestHandler):

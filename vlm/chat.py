@@ -35,7 +35,7 @@ from vlm.generation.device import pick_device, pick_dtype
 from vlm.generation.h2o import H2OBudget, H2OCache, refuse_pattern
 from vlm.generation.kv_cache import cache_kwargs
 from vlm.generation.options import GenerationOptions, OptionError, resolve_decoding
-from vlm.generation.stopping import Cancelled, StopInAnswer, stop_reason
+from vlm.generation.stopping import Cancelled, StopInAnswer, cut_at_stop, stop_reason
 from vlm.generation.streaming import AnswerJob, TextStream
 
 __all__ = ["ChatModel", "ChatSession", "Completion", "ContextOverflow", "GenerationOptions", "OptionError", "Prompt",
@@ -147,11 +147,15 @@ class ChatModel:
 
     def generate_batch(self, prompts: Sequence[Prompt], **options: Any) -> list[str]:
         """Answer many prompts (from `prepare`) in one left-padded batch through HF generate; each answer ends at its
-        first end-of-turn token. For pipelines that sample many answers (`vlm.constitution`); a chat uses `generate`.
-        With `seed`, the whole batch is reproducible."""
+        first end-of-turn token, or before its first `stop` sequence. For pipelines that sample many answers
+        (`vlm.constitution`); a chat uses `generate`. With `seed`, the whole batch is reproducible. The dynamic cache
+        only: H2O evicts per prompt, and left padding would shift what it keeps."""
         if not prompts:
             return []
         opts = self.options(**options)
+        if opts.kv_cache != "dynamic":
+            raise OptionError(f"kv_cache={opts.kv_cache!r}: generate_batch decodes with the dynamic cache; answer "
+                              f"with generate, one prompt at a time, to use it", key="kv_cache")
         room = self.context_length - max(p.input_tokens for p in prompts)
         decoding = resolve_decoding(opts, prompts[0].messages, room)
         if opts.seed is not None:
@@ -162,7 +166,8 @@ class ChatModel:
         answers = []
         for row in new.tolist():
             ends = [i for i, token in enumerate(row) if token in self.eos_token_ids]
-            answers.append(self.tokenizer.decode(row[: ends[0]] if ends else row, skip_special_tokens=True).strip())
+            text = self.tokenizer.decode(row[: ends[0]] if ends else row, skip_special_tokens=True)
+            answers.append(cut_at_stop(text, opts.stop)[0].strip() if opts.stop else text.strip())
         return answers
 
     def _job(self, prompt: Prompt, opts: GenerationOptions, cancel: threading.Event,
