@@ -17,7 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from tiny import TINY, make_task, sft_export, tiny_config
 
 from vlm.cli import CONFIG_DIR, PATTERN_KEYS, compose_config, preflight, quote_values
-from vlm.config import ConfigError, TrainConfig, to_dict, to_train_config
+from vlm.config import ConfigError, TrainConfig, load_config, to_dict, to_train_config
 from vlm.export import ExportConfig
 from vlm.infer import InferConfig
 from vlm.models.factory import make_tiler, new_vlm
@@ -275,3 +275,13 @@ def test_a_tensorboard_logger_without_its_package_names_the_extra_before_anythin
     with pytest.raises(ConfigError, match=message):  # the message alone, and no run folder
         run(tiny_config("trainer.logger=tensorboard", f"output_root={tmp_path / 'runs'}"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_value_given_for_a_group_of_settings_names_the_group_and_its_keys():
+    """OmegaConf's merge error names no key for it; the message must."""
+    from vlm.infer import InferConfig
+
+    with pytest.raises(ConfigError, match=r"bad value for 'generation.h2o': it is a group of settings \(heavy, "
+                                          r"recent, sinks, ranking, prompt_block\); set them one by one, e.g. "
+                                          r"generation.h2o.heavy=\.\.\., got 5"):
+        load_config(InferConfig, compose_config("infer", ["generation.h2o=5"]))

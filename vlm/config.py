@@ -119,6 +119,19 @@ def _escape_interpolations(value: Any) -> Any:
     return value
 
 
+def _value_for_a_group(structured: DictConfig, raw: dict[str, Any], prefix: str = "") -> str | None:
+    """The first key of `raw` that gives one value where the schema has a group of settings (OmegaConf's merge error
+    for it names no key)."""
+    for key, value in raw.items():
+        node = structured.get(key) if isinstance(structured, DictConfig) and key in structured else None
+        if isinstance(node, DictConfig):
+            if not isinstance(value, dict):
+                return prefix + key
+            if found := _value_for_a_group(node, value, f"{prefix}{key}."):
+                return found
+    return None
+
+
 def load_config(schema: type[T], values: DictConfig | dict[str, Any], path: str = "",
                 error: type[ValueError] = ConfigError) -> T:
     """Merge composed values onto `schema`: unknown keys, wrong types, missing values and values outside a field's
@@ -133,6 +146,11 @@ def load_config(schema: type[T], values: DictConfig | dict[str, Any], path: str 
     except MissingMandatoryValue as err:
         raise error(f"config key {path + str(err.full_key)!r} has no value; give it one (key=value)") from None
     except OmegaConfBaseException as err:
+        if not getattr(err, "full_key", None) and (group := _value_for_a_group(structured, raw)):
+            keys = ", ".join(str(k) for k in OmegaConf.select(structured, group).keys())
+            raise error(f"bad value for {path + group!r}: it is a group of settings ({keys}); set them one by one, "
+                        f"e.g. {path + group}.{keys.split(', ')[0]}=..., got "
+                        f"{OmegaConf.select(OmegaConf.create(raw), group)!r}") from None
         key = str(getattr(err, "full_key", None) or "?")
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(structured, parent) if parent else structured
