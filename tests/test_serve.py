@@ -155,6 +155,19 @@ def test_the_kv_cache_request_field_chooses_the_cache(serve, expected, tiny_chat
     assert message.content[0].text == expected.text
 
 
+def test_top_k_applies_on_the_openai_endpoint_as_on_the_messages_one(url, expected):
+    """Not in OpenAI's API, but vLLM's clients send it (extra_body): top_k=1 samples the likeliest token only."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    def answer(**extra) -> str:
+        return client.chat.completions.create(model="tiny", max_tokens=8, messages=[openai_image_message()],
+                                              extra_body={"temperature": 2, "seed": 3, **extra}
+                                              ).choices[0].message.content
+
+    assert answer() != expected.text  # sampled hot: not the greedy answer, so the test can tell
+    assert answer(top_k=1) == expected.text
+
+
 def test_models_and_health(url, tiny_sft_export):
     run_name = f"sft-{tiny_sft_export.parent.name}"  # an export folder goes by its stage and run
     assert [m.id for m in openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.list()] == [run_name]
@@ -276,8 +289,15 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
         response = client.post("/v1/messages", json=_anthropic(thinking={"type": "enabled", "budget_tokens": 1024}))
         assert response.status_code == 400
         assert response.json()["error"]["message"] == "thinking: extended thinking is not supported by this server"
+        # decoding fields other servers take beyond the APIs: refused on both, never dropped
+        for field, value in (("num_beams", 3), ("repetition_penalty", 1.2), ("length_penalty", 0.5)):
+            response = client.post("/v1/chat/completions", json=_openai(**{field: value}))
+            assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+            assert response.json()["error"]["message"].endswith("vlm.infer and ChatModel.generate take it")
+            assert client.post("/v1/messages", json=_anthropic(**{field: value})).status_code == 400
         nothing = _openai(logprobs=False, top_logprobs=0, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
-                          response_format={"type": "text"}, tool_choice="none", modalities=["text"])
+                          response_format={"type": "text"}, tool_choice="none", modalities=["text"], num_beams=1,
+                          repetition_penalty=1.0)
         assert client.post("/v1/chat/completions", json=nothing).status_code == 200
         assert client.post("/v1/messages", json=_anthropic(thinking={"type": "disabled"})).status_code == 200
 

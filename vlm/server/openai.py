@@ -12,7 +12,15 @@ from typing import Any
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.completion import Completion
 from vlm.server.errors import OPENAI, ApiError, error_body
-from vlm.server.requests import ChatRequest, Parser, Unsupported, messages_list, require_dict, unsupported_field
+from vlm.server.requests import (
+    DECODING_EXTRAS,
+    ChatRequest,
+    Parser,
+    Unsupported,
+    messages_list,
+    require_dict,
+    unsupported_field,
+)
 from vlm.server.sse import Events, sse
 
 _TOOLS = ("tool use is not supported by this server", (None, [], {}, "none"))
@@ -27,6 +35,7 @@ UNSUPPORTED: Unsupported = {
     "frequency_penalty": ("frequency_penalty is not supported by this server", (None, 0)),
     "modalities": ("this server answers in text only", (None, ["text"])),
     "audio": ("this server answers in text only", (None,)),
+    **DECODING_EXTRAS,
 }
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*?;base64,(?P<data>.*)",
                        re.DOTALL | re.IGNORECASE)  # media types and the base64 marker are case-insensitive
@@ -96,6 +105,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         "max_new_tokens": max_tokens,
         "temperature": Parser.number(body, "temperature", 0, 2),
         "top_p": Parser.number(body, "top_p", 0, 1, low_open=True),
+        "top_k": Parser.number(body, "top_k", 0, 10**6, integer=True),  # not OpenAI's; vLLM's and the Messages API's
         "stop": Parser.stops(body.get("stop"), "stop", one_string=True),
         "kv_cache": Parser.kv_cache(body),
         "seed": Parser.number(body, "seed", -(2**63), 2**63 - 1, integer=True),

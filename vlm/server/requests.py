@@ -186,6 +186,16 @@ def require_dict(body: Any) -> dict:
 Unsupported = dict[str, tuple[str, tuple[Any, ...]]]  # field -> (why it is refused, the values that ask for nothing)
 
 
+# decoding fields some servers take beyond their API (vLLM, text-generation-inference), which these APIs do not offer;
+# vlm.infer and ChatModel.generate do
+_OFFLINE_ONLY = "is not offered by this server's APIs; vlm.infer and ChatModel.generate take it"
+DECODING_EXTRAS: Unsupported = {
+    "num_beams": (f"beam search {_OFFLINE_ONLY}", (None, 1)),
+    "repetition_penalty": (f"repetition_penalty {_OFFLINE_ONLY}", (None, 1, 1.0)),
+    "length_penalty": (f"length_penalty {_OFFLINE_ONLY}", (None, 1, 1.0)),
+}
+
+
 def unsupported_field(body: dict, features: Unsupported) -> tuple[str, str] | None:
     """The first field of `body` asking for a feature this server lacks, as (field, why): answering without the
     feature would look like success. Values that ask for nothing (null, false, 0, {"type": "text"}, ...) pass."""
