@@ -10,22 +10,13 @@ from typing import Any
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.completion import Completion
 from vlm.server.errors import ANTHROPIC, ApiError, error_body
-from vlm.server.requests import (
-    DECODING_EXTRAS,
-    ChatRequest,
-    Parser,
-    Unsupported,
-    messages_list,
-    require_dict,
-    unsupported_field,
-)
+from vlm.server.requests import ChatRequest, Parser, Unsupported, messages_list, require_dict, unsupported_field
 from vlm.server.sse import Events, sse
 
 _TOOLS = ("tool use is not supported by this server", (None, [], {}, {"type": "none"}))
 UNSUPPORTED: Unsupported = {
     "tools": _TOOLS, "tool_choice": _TOOLS,
     "thinking": ("extended thinking is not supported by this server", (None, {"type": "disabled"})),
-    **DECODING_EXTRAS,
 }
 
 

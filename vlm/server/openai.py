@@ -12,15 +12,7 @@ from typing import Any
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.completion import Completion
 from vlm.server.errors import OPENAI, ApiError, error_body
-from vlm.server.requests import (
-    DECODING_EXTRAS,
-    ChatRequest,
-    Parser,
-    Unsupported,
-    messages_list,
-    require_dict,
-    unsupported_field,
-)
+from vlm.server.requests import ChatRequest, Parser, Unsupported, messages_list, require_dict, unsupported_field
 from vlm.server.sse import Events, sse
 
 _TOOLS = ("tool use is not supported by this server", (None, [], {}, "none"))
@@ -35,7 +27,6 @@ UNSUPPORTED: Unsupported = {
     "frequency_penalty": ("frequency_penalty is not supported by this server", (None, 0)),
     "modalities": ("this server answers in text only", (None, ["text"])),
     "audio": ("this server answers in text only", (None,)),
-    **DECODING_EXTRAS,
 }
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*?;base64,(?P<data>.*)",
                        re.DOTALL | re.IGNORECASE)  # media types and the base64 marker are case-insensitive

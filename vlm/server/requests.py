@@ -197,9 +197,10 @@ DECODING_EXTRAS: Unsupported = {
 
 
 def unsupported_field(body: dict, features: Unsupported) -> tuple[str, str] | None:
-    """The first field of `body` asking for a feature this server lacks, as (field, why): answering without the
-    feature would look like success. Values that ask for nothing (null, false, 0, {"type": "text"}, ...) pass."""
-    for name, (why, off) in features.items():
+    """The first field of `body` asking for a feature this server lacks (`features`, the API's own, or one of the
+    DECODING_EXTRAS), as (field, why): answering without the feature would look like success. Values that ask for
+    nothing (null, false, 0, {"type": "text"}, ...) pass."""
+    for name, (why, off) in (features | DECODING_EXTRAS).items():
         if body.get(name) not in off:
             return name, why
     return None
