@@ -130,6 +130,7 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
     assert json.loads((out / "train" / "shard-000001.json").read_text())["prompts"] == 1
 
 
+@pytest.mark.slow  # a whole constitution run
 def test_pairs_written_from_one_folder_are_read_from_any_other(tiny_sft_export, small_synthetic, tmp_path,
                                                                 monkeypatch):
     """OUT/DONE and the dpo export that reads it name the shards and the policy by absolute paths, so stage=dpo and
@@ -313,6 +314,7 @@ def test_unreachable_critic_names_the_url_and_the_prompts_done(tiny_sft_export, 
     assert not list((tmp_path / "pairs").rglob("*.tar"))  # nothing half-written left as a shard
 
 
+@pytest.mark.slow  # a whole constitution run
 def test_the_synthetic_critic_on_prompts_without_answers_says_what_to_change(tiny_sft_export, tmp_path):
     """Prompt-only shards carry no true answer to judge by: a rerun would fail the same way, so none is suggested."""
     from data_scripts import llava_to_shards

@@ -205,6 +205,7 @@ def test_a_conversation_sample_given_to_the_contrastive_stage_says_which_stages_
         decode({"__key__": "k", "json": b"{}", "0.png": solid()})
 
 
+@pytest.mark.slow  # starts a DataLoader worker process
 def test_a_shard_error_raised_in_a_loader_worker_is_one_clean_line(tmp_path, capsys):
     """PyTorch wraps a worker's exception in its traceback; the user sees the message alone, exit code 2."""
     from vlm.cli import user_errors
