@@ -135,6 +135,7 @@ def test_cpus_run_kernel_flex_through_the_boolean_mask():
     assert loss.isfinite() and all(grad.isfinite().all() for grad in grads.values())
 
 
+@pytest.mark.slow  # flex_attention run unfused on the CPU, over 300-token rows
 def test_the_packed_block_mask_attends_as_the_boolean_mask():
     """Packed rows under kernel=flex on GPUs: the per-batch BlockMask lets flex_attention read exactly what the
     boolean mask lets SDPA read (flex run unfused here: the CPU has no compiled per-batch flex kernel)."""

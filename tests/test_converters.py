@@ -453,6 +453,7 @@ def test_llava_records_of_one_image_share_a_split(tmp_path, capsys):
     assert len(shown["val"]) == 2 and not shown["train"] & shown["val"]
 
 
+@pytest.mark.slow  # a fresh interpreter and worker processes
 def test_a_fresh_process_with_a_text_only_record_first_converts_with_workers(tmp_path):
     """A fresh interpreter, as a user runs the script: the first record written has no image, so the main thread
     imports webdataset (and with it torch) while a worker thread imports the image check's tiler."""
