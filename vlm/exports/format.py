@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vlm import __version__
+from vlm.data.shards import shard_pattern_hint
 from vlm.errors import UserError, first_line
 
 FORMAT = "vlm-export/1"
@@ -137,8 +138,6 @@ def missing_file_hint(directory: Path) -> str:
     """What the folder missing an export's files is instead, and what to pass."""
     if (directory / "export").is_dir():
         return f"it is a run folder; pass its export folder {str(directory / 'export')!r}"
-    from vlm.data.shards import shard_pattern_hint  # here: the data package loads the export format
-
     if (directory / "train").is_dir():  # a converter's or vlm.constitution's output
         return (f"it holds data shards, not a model (as data: data.train={shard_pattern_hint(str(directory))!r}); "
                 f"pass an export folder (OUTPUT_ROOT/STAGE/RUN/export)")
