@@ -460,6 +460,32 @@ def test_eval_says_each_setting_it_scores_a_dpo_export_with_even_at_its_default(
     assert f"stage.reference={tiny_sft_export}: the export its run started from (recorded" in caplog.text
 
 
+
+def test_the_reference_vlm_eval_needs_is_named_when_it_is_missing(tiny_sft_export, tmp_path):
+    import shutil
+
+    export = Path(shutil.copytree(tiny_sft_export, tmp_path / "dpo-export"))
+    meta = json.loads((export / "config.json").read_text())
+    meta["stage"], meta["train_config"] = "dpo", {"reference": str(tmp_path / "moved-away")}
+    (export / "config.json").write_text(json.dumps(meta))
+    dpo, config = get_stage("dpo"), tiny_config(f"checkpoint={export}", stage="dpo", tiny=False)
+    with pytest.raises(ConfigError, match=r"need its reference model: pass stage.reference=EXPORT .*recorded: "
+                                          r"'.*moved-away'"):
+        dpo.task.from_export(config, dpo, export, None)
+    config.stage.reference = str(tmp_path / "typo")
+    with pytest.raises(ConfigError, match=r"stage.reference='.*typo' is not a folder"):
+        dpo.task.from_export(config, dpo, export, None)
+
+
+def test_a_preference_setting_left_null_is_named():
+    from vlm.training.preference_task import require_preference_settings
+
+    settings = tiny_config(stage="dpo").stage
+    require_preference_settings(settings)  # the shipped stage file sets them all
+    settings.anchor_weight = None
+    with pytest.raises(ConfigError, match=r"stage 'dpo' trains on preferences and needs stage.anchor_weight"):
+        require_preference_settings(settings)
+
 def test_a_pair_missing_from_the_precomputed_table_names_the_data_change():
     from vlm.training.reference import Reference
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vlm.config import ConfigError, TrainConfig
+from vlm.config import ConfigError, StageConfig, TrainConfig
 from vlm.data.preferences import PreferenceDecoder, collate_pairs
 from vlm.data.shards import collate_skipped
 from vlm.data.sources import DataSources
@@ -28,12 +28,22 @@ from vlm.models.factory import VLMBundle
 from vlm.models.losses import PreferenceLoss, preference_loss, reward_metrics
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.freezing import disable_dropout, keep_batch_norm_statistics
-from vlm.training.reference import Reference, pair_logps
+from vlm.training.reference import Reference, pair_logps, recorded_reference
 from vlm.training.strategy import run_with_whole_weights
 from vlm.training.task import Batching, Stage
 from vlm.training.vlm_task import VLMTask, start_bundle
 
 log = logging.getLogger(__name__)
+
+PREFERENCE_SETTINGS = ("beta", "loss", "sft_weight", "anchor_weight", "precompute_reference", "disable_dropout")
+
+
+def require_preference_settings(settings: StageConfig) -> None:
+    """A stage that trains on preferences needs every key of PREFERENCE_SETTINGS (null in the other stages' files)."""
+    missing = [key for key in PREFERENCE_SETTINGS if getattr(settings, key) is None]
+    if missing:
+        raise ConfigError(f"stage {settings.name!r} trains on preferences and needs stage.{missing[0]} (see "
+                          f"configs/stage/dpo.yaml)")
 
 
 class PreferenceTask(VLMTask):
@@ -45,11 +55,7 @@ class PreferenceTask(VLMTask):
                  reference_source: str | None):
         super().__init__(config, stage, bundle)
         settings = config.stage
-        missing = [k for k in ("beta", "loss", "sft_weight", "anchor_weight", "precompute_reference",
-                               "disable_dropout") if getattr(settings, k) is None]
-        if missing:
-            raise ConfigError(f"stage {settings.name!r} trains on preferences and needs stage.{missing[0]} "
-                              f"(see configs/stage/dpo.yaml)")
+        require_preference_settings(settings)
         self.reference = Reference(reference, reference_source)  # a frozen copy, or precomputed log-probs
         if settings.disable_dropout and (zeroed := disable_dropout(self.model)):
             log.info("dropout off in the policy (%d rates; stage.disable_dropout=false keeps them)", zeroed)
@@ -76,19 +82,7 @@ class PreferenceTask(VLMTask):
     @classmethod
     def from_export(cls, config: TrainConfig, stage: Stage, directory: Path, data: DataSources) -> PreferenceTask:
         """For vlm.eval: the reference is stage.reference, else the export the run started from (recorded)."""
-        if config.stage.reference:
-            source = config.stage.reference
-            if not Path(source).expanduser().is_dir():
-                raise ConfigError(f"stage.reference={source!r} is not a folder; give the export its dpo run started "
-                                  f"from")
-            log.info("stage.reference=%s: the rewards are measured against it", source)
-        else:
-            source = (read_meta(directory).train_config or {}).get("reference")
-            if not source or not Path(source).expanduser().is_dir():
-                raise ConfigError(f"the rewards of {str(directory)!r} need its reference model: pass stage.reference="
-                                  f"EXPORT (the export its dpo run started from; recorded: {source!r})")
-            log.info("stage.reference=%s: the export its run started from (recorded in the export), which the "
-                     "rewards are measured against", source)
+        source = recorded_reference(config.stage.reference, directory)
         reference = load_vlm(source, tiler=config.tiler).model
         return cls(config, stage, load_vlm(directory, tiler=config.tiler), reference, source)
 

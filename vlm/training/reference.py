@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from vlm.config import ConfigError
 from vlm.data.shards import build_pipeline, make_loader
+from vlm.exports.format import read_meta
 from vlm.models.losses import answer_logprobs
 from vlm.models.vlm import VisionLanguageModel
 
@@ -37,6 +39,23 @@ def pair_logps(model: VisionLanguageModel, pairs: dict[str, Any],
     logits = model(pairs["input_ids"], pairs["attention_mask"], image_slots=pairs["image_slots"],
                    patches=patches).logits  # (2B, L, V)
     return answer_logprobs(logits, pairs["labels"])
+
+
+def recorded_reference(given: str | None, directory: Path) -> str:
+    """The export a dpo export's rewards are measured against (for vlm.eval): `given` (stage.reference), else the one
+    its run started from, as recorded in the export."""
+    if given:
+        if not Path(given).expanduser().is_dir():
+            raise ConfigError(f"stage.reference={given!r} is not a folder; give the export its dpo run started from")
+        log.info("stage.reference=%s: the rewards are measured against it", given)
+        return given
+    source = (read_meta(directory).train_config or {}).get("reference")
+    if not source or not Path(source).expanduser().is_dir():
+        raise ConfigError(f"the rewards of {str(directory)!r} need its reference model: pass stage.reference="
+                          f"EXPORT (the export its dpo run started from; recorded: {source!r})")
+    log.info("stage.reference=%s: the export its run started from (recorded in the export), which the rewards are "
+             "measured against", source)
+    return source
 
 
 class Reference(torch.nn.Module):
