@@ -496,3 +496,11 @@ def test_a_pair_missing_from_the_precomputed_table_names_the_data_change():
                                           r"its own data"):
         reference.pair_logps(pairs, None)
     assert reference.pair_logps({**pairs, "keys": pairs["keys"][:1]}, None).tolist() == [-1.0, -2.0]
+
+
+def test_a_contrastive_export_is_refused_as_the_policy_to_start_from(tmp_path):
+    from tiny import contrastive_export
+
+    clip = contrastive_export(tmp_path / "clip")
+    with pytest.raises(ConfigError, match=r"is a 'contrastive' export; stage=dpo starts from a chat model"):
+        _task(clip)

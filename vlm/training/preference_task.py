@@ -69,8 +69,8 @@ class PreferenceTask(VLMTask):
         if init_from is None:
             raise ConfigError(f"stage={stage.name} learns from a chat model's own answers and cannot start from fresh "
                               f"weights: pass init_from=PATH (an sft or align export) or init_from=auto")
-        if read_meta(init_from).llm_config is None:
-            raise ConfigError(f"init_from={str(init_from)!r} is a {read_meta(init_from).stage!r} export; stage="
+        if (meta := read_meta(init_from)).llm_config is None:
+            raise ConfigError(f"init_from={str(init_from)!r} is a {meta.stage!r} export; stage="
                               f"{stage.name} starts from a chat model (an align or sft export)")
         if config.stage.reference:
             log.warning("stage.reference=%r is read by vlm.eval only: this run's reference is the export it starts "
