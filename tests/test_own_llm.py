@@ -14,6 +14,7 @@ from transformers import (
     BertConfig,
     BertModel,
     GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -115,7 +116,7 @@ def test_local_global_refuses_llms_whose_own_attention_it_would_drop(tmp_path, c
 
 
 def test_packing_sizes_rows_for_gpt2_style_configs():
-    gpt2 = GPT2Config(n_embd=32, n_head=4, n_layer=2)
-    gpt2._attn_implementation = "sdpa"
-    # n_inner=None: an MLP of 4 x 32; q, k, v, o of 32 x 8 per head
-    assert attention_break_even(gpt2) == (32 * 8 * 2 * 8 + 3 * 32 * 128) / (2 * 4 * 8)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=4, n_layer=2, vocab_size=64, attn_implementation="sdpa"))
+    # per token: q, k, v, o 4 x 32 x 32; an ungated MLP (n_inner=None: 4 x 32 wide) 2 x 32 x 128; attention
+    # 2 x 4 heads x 8 dims per key
+    assert attention_break_even(gpt2) == (4 * 32 * 32 + 2 * 32 * 128) / (2 * 4 * 8)

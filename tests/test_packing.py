@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import make_task, tiny_config
-from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
 
 from vlm.data.packing import best_width, group_by_length, pack_batch, pack_rows
@@ -150,11 +150,12 @@ def test_rows_are_as_wide_as_packs_at_the_least_compute():
     # attention dearer than the linear layers from width 1: rows never wider than the longest sample
     assert best_width(lengths, 48, 1.0) == 12
     assert best_width([30, 5], 24, math.inf) == 30  # max_length below the longest sample: that sample's width
-    llama = LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
-    llama._attn_implementation = "sdpa"
-    # per token: q, o 2 x 192 x 192, k, v 2 x 192 x 96, MLP 3 x 192 x 512; attention 2 x 192 per key
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=192, intermediate_size=512, num_attention_heads=4,
+                                         num_key_value_heads=2, num_hidden_layers=1, vocab_size=64,
+                                         attn_implementation="sdpa"))
+    # per token: q, o 2 x 192 x 192, k, v 2 x 192 x 96, a gated MLP 3 x 192 x 512; attention 2 x 192 per key
     assert attention_break_even(llama) == (2 * 192 * 192 + 2 * 192 * 96 + 3 * 192 * 512) / (2 * 192)
-    llama._attn_implementation = "flash_attention_2"
+    llama.config._attn_implementation = "flash_attention_2"
     assert attention_break_even(llama) == math.inf
 
 

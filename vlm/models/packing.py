@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 # (LLM config, sample ids (B, L), positions (B, L)) -> a 4D mask (B, 1, L, L), boolean or a flex_attention BlockMask,
 # that the model uses as its attention mask
@@ -34,19 +34,22 @@ def register_packed_mask(attention: str, builder: PackedMaskBuilder) -> None:
     PACKED_MASKS[attention] = builder
 
 
-def attention_break_even(config: PretrainedConfig) -> float:
+def attention_break_even(lm: PreTrainedModel) -> float:
     """The packed-row width W at which a dense attention kernel's cost per token (a score and a weighted value per key:
-    2 x W x heads x head_dim) equals the linear layers' (q, k, v, o and a gated MLP); unbounded for varlen flash
-    kernels, which never compute across samples."""
-    if (config._attn_implementation or "").startswith("flash"):
+    2 x W x heads x head_dim) equals the linear layers' (a multiply-add per weight of a decoder layer: q, k, v, o and
+    the MLP, gated or not; a mixture of experts counts every expert, so its W comes out high); unbounded for varlen
+    flash kernels, which never compute across samples."""
+    if (lm.config._attn_implementation or "").startswith("flash"):
         return math.inf
-    text = config.get_text_config()
+    text = lm.config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    # GPT-2-style configs name the MLP width n_inner, None meaning 4 x hidden
-    mlp = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * text.hidden_size
-    linear = text.hidden_size * head_dim * 2 * (heads + kv_heads) + 3 * text.hidden_size * mlp
+    layer_names = set(getattr(lm, "_no_split_modules", None) or [])  # transformers' name for its decoder layer
+    layer = next((m for m in lm.modules() if type(m).__name__ in layer_names), None)
+    if layer is None:  # the usual estimate: 4 hidden^2 for attention, 8 hidden^2 for a 4x MLP
+        linear = 12 * text.hidden_size**2
+    else:
+        linear = sum(weight.numel() for weight in layer.parameters() if weight.dim() == 2)
     return linear / (2 * heads * head_dim)
 
 

@@ -40,6 +40,8 @@ class VLMTask(StageTask):
         self.val_samples = 0  # held-out samples read in the last validation, and how many of them were skipped
         self.val_skipped = 0
         self.feature_cache = self._feature_cache()
+        # packed rows' best width, from the LLM's layers as built (FSDP may flatten their weights later)
+        self.packing_break_even = attention_break_even(self.model.lm)
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
@@ -82,7 +84,7 @@ class VLMTask(StageTask):
         skipped = collate_skipped(samples)
         encoded = [s["encoded"] for s in samples]
         width = best_width([len(e.input_ids) for e in encoded], self.bundle.processor.max_length,
-                           attention_break_even(self.model.lm.config))
+                           self.packing_break_even)
         batch = pack_batch(encoded, self.bundle.tokenizer.pad_token_id, width)
         samples = [samples[i] for i in batch.pop("order")]
         return {**batch, **self._sample_fields(samples), "skipped": skipped}
