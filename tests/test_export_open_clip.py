@@ -53,6 +53,7 @@ def test_siglip_bias_travels(tmp_path):
         ours = load_clip(source).model
     export_open_clip(source, tmp_path / "open_clip")
     model = open_clip.create_model(f"local-dir:{tmp_path / 'open_clip'}")
+    assert ours.head.logit_bias.item() == pytest.approx(-3.7)  # the trained value, not open_clip's initial -10
     assert torch.allclose(model.logit_bias, ours.head.logit_bias[0])
 
 

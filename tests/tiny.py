@@ -44,12 +44,14 @@ def make_task(config: TrainConfig, classnames: list[str] | None = None, init_fro
 
 def contrastive_export(folder: Path, *overrides: str) -> Path:
     """A contrastive export of the tiny model with `overrides`, random weights (seeded) and a trained-looking
-    temperature, so a wrong copy of it shows."""
+    temperature and SigLIP bias (neither at its initial value), so a wrong copy of either shows."""
     config = tiny_config(*overrides)
     torch.manual_seed(0)
     model = CLIPModel(config.model).eval()
     with torch.no_grad():
         model.head.logit_scale.fill_(3.0)
+        if model.head.logit_bias is not None:
+            model.head.logit_bias.fill_(-3.7)
     return export_clip(folder, model, clip_tokenizer(config.model.text), config.tiler, None, ["a photo of a {}."])
 
 
