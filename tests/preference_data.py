@@ -23,7 +23,7 @@ def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = Tr
                 anchors: int = 0, images: bool = True) -> str:
     """A shard of `count` colour questions, each with a chosen and a rejected answer; `history` puts an earlier
     question and answer before the asked one; `anchors` conversation samples (a shape question and its answer)
-    follow the pairs; `images=False` asks about a tomato instead, with no image. Returns the shard path."""
+    come before the pairs; `images=False` asks about a tomato instead, with no image. Returns the shard path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(path)) as sink:
         for i in range(count, count + anchors):

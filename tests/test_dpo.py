@@ -144,12 +144,16 @@ def test_the_feature_cache_spares_the_vision_tower_from_the_second_epoch_on(tiny
     assert torch.equal(losses[0], plain.pair_loss(_batch(plain, pairs)["pairs"]).loss)
 
 
-def test_truncation_skips_pairs_that_would_cut_an_image_and_counts_them(tiny_sft_export, tmp_path):
+def test_truncation_skips_pairs_that_would_cut_an_image_and_names_them(tiny_sft_export, tmp_path, caplog):
     task = _task(tiny_sft_export)
     task.bundle.processor.max_length = 12  # the image alone is 16 tokens
     shard = write_pairs(tmp_path / "p.tar", 3)
-    batch = task.collate(list(build_pipeline([shard], task.batching().decode, train=False, split_by_node=False)))
-    assert batch["pairs"] is None  # all three skipped, none crashed
+    with caplog.at_level(logging.WARNING, logger="vlm.data.shards"):
+        samples = list(build_pipeline([shard], task.batching().decode, train=False, split_by_node=False))
+    assert samples == []  # all three skipped, none crashed (tests/test_shards.py: how skips are counted)
+    for key in ("000000", "000001", "000002"):
+        assert f"skipping sample {key} in {shard}: " in caplog.text
+    assert caplog.text.count("truncating would cut through an image's tokens; sample dropped") == 3
     task.bundle.processor.max_length = 40  # long answers are cut after the image: kept
     long = write_pairs(tmp_path / "long.tar", 2, answer_words=30)
     batch = task.collate(list(build_pipeline([long], task.batching().decode, train=False, split_by_node=False)))

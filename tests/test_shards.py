@@ -161,6 +161,16 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
     assert lenient.skipped == 2 and lenient.seen == 20
 
 
+
+def test_skips_after_a_readers_last_good_sample_are_counted_too(tmp_path):
+    # the reader's first and last two samples are bad: the last two follow every sample that decodes
+    urls = list_shards(write_shards(tmp_path, num_shards=2, per_shard=5, corrupt={0, 8, 9}))
+    decode = CaptionDecoder(Tiler(TilerConfig(), tile_size=16, tokens_per_tile=4), lambda t: torch.zeros(len(t), 8))
+    for _ in range(2):  # two passes, as two epochs: each counts its own
+        samples = list(build_pipeline(urls, decode, train=False, split_by_node=False))
+        assert [s["key"].rsplit(":", 1)[1] for s in samples] == [f"{i:05d}" for i in range(1, 8)]
+        assert [s["skipped"] for s in samples] == [1, 0, 0, 0, 0, 0, 2]
+
 def test_training_shards_without_held_out_ones_warn_that_nothing_is_measured(tmp_path, caplog):
     pattern = write_shards(tmp_path, num_shards=1, per_shard=1)
     with caplog.at_level(logging.WARNING):

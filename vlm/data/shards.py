@@ -102,7 +102,9 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
     warned: set[tuple[str | None, str | None]] = set()  # per reader; workers persist, so later passes stay quiet
 
     def stage(source: Iterable[dict]) -> Iterator[dict]:
-        skipped = 0
+        # each sample carries the skips before it; it is held back until the next one decodes, so that the skips
+        # after a reader's last good sample travel on that sample rather than being lost with the pass
+        skipped, held = 0, None
         for raw in source:
             try:
                 sample = decode(raw)
@@ -122,9 +124,12 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
                         reason = reason.removeprefix(named).lstrip(": ")
                     log.warning("skipping sample %s in %s: %s", where[1], where[0], reason)
                 continue
-            sample["skipped"] = skipped
-            skipped = 0
-            yield sample
+            if held is not None:
+                yield held
+            sample["skipped"], skipped, held = skipped, 0, sample
+        if held is not None:
+            held["skipped"] += skipped
+            yield held
 
     return stage
 
