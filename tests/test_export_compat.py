@@ -88,3 +88,22 @@ def test_an_earlier_export_starts_the_next_stage(exports):
     vision = align.model.vision.state_dict()
     assert set(vision) == {name.removeprefix("visual.") for name in written if name.startswith("visual.")}
     assert all(torch.equal(vision[name], written[f"visual.{name}"]) for name in vision)
+
+
+def test_exports_of_hub_initialised_towers_load_offline(exports, tmp_path, monkeypatch):
+    """A run that started from hub weights (model.vision.pretrained, model.text.pretrained) records them; loading its
+    export builds the towers without them, since its own weights replace them, so it works with no hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for kind in ("sft", "contrastive"):
+        folder = Path(shutil.copytree(exports[kind], tmp_path / kind))
+        meta = json.loads((folder / "config.json").read_text())
+        meta["model"]["vision"]["pretrained"] = True
+        meta["model"]["text"]["pretrained"] = "ViT-B-16/openai"
+        (folder / "config.json").write_text(json.dumps(meta))
+        written = load_file(str(folder / "model.safetensors"))
+        if kind == "sft":
+            state = ChatModel.load(folder, device="cpu").model.state_dict()
+        else:
+            state = make_task(tiny_config(stage="align"), init_from=folder).model.state_dict()
+            written = {f"vision.{k.removeprefix('visual.')}": v for k, v in written.items() if k.startswith("visual.")}
+        assert all(torch.equal(state[name], weights) for name, weights in written.items())

@@ -318,12 +318,16 @@ EARLIER_MODEL_VALUES: dict[str, dict[str, Any]] = {"projector": {"image_slot_sca
 
 
 def model_config_from(values: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig an export folder recorded (keys added since it was written get their earlier behaviour)."""
+    """The ModelConfig an export folder recorded (keys added since it was written get their earlier behaviour), to
+    build the model its weights are loaded into: no hub weights are fetched for the towers (pretrained off), since the
+    export's replace them, and loading must work offline."""
     merged = {**values}
     for group, earlier in EARLIER_MODEL_VALUES.items():
         if isinstance(merged.get(group), dict):
             merged[group] = {**earlier, **merged[group]}
-    return load_config(ModelConfig, merged, path="model.")
+    config = load_config(ModelConfig, merged, path="model.")
+    config.vision.pretrained, config.text.pretrained = False, None
+    return config
 
 
 # ---- training ----

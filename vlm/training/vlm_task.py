@@ -228,8 +228,7 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
         if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
             warn_ignored(ignored_architecture(meta.model["vision"], to_dict(model.vision), "vision."), init_from,
                          "the ViT keeps the architecture it was trained with")
-            # no hub weights: the export's weights replace them
-            vision = dataclasses.replace(model_config_from(meta.model).vision, pretrained=False,
+            vision = dataclasses.replace(model_config_from(meta.model).vision,
                                          gradient_checkpointing=model.vision.gradient_checkpointing)
             model = dataclasses.replace(model, vision=vision)
         bundle = new_vlm(model, config.tiler)
