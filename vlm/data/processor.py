@@ -12,6 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 
+import jinja2
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
@@ -58,8 +59,14 @@ class Processor:
                     if t.special and t.content != IMAGE_TOKEN]
         self.control_token = re.compile("|".join(map(re.escape, controls))) if controls else None
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False, name: str = "sample") -> str:
+        """The conversation as the chat template writes it; a conversation the template refuses (a system turn where
+        it has none, roles that do not alternate) is a SampleError naming `name` with the template's reason."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as err:
+            raise SampleError(f"{name}: the model's chat template refuses this conversation: {err}") from None
 
     def assistant_spans(self, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
         """Character spans of each assistant reply (with its end-of-turn marker) in `render(messages)`.
@@ -92,7 +99,7 @@ class Processor:
             if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
                 raise SampleError(f"{name}: empty assistant turn")
         tiled = [self._tile(image, name, i) for i, image in enumerate(images)]
-        text = self.render(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render(messages, add_generation_prompt=add_generation_prompt, name=name)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
         ids = encoding["input_ids"]
         keep = [False] * len(ids)
