@@ -303,6 +303,25 @@ def test_a_self_critic_gets_as_many_examples_as_its_context_leaves_room_for():
         assert critique_request[-3:-1] == [*item.messages, {"role": "assistant", "content": "blue"}]
 
 
+
+def test_a_prompts_system_message_opens_the_critique_request_before_the_examples():
+    constitution = load_constitution("default")
+    system = {"role": "system", "content": "Answer in one word."}
+    item = Item("k", [system, {"role": "user", "content": "<image>\nWhat color is the shape?"}], [b""], "red")
+    asked: list = []
+
+    def complete(requests):
+        asked.extend(requests)
+        return ["ok" for _ in requests]
+
+    for fits in (None, lambda messages, images: len(messages) <= 6):  # with every example, and with none
+        asked.clear()
+        ChatCritic(complete, constitution.examples, fits, 8).revise([item], ["blue"], constitution.principles[:1])
+        critique_request, revision_request = asked[0][0], asked[1][0]
+        for request in (critique_request, revision_request):
+            assert request[0] == system and [m["role"] for m in request].count("system") == 1
+        assert critique_request[-3:-1] == [item.messages[1], {"role": "assistant", "content": "blue"}]
+
 def test_unreachable_critic_names_the_url_and_the_prompts_done(tiny_sft_export, small_synthetic, tmp_path):
     with pytest.raises(UserError) as err:
         run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", "critic.url=http://127.0.0.1:9",

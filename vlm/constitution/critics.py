@@ -155,15 +155,18 @@ class ChatCritic(Critic):
         self.reply_tokens = reply_tokens
 
     def _critique_request(self, item: Item, answer: str, principle: Principle) -> list[Message]:
-        asked = [*item.messages, {"role": "assistant", "content": answer},
+        # the prompt's own system messages open the request, before the examples: chat templates take them first
+        opening = next((i for i, m in enumerate(item.messages) if m["role"] != "system"), len(item.messages))
+        system = item.messages[:opening]
+        asked = [*item.messages[opening:], {"role": "assistant", "content": answer},
                  {"role": "user", "content": principle.critique}]
         for count in range(len(self.examples), 0, -1):
-            request = [*self._shots(principle, count), *asked]
+            request = [*system, *self._shots(principle, count), *asked]
             room = [*request, {"role": "assistant", "content": "x " * self.reply_tokens},
                     {"role": "user", "content": principle.revision}]
             if self.fits is None or self.fits(room, item.images):
                 return request
-        return asked
+        return [*system, *asked]
 
     def _shots(self, principle: Principle, count: int) -> list[Message]:
         turns: list[Message] = []
