@@ -306,3 +306,30 @@ def test_vlm_eval_reads_images_at_the_tier_the_export_trained_with_unless_told(t
     assert config.tiler.max_tiles == max_tiles
     task = get_stage("sft").task.from_export(config, get_stage("sft"), export, None)
     assert task.bundle.processor.tiler.config.max_tiles == max_tiles  # what the held-out images go through
+
+
+def test_answers_stop_at_the_llms_own_end_of_turn_ids_as_in_chat(tiny_sft_export):
+    """An LLM whose generation config names end-of-turn ids beyond the tokenizer's EOS (Gemma's `<end_of_turn>`):
+    held-out answers, chat and the Hugging Face export all stop at them."""
+    from vlm.chat import ChatModel
+    from vlm.data.processor import pad_batch
+    from vlm.exports.hf import generation_settings
+    from vlm.training.stages import get_stage
+
+    stage = get_stage("sft")
+    task = stage.task.from_export(tiny_config(stage="sft", tiny=False), stage, tiny_sft_export, None)
+    tokenizer = task.bundle.tokenizer
+    prompt = pad_batch([task.bundle.processor.prompt([{"role": "user", "content": "<image>\nWhat color?"}],
+                                                     [solid((200, 30, 30), (64, 64))])], tokenizer.pad_token_id,
+                       left=True)
+    free = task.model.generate(prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"],
+                               prompt["image_slots"], max_new_tokens=4, do_sample=False,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0].tolist()
+    first = free[0]
+    assert len(free) == 4 and first != tokenizer.eos_token_id  # the random model says more than one token
+    task.model.lm.generation_config.eos_token_id = [first]  # its first word now ends a turn
+    assert task.answer(prompt, max_new_tokens=4) == [tokenizer.decode([first], skip_special_tokens=True)]
+    assert generation_settings(task.bundle)["eos_token_id"] == sorted({first, tokenizer.eos_token_id})
+    chat = ChatModel(task.model, tokenizer, task.bundle.processor, torch.device("cpu"))
+    assert chat.generate([{"role": "user", "content": "<image>\nWhat color?"}], [solid((200, 30, 30), (64, 64))],
+                         max_new_tokens=4, temperature=0).token_ids == [first]

@@ -35,7 +35,7 @@ from vlm.generation.device import pick_device, pick_dtype
 from vlm.generation.h2o import H2OBudget, H2OCache, refuse_pattern
 from vlm.generation.kv_cache import cache_kwargs
 from vlm.generation.options import GenerationOptions, OptionError, resolve_decoding
-from vlm.generation.stopping import Cancelled, StopInAnswer, cut_at_stop, stop_reason
+from vlm.generation.stopping import Cancelled, StopInAnswer, cut_at_stop, stop_reason, turn_end_ids
 from vlm.generation.streaming import AnswerJob, TextStream
 
 __all__ = ["ChatModel", "ChatSession", "Completion", "ContextOverflow", "GenerationOptions", "OptionError", "Prompt",
@@ -83,9 +83,7 @@ class ChatModel:
         # No token spans more characters than the longest vocabulary entry, so longer text cannot fit; `prepare`
         # refuses it before tokenizing (megabytes of text would hold a worker for seconds).
         self.max_text_chars = self.context_length * max(map(len, tokenizer.get_vocab()))
-        configured = model.lm.generation_config.eos_token_id  # an id or a list; the tokenizer's EOS ends turns too
-        ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
-        self.eos_token_ids: set[int] = {i for i in ids if i is not None}
+        self.eos_token_ids: set[int] = set(turn_end_ids(tokenizer, model.lm.generation_config))
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,

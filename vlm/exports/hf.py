@@ -25,6 +25,7 @@ from vlm.exports.hf_remote.modeling_vlm import VlmForConditionalGeneration
 from vlm.exports.hf_remote.processing_vlm import VlmProcessor
 from vlm.exports.hf_stock import stock_mismatches, stock_model, stock_processor
 from vlm.exports.vlm import load_vlm
+from vlm.generation.stopping import turn_end_ids
 from vlm.models.factory import VLMBundle, no_init_weights
 from vlm.models.vision import timm_overrides
 
@@ -153,9 +154,11 @@ def dense_attention_note(vlm: VLMBundle) -> str | None:
 
 
 def generation_settings(vlm: VLMBundle) -> dict[str, Any]:
-    """Stop at the chat template's end of turn, pad with the tokenizer's pad token."""
+    """Stop where vlm's chat stops (the tokenizer's EOS and the LLM's end-of-turn ids), pad with the tokenizer's pad
+    token."""
     tokenizer = vlm.tokenizer
-    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+    return {"eos_token_id": turn_end_ids(tokenizer, vlm.model.lm.generation_config),
+            "pad_token_id": tokenizer.pad_token_id,
             "bos_token_id": tokenizer.bos_token_id}
 
 

@@ -6,10 +6,19 @@ import threading
 from collections.abc import Sequence
 
 import torch
-from transformers import StoppingCriteria
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria
 
 # the Messages API's names; model_context_window_exceeded: the answer filled the context before max_new_tokens
 STOP_REASONS = ("end_turn", "max_tokens", "model_context_window_exceeded", "stop_sequence", "cancelled")
+
+
+def turn_end_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS and the LLM's own end-of-turn ids (an id or a list in its
+    generation config; Gemma's `<end_of_turn>` is there and not the tokenizer's EOS). Chat, validation answers and the
+    Hugging Face export all stop at these."""
+    configured = generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    return sorted(i for i in ids if i is not None)
 
 
 class Cancelled(StoppingCriteria):
