@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny import make_task, tiny_config
 
+from vlm.config import ConfigError
 from vlm.models.factory import new_vlm
 from vlm.models.reduction import TokenReducer
 from vlm.training.freezing import apply_freezing, trainable_parts
@@ -202,6 +203,32 @@ def test_stage_override_unfreezes_vision(bundle):
     assert trainable_parts(get_stage("sft").trains, config.stage) == {"vision", "projector", "llm"}
 
 
+
+@pytest.mark.parametrize("feature_layer", [-1, -2, 0])
+def test_every_parameter_phase_2_trains_gets_a_gradient(feature_layer):
+    """DDP (find_unused_parameters=False) needs a gradient for every trainable parameter: with the ViT training, its
+    pooling head and the blocks past the feature layer never train, and they are left out of the counts."""
+    config = tiny_config("stage.train_vision=true", f"model.vision.feature_layer={feature_layer}", stage="sft")
+    task = make_task(config)
+    encoded = _inputs(task.bundle)
+    task.model(encoded.input_ids[None], None, encoded.pixel_values, encoded.labels[None]).loss.backward()
+    trained = {name for name, p in task.model.named_parameters() if p.requires_grad}
+    assert trained == {name for name, p in task.model.named_parameters() if p.grad is not None}
+    vision = {name.removeprefix("vision.") for name in trained if name.startswith("vision.")}
+    assert "vit.blocks.0.attn.qkv.weight" in vision and not any(n.startswith("vit.fc_norm") for n in vision)
+    depth = len(task.model.vision.vit.blocks)
+    last = feature_layer % depth
+    assert any(n.startswith(f"vit.blocks.{last}.") for n in vision)
+    assert not any(n.startswith(f"vit.blocks.{last + 1}.") for n in vision)
+    idle = sum(p.numel() for p in task.model.idle_parameters())
+    assert idle > 0 and task.parameter_counts["vision"][0] == task.parameter_counts["vision"][1] - idle
+
+
+def test_a_feature_layer_past_the_vits_blocks_is_named():
+    with pytest.raises(ConfigError, match=r"model.vision.feature_layer=2 is not a block of vit_tiny_patch16_224 "
+                                          r"\(2 blocks\): use 0 to 1, or -1 \(the last\) to -2"):
+        make_task(tiny_config("model.vision.feature_layer=2", stage="sft"))
+
 @pytest.mark.parametrize("kind,width", [("pixel_shuffle", 4 * 8), ("avg_pool", 8), ("none", 8)])
 def test_token_reduction_shapes(kind, width):
     reducer = TokenReducer(kind, 2)
@@ -375,3 +402,18 @@ def test_a_folder_of_shards_given_as_a_model_is_named_as_data(tmp_path):
     with pytest.raises(ExportError, match=re.escape(f"it holds data shards, not a model (as data: data.train='"
                                                     f"{tmp_path}/pairs/train/shard-{{000000..000001}}.tar')")):
         load_vlm(tmp_path / "pairs")
+
+
+def test_each_part_learns_at_its_own_rate_and_zero_is_a_rate():
+    from vlm.training.optim import build_optimizer
+
+    config = tiny_config("stage.lr=1e-3", "stage.lr_projector=0", "stage.lr_llm=2e-4", stage="sft")
+    task = make_task(config)
+    optimizer = build_optimizer(task.model.parts(), config.stage)
+    rates = {group["part"]: group["lr"] for group in optimizer.param_groups}
+    assert rates == {"projector": 0.0, "llm": 2e-4}
+    projector = [p.clone() for p in task.model.projector.parameters()]
+    encoded = _inputs(task.bundle)
+    task.model(encoded.input_ids[None], None, encoded.pixel_values, encoded.labels[None]).loss.backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(projector, task.model.projector.parameters(), strict=True))

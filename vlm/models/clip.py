@@ -52,6 +52,10 @@ class CLIPModel(nn.Module):
         """The named parts the stage table freezes or trains."""
         return {"vision": self.visual, "text": self.text, "clip_head": self.head}
 
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Parameters no forward reads: none (the ViT's pooling and every block serve the image embedding)."""
+        return []
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, 3, S, S) -> (B, E)"""
         pooled = self.visual.pool(self.visual.forward_features(pixels))  # (B, Dv)

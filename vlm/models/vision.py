@@ -44,6 +44,11 @@ class VisionTower(nn.Module):
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
             raise ConfigError(f"model.vision.name={config.name!r} is not a ViT (no patch_embed/blocks); pick a timm "
                               f"ViT")
+        depth = len(self.vit.blocks)
+        if not -depth <= config.feature_layer < depth:
+            raise ConfigError(f"model.vision.feature_layer={config.feature_layer} is not a block of "
+                              f"{config.name} ({depth} blocks): use 0 to {depth - 1}, or -1 (the last) to "
+                              f"-{depth}")
         self.config = config
         self.width: int = self.vit.num_features
         self.num_prefix_tokens: int = getattr(self.vit, "num_prefix_tokens", 1)  # CLS / register tokens
@@ -77,6 +82,15 @@ class VisionTower(nn.Module):
                 return self._patch_features(pixels)  # (0, N(+prefix), D)
         return self._patch_features(pixels)
 
+    def idle_in_patch_features(self) -> list[nn.Parameter]:
+        """The parameters `patch_features` never reads: the pooling head's (fc_norm, attn_pool, head) and, below
+        the last block, the later blocks' and the final norm's. A phase 2 model never trains them: DDP requires every
+        trainable parameter to get a gradient."""
+        idle = [getattr(self.vit, name, None) for name in ("fc_norm", "attn_pool", "head")]
+        if self.config.feature_layer != -1:
+            idle += [*self.vit.blocks[self.config.feature_layer % len(self.vit.blocks) + 1:], self.vit.norm]
+        return [p for module in idle if isinstance(module, nn.Module) for p in module.parameters()]
+
     def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.config.feature_layer == -1:
             tokens = self.vit.forward_features(pixels)  # (B, prefix + N, D), after the final norm
@@ -84,7 +98,7 @@ class VisionTower(nn.Module):
             depth = len(self.vit.blocks)
             index = self.config.feature_layer % depth
             keep_prefix = self.config.keep_cls and self.num_prefix_tokens > 0  # timm gives no pair without any
-            tokens = self.vit.forward_intermediates(pixels, indices=[index], intermediates_only=True,
+            tokens = self.vit.forward_intermediates(pixels, indices=[index], intermediates_only=True, stop_early=True,
                                                     output_fmt="NLC", return_prefix_tokens=keep_prefix)[0]
             if keep_prefix:
                 patches, prefix = tokens

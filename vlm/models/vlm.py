@@ -58,6 +58,11 @@ class VisionLanguageModel(nn.Module):
                      is not None else self.projector)
         return {"vision": self.vision, "projector": projector, "llm": self.lm}
 
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """Parameters no forward reads, never trained whatever the stage trains: the ViT's pooling head and any
+        blocks past its feature layer."""
+        return self.vision.idle_in_patch_features()
+
     def image_features(self, pixel_values: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
         """(N_tiles, 3, S, S) -> (N_tiles * tokens_per_tile, Dlm); `patches` (N_tiles, P, Dv), the vision tower's
         features of those tiles when already known (a feature cache), skips the tower."""

@@ -24,15 +24,19 @@ def trainable_parts(table_entry: frozenset[str], config: StageConfig) -> frozens
     return frozenset(parts)
 
 
-def apply_freezing(parts: dict[str, nn.Module], trainable: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """Set requires_grad per part; returns {part: (trainable params, total params)} and logs it as a table."""
+def apply_freezing(parts: dict[str, nn.Module], trainable: Iterable[str],
+                   idle: Iterable[nn.Parameter] = ()) -> dict[str, tuple[int, int]]:
+    """Set requires_grad per part, and off for the `idle` parameters (those no forward reads) whatever their part;
+    returns {part: (trainable params, total params)} and logs it as a table."""
     trainable = set(trainable)
+    for name, module in parts.items():
+        module.requires_grad_(name in trainable)
+    for parameter in idle:
+        parameter.requires_grad_(False)
     counts = {}
     for name, module in parts.items():
-        for p in module.parameters():
-            p.requires_grad_(name in trainable)
         total = sum(p.numel() for p in module.parameters())
-        counts[name] = (total if name in trainable else 0, total)
+        counts[name] = (sum(p.numel() for p in module.parameters() if p.requires_grad), total)
     rows = "\n".join(f"  {name:<10} {'train ' if trained else 'frozen'} {total:>14,d}"
                      for name, (trained, total) in counts.items())
     trained_sum, total_sum = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())

@@ -11,13 +11,15 @@ from vlm.config import StageConfig
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
-    # biases, norms, embeddings, temperatures: weight decay only hurts them
+    # biases, norms, position and class tokens, temperatures, and embeddings named so (open_clip's, the image slots'):
+    # weight decay only hurts them. The LLM's token embeddings (embed_tokens) decay, as under Hugging Face's Trainer
     return param.ndim < 2 or "embedding" in name or "logit_" in name or "cls_token" in name or "pos_embed" in name
 
 
 def peak_lr(stage: StageConfig, part: str) -> float:
     """A part's peak learning rate: its own `stage.lr_<part>` where set, else `stage.lr`."""
-    return getattr(stage, f"lr_{part}", None) or stage.lr
+    own = getattr(stage, f"lr_{part}", None)
+    return stage.lr if own is None else own  # 0 is a rate of its own: the part keeps still
 
 
 def build_optimizer(parts: dict[str, nn.Module], stage: StageConfig) -> torch.optim.Optimizer:

@@ -54,7 +54,7 @@ class StageTask(pl.LightningModule):
         self.model = model
         self.trainable = trainable_parts(stage.trains, config.stage)
         self.health = DataHealth(config.data.max_skip_rate, config.trainer.max_nonfinite_steps)
-        self.parameter_counts = apply_freezing(model.parts(), self.trainable)
+        self.parameter_counts = apply_freezing(model.parts(), self.trainable, model.idle_parameters())
         # held-out samples a validation reads at most (None: all); a run's final validation reads all of them
         self.sample_limit: int | None = config.eval.max_samples
         # the last validation's rows for predictions.jsonl: phase 2's answers and their scores, contrastive's

@@ -51,8 +51,8 @@ class VisionTower(nn.Module):
             return tokens if self.keep_cls else tokens[:, self.num_prefix_tokens:]
         index = self.feature_layer % len(self.vit.blocks)
         keep_prefix = self.keep_cls and self.num_prefix_tokens > 0  # timm gives no pair without any
-        tokens = self.vit.forward_intermediates(pixels, indices=[index], intermediates_only=True, output_fmt="NLC",
-                                                return_prefix_tokens=keep_prefix)[0]
+        tokens = self.vit.forward_intermediates(pixels, indices=[index], intermediates_only=True, stop_early=True,
+                                                output_fmt="NLC", return_prefix_tokens=keep_prefix)[0]
         if keep_prefix:
             patches, prefix = tokens
             return torch.cat([prefix, patches], dim=1)  # (N, prefix + P, D)
