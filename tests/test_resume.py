@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -491,3 +492,22 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capl
                                                              "step00000006.ckpt.superseded"]
     assert "1 later checkpoints of the run (step00000006.ckpt) are set aside" in caplog.text
     assert find_resume_checkpoint(checkpoints.parent) == checkpoints / "step00000004.ckpt"
+
+
+def test_resuming_names_changed_stage_settings_and_refuses_a_change_of_what_trains(tmp_path, caplog):
+    from vlm.training.resume import STAGE_SETTINGS_KEY, warn_changed_settings
+    from vlm.training.stages import get_stage
+
+    sft = get_stage("sft")
+    trained = tiny_config("stage.lr=1e-3", stage="sft").stage
+    path = tmp_path / "step=000010.ckpt"
+    torch.save({"state_dict": {}, "global_step": 10, STAGE_SETTINGS_KEY: dataclasses.asdict(trained)}, path)
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        warn_changed_settings(path, tiny_config("stage.lr=5e-4", stage="sft").stage, sft.trains)
+    assert "resuming with stage settings other than those the run trained with until step=000010.ckpt: " \
+           "stage.lr: 0.001 -> 0.0005" in caplog.text
+    # naming a part the table trains anyway changes nothing that trains
+    warn_changed_settings(path, tiny_config("stage.train_llm=true", stage="sft").stage, sft.trains)
+    with pytest.raises(ConfigError, match=r"^stage.train_vision=True changes what step=000010.ckpt trained "
+                                          r"\(llm \+ projector\) to llm \+ projector \+ vision: its optimizer state"):
+        warn_changed_settings(path, tiny_config("stage.train_vision=true", stage="sft").stage, sft.trains)

@@ -46,7 +46,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
         data = resolve_data(config.data, stage.data, config.output_root)
         run_folder = prepare_run(config, data.made_by)
         if run_folder.resume_from:
-            warn_changed_settings(run_folder.resume_from, config.stage)
+            warn_changed_settings(run_folder.resume_from, config.stage, stage.trains)
         log.info("stage %s -> %s", stage.name, run_folder.dir)
     with removed_if_left_empty(run_folder.dir):  # a start that fails leaves no empty run folder behind
         with start_up_told_once():

@@ -12,10 +12,18 @@ from vlm.config import StageConfig
 log = logging.getLogger(__name__)
 
 
+TRAIN_FLAGS = {"vision": "train_vision", "llm": "train_llm", "projector": "train_projector"}  # part -> stage key
+
+
 def trainable_parts(table_entry: frozenset[str], config: StageConfig) -> frozenset[str]:
     """The stage table's parts with the `stage.train_*` overrides applied."""
+    return parts_with_overrides(table_entry, {part: getattr(config, key) for part, key in TRAIN_FLAGS.items()})
+
+
+def parts_with_overrides(table_entry: frozenset[str], overrides: dict[str, bool | None]) -> frozenset[str]:
+    """The stage table's parts, with each part whose override is True added and each whose override is False
+    removed (None: as the table says)."""
     parts = set(table_entry)
-    overrides = {"vision": config.train_vision, "llm": config.train_llm, "projector": config.train_projector}
     for part, flag in overrides.items():
         if flag is True:
             parts.add(part)

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from vlm.config import ConfigError, StageConfig, to_dict
 from vlm.errors import first_line
 from vlm.training.checkpoint_io import TEMP_MARK
+from vlm.training.freezing import TRAIN_FLAGS, parts_with_overrides, trainable_parts
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,22 @@ class StartingExport(pl.Callback):
         checkpoint[STAGE_SETTINGS_KEY] = to_dict(task.config.stage)
 
 
-def warn_changed_settings(path: Path, settings: StageConfig) -> None:
+def warn_changed_settings(path: Path, settings: StageConfig, table_entry: frozenset[str]) -> None:
     """Say which stage.* settings a resumed run changes from those checkpoint `path` trained with: the steps before
-    it trained with the old values, and the run's config.json and export record the new ones."""
+    it trained with the old values, and the run's config.json and export record the new ones. A change of what trains
+    (`stage.train_*`, against the stage table's `table_entry`) is refused: the checkpoint's optimizer state is for
+    the parts that trained."""
     recorded = checkpoint_record(path)[STAGE_SETTINGS_KEY]
     if not recorded:  # an older checkpoint, without the record
         return
     now = to_dict(settings)
+    before = parts_with_overrides(table_entry, {part: recorded.get(key) for part, key in TRAIN_FLAGS.items()})
+    if before != (after := trainable_parts(table_entry, settings)):
+        keys = ", ".join(f"stage.{key}={now[key]}" for key in TRAIN_FLAGS.values() if now[key] != recorded.get(key))
+        raise ConfigError(f"{keys} changes what {path.name} trained ({' + '.join(sorted(before))}) to "
+                          f"{' + '.join(sorted(after))}: its optimizer state holds the parts it trained. Resume "
+                          f"with the settings it trained with, or start a new run from this run's export "
+                          f"(init_from=...) to train other parts")
     changed = [f"stage.{key}: {recorded[key]!r} -> {now[key]!r}" for key in sorted(now.keys() & recorded.keys())
                if now[key] != recorded[key]]
     if changed:
