@@ -493,3 +493,13 @@ def test_a_critic_url_that_is_not_http_is_refused_before_the_model_loads(tmp_pat
     with pytest.raises(ConfigError, match=r"critic.url=.* is not an http:// or https:// URL"):
         run(config)
     assert not (tmp_path / "pairs").exists()
+
+
+def test_generate_batch_samples_each_prompt_at_its_own_auto_temperature(tiny_chat_model):
+    code, poem = ([{"role": "user", "content": text}] for text in ("Fix this python function", "Write a poem"))
+    prompts = [tiny_chat_model.prepare(messages, []) for messages in (poem, code, poem)]
+    answers = tiny_chat_model.generate_batch(prompts, temperature="auto", max_new_tokens=6, seed=3)
+    # a batch per temperature, each seeded as a batch of its own would be
+    poems = tiny_chat_model.generate_batch([prompts[0], prompts[2]], temperature=0.8, max_new_tokens=6, seed=3)
+    fixes = tiny_chat_model.generate_batch([prompts[1]], temperature=0.2, max_new_tokens=6, seed=3)
+    assert answers == [poems[0], fixes[0], poems[1]]

@@ -34,7 +34,7 @@ from vlm.generation.completion import Completion, ContextOverflow, Message, Prom
 from vlm.generation.device import pick_device, pick_dtype
 from vlm.generation.h2o import H2OBudget, H2OCache, refuse_pattern
 from vlm.generation.kv_cache import cache_kwargs
-from vlm.generation.options import GenerationOptions, OptionError, resolve_decoding
+from vlm.generation.options import GenerationOptions, OptionError, auto_temperature, resolve_decoding
 from vlm.generation.stopping import Cancelled, StopInAnswer, cut_at_stop, stop_reason, turn_end_ids
 from vlm.generation.streaming import AnswerJob, TextStream
 
@@ -154,8 +154,17 @@ class ChatModel:
         if opts.kv_cache != "dynamic":
             raise OptionError(f"kv_cache={opts.kv_cache!r}: generate_batch decodes with the dynamic cache; answer "
                               f"with generate, one prompt at a time, to use it", key="kv_cache")
+        if opts.temperature == "auto" and opts.num_beams == 1:  # picked per conversation: a batch per temperature
+            picked = [auto_temperature(p.messages)[0] for p in prompts]
+            if len(set(picked)) > 1:
+                answers: dict[int, str] = {}
+                for temperature in sorted(set(picked)):
+                    rows = [i for i, t in enumerate(picked) if t == temperature]
+                    batch = self.generate_batch([prompts[i] for i in rows], **(options | {"temperature": temperature}))
+                    answers.update(zip(rows, batch, strict=True))
+                return [answers[i] for i in range(len(prompts))]
         room = self.context_length - max(p.input_tokens for p in prompts)
-        decoding = resolve_decoding(opts, prompts[0].messages, room)
+        decoding = resolve_decoding(opts, prompts[0].messages, room)  # every prompt's: one temperature, one room
         if opts.seed is not None:
             torch.manual_seed(opts.seed)
         inputs = self._inputs(prompts)
