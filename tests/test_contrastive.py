@@ -132,10 +132,15 @@ def test_per_sample_predictions_rank_each_caption_and_name_the_classes():
 def test_class_embeddings_average_templates():
     task = make_task(tiny_config(), None)
     task.model.eval()
-    names = ["red circle", "blue star"]
-    embeddings = class_embeddings(task.model, task.tokenizer, names, ["a {}.", "a photo of a {}."])
-    assert embeddings.shape == (2, task.config.model.clip.embed_dim)
-    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
+    names = [f"{color} {shape}" for color in ("red", "blue", "green", "pink") for shape in ("circle", "star", "square")]
+    templates = ["a {}.", "a photo of a {}.", "a drawing of a {}."]
+    embeddings = class_embeddings(task.model, task.tokenizer, names, templates)  # 12 classes: two passes of 10
+    with torch.no_grad():  # CLIP's recipe, class by class: the mean of the unit-norm prompt embeddings, renormed
+        expected = torch.stack([task.model.encode_text(task.tokenizer([t.format(n) for t in templates])).mean(0)
+                                for n in names])
+    assert torch.allclose(embeddings, torch.nn.functional.normalize(expected, dim=-1), atol=1e-6)
+    one_template = class_embeddings(task.model, task.tokenizer, names, templates[:1])
+    assert not torch.allclose(embeddings, one_template, atol=1e-3)  # the templates matter
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])

@@ -6,18 +6,18 @@ from __future__ import annotations
 import re
 
 import torch
+from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
 from vlm.models.clip import CLIPModel
 
+CLASSES_PER_FORWARD = 10  # prompts of this many classes per text-tower pass: 1,000 classes x 80 templates never at once
 
-@torch.no_grad()
+
 def class_embeddings(model: CLIPModel, tokenizer, classnames: list[str], templates: list[str],
                      device: torch.device | str = "cpu") -> torch.Tensor:
-    """One unit-norm embedding per class: the mean over the prompt templates, as CLIP does. -> (C, E)"""
-    texts = [template.format(name) for name in classnames for template in templates]
-    ids = tokenizer(texts).to(device)  # (C * T, L)
-    embeddings = model.encode_text(ids).reshape(len(classnames), len(templates), -1).mean(dim=1)  # (C, E)
-    return torch.nn.functional.normalize(embeddings, dim=-1)
+    """One unit-norm embedding per class: the mean of its unit-norm prompt embeddings over the templates, as CLIP
+    does (open_clip's zero-shot classifier, a few classes per pass). -> (C, E)"""
+    return build_zero_shot_classifier(model, tokenizer, classnames, templates, CLASSES_PER_FORWARD, device).T
 
 
 def contrastive_metrics(similarity: torch.Tensor, labels: torch.Tensor,
