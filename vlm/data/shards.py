@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 from webdataset.shardlists import expand_urls
 
 from vlm.errors import UserError
@@ -236,19 +236,9 @@ def collate_skipped(samples: list[dict]) -> int:
     return sum(s.pop("skipped", 0) for s in samples)
 
 
-class StreamDataset(IterableDataset):
-    """An IterableDataset over a webdataset pipeline, so DataLoader workers each iterate their own split."""
-
-    def __init__(self, pipeline: wds.DataPipeline):
-        super().__init__()
-        self.pipeline = pipeline
-
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self.pipeline)
-
-
 def make_loader(pipeline: wds.DataPipeline, batch_size: int, num_workers: int,
                 collate: Callable[[list[dict]], dict[str, Any]], drop_last: bool) -> DataLoader:
-    return DataLoader(StreamDataset(pipeline), batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+    # a webdataset pipeline is an IterableDataset: each DataLoader worker iterates its own split
+    return DataLoader(pipeline, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       drop_last=drop_last, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers > 0 else None)
