@@ -1,6 +1,8 @@
 """Checkpoints that survive crashes: each is written to a hidden temporary file in the same folder, fsynced, then
 renamed onto its final name. A process killed mid-write leaves a `.NAME.tmp-PID` file behind, never a truncated
-`.ckpt` (`resume.remove_partial_writes` clears those up)."""
+`.ckpt` (`resume.remove_partial_writes` clears those up). Lightning's own save is atomic too, but pickles the whole
+checkpoint into a memory buffer first and never fsyncs: for a large model that is the optimizer state in RAM twice,
+and a power cut can leave a renamed file whose bytes never reached the disk."""
 
 from __future__ import annotations
 

@@ -66,7 +66,9 @@ def _trainer(config: TrainConfig, run: Run, task: StageTask, checkpoints: Newest
                       log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
                       callbacks=[checkpoints, DataPosition(started), StartingExport(run.init_from), progress_callback(),
                                  EmptyPassGuard(), LearningRateMonitor(logging_interval="step")],
-                      plugins=[AtomicCheckpointIO()],  # a checkpoint is whole or absent, never truncated
+                      # whole or absent, fsynced, written straight to disk (Lightning's own save first builds
+                      # the whole checkpoint in a memory buffer: the optimizer state of a large model twice)
+                      plugins=[AtomicCheckpointIO()],
                       # BatchNorm (the conv stem) sees the global batch on several GPUs, as the contrastive loss does;
                       # torch's SyncBatchNorm runs on GPUs only, so CPU ranks keep their own statistics
                       sync_batchnorm=t.accelerator != "cpu" and torch.cuda.is_available(),
