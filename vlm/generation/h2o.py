@@ -272,7 +272,7 @@ def image_run_ends(image_tokens: torch.Tensor) -> list[int]:
 
 
 def score_block(heads: int, keys: int, device: torch.device) -> int:
-    """Prompt queries per block of `attention_column_sums`: as many as the device's float budget allows for `heads`
+    """Prompt queries per block of `attention_column_scores`: as many as the device's float budget allows for `heads`
     rows of `keys` scores each, within SCORE_BLOCK_ROWS."""
     budget = CPU_SCORE_FLOATS if device.type == "cpu" else ACCELERATOR_SCORE_FLOATS
     fewest, most = SCORE_BLOCK_ROWS
