@@ -153,6 +153,14 @@ def test_sampling_options_and_cancel(tiny_chat_model, images):
     next(stream)
     stream.close()
     assert stream.completion.stop_reason == "cancelled" and stream.completion.output_tokens < 200
+    # closed before a piece was asked for: no answer, and a session records the turn as cancelled
+    chat = tiny_chat_model.session(max_new_tokens=4)
+    unread = chat.stream("<image>\nWhat color is the shape?", images=[images["pil"]])
+    unread.close()
+    assert (unread.completion.text, unread.completion.output_tokens) == ("", 0)
+    assert unread.completion.stop_reason == "cancelled"
+    chat.send("And its shape?")
+    assert [turn.role for turn in chat.turns] == ["user", "assistant", "user", "assistant"]
 
 
 def test_a_conversation_the_chat_template_refuses_is_a_prompt_error_with_its_reason(tiny_sft_export):

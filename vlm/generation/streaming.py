@@ -52,6 +52,8 @@ class TextStream(Iterator[str]):
         """Stop the generation and wait for its thread; `completion` then holds what was generated."""
         self._job.cancel.set()
         self._pieces.close()  # type: ignore[attr-defined]
+        if self.completion is None:  # closed before its first piece was asked for: nothing ran, nothing was said
+            self._done(self._job.finish([], "", None))
 
     def __enter__(self) -> TextStream:
         return self
