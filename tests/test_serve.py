@@ -506,3 +506,13 @@ def test_a_taken_port_is_one_clear_error_before_the_server_says_it_serves(capsys
                                        f"to an address of this machine and port= to a free port\n")
     with listening_socket("127.0.0.1", port) as free:  # released: the same port binds
         assert free.getsockname()[1] == port
+
+
+@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.0.1.1", True), ("localhost", True),
+                                           ("::1", True), ("[::1]", True), ("app.localhost", True),
+                                           ("0.0.0.0", False), ("192.168.1.20", False), ("::", False),
+                                           ("example.com", False)])
+def test_hosts_that_reach_only_this_machine_are_told_apart(host, loopback):
+    from vlm.server.access import is_loopback
+
+    assert is_loopback(host) is loopback

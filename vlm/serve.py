@@ -28,6 +28,7 @@ from vlm.chat import ChatModel
 from vlm.cli import CONFIG_DIR, fail, preflight, setup_logging, user_errors
 from vlm.exports.format import not_a_folder
 from vlm.server import ServeSettings, create_app
+from vlm.server.access import is_loopback
 from vlm.server.web import page_url
 
 __all__ = ["ServeSettings", "create_app", "main", "serve"]
@@ -51,7 +52,7 @@ def serve(cfg: DictConfig) -> None:
             chat.options(temperature=settings.temperature)  # checks the default temperature now, not per request
         except RuntimeError as err:  # an unavailable device
             fail(str(err))
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+    if not is_loopback(settings.host) and not settings.api_key:
         log.warning("listening on %s without api_key: anyone who can reach port %d can use the model",
                     settings.host, settings.port)
     listener = listening_socket(settings.host, settings.port)
