@@ -13,6 +13,7 @@ from tiny import make_task, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
 
+from vlm.config import ConfigError
 from vlm.data.packing import best_width, group_by_length, pack_batch, pack_rows
 from vlm.data.processor import IGNORE_INDEX, Encoded, pad_batch
 from vlm.data.sources import DataSources
@@ -176,10 +177,9 @@ def test_length_grouping_beside_packing_says_it_saves_no_padding(tmp_path, caplo
     shard = tmp_path / "shard-000000.tar"
     tarfile.open(shard, "w").close()
     config = tiny_config("data.length_group_batches=2", f"data.packing={str(packing).lower()}", stage="sft")
-    data = ShardDataModule(DataSources(train=str(shard), val=None, classnames=None), make_task(config).batching(),
-                           config.data)
-    with caplog.at_level(logging.WARNING, logger="vlm"):
-        data.train_dataloader()
+    batching = make_task(config).batching()
+    with caplog.at_level(logging.WARNING, logger="vlm"):  # said when the data is set up, before any step
+        ShardDataModule(DataSources(train=str(shard), val=None, classnames=None), batching, config.data)
     warned = [r.getMessage() for r in caplog.records if "length_group_batches" in r.getMessage()]
     assert warned == (["data.length_group_batches=2 with data.packing=true: packed rows pad little already, so "
                        "grouping by length saves no padding here; it only changes which samples share a step (set "
@@ -212,3 +212,12 @@ def test_a_registered_packed_mask_builder_gets_each_tokens_sample_and_position(m
     row = batch["position_ids"][0]
     restarts = (row == 0).long().cumsum(0) - 1  # a new sample wherever the positions restart
     assert torch.equal(seen["sample_ids"][0], restarts)
+
+
+def test_length_grouping_for_a_stage_whose_samples_have_no_length_is_refused_at_start_up(tmp_path):
+    shard = tmp_path / "shard-000000.tar"
+    tarfile.open(shard, "w").close()
+    config = tiny_config("data.length_group_batches=2")  # contrastive: image + caption, one length
+    with pytest.raises(ConfigError, match=r"^data.length_group_batches applies to phase 2 stages \(align, sft\)"):
+        ShardDataModule(DataSources(train=str(shard), val=None, classnames=None), make_task(config).batching(),
+                        config.data)

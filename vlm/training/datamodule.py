@@ -24,13 +24,10 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_pattern = data.train
         self.train_urls = list_shards(data.train, "data.train") if data.train else []  # eval reads val only
         self.val_urls = list_shards(data.val, "data.val") if data.val else []
+        if self.train_urls:  # at start-up, before any rank builds a model
+            self._check_length_grouping()
 
-    def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        workers = reader_plan(len(self.train_urls), self.config.num_workers, world, self.train_pattern,
-                              self.config.resampled)
-        pipeline = build_pipeline(self.train_urls, self.batching.decode, train=True, resampled=self.config.resampled,
-                                  shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
+    def _check_length_grouping(self) -> None:
         # data.packing is read by the stages that pack (align, sft) and left alone by the others
         if self.batching.length is None and self.config.length_group_batches:
             raise ConfigError("data.length_group_batches applies to phase 2 stages (align, sft), whose samples differ "
@@ -40,6 +37,13 @@ class ShardDataModule(pl.LightningDataModule):
                         "grouping by length saves no padding here; it only changes which samples share a step "
                         "(set data.length_group_batches=0, or data.packing=false to pad instead)",
                         self.config.length_group_batches)
+
+    def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        workers = reader_plan(len(self.train_urls), self.config.num_workers, world, self.train_pattern,
+                              self.config.resampled)
+        pipeline = build_pipeline(self.train_urls, self.batching.decode, train=True, resampled=self.config.resampled,
+                                  shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
         if self.config.length_group_batches:
             pipeline.append(group_by_length(self.config.length_group_batches, self.batching.batch_size,
                                             self.batching.length, self.seed))
