@@ -503,3 +503,22 @@ def test_generate_batch_samples_each_prompt_at_its_own_auto_temperature(tiny_cha
     poems = tiny_chat_model.generate_batch([prompts[0], prompts[2]], temperature=0.8, max_new_tokens=6, seed=3)
     fixes = tiny_chat_model.generate_batch([prompts[1]], temperature=0.2, max_new_tokens=6, seed=3)
     assert answers == [poems[0], fixes[0], poems[1]]
+
+
+@pytest.mark.parametrize("mode,drops,advice", [
+    ("revise", {"dropped_unchanged": 5, "dropped_empty": 1}, "the critic left the answers as they were (the model "
+     "answers them right, or the critic agrees with it); use more prompts (max_train_prompts), mode=best_of_n, or a "
+     "stronger critic"),
+    ("best_of_n", {"dropped_tie": 4, "dropped_unscored": 2}, "the critic gave every answer of a prompt the same score; "
+     "raise num_samples or temperature")])
+def test_a_run_that_kept_no_pair_says_what_dropped_most_and_what_to_change(tmp_path, caplog, mode, drops, advice):
+    from vlm.constitution import say_what_next
+    from vlm.constitution.pairs import Counts
+
+    counts = Counts(prompts=6, **drops)
+    done = {"train": str(tmp_path / "train" / "shard-{000000..000000}.tar"), "val": None, "qa_val": None,
+            "train_pairs": 0, "checkpoint": str(tmp_path / "export")}
+    with caplog.at_level(logging.INFO, logger="vlm.constitution"):
+        say_what_next(done, {"train": vars(counts)}, tmp_path, mode)
+    assert f"no preference pair was kept from the 6 train prompts: {advice}" in caplog.text
+    assert "stage=dpo has nothing to learn from here" in caplog.text and "train on them with" not in caplog.text

@@ -41,22 +41,11 @@ log = logging.getLogger("vlm.constitution")
 def run(config: ConstitutionConfig) -> dict[str, Any]:
     """Write the pairs of every split; returns the summary (also OUT/summary.json)."""
     from vlm.chat import ChatModel
-    from vlm.training.runs import latest_export
 
     started = time.time()
     check_critic(config)
     constitution = load_constitution(config.constitution)
-    checkpoint = Path(config.checkpoint).expanduser() if config.checkpoint else latest_export(config.output_root,
-                                                                                              "sft")
-    if checkpoint is None:
-        raise ConfigError(f"checkpoint=null and no sft export under {config.output_root!r}: run `python -m vlm.train "
-                          f"stage=sft` first, or pass checkpoint=EXPORT_FOLDER")
-    # absolute: OUT/DONE and the export dpo writes record these paths, read from wherever stage=dpo and vlm.eval run
-    checkpoint = checkpoint.absolute()
-    out = Path(config.out or Path(config.output_root).expanduser() / "constitution" /
-               f"{checkpoint.resolve().parent.name}-{config.critic.kind}-{config.mode}").expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={str(out)!r} is a file; give a folder for the preference pairs")
+    checkpoint, out = policy_and_output(config)
     data = resolve(config.data, "conversations")
     chat_model = ChatModel.load(checkpoint, device=config.device)
     make = PairMaker(config, chat_model, build_critic(config, chat_model, constitution), constitution)
@@ -75,20 +64,44 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
                    critic_failed_requests=sum(split["critic_failed"] for split in summary.values()),
                    wall_seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    train_pairs = summary.get("train", {}).get("kept")
     done = {"train": patterns.get("train"), "val": patterns.get("val"),
-            "qa_val": absolute_pattern(data.val) if data.val else None, "train_pairs": train_pairs,
-            "checkpoint": str(checkpoint)}
+            "qa_val": absolute_pattern(data.val) if data.val else None,
+            "train_pairs": summary.get("train", {}).get("kept"), "checkpoint": str(checkpoint)}
     (out / PAIRS_DONE).write_text(json.dumps(done) + "\n")
+    say_what_next(done, summary, out, config.mode)
+    return summary
+
+
+def policy_and_output(config: ConstitutionConfig) -> tuple[Path, Path]:
+    """The export whose answers are judged (`checkpoint`, else the newest sft export) and the output folder (`out`,
+    else OUTPUT_ROOT/constitution/RUN-CRITIC-MODE), both absolute: OUT/DONE and the export dpo writes record these
+    paths, read from wherever stage=dpo and vlm.eval run."""
+    from vlm.training.runs import latest_export
+
+    checkpoint = Path(config.checkpoint).expanduser() if config.checkpoint else latest_export(config.output_root,
+                                                                                              "sft")
+    if checkpoint is None:
+        raise ConfigError(f"checkpoint=null and no sft export under {config.output_root!r}: run `python -m vlm.train "
+                          f"stage=sft` first, or pass checkpoint=EXPORT_FOLDER")
+    checkpoint = checkpoint.absolute()
+    out = Path(config.out or Path(config.output_root).expanduser() / "constitution" /
+               f"{checkpoint.resolve().parent.name}-{config.critic.kind}-{config.mode}").expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={str(out)!r} is a file; give a folder for the preference pairs")
+    return checkpoint, out
+
+
+def say_what_next(done: dict[str, Any], summary: dict[str, Any], out: Path, mode: str) -> None:
+    """The stage=dpo command for these pairs, or why none was kept and what to change."""
+    train_pairs = done["train_pairs"]
     if train_pairs == 0:
         log.warning("no preference pair was kept from the %d train prompts: %s", summary["train"]["prompts"],
-                    why_no_pairs(Counts(**summary["train"]), config.mode))
+                    why_no_pairs(Counts(**summary["train"]), mode))
     elif train_pairs is not None:
         sources = pair_sources(done)  # what stage=dpo would find by itself as the newest output under output_root
         held_out = f" data.val='{sources.val}'" if sources.val else ""
         log.info("pairs in %s; train on them with: python -m vlm.train stage=dpo init_from=%s data.train='%s'%s",
-                 out, checkpoint, sources.train, held_out)
-    return summary
+                 out, done["checkpoint"], sources.train, held_out)
 
 
 def why_no_pairs(counts: Counts, mode: str) -> str:
