@@ -85,19 +85,7 @@ class Processor:
                add_generation_prompt: bool = False, train: bool = True, last_reply_only: bool = False) -> Encoded:
         """Encode a conversation; raises SampleError (naming `name`) for anything that would train wrongly.
         Labels keep every assistant reply, or with `last_reply_only` the last one (a preference pair's answer)."""
-        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-        if placeholders != len(images):
-            raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
-                              f"{len(images)} image{'s' * (len(images) != 1)}")
-        for i, message in enumerate(messages):
-            if self.control_token and (found := self.control_token.search(message["content"])):
-                raise SampleError(f"{name}: message {i} ({message['role']}) holds {found.group()!r}, a control token "
-                                  f"of the chat template; text may not spell one, since it would start or end a turn")
-        if train:
-            if not any(m["role"] == "assistant" for m in messages):
-                raise SampleError(f"{name}: no assistant turn to learn from or to score")
-            if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-                raise SampleError(f"{name}: empty assistant turn")
+        self._check(messages, images, name, train)
         tiled = [self._tile(image, name, i) for i, image in enumerate(images)]
         text = self.render(messages, add_generation_prompt=add_generation_prompt, name=name)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
@@ -107,25 +95,7 @@ class Processor:
             spans = self.assistant_spans(messages)[-1:] if last_reply_only else self.assistant_spans(messages)
             keep = [any(s <= start < e for s, e in spans) and end > start
                     for start, end in encoding["offset_mapping"]]
-        # expand each <image> id into its image's token run
-        out_ids: list[int] = []
-        out_labels: list[int] = []
-        image_index = 0
-        image_ends: list[int] = []
-        for token, learn in zip(ids, keep, strict=True):
-            if token == self.image_token_id:
-                if image_index >= len(tiled):
-                    raise SampleError(f"{name}: the text has more {IMAGE_TOKEN} tokens than images")
-                count = tiled[image_index].num_tokens
-                out_ids += [token] * count
-                out_labels += [IGNORE_INDEX] * count
-                image_index += 1
-                image_ends.append(len(out_ids))
-            else:
-                out_ids.append(token)
-                out_labels.append(token if learn else IGNORE_INDEX)
-        if image_index != len(tiled):
-            raise SampleError(f"{name}: {len(tiled)} images but the rendered text holds {image_index} {IMAGE_TOKEN}")
+        out_ids, out_labels, image_ends = self._expand_images(ids, keep, tiled, name)
         if len(out_ids) > self.max_length:
             if not train:  # a prompt cut short would lose the question and the generation prompt
                 raise PromptTooLong(f"{name}: the prompt is {len(out_ids)} tokens, more than the model's context of "
@@ -140,6 +110,46 @@ class Processor:
                                                                                         self.tiler.tile_size)
         return Encoded(torch.tensor(out_ids), torch.tensor(out_labels) if train else None, pixels,
                        [t.num_tokens for t in tiled])
+
+    def _check(self, messages: list[dict[str, str]], images: list[ImageSource], name: str, train: bool) -> None:
+        """What makes a conversation unusable before it is rendered: placeholders and images that disagree, text that
+        spells a control token, and for training no (or an empty) assistant turn."""
+        placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+        if placeholders != len(images):
+            raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
+                              f"{len(images)} image{'s' * (len(images) != 1)}")
+        for i, message in enumerate(messages):
+            if self.control_token and (found := self.control_token.search(message["content"])):
+                raise SampleError(f"{name}: message {i} ({message['role']}) holds {found.group()!r}, a control token "
+                                  f"of the chat template; text may not spell one, since it would start or end a turn")
+        if train:
+            if not any(m["role"] == "assistant" for m in messages):
+                raise SampleError(f"{name}: no assistant turn to learn from or to score")
+            if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
+                raise SampleError(f"{name}: empty assistant turn")
+
+    def _expand_images(self, ids: list[int], keep: list[bool], tiled: list[TiledImage],
+                       name: str) -> tuple[list[int], list[int], list[int]]:
+        """Each <image> id becomes its image's run of image tokens (never learned): -> (ids, labels, the end of
+        each image's run)."""
+        out_ids: list[int] = []
+        out_labels: list[int] = []
+        image_ends: list[int] = []
+        for token, learn in zip(ids, keep, strict=True):
+            if token == self.image_token_id:
+                if len(image_ends) >= len(tiled):
+                    raise SampleError(f"{name}: the text has more {IMAGE_TOKEN} tokens than images")
+                count = tiled[len(image_ends)].num_tokens
+                out_ids += [token] * count
+                out_labels += [IGNORE_INDEX] * count
+                image_ends.append(len(out_ids))
+            else:
+                out_ids.append(token)
+                out_labels.append(token if learn else IGNORE_INDEX)
+        if len(image_ends) != len(tiled):
+            raise SampleError(f"{name}: {len(tiled)} images but the rendered text holds {len(image_ends)} "
+                              f"{IMAGE_TOKEN}")
+        return out_ids, out_labels, image_ends
 
     def _tile(self, image: ImageSource, name: str, index: int) -> TiledImage:
         try:
