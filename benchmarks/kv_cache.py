@@ -319,6 +319,7 @@ def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top:
     axes.set_xscale("log")
     ticks = sorted(results["window"])
     axes.set_xticks([100 * b for b in ticks], [f"{b:.0%}" for b in ticks])
+    axes.set_xticks([], minor=True)  # a log axis labels its minor ticks ("3 x 10^1") when few major ones show
     axes.set_xlabel(f"KV cache budget, share of the prompt ({sinks} sinks {'on top' if on_top else 'included'})")
     axes.set_ylabel("held-out exact match")
     reading = f"{prompt_block} token(s) a pass, evicting after each"
