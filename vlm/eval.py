@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -31,12 +30,10 @@ from vlm.data.shards import ShardError, list_shards
 from vlm.data.sources import resolve_eval
 from vlm.exports.format import ExportError, not_a_folder, read_meta
 from vlm.metrics import SCORES
-from vlm.training.callbacks import progress_callback
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.runs import removed_if_left_empty
 from vlm.training.stages import STAGES, get_stage
-from vlm.training.strategy import configure_precision
-from vlm.training.trainer import check_scored, validate
+from vlm.training.trainer import build_eval_trainer, check_scored, validate
 
 log = logging.getLogger("vlm.eval")
 WORST_SHOWN = 5
@@ -59,11 +56,7 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     with quiet("vlm.training.freezing"):  # its "train / frozen" table speaks of training, which this is not
         task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
     datamodule = ShardDataModule(data, task.batching(), config.data)
-    trainer = pl.Trainer(accelerator=config.trainer.accelerator, devices=1,
-                         precision=configure_precision(config.trainer), logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, callbacks=[progress_callback()],
-                         limit_val_batches=task.val_batch_limit())  # eval.max_samples: score only the first ones
-    metrics: dict[str, Any] = validate(trainer, task, datamodule)
+    metrics: dict[str, Any] = validate(build_eval_trainer(config, task), task, datamodule)
     check_scored(task, metrics, data.val)
     metrics.update(checkpoint=str(Path(config.checkpoint).resolve()), data=data.val)
     return metrics, task.predictions

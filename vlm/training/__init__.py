@@ -1,5 +1,6 @@
-"""Lightning glue: one LightningModule per phase, the shard DataModule and callbacks. The only place that imports
-Lightning."""
+"""Lightning glue: one LightningModule per phase, the shard DataModule, the callbacks and the Trainers that run them
+(`trainer.py`: `vlm.train`'s and `vlm.eval`'s). Importing it quiets what Lightning prints that a vlm user cannot act
+on."""
 
 import logging
 import os

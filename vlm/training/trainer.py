@@ -25,7 +25,7 @@ from vlm.training.health import EmptyPassGuard
 from vlm.training.loggers import build_logger
 from vlm.training.resume import NewestCheckpoints, StartingExport, checkpoint_step
 from vlm.training.runs import Run
-from vlm.training.strategy import build_strategy
+from vlm.training.strategy import build_strategy, configure_precision
 from vlm.training.task import StageTask
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,15 @@ def _trainer(config: TrainConfig, run: Run, task: StageTask, checkpoints: Newest
                       sync_batchnorm=t.accelerator != "cpu" and torch.cuda.is_available(),
                       logger=build_logger(t.logger, run.dir, resume_step), default_root_dir=run.dir,
                       num_sanity_val_steps=0, enable_model_summary=False, use_distributed_sampler=False,
+                      limit_val_batches=task.val_batch_limit())
+
+
+def build_eval_trainer(config: TrainConfig, task: StageTask) -> pl.Trainer:
+    """The Trainer `vlm.eval` validates an export with: one device, the run's precision, no logger or checkpoints,
+    reading the first eval.max_samples held-out samples (all when null)."""
+    return pl.Trainer(accelerator=config.trainer.accelerator, devices=1,
+                      precision=configure_precision(config.trainer), logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, callbacks=[progress_callback()],
                       limit_val_batches=task.val_batch_limit())
 
 
