@@ -253,3 +253,25 @@ def test_stop_sequences_typed_in_a_shell_read_their_escapes():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):  # as bash passes them on
         composed = compose("infer", overrides=[r'generation.stop=["\n\n",a\tb,"c:\\n"]'])
     assert infer_config(composed).generation.stop == ("\n\n", "a\tb", "c:\\n")
+
+
+def test_infer_and_serve_name_a_missing_or_damaged_export_in_one_line(tiny_sft_export, tmp_path, capsys):
+    import shutil
+
+    from vlm.cli import load_chat_model, require_chat_export
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    damaged = Path(shutil.copytree(tiny_sft_export, tmp_path / "damaged"))
+    (damaged / "model.safetensors").write_bytes(b"\0" * 64)
+    for check, expected in ((lambda: require_chat_export(None), "error: checkpoint=PATH is required: an align or "
+                             "sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export"),
+                            (lambda: require_chat_export(str(notes)), f"error: {not_a_folder(str(notes))}"),
+                            (lambda: load_chat_model(str(damaged), "cpu", None),
+                             f"error: {str(damaged / 'model.safetensors')!r} cannot be read")):
+        with pytest.raises(SystemExit) as stop:
+            check()
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    require_chat_export(str(tiny_sft_export))  # an export folder passes
+    assert load_chat_model(str(tiny_sft_export), "cpu", None, name="mine").name == "mine"

@@ -14,13 +14,16 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from vlm.config import invalid_choice_message, unknown_key_message
 from vlm.errors import UserError
+
+if TYPE_CHECKING:
+    from vlm.chat import ChatModel
 
 _PACKAGE = Path(__file__).resolve().parent
 # inside an installed wheel: vlm/configs; in a checkout (editable installs too): configs/ beside the package
@@ -70,6 +73,28 @@ def user_errors() -> Iterator[None]:
         yield
     except (UserError, FileNotFoundError) as err:
         fail(original_message(str(err)))
+
+
+def require_chat_export(checkpoint: str | None) -> None:
+    """vlm.infer's and vlm.serve's first check: checkpoint= names an export folder (exits with the reason if not)."""
+    from vlm.exports.format import not_a_folder
+
+    if not checkpoint:
+        fail("checkpoint=PATH is required: an align or sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
+    if problem := not_a_folder(checkpoint):
+        fail(problem)
+
+
+def load_chat_model(checkpoint: str, device: str | None, dtype: str | None, name: str | None = None) -> ChatModel:
+    """The export as a ChatModel for vlm.infer and vlm.serve; a damaged export or an unavailable device exits with
+    one line."""
+    from vlm.chat import ChatModel
+
+    with user_errors():
+        try:
+            return ChatModel.load(checkpoint, device=device, dtype=dtype, name=name)
+        except RuntimeError as err:  # an unavailable device
+            fail(str(err))
 
 
 def original_message(message: str) -> str:

@@ -22,12 +22,21 @@ import hydra
 from omegaconf import DictConfig
 from PIL import Image
 
-from vlm.chat import ChatModel, ChatSession, PromptError, with_placeholders
-from vlm.cli import CONFIG_DIR, TEXT_KEYS, fail, preflight, quote_values, setup_logging, user_errors
+from vlm.chat import ChatSession, PromptError, with_placeholders
+from vlm.cli import (
+    CONFIG_DIR,
+    TEXT_KEYS,
+    fail,
+    load_chat_model,
+    preflight,
+    quote_values,
+    require_chat_export,
+    setup_logging,
+    user_errors,
+)
 from vlm.config import load_config, setting
 from vlm.data.tiler import ImageLoadError, pil_bomb_limit
 from vlm.errors import UserError
-from vlm.exports.format import not_a_folder
 from vlm.generation.options import GenerationOptions
 
 log = logging.getLogger("vlm.infer")
@@ -186,10 +195,7 @@ def infer(cfg: DictConfig) -> None:
     with user_errors():
         config = infer_config(cfg)
     setup_logging(config.log_level)
-    if not config.checkpoint:
-        fail("checkpoint=PATH is required: an align or sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
-    if problem := not_a_folder(config.checkpoint):
-        fail(problem)
+    require_chat_export(config.checkpoint)
     if config.prompt is not None and not config.prompt.strip():
         fail("prompt is empty: give a question, or leave prompt out to chat in the REPL")
     images = image_list(config.image)
@@ -198,11 +204,8 @@ def infer(cfg: DictConfig) -> None:
     if config.prompt is not None:
         with user_errors():  # before the model loads
             with_placeholders(config.prompt, len(images))
+    model = load_chat_model(config.checkpoint, config.device, config.dtype)
     with user_errors():
-        try:
-            model = ChatModel.load(config.checkpoint, device=config.device, dtype=config.dtype)
-        except RuntimeError as err:  # an unavailable device
-            fail(str(err))
         session = model.session(system=config.system, **config.generation.as_dict())
     if config.prompt is None:
         repl(session, f"vlm chat with {model.name} on {model.device}. /help lists the commands.")

@@ -24,9 +24,7 @@ import hydra
 import uvicorn
 from omegaconf import DictConfig
 
-from vlm.chat import ChatModel
-from vlm.cli import CONFIG_DIR, fail, preflight, setup_logging, user_errors
-from vlm.exports.format import not_a_folder
+from vlm.cli import CONFIG_DIR, fail, load_chat_model, preflight, require_chat_export, setup_logging, user_errors
 from vlm.server import ServeSettings, create_app
 from vlm.server.access import is_loopback
 from vlm.server.web import page_url
@@ -41,17 +39,10 @@ def serve(cfg: DictConfig) -> None:
     with user_errors():
         settings = ServeSettings.from_dict(cfg)
     setup_logging(settings.log_level)
-    if not settings.checkpoint:
-        fail("checkpoint=PATH is required: an align or sft export folder")
-    if problem := not_a_folder(settings.checkpoint):
-        fail(problem)
+    require_chat_export(settings.checkpoint)
+    chat = load_chat_model(settings.checkpoint, settings.device, settings.dtype, settings.model_name)
     with user_errors():
-        try:
-            chat = ChatModel.load(settings.checkpoint, device=settings.device, dtype=settings.dtype,
-                                  name=settings.model_name)
-            chat.options(temperature=settings.temperature)  # checks the default temperature now, not per request
-        except RuntimeError as err:  # an unavailable device
-            fail(str(err))
+        chat.options(temperature=settings.temperature)  # checks the default temperature now, not per request
     if not is_loopback(settings.host) and not settings.api_key:
         log.warning("listening on %s without api_key: anyone who can reach port %d can use the model",
                     settings.host, settings.port)
