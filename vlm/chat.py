@@ -30,7 +30,14 @@ from vlm.data.processor import ImageSource, Processor, PromptTooLong, SampleErro
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import load_vlm
-from vlm.generation.completion import Completion, ContextOverflow, Message, Prompt, PromptError
+from vlm.generation.completion import (
+    Completion,
+    ContextOverflow,
+    Message,
+    Prompt,
+    PromptError,
+    check_conversation,
+)
 from vlm.generation.device import pick_device, pick_dtype
 from vlm.generation.h2o import H2OBudget, H2OCache, refuse_pattern
 from vlm.generation.kv_cache import cache_kwargs
@@ -102,18 +109,7 @@ class ChatModel:
         """Encode a conversation for generation. Raises PromptError (ContextOverflow when it is too long), or
         ImageLoadError for an unreadable image."""
         messages = [dict(m) for m in messages]
-        if not messages:
-            raise PromptError("the conversation is empty; send at least one user message")
-        for i, m in enumerate(messages):
-            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-                raise PromptError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}, "
-                                  f"got {m!r:.120}")
-            if m["role"] == "user" and not m["content"].strip():
-                raise PromptError(f"message {i} (user) is empty; ask something, or attach an image")
-        turns = [m["role"] for m in messages if m["role"] != "system"]
-        if not turns or turns[0] != "user" or turns[-1] != "user":
-            raise PromptError(f"the conversation must start and end with a user message (after any system ones), "
-                              f"got {turns or 'system messages only'}; the answer is the next assistant message")
+        check_conversation(messages)
         if (text_chars := sum(len(m["content"]) for m in messages)) > self.max_text_chars:
             raise ContextOverflow(f"the conversation's text is {text_chars:,} characters, more than the model's "
                                   f"context of {self.context_length} tokens can hold; shorten it or start a new chat")

@@ -18,6 +18,23 @@ class ContextOverflow(PromptError):
     """A conversation longer than the model's context; a chat session answers it by forgetting old turns."""
 
 
+def check_conversation(messages: list[Message]) -> None:
+    """A conversation a chat model can answer: messages {'role': 'system'|'user'|'assistant', 'content': str}, no
+    empty user message, user turns first and last (after any system ones). Raises PromptError naming the message."""
+    if not messages:
+        raise PromptError("the conversation is empty; send at least one user message")
+    for i, m in enumerate(messages):
+        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise PromptError(f"message {i} must be {{'role': 'system'|'user'|'assistant', 'content': str}}, "
+                              f"got {m!r:.120}")
+        if m["role"] == "user" and not m["content"].strip():
+            raise PromptError(f"message {i} (user) is empty; ask something, or attach an image")
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if not turns or turns[0] != "user" or turns[-1] != "user":
+        raise PromptError(f"the conversation must start and end with a user message (after any system ones), "
+                          f"got {turns or 'system messages only'}; the answer is the next assistant message")
+
+
 @dataclass
 class Prompt:
     """A conversation encoded by the processor, ready for `ChatModel.generate` / `stream`."""
