@@ -29,7 +29,8 @@ def read_prompts(pattern: str, key: str) -> Iterator[Item]:
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
         try:
             record = json.loads(sample["json"])
-            messages = from_llava(record["conversations"], name).messages
+            conversation = from_llava(record["conversations"], name, record_group=record.get("type"))
+            messages = conversation.messages
         except (KeyError, ValueError, TypeError, UserError) as err:
             log.warning("skipping %s: not a conversation sample (%s)", name, err)
             continue
@@ -38,8 +39,8 @@ def read_prompts(pattern: str, key: str) -> Iterator[Item]:
             log.warning("skipping %s: no user turn", name)
             continue
         reply = messages[last_user + 1]["content"] if last_user + 1 < len(messages) else None
-        turns = record["conversations"]
-        group = (turns[last_user + 1].get("type") if reply is not None else None) or record.get("type")
+        # the answer's own group (its turn's "type", else the record's); without an answer, the record's
+        group = conversation.groups[last_user + 1] if reply is not None else record.get("type")
         fields = image_fields(sample)
         yield Item(name, messages[: last_user + 1], [sample[f] for f in fields], reply, fields,
                    None if group is None else str(group))
