@@ -76,55 +76,13 @@ def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
     stage_dir = Path(config.output_root).expanduser() / config.stage.name
     launch_name = _launch_name(named=bool(config.run_name))
     default_name = launch_name or time.strftime("%Y%m%d-%H%M%S")
-    resume_from = None
     if config.resume == "auto":
-        if config.run_name:
-            run_dir = stage_dir / config.run_name
-        else:
-            runs = _runs(stage_dir, "checkpoints")
-            run_dir = runs[-1] if runs else stage_dir / default_name
-        if run_dir.exists():
-            remove_partial_writes(run_dir)
-            resume_from = find_resume_checkpoint(run_dir)
-        finished = is_complete(run_dir / "export")
-        # at stage.max_steps there is nothing left to train (past it, build_trainer refuses)
-        if resume_from and finished and checkpoint_step(resume_from) == config.stage.max_steps:
-            raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run: its export is complete and its "
-                              f"newest checkpoint is at step {checkpoint_step(resume_from)}, stage.max_steps="
-                              f"{config.stage.max_steps}; raise stage.max_steps to train it further, or choose another "
-                              f"run_name")
-        if resume_from:
-            log.info("resume=auto: continuing %s from %s", run_dir, resume_from.name)
-        elif finished:  # finished before its first checkpoint: starting over would erase it
-            raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run (its export is complete) with no "
-                              f"checkpoint to continue from; choose another run_name, or delete the folder to train "
-                              f"it again")
-        elif (run_dir / "checkpoints").is_dir():
-            log.warning("resume=auto: no loadable checkpoint in %s, so this run starts again from step 0", run_dir)
-        else:
-            log.info("resume=auto: no checkpoint yet, starting %s", run_dir)
+        run_dir, resume_from = _auto_resume(config, stage_dir, default_name)
     elif config.resume:
-        resume_from = Path(config.resume).expanduser()
-        if not resume_from.is_file():
-            raise ConfigError(f"resume={config.resume!r}: no such checkpoint file")
-        if problem := checkpoint_problem(resume_from):
-            raise ConfigError(f"resume={config.resume!r} cannot be loaded ({problem}); name an earlier checkpoint of "
-                              f"its run, or pass resume=auto to take the newest one that loads")
-        written_by = recorded_stage(resume_from)
-        if written_by in STAGES and written_by != config.stage.name:  # before any folder or log is touched
-            raise ConfigError(f"resume={config.resume!r} is a checkpoint of the {written_by} stage, and this run is "
-                              f"stage={config.stage.name}; pass stage={written_by} to continue it")
-        run_dir = resume_from.parent.parent
-        if newer := set_aside_newer(resume_from):
-            log.warning("resume=%s: %d later checkpoints of the run (%s) are set aside as *.superseded, so that "
-                        "resume=auto continues from this branch", config.resume, len(newer),
-                        ", ".join(p.name for p in newer))
+        run_dir, resume_from = _resume_from_file(config)
     else:
-        run_dir = stage_dir / (config.run_name or default_name)
-        if run_dir.exists() and any(path.is_file() for path in run_dir.rglob("*")):  # a failed start leaves no file
-            if config.run_name or launch_name:  # every rank must agree on the folder, so no fresh suffix
-                raise ConfigError(f"run folder {str(run_dir)!r} already holds {held_run(run_dir)}")
-            run_dir = run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
+        run_dir, resume_from = _new_run_folder(stage_dir / (config.run_name or default_name),
+                                               bool(config.run_name or launch_name)), None
     start = _start(config, resume_from, pairs_made_by)  # checked before the run folder is made
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +93,68 @@ def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
     os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""),
                        INIT_ENV: str(run.init_from or ""), PARENT_ENV: str(os.getpid())})
     return run
+
+
+def _auto_resume(config: TrainConfig, stage_dir: Path, default_name: str) -> tuple[Path, Path | None]:
+    """resume=auto: the named run's folder, else the newest run with checkpoints, and its newest loadable checkpoint
+    (None: the run starts from step 0). A finished run is refused rather than trained again."""
+    if config.run_name:
+        run_dir = stage_dir / config.run_name
+    else:
+        runs = _runs(stage_dir, "checkpoints")
+        run_dir = runs[-1] if runs else stage_dir / default_name
+    resume_from = None
+    if run_dir.exists():
+        remove_partial_writes(run_dir)
+        resume_from = find_resume_checkpoint(run_dir)
+    finished = is_complete(run_dir / "export")
+    # at stage.max_steps there is nothing left to train (past it, build_trainer refuses)
+    if resume_from and finished and checkpoint_step(resume_from) == config.stage.max_steps:
+        raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run: its export is complete and its "
+                          f"newest checkpoint is at step {checkpoint_step(resume_from)}, stage.max_steps="
+                          f"{config.stage.max_steps}; raise stage.max_steps to train it further, or choose another "
+                          f"run_name")
+    if resume_from:
+        log.info("resume=auto: continuing %s from %s", run_dir, resume_from.name)
+    elif finished:  # finished before its first checkpoint: starting over would erase it
+        raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run (its export is complete) with no "
+                          f"checkpoint to continue from; choose another run_name, or delete the folder to train "
+                          f"it again")
+    elif (run_dir / "checkpoints").is_dir():
+        log.warning("resume=auto: no loadable checkpoint in %s, so this run starts again from step 0", run_dir)
+    else:
+        log.info("resume=auto: no checkpoint yet, starting %s", run_dir)
+    return run_dir, resume_from
+
+
+def _resume_from_file(config: TrainConfig) -> tuple[Path, Path]:
+    """resume=PATH: the checkpoint, checked to load and to be this stage's, and its run's folder; later checkpoints
+    of the run are set aside so that resume=auto continues this branch."""
+    resume_from = Path(config.resume).expanduser()
+    if not resume_from.is_file():
+        raise ConfigError(f"resume={config.resume!r}: no such checkpoint file")
+    if problem := checkpoint_problem(resume_from):
+        raise ConfigError(f"resume={config.resume!r} cannot be loaded ({problem}); name an earlier checkpoint of "
+                          f"its run, or pass resume=auto to take the newest one that loads")
+    written_by = recorded_stage(resume_from)
+    if written_by in STAGES and written_by != config.stage.name:  # before any folder or log is touched
+        raise ConfigError(f"resume={config.resume!r} is a checkpoint of the {written_by} stage, and this run is "
+                          f"stage={config.stage.name}; pass stage={written_by} to continue it")
+    if newer := set_aside_newer(resume_from):
+        log.warning("resume=%s: %d later checkpoints of the run (%s) are set aside as *.superseded, so that "
+                    "resume=auto continues from this branch", config.resume, len(newer),
+                    ", ".join(p.name for p in newer))
+    return resume_from.parent.parent, resume_from
+
+
+def _new_run_folder(run_dir: Path, named: bool) -> Path:
+    """A new run's folder: `run_dir` unless another run's files are there; then, for a `named` run (run_name, or a
+    launcher's job name every rank must agree on) an error, else the name with a fresh suffix."""
+    if run_dir.exists() and any(path.is_file() for path in run_dir.rglob("*")):  # a failed start leaves no file
+        if named:
+            raise ConfigError(f"run folder {str(run_dir)!r} already holds {held_run(run_dir)}")
+        run_dir = run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
+    return run_dir
 
 
 def held_run(run_dir: Path) -> str:
