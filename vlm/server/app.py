@@ -49,6 +49,8 @@ class Server:
         self.model_name = settings.model_name or chat.name
         self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="vlm-generate")
         self.slots = Admission(settings.max_concurrency + settings.max_queue)
+        # token counts decode and tile a request's images too: as many at once as requests may be admitted
+        self.counting = Admission(settings.max_concurrency + settings.max_queue)
         self.parser = Parser(settings, settings.max_tokens_limit or chat.context_length,
                              chat.processor.control_token)
 
@@ -226,10 +228,13 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
         check_key(request, settings.api_key)
         body = require_dict(await read_json(request, settings.max_body_bytes))
         chat, _ = parse_anthropic({**body, "max_tokens": 1}, server.parser)  # counting asks for no answer
+        ticket = server.counting.admit(ANTHROPIC)
         try:
             prompt = await asyncio.to_thread(server.chat.prepare, chat.messages, chat.images)
         except (PromptError, ImageLoadError) as err:
             raise chat.error(err) from None
+        finally:
+            server.counting.finish(ticket)
         return {"input_tokens": prompt.input_tokens}
 
     @app.post("/v1/messages")
