@@ -48,8 +48,9 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     """Validate the export `config.checkpoint` with its stage's task: (metrics, the answers it scored)."""
     require_checkpoint(config)
     stage = get_stage(config.stage.name)
-    made_by = read_meta(config.checkpoint).stage
-    if (made_by == "contrastive") != (stage.name == "contrastive"):  # phase 1 and phase 2 models score differently
+    meta = read_meta(config.checkpoint)
+    made_by = meta.stage
+    if (meta.llm_config is None) != stage.task.EMBEDS:  # phase 1 and phase 2 models score differently
         raise ConfigError(f"checkpoint={config.checkpoint!r} holds a {made_by!r} model, which stage={stage.name} "
                           f"cannot evaluate; pass stage={made_by}")
     data = resolve_eval(config.data, stage.data, config.output_root)
@@ -164,10 +165,10 @@ def main_hydra(cfg: DictConfig) -> dict[str, Any]:
             metrics, predictions = evaluate(config)
     write_results(metrics, predictions, out)
     print(json.dumps(metrics, indent=2))
-    contrastive = config.stage.name == "contrastive"
+    embeds = get_stage(config.stage.name).task.EMBEDS
     if predictions:
-        (show_confusions if contrastive else show_worst)(predictions)
-        print(f"metrics and every {'prediction' if contrastive else 'answer'}: {out}", file=sys.stderr)
+        (show_confusions if embeds else show_worst)(predictions)
+        print(f"metrics and every {'prediction' if embeds else 'answer'}: {out}", file=sys.stderr)
     else:
         print(f"metrics: {out / 'metrics.json'}", file=sys.stderr)
     return metrics

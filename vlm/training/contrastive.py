@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 
 class ContrastiveTask(StageTask):
+    EMBEDS = True
+
     def __init__(self, config: TrainConfig, stage: Stage, model: CLIPModel, tokenizer: SimpleTokenizer,
                  classnames: list[str] | None):
         super().__init__(config, stage, model)

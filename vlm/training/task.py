@@ -46,6 +46,9 @@ class StageTask(pl.LightningModule):
     SCORED_WITH: tuple[str, ...] = ()
     # whether a run may start from fresh weights when init_from=auto finds no export of the stage before
     STARTS_FRESH = True
+    # whether the stage trains an image-text embedding model (phase 1: zero-shot and retrieval scores, an export
+    # without an LLM) rather than a chat model (phase 2: answers)
+    EMBEDS = False
 
     def __init__(self, config: TrainConfig, stage: Stage, model: nn.Module):
         super().__init__()
