@@ -63,7 +63,8 @@ def test_every_tiler_tier_builds_a_tiler(tier):
     config = tiny_config(f"tiler={tier}", stage="sft")
     bundle = new_vlm(config.model, config.tiler)
     tiler = make_tiler(config.tiler, bundle.model.vision, bundle.model.tokens_per_tile)
-    assert (tiler.config.max_long_side, tiler.config.max_short_side) == (6144, 4096)
+    assert tiler.config.max_tiles == {"low": 1, "mid": 4, "high": 12}[tier]
+    assert (tiler.tile_size, tiler.tokens_per_tile) == (config.model.vision.image_size, bundle.model.tokens_per_tile)
 
 
 @pytest.mark.parametrize("preset", ["base", "large"])

@@ -369,3 +369,10 @@ def test_a_chat_session_keeps_its_h2o_budget_across_turns(tiny_chat_model):
     first, second = chat.send("What color is the shape?"), chat.send("And its shape?")
     assert (first.output_tokens, second.output_tokens) == (4, 4) and len(chat.messages) == 4
     assert chat.options.kv_cache == "h2o" and chat.options.h2o == H2OSettings(heavy=2, recent=3, sinks=4)
+    # the second turn was answered with that budget: as generate answers the same conversation with it, and not as
+    # the dynamic cache does (the 5-token budget binds on this longer prompt)
+    asked = chat.messages[:3]
+    with_budget = tiny_chat_model.generate(asked, temperature=0, max_new_tokens=4, kv_cache="h2o",
+                                           h2o={"heavy": 2, "recent": 3})
+    dynamic = tiny_chat_model.generate(asked, temperature=0, max_new_tokens=4)
+    assert second.token_ids == with_budget.token_ids != dynamic.token_ids

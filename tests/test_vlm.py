@@ -130,7 +130,9 @@ def test_the_slot_mark_keeps_its_share_of_growing_features(bundle):
 
 def test_merge_count_mismatch_raises(bundle):
     encoded = _inputs(bundle)
-    with pytest.raises(ValueError, match="image-token positions"):
+    tokens = bundle.model.tokens_per_tile  # two images' placeholders, one image's tile
+    with pytest.raises(ValueError, match=rf"^the batch has {2 * tokens} image-token positions but its images give "
+                                         rf"{tokens} image features \({tokens} per tile\)"):
         bundle.model.embed(encoded.input_ids[None], encoded.pixel_values[:1])
 
 
