@@ -33,7 +33,7 @@ from vlm.constitution.critics import (
 from vlm.constitution.pairs import Counts, PairMaker, read_prompts
 from vlm.constitution.settings import ConstitutionConfig, load_constitution
 from vlm.data.preferences import PreferenceDecoder
-from vlm.data.shards import build_pipeline
+from vlm.data.shards import build_pipeline, list_shards
 from vlm.errors import UserError
 from vlm.exports.vlm import load_vlm
 from vlm.generation.options import OptionError
@@ -247,11 +247,15 @@ def test_pairs_train_stage_dpo(tiny_sft_export, small_synthetic, tmp_path):
     data = resolve(config.data, "preferences", config.output_root)
     stage = get_stage("dpo")
     task = stage.task.create(config, stage, tiny_sft_export, data)
-    samples = list(build_pipeline([str(p) for p in sorted((tmp_path / "constitution" / "run" / "train").glob("*.tar"))],
-                                  task.batching().decode, train=False, split_by_node=False))
+    written = sorted(str(p) for p in (tmp_path / "constitution" / "run" / "train").glob("*.tar"))
+    assert list_shards(data.train) == written  # the pairs stage=dpo finds by itself
+    samples = list(build_pipeline(list_shards(data.train), task.batching().decode, train=False, split_by_node=False))
     batch = task.collate(samples)
     assert batch["pairs"] is not None and task.pair_loss(batch["pairs"]).loss.isfinite()
-    assert "::" in data.val  # held-out pairs and the held-out conversations they came from
+    # held-out pairs and the held-out conversations they came from
+    pairs_val, conversations_val = data.val.split("::")
+    assert list_shards(pairs_val) == sorted(str(p) for p in (tmp_path / "constitution" / "run" / "val").glob("*.tar"))
+    assert conversations_val == json.loads((tmp_path / "constitution" / "run" / "DONE").read_text())["qa_val"]
 
 
 @pytest.fixture(scope="module")
