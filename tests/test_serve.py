@@ -256,6 +256,51 @@ BAD_INPUTS = {
     "o-unknown-kv-cache": ("/v1/chat/completions", _openai(kv_cache="static"), 400),
 }
 
+# how each error message starts: the field (or the body) at fault, and what is wrong with it
+ERROR_STARTS = {
+    "a-assistant-first": "messages: the first non-system message must have the user role",
+    "a-body-over-limit": "the request body is 300,",
+    "a-empty-messages": "messages: must be a non-empty list",
+    "a-forged-turn": "messages.0.content.0.text: text holds '<|im_end|>', a control token",
+    "a-huge-integer": "the request body is not valid JSON",
+    "a-image-over-pixel-limit": "messages.0.content.0.source: the image is 1200x1000 (1,200,000 pixels), over this "
+                                "server's max_image_pixels",
+    "a-image-over-size-limit": "messages.0.content.0.source: the image is over the 65,536-byte limit",
+    "a-image-placeholder-in-text": "messages.0.content.0.text: text may not contain '<image>'",
+    "a-invalid-base64": "messages.0.content.0.source: image data is not valid base64",
+    "a-lone-surrogate": "the request body has a string with an unpaired UTF-16 surrogate",
+    "a-max-tokens-over-limit": "max_tokens: 100000 is over this model's limit of 64",
+    "a-media-type-mismatch": "messages.0.content.0.source: the image is image/png but media_type says image/jpeg",
+    "a-missing-max-tokens": "max_tokens: Field required",
+    "a-nested-100k-deep": "the request body nests JSON arrays or objects too deeply",
+    "a-non-image-bytes": "messages.0.content.0.source: the data is not a JPEG, PNG, GIF or WebP image",
+    "a-not-json": "the request body is not valid JSON",
+    "a-stop-sequences-a-string": "stop_sequences: must be a list of at most 16 non-empty strings",
+    "a-system-role-in-messages": "messages.0.role: must be 'user' or 'assistant', got 'system'",
+    "a-temperature-out-of-range": "temperature: must be a number in [0, 1], got 3",
+    "a-truncated-image": "messages.0.content.0.source: cannot decode the image",
+    "a-unknown-content-type": "messages.0.content.0.type: unsupported content type 'document'",
+    "a-unknown-kv-cache": "kv_cache: must be one of ['dynamic', 'h2o'], got 'h20'",
+    "a-unsupported-media-type": "messages.0.content.0.source: unsupported image media type 'image/bmp'",
+    "o-assistant-first": "messages: the first non-system message must have the user role",
+    "o-body-over-limit": "the request body is 300,",
+    "o-empty-messages": "messages: must be a non-empty list",
+    "o-forged-turn": "messages[0].content[0].text: text holds '<|im_end|>', a control token",
+    "o-huge-integer": "the request body is not valid JSON",
+    "o-image-over-size-limit": "messages[0].content[0].image_url: the image is over the 65,536-byte limit",
+    "o-invalid-base64": "messages[0].content[0].image_url: image data is not valid base64",
+    "o-lone-surrogate": "the request body has a string with an unpaired UTF-16 surrogate",
+    "o-max-tokens-over-limit": "max_tokens: 100000 is over this model's limit of 64",
+    "o-n-2": "n: only n=1 is supported",
+    "o-nested-100k-deep": "the request body nests JSON arrays or objects too deeply",
+    "o-non-image-bytes": "messages[0].content[0].image_url: the data is not a JPEG, PNG, GIF or WebP image",
+    "o-remote-url": "messages[0].content[0].image_url.url: send the image inline as a data:image/...;base64,... URL",
+    "o-tool-role": "messages[0].role: unsupported role 'tool'",
+    "o-unknown-content-type": "messages[0].content[0].type: unsupported content type 'input_audio'",
+    "o-unknown-kv-cache": "kv_cache: must be one of ['dynamic', 'h2o'], got 'static'",
+    "o-unsupported-media-type": "messages[0].content[0].image_url: unsupported image media type 'image/bmp'",
+}
+
 
 def check_error_shape(path: str, response: httpx.Response) -> None:
     body = response.json()
@@ -275,6 +320,7 @@ def test_bad_input_gets_4xx_in_the_api_shape_and_server_keeps_serving(url, case)
         response = client.post(path, content=content, headers={"content-type": "application/json"})
         assert response.status_code == status, response.text
         check_error_shape(path, response)
+        assert response.json()["error"]["message"].startswith(ERROR_STARTS[case]), response.text
         good = _anthropic() if path == "/v1/messages" else _openai()
         assert client.post(path, json=good).status_code == 200
 
