@@ -74,15 +74,6 @@ def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
 
 
 @pytest.mark.slow
-def test_missing_checkpoint_is_one_clean_error(tmp_path):
-    missing = tmp_path / "no-such-export"
-    result = run_infer(f"checkpoint={missing}", "prompt=hi")
-    assert result.returncode == 2
-    assert str(missing) in result.stderr and "Traceback" not in result.stderr
-    assert result.stdout == ""
-
-
-@pytest.mark.slow
 def test_missing_image_and_bad_option_are_clean_errors(tiny_sft_export, tmp_path, pictures):
     result = run_infer(f"checkpoint={tiny_sft_export}", f"image={tmp_path / 'nope.png'}", "prompt=hi")
     assert result.returncode == 2 and "nope.png" in result.stderr and "Traceback" not in result.stderr
@@ -273,5 +264,9 @@ def test_infer_and_serve_name_a_missing_or_damaged_export_in_one_line(tiny_sft_e
             check()
         err = capsys.readouterr().err
         assert stop.value.code == 2 and err.startswith(expected) and err.count("\n") == 1, err
+    missing = tmp_path / "no-such-export"
+    with pytest.raises(SystemExit):
+        require_chat_export(str(missing))
+    assert str(missing) in capsys.readouterr().err
     require_chat_export(str(tiny_sft_export))  # an export folder passes
     assert load_chat_model(str(tiny_sft_export), "cpu", None, name="mine").name == "mine"
