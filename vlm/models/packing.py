@@ -23,6 +23,8 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import PretrainedConfig, PreTrainedModel
 
+from vlm.models.blocks import transformer_block_types
+
 # (LLM config, sample ids (B, L), positions (B, L)) -> a 4D mask (B, 1, L, L), boolean or a flex_attention BlockMask,
 # that the model uses as its attention mask
 PackedMaskBuilder = Callable[[PretrainedConfig, torch.Tensor, torch.Tensor], torch.Tensor | BlockMask]
@@ -44,8 +46,8 @@ def attention_break_even(lm: PreTrainedModel) -> float:
     text = lm.config.get_text_config()
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    layer_names = set(getattr(lm, "_no_split_modules", None) or [])  # transformers' name for its decoder layer
-    layer = next((m for m in lm.modules() if type(m).__name__ in layer_names), None)
+    layer_types = tuple(transformer_block_types(lm))  # its decoder layer's class (`_no_split_modules`)
+    layer = next((m for m in lm.modules() if isinstance(m, layer_types)), None)
     if layer is None:  # the usual estimate: 4 hidden^2 for attention, 8 hidden^2 for a 4x MLP
         linear = 12 * text.hidden_size**2
     else:
