@@ -334,5 +334,9 @@ def test_answers_stop_at_the_llms_own_end_of_turn_ids_as_in_chat(tiny_sft_export
     assert task.answer(prompt, max_new_tokens=4) == [tokenizer.decode([first], skip_special_tokens=True)]
     assert generation_settings(task.bundle)["eos_token_id"] == sorted({first, tokenizer.eos_token_id})
     chat = ChatModel(task.model, tokenizer, task.bundle.processor, torch.device("cpu"))
-    assert chat.generate([{"role": "user", "content": "<image>\nWhat color?"}], [solid((200, 30, 30), (64, 64))],
-                         max_new_tokens=4, temperature=0).token_ids == [first]
+    conversation, image = [{"role": "user", "content": "<image>\nWhat color?"}], [solid((200, 30, 30), (64, 64))]
+    answer = chat.generate(conversation, image, max_new_tokens=4, temperature=0)
+    assert answer.token_ids == [first]
+    # a batch of prompts (vlm.constitution's answers) decodes each row as chat decodes its answer
+    assert chat.generate_batch([chat.prepare(conversation, image)], max_new_tokens=4, temperature=0) == \
+        [answer.text.strip()] == [tokenizer.decode([first]).strip()]

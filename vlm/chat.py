@@ -42,7 +42,15 @@ from vlm.generation.device import pick_device, pick_dtype
 from vlm.generation.h2o import H2OBudget, H2OCache, refuse_pattern
 from vlm.generation.kv_cache import cache_kwargs
 from vlm.generation.options import GenerationOptions, OptionError, auto_temperature, resolve_decoding
-from vlm.generation.stopping import Cancelled, StopInAnswer, cut_at_stop, stop_reason, turn_end_ids
+from vlm.generation.stopping import (
+    Cancelled,
+    StopInAnswer,
+    answer_texts,
+    cut_at_stop,
+    stop_reason,
+    through_first_end,
+    turn_end_ids,
+)
 from vlm.generation.streaming import AnswerJob, TextStream
 
 __all__ = ["ChatModel", "ChatSession", "Completion", "ContextOverflow", "GenerationOptions", "OptionError", "Prompt",
@@ -166,12 +174,8 @@ class ChatModel:
         inputs = self._inputs(prompts)
         new = self.model.generate(**inputs, **decoding.generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_id=sorted(self.eos_token_ids), **cache_kwargs(self.model.lm))  # (B, T_new)
-        answers = []
-        for row in new.tolist():
-            ends = [i for i, token in enumerate(row) if token in self.eos_token_ids]
-            text = self.tokenizer.decode(row[: ends[0]] if ends else row, skip_special_tokens=True)
-            answers.append(cut_at_stop(text, opts.stop)[0].strip() if opts.stop else text.strip())
-        return answers
+        texts = answer_texts(new, self.tokenizer, sorted(self.eos_token_ids))
+        return [cut_at_stop(text, opts.stop)[0].strip() if opts.stop else text.strip() for text in texts]
 
     def _job(self, prompt: Prompt, opts: GenerationOptions, cancel: threading.Event,
              on_done: Callable[[Completion], None] | None, whole: bool) -> AnswerJob:
@@ -193,8 +197,7 @@ class ChatModel:
             # a fresh cache per answer: H2O's budget, or local + global attention's pattern cache, or the default
             cache = {"cache": H2OCache(self.model.lm, budget)} if budget else cache_kwargs(self.model.lm)
             ids = self.model.generate(**kwargs, **cache, streamer=streamer)[0].tolist()  # only the new tokens
-            ends = [i for i, token in enumerate(ids) if token in self.eos_token_ids]
-            return ids[: ends[0] + 1] if ends else ids  # beams may pad after the first end of turn
+            return through_first_end(ids, self.eos_token_ids)
 
         def finish(ids: list[int], text: str, stop: str | None) -> Completion:
             reason = stop_reason(ids, self.eos_token_ids, stop, cancel.is_set(), decoding.max_new_tokens,

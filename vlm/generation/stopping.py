@@ -21,6 +21,19 @@ def turn_end_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Generati
     return sorted(i for i in ids if i is not None)
 
 
+def through_first_end(ids: Sequence[int], end_ids: set[int] | Sequence[int]) -> list[int]:
+    """An answer's ids up to and including its first end-of-turn token: after it come padding or, with beams, more."""
+    end = next((i for i, token in enumerate(ids) if token in end_ids), None)
+    return list(ids) if end is None else list(ids[: end + 1])
+
+
+def answer_texts(new_ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase, end_ids: Sequence[int]) -> list[str]:
+    """Each row of a batch's new tokens (B, T_new) as text, through its first end-of-turn token, as a chat answer
+    is decoded: what a batch pads or a beam adds after it never reaches the text."""
+    ends = set(end_ids)
+    return [tokenizer.decode(through_first_end(row, ends), skip_special_tokens=True) for row in new_ids.tolist()]
+
+
 class Cancelled(StoppingCriteria):
     """Ends `generate` at the next step once `event` is set (Ctrl-C, a client that went away)."""
 

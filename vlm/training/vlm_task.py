@@ -22,7 +22,7 @@ from vlm.exports.clip import load_vision_from_clip
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.generation.kv_cache import cache_kwargs
-from vlm.generation.stopping import turn_end_ids
+from vlm.generation.stopping import answer_texts, turn_end_ids
 from vlm.metrics import answer_metrics, score_answer
 from vlm.models.factory import VLMBundle, empty_vlm, new_vlm, set_attention
 from vlm.models.feature_cache import VisionFeatureCache
@@ -169,13 +169,13 @@ class VLMTask(StageTask):
         tokenizer = self.bundle.tokenizer
         # blocks compiled for training (trainer.compile) decode eagerly: every new KV-cache length would recompile them
         with eager_decoding(self.config.trainer.compile):
+            end_ids = turn_end_ids(tokenizer, self.model.lm.generation_config)
             new = self.model.generate(prompt["input_ids"].to(self.device), prompt["attention_mask"].to(self.device),
                                       prompt["pixel_values"].to(self.device), prompt["image_slots"].to(self.device),
                                       max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
-                                      do_sample=False,
-                                      eos_token_id=turn_end_ids(tokenizer, self.model.lm.generation_config),
-                                      pad_token_id=tokenizer.pad_token_id, **cache_kwargs(self.model.lm))
-        return tokenizer.batch_decode(new, skip_special_tokens=True)
+                                      do_sample=False, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
+                                      **cache_kwargs(self.model.lm))
+        return answer_texts(new, tokenizer, end_ids)
 
     def prediction_metrics(self) -> dict[str, Any]:
         """Answer scores overall and per group, and the count of answers scored."""
