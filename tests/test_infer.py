@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,15 +76,18 @@ def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
 
 @pytest.mark.slow
 def test_missing_image_and_bad_option_are_clean_errors(tiny_sft_export, tmp_path, pictures):
-    result = run_infer(f"checkpoint={tiny_sft_export}", f"image={tmp_path / 'nope.png'}", "prompt=hi")
-    assert result.returncode == 2 and "nope.png" in result.stderr and "Traceback" not in result.stderr
-    result = run_infer(f"checkpoint={tiny_sft_export}", "prompt=")
-    assert result.returncode == 2 and "prompt is empty" in result.stderr and result.stdout == ""
-    result = run_infer(f"checkpoint={tiny_sft_export}", "generation.temprature=0")
-    assert result.returncode == 2 and "generation.temperature" in result.stderr  # the typo's closest key
-    result = run_infer(f"checkpoint={tiny_sft_export}", f"image={pictures[0]}", "prompt=<image> or <image>?")
-    assert result.returncode == 2 and "2 <image> placeholders but 1 image attached" in result.stderr
-    assert "loaded" not in result.stderr  # found before the model loads
+    checkpoint = f"checkpoint={tiny_sft_export}"
+    commands = [(checkpoint, f"image={tmp_path / 'nope.png'}", "prompt=hi"), (checkpoint, "prompt="),
+                (checkpoint, "generation.temprature=0"),
+                (checkpoint, f"image={pictures[0]}", "prompt=<image> or <image>?")]
+    with ThreadPoolExecutor(len(commands)) as pool:  # side by side: each spends its time importing
+        missing_image, empty_prompt, typo, placeholders = pool.map(lambda args: run_infer(*args), commands)
+    assert missing_image.returncode == 2 and "nope.png" in missing_image.stderr
+    assert "Traceback" not in missing_image.stderr
+    assert empty_prompt.returncode == 2 and "prompt is empty" in empty_prompt.stderr and empty_prompt.stdout == ""
+    assert typo.returncode == 2 and "generation.temperature" in typo.stderr  # the typo's closest key
+    assert placeholders.returncode == 2 and "2 <image> placeholders but 1 image attached" in placeholders.stderr
+    assert "loaded" not in placeholders.stderr  # found before the model loads
 
 
 @pytest.mark.slow

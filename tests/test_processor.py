@@ -111,6 +111,21 @@ def test_a_sample_spelling_a_control_token_is_refused_by_message_and_token(bundl
         bundle.processor.prompt(prompt, IMAGES[:1])
 
 
+def test_a_template_that_refuses_a_prefix_names_the_sample(bundle):
+    """The reply's span is found by rendering the conversation before it with a generation prompt; a template that
+    refuses that render (here: any generation prompt) names the sample, as for the whole conversation."""
+    tokenizer = bundle.tokenizer
+    template = tokenizer.chat_template
+    tokenizer.chat_template = ("{% if add_generation_prompt %}{{ raise_exception('no generation prompts') }}{% endif %}"
+                               "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    try:
+        with pytest.raises(SampleError, match=r"^s7: the model's chat template refuses this conversation: no "
+                                              r"generation prompts$"):
+            bundle.processor.encode(conversation(), IMAGES, name="s7")
+    finally:
+        tokenizer.chat_template = template
+
+
 def test_truncation_never_cuts_an_image(bundle):
     tokens = bundle.processor.tiler.tokens_per_tile
     short = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=tokens + 4)

@@ -68,8 +68,9 @@ class Processor:
         except jinja2.TemplateError as err:
             raise SampleError(f"{name}: the model's chat template refuses this conversation: {err}") from None
 
-    def assistant_spans(self, messages: list[dict[str, str]]) -> list[tuple[int, int]]:
-        """Character spans of each assistant reply (with its end-of-turn marker) in `render(messages)`.
+    def assistant_spans(self, messages: list[dict[str, str]], name: str = "sample") -> list[tuple[int, int]]:
+        """Character spans of each assistant reply (with its end-of-turn marker) in `render(messages)`; a template
+        that refuses a prefix is named in a SampleError for `name`.
 
         Rendering the prefix before a reply with a generation prompt, and the prefix including it, brackets the reply
         for any template that renders prefixes consistently (ChatML, Llama 3, Qwen, SmolLM, ...).
@@ -77,8 +78,8 @@ class Processor:
         spans = []
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
-                start = len(self.render(messages[:i], add_generation_prompt=True))
-                spans.append((start, len(self.render(messages[: i + 1]))))
+                start = len(self.render(messages[:i], add_generation_prompt=True, name=name))
+                spans.append((start, len(self.render(messages[: i + 1], name=name))))
         return spans
 
     def encode(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = "sample",
@@ -92,7 +93,8 @@ class Processor:
         ids = encoding["input_ids"]
         keep = [False] * len(ids)
         if train:
-            spans = self.assistant_spans(messages)[-1:] if last_reply_only else self.assistant_spans(messages)
+            spans = self.assistant_spans(messages, name)
+            spans = spans[-1:] if last_reply_only else spans
             keep = [any(s <= start < e for s, e in spans) and end > start
                     for start, end in encoding["offset_mapping"]]
         out_ids, out_labels, image_ends = self._expand_images(ids, keep, tiled, name)
