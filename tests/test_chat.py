@@ -180,7 +180,7 @@ def test_bad_options_and_prompts_fail_clearly(tiny_chat_model, images):
         tiny_chat_model.generate(ASK, [images["pil"]], temperature=-1)
     with pytest.raises(OptionError, match="unknown generation option 'max_tokens'"):
         tiny_chat_model.generate(ASK, [images["pil"]], max_tokens=3)
-    with pytest.raises(OptionError, match=r"^top_p=1.5 is not valid: use a number in \(0, 1\]"):
+    with pytest.raises(OptionError, match=r"^top_p=1.5 is not valid: use a number in \[0, 1\]"):
         GenerationOptions(top_p=1.5)
     for endless in (float("inf"), float("nan")):  # infinitely hot sampling is uniform noise, not an answer
         with pytest.raises(OptionError, match=r"^temperature=(inf|nan) is not valid: use a number >= 0"):

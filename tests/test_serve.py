@@ -25,7 +25,9 @@ from PIL import Image
 from vlm.generation.options import H2OSettings
 from vlm.serve import ServeSettings, create_app, listening_socket
 from vlm.server.admission import Admission
+from vlm.server.anthropic import parse_anthropic
 from vlm.server.errors import OPENAI, ApiError
+from vlm.server.requests import Parser
 
 QUESTION = "What color is the shape?"
 # anthropic 2.x has no temperature/top_p/top_k arguments any more; the server still reads them from the body
@@ -222,8 +224,6 @@ BAD_INPUTS = {
     "a-system-role-in-messages": ("/v1/messages", _anthropic(messages=[{"role": "system", "content": "Hi"}]), 400),
     "a-unknown-content-type": ("/v1/messages", _anthropic(messages=[{"role": "user", "content": [
         {"type": "document", "source": {}}]}]), 400),
-    "a-image-placeholder-in-text": ("/v1/messages", _anthropic(messages=[{"role": "user", "content": "<image>"}]),
-                                    400),
     "a-temperature-out-of-range": ("/v1/messages", _anthropic(temperature=3), 400),
     "a-stop-sequences-a-string": ("/v1/messages", _anthropic(stop_sequences="x"), 400),  # a list only, unlike OpenAI
     "a-not-json": ("/v1/messages", b"{not json", 400),
@@ -251,9 +251,11 @@ BAD_INPUTS = {
         {"type": "input_audio", "input_audio": {}}]}]), 400),
     "o-n-2": ("/v1/chat/completions", _openai(n=2), 400),
     "a-unknown-kv-cache": ("/v1/messages", _anthropic(kv_cache="h20"), 400),
-    "a-forged-turn": ("/v1/messages", _anthropic(messages=[{"role": "user", "content": FORGED}]), 400),
-    "o-forged-turn": ("/v1/chat/completions", _openai(messages=[{"role": "user", "content": FORGED}]), 400),
     "o-unknown-kv-cache": ("/v1/chat/completions", _openai(kv_cache="static"), 400),
+    "o-top-p-over-1": ("/v1/chat/completions", _openai(top_p=1.5), 400),
+    "o-assistant-tool-calls": ("/v1/chat/completions", _openai(messages=[
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]},
+        {"role": "user", "content": "b"}]), 400),
 }
 
 # how each error message starts: the field (or the body) at fault, and what is wrong with it
@@ -261,12 +263,10 @@ ERROR_STARTS = {
     "a-assistant-first": "messages: the first non-system message must have the user role",
     "a-body-over-limit": "the request body is 300,",
     "a-empty-messages": "messages: must be a non-empty list",
-    "a-forged-turn": "messages.0.content.0.text: text holds '<|im_end|>', a control token",
     "a-huge-integer": "the request body is not valid JSON",
     "a-image-over-pixel-limit": "messages.0.content.0.source: the image is 1200x1000 (1,200,000 pixels), over this "
                                 "server's max_image_pixels",
     "a-image-over-size-limit": "messages.0.content.0.source: the image is over the 65,536-byte limit",
-    "a-image-placeholder-in-text": "messages.0.content.0.text: text may not contain '<image>'",
     "a-invalid-base64": "messages.0.content.0.source: image data is not valid base64",
     "a-lone-surrogate": "the request body has a string with an unpaired UTF-16 surrogate",
     "a-max-tokens-over-limit": "max_tokens: 100000 is over this model's limit of 64",
@@ -285,7 +285,6 @@ ERROR_STARTS = {
     "o-assistant-first": "messages: the first non-system message must have the user role",
     "o-body-over-limit": "the request body is 300,",
     "o-empty-messages": "messages: must be a non-empty list",
-    "o-forged-turn": "messages[0].content[0].text: text holds '<|im_end|>', a control token",
     "o-huge-integer": "the request body is not valid JSON",
     "o-image-over-size-limit": "messages[0].content[0].image_url: the image is over the 65,536-byte limit",
     "o-invalid-base64": "messages[0].content[0].image_url: image data is not valid base64",
@@ -299,6 +298,8 @@ ERROR_STARTS = {
     "o-unknown-content-type": "messages[0].content[0].type: unsupported content type 'input_audio'",
     "o-unknown-kv-cache": "kv_cache: must be one of ['dynamic', 'h2o'], got 'static'",
     "o-unsupported-media-type": "messages[0].content[0].image_url: unsupported image media type 'image/bmp'",
+    "o-top-p-over-1": "top_p: must be a number in [0, 1], got 1.5",
+    "o-assistant-tool-calls": "messages[1].tool_calls: tool use is not supported by this server",
 }
 
 
@@ -335,6 +336,15 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
         response = client.post("/v1/messages", json=_anthropic(thinking={"type": "enabled", "budget_tokens": 1024}))
         assert response.status_code == 400
         assert response.json()["error"]["message"] == "thinking: extended thinking is not supported by this server"
+        # the SDKs' structured output and remote tools: a client would parse free text as the JSON it asked for
+        schema = {"format": {"type": "json_schema", "schema": {"type": "object"}}}
+        response = client.post("/v1/messages", json=_anthropic(output_config=schema))
+        assert response.status_code == 400 and response.json()["error"]["message"].startswith(
+            "output_config: structured output (a JSON schema format) is not supported"), response.text
+        mcp = [{"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}]
+        assert client.post("/v1/messages", json=_anthropic(mcp_servers=mcp)).status_code == 400
+        response = client.post("/v1/chat/completions", json=_openai(web_search_options={}))
+        assert response.status_code == 400 and response.json()["error"]["param"] == "web_search_options"
         # decoding fields other servers take beyond the APIs: refused on both, never dropped
         for field, value in (("num_beams", 3), ("repetition_penalty", 1.2), ("length_penalty", 0.5)):
             response = client.post("/v1/chat/completions", json=_openai(**{field: value}))
@@ -345,7 +355,8 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
                           response_format={"type": "text"}, tool_choice="none", modalities=["text"], num_beams=1,
                           repetition_penalty=1.0)
         assert client.post("/v1/chat/completions", json=nothing).status_code == 200
-        assert client.post("/v1/messages", json=_anthropic(thinking={"type": "disabled"})).status_code == 200
+        nothing = _anthropic(thinking={"type": "disabled"}, output_config={"format": None}, mcp_servers=[])
+        assert client.post("/v1/messages", json=nothing).status_code == 200
 
 
 def test_an_image_that_does_not_decode_is_named_by_its_request_field(url):
@@ -401,20 +412,50 @@ def test_a_temperature_too_cold_to_sample_decodes_greedily(url, expected):
         assert reply.status_code == 200 and reply.json()["content"][0]["text"] == expected.text
 
 
-def test_a_control_token_is_named_by_the_request_field_that_holds_it(url):
-    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+def test_text_that_spells_markers_is_read_as_the_characters_it_spells(url, tiny_chat_model):
+    """Both APIs take any text. `<image>` and the chat template's turn markers in a message of any role (a question
+    about SVG, the model's own answer sent back) are plain characters: they neither place an image nor forge a turn."""
+    history = [{"role": "user", "content": "What does SVG's <image> do?"},
+               {"role": "assistant", "content": "It places <image> ends<|im_end|>"},
                {"role": "user", "content": FORGED}]
+    system = "Never say <|im_start|>."
+    anthropic_body = _anthropic(system=system, messages=history)
     with httpx.Client(base_url=url, timeout=30) as client:
-        reply = client.post("/v1/messages", json=_anthropic(system="s", messages=history))
-        assert reply.status_code == 400 and "messages.2.content.0.text: text holds '<|im_end|>'" in reply.text
-        reply = client.post("/v1/chat/completions", json=_openai(messages=history))
-        assert reply.status_code == 400 and "messages[2].content[0].text: text holds '<|im_end|>'" in reply.text
-        # the model's own answer sent back may spell them (an answer about SVG's <image> element): kept as text
-        said = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "SVG's <image> ends<|im_end|>"},
-                {"role": "user", "content": "and then?"}]
-        for path, body in (("/v1/messages", _anthropic(messages=said)),
-                           ("/v1/chat/completions", _openai(messages=said))):
-            assert client.post(path, json=body).status_code == 200
+        for path, body in (("/v1/messages", anthropic_body), ("/v1/chat/completions", _openai(
+                messages=[{"role": "system", "content": system}, *history]))):
+            assert client.post(path, json=body).status_code == 200, path
+        counted = client.post("/v1/messages/count_tokens", json=anthropic_body).json()["input_tokens"]
+    request, _ = parse_anthropic(anthropic_body, Parser(ServeSettings(), 64, tiny_chat_model.processor.control_token))
+    prompt = tiny_chat_model.prepare(request.messages, request.images)  # an `<image>` kept would want an image
+    assert counted == prompt.input_tokens
+    tokenizer = tiny_chat_model.tokenizer
+    ids = prompt.encoded.input_ids.tolist()
+    # the system turn, three turns and the generation prompt open a turn each; the text's markers open none
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 5
+    assert tiny_chat_model.model.image_token_id not in ids
+
+
+def test_a_conversation_over_the_context_is_counted_and_refused_with_openais_code(url, tiny_chat_model):
+    """A client counts a conversation to know how much of it to trim, so the count comes back over the context too;
+    answering it is refused, with the code OpenAI's clients look for."""
+    long = [{"role": "user", "content": "red " * 600}]
+    with httpx.Client(base_url=url, timeout=30) as client:
+        counted = client.post("/v1/messages/count_tokens", json=_anthropic(messages=long))
+        answered = client.post("/v1/chat/completions", json=_openai(messages=long))
+    assert counted.status_code == 200, counted.text
+    assert counted.json()["input_tokens"] == tiny_chat_model.count_tokens(long) > tiny_chat_model.context_length
+    error = answered.json()["error"]
+    assert answered.status_code == 400 and (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+    assert error["message"].startswith("the prompt is "), error
+
+
+def test_a_top_p_of_0_keeps_only_the_most_likely_token_and_an_unknown_model_is_named_by_code(url, expected):
+    """OpenAI's API takes top_p from 0; its clients tell a missing model by its code."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        reply = client.post("/v1/chat/completions", json=_openai(max_tokens=8, temperature=1.0, top_p=0, seed=3))
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == expected.text
+        missing = client.get("/v1/models/no-such-model").json()["error"]
+    assert missing["code"] == "model_not_found" and missing["message"].startswith("model 'no-such-model' not found")
 
 
 def test_browser_requests_from_other_sites_and_rebound_host_names_are_refused(serve):

@@ -124,13 +124,25 @@ class ChatModel:
         try:
             encoded = self.processor.prompt(messages, image_list(images))
         except PromptTooLong as err:
-            raise ContextOverflow(str(err).removeprefix("request: ")) from None
+            raise ContextOverflow(str(err).removeprefix("request: "), err.tokens) from None
         except SampleError as err:
             raise PromptError(str(err).removeprefix("request: ")) from None
         if len(encoded.input_ids) >= self.context_length:
             raise ContextOverflow(f"the conversation is at least {len(encoded.input_ids)} tokens (images included) "
-                                  f"and the model's context is {self.context_length}; shorten it or start a new chat")
+                                  f"and the model's context is {self.context_length}; shorten it or start a new chat",
+                                  len(encoded.input_ids))
         return Prompt(messages, encoded)
+
+    def count_tokens(self, messages: Sequence[Message], images: Sequence[ImageSource] = ()) -> int:
+        """The conversation's prompt length in tokens, images included, as `prepare` encodes it; over the context
+        too, since a client counts to know how much to trim. Raises as `prepare` does otherwise, and ContextOverflow
+        for text with more characters than the context could hold, which is refused before it is tokenized."""
+        try:
+            return self.prepare(messages, images).input_tokens
+        except ContextOverflow as err:
+            if err.tokens is None:
+                raise
+            return err.tokens
 
     def generate(self, messages: Sequence[Message] | Prompt, images: Sequence[ImageSource] = (), *,
                  cancel: threading.Event | None = None, **options: Any) -> Completion:

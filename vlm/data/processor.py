@@ -31,7 +31,11 @@ class SampleError(SkipSample):
 
 
 class PromptTooLong(SampleError):
-    """A prompt longer than the model's context (a chat forgets its oldest turns on this one)."""
+    """A prompt longer than the model's context (a chat forgets its oldest turns on this one); `tokens` long."""
+
+    def __init__(self, message: str, tokens: int):
+        super().__init__(message)
+        self.tokens = tokens
 
 
 @dataclass
@@ -101,7 +105,7 @@ class Processor:
         if len(out_ids) > self.max_length:
             if not train:  # a prompt cut short would lose the question and the generation prompt
                 raise PromptTooLong(f"{name}: the prompt is {len(out_ids)} tokens, more than the model's context of "
-                                  f"{self.max_length}; shorten it or use fewer or smaller images")
+                                    f"{self.max_length}; shorten it or use fewer or smaller images", len(out_ids))
             if image_ends and image_ends[-1] > self.max_length:
                 raise SampleError(f"{name}: {len(out_ids)} tokens exceed model.llm.max_length={self.max_length} and "
                                   f"truncating would cut through an image's tokens; sample dropped")

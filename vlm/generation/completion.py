@@ -15,7 +15,12 @@ class PromptError(UserError, ValueError):
 
 
 class ContextOverflow(PromptError):
-    """A conversation longer than the model's context; a chat session answers it by forgetting old turns."""
+    """A conversation longer than the model's context; a chat session answers it by forgetting old turns. `tokens`:
+    its length, images included, when it was encoded (None when its text alone was too long to encode)."""
+
+    def __init__(self, message: str, tokens: int | None = None):
+        super().__init__(message)
+        self.tokens = tokens
 
 
 def check_conversation(messages: list[Message]) -> None:

@@ -128,8 +128,8 @@ class GenerationOptions:
             self.temperature = "auto"
         elif not _is_number(self.temperature) or self.temperature < 0:
             raise bad("temperature", 'use a number >= 0 or "auto"')
-        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
-            raise bad("top_p", "use a number in (0, 1]")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 <= self.top_p <= 1):
+            raise bad("top_p", "use a number in [0, 1] (0 keeps only the most likely token)")
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
             raise bad("top_k", "use an integer >= 0")
         if self.repetition_penalty is not None and (not _is_number(self.repetition_penalty)

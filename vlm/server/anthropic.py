@@ -17,6 +17,9 @@ _TOOLS = ("tool use is not supported by this server", (None, [], {}, {"type": "n
 UNSUPPORTED: Unsupported = {
     "tools": _TOOLS, "tool_choice": _TOOLS,
     "thinking": ("extended thinking is not supported by this server", (None, {"type": "disabled"})),
+    "mcp_servers": ("MCP servers (remote tools) are not supported by this server", (None, [])),
+    "output_config": ("structured output (a JSON schema format) is not supported by this server; ask for the format "
+                      "in the prompt", (None, {}, {"format": None})),
 }
 
 
@@ -57,7 +60,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
             at = f"{where}.content.{j}"
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text":
-                parts.append(parser.text(block.get("text"), f"{at}.text", message["role"]))
+                parts.append(parser.text(block.get("text"), f"{at}.text"))
             elif kind == "image":
                 if message["role"] != "user":
                     raise ApiError(400, f"{at}: images are only allowed in user messages")
@@ -79,7 +82,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     options = {
         "max_new_tokens": max_tokens,
         "temperature": Parser.number(body, "temperature", 0, 1),
-        "top_p": Parser.number(body, "top_p", 0, 1, low_open=True),
+        "top_p": Parser.number(body, "top_p", 0, 1),
         "top_k": Parser.number(body, "top_k", 0, 10**6, integer=True),
         "stop": Parser.stops(body.get("stop_sequences"), "stop_sequences", one_string=False),
         "kv_cache": Parser.kv_cache(body),

@@ -220,7 +220,8 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
     async def model(request: Request, model_id: str) -> dict:
         check_key(request, settings.api_key)
         if model_id != server.model_name:
-            raise ApiError(404, f"model {model_id!r} not found; this server serves {server.model_name!r}")
+            raise ApiError(404, f"model {model_id!r} not found; this server serves {server.model_name!r}",
+                           code="model_not_found")
         return model_entry()
 
     @app.post("/v1/messages/count_tokens")
@@ -230,12 +231,12 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
         chat, _ = parse_anthropic({**body, "max_tokens": 1}, server.parser)  # counting asks for no answer
         ticket = server.counting.admit(ANTHROPIC)
         try:
-            prompt = await asyncio.to_thread(server.chat.prepare, chat.messages, chat.images)
+            tokens = await asyncio.to_thread(server.chat.count_tokens, chat.messages, chat.images)
         except (PromptError, ImageLoadError) as err:
             raise chat.error(err) from None
         finally:
             server.counting.finish(ticket)
-        return {"input_tokens": prompt.input_tokens}
+        return {"input_tokens": tokens}
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:

@@ -27,6 +27,7 @@ UNSUPPORTED: Unsupported = {
     "frequency_penalty": ("frequency_penalty is not supported by this server", (None, 0)),
     "modalities": ("this server answers in text only", (None, ["text"])),
     "audio": ("this server answers in text only", (None,)),
+    "web_search_options": ("web search is not supported by this server", (None,)),
 }
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*?;base64,(?P<data>.*)",
                        re.DOTALL | re.IGNORECASE)  # media types and the base64 marker are case-insensitive
@@ -56,6 +57,8 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         if role not in ("system", "user", "assistant"):
             raise ApiError(400, f"{where}.role: unsupported role {role!r}; use system, developer, user or assistant",
                            param=f"{where}.role")
+        if role == "assistant" and message.get("tool_calls"):
+            raise ApiError(400, f"{where}.tool_calls: {_TOOLS[0]}", param=f"{where}.tool_calls")
         content = message.get("content")
         if role == "assistant" and not content:  # the API allows it (a reply that was only a stop sequence, say)
             turns.append((role, ""))
@@ -70,7 +73,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
             at = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append(parser.text(part.get("text"), f"{at}.text", role))
+                parts.append(parser.text(part.get("text"), f"{at}.text"))
             elif kind == "image_url":
                 if role != "user":
                     raise ApiError(400, f"{at}: images are only allowed in user messages", param=at)
@@ -95,7 +98,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     options = {
         "max_new_tokens": max_tokens,
         "temperature": Parser.number(body, "temperature", 0, 2),
-        "top_p": Parser.number(body, "top_p", 0, 1, low_open=True),
+        "top_p": Parser.number(body, "top_p", 0, 1),
         "top_k": Parser.number(body, "top_k", 0, 10**6, integer=True),  # not OpenAI's; vLLM's and the Messages API's
         "stop": Parser.stops(body.get("stop"), "stop", one_string=True),
         "kv_cache": Parser.kv_cache(body),

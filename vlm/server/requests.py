@@ -21,6 +21,7 @@ from PIL import Image
 from vlm.data.processor import PROMPT_NAME, image_label
 from vlm.data.tiler import pil_bomb_limit, sniff_media_type
 from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.generation.completion import ContextOverflow
 from vlm.generation.options import KV_CACHES
 from vlm.server.errors import ApiError
 from vlm.server.settings import ServeSettings
@@ -43,6 +44,8 @@ class ChatRequest:
         """A 400 for a request the model could not take (a prompt too long, an undecodable image, a bad option);
         an image is named by its field in the request."""
         index = getattr(err, "image_index", None)
+        if isinstance(err, ContextOverflow):  # OpenAI's code for it, which clients read to trim the conversation
+            return ApiError(400, str(err), param="messages", code="context_length_exceeded")
         if index is None or index >= len(self.image_fields):
             return ApiError(400, str(err))
         where, label = self.image_fields[index], image_label(PROMPT_NAME, index, b"")
@@ -97,21 +100,13 @@ class Parser:
             raise ApiError(400, f"{where}: the image is {width}x{height} ({width * height:,} pixels), over this "
                                 f"server's max_image_pixels={limit:,}", param=where)
 
-    def text(self, value: Any, where: str, role: str = "user") -> str:
-        """A text block's text. In a user or system turn, `<image>` and the template's control tokens are refused,
-        since they would place images or forge turns; an assistant turn is the model's own answer sent back, which
-        may spell `<image>` in plain tokens (an answer about SVG), so there they are kept as text, not markers."""
+    def text(self, value: Any, where: str) -> str:
+        """A text block's text, read as the plain characters it spells: `<image>` and the chat template's control
+        tokens in it are broken (`as_plain_text`), so text never places an image (images come as image blocks) nor
+        opens or ends a turn, whatever role sends it. An answer about SVG or ChatML keeps its meaning."""
         if not isinstance(value, str):
             raise ApiError(400, f"{where}: text must be a string", param=where)
-        if role == "assistant":
-            return self.as_plain_text(value)
-        if IMAGE_TOKEN in value:
-            raise ApiError(400, f"{where}: text may not contain {IMAGE_TOKEN!r}; send images as image blocks",
-                           param=where)
-        if self.control_token and (found := self.control_token.search(value)):
-            raise ApiError(400, f"{where}: text holds {found.group()!r}, a control token of the model's chat "
-                                f"template; text may not spell one, since it would start or end a turn", param=where)
-        return value
+        return self.as_plain_text(value)
 
     def as_plain_text(self, text: str) -> str:
         """`text` with every `<image>` and control token broken by a zero-width space after its first character, so
@@ -126,16 +121,14 @@ class Parser:
         return value
 
     @staticmethod
-    def number(body: dict, key: str, low: float, high: float, integer: bool = False, low_open: bool = False) -> Any:
+    def number(body: dict, key: str, low: float, high: float, integer: bool = False) -> Any:
         value = body.get(key)
         if value is None:
             return None
         kind = int if integer else (int, float)
-        ok = isinstance(value, kind) and not isinstance(value, bool) and (value > low if low_open else value >= low)
-        if not ok or value > high:
-            span = f"{'(' if low_open else '['}{low}, {high}]"
-            raise ApiError(400, f"{key}: must be {'an integer' if integer else 'a number'} in {span}, got {value!r}",
-                           param=key)
+        if not isinstance(value, kind) or isinstance(value, bool) or not low <= value <= high:
+            kind_name = "an integer" if integer else "a number"
+            raise ApiError(400, f"{key}: must be {kind_name} in [{low}, {high}], got {value!r}", param=key)
         return value
 
     @staticmethod
