@@ -7,10 +7,18 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.completion import Completion
 from vlm.server.errors import ANTHROPIC, ApiError, error_body
-from vlm.server.requests import ChatRequest, Parser, Unsupported, messages_list, require_dict, unsupported_field
+from vlm.server.requests import (
+    ChatRequest,
+    Parser,
+    TurnReader,
+    Unsupported,
+    content_blocks,
+    messages_list,
+    require_dict,
+    unsupported_field,
+)
 from vlm.server.sse import Events, sse
 
 _TOOLS = ("tool use is not supported by this server", (None, [], {}, {"type": "none"}))
@@ -33,52 +41,10 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     max_tokens = parser.max_tokens(body["max_tokens"], "max_tokens")
     if found := unsupported_field(body, UNSUPPORTED):
         raise ApiError(400, f"{found[0]}: {found[1]}")
-    system = body.get("system")
-    if isinstance(system, list):
-        for i, block in enumerate(system):
-            if not isinstance(block, dict) or block.get("type") != "text":
-                raise ApiError(400, f"system.{i}: system blocks must be text blocks")
-        system = "\n\n".join(parser.text(b.get("text"), f"system.{i}.text") for i, b in enumerate(system))
-    elif system is not None:
-        system = parser.text(system, "system")
-    images: list[bytes] = []
-    image_fields: list[str] = []  # each image's place in the request
-    turns: list[tuple[str, str]] = []
+    system = _system(body.get("system"), parser)
+    reader = TurnReader(parser)
     for i, message in enumerate(messages_list(body)):
-        where = f"messages.{i}"
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            role = message.get("role") if isinstance(message, dict) else None
-            raise ApiError(400, f"{where}.role: must be 'user' or 'assistant', got {role!r} (put system prompts in "
-                                "the top-level system field)")
-        content = message.get("content")
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not isinstance(content, list) or not content:
-            raise ApiError(400, f"{where}.content: must be a non-empty string or list of content blocks")
-        parts = []
-        for j, block in enumerate(content):
-            at = f"{where}.content.{j}"
-            kind = block.get("type") if isinstance(block, dict) else None
-            if kind == "text":
-                parts.append(parser.text(block.get("text"), f"{at}.text"))
-            elif kind == "image":
-                if message["role"] != "user":
-                    raise ApiError(400, f"{at}: images are only allowed in user messages")
-                source = block.get("source")
-                if not isinstance(source, dict) or source.get("type") != "base64":
-                    got = source.get("type") if isinstance(source, dict) else source
-                    raise ApiError(400, f"{at}.source.type: only 'base64' image sources are accepted, got {got!r} "
-                                        "(this server does not fetch URLs or files)")
-                image_fields.append(f"{at}.source")
-                images.append(parser.image(source.get("data"), source.get("media_type"), image_fields[-1]))
-                parts.append(IMAGE_TOKEN)
-            else:
-                raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
-                                    "'image'")
-        text = "\n".join(parts)
-        if not text.strip():
-            raise ApiError(400, f"{where}.content: must not be empty")
-        turns.append((message["role"], text))
+        _read_message(message, f"messages.{i}", reader)
     options = {
         "max_new_tokens": max_tokens,
         "temperature": Parser.number(body, "temperature", 0, 1),
@@ -90,8 +56,47 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: must be true or false")
-    return ChatRequest(parser.conversation(turns, system, images), images, options, stream,
-                       image_fields=image_fields), model
+    return reader.request(system, options, stream), model
+
+
+def _system(system: Any, parser: Parser) -> str | None:
+    """The top-level `system` field: a string, or a list of text blocks joined by blank lines."""
+    if not isinstance(system, list):
+        return None if system is None else parser.text(system, "system")
+    for i, block in enumerate(system):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise ApiError(400, f"system.{i}: system blocks must be text blocks")
+    return "\n\n".join(parser.text(b.get("text"), f"system.{i}.text") for i, b in enumerate(system))
+
+
+def _read_message(message: Any, where: str, reader: TurnReader) -> None:
+    """One of `messages`: a user or assistant turn of text and (user turns only) base64 image blocks."""
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in ("user", "assistant"):
+        raise ApiError(400, f"{where}.role: must be 'user' or 'assistant', got {role!r} (put system prompts in the "
+                            "top-level system field)")
+    parts = []
+    for j, block in enumerate(content_blocks(message.get("content"), where, "content blocks")):
+        at = f"{where}.content.{j}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            parts.append(reader.parser.text(block.get("text"), f"{at}.text"))
+        elif kind == "image":
+            if role != "user":
+                raise ApiError(400, f"{at}: images are only allowed in user messages")
+            source = block.get("source")
+            if not isinstance(source, dict) or source.get("type") != "base64":
+                got = source.get("type") if isinstance(source, dict) else source
+                raise ApiError(400, f"{at}.source.type: only 'base64' image sources are accepted, got {got!r} "
+                                    "(this server does not fetch URLs or files)")
+            parts.append(reader.image(source.get("data"), source.get("media_type"), f"{at}.source"))
+        else:
+            raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
+                                "'image'")
+    text = "\n".join(parts)
+    if not text.strip():
+        raise ApiError(400, f"{where}.content: must not be empty")
+    reader.turns.append((role, text))
 
 
 def anthropic_stop(completion: Completion) -> str:

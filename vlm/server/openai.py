@@ -9,10 +9,18 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.generation.completion import Completion
 from vlm.server.errors import OPENAI, ApiError, error_body
-from vlm.server.requests import ChatRequest, Parser, Unsupported, messages_list, require_dict, unsupported_field
+from vlm.server.requests import (
+    ChatRequest,
+    Parser,
+    TurnReader,
+    Unsupported,
+    content_blocks,
+    messages_list,
+    require_dict,
+    unsupported_field,
+)
 from vlm.server.sse import Events, sse
 
 _TOOLS = ("tool use is not supported by this server", (None, [], {}, "none"))
@@ -47,54 +55,9 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         max_tokens = parser.max_tokens(body[key], key)
     else:
         max_tokens = min(parser.settings.default_max_tokens, parser.tokens_limit)
-    images: list[bytes] = []
-    image_fields: list[str] = []  # each image's place in the request
-    turns: list[tuple[str, str]] = []
+    reader = TurnReader(parser)
     for i, message in enumerate(messages_list(body)):
-        where = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        role = "system" if role == "developer" else role
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"{where}.role: unsupported role {role!r}; use system, developer, user or assistant",
-                           param=f"{where}.role")
-        if role == "assistant" and message.get("tool_calls"):
-            raise ApiError(400, f"{where}.tool_calls: {_TOOLS[0]}", param=f"{where}.tool_calls")
-        content = message.get("content")
-        if role == "assistant" and not content:  # the API allows it (a reply that was only a stop sequence, say)
-            turns.append((role, ""))
-            continue
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        if not isinstance(content, list) or not content:
-            raise ApiError(400, f"{where}.content: must be a non-empty string or list of content parts",
-                           param=f"{where}.content")
-        parts = []
-        for j, part in enumerate(content):
-            at = f"{where}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.append(parser.text(part.get("text"), f"{at}.text"))
-            elif kind == "image_url":
-                if role != "user":
-                    raise ApiError(400, f"{at}: images are only allowed in user messages", param=at)
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                found = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
-                if found is None:
-                    raise ApiError(400, f"{at}.image_url.url: send the image inline as a data:image/...;base64,... "
-                                        "URL (this server does not fetch remote URLs)", param=f"{at}.image_url")
-                media_type = found["type"].lower()
-                media_type = "image/jpeg" if media_type == "image/jpg" else media_type  # a common misspelling
-                image_fields.append(f"{at}.image_url")
-                images.append(parser.image(found["data"], media_type, image_fields[-1]))
-                parts.append(IMAGE_TOKEN)
-            else:
-                raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
-                                    "'image_url'", param=f"{at}.type")
-        text = "\n".join(parts)
-        if not text.strip() and role != "assistant":
-            raise ApiError(400, f"{where}.content: must not be empty", param=f"{where}.content")
-        turns.append((role, text))
+        _read_message(message, f"messages[{i}]", reader)
     options = {
         "max_new_tokens": max_tokens,
         "temperature": Parser.number(body, "temperature", 0, 2),
@@ -109,8 +72,47 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         raise ApiError(400, "stream: must be true or false", param="stream")
     stream_options = body.get("stream_options") or {}
     include_usage = bool(stream_options.get("include_usage")) if isinstance(stream_options, dict) else False
-    return ChatRequest(parser.conversation(turns, None, images), images, options, stream, include_usage,
-                       image_fields), model
+    return reader.request(None, options, stream, include_usage), model
+
+
+def _read_message(message: Any, where: str, reader: TurnReader) -> None:
+    """One of `messages`: a system (or developer), user or assistant turn of text and (user turns only) images as
+    data URLs."""
+    role = message.get("role") if isinstance(message, dict) else None
+    role = "system" if role == "developer" else role
+    if role not in ("system", "user", "assistant"):
+        raise ApiError(400, f"{where}.role: unsupported role {role!r}; use system, developer, user or assistant",
+                       param=f"{where}.role")
+    if role == "assistant" and message.get("tool_calls"):
+        raise ApiError(400, f"{where}.tool_calls: {_TOOLS[0]}", param=f"{where}.tool_calls")
+    if role == "assistant" and not message.get("content"):  # the API allows it (a reply that was only a stop sequence)
+        reader.turns.append((role, ""))
+        return
+    parts = []
+    for j, part in enumerate(content_blocks(message.get("content"), where, "content parts")):
+        at = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            parts.append(reader.parser.text(part.get("text"), f"{at}.text"))
+        elif kind == "image_url":
+            if role != "user":
+                raise ApiError(400, f"{at}: images are only allowed in user messages", param=at)
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            found = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
+            if found is None:
+                raise ApiError(400, f"{at}.image_url.url: send the image inline as a data:image/...;base64,... URL "
+                                    "(this server does not fetch remote URLs)", param=f"{at}.image_url")
+            media_type = found["type"].lower()
+            media_type = "image/jpeg" if media_type == "image/jpg" else media_type  # a common misspelling
+            parts.append(reader.image(found["data"], media_type, f"{at}.image_url"))
+        else:
+            raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
+                                "'image_url'", param=f"{at}.type")
+    text = "\n".join(parts)
+    if not text.strip() and role != "assistant":
+        raise ApiError(400, f"{where}.content: must not be empty", param=f"{where}.content")
+    reader.turns.append((role, text))
 
 
 def openai_finish(completion: Completion) -> str:

@@ -170,6 +170,37 @@ class Parser:
         return ([{"role": "system", "content": system}] if system else []) + merged
 
 
+@dataclass
+class TurnReader:
+    """A request's messages as they are read: (role, text) turns, where each image is an `<image>` placeholder, and
+    the images' bytes with the request field each came from. Each API reads its own message shapes into one."""
+
+    parser: Parser
+    turns: list[tuple[str, str]] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    image_fields: list[str] = field(default_factory=list)
+
+    def image(self, data: Any, media_type: Any, where: str) -> str:
+        """Check and keep an image; returns its placeholder for the turn's text."""
+        self.images.append(self.parser.image(data, media_type, where))
+        self.image_fields.append(where)
+        return IMAGE_TOKEN
+
+    def request(self, system: str | None, options: dict[str, Any], stream: bool,
+                include_usage: bool = False) -> ChatRequest:
+        conversation = self.parser.conversation(self.turns, system, self.images)
+        return ChatRequest(conversation, self.images, options, stream, include_usage, self.image_fields)
+
+
+def content_blocks(content: Any, where: str, noun: str) -> list:
+    """A message's content as a list of blocks: a plain string is one text block. `noun` names the API's blocks."""
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not content:
+        raise ApiError(400, f"{where}.content: must be a non-empty string or list of {noun}", param=f"{where}.content")
+    return content
+
+
 def require_dict(body: Any) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
