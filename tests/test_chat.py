@@ -187,8 +187,10 @@ def test_bad_options_and_prompts_fail_clearly(tiny_chat_model, images):
             GenerationOptions(temperature=endless)
     with pytest.raises(PromptError, match="1 <image> placeholder but 0 images"):
         tiny_chat_model.generate(ASK, [])
-    with pytest.raises(PromptError, match=r"must start and end with a user message .*got \['assistant', 'user'\]"):
-        tiny_chat_model.generate([{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hi"}])
+    with pytest.raises(PromptError, match=r"^the conversation must end with a user message, got system messages only"):
+        tiny_chat_model.generate([{"role": "system", "content": "Be brief."}])
+    greeted = [{"role": "assistant", "content": "Hi! Ask me."}, {"role": "user", "content": "Hi"}]
+    assert tiny_chat_model.generate(greeted, max_new_tokens=1, temperature=0).output_tokens == 1
     with pytest.raises(PromptError, match=r"got \['user', 'assistant'\]; the answer is the next assistant message"):
         tiny_chat_model.generate([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}])
     with pytest.raises(PromptError, match=r"^message 1 \(user\) is empty"):

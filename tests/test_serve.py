@@ -219,8 +219,8 @@ BAD_INPUTS = {
     "a-missing-max-tokens": ("/v1/messages", {"model": "tiny", "messages": [anthropic_image_message()]}, 400),
     "a-max-tokens-over-limit": ("/v1/messages", _anthropic(max_tokens=100_000), 400),
     "a-empty-messages": ("/v1/messages", _anthropic(messages=[]), 400),
-    "a-assistant-first": ("/v1/messages", _anthropic(messages=[{"role": "assistant", "content": "Hi"},
-                                                               anthropic_image_message()]), 400),
+    "a-assistant-last": ("/v1/messages", _anthropic(messages=[anthropic_image_message(),
+                                                              {"role": "assistant", "content": "Hi"}]), 400),
     "a-system-role-in-messages": ("/v1/messages", _anthropic(messages=[{"role": "system", "content": "Hi"}]), 400),
     "a-unknown-content-type": ("/v1/messages", _anthropic(messages=[{"role": "user", "content": [
         {"type": "document", "source": {}}]}]), 400),
@@ -244,8 +244,7 @@ BAD_INPUTS = {
                           413),
     "o-max-tokens-over-limit": ("/v1/chat/completions", _openai(max_tokens=100_000), 400),
     "o-empty-messages": ("/v1/chat/completions", _openai(messages=[]), 400),
-    "o-assistant-first": ("/v1/chat/completions", _openai(messages=[{"role": "assistant", "content": "Hi"},
-                                                                    openai_image_message()]), 400),
+    "o-system-only": ("/v1/chat/completions", _openai(messages=[{"role": "system", "content": "Be brief."}]), 400),
     "o-tool-role": ("/v1/chat/completions", _openai(messages=[{"role": "tool", "content": "x"}]), 400),
     "o-unknown-content-type": ("/v1/chat/completions", _openai(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {}}]}]), 400),
@@ -260,7 +259,7 @@ BAD_INPUTS = {
 
 # how each error message starts: the field (or the body) at fault, and what is wrong with it
 ERROR_STARTS = {
-    "a-assistant-first": "messages: the first non-system message must have the user role",
+    "a-assistant-last": "messages: the last message must have the user role",
     "a-body-over-limit": "the request body is 300,",
     "a-empty-messages": "messages: must be a non-empty list",
     "a-huge-integer": "the request body is not valid JSON",
@@ -282,7 +281,7 @@ ERROR_STARTS = {
     "a-unknown-content-type": "messages.0.content.0.type: unsupported content type 'document'",
     "a-unknown-kv-cache": "kv_cache: must be one of ['dynamic', 'h2o'], got 'h20'",
     "a-unsupported-media-type": "messages.0.content.0.source: unsupported image media type 'image/bmp'",
-    "o-assistant-first": "messages: the first non-system message must have the user role",
+    "o-system-only": "messages: there is no user message, only system ones",
     "o-body-over-limit": "the request body is 300,",
     "o-empty-messages": "messages: must be a non-empty list",
     "o-huge-integer": "the request body is not valid JSON",
@@ -394,6 +393,12 @@ def test_the_sdks_model_lookup_token_count_and_lenient_fields(url, tiny_chat_mod
         assert reply.status_code == 200, reply.text
         reply = client.post("/v1/chat/completions", json=_o_image(f"DATA:IMAGE/PNG;BASE64,{b64(solid())}"))
         assert reply.status_code == 200, reply.text  # media types and the base64 marker are case-insensitive
+        # a chat that opened with the assistant's greeting, as chat front ends store it
+        greeted = [{"role": "assistant", "content": "Hi! Send me a picture."}]
+        for path, body in (("/v1/messages", _anthropic(messages=[*greeted, anthropic_image_message()])),
+                           ("/v1/chat/completions", _openai(messages=[*greeted, openai_image_message()]))):
+            reply = client.post(path, json=body)
+            assert reply.status_code == 200, reply.text
         # an assistant turn of this server's own making may be empty (its reply was a stop sequence): replayed, kept
         for empty in ("", None):
             history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": empty},

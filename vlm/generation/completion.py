@@ -25,7 +25,8 @@ class ContextOverflow(PromptError):
 
 def check_conversation(messages: list[Message]) -> None:
     """A conversation a chat model can answer: messages {'role': 'system'|'user'|'assistant', 'content': str}, no
-    empty user message, user turns first and last (after any system ones). Raises PromptError naming the message."""
+    empty user message, a user turn last. An assistant turn may come first (a chat that opened with a greeting); a
+    chat template that needs the user first refuses it with its own reason. Raises PromptError naming the message."""
     if not messages:
         raise PromptError("the conversation is empty; send at least one user message")
     for i, m in enumerate(messages):
@@ -35,9 +36,9 @@ def check_conversation(messages: list[Message]) -> None:
         if m["role"] == "user" and not m["content"].strip():
             raise PromptError(f"message {i} (user) is empty; ask something, or attach an image")
     turns = [m["role"] for m in messages if m["role"] != "system"]
-    if not turns or turns[0] != "user" or turns[-1] != "user":
-        raise PromptError(f"the conversation must start and end with a user message (after any system ones), "
-                          f"got {turns or 'system messages only'}; the answer is the next assistant message")
+    if not turns or turns[-1] != "user":
+        raise PromptError(f"the conversation must end with a user message, got {turns or 'system messages only'}; "
+                          f"the answer is the next assistant message")
 
 
 @dataclass

@@ -150,7 +150,7 @@ class Parser:
         return values
 
     def conversation(self, turns: list[tuple[str, str]], system: str | None, images: list[bytes]) -> list[dict]:
-        """Merge consecutive same-role turns (as the Anthropic API does), then check the order."""
+        """Merge consecutive same-role turns (as the Anthropic API does), then check that a user turn comes last."""
         if len(images) > self.settings.max_images:
             raise ApiError(400, f"messages: {len(images)} images, over the limit of {self.settings.max_images}",
                            param="messages")
@@ -162,8 +162,8 @@ class Parser:
                 runs.append((role, [content]))
         merged = [{"role": role, "content": "\n\n".join(texts)} for role, texts in runs]
         talk = [m for m in merged if m["role"] != "system"]
-        if not talk or talk[0]["role"] != "user":
-            raise ApiError(400, "messages: the first non-system message must have the user role", param="messages")
+        if not talk:
+            raise ApiError(400, "messages: there is no user message, only system ones", param="messages")
         if talk[-1]["role"] != "user":
             raise ApiError(400, "messages: the last message must have the user role (this server does not continue "
                                 "a partial assistant message)", param="messages")
