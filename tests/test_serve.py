@@ -221,7 +221,8 @@ BAD_INPUTS = {
     "a-empty-messages": ("/v1/messages", _anthropic(messages=[]), 400),
     "a-assistant-last": ("/v1/messages", _anthropic(messages=[anthropic_image_message(),
                                                               {"role": "assistant", "content": "Hi"}]), 400),
-    "a-system-role-in-messages": ("/v1/messages", _anthropic(messages=[{"role": "system", "content": "Hi"}]), 400),
+    "a-system-only": ("/v1/messages", _anthropic(messages=[{"role": "system", "content": "Hi"}]), 400),
+    "a-tool-role": ("/v1/messages", _anthropic(messages=[{"role": "tool", "content": "x"}]), 400),
     "a-unknown-content-type": ("/v1/messages", _anthropic(messages=[{"role": "user", "content": [
         {"type": "document", "source": {}}]}]), 400),
     "a-temperature-out-of-range": ("/v1/messages", _anthropic(temperature=3), 400),
@@ -275,7 +276,8 @@ ERROR_STARTS = {
     "a-non-image-bytes": "messages.0.content.0.source: the data is not a JPEG, PNG, GIF or WebP image",
     "a-not-json": "the request body is not valid JSON",
     "a-stop-sequences-a-string": "stop_sequences: must be a list of at most 16 non-empty strings",
-    "a-system-role-in-messages": "messages.0.role: must be 'user' or 'assistant', got 'system'",
+    "a-system-only": "messages: there is no user message, only system ones",
+    "a-tool-role": "messages.0.role: must be 'user', 'assistant' or 'system', got 'tool'",
     "a-temperature-out-of-range": "temperature: must be a number in [0, 1], got 3",
     "a-truncated-image": "messages.0.content.0.source: cannot decode the image",
     "a-unknown-content-type": "messages.0.content.0.type: unsupported content type 'document'",
@@ -399,6 +401,17 @@ def test_the_sdks_model_lookup_token_count_and_lenient_fields(url, tiny_chat_mod
                            ("/v1/chat/completions", _openai(messages=[*greeted, openai_image_message()]))):
             reply = client.post(path, json=body)
             assert reply.status_code == 200, reply.text
+        # a system message among the messages (the anthropic SDK's SystemMessageParam) stands where it was sent
+        reminded = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                    {"role": "system", "content": "Answer in one word."}, anthropic_image_message()]
+        reply = client.post("/v1/messages", json=_anthropic(system="Be brief.", messages=reminded))
+        assert reply.status_code == 200, reply.text
+        request, _ = parse_anthropic(_anthropic(system="Be brief.", messages=reminded),
+                                     Parser(ServeSettings(), 64, tiny_chat_model.processor.control_token))
+        assert request.messages == [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"}, {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": f"<image>\n{QUESTION}"}]
         # an assistant turn of this server's own making may be empty (its reply was a stop sequence): replayed, kept
         for empty in ("", None):
             history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": empty},

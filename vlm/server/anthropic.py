@@ -70,11 +70,11 @@ def _system(system: Any, parser: Parser) -> str | None:
 
 
 def _read_message(message: Any, where: str, reader: TurnReader) -> None:
-    """One of `messages`: a user or assistant turn of text and (user turns only) base64 image blocks."""
+    """One of `messages`: a user, assistant or system turn of text and (user turns only) base64 image blocks. A
+    system message stands where it is sent; the top-level `system` field opens the conversation."""
     role = message.get("role") if isinstance(message, dict) else None
-    if role not in ("user", "assistant"):
-        raise ApiError(400, f"{where}.role: must be 'user' or 'assistant', got {role!r} (put system prompts in the "
-                            "top-level system field)")
+    if role not in ("user", "assistant", "system"):
+        raise ApiError(400, f"{where}.role: must be 'user', 'assistant' or 'system', got {role!r}")
     parts = []
     for j, block in enumerate(content_blocks(message.get("content"), where, "content blocks")):
         at = f"{where}.content.{j}"
