@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -27,6 +28,7 @@ from vlm.models.factory import new_vlm
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train import run
 from vlm.training.trainer import NothingToScore
+from vlm.training.vlm_task import VLMTask
 
 
 @pytest.mark.parametrize("text,exact,vqa", [
@@ -141,6 +143,29 @@ def test_an_export_evaluated_as_the_other_phase_names_the_stage_to_pass(tiny_exp
     with pytest.raises(ConfigError, match=rf"checkpoint='{tiny_export}' holds a 'sft' model, which "
                                           rf"stage=contrastive cannot evaluate; pass stage=sft"):
         evaluate(tiny_config(f"checkpoint={tiny_export}", stage="contrastive"))
+
+
+def test_trainer_settings_this_machine_cannot_run_are_named_as_training_names_them(tiny_export):
+    config = tiny_config(f"checkpoint={tiny_export}", "trainer.accelerator=gpu", stage="sft")
+    with pytest.raises(ConfigError, match=r"^trainer settings \(accelerator=gpu, devices=.*\): .*gpu"):
+        evaluate(config)
+
+
+def test_an_evaluation_stopped_by_ctrl_c_exits_130_and_says_so(tiny_export, tmp_path, monkeypatch, caplog):
+    """Lightning ends a Ctrl-C with exit code 1, which would read as a failed evaluation."""
+    def interrupted(self, batch, batch_idx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VLMTask, "validation_step", interrupted)
+    val = _write_conversations(tmp_path / "val", [_record(("<image>\nWhich colour?", "blue", None))])
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            evaluate(tiny_config(f"checkpoint={tiny_export}", f"data.val={val}", "data.num_workers=0", stage="sft"))
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-Cs while it shuts down
+    assert stop.value.code == 130
+    assert "stopped by Ctrl-C before the evaluation finished; nothing was written" in caplog.text
 
 
 def test_a_results_folder_that_cannot_be_made_fails_before_the_evaluation(tiny_export, tmp_path):

@@ -57,7 +57,14 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     with quiet("vlm.training.freezing"):  # its "train / frozen" table speaks of training, which this is not
         task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
     datamodule = ShardDataModule(data, task.batching(), config.data)
-    metrics: dict[str, Any] = validate(build_eval_trainer(config, task), task, datamodule)
+    trainer = build_eval_trainer(config, task)
+    try:
+        metrics: dict[str, Any] = validate(trainer, task, datamodule)
+    except SystemExit as stop:  # Lightning ends a Ctrl-C with exit code 1, after its own shutdown
+        if stop.code != 1 or not trainer.interrupted:
+            raise
+        log.error("stopped by Ctrl-C before the evaluation finished; nothing was written")
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it: not a finished evaluation
     check_scored(task, metrics, data.val)
     metrics.update(checkpoint=str(Path(config.checkpoint).resolve()), data=data.val)
     return metrics, task.predictions

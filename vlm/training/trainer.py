@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +49,19 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask, started: float
         raise ConfigError(f"{str(run.resume_from)!r} is at step {resume_step}, past stage.max_steps="
                           f"{config.stage.max_steps}: there is nothing left to train; raise stage.max_steps to "
                           f"continue the run (at {resume_step} it only validates and exports again)")
-    try:
+    with trainer_settings_checked(t):
         return _trainer(config, run, task, checkpoints, resume_step, started)
-    except ConfigError:  # ours, which names its key
+
+
+@contextlib.contextmanager
+def trainer_settings_checked(t: Any) -> Iterator[None]:
+    """Lightning's checks of the `trainer` settings (no GPU for accelerator=gpu, an unknown precision, ...) as one
+    ConfigError naming them; ours, which name their key, pass as they are."""
+    try:
+        yield
+    except ConfigError:
         raise
-    except (MisconfigurationException, TypeError, ValueError) as err:  # Lightning's checks of the trainer settings
+    except (MisconfigurationException, TypeError, ValueError) as err:
         raise ConfigError(f"trainer settings (accelerator={t.accelerator}, devices={t.devices}, strategy="
                           f"{t.strategy}, precision={t.precision}): {first_line(err)}") from None
 
@@ -80,10 +90,11 @@ def _trainer(config: TrainConfig, run: Run, task: StageTask, checkpoints: Newest
 def build_eval_trainer(config: TrainConfig, task: StageTask) -> pl.Trainer:
     """The Trainer `vlm.eval` validates an export with: one device, the run's precision, no logger or checkpoints,
     reading the first eval.max_samples held-out samples (all when null)."""
-    return pl.Trainer(accelerator=config.trainer.accelerator, devices=1,
-                      precision=configure_precision(config.trainer), logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, callbacks=[progress_callback()],
-                      limit_val_batches=task.val_batch_limit())
+    with trainer_settings_checked(config.trainer):
+        return pl.Trainer(accelerator=config.trainer.accelerator, devices=1,
+                          precision=configure_precision(config.trainer), logger=False, enable_checkpointing=False,
+                          enable_model_summary=False, callbacks=[progress_callback()],
+                          limit_val_batches=task.val_batch_limit())
 
 
 def validate(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule) -> dict[str, float]:
