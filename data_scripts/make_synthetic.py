@@ -13,7 +13,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python data_scripts/make_synthetic.py`: make `data_scripts` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_scripts.shard_writing import DataError, override, prepare_output, write_classnames  # noqa: E402
+from data_scripts.shard_writing import (  # noqa: E402
+    DataError,
+    override,
+    prepare_output,
+    stopped_by_ctrl_c,
+    write_classnames,
+)
 from vlm.cli import compose_config  # noqa: E402
 from vlm.config import SyntheticConfig, load_config  # noqa: E402
 from vlm.data import synthetic  # noqa: E402
@@ -69,8 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     for split, num in splits.items():
         directory = args.out / split
         seed = synthetic.split_seed(args.seed, args.kind, split)
-        pattern = synthetic.write_split(args.kind, directory, num, seed, args.image_size, args.samples_per_shard,
-                                        **synthetic.train_choices(d, args.kind, split))
+        try:
+            pattern = synthetic.write_split(args.kind, directory, num, seed, args.image_size, args.samples_per_shard,
+                                            **synthetic.train_choices(d, args.kind, split))
+        except KeyboardInterrupt:
+            return stopped_by_ctrl_c(args.out)
         if args.kind == "captions":
             write_classnames([directory], synthetic.CLASSNAMES)
         patterns.append(override(f"data.{split}", pattern))

@@ -477,6 +477,11 @@ def run(convert: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nstopped: the shards in {args.out} are whole but the set is not (the one being written is left as "
-              f"*.partial); rerun with --overwrite to convert it all", file=sys.stderr)
-        return 130
+        return stopped_by_ctrl_c(args.out)
+
+
+def stopped_by_ctrl_c(out: Path) -> int:
+    """Say what a converter stopped by Ctrl-C leaves in OUT; returns the exit code, 130 (128 + SIGINT)."""
+    print(f"\nstopped: the shards in {out} are whole but the set is not (the one being written is left as "
+          f"*.partial); rerun with --overwrite to write it all", file=sys.stderr)
+    return 130

@@ -22,6 +22,7 @@ from PIL import Image
 
 from data_scripts import images_to_shards, llava_to_shards, make_synthetic
 from data_scripts.shard_writing import Skip, read_image, split_names
+from vlm.data import synthetic
 from vlm.data.captions import image_fields
 from vlm.data.shards import list_shards
 
@@ -372,6 +373,25 @@ def test_scripts_run_from_anywhere_with_help(script, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "data_scripts" / script), "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "example:" in result.stdout and "output:" in result.stdout
+
+
+def test_an_interrupted_synthetic_set_leaves_no_cut_off_shard_under_a_shard_name(tmp_path, capsys, monkeypatch):
+    drawn = synthetic.caption_samples
+
+    def ctrl_c_at_the_fifth_sample(*args, **kwargs):
+        for i, sample in enumerate(drawn(*args, **kwargs)):
+            if i == 4:
+                raise KeyboardInterrupt  # as the user's Ctrl-C arrives mid-set
+            yield sample
+
+    monkeypatch.setattr(synthetic, "caption_samples", ctrl_c_at_the_fifth_sample)
+    argv = ["--kind", "captions", "--out", str(tmp_path / "out"), "--num-train", "8", "--num-val", "2",
+            "--image-size", "16", "--samples-per-shard", "3"]
+    code, _, err = _convert(capsys, argv, main=make_synthetic.main)
+    assert code == 130 and "stopped: the shards in" in err and "--overwrite" in err
+    written = sorted(p.name for p in (tmp_path / "out/train").iterdir())
+    assert written == ["shard-000000.tar", "shard-000001.tar.partial"]
+    assert len(_read_split(tmp_path / "out/train")) == 3  # the whole shard; the cut one is not read as a shard
 
 
 def test_make_synthetic_help(capsys):
