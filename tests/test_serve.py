@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import socket
 import time
 from collections import Counter
@@ -18,10 +19,14 @@ import anthropic
 import httpx
 import openai
 import pytest
+import uvicorn
+from hydra import compose, initialize_config_dir
 from images import solid
 from live_server import LiveServer
 from PIL import Image
 
+import vlm.serve
+from vlm.cli import CONFIG_DIR
 from vlm.generation.options import H2OSettings
 from vlm.serve import ServeSettings, create_app, listening_socket
 from vlm.server.admission import Admission
@@ -611,6 +616,30 @@ def test_a_taken_port_is_one_clear_error_before_the_server_says_it_serves(capsys
                                        f"to an address of this machine and port= to a free port\n")
     with listening_socket("127.0.0.1", port) as free:  # released: the same port binds
         assert free.getsockname()[1] == port
+
+
+def test_port_0_serves_on_the_port_the_system_picked_and_says_which(tiny_sft_export, monkeypatch, caplog):
+    """`vlm.serve port=0` as run from the shell, up to uvicorn's loop: the log names the port that is listening."""
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: served.extend(sockets))
+    monkeypatch.setattr(vlm.serve, "setup_logging", lambda level: None)  # pytest's caplog keeps the records
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        config = compose("serve", overrides=[f"checkpoint={tiny_sft_export}", "port=0", "device=cpu"])
+    with caplog.at_level(logging.INFO, logger="vlm.serve"):
+        vlm.serve.serve.__wrapped__(config)
+    (listener,) = served
+    with listener:
+        port = listener.getsockname()[1]
+        assert port != 0
+        assert f"on http://127.0.0.1:{port} (POST /v1/messages" in caplog.text
+        assert f"chat page: http://127.0.0.1:{port}/" in caplog.text
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # listening there
+
+
+def test_an_empty_host_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        listening_socket(" ", 8000)
+    assert stopped.value.code == 2 and capsys.readouterr().err.startswith("error: host= is empty;")
 
 
 @pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.0.1.1", True), ("localhost", True),

@@ -43,14 +43,15 @@ def serve(cfg: DictConfig) -> None:
     chat = load_chat_model(settings.checkpoint, settings.device, settings.dtype, settings.model_name)
     with user_errors():
         chat.options(temperature=settings.temperature)  # checks the default temperature now, not per request
+    listener = listening_socket(settings.host, settings.port)
+    port = listener.getsockname()[1]  # port=0: the free port the system picked
     if not is_loopback(settings.host) and not settings.api_key:
         log.warning("listening on %s without api_key: anyone who can reach port %d can use the model",
-                    settings.host, settings.port)
-    listener = listening_socket(settings.host, settings.port)
-    log.info("serving %s on http://%s:%d (POST /v1/messages, POST /v1/chat/completions)",
-             chat.name, settings.host, settings.port)
+                    settings.host, port)
+    log.info("serving %s on http://%s:%d (POST /v1/messages, POST /v1/chat/completions)", chat.name, settings.host,
+             port)
     if settings.web:
-        log.info("chat page: %s", page_url(settings.host, settings.port))
+        log.info("chat page: %s", page_url(settings.host, port))
     server = uvicorn.Server(uvicorn.Config(create_app(chat, settings), log_level=settings.log_level.lower(),
                                            timeout_graceful_shutdown=5))
     server.run(sockets=[listener])
@@ -59,6 +60,8 @@ def serve(cfg: DictConfig) -> None:
 def listening_socket(host: str, port: int) -> socket.socket:
     """The server's socket, bound before the log says it serves: a taken port or an unknown host is one clear error
     instead of a "serving on" line followed by uvicorn's failure."""
+    if not host.strip():
+        fail("host= is empty; give an address of this machine (127.0.0.1 for this machine only, 0.0.0.0 for all)")
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         return socket.create_server((host, port), family=family)
