@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -265,15 +266,30 @@ def test_a_trained_vision_tower_is_scored_against_the_references_own(tmp_path):
     assert scored["rewards/margins"] == pytest.approx(margins["true"], rel=1e-4, abs=1e-6)
 
 
-def test_a_dpo_run_without_a_single_pair_says_so(tiny_sft_export, tmp_path, caplog):
+def test_a_dpo_run_on_conversations_alone_is_refused_at_start_up_or_said_at_the_end(tiny_sft_export, tmp_path,
+                                                                                      caplog):
+    """Conversation shards (sft data) given to stage=dpo would train on anchors only: refused before the model is
+    built when the shards can be read, said when the run ends when they cannot (read through a pipe)."""
+    from vlm.data.preferences import refuse_conversations_only
     from vlm.train import run
 
     conversations_only = write_pairs(tmp_path / "train" / "shard-000000.tar", 0, anchors=4)
-    config = tiny_config(f"data.train={conversations_only}", "data.num_workers=0", "stage.batch_size=2",
-                         f"init_from={tiny_sft_export}", f"output_root={tmp_path}", "stage.max_steps=2",
-                         "stage.precompute_reference=true", stage="dpo", tiny=False)
+
+    def dpo(train: str) -> dict:
+        return run(tiny_config(f"data.train={train}", "data.num_workers=0", "stage.batch_size=2",
+                               f"init_from={tiny_sft_export}", f"output_root={tmp_path}", "stage.max_steps=2",
+                               "stage.precompute_reference=true", stage="dpo", tiny=False))
+
+    with pytest.raises(ConfigError, match=rf"^data.train='{re.escape(conversations_only)}' holds conversations and "
+                                          r"no preference pair \(the first 4 samples read\): stage=dpo learns from "
+                                          r"pairs"):
+        dpo(conversations_only)
+    assert not list((tmp_path / "dpo").iterdir())  # the run folder made for it is gone
+    pairs = write_pairs(tmp_path / "pairs" / "shard-000000.tar", 2, anchors=2)  # anchors first, then the pairs
+    for joined in (f"{pairs}::{conversations_only}", f"{conversations_only}::{pairs}"):
+        refuse_conversations_only(joined)  # a part with pairs: not refused
     with caplog.at_level(logging.WARNING):
-        run(config)
+        dpo(f"pipe:cat {conversations_only}")
     assert "stage=dpo trained 2 batches without a single preference pair" in caplog.text
 
 

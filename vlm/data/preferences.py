@@ -11,18 +11,24 @@ the rewards and the answers' exact match.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from webdataset.shardlists import expand_urls
 
+from vlm.config import ConfigError
 from vlm.data.captions import image_fields
 from vlm.data.conversations import ConversationDecoder, from_llava
 from vlm.data.processor import Encoded, Processor, SampleError, pad_batch
+from vlm.data.shards import REMOTE_PREFIXES
 from vlm.errors import json_type
 
+PAIR_SCAN_SAMPLES = 1000  # samples read at start-up to tell preference shards from conversation shards
 PAIRS_DONE = "DONE"  # written last into a finished `vlm.constitution` output folder: the shard patterns to train on
 
 
@@ -133,6 +139,48 @@ class PreferenceDecoder:
         rows = [self.processor.encode([*prompt, {"role": "assistant", "content": answer}], images, name,
                                       last_reply_only=True) for answer in (chosen, rejected)]
         return {"pair": Pair(rows[0], rows[1], name)}
+
+
+def refuse_conversations_only(pattern: str, key: str = "data.train") -> None:
+    """Shards of conversations alone (sft data) given to stage=dpo would train every step on anchors and never on a
+    pair. Refused at start-up when, in every `::` part of `pattern`, the first PAIR_SCAN_SAMPLES samples hold
+    conversations and no pair. Remote or unreadable shards are left to the data pipeline."""
+    conversations = 0
+    for part in pattern.split("::"):
+        found, seen = _scan_for_a_pair(part)
+        if found is not False:  # a pair, or shards this cannot read
+            return
+        conversations += seen
+    if conversations:
+        raise ConfigError(f"{key}={pattern!r} holds conversations and no preference pair (the first {conversations:,} "
+                          f"samples read): stage=dpo learns from pairs with 'prompt', 'chosen' and 'rejected', which "
+                          f"python -m vlm.constitution writes (or data_scripts/preferences_to_shards.py from JSON). "
+                          f"Conversations join pairs as anchors (PAIRS::CONVERSATIONS); to learn from them alone, use "
+                          f"stage=sft")
+
+
+def _scan_for_a_pair(pattern: str) -> tuple[bool | None, int]:
+    """(True, _) when one of the first PAIR_SCAN_SAMPLES samples of `pattern` is a pair, (False, conversations seen)
+    when none is, (None, _) when a shard is remote or cannot be read."""
+    seen = 0
+    for url in expand_urls(pattern):
+        if url.startswith(REMOTE_PREFIXES):
+            return None, seen
+        try:
+            with tarfile.open(url.removeprefix("file:")) as shard:
+                for member in shard:
+                    if not member.name.endswith(".json") or (data := shard.extractfile(member)) is None:
+                        continue
+                    with contextlib.suppress(ValueError):
+                        record = json.load(data)
+                        if isinstance(record, dict) and "chosen" in record:
+                            return True, seen
+                        seen += isinstance(record, dict) and "conversations" in record
+                    if seen >= PAIR_SCAN_SAMPLES:
+                        return False, seen
+        except (OSError, tarfile.TarError):
+            return None, seen
+    return False, seen
 
 
 def latest_pairs(root: str | Path) -> tuple[Path, dict[str, Any]] | None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vlm.config import ConfigError, StageConfig, TrainConfig
-from vlm.data.preferences import PreferenceDecoder, collate_pairs
+from vlm.data.preferences import PreferenceDecoder, collate_pairs, refuse_conversations_only
 from vlm.data.shards import collate_skipped
 from vlm.data.sources import DataSources
 from vlm.exports.format import read_meta
@@ -72,6 +72,8 @@ class PreferenceTask(VLMTask):
         if (meta := read_meta(init_from)).llm_config is None:
             raise ConfigError(f"init_from={str(init_from)!r} is a {meta.stage!r} export; stage="
                               f"{stage.name} starts from a chat model (an align or sft export)")
+        if data.train:
+            refuse_conversations_only(data.train)
         if config.stage.reference:
             log.warning("stage.reference=%r is read by vlm.eval only: this run's reference is the export it starts "
                         "from, %s", config.stage.reference, init_from)
