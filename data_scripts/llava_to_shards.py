@@ -92,6 +92,9 @@ def read_records(path: Path) -> list[Entry]:
         raise DataError(f"JSON file not found: {path}") from None
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
+        raise DataError(f"{path} holds one JSON object; a .json file holds a list of records ([{{...}}, {{...}}]), "
+                        f"and a .jsonl file one record per line")
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -407,7 +407,8 @@ def override(key: str, pattern: str) -> str:
 
 
 def report(result: Result, use: str) -> int:
-    """Print the summary and the data.train= / data.val= patterns; return the exit code (1 when nothing was written).
+    """Print the summary and the data.train= / data.val= patterns; return the exit code: 2 when nothing was written,
+    since the input held no usable record.
 
     `use` is the vlm command the data suits ("python -m vlm.train stage=sft"), for the example command line.
     """
@@ -419,7 +420,7 @@ def report(result: Result, use: str) -> int:
     if result.written == 0:
         print(f"error: no sample was written to {result.out}: every record was skipped (reasons above)",
               file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {result.written} sample(s) to {result.out}")
     args = []
     for split in result.splits.values():

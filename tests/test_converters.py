@@ -245,7 +245,7 @@ def test_nothing_written_exits_1(tmp_path, capsys):
     annotations = _write_csv(tmp_path / "a.csv", [{"image": "nope.png", "caption": "x"}], ("image", "caption"))
     code, _, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
                                      "--out", str(tmp_path / "out")])
-    assert code == 1 and "no sample was written" in err
+    assert code == 2 and "no sample was written" in err
     assert not list((tmp_path / "out").rglob("*.tar"))
 
 
@@ -534,11 +534,16 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
     assert list(_read_split(tmp_path / "out/train")) == ["00000000"]
 
 
-def test_llava_all_bad_exits_1(tmp_path, capsys):
+def test_llava_input_with_no_usable_record_exits_2(tmp_path, capsys):
     (tmp_path / "llava.json").write_text(json.dumps([{"id": "x", "conversations": []}]))
-    code, _, err = _convert(capsys, ["--json", str(tmp_path / "llava.json"), "--images", str(tmp_path),
-                                     "--out", str(tmp_path / "out")], main=llava_to_shards.main)
-    assert code == 1 and "record 0 (id 'x')" in err
+    argv = ["--images", str(tmp_path), "--out", str(tmp_path / "out")]
+    code, _, err = _convert(capsys, ["--json", str(tmp_path / "llava.json"), *argv], main=llava_to_shards.main)
+    assert code == 2 and "record 0 (id 'x')" in err and "error: no sample was written" in err
+    # one record as a JSON object, not a list: said of the file as a whole, not as a record missing its fields
+    (tmp_path / "one.json").write_text(json.dumps({"id": "x", "conversations": []}, indent=2))
+    code, _, err = _convert(capsys, ["--json", str(tmp_path / "one.json"), *argv], main=llava_to_shards.main)
+    assert code == 2 and err == f"error: {tmp_path / 'one.json'} holds one JSON object; a .json file holds a list " \
+                                "of records ([{...}, {...}]), and a .jsonl file one record per line\n"
 
 
 def test_an_image_past_pils_guard_but_within_the_trainers_is_checked_without_pils_warning(tmp_path):
@@ -560,7 +565,7 @@ def test_llava_prompts_for_the_constitution_need_a_user_turn_not_an_answer(tmp_p
     (tmp_path / "prompts.json").write_text(json.dumps(records))
     argv = ["--json", str(tmp_path / "prompts.json"), "--images", str(tmp_path), "--out"]
     code, out, err = _convert(capsys, [*argv, str(tmp_path / "sft")], main=llava_to_shards.main)
-    assert code == 1 and "record 0 (id 'asked'): no assistant (gpt) turn" in err and "need --prompts" in err
+    assert code == 2 and "record 0 (id 'asked'): no assistant (gpt) turn" in err and "need --prompts" in err
     assert "record 1 (id 'told'): turn 1: an assistant (gpt) turn before any user (human) turn" in err
     code, out, err = _convert(capsys, ["--prompts", *argv, str(tmp_path / "prompts")], main=llava_to_shards.main)
     assert code == 0 and "record 1 (id 'told'): no user (human) turn" in err
