@@ -172,6 +172,19 @@ def test_help_with_a_mistyped_group_option_names_it_as_a_run_would(capsys):
                                       "'dpo', 'sft']. Did you mean 'sft'?\n"
 
 
+@pytest.mark.parametrize("config,arg,message", [
+    ("infer", "model=base", "model='base': vlm.infer has no config group 'model'; it reads the model and its settings "
+                            "from the export given by checkpoint="),
+    ("constitution", "stage=sft", "stage='sft': vlm.constitution has no config group 'stage'; its groups are "
+                                  "['critic', 'data']"),
+])
+def test_another_entry_points_config_group_is_named_as_not_this_ones(config, arg, message, capsys):
+    """Hydra's own answer ("Could not override 'model'... use +model=base") would send the user the wrong way."""
+    with pytest.raises(SystemExit) as stop:
+        preflight([arg], config)
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_help_piped_into_a_reader_that_stops_early_is_no_error():
     """`python -m vlm.train --help | head -3`: the reader closes the pipe before the help is written."""
     read_end, write_end = os.pipe()

@@ -174,7 +174,12 @@ def preflight(args: list[str], config_name: str) -> None:
         fail(f"config folder {str(CONFIG_DIR)!r} not found; reinstall vlm (`pip install .` ships the configs)")
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     group_args = [a for a in args if a.split("=", 1)[0] in groups]
+    own = config_groups(config_name) if group_args else set()
     for group, value in (a.split("=", 1) for a in group_args):  # before --help, which shows the chosen options
+        if group not in own:  # another entry point's group (vlm.train's model=, tiler=, ...)
+            fail(f"{group}={value!r}: vlm.{config_name} has no config group {group!r}; "
+                 + (f"its groups are {sorted(own)}" if own else "it reads the model and its settings from the export "
+                    "given by checkpoint="))
         options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
         if value not in options:
             fail(invalid_choice_message(group, value, options))
@@ -254,6 +259,12 @@ def compose_config(config_name: str, overrides: list[str] | None = None, return_
     """The composed config `config_name` (train, infer, serve) with Hydra overrides, outside any Hydra app."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name, overrides=list(overrides or []), return_hydra_config=return_hydra_config)
+
+
+def config_groups(config_name: str) -> set[str]:
+    """The config groups an entry point's config chooses from (stage, model, ... for vlm.train; none for vlm.infer)."""
+    choices = _composed_or_fail(config_name, [], return_hydra_config=True).hydra.runtime.choices
+    return {group for group in choices if not group.startswith("hydra/")}
 
 
 def _composed_or_fail(config_name: str, overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
