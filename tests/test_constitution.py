@@ -68,6 +68,19 @@ def test_shipped_constitutions_load(name):
     assert all(p.critique.strip() and p.revision.strip() for p in constitution.principles)
 
 
+def test_a_file_without_an_extension_is_read_unless_a_shipped_constitution_has_its_name(tmp_path, monkeypatch):
+    rules = "principles:\n  - name: mine\n    critique: Is it right?\n    revision: Say it rightly.\n"
+    (tmp_path / "myrules").write_text(rules)
+    (tmp_path / "default").write_text(rules)
+    monkeypatch.chdir(tmp_path)
+    assert [p.name for p in load_constitution("myrules").principles] == ["mine"]
+    assert [p.name for p in load_constitution(str(tmp_path / "default")).principles] == ["mine"]  # a path: the file
+    assert len(load_constitution("default").principles) >= 5  # a bare shipped name: the shipped one
+    with pytest.raises(ConfigError, match=r"^constitution='nosuch': no such file '.*constitutions/nosuch.yaml'; "
+                                          r"shipped: \['default', 'synthetic'\], or give a path"):
+        load_constitution("nosuch")
+
+
 @pytest.mark.parametrize("text,message", [("principles: []\n", "has no principles"),
                                           ("principles:\n  - name: a\n    critique: Is it right?\n",
                                            "principle 0 ('a') has no 'revision' request"),

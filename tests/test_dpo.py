@@ -339,6 +339,13 @@ def test_dpo_starts_from_the_export_whose_answers_its_pairs_are(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="vlm"):  # another model: said, not refused
         prepare_run(tiny_config(*common, "run_name=other", f"init_from={newer}", stage="dpo"), pairs.made_by)
     assert f"the preference pairs are the answers of {made_by}, and this run starts from {newer}" in caplog.text
+    caplog.clear()  # a contrastive export is refused by name when the model is built: no word on whose answers first
+    from tiny import contrastive_export
+
+    clip = contrastive_export(tmp_path / "clip")
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        prepare_run(tiny_config(*common, "run_name=clip", f"init_from={clip}", stage="dpo"), pairs.made_by)
+    assert "answers of" not in caplog.text
     # pairs of unknown origin (data.train given) and no sft export to start from: refused, never fresh weights
     with pytest.raises(ConfigError, match=r"no 'sft' export under .*stage=dpo starts from a trained model"):
         prepare_run(tiny_config(f"output_root={tmp_path / 'empty'}", "run_name=none", stage="dpo"))

@@ -70,10 +70,11 @@ class Constitution:
 
 
 def load_constitution(name: str) -> Constitution:
-    """A shipped constitution by name, or a YAML file; every problem names the file and what is wrong."""
-    path = Path(name).expanduser()
-    if not path.suffix:
-        path = CONFIG_DIR / "constitutions" / f"{name}.yaml"
+    """A shipped constitution by name, or a YAML file (a bare name is a shipped one unless only a file has it); every
+    problem names the file and what is wrong."""
+    path, shipped_path = Path(name).expanduser(), CONFIG_DIR / "constitutions" / f"{name}.yaml"
+    if not path.suffix and "/" not in name and (shipped_path.is_file() or not path.is_file()):
+        path = shipped_path
     if not path.is_file():
         shipped = sorted(p.stem for p in (CONFIG_DIR / "constitutions").glob("*.yaml"))
         raise ConfigError(f"constitution={name!r}: no such file {str(path)!r}; shipped: {shipped}, or give a path")

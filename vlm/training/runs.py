@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlm.config import ConfigError, TrainConfig
-from vlm.exports.format import is_complete
+from vlm.exports.format import ExportError, is_complete, read_meta
 from vlm.training.resume import (
     checkpoint_problem,
     checkpoint_step,
@@ -211,7 +211,7 @@ def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | N
     """The export the model is built from: a resumed run's own (recorded in its checkpoint), else `init_from`'s."""
     if resume_from is None:
         start = _init_source(config, pairs_made_by)
-        if pairs_made_by and start and Path(pairs_made_by).resolve() != start.resolve():
+        if pairs_made_by and start and Path(pairs_made_by).resolve() != start.resolve() and _is_chat_export(start):
             log.warning("the preference pairs are the answers of %s, and this run starts from %s: they are not this "
                         "model's own answers (pass init_from=%s to train the model that gave them)", pairs_made_by,
                         start, pairs_made_by)
@@ -221,6 +221,14 @@ def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | N
         log.info("resume: the model is built from %s, the export this run started from, then takes the checkpoint's "
                  "weights", started)
     return started
+
+
+def _is_chat_export(folder: Path) -> bool:
+    """Whether `folder` holds a phase 2 export; what is not one is refused, by name, when the model is built."""
+    try:
+        return read_meta(folder).llm_config is not None
+    except ExportError:
+        return False
 
 
 def _init_source(config: TrainConfig, pairs_made_by: str | None) -> Path | None:
