@@ -22,6 +22,7 @@ from vlm.cli import CONFIG_DIR, PATH_KEYS, PATTERN_KEYS, TEXT_KEYS, quote_values
 from vlm.config import ConfigError, load_config
 from vlm.errors import UserError
 from vlm.exports.format import PROVENANCE_FILE, ExportError, not_a_folder, read_meta
+from vlm.generation.options import GenerationOptions
 from vlm.infer import InferConfig, image_file_problem, infer_config, stream_answer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +111,17 @@ def test_an_answer_that_cannot_be_written_is_one_clear_error(monkeypatch):
         to_stdout("an answer")
     with contextlib.suppress(OSError):  # closing flushes the unwritten answer again
         full.close()
+
+
+def test_h2o_settings_without_the_h2o_cache_are_warned_about():
+    from vlm.generation.options import H2OSettings
+    from vlm.infer import unused_h2o_settings
+
+    assert unused_h2o_settings(GenerationOptions()) is None
+    assert unused_h2o_settings(GenerationOptions(kv_cache="h2o", h2o=H2OSettings(heavy=0.5))) is None
+    assert unused_h2o_settings(GenerationOptions(h2o=H2OSettings(heavy=0.5))) == (
+        "generation.h2o.* is set but generation.kv_cache=dynamic: the H2O budget applies only with "
+        "generation.kv_cache=h2o")
 
 
 def test_an_image_is_checked_before_the_model_loads(tmp_path, pictures):

@@ -525,6 +525,15 @@ def test_cli_prints_plan_and_saves_tiles(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flag", ["--tile-size", "--max-tiles", "--tokens-per-tile"])
+def test_cli_bad_counts_are_named_by_their_flag(flag, capsys):
+    from vlm.data.tiler import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["any.png", flag, "0"])
+    assert stop.value.code == 2 and capsys.readouterr().err.endswith(f"error: {flag} must be at least 1, got 0\n")
+
+
 def test_cli_bad_path_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "vlm.data.tiler", str(tmp_path / "nope.jpg")],

@@ -37,7 +37,7 @@ from vlm.cli import (
 from vlm.config import load_config, setting
 from vlm.data.tiler import ImageLoadError, pil_bomb_limit
 from vlm.errors import UserError
-from vlm.generation.options import GenerationOptions
+from vlm.generation.options import GenerationOptions, H2OSettings
 
 log = logging.getLogger("vlm.infer")
 
@@ -190,11 +190,21 @@ def infer_config(cfg: DictConfig) -> InferConfig:
     return config
 
 
+def unused_h2o_settings(generation: GenerationOptions) -> str | None:
+    """A warning for generation.h2o.* set while another KV cache answers: the budget would silently do nothing."""
+    if generation.kv_cache == "h2o" or generation.h2o == H2OSettings():
+        return None
+    return (f"generation.h2o.* is set but generation.kv_cache={generation.kv_cache}: the H2O budget applies only "
+            f"with generation.kv_cache=h2o")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="infer")
 def infer(cfg: DictConfig) -> None:
     with user_errors():
         config = infer_config(cfg)
     setup_logging(config.log_level)
+    if message := unused_h2o_settings(config.generation):
+        log.warning(message)
     require_chat_export(config.checkpoint)
     if config.prompt is not None and not config.prompt.strip():
         fail("prompt is empty: give a question, or leave prompt out to chat in the REPL")

@@ -421,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--save", metavar="DIR", help="also write the tiles as PNGs into DIR, for a person to look at")
     args = parser.parse_args(argv)
+    for flag, value in (("--tile-size", args.tile_size), ("--max-tiles", args.max_tiles),
+                        ("--tokens-per-tile", args.tokens_per_tile)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")  # exit code 2, with the usage
 
     try:
         tiler = Tiler(TilerConfig(max_tiles=args.max_tiles), args.tile_size, args.tokens_per_tile)
