@@ -420,6 +420,17 @@ def test_paste_and_drop_attach_images(page, tiny_chat_model):
     expected = greedy(tiny_chat_model, [{"role": "user", "content": f"<image>\n<image>\n{QUESTION}"}], [red, blue], 4)
     assert same_text(answer["text"], expected.text)
     check_usage(answer["usage"], expected)  # both images' tokens are in the prompt
+    # a photo over the tiler's pixel budget goes up scaled down, and still shows as chosen after a reload
+    page.dispatch_files("paste", solid_png((30, 200, 30), (320, 240)), "big.png")
+    page.thumbnails_ready(1)
+    page.send(QUESTION)
+    page.last_answer()
+    shown = "return [...document.querySelectorAll('.message.user img')].at(-1).getBoundingClientRect().width"
+    before = page.js(shown)
+    assert page.js("return state.turns.at(-2).images[0].data.length") < len(base64.b64encode(
+        solid_png((30, 200, 30), (320, 240))))  # the sent copy is the scaled-down one
+    page.open(keep_settings=True)
+    assert page.js(shown) == before > 100
 
 
 @pytest.mark.slow
@@ -433,6 +444,7 @@ def test_oversized_image_error_then_next_message_works(page, tiny_chat_model):
     failed = page.last_answer()
     assert failed["state"] == "error" and "400 invalid_request_error" in failed["error"], failed
     assert "over the 4,096-byte limit" in failed["error"]
+    assert failed["error"].endswith("Send fewer or smaller images.")  # the server's 400 for it, as for a 413
     assert page.js("return document.querySelector('.message.user').classList.contains('failed')")
     assert page.js("return document.getElementById('prompt').value") == QUESTION  # back in the box to edit
     page.thumbnails_ready(1)  # with its image, which the user takes out before sending again
@@ -440,6 +452,13 @@ def test_oversized_image_error_then_next_message_works(page, tiny_chat_model):
     page.type(Keys.ENTER)
     answer = page.last_answer()
     assert answer["state"] == "done", answer
+    # the resent message took the refused one's place: one question, one answer
+    assert page.js("return document.querySelectorAll('.message.user').length") == 1 and len(page.answers()) == 1
+    # a file the browser cannot decode is not scaled down: over the byte limit, it is refused when attached
+    page.attach_file(b"RIFF" + b"\0" * 5000, "odd.webp")
+    page.wait("document.getElementById('notice').textContent.includes('over this server')")
+    assert page.find("#notice").text == "odd.webp: 5,004 bytes, over this server's 4,096-byte limit for an image"
+    assert page.js("return state.attached.length") == 0
     expected = greedy(tiny_chat_model, [{"role": "user", "content": QUESTION}], [], 4)  # the failed turn is left out
     assert same_text(answer["text"], expected.text)
     check_usage(answer["usage"], expected)
@@ -513,7 +532,8 @@ class ScriptedStream:
 @pytest.mark.slow
 def test_model_output_is_rendered_as_text_never_html(page, live, monkeypatch):
     pieces = ["Here: ", XSS, "\n\n```html\n<script>window.ran = 1</script>\n```\n", "- one **bold**\n- two `<b>`\n",
-              "- three **bold `<i>` code**\n", "\n1. first\n   - sub a\n   - sub b\n2. second\n   goes on\n"]
+              "- three **bold `<i>` code**\n", "\n1. first\n   - sub a\n   - sub b\n2. second\n   goes on\n",
+              "\n## Notes <b>\n"]
     monkeypatch.setattr(live.app.state.server.chat, "stream",
                         lambda prompt, cancel=None, **options: ScriptedStream(prompt, pieces))
     page.send("Say something dangerous")
@@ -524,6 +544,9 @@ def test_model_output_is_rendered_as_text_never_html(page, live, monkeypatch):
     assert page.js("return window.ran === undefined")
     assert page.js("return document.querySelector('.message.assistant pre code').textContent") == \
         "<script>window.ran = 1</script>"
+    heading = "const h = document.querySelector('.message.assistant [role=heading]'); " \
+              "return [h.ariaLevel, h.textContent]"
+    assert page.js(heading) == ["4", "Notes <b>"]  # below the page's h1 and the settings' h2
     assert page.js("return [...document.querySelectorAll('.message.assistant .content > ul > li')]"
                    ".map((li) => li.innerHTML)") == \
         ["one <strong>bold</strong>", "two <code>&lt;b&gt;</code>",
@@ -552,6 +575,12 @@ def test_a_reload_mid_answer_keeps_the_question_and_odd_settings_and_files_are_r
     page.settings(max_tokens="1.7")  # no whole number of tokens: marked, and the server's default goes
     assert page.js("return [state.settings.maxTokens, document.getElementById('max-tokens').ariaInvalid]") == \
         [None, "true"]
+    page.settings(max_tokens="")  # emptied: the server's default, shown as the placeholder, and not an error
+    page.open(keep_settings=True)
+    page.settings(system="Be brief.")  # another setting leaves it so: a later server default still applies
+    assert page.js("return [JSON.parse(localStorage.getItem('vlm.chat.settings')).maxTokens, "
+                   "document.getElementById('max-tokens').ariaInvalid, "
+                   "document.getElementById('max-tokens').placeholder]") == [None, "false", "16 (the server's default)"]
     page.attach_file(b"plain text, not a picture", "notes.png")  # named like an image, refused on the spot
     page.wait("document.getElementById('notice').textContent === 'notes.png: not a readable image'")
     assert page.js("return state.attached.length") == 0

@@ -28,7 +28,7 @@ function saveChat() {
     forgotten: Boolean(t.forgotten),
     stopped: Boolean(t.stopped),
     usage: t.usage,
-    images: t.images.map(({ name, mediaType, data }) => ({ name, mediaType, data })),
+    images: t.images.map(({ name, mediaType, data, width, height }) => ({ name, mediaType, data, width, height })),
   }));
   try {
     if (turns.length) sessionStorage.setItem(CHAT_KEY, JSON.stringify(turns));
@@ -100,7 +100,8 @@ function showSettings() {
   if (!auto) $("temperature").value = s.temperature;
   $("temperature-value").textContent = auto ? "auto" : Number(s.temperature).toFixed(2);
   $("max-tokens").max = state.config.max_tokens_limit;
-  $("max-tokens").value = s.maxTokens ?? state.config.max_tokens;
+  $("max-tokens").value = s.maxTokens ?? ""; // empty: the server's default, shown as the placeholder
+  $("max-tokens").placeholder = `${state.config.max_tokens} (the server's default)`;
   $("system").value = s.system;
   $("api-key").value = s.apiKey;
   $("api-key-field").hidden = !state.config.api_key_required && !s.apiKey;
@@ -120,7 +121,7 @@ function readSettings() {
   const limit = state.config.max_tokens_limit;
   const given = typed !== "" && Number.isInteger(tokens) && tokens >= 1;
   s.maxTokens = given ? Math.min(tokens, limit) : null;
-  const valid = given && tokens <= limit;
+  const valid = typed === "" || (given && tokens <= limit);
   $("max-tokens").setAttribute("aria-invalid", String(!valid));
   $("max-tokens-help").textContent = valid ? ""
     : `From 1 to ${limit}; answers use ${s.maxTokens ?? state.config.max_tokens}.`;
@@ -225,9 +226,14 @@ async function prepareImage(file) {
       throw new Error(`${file.name || "image"}: not a readable image`);
     }
   }
+  if (!bitmap && file.size > maxBytes) { // not decodable here, so not scaled down: the server would refuse it
+    throw new Error(`${file.name || "image"}: ${file.size.toLocaleString("en")} bytes, over this server's `
+      + `${maxBytes.toLocaleString("en")}-byte limit for an image`);
+  }
   const pixels = bitmap ? bitmap.width * bitmap.height : 0;
+  const shown = bitmap ? { width: bitmap.width, height: bitmap.height } : {}; // as chosen, for the chat's view
   if (!bitmap || (types.includes(file.type) && file.size <= maxBytes && pixels <= budget)) {
-    return { mediaType: file.type, data: await blobToBase64(file) };
+    return { ...shown, mediaType: file.type, data: await blobToBase64(file) };
   }
   const scale = Math.min(1, Math.sqrt(budget / pixels));
   const canvas = document.createElement("canvas");
@@ -245,7 +251,7 @@ async function prepareImage(file) {
   if (file.type !== "image/jpeg") candidates.push(await canvasBlob(canvas, "image/png"));
   if (types.includes(file.type) && pixels <= budget) candidates.push(file);
   const blob = candidates.filter(Boolean).reduce((a, b) => (b.size < a.size ? b : a));
-  return { mediaType: blob.type, data: await blobToBase64(blob) };
+  return { ...shown, mediaType: blob.type, data: await blobToBase64(blob) };
 }
 
 // the images the next request carries: those of failed and forgotten turns are no longer sent
@@ -410,6 +416,8 @@ function renderMarkdown(text, container) {
     if (heading) {
       flush();
       const h = el("p", "heading");
+      h.setAttribute("role", "heading"); // a heading to screen readers, below the page's own (h1) and Settings (h2)
+      h.setAttribute("aria-level", String(Math.min(6, 2 + heading[1].length)));
       h.append(...inline(heading[2]));
       blocks.push(h);
     } else if (!line.trim()) {
@@ -440,6 +448,10 @@ function addUserMessage(turn) {
       const img = el("img");
       img.src = image.url;
       img.alt = image.name;
+      if (image.width && image.height) { // the picture as chosen: the sent copy may be scaled down
+        img.width = image.width;
+        img.height = image.height;
+      }
       row.append(img);
     }
     node.append(row);
@@ -532,7 +544,7 @@ async function serverError(response) {
     429: " Try again in a moment.",
     529: " Try again in a moment.",
   };
-  const hint = hints[response.status];
+  const hint = hints[response.status] ?? (/over the [\d,]+-byte limit/.test(detail) ? hints[413] : undefined);
   return new ServerError(hint ? `${message.replace(/[.\s]*$/, "")}.${hint}` : message, response.status, detail);
 }
 
@@ -740,6 +752,12 @@ async function send() {
   if (!turn.text && !turn.images.length) return;
   $("prompt").value = "";
   autogrow();
+  const refused = state.turns.at(-1);
+  if (refused?.role === "user" && refused.failed) { // put back into the box to edit: this message replaces it
+    refused.el.remove();
+    refused.answerEl?.remove();
+    state.turns.pop();
+  }
   turn.el = addUserMessage(turn);
   state.turns.push(turn);
   saveChat(); // a reload while the answer streams keeps the question
