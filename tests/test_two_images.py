@@ -10,6 +10,7 @@ the default's align stage and colour questions do)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def test_a_short_run_from_scratch_learns_which_of_two_images_shows_a_colour(tmp_
     train = write_which_image_shards(tmp_path / "train" / "shard-000000.tar", 2000, seed=0, colour_questions=0.5)
     val = write_which_image_shards(tmp_path / "val" / "shard-000000.tar", 128, seed=1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the default-width model is big enough for both of CI's cores, and nothing runs beside it
+    # the default-width model is big enough for both of CI's cores when nothing runs beside it; on one of pytest-xdist's
+    # two workers the other worker has the second core, and a second thread would only contend with it
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
     try:
         metrics = run(tiny_config(f"data.train={train}", f"data.val={val}", "data.num_workers=0", "init_from=null",
                                   f"output_root={tmp_path / 'runs'}", "stage.max_steps=500", "stage.warmup_steps=20",
