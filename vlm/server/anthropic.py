@@ -75,28 +75,18 @@ def _read_message(message: Any, where: str, reader: TurnReader) -> None:
     role = message.get("role") if isinstance(message, dict) else None
     if role not in ("user", "assistant", "system"):
         raise ApiError(400, f"{where}.role: must be 'user', 'assistant' or 'system', got {role!r}")
-    parts = []
-    for j, block in enumerate(content_blocks(message.get("content"), where, "content blocks")):
-        at = f"{where}.content.{j}"
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            parts.append(reader.parser.text(block.get("text"), f"{at}.text"))
-        elif kind == "image":
-            if role != "user":
-                raise ApiError(400, f"{at}: images are only allowed in user messages")
-            source = block.get("source")
-            if not isinstance(source, dict) or source.get("type") != "base64":
-                got = source.get("type") if isinstance(source, dict) else source
-                raise ApiError(400, f"{at}.source.type: only 'base64' image sources are accepted, got {got!r} "
-                                    "(this server does not fetch URLs or files)")
-            parts.append(reader.image(source.get("data"), source.get("media_type"), f"{at}.source"))
-        else:
-            raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
-                                "'image'")
-    text = "\n".join(parts)
-    if not text.strip():
-        raise ApiError(400, f"{where}.content: must not be empty")
-    reader.turns.append((role, text))
+    reader.add_turn(role, content_blocks(message.get("content"), where, "content blocks"), where,
+                    f"{where}.content.{{}}", "image", _base64_source)
+
+
+def _base64_source(block: dict, at: str) -> tuple[Any, Any, str]:
+    """An image block's `source`: only inline base64 (this server fetches nothing)."""
+    source = block.get("source")
+    if not isinstance(source, dict) or source.get("type") != "base64":
+        got = source.get("type") if isinstance(source, dict) else source
+        raise ApiError(400, f"{at}.source.type: only 'base64' image sources are accepted, got {got!r} (this server "
+                            "does not fetch URLs or files)")
+    return source.get("data"), source.get("media_type"), f"{at}.source"
 
 
 def anthropic_stop(completion: Completion) -> str:

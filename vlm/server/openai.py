@@ -88,31 +88,21 @@ def _read_message(message: Any, where: str, reader: TurnReader) -> None:
     if role == "assistant" and not message.get("content"):  # the API allows it (a reply that was only a stop sequence)
         reader.turns.append((role, ""))
         return
-    parts = []
-    for j, part in enumerate(content_blocks(message.get("content"), where, "content parts")):
-        at = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            parts.append(reader.parser.text(part.get("text"), f"{at}.text"))
-        elif kind == "image_url":
-            if role != "user":
-                raise ApiError(400, f"{at}: images are only allowed in user messages", param=at)
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            found = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
-            if found is None:
-                raise ApiError(400, f"{at}.image_url.url: send the image inline as a data:image/...;base64,... URL "
-                                    "(this server does not fetch remote URLs)", param=f"{at}.image_url")
-            media_type = found["type"].lower()
-            media_type = "image/jpeg" if media_type == "image/jpg" else media_type  # a common misspelling
-            parts.append(reader.image(found["data"], media_type, f"{at}.image_url"))
-        else:
-            raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
-                                "'image_url'", param=f"{at}.type")
-    text = "\n".join(parts)
-    if not text.strip() and role != "assistant":
-        raise ApiError(400, f"{where}.content: must not be empty", param=f"{where}.content")
-    reader.turns.append((role, text))
+    reader.add_turn(role, content_blocks(message.get("content"), where, "content parts"), where,
+                    f"{where}.content[{{}}]", "image_url", _data_url_source, empty_ok=role == "assistant")
+
+
+def _data_url_source(part: dict, at: str) -> tuple[Any, Any, str]:
+    """An image_url part's URL: only an inline data: URL (this server fetches nothing)."""
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    found = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
+    if found is None:
+        raise ApiError(400, f"{at}.image_url.url: send the image inline as a data:image/...;base64,... URL (this "
+                            "server does not fetch remote URLs)", param=f"{at}.image_url")
+    media_type = found["type"].lower()
+    media_type = "image/jpeg" if media_type == "image/jpg" else media_type  # a common misspelling
+    return found["data"], media_type, f"{at}.image_url"
 
 
 def openai_finish(completion: Completion) -> str:

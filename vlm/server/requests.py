@@ -12,6 +12,7 @@ import binascii
 import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +171,10 @@ class Parser:
         return ([{"role": "system", "content": system}] if system else []) + merged
 
 
+# (an API's image block, its field in the request) -> (base64 data, declared media type, the field to name in errors)
+ImageSource = Callable[[dict, str], tuple[Any, Any, str]]
+
+
 @dataclass
 class TurnReader:
     """A request's messages as they are read: (role, text) turns, where each image is an `<image>` placeholder, and
@@ -180,11 +185,31 @@ class TurnReader:
     images: list[bytes] = field(default_factory=list)
     image_fields: list[str] = field(default_factory=list)
 
-    def image(self, data: Any, media_type: Any, where: str) -> str:
-        """Check and keep an image; returns its placeholder for the turn's text."""
-        self.images.append(self.parser.image(data, media_type, where))
-        self.image_fields.append(where)
-        return IMAGE_TOKEN
+    def add_turn(self, role: str, blocks: list, where: str, block_field: str, image_type: str,
+                 image_source: ImageSource, empty_ok: bool = False) -> None:
+        """One message's content blocks (`content_blocks`: text blocks and, in user turns, image blocks of the API's
+        `image_type`, whose data `image_source` reads) as a turn. `block_field` names block j's field
+        ("messages.0.content.{}"); `empty_ok`: an empty text is a turn too (OpenAI's assistant replies)."""
+        parts = []
+        for j, block in enumerate(blocks):
+            at = block_field.format(j)
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "text":
+                parts.append(self.parser.text(block.get("text"), f"{at}.text"))
+            elif kind == image_type:
+                if role != "user":
+                    raise ApiError(400, f"{at}: images are only allowed in user messages", param=at)
+                data, media_type, image_field = image_source(block, at)
+                self.images.append(self.parser.image(data, media_type, image_field))
+                self.image_fields.append(image_field)
+                parts.append(IMAGE_TOKEN)
+            else:
+                raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
+                                    f"{image_type!r}", param=f"{at}.type")
+        text = "\n".join(parts)
+        if not text.strip() and not empty_ok:
+            raise ApiError(400, f"{where}.content: must not be empty", param=f"{where}.content")
+        self.turns.append((role, text))
 
     def request(self, system: str | None, options: dict[str, Any], stream: bool,
                 include_usage: bool = False) -> ChatRequest:
