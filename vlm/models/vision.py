@@ -50,6 +50,7 @@ class VisionTower(nn.Module):
                               f"{config.name} ({depth} blocks): use 0 to {depth - 1}, or -1 (the last) to "
                               f"-{depth}")
         self.config = config
+        self.feature_block: int = config.feature_layer % depth  # the block patch_features reads, 0 to depth - 1
         self.width: int = self.vit.num_features
         self.num_prefix_tokens: int = getattr(self.vit, "num_prefix_tokens", 1)  # CLS / register tokens
         self.grid_size: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)  # (H/p, W/p)
@@ -88,18 +89,17 @@ class VisionTower(nn.Module):
         trainable parameter to get a gradient."""
         idle = [getattr(self.vit, name, None) for name in ("fc_norm", "attn_pool", "head")]
         if self.config.feature_layer != -1:
-            idle += [*self.vit.blocks[self.config.feature_layer % len(self.vit.blocks) + 1:], self.vit.norm]
+            idle += [*self.vit.blocks[self.feature_block + 1:], self.vit.norm]
         return [p for module in idle if isinstance(module, nn.Module) for p in module.parameters()]
 
     def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.config.feature_layer == -1:
             tokens = self.vit.forward_features(pixels)  # (B, prefix + N, D), after the final norm
         else:
-            depth = len(self.vit.blocks)
-            index = self.config.feature_layer % depth
             keep_prefix = self.config.keep_cls and self.num_prefix_tokens > 0  # timm gives no pair without any
-            tokens = self.vit.forward_intermediates(pixels, indices=[index], intermediates_only=True, stop_early=True,
-                                                    output_fmt="NLC", return_prefix_tokens=keep_prefix)[0]
+            tokens = self.vit.forward_intermediates(pixels, indices=[self.feature_block], intermediates_only=True,
+                                                    stop_early=True, output_fmt="NLC",
+                                                    return_prefix_tokens=keep_prefix)[0]
             if keep_prefix:
                 patches, prefix = tokens
                 return torch.cat([prefix, patches], dim=1)  # (B, prefix + N, D)
