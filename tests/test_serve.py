@@ -258,6 +258,7 @@ BAD_INPUTS = {
     "a-unknown-kv-cache": ("/v1/messages", _anthropic(kv_cache="h20"), 400),
     "o-unknown-kv-cache": ("/v1/chat/completions", _openai(kv_cache="static"), 400),
     "o-top-p-over-1": ("/v1/chat/completions", _openai(top_p=1.5), 400),
+    "o-stream-options-without-stream": ("/v1/chat/completions", _openai(stream_options={"include_usage": True}), 400),
     "o-assistant-tool-calls": ("/v1/chat/completions", _openai(messages=[
         {"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1"}]},
         {"role": "user", "content": "b"}]), 400),
@@ -305,6 +306,7 @@ ERROR_STARTS = {
     "o-unknown-kv-cache": "kv_cache: must be one of ['dynamic', 'h2o'], got 'static'",
     "o-unsupported-media-type": "messages[0].content[0].image_url: unsupported image media type 'image/bmp'",
     "o-top-p-over-1": "top_p: must be a number in [0, 1], got 1.5",
+    "o-stream-options-without-stream": "stream_options: only allowed when stream is true",
     "o-assistant-tool-calls": "messages[1].tool_calls: tool use is not supported by this server",
 }
 
