@@ -71,7 +71,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: must be true or false", param="stream")
     stream_options = body.get("stream_options") or {}
-    if stream_options and not stream:  # as the API answers: a client asking for usage chunks gets none otherwise
+    if stream_options and not stream:  # as OpenAI's API and vLLM answer it
         raise ApiError(400, "stream_options: only allowed when stream is true", param="stream_options")
     include_usage = bool(stream_options.get("include_usage")) if isinstance(stream_options, dict) else False
     return reader.request(None, options, stream, include_usage), model
