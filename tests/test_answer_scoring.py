@@ -279,9 +279,13 @@ def test_the_worst_answers_shown_are_wrong_ones_only(capsys):
 
     show_worst([row("a", "pink", "pink"), row("b", "pink", "blue"), row("c", "red", "red")])
     shown = capsys.readouterr().err
-    assert "the 1 worst-scored of 1 wrong answers:" in shown and "- b:" in shown and "- a:" not in shown
+    assert "the wrong answer:" in shown and "- b:" in shown and "- a:" not in shown
+    show_worst([row("a", "pink", "blue"), row("b", "pink", "pink"), row("c", "red", "pink")], count=1)
+    assert "the 1 worst-scored of 2 wrong answers:" in capsys.readouterr().err
     show_worst([row("a", "pink", "pink")])
-    assert capsys.readouterr().err == "all 1 answers are exact matches\n"
+    assert capsys.readouterr().err == "the answer is an exact match\n"
+    show_worst([row("a", "pink", "pink"), row("c", "red", "red")])
+    assert capsys.readouterr().err == "all 2 answers are exact matches\n"
 
 
 def test_an_evaluation_with_no_rows_leaves_no_earlier_rows_behind(tmp_path):

@@ -146,8 +146,16 @@ def test_help_describes_the_entry_point_its_groups_and_its_settings(name, capsys
     assert exit_.value.code == 0 and shown.startswith(f"`python -m vlm.{name}")
     assert f"usage: python -m vlm.{name}" in shown and f"settings of configs/{name}.yaml" in shown
     assert "hydra:" not in shown and "defaults:" not in shown
+    if example := re.search(r"nested keys with dots, e\.g\. ([\w.]+)=", shown):  # a key this entry point takes
+        assert OmegaConf.select(compose_config(name), example[1]) is not None, example[1]
+    assert (example is None) == (name == "export")  # vlm.export has no nested keys
+    if name == "train":
+        assert "  stage: align, contrastive (default), dpo, sft" in shown
+    if name == "eval":  # stage and tiler: the export's own unless given
+        assert "  stage: align, contrastive, dpo, sft (default: the export's own)" in shown
+        assert "  tiler: high, low, mid (default: the export's own)" in shown
     if name in ("train", "eval"):
-        assert "  stage: align, contrastive (default), dpo, sft" in shown and "eval:" in shown
+        assert "eval:" in shown
         # each group's chosen option, with the comment on each key
         assert "settings of configs/stage/contrastive.yaml (stage.KEY=VALUE" in shown and "max_steps:" in shown
         assert "settings of configs/model/tiny.yaml" in shown and "settings of configs/trainer/cpu.yaml" in shown

@@ -219,26 +219,44 @@ def help_text(config_name: str, args: list[str] = ()) -> str:
     summary = (module.__doc__ or "").strip().split("\n\n")[0]
     chosen = [a for a in args if "=" in a and (CONFIG_DIR / a.split("=", 1)[0]).is_dir()]
     picked = {a.split("=", 1)[0] for a in chosen}
-    choices = _composed_or_fail(config_name, chosen, return_hydra_config=True).hydra.runtime.choices
-    groups = {group: value for group, value in choices.items() if not group.startswith("hydra/")}
+    composed = _composed_or_fail(config_name, chosen, return_hydra_config=True)
+    groups = {group: value for group, value in composed.hydra.runtime.choices.items() if not group.startswith("hydra/")}
+    from_export = getattr(module, "GROUPS_FROM_EXPORT", ())  # chosen by the export read, unless given
     usage = f"usage: python -m vlm.{config_name} {'[GROUP=OPTION ...] ' if groups else ''}[KEY=VALUE ...]"
     lines = [summary, "", usage, f"config files: {CONFIG_DIR}"]
     if groups:
         lines += ["", "config groups (GROUP=OPTION; each option is configs/GROUP/OPTION.yaml, its keys GROUP.KEY=...):"]
         for group, option in sorted(groups.items()):
             options = sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+            if group in from_export and group not in picked:
+                lines.append(f"  {group}: " + ", ".join(options) + " (default: the export's own)")
+                continue
             mark = " (chosen)" if group in picked else " (default)"
             lines.append(f"  {group}: " + ", ".join(f"{o}{mark}" if o == option else o for o in options))
+    example = _nested_key_example(composed, config_name)
+    nested = f"; nested keys with dots, e.g. {example}" if example else ""
     for name in [config_name, *_file_defaults(CONFIG_DIR / f"{config_name}.yaml")]:
         text = _without_blocks((CONFIG_DIR / f"{name}.yaml").read_text(), ("defaults", "hydra"))
-        lines += ["", f"settings of configs/{name}.yaml (KEY=VALUE; nested keys with dots, e.g. eval.max_samples=64):",
-                  text]
+        lines += ["", f"settings of configs/{name}.yaml (KEY=VALUE{nested}):", text]
+        nested = ""  # said once
     for group, option in sorted(groups.items()):
         for name in _with_parents(group, option):
             text = _without_blocks((CONFIG_DIR / group / f"{name}.yaml").read_text(), ("defaults",))
             lines += ["", f"settings of configs/{group}/{name}.yaml ({group}.KEY=VALUE; {group}=OPTION picks another "
                           f"file):", text]
     return "\n".join(lines)
+
+
+def _nested_key_example(config: DictConfig, config_name: str) -> str | None:
+    """A nested KEY=VALUE this entry point takes, for its help's example: the first number set in its own section
+    (vlm.eval's `eval`), else in the first section that has one."""
+    sections = sorted((s for s in config if s != "hydra" and isinstance(config[s], DictConfig)),
+                      key=lambda s: s != config_name)  # stable: the file's order after the entry point's own
+    for section in sections:
+        for key, setting in config[section].items():
+            if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+                return f"{section}.{key}={setting}"
+    return None
 
 
 def _file_defaults(path: Path) -> list[str]:

@@ -1,5 +1,5 @@
-"""`python -m vlm.eval stage=STAGE checkpoint=EXPORT [data.val=SHARDS]` (or `vlm-eval`): score an export folder on
-held-out data.
+"""`python -m vlm.eval checkpoint=EXPORT [data.val=SHARDS]` (or `vlm-eval`): score an export folder on held-out data,
+as the stage that made it scores (read from the export; `stage=STAGE` picks another).
 
 contrastive: zero-shot top-1 (when the held-out samples carry labels) and image<->text retrieval R@1.
 align / sft: held-out loss, and the model's own answers (greedy) scored against every held-out assistant turn:
@@ -36,6 +36,7 @@ from vlm.training.stages import STAGES, get_stage
 from vlm.training.trainer import build_eval_trainer, check_scored, validate
 
 log = logging.getLogger("vlm.eval")
+GROUPS_FROM_EXPORT = ("stage", "tiler")  # config groups the export records: its own unless given (--help says so)
 WORST_SHOWN = 5
 
 
@@ -103,9 +104,12 @@ def show_worst(predictions: list[dict[str, Any]], count: int = WORST_SHOWN) -> N
     wrong = [p for p in predictions if p["scores"]["exact_match"] < 1]
     worst = sorted(wrong, key=lambda p: sum(p["scores"][s] for s in SCORES))[:count]
     if not worst:
-        print(f"all {len(predictions)} answers are exact matches", file=sys.stderr)
+        many = len(predictions) > 1
+        print(f"all {len(predictions)} answers are exact matches" if many else "the answer is an exact match",
+              file=sys.stderr)
         return
-    print(f"the {len(worst)} worst-scored of {len(wrong)} wrong answers:", file=sys.stderr)
+    heading = f"the {len(worst)} worst-scored of {len(wrong)} wrong answers" if len(wrong) > 1 else "the wrong answer"
+    print(f"{heading}:", file=sys.stderr)
     for row in worst:
         scores = ", ".join(f"{s}={row['scores'][s]:.0f}" for s in SCORES)
         print(f"- {row['key']}: Q: {row['question']!r}\n  expected {row['reference']!r}, got {row['prediction']!r} "
