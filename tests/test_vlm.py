@@ -406,6 +406,22 @@ def test_a_folder_of_shards_given_as_a_model_is_named_as_data(tmp_path):
         load_vlm(tmp_path / "pairs")
 
 
+def test_weight_decay_spares_what_the_model_names_embeddings_norms_and_biases():
+    """Decided by each parameter's name in the model: the image slots are an embedding table (2-D, so only their
+    name keeps them out), the LLM's token embeddings decay as under Hugging Face's Trainer."""
+    from vlm.training.optim import build_optimizer
+
+    config = tiny_config("stage.weight_decay=0.1", stage="sft")
+    task = make_task(config)
+    assert task.model.image_slot_embeddings is not None and task.model.image_slot_embeddings.weight.ndim == 2
+    decays = {id(p): group["weight_decay"] > 0 for group in build_optimizer(task.model.parts(), config.stage)
+              .param_groups for p in group["params"]}
+    names = {name: decays[id(p)] for name, p in task.model.named_parameters() if id(p) in decays}
+    assert names["image_slot_embeddings.weight"] is False
+    assert all(not decay for name, decay in names.items() if "embedding" in name or name.endswith(".bias"))
+    assert names["lm.model.embed_tokens.weight"] is True and names["lm.model.layers.0.mlp.up_proj.weight"] is True
+
+
 def test_each_part_learns_at_its_own_rate_and_zero_is_a_rate():
     from vlm.training.optim import build_optimizer
 

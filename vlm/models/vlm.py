@@ -54,8 +54,10 @@ class VisionLanguageModel(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         """The named parts the stage table freezes or trains."""
-        projector = (nn.ModuleList([self.projector, self.image_slot_embeddings]) if self.image_slot_embeddings
-                     is not None else self.projector)
+        # the slots train with the projector; keyed by their attribute names, so a part names each parameter as the
+        # model does (the optimizer keeps "...embedding..." out of weight decay by its name)
+        projector = (nn.ModuleDict({"projector": self.projector, "image_slot_embeddings": self.image_slot_embeddings})
+                     if self.image_slot_embeddings is not None else self.projector)
         return {"vision": self.vision, "projector": projector, "llm": self.lm}
 
     def idle_parameters(self) -> list[nn.Parameter]:
