@@ -4,6 +4,7 @@ records, and `vlm.eval` on a user's own LLaVA-format data (no `type` field), end
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import signal
@@ -137,6 +138,17 @@ def test_eval_max_samples_bounds_the_held_out_loss_as_it_bounds_the_answers(tiny
 
     assert loss(3, 4) == pytest.approx(loss(3, 3), abs=1e-5)
     assert loss(3, 4) != pytest.approx(loss(4, 4), abs=1e-3)
+
+
+def test_the_metrics_name_the_data_and_export_scored_by_absolute_paths(tiny_export, tmp_path, monkeypatch):
+    """Paths given relative to the folder the command ran in still say what was scored once the file is moved."""
+    val = _write_conversations(tmp_path / "val", [_record(("<image>\nWhich colour?", "blue", None))])
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(val, tmp_path)
+    config = tiny_config(f"checkpoint={tiny_export}", f"data.val={relative}", "data.train=null", "data.num_workers=0",
+                         "eval.max_new_tokens=2", stage="sft", tiny=False)
+    metrics = evaluate(config)[0]
+    assert metrics["data"] == str(tmp_path / relative) and metrics["checkpoint"] == str(Path(tiny_export).resolve())
 
 
 def test_an_export_evaluated_as_the_other_phase_names_the_stage_to_pass(tiny_export):

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, quiet, user_errors
 from vlm.config import ConfigError, TilerConfig, TrainConfig, to_train_config
-from vlm.data.shards import ShardError, list_shards
+from vlm.data.shards import ShardError, absolute_pattern, list_shards
 from vlm.data.sources import resolve_eval
 from vlm.exports.format import ExportError, not_a_folder, read_meta
 from vlm.metrics import SCORES
@@ -67,7 +67,7 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
         log.error("stopped by Ctrl-C before the evaluation finished; nothing was written")
         raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports it: not a finished evaluation
     check_scored(task, metrics, data.val)
-    metrics.update(checkpoint=str(Path(config.checkpoint).resolve()), data=data.val)
+    metrics.update(checkpoint=str(Path(config.checkpoint).resolve()), data=absolute_pattern(data.val))
     return metrics, task.predictions
 
 
