@@ -87,11 +87,11 @@ def _read_message(message: Any, where: str, reader: TurnReader) -> None:
                        param=f"{where}.role")
     if role == "assistant" and message.get("tool_calls"):
         raise ApiError(400, f"{where}.tool_calls: {_TOOLS[0]}", param=f"{where}.tool_calls")
-    if role == "assistant" and not message.get("content"):  # the API allows it (a reply that was only a stop sequence)
-        reader.turns.append((role, ""))
-        return
-    reader.add_turn(role, content_blocks(message.get("content"), where, "content parts"), where,
-                    f"{where}.content[{{}}]", "image_url", _data_url_source, empty_ok=role == "assistant")
+    # an assistant message may be empty or have null content (a reply that was only a stop sequence): the API allows it
+    empty_reply = role == "assistant" and not message.get("content")
+    blocks = [] if empty_reply else content_blocks(message.get("content"), where, "content parts")
+    reader.add_turn(role, blocks, where, f"{where}.content[{{}}]", "image_url", _data_url_source,
+                    empty_ok=role == "assistant")
 
 
 def _data_url_source(part: dict, at: str) -> tuple[Any, Any, str]:
