@@ -9,12 +9,13 @@ import tarfile
 import pytest
 import torch
 import torch.nn.functional as F
+import webdataset
 from tiny import make_task, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import and_masks, causal_mask_function, packed_sequence_mask_function, sdpa_mask
 
 from vlm.config import ConfigError
-from vlm.data.packing import best_width, group_by_length, pack_batch, pack_rows
+from vlm.data.packing import LengthGrouping, best_width, pack_batch, pack_rows
 from vlm.data.processor import IGNORE_INDEX, Encoded, pad_batch
 from vlm.data.sources import DataSources
 from vlm.models.factory import new_vlm
@@ -162,14 +163,31 @@ def test_rows_are_as_wide_as_packs_at_the_least_compute():
 
 def test_length_grouping_batches_similar_lengths_and_keeps_every_sample():
     lengths = [int(x) for x in torch.randint(1, 500, (64,), generator=torch.Generator().manual_seed(0))]
-    stage = group_by_length(batches_per_window=4, batch_size=4, length=lambda s: s["n"], seed=0)
-    out = [s["n"] for s in stage({"n": n} for n in lengths)]
+    stage = LengthGrouping(batches_per_window=4, batch_size=4, length=lambda s: s["n"], seed=0)
+    out = [s["n"] for s in stage.run({"n": n} for n in lengths)]
     assert sorted(out) == sorted(lengths)
     batches = [out[i:i + 4] for i in range(0, len(out), 4)]
     spread = sum(max(b) - min(b) for b in batches) / len(batches)
     ungrouped = sum(max(b) - min(b) for b in (lengths[i:i + 4] for i in range(0, 64, 4))) / 16
     assert spread < ungrouped / 3
     assert out != sorted(out)  # the batches of a window come in a shuffled order
+
+
+def test_length_grouped_batches_come_in_a_new_order_each_pass_and_reader(monkeypatch):
+    """The same window read again (the next pass, or another rank's worker) must not put its shortest batch at the
+    same step: the batch order is seeded per pass and reader, as the shuffle buffer is."""
+    samples = [{"n": n} for n in range(32)]
+
+    def order_of_batches(stage: LengthGrouping) -> list[int]:
+        return [s["n"] // 4 for s in stage.run(iter(samples))][::4]  # each batch by its shortest sample
+
+    stage = LengthGrouping(batches_per_window=8, batch_size=4, length=lambda s: s["n"], seed=0)
+    passes = [order_of_batches(stage) for _ in range(3)]
+    assert all(sorted(p) == list(range(8)) for p in passes)
+    assert len({tuple(p) for p in passes}) == 3
+    assert order_of_batches(LengthGrouping(8, 4, lambda s: s["n"], seed=0)) == passes[0]  # a restart: pass 0 again
+    monkeypatch.setattr(webdataset.utils, "pytorch_worker_info", lambda: (0, 1, 1, 2))  # the second worker
+    assert order_of_batches(LengthGrouping(8, 4, lambda s: s["n"], seed=0)) != passes[0]
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])

@@ -12,7 +12,8 @@ with its sample. Position ids restart at each sample; vlm/models/packing.py turn
 attention.
 
 Length grouping (`data.length_group_batches=N`) sorts each window of N batches' worth of decoded samples by length
-and hands them out batch by batch, batches in a seeded random order, so a padded batch holds samples of similar length.
+and hands them out batch by batch, batches in a random order seeded per pass and reader, so a padded batch holds
+samples of similar length.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from vlm.data.processor import IGNORE_INDEX, Encoded, image_slots
+from vlm.data.shards import SeededReaderStage
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -82,24 +84,25 @@ def pack_batch(encoded: list[Encoded], pad_id: int, width: int | None = None) ->
             "pixel_values": torch.cat([e.pixel_values for e in in_order]), "image_slots": image_slots(in_order)}
 
 
-def group_by_length(batches_per_window: int, batch_size: int, length: Callable[[dict], int],
-                    seed: int) -> Callable[[Iterable[dict]], Iterator[dict]]:
+class LengthGrouping(SeededReaderStage):
     """A pipeline stage: windows of `batches_per_window * batch_size` samples, sorted by `length`, given out a batch
-    at a time with the batches of a window in a seeded random order. The DataLoader cuts consecutive `batch_size`
-    samples into a batch, so each batch holds neighbours in length."""
-    window = batches_per_window * batch_size
+    at a time with the batches of a window in a random order of their own for each pass and reader. The DataLoader
+    cuts consecutive `batch_size` samples into a batch, so each batch holds neighbours in length."""
 
-    def stage(source: Iterable[dict]) -> Iterator[dict]:
-        rng = random.Random(seed)
+    purpose = "length-groups"
+
+    def __init__(self, batches_per_window: int, batch_size: int, length: Callable[[dict], int], seed: int) -> None:
+        super().__init__(seed)
+        self.window, self.batch_size, self.length = batches_per_window * batch_size, batch_size, length
+
+    def run_seeded(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
         buffer: list[dict] = []
-        for sample in source:
+        for sample in samples:
             buffer.append(sample)
-            if len(buffer) == window:
-                yield from _grouped(buffer, batch_size, length, rng)
+            if len(buffer) == self.window:
+                yield from _grouped(buffer, self.batch_size, self.length, rng)
                 buffer = []
-        yield from _grouped(buffer, batch_size, length, rng)
-
-    return stage
+        yield from _grouped(buffer, self.batch_size, self.length, rng)
 
 
 def _grouped(samples: list[dict], batch_size: int, length: Callable[[dict], int], rng: random.Random) -> Iterator[dict]:

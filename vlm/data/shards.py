@@ -167,20 +167,39 @@ class UnreadableShards:
             yield sample
 
 
-class ReaderShuffle(wds.PipelineStage):
-    """The sample shuffle buffer, seeded by (seed + pass, rank, worker). Readers of different shards need no seeds of
-    their own, but drawing shards with replacement (data.resampled) lets two readers draw the same shard: with one
-    seed they would yield it in one order, and the global batch would hold copies of the same samples."""
+class SeededReaderStage(wds.PipelineStage):
+    """A pipeline stage whose randomness is seeded by (seed + pass, rank, worker), so each pass through the data and
+    each reader (rank x DataLoader worker) draws its own. Seed + pass, as webdataset's detshuffle counts: a run
+    resumed at an epoch's start gets the next pass's seed as its own (vlm.training.data_position), and so the order
+    the uninterrupted run would have read. Workers are persistent, so a worker's stage counts its passes."""
 
-    def __init__(self, bufsize: int, initial: int, seed: int) -> None:
-        self.bufsize, self.initial, self.seed, self.passes = bufsize, initial, seed, -1
+    purpose = "stage"  # names the stream, so two stages of one reader draw independently
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.passes = seed, -1
 
     def run(self, samples: Iterable[dict]) -> Iterator[dict]:
         self.passes += 1
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        # seed + pass, as webdataset's detshuffle counts: a run resumed at an epoch's start gets the next pass's
-        # seed as its own (vlm.training.data_position), and so the order the uninterrupted run would have read
-        rng = random.Random(f"vlm-shuffle/{self.seed + self.passes}/{rank}/{worker}")  # str seeds: stable hashing
+        rng = random.Random(f"vlm-{self.purpose}/{self.seed + self.passes}/{rank}/{worker}")  # str seeds: stable
+        return self.run_seeded(samples, rng)
+
+    def run_seeded(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
+        raise NotImplementedError
+
+
+class ReaderShuffle(SeededReaderStage):
+    """The sample shuffle buffer. Readers of different shards need no seeds of their own, but drawing shards with
+    replacement (data.resampled) lets two readers draw the same shard: with one seed they would yield it in one order,
+    and the global batch would hold copies of the same samples."""
+
+    purpose = "shuffle"
+
+    def __init__(self, bufsize: int, initial: int, seed: int) -> None:
+        super().__init__(seed)
+        self.bufsize, self.initial = bufsize, initial
+
+    def run_seeded(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
         return wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
 
 

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from vlm.config import ConfigError, DataConfig
-from vlm.data.packing import group_by_length
+from vlm.data.packing import LengthGrouping
 from vlm.data.shards import build_pipeline, list_shards, make_loader, reader_plan
 from vlm.data.sources import DataSources
 from vlm.training.task import Batching
@@ -45,7 +45,7 @@ class ShardDataModule(pl.LightningDataModule):
         pipeline = build_pipeline(self.train_urls, self.batching.decode, train=True, resampled=self.config.resampled,
                                   shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
         if self.config.length_group_batches:
-            pipeline.append(group_by_length(self.config.length_group_batches, self.batching.batch_size,
+            pipeline.append(LengthGrouping(self.config.length_group_batches, self.batching.batch_size,
                                             self.batching.length, self.seed))
         return make_loader(pipeline, self.batching.batch_size, workers, self.batching.collate, drop_last=True)
 
