@@ -51,7 +51,7 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
     stage = get_stage(config.stage.name)
     meta = read_meta(config.checkpoint)
     made_by = meta.stage
-    if (meta.llm_config is None) != stage.task.EMBEDS:  # phase 1 and phase 2 models score differently
+    if meta.has_llm == stage.task.EMBEDS:  # phase 1 and phase 2 models score differently
         raise ConfigError(f"checkpoint={config.checkpoint!r} holds a {made_by!r} model, which stage={stage.name} "
                           f"cannot evaluate; pass stage={made_by}")
     data = resolve_eval(config.data, stage.data, config.output_root)

@@ -58,6 +58,11 @@ class ExportMeta:
     train_config: dict[str, Any] | None = None  # the `stage` settings of the run that wrote it
     format: str = FORMAT
 
+    @property
+    def has_llm(self) -> bool:
+        """A phase 2 model (an LLM reading image tokens); phase 1 exports are the aligned ViT and text tower."""
+        return self.llm_config is not None
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 

@@ -96,7 +96,7 @@ def choose_route(route: str, mismatches: list[str]) -> str:
 def export_hf(checkpoint: Path, out: Path, route: str = "auto") -> Path:
     """Convert the align / sft export `checkpoint` into the transformers folder `out` (`route`: see ROUTES)."""
     meta = read_meta(checkpoint)
-    if meta.llm_config is None:
+    if not meta.has_llm:
         raise ConversionError(f"checkpoint={str(checkpoint)!r} holds a {meta.stage!r} model; format=hf takes an "
                               f"align, sft or dpo export (format=open_clip takes contrastive ones)")
     refuse_taken(out)  # before the model is loaded

@@ -38,7 +38,7 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
     tokenizer and processor. `tiler` overrides the exported tiler settings."""
     meta = read_meta(directory)
     directory = Path(directory).expanduser()
-    if meta.llm_config is None:
+    if not meta.has_llm:
         raise ExportError(f"{str(directory)!r} holds a {meta.stage!r} model, not a vision-language model; give an "
                           f"export of a phase 2 stage (align, sft, ...)")
     try:

@@ -69,7 +69,7 @@ class PreferenceTask(VLMTask):
         if init_from is None:
             raise ConfigError(f"stage={stage.name} learns from a chat model's own answers and cannot start from fresh "
                               f"weights: pass init_from=PATH (an sft or align export) or init_from=auto")
-        if (meta := read_meta(init_from)).llm_config is None:
+        if not (meta := read_meta(init_from)).has_llm:
             raise ConfigError(f"init_from={str(init_from)!r} is a {meta.stage!r} export; stage="
                               f"{stage.name} starts from a chat model (an align or sft export)")
         if data.train:

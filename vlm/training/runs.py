@@ -226,7 +226,7 @@ def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | N
 def _is_chat_export(folder: Path) -> bool:
     """Whether `folder` holds a phase 2 export; what is not one is refused, by name, when the model is built."""
     try:
-        return read_meta(folder).llm_config is not None
+        return read_meta(folder).has_llm
     except ExportError:
         return False
 

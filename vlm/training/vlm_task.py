@@ -218,7 +218,7 @@ def eager_decoding(blocks_compiled: bool) -> AbstractContextManager:
 def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     """From a phase 2 export (align -> sft -> dpo), or a new VLM whose ViT comes from a contrastive export."""
     meta = read_meta(init_from) if init_from else None
-    if meta is not None and meta.llm_config is not None:
+    if meta is not None and meta.has_llm:
         warn_ignored(ignored_architecture(meta.model, to_dict(config.model)), init_from,
                      "a phase 2 stage keeps its export's architecture; start from a contrastive export to change it")
         bundle = load_vlm(init_from, tiler=config.tiler,
