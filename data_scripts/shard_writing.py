@@ -26,12 +26,12 @@ from typing import Any, Generic, TypeVar
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from vlm.data.shards import ShardSplitWriter, shard_pattern
 from vlm.errors import json_type
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-SHARD_NAME = "shard-%06d.tar"
 MAX_PRINTED_SKIPS = 20  # past this, skips are only counted on screen; skipped.txt lists them all
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 # Modes Pillow can write as PNG; anything else (CMYK, F, YCbCr, ...) is converted before re-encoding.
@@ -289,34 +289,6 @@ class _Progress:
             self.bar.close()
 
 
-class _SplitWriter:
-    """Shards of one split. The first shard is opened only when a sample arrives, so no empty tar is left behind;
-    each is written as NAME.partial and renamed once whole, so an interrupted run leaves no cut-off shard that a
-    shard pattern would match."""
-
-    def __init__(self, directory: Path, samples_per_shard: int):
-        self.directory = directory
-        self.samples_per_shard = samples_per_shard
-        self.sink: Any = None
-        self.samples = 0
-
-    def write(self, sample: dict[str, Any]) -> None:
-        if self.sink is None:
-            import webdataset as wds
-
-            self.sink = wds.ShardWriter(str(self.directory / f"{SHARD_NAME}.partial"), maxcount=self.samples_per_shard,
-                                        verbose=0, post=lambda name: os.replace(name, name.removesuffix(".partial")))
-        self.sink.write(sample)
-        self.samples += 1
-
-    def close(self, whole: bool = True) -> None:
-        """`whole=False` (the run was interrupted): the shard in progress keeps its .partial name."""
-        if self.sink is not None:
-            if not whole:
-                self.sink.post = None
-            self.sink.close()
-
-
 @dataclass
 class SplitResult:
     name: str
@@ -326,7 +298,7 @@ class SplitResult:
 
     @property
     def pattern(self) -> str:
-        return str(self.directory / f"shard-{{000000..{self.shards - 1:06d}}}.tar")
+        return shard_pattern(self.directory, self.shards)
 
 
 @dataclass
@@ -356,7 +328,7 @@ def write_shards(out: Path, jobs: Sequence[Job[T]], build: Callable[[T], dict[st
     (to stderr, the first MAX_PRINTED_SKIPS of them) and all listed in OUT/skipped.txt."""
     check_output_arguments(samples_per_shard)
     splits = sorted({job.split for job in jobs}, key=["train", "val"].index)
-    writers = {split: _SplitWriter(out / split, samples_per_shard) for split in splits}
+    writers = {split: ShardSplitWriter(out / split, samples_per_shard) for split in splits}
     skipped: Counter = Counter()
     skip_lines: list[tuple[str, str]] = []  # (key, message): skipped.txt lists them in input order
     progress = _Progress(len(jobs), desc)
@@ -386,8 +358,7 @@ def write_shards(out: Path, jobs: Sequence[Job[T]], build: Callable[[T], dict[st
         log.unlink()  # from an earlier run; this one skipped nothing
     results = {}
     for split, writer in writers.items():
-        shards = len(list(writer.directory.glob("shard-*.tar")))
-        results[split] = SplitResult(split, writer.directory, writer.samples, shards)
+        results[split] = SplitResult(split, writer.directory, writer.samples, writer.shards())
     return Result(out, results, skipped)
 
 

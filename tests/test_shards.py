@@ -14,7 +14,15 @@ from tiny import tiny_config
 
 from vlm.config import TilerConfig
 from vlm.data.captions import CaptionDecoder, collate_captions, text_field
-from vlm.data.shards import ShardError, SkipSample, build_pipeline, list_shards, make_loader, reader_plan
+from vlm.data.shards import (
+    ShardError,
+    ShardSplitWriter,
+    SkipSample,
+    build_pipeline,
+    list_shards,
+    make_loader,
+    reader_plan,
+)
 from vlm.data.sources import resolve
 from vlm.data.tiler import Tiler
 from vlm.training.health import DataHealth
@@ -229,3 +237,20 @@ def test_a_shard_error_raised_in_a_loader_worker_is_one_clean_line(tmp_path, cap
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("error: 10 shards drawn in a row could not be read") and "Traceback" not in lines[-1]
     assert not any("Original Traceback" in line for line in lines)
+
+
+def test_an_interrupted_split_leaves_only_whole_shards_under_the_pattern(tmp_path):
+    """Ctrl-C while a shard is being written: the whole shards keep their names, the cut one stays *.partial, and the
+    pattern reads back exactly the samples of the whole ones."""
+    with pytest.raises(KeyboardInterrupt), ShardSplitWriter(tmp_path / "train", samples_per_shard=2) as writer:
+        for i in range(5):
+            writer.write({"__key__": f"{i:03d}", "txt": f"sample {i}"})
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
+        "shard-000000.tar", "shard-000001.tar", "shard-000002.tar.partial"]
+    keys = [sample["__key__"] for sample in wds.WebDataset(writer.pattern(), shardshuffle=False)]
+    assert keys == ["000", "001", "002", "003"]
+    with ShardSplitWriter(tmp_path / "val", samples_per_shard=2) as finished:
+        finished.write({"__key__": "000", "txt": "only"})
+    assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["shard-000000.tar"]
+    assert not ShardSplitWriter(tmp_path / "empty", 2).shards() and not (tmp_path / "empty").exists()

@@ -17,6 +17,7 @@ from vlm.config import ConfigError
 from vlm.constitution.critics import CriticUnreachable, Item
 from vlm.constitution.pairs import Counts, PairMaker, read_prompts
 from vlm.constitution.settings import Constitution, ConstitutionConfig
+from vlm.data.shards import shard_pattern
 from vlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
         log.info("%s: %d prompts were already done by an earlier run and skipped", name, resumed)
     if counts.prompts == 0:
         raise ConfigError(f"data.{name}={pattern!r} gave no prompt: no conversation sample with a user turn")
-    return str(directory / f"shard-{{000000..{shards - 1:06d}}}.tar"), counts
+    return shard_pattern(directory, shards), counts
 
 
 SETTINGS_FILE = "settings.json"  # what the shards in an output folder were made with

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,27 +284,17 @@ def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int
                 **choices: Any) -> str:
     """Write one split as shards, conversations drawn with `choices` (`train_choices`, passed to
     `conversation_samples`); returns the brace pattern that reads it back."""
-    import webdataset as wds
     from tqdm import tqdm
 
-    directory.mkdir(parents=True, exist_ok=True)
-    # each shard is written as NAME.partial and renamed once whole: an interrupted run leaves no cut-off shard that
-    # the pattern would read
-    sink = wds.ShardWriter(str(directory / "shard-%06d.tar.partial"), maxcount=samples_per_shard, verbose=0,
-                           post=lambda name: os.replace(name, name.removesuffix(".partial")))
-    try:
+    from vlm.data.shards import ShardSplitWriter
+
+    with ShardSplitWriter(directory, samples_per_shard) as sink:
         samples = (conversation_samples(num, seed, image_size, **choices) if kind == "conversations"
                    else caption_samples(num, seed, image_size))
         for sample in tqdm(samples, total=num, desc=f"synthetic {kind} -> {directory.name}",
                            unit="img", leave=False, disable=None):  # None: no bar when stderr is a log file
             sink.write(sample)
-    except BaseException:  # Ctrl-C too: the shard in progress keeps its .partial name
-        sink.post = None
-        raise
-    finally:
-        sink.close()
-    shards = sorted(directory.glob("shard-*.tar"))
-    return str(directory / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
+    return sink.pattern()
 
 
 def split_seed(seed: int, kind: str, split: str) -> int:
