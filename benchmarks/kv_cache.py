@@ -14,8 +14,8 @@ Two parts:
    with vlm.metrics. For each budget B (a fraction of each prompt's length), the cache holds B x prompt tokens in all
    (plus the sinks with --sinks-on-top):
    - h2o: `sinks` first tokens, then the rest split evenly between heavy hitters and the recent window, once with each
-     ranking of heavy hitters (the largest share one query gave the key, the default; the mean per query that read
-     it; summed, the paper's);
+     ranking of heavy hitters (h2o.ranking: the largest contribution a query drew from the key, the default; the
+     largest share of attention one query gave it; the mean per query that read it; summed, the paper's);
    - window: the same `sinks` and a recent-only window for the rest (StreamingLLM);
    plus the full dynamic cache. Writes a PNG of exact match against budget (--plot). By default each prompt is read
    whole and the budget binds from the answer on; --prompt-block 1 reads it a token at a time, evicting after each,
@@ -28,7 +28,8 @@ Two parts:
 
 Usage: python benchmarks/kv_cache.py [--export EXPORT_DIR] [--prompt-tokens 4096] [--new-tokens 256]
        [--speed-budget 0.2] [--repeats 3] [--budgets 1.0 0.5 0.2 0.1] [--sinks 4] [--h2o-sinks N] [--sinks-on-top]
-       [--ranking max|mean|sum] [--prompt-block N|image] [--speed-prompt-block N] [--full-cache-layers I ...]
+       [--ranking contribution|max|mean|sum] [--prompt-block N|image] [--speed-prompt-block N]
+       [--full-cache-layers I ...]
        [--max-samples 200] [--plot docs/kv_cache_budget.png|none] [--skip-speed] [--skip-quality] [--threads 1]
 Without --export, a random tiny export is built (the quality part then measures nothing useful).
 """
@@ -64,7 +65,7 @@ from vlm.data.sources import resolve_eval  # noqa: E402
 from vlm.exports.vlm import export_vlm, load_vlm  # noqa: E402
 from vlm.generation.h2o import H2OBudget, H2OCache  # noqa: E402
 from vlm.generation.kv_cache import cached_bytes  # noqa: E402
-from vlm.generation.options import IMAGE_BLOCKS, RANKINGS  # noqa: E402
+from vlm.generation.options import IMAGE_BLOCKS, RANKINGS, H2OSettings  # noqa: E402
 from vlm.metrics import answer_metrics, score_answer  # noqa: E402
 from vlm.models.factory import VLMBundle, new_vlm  # noqa: E402
 
@@ -270,15 +271,14 @@ def quality(bundle: VLMBundle, args: argparse.Namespace) -> dict[str, dict[float
         metrics = answer_metrics(scored)
         results[method][fraction] = metrics["exact_match"]
         groups = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.startswith("exact_match/"))
-        print(f"  {method:<8} budget {fraction:>4.0%} (mean {statistics.mean(held):.1f} tokens held): exact match "
+        print(f"  {method:<16} budget {fraction:>4.0%} (mean {statistics.mean(held):.1f} tokens held): exact match "
               f"{metrics['exact_match']:.3f} ({groups}) in {seconds:.0f} s", flush=True)
     full = results["dynamic"][1.0]
     ranked = list(rankings)  # in the order given: the first is compared
     first = ranked[0]
-    names = {"h2o-max": "h2o, max ranking (default)", "h2o-mean": "h2o, mean ranking",
-             "h2o-sum": "h2o, sum ranking (paper)"}
-    print(f"\n| budget (of the prompt) | {' | '.join(names[m] for m in ranked)} | recent-only window | "
-          f"{first} / full ({full:.3f}) | {first} - window |")
+    labels = " | ".join(ranking_label(rankings[m]) for m in ranked)
+    print(f"\n| budget (of the prompt) | {labels} | recent-only window | {first} / full ({full:.3f}) | "
+          f"{first} - window |")
     print("|---" * (len(ranked) + 4) + "|")
     for fraction in args.budgets:
         kept, window = [results[m][fraction] for m in ranked], results["window"][fraction]
@@ -301,16 +301,27 @@ def print_costs(costs: dict[tuple[str, float], dict[str, float]]) -> None:
               f"{cost['rss_mib']:.1f} |")
 
 
+RANKING_PLOT_LABELS = {"contribution": ("largest contribution", "D"), "max": ("largest attention", "o"),
+                       "mean": ("mean attention", "v"), "sum": ("summed attention (paper)", "^")}  # what, marker
+
+
+def default_mark(ranking: str) -> str:
+    return " (default)" if ranking == H2OSettings.ranking else ""
+
+
+def ranking_label(ranking: str) -> str:
+    return f"h2o, {ranking} ranking{' (paper)' if ranking == 'sum' else ''}{default_mark(ranking)}"
+
+
 def plot(results: dict[str, dict[float, float]], path: Path, sinks: int, on_top: bool,
          prompt_block: int | str | None, full_layers: tuple[int, ...] = ()) -> None:
     plt = pyplot_or_exit(path)
     if plt is None:
         return
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, label, marker in (("h2o-max", "H2O, heavy hitters by largest attention (default)", "o"),
-                                  ("h2o-mean", "H2O, heavy hitters by mean attention", "v"),
-                                  ("h2o-sum", "H2O, heavy hitters by summed attention (paper)", "^"),
-                                  ("window", "recent-only window (StreamingLLM)", "s")):
+    lines = [(f"h2o-{r}", f"H2O, heavy hitters by {RANKING_PLOT_LABELS[r][0]}{default_mark(r)}",
+              RANKING_PLOT_LABELS[r][1]) for r in RANKINGS]
+    for method, label, marker in (*lines, ("window", "recent-only window (StreamingLLM)", "s")):
         if method not in results:
             continue
         budgets = sorted(results[method])
@@ -374,7 +385,7 @@ def main() -> None:
     parser.add_argument("--rankings", choices=RANKINGS, nargs="+", default=list(RANKINGS),
                         help="quality part: the heavy-hitter rankings h2o runs with (the first one is compared with "
                              "the window and the full cache)")
-    parser.add_argument("--ranking", choices=RANKINGS, default="max",
+    parser.add_argument("--ranking", choices=RANKINGS, default=H2OSettings.ranking,
                         help="how h2o ranks heavy hitters in the speed part (the quality part runs each)")
     parser.add_argument("--full-cache-layers", type=int, nargs="+", default=(),
                         help="quality part, a diagnostic: these decoder layers (from 0) keep every key while the "

@@ -240,6 +240,17 @@ def test_heavy_hitters_rank_by_the_largest_share_one_query_gave(ranking, after):
     assert layer.positions[0, 0].tolist() == after
 
 
+@pytest.mark.parametrize("ranking,kept", [("contribution", [1, 3]), ("max", [0, 3])])
+def test_contribution_weighs_each_keys_lift_by_its_values_norm(ranking, kept):
+    """Position 0 drew the most (0.5 against 0.3), but its value is half as long as position 1's: what position 1 adds
+    to a query's output is the larger term (0.3 x 2 against 0.5 x 1), so `contribution` keeps it and `max` keeps 0."""
+    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0, ranking=ranking))
+    values = torch.tensor([1.0, 2.0, 1.0, 1.0]).view(1, 1, 4, 1) * torch.tensor([0.6, 0.8])  # norms 1, 2, 1, 1
+    layer.update(torch.randn(1, 1, 4, 2), values, kwargs={})
+    layer.observe(torch.tensor([[[0.5, 0.3, 0.3, 0.1]]]))
+    assert layer.positions[0, 0].tolist() == kept
+
+
 def test_the_kept_keys_are_the_stored_rows_of_their_positions():
     layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=1))
     keys = torch.randn(1, 1, 5, 3)
@@ -261,6 +272,13 @@ def test_column_scores_in_blocks_equal_the_full_softmax():
     largest = logits.masked_fill(~causal, float("-inf")).softmax(-1).view(2, 2, 2, 7, 9).amax(dim=(2, 3))
     torch.testing.assert_close(attention_column_scores(query, key, None, 0.3, "max", block=3), largest)
     torch.testing.assert_close(attention_column_scores(query, key, mask, 0.3, "max", block=2), largest)
+    # the largest lift: each share times the keys its query read (query i reads the 2 held keys and new keys 0..i)
+    keys_read = causal.sum(-1, keepdim=True).float()  # (7, 1): 3, 4, ..., 9
+    lifts = (logits.masked_fill(~causal, float("-inf")).softmax(-1) * keys_read).view(2, 2, 2, 7, 9).amax(dim=(2, 3))
+    torch.testing.assert_close(attention_column_scores(query, key, None, 0.3, "lift", block=3), lifts)
+    torch.testing.assert_close(attention_column_scores(query, key, mask, 0.3, "lift", block=2), lifts)
+    additive = torch.zeros(2, 1, 7, 9).masked_fill(~mask, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(attention_column_scores(query, key, additive, 0.3, "lift", block=4), lifts)
 
 
 def test_default_column_sum_blocks_fit_the_device_budget_with_the_same_result():
@@ -276,7 +294,7 @@ def test_default_column_sum_blocks_fit_the_device_budget_with_the_same_result():
 
 
 def test_beam_reordering_moves_scores_and_positions_with_their_keys():
-    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0))
+    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0, ranking="max"))  # scores kept as given
     keys = torch.randn(2, 1, 4, 3)
     layer.update(keys, keys, kwargs={})
     layer.observe(torch.tensor([[[0.0, 5.0, 1.0, 0.0]], [[0.0, 1.0, 5.0, 0.0]]]))  # row 0 keeps 1, row 1 keeps 2
@@ -320,8 +338,8 @@ def test_fractions_resolve_against_the_prompt_length():
     ({"h2o": {"sinks": 0.5}}, "h2o.sinks=0.5"),
     ({"h2o": {"recent": 0}}, "h2o.recent=0"),
     ({"h2o": {"ranking": "top"}}, "h2o.ranking='top'"),
-    ({"h2o": {"ranking": "means"}}, "h2o.ranking='means' is not valid; choose one of ['max', 'mean', 'sum']. Did you "
-                                    "mean 'mean'?"),
+    ({"h2o": {"ranking": "means"}}, "h2o.ranking='means' is not valid; choose one of ['contribution', 'max', 'mean', "
+                                    "'sum']. Did you mean 'mean'?"),
     ({"h2o": {"prompt_block": 0}}, "h2o.prompt_block=0"),
     ({"h2o": {"prompt_block": "images"}}, "h2o.prompt_block='images'"),
     ({"h2o": {"heavyy": 3}}, "unknown generation option 'h2o.heavyy'. Did you mean 'h2o.heavy'?"),

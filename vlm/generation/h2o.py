@@ -8,11 +8,15 @@ and evicts everything else after every forward pass (the prompt's prefill and ea
 holds more than heavy + recent + sinks keys between steps (+1 while a step runs). With `heavy=0` it is a recent-only
 window with sinks (StreamingLLM).
 
-Heavy hitters are ranked by the most attention any one query has given them (`ranking=max`, the default), by their
-accumulated attention (`sum`, the paper's), or by that total over the queries that have read them (`mean`). A sum
-favours keys for being old, and on short image prompts it evicts the question's last words first; a mean dilutes a
-key that one query needed badly among the many that ignored it. The largest share keeps exactly those keys, and on
-the synthetic held-out questions it keeps the most answers at every budget (see the README's budget table).
+Heavy hitters are ranked by the most any one query has drawn on them (`ranking=contribution`, the default), by the
+largest share of its attention a query has given them (`max`), by their accumulated attention (`sum`, the paper's), or
+by that total over the queries that have read them (`mean`). A sum favours keys for being old, and on short image
+prompts it evicts the question's last words first; a mean dilutes a key that one query needed badly among the many
+that ignored it. The largest share keeps exactly those keys, but a query that reads few keys (a prompt's first
+tokens) gives each a large share whatever they say, and a key with a large share and a small value (a sink, a
+separator) adds little to the output. `contribution` measures each share against an even spread over the keys its
+query read (share x keys read) and weighs it by the norm of the key's value, as the size of the key's term in that
+query's output; it keeps the most answers on the synthetic held-out questions (see the README's budget table).
 
 Scores are kept per key-value head: each head keeps its own heavy hitters, as in the paper, at no extra memory (every
 head keeps the same number of keys). Under grouped-query attention the query heads that share a key-value head count
@@ -146,10 +150,17 @@ class H2OLayer(DynamicLayer):
     def wants_scores(self) -> bool:
         return self.budget.heavy > 0  # a recent-only window needs none
 
+    @property
+    def score_reduce(self) -> str:
+        """How the attention function reduces this step's scores for the ranking (see attention_column_scores)."""
+        return {"max": "max", "contribution": "lift"}.get(self.budget.ranking, "sum")
+
     def observe(self, scores: torch.Tensor | None) -> None:
-        """Add this step's attention (B, H_kv, K) to the kept keys' totals (`max`: keep the larger share), then
-        evict down to the budget."""
-        if scores is not None and self.budget.ranking == "max":
+        """Add this step's attention (B, H_kv, K) to the kept keys' totals (`max`: keep the larger share;
+        `contribution`: the larger share x keys read, times the key's value norm), then evict down to the budget."""
+        if scores is not None and self.budget.ranking == "contribution":
+            scores = scores * self.values.float().norm(dim=-1)  # (B, H_kv, K): how much the key's term adds
+        if scores is not None and self.budget.ranking in ("max", "contribution"):
             self.scores = torch.maximum(self.scores, scores)
         elif scores is not None:
             self.scores += scores
@@ -179,7 +190,7 @@ class H2OLayer(DynamicLayer):
         from a key's position on read it while it was kept (causal, and an evicted key never returns), so that count
         is the tokens seen minus its position. Summed totals favour old keys: of an N-token prompt, key j is read by
         N - j of its queries, so the question's last words lose."""
-        if self.budget.ranking in ("sum", "max"):
+        if self.budget.ranking != "mean":
             return self.scores
         return self.scores / (self.cumulative_length - self.positions)
 
@@ -282,7 +293,9 @@ def score_block(heads: int, keys: int, device: torch.device) -> int:
 def attention_column_scores(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                             scaling: float, reduce: str = "sum", block: int | None = None) -> torch.Tensor:
     """Attention each key receives over the queries and the query heads sharing its key-value head: summed
-    (`reduce="sum"`) or its largest share (`"max"`).
+    (`reduce="sum"`), its largest share (`"max"`), or its largest lift (`"lift"`: a share times the number of keys
+    its query read, i.e. against an even spread, so a query that reads three keys does not give each a third for
+    reading them at all).
 
     query (B, H, Q, D), key (B, H_kv, K, D), the queries being the last Q of the K positions; attention_mask None
     (causal) or the model's 4D mask (B, 1, Q, >=K), boolean (True attends) or additive; `block` queries per pass
@@ -311,12 +324,27 @@ def attention_column_scores(query: torch.Tensor, key: torch.Tensor, attention_ma
         # query-weighted sum over the block's rows rather than by a division pass
         logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
         inverse_norm = logits.sum(dim=-1).reciprocal_()  # (B, H_kv, G, c)
-        if reduce == "max":
-            shares = logits.mul_(inverse_norm.unsqueeze(-1)).amax(dim=(2, 3))  # (B, H_kv, V)
+        if reduce in ("max", "lift"):
+            weights = inverse_norm.unsqueeze(-1)  # (B, H_kv, G, c, 1)
+            if reduce == "lift":
+                weights = weights * _keys_read(attention_mask, start, end, keys, visible, key.device)
+            shares = logits.mul_(weights).amax(dim=(2, 3))  # (B, H_kv, V)
             totals[..., :visible] = torch.maximum(totals[..., :visible], shares)
         else:
             totals[..., :visible] += torch.einsum("bhgq,bhgqk->bhk", inverse_norm, logits)
     return totals
+
+
+def _keys_read(attention_mask: torch.Tensor | None, start: int, end: int, keys: int, visible: int,
+               device: torch.device) -> torch.Tensor:
+    """How many keys each query of the block [start, end) reads: (c, 1) when causal without a mask (the block's last
+    query reads `visible`), else (B, 1, 1, c, 1) from the mask, boolean (True attends) or additive."""
+    if attention_mask is None:
+        rows = end - start
+        return torch.arange(visible - rows + 1, visible + 1, dtype=torch.float32, device=device).unsqueeze(-1)
+    mask = attention_mask[:, :, start:end, :keys].unsqueeze(1)  # (B, 1, 1, c, K)
+    attends = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+    return attends.sum(dim=-1, keepdim=True).float()
 
 
 def _refuse_padding(attention_mask: torch.Tensor | None, keys: int) -> None:
@@ -343,9 +371,9 @@ def _observing(wrapped: Callable) -> Callable:
         elif layer is not None:
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
             with torch.no_grad():
+                # a 2D mask (flash attention) is all ones, as padding is refused
                 mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
-                reduce = "max" if layer.budget.ranking == "max" else "sum"
-                layer.observe(attention_column_scores(query, key, mask, scale, reduce))  # a 2D mask is all ones
+                layer.observe(attention_column_scores(query, key, mask, scale, layer.score_reduce))
         return output
 
     return attention

@@ -55,7 +55,7 @@ def auto_temperature(messages: Sequence[Message]) -> tuple[float, str]:
 
 
 KV_CACHES = ("dynamic", "h2o")
-RANKINGS = ("max", "mean", "sum")  # how H2O orders heavy-hitter candidates
+RANKINGS = ("contribution", "max", "mean", "sum")  # how H2O orders heavy-hitter candidates
 IMAGE_BLOCKS = "image"  # h2o.prompt_block: a pass per image, each ending with the image's last token
 
 
@@ -63,20 +63,21 @@ IMAGE_BLOCKS = "image"  # h2o.prompt_block: a pass per image, each ending with t
 class H2OSettings:
     """The H2O cache's budget (vlm.generation.h2o). `heavy` and `recent` are each a token count (an integer) or a
     fraction of the prompt's length (a number with a decimal point, at most 1.0); `sinks` first tokens are always kept.
-    `heavy=0` makes a recent-only window with sinks (StreamingLLM). `ranking` orders the heavy-hitter candidates: `max`,
-    the largest share of its attention any query (in any head sharing the key) has given the key; `sum`, the attention
-    each key has received so far (the paper's); or `mean`, that sum over the queries that have read the key, which
-    does not favour a key for being old. `prompt_block`: with None the prompt is read in one pass and the
-    budget applies from the answer on; with N it is read N tokens at a time, evicting after each block, so the
-    cache never holds more than the budget + N (1: as the paper evaluates, each prompt token reads only what is
-    kept); with "image" a pass ends after each image, so an image is read whole, then evicted, before the words
-    after it read it, and the words after the last image are read with the answer's first step (the cache holds at
-    most the budget + the longest stretch between two image ends, or after the last)."""
+    `heavy=0` makes a recent-only window with sinks (StreamingLLM). `ranking` orders the heavy-hitter candidates:
+    `contribution`, the most any query (in any head sharing the key) has drawn on the key: its share of the query's
+    attention against an even spread over the keys the query read, times the norm of the key's value; `max`, the
+    largest share alone; `sum`, the attention each key has received so far (the paper's); or `mean`, that sum over the
+    queries that have read the key, which does not favour a key for being old. `prompt_block`: with None the prompt
+    is read in one pass and the budget applies from the answer on; with N it is read N tokens at a time, evicting
+    after each block, so the cache never holds more than the budget + N (1: as the paper evaluates, each prompt token
+    reads only what is kept); with "image" a pass ends after each image, so an image is read whole, then evicted,
+    before the words after it read it, and the words after the last image are read with the answer's first step (the
+    cache holds at most the budget + the longest stretch between two image ends, or after the last)."""
 
     heavy: int | float = 0.1  # tokens kept for the most attention received so far
     recent: int | float = 0.1  # the newest tokens, always kept
     sinks: int = 4  # the first tokens, always kept (they draw attention whatever they say)
-    ranking: str = "max"  # max, mean or sum: see above
+    ranking: str = "contribution"  # contribution, max, mean or sum: see above
     prompt_block: int | str | None = None  # None: the prompt in one pass; N: N tokens per pass; "image": per image
 
     def __post_init__(self) -> None:
