@@ -301,6 +301,7 @@ def test_beam_reordering_moves_scores_and_positions_with_their_keys():
     layer.reorder_cache(torch.tensor([1, 1]))  # both beams continue row 1
     assert layer.positions[:, 0].tolist() == [[2, 3], [2, 3]] and torch.equal(layer.keys[0], keys[1, :, [2, 3]])
     assert layer.scores[:, 0].tolist() == [[5.0, 0.0], [5.0, 0.0]]
+    torch.testing.assert_close(layer.value_norms[:, 0], keys[1, 0, [2, 3]].norm(dim=-1).expand(2, 2))  # values = keys
 
 
 def test_a_window_without_heavy_hitters_keeps_sinks_and_the_newest_tokens(lm):

@@ -96,6 +96,7 @@ class H2OLayer(DynamicLayer):
     """
 
     is_croppable = False
+    PER_KEY = ("scores", "positions", "value_norms")  # (B, H_kv, K) each, kept, reordered and evicted with the keys
 
     def __init__(self, budget: H2OBudget):
         super().__init__()
@@ -103,6 +104,7 @@ class H2OLayer(DynamicLayer):
         self.cumulative_length = 0  # tokens seen, evicted ones included
         self.scores = torch.zeros(0)  # (B, H_kv, K) float32: attention each kept key has received so far (max: most)
         self.positions = torch.zeros(0, dtype=torch.long)  # (B, H_kv, K): each kept key's position in the sequence
+        self.value_norms = torch.zeros(0)  # (B, H_kv, K) float32: each kept value's length, computed once per key
         self.awaiting_scores = False
 
     def held(self) -> int:
@@ -120,6 +122,7 @@ class H2OLayer(DynamicLayer):
             batch, heads = key_states.shape[:2]
             self.scores = torch.zeros(batch, heads, 0, device=self.device)
             self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
+            self.value_norms = torch.zeros(batch, heads, 0, device=self.device)
         self._expand_to(key_states.shape[0])
         new = key_states.shape[-2]
         new_positions = torch.arange(self.cumulative_length, self.cumulative_length + new, device=self.device)
@@ -127,6 +130,7 @@ class H2OLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, new_positions.expand(*key_states.shape[:2], new)], dim=-1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(*key_states.shape[:2], new)], dim=-1)
+        self.value_norms = torch.cat([self.value_norms, value_states.float().norm(dim=-1)], dim=-1)
         self.cumulative_length += new
         if kwargs is None:
             raise RuntimeError("the model's attention passes no kwargs to its cache, so H2O cannot get attention "
@@ -157,9 +161,7 @@ class H2OLayer(DynamicLayer):
 
     def observe(self, scores: torch.Tensor | None) -> None:
         """Add this step's attention (B, H_kv, K) to the kept keys' totals (`max`: keep the larger share;
-        `contribution`: the larger share x keys read, times the key's value norm), then evict down to the budget."""
-        if scores is not None and self.budget.ranking == "contribution":
-            scores = scores * self.values.float().norm(dim=-1)  # (B, H_kv, K): how much the key's term adds
+        `contribution`: the larger lift, a share x the keys its query read), then evict down to the budget."""
         if scores is not None and self.budget.ranking in ("max", "contribution"):
             self.scores = torch.maximum(self.scores, scores)
         elif scores is not None:
@@ -185,11 +187,14 @@ class H2OLayer(DynamicLayer):
         self._keep(torch.cat([sinks, heavy, recent], dim=-1))  # (B, H_kv, total), in position order
 
     def ranks(self) -> torch.Tensor:
-        """What heavy hitters are chosen by (B, H_kv, K): the largest share of a query's attention (`max`), the
-        accumulated attention (`sum`), or (`mean`) that total over the queries that have read each key. Every token
+        """What heavy hitters are chosen by (B, H_kv, K): the largest lift times the value's length (`contribution`),
+        the largest share of a query's attention (`max`), the accumulated attention (`sum`), or (`mean`) that total
+        over the queries that have read each key. Every token
         from a key's position on read it while it was kept (causal, and an evicted key never returns), so that count
         is the tokens seen minus its position. Summed totals favour old keys: of an N-token prompt, key j is read by
         N - j of its queries, so the question's last words lose."""
+        if self.budget.ranking == "contribution":
+            return self.scores * self.value_norms  # the largest lift x the value's length: the term's size
         if self.budget.ranking != "mean":
             return self.scores
         return self.scores / (self.cumulative_length - self.positions)
@@ -198,7 +203,8 @@ class H2OLayer(DynamicLayer):
         """Keep the entries `keep` (B, H_kv, total) of every row and head."""
         rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])  # (B, H_kv, total, D)
         self.keys, self.values = self.keys.gather(2, rows), self.values.gather(2, rows)
-        self.scores, self.positions = self.scores.gather(2, keep), self.positions.gather(2, keep)
+        for name in self.PER_KEY:
+            setattr(self, name, getattr(self, name).gather(2, keep))
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -212,7 +218,7 @@ class H2OLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.scores, self.positions = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        self.scores, self.positions, self.value_norms = torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0)
         self.awaiting_scores = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -222,19 +228,20 @@ class H2OLayer(DynamicLayer):
         super().reorder_cache(beam_idx)  # beam search: the scores and positions follow their keys
         if self.held():
             beam_idx = beam_idx.to(self.device)
-            self.scores = self.scores.index_select(0, beam_idx)
-            self.positions = self.positions.index_select(0, beam_idx)
+            for name in self.PER_KEY:
+                setattr(self, name, getattr(self, name).index_select(0, beam_idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.held():
-            self.scores = self.scores.repeat_interleave(repeats, dim=0)
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+            for name in self.PER_KEY:
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.held():
-            self.scores, self.positions = self.scores[indices], self.positions[indices]
+            for name in self.PER_KEY:
+                setattr(self, name, getattr(self, name)[indices])
 
 
 class H2OCache(Cache):
