@@ -88,7 +88,7 @@ class H2OBudget:
 
 
 class H2OLayer(DynamicLayer):
-    """One decoder layer's kept keys and values (B, H_kv, K, D), with each key's accumulated attention and position.
+    """One decoder layer's kept keys and values (B, H_kv, K, D), with each key's score, position and value length.
 
     Kept keys stay in position order: sinks first, then heavy hitters, then the recent window. `get_seq_length` is the
     number of tokens seen (evicted ones included), so `generate` keeps counting positions from there; the mask is
@@ -102,7 +102,7 @@ class H2OLayer(DynamicLayer):
         super().__init__()
         self.budget = budget
         self.cumulative_length = 0  # tokens seen, evicted ones included
-        self.scores = torch.zeros(0)  # (B, H_kv, K) float32: attention each kept key has received so far (max: most)
+        self.scores = torch.zeros(0)  # (B, H_kv, K) float32: attention each kept key has received (max, lift: most)
         self.positions = torch.zeros(0, dtype=torch.long)  # (B, H_kv, K): each kept key's position in the sequence
         self.value_norms = torch.zeros(0)  # (B, H_kv, K) float32: each kept value's length, computed once per key
         self.awaiting_scores = False
@@ -189,10 +189,10 @@ class H2OLayer(DynamicLayer):
     def ranks(self) -> torch.Tensor:
         """What heavy hitters are chosen by (B, H_kv, K): the largest lift times the value's length (`contribution`),
         the largest share of a query's attention (`max`), the accumulated attention (`sum`), or (`mean`) that total
-        over the queries that have read each key. Every token
-        from a key's position on read it while it was kept (causal, and an evicted key never returns), so that count
-        is the tokens seen minus its position. Summed totals favour old keys: of an N-token prompt, key j is read by
-        N - j of its queries, so the question's last words lose."""
+        over the queries that have read each key. Every token from a key's position on read it while it was kept
+        (causal, and an evicted key never returns), so that count is the tokens seen minus its position. Summed totals
+        favour old keys: of an N-token prompt, key j is read by N - j of its queries, so the question's last words
+        lose."""
         if self.budget.ranking == "contribution":
             return self.scores * self.value_norms  # the largest lift x the value's length: the term's size
         if self.budget.ranking != "mean":
