@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from vlm.data.shards import ShardSplitWriter, shard_pattern
+from vlm.data.shard_writer import ShardSplitWriter, shard_pattern
 from vlm.errors import json_type
 
 T = TypeVar("T")

@@ -370,9 +370,13 @@ def test_progress_lines_in_a_log_file(tmp_path, capsys, monkeypatch, seconds):
 
 @pytest.mark.parametrize("script", ["images_to_shards.py", "llava_to_shards.py", "preferences_to_shards.py"])
 def test_scripts_run_from_anywhere_with_help(script, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "data_scripts" / script), "--help"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+    """--help answers at once: from any folder, and without importing torch (seconds before the first line)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "data_scripts" / script), "--help"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "example:" in result.stdout and "output:" in result.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time")}
+    assert "argparse" in imported and "torch" not in imported
 
 
 def test_an_interrupted_synthetic_set_leaves_no_cut_off_shard_under_a_shard_name(tmp_path, capsys, monkeypatch):

@@ -14,15 +14,8 @@ from tiny import tiny_config
 
 from vlm.config import TilerConfig
 from vlm.data.captions import CaptionDecoder, collate_captions, text_field
-from vlm.data.shards import (
-    ShardError,
-    ShardSplitWriter,
-    SkipSample,
-    build_pipeline,
-    list_shards,
-    make_loader,
-    reader_plan,
-)
+from vlm.data.shard_writer import ShardSplitWriter
+from vlm.data.shards import ShardError, SkipSample, build_pipeline, list_shards, make_loader, reader_plan
 from vlm.data.sources import resolve
 from vlm.data.tiler import Tiler
 from vlm.training.health import DataHealth

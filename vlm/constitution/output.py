@@ -17,7 +17,7 @@ from vlm.config import ConfigError
 from vlm.constitution.critics import CriticUnreachable, Item
 from vlm.constitution.pairs import Counts, PairMaker, read_prompts
 from vlm.constitution.settings import Constitution, ConstitutionConfig
-from vlm.data.shards import shard_pattern
+from vlm.data.shard_writer import shard_pattern
 from vlm.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,6 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -202,55 +201,6 @@ class ReaderShuffle(SeededReaderStage):
 
     def run_seeded(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
         return wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
-
-
-def shard_pattern(directory: Path, shards: int) -> str:
-    """The brace pattern naming `shards` shards written by ShardSplitWriter in `directory`."""
-    return str(directory / f"shard-{{000000..{shards - 1:06d}}}.tar")
-
-
-class ShardSplitWriter:
-    """Writes one split's samples as DIRECTORY/shard-000000.tar, shard-000001.tar, ... of `samples_per_shard` each.
-
-    Each shard is written as NAME.partial and renamed once whole, so an interrupted run leaves no cut-off shard that a
-    shard pattern would read; the first is opened only when a sample arrives, so no empty tar is left behind. As a
-    context manager, an exception (Ctrl-C too) leaves the shard in progress under its .partial name."""
-
-    NAME = "shard-%06d.tar"
-
-    def __init__(self, directory: Path, samples_per_shard: int) -> None:
-        self.directory, self.samples_per_shard = directory, samples_per_shard
-        self.sink: wds.ShardWriter | None = None
-        self.samples = 0
-
-    def write(self, sample: dict[str, Any]) -> None:
-        if self.sink is None:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self.sink = wds.ShardWriter(str(self.directory / f"{self.NAME}.partial"), maxcount=self.samples_per_shard,
-                                        verbose=0, post=lambda name: os.replace(name, name.removesuffix(".partial")))
-        self.sink.write(sample)
-        self.samples += 1
-
-    def close(self, whole: bool = True) -> None:
-        """`whole=False` (the run was interrupted): the shard in progress keeps its .partial name."""
-        if self.sink is not None:
-            if not whole:
-                self.sink.post = None
-            self.sink.close()
-
-    def shards(self) -> int:
-        """Whole shards in the directory."""
-        return len(list(self.directory.glob("shard-*.tar")))
-
-    def pattern(self) -> str:
-        """The brace pattern that reads the split back (`data.train=` / `data.val=`)."""
-        return shard_pattern(self.directory, self.shards())
-
-    def __enter__(self) -> ShardSplitWriter:
-        return self
-
-    def __exit__(self, error_type: type[BaseException] | None, *_: Any) -> None:
-        self.close(whole=error_type is None)
 
 
 def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bool, resampled: bool = False,

@@ -286,7 +286,7 @@ def write_split(kind: str, directory: Path, num: int, seed: int, image_size: int
     `conversation_samples`); returns the brace pattern that reads it back."""
     from tqdm import tqdm
 
-    from vlm.data.shards import ShardSplitWriter
+    from vlm.data.shard_writer import ShardSplitWriter
 
     with ShardSplitWriter(directory, samples_per_shard) as sink:
         samples = (conversation_samples(num, seed, image_size, **choices) if kind == "conversations"
