@@ -321,8 +321,8 @@ def attention_column_scores(query: torch.Tensor, key: torch.Tensor, attention_ma
         visible = keys - queries + end if attention_mask is None else keys
         q = query[:, :, start:end].float().view(batch, kv_heads, groups, rows, dim) * scaling  # (B, H_kv, G, c, D)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", q, key32[:, :, :visible])  # (B, H_kv, G, c, V)
-        if attention_mask is not None:
-            mask = attention_mask[:, :, start:end, :keys].unsqueeze(1)  # (B, 1, 1, c, K)
+        mask = None if attention_mask is None else attention_mask[:, :, start:end, :keys].unsqueeze(1)  # (B,1,1,c,K)
+        if mask is not None:
             logits = logits.masked_fill_(~mask, -math.inf) if mask.dtype == torch.bool else logits.add_(mask)
         elif rows > 1:  # causal: query i of the block reads the block's last `rows` keys up to its own, i
             later = torch.ones(rows, rows, dtype=torch.bool, device=key.device).triu_(1)  # (c, c)
@@ -334,7 +334,7 @@ def attention_column_scores(query: torch.Tensor, key: torch.Tensor, attention_ma
         if reduce in ("max", "lift"):
             weights = inverse_norm.unsqueeze(-1)  # (B, H_kv, G, c, 1)
             if reduce == "lift":
-                weights = weights * _keys_read(attention_mask, start, end, keys, visible, key.device)
+                weights = weights * _keys_read(mask, rows, visible, key.device)
             shares = logits.mul_(weights).amax(dim=(2, 3))  # (B, H_kv, V)
             totals[..., :visible] = torch.maximum(totals[..., :visible], shares)
         else:
@@ -342,15 +342,12 @@ def attention_column_scores(query: torch.Tensor, key: torch.Tensor, attention_ma
     return totals
 
 
-def _keys_read(attention_mask: torch.Tensor | None, start: int, end: int, keys: int, visible: int,
-               device: torch.device) -> torch.Tensor:
-    """How many keys each query of the block [start, end) reads: (c, 1) when causal without a mask (the block's last
-    query reads `visible`), else (B, 1, 1, c, 1) from the mask, boolean (True attends) or additive."""
-    if attention_mask is None:
-        rows = end - start
+def _keys_read(block_mask: torch.Tensor | None, rows: int, visible: int, device: torch.device) -> torch.Tensor:
+    """How many keys each of a block's `rows` queries reads: (c, 1) when causal without a mask (the block's last query
+    reads `visible`), else (B, 1, 1, c, 1) from the block's mask (B, 1, 1, c, K), boolean (True attends) or additive."""
+    if block_mask is None:
         return torch.arange(visible - rows + 1, visible + 1, dtype=torch.float32, device=device).unsqueeze(-1)
-    mask = attention_mask[:, :, start:end, :keys].unsqueeze(1)  # (B, 1, 1, c, K)
-    attends = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+    attends = block_mask if block_mask.dtype == torch.bool else block_mask > torch.finfo(block_mask.dtype).min
     return attends.sum(dim=-1, keepdim=True).float()
 
 
