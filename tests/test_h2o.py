@@ -294,14 +294,15 @@ def test_default_column_sum_blocks_fit_the_device_budget_with_the_same_result():
 
 
 def test_beam_reordering_moves_scores_and_positions_with_their_keys():
-    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0, ranking="max"))  # scores kept as given
-    keys = torch.randn(2, 1, 4, 3)
+    layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0, ranking="contribution"))
+    lengths = torch.tensor([[1.0, 1.1, 1.2, 1.3], [2.0, 2.1, 2.2, 2.3]]).view(2, 1, 4, 1)  # each row's value lengths
+    keys = torch.nn.functional.normalize(torch.randn(2, 1, 4, 3), dim=-1) * lengths
     layer.update(keys, keys, kwargs={})
     layer.observe(torch.tensor([[[0.0, 5.0, 1.0, 0.0]], [[0.0, 1.0, 5.0, 0.0]]]))  # row 0 keeps 1, row 1 keeps 2
     layer.reorder_cache(torch.tensor([1, 1]))  # both beams continue row 1
     assert layer.positions[:, 0].tolist() == [[2, 3], [2, 3]] and torch.equal(layer.keys[0], keys[1, :, [2, 3]])
     assert layer.scores[:, 0].tolist() == [[5.0, 0.0], [5.0, 0.0]]
-    torch.testing.assert_close(layer.value_norms[:, 0], keys[1, 0, [2, 3]].norm(dim=-1).expand(2, 2))  # values = keys
+    torch.testing.assert_close(layer.value_norms[:, 0], torch.tensor([[2.2, 2.3], [2.2, 2.3]]))  # values = keys
 
 
 def test_a_window_without_heavy_hitters_keeps_sinks_and_the_newest_tokens(lm):

@@ -96,7 +96,6 @@ class H2OLayer(DynamicLayer):
     """
 
     is_croppable = False
-    PER_KEY = ("scores", "positions", "value_norms")  # (B, H_kv, K) each, kept, reordered and evicted with the keys
 
     def __init__(self, budget: H2OBudget):
         super().__init__()
@@ -104,8 +103,10 @@ class H2OLayer(DynamicLayer):
         self.cumulative_length = 0  # tokens seen, evicted ones included
         self.scores = torch.zeros(0)  # (B, H_kv, K) float32: attention each kept key has received (max, lift: most)
         self.positions = torch.zeros(0, dtype=torch.long)  # (B, H_kv, K): each kept key's position in the sequence
-        self.value_norms = torch.zeros(0)  # (B, H_kv, K) float32: each kept value's length, computed once per key
+        self.value_norms = torch.zeros(0)  # (B, H_kv, K) float32: each kept value's length (`contribution` only)
         self.awaiting_scores = False
+        # (B, H_kv, K) each, kept, reordered and evicted with the keys; value lengths only where the ranking reads them
+        self.per_key = ("scores", "positions") + (("value_norms",) if budget.ranking == "contribution" else ())
 
     def held(self) -> int:
         """Keys held now (per row and head)."""
@@ -130,7 +131,8 @@ class H2OLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, new_positions.expand(*key_states.shape[:2], new)], dim=-1)
         self.scores = torch.cat([self.scores, self.scores.new_zeros(*key_states.shape[:2], new)], dim=-1)
-        self.value_norms = torch.cat([self.value_norms, value_states.float().norm(dim=-1)], dim=-1)
+        if "value_norms" in self.per_key:  # once per key, as it enters
+            self.value_norms = torch.cat([self.value_norms, value_states.float().norm(dim=-1)], dim=-1)
         self.cumulative_length += new
         if kwargs is None:
             raise RuntimeError("the model's attention passes no kwargs to its cache, so H2O cannot get attention "
@@ -203,7 +205,7 @@ class H2OLayer(DynamicLayer):
         """Keep the entries `keep` (B, H_kv, total) of every row and head."""
         rows = keep.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])  # (B, H_kv, total, D)
         self.keys, self.values = self.keys.gather(2, rows), self.values.gather(2, rows)
-        for name in self.PER_KEY:
+        for name in self.per_key:
             setattr(self, name, getattr(self, name).gather(2, keep))
 
     def get_seq_length(self) -> int:
@@ -228,19 +230,19 @@ class H2OLayer(DynamicLayer):
         super().reorder_cache(beam_idx)  # beam search: the scores and positions follow their keys
         if self.held():
             beam_idx = beam_idx.to(self.device)
-            for name in self.PER_KEY:
+            for name in self.per_key:
                 setattr(self, name, getattr(self, name).index_select(0, beam_idx))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.held():
-            for name in self.PER_KEY:
+            for name in self.per_key:
                 setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.held():
-            for name in self.PER_KEY:
+            for name in self.per_key:
                 setattr(self, name, getattr(self, name)[indices])
 
 
