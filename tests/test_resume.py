@@ -140,6 +140,32 @@ def test_resume_falls_back_past_a_truncated_checkpoint_and_restores_everything(t
     assert _logged_steps(checkpoints.parent) == list(range(12))  # metrics.csv runs on: 0-7, then 8-11 after resume
 
 
+class RandomDraws(pl.Callback):
+    """The torch generator's state as each training step starts, by global step."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args) -> None:
+        self.states[trainer.global_step] = torch.get_rng_state()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_draws_what_the_interrupted_one_would_have_drawn_next(tmp_path, small_synthetic):
+    """Dropout masks come from torch's generator: a resume must go on with its stream, not seed it afresh and replay
+    step 0's masks. The step-8 save ends epoch 0 (64 samples, batch 8), so both runs open epoch 1's reader alike."""
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "trainer.checkpoint_every_n_steps=8",
+            f"output_root={tmp_path}", "run_name=r"]
+    whole = RandomDraws()
+    train(tiny_config(*args, "stage.max_steps=10"), whole)
+    (tmp_path / "contrastive/r/checkpoints/step00000010.ckpt").unlink()  # as if killed after step 8's save
+    resumed = RandomDraws()
+    train(tiny_config(*args, "stage.max_steps=10", "resume=auto"), resumed)
+    assert sorted(resumed.states) == [8, 9]
+    assert torch.equal(resumed.states[8], whole.states[8])
+    assert not torch.equal(resumed.states[8], whole.states[0])
+
+
 class FirstStepRates(pl.Callback):
     """Each param group's learning rate, betas and weight decay as the first step after a (re)start takes them."""
 
