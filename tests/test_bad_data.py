@@ -202,6 +202,7 @@ class PoisonAndWatch(pl.Callback):
     def __init__(self, steps: set[int]):
         self.steps = steps
         self.changed: dict[int, bool] = {}
+        self.schedule_steps: dict[int, int] = {}  # the LR schedule's position after each step
         self._before: list[torch.Tensor] = []
 
     def on_fit_start(self, trainer: pl.Trainer, task: pl.LightningModule) -> None:
@@ -214,6 +215,7 @@ class PoisonAndWatch(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, task: pl.LightningModule, *_) -> None:
         after = [p.detach() for p in task.parameters() if p.requires_grad]
         self.changed[self._step] = any(not torch.equal(a, b) for a, b in zip(self._before, after, strict=True))
+        self.schedule_steps[self._step] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
 
 
 
@@ -226,6 +228,7 @@ def test_one_nonfinite_loss_skips_its_step_with_a_warning(tmp_path, caplog, smal
     assert metrics["global_step"] == 6  # the run completes
     assert _warnings_naming(caplog, "non-finite loss at step 3")
     assert watch.changed == {0: True, 1: True, 2: True, 3: False, 4: True, 5: True}  # step 3 left the weights alone
+    assert watch.schedule_steps == {0: 1, 1: 2, 2: 3, 3: 3, 4: 4, 5: 5}  # and the learning-rate schedule
     assert all(torch.isfinite(w).all() for w in load_file(run_dir / "export" / "model.safetensors").values())
 
 

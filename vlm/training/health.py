@@ -36,6 +36,7 @@ class DataHealth:
         self.total_seen = self.total_skipped = 0
         self.nonfinite_in_a_row = 0
         self.skip_pending = False  # the current step's loss was non-finite: drop its gradients before the update
+        self.update_skipped = False  # the last optimizer step applied nothing, so the LR schedule stays put too
 
     def count_batch(self, batch_size: int, skipped: int,
                     sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -87,8 +88,10 @@ class DataHealth:
         return torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
 
     def drop_skipped_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        self.update_skipped = self.skip_pending
         if self.skip_pending:
-            optimizer.zero_grad(set_to_none=True)  # parameters without gradients are left alone, decay included
+            # parameters without gradients are left alone, decay and AdamW's step count included
+            optimizer.zero_grad(set_to_none=True)
             self.skip_pending = False
 
     def log_to(self, module: pl.LightningModule) -> None:

@@ -136,6 +136,12 @@ class StageTask(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.health.drop_skipped_gradients(optimizer)
 
+    def lr_scheduler_step(self, scheduler: torch.optim.lr_scheduler.LRScheduler, metric: Any = None) -> None:
+        # a skipped step leaves the schedule where AdamW's step counts are: the run's next real update takes the rate
+        # this one would have taken
+        if not self.health.update_skipped:
+            scheduler.step()
+
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
