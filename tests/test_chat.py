@@ -27,7 +27,7 @@ from vlm.generation.options import (
     OptionError,
     auto_temperature,
 )
-from vlm.generation.stopping import StopScanner
+from vlm.generation.stopping import StopInAnswer, StopScanner
 from vlm.generation.streaming import interrupts_deferred
 
 ASK = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
@@ -112,6 +112,17 @@ def test_stop_sequences_end_and_are_trimmed(tiny_chat_model, images):
     assert cut.output_tokens < 12  # generate itself stopped (the stopping criterion), not just the text
     stream = tiny_chat_model.stream(ASK, [images["pil"]], **sampled, stop=[stop])
     assert "".join(stream) == expected and stream.completion.stop_sequence == stop
+
+
+@pytest.mark.parametrize("stop", ["日本", "😀", "é!", "\n\n"])
+def test_a_stop_sequence_ends_generation_on_its_last_token_whatever_its_characters(tiny_chat_model, stop):
+    """Byte-level BPE spells a CJK character or an emoji in several tokens: the answer must still stop there."""
+    tokenizer = tiny_chat_model.tokenizer
+    answer = tokenizer("it is " + stop, add_special_tokens=False).input_ids
+    assert len(answer) > len(stop) + 2 or stop.isascii()  # more tokens than characters for the non-ASCII stops
+    criterion = StopInAnswer(tokenizer, ["?", stop], prompt_length=3)
+    fired = [bool(criterion(torch.tensor([[5, 6, 7, *answer[:n]]]), None)[0]) for n in range(1, len(answer) + 1)]
+    assert fired == [False] * (len(answer) - 1) + [True]
 
 
 def test_a_stop_sequence_only_matches_inside_the_answer(tiny_chat_model, images):

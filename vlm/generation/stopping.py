@@ -54,7 +54,9 @@ class StopInAnswer(StoppingCriteria):
 
     def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
         self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
-        self.window = max(len(stop) for stop in self.stops) + 2  # tokens; each decodes to >= 1 character
+        # in tokens: a token decodes to at least one byte, not one character (byte-level BPE spells "日" in up to
+        # three tokens), and 2 more for a partial character at each end
+        self.window = max(len(stop.encode("utf-8")) for stop in self.stops) + 2
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
         answers = input_ids[:, self.prompt_length:]  # (B, T_new)
