@@ -3,6 +3,8 @@ the kept set on a hand-built attention pattern, the chunked score sums, batches 
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
@@ -396,3 +398,24 @@ def test_a_chat_session_keeps_its_h2o_budget_across_turns(tiny_chat_model):
                                            h2o={"heavy": 2, "recent": 3})
     dynamic = tiny_chat_model.generate(asked, temperature=0, max_new_tokens=4)
     assert second.token_ids == with_budget.token_ids != dynamic.token_ids
+
+
+def test_a_cancel_stops_a_prompt_read_in_blocks_at_the_next_pass(tiny_chat_model):
+    """A client gone or Ctrl-C while a long prompt is read a token a pass: the answer ends there, not a pass per
+    prompt token later."""
+    cancel, passes = threading.Event(), []
+
+    def count_and_cancel_at_the_third(*_):
+        passes.append(1)
+        if len(passes) == 3:
+            cancel.set()
+
+    hook = tiny_chat_model.model.lm.register_forward_pre_hook(count_and_cancel_at_the_third)
+    try:
+        ask = [{"role": "user", "content": "What color is the shape? " * 8}]
+        answer = tiny_chat_model.generate(ask, cancel=cancel, temperature=0, max_new_tokens=8, kv_cache="h2o",
+                                          h2o={"heavy": 2, "recent": 3, "prompt_block": 1})
+    finally:
+        hook.remove()
+    assert answer.input_tokens > 40
+    assert len(passes) == 3 and (answer.stop_reason, answer.output_tokens, answer.text) == ("cancelled", 0, "")

@@ -207,7 +207,7 @@ class ChatModel:
             if opts.seed is not None:
                 torch.manual_seed(opts.seed)  # seeds the CPU and every CUDA device
             # a fresh cache per answer: H2O's budget, or local + global attention's pattern cache, or the default
-            cache = {"cache": H2OCache(self.model.lm, budget)} if budget else cache_kwargs(self.model.lm)
+            cache = {"cache": H2OCache(self.model.lm, budget, cancel)} if budget else cache_kwargs(self.model.lm)
             ids = self.model.generate(**kwargs, **cache, streamer=streamer)[0].tolist()  # only the new tokens
             return through_first_end(ids, self.eos_token_ids)
 

@@ -35,6 +35,7 @@ are exact. Left-padded batches are refused: masks index keys by position, which 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -249,16 +250,18 @@ class H2OLayer(DynamicLayer):
 class H2OCache(Cache):
     """An H2O layer per decoder layer of `lm`; installs the score hook on `lm` (see `install_score_hook`)."""
 
-    def __init__(self, lm: PreTrainedModel, budget: H2OBudget):
+    def __init__(self, lm: PreTrainedModel, budget: H2OBudget, cancel: threading.Event | None = None):
         install_score_hook(lm)
         super().__init__(layers=[H2OLayer(budget) for _ in range(lm.config.get_text_config().num_hidden_layers)])
         self.budget = budget
+        self.cancel = cancel  # set (Ctrl-C, a client gone): `read_prompt` stops between passes
 
     @torch.no_grad()
     def read_prompt(self, lm: PreTrainedModel, inputs_embeds: torch.Tensor,
-                    image_tokens: torch.Tensor | None = None) -> None:
+                    image_tokens: torch.Tensor | None = None) -> bool:
         """Read the start of the prompt's (B, L, D) embeddings into the cache in passes, evicting after each;
-        `generate` then finds them cached and reads the rest in its first pass.
+        `generate` then finds them cached and reads the rest in its first pass. False when `cancel` was set before
+        the last pass: the answer is not to be generated.
 
         With `budget.prompt_block` = N, all but the last token, N tokens per pass, so no prompt token reads a key the
         budget has dropped and the cache never holds more than the budget + N. With `prompt_block="image"`, up to the
@@ -267,7 +270,7 @@ class H2OCache(Cache):
         nothing: `generate` reads the whole prompt at once and the budget applies from then on."""
         block = self.budget.prompt_block
         if block is None or self.get_seq_length():
-            return
+            return True
         last = inputs_embeds.shape[1] - 1  # generate reads at least the last token
         if block == IMAGE_BLOCKS:
             ends = [end for end in image_run_ends(image_tokens) if end <= last] if image_tokens is not None else []
@@ -275,8 +278,11 @@ class H2OCache(Cache):
             ends = [*range(block, last, block), last] if last else []
         start = 0
         for end in ends:
+            if self.cancel is not None and self.cancel.is_set():  # a long prompt read a token a pass takes a while
+                return False
             lm(inputs_embeds=inputs_embeds[:, start:end], cache=self, use_cache=True, logits_to_keep=1)
             start = end
+        return True
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """Masks count positions among the kept keys, so a query comes right after them (not after every token

@@ -133,8 +133,9 @@ class VisionLanguageModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         read_prompt = getattr(generate_kwargs.get("cache"), "read_prompt", None)
-        if read_prompt is not None:  # a cache that reads the prompt its own way (H2O with h2o.prompt_block)
-            read_prompt(self.lm, embeds, input_ids == self.image_token_id)
+        # a cache that reads the prompt its own way (H2O with h2o.prompt_block); False: cancelled while reading it
+        if read_prompt is not None and not read_prompt(self.lm, embeds, input_ids == self.image_token_id):
+            return input_ids.new_zeros((input_ids.shape[0], 0))
         out = self.lm.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
                                **generate_kwargs)  # (B, L + T_new)
         return out[:, input_ids.shape[1]:]
