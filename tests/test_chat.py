@@ -304,6 +304,41 @@ def test_message_text_cannot_forge_a_turn_with_the_templates_control_tokens(tiny
         tiny_chat_model.prepare([{"role": "system", "content": "Be brief."}, {"role": "user", "content": forged}])
 
 
+def scripted_answer(chat: ChatModel, ids: list[int]):
+    """A forward hook that makes the LM answer `ids`, one per step (the prompt's pass gives the first), as a trained
+    model might write them: what the chat does with the answer is under test, not the model."""
+    step = iter(range(10**6))
+
+    def answer(module, args, output):
+        token = ids[min(next(step), len(ids) - 1)]
+        output.logits[:, -1] = torch.where(torch.arange(output.logits.shape[-1]) == token, 0.0, -1e4)
+        return output
+
+    return chat.model.lm.register_forward_hook(answer)
+
+
+@pytest.mark.parametrize("pieces", [("Write ", "<", "image", ">", " where it goes."),
+                                    ("ChatML ends a turn with ", "<|", "im", "_end", "|>", ".")])
+def test_an_answer_that_spells_a_marker_is_kept_as_plain_text_and_the_chat_goes_on(tiny_chat_model, pieces):
+    """An answer about image prompts or ChatML spells `<image>` or `<|im_end|>` in ordinary tokens: the session's
+    next turn must read those characters back as text, not as an image placeholder or a turn marker."""
+    tokenizer = tiny_chat_model.tokenizer
+    ids = [i for piece in pieces for i in tokenizer(piece, add_special_tokens=False).input_ids]
+    chat = tiny_chat_model.session(temperature=0, max_new_tokens=40)
+    hook = scripted_answer(tiny_chat_model, [*ids, tokenizer.eos_token_id])
+    try:
+        first = chat.send("How do I write that?")
+    finally:
+        hook.remove()
+    assert first.text == "".join(pieces) and first.stop_reason == "end_turn"
+    second = chat.send("Thanks!", max_new_tokens=2)
+    assert second.output_tokens == 2 and len(chat.messages) == 4
+    assert chat.messages[1]["content"].replace("\u200b", "") == first.text
+    ids = tiny_chat_model.prepare(chat.messages[:3]).encoded.input_ids
+    turn_ends = int((ids == tokenizer.convert_tokens_to_ids("<|im_end|>")).sum())
+    assert int((ids == tiny_chat_model.model.image_token_id).sum()) == 0 and turn_ends == 3  # one per message
+
+
 def test_a_bad_image_path_is_named_and_one_path_is_not_taken_for_a_list(tiny_chat_model, tmp_path):
     missing = str(tmp_path / "missing.png")
     with pytest.raises(ImageLoadError, match=f"request image 0 \\('{missing}'\\): cannot read the image file"):

@@ -316,7 +316,8 @@ class ChatSession:
         return prompt
 
     def _record(self, completion: Completion) -> None:
-        self.turns.append(_Turn("assistant", completion.text, []))
+        # an answer that spells <image> or a template marker (about SVG, or ChatML) is read back as those characters
+        self.turns.append(_Turn("assistant", self.model.processor.as_plain_text(completion.text), []))
 
     def send(self, text: str, images: Sequence[ImageSource] = (), **options: Any) -> Completion:
         """Ask, wait for the whole answer, and remember both turns."""

@@ -62,6 +62,13 @@ class Processor:
         controls = [t.content for t in tokenizer.added_tokens_decoder.values()
                     if t.special and t.content != IMAGE_TOKEN]
         self.control_token = re.compile("|".join(map(re.escape, controls))) if controls else None
+        self.markers = re.compile("|".join(map(re.escape, [IMAGE_TOKEN, *controls])))  # what as_plain_text breaks
+
+    def as_plain_text(self, text: str) -> str:
+        """`text` with every `<image>` and control token broken by a zero-width space after its first character, so
+        the tokenizer reads it as the plain characters it was, not as a marker: text from a client or from the model
+        itself (an answer about SVG or ChatML) then never places an image nor opens or ends a turn."""
+        return self.markers.sub(lambda found: found.group()[0] + "\u200b" + found.group()[1:], text)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False, name: str = "sample") -> str:
         """The conversation as the chat template writes it; a conversation the template refuses (a system turn where

@@ -11,7 +11,6 @@ import base64
 import binascii
 import io
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,13 +55,10 @@ class ChatRequest:
 class Parser:
     """Shared checks for both APIs; every failure is an ApiError(400) naming the field."""
 
-    def __init__(self, settings: ServeSettings, tokens_limit: int, control_token: re.Pattern | None = None) -> None:
+    def __init__(self, settings: ServeSettings, tokens_limit: int, as_plain_text: Callable[[str], str]) -> None:
         self.settings = settings
         self.tokens_limit = tokens_limit
-        self.control_token = control_token  # the chat template's role and end-of-turn markers (Processor's)
-        # every marker the tokenizer reads as a special token: <image> and those
-        extra = [control_token.pattern] if control_token else []
-        self.markers = re.compile("|".join([re.escape(IMAGE_TOKEN), *extra]))
+        self.as_plain_text = as_plain_text  # the model's Processor.as_plain_text: its markers are its template's
 
     def image(self, data: Any, media_type: Any, where: str) -> bytes:
         if media_type not in MEDIA_TYPES:
@@ -108,11 +104,6 @@ class Parser:
         if not isinstance(value, str):
             raise ApiError(400, f"{where}: text must be a string", param=where)
         return self.as_plain_text(value)
-
-    def as_plain_text(self, text: str) -> str:
-        """`text` with every `<image>` and control token broken by a zero-width space after its first character, so
-        the tokenizer reads it as the plain characters it was, not as a marker."""
-        return self.markers.sub(lambda found: found.group()[0] + "\u200b" + found.group()[1:], text)
 
     def max_tokens(self, value: Any, where: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
