@@ -520,6 +520,23 @@ def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, capl
     assert find_resume_checkpoint(checkpoints.parent) == checkpoints / "step00000004.ckpt"
 
 
+def test_a_refused_resume_leaves_the_runs_checkpoints_as_they_were(tmp_path):
+    """resume=PATH past stage.max_steps is refused; it must not set the later checkpoints aside first, or the next
+    resume=auto would go back to PATH's step and lose the steps after it."""
+    checkpoints = tmp_path / "contrastive" / "r" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step in (10, 15, 20):
+        torch.save({"state_dict": {}, "global_step": step, "vlm_stage": "contrastive"},
+                   checkpoints / f"step{step:08d}.ckpt")
+    before = sorted(p.name for p in checkpoints.iterdir())
+    with pytest.raises(ConfigError, match=r"step00000015.ckpt' is at step 15, past stage.max_steps=12"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", "stage.max_steps=12",
+                                f"resume={checkpoints / 'step00000015.ckpt'}"))
+    with pytest.raises(ConfigError, match=r"step00000020.ckpt' is at step 20, past stage.max_steps=12"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", "stage.max_steps=12", "run_name=r", "resume=auto"))
+    assert sorted(p.name for p in checkpoints.iterdir()) == before
+
+
 def test_resuming_names_changed_stage_settings_and_refuses_a_change_of_what_trains(tmp_path, caplog):
     from vlm.training.resume import STAGE_SETTINGS_KEY, warn_changed_settings
     from vlm.training.stages import get_stage

@@ -107,8 +107,10 @@ def _auto_resume(config: TrainConfig, stage_dir: Path, default_name: str) -> tup
     if run_dir.exists():
         remove_partial_writes(run_dir)
         resume_from = find_resume_checkpoint(run_dir)
+    if resume_from:
+        refuse_a_resume_past_the_end(resume_from, config.stage.max_steps)
     finished = is_complete(run_dir / "export")
-    # at stage.max_steps there is nothing left to train (past it, build_trainer refuses)
+    # at stage.max_steps there is nothing left to train (past it, refused above)
     if resume_from and finished and checkpoint_step(resume_from) == config.stage.max_steps:
         raise ConfigError(f"resume=auto: {str(run_dir)!r} is a finished run: its export is complete and its "
                           f"newest checkpoint is at step {checkpoint_step(resume_from)}, stage.max_steps="
@@ -140,11 +142,20 @@ def _resume_from_file(config: TrainConfig) -> tuple[Path, Path]:
     if written_by in STAGES and written_by != config.stage.name:  # before any folder or log is touched
         raise ConfigError(f"resume={config.resume!r} is a checkpoint of the {written_by} stage, and this run is "
                           f"stage={config.stage.name}; pass stage={written_by} to continue it")
+    refuse_a_resume_past_the_end(resume_from, config.stage.max_steps)  # before the later checkpoints are moved
     if newer := set_aside_newer(resume_from):
         log.warning("resume=%s: %d later checkpoints of the run (%s) are set aside as *.superseded, so that "
                     "resume=auto continues from this branch", config.resume, len(newer),
                     ", ".join(p.name for p in newer))
     return resume_from.parent.parent, resume_from
+
+
+def refuse_a_resume_past_the_end(resume_from: Path, max_steps: int) -> None:
+    step = checkpoint_step(resume_from)
+    if step > max_steps:
+        raise ConfigError(f"{str(resume_from)!r} is at step {step}, past stage.max_steps={max_steps}: there is "
+                          f"nothing left to train; raise stage.max_steps to continue the run (at {step} it only "
+                          f"validates and exports again)")
 
 
 def _new_run_folder(run_dir: Path, named: bool) -> Path:

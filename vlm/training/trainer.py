@@ -46,10 +46,6 @@ def build_trainer(config: TrainConfig, run: Run, task: StageTask, started: float
                                    every_n_train_steps=t.checkpoint_every_n_steps, monitor="step", mode="max",
                                    save_top_k=3, save_last=False, save_on_train_epoch_end=True)
     resume_step = checkpoint_step(run.resume_from) if run.resume_from else None
-    if resume_step is not None and resume_step > config.stage.max_steps:
-        raise ConfigError(f"{str(run.resume_from)!r} is at step {resume_step}, past stage.max_steps="
-                          f"{config.stage.max_steps}: there is nothing left to train; raise stage.max_steps to "
-                          f"continue the run (at {resume_step} it only validates and exports again)")
     with trainer_settings_checked(t):
         return _trainer(config, run, task, checkpoints, resume_step, started)
 
