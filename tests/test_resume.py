@@ -166,6 +166,29 @@ def test_a_resumed_run_draws_what_the_interrupted_one_would_have_drawn_next(tmp_
     assert not torch.equal(resumed.states[8], whole.states[0])
 
 
+def _positions(checkpoints: Path) -> dict[int, tuple[int, int]]:
+    """(epoch, batches into it) that each checkpoint of a run records, by step."""
+    return {_step(p): (torch.load(p, weights_only=False)[DataPosition.KEY]["epoch"],
+                       torch.load(p, weights_only=False)[DataPosition.KEY]["batches_in_epoch"])
+            for p in checkpoints.glob("*.ckpt")}
+
+
+@pytest.mark.slow
+def test_every_checkpoint_records_the_epoch_and_batch_it_was_taken_at(tmp_path, small_synthetic):
+    """64 samples / batch 8: 8 batches an epoch. Step 16 ends epoch 1, and the run's final save (after fit) must say
+    epoch 2 from its start, as a save on the last batch does. A mid-epoch resume restarts its epoch's pass, and the
+    count of batches into the epoch restarts with it."""
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "trainer.checkpoint_every_n_steps=5",
+            f"output_root={tmp_path}", "run_name=p"]
+    train(tiny_config(*args, "stage.max_steps=16"))
+    checkpoints = tmp_path / "contrastive/p/checkpoints"
+    assert _positions(checkpoints) == {10: (1, 2), 15: (1, 7), 16: (2, 0)}
+    for later in (15, 16):
+        (checkpoints / f"step{later:08d}.ckpt").unlink()
+    train(tiny_config(*args, "stage.max_steps=22", "resume=auto"))  # from step 10: epoch 1's pass again, 8 batches
+    assert _positions(checkpoints) == {15: (1, 5), 20: (2, 2), 22: (2, 4)}
+
+
 class FirstStepRates(pl.Callback):
     """Each param group's learning rate, betas and weight decay as the first step after a (re)start takes them."""
 

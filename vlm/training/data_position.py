@@ -65,9 +65,10 @@ class DataPosition(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         # a save on an epoch's last batch resumes into the next epoch (Lightning knows it is the last: it fetches
-        # one batch ahead)
+        # one batch ahead). The epoch is the one counted here, of the last batch trained: the run's final save comes
+        # after fit, when Lightning has already counted one more
         last = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
-        checkpoint[self.KEY] = {"epoch": trainer.current_epoch + last, "batches_in_epoch": 0 if last
+        checkpoint[self.KEY] = {"epoch": self.epoch + last, "batches_in_epoch": 0 if last
                                 else self.batches_in_epoch, "global_step": trainer.global_step,
                                 "first_epoch": self.first_epoch, "seed": int(getattr(trainer.datamodule, "seed", 0)),
                                 "wall_seconds": self.run_seconds()}
@@ -88,13 +89,13 @@ class DataPosition(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "seed"):
             return
-        self.epoch, self.batches_in_epoch = position["epoch"], position["batches_in_epoch"]
+        self.epoch, self.batches_in_epoch = position["epoch"], 0  # mid-epoch too: the epoch's pass starts afresh
         self.first_epoch = self.epoch
-        if self.batches_in_epoch == 0:  # the shard order the interrupted process would have used next
+        if position["batches_in_epoch"] == 0:  # the shard order the interrupted process would have used next
             datamodule.seed = position["seed"] + self.epoch - position["first_epoch"]
             log.info("data: resuming at the start of epoch %d (step %d)", self.epoch, position["global_step"])
         else:
             datamodule.seed = pass_seed(position["seed"], self.epoch, position["global_step"])
             log.info("data: resuming %d batches into epoch %d (step %d); the epoch restarts with a fresh shard order, "
-                     "so up to %d batches per rank of it may be seen twice", self.batches_in_epoch, self.epoch,
-                     position["global_step"], self.batches_in_epoch)
+                     "so up to %d batches per rank of it may be seen twice", position["batches_in_epoch"], self.epoch,
+                     position["global_step"], position["batches_in_epoch"])

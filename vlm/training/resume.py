@@ -129,14 +129,21 @@ STARTING_EXPORT_KEY, STAGE_KEY, STAGE_SETTINGS_KEY = RECORD_KEYS[1:]
 
 
 class NewestCheckpoints(ModelCheckpoint):
-    """Lightning's ModelCheckpoint, except that the checkpoint a run resumed from is pruned like any other once
-    save_top_k newer ones exist. Lightning keeps that one forever, so every resume would leave one more file (with
-    its optimizer state) behind in the run's folder."""
+    """Lightning's ModelCheckpoint, keeping the save_top_k newest step checkpoints of the run's folder, whichever
+    session wrote them. Lightning prunes only those it saved itself in this session, so every resume would leave
+    behind the one it resumed from and the earlier session's final save (each with its optimizer state)."""
 
-    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
-        if previous == current or "://" in previous:  # remote files: Lightning's own rule
-            return super()._should_remove_checkpoint(trainer, previous, current)
-        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.keep_newest(trainer)
+
+    def keep_newest(self, trainer: pl.Trainer) -> None:
+        """Delete all but the save_top_k newest `step*.ckpt` files of the folder (by the step in their names)."""
+        if not trainer.is_global_zero or "://" in str(self.dirpath):  # remote folders: Lightning's own pruning
+            return
+        saved = sorted(Path(self.dirpath).glob("step*.ckpt"), key=lambda path: (len(path.name), path.name))
+        for old in saved[:-self.save_top_k]:
+            old.unlink(missing_ok=True)
 
 
 class StartingExport(pl.Callback):

@@ -154,6 +154,7 @@ def save_final_checkpoint(trainer: pl.Trainer, run: Run, config: TrainConfig) ->
     every = config.trainer.checkpoint_every_n_steps
     if trainer.global_step > every and trainer.global_step % every:
         trainer.save_checkpoint(run.checkpoints / f"step{trainer.global_step:08d}.ckpt")
+        trainer.checkpoint_callback.keep_newest(trainer)
 
 
 def run_seconds(trainer: pl.Trainer) -> float:
