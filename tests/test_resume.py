@@ -246,6 +246,12 @@ def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder
     (tmp_path / "contrastive" / "old" / "checkpoints" / "step00000003.ckpt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"run folder '.*old' already holds a run; pass resume=auto"):
         prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=old"))
+    # logs without a checkpoint (a run stopped by bad data at step 40): nothing to continue, so the message says so
+    (tmp_path / "contrastive" / "early" / "logs").mkdir(parents=True)
+    (tmp_path / "contrastive" / "early" / "logs" / "metrics.csv").write_text("step,train/loss\n")
+    with pytest.raises(ConfigError, match=r"'.*early' already holds a run that stopped before its first checkpoint "
+                                          r"\(its logs are there\); pass resume=auto to start it again"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=early"))
     # a finished run: resume=auto goes on only with a checkpoint and more steps, so the message says what will work
     from vlm.exports.format import REQUIRED
 
@@ -507,12 +513,14 @@ def test_an_init_from_the_stage_cannot_start_from_is_refused_before_a_run_folder
 def test_a_run_name_that_holds_a_run_is_refused_without_resume(tmp_path):
     folder = tmp_path / "runs" / "contrastive" / "crash"
     (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "step00000001.ckpt").write_bytes(b"")
     (folder / "metrics.json").write_text("{}")
     result = subprocess.run(_command(tmp_path, "stage.max_steps=2"), cwd=ROOT, env=ENV, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"run folder {str(folder)!r} already holds a run; pass resume=auto" in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "metrics.json"]  # untouched
+    assert [p.name for p in (folder / "checkpoints").iterdir()] == ["step00000001.ckpt"]
 
 
 def test_a_resumed_metrics_csv_keeps_the_validation_logged_at_the_checkpoints_step(tmp_path):
