@@ -92,7 +92,7 @@ def read_records(path: Path) -> list[Entry]:
         raise DataError(f"JSON file not found: {path}") from None
     except OSError as err:
         raise DataError(f"cannot read {path}: {err.strerror or err}") from None
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("{") and _one_object(text):
         raise DataError(f"{path} holds one JSON object; a .json file holds a list of records ([{{...}}, {{...}}]), "
                         f"and a .jsonl file one record per line")
     if text.lstrip().startswith("["):
@@ -118,6 +118,15 @@ def read_records(path: Path) -> list[Entry]:
     if not entries:
         raise DataError(f"{path} holds no records")
     return entries
+
+
+def _one_object(text: str) -> bool:
+    """Whether `text` is one JSON object as a whole; JSONL named .json, or a cut-off file, is not (read as JSONL,
+    its records or its broken line are then reported line by line)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _where(unit: str, number: int, record: Any) -> str:

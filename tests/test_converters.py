@@ -548,6 +548,13 @@ def test_llava_input_with_no_usable_record_exits_2(tmp_path, capsys):
     code, _, err = _convert(capsys, ["--json", str(tmp_path / "one.json"), *argv], main=llava_to_shards.main)
     assert code == 2 and err == f"error: {tmp_path / 'one.json'} holds one JSON object; a .json file holds a list " \
                                 "of records ([{...}, {...}]), and a .jsonl file one record per line\n"
+    # JSONL named .json is read as JSONL, and a cut-off object is no "one JSON object" either
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps({"id": f"r{i}", "conversations": []}) for i in (1, 2)))
+    code, _, err = _convert(capsys, ["--json", str(tmp_path / "lines.json"), *argv], main=llava_to_shards.main)
+    assert code == 2 and "line 1 (id 'r1')" in err and "line 2 (id 'r2')" in err and "no sample was written" in err
+    (tmp_path / "cut.json").write_text('{"id": "x", "conversa')
+    code, _, err = _convert(capsys, ["--json", str(tmp_path / "cut.json"), *argv], main=llava_to_shards.main)
+    assert code == 2 and "is neither a JSON list of records nor JSONL (one record per line): line 1:" in err
 
 
 def test_an_image_past_pils_guard_but_within_the_trainers_is_checked_without_pils_warning(tmp_path):
