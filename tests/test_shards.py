@@ -140,6 +140,10 @@ def test_a_folder_given_for_shards_gets_the_pattern_of_the_shards_inside(tmp_pat
         with pytest.raises(ShardError, match=rf"'{folder}' is a folder; name its shards, e.g. data.train="
                                              rf"'{tmp_path / 'out' / 'train'}/shard-\{{000..002\}}.tar'"):
             list_shards(str(folder))
+    (tmp_path / "empty").mkdir()  # no shards to point at: no made-up pattern inside it either
+    with pytest.raises(ShardError, match=rf"'{tmp_path / 'empty'}' is a folder with no .tar shard in it \(nor in a "
+                                         rf"train/ folder inside\); name shard files"):
+        list_shards(str(tmp_path / "empty"))
 
 
 def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):

@@ -52,8 +52,13 @@ def list_shards(pattern: str, key: str = "data.train") -> list[str]:
     if missing:
         raise ShardError(f"{key}={pattern!r}: {len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]!r}")
     if folders := [u for u in local if os.path.isdir(u.removeprefix("file:"))]:
+        folder = folders[0].removeprefix("file:")
+        if not any(glob.glob(os.path.join(glob.escape(folder), *inside, "*.tar")) for inside in ((), ("train",))):
+            raise ShardError(f"{key}={pattern!r}: {folders[0]!r} is a folder with no .tar shard in it (nor in a "
+                             f"train/ folder inside); name shard files, e.g. "
+                             f"{key}='/data/shard-{{000000..000009}}.tar'")
         raise ShardError(f"{key}={pattern!r}: {folders[0]!r} is a folder; name its shards, e.g. "
-                         f"{key}={shard_pattern_hint(folders[0].removeprefix('file:'))!r}")
+                         f"{key}={shard_pattern_hint(folder)!r}")
     warn_unfinished_conversion({os.path.dirname(u.removeprefix("file:")) or "." for u in local}, key)
     return urls
 
