@@ -585,3 +585,21 @@ def test_resuming_names_changed_stage_settings_and_refuses_a_change_of_what_trai
     with pytest.raises(ConfigError, match=r"^stage.train_vision=True changes what step=000010.ckpt trained "
                                           r"\(llm \+ projector\) to llm \+ projector \+ vision: its optimizer state"):
         warn_changed_settings(path, tiny_config("stage.train_vision=true", stage="sft").stage, sft.trains)
+
+
+def test_a_failed_start_leaves_no_empty_run_folder_and_only_rank_zero_removes_it(tmp_path, monkeypatch):
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from vlm.training.runs import removed_if_left_empty
+
+    for rank, left in ((1, True), (0, False)):  # rank 1 leaves it to rank 0, which may still be walking it
+        (tmp_path / "run" / "logs").mkdir(parents=True, exist_ok=True)
+        monkeypatch.setattr(rank_zero_only, "rank", rank)
+        with pytest.raises(ConfigError), removed_if_left_empty(tmp_path / "run"):
+            raise ConfigError("bad data")
+        assert (tmp_path / "run").exists() == left
+    (tmp_path / "run" / "logs").mkdir(parents=True)
+    (tmp_path / "run" / "logs" / "metrics.csv").write_text("step\n")
+    with pytest.raises(ConfigError), removed_if_left_empty(tmp_path / "run"):
+        raise ConfigError("bad data at step 40")
+    assert (tmp_path / "run" / "logs" / "metrics.csv").is_file()  # a run that wrote something keeps it

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from vlm.config import ConfigError, TrainConfig
 from vlm.exports.format import ExportError, is_complete, read_meta
 from vlm.training.resume import (
@@ -185,10 +187,13 @@ def held_run(run_dir: Path) -> str:
 @contextlib.contextmanager
 def removed_if_left_empty(run_dir: Path) -> Iterator[None]:
     """On an error in the block, remove `run_dir` if it holds no file (a failed start), so run folders and
-    resume=auto only ever see runs that wrote something."""
+    resume=auto only ever see runs that wrote something. Rank 0 removes it: ranks fail together, and one rank's
+    removal would pull the folder from under another's walk of it."""
     try:
         yield
     except BaseException:
+        if rank_zero_only.rank != 0:
+            raise
         if run_dir.is_dir() and not any(path.is_file() for path in run_dir.rglob("*")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
