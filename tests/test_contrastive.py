@@ -231,6 +231,12 @@ def test_the_picture_command_draws_what_it_says(tmp_path, capsys):
         rows, cols = np.nonzero(distance < 60)
         assert len(rows) > 20, line
         assert ("bottom" in position) == (rows.mean() > 32) and ("right" in position) == (cols.mean() > 32), line
-    with pytest.raises(SystemExit) as exit_:
-        synthetic.main([str(tmp_path / "notes.txt")])
-    assert exit_.value.code == 2 and "give a file name ending in .png" in capsys.readouterr().err
+    bad = {"give a file name ending in .png": [str(tmp_path / "notes.txt")],
+           "--size 100000: give 8 to 4096 pixels": [str(tmp_path / "big.png"), "--size", "100000"],
+           f"cannot write '{tmp_path / 'no' / 'b.png'}': there is no folder": [str(tmp_path / "first.png"),
+                                                                            str(tmp_path / "no" / "b.png")]}
+    for message, argv in bad.items():
+        with pytest.raises(SystemExit) as exit_:
+            synthetic.main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "shape.png"]  # nothing of the refused commands

@@ -359,6 +359,9 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+MAX_PICTURE_SIDE = 4096  # pictures to ask about: the tiler would scale anything larger down anyway
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vlm.data.synthetic",
                                      description="Draw synthetic shape pictures to ask a trained model about; prints "
@@ -369,8 +372,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if bad := [str(p) for p in args.paths if p.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp")]:
         parser.error(f"{bad[0]}: give a file name ending in .png, .jpg or .webp")
-    if args.size < 8:
-        parser.error(f"--size {args.size}: give at least 8 pixels")
+    if not 8 <= args.size <= MAX_PICTURE_SIDE:
+        parser.error(f"--size {args.size}: give 8 to {MAX_PICTURE_SIDE} pixels")
+    if missing := [path for path in args.paths if not path.parent.is_dir()]:  # before any picture is written
+        parser.error(f"cannot write {str(missing[0])!r}: there is no folder {str(missing[0].parent)!r}")
     rng = random.Random(args.seed)
     for path in args.paths:
         spec = random_spec(rng)
