@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 from images import solid
 from live_server import LiveServer
 from tiny import tiny_config
@@ -210,6 +211,46 @@ def test_a_principle_that_is_not_a_mapping_is_named(tmp_path):
     path.write_text('principles:\n  - "just a string"\n')
     with pytest.raises(ConfigError, match=r"principle 0 is 'just a string'; write each principle as a mapping"):
         load_constitution(str(path))
+
+
+class AskedCritic(SyntheticCritic):
+    """The synthetic judge, noting each answer it is asked about."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def revise(self, items, answers, principles):
+        self.asked += answers
+        return super().revise(items, answers, principles)
+
+    def score(self, items, answers, principles):
+        self.asked += answers
+        return super().score(items, answers, principles)
+
+
+@pytest.mark.parametrize("mode", ["mode=revise", "mode=best_of_n"])
+def test_an_empty_answer_is_dropped_as_empty_without_asking_the_critic(tiny_sft_export, tiny_chat_model,
+                                                                       small_synthetic, tmp_path, mode):
+    """A policy that ends its answer at once: nothing to critique and no rejected answer to learn from (and the
+    Messages API refuses an empty assistant turn, which counted the model's empty answer as a critic failure)."""
+    from vlm.data.sources import resolve
+
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", mode, "num_samples=2")
+    items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 4))
+    critic = AskedCritic()
+    make = PairMaker(config, tiny_chat_model, critic, load_constitution("synthetic"))
+    end = min(tiny_chat_model.eos_token_ids)
+
+    def answer_nothing(module, args, output):
+        output.logits[:, -1] = torch.where(torch.arange(output.logits.shape[-1]) == end, 0.0, -1e4)
+
+    hook = tiny_chat_model.model.lm.register_forward_hook(answer_nothing)
+    try:
+        samples, counts = make(items, seed=0, anchors=True)
+    finally:
+        hook.remove()
+    assert samples == [] and critic.asked == []
+    assert (counts.prompts, counts.dropped_empty, counts.dropped_failed, counts.dropped_unchanged) == (4, 4, 0, 0)
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0])

@@ -53,7 +53,7 @@ class Counts:
     dropped_unchanged: int = 0  # revise: the revision equals the answer (nothing to learn)
     anchors: int = 0  # revise: unchanged answers kept as anchors (train split; counted in dropped_unchanged too)
     dropped_tie: int = 0  # best_of_n: every answer scored the same
-    dropped_empty: int = 0  # the critique or the revision came back empty (small critics do that)
+    dropped_empty: int = 0  # the policy's answer, or the critique or revision, came back empty (small models do that)
     dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked
     dropped_unscored: int = 0  # best_of_n: a reply held no number to score the answer by
     critic_failed: int = 0  # the critic's failed requests (a prompt may ask several)
@@ -86,6 +86,7 @@ class PairMaker:
         options = {"temperature": self.config.temperature, "top_p": self.config.top_p,
                    "max_new_tokens": self.config.max_new_tokens, "seed": seed}
         answers = self.chat.generate_batch(prompts * n, **options)  # sample k of prompt i at k * len(prompts) + i
+        asked, principles, answers = self._without_empty_answers(asked, principles, answers, n, counts)
         kept_right: list[tuple[Item, str]] = []
         if self.config.mode == "revise":
             judged = self._revised(asked, answers, principles, counts, kept_right if anchors else None)
@@ -94,6 +95,17 @@ class PairMaker:
         samples = [self._sample(item, principle, record) for item, principle, record in judged]
         counts.kept, counts.anchors = len(samples), len(kept_right)
         return samples + [self._anchor(item, answer) for item, answer in kept_right], counts
+
+    @staticmethod
+    def _without_empty_answers(items: list[Item], principles: list[Principle], answers: list[str], n: int,
+                               counts: Counts) -> tuple[list[Item], list[Principle], list[str]]:
+        """Drop the prompts with an empty answer (any of their n samples) before the critic is asked: there is
+        nothing to critique, nor a rejected answer to learn from, and the Messages API refuses an empty turn."""
+        width = len(items)
+        keep = [i for i in range(width) if all(answers[k * width + i].strip() for k in range(n))]
+        counts.dropped_empty += width - len(keep)
+        return ([items[i] for i in keep], [principles[i] for i in keep],
+                [answers[k * width + i] for k in range(n) for i in keep])
 
     def _principle(self, item: Item) -> Principle:
         """One principle per prompt, drawn at random from those that judge its question type (all of them when none
@@ -113,10 +125,10 @@ class PairMaker:
                 counts.dropped_failed += 1
             elif not revised.revision.strip():
                 counts.dropped_empty += 1
-            elif normalize_exact(revised.revision) == normalize_exact(answer) or not answer.strip():
+            elif normalize_exact(revised.revision) == normalize_exact(answer):
                 counts.dropped_unchanged += 1
                 draw = random.Random(f"{self.config.seed}:{item.key}:anchor").random()
-                if kept_right is not None and answer.strip() and draw < self.config.anchors:
+                if kept_right is not None and draw < self.config.anchors:
                     kept_right.append((item, answer))
             else:
                 out.append((item, principle, {"chosen": revised.revision, "rejected": answer,
