@@ -21,6 +21,7 @@ from data_scripts import llava_to_shards
 from vlm.config import ConfigError
 from vlm.data import synthetic
 from vlm.data.conversations import ConversationDecoder
+from vlm.data.processor import SampleError
 from vlm.eval import as_trained, evaluate, results_folder, show_confusions, show_worst, write_results
 from vlm.exports.format import ExportError
 from vlm.exports.vlm import export_vlm, load_vlm
@@ -381,3 +382,19 @@ def test_answers_stop_at_the_llms_own_end_of_turn_ids_as_in_chat(tiny_sft_export
     # a batch of prompts (vlm.constitution's answers) decodes each row as chat decodes its answer
     assert chat.generate_batch([chat.prepare(conversation, image)], max_new_tokens=4, temperature=0) == \
         [answer.text.strip()] == [tokenizer.decode([first]).strip()]
+
+
+def test_a_caption_sample_with_metadata_json_is_a_describe_turn_in_phase_2():
+    """img2dataset writes each caption sample as image + txt + a json of its url and size: align reads the same
+    shards as contrastive, so the json beside a txt is metadata, not a conversation. A json without conversations
+    and without a txt is still refused by name."""
+    config = tiny_config(stage="sft")
+    processor = new_vlm(config.model, config.tiler).processor
+    sample = {"__key__": "k", "__url__": "u", "png": solid(), "txt": b"a red square",
+              "json": json.dumps({"url": "http://example.com/1.png", "caption": "a red square", "width": 64})}
+    decoded = ConversationDecoder(processor)(sample)["encoded"]
+    answer = processor.tokenizer.decode(decoded.input_ids[decoded.labels != -100], skip_special_tokens=True)
+    assert answer.strip() == "a red square" and len(decoded.image_tokens) == 1
+    del sample["txt"]
+    with pytest.raises(SampleError, match="u:k: 'conversations' must be a non-empty list"):
+        ConversationDecoder(processor)(sample)

@@ -87,18 +87,14 @@ class ConversationDecoder:
         return out
 
     def _conversation(self, sample: dict, name: str) -> Conversation:
-        if "json" not in sample:  # a caption sample
+        record = _json_record(sample, name) if "json" in sample else None
+        # a caption sample: an image and its txt, maybe with metadata json beside them (img2dataset writes url, size)
+        if record is None or ("conversations" not in record and "txt" in sample):
             if "txt" not in sample:
                 raise SampleError(f"{name}: no 'json' field (a conversation) and no 'txt' field (a caption)")
             prompt = DESCRIBE_PROMPTS[zlib.crc32(str(sample.get("__key__")).encode()) % len(DESCRIBE_PROMPTS)]
             return Conversation([{"role": "user", "content": f"{IMAGE_TOKEN}\n{prompt}"},
                                  {"role": "assistant", "content": text_field(sample, "txt")}], [None, None])
-        try:
-            record = json.loads(sample["json"])
-        except (ValueError, TypeError) as err:
-            raise SampleError(f"{name}: malformed json ({err})") from None
-        if not isinstance(record, dict):
-            raise SampleError(f"{name}: the json must be an object with 'conversations'")
         group = record.get(self.group_by)
         return from_llava(record.get("conversations"), name, self.group_by, None if group is None else str(group))
 
@@ -114,3 +110,13 @@ class ConversationDecoder:
             scored.append(ScoredTurn(self.processor.prompt(history, images[:shown], name), messages[i]["content"],
                                      question, conversation.groups[i], name, fields[:shown]))
         return scored
+
+
+def _json_record(sample: dict, name: str) -> dict[str, Any]:
+    try:
+        record = json.loads(sample["json"])
+    except (ValueError, TypeError) as err:
+        raise SampleError(f"{name}: malformed json ({err})") from None
+    if not isinstance(record, dict):
+        raise SampleError(f"{name}: the json must be an object with 'conversations'")
+    return record
