@@ -165,7 +165,7 @@ class H2OLayer(DynamicLayer):
     def observe(self, scores: torch.Tensor | None) -> None:
         """Add this step's attention (B, H_kv, K) to the kept keys' totals (`max`: keep the larger share;
         `contribution`: the larger lift, a share x the keys its query read), then evict down to the budget."""
-        if scores is not None and self.budget.ranking in ("max", "contribution"):
+        if scores is not None and self.score_reduce != "sum":  # a largest share or lift: keep the larger
             self.scores = torch.maximum(self.scores, scores)
         elif scores is not None:
             self.scores += scores

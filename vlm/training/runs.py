@@ -172,12 +172,13 @@ def _new_run_folder(run_dir: Path, named: bool) -> Path:
 
 def held_run(run_dir: Path) -> str:
     """What a run folder a new run may not take holds, and what to do instead."""
+    checkpointed = any((run_dir / "checkpoints").glob("*.ckpt"))
     if not is_complete(run_dir / "export"):
-        if not any((run_dir / "checkpoints").glob("*.ckpt")):  # e.g. stopped by bad data before its first save
+        if not checkpointed:  # e.g. stopped by bad data before its first save
             return ("a run that stopped before its first checkpoint (its logs are there); pass resume=auto to start "
                     "it again in this folder, or choose another run_name")
         return "a run; pass resume=auto to continue it or choose another run_name"
-    if any((run_dir / "checkpoints").glob("*.ckpt")):
+    if checkpointed:
         return ("a finished run (its export is complete); pass resume=auto with a higher stage.max_steps to train it "
                 "further, or choose another run_name")
     return ("a finished run (its export is complete) with no checkpoint to continue from; choose another run_name, or "
