@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import torch
 from images import solid
 from live_server import LiveServer
+from test_chat import scripted_answer
 from tiny import tiny_config
 
 from vlm.cli import compose_config
@@ -239,12 +239,7 @@ def test_an_empty_answer_is_dropped_as_empty_without_asking_the_critic(tiny_sft_
     items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 4))
     critic = AskedCritic()
     make = PairMaker(config, tiny_chat_model, critic, load_constitution("synthetic"))
-    end = min(tiny_chat_model.eos_token_ids)
-
-    def answer_nothing(module, args, output):
-        output.logits[:, -1] = torch.where(torch.arange(output.logits.shape[-1]) == end, 0.0, -1e4)
-
-    hook = tiny_chat_model.model.lm.register_forward_hook(answer_nothing)
+    hook = scripted_answer(tiny_chat_model, [min(tiny_chat_model.eos_token_ids)])  # ends every answer at once
     try:
         samples, counts = make(items, seed=0, anchors=True)
     finally:

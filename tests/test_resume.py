@@ -168,9 +168,8 @@ def test_a_resumed_run_draws_what_the_interrupted_one_would_have_drawn_next(tmp_
 
 def _positions(checkpoints: Path) -> dict[int, tuple[int, int]]:
     """(epoch, batches into it) that each checkpoint of a run records, by step."""
-    return {_step(p): (torch.load(p, weights_only=False)[DataPosition.KEY]["epoch"],
-                       torch.load(p, weights_only=False)[DataPosition.KEY]["batches_in_epoch"])
-            for p in checkpoints.glob("*.ckpt")}
+    positions = {_step(p): torch.load(p, weights_only=False)[DataPosition.KEY] for p in checkpoints.glob("*.ckpt")}
+    return {step: (position["epoch"], position["batches_in_epoch"]) for step, position in positions.items()}
 
 
 @pytest.mark.slow
