@@ -219,6 +219,20 @@ def test_a_packed_row_masks_each_sample_from_its_own_first_token():
     assert torch.allclose(through_packing, alone, atol=1e-5)
 
 
+def test_rows_packed_the_transformers_way_count_the_pattern_from_each_sample():
+    """Packed rows as DataCollatorWithFlattening writes them (position ids restarting at 0, no attention mask):
+    transformers keeps the samples apart, and the pattern must count from each sample's first token too."""
+    lm = tiny_lm()
+    use_attention(lm, settings(window=3, stride=4, sinks=1))
+    samples = [torch.randint(1, 64, (1, n)) for n in (9, 7, 5)]
+    row = torch.cat(samples, dim=1)
+    positions = torch.cat([torch.arange(s.shape[1]) for s in samples])[None]  # (1, 21)
+    with torch.no_grad():
+        alone = torch.cat([lm(s).logits for s in samples], dim=1)
+        packed = lm(row, position_ids=positions, use_cache=False).logits
+    assert torch.allclose(packed, alone, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_pattern_cache_generates_the_full_cache_tokens_and_stays_bounded(family):
     pattern = SparsePattern(window=5, stride=4, sinks=2)

@@ -119,6 +119,23 @@ def sample_positions(padding_mask: torch.Tensor) -> torch.Tensor:
     return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def segment_positions(mask_function: MaskMod, batch_size: int, length: int,
+                      device: torch.device | str) -> torch.Tensor | None:
+    """(B, L) each token's position from its segment's first token, where `mask_function` keeps a token from reading
+    the one just before it: transformers' own packed rows (position ids restarting at 0 and no attention mask, as
+    `DataCollatorWithFlattening` writes them), whose mask remaps only the causal part to each sample's positions.
+    None when every token reads the one before it (one segment per row)."""
+    index = torch.arange(length, device=device)
+    rows = torch.arange(batch_size, device=device)[:, None]
+    reads_previous = torch.broadcast_to(mask_function(rows, 0, index[None, 1:], index[None, 1:] - 1),
+                                        (batch_size, length - 1))
+    if bool(reads_previous.all()):
+        return None
+    starts = torch.cat([torch.ones(batch_size, 1, dtype=torch.bool, device=device), ~reads_previous], dim=1)
+    segment_start = torch.where(starts, index, 0).cummax(dim=1).values  # (B, L) index of each token's first token
+    return index - segment_start
+
+
 def local_global_mask(pattern: SparsePattern, positions: torch.Tensor, sample_ids: torch.Tensor | None = None,
                       padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """A 4D boolean mask (B, 1, L, L) for rows of `positions` (B, L), e.g. packed rows with their position ids and
@@ -213,13 +230,19 @@ def _mask_for_attention(batch_size: int, q_length: int, kv_length: int, q_offset
                         config: PretrainedConfig | None = None, device: torch.device | str = "cpu",
                         **kwargs: Any) -> torch.Tensor | BlockMask:
     """The AttentionMaskInterface function: transformers' mask (causal, padding, packing) AND the pattern, over
-    absolute positions; with padding, positions count from each row's first real token."""
+    absolute positions; with padding, positions count from each row's first real token, and in transformers' packed
+    rows from each sample's."""
     pattern = pattern_of(config)
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, kv_offset + kv_length) or None
     padded = padding is not None and not bool(padding.all())
-    positions = sample_positions(padding) if padded else None
-    mask_mod = and_masks(mask_function, pattern_mask_mod(pattern, positions))
     whole_sequence = isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0 and q_length == kv_length
+    if padded:
+        positions = sample_positions(padding)
+    elif whole_sequence and mask_function is not causal_mask_function and q_length > 1:
+        positions = segment_positions(mask_function, batch_size, q_length, device)
+    else:
+        positions = None
+    mask_mod = and_masks(mask_function, pattern_mask_mod(pattern, positions))
     if whole_sequence and pattern.uses_flex(device):
         if padded or mask_function is not causal_mask_function:  # depends on the data: built per batch
             return flex_attention_mask(batch_size, q_length, kv_length, mask_function=mask_mod,
