@@ -398,3 +398,17 @@ def test_a_caption_sample_with_metadata_json_is_a_describe_turn_in_phase_2():
     del sample["txt"]
     with pytest.raises(SampleError, match="u:k: 'conversations' must be a non-empty list"):
         ConversationDecoder(processor)(sample)
+
+
+def test_conversation_images_in_every_format_the_tiler_reads_are_found_in_order():
+    """A shard written by hand may store its pictures as gif, bmp or tif: each is read, in `<image>` order."""
+    config = tiny_config(stage="sft")
+    processor = new_vlm(config.model, config.tiler).processor
+    turns = [{"from": "human", "value": "<image>\n<image>\n<image>\nWhich is red?"}, {"from": "gpt", "value": "first"}]
+    sample = {"__key__": "k", "__url__": "u", "json": json.dumps({"conversations": turns}),
+              "0.gif": solid((255, 0, 0), fmt="GIF"), "1.bmp": solid((0, 255, 0), fmt="BMP"),
+              "2.tif": solid((0, 0, 255), fmt="TIFF")}
+    decoded = ConversationDecoder(processor)(sample)["encoded"]
+    assert len(decoded.image_tokens) == 3
+    red, green, blue = (decoded.pixel_values[i].mean(dim=(1, 2)) for i in range(3))  # normalised channel means
+    assert red.argmax() == 0 and green.argmax() == 1 and blue.argmax() == 2

@@ -12,7 +12,7 @@ import webdataset as wds
 from images import solid
 from tiny import tiny_config
 
-from vlm.config import TilerConfig
+from vlm.config import ConfigError, TilerConfig
 from vlm.data.captions import CaptionDecoder, collate_captions, text_field
 from vlm.data.shard_writer import ShardSplitWriter
 from vlm.data.shards import ShardError, SkipSample, build_pipeline, list_shards, make_loader, reader_plan
@@ -251,3 +251,9 @@ def test_an_interrupted_split_leaves_only_whole_shards_under_the_pattern(tmp_pat
         finished.write({"__key__": "000", "txt": "only"})
     assert sorted(p.name for p in (tmp_path / "val").iterdir()) == ["shard-000000.tar"]
     assert not ShardSplitWriter(tmp_path / "empty", 2).shards() and not (tmp_path / "empty").exists()
+
+
+def test_the_contrastive_stage_refuses_a_tiler_of_several_tiles_naming_the_key():
+    tiler = Tiler(TilerConfig(max_tiles=4), tile_size=16, tokens_per_tile=4)
+    with pytest.raises(ConfigError, match=r"^tiler.max_tiles=4: the contrastive stage encodes one tile per image"):
+        CaptionDecoder(tiler, lambda t: torch.zeros(len(t), 8))

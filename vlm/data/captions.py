@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from vlm.config import ConfigError
 from vlm.data.shards import SkipSample, collate_skipped
 from vlm.data.tiler import Tiler
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # what the tiler decodes
 
 
 def image_fields(sample: dict) -> list[str]:
@@ -44,7 +45,8 @@ class CaptionDecoder:
     def __init__(self, tiler: Tiler, tokenizer: Callable[[list[str]], torch.Tensor],
                  classnames: list[str] | None = None):
         if tiler.config.max_tiles != 1:
-            raise ValueError("the contrastive stage encodes one tile per image; use tiler=low (tiler.max_tiles=1)")
+            raise ConfigError(f"tiler.max_tiles={tiler.config.max_tiles}: the contrastive stage encodes one tile per "
+                              f"image; use tiler=low (tiler.max_tiles=1)", key="tiler.max_tiles")
         self.tiler = tiler
         self.tokenizer = tokenizer
         self.classnames = classnames  # given: a label must be an index into them (held-out samples, zero-shot)
@@ -52,7 +54,7 @@ class CaptionDecoder:
     def __call__(self, sample: dict) -> dict[str, Any]:
         fields = image_fields(sample)
         if not fields:
-            raise SkipSample("no image field (jpg/jpeg/png/webp)")
+            raise SkipSample(f"no image field ({'/'.join(IMAGE_EXTENSIONS)})")
         if "txt" not in sample and "json" in sample:
             raise SkipSample("no 'txt' caption: it holds a conversation ('json'), which stage=align and sft read; "
                              "stage=contrastive trains on image + caption shards (data_scripts/images_to_shards.py)")
