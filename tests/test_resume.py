@@ -28,7 +28,13 @@ from tiny import TINY, make_task, tiny_config
 from vlm.config import ConfigError
 from vlm.training.checkpoint_io import AtomicCheckpointIO
 from vlm.training.data_position import DataPosition, pass_seed
-from vlm.training.resume import StartingExport, checkpoint_step, find_resume_checkpoint, remove_partial_writes
+from vlm.training.resume import (
+    CheckpointUnreadable,
+    StartingExport,
+    checkpoint_step,
+    find_resume_checkpoint,
+    remove_partial_writes,
+)
 from vlm.training.runs import INIT_ENV, PARENT_ENV, RESUME_ENV, RUN_DIR_ENV, prepare_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -602,3 +608,23 @@ def test_a_failed_start_leaves_no_empty_run_folder_and_only_rank_zero_removes_it
     with pytest.raises(ConfigError), removed_if_left_empty(tmp_path / "run"):
         raise ConfigError("bad data at step 40")
     assert (tmp_path / "run" / "logs" / "metrics.csv").is_file()  # a run that wrote something keeps it
+
+
+def test_a_checkpoint_naming_a_missing_module_is_refused_and_left_in_place(tmp_path, monkeypatch):
+    """A package uninstalled since the run saved is no damage: resume=auto says which module is missing and renames
+    nothing, where a damaged file would be set aside and the run would go back a checkpoint (or to step 0)."""
+    (tmp_path / "run_extras.py").write_text("class Note:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import run_extras
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for step in (10, 20):
+        extra = {"note": run_extras.Note()} if step == 20 else {}
+        torch.save({"state_dict": {}, "global_step": step, **extra}, checkpoints / f"step{step:08d}.ckpt")
+    (tmp_path / "run_extras.py").unlink()
+    monkeypatch.delitem(sys.modules, "run_extras")
+    with pytest.raises(CheckpointUnreadable, match=r"step00000020.ckpt cannot be read here \(ModuleNotFoundError: "
+                                                   r"No module named 'run_extras'\)"):
+        find_resume_checkpoint(checkpoints.parent)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step00000010.ckpt", "step00000020.ckpt"]

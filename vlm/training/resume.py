@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlm.config import ConfigError, StageConfig, to_dict
-from vlm.errors import first_line
+from vlm.errors import UserError, first_line
 from vlm.training.checkpoint_io import TEMP_MARK
 from vlm.training.freezing import TRAIN_FLAGS, parts_with_overrides, trainable_parts
 
@@ -58,10 +58,23 @@ def checkpoint_record(path: str | os.PathLike) -> dict | str:
     return _record(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
+class CheckpointUnreadable(UserError, RuntimeError):
+    """A checkpoint that may well be whole but cannot be read here: it is neither resumed from nor set aside."""
+
+
+# errors that say the environment, not the file, is at fault: a module or class the pickle names is missing (a
+# package uninstalled or downgraded), or the file may not be read
+ENVIRONMENT_ERRORS = (ImportError, AttributeError, PermissionError)
+
+
 @functools.lru_cache(maxsize=8)
 def _record(path: str, mtime_ns: int, size: int) -> dict | str:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except ENVIRONMENT_ERRORS as err:
+        raise CheckpointUnreadable(f"checkpoint {path} cannot be read here ({first_line(err)}): the file may be "
+                                   f"whole, so it was left as it is. Resume with the packages that wrote it, or with "
+                                   f"read access to it") from None
     except Exception as err:  # truncated zip, empty file, bad pickle: all mean "do not resume from this"
         return first_line(err)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
