@@ -15,7 +15,7 @@ from tiny import make_task, tiny_config
 from vlm.data import synthetic
 from vlm.exports.clip import load_clip
 from vlm.exports.format import ExportError
-from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions
+from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions, retrieve
 from vlm.models.factory import make_tiler
 from vlm.training.contrastive import ContrastiveTask
 from vlm.training.optim import build_optimizer
@@ -87,18 +87,32 @@ def test_zero_shot_and_retrieval_metrics():
     labels = torch.tensor([0, 1, 2, 3])
     image = classes[labels] + 0.01 * torch.randn(4, 8)
     text = image.clone()
-    metrics = contrastive_metrics(image @ text.T, labels, image @ classes.T)
+    metrics = contrastive_metrics(retrieve(image, text), labels, image @ classes.T)
     assert metrics == {"i2t_r1": 1.0, "t2i_r1": 1.0, "zero_shot_top1": 1.0}
-    metrics = contrastive_metrics(image @ text.roll(1, 0).T, labels, None)
+    metrics = contrastive_metrics(retrieve(image, text.roll(1, 0)), labels, None)
     assert metrics["i2t_r1"] == 0.0 and "zero_shot_top1" not in metrics
     # samples without a label are left out of the zero-shot score, not the whole score
     partly = torch.tensor([0, -1, 2, -1])
-    wrong = contrastive_metrics(image @ text.T, partly, image @ classes.roll(1, 0).T)  # every class one off
-    assert contrastive_metrics(image @ text.T, partly, image @ classes.T)["zero_shot_top1"] == 1.0
+    wrong = contrastive_metrics(retrieve(image, text), partly, image @ classes.roll(1, 0).T)  # every class one off
+    assert contrastive_metrics(retrieve(image, text), partly, image @ classes.T)["zero_shot_top1"] == 1.0
     assert wrong["zero_shot_top1"] == 0.0
-    rows = contrastive_predictions(image @ text.T, partly, image @ classes.T, list("abcd"), list("kkkk"), list("cccc"))
+    rows = contrastive_predictions(retrieve(image, text), partly, image @ classes.T, list("abcd"), list("kkkk"),
+                                   list("cccc"))
     assert [r.get("correct") for r in rows] == [True, None, True, None] and rows[1]["prediction"] == "b"
 
+
+
+def test_retrieval_in_blocks_of_rows_equals_the_whole_similarity_matrix(monkeypatch):
+    import vlm.metrics
+
+    torch.manual_seed(0)
+    image, text = torch.randn(50, 8), torch.randn(50, 8)
+    similarity = image @ text.T  # (N, N), what the blocks must agree with
+    monkeypatch.setattr(vlm.metrics, "SIMILARITY_BLOCK", 7 * 50)  # 7 rows a block: the last block is short
+    retrieved = retrieve(image, text)
+    assert torch.equal(retrieved.image_to_text, similarity.argmax(dim=1))
+    assert torch.equal(retrieved.text_to_image, similarity.argmax(dim=0))
+    assert torch.equal(retrieved.caption_ranks, (similarity > similarity.diagonal().unsqueeze(1)).sum(dim=1))
 
 def test_a_held_out_label_outside_the_class_names_is_a_skipped_sample_naming_them():
     from vlm.data.captions import CaptionDecoder
@@ -118,14 +132,14 @@ def test_per_sample_predictions_rank_each_caption_and_name_the_classes():
     classes = torch.eye(3)  # (C, E): class i points along axis i
     image = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.2, 1.0], [0.0, 0.0, 1.0]])  # sample 1 looks like class 2
     text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.3, 1.0]])
-    rows = contrastive_predictions(image @ text.T, torch.tensor([0, 1, 2]), image @ classes.T, ["red", "green", "blue"],
-                                   ["s0", "s1", "s2"], ["a red", "a green", "a blue"], top=2)
+    rows = contrastive_predictions(retrieve(image, text), torch.tensor([0, 1, 2]), image @ classes.T,
+                                   ["red", "green", "blue"], ["s0", "s1", "s2"], ["a red", "a green", "a blue"], top=2)
     assert [r["caption_rank"] for r in rows] == [0, 1, 0]  # sample 1's image scores caption 2 above its own
     assert [(r["label"], r["prediction"], r["correct"]) for r in rows] == [
         ("red", "red", True), ("green", "blue", False), ("blue", "blue", True)]
     assert rows[1]["top"] == ["blue", "green"] and rows[1]["key"] == "s1" and rows[1]["caption"] == "a green"
-    unlabelled = contrastive_predictions(image @ text.T, torch.tensor([-1, -1, -1]), None, None, ["s0", "s1", "s2"],
-                                         ["a", "b", "c"])
+    unlabelled = contrastive_predictions(retrieve(image, text), torch.tensor([-1, -1, -1]), None, None,
+                                         ["s0", "s1", "s2"], ["a", "b", "c"])
     assert set(unlabelled[0]) == {"key", "caption", "caption_rank"}
 
 

@@ -4,6 +4,7 @@ answer accuracy for chat models."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
@@ -20,12 +21,38 @@ def class_embeddings(model: CLIPModel, tokenizer, classnames: list[str], templat
     return build_zero_shot_classifier(model, tokenizer, classnames, templates, CLASSES_PER_FORWARD, device).T
 
 
-def contrastive_metrics(similarity: torch.Tensor, labels: torch.Tensor,
+SIMILARITY_BLOCK = 1 << 24  # similarities held at once (64 MiB): 50,000 held-out samples are never scored N x N
+
+
+@dataclass
+class Retrieval:
+    """Image<->text retrieval over N held-out pairs (image i's caption is text i), from unit-norm features."""
+
+    image_to_text: torch.Tensor  # (N,) the caption each image retrieves first
+    text_to_image: torch.Tensor  # (N,) the image each caption retrieves first
+    caption_ranks: torch.Tensor  # (N,) captions scored above each image's own (0: its own comes first)
+
+
+def retrieve(image: torch.Tensor, text: torch.Tensor) -> Retrieval:
+    """image (N, E), text (N, E) -> `Retrieval`, scored a block of rows at a time: never N x N similarities at once."""
+    count = len(image)
+    rows = max(1, SIMILARITY_BLOCK // max(count, 1))
+    image_to_text, text_to_image, caption_ranks = [], [], []
+    for start in range(0, count, rows):
+        similarity = image[start:start + rows] @ text.T  # (rows, N)
+        own = similarity.diagonal(offset=start).unsqueeze(1)  # (rows, 1)
+        image_to_text.append(similarity.argmax(dim=1))
+        caption_ranks.append((similarity > own).sum(dim=1))
+        text_to_image.append((text[start:start + rows] @ image.T).argmax(dim=1))
+    return Retrieval(torch.cat(image_to_text), torch.cat(text_to_image), torch.cat(caption_ranks))
+
+
+def contrastive_metrics(retrieved: Retrieval, labels: torch.Tensor,
                         class_scores: torch.Tensor | None) -> dict[str, float]:
-    """similarity (N, N) image x text, labels (N,), class_scores (N, C) image x class or None -> top-1 / R@1."""
-    target = torch.arange(len(similarity))
-    metrics = {"i2t_r1": (similarity.argmax(dim=1) == target).float().mean().item(),
-               "t2i_r1": (similarity.argmax(dim=0) == target).float().mean().item()}
+    """Retrieval over N pairs, labels (N,), class_scores (N, C) image x class or None -> top-1 / R@1."""
+    target = torch.arange(len(labels))
+    metrics = {"i2t_r1": (retrieved.image_to_text == target).float().mean().item(),
+               "t2i_r1": (retrieved.text_to_image == target).float().mean().item()}
     labelled = labels >= 0  # (N,) samples without a class label ("cls") are left out of the zero-shot score
     if class_scores is not None and bool(labelled.any()):
         predicted = class_scores.argmax(dim=1)  # (N,)
@@ -33,16 +60,14 @@ def contrastive_metrics(similarity: torch.Tensor, labels: torch.Tensor,
     return metrics
 
 
-def contrastive_predictions(similarity: torch.Tensor, labels: torch.Tensor, class_scores: torch.Tensor | None,
+def contrastive_predictions(retrieved: Retrieval, labels: torch.Tensor, class_scores: torch.Tensor | None,
                             classnames: list[str] | None, keys: list[str], captions: list[str],
                             top: int = 5) -> list[dict]:
     """One row per sample: its caption's rank among all captions for its image (0 is retrieved first), and with
     class scores its label, the predicted class, the `top` best classes and whether the prediction is right.
-    similarity (N, N) and class_scores (N, C) are those `contrastive_metrics` reads."""
-    own = similarity.diagonal().unsqueeze(1)  # (N, 1)
-    caption_ranks = (similarity > own).sum(dim=1).tolist()  # captions scored above the sample's own
+    `retrieved` and class_scores (N, C) are those `contrastive_metrics` reads."""
     rows = [{"key": key, "caption": caption, "caption_rank": rank}
-            for key, caption, rank in zip(keys, captions, caption_ranks, strict=True)]
+            for key, caption, rank in zip(keys, captions, retrieved.caption_ranks.tolist(), strict=True)]
     if class_scores is not None and classnames:
         best = class_scores.topk(min(top, len(classnames)), dim=1).indices.tolist()  # (N, top)
         for row, label, ranked in zip(rows, labels.tolist(), best, strict=True):

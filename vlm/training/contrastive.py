@@ -12,7 +12,7 @@ from vlm.config import TrainConfig
 from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.data.sources import DataSources
 from vlm.exports.clip import export_clip, load_clip
-from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions
+from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions, retrieve
 from vlm.models.clip import CLIPModel
 from vlm.models.factory import make_tiler
 from vlm.models.losses import build_contrastive_loss
@@ -94,12 +94,12 @@ class ContrastiveTask(StageTask):
         if classes is not None and not bool((labels >= 0).all()):
             log.warning("zero-shot top-1 scores the %d of %d held-out samples that have a class label ('cls')",
                         int((labels >= 0).sum()), len(labels))
-        similarity = image @ text.T  # (N, N), read by the metrics and the per-sample rows alike
+        retrieved = retrieve(image, text)  # read by the metrics and the per-sample rows alike
         class_scores = image @ classes.T if classes is not None else None  # (N, C)
-        metrics = contrastive_metrics(similarity, labels, class_scores) | {"samples_scored": float(len(image))}
+        metrics = contrastive_metrics(retrieved, labels, class_scores) | {"samples_scored": float(len(image))}
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
         keys, captions = zip(*self._val_samples[:len(image)], strict=True)
-        self.predictions = contrastive_predictions(similarity, labels, class_scores, self.classnames, list(keys),
+        self.predictions = contrastive_predictions(retrieved, labels, class_scores, self.classnames, list(keys),
                                                    list(captions))
         self._val, self._val_samples, self._classes = [], [], None
 
