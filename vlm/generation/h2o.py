@@ -65,8 +65,8 @@ class PaddedBatchError(ValueError):
 
 @dataclass(frozen=True)
 class H2OBudget:
-    """Tokens each layer keeps: `heavy` by the attention they received (ranked by its largest share, its `sum`, or
-    its `mean` per query that read the key; see H2OSettings), the `recent` newest, the first `sinks`."""
+    """Tokens each layer keeps: `heavy` by the attention they received (ranked by `ranking`: `contribution`, the
+    default, `max`, `sum` or `mean`; see H2OSettings), the `recent` newest, the first `sinks`."""
 
     heavy: int
     recent: int

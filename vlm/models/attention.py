@@ -86,10 +86,6 @@ class SparsePattern:
         """Whether this pattern's attention runs through flex_attention on `device` (`kernel=flex` there)."""
         return self.kernel == "flex" and flex_runs_on(device)
 
-    def max_cached(self, length: int) -> int:
-        """Keys a pattern cache holds at most after `length` tokens (one sample)."""
-        return min(length, self.window + length // self.stride + self.sinks + 1)
-
     def as_dict(self) -> dict[str, Any]:
         return {"window": self.window, "stride": self.stride, "sinks": self.sinks, "kernel": self.kernel}
 
