@@ -4,6 +4,7 @@ answer accuracy for chat models."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,8 @@ from vlm.models.clip import CLIPModel
 CLASSES_PER_FORWARD = 10  # prompts of this many classes per text-tower pass: 1,000 classes x 80 templates never at once
 
 
-def class_embeddings(model: CLIPModel, tokenizer, classnames: list[str], templates: list[str],
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+def class_embeddings(model: CLIPModel, tokenizer: Callable[[list[str]], torch.Tensor], classnames: list[str],
+                     templates: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
     """One unit-norm embedding per class: the mean of its unit-norm prompt embeddings over the templates, as CLIP
     does (open_clip's zero-shot classifier, a few classes per pass). -> (C, E)"""
     return build_zero_shot_classifier(model, tokenizer, classnames, templates, CLASSES_PER_FORWARD, device).T

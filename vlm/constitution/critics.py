@@ -23,12 +23,15 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlm.data.tiler import sniff_media_type
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.errors import UserError
 from vlm.metrics import score_answer
+
+if TYPE_CHECKING:  # vlm.chat loads torch and transformers; an HTTP critic needs neither
+    from vlm.chat import ChatModel
 
 log = logging.getLogger(__name__)
 Message = dict[str, str]
@@ -211,7 +214,7 @@ class ChatCritic(Critic):
         return [r.strip() if r else r for r in replies]
 
 
-def fits_context(chat_model) -> Callable[[list[Message], list[bytes]], bool]:
+def fits_context(chat_model: ChatModel) -> Callable[[list[Message], list[bytes]], bool]:
     """Whether a conversation (and its images) fits the chat model's context, as a prompt."""
     from vlm.generation.completion import PromptError
 
@@ -225,7 +228,7 @@ def fits_context(chat_model) -> Callable[[list[Message], list[bytes]], bool]:
     return fits
 
 
-def self_completion(chat_model, max_new_tokens: int) -> Callable[[list[Request]], list[str | None]]:
+def self_completion(chat_model: ChatModel, max_new_tokens: int) -> Callable[[list[Request]], list[str | None]]:
     """The policy as its own critic: greedy replies through `ChatModel.generate_batch`; a conversation too long for
     its context is a failed request."""
     from vlm.generation.completion import PromptError

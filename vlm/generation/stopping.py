@@ -52,7 +52,7 @@ class StopInAnswer(StoppingCriteria):
     and only the last few, enough to hold the longest stop sequence.
     """
 
-    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], prompt_length: int):
         self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stops), prompt_length
         # in tokens: a token decodes to at least one byte, not one character (byte-level BPE spells "日" in up to
         # three tokens), and 2 more for a partial character at each end

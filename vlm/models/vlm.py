@@ -7,10 +7,13 @@ else is the Hugging Face model untouched, so `generate` (KV cache, sampling, bea
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import ModelConfig
 from vlm.models.packing import packed_lm_inputs
@@ -108,7 +111,7 @@ class VisionLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 image_slots: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                patches: torch.Tensor | None = None, **kwargs):
+                patches: torch.Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """Returns the Hugging Face CausalLMOutput; `loss` is next-token cross-entropy over labels != -100.
 
         Packed rows (vlm.data.packing) come with `position_ids` (B, L) restarting at each sample and no
