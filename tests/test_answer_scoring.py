@@ -412,3 +412,26 @@ def test_conversation_images_in_every_format_the_tiler_reads_are_found_in_order(
     assert len(decoded.image_tokens) == 3
     red, green, blue = (decoded.pixel_values[i].mean(dim=(1, 2)) for i in range(3))  # normalised channel means
     assert red.argmax() == 0 and green.argmax() == 1 and blue.argmax() == 2
+
+
+def test_a_sample_encoded_several_times_decodes_its_images_once(monkeypatch):
+    """A held-out sample is encoded once to train and once per scored turn, a pair once per answer: each image is
+    read and tiled once for all of them."""
+    from vlm.data.preferences import PreferenceDecoder
+
+    config = tiny_config(stage="sft")
+    processor = new_vlm(config.model, config.tiler).processor
+    tiled = []
+    tile = type(processor.tiler).__call__
+    monkeypatch.setattr(type(processor.tiler), "__call__", lambda self, *a, **k: tiled.append(1) or tile(self, *a, **k))
+    turns = [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "What shape?"}, {"from": "gpt", "value": "square"},
+             {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "one"}]
+    sample = {"__key__": "k", "__url__": "u", "png": solid(), "json": json.dumps({"conversations": turns})}
+    decoded = ConversationDecoder(processor, evaluate=True, turns="all")(sample)
+    assert len(decoded["scored"]) == 3 and len(tiled) == 1
+    tiled.clear()
+    pair = {"__key__": "p", "__url__": "u", "png": solid(), "json": json.dumps(
+        {"prompt": [{"role": "user", "content": "<image>\nWhat color?"}], "chosen": "red", "rejected": "blue"})}
+    decoded = PreferenceDecoder(processor)(pair)["pair"]
+    assert torch.equal(decoded.chosen.pixel_values, decoded.rejected.pixel_values) and len(tiled) == 1

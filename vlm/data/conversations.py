@@ -78,8 +78,8 @@ class ConversationDecoder:
     def __call__(self, sample: dict) -> dict[str, Any]:
         name = f"{sample.get('__url__')}:{sample.get('__key__')}"
         fields = image_fields(sample)
-        images = [sample[f] for f in fields]
         conversation = self._conversation(sample, name)
+        images = self.processor.tile_all([sample[f] for f in fields], name)  # once for the sample and each turn
         encoded = self.processor.encode(conversation.messages, images, name, last_reply_only=self.last_reply_only)
         out: dict[str, Any] = {"encoded": encoded, "key": name}
         if self.evaluate:

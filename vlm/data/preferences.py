@@ -135,7 +135,7 @@ class PreferenceDecoder:
             return self.conversations(sample)
         prompt = prompt_messages(record.get("prompt"), name)
         chosen, rejected = (answer_text(record.get(f, MISSING), f, name) for f in ("chosen", "rejected"))
-        images = [sample[f] for f in image_fields(sample)]
+        images = self.processor.tile_all([sample[f] for f in image_fields(sample)], name)  # once for both answers
         rows = [self.processor.encode([*prompt, {"role": "assistant", "content": answer}], images, name,
                                       last_reply_only=True) for answer in (chosen, rejected)]
         return {"pair": Pair(rows[0], rows[1], name)}

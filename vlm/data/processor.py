@@ -22,7 +22,7 @@ from vlm.data.tiler import ImageLoadError, TiledImage, Tiler
 from vlm.data.tokenizer import IMAGE_TOKEN, image_token_id
 
 IGNORE_INDEX = -100
-ImageSource = str | bytes | Image.Image
+ImageSource = str | bytes | Image.Image | TiledImage  # TiledImage: tiled already, used as it is
 PROMPT_NAME = "request"  # how errors name a prompt being answered: "request image 0: ..."
 
 
@@ -98,7 +98,7 @@ class Processor:
         """Encode a conversation; raises SampleError (naming `name`) for anything that would train wrongly.
         Labels keep every assistant reply, or with `last_reply_only` the last one (a preference pair's answer)."""
         self._check(messages, images, name, train)
-        tiled = [self._tile(image, name, i) for i, image in enumerate(images)]
+        tiled = self.tile_all(images, name)
         text = self.render(messages, add_generation_prompt=add_generation_prompt, name=name)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
         ids = encoding["input_ids"]
@@ -164,7 +164,13 @@ class Processor:
                               f"{IMAGE_TOKEN}")
         return out_ids, out_labels, image_ends
 
+    def tile_all(self, images: list[ImageSource], name: str = "sample") -> list[TiledImage]:
+        """Each image tiled once, for a sample encoded several times (a pair's two answers, each held-out turn)."""
+        return [self._tile(image, name, i) for i, image in enumerate(images)]
+
     def _tile(self, image: ImageSource, name: str, index: int) -> TiledImage:
+        if isinstance(image, TiledImage):
+            return image
         try:
             return self.tiler(image, name=image_label(name, index, image))
         except ImageLoadError as err:
