@@ -213,6 +213,23 @@ def test_vlm_eval_scores_a_contrastive_export_on_the_held_out_data_its_run_valid
     assert config.data.val == task.held_out
 
 
+
+@pytest.mark.parametrize("names_beside", [False, True], ids=["no-classnames", "classnames-beside"])
+def test_vlm_eval_reads_labels_on_new_data_by_that_datas_class_names_only(tmp_path, names_beside):
+    """An export's class names label its own held-out data. Labelled shards of one's own without a classnames.txt
+    are scored by retrieval alone: read against the export's names, every label would name another class."""
+    from test_bad_data import write_caption_shards
+
+    from vlm.eval import evaluate
+
+    torch.manual_seed(0)
+    export = make_task(tiny_config(), synthetic.CLASSNAMES).export(tmp_path / "export")
+    pattern = write_caption_shards(tmp_path / "val", good_per_shard=6, bad_kinds=[], shards=1)
+    if names_beside:
+        (tmp_path / "val" / "classnames.txt").write_text("\n".join(synthetic.CLASSNAMES) + "\n")
+    metrics, _ = evaluate(tiny_config(f"checkpoint={export}", f"data.val='{pattern}'", "data.num_workers=0"))
+    assert "i2t_r1" in metrics and ("zero_shot_top1" in metrics) == names_beside
+
 @pytest.mark.parametrize("given, templates", [({"checkpoint"}, ["{}"]), ({"checkpoint", "eval.templates"}, None)])
 def test_vlm_eval_ranks_classes_with_the_prompts_the_export_validated_with_unless_told(tmp_path, given, templates):
     from vlm.eval import as_trained

@@ -105,7 +105,6 @@ def resolve_eval(config: DataConfig, kind: str, output_root: str = "checkpoints"
         return DataSources(None, constitution_pairs(output_root, missing="data.val").val, None)
     if config.val is None:
         val = synthetic.ensure_split(kind, "val", config.synthetic)
-        log.info("scoring on the built-in synthetic held-out %s (no data.val given, and the export records none of "
-                 "its own); pass data.val=SHARDS to score on yours", kind)
+        log.info("scoring on the built-in synthetic held-out %s; pass data.val=SHARDS to score on yours", kind)
         return DataSources(None, val, list(synthetic.CLASSNAMES))
     return DataSources(None, config.val, find_classnames(config))

@@ -10,8 +10,10 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from vlm.config import TrainConfig
 from vlm.data.captions import CaptionDecoder, collate_captions
+from vlm.data.shards import absolute_pattern
 from vlm.data.sources import DataSources
 from vlm.exports.clip import export_clip, load_clip
+from vlm.exports.format import read_meta
 from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions, retrieve
 from vlm.models.clip import CLIPModel
 from vlm.models.factory import make_tiler
@@ -44,7 +46,12 @@ class ContrastiveTask(StageTask):
     def from_export(cls, config: TrainConfig, stage: Stage, directory: Path,
                     data: DataSources) -> ContrastiveTask:
         clip = load_clip(directory)
-        return cls(config, stage, clip.model, clip.tokenizer, data.classnames or clip.classnames)
+        # the export's class names label its own held-out data; other labelled shards bring theirs (classnames.txt
+        # beside them, or data.classnames), and without them are scored by retrieval alone
+        recorded = (read_meta(directory).train_config or {}).get("held_out")
+        own_data = data.val is not None and absolute_pattern(data.val) == recorded
+        classnames = data.classnames or (clip.classnames if own_data else None)
+        return cls(config, stage, clip.model, clip.tokenizer, classnames)
 
     def setup(self, stage: str) -> None:
         # the loss gathers features across ranks, so it needs this process's place in the world
