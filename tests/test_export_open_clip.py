@@ -63,6 +63,8 @@ def test_siglip_bias_travels(tmp_path):
           "model.vision.patch_size=8", "model.vision.global_pool='avg'"]),
     ([*REGISTERED_VIT, "model.vision.depth=2"], ["model.vision.depth=2"]),
     ([*REGISTERED_VIT, "model.vision.global_pool=avg"], ["model.vision.global_pool='avg'"]),
+    ([*REGISTERED_VIT, "model.vision.global_pool=max"], ["model.vision.global_pool='max'"]),
+    ([*REGISTERED_VIT, "model.vision.global_pool=map"], ["model.vision.global_pool='map'"]),
 ])
 def test_towers_open_clip_cannot_build_are_refused_by_name(tmp_path, overrides, named):
     source = contrastive_export(tmp_path / "export", *overrides)
