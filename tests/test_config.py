@@ -101,6 +101,11 @@ def test_bad_values_name_the_key():
     ("trainer.devices=abc", "trainer.devices='abc': give a count"),
     ("trainer.accelerator=tpu", r"trainer.accelerator='tpu' is not valid; choose one of \['auto', 'cpu'"),
     ("model.vision.image_size=60", "model.vision.image_size=60 must be a multiple of model.vision.patch_size=8"),
+    ("model.vision.global_pool=bogus", "model.vision.global_pool='bogus' is not a timm ViT pooling: use one of token"),
+    ("model.vision.heads=5", "model.vision.heads=5 does not divide model.vision.width=32"),
+    ("model.text.heads=3", "model.text.heads=3 does not divide model.text.width="),
+    ("eval.templates=[]", r"eval.templates=\[\] holds no prompt"),
+    ("eval.templates=['a photo']", "eval.templates: 'a photo' has no {} for the class name"),
 ])
 def test_out_of_range_numbers_name_the_key_and_the_bound(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -307,3 +312,11 @@ def test_one_value_given_for_a_group_of_settings_names_the_group_and_its_keys():
                                           r"recent, sinks, ranking, prompt_block\); set them one by one, e.g. "
                                           r"generation.h2o.heavy=\.\.\., got 5"):
         load_config(InferConfig, compose_config("infer", ["generation.h2o=5"]))
+
+
+def test_heads_that_split_no_width_of_the_timm_models_own_are_one_error_naming_the_key():
+    from vlm.models.vision import VisionTower
+
+    config = tiny_config("model.vision.width=null", "model.vision.heads=5")  # the timm model's own width, 192
+    with pytest.raises(ConfigError, match=r"cannot be built with .*model.vision.heads=5.*: dim should be divisible"):
+        VisionTower(config.model.vision)

@@ -226,6 +226,9 @@ class TilerConfig:
 # ---- the model ----
 
 
+VIT_POOLS = ("token", "avg", "avgmax", "max", "map")  # timm ViT poolings: CLS, mean, mean+max, max, attention
+
+
 @dataclass
 class VisionConfig:
     name: str = setting()  # any timm ViT name (vit_*, deit_*, eva02_*, ...)
@@ -246,6 +249,10 @@ class VisionConfig:
                 and self.image_size % self.patch_size:
             raise ValueError(f"model.vision.image_size={self.image_size} must be a multiple of "
                              f"model.vision.patch_size={self.patch_size} (the ViT cuts each tile into whole patches)")
+        if self.global_pool is not None and self.global_pool != MISSING and self.global_pool not in VIT_POOLS:
+            raise ValueError(f"model.vision.global_pool={self.global_pool!r} is not a timm ViT pooling: use one of "
+                             f"{', '.join(VIT_POOLS)}, or null for the model's own")
+        _check_heads("model.vision", self.width, self.heads)
 
 
 @dataclass
@@ -257,6 +264,16 @@ class TextConfig:
     heads: int = setting(minimum=1)
     layers: int = setting(minimum=1)
     pretrained: str | None = setting()  # "MODEL/TAG" of open_clip weights for the text tower, e.g. "ViT-B-16/openai"
+
+    def __post_init__(self) -> None:
+        _check_heads("model.text", self.width, self.heads)
+
+
+def _check_heads(group: str, width: Any, heads: Any) -> None:
+    """Attention splits the width evenly over the heads."""
+    if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+        raise ValueError(f"{group}.heads={heads} does not divide {group}.width={width}: attention splits the width "
+                         f"evenly over the heads")
 
 
 @dataclass
@@ -460,6 +477,17 @@ class EvalConfig:
     turns: str = setting(choices=("all", "last"))  # phase 2: score every assistant turn, or each sample's last
     max_samples: int | None = setting(minimum=1)  # held-out samples a validation reads (loss, answers); null: all
     output_dir: str | None = setting()  # vlm.eval: where metrics.json and predictions.jsonl go; null: RUN/eval
+
+    def __post_init__(self) -> None:
+        templates = self.templates
+        if templates == MISSING or templates is None:
+            return
+        if not templates:
+            raise ValueError("eval.templates=[] holds no prompt: zero-shot needs at least one, e.g. "
+                             "eval.templates=['a photo of a {}.']")
+        if bad := [t for t in templates if not isinstance(t, str) or "{}" not in t]:
+            raise ValueError(f"eval.templates: {bad[0]!r} has no {{}} for the class name, so every class would get "
+                             f"the same prompt; write e.g. 'a photo of a {{}}.'")
 
 
 @dataclass

@@ -41,6 +41,10 @@ class VisionTower(nn.Module):
                                          img_size=config.image_size, patch_size=config.patch_size, **kwargs)
         except RuntimeError as err:  # timm raises RuntimeError for unknown names
             raise ConfigError(f"model.vision.name={config.name!r}: {err}") from None
+        except AssertionError as err:  # timm asserts on overrides its model cannot take (heads that split no width)
+            overrides = [key for key in ("width", "depth", "heads", "global_pool") if getattr(config, key) is not None]
+            settings = ", ".join(f"model.vision.{key}={getattr(config, key)!r}" for key in overrides)
+            raise ConfigError(f"model.vision.name={config.name!r} cannot be built with {settings}: {err}") from None
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
             raise ConfigError(f"model.vision.name={config.name!r} is not a ViT (no patch_embed/blocks); pick a timm "
                               f"ViT")
