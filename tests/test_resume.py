@@ -491,6 +491,9 @@ def test_a_stop_in_the_final_validation_ends_the_run_before_its_export(tmp_path,
     assert (run_dir / "checkpoints" / "step00000003.ckpt").is_file()
     with pytest.raises(ConfigError, match=r"newest checkpoint is at step 3, stage.max_steps=3"):
         train(tiny_config(*args, "stage.max_steps=3", "resume=auto"))
+    # resumed with a longer interval than its first session's (the default's, say): its last step is saved too
+    longer = tiny_config(*args, "trainer.checkpoint_every_n_steps=1000", "stage.max_steps=4", "resume=auto")
+    assert train(longer)[0]["global_step"] == 4 and (run_dir / "checkpoints" / "step00000004.ckpt").is_file()
 
 
 @pytest.mark.parametrize("name", ["../../escape", "a/b", ".."])
