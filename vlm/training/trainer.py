@@ -149,9 +149,9 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
 
 def save_final_checkpoint(trainer: pl.Trainer, run: Run, config: TrainConfig) -> None:
     """A checkpoint at the last step of a run that wrote periodic ones (this session or, resumed, an earlier one) but
-    missed it: resume=auto then knows the run
-    finished, and a run given more steps goes on from there instead of training its last steps again. Every rank
-    takes the same decision (from the settings, not from files another node may not see), as saving is collective."""
+    missed it: resume=auto then knows the run finished, and a run given more steps goes on from there instead of
+    training its last steps again. Every rank takes the same decision (from the settings, not from files another node
+    may not see), as saving is collective."""
     every = config.trainer.checkpoint_every_n_steps
     wrote_periodic = trainer.global_step > every or run.resume_from is not None  # a resumed run: in an earlier session
     if wrote_periodic and trainer.global_step % every:
