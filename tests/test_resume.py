@@ -631,3 +631,14 @@ def test_a_checkpoint_naming_a_missing_module_is_refused_and_left_in_place(tmp_p
                                                    r"No module named 'run_extras'\)"):
         find_resume_checkpoint(checkpoints.parent)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step00000010.ckpt", "step00000020.ckpt"]
+
+
+@pytest.mark.slow
+def test_a_resume_into_a_model_its_settings_no_longer_build_is_one_error_naming_the_weights(tmp_path, small_synthetic):
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "trainer.checkpoint_every_n_steps=2",
+            f"output_root={tmp_path}", "run_name=r"]
+    train(tiny_config(*args, "stage.max_steps=2"))
+    with pytest.raises(ConfigError, match=r"step00000002.ckpt holds the weights of another model than these model.\* "
+                                          r"settings build \(model.head.logit_bias is not in it\)"):
+        train(tiny_config(*args, "stage.max_steps=4", "model.clip.loss=siglip", "resume=auto"))
+    assert train(tiny_config(*args, "stage.max_steps=3", "resume=auto"))[0]["global_step"] == 3  # as built: resumes

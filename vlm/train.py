@@ -24,7 +24,7 @@ from vlm.data.shards import absolute_pattern
 from vlm.data.sources import resolve as resolve_data
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.loggers import check_logger
-from vlm.training.resume import warn_changed_settings
+from vlm.training.resume import refuse_unfitting_weights, warn_changed_settings
 from vlm.training.runs import Run, prepare_run, removed_if_left_empty
 from vlm.training.stages import get_stage
 from vlm.training.strategy import check_strategy, configure_precision
@@ -52,6 +52,8 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
         with start_up_told_once():
             task = stage.task.create(config, stage, run_folder.init_from, data)
             task.held_out = absolute_pattern(data.val) if data.val else None  # recorded in the export for vlm.eval
+            if run_folder.resume_from and run_folder.init_from is None:  # built from model.*: as the run was?
+                refuse_unfitting_weights(run_folder.resume_from, task)
             datamodule = ShardDataModule(data, task.batching(), config.data, config.trainer.seed)
             if datamodule.val_urls and task.val_batch_limit() is not None:
                 log.info("validations during training read the first %d held-out samples (eval.max_samples); the "

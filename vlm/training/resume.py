@@ -195,6 +195,21 @@ def warn_changed_settings(path: Path, settings: StageConfig, table_entry: frozen
                     "ones", path.name, "; ".join(changed))
 
 
+def refuse_unfitting_weights(path: Path, task: pl.LightningModule) -> None:
+    """A run built from its settings (no starting export) resumes only into the model those settings build: with a
+    model.* setting changed (a width, the loss's bias), Lightning's load would fail deep inside with a traceback."""
+    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+    built = task.state_dict()
+    problems = [*(f"{key} is not in it" for key in sorted(built.keys() - saved.keys())),
+                *(f"{key} is not in the model" for key in sorted(saved.keys() - built.keys())),
+                *(f"{key} is {tuple(saved[key].shape)} in it and {tuple(built[key].shape)} in the model"
+                  for key in sorted(built.keys() & saved.keys()) if saved[key].shape != built[key].shape)]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ConfigError(f"{path.name} holds the weights of another model than these model.* settings build ({shown}):"
+                          f" resume with the model settings the run started with")
+
+
 def recorded_stage(path: Path) -> str | None:
     """The stage of the run that wrote checkpoint `path`: recorded in it, or for older checkpoints the run folder's
     place (OUTPUT_ROOT/STAGE/RUN/checkpoints/NAME.ckpt); None if neither tells."""
