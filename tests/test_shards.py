@@ -257,3 +257,10 @@ def test_the_contrastive_stage_refuses_a_tiler_of_several_tiles_naming_the_key()
     tiler = Tiler(TilerConfig(max_tiles=4), tile_size=16, tokens_per_tile=4)
     with pytest.raises(ConfigError, match=r"^tiler.max_tiles=4: the contrastive stage encodes one tile per image"):
         CaptionDecoder(tiler, lambda t: torch.zeros(len(t), 8))
+
+
+def test_class_names_without_shards_of_ones_own_are_refused_naming_the_key(tmp_path):
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    with pytest.raises(ConfigError, match=r"data.classnames='.*names.txt' names the classes of your own held-out "
+                                          r"shards, and none are given"):
+        resolve(tiny_config(f"data.classnames={tmp_path / 'names.txt'}").data, "captions")

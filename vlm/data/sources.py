@@ -39,6 +39,7 @@ def resolve(config: DataConfig, kind: str, output_root: str = "checkpoints") -> 
     if config.train is None and kind == "preferences":
         return constitution_pairs(output_root)
     if config.train is None:
+        refuse_classnames_without_shards(config, "data.train= and data.val=")
         s = config.synthetic
         splits = {split: synthetic.ensure_split(kind, split, s) for split in ("train", "val")}
         log.info("no data.train given: using the synthetic shapes dataset (%d train / %d held-out) from %s",
@@ -51,6 +52,14 @@ def resolve(config: DataConfig, kind: str, output_root: str = "checkpoints") -> 
         log.warning("data.train is set and data.val is not: nothing is held out, so this run reports no validation "
                     "metrics (metrics.json holds counts only); pass data.val= held-out shards to measure it")
     return DataSources(config.train, config.val, find_classnames(config))
+
+
+def refuse_classnames_without_shards(config: DataConfig, shard_keys: str) -> None:
+    """data.classnames labels one's own held-out shards; the synthetic dataset has class names of its own."""
+    if config.classnames:
+        raise ConfigError(f"data.classnames={config.classnames!r} names the classes of your own held-out shards, and "
+                          f"none are given: the synthetic dataset has class names of its own. Pass {shard_keys} "
+                          f"with it, or leave it out")
 
 
 def find_classnames(config: DataConfig) -> list[str] | None:
@@ -104,6 +113,7 @@ def resolve_eval(config: DataConfig, kind: str, output_root: str = "checkpoints"
     if config.val is None and kind == "preferences":
         return DataSources(None, constitution_pairs(output_root, missing="data.val").val, None)
     if config.val is None:
+        refuse_classnames_without_shards(config, "data.val=")
         val = synthetic.ensure_split(kind, "val", config.synthetic)
         log.info("scoring on the built-in synthetic held-out %s; pass data.val=SHARDS to score on yours", kind)
         return DataSources(None, val, list(synthetic.CLASSNAMES))
