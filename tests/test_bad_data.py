@@ -53,7 +53,7 @@ BAD_CAPTIONS = {  # key -> how the sample is broken
 
 def write_caption_shards(directory: Path, good_per_shard: int, bad_kinds: list[str], shards: int = 2) -> str:
     """`shards` shards of good caption samples with the bad ones spread through them, never last in a shard (a
-    skip is counted with the next good sample, so a stream must end with a good one for exact counts)."""
+    run that stops at its last good sample reads no further, so its counts are exact)."""
     directory.mkdir(parents=True, exist_ok=True)
     bad = list(enumerate(bad_kinds))
     for shard in range(shards):
@@ -179,6 +179,21 @@ def test_skip_rate_over_the_threshold_stops_the_run_naming_it(tmp_path):
     metrics, _ = train(lenient)
     assert metrics["global_step"] == 30 and metrics["samples_skipped"] > 0
 
+
+
+@pytest.mark.slow
+def test_a_worker_whose_shard_holds_nothing_usable_still_counts_towards_the_skip_rate(tmp_path):
+    """Two DataLoader workers, one shard each: one shard good, the other wholly bad. That worker never yields a
+    sample, and its skips must still stop the run (a third of the samples read are bad)."""
+    write_caption_shards(tmp_path / "shards", good_per_shard=240, bad_kinds=[], shards=1)
+    with wds.TarWriter(str(tmp_path / "shards" / "shard-001.tar")) as sink:
+        for index in range(120):
+            sink.write({"__key__": f"bad-nocaption-{index:04d}", **BAD_CAPTIONS["nocaption"](index)})
+    config = tiny_config(*COMMON, f"data.train='{tmp_path / 'shards' / 'shard-{000..001}.tar'}'", "data.num_workers=2",
+                         "stage.batch_size=16", "stage.max_steps=60", f"output_root={tmp_path / 'runs'}")
+    with pytest.raises(RuntimeError, match=r"samples \(\d+\.\d%\) could not be decoded, more than "
+                                           r"data.max_skip_rate=0.05"):
+        train(config)
 
 # ---- non-finite losses ----------------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from vlm.training.optim import build_optimizer
 def _batch(task: ContrastiveTask, n: int = 16) -> dict:
     decode = task.batching().decode
     samples = [decode(s) for s in synthetic.caption_samples(n, seed=3, image_size=64)]
-    return task.batching().collate([{**s, "skipped": 0} for s in samples])
+    return task.batching().collate(samples)
 
 
 @pytest.mark.slow

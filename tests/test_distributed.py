@@ -40,7 +40,7 @@ def _global_batch(config) -> dict:
     """8 decoded synthetic samples: ranks take halves of this, the reference run takes all of it."""
     task = make_task(config)
     decode = task.batching().decode
-    samples = [{**decode(s), "skipped": 0} for s in synthetic.caption_samples(WORLD * PER_RANK, seed=5, image_size=64)]
+    samples = [decode(s) for s in synthetic.caption_samples(WORLD * PER_RANK, seed=5, image_size=64)]
     return task.batching().collate(samples)
 
 

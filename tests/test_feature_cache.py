@@ -38,7 +38,7 @@ def _epoch_losses(task: VLMTask, raw: list[dict], epochs: int = 2) -> list[float
     losses = []
     for _ in range(epochs):
         for start in range(0, len(raw), 3):
-            batch = batching.collate([{**batching.decode(s), "skipped": 0} for s in raw[start:start + 3]])
+            batch = batching.collate([batching.decode(s) for s in raw[start:start + 3]])
             losses.append(float(task.forward_batch(batch, cached=True).loss.detach()))
     return losses
 

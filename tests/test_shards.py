@@ -15,7 +15,15 @@ from tiny import tiny_config
 from vlm.config import ConfigError, TilerConfig
 from vlm.data.captions import CaptionDecoder, collate_captions, text_field
 from vlm.data.shard_writer import ShardSplitWriter
-from vlm.data.shards import ShardError, SkipSample, build_pipeline, list_shards, make_loader, reader_plan
+from vlm.data.shards import (
+    ShardError,
+    SkipCount,
+    SkipSample,
+    build_pipeline,
+    list_shards,
+    make_loader,
+    reader_plan,
+)
 from vlm.data.sources import resolve
 from vlm.data.tiler import Tiler
 from vlm.training.health import DataHealth
@@ -150,31 +158,33 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
     urls = list_shards(write_shards(tmp_path, num_shards=2, per_shard=10, corrupt={3, 14}))
     tiler = Tiler(TilerConfig(), tile_size=16, tokens_per_tile=4)
     decode = CaptionDecoder(tiler, lambda texts: torch.zeros(len(texts), 8, dtype=torch.long))
-    pipeline = build_pipeline(urls, decode, train=False)
+    skips = SkipCount()
+    pipeline = build_pipeline(urls, decode, train=False, skips=skips)
     with caplog.at_level(logging.WARNING):
         batches = list(make_loader(pipeline, batch_size=4, num_workers=0, collate=collate_captions, drop_last=False))
-    assert sum(len(b["ids"]) for b in batches) == 18
-    assert sum(b["skipped"] for b in batches) == 2
+    assert sum(len(b["ids"]) for b in batches) == 18 and skips.total() == 2
     assert "00003" in caplog.text and "00014" in caplog.text and "shard-001.tar" in caplog.text
     health = DataHealth(max_skip_rate=0.05, max_nonfinite_steps=3, min_samples=20)
     with pytest.raises(RuntimeError, match=r"2 of 20 samples \(10.0%\) could not be decoded"):
-        for b in batches:
-            health.count_batch(len(b["ids"]), b["skipped"])
+        health.count_batch(18, skips.take_new())
     lenient = DataHealth(max_skip_rate=0.2, max_nonfinite_steps=3, min_samples=10)
-    for b in batches:
-        lenient.count_batch(len(b["ids"]), b["skipped"])
-    assert lenient.skipped == 2 and lenient.seen == 20
+    lenient.count_batch(18, 2)
+    assert lenient.skipped == 2 and lenient.seen == 20 and skips.take_new() == 0  # taken once
 
 
-
-def test_skips_after_a_readers_last_good_sample_are_counted_too(tmp_path):
-    # the reader's first and last two samples are bad: the last two follow every sample that decodes
-    urls = list_shards(write_shards(tmp_path, num_shards=2, per_shard=5, corrupt={0, 8, 9}))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skips_are_counted_where_no_usable_sample_follows_them(tmp_path, workers):
+    """A reader's last samples, and every sample of a worker whose shard holds nothing usable, count as skipped, in
+    the DataLoader's workers too: the skip-rate guard must see a wholly bad shard."""
+    urls = list_shards(write_shards(tmp_path, num_shards=2, per_shard=5, corrupt={3, 4, *range(5, 10)}))
     decode = CaptionDecoder(Tiler(TilerConfig(), tile_size=16, tokens_per_tile=4), lambda t: torch.zeros(len(t), 8))
-    for _ in range(2):  # two passes, as two epochs: each counts its own
-        samples = list(build_pipeline(urls, decode, train=False, split_by_node=False))
-        assert [s["key"].rsplit(":", 1)[1] for s in samples] == [f"{i:05d}" for i in range(1, 8)]
-        assert [s["skipped"] for s in samples] == [1, 0, 0, 0, 0, 0, 2]
+    skips = SkipCount(workers)
+    loader = make_loader(build_pipeline(urls, decode, train=False, split_by_node=False, skips=skips), batch_size=1,
+                         num_workers=workers, collate=collate_captions, drop_last=False)
+    for epoch in (1, 2):  # two passes, as two epochs: each adds its own
+        keys = [key.rsplit(":", 1)[1] for batch in loader for key in batch["keys"]]
+        assert sorted(keys) == ["00000", "00001", "00002"] and skips.total() == 7 * epoch
+
 
 def test_training_shards_without_held_out_ones_warn_that_nothing_is_measured(tmp_path, caplog):
     pattern = write_shards(tmp_path, num_shards=1, per_shard=1)
@@ -201,10 +211,11 @@ def test_skip_warnings_stop_at_a_hundred_per_reader_and_the_rest_are_counted(tmp
     bad = MAX_SKIP_WARNINGS + 20
     pattern = write_shards(tmp_path, 1, bad + 1, corrupt=set(range(bad)))  # the last sample alone decodes
     decode = CaptionDecoder(Tiler(TilerConfig(max_tiles=1), tile_size=16, tokens_per_tile=1), lambda t: torch.zeros(1))
-    pipeline = build_pipeline(list_shards(pattern), decode, train=False, split_by_node=False)
+    skips = SkipCount()
+    pipeline = build_pipeline(list_shards(pattern), decode, train=False, split_by_node=False, skips=skips)
     with caplog.at_level(logging.WARNING, logger="vlm.data.shards"):
         (only,) = list(pipeline)
-    assert only["skipped"] == bad  # every skip counted
+    assert skips.total() == bad  # every skip counted
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == MAX_SKIP_WARNINGS + 1 and lines[-1].startswith(f"{MAX_SKIP_WARNINGS} samples skipped")
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from vlm.config import ConfigError
-from vlm.data.shards import SkipSample, collate_skipped
+from vlm.data.shards import SkipSample
 from vlm.data.tiler import Tiler
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # what the tiler decodes
@@ -75,10 +75,8 @@ class CaptionDecoder:
         return int(text)
 
 
-def collate_captions(samples: list[dict]) -> dict[str, torch.Tensor | int]:
-    skipped = collate_skipped(samples)
+def collate_captions(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
     return {"pixels": torch.stack([s["pixels"] for s in samples]),  # (B, 3, S, S)
             "ids": torch.stack([s["ids"] for s in samples]),  # (B, L)
             "labels": torch.tensor([s["label"] for s in samples]),  # (B,)
-            "keys": [s["key"] for s in samples], "captions": [s["caption"] for s in samples],
-            "skipped": skipped}
+            "keys": [s["key"] for s in samples], "captions": [s["caption"] for s in samples]}

@@ -101,20 +101,42 @@ def shard_pattern_hint(folder: str) -> str:
 MAX_SKIP_WARNINGS = 100  # per reader: a shard set of the wrong kind would otherwise log a line per sample
 
 
-def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]], Iterator[dict]]:
-    """A pipeline stage applying `decode` to each raw sample; failures are logged once and counted in `skipped`."""
+class SkipCount:
+    """Samples a rank's readers skipped, counted where they are decoded: one shared-memory slot per DataLoader worker
+    (slot 0 without workers), which the training process reads. Skips reach the run's totals whether or not a sample
+    that trains follows them, e.g. from a worker whose shards hold no usable sample at all."""
+
+    def __init__(self, readers: int = 1):
+        self.slots = torch.zeros(max(1, readers), dtype=torch.int64).share_memory_()  # (readers,)
+        self.taken = 0
+
+    def add(self) -> None:
+        worker = torch.utils.data.get_worker_info()
+        self.slots[0 if worker is None else worker.id] += 1
+
+    def total(self) -> int:
+        return int(self.slots.sum())
+
+    def take_new(self) -> int:
+        """Skips counted since the last call."""
+        total = self.total()
+        new, self.taken = total - self.taken, total
+        return new
+
+
+def decode_samples(decode: Callable[[dict], dict],
+                   skips: SkipCount | None) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """A pipeline stage applying `decode` to each raw sample; failures are logged once and counted in `skips`."""
 
     warned: set[tuple[str | None, str | None]] = set()  # per reader; workers persist, so later passes stay quiet
 
     def stage(source: Iterable[dict]) -> Iterator[dict]:
-        # each sample carries the skips before it; it is held back until the next one decodes, so that the skips
-        # after a reader's last good sample travel on that sample rather than being lost with the pass
-        skipped, held = 0, None
         for raw in source:
             try:
                 sample = decode(raw)
             except Exception as err:  # any bad sample is dropped; the count keeps the run honest
-                skipped += 1
+                if skips is not None:
+                    skips.add()
                 where = (raw.get("__url__"), raw.get("__key__"))
                 if where in warned or len(warned) > MAX_SKIP_WARNINGS:
                     continue
@@ -129,12 +151,7 @@ def decode_samples(decode: Callable[[dict], dict]) -> Callable[[Iterable[dict]],
                         reason = reason.removeprefix(named).lstrip(": ")
                     log.warning("skipping sample %s in %s: %s", where[1], where[0], reason)
                 continue
-            if held is not None:
-                yield held
-            sample["skipped"], skipped, held = skipped, 0, sample
-        if held is not None:
-            held["skipped"] += skipped
-            yield held
+            yield sample
 
     return stage
 
@@ -209,8 +226,10 @@ class ReaderShuffle(SeededReaderStage):
 
 
 def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bool, resampled: bool = False,
-                   shuffle_buffer: int = 1000, seed: int = 0, split_by_node: bool = True) -> wds.DataPipeline:
-    """Shards -> samples -> decoded samples. Train pipelines shuffle shards and samples; eval pipelines do not."""
+                   shuffle_buffer: int = 1000, seed: int = 0, split_by_node: bool = True,
+                   skips: SkipCount | None = None) -> wds.DataPipeline:
+    """Shards -> samples -> decoded samples, the ones that fail to decode counted in `skips`. Train pipelines shuffle
+    shards and samples; eval pipelines do not."""
     if resampled:
         shards: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
     else:
@@ -225,7 +244,7 @@ def build_pipeline(urls: list[str], decode: Callable[[dict], dict], *, train: bo
     if train and shuffle_buffer > 1:
         # seeded, so two runs with the same config see the same batches (resume reseeds it per epoch)
         stages.append(ReaderShuffle(shuffle_buffer, initial=min(shuffle_buffer, 256), seed=seed))
-    stages.append(decode_samples(decode))
+    stages.append(decode_samples(decode, skips))
     return wds.DataPipeline(*stages)
 
 
@@ -255,9 +274,6 @@ def reader_plan(num_shards: int, num_workers: int, world_size: int, pattern: str
         return fitted
     return num_workers
 
-
-def collate_skipped(samples: list[dict]) -> int:
-    return sum(s.pop("skipped", 0) for s in samples)
 
 
 def make_loader(pipeline: wds.DataPipeline, batch_size: int, num_workers: int,

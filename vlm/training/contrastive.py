@@ -66,7 +66,7 @@ class ContrastiveTask(StageTask):
                         self.config.eval.batch_size)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.count_batch(len(batch["ids"]), batch["skipped"])
+        self.count_batch(len(batch["ids"]))
         outputs = self.model(batch["pixels"], batch["ids"])
         losses = self.loss_fn(**outputs, output_dict=True)
         loss = self.guarded(sum(losses.values()))

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from vlm.config import ConfigError, DataConfig
 from vlm.data.packing import LengthGrouping
-from vlm.data.shards import build_pipeline, list_shards, make_loader, reader_plan
+from vlm.data.shards import SkipCount, build_pipeline, list_shards, make_loader, reader_plan
 from vlm.data.sources import DataSources
 from vlm.training.task import Batching
 
@@ -24,6 +24,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_pattern = data.train
         self.train_urls = list_shards(data.train, "data.train") if data.train else []  # eval reads val only
         self.val_urls = list_shards(data.val, "data.val") if data.val else []
+        self.train_skips: SkipCount | None = None  # made with the train loader, for its number of workers
         if self.train_urls:  # at start-up, before any rank builds a model
             self._check_length_grouping()
 
@@ -42,8 +43,9 @@ class ShardDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         workers = reader_plan(len(self.train_urls), self.config.num_workers, world, self.train_pattern,
                               self.config.resampled)
+        self.train_skips = SkipCount(workers)  # read by the task at each batch (data.max_skip_rate)
         pipeline = build_pipeline(self.train_urls, self.batching.decode, train=True, resampled=self.config.resampled,
-                                  shuffle_buffer=self.config.shuffle_buffer, seed=self.seed)
+                                  shuffle_buffer=self.config.shuffle_buffer, seed=self.seed, skips=self.train_skips)
         if self.config.length_group_batches:
             pipeline.append(LengthGrouping(self.config.length_group_batches, self.batching.batch_size,
                                             self.batching.length, self.seed))

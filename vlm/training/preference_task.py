@@ -20,7 +20,6 @@ import torch
 
 from vlm.config import ConfigError, StageConfig, TrainConfig
 from vlm.data.preferences import PreferenceDecoder, collate_pairs, refuse_conversations_only
-from vlm.data.shards import collate_skipped
 from vlm.data.sources import DataSources
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import load_vlm
@@ -97,13 +96,12 @@ class PreferenceTask(VLMTask):
 
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         """{"pairs": the pairs' rows (None without pairs), "anchors": the training conversation samples as a padded
-        batch (None without them), "scored": the held-out conversations' turns to answer, "skipped"}. Held-out
+        batch (None without them), "scored": the held-out conversations' turns to answer}. Held-out
         conversations are only answered, so they are not padded into a batch."""
-        skipped = collate_skipped(samples)
         anchors = [s for s in samples if "encoded" in s and "scored" not in s]
         return {"pairs": collate_pairs([s["pair"] for s in samples if "pair" in s], self.bundle.tokenizer.pad_token_id),
                 "anchors": self.collate_padded(anchors) if anchors else None,
-                "scored": [s["scored"] for s in samples if "scored" in s], "skipped": skipped}
+                "scored": [s["scored"] for s in samples if "scored" in s]}
 
     def train(self, mode: bool = True) -> PreferenceTask:
         """With stage.disable_dropout, the policy's BatchNorm layers (the tiny ViT's conv stem, when stage.train_vision
@@ -164,8 +162,7 @@ class PreferenceTask(VLMTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         pairs, anchors = batch["pairs"], batch["anchors"]
-        self.count_batch((len(pairs["keys"]) if pairs else 0) + (anchors["num_samples"] if anchors else 0),
-                         batch["skipped"])
+        self.count_batch((len(pairs["keys"]) if pairs else 0) + (anchors["num_samples"] if anchors else 0))
         self.batches_trained += 1
         self.pairs_trained += len(pairs["keys"]) if pairs else 0
         total, result, anchor_nll = self.training_loss(batch)
@@ -196,8 +193,6 @@ class PreferenceTask(VLMTask):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         pairs = batch["pairs"]
         count = len(pairs["keys"]) if pairs else 0
-        self.val_samples += count + len(batch["scored"]) + batch["skipped"]
-        self.val_skipped += batch["skipped"]
         if pairs:
             result = self.pair_loss(pairs)
             self.val_rewards.append((result.chosen_rewards.cpu(), result.rejected_rewards.cpu()))

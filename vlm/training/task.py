@@ -105,9 +105,12 @@ class StageTask(pl.LightningModule):
 
     # ---- shared by every stage ----
 
-    def count_batch(self, samples: int, skipped: int) -> None:
-        """Count a training batch's samples, and those its reader skipped, towards every rank's totals."""
-        self.health.count_batch(samples, skipped, self.sum_over_ranks)
+    def count_batch(self, samples: int) -> None:
+        """Count a training batch's samples, and those this rank's readers skipped since the last batch, towards
+        every rank's totals."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        skips = getattr(datamodule, "train_skips", None)
+        self.health.count_batch(samples, skips.take_new() if skips is not None else 0, self.sum_over_ranks)
 
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self._trainer is None or self.trainer.world_size == 1:

@@ -16,7 +16,6 @@ from vlm.config import TrainConfig, model_config_from, to_dict
 from vlm.data.conversations import ConversationDecoder, ScoredTurn
 from vlm.data.packing import best_width, pack_batch
 from vlm.data.processor import IGNORE_INDEX, pad_batch
-from vlm.data.shards import collate_skipped
 from vlm.data.sources import DataSources
 from vlm.exports.clip import load_vision_from_clip
 from vlm.exports.format import read_meta
@@ -38,8 +37,7 @@ class VLMTask(StageTask):
     def __init__(self, config: TrainConfig, stage: Stage, bundle: VLMBundle):
         super().__init__(config, stage, bundle.model)
         self.bundle = bundle
-        self.val_samples = 0  # held-out samples read in the last validation, and how many of them were skipped
-        self.val_skipped = 0
+        self.val_rows_read = 0  # held-out samples read so far in this validation (eval.max_samples counts them)
         self.feature_cache = self._feature_cache()
         # packed rows' best width, from the LLM's layers as built (FSDP may flatten their weights later)
         self.packing_break_even = attention_break_even(self.model.lm)
@@ -82,18 +80,16 @@ class VLMTask(StageTask):
         batch order (for the feature cache)."""
         if not self.config.data.packing:
             return self.collate_padded(samples)
-        skipped = collate_skipped(samples)
         encoded = [s["encoded"] for s in samples]
         width = best_width([len(e.input_ids) for e in encoded], self.bundle.processor.max_length,
                            self.packing_break_even)
         batch = pack_batch(encoded, self.bundle.tokenizer.pad_token_id, width)
         samples = [samples[i] for i in batch.pop("order")]
-        return {**batch, **self._sample_fields(samples), "skipped": skipped}
+        return {**batch, **self._sample_fields(samples)}
 
     def collate_padded(self, samples: list[dict]) -> dict[str, Any]:
-        skipped = collate_skipped(samples)
         batch = pad_batch([s["encoded"] for s in samples], self.bundle.tokenizer.pad_token_id)
-        batch.update(self._sample_fields(samples), skipped=skipped)
+        batch.update(self._sample_fields(samples))
         if samples and "scored" in samples[0]:
             batch["scored"] = [s["scored"] for s in samples]  # per sample: its held-out turns to answer
         return batch
@@ -119,7 +115,7 @@ class VLMTask(StageTask):
                           batch["image_slots"], position_ids=batch.get("position_ids"), patches=patches)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.count_batch(batch["num_samples"], batch["skipped"])
+        self.count_batch(batch["num_samples"])
         out = self.forward_batch(batch, cached=True)
         loss = self.guarded(out.loss)
         if self.health.skip_pending:
@@ -130,17 +126,15 @@ class VLMTask(StageTask):
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
-        self.predictions, self.val_samples, self.val_skipped = [], 0, 0
+        self.predictions, self.val_rows_read = [], 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.val_samples += batch["num_samples"] + batch["skipped"]
-        self.val_skipped += batch["skipped"]
         out = self.forward_batch(batch)
         # eval.max_samples: the loss of the first `sample_limit` samples, as the answers (the last batch read may
-        # hold more than the limit leaves); the samples before this batch are those read, less the skipped ones
+        # hold more than the limit leaves)
         rows = len(batch["input_ids"])
+        before, self.val_rows_read = self.val_rows_read, self.val_rows_read + rows
         if self.sample_limit is not None:
-            before = self.val_samples - self.val_skipped - rows
             rows = min(rows, max(0, self.sample_limit - before))
         if rows == len(batch["input_ids"]):
             self.log("val/loss", out.loss, batch_size=rows, sync_dist=False, rank_zero_only=True)
