@@ -26,7 +26,8 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        # bf16 halves memory and is what GPUs are fast at; CPUs stay in float32 (bf16 matmuls are slow there)
+        # bf16 halves memory and is what GPUs are fast at; CPUs stay in float32, where answers are the same on every
+        # CPU (bf16 matmuls are emulated and slow on CPUs without bf16 kernels: vlm.training.strategy.cpu_has_bf16)
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if dtype not in DTYPES:
         raise OptionError(f"dtype={dtype!r} is not valid; choose one of {sorted(DTYPES)} or 'auto'")
