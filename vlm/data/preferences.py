@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from webdataset.shardlists import expand_urls
 
 from vlm.config import ConfigError
@@ -197,8 +196,8 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, Any] | None:
     (the rejected rows show the same images, so their features are the chosen rows' features again). None for B=0."""
     if not pairs:
         return None
-    batch = pad_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
-    batch["pixel_values"] = torch.cat([p.chosen.pixel_values for p in pairs])  # (N_tiles of the B prompts, 3, S, S)
+    chosen = [p.chosen for p in pairs]
+    batch = pad_batch(chosen + [p.rejected for p in pairs], pad_id, tiles_of=chosen)  # tiles: (N of B prompts, 3, S, S)
     batch["keys"] = [p.key for p in pairs]
     batch["tiles"] = [len(p.chosen.pixel_values) for p in pairs]  # per pair, for the feature cache
     return batch

@@ -188,9 +188,10 @@ def image_slots(encoded: list[Encoded]) -> torch.Tensor:
     return torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
 
 
-def pad_batch(encoded: list[Encoded], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
-    """Pad to the longest sequence -> input_ids (B, L), attention_mask (B, L), labels (B, L), pixel_values,
-    image_slots."""
+def pad_batch(encoded: list[Encoded], pad_id: int, left: bool = False,
+              tiles_of: list[Encoded] | None = None) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence -> input_ids (B, L), attention_mask (B, L), labels (B, L), pixel_values (the
+    tiles of `tiles_of`, by default of every row), image_slots."""
     length = max(len(e.input_ids) for e in encoded)
     ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(encoded), length), dtype=torch.long)
@@ -201,8 +202,8 @@ def pad_batch(encoded: list[Encoded], pad_id: int, left: bool = False) -> dict[s
         ids[row, span], mask[row, span] = e.input_ids, 1
         if e.labels is not None:
             labels[row, span] = e.labels
-    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([e.pixel_values for e in encoded]),
-             "image_slots": image_slots(encoded)}
+    batch = {"input_ids": ids, "attention_mask": mask, "image_slots": image_slots(encoded),
+             "pixel_values": torch.cat([e.pixel_values for e in tiles_of or encoded])}
     if any(e.labels is not None for e in encoded):
         batch["labels"] = labels
     return batch

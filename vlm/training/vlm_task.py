@@ -38,6 +38,7 @@ class VLMTask(StageTask):
         super().__init__(config, stage, bundle.model)
         self.bundle = bundle
         self.val_rows_read = 0  # held-out samples read so far in this validation (eval.max_samples counts them)
+        self.samples_answered = 0  # held-out samples whose turns were answered in this validation
         self.feature_cache = self._feature_cache()
         # packed rows' best width, from the LLM's layers as built (FSDP may flatten their weights later)
         self.packing_break_even = attention_break_even(self.model.lm)
@@ -126,7 +127,7 @@ class VLMTask(StageTask):
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
-        self.predictions, self.val_rows_read = [], 0
+        self.predictions, self.val_rows_read, self.samples_answered = [], 0, 0
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.forward_batch(batch)
@@ -147,7 +148,8 @@ class VLMTask(StageTask):
     def score_answers(self, samples: list[list[ScoredTurn]]) -> None:
         """Answer each sample's held-out turns greedily and keep the scored answers in `predictions`."""
         if self.sample_limit is not None:
-            samples = samples[: max(0, self.sample_limit - len({p["key"] for p in self.predictions}))]
+            samples = samples[: max(0, self.sample_limit - self.samples_answered)]
+        self.samples_answered += len(samples)
         turns = [turn for sample in samples for turn in sample]
         if not turns:
             return
