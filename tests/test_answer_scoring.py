@@ -283,6 +283,11 @@ def test_validations_during_training_read_eval_max_samples_and_the_final_one_rea
                     "init_from=null", "stage.batch_size=3", "stage.max_steps=1", "trainer.val_check_interval=1",
                     "eval.max_samples=null", "eval.batch_size=2", stage="sft", tiny=False), callbacks=[watch])
     assert watch.reads == [(6, 6), (6, 6)]
+    watch.reads.clear()  # a limit that ends inside a batch: that batch is read whole, and answered up to the limit
+    run(tiny_config(f"data.train={shards}", f"data.val={shards}", "data.num_workers=0", f"output_root={tmp_path}",
+                    "init_from=null", "stage.batch_size=3", "stage.max_steps=1", "trainer.val_check_interval=1",
+                    "eval.max_samples=3", "eval.batch_size=2", stage="sft", tiny=False), callbacks=[watch])
+    assert watch.reads == [(4, 3), (6, 6)]
 
 
 def test_the_worst_answers_shown_are_wrong_ones_only(capsys):
