@@ -275,7 +275,6 @@ def reader_plan(num_shards: int, num_workers: int, world_size: int, pattern: str
     return num_workers
 
 
-
 def make_loader(pipeline: wds.DataPipeline, batch_size: int, num_workers: int,
                 collate: Callable[[list[dict]], dict[str, Any]], drop_last: bool) -> DataLoader:
     # a webdataset pipeline is an IterableDataset: each DataLoader worker iterates its own split

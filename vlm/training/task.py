@@ -108,8 +108,7 @@ class StageTask(pl.LightningModule):
     def count_batch(self, samples: int) -> None:
         """Count a training batch's samples, and those this rank's readers skipped since the last batch, towards
         every rank's totals."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        skips = getattr(datamodule, "train_skips", None)
+        skips = getattr(getattr(self._trainer, "datamodule", None), "train_skips", None)  # None: no shard loader
         self.health.count_batch(samples, skips.take_new() if skips is not None else 0, self.sum_over_ranks)
 
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
