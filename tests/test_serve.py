@@ -348,7 +348,10 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
         schema = {"format": {"type": "json_schema", "schema": {"type": "object"}}}
         response = client.post("/v1/messages", json=_anthropic(output_config=schema))
         assert response.status_code == 400 and response.json()["error"]["message"].startswith(
-            "output_config: structured output (a JSON schema format) is not supported"), response.text
+            "output_config.format: structured output (a JSON schema format) is not supported"), response.text
+        response = client.post("/v1/messages", json=_anthropic(output_config={"effort": "lowest"}))
+        assert response.status_code == 400 and response.json()["error"]["message"] == (
+            "output_config.effort: must be one of low, medium, high, got 'lowest'")
         mcp = [{"type": "url", "url": "https://mcp.example.com/sse", "name": "example"}]
         assert client.post("/v1/messages", json=_anthropic(mcp_servers=mcp)).status_code == 400
         response = client.post("/v1/chat/completions", json=_openai(web_search_options={}))
@@ -365,6 +368,12 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
         assert client.post("/v1/chat/completions", json=nothing).status_code == 200
         nothing = _anthropic(thinking={"type": "disabled"}, output_config={"format": None}, mcp_servers=[])
         assert client.post("/v1/messages", json=nothing).status_code == 200
+        assert client.post("/v1/messages", json=_anthropic(output_config={"effort": "low"})).status_code == 200
+        # stream_options of the wrong type: named, not read as "no usage" (or "no" read as true)
+        for options, param in (("yes", "stream_options"), (["include_usage"], "stream_options"),
+                               ({"include_usage": "no"}, "stream_options.include_usage")):
+            response = client.post("/v1/chat/completions", json=_openai(stream=True, stream_options=options))
+            assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 
 
 def test_an_image_that_does_not_decode_is_named_by_its_request_field(url):
@@ -516,6 +525,23 @@ def test_an_image_over_the_pixel_limit_is_refused_by_its_field_and_the_setting(u
     assert anthropic_error["message"] == f"messages.0.content.0.source: the image is {limit}"
     assert openai_error["message"] == f"messages[0].content[0].image_url: the image is {limit}"
     assert openai_error["param"] == "messages[0].content[0].image_url"
+    # a header claiming far more, past PIL's own hard limit (twice the setting): its real size is named too
+    bomb = b64(png_claiming(20_000, 20_000))
+    message = httpx.post(f"{url}/v1/messages", json=_a_image(bomb), timeout=30).json()["error"]["message"]
+    assert message == ("messages.0.content.0.source: the image is 20000x20000 (400,000,000 pixels), over this "
+                       "server's max_image_pixels=1,000,000")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header says it is width x height: what a decompression bomb looks like up front."""
+    import struct
+    import zlib
+
+    png = bytearray(solid(size=(4, 4)))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(png[24:29])  # bit depth, colour type, ...
+    png[12:29] = header
+    png[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(png)
 
 
 def test_api_key_required_when_set(serve, expected):

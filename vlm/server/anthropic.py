@@ -26,9 +26,22 @@ UNSUPPORTED: Unsupported = {
     "tools": _TOOLS, "tool_choice": _TOOLS,
     "thinking": ("extended thinking is not supported by this server", (None, {"type": "disabled"})),
     "mcp_servers": ("MCP servers (remote tools) are not supported by this server", (None, [])),
-    "output_config": ("structured output (a JSON schema format) is not supported by this server; ask for the format "
-                      "in the prompt", (None, {}, {"format": None})),
 }
+EFFORTS = (None, "low", "medium", "high")  # output_config.effort: how much to spend; one tiny model spends the same
+
+
+def _check_output_config(config: Any) -> None:
+    """`output_config`: a JSON schema `format` (structured output) is refused, since answering without it would look
+    like success; an `effort` is taken and needs nothing done."""
+    if config is None:
+        return
+    if not isinstance(config, dict):
+        raise ApiError(400, "output_config: must be an object")
+    if config.get("format") is not None:
+        raise ApiError(400, "output_config.format: structured output (a JSON schema format) is not supported by this "
+                            "server; ask for the format in the prompt")
+    if config.get("effort") not in EFFORTS:
+        raise ApiError(400, f"output_config.effort: must be one of low, medium, high, got {config['effort']!r}")
 
 
 def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
@@ -41,6 +54,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     max_tokens = parser.max_tokens(body["max_tokens"], "max_tokens")
     if found := unsupported_field(body, UNSUPPORTED):
         raise ApiError(400, f"{found[0]}: {found[1]}")
+    _check_output_config(body.get("output_config"))
     system = _system(body.get("system"), parser)
     reader = TurnReader(parser)
     for i, message in enumerate(messages_list(body)):
