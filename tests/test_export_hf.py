@@ -154,10 +154,20 @@ def test_settings_that_map_load_in_stock_perception_lm_without_remote_code(tmp_p
     assert json.loads((out / PROVENANCE_FILE).read_text())["hf_route"] == "stock"
 
 
-def test_the_stock_route_refuses_settings_it_cannot_express(tiny_sft_export, tmp_path):
+def test_the_stock_route_refuses_settings_it_cannot_express(tiny_sft_export, tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match=r"hf_route=stock: .*model.vision.conv_stem=True.*image_slots=8"):
         export_hf(tiny_sft_export, tmp_path / "out", route="stock")
     assert not (tmp_path / "out").exists()
+    # PerceptionLM puts transparent pixels on white: another background needs the remote code
+    source = sft_export(tmp_path / "export", *STOCK, "tiler.background=[0,0,0]")
+    with pytest.raises(ConversionError, match=r"hf_route=stock: no stock transformers class takes "
+                                              r"tiler.background=\[0, 0, 0\]"):
+        export_hf(source, tmp_path / "out", route="stock")
+    # auto then takes the remote code, into an empty folder the shell stands in: filled in place, not replaced
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    export_hf(source, Path("."))
+    assert "modeling_vlm.py" in os.listdir(".")  # the shell's own folder, not one renamed onto its path
 
 
 def test_our_model_gives_the_logits_of_llava_built_at_the_same_sizes():
@@ -230,6 +240,12 @@ def test_batches_beams_and_image_files_give_each_prompt_its_own_images(tiny_sft_
         inputs = processor(images=[image], text=texts[1], return_tensors="pt")
         assert torch.allclose(inputs["pixel_values"], ours.processor.prompt(QUESTION, [image]).pixel_values,
                               atol=1e-6)
+    # arrays in the layouts transformers' image processors take: channels first, floats in [0, 1], tensors
+    colours = np.asarray(picture(30, 20))  # (H, W, 3) uint8
+    expected = ours.processor.prompt(QUESTION, [Image.fromarray(colours)]).pixel_values
+    for image in (colours.transpose(2, 0, 1), colours / 255.0, torch.from_numpy(colours.transpose(2, 0, 1).copy())):
+        inputs = processor(images=[image], text=texts[1], return_tensors="pt")
+        assert torch.allclose(inputs["pixel_values"], expected, atol=1e-6), type(image)
 
 
 def test_a_folder_of_the_users_beside_the_output_is_left_alone(tiny_sft_export, tmp_path):

@@ -215,9 +215,12 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     readable_as_the_folder(staging)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    staging.rename(out)
+    if out.exists():  # empty, checked above; filled in place, so a shell standing in it (out=.) sees the files
+        for item in staging.iterdir():
+            item.rename(out / item.name)
+        staging.rmdir()
+    else:
+        staging.rename(out)
 
 
 def write_provenance(folder: Path, source: Path, meta: ExportMeta, target: str, **details: Any) -> None:

@@ -56,6 +56,9 @@ def stock_mismatches(vlm: VLMBundle) -> list[str]:
         found.append(f"an LLM ({type(model.lm).__name__}) without the usual model + lm_head layout")
     if video_token(vlm.tokenizer) is None:
         found.append("a tokenizer with no spare special token for PerceptionLM's video token")
+    background = tuple(vlm.processor.tiler.config.background)
+    if background != (255, 255, 255):  # PerceptionLM's processor puts transparent pixels on white
+        found.append(f"tiler.background={list(background)} (transparent pixels over a colour other than white)")
     return found
 
 

@@ -23,6 +23,21 @@ def fit_size(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]
     return min(box_w, max(1, round(width * scale))), min(box_h, max(1, round(height * scale)))
 
 
+
+def pil_layout(array: np.ndarray) -> np.ndarray:
+    """An image array as PIL reads it: (H, W, C) or (H, W); (C, H, W) is moved to channels last, and floats in
+    [0, 1] (above 1: 0-255) become 8 bits, as transformers' image processors take them."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # (C, H, W) -> (H, W, C)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype.kind == "f":
+        scale = 255.0 if array.size and float(array.max()) <= 1.0 else 1.0
+        array = np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
+    elif array.dtype == bool:
+        array = array.astype(np.uint8) * 255
+    return np.ascontiguousarray(array)
+
 class PipelineImageBatching:
     """The padding settings transformers' pipelines take from an image processor when they batch inputs: each input's
     pixel_values (N_images, 3, S, S) are concatenated along the first dimension, never padded, and the text keeps the
@@ -45,10 +60,13 @@ class VlmProcessor(ProcessorMixin):
         super().__init__(tokenizer, chat_template=chat_template)
 
     def tile(self, image) -> torch.Tensor:
-        """An image (PIL, numpy array, path, URL or base64 string) -> (1, 3, S, S) normalised, as vlm's tiler with
-        max_tiles=1: EXIF orientation applied, transparency over the background colour, 16-bit scaled to 8."""
+        """An image (PIL, numpy array or torch tensor, path, URL or base64 string) -> (1, 3, S, S) normalised, as
+        vlm's tiler with max_tiles=1: EXIF orientation applied, transparency over the background colour, 16-bit scaled
+        to 8."""
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
         if isinstance(image, np.ndarray):
-            image = Image.fromarray(image)
+            image = Image.fromarray(pil_layout(image))
         elif isinstance(image, str | os.PathLike) and os.path.isfile(image):
             image = Image.open(image)  # as stored: its transparency is composited below
         elif not isinstance(image, Image.Image):
