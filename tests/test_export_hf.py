@@ -25,7 +25,7 @@ from benchmarks.llava_twin import llava_twin
 from vlm.config import ConfigError
 from vlm.data.processor import pad_batch
 from vlm.export import ExportConfig, convert
-from vlm.exports.format import PROVENANCE_FILE, ConversionError
+from vlm.exports.format import PROVENANCE_FILE, ConversionError, ExportError
 from vlm.exports.hf import export_hf
 from vlm.exports.open_clip import export_open_clip
 from vlm.exports.vlm import load_vlm
@@ -208,6 +208,9 @@ def test_bad_input_is_refused_by_name_without_a_half_folder(tiny_sft_export, tmp
     with pytest.raises(ConfigError, match="out=DIR is required"):
         convert(ExportConfig(checkpoint=str(tiny_sft_export), format="hf", out=None, hf_route="auto",
                              log_level="INFO"))
+    with pytest.raises(ExportError, match=r"^checkpoint='/no/such/export' does not exist: give an export folder"):
+        convert(ExportConfig(checkpoint="/no/such/export", format="open_clip", out=str(tmp_path / "x"),
+                             hf_route="auto", log_level="INFO"))
 
 
 def test_batches_beams_and_image_files_give_each_prompt_its_own_images(tiny_sft_export, hf_folder, tmp_path):

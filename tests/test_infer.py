@@ -273,7 +273,7 @@ def test_infer_and_serve_name_a_missing_or_damaged_export_in_one_line(tiny_sft_e
     (damaged / "model.safetensors").write_bytes(b"\0" * 64)
     for check, expected in ((lambda: require_chat_export(None), "error: checkpoint=PATH is required: an align or "
                              "sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export"),
-                            (lambda: require_chat_export(str(notes)), f"error: {not_a_folder(str(notes))}"),
+                            (lambda: require_chat_export(str(notes)), f"error: checkpoint={not_a_folder(str(notes))}"),
                             (lambda: load_chat_model(str(damaged), "cpu", None),
                              f"error: {str(damaged / 'model.safetensors')!r} cannot be read")):
         with pytest.raises(SystemExit) as stop:
@@ -283,6 +283,7 @@ def test_infer_and_serve_name_a_missing_or_damaged_export_in_one_line(tiny_sft_e
     missing = tmp_path / "no-such-export"
     with pytest.raises(SystemExit):
         require_chat_export(str(missing))
-    assert str(missing) in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: checkpoint={str(missing)!r} does not exist: give an export folder " \
+                                      f"(OUTPUT_ROOT/STAGE/RUN/export)\n"
     require_chat_export(str(tiny_sft_export))  # an export folder passes
     assert load_chat_model(str(tiny_sft_export), "cpu", None, name="mine").name == "mine"

@@ -82,7 +82,7 @@ def require_chat_export(checkpoint: str | None) -> None:
     if not checkpoint:
         fail("checkpoint=PATH is required: an align or sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
     if problem := not_a_folder(checkpoint):
-        fail(problem)
+        fail(f"checkpoint={problem}")
 
 
 def load_chat_model(checkpoint: str, device: str | None, dtype: str | None, name: str | None = None) -> ChatModel:

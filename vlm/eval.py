@@ -76,7 +76,7 @@ def results_folder(config: TrainConfig) -> Path:
     that cannot be a folder fails at once rather than after the work."""
     require_checkpoint(config)
     if problem := not_a_folder(config.checkpoint):  # before a folder is made beside it
-        raise ExportError(problem)
+        raise ExportError(f"checkpoint={problem}")
     out = Path(config.eval.output_dir or Path(config.checkpoint).expanduser().resolve().parent / "eval").expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,7 @@ def not_a_folder(directory: str | Path) -> str | None:
                 f"finishes an interrupted run)")
     if path.exists():
         return f"{str(directory)!r} is a file; pass the export folder that holds it ({str(path.parent)!r})"
-    return f"export folder {str(directory)!r} does not exist"
+    return f"{str(directory)!r} does not exist: give an export folder (OUTPUT_ROOT/STAGE/RUN/export)"
 
 
 def missing_file_hint(directory: Path) -> str:
