@@ -371,7 +371,8 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
         assert client.post("/v1/messages", json=_anthropic(output_config={"effort": "low"})).status_code == 200
         # stream_options of the wrong type: named, not read as "no usage" (or "no" read as true)
         for options, param in (("yes", "stream_options"), (["include_usage"], "stream_options"),
-                               ({"include_usage": "no"}, "stream_options.include_usage")):
+                               ({"include_usage": "no"}, "stream_options.include_usage"),
+                               ({"include_usage": 0}, "stream_options.include_usage")):
             response = client.post("/v1/chat/completions", json=_openai(stream=True, stream_options=options))
             assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 

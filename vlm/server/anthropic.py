@@ -27,7 +27,7 @@ UNSUPPORTED: Unsupported = {
     "thinking": ("extended thinking is not supported by this server", (None, {"type": "disabled"})),
     "mcp_servers": ("MCP servers (remote tools) are not supported by this server", (None, [])),
 }
-EFFORTS = (None, "low", "medium", "high")  # output_config.effort: how much to spend; one tiny model spends the same
+EFFORTS = (None, "low", "medium", "high")  # output_config.effort: how much to spend; this server spends it alike
 
 
 def _check_output_config(config: Any) -> None:

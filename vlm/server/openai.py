@@ -75,7 +75,8 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         raise ApiError(400, "stream_options: must be an object, e.g. {\"include_usage\": true}", param="stream_options")
     if stream_options and not stream:  # as OpenAI's API and vLLM answer it
         raise ApiError(400, "stream_options: only allowed when stream is true", param="stream_options")
-    include_usage = stream_options.get("include_usage") or False  # null: the default
+    include_usage = stream_options.get("include_usage")
+    include_usage = False if include_usage is None else include_usage  # null: the default
     if not isinstance(include_usage, bool):
         raise ApiError(400, "stream_options.include_usage: must be true or false", param="stream_options.include_usage")
     return reader.request(None, options, stream, include_usage), model

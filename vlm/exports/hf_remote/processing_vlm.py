@@ -23,7 +23,6 @@ def fit_size(width: int, height: int, box_w: int, box_h: int) -> tuple[int, int]
     return min(box_w, max(1, round(width * scale))), min(box_h, max(1, round(height * scale)))
 
 
-
 def pil_layout(array: np.ndarray) -> np.ndarray:
     """An image array as PIL reads it: (H, W, C) or (H, W); (C, H, W) is moved to channels last, and floats in
     [0, 1] (above 1: 0-255) become 8 bits, as transformers' image processors take them."""
@@ -37,6 +36,7 @@ def pil_layout(array: np.ndarray) -> np.ndarray:
     elif array.dtype == bool:
         array = array.astype(np.uint8) * 255
     return np.ascontiguousarray(array)
+
 
 class PipelineImageBatching:
     """The padding settings transformers' pipelines take from an image processor when they batch inputs: each input's
