@@ -36,8 +36,9 @@ class ClipBundle:
     model: CLIPModel
     tokenizer: open_clip.tokenizer.SimpleTokenizer
     tiler: Tiler
-    classnames: list[str] | None
+    classnames: list[str] | None  # the labels of `held_out`, the held-out data its run validated on
     templates: list[str]
+    held_out: str | None = None
 
 
 def export_clip(directory: Path, model: CLIPModel, tokenizer: open_clip.tokenizer.SimpleTokenizer,
@@ -55,7 +56,7 @@ def load_clip(directory: str | Path) -> ClipBundle:
     model.eval()
     return ClipBundle(model, load_clip_tokenizer(Path(directory).expanduser() / TOKENIZER_DIR),
                       make_tiler(TilerConfig(**meta.tiler), model.visual), meta.classnames,
-                      meta.templates or DEFAULT_TEMPLATES)
+                      meta.templates or DEFAULT_TEMPLATES, (meta.train_config or {}).get("held_out"))
 
 
 def load_vision_from_clip(vision: VisionTower, directory: str | Path) -> None:

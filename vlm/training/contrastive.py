@@ -13,7 +13,6 @@ from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.data.shards import absolute_pattern
 from vlm.data.sources import DataSources
 from vlm.exports.clip import export_clip, load_clip
-from vlm.exports.format import read_meta
 from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions, retrieve
 from vlm.models.clip import CLIPModel
 from vlm.models.factory import make_tiler
@@ -48,8 +47,7 @@ class ContrastiveTask(StageTask):
         clip = load_clip(directory)
         # the export's class names label its own held-out data; other labelled shards bring theirs (classnames.txt
         # beside them, or data.classnames), and without them are scored by retrieval alone
-        recorded = (read_meta(directory).train_config or {}).get("held_out")
-        own_data = data.val is not None and absolute_pattern(data.val) == recorded
+        own_data = data.val is not None and absolute_pattern(data.val) == clip.held_out
         classnames = data.classnames or (clip.classnames if own_data else None)
         return cls(config, stage, clip.model, clip.tokenizer, classnames)
 
