@@ -46,8 +46,9 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     return sorted(found, key=order, reverse=True)
 
 
-# what resuming reads of a checkpoint besides its weights
+# what resuming reads of a checkpoint besides its weights, and of those their shapes
 RECORD_KEYS = ("global_step", "init_from", "vlm_stage", "vlm_stage_settings")
+WEIGHT_SHAPES = "weight_shapes"
 
 
 def checkpoint_record(path: str | os.PathLike) -> dict | str:
@@ -79,7 +80,8 @@ def _record(path: str, mtime_ns: int, size: int) -> dict | str:
         return first_line(err)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         return "not a Lightning training checkpoint (no state_dict / global_step)"
-    return {key: checkpoint.get(key) for key in RECORD_KEYS}
+    shapes = {key: tuple(value.shape) for key, value in checkpoint["state_dict"].items() if hasattr(value, "shape")}
+    return {key: checkpoint.get(key) for key in RECORD_KEYS} | {WEIGHT_SHAPES: shapes}
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -198,12 +200,12 @@ def warn_changed_settings(path: Path, settings: StageConfig, table_entry: frozen
 def refuse_unfitting_weights(path: Path, task: pl.LightningModule) -> None:
     """A run built from its settings (no starting export) resumes only into the model those settings build: with a
     model.* setting changed (a width, the loss's bias), Lightning's load would fail deep inside with a traceback."""
-    saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
-    built = task.state_dict()
+    saved = checkpoint_record(path)[WEIGHT_SHAPES]  # the checkpoint as the resume has read it already
+    built = {key: tuple(value.shape) for key, value in task.state_dict().items()}
     problems = [*(f"{key} is not in it" for key in sorted(built.keys() - saved.keys())),
                 *(f"{key} is not in the model" for key in sorted(saved.keys() - built.keys())),
-                *(f"{key} is {tuple(saved[key].shape)} in it and {tuple(built[key].shape)} in the model"
-                  for key in sorted(built.keys() & saved.keys()) if saved[key].shape != built[key].shape)]
+                *(f"{key} is {saved[key]} in it and {built[key]} in the model"
+                  for key in sorted(built.keys() & saved.keys()) if saved[key] != built[key])]
     if problems:
         shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
         raise ConfigError(f"{path.name} holds the weights of another model than these model.* settings build ({shown}):"
