@@ -362,6 +362,19 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
             assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
             assert response.json()["error"]["message"].endswith("vlm.infer and ChatModel.generate take it")
             assert client.post("/v1/messages", json=_anthropic(**{field: value})).status_code == 400
+        # a misspelled field is refused as the official APIs refuse it, not ignored; fields they define pass
+        for path, body, field, hint in (("/v1/messages", _anthropic(stop_sequence=["."]), "stop_sequence",
+                                         "stop_sequences"),
+                                        ("/v1/chat/completions", _openai(max_token=4), "max_token", "max_tokens"),
+                                        ("/v1/chat/completions", _openai(min_p=0.1), "min_p", None)):
+            error = client.post(path, json=body).json()["error"]
+            assert error["message"].startswith(f"{field}: not a field of the "), error
+            assert error.get("param", field) == field, error  # OpenAI's shape names it (Anthropic's has no param)
+            assert error["message"].endswith(f"(did you mean {hint}?)" if hint else "API"), error
+        assert client.post("/v1/messages", json=_anthropic(metadata={"user_id": "u1"}, service_tier="auto",
+                                                           kv_cache="dynamic")).status_code == 200
+        assert client.post("/v1/chat/completions", json=_openai(user="u1", store=False, metadata={"a": "b"},
+                                                                reasoning_effort="low")).status_code == 200
         nothing = _openai(logprobs=False, top_logprobs=0, presence_penalty=0, frequency_penalty=0.0, logit_bias={},
                           response_format={"type": "text"}, tool_choice="none", modalities=["text"], num_beams=1,
                           repetition_penalty=1.0)

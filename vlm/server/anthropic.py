@@ -16,6 +16,7 @@ from vlm.server.requests import (
     Unsupported,
     content_blocks,
     messages_list,
+    refuse_unknown_fields,
     require_dict,
     unsupported_field,
 )
@@ -27,6 +28,12 @@ UNSUPPORTED: Unsupported = {
     "thinking": ("extended thinking is not supported by this server", (None, {"type": "disabled"})),
     "mcp_servers": ("MCP servers (remote tools) are not supported by this server", (None, [])),
 }
+# the Messages API's request fields (its beta ones included); the rest are refused as typos
+API_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k", "stop_sequences", "stream",
+    "metadata", "service_tier", "output_config", "tools", "tool_choice", "thinking", "mcp_servers", "container",
+    "context_management", "cache_control", "inference_geo", "speed", "diagnostics", "user_profile_id", "workspace_id",
+})
 EFFORTS = (None, "low", "medium", "high")  # output_config.effort: how much to spend; this server spends it alike
 
 
@@ -46,6 +53,7 @@ def _check_output_config(config: Any) -> None:
 
 def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     body = require_dict(body)
+    refuse_unknown_fields(body, API_FIELDS, "Messages API")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model: Field required (a model name string)")

@@ -18,6 +18,7 @@ from vlm.server.requests import (
     Unsupported,
     content_blocks,
     messages_list,
+    refuse_unknown_fields,
     require_dict,
     unsupported_field,
 )
@@ -37,12 +38,20 @@ UNSUPPORTED: Unsupported = {
     "audio": ("this server answers in text only", (None,)),
     "web_search_options": ("web search is not supported by this server", (None,)),
 }
+# the chat completions API's request fields; the rest are refused as typos
+API_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "stream",
+    "stream_options", "seed", "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "verbosity", "prediction", "moderation",
+    "parallel_tool_calls", *UNSUPPORTED,
+})
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)(?:;[\w=.+-]+)*?;base64,(?P<data>.*)",
                        re.DOTALL | re.IGNORECASE)  # media types and the base64 marker are case-insensitive
 
 
 def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
     body = require_dict(body)
+    refuse_unknown_fields(body, API_FIELDS, "chat completions API")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model: you must provide a model name", param="model")

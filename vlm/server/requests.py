@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import io
 import json
 import sys
@@ -243,6 +244,22 @@ def unsupported_field(body: dict, features: Unsupported) -> tuple[str, str] | No
         if body.get(name) not in off:
             return name, why
     return None
+
+
+# fields this server reads beyond both APIs: the cache choice, and top_k for OpenAI clients (vLLM's and Anthropic's)
+VLM_FIELDS = frozenset({"kv_cache", "top_k"})
+
+
+def refuse_unknown_fields(body: dict, api_fields: frozenset[str], api: str) -> None:
+    """A 400 for a top-level field that `api` does not define (`max_token`, `stop_sequence`, ...), as the official
+    APIs answer: answering without it would hide the typo. Fields the API defines and this server has no use for
+    (`metadata`, `service_tier`, ...) pass; those asking for a feature it lacks are refused by `unsupported_field`."""
+    known = api_fields | VLM_FIELDS | DECODING_EXTRAS.keys()
+    for name in body:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ApiError(400, f"{name}: not a field of the {api}{hint}", param=name)
 
 
 def messages_list(body: dict) -> list:
