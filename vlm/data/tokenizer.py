@@ -24,7 +24,8 @@ _LOCAL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
 def build_local_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on `texts`: any text encodes, and the synthetic words are single tokens."""
+    """A byte-level BPE trained on `texts`: any text encodes, and the synthetic words are single tokens after a space
+    (at the start of a reply some are several; `synthetic.corpus` says why)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     core = Tokenizer(models.BPE())
