@@ -215,6 +215,12 @@ def test_bad_options_and_prompts_fail_clearly(tiny_chat_model, images):
     with pytest.raises(PromptError, match="the message has 2 <image> placeholders but 1 image attached"):
         session.send("<image> and <image>", images=[images["pil"]])  # its own counts, not the chat's 3 and 2
     assert len(session.turns) == 2  # the refused message is not kept
+    with pytest.raises(OptionError, match=r"^seed=18446744073709551616 is not valid: use an integer from -2\*\*63"):
+        session.send("hi", seed=2**64)  # over what torch.manual_seed takes
+    with pytest.raises(PromptError, match=r"^message 0 \(user\) is not valid text: it holds an unpaired surrogate"):
+        tiny_chat_model.generate([{"role": "user", "content": "caf\udce9"}])  # b"caf\xe9" read from a latin-1 shell
+    with pytest.raises(PromptError, match="^the system prompt has an <image> placeholder; images go in user messages"):
+        tiny_chat_model.session(system="Look at <image>.")
 
 
 def test_text_that_cannot_fit_the_context_is_refused_before_it_is_tokenized(tiny_chat_model):
@@ -243,20 +249,24 @@ def test_a_session_over_the_context_forgets_its_oldest_exchanges(tiny_chat_model
     assert tiny_chat_model.prepare([*session.messages, {"role": "user", "content": "and?"}]).input_tokens < context
 
 
-def test_a_question_left_unanswered_is_forgotten_with_its_exchange(tiny_chat_model, monkeypatch):
-    """A generation that failed after the question was taken leaves two questions in a row; leaving out the oldest
-    exchanges must still leave a conversation that starts with a question."""
+def test_a_question_whose_answer_failed_leaves_the_chat_as_it_was(tiny_chat_model, monkeypatch):
+    """A generation that fails (a lost device, Ctrl-C) after the question was encoded keeps no question without its
+    answer, streamed or not; later exchanges, forgotten as the chat grows, still start with a question."""
     session = tiny_chat_model.session(temperature=0, max_new_tokens=1)
     words = "shape " * (tiny_chat_model.context_length // 4)
     session.send(f"turn 0: {words}")
+    before = session.messages
 
     def device_lost(*args, **kwargs):
         raise RuntimeError("device lost")
 
     with monkeypatch.context() as patched:
-        patched.setattr(ChatModel, "generate", device_lost)
+        patched.setattr(tiny_chat_model.model, "generate", device_lost)
         with pytest.raises(RuntimeError):
             session.send(f"turn 1: {words}")
+        with pytest.raises(RuntimeError):
+            session.stream(f"turn 1: {words}").result()
+    assert session.messages == before
     for turn in range(2, 6):
         session.send(f"turn {turn}: {words}")
     roles = [m["role"] for m in session.messages]
@@ -284,6 +294,27 @@ def test_a_chat_keeps_its_images_as_they_were_when_sent(tiny_chat_model, images,
     shot.unlink()
     session.send("Are you sure?")  # reads the chat's images again, the deleted file's among them
     assert session.images == [Path(images["path"]).read_bytes()]
+    canvas = Image.new("RGB", (32, 32), "red")  # a picture the caller draws on after sending it
+    session.send("And this?", images=[canvas])
+    canvas.paste((255, 255, 0), (0, 0, 32, 32))
+    assert session.images[1].getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_a_stream_left_open_keeps_its_place_in_the_chat(tiny_chat_model):
+    """A new message closes the stream still open: its partial answer follows its own question, before the new one.
+    A stream closed before it started keeps its question, with an empty answer."""
+    session = tiny_chat_model.session(temperature=1.0, seed=0, max_new_tokens=20)
+    stream = session.stream("first question")
+    next(stream)
+    session.send("second question", max_new_tokens=1)
+    roles = [(m["role"], m["content"]) for m in session.messages]
+    assert [role for role, _ in roles] == ["user", "assistant", "user", "assistant"], roles
+    assert [text for _, text in roles[:3]] == ["first question", stream.completion.text, "second question"]
+    assert stream.completion.stop_reason == "cancelled"
+    session.stream("never read").close()
+    assert session.messages[4:] == [{"role": "user", "content": "never read"}, {"role": "assistant", "content": ""}]
+    assert session.stream("read to its end").text == session.messages[7]["content"]
+    assert session.messages[6]["content"] == "read to its end" and len(session.messages) == 8
 
 
 def test_a_session_forgets_old_exchanges_to_leave_room_for_the_answer(tiny_chat_model):

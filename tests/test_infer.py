@@ -211,6 +211,38 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export):
     assert "[stopped]" in out and "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_one_shot_mode_exits_130_so_a_script_sees_a_cut_answer(tiny_sft_export):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    process = subprocess.Popen([sys.executable, "-m", "vlm.infer", f"checkpoint={tiny_sft_export}", "device=cpu",
+                                "prompt=Tell me everything.", "generation.temperature=1", "generation.seed=0",
+                                "generation.max_new_tokens=480"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env, text=True,
+                               encoding="utf-8", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        first = process.stdout.read(1)  # the answer has started
+        assert first, process.stderr.read()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "[stopped]" not in first + out and "error: stopped by Ctrl-C; the answer above is cut short" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_chat_that_cannot_write_to_stdout_is_one_clear_error(tiny_sft_export):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open("/dev/full", "w") as full:  # every write fails: no space left on device
+        result = subprocess.run([sys.executable, "-m", "vlm.infer", f"checkpoint={tiny_sft_export}", *GREEDY],
+                                input="hi\n", stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                                timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: cannot write the answer to stdout (No space left on device)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_the_temperature_choice_is_logged_before_the_answer_starts(tiny_chat_model):
     """In the REPL, "temperature auto -> 0.7" must not land between the `vlm> ` prompt and the answer."""
     events: list[str] = []

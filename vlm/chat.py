@@ -14,6 +14,7 @@ placeholder per image, and `images` lists the image sources (paths, bytes or PIL
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -37,6 +38,7 @@ from vlm.generation.completion import (
     Prompt,
     PromptError,
     check_conversation,
+    check_system_prompt,
 )
 from vlm.generation.device import pick_device, pick_dtype
 from vlm.generation.h2o import H2OBudget, H2OCache, refuse_pattern
@@ -243,10 +245,13 @@ def with_placeholders(text: str, images: int) -> str:
 
 
 def snapshot(image: ImageSource) -> ImageSource:
-    """A file's bytes (a path read once; the file may change or go later), any other image source as it is."""
+    """A file's bytes (a path read once; the file may change or go later), a copy of a PIL image (the caller may draw
+    on it later), any other image source as it is."""
     if isinstance(image, str | os.PathLike):
         with contextlib.suppress(OSError):  # it was read a moment ago; if it is gone now, the next turn says so
             return Path(image).read_bytes()
+    if isinstance(image, Image.Image):
+        return image.copy()
     return image
 
 
@@ -260,16 +265,21 @@ class _Turn:
 class ChatSession:
     """A conversation that remembers its turns and their images.
 
-    `send(text, images=[...])` answers and records both turns; `stream(...)` does the same piece by piece. When
+    `send(text, images=[...])` answers and records both turns; `stream(...)` does the same piece by piece, recording
+    them when the stream ends (a stream cut short or closed keeps its partial answer, maybe empty; a new message first
+    closes a stream still open). A message whose answer raised (`send` interrupted, a failed generation) leaves the
+    history as it was. When
     `text` has no `<image>` placeholder, one per image is put at the start of the message. When the history no
     longer fits the context with room for the answer, the oldest exchanges are dropped (logged).
     """
 
     def __init__(self, model: ChatModel, system: str | None = None, **options: Any):
+        check_system_prompt(system)
         self.model = model
         self.system = system
         self.options = model.options(**options)
         self.turns: list[_Turn] = []
+        self._open_stream: TextStream | None = None
 
     @property
     def messages(self) -> list[Message]:
@@ -280,17 +290,26 @@ class ChatSession:
         return [image for t in self.turns for image in t.images]
 
     def reset(self) -> None:
-        """Forget every turn (the system prompt and options stay)."""
+        """Forget every turn (the system prompt and options stay); a stream still open is closed first."""
+        self._close_open_stream()
         self.turns.clear()
+
+    def _close_open_stream(self) -> None:
+        """Stop a stream the caller left open: its partial answer is recorded before anything else is."""
+        if self._open_stream is not None:
+            self._open_stream.close()
+            self._open_stream = None
 
     def _messages(self, turns: list[_Turn]) -> list[Message]:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + [{"role": t.role, "content": t.content} for t in turns]
 
-    def _prepare(self, text: str, images: Sequence[ImageSource], options: GenerationOptions) -> Prompt:
+    def _prepare(self, text: str, images: Sequence[ImageSource],
+                 options: GenerationOptions) -> tuple[Prompt, list[_Turn]]:
         """Encode the chat with the new user turn, leaving out the oldest exchanges while it does not fit with room
-        for the answer (`max_new_tokens`, or a quarter of the context if that is less). The history changes only
-        once the prompt is encoded: a message too long even alone, or an unreadable image, leaves it as it was."""
+        for the answer (`max_new_tokens`, or a quarter of the context if that is less). Returns the prompt and the
+        turns it holds, which become the history once the answer comes (`_record`)."""
+        self._close_open_stream()
         images = image_list(images)
         turn = _Turn("user", with_placeholders(text, len(images)), images)
         turns = [*self.turns, turn]
@@ -312,23 +331,25 @@ class ChatSession:
             log.warning("the chat no longer fits the model's context with room for an answer, so %s forgotten",
                         "its oldest exchange is" if forgotten == 1 else f"its {forgotten} oldest exchanges are")
         turn.images = [snapshot(image) for image in images]  # later turns see these images as they were read now
-        self.turns = turns
-        return prompt
+        return prompt, turns
 
-    def _record(self, completion: Completion) -> None:
-        # an answer that spells <image> or a template marker (about SVG, or ChatML) is read back as those characters
-        self.turns.append(_Turn("assistant", self.model.processor.as_plain_text(completion.text), []))
+    def _record(self, turns: list[_Turn], completion: Completion) -> None:
+        """The question's turns and its answer become the history. An answer that spells <image> or a template marker
+        (about SVG, or ChatML) is read back as those characters."""
+        self.turns = [*turns, _Turn("assistant", self.model.processor.as_plain_text(completion.text), [])]
 
     def send(self, text: str, images: Sequence[ImageSource] = (), **options: Any) -> Completion:
         """Ask, wait for the whole answer, and remember both turns."""
         options = self.options.updated(**options)
-        prompt = self._prepare(text, images, options)
+        prompt, turns = self._prepare(text, images, options)
         completion = self.model.generate(prompt, **options.as_dict())
-        self._record(completion)
+        self._record(turns, completion)
         return completion
 
     def stream(self, text: str, images: Sequence[ImageSource] = (), **options: Any) -> TextStream:
         """Ask and get the answer as a TextStream; the answer is remembered when the stream ends (even if cut short)."""
         options = self.options.updated(**options)
-        prompt = self._prepare(text, images, options)
-        return self.model.stream(prompt, on_done=self._record, **options.as_dict())
+        prompt, turns = self._prepare(text, images, options)
+        self._open_stream = self.model.stream(prompt, on_done=functools.partial(self._record, turns),
+                                              **options.as_dict())
+        return self._open_stream

@@ -37,6 +37,7 @@ from vlm.cli import (
 from vlm.config import load_config, setting
 from vlm.data.tiler import ImageLoadError, pil_bomb_limit
 from vlm.errors import UserError
+from vlm.generation.completion import check_system_prompt, check_text
 from vlm.generation.options import GenerationOptions, H2OSettings
 
 log = logging.getLogger("vlm.infer")
@@ -94,15 +95,18 @@ def image_list(value: Any) -> list[str]:
 
 
 def stream_answer(session: ChatSession, text: str, images: list[str], write: Callable[[str], Any],
-                  prefix: str = "") -> None:
-    """Print `prefix`, then the answer as it is generated; Ctrl-C stops it (the partial answer stays in the history).
-    The stream is created first, so its log lines (the temperature=auto choice) come before the prefix."""
+                  prefix: str = "", keep_on_interrupt: bool = True) -> None:
+    """Print `prefix`, then the answer as it is generated. Ctrl-C stops it: with `keep_on_interrupt` (the REPL) the
+    partial answer stays in the history and the chat goes on; without, the KeyboardInterrupt goes on up. The stream
+    is created first, so its log lines (the temperature=auto choice) come before the prefix."""
     stream = session.stream(text, images=images)
     write(prefix)
     try:
         for piece in stream:
             write(piece)
     except KeyboardInterrupt:
+        if not keep_on_interrupt:
+            raise
         write(" [stopped]")
     finally:
         stream.close()  # Ctrl-C, or a write that failed (a closed pipe), stops the generation; done, it does nothing
@@ -123,16 +127,20 @@ def repl(session: ChatSession, banner: str) -> None:
     except ImportError:
         pass
 
-    print(banner)
+    say(banner)
     pending: list[str] = []
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
-            print()
+            say()
             return
+        except BrokenPipeError:
+            raise
+        except OSError as err:  # the prompt could not be written (a full disk)
+            raise stdout_failure(err) from None
         except KeyboardInterrupt:
-            print("\n(/quit or Ctrl-D leaves)")
+            say("\n(/quit or Ctrl-D leaves)")
             continue
         if not line:
             continue
@@ -140,25 +148,25 @@ def repl(session: ChatSession, banner: str) -> None:
             try:
                 command, *args = shlex.split(line)
             except ValueError as err:
-                print(f"error: {err}")
+                say(f"error: {err}")
                 continue
             if command in ("/quit", "/exit"):
                 return
             if command == "/help":
-                print(HELP)
+                say(HELP)
             elif command == "/reset":
                 session.reset()
                 pending.clear()
-                print("(conversation cleared)")
+                say("(conversation cleared)")
             elif command == "/image":
                 problems = [problem for p in args if (problem := image_file_problem(p))]
                 if not args or problems:
-                    print(f"error: {problems[0]}" if problems else "usage: /image PATH [PATH...]")
+                    say(f"error: {problems[0]}" if problems else "usage: /image PATH [PATH...]")
                     continue
                 pending += [str(Path(p).expanduser()) for p in args]
-                print(f"(attached {len(pending)} image{'s' if len(pending) > 1 else ''} to your next message)")
+                say(f"(attached {len(pending)} image{'s' if len(pending) > 1 else ''} to your next message)")
             else:
-                print(f"unknown command {command!r}\n{HELP}")
+                say(f"unknown command {command!r}\n{HELP}")
             continue
         images, pending = pending, []
         try:
@@ -167,9 +175,9 @@ def repl(session: ChatSession, banner: str) -> None:
             pending = images
             kept = ("(the attached image stays attached)" if len(images) == 1 else
                     f"(the {len(images)} attached images stay attached)")
-            print(f"error: {err}" + (f" {kept}" if images else ""))
+            say(f"error: {err}" + (f" {kept}" if images else ""))
         except ImageLoadError as err:  # before the answer starts: nothing was printed for it
-            print(f"error: {err} (attach images again with /image)")
+            say(f"error: {err} (attach images again with /image)")
         except KeyboardInterrupt:  # before the answer started streaming
             to_stdout(" [stopped]\n")
 
@@ -211,21 +219,26 @@ def infer(cfg: DictConfig) -> None:
     images = image_list(config.image)
     if images and config.prompt is None:
         fail("image=... needs prompt=\"...\" (in the chat REPL, attach images with /image PATH)")
-    if config.prompt is not None:
-        with user_errors():  # before the model loads
+    with user_errors():  # before the model loads
+        check_system_prompt(config.system)
+        if config.prompt is not None:
+            check_text(config.prompt, "prompt")
             with_placeholders(config.prompt, len(images))
     model = load_chat_model(config.checkpoint, config.device, config.dtype)
     with user_errors():
         session = model.session(system=config.system, **config.generation.as_dict())
-    if config.prompt is None:
-        repl(session, f"vlm chat with {model.name} on {model.device}. /help lists the commands.")
-        return
     with user_errors():  # an unreadable image, a prompt longer than the context, a full disk
         try:
-            stream_answer(session, config.prompt, images, to_stdout)
+            if config.prompt is None:
+                repl(session, f"vlm chat with {model.name} on {model.device}. /help lists the commands.")
+            else:
+                stream_answer(session, config.prompt, images, to_stdout, keep_on_interrupt=False)
         except BrokenPipeError:  # `vlm.infer ... | head`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or flushing stdout at exit fails again
             sys.exit(141)  # as a shell reports a process ended by SIGPIPE
+        except KeyboardInterrupt:  # one question: a cut answer must not pass for a whole one in a script
+            print("\nerror: stopped by Ctrl-C; the answer above is cut short", file=sys.stderr)
+            sys.exit(130)  # as a shell reports a process ended by SIGINT
 
 
 def to_stdout(text: str) -> None:
@@ -235,7 +248,16 @@ def to_stdout(text: str) -> None:
     except BrokenPipeError:
         raise  # the reader left (`| head`): infer() ends quietly
     except OSError as err:
-        raise UserError(f"cannot write the answer to stdout ({err.strerror or err})") from None
+        raise stdout_failure(err) from None
+
+
+def say(*lines: str) -> None:
+    """print() for the REPL, through to_stdout's error handling."""
+    to_stdout(" ".join(lines) + "\n")
+
+
+def stdout_failure(err: OSError) -> UserError:
+    return UserError(f"cannot write the answer to stdout ({err.strerror or err})")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vlm.data.processor import Encoded
+from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.errors import UserError
 
 Message = dict[str, str]
@@ -35,10 +36,37 @@ def check_conversation(messages: list[Message]) -> None:
                               f"got {m!r:.120}")
         if m["role"] == "user" and not m["content"].strip():
             raise PromptError(f"message {i} (user) is empty; ask something, or attach an image")
+        check_text(m["content"], f"message {i} ({m['role']})")
     turns = [m["role"] for m in messages if m["role"] != "system"]
     if not turns or turns[-1] != "user":
         raise PromptError(f"the conversation must end with a user message, got {turns or 'system messages only'}; "
                           f"the answer is the next assistant message")
+
+
+def is_text(text: str) -> bool:
+    """Whether `text` is Unicode a tokenizer can encode: no lone surrogate (as Python decodes bytes that are not
+    UTF-8 from argv or a terminal, and JSON's \ud800-\udfff escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(text: str, where: str) -> None:
+    """Raise PromptError naming `where` for text no tokenizer can encode."""
+    if not is_text(text):
+        raise PromptError(f"{where} is not valid text: it holds an unpaired surrogate, as Python reads bytes that "
+                          f"are not UTF-8 (a terminal or file in another encoding)")
+
+
+def check_system_prompt(system: str | None) -> None:
+    """A system prompt a chat can open with: text, and no `<image>` (images go in user messages)."""
+    if system is None:
+        return
+    check_text(system, "the system prompt")
+    if IMAGE_TOKEN in system:
+        raise PromptError(f"the system prompt has an {IMAGE_TOKEN} placeholder; images go in user messages")
 
 
 @dataclass

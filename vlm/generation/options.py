@@ -144,8 +144,8 @@ class GenerationOptions:
         if not all(isinstance(s, str) and s for s in stop):
             raise bad("stop", "use a list of non-empty strings")
         self.stop = tuple(stop)
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "use an integer")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise bad("seed", "use an integer from -2**63 to 2**64 - 1 (what torch.manual_seed takes)")
         if self.kv_cache not in KV_CACHES:
             raise OptionError(invalid_choice_message("kv_cache", self.kv_cache, KV_CACHES), key="kv_cache")
         self.h2o = _h2o_settings(self.h2o, H2OSettings())

@@ -25,7 +25,9 @@ class AnswerJob:
     stops: tuple[str, ...]  # stop sequences, cut from the text as it streams
     cancel: threading.Event
     streamable: bool = True  # False for beam search: the best beam is only known at the end
-    on_done: Callable[[Completion], None] | None = None  # runs when the answer ends, however it ends
+    # runs when the answer ends: finished, stopped or cancelled (a partial answer, maybe empty); not when generation
+    # raised
+    on_done: Callable[[Completion], None] | None = None
 
 
 class TextStream(Iterator[str]):
@@ -73,9 +75,9 @@ class TextStream(Iterator[str]):
         """Drain the stream and return the whole answer."""
         return self.result().text
 
-    def _done(self, completion: Completion) -> None:
+    def _done(self, completion: Completion, answered: bool = True) -> None:
         self.completion = completion
-        if self._job.on_done:
+        if self._job.on_done and answered:
             self._job.on_done(completion)
 
     def _whole(self) -> Iterator[str]:
@@ -86,8 +88,8 @@ class TextStream(Iterator[str]):
             completion = self.completion = self._job.finish(ids, text, stop)
             if completion.text:
                 yield completion.text
-        finally:
-            self._done(self.completion or self._job.finish(ids, "", None))
+        finally:  # generate raised (or Ctrl-C stopped it): no answer
+            self._done(self.completion or self._job.finish(ids, "", None), answered=self.completion is not None)
 
     def _streamed(self) -> Iterator[str]:
         job = self._job
@@ -130,7 +132,8 @@ class TextStream(Iterator[str]):
                 job.cancel.set()  # the reader left early (Ctrl-C, a closed stream): stop generating
             if launched:
                 thread.join()
-            self._done(job.finish(result.get("ids", []), "".join(emitted), scanner.stop))
+            self._done(job.finish(result.get("ids", []), "".join(emitted), scanner.stop),
+                       answered="error" not in result)
 
 
 @contextmanager

@@ -23,7 +23,7 @@ from PIL import Image
 from vlm.data.processor import PROMPT_NAME, image_label
 from vlm.data.tiler import pil_bomb_limit, sniff_media_type
 from vlm.data.tokenizer import IMAGE_TOKEN
-from vlm.generation.completion import ContextOverflow
+from vlm.generation.completion import ContextOverflow, is_text
 from vlm.generation.options import KV_CACHES
 from vlm.server.errors import ApiError
 from vlm.server.settings import ServeSettings
@@ -300,9 +300,7 @@ def _has_lone_surrogate(body: Any) -> bool:
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
+            if not is_text(item):
                 return True
         elif isinstance(item, dict):
             pending.extend(item.keys())
