@@ -70,7 +70,8 @@ class ContrastiveTask(StageTask):
         loss = self.guarded(sum(losses.values()))
         if self.health.skip_pending:
             return loss
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True)
+        # means over ranks: with local_loss each rank's term covers its own rows only
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, sync_dist=True)
         self.log("train/logit_scale", outputs["logit_scale"])
         self.health.log_to(self)
         return loss

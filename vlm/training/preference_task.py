@@ -169,7 +169,8 @@ class PreferenceTask(VLMTask):
         loss = self.guarded(total)
         if self.health.skip_pending:
             return loss
-        self.log("train/loss", total, prog_bar=True)
+        self.log("train/loss", total, prog_bar=True, sync_dist=True)  # the mean over ranks
+        # a rank's batch may hold no anchors or no pairs, so these are its own (a collective needs every rank)
         if anchor_nll is not None:
             self.log("train/anchor_nll", anchor_nll)
         if result is not None:

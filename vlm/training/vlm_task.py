@@ -121,8 +121,9 @@ class VLMTask(StageTask):
         loss = self.guarded(out.loss)
         if self.health.skip_pending:
             return loss
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log("train/tokens", (batch["labels"] != IGNORE_INDEX).sum().float(), reduce_fx="sum")
+        # the mean over ranks, and the tokens of all of them (one small all-reduce each; every rank logs them)
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log("train/tokens", (batch["labels"] != IGNORE_INDEX).sum().float(), reduce_fx="sum", sync_dist=True)
         self.health.log_to(self)
         return out.loss
 
