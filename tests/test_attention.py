@@ -256,6 +256,21 @@ def test_the_pattern_cache_generates_the_full_cache_tokens_and_stays_bounded(fam
     assert single.layers[0].cached_length() < seen // 2
 
 
+def test_a_model_that_updates_its_cache_without_kwargs_keeps_every_key_and_the_full_cache_tokens():
+    """GPT-NeoX calls the cache's update without the attention kwargs, so the pattern cache cannot say which keys it
+    returns: it keeps them all (no memory saved), and generation stays right instead of failing at its first step."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    lm = GPTNeoXForCausalLM(GPTNeoXConfig(num_hidden_layers=2, **SIZES)).eval()
+    use_attention(lm, settings(window=5, stride=4, sinks=2))
+    ids = torch.randint(1, 64, (1, 10))
+    steps = {"max_new_tokens": 20, "min_new_tokens": 20, "do_sample": False}
+    cache = cache_for(lm)
+    assert torch.equal(lm.generate(ids, cache=cache, **steps), lm.generate(ids, **steps))
+    assert [layer.cached_length() for layer in cache.layers] == [29, 29]
+
+
 def test_a_pattern_cache_works_out_its_keep_set_once_per_step_for_all_layers(monkeypatch):
     """Every layer caches the same positions: one keep set (one device-to-host sync) per step, not one per layer."""
     lm = tiny_lm(layers=3)

@@ -419,3 +419,25 @@ def test_a_cancel_stops_a_prompt_read_in_blocks_at_the_next_pass(tiny_chat_model
         hook.remove()
     assert answer.input_tokens > 40
     assert len(passes) == 3 and (answer.stop_reason, answer.output_tokens, answer.text) == ("cancelled", 0, "")
+
+
+def test_models_h2o_cannot_run_on_are_refused_before_generating(lm):
+    """GPT-NeoX's attention updates its cache without the kwargs H2O's scores travel in, and Gemma 2 runs only its
+    own eager attention (soft-capped): each is one OptionError naming kv_cache, before any token is generated."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from vlm.generation.h2o import refuse_unsupported
+
+    sizes = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4}
+    refuse_unsupported(lm)  # Llama: supported
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(**sizes)).eval()
+    with pytest.raises(OptionError, match=r"^kv_cache='h2o' cannot run on GPTNeoXForCausalLM: its attention does not "
+                                          r"pass its arguments to the KV cache") as refused:
+        refuse_unsupported(neox)
+    assert refused.value.key == "kv_cache"
+    gemma = Gemma2ForCausalLM(Gemma2Config(**sizes, num_key_value_heads=2, head_dim=8,
+                                           attn_implementation="eager")).eval()
+    with pytest.raises(OptionError, match=r"^kv_cache='h2o' cannot run on Gemma2ForCausalLM: transformers runs it "
+                                          r"with its own eager attention only"):
+        refuse_unsupported(gemma)

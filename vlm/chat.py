@@ -41,7 +41,7 @@ from vlm.generation.completion import (
     check_system_prompt,
 )
 from vlm.generation.device import pick_device, pick_dtype
-from vlm.generation.h2o import H2OBudget, H2OCache, refuse_pattern
+from vlm.generation.h2o import H2OBudget, H2OCache, refuse_unsupported
 from vlm.generation.kv_cache import cache_kwargs
 from vlm.generation.options import GenerationOptions, OptionError, auto_temperature, resolve_decoding
 from vlm.generation.stopping import (
@@ -202,7 +202,7 @@ class ChatModel:
         kwargs = {**inputs, **decoding.generate_kwargs, "stopping_criteria": stopping,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": sorted(self.eos_token_ids)}
         if opts.kv_cache == "h2o":
-            refuse_pattern(self.model.lm)  # now, before any text streams
+            refuse_unsupported(self.model.lm)  # now, before any text streams
         budget = H2OBudget.for_prompt(opts.h2o, prompt.input_tokens) if opts.kv_cache == "h2o" else None
 
         def run(streamer: TextIteratorStreamer | None) -> list[int]:

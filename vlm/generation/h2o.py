@@ -34,6 +34,7 @@ are exact. Left-padded batches are refused: masks index keys by position, which 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -48,6 +49,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlm.generation.options import IMAGE_BLOCKS, H2OSettings, OptionError
 from vlm.models.attention import uses_pattern
+
+log = logging.getLogger(__name__)
 
 H2O_LAYER = "h2o_cache_layer"  # attention kwarg: the layer waiting for this step's attention scores
 # Prefill queries per block when summing attention columns: memory (B, H, rows, K), never (B, H, N, N). A block's
@@ -397,6 +400,49 @@ def refuse_pattern(lm: PreTrainedModel) -> None:
     if uses_pattern(lm) is not None:
         raise OptionError("kv_cache='h2o' does not combine with a model trained with model.llm.attention="
                           "local_global (it already keeps only the keys its pattern reads); use kv_cache='dynamic'")
+
+
+class _KwargsProbe(DynamicLayer):
+    """A cache layer that notes whether the model's attention hands it its kwargs (H2O's way to the scores)."""
+
+    def __init__(self, seen: list[bool]):
+        super().__init__()
+        self.seen = seen
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               kwargs: dict[str, Any] | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(kwargs is not None)
+        return super().update(key_states, value_states)
+
+
+def refuse_unsupported(lm: PreTrainedModel) -> None:
+    """Raise OptionError (before any text streams) for a model H2O cannot run on: a local + global one, one that
+    runs eager attention only (Gemma 2's soft-capping), or one whose attention does not pass its kwargs to the cache
+    (GPT-NeoX, Falcon, Bloom). The verdict is kept on the model: one 1-token forward finds it."""
+    refuse_pattern(lm)
+    verdict = getattr(lm, "_vlm_h2o_problem", None)
+    if verdict is None:
+        verdict = _unsupported_reason(lm)
+        lm._vlm_h2o_problem = verdict
+    if verdict:
+        raise OptionError(f"kv_cache='h2o' cannot run on {type(lm).__name__}: {verdict}; use kv_cache='dynamic'",
+                          key="kv_cache")
+
+
+def _unsupported_reason(lm: PreTrainedModel) -> str:
+    try:
+        install_score_hook(lm)
+    except ValueError as err:  # transformers refuses the attention implementation the hook wraps
+        log.debug("H2O score hook refused: %s", err)
+        return "transformers runs it with its own eager attention only, not the sdpa H2O's score hook wraps"
+    seen: list[bool] = []
+    probe = Cache(layers=[_KwargsProbe(seen) for _ in range(lm.config.get_text_config().num_hidden_layers)])
+    token = torch.zeros(1, 1, dtype=torch.long, device=lm.device)
+    with torch.no_grad():
+        lm(input_ids=token, cache=probe, use_cache=True)
+    if not seen or not all(seen):
+        return "its attention does not pass its arguments to the KV cache, where H2O gets the attention scores"
+    return ""
 
 
 def install_score_hook(lm: PreTrainedModel) -> str:

@@ -67,8 +67,11 @@ class LocalGlobalLayer(DynamicLayer):
         indices = torch.cat([self.key_indices, new_indices])  # (K + Q,)
         positions = torch.cat([self.key_positions, new_positions.expand(key_states.shape[0], new)], dim=-1)
         self.cumulative_length += new
-        if kwargs is not None:
-            kwargs[KEY_INDICES] = indices
+        if kwargs is None:  # an attention that calls update without its kwargs (GPT-NeoX) cannot be told which keys
+            # these are, so every key is kept: the mask then covers them all, and only the memory saving is lost
+            self.keys, self.values, self.key_indices, self.key_positions = keys, values, indices, positions
+            return keys, values
+        kwargs[KEY_INDICES] = indices
         keep = self.plan.keep_for(self.pattern, indices, positions, self.cumulative_length)  # (K',)
         self.keys, self.values = keys.index_select(-2, keep), values.index_select(-2, keep)
         self.key_indices, self.key_positions = indices[keep], positions.index_select(-1, keep)
