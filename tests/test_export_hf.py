@@ -170,6 +170,59 @@ def test_the_stock_route_refuses_settings_it_cannot_express(tiny_sft_export, tmp
     assert "modeling_vlm.py" in os.listdir(".")  # the shell's own folder, not one renamed onto its path
 
 
+def _llm_folder(folder: Path, case: str) -> Path:
+    """A tiny random LLM that PerceptionLM would read otherwise than vlm, saved with a tokenizer."""
+    from tokenizers import processors
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+    from vlm.data import synthetic
+    from vlm.data.tokenizer import build_local_tokenizer
+
+    tokenizer = build_local_tokenizer(list(synthetic.corpus()))
+    sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 1100}
+    torch.manual_seed(0)
+    if case == "projected embeddings":  # OPT-350m: 32-wide embeddings projected to the 64-wide hidden size
+        model = OPTForCausalLM(OPTConfig(**sizes, ffn_dim=128, word_embed_proj_dim=32))
+    elif case == "soft-capped logits":  # Gemma 2
+        model = Gemma2ForCausalLM(Gemma2Config(**sizes, intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                                               final_logit_softcapping=30.0))
+    else:  # a BOS added by the tokenizer to every text (Llama 3)
+        bos = "<|endoftext|>"
+        tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))])
+        tokenizer.bos_token = bos
+        model = LlamaForCausalLM(LlamaConfig(**sizes, intermediate_size=128, num_key_value_heads=2))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["projected embeddings", "soft-capped logits", "tokenizer adds a BOS"])
+def test_llms_perception_lm_would_read_otherwise_take_the_remote_code_and_give_vlms_logits(tmp_path, case):
+    """Each would load in PerceptionLM and answer otherwise: a projector sized for the hidden size (OPT-350m's does
+    not fit), logits without Gemma 2's soft cap, a second BOS from its processor."""
+    folder = _llm_folder(tmp_path / "llm", case)
+    source = sft_export(tmp_path / "export", *STOCK, f"model.llm.name_or_path={folder}")
+    out = export_hf(source, tmp_path / "hf")
+    because = json.loads((out / PROVENANCE_FILE).read_text())["remote_code_because"]
+    reason = {"projected embeddings": "input embeddings are 32 wide, not its hidden size 64",
+              "soft-capped logits": "soft-caps its logits", "tokenizer adds a BOS": "adds special tokens"}[case]
+    assert any(reason in item for item in because), because
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    ours = load_vlm(source)
+    ours.model.eval()
+    expected = ours.processor.prompt(QUESTION, [picture()])
+    inputs = processor(images=[picture()], text=ours.processor.render(QUESTION, add_generation_prompt=True),
+                       return_tensors="pt")
+    assert torch.equal(inputs["input_ids"][0], expected.input_ids)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = ours.model(expected.input_ids[None], pixel_values=expected.pixel_values).logits
+    assert (logits - reference).abs().max() < 1e-4
+
+
 def test_our_model_gives_the_logits_of_llava_built_at_the_same_sizes():
     """litgpt-style: LLaVA with our weights copied across (a CLIP-shaped timm ViT, LLaVA's penultimate layer)."""
     config = tiny_config(*STOCK, "model.vision.name=vit_base_patch16_clip_224", "model.vision.image_size=32",

@@ -56,6 +56,15 @@ def stock_mismatches(vlm: VLMBundle) -> list[str]:
         found.append(f"an LLM ({type(model.lm).__name__}) without the usual model + lm_head layout")
     if video_token(vlm.tokenizer) is None:
         found.append("a tokenizer with no spare special token for PerceptionLM's video token")
+    text_config, embedding_width = model.lm.config.get_text_config(), model.lm.get_input_embeddings().embedding_dim
+    if embedding_width != text_config.hidden_size:  # PerceptionLM's projector writes hidden_size-wide features
+        found.append(f"an LLM whose input embeddings are {embedding_width} wide, not its hidden size "
+                     f"{text_config.hidden_size} (OPT-350m's shape)")
+    if getattr(text_config, "final_logit_softcapping", None) is not None:  # PerceptionLM applies lm_head itself
+        found.append("an LLM that soft-caps its logits (final_logit_softcapping), which PerceptionLM skips")
+    if vlm.tokenizer("a").input_ids != vlm.tokenizer("a", add_special_tokens=False).input_ids:
+        found.append("a tokenizer that adds special tokens (a BOS) to every text, which PerceptionLM's processor "
+                     "adds again after the chat template's")
     background = tuple(vlm.processor.tiler.config.background)
     if background != (255, 255, 255):  # PerceptionLM's processor puts transparent pixels on white
         found.append(f"tiler.background={list(background)} (transparent pixels over a colour other than white)")

@@ -84,7 +84,8 @@ class VlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.lm = AutoModelForCausalLM.from_config(config.text_config)
         settings = config.projector
         self.reduction, self.reduction_factor = settings["reduction"], settings["reduction_factor"]
-        width, llm_width = settings["in_width"], config.text_config.hidden_size
+        # the LLM's input embedding width, which may differ from its hidden size (OPT-350m projects 512 -> 1024)
+        width, llm_width = settings["in_width"], self.lm.get_input_embeddings().embedding_dim
         if settings["type"] == "linear":
             self.projector = nn.Linear(width, llm_width)
         else:  # mlp2x_gelu
