@@ -21,6 +21,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from vlm.training.strategy import every_rank, this_ranks
+
 log = logging.getLogger(__name__)
 
 
@@ -47,9 +49,11 @@ class DataPosition(pl.Callback):
     def __init__(self, session_started: float) -> None:
         self.session_started = session_started  # time.time() when this process started the run
         self.earlier_seconds = 0.0  # the wall time of the sessions before it, up to the checkpoint it resumed from
-        self.epoch = 0  # the epoch being trained
+        self.epoch = 0  # the epoch this rank is training (ranks with unequal shards pass epochs at other steps)
         self.batches_in_epoch = 0  # batches consumed in it, by this rank
         self.first_epoch = 0  # the epoch of this process's first pass (its seed + 0)
+        # this rank's epoch minus Lightning's count: a resumed run counts from the epoch of rank 0's checkpoint
+        self.epoch_offset = 0
 
     def run_seconds(self) -> float:
         """The run's wall time so far, over every session of it."""
@@ -58,8 +62,9 @@ class DataPosition(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         # runs before ModelCheckpoint's hook for the same batch (Lightning orders checkpoint callbacks last); counted
         # here rather than in on_train_epoch_start, which Lightning skips for an epoch it resumes into
-        if trainer.current_epoch != self.epoch:
-            self.epoch, self.batches_in_epoch = trainer.current_epoch, 0
+        epoch = trainer.current_epoch + self.epoch_offset
+        if epoch != self.epoch:
+            self.epoch, self.batches_in_epoch = epoch, 0
         self.batches_in_epoch += 1
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -68,9 +73,10 @@ class DataPosition(pl.Callback):
         # one batch ahead). The epoch is the one counted here, of the last batch trained: the run's final save comes
         # after fit, when Lightning has already counted one more
         last = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
-        checkpoint[self.KEY] = {"epoch": self.epoch + last, "batches_in_epoch": 0 if last
-                                else self.batches_in_epoch, "global_step": trainer.global_step,
-                                "first_epoch": self.first_epoch, "seed": int(getattr(trainer.datamodule, "seed", 0)),
+        mine = {"epoch": self.epoch + last, "batches_in_epoch": 0 if last else self.batches_in_epoch,
+                "first_epoch": self.first_epoch, "seed": int(getattr(trainer.datamodule, "seed", 0))}
+        # each rank's own (the top level is rank 0's), so each resumes where its own shards were
+        checkpoint[self.KEY] = {**mine, "ranks": every_rank(mine), "global_step": trainer.global_step,
                                 "wall_seconds": self.run_seconds()}
         health = getattr(pl_module, "health", None)  # the task's DataHealth: skip counts span restarts
         if health is not None:
@@ -89,13 +95,16 @@ class DataPosition(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "seed"):
             return
-        self.epoch, self.batches_in_epoch = position["epoch"], 0  # mid-epoch too: the epoch's pass starts afresh
+        mine = this_ranks(position["ranks"], trainer) if "ranks" in position else position  # older: rank 0's alone
+        self.epoch, self.batches_in_epoch = mine["epoch"], 0  # mid-epoch too: the epoch's pass starts afresh
         self.first_epoch = self.epoch
-        if position["batches_in_epoch"] == 0:  # the shard order the interrupted process would have used next
-            datamodule.seed = position["seed"] + self.epoch - position["first_epoch"]
-            log.info("data: resuming at the start of epoch %d (step %d)", self.epoch, position["global_step"])
+        self.epoch_offset = self.epoch - position["epoch"]  # Lightning resumes counting from rank 0's epoch
+        step = position["global_step"]
+        if mine["batches_in_epoch"] == 0:  # the shard order the interrupted process would have used next
+            datamodule.seed = mine["seed"] + self.epoch - mine["first_epoch"]
+            log.info("data: resuming at the start of epoch %d (step %d)", self.epoch, step)
         else:
-            datamodule.seed = pass_seed(position["seed"], self.epoch, position["global_step"])
+            datamodule.seed = pass_seed(mine["seed"], self.epoch, step)
             log.info("data: resuming %d batches into epoch %d (step %d); the epoch restarts with a fresh shard order, "
-                     "so up to %d batches per rank of it may be seen twice", position["batches_in_epoch"], self.epoch,
-                     position["global_step"], position["batches_in_epoch"])
+                     "so up to %d batches of it may be seen twice on this rank", mine["batches_in_epoch"], self.epoch,
+                     step, mine["batches_in_epoch"])

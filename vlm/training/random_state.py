@@ -13,13 +13,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from vlm.training.strategy import every_rank, this_ranks
+
 
 class RandomState(pl.Callback):
-    """Saves the generators' states in each checkpoint and sets them from it on resume.
+    """Saves every rank's generator states in each checkpoint and gives each rank its own back on resume.
 
-    Every rank is seeded alike and draws alike (dropout on equal-sized batches), so rank 0's states, the ones its
-    checkpoint holds, are every rank's. CUDA keeps one state per device: each rank saves and restores its own device's,
-    so a resume on another number of GPUs still loads."""
+    Ranks are seeded alike but draw differently (dropout over packed rows of different widths), so each rank's states
+    are its own. CUDA keeps one state per device: each rank saves and restores its own device's. A resume on another
+    number of ranks gives every rank rank 0's states."""
 
     KEY = "vlm_random_state"
 
@@ -28,13 +30,14 @@ class RandomState(pl.Callback):
         state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if pl_module.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(pl_module.device)
-        checkpoint[self.KEY] = state
+        checkpoint[self.KEY] = {"ranks": every_rank(state)}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get(self.KEY)
-        if state is None:  # a checkpoint written before the states were saved: the seeds of a fresh start
+        saved = checkpoint.get(self.KEY)
+        if saved is None:  # a checkpoint written before the states were saved: the seeds of a fresh start
             return
+        state = this_ranks(saved["ranks"], trainer) if "ranks" in saved else saved  # older ones: rank 0's alone
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
         if "cuda" in state and pl_module.device.type == "cuda":

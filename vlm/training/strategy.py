@@ -78,6 +78,21 @@ def run_with_whole_weights(trainer: pl.Trainer, task: pl.LightningModule, work: 
         task.forward = forward
 
 
+def every_rank(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order; [value] without a process group. A collective: every rank
+    must call it at the same point (checkpoint hooks run on every rank)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def this_ranks(values: list[Any], trainer: pl.Trainer) -> Any:
+    """This rank's entry of a list `every_rank` made; rank 0's when the run resumes on another number of ranks."""
+    return values[trainer.global_rank] if len(values) == trainer.world_size else values[0]
+
+
 def runs_on_cpu(trainer: TrainerConfig) -> bool:
     return trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
 
