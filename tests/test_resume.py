@@ -642,3 +642,28 @@ def test_a_resume_into_a_model_its_settings_no_longer_build_is_one_error_naming_
                                           r"settings build \(model.head.logit_bias is not in it\)"):
         train(tiny_config(*args, "stage.max_steps=4", "model.clip.loss=siglip", "resume=auto"))
     assert train(tiny_config(*args, "stage.max_steps=3", "resume=auto"))[0]["global_step"] == 3  # as built: resumes
+
+
+def test_each_rank_resumes_from_its_own_data_position():
+    """Ranks with unequal shards pass their epochs at different steps: rank 0 at an epoch's end, rank 1 three batches
+    into the same epoch. Each resumes from its own position: rank 1 restarts its epoch with a fresh order (none of its
+    samples skipped), rank 0 takes the next epoch's order, and both count their epochs on from Lightning's."""
+    from types import SimpleNamespace
+
+    mine = [{"epoch": 1, "batches_in_epoch": 0, "first_epoch": 0, "seed": 7},
+            {"epoch": 0, "batches_in_epoch": 3, "first_epoch": 0, "seed": 7}]
+    checkpoint = {DataPosition.KEY: {**mine[0], "ranks": mine, "global_step": 3, "wall_seconds": 1.0}}
+    seeds = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(global_rank=rank, world_size=2, datamodule=SimpleNamespace(seed=7),
+                                  current_epoch=1)  # Lightning resumes counting from rank 0's epoch
+        position = DataPosition(time.time())
+        position.on_load_checkpoint(trainer, None, checkpoint)
+        seeds.append(trainer.datamodule.seed)
+        position.on_train_batch_end(trainer)
+        assert (position.epoch, position.batches_in_epoch) == (mine[rank]["epoch"], 1)
+    assert seeds == [8, pass_seed(7, 0, 3)]
+    # resumed on one rank: rank 0's position
+    trainer = SimpleNamespace(global_rank=0, world_size=1, datamodule=SimpleNamespace(seed=7), current_epoch=1)
+    DataPosition(time.time()).on_load_checkpoint(trainer, None, checkpoint)
+    assert trainer.datamodule.seed == 8
