@@ -422,9 +422,17 @@ def test_a_cancel_stops_a_prompt_read_in_blocks_at_the_next_pass(tiny_chat_model
 
 
 def test_models_h2o_cannot_run_on_are_refused_before_generating(lm):
-    """GPT-NeoX's attention updates its cache without the kwargs H2O's scores travel in, and Gemma 2 runs only its
-    own eager attention (soft-capped): each is one OptionError naming kv_cache, before any token is generated."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+    """GPT-NeoX's attention updates its cache without the kwargs H2O's scores travel in, sliding-window layers count
+    their window in positions the evicted cache no longer holds, and Gemma 2 runs only its own eager attention
+    (soft-capped): each is one OptionError naming kv_cache, before any token is generated."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     from vlm.generation.h2o import refuse_unsupported
 
@@ -436,8 +444,13 @@ def test_models_h2o_cannot_run_on_are_refused_before_generating(lm):
                                           r"pass its arguments to the KV cache") as refused:
         refuse_unsupported(neox)
     assert refused.value.key == "kv_cache"
-    gemma = Gemma2ForCausalLM(Gemma2Config(**sizes, num_key_value_heads=2, head_dim=8,
-                                           attn_implementation="eager")).eval()
+    # a sliding window, as Gemma 3's local layers have
+    sliding = MistralForCausalLM(MistralConfig(**sizes, num_key_value_heads=2, sliding_window=16)).eval()
+    with pytest.raises(OptionError, match=r"cannot run on MistralForCausalLM: it has sliding-window attention layers"):
+        refuse_unsupported(sliding)
+    refuse_unsupported(MistralForCausalLM(MistralConfig(**sizes, num_key_value_heads=2, sliding_window=None)).eval())
+    gemma = Gemma2ForCausalLM(Gemma2Config(**sizes, num_key_value_heads=2, head_dim=8, attn_implementation="eager",
+                                           layer_types=["full_attention"] * 2)).eval()  # no sliding layer
     with pytest.raises(OptionError, match=r"^kv_cache='h2o' cannot run on Gemma2ForCausalLM: transformers runs it "
                                           r"with its own eager attention only"):
         refuse_unsupported(gemma)

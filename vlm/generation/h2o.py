@@ -430,6 +430,11 @@ def refuse_unsupported(lm: PreTrainedModel) -> None:
 
 
 def _unsupported_reason(lm: PreTrainedModel) -> str:
+    config = lm.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None
+    if sliding:  # their masks count the window in positions, which the kept keys no longer are
+        return "it has sliding-window attention layers, whose window H2O's evicted cache cannot keep"
     try:
         install_score_hook(lm)
     except ValueError as err:  # transformers refuses the attention implementation the hook wraps
