@@ -130,6 +130,8 @@ def test_an_image_is_checked_before_the_model_loads(tmp_path, pictures):
     assert image_file_problem(str(tmp_path)) == f"image {str(tmp_path)!r} is a folder, not an image file"
     assert image_file_problem(str(tmp_path / "nope.png")) == f"image {str(tmp_path / 'nope.png')!r} not found"
     assert "is not an image" in image_file_problem(str(tmp_path / "notes.png"))
+    listed = f"{pictures[0]},{pictures[1]}"  # image=a.png,b.png: Hydra reads one name
+    assert image_file_problem(listed) == f"image {listed!r} not found; for several images write image=[{listed}]"
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert image_file_problem(str(tmp_path / "empty.jpg")) == f"image {str(tmp_path / 'empty.jpg')!r} is an empty " \
                                                               f"file (0 bytes)"

@@ -73,6 +73,9 @@ def image_file_problem(path: str) -> str | None:
     if file.is_dir():
         return f"image {path!r} is a folder, not an image file"
     if not file.is_file():
+        parts = [part.strip() for part in path.split(",")]
+        if len(parts) > 1 and all(Path(part).expanduser().is_file() for part in parts):  # a list without brackets
+            return f"image {path!r} not found; for several images write image=[{','.join(parts)}]"
         return f"image {path!r} not found"
     try:  # the header only: the model's tiler judges the size (tiler.max_pixels) when it reads the pixels
         with pil_bomb_limit(sys.maxsize), Image.open(file):
