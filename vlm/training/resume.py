@@ -43,7 +43,11 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
         step = record["global_step"] if isinstance(record, dict) else math.inf
         return step, path.stat().st_mtime_ns, path.name
 
-    return sorted(found, key=order, reverse=True)
+    ordered = []
+    for path in found:
+        with contextlib.suppress(FileNotFoundError):  # set aside by another rank (torchrun) since the listing
+            ordered.append((order(path), path))
+    return [path for _, path in sorted(ordered, reverse=True)]
 
 
 # what resuming reads of a checkpoint besides its weights, and of those their shapes
