@@ -433,6 +433,23 @@ def test_fewer_shards_than_ranks_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_rank_whose_shard_is_unreadable_stops_the_run_with_its_own_error_alone(tmp_path):
+    """Rank 1's shard holds nothing readable: its error names the data, and rank 0, whose collective then fails,
+    says one line instead of a traceback that would bury it."""
+    synthetic.write_split("captions", tmp_path / "data", num=16, seed=0, image_size=64, samples_per_shard=16)
+    (tmp_path / "data" / "shard-000001.tar").write_bytes(b"not a tar file" * 100)
+    pattern = str(tmp_path / "data" / "shard-{000000..000001}.tar")
+    result = subprocess.run(
+        [sys.executable, "-m", "vlm.train", *_args(tmp_path, "stage=contrastive", "stage.max_steps=4",
+                                                   "trainer.strategy=ddp", "trainer.devices=2",
+                                                   "trainer.accelerator=cpu", f"data.train='{pattern}'")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "gave no training batch" in output, output[-3000:]
+    assert "another rank ended the run" in output and "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.slow
 def test_the_skip_rate_limit_reads_every_ranks_samples(two_rank_results):
     """`data.max_skip_rate` is decided on the counts summed over ranks, so every rank stops at the same batch or none
     does: a rank whose own shards are 10% bad must not stop a run that is 5% bad overall (the limit), and a run that

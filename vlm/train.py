@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 import hydra
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -22,6 +23,7 @@ from vlm.cli import CONFIG_DIR, preflight, quiet, user_errors
 from vlm.config import TrainConfig, to_train_config
 from vlm.data.shards import absolute_pattern
 from vlm.data.sources import resolve as resolve_data
+from vlm.errors import first_line
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.loggers import check_logger
 from vlm.training.resume import refuse_unfitting_weights, warn_changed_settings
@@ -65,10 +67,24 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
             return finish(trainer, task, datamodule, run_folder, config)  # the final validation, the export
         except SIGTERMException:  # Lightning's, a SystemExit of code 0: a killed job must not read as a finished one
             stopped(trainer, run_folder, "SIGTERM", 143)
+        except RuntimeError as error:
+            if trainer.world_size == 1 or not peer_rank_gone(error):
+                raise
+            # its own error (a bad shard only it read) says why; a collective's traceback here would bury it
+            log.error("rank %d stops: another rank ended the run (%s); its error above says why", trainer.global_rank,
+                      first_line(str(error))[:160])
+            raise SystemExit(1) from None
         except SystemExit as stop:  # Lightning ends a Ctrl-C with exit code 1, after its own shutdown
             if stop.code != 1 or not trainer.interrupted:
                 raise
             stopped(trainer, run_folder, "Ctrl-C", 130)
+
+
+def peer_rank_gone(error: RuntimeError) -> bool:
+    """Whether a collective failed because another rank's process ended (gloo and NCCL word it so)."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistBackendError) or any(
+        cause in text for cause in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
 
 
 def stopped(trainer: pl.Trainer, run_folder: Run, by: str, code: int) -> NoReturn:
