@@ -441,7 +441,7 @@ def _unsupported_reason(lm: PreTrainedModel) -> str:
         log.debug("H2O score hook refused: %s", err)
         return "transformers runs it with its own eager attention only, not the sdpa H2O's score hook wraps"
     seen: list[bool] = []
-    probe = Cache(layers=[_KwargsProbe(seen) for _ in range(lm.config.get_text_config().num_hidden_layers)])
+    probe = Cache(layers=[_KwargsProbe(seen) for _ in range(config.num_hidden_layers)])
     token = torch.zeros(1, 1, dtype=torch.long, device=lm.device)
     with torch.no_grad():
         lm(input_ids=token, cache=probe, use_cache=True)
