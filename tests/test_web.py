@@ -431,6 +431,18 @@ def test_paste_and_drop_attach_images(page, tiny_chat_model):
         solid_png((30, 200, 30), (320, 240))))  # the sent copy is the scaled-down one
     page.open(keep_settings=True)
     assert page.js(shown) == before > 100
+    # a wide picture and a tall one in one message: each scaled whole, its proportions kept, neither cropped
+    page.find("#new-chat").click()  # within the server's 3 images
+    page.dispatch_files("paste", solid_png((30, 30, 220), (400, 50)), "banner.png")
+    page.dispatch_files("paste", solid_png((220, 30, 30), (60, 300)), "pillar.png")
+    page.thumbnails_ready(2)
+    page.send(QUESTION)
+    page.last_answer()
+    boxes = page.js("return [...document.querySelectorAll('.message.user img')].slice(-2).map((img) => {"
+                    "const box = img.getBoundingClientRect(); return [box.width, box.height, "
+                    "getComputedStyle(img).objectFit]; })")
+    assert abs(boxes[0][0] / boxes[0][1] - 8) < 0.5 and abs(boxes[1][0] / boxes[1][1] - 0.2) < 0.05, boxes
+    assert boxes[0][0] <= 240 and boxes[1][1] <= 180 and {b[2] for b in boxes} == {"contain"}, boxes
 
 
 @pytest.mark.slow

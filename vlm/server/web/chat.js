@@ -449,8 +449,9 @@ function addUserMessage(turn) {
       img.src = image.url;
       img.alt = image.name;
       if (image.width && image.height) { // the picture as chosen: the sent copy may be scaled down
-        img.width = image.width;
-        img.height = image.height;
+        const fit = Math.min(1, 240 / image.width, 180 / image.height); // the box the CSS allows, ratio kept
+        img.width = Math.max(1, Math.round(image.width * fit));
+        img.height = Math.max(1, Math.round(image.height * fit));
       }
       row.append(img);
     }
@@ -742,6 +743,8 @@ async function send() {
   if (!text && !state.attached.length) return;
   const images = state.attached.splice(0);
   renderAttachments();
+  $("prompt").value = ""; // cleared now: what is typed while the images are prepared is the next draft
+  autogrow();
   state.sending = true; // until answer() sets busy: an Enter while a photo is still scaled down sends nothing more
   try {
     await Promise.all(images.map((image) => image.ready));
@@ -750,8 +753,6 @@ async function send() {
   }
   const turn = { role: "user", text, images: images.filter((image) => image.ok) };
   if (!turn.text && !turn.images.length) return;
-  $("prompt").value = "";
-  autogrow();
   const refused = state.turns.at(-1);
   if (refused?.role === "user" && refused.failed) { // put back into the box to edit: this message replaces it
     refused.el.remove();
