@@ -54,6 +54,10 @@ def test_scores_of_one_answer():
     assert score_answer("It is a red circle.", "red") == {"exact_match": 0.0, "normalized_match": 0.0,
                                                           "contains": 1.0}
     assert score_answer("reddish", "red")["contains"] == 0.0  # whole words only
+    # a choice letter is no article to drop: an empty answer or "The." does not match "A", and "A" is contained
+    assert score_answer("", "A") == {"exact_match": 0.0, "normalized_match": 0.0, "contains": 0.0}
+    assert score_answer("The.", "a")["normalized_match"] == 0.0
+    assert score_answer("The answer is A.", "A") == {"exact_match": 0.0, "normalized_match": 0.0, "contains": 1.0}
     metrics = answer_metrics([("color", score_answer("red", "red")), ("shape", score_answer("star", "circle")),
                               (None, score_answer("x", "x"))])
     assert metrics["exact_match"] == pytest.approx(2 / 3)

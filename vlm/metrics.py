@@ -106,6 +106,8 @@ def score_answer(prediction: str, reference: str) -> dict[str, float]:
     """One answer's scores: exact match, VQA-normalised match, and whether the reference appears in the answer."""
     exact = normalize_exact(prediction) == normalize_exact(reference)
     predicted, wanted = normalize_vqa(prediction), normalize_vqa(reference)
+    if not wanted:  # a reference of articles or punctuation alone (choice "A"): the VQA normalisation erases it
+        predicted, wanted = normalize_exact(prediction), normalize_exact(reference)
     contains = bool(wanted) and re.search(rf"(?:^| ){re.escape(wanted)}(?: |$)", predicted) is not None
     return {"exact_match": float(exact), "normalized_match": float(predicted == wanted), "contains": float(contains)}
 
