@@ -33,6 +33,7 @@ from data_scripts.shard_writing import (  # noqa: E402
     report,
     run,
     text_field,
+    text_lines,
     utf8,
     write_classnames,
     write_shards,
@@ -158,7 +159,7 @@ def _read_json_array(text: str, path: Path) -> list[Row]:
 
 def _read_jsonl(text: str) -> list[Row]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -195,7 +196,8 @@ def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, lis
     All non-empty labels integers: they are indices, named by --classnames if given. Otherwise they are names: the
     class list is --classnames (its order) or else the sorted unique names.
     """
-    labelled = [(row.where, v) for row in rows if row.fields and _is_label(v := _label_value(row.fields))]
+    labelled = [(row.where, v) for row in rows if row.fields and _is_label(v := _label_value(row.fields))
+                and not _not_utf8(v)]
     labels = [v for _, v in labelled]  # the other rows are skipped
     given = None
     if classnames_file is not None:
@@ -221,6 +223,17 @@ def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, lis
                         f"{name_line} has {name!r} ({len(numbers)} numeric label(s) in all); write every label as a "
                         f"name, or every label as an index with --classnames naming them")
     return False, given if given is not None else sorted({str(v).strip() for v in labels})
+
+
+def _not_utf8(value: object) -> bool:
+    """A label read from bytes of another encoding (lone surrogates): skipped, and kept out of the class list."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _stripped(row: Row, name: str) -> str:
@@ -289,6 +302,8 @@ def convert(args: argparse.Namespace) -> int:
         sample: dict = {"txt": utf8(caption, "the caption")}
         label = _label_value(row.fields)
         if label is not None:
+            if _not_utf8(label):
+                utf8(label, "the label")  # raises Skip, naming the text before the bad bytes
             if not _is_label(label):
                 raise Skip("bad record", f"'label' must be a class name or an integer class index, got "
                                          f"{json_type(label)}")

@@ -33,6 +33,7 @@ from data_scripts.shard_writing import (  # noqa: E402
     read_text_keeping_bad_bytes,
     report,
     run,
+    text_lines,
     utf8,
     write_shards,
 )
@@ -103,7 +104,7 @@ def read_records(path: Path) -> list[Entry]:
         entries = [Entry(_where("record", i, r), r) for i, r in enumerate(records)]
     else:
         entries = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text_lines(text), start=1):
             if not line.strip():
                 continue
             try:

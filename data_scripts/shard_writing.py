@@ -57,6 +57,12 @@ def read_text_keeping_bad_bytes(path: Path) -> str:
     return path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
 
 
+def text_lines(text: str) -> list[str]:
+    """A file's lines, split at newlines only: str.splitlines also splits at U+2028, U+2029 and U+0085, which JSON
+    strings may hold raw, so a JSONL record holding one was cut in two and both halves refused."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def utf8(text: str, what: str) -> bytes:
     """`text` as UTF-8 to store; raises Skip for text that has no UTF-8 form: bytes of another encoding in the input
     file (read as lone surrogates) or a lone surrogate escape ("\\ud800") in its JSON."""
@@ -353,7 +359,9 @@ def write_shards(out: Path, jobs: Sequence[Job[T]], build: Callable[[T], dict[st
             writer.close(whole=finished)
     log = out / "skipped.txt"
     if skip_lines:
-        log.write_text("".join(f"{line}\n" for _, line in sorted(skip_lines)))
+        # a path or label read from bytes of another encoding is written with those bytes escaped
+        log.write_text("".join(f"{line}\n" for _, line in sorted(skip_lines)), encoding="utf-8",
+                       errors="backslashreplace")
     elif log.is_file():
         log.unlink()  # from an earlier run; this one skipped nothing
     results = {}

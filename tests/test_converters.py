@@ -240,6 +240,33 @@ def test_a_latin1_caption_skips_its_row_and_the_rest_convert(tmp_path, capsys):
     assert [s["txt"].decode() for s in _read_split(tmp_path / "out/train").values()] == captions[:2]
 
 
+def test_a_label_in_another_encoding_skips_its_row_and_stays_out_of_the_class_list(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 3)
+    annotations = tmp_path / "a.csv"
+    good = "".join(f"{r['image']},a picture,{r['label']}\n" for r in rows[:2]).encode()
+    latin1 = f"{rows[2]['image']},a cup,caf\u00e9\n".encode("latin-1")  # as an old spreadsheet saves it
+    annotations.write_bytes(b"image,caption,label\n" + good + latin1)
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                       "--out", str(tmp_path / "out"), "--no-shuffle"])
+    assert code == 0 and "wrote 2 sample(s)" in out
+    assert "a.csv line 4: the label holds text that is not valid UTF-8 after 'caf'" in err
+    names = (tmp_path / "out" / "train" / "classnames.txt").read_text().split()
+    assert names == sorted({r["label"] for r in rows[:2]})
+
+
+def test_a_raw_line_separator_inside_a_jsonl_string_is_part_of_its_record(tmp_path, capsys):
+    """U+2028, U+2029 and U+0085 may stand raw in JSON strings; only newlines end a JSONL line."""
+    rows = _write_images(tmp_path / "images", 3)
+    for row, odd in zip(rows, ("\u2028", "\x85", "\u2029"), strict=True):
+        row["caption"] += odd + "more"
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    code, out, _ = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                     "--out", str(tmp_path / "out"), "--no-shuffle"])
+    assert code == 0 and "wrote 3 sample(s)" in out
+    assert [s["txt"].decode() for s in _read_split(tmp_path / "out/train").values()] == [r["caption"] for r in rows]
+
+
 def test_nothing_written_exits_1(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     annotations = _write_csv(tmp_path / "a.csv", [{"image": "nope.png", "caption": "x"}], ("image", "caption"))
