@@ -229,16 +229,16 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
             sample[f"{index}.{extension}"] = data
         return sample
 
-    def first_image(_: int, entry: Entry) -> str:  # the records of one image stay in one split
+    def images_of(_: int, entry: Entry) -> list[str]:  # records that share an image stay in one split
         try:
             names = names_of(entry.record) if isinstance(entry.record, dict) and not entry.problem else []
         except Skip:
             names = []
-        return image_group(args.images, names[0] if names else None, entry.where)
+        return [image_group(args.images, name, entry.where) for name in names] or [entry.where]
 
     splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
     jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle,
-                     group=first_image)
+                     group=images_of)
     prepare_output(args.out, splits, args.overwrite)
     result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
                           desc=f"{args.json.name} -> shards")

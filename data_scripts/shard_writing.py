@@ -186,12 +186,34 @@ def image_group(images: Path, name: str | None, where: str) -> str:
     return os.path.normpath(images / name.strip()) if name and name.strip() else where
 
 
+def joined_groups(keys: Sequence[Sequence[str]]) -> list[str]:
+    """One group per record from its keys (its images, at least one): records that share a key join one group, and
+    so do their other keys' records, transitively (union-find). A group is named by its smallest key."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for record_keys in keys:
+        for other in record_keys[1:]:
+            a, b = root(record_keys[0]), root(other)
+            parent[max(a, b)] = min(a, b)
+    return [root(record_keys[0]) for record_keys in keys]
+
+
 def plan_jobs(records: Sequence[T], where: Callable[[int, T], str], val_fraction: float, seed: int,
-              shuffle: bool, group: Callable[[int, T], str] | None = None) -> list[Job[T]]:
+              shuffle: bool, group: Callable[[int, T], str | Sequence[str]] | None = None) -> list[Job[T]]:
     """Jobs in writing order. Train records are shuffled (seeded) unless `shuffle` is off, because annotation files
     are often sorted by class and the trainer's shuffle buffer only mixes samples that are near each other. `group`:
-    records with the same key (the same image) land in the same split."""
-    groups = [group(i, r) for i, r in enumerate(records)] if group is not None else None
+    a record's key, or keys (its images); records that share one land in the same split, so no held-out record
+    shows an image a train record shows."""
+    groups = None
+    if group is not None:
+        keys = [group(i, r) for i, r in enumerate(records)]
+        groups = joined_groups([[k] if isinstance(k, str) else k for k in keys])
     splits = split_names(len(records), val_fraction, seed, groups)
     width = max(8, len(str(max(len(records) - 1, 0))))
     jobs = [Job(f"{i:0{width}d}", where(i, r), s, r) for i, (r, s) in enumerate(zip(records, splits, strict=True))]

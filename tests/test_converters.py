@@ -504,6 +504,30 @@ def test_llava_records_of_one_image_share_a_split(tmp_path, capsys):
     assert len(shown["val"]) == 2 and not shown["train"] & shown["val"]
 
 
+def test_records_sharing_any_image_share_a_split(tmp_path, capsys):
+    """Record i shows images i and i+1, so a chain links records through their second images too: a held-out
+    record must show no image a train record shows, whichever of its images they share."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(13):
+        (images / f"{i}.png").write_bytes(noise(i, fmt="PNG"))
+    chained = [{"id": f"c{i}", "image": [f"{i}.png", f"{i + 1}.png"],
+                "conversations": _turns("<image>\n<image>\nWhich is brighter?", "brief")} for i in range(6)]
+    apart = [{"id": f"a{i}", "image": f"{i}.png", "conversations": _turns("<image>\nWhat is it?", "brief")}
+             for i in range(8, 13)]
+    (tmp_path / "llava.json").write_text(json.dumps(chained + apart))
+    code, _, _ = _convert(capsys, ["--json", str(tmp_path / "llava.json"), "--images", str(images), "--out",
+                                   str(tmp_path / "out"), "--val-fraction", "0.5", "--seed", "5"],
+                          main=llava_to_shards.main)
+    assert code == 0
+    shown, converted = {}, 0
+    for split in ("train", "val"):
+        records = [json.loads(sample["json"]) for sample in _read_split(tmp_path / "out" / split).values()]
+        converted += len(records)
+        shown[split] = {name for r in records for name in ([r["image"]] if isinstance(r["image"], str) else r["image"])}
+    assert converted == 11 and shown["val"] and shown["train"] and not shown["train"] & shown["val"], shown
+
+
 @pytest.mark.slow  # a fresh interpreter and worker processes
 def test_a_fresh_process_with_a_text_only_record_first_converts_with_workers(tmp_path):
     """A fresh interpreter, as a user runs the script: the first record written has no image, so the main thread
