@@ -38,6 +38,7 @@ from data_scripts.shard_writing import (  # noqa: E402
     write_classnames,
     write_shards,
 )
+from vlm.errors import is_text  # noqa: E402
 
 REQUIRED = ("image", "caption")
 EXAMPLE = """\
@@ -227,13 +228,7 @@ def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, lis
 
 def _not_utf8(value: object) -> bool:
     """A label read from bytes of another encoding (lone surrogates): skipped, and kept out of the class list."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    return isinstance(value, str) and not is_text(value)
 
 
 def _stripped(row: Row, name: str) -> str:

@@ -26,3 +26,13 @@ def json_type(value: object) -> str:
     if isinstance(value, int | float):
         return "number"
     return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def is_text(text: str) -> bool:
+    """Whether `text` has a UTF-8 form: no lone surrogate, as Python decodes bytes of another encoding (from argv,
+    a terminal or a file read with surrogateescape) and as JSON's \\ud800-\\udfff escapes give."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

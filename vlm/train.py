@@ -72,7 +72,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
                 raise
             # its own error (a bad shard only it read) says why; a collective's traceback here would bury it
             log.error("rank %d stops: another rank ended the run (%s); its error above says why", trainer.global_rank,
-                      first_line(str(error))[:160])
+                      first_line(error)[:160])
             raise SystemExit(1) from None
         except SystemExit as stop:  # Lightning ends a Ctrl-C with exit code 1, after its own shutdown
             if stop.code != 1 or not trainer.interrupted:

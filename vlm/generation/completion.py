@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from vlm.data.processor import Encoded
 from vlm.data.tokenizer import IMAGE_TOKEN
-from vlm.errors import UserError
+from vlm.errors import UserError, is_text
 
 Message = dict[str, str]
 
@@ -41,16 +41,6 @@ def check_conversation(messages: list[Message]) -> None:
     if not turns or turns[-1] != "user":
         raise PromptError(f"the conversation must end with a user message, got {turns or 'system messages only'}; "
                           f"the answer is the next assistant message")
-
-
-def is_text(text: str) -> bool:
-    """Whether `text` is Unicode a tokenizer can encode: no lone surrogate (as Python decodes bytes that are not
-    UTF-8 from argv or a terminal, and JSON's \ud800-\udfff escapes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def check_text(text: str, where: str) -> None:

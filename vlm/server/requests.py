@@ -23,7 +23,8 @@ from PIL import Image
 from vlm.data.processor import PROMPT_NAME, image_label
 from vlm.data.tiler import pil_bomb_limit, sniff_media_type
 from vlm.data.tokenizer import IMAGE_TOKEN
-from vlm.generation.completion import ContextOverflow, is_text
+from vlm.errors import is_text
+from vlm.generation.completion import ContextOverflow
 from vlm.generation.options import KV_CACHES
 from vlm.server.errors import ApiError
 from vlm.server.settings import ServeSettings
