@@ -732,6 +732,10 @@ def test_a_conversation_over_the_context_forgets_its_oldest_exchanges_and_goes_o
     forgotten = page.js("return [...document.querySelectorAll('.message')]"
                         ".map((m) => m.classList.contains('forgotten'))")
     assert forgotten == [True] * 4 + [False] * 4  # shown, and marked: the first two questions and their answers
+    opacity = "return [...document.querySelectorAll('.message.forgotten' + arguments[0])].map((e) => " \
+              "getComputedStyle(e).opacity)"
+    # the text is dimmed, not the small usage line beside it
+    assert set(page.js(opacity, "")) == {"1"} and set(page.js(opacity, " .content")) == {"0.7"}
     assert page.js("return state.turns.filter((t) => t.forgotten).length") == 4
 
     page.send(" ".join(["word"] * 150))  # over the context by itself: the error, as before, and nothing forgotten
