@@ -321,3 +321,16 @@ def test_infer_and_serve_name_a_missing_or_damaged_export_in_one_line(tiny_sft_e
                                       f"(OUTPUT_ROOT/STAGE/RUN/export)\n"
     require_chat_export(str(tiny_sft_export))  # an export folder passes
     assert load_chat_model(str(tiny_sft_export), "cpu", None, name="mine").name == "mine"
+
+
+def test_ctrl_c_while_the_model_loads_is_one_line_and_exit_130(tiny_sft_export, capsys, monkeypatch):
+    from vlm.cli import load_chat_model
+
+    def interrupted(*args, **kwargs):  # Ctrl-C lands while the weights are read
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vlm.chat.load_vlm", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        load_chat_model(str(tiny_sft_export), "cpu", None)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "error: stopped by Ctrl-C while the model was loading\n"

@@ -95,6 +95,9 @@ def load_chat_model(checkpoint: str, device: str | None, dtype: str | None, name
             return ChatModel.load(checkpoint, device=device, dtype=dtype, name=name)
         except RuntimeError as err:  # an unavailable device
             fail(str(err))
+        except KeyboardInterrupt:  # a large model loads for a while: Ctrl-C then is a choice, not a crash
+            print("error: stopped by Ctrl-C while the model was loading", file=sys.stderr)
+            raise SystemExit(130) from None
 
 
 def original_message(message: str) -> str:
