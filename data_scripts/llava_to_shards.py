@@ -165,6 +165,8 @@ def normalise_conversations(record: dict, num_images: int, prompts: bool = False
                                        "system (user and assistant are accepted too)")
         if role == "gpt" and not turn["value"].strip():
             raise Skip("empty assistant turn", f"turn {number}: the assistant (gpt) reply is empty")
+        if role == "human" and not turn["value"].strip():  # a chat refuses an empty message too
+            raise Skip("empty user turn", f"turn {number}: the user (human) turn is empty; it asks nothing")
         normalised.append({**turn, "from": role})
     if prompts and not any(turn["from"] == "human" for turn in normalised):
         raise Skip("no user turn", "no user (human) turn: there is no prompt to answer")
