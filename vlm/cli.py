@@ -77,12 +77,12 @@ def user_errors() -> Iterator[None]:
 
 def require_chat_export(checkpoint: str | None) -> None:
     """vlm.infer's and vlm.serve's first check: checkpoint= names an export folder (exits with the reason if not)."""
-    from vlm.exports.format import not_a_folder
+    from vlm.exports.format import require_export_folder
 
     if not checkpoint:
         fail("checkpoint=PATH is required: an align or sft export folder, e.g. checkpoint=checkpoints/sft/RUN/export")
-    if problem := not_a_folder(checkpoint):
-        fail(f"checkpoint={problem}")
+    with user_errors():
+        require_export_folder(checkpoint)
 
 
 def load_chat_model(checkpoint: str, device: str | None, dtype: str | None, name: str | None = None) -> ChatModel:

@@ -28,7 +28,7 @@ from vlm.cli import CONFIG_DIR, preflight, quiet, user_errors
 from vlm.config import ConfigError, TilerConfig, TrainConfig, to_train_config
 from vlm.data.shards import ShardError, absolute_pattern, list_shards
 from vlm.data.sources import resolve_eval
-from vlm.exports.format import ExportError, not_a_folder, read_meta
+from vlm.exports.format import read_meta, require_export_folder
 from vlm.metrics import SCORES
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.runs import removed_if_left_empty
@@ -75,8 +75,7 @@ def results_folder(config: TrainConfig) -> Path:
     """eval.output_dir (default: the `eval` folder beside the export), made before the evaluation runs, so a path
     that cannot be a folder fails at once rather than after the work."""
     require_checkpoint(config)
-    if problem := not_a_folder(config.checkpoint):  # before a folder is made beside it
-        raise ExportError(f"checkpoint={problem}")
+    require_export_folder(config.checkpoint)  # before a folder is made beside it
     out = Path(config.eval.output_dir or Path(config.checkpoint).expanduser().resolve().parent / "eval").expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)

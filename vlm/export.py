@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, setup_logging, user_errors
 from vlm.config import ConfigError, load_config, setting
-from vlm.exports.format import ExportError, not_a_folder
+from vlm.exports.format import require_export_folder
 from vlm.exports.hf import ROUTES, export_hf
 from vlm.exports.open_clip import export_open_clip
 
@@ -42,8 +42,7 @@ def convert(config: ExportConfig) -> Path:
     if not config.out:
         raise ConfigError("out=DIR is required: the folder to write (new or empty)")
     checkpoint, out = Path(config.checkpoint).expanduser(), Path(config.out).expanduser()
-    if problem := not_a_folder(checkpoint):
-        raise ExportError(f"checkpoint={problem}")
+    require_export_folder(checkpoint)
     if config.format == "open_clip":
         return export_open_clip(checkpoint, out)
     return export_hf(checkpoint, out, config.hf_route)

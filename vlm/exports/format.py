@@ -139,6 +139,12 @@ def not_a_folder(directory: str | Path) -> str | None:
     return f"{str(directory)!r} does not exist: give an export folder (OUTPUT_ROOT/STAGE/RUN/export)"
 
 
+def require_export_folder(checkpoint: str | Path) -> None:
+    """Raise ExportError naming the checkpoint= setting when it names no folder to open (missing, or a file)."""
+    if problem := not_a_folder(checkpoint):
+        raise ExportError(f"checkpoint={problem}")
+
+
 def missing_file_hint(directory: Path) -> str:
     """What the folder missing an export's files is instead, and what to pass."""
     if (directory / "export").is_dir():
