@@ -95,7 +95,7 @@ class DataPosition(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "seed"):
             return
-        mine = this_ranks(position["ranks"], trainer) if "ranks" in position else position  # older: rank 0's alone
+        mine = this_ranks(position, trainer)
         self.epoch, self.batches_in_epoch = mine["epoch"], 0  # mid-epoch too: the epoch's pass starts afresh
         self.first_epoch = self.epoch
         self.epoch_offset = self.epoch - position["epoch"]  # Lightning resumes counting from rank 0's epoch

@@ -37,7 +37,7 @@ class RandomState(pl.Callback):
         saved = checkpoint.get(self.KEY)
         if saved is None:  # a checkpoint written before the states were saved: the seeds of a fresh start
             return
-        state = this_ranks(saved["ranks"], trainer) if "ranks" in saved else saved  # older ones: rank 0's alone
+        state = this_ranks(saved, trainer)
         torch.set_rng_state(state["torch"])
         random.setstate(state["python"])
         if "cuda" in state and pl_module.device.type == "cuda":

@@ -20,6 +20,7 @@ from vlm.data.shards import build_pipeline, make_loader
 from vlm.exports.format import read_meta
 from vlm.models.losses import answer_logprobs
 from vlm.models.vlm import VisionLanguageModel
+from vlm.training.strategy import every_rank
 
 if TYPE_CHECKING:
     from vlm.training.preference_task import PreferenceTask
@@ -136,9 +137,7 @@ class Reference(torch.nn.Module):
             self._logps(task, last)
         mine = len(self.table)
         if world_size > 1:
-            tables: list[dict[str, tuple[float, float]]] = [{} for _ in range(world_size)]
-            torch.distributed.all_gather_object(tables, self.table)
-            self.table = {key: logps for table in tables for key, logps in table.items()}
+            self.table = {key: logps for table in every_rank(self.table) for key, logps in table.items()}
         task.model.train(was_training)
         log.info("reference log-probs of %d pairs precomputed in %.1f s (%d of them on rank %d of %d)",
                  len(self.table), time.time() - started, mine, rank, world_size)

@@ -88,8 +88,12 @@ def every_rank(value: Any) -> list[Any]:
     return values
 
 
-def this_ranks(values: list[Any], trainer: pl.Trainer) -> Any:
-    """This rank's entry of a list `every_rank` made; rank 0's when the run resumes on another number of ranks."""
+def this_ranks(saved: dict[str, Any], trainer: pl.Trainer) -> dict[str, Any]:
+    """This rank's entry of a checkpoint value saved with {"ranks": every_rank(value)}: rank 0's when the run
+    resumes on another number of ranks, and a checkpoint's value as it is when it was saved before the ranks were."""
+    if "ranks" not in saved:
+        return saved
+    values = saved["ranks"]
     return values[trainer.global_rank] if len(values) == trainer.world_size else values[0]
 
 
