@@ -31,8 +31,8 @@ UNSUPPORTED: Unsupported = {
 # the Messages API's request fields (its beta ones included); the rest are refused as typos
 API_FIELDS = frozenset({
     "model", "messages", "max_tokens", "system", "temperature", "top_p", "top_k", "stop_sequences", "stream",
-    "metadata", "service_tier", "output_config", "tools", "tool_choice", "thinking", "mcp_servers", "container",
-    "context_management", "cache_control", "inference_geo", "speed", "diagnostics", "user_profile_id", "workspace_id",
+    "metadata", "service_tier", "output_config", "container", "context_management", "cache_control", "inference_geo",
+    "speed", "diagnostics", "user_profile_id", "workspace_id", *UNSUPPORTED,
 })
 EFFORTS = (None, "low", "medium", "high")  # output_config.effort: how much to spend; this server spends it alike
 
