@@ -24,6 +24,7 @@ from live_server import LiveServer
 from PIL import Image, ImageDraw
 
 from vlm.chat import Completion
+from vlm.generation.options import H2OSettings
 from vlm.serve import ServeSettings, create_app
 from vlm.server.web import page_url
 
@@ -762,3 +763,35 @@ def test_a_conversation_over_the_context_forgets_its_oldest_exchanges_and_goes_o
     assert answer["state"] == "done" and answer["usage"].startswith(f"{sent_tokens()} in · "), answer
     assert page.js("return state.turns.filter((t) => t.forgotten).length") > 4
     assert sent_tokens() + 128 <= tiny_chat_model.context_length
+
+
+@pytest.mark.slow
+def test_kv_cache_setting_chooses_the_cache_each_request_uses(browser, serve, tmp_path, tiny_chat_model):
+    """The setting's choice goes with each request (the server's default otherwise), and a reload keeps it. On a
+    budget of 3 tokens the random model's greedy answer under H2O differs from the full cache's: the text shows which
+    cache ran."""
+    budget = {"heavy": 1, "recent": 1, "sinks": 1}
+    page = Page(browser, serve(h2o=H2OSettings(**budget), **SETTINGS).url, tmp_path).open()
+    messages = [{"role": "user", "content": QUESTION}]
+    full = greedy(tiny_chat_model, messages, [], 12)
+    h2o = tiny_chat_model.generate(messages, [], max_new_tokens=12, temperature=0, kv_cache="h2o", h2o=budget)
+    assert not same_text(full.text, h2o.text)  # the page's choice is visible in the answer
+    page.settings(max_tokens=12, greedy=True)
+    page.find("#settings-toggle").click()
+    help_text = "return document.getElementById('kv-cache-help').textContent"
+    assert page.find("#kv-cache-default").text == "The server's default (full)" and page.js(help_text) == \
+        "Keeps every past token."
+    from selenium.webdriver.support.select import Select
+
+    Select(page.find("#kv-cache")).select_by_value("h2o")
+    assert page.js(help_text).startswith("Keeps the first 1 token, the 1 token most attended to and the newest 1 token")
+    page.find("#settings-close").click()
+    page.send(QUESTION)
+    assert same_text(page.last_answer()["text"], h2o.text)
+    page.open(keep_settings=True)  # kept across a reload
+    assert page.js("return document.getElementById('kv-cache').value") == "h2o"
+    page.find("#settings-toggle").click()
+    Select(page.find("#kv-cache")).select_by_value("dynamic")
+    page.find("#settings-close").click()
+    page.find(".regenerate").click()
+    assert same_text(page.last_answer()["text"], full.text)

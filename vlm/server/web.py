@@ -1,5 +1,6 @@
 """The browser chat page: `GET /` (index.html), `GET /web/chat.css` and `/web/chat.js`, and `GET /web/config`, the
-limits the page needs before it calls the APIs (images per request, image bytes, the tiler's pixel budget, tokens).
+limits and defaults the page needs before it calls the APIs (images per request, image bytes, the tiler's pixel
+budget, tokens, the KV cache).
 
 The page is static (vlm/server/web/, shipped as package data: no build step, no CDN) and talks to the server only
 through the public Messages API, so it can do nothing a client could not. Its Content-Security-Policy allows only
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from vlm.generation.options import H2OSettings
 from vlm.server.requests import MEDIA_TYPES
 
 if TYPE_CHECKING:
@@ -42,8 +44,18 @@ def page_config(server: Server) -> dict:
             "image_pixels": tiler.config.max_tiles * tiler.tile_size ** 2, "media_types": list(MEDIA_TYPES),
             "max_tokens": min(settings.default_max_tokens, server.parser.tokens_limit),
             "max_tokens_limit": server.parser.tokens_limit, "context_tokens": server.chat.context_length,
-            "temperature": settings.temperature,
+            "temperature": settings.temperature, "kv_cache": settings.kv_cache, "h2o_budget": h2o_budget(settings.h2o),
             "api_key_required": bool(settings.api_key)}
+
+
+def h2o_budget(h2o: H2OSettings) -> str:
+    """The server's H2O budget in words, for the page's KV-cache setting: "the first 4 tokens, the 10% of the prompt
+    most attended to and the newest 10% of the prompt"."""
+    def amount(value: int | float) -> str:
+        return f"{value * 100:g}% of the prompt" if isinstance(value, float) else f"{value} token{'s' * (value != 1)}"
+
+    return (f"the first {amount(h2o.sinks)}, the {amount(h2o.heavy)} most attended to and the newest "
+            f"{amount(h2o.recent)}")
 
 
 def web_router(server: Server) -> APIRouter:

@@ -14,7 +14,7 @@ const state = {
   busy: null, // {controller} while an answer streams
   sending: false, // while send() waits for its images to be ready: a second Enter must not send twice
   unsaved: false, // the conversation is over the browser's storage quota (said once)
-  settings: { model: "", temperature: "auto", maxTokens: null, system: "", apiKey: "" },
+  settings: { model: "", temperature: "auto", maxTokens: null, kvCache: "", system: "", apiKey: "" },
 };
 
 // ---------- the conversation across a reload ----------
@@ -102,6 +102,9 @@ function showSettings() {
   $("max-tokens").max = state.config.max_tokens_limit;
   $("max-tokens").value = s.maxTokens ?? ""; // empty: the server's default, shown as the placeholder
   $("max-tokens").placeholder = `${state.config.max_tokens} (the server's default)`;
+  $("kv-cache-default").textContent = `The server's default (${state.config.kv_cache === "h2o" ? "H2O" : "full"})`;
+  $("kv-cache").value = ["dynamic", "h2o"].includes(s.kvCache) ? s.kvCache : "";
+  showCacheHelp();
   $("system").value = s.system;
   $("api-key").value = s.apiKey;
   $("api-key-field").hidden = !state.config.api_key_required && !s.apiKey;
@@ -109,6 +112,14 @@ function showSettings() {
   $("temperature-help").textContent = serverDefault === "auto"
     ? "Auto picks 0.2 for code, 0.8 for creative writing and 0.7 otherwise; 0 is greedy."
     : `Auto uses the server's default (${serverDefault}); 0 is greedy.`;
+}
+
+// What the chosen KV cache keeps: H2O's budget is the server's, a share of each prompt's length.
+function showCacheHelp() {
+  const cache = $("kv-cache").value || state.config.kv_cache;
+  $("kv-cache-help").textContent = cache === "h2o"
+    ? `Keeps ${state.config.h2o_budget}: less memory on long chats, and answers may differ.`
+    : "Keeps every past token.";
 }
 
 function readSettings() {
@@ -125,6 +136,8 @@ function readSettings() {
   $("max-tokens").setAttribute("aria-invalid", String(!valid));
   $("max-tokens-help").textContent = valid ? ""
     : `From 1 to ${limit}; answers use ${s.maxTokens ?? state.config.max_tokens}.`;
+  s.kvCache = $("kv-cache").value;
+  showCacheHelp();
   s.system = $("system").value;
   s.model = $("model").value || s.model;
   s.apiKey = $("api-key").value.trim();
@@ -571,6 +584,7 @@ function requestBody(turns, left) {
   };
   if (s.system.trim()) body.system = s.system;
   if (s.temperature !== "auto") body.temperature = s.temperature;
+  if (s.kvCache) body.kv_cache = s.kvCache;
   return body;
 }
 
@@ -829,7 +843,7 @@ function wire() {
   $("settings-toggle").addEventListener("click", () => toggleSettings($("settings").hidden));
   $("settings-close").addEventListener("click", () => toggleSettings(false));
   PHONE.addEventListener("change", sheetMode); // a phone turned, a window resized with the settings open
-  for (const id of ["temperature-auto", "temperature", "max-tokens", "system", "api-key", "model"]) {
+  for (const id of ["temperature-auto", "temperature", "max-tokens", "kv-cache", "system", "api-key", "model"]) {
     $(id).addEventListener("input", readSettings);
     $(id).addEventListener("change", readSettings);
   }
