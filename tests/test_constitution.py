@@ -403,6 +403,31 @@ def test_the_synthetic_critic_on_prompts_without_answers_says_what_to_change(tin
     assert "0 train prompts were done" in str(err.value) and "rerun" not in str(err.value)
 
 
+def test_prompts_with_an_unreadable_image_or_a_bad_conversation_are_skipped_and_counted(tiny_sft_export, tmp_path,
+                                                                                       caplog):
+    """One bad sample in the prompt shards is named and counted; the run goes on (a rerun would stop at it again)."""
+    import webdataset as wds
+
+    def conversation(question: str, answer: str, role: str = "human") -> str:
+        return json.dumps({"conversations": [{"from": role, "value": question}, {"from": "gpt", "value": answer}]})
+
+    shard = tmp_path / "prompts" / "shard-000000.tar"
+    shard.parent.mkdir()
+    with wds.TarWriter(str(shard)) as sink:
+        sink.write({"__key__": "good", "json": conversation("<image>\nWhat color is the shape?", "red"),
+                    "0.png": solid((255, 0, 0))})
+        sink.write({"__key__": "truncated", "json": conversation("<image>\nWhat color?", "red"),
+                    "0.png": b"\x89PNG cut short"})
+        sink.write({"__key__": "robot", "json": conversation("<image>\nhi", "red", role="robot"),
+                    "0.png": solid((0, 0, 255))})
+    with caplog.at_level(logging.WARNING):
+        run(_config(tiny_sft_export, [f"data.train={shard}", f"data.val={shard}"], tmp_path, "critic=synthetic"))
+    summary = json.loads((tmp_path / "pairs" / "summary.json").read_text())
+    assert summary["train"]["prompts"] == 2 and summary["train"]["dropped_failed"] == 1  # the robot's is no prompt
+    assert f"skipping {shard}:truncated: image 0: not an image" in caplog.text
+    assert f"skipping {shard}:robot: not a conversation sample" in caplog.text and "unknown role 'robot'" in caplog.text
+
+
 def test_missing_api_key_variable_is_named(tiny_sft_export, small_synthetic, tmp_path):
     os.environ.pop("NO_SUCH_KEY_VAR", None)
     with pytest.raises(UserError, match="NO_SUCH_KEY_VAR"):

@@ -15,7 +15,9 @@ from vlm.constitution.critics import Critic, Item, Principle
 from vlm.constitution.settings import Constitution, ConstitutionConfig
 from vlm.data.captions import image_fields
 from vlm.data.conversations import from_llava
+from vlm.data.processor import PROMPT_NAME, SampleError
 from vlm.data.shards import build_pipeline, list_shards
+from vlm.data.tiler import ImageLoadError
 from vlm.errors import UserError
 from vlm.metrics import normalize_exact
 
@@ -31,7 +33,7 @@ def read_prompts(pattern: str, key: str) -> Iterator[Item]:
             record = json.loads(sample["json"])
             conversation = from_llava(record["conversations"], name, record_group=record.get("type"))
             messages = conversation.messages
-        except (KeyError, ValueError, TypeError, UserError) as err:
+        except (KeyError, ValueError, TypeError, UserError, SampleError) as err:
             log.warning("skipping %s: not a conversation sample (%s)", name, err)
             continue
         last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
@@ -54,7 +56,7 @@ class Counts:
     anchors: int = 0  # revise: unchanged answers kept as anchors (train split; counted in dropped_unchanged too)
     dropped_tie: int = 0  # best_of_n: every answer scored the same
     dropped_empty: int = 0  # the policy's answer, or the critique or revision, came back empty (small models do that)
-    dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked
+    dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked (an unreadable image)
     dropped_unscored: int = 0  # best_of_n: a reply held no number to score the answer by
     critic_failed: int = 0  # the critic's failed requests (a prompt may ask several)
 
@@ -78,8 +80,8 @@ class PairMaker:
             try:
                 prompts.append(self.chat.prepare(item.messages, item.images))
                 asked.append(item)
-            except PromptError as err:
-                log.warning("skipping %s: %s", item.key, err)
+            except (PromptError, ImageLoadError) as err:  # the prompt's own fault: the others go on
+                log.warning("skipping %s: %s", item.key, str(err).removeprefix(f"{PROMPT_NAME} "))
                 counts.dropped_failed += 1
         principles = [self._principle(item) for item in asked]
         n = self.config.num_samples if self.config.mode == "best_of_n" else 1
