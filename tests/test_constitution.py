@@ -57,6 +57,30 @@ def test_an_output_path_that_is_a_file_is_refused_before_the_model_loads(tiny_sf
     assert (tmp_path / "pairs").read_text() == "notes"
 
 
+def test_an_output_folder_with_shards_it_did_not_write_is_refused(tiny_sft_export, tmp_path):
+    """out= set to the prompts' own folder (a converter's output) would have had its shards overwritten by pairs."""
+    from data_scripts import llava_to_shards
+
+    (tmp_path / "red.png").write_bytes(solid((255, 0, 0)))
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"}]}) + "\n")
+    assert llava_to_shards.main(["--json", str(tmp_path / "prompts.jsonl"), "--images", str(tmp_path),
+                                 "--out", str(tmp_path / "prompts"), "--val-fraction", "0"]) == 0
+    shard = tmp_path / "prompts" / "train" / "shard-000000.tar"
+    before = shard.read_bytes()
+    with pytest.raises(ConfigError, match=r"out='.*prompts' holds shards that vlm.constitution did not write"):
+        run(_config(tiny_sft_export, [f"data.train={shard}", f"data.val={shard}"], tmp_path, "critic=synthetic",
+                    f"out={tmp_path / 'prompts'}"))
+    assert shard.read_bytes() == before and not (tmp_path / "prompts" / "settings.json").exists()
+
+
+def test_a_constitution_file_is_the_same_setting_by_any_path(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_constitution("mine.yaml").source == load_constitution(str(tmp_path / "mine.yaml")).source
+    assert load_constitution("synthetic").source == "synthetic"
+
+
 def _pairs(pattern_dir: Path) -> list[dict]:
     shards = sorted(str(p) for p in pattern_dir.glob("shard-*.tar"))
     return [json.loads(s["json"]) for s in build_pipeline(shards, lambda s: s, train=False, split_by_node=False)]
@@ -87,10 +111,22 @@ def test_a_file_without_an_extension_is_read_unless_a_shipped_constitution_has_i
                                            "principle 0 ('a') has no 'revision' request"),
                                           ("principles: [\n", "is not valid YAML"),
                                           ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
-                                           "    types: color\n", "principle 0 ('a') has types 'color'")])
+                                           "    types: color\n", "principle 0 ('a') has types 'color'"),
+                                          ("principles:\n  - name: a\n    critique: [Is it right, Is it short]\n"
+                                           "    revision: Again.\n", "principle 0 ('a') has list for its 'critique'"),
+                                          ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
+                                           "    typo_types: [color]\n",
+                                           "principle 0 ('a') has an unknown key 'typo_types' (did you mean 'types'?)"),
+                                          ("principle:\n  - name: a\n", "unknown key 'principle' (did you mean "
+                                                                        "'principles'?)"),
+                                          ("- a\n- b\n", "holds list; write a mapping with 'principles'"),
+                                          ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
+                                           "examples:\n  - question: q\n    answer: a\n    critique: c\n",
+                                           "example 0 needs question, answer, critique and revision"),
+                                          (b"principles: \xff\xfe\n", "is not UTF-8 text")])
 def test_bad_constitution_files_are_named(tmp_path, text, message):
     path = tmp_path / "mine.yaml"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError) as err:
         load_constitution(str(path))
     assert str(path) in str(err.value) and message in str(err.value)

@@ -114,7 +114,7 @@ def pair_settings(config: ConstitutionConfig, checkpoint: Path, train: str | Non
     url = c.critic.url and c.critic.url.rstrip("/")  # http://host:8000/ and http://host:8000 are one endpoint
     return {"checkpoint": str(checkpoint.resolve()), "data.train": train, "data.val": val, "critic.kind": c.critic.kind,
             "critic.url": url, "critic.api": c.critic.api, "critic.model": c.critic.model,
-            "critic.max_new_tokens": c.critic.max_new_tokens, "constitution": c.constitution,
+            "critic.max_new_tokens": c.critic.max_new_tokens, "constitution": constitution.source,
             "constitution_digest": constitution.digest,
             "mode": c.mode, "num_samples": c.num_samples, "temperature": c.temperature, "top_p": c.top_p,
             "max_new_tokens": c.max_new_tokens, "anchors": c.anchors, "batch_size": c.batch_size,
@@ -126,9 +126,9 @@ def check_resumable(out: Path, settings: dict[str, Any]) -> None:
     since those shards would be skipped and kept as they are."""
     recorded_file = out / SETTINGS_FILE
     if any(out.glob("*/shard-*.tar")):
-        if not recorded_file.is_file():  # written before settings were recorded: nothing to compare with
-            log.warning("%s has shards but no %s: resuming them without checking their settings", out, SETTINGS_FILE)
-            return
+        if not recorded_file.is_file():  # not pairs vlm.constitution made: a converter's shards, the prompts...
+            raise ConfigError(f"out={str(out)!r} holds shards that vlm.constitution did not write (it has no "
+                              f"{SETTINGS_FILE}), and a run there would overwrite them; pass out= for a new folder")
         recorded = json.loads(recorded_file.read_text())
         changed = [k for k in settings if k in recorded and recorded[k] != settings[k]]  # older folders record fewer
         if changed:

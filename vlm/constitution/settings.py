@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from vlm.cli import CONFIG_DIR
-from vlm.config import ConfigError, DataConfig, setting
+from vlm.config import ConfigError, DataConfig, closest, setting
 from vlm.constitution.critics import (
     ChatCritic,
     Critic,
@@ -67,50 +67,78 @@ class Constitution:
     principles: list[Principle]
     examples: list[Example]
     digest: str = ""  # of the file's text: a resumed run must use the constitution its shards were made with
+    source: str = ""  # the shipped name, or the file's absolute path: how a resumed run's settings name it
+
+
+PRINCIPLE_KEYS = ("name", "critique", "revision", "types")
+EXAMPLE_KEYS = ("question", "answer", "critique", "revision")
 
 
 def load_constitution(name: str) -> Constitution:
     """A shipped constitution by name, or a YAML file (a bare name is a shipped one unless only a file has it); every
     problem names the file and what is wrong."""
     path, shipped_path = Path(name).expanduser(), CONFIG_DIR / "constitutions" / f"{name}.yaml"
-    if not path.suffix and "/" not in name and (shipped_path.is_file() or not path.is_file()):
+    shipped = not path.suffix and "/" not in name and (shipped_path.is_file() or not path.is_file())
+    if shipped:
         path = shipped_path
     if not path.is_file():
-        shipped = sorted(p.stem for p in (CONFIG_DIR / "constitutions").glob("*.yaml"))
-        raise ConfigError(f"constitution={name!r}: no such file {str(path)!r}; shipped: {shipped}, or give a path")
+        names = sorted(p.stem for p in (CONFIG_DIR / "constitutions").glob("*.yaml"))
+        raise ConfigError(f"constitution={name!r}: no such file {str(path)!r}; shipped: {names}, or give a path")
+    where = f"constitution file {str(path)!r}"
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"constitution file {str(path)!r} is not valid YAML: {err}") from None
-    principles = raw.get("principles") if isinstance(raw, dict) else None
+        raise ConfigError(f"{where} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} holds {type(raw).__name__}; write a mapping with 'principles' (and 'examples')")
+    refuse_unknown_keys(raw, ("principles", "examples"), where)
+    principles = raw.get("principles")
     if not principles or not isinstance(principles, list):
-        raise ConfigError(f"constitution file {str(path)!r} has no principles; write a list under 'principles:', "
-                          f"each with a 'critique' and a 'revision' request")
-    out = []
-    for i, p in enumerate(principles):
-        if not isinstance(p, dict):
-            raise ConfigError(f"constitution file {str(path)!r}: principle {i} is {p!r:.60}; write each principle as "
-                              f"a mapping with a 'critique' and a 'revision' request (and optionally 'name', 'types')")
-        missing = [k for k in ("critique", "revision") if not str(p.get(k) or "").strip()]
-        if missing:
-            raise ConfigError(f"constitution file {str(path)!r}: principle {i} ({p.get('name', 'unnamed')!r}) has no "
-                              f"{missing[0]!r} request")
-        types = p.get("types") or []
-        if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
-            raise ConfigError(f"constitution file {str(path)!r}: principle {i} ({p.get('name', 'unnamed')!r}) has "
-                              f"types {types!r}; write a list of question types, e.g. [color, shape]")
-        out.append(Principle(str(p.get("name", i)), str(p["critique"]), str(p["revision"]), tuple(types)))
-    examples = []
-    if not isinstance(raw.get("examples") or [], list):
-        raise ConfigError(f"constitution file {str(path)!r}: 'examples' must be a list, each with question, answer, "
-                          f"critique and revision")
-    for i, e in enumerate(raw.get("examples") or []):
-        try:
-            examples.append(Example(*(str(e[k]) for k in ("question", "answer", "critique", "revision"))))
-        except (KeyError, TypeError):
-            raise ConfigError(f"constitution file {str(path)!r}: example {i} needs question, answer, critique and "
-                              f"revision") from None
-    return Constitution(out, examples, hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+        raise ConfigError(f"{where} has no principles; write a list under 'principles:', each with a 'critique' and a "
+                          f"'revision' request")
+    examples = raw.get("examples") or []
+    if not isinstance(examples, list):
+        raise ConfigError(f"{where}: 'examples' must be a list, each with question, answer, critique and revision")
+    return Constitution([principle(p, i, where) for i, p in enumerate(principles)],
+                        [example(e, i, where) for i, e in enumerate(examples)],
+                        hashlib.sha256(path.read_bytes()).hexdigest()[:16], name if shipped else str(path.resolve()))
+
+
+def principle(entry: Any, index: int, where: str) -> Principle:
+    """Principle `index` of a constitution file: critique and revision requests as text, an optional name and list
+    of question types it judges."""
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: principle {index} is {entry!r:.60}; write each principle as a mapping with a "
+                          f"'critique' and a 'revision' request (and optionally 'name', 'types')")
+    label = f"{where}: principle {index} ({entry.get('name', 'unnamed')!r})"
+    refuse_unknown_keys(entry, PRINCIPLE_KEYS, label)
+    for key in ("critique", "revision"):
+        if not isinstance(entry.get(key), str) or not entry[key].strip():
+            got = "has no" if entry.get(key) in (None, "") else f"has {type(entry[key]).__name__} for its"
+            raise ConfigError(f"{label} {got} {key!r} request; write it as text")
+    types = entry.get("types") or []
+    if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
+        raise ConfigError(f"{label} has types {types!r}; write a list of question types, e.g. [color, shape]")
+    return Principle(str(entry.get("name", index)), entry["critique"], entry["revision"], tuple(types))
+
+
+def example(entry: Any, index: int, where: str) -> Example:
+    """Few-shot example `index`: a question, an answer, and the critique and revision the critic should write."""
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in EXAMPLE_KEYS):
+        raise ConfigError(f"{where}: example {index} needs question, answer, critique and revision, each as text")
+    refuse_unknown_keys(entry, EXAMPLE_KEYS, f"{where}: example {index}")
+    return Example(*(entry[k] for k in EXAMPLE_KEYS))
+
+
+def refuse_unknown_keys(entry: dict, known: tuple[str, ...], where: str) -> None:
+    """A misspelt key would be ignored (a principle's `typo_types` would let it judge every question type)."""
+    for key in entry:
+        if key not in known:
+            near = closest(str(key), known)
+            raise ConfigError(f"{where} has an unknown key {key!r}" + (f" (did you mean {near!r}?)" if near else "")
+                              + f"; its keys are {list(known)}")
 
 
 def check_critic(config: ConstitutionConfig) -> None:
