@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -29,6 +30,7 @@ from vlm.constitution.critics import (
     CriticUnreachable,
     HttpCompletion,
     Item,
+    Principle,
     SyntheticCritic,
 )
 from vlm.constitution.pairs import Counts, PairMaker, read_prompts
@@ -595,8 +597,20 @@ def test_best_of_n_counts_replies_without_a_score(tiny_sft_export, small_synthet
     counts = Counts()
     make._best_of_n(items, ["red", "blue", "green"] * 2, [make._principle(item) for item in items], counts)
     assert counts.dropped_unscored == 3 and counts.dropped_failed == 0
-    assert "the critic's reply held no score for 3 of 6 answers (e.g. 'I cannot rate that')" in caplog.text
-    assert why_no_pairs(counts, "best_of_n").startswith("the critic's replies held no number")
+    assert "the critic's reply held no score, or several, for 3 of 6 answers (e.g. 'I cannot rate that')" in caplog.text
+    assert why_no_pairs(counts, "best_of_n").startswith("the critic's replies held no score")
+
+
+@pytest.mark.parametrize("reply,score", [("8", 8.0), ("Score: 7.5", 7.5), ("Rating: 9/10", 9.0),
+                                         ("I would rate it 2 out of 10", 2.0), ("Score (1-10): 9", 9.0),
+                                         ("On a scale of 1 to 10: 3", 3.0), ("Out of 10: 3", 3.0),
+                                         ("9, or maybe 3", None), ("100", None), ("no idea", None)])
+def test_a_critics_score_is_read_past_the_scale_it_names(reply, score):
+    """The scale's own numbers (1-10, out of 10) are no score; a reply with two different scores has none."""
+    critic = ChatCritic(lambda requests: [reply] * len(requests), [])
+    item = Item("k", [{"role": "user", "content": "What color is it?"}], [], None)
+    (read,) = critic.score([item], ["red"], [Principle("p", "Is it right?", "Fix it.")])
+    assert read == score if score is not None else math.isnan(read)
 
 
 @pytest.mark.parametrize("url", ["localhost:1234", "ftp://example.com", "http://"])

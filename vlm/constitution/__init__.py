@@ -114,7 +114,7 @@ def why_no_pairs(counts: Counts, mode: str) -> str:
                              + better_critic,
         "dropped_tie": "the critic gave every answer of a prompt the same score; raise num_samples or temperature, "
                        f"or use {better_critic}",
-        "dropped_unscored": f"the critic's replies held no number to score the answers by; use {better_critic}",
+        "dropped_unscored": f"the critic's replies held no score (or several); use {better_critic}",
         "dropped_empty": f"the critiques or revisions came back empty; use {better_critic}",
         "dropped_failed": "the critic's requests failed or the prompts could not be asked (see the warnings above)",
     }

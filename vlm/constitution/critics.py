@@ -145,6 +145,20 @@ class SyntheticCritic(Critic):
         return score_answer(answer, item.reference or "")["exact_match"] == 1.0
 
 
+SCORED = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.IGNORECASE)  # "9/10", "2 out of 10"
+SCALE = re.compile(r"\b1\s*(?:-|–|to)\s*10\b|\bout of 10\b|/\s*10\b", re.IGNORECASE)  # "(1-10)", "out of 10"
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def read_score(reply: str) -> float:
+    """The 1-10 score in a critic's reply: "8", "Score: 8", "8/10", "I would rate it 8 out of 10", "Score (1-10): 8".
+    NaN when it holds none, or several different ones ("9, or maybe 3"): a guess could pair answers the wrong way."""
+    if scored := SCORED.search(reply):
+        return float(scored.group(1))
+    found = {float(n) for n in NUMBER.findall(SCALE.sub(" ", reply))}
+    return found.pop() if len(found) == 1 and 0 <= min(found) <= 10 else math.nan
+
+
 class ChatCritic(Critic):
     """Critique and revision requests sent as chat turns to `complete` (a batch of conversations -> replies, None
     for a failed request). With `fits` (does a conversation fit the critic's context?), each request carries as many
@@ -200,13 +214,13 @@ class ChatCritic(Critic):
                                                f"the number only."}], item.images)
                  for item, answer, p in zip(items, answers, principles, strict=True)]
         replies = self._complete(asked)
-        numbers = [re.search(r"\d+(\.\d+)?", reply) if reply is not None else None for reply in replies]
-        unscored = [reply for reply, number in zip(replies, numbers, strict=True) if reply is not None and not number]
+        scores = [None if reply is None else read_score(reply) for reply in replies]
+        unscored = [reply for reply, score in zip(replies, scores, strict=True) if score is not None and
+                    math.isnan(score)]
         if unscored:
-            log.warning("the critic's reply held no score for %d of %d answers (e.g. %r): they are dropped",
-                        len(unscored), len(replies), unscored[0][:80])
-        return [None if reply is None else float(number.group()) if number else math.nan
-                for reply, number in zip(replies, numbers, strict=True)]
+            log.warning("the critic's reply held no score, or several, for %d of %d answers (e.g. %r): they are "
+                        "dropped", len(unscored), len(replies), unscored[0][:80])
+        return scores
 
     def _complete(self, requests: list[Request]) -> list[str | None]:
         replies = self.complete(requests) if requests else []
