@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def unknown_key_message(key: str, valid: Iterable[str], what: str = "config key"
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)  # no NaN nor inf
 
 
 def check_fields(obj: Any, path: str = "", error: type[ValueError] = ConfigError) -> None:
@@ -98,7 +99,7 @@ def check_fields(obj: Any, path: str = "", error: type[ValueError] = ConfigError
         if low is None and high is None:
             continue
         wants_int = hints.get(f.name) in (int, int | None)
-        kind = "an integer" if wants_int else "a number"
+        kind = "an integer" if wants_int else "a finite number"
         if not _is_number(value) or (wants_int and not isinstance(value, int)):
             raise error(f"{key}={value!r} must be {kind}")
         if low is not None and value < low:
