@@ -305,16 +305,35 @@ def test_a_run_continuing_an_export_names_the_model_settings_it_cannot_apply(tmp
     with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):
         make_task(tiny_config(stage="sft"), init_from=export)  # the export's own settings: nothing to say
         assert not caplog.records
-        task = make_task(tiny_config("model.llm.config.num_attention_heads=4", "model.llm.attention=local_global",
-                                     stage="sft"), init_from=export)
+        config = tiny_config("model.llm.config.num_attention_heads=4", "model.llm.attention=local_global",
+                             stage="sft")
+        task = make_task(config, init_from=export)
     assert len(caplog.records) == 1, caplog.text  # the attention pattern is a run setting, and applies
     assert "model.llm.config.num_attention_heads=4 is ignored: this run starts from" in caplog.text
     assert "built with 2" in caplog.text
     assert task.bundle.model.lm.config.num_attention_heads == 2
+    # the run's config (its config.json) records what it trained: the export's heads, this run's attention
+    assert config.model.llm.config["num_attention_heads"] == 2 and config.model.llm.attention == "local_global"
     caplog.clear()
     with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):  # another LLM: the export's is trained on
         make_task(tiny_config(f"model.llm.name_or_path={tmp_path / 'my-llm'}", stage="sft"), init_from=export)
     assert f"model.llm.name_or_path='{tmp_path / 'my-llm'}' is ignored: this run starts from" in caplog.text
+
+
+def test_only_the_model_keys_given_on_the_command_line_are_warned_about(tmp_path, caplog, monkeypatch):
+    """A preset's own defaults that differ from the export's are no mistake of the user's: only the keys the command
+    line set are named (here it set the heads, and the preset the length)."""
+    from tiny import sft_export
+
+    import vlm.training.vlm_task as vlm_task
+
+    export = sft_export(tmp_path / "sft")
+    monkeypatch.setattr(vlm_task, "command_line_keys", lambda: {"stage", "model.llm.config.num_attention_heads"})
+    config = tiny_config("model.llm.config.num_attention_heads=4", "model.llm.max_length=100", stage="sft")
+    with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):
+        make_task(config, init_from=export)
+    assert len(caplog.records) == 1 and "num_attention_heads=4 is ignored" in caplog.text, caplog.text
+    assert config.model.llm.max_length != 100 and config.model.llm.config["num_attention_heads"] == 2
 
 
 def test_phase_2_takes_the_vit_architecture_of_its_contrastive_export(tmp_path, caplog):

@@ -156,6 +156,16 @@ def _unknown_key(cfg: DictConfig, key: str) -> str | None:
     return unknown_key_message(f"{parent}.{leaf}" if parent else leaf, list(node.keys()))
 
 
+def command_line_keys() -> set[str] | None:
+    """The keys (and groups) set on this command's line ("stage", "model.llm.max_length"), or None when the config
+    was not composed by a Hydra entry point (a test or a script calling `run` directly)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return {override.split("=", 1)[0].lstrip("+~") for override in HydraConfig.get().overrides.task}
+
+
 def print_help(text: str) -> NoReturn:
     """Print `text` and exit 0; a reader that stops early (`--help | head`) is not an error."""
     try:

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vlm.cli import CONFIG_DIR, preflight, quiet, user_errors
+from vlm.cli import CONFIG_DIR, command_line_keys, preflight, quiet, user_errors
 from vlm.config import ConfigError, TilerConfig, TrainConfig, to_train_config
 from vlm.data.shards import ShardError, absolute_pattern, list_shards
 from vlm.data.sources import resolve_eval
@@ -36,6 +35,7 @@ from vlm.training.stages import STAGES, get_stage
 from vlm.training.trainer import build_eval_trainer, check_scored, validate
 
 log = logging.getLogger("vlm.eval")
+TRAINING_ONLY = ("init_from", "resume", "run_name")  # keys of the shared config only a training run reads
 GROUPS_FROM_EXPORT = ("stage", "tiler")  # config groups the export records: its own unless given (--help says so)
 WORST_SHOWN = 5
 
@@ -138,6 +138,9 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
     the stage settings its scores depend on (dpo: stage.beta, stage.loss, stage.sft_weight) and, without data.val,
     its held-out data come from its export, unless given in `given` (the keys set on the command line)."""
     require_checkpoint(config)
+    for key in TRAINING_ONLY:
+        if key in given:
+            raise ConfigError(f"{key}= is a vlm.train setting; vlm.eval scores the export checkpoint= names as it is")
     meta = read_meta(config.checkpoint)
     if not any(key == "tiler" or key.startswith("tiler.") for key in given):
         config.tiler = TilerConfig(**meta.tiler)
@@ -171,7 +174,7 @@ def main_hydra(cfg: DictConfig) -> dict[str, Any]:
         config = to_train_config(cfg)
         out = results_folder(config)
         with removed_if_left_empty(out):  # a failed evaluation leaves no empty results folder behind
-            as_trained(config, {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task})
+            as_trained(config, command_line_keys() or set())
             metrics, predictions = evaluate(config)
     write_results(metrics, predictions, out)
     print(json.dumps(metrics, indent=2))

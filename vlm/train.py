@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from vlm.cli import CONFIG_DIR, preflight, quiet, user_errors
-from vlm.config import TrainConfig, to_train_config
+from vlm.config import ConfigError, TrainConfig, to_train_config
 from vlm.data.shards import absolute_pattern
 from vlm.data.sources import resolve as resolve_data
 from vlm.errors import first_line
@@ -39,6 +39,9 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
     """Train the stage `config.stage.name` and write its export; returns the final metrics. `callbacks` join the
     Trainer's own (tests and benchmarks watch or perturb a run through them)."""
     started = time.time()
+    if config.checkpoint is not None:  # vlm.eval's key, in the config both read
+        raise ConfigError(f"checkpoint={config.checkpoint!r} is what vlm.eval scores; a training run starts from an "
+                          f"export with init_from=PATH (and continues a run with resume=)")
     with start_up_told_once():
         check_strategy(config.trainer)  # a Lightning name, and FSDP settings these devices can run
         check_logger(config.trainer.logger)

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from vlm.config import TrainConfig, model_config_from, to_dict
+from vlm.cli import command_line_keys
+from vlm.config import ModelConfig, TrainConfig, load_config, model_config_from, to_dict
 from vlm.data.conversations import ConversationDecoder, ScoredTurn
 from vlm.data.packing import best_width, pack_batch
 from vlm.data.processor import IGNORE_INDEX, pad_batch
@@ -216,17 +217,18 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     """From a phase 2 export (align -> sft -> dpo), or a new VLM whose ViT comes from a contrastive export."""
     meta = read_meta(init_from) if init_from else None
     if meta is not None and meta.has_llm:
-        warn_ignored(ignored_architecture(meta.model, to_dict(config.model)), init_from,
-                     "a phase 2 stage keeps its export's architecture; start from a contrastive export to change it")
+        keep_built(config, ignored_architecture(meta.model, to_dict(config.model)), init_from,
+                   "a phase 2 stage keeps its export's architecture; start from a contrastive export to change it")
         bundle = load_vlm(init_from, tiler=config.tiler,
                           gradient_checkpointing=config.model.llm.gradient_checkpointing)
         bundle.model.vision.vit.set_grad_checkpointing(config.model.vision.gradient_checkpointing)
         set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
     else:
-        model = config.model
         if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
-            warn_ignored(ignored_architecture(meta.model["vision"], to_dict(model.vision), "vision."), init_from,
-                         "the ViT keeps the architecture it was trained with")
+            keep_built(config, ignored_architecture(meta.model["vision"], to_dict(config.model.vision), "vision."),
+                       init_from, "the ViT keeps the architecture it was trained with")
+        model = config.model
+        if meta is not None:
             vision = dataclasses.replace(model_config_from(meta.model).vision,
                                          gradient_checkpointing=model.vision.gradient_checkpointing)
             model = dataclasses.replace(model, vision=vision)
@@ -243,10 +245,23 @@ RUN_MODEL_SETTINGS = ("vision.gradient_checkpointing", "vision.pretrained", "llm
                       "llm.attention", "llm.sparse.", "text.", "clip.")
 
 
-def warn_ignored(ignored: list[tuple[str, Any, Any]], init_from: Path, why: str) -> None:
+def keep_built(config: TrainConfig, ignored: list[tuple[str, Any, Any]], init_from: Path, why: str) -> None:
+    """The export's value for each model key in `ignored` (key, built, asked) goes into `config`, so the run's
+    config.json records what it trained; each key set on the command line gets a warning (the preset's own
+    defaults differing from the export's need none)."""
+    given = command_line_keys()
+    values = to_dict(config.model)
     for key, built, asked in ignored:
-        log.warning("model.%s=%r is ignored: this run starts from %s, built with %r (%s)", key, asked, init_from,
-                    built, why)
+        *parents, last = key.split(".")
+        node = values
+        for parent in parents:
+            node = node[parent]
+        node[last] = built
+        if given is None or any(f"model.{key}" == g or f"model.{key}".startswith(f"{g}.") for g in given):
+            built_with = "whose export leaves it to the model it names" if built is None else f"built with {built!r}"
+            log.warning("model.%s=%r is ignored: this run starts from %s, %s (%s)", key, asked, init_from, built_with,
+                        why)
+    config.model = load_config(ModelConfig, values, "model.")
 
 
 def ignored_architecture(built: dict[str, Any], asked: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
