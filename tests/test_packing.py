@@ -19,7 +19,7 @@ from vlm.data.packing import LengthGrouping, best_width, pack_batch, pack_rows
 from vlm.data.processor import IGNORE_INDEX, Encoded, pad_batch
 from vlm.data.sources import DataSources
 from vlm.models.factory import new_vlm
-from vlm.models.packing import PACKED_MASKS, attention_break_even
+from vlm.models.packing import PACKED_MASKS, attention_break_even, keeps_samples_apart
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.datamodule import ShardDataModule
 
@@ -239,3 +239,41 @@ def test_length_grouping_for_a_stage_whose_samples_have_no_length_is_refused_at_
     with pytest.raises(ConfigError, match=r"^data.length_group_batches applies to phase 2 stages \(align, sft\)"):
         ShardDataModule(DataSources(train=str(shard), val=None, classnames=None), make_task(config).batching(),
                         config.data)
+
+
+def _tiny_lm(family: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    decoder = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                   intermediate_size=64)
+    sizes = {"llama": decoder, "qwen2": decoder,
+             "opt": dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, ffn_dim=64,
+                         word_embed_proj_dim=32),
+             "bloom": dict(hidden_size=32, n_head=2, n_layer=2),
+             "mpt": dict(d_model=32, n_heads=2, n_layers=2)}[family]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=128, **sizes)
+    attention = "eager" if family in ("bloom", "mpt") else "sdpa"  # transformers runs those two eager only
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llms_whose_mask_ignores_position_ids_are_found_to_mix_packed_samples(dtype):
+    """OPT, Bloom and MPT build a plain causal mask over the whole row (and Bloom's ALiBi bias counts on across it):
+    a sample packed after another attends to it. Llama and Qwen2 keep them apart."""
+    found = {family: keeps_samples_apart(_tiny_lm(family, dtype)) for family in ("llama", "qwen2", "opt", "bloom",
+                                                                                   "mpt")}
+    assert found == {"llama": True, "qwen2": True, "opt": False, "bloom": False, "mpt": False}
+
+
+def test_a_run_on_an_llm_that_mixes_packed_samples_pads_its_batches_instead(caplog):
+    task = make_task(tiny_config(stage="sft"))
+    task.model.lm = _tiny_lm("opt")
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        batching = task.batching()
+    assert "data.packing is off for this run: OPTForCausalLM does not keep the samples of a packed row apart" in \
+        caplog.text
+    model = _vlm("llama")
+    batch = batching.collate([{"encoded": e, "key": str(i)} for i, e in enumerate(_samples(model, [20, 12],
+                                                                                            [1, 0]))])
+    assert "position_ids" not in batch and batch["attention_mask"].shape == (2, 20)  # padded: one sample a row

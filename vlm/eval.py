@@ -55,6 +55,7 @@ def evaluate(config: TrainConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]
         raise ConfigError(f"checkpoint={config.checkpoint!r} holds a {made_by!r} model, which stage={stage.name} "
                           f"cannot evaluate; pass stage={made_by}")
     data = resolve_eval(config.data, stage.data, config.output_root)
+    config.data.packing = False  # held-out batches are padded: nothing trains, and packing need not be probed
     with quiet("vlm.training.freezing"):  # its "train / frozen" table speaks of training, which this is not
         task = stage.task.from_export(config, stage, Path(config.checkpoint).expanduser(), data)
     datamodule = ShardDataModule(data, task.batching(), config.data)

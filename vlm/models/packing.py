@@ -55,6 +55,44 @@ def attention_break_even(lm: PreTrainedModel) -> float:
     return linear / (2 * heads * head_dim)
 
 
+# relative logit change that is rounding, for the sample alone against packed (other dtypes: 2e-2); packed after two
+# different samples, its logits must agree to within LEAK_TOLERANCE in any dtype (the keys it cannot see weigh 0)
+PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
+LEAK_TOLERANCE = 1e-5
+
+
+def keeps_samples_apart(lm: PreTrainedModel) -> bool:
+    """Whether `lm` reads a packed row as separate samples: a short sample's logits packed after a longer one must
+    not depend on that one, and must be those it gets alone (three forwards of at most 22 tokens, without gradients).
+    Models whose attention mask ignores the position ids (OPT, Bloom, MPT, XGLM, BioGPT, ...) or whose positional
+    bias does not restart with them (ALiBi) fail, and would let each sample attend to the ones before it in its row.
+    Varlen flash kernels are not probed (they need an accelerator, and read the boundaries off the position ids)."""
+    if (lm.config._attn_implementation or "").startswith("flash"):
+        return True
+    embed = lm.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    first, second, sample = (torch.randint(embed.num_embeddings, (n,), generator=generator) for n in (16, 16, 6))
+    device, was_training = embed.weight.device, lm.training
+    positions = torch.cat([torch.arange(16), torch.arange(6)])[None].to(device)  # (1, 22)
+
+    def logits(ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:  # the sample's (6, V)
+        inputs = packed_lm_inputs(lm.config, embed(ids[None].to(device)), position_ids, None)
+        return lm(**inputs).logits[0, -6:].float()
+
+    lm.eval()  # no dropout: the forwards must differ only by what the sample can see
+    try:
+        with torch.no_grad():
+            after_first = logits(torch.cat([first, sample]), positions)
+            after_second = logits(torch.cat([second, sample]), positions)
+            alone = logits(sample, torch.arange(6, device=device)[None])
+    finally:
+        lm.train(was_training)
+    scale = alone.abs().max().clamp(min=1e-6)
+    leak = (after_first - after_second).abs().max() / scale
+    restart = (after_first - alone).abs().max() / scale
+    return bool(leak <= LEAK_TOLERANCE and restart <= PROBE_TOLERANCE.get(embed.weight.dtype, 2e-2))
+
+
 def sample_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) position ids that restart at 0 per sample -> (sample ids (B, L), positions within the sample (B, L)).
 

@@ -27,7 +27,7 @@ from vlm.metrics import answer_metrics, score_answer
 from vlm.models.factory import VLMBundle, empty_vlm, new_vlm, set_attention
 from vlm.models.feature_cache import VisionFeatureCache
 from vlm.models.losses import answer_logprobs
-from vlm.models.packing import attention_break_even
+from vlm.models.packing import attention_break_even, keeps_samples_apart
 from vlm.models.vlm import VisionLanguageModel
 from vlm.training.task import Batching, Stage, StageTask
 
@@ -43,6 +43,7 @@ class VLMTask(StageTask):
         self.feature_cache = self._feature_cache()
         # packed rows' best width, from the LLM's layers as built (FSDP may flatten their weights later)
         self.packing_break_even = attention_break_even(self.model.lm)
+        self.packs: bool | None = None  # data.packing, where the LLM keeps packed samples apart (see `batching`)
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
@@ -70,6 +71,13 @@ class VLMTask(StageTask):
                                   stage.feature_cache_dir)
 
     def batching(self) -> Batching:
+        if self.packs is None:  # probed once, in the main process, before the loaders' workers copy the task
+            self.packs = self.config.data.packing and keeps_samples_apart(self.model.lm)
+            if self.config.data.packing and not self.packs:
+                log.warning("data.packing is off for this run: %s does not keep the samples of a packed row apart "
+                            "(its attention mask ignores position ids, or its position bias does not restart), so "
+                            "each sample would see the ones before it; batches are padded instead",
+                            type(self.model.lm).__name__)
         processor, settings = self.bundle.processor, self.config.eval
         held_out = ConversationDecoder(processor, evaluate=True, turns=settings.turns,
                                        group_by=self.config.data.eval_group_by)
@@ -80,7 +88,7 @@ class VLMTask(StageTask):
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         """Training samples -> packed rows (data.packing) or a padded batch, with each sample's key and tile count in
         batch order (for the feature cache)."""
-        if not self.config.data.packing:
+        if not self.packs:
             return self.collate_padded(samples)
         encoded = [s["encoded"] for s in samples]
         width = best_width([len(e.input_ids) for e in encoded], self.bundle.processor.max_length,
