@@ -81,6 +81,59 @@ def test_masking_with_another_chat_template(bundle):
     assert other.decode(encoded.input_ids[kept]).replace(" ", "") == "red<|eot_id|>abluestar<|eot_id|>"
 
 
+# The conversation's last reply gets an empty think block, as Qwen3's template writes it; earlier replies do not
+QWEN3_STYLE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' and loop.last %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+    "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+# The system prompt goes into the last user turn, as Mistral's v0.3 template does, and a reply's text is trimmed
+MISTRAL_STYLE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set turns = messages %}{% endif %}{% set last = namespace(user=0) %}{% for m in turns %}"
+    "{% if m['role'] == 'user' %}{% set last.user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in turns %}{% if m['role'] == 'user' %}"
+    "{% if loop.index0 == last.user and system is defined %}"
+    "{{ '[INST] ' + system + '\n\n' + m['content'] + '[/INST]' }}"
+    "{% else %}{{ '[INST] ' + m['content'] + '[/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + m['content'] | trim + '<|im_end|>' }}{% endif %}{% endfor %}"
+)
+
+
+def _labelled_runs(processor: Processor, messages: list[dict], images: list) -> list[str]:
+    encoded = processor.encode(messages, images)
+    kept = [i for i, label in enumerate(encoded.labels.tolist()) if label != IGNORE_INDEX]
+    runs, start = [], kept[0]
+    for previous, index in zip(kept, kept[1:] + [None], strict=True):
+        if index != previous + 1:
+            runs.append(processor.tokenizer.decode(encoded.input_ids[start: previous + 1]))
+            start = index
+    return runs
+
+
+@pytest.mark.parametrize("template,replies", [
+    (QWEN3_STYLE, ["red<|im_end|>\n", "a blue star<|im_end|>\n"]),
+    (MISTRAL_STYLE, [" red<|im_end|>", " a blue star<|im_end|>"]),
+])
+def test_templates_that_render_a_conversations_last_turn_otherwise_label_exactly_the_replies(bundle, template,
+                                                                                              replies):
+    """Rendered on its own, the prefix through a reply is not the start of the whole conversation under these
+    templates: bracketing replies by prefix lengths labelled the next user turn (Qwen3) or nothing at all (Mistral
+    with a system prompt). The replies are then found by their text."""
+    config = tiny_config(stage="sft")
+    tokenizer = new_vlm(config.model, config.tiler).tokenizer
+    tokenizer.chat_template = template
+    processor = Processor(tokenizer, bundle.processor.tiler, 512)
+    assert processor.render(conversation()).count("You look at shapes.") == 1
+    assert _labelled_runs(processor, conversation(), IMAGES) == replies
+    tokenizer.chat_template = template.replace("m['content'] | trim", "m['content'] | upper").replace(
+        "{{ m['content'] + '<|im_end|>\n' }}", "{{ (m['content'] if m['role'] != 'assistant' else m['content'] | "
+                                             "upper) + '<|im_end|>\n' }}")
+    with pytest.raises(SampleError, match="the chat template does not render message 2 \\(assistant\\) as written"):
+        processor.encode(conversation(), IMAGES, name="sample")  # a template that rewrites the replies
+
+
 @pytest.mark.parametrize("images,match", [(IMAGES[:1], "2 <image> placeholders but 1 image$"),
                                           (IMAGES * 2, "2 <image> placeholders but 4 images")])
 def test_placeholder_count_mismatch_names_the_sample(bundle, images, match):

@@ -79,18 +79,48 @@ class Processor:
         except jinja2.TemplateError as err:
             raise SampleError(f"{name}: the model's chat template refuses this conversation: {err}") from None
 
-    def assistant_spans(self, messages: list[dict[str, str]], name: str = "sample") -> list[tuple[int, int]]:
-        """Character spans of each assistant reply (with its end-of-turn marker) in `render(messages)`; a template
-        that refuses a prefix is named in a SampleError for `name`.
+    def assistant_spans(self, messages: list[dict[str, str]], text: str, name: str = "sample") -> list[tuple[int, int]]:
+        """Character spans of each assistant reply (with its end-of-turn marker) in `text`, the conversation as
+        `render` writes it; a template that refuses a prefix is named in a SampleError for `name`.
 
         Rendering the prefix before a reply with a generation prompt, and the prefix including it, brackets the reply
-        for any template that renders prefixes consistently (ChatML, Llama 3, Qwen, SmolLM, ...).
+        for any template that renders prefixes as the start of the whole (ChatML, Llama 3, SmolLM, ...). Templates
+        that render a conversation's last turn otherwise (Qwen3 gives it an empty think block; Mistral moves the
+        system prompt into the last user turn) fail that check, and their replies are found by their text instead.
         """
         spans = []
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
-                start = len(self.render(messages[:i], add_generation_prompt=True, name=name))
-                spans.append((start, len(self.render(messages[: i + 1], name=name))))
+                before = self.render(messages[:i], add_generation_prompt=True, name=name)
+                through = self.render(messages[: i + 1], name=name)
+                if not (text.startswith(before) and text.startswith(through) and len(before) < len(through)):
+                    return self.spans_by_text(messages, text, name)
+                spans.append((len(before), len(through)))
+        return spans
+
+    def spans_by_text(self, messages: list[dict[str, str]], text: str, name: str) -> list[tuple[int, int]]:
+        """Each reply's span found in order in `text`: its content (as templates trim it), and the control token
+        that ends its turn with the newline after it, when one follows. The user and assistant turns are walked in
+        order, so a reply is never found inside the question before it; system turns may move (Mistral's) and are
+        not looked for."""
+        spans, cursor = [], 0
+        for i, message in enumerate(messages):
+            content = message["content"].strip()
+            if message["role"] == "system" or not content:
+                continue
+            start = text.find(content, cursor)
+            if start < 0:
+                raise SampleError(f"{name}: the chat template does not render message {i} ({message['role']}) as "
+                                  f"written, so its reply cannot be told apart for the labels")
+            end = start + len(content)
+            if message["role"] == "assistant":  # a space the template puts before the reply is its first token's
+                start = len(text[cursor:start].rstrip(" ")) + cursor
+            cursor = end
+            if message["role"] == "assistant":
+                ending = self.control_token.match(text, cursor) if self.control_token else None
+                if ending:
+                    cursor = ending.end() + text.startswith("\n", ending.end())
+                spans.append((start, cursor))
         return spans
 
     def encode(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = "sample",
@@ -104,7 +134,7 @@ class Processor:
         ids = encoding["input_ids"]
         keep = [False] * len(ids)
         if train:
-            spans = self.assistant_spans(messages, name)
+            spans = self.assistant_spans(messages, text, name)
             spans = spans[-1:] if last_reply_only else spans
             keep = [any(s <= start < e for s, e in spans) and end > start
                     for start, end in encoding["offset_mapping"]]
