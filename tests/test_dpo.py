@@ -154,7 +154,8 @@ def test_truncation_skips_pairs_that_would_cut_an_image_and_names_them(tiny_sft_
     assert samples == []  # all three skipped, none crashed (tests/test_shards.py: how skips are counted)
     for key in ("000000", "000001", "000002"):
         assert f"skipping sample {key} in {shard}: " in caplog.text
-    assert caplog.text.count("truncating would cut through an image's tokens; sample dropped") == 3
+    assert caplog.text.count("and cutting before image 0, which does not fit whole, leaves no assistant tokens; "
+                             "sample dropped") == 3
     task.bundle.processor.max_length = 40  # long answers are cut after the image: kept
     long = write_pairs(tmp_path / "long.tar", 2, answer_words=30)
     batch = task.collate(list(build_pipeline([long], task.batching().decode, train=False, split_by_node=False)))

@@ -182,8 +182,16 @@ def test_a_template_that_refuses_a_prefix_names_the_sample(bundle):
 def test_truncation_never_cuts_an_image(bundle):
     tokens = bundle.processor.tiler.tokens_per_tile
     short = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=tokens + 4)
-    with pytest.raises(SampleError, match="cut through an image"):
+    with pytest.raises(SampleError, match="cutting before image 0, which does not fit whole, leaves no assistant"):
         short.encode(conversation(), IMAGES, name="long")
+    # the second image does not fit whole: the sample is cut before it and keeps the first exchange, its image whole
+    full = bundle.processor.encode(conversation(), IMAGES)
+    second_image = full.input_ids.tolist().index(short.image_token_id, full.input_ids.tolist().index(
+        short.image_token_id) + tokens)
+    cut = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=second_image + tokens // 2).encode(
+        conversation(), IMAGES)
+    assert torch.equal(cut.input_ids, full.input_ids[:second_image]) and cut.image_tokens == [tokens]
+    assert torch.equal(cut.pixel_values, full.pixel_values[:1]) and (cut.labels != IGNORE_INDEX).any()
     # text after the last image is cut, and the sample survives while a reply is left
     messages = from_llava([{"from": "human", "value": "<image>"},
                            {"from": "gpt", "value": "red " * 200}]).messages

@@ -143,12 +143,16 @@ class Processor:
             if not train:  # a prompt cut short would lose the question and the generation prompt
                 raise PromptTooLong(f"{name}: the prompt is {len(out_ids)} tokens, more than the model's context of "
                                     f"{self.max_length}; shorten it or use fewer or smaller images", len(out_ids))
-            if image_ends and image_ends[-1] > self.max_length:
-                raise SampleError(f"{name}: {len(out_ids)} tokens exceed model.llm.max_length={self.max_length} and "
-                                  f"truncating would cut through an image's tokens; sample dropped")
-            out_ids, out_labels = out_ids[: self.max_length], out_labels[: self.max_length]
+            # cut at the context, or before the first image that does not fit whole: images are never cut
+            whole = sum(end <= self.max_length for end in image_ends)
+            cut = self.max_length if whole == len(tiled) else image_ends[whole] - tiled[whole].num_tokens
+            length, out_ids, out_labels, tiled = len(out_ids), out_ids[:cut], out_labels[:cut], tiled[:whole]
+            if all(label == IGNORE_INDEX for label in out_labels):
+                where = f"before image {whole}, which does not fit whole," if cut < self.max_length else "there"
+                raise SampleError(f"{name}: {length} tokens exceed model.llm.max_length={self.max_length}, and "
+                                  f"cutting {where} leaves no assistant tokens; sample dropped")
         if train and all(label == IGNORE_INDEX for label in out_labels):
-            raise SampleError(f"{name}: no assistant tokens left after truncation to {self.max_length}")
+            raise SampleError(f"{name}: no assistant tokens to learn from")
         pixels = torch.cat([t.pixel_values for t in tiled]) if tiled else torch.zeros(0, 3, self.tiler.tile_size,
                                                                                         self.tiler.tile_size)
         return Encoded(torch.tensor(out_ids), torch.tensor(out_labels) if train else None, pixels,
