@@ -96,6 +96,23 @@ def test_a_changed_tower_or_tiler_reads_fresh_features(tmp_path):
     assert len({p.parent for p in tmp_path.rglob("*.safetensors")}) == 3  # one folder per tower + tiler
 
 
+def test_features_computed_under_autocast_are_not_served_to_a_float32_run(tmp_path):
+    shard = tmp_path / "shard-000.tar"
+    shard.touch()  # a local file: its samples' features outlive the run that computed them
+    raw = [{**sample, "__url__": str(shard)} for sample in _raw_samples(3)]
+    settings = ["stage.cache_vision_features=true", "stage.feature_cache_memory=0"]
+    _epoch_losses(_task(tmp_path / "cache", *settings), raw, epochs=1)
+    again = _task(tmp_path / "cache", *settings)
+    calls = TowerCalls(again)
+    _epoch_losses(again, raw, epochs=1)
+    assert calls.count == 0 and again.feature_cache.hits == 3  # a later float32 run reads them from the folder
+    mixed = _task(tmp_path / "cache", *settings)  # a bf16-mixed run of the same tower
+    calls = TowerCalls(mixed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _epoch_losses(mixed, raw, epochs=1)
+    assert calls.count == 1 and mixed.feature_cache.misses == 3
+
+
 def test_a_rewritten_shard_or_another_shard_of_the_same_name_misses_the_cache(tmp_path, monkeypatch):
     """A sample's features belong to the shard file it came from: rewritten shards (same name, other pictures) and
     another project's shard of the same relative name must not get them."""

@@ -3,12 +3,12 @@
 With the ViT frozen (and kept in eval mode) and the tiler deterministic, a sample's tiles always give the same patch
 features, so the tower need only see each image once. Features are kept per sample (all its tiles), in memory up to a
 byte budget, then in a folder: `DIR/<fingerprint>/<hash of the sample's identity>.safetensors`. The fingerprint hashes
-the tower's settings and weights and the tiler's settings, so a changed tower or tiler reads a fresh subfolder and
-never the old features. A sample's identity is its key in its shard, and the shard file's full path, size and
-modification time, so a rewritten shard, or another project's shard of the same relative name, is a miss. A shard
-that is no local file (a URL, a `pipe:` command) has no such fingerprint, so its features serve this process only:
-a later run reads the shard's images again. Files are written atomically, so ranks sharing a folder can read each
-other's.
+the tower's settings and weights (their dtype too), the tiler's settings and any autocast the tower runs under, so a
+changed tower, tiler or precision reads a fresh subfolder and never the old features. A sample's identity is its key
+in its shard, and the shard file's full path, size and modification time, so a rewritten shard, or another project's
+shard of the same relative name, is a miss. A shard that is no local file (a URL, a `pipe:` command) has no such
+fingerprint, so its features serve this process only: a later run reads the shard's images again. Files are written
+atomically, so ranks sharing a folder can read each other's.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ from vlm.models.vision import VisionTower
 log = logging.getLogger(__name__)
 
 
-def fingerprint(vision: VisionTower, tiler: Tiler) -> str:
-    """A hash of everything a tile's features depend on: the tower's settings and weights, the tiler's settings."""
+def fingerprint(vision: VisionTower, tiler: Tiler, precision: str = "") -> str:
+    """A hash of everything a tile's features depend on: the tower's settings and weights, the tiler's settings, and
+    the `precision` the tower runs in (bf16 autocast gives other features than float32)."""
     digest = hashlib.sha256()
     settings = {"vision": dataclasses.asdict(vision.config), "tiler": dataclasses.asdict(tiler.config),
-                "tile_size": tiler.tile_size, "mean": tiler.mean, "std": tiler.std}
+                "tile_size": tiler.tile_size, "mean": tiler.mean, "std": tiler.std, "precision": precision}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vision.state_dict().items()):
         digest.update(name.encode())
@@ -43,6 +44,13 @@ def fingerprint(vision: VisionTower, tiler: Tiler) -> str:
         copy = tensor.detach().to("cpu", copy=True).reshape(-1)
         digest.update(copy.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:20]
+
+
+def computed_in(device: torch.device) -> str:
+    """The precision the tower runs in on `device` here: the autocast dtype (a bf16-mixed run), else its weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return f"autocast {torch.get_autocast_dtype(device.type)}"
+    return "weights"
 
 
 class VisionFeatureCache:
@@ -66,7 +74,7 @@ class VisionFeatureCache:
         The tower runs at every call, on no tiles when every sample is cached or text-only, and the first call
         fingerprints it: under FSDP every rank must run the same blocks and gathers, whatever its batch holds."""
         if self.folder is None:
-            self.folder = self.root / fingerprint(self.vision, self.tiler)
+            self.folder = self.root / fingerprint(self.vision, self.tiler, computed_in(pixel_values.device))
             log.info("vision feature cache: %s (up to %.1f GB in memory)", self.folder, self.memory_bytes / 1e9)
         keys = [self._identity(key) for key in keys]
         chunks = pixel_values.split(tiles)  # per sample: (tiles[i], 3, S, S)
