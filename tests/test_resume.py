@@ -593,6 +593,16 @@ def test_resuming_names_changed_stage_settings_and_refuses_a_change_of_what_trai
     with pytest.raises(ConfigError, match=r"^stage.train_vision=True changes what step=000010.ckpt trained "
                                           r"\(llm \+ projector\) to llm \+ projector \+ vision: its optimizer state"):
         warn_changed_settings(path, tiny_config("stage.train_vision=true", stage="sft").stage, sft.trains)
+    # the way out it names is one the stage can take: a later stage starts from an export, contrastive does not
+    with pytest.raises(ConfigError, match=r"start a new run from this run's export \(init_from=\.\.\.\)"):
+        warn_changed_settings(path, tiny_config("stage.train_vision=true", stage="sft").stage, sft.trains)
+    contrastive = get_stage("contrastive")
+    torch.save({"state_dict": {}, "global_step": 10,
+                STAGE_SETTINGS_KEY: dataclasses.asdict(tiny_config(stage="contrastive").stage)}, path)
+    with pytest.raises(ConfigError, match=r"or start a new run without resume= \(stage=contrastive starts from "
+                                          r"fresh or pretrained weights, not from an export\) to train other parts$"):
+        warn_changed_settings(path, tiny_config("stage.train_vision=false", stage="contrastive").stage,
+                              contrastive.trains)
 
 
 def test_a_failed_start_leaves_no_empty_run_folder_and_only_rank_zero_removes_it(tmp_path, monkeypatch):

@@ -188,11 +188,16 @@ def warn_changed_settings(path: Path, settings: StageConfig, table_entry: frozen
     now = to_dict(settings)
     before = parts_with_overrides(table_entry, {part: recorded.get(key) for part, key in TRAIN_FLAGS.items()})
     if before != (after := trainable_parts(table_entry, settings)):
+        from vlm.training.stages import get_stage  # the stage table imports the tasks, which import this module
+
         keys = ", ".join(f"stage.{key}={now[key]}" for key in TRAIN_FLAGS.values() if now[key] != recorded.get(key))
+        other_parts = ("start a new run from this run's export (init_from=...) to train other parts"
+                       if get_stage(settings.name).previous else
+                       f"start a new run without resume= (stage={settings.name} starts from fresh or pretrained "
+                       f"weights, not from an export) to train other parts")
         raise ConfigError(f"{keys} changes what {path.name} trained ({' + '.join(sorted(before))}) to "
                           f"{' + '.join(sorted(after))}: its optimizer state holds the parts it trained. Resume "
-                          f"with the settings it trained with, or start a new run from this run's export "
-                          f"(init_from=...) to train other parts")
+                          f"with the settings it trained with, or {other_parts}")
     changed = [f"stage.{key}: {recorded[key]!r} -> {now[key]!r}" for key in sorted(now.keys() & recorded.keys())
                if now[key] != recorded[key]]
     if changed:
