@@ -457,8 +457,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, order: str) -> None:
     parser.add_argument("--workers", metavar="N", type=int, default=DEFAULT_WORKERS,
                         help=f"threads reading and checking images (default: {DEFAULT_WORKERS})")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace what an earlier run left in OUT (the shards of every split, classnames.txt, "
-                             "skipped.txt)")
+                        help="replace what an earlier converter run left in OUT: the shards of every split, and "
+                             "the classnames.txt (images_to_shards) and skipped.txt it wrote")
 
 
 def check_output_arguments(samples_per_shard: int, val_fraction: float = 0.0) -> None:

@@ -77,7 +77,8 @@ def test_export_with_a_missing_file_names_it(tmp_path, missing):
         target.rmdir()
     else:
         target.unlink()
-    with pytest.raises(ExportError, match=f"is not an export folder: it has no '{missing}'; re-export it"):
+    with pytest.raises(ExportError, match=f"is not an export folder: it has no '{missing}'; it is incomplete: copy "
+                                          f"it again"):
         load_clip(folder)
 
 

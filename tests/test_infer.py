@@ -153,6 +153,18 @@ def test_a_file_or_folder_given_for_an_export_folder_says_what_to_pass(tiny_sft_
     (tmp_path / "run" / "export").mkdir()
     with pytest.raises(ExportError, match="it is a run folder; pass its export folder .*run/export'$"):
         read_meta(tmp_path / "run")
+    with pytest.raises(ExportError, match="it holds a run's training checkpoints; pass the export beside them "
+                                          ".*run/export'$"):
+        read_meta(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "export").rmdir()  # stopped before its export
+    with pytest.raises(ExportError, match="training checkpoints of a run that has not written its export yet; "
+                                          "resume=auto finishes it$"):
+        read_meta(tmp_path / "run" / "checkpoints")
+    stage = tmp_path / "sft"
+    (stage / "r1").mkdir(parents=True)
+    (stage / "r1" / "export").symlink_to(tiny_sft_export)
+    with pytest.raises(ExportError, match="it holds runs; pass one's export folder, e.g. .*sft/r1/export'$"):
+        read_meta(stage)
     converted = tmp_path / "my-vlm-hf"
     converted.mkdir()
     (converted / PROVENANCE_FILE).write_text(json.dumps({"source": "/runs/sft/export"}))

@@ -292,6 +292,10 @@ def test_an_unreadable_checkpoint_named_by_resume_is_one_clear_error(tmp_path):
     broken.write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ConfigError, match=r"resume='.*step00000003.ckpt' cannot be loaded \(.*\); name an earlier"):
         prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={broken}"))
+    for folder in (broken.parent, broken.parent.parent):  # the checkpoints folder, or the run's
+        with pytest.raises(ConfigError, match=r"resume='.*' is a folder; pass one of its .ckpt files \(the newest "
+                                              r"there: '.*step00000003.ckpt'\), or resume=auto"):
+            prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={folder}"))
 
 
 def test_a_checkpoint_of_another_stage_is_refused_before_its_run_is_touched(tmp_path):

@@ -72,18 +72,20 @@ class ExportMeta:
         try:
             raw = json.loads(path.read_text())
         except ValueError as err:
-            raise ExportError(f"{str(path)!r} is not valid JSON ({err}); re-export it from its run") from None
+            raise ExportError(f"{str(path)!r} is not valid JSON ({err}); copy it again from the run that wrote "
+                              f"it") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else None
             raise ExportError(f"{str(path)!r} is not a vlm export (format {found!r})")
         fields = dataclasses.fields(cls)
         required = [f.name for f in fields if f.default is dataclasses.MISSING]
         if lacking := [name for name in required if name not in raw]:
-            raise ExportError(f"{str(path)!r} lacks {lacking}: it is damaged; re-export it from its run")
+            raise ExportError(f"{str(path)!r} lacks {lacking}: it is damaged; copy it again from the run that wrote it")
         if wrong := [name for name, kind in (("stage", str), ("model", dict), ("tiler", dict))
                      if not isinstance(raw[name], kind)]:
             raise ExportError(f"{str(path)!r} is damaged: its {wrong[0]!r} is {json.dumps(raw[wrong[0]])[:60]}, not "
-                              f"{'a string' if wrong[0] == 'stage' else 'an object'}; re-export it from its run")
+                              f"{'a string' if wrong[0] == 'stage' else 'an object'}; copy it again from the run "
+                              f"that wrote it")
         known = {f.name for f in fields}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -156,7 +158,16 @@ def missing_file_hint(directory: Path) -> str:
         source = json.loads((directory / PROVENANCE_FILE).read_text()).get("source")
         return (f"it was converted for another library (it loads with transformers or open_clip); vlm reads the "
                 f"export it came from: {source!r}")
-    return "re-export it from its run"
+    if any((directory / name).exists() for name in REQUIRED):
+        return "it is incomplete: copy it again from the run that wrote it"
+    if directory.name == "checkpoints" and (directory.parent / "export").is_dir():
+        return (f"it holds a run's training checkpoints; pass the export beside them "
+                f"{str(directory.parent / 'export')!r}")
+    if any(directory.glob("*.ckpt")):  # a run stopped before its export: resume=auto finishes it
+        return "it holds training checkpoints of a run that has not written its export yet; resume=auto finishes it"
+    if runs := sorted(directory.glob("*/export/" + REQUIRED[0])):
+        return f"it holds runs; pass one's export folder, e.g. {str(runs[-1].parent)!r}"
+    return "pass the export folder a training run writes when it finishes (OUTPUT_ROOT/STAGE/RUN/export)"
 
 
 def read_meta(directory: str | Path, expect_stage: tuple[str, ...] | None = None) -> ExportMeta:
@@ -181,7 +192,7 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError) as err:
         raise ExportError(f"{str(weights)!r} cannot be read ({first_line(err)}): it is damaged or cut short; "
-                          f"re-export it from its run") from None
+                          f"copy it again from the run that wrote it") from None
     except RuntimeError as err:  # a tensor of another shape than config.json's settings give
         # torch's first line only says "Error(s) in loading state_dict"; the next names the tensor and its shapes
         detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), first_line(err))

@@ -45,7 +45,7 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
         tokenizer = prepare_tokenizer(load_tokenizer(str(directory / TOKENIZER_DIR)))
     except Exception as err:  # missing or damaged files surface as OSError, ValueError or an import hint
         raise ExportError(f"{str(directory / TOKENIZER_DIR)!r} cannot be loaded ({first_line(err)}): it is damaged "
-                          f"or incomplete; re-export it from its run") from None
+                          f"or incomplete; copy it again from the run that wrote it") from None
     model = empty_vlm(model_config_from(meta.model), AutoConfig.for_model(**meta.llm_config),
                       image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)

@@ -135,6 +135,11 @@ def _resume_from_file(config: TrainConfig) -> tuple[Path, Path]:
     """resume=PATH: the checkpoint, checked to load and to be this stage's, and its run's folder; later checkpoints
     of the run are set aside so that resume=auto continues this branch."""
     resume_from = Path(config.resume).expanduser()
+    if resume_from.is_dir():
+        checkpoints = sorted(resume_from.glob("*.ckpt")) or sorted(resume_from.glob("checkpoints/*.ckpt"))
+        example = f" (the newest there: {str(checkpoints[-1])!r})" if checkpoints else ""
+        raise ConfigError(f"resume={config.resume!r} is a folder; pass one of its .ckpt files{example}, or "
+                          f"resume=auto (with run_name= for a run other than the stage's newest)")
     if not resume_from.is_file():
         raise ConfigError(f"resume={config.resume!r}: no such checkpoint file")
     if problem := checkpoint_problem(resume_from):
