@@ -113,14 +113,12 @@ class Processor:
                 raise SampleError(f"{name}: the chat template does not render message {i} ({message['role']}) as "
                                   f"written, so its reply cannot be told apart for the labels")
             end = start + len(content)
-            if message["role"] == "assistant":  # a space the template puts before the reply is its first token's
-                start = len(text[cursor:start].rstrip(" ")) + cursor
-            cursor = end
             if message["role"] == "assistant":
-                ending = self.control_token.match(text, cursor) if self.control_token else None
-                if ending:
-                    cursor = ending.end() + text.startswith("\n", ending.end())
-                spans.append((start, cursor))
+                start = cursor + len(text[cursor:start].rstrip(" "))  # a space before the reply is its first token's
+                if ending := self.control_token.match(text, end) if self.control_token else None:
+                    end = ending.end() + text.startswith("\n", ending.end())
+                spans.append((start, end))
+            cursor = end
         return spans
 
     def encode(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = "sample",
