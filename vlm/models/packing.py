@@ -72,7 +72,7 @@ def keeps_samples_apart(lm: PreTrainedModel) -> bool:
     embed = lm.get_input_embeddings()
     generator = torch.Generator().manual_seed(0)
     first, second, sample = (torch.randint(embed.num_embeddings, (n,), generator=generator) for n in (16, 16, 6))
-    device, was_training = embed.weight.device, lm.training
+    device, modes = embed.weight.device, [(module, module.training) for module in lm.modules()]
     positions = torch.cat([torch.arange(16), torch.arange(6)])[None].to(device)  # (1, 22)
 
     def logits(ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:  # the sample's (6, V)
@@ -86,7 +86,8 @@ def keeps_samples_apart(lm: PreTrainedModel) -> bool:
             after_second = logits(torch.cat([second, sample]), positions)
             alone = logits(sample, torch.arange(6, device=device)[None])
     finally:
-        lm.train(was_training)
+        for module, training in modes:  # as each was: a frozen part may be kept in eval mode
+            module.training = training
     scale = alone.abs().max().clamp(min=1e-6)
     leak = (after_first - after_second).abs().max() / scale
     restart = (after_first - alone).abs().max() / scale
