@@ -277,3 +277,11 @@ def test_a_run_on_an_llm_that_mixes_packed_samples_pads_its_batches_instead(capl
     batch = batching.collate([{"encoded": e, "key": str(i)} for i, e in enumerate(_samples(model, [20, 12],
                                                                                             [1, 0]))])
     assert "position_ids" not in batch and batch["attention_mask"].shape == (2, 20)  # padded: one sample a row
+
+
+def test_the_packing_probe_leaves_each_modules_train_or_eval_mode_as_it_was():
+    lm = _tiny_lm("llama").train()
+    lm.model.layers[0].eval()  # a part kept in eval mode, as a frozen one is
+    before = [module.training for module in lm.modules()]
+    assert keeps_samples_apart(lm)
+    assert [module.training for module in lm.modules()] == before
