@@ -127,6 +127,12 @@ def test_templates_that_render_a_conversations_last_turn_otherwise_label_exactly
     processor = Processor(tokenizer, bundle.processor.tiler, 512)
     assert processor.render(conversation()).count("You look at shapes.") == 1
     assert _labelled_runs(processor, conversation(), IMAGES) == replies
+    # short replies are not found in the template's markup ("a" in "assistant"), and a one-turn conversation's reply
+    # is labelled as the same reply in a longer one (Qwen3's think block before the last reply is never learned)
+    short = [{**m, "content": "a"} if m["role"] == "assistant" else m for m in conversation()]
+    assert _labelled_runs(processor, short, IMAGES) == [replies[0].replace("red", "a"),
+                                                        replies[1].replace("a blue star", "a")]
+    assert _labelled_runs(processor, conversation()[:3], IMAGES[:1]) == replies[:1]
     tokenizer.chat_template = template.replace("m['content'] | trim", "m['content'] | upper").replace(
         "{{ m['content'] + '<|im_end|>\n' }}", "{{ (m['content'] if m['role'] != 'assistant' else m['content'] | "
                                              "upper) + '<|im_end|>\n' }}")
@@ -192,6 +198,10 @@ def test_truncation_never_cuts_an_image(bundle):
         conversation(), IMAGES)
     assert torch.equal(cut.input_ids, full.input_ids[:second_image]) and cut.image_tokens == [tokens]
     assert torch.equal(cut.pixel_values, full.pixel_values[:1]) and (cut.labels != IGNORE_INDEX).any()
+    # the context ends before the second image starts: the cut is the context's, and the image is left out
+    early = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=second_image - 2).encode(conversation(),
+                                                                                                   IMAGES)
+    assert torch.equal(early.input_ids, full.input_ids[:second_image - 2]) and early.image_tokens == [tokens]
     # text after the last image is cut, and the sample survives while a reply is left
     messages = from_llava([{"from": "human", "value": "<image>"},
                            {"from": "gpt", "value": "red " * 200}]).messages

@@ -84,35 +84,39 @@ class Processor:
         `render` writes it; a template that refuses a prefix is named in a SampleError for `name`.
 
         Rendering the prefix before a reply with a generation prompt, and the prefix including it, brackets the reply
-        for any template that renders prefixes as the start of the whole (ChatML, Llama 3, SmolLM, ...). Templates
-        that render a conversation's last turn otherwise (Qwen3 gives it an empty think block; Mistral moves the
-        system prompt into the last user turn) fail that check, and their replies are found by their text instead.
+        for templates that render a prefix as the start of the whole and the reply right after the generation prompt
+        (ChatML, Llama 3, SmolLM, ...). Templates that render a conversation's last turn otherwise (Qwen3 puts an
+        empty think block before it; Mistral moves the system prompt into the last user turn) fail that check, and
+        their replies are found by their text instead, so a reply's labels are the same in any conversation.
         """
         spans = []
         for i, message in enumerate(messages):
             if message["role"] == "assistant":
                 before = self.render(messages[:i], add_generation_prompt=True, name=name)
                 through = self.render(messages[: i + 1], name=name)
-                if not (text.startswith(before) and text.startswith(through) and len(before) < len(through)):
+                reply_follows = text[len(before):len(through)].lstrip(" ").startswith(message["content"].strip())
+                if not (text.startswith(before) and text.startswith(through) and reply_follows):
                     return self.spans_by_text(messages, text, name)
                 spans.append((len(before), len(through)))
         return spans
 
     def spans_by_text(self, messages: list[dict[str, str]], text: str, name: str) -> list[tuple[int, int]]:
-        """Each reply's span found in order in `text`: its content (as templates trim it), and the control token
-        that ends its turn with the newline after it, when one follows. The user and assistant turns are walked in
-        order, so a reply is never found inside the question before it; system turns may move (Mistral's) and are
+        """Each reply's span found in order in `text`: its content (as templates trim it) where a control token (or
+        the text's end) follows it, that token, and the newline after it. Walking the user and assistant turns in
+        order keeps a reply from being found in the question before it, and the control token after it from being
+        found in the template's markup ("a" in "<|im_start|>assistant"); system turns may move (Mistral's) and are
         not looked for."""
         spans, cursor = [], 0
         for i, message in enumerate(messages):
             content = message["content"].strip()
             if message["role"] == "system" or not content:
                 continue
-            start = text.find(content, cursor)
-            if start < 0:
+            ends_turn = f"(?={self.control_token.pattern}|$)" if self.control_token else ""
+            pattern = re.escape(content) + (ends_turn if message["role"] == "assistant" else "")
+            if not (found := re.compile(pattern).search(text, cursor)):
                 raise SampleError(f"{name}: the chat template does not render message {i} ({message['role']}) as "
                                   f"written, so its reply cannot be told apart for the labels")
-            end = start + len(content)
+            start, end = found.span()
             if message["role"] == "assistant":
                 start = cursor + len(text[cursor:start].rstrip(" "))  # a space before the reply is its first token's
                 if ending := self.control_token.match(text, end) if self.control_token else None:
@@ -143,10 +147,11 @@ class Processor:
                                     f"{self.max_length}; shorten it or use fewer or smaller images", len(out_ids))
             # cut at the context, or before the first image that does not fit whole: images are never cut
             whole = sum(end <= self.max_length for end in image_ends)
-            cut = self.max_length if whole == len(tiled) else image_ends[whole] - tiled[whole].num_tokens
+            starts_within = whole < len(tiled) and image_ends[whole] - tiled[whole].num_tokens < self.max_length
+            cut = image_ends[whole] - tiled[whole].num_tokens if starts_within else self.max_length
             length, out_ids, out_labels, tiled = len(out_ids), out_ids[:cut], out_labels[:cut], tiled[:whole]
             if all(label == IGNORE_INDEX for label in out_labels):
-                where = f"before image {whole}, which does not fit whole," if cut < self.max_length else "there"
+                where = f"before image {whole}, which does not fit whole," if starts_within else "at the context"
                 raise SampleError(f"{name}: {length} tokens exceed model.llm.max_length={self.max_length}, and "
                                   f"cutting {where} leaves no assistant tokens; sample dropped")
         if train and all(label == IGNORE_INDEX for label in out_labels):
