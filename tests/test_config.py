@@ -100,6 +100,7 @@ def test_bad_values_name_the_key():
     ("stage.beta=inf", "stage.beta=inf must be a finite number"),
     ("stage.sft_weight=nan", "stage.sft_weight=nan must be a finite number"),
     ("stage.lr=-inf", "stage.lr=-inf must be a finite number"),
+    (f"stage.warmup_steps=-{10**400}", f"stage.warmup_steps=-{10**400} must be >= 0"),
     ("trainer.devices=0", "trainer.devices=0: give a count"),
     ("trainer.devices=abc", "trainer.devices='abc': give a count"),
     ("trainer.accelerator=tpu", r"trainer.accelerator='tpu' is not valid; choose one of \['auto', 'cpu'"),

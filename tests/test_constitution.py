@@ -76,6 +76,32 @@ def test_an_output_folder_with_shards_it_did_not_write_is_refused(tiny_sft_expor
     assert shard.read_bytes() == before and not (tmp_path / "prompts" / "settings.json").exists()
 
 
+def test_pairs_from_an_earlier_version_resume(tmp_path, caplog):
+    """A folder whose settings name the constitution by another path (same text), or that predates settings.json
+    (its shards have their pair counts beside them), resumes; shards without counts are no pairs of ours."""
+    from vlm.constitution.output import SETTINGS_FILE, check_resumable
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n")
+    constitution = load_constitution(str(mine))
+    out = tmp_path / "pairs"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "shard-000000.tar").write_bytes(b"")
+    (out / "train" / "shard-000000.json").write_text(json.dumps(vars(Counts(prompts=4))))
+    settings = {"constitution": constitution.source, "constitution_digest": constitution.digest, "seed": 0}
+    (out / SETTINGS_FILE).write_text(json.dumps({**settings, "constitution": "mine.yaml"}))
+    check_resumable(out, settings)
+    with pytest.raises(ConfigError, match="seed=0 \\(now 1\\)"):
+        check_resumable(out, {**settings, "seed": 1})
+    (out / SETTINGS_FILE).unlink()
+    with caplog.at_level(logging.WARNING):
+        check_resumable(out, settings)
+    assert "has pairs but no settings.json: resuming them without checking their settings" in caplog.text
+    (out / "train" / "shard-000000.json").unlink()
+    with pytest.raises(ConfigError, match="holds shards that vlm.constitution did not write"):
+        check_resumable(out, settings)
+
+
 def test_a_constitution_file_is_the_same_setting_by_any_path(tmp_path, monkeypatch):
     (tmp_path / "mine.yaml").write_text("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n")
     monkeypatch.chdir(tmp_path)

@@ -157,9 +157,11 @@ def test_a_file_or_folder_given_for_an_export_folder_says_what_to_pass(tiny_sft_
                                           ".*run/export'$"):
         read_meta(tmp_path / "run" / "checkpoints")
     (tmp_path / "run" / "export").rmdir()  # stopped before its export
-    with pytest.raises(ExportError, match="training checkpoints of a run that has not written its export yet; "
-                                          "resume=auto finishes it$"):
-        read_meta(tmp_path / "run" / "checkpoints")
+    for given in (tmp_path / "run" / "checkpoints", tmp_path / "run"):
+        with pytest.raises(ExportError, match="training checkpoints of a run that has not written its export yet; "
+                                              "resume=auto run_name=run \\(with its stage and output_root\\) "
+                                              "finishes it$"):
+            read_meta(given)
     stage = tmp_path / "sft"
     (stage / "r1").mkdir(parents=True)
     (stage / "r1" / "export").symlink_to(tiny_sft_export)

@@ -78,7 +78,9 @@ def unknown_key_message(key: str, valid: Iterable[str], what: str = "config key"
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)  # no NaN nor inf
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)  # no NaN nor inf (an int of any size is finite)
 
 
 def check_fields(obj: Any, path: str = "", error: type[ValueError] = ConfigError) -> None:

@@ -125,12 +125,19 @@ def check_resumable(out: Path, settings: dict[str, Any]) -> None:
     """Record `settings` in the output folder; where it already has shards, refuse settings that differ from theirs,
     since those shards would be skipped and kept as they are."""
     recorded_file = out / SETTINGS_FILE
-    if any(out.glob("*/shard-*.tar")):
-        if not recorded_file.is_file():  # not pairs vlm.constitution made: a converter's shards, the prompts...
-            raise ConfigError(f"out={str(out)!r} holds shards that vlm.constitution did not write (it has no "
-                              f"{SETTINGS_FILE}), and a run there would overwrite them; pass out= for a new folder")
+    if shards := list(out.glob("*/shard-*.tar")):
+        if not recorded_file.is_file():
+            if not any(shard.with_suffix(".json").is_file() for shard in shards):  # a converter's, the prompts...
+                raise ConfigError(f"out={str(out)!r} holds shards that vlm.constitution did not write (no pair "
+                                  f"counts beside them), and a run there would overwrite them; pass out= for a new "
+                                  f"folder")
+            # pairs written before settings were recorded: nothing to compare with
+            log.warning("%s has pairs but no %s: resuming them without checking their settings", out, SETTINGS_FILE)
+            return
         recorded = json.loads(recorded_file.read_text())
-        changed = [k for k in settings if k in recorded and recorded[k] != settings[k]]  # older folders record fewer
+        same_text = recorded.get("constitution_digest") == settings["constitution_digest"]
+        changed = [k for k in settings if k in recorded and recorded[k] != settings[k]  # older folders record fewer
+                   and not (k == "constitution" and same_text)]  # the same file by another path
         if changed:
             listed = ", ".join(f"{k}={recorded.get(k)!r} (now {settings[k]!r})" for k in changed)
             raise ConfigError(f"{out} holds pairs made with {listed}; a rerun there resumes them as they are. Pass "

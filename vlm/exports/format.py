@@ -163,8 +163,10 @@ def missing_file_hint(directory: Path) -> str:
     if directory.name == "checkpoints" and (directory.parent / "export").is_dir():
         return (f"it holds a run's training checkpoints; pass the export beside them "
                 f"{str(directory.parent / 'export')!r}")
-    if any(directory.glob("*.ckpt")):  # a run stopped before its export: resume=auto finishes it
-        return "it holds training checkpoints of a run that has not written its export yet; resume=auto finishes it"
+    run = directory.parent if directory.name == "checkpoints" else directory
+    if any(directory.glob("*.ckpt")) or any(directory.glob("checkpoints/*.ckpt")):  # stopped before its export
+        return (f"it holds training checkpoints of a run that has not written its export yet; "
+                f"resume=auto run_name={run.name} (with its stage and output_root) finishes it")
     if runs := sorted(directory.glob("*/export/" + REQUIRED[0])):
         return f"it holds runs; pass one's export folder, e.g. {str(runs[-1].parent)!r}"
     return "pass the export folder a training run writes when it finishes (OUTPUT_ROOT/STAGE/RUN/export)"
