@@ -630,6 +630,7 @@ def test_best_of_n_counts_replies_without_a_score(tiny_sft_export, small_synthet
 @pytest.mark.parametrize("reply,score", [("8", 8.0), ("Score: 7.5", 7.5), ("Rating: 9/10", 9.0),
                                          ("I would rate it 2 out of 10", 2.0), ("Score (1-10): 9", 9.0),
                                          ("On a scale of 1 to 10: 3", 3.0), ("Out of 10: 3", 3.0),
+                                         ("Score (0-10): 7", 7.0), ("Score: 8\n\n1. The answer is right.", 8.0),
                                          ("9, or maybe 3", None), ("100", None), ("no idea", None)])
 def test_a_critics_score_is_read_past_the_scale_it_names(reply, score):
     """The scale's own numbers (1-10, out of 10) are no score; a reply with two different scores has none."""

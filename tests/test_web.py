@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from vlm.chat import Completion
 from vlm.generation.options import H2OSettings
 from vlm.serve import ServeSettings, create_app
-from vlm.server.web import page_url
+from vlm.server.web import h2o_budget, page_url
 
 QUESTION = "What color is the shape?"
 # max_image_bytes is small so that a noisy 64x64 image is over it even as a JPEG; max_queue=2 so a new request never
@@ -109,6 +109,12 @@ def test_page_assets_config_and_web_false(live, serve, tiny_chat_model):
         reply = client.post("/v1/messages", json={"model": "x", "max_tokens": 1,
                                                   "messages": [{"role": "user", "content": "Hi"}]})
         assert reply.status_code == 200  # the APIs stay on
+
+
+def test_the_h2o_budget_is_said_as_the_cache_keeps_it():
+    assert h2o_budget(H2OSettings()) == ("the first 4 tokens, the 10% of the prompt most attended to and the newest "
+                                         "10% of the prompt")
+    assert h2o_budget(H2OSettings(heavy=0, recent=64, sinks=1)) == "the first 1 token and the newest 64 tokens"
 
 
 def test_page_url_for_the_bind_address():

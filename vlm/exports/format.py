@@ -30,6 +30,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 REQUIRED = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_DIR)
+COPY_AGAIN = "copy it again from the run that wrote it"  # a run writes its export once, as it finishes
 
 
 PROVENANCE_FILE = "vlm_provenance.json"  # in folders converted for other libraries (format=hf, format=open_clip)
@@ -72,20 +73,18 @@ class ExportMeta:
         try:
             raw = json.loads(path.read_text())
         except ValueError as err:
-            raise ExportError(f"{str(path)!r} is not valid JSON ({err}); copy it again from the run that wrote "
-                              f"it") from None
+            raise ExportError(f"{str(path)!r} is not valid JSON ({err}); {COPY_AGAIN}") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else None
             raise ExportError(f"{str(path)!r} is not a vlm export (format {found!r})")
         fields = dataclasses.fields(cls)
         required = [f.name for f in fields if f.default is dataclasses.MISSING]
         if lacking := [name for name in required if name not in raw]:
-            raise ExportError(f"{str(path)!r} lacks {lacking}: it is damaged; copy it again from the run that wrote it")
+            raise ExportError(f"{str(path)!r} lacks {lacking}: it is damaged; {COPY_AGAIN}")
         if wrong := [name for name, kind in (("stage", str), ("model", dict), ("tiler", dict))
                      if not isinstance(raw[name], kind)]:
             raise ExportError(f"{str(path)!r} is damaged: its {wrong[0]!r} is {json.dumps(raw[wrong[0]])[:60]}, not "
-                              f"{'a string' if wrong[0] == 'stage' else 'an object'}; copy it again from the run "
-                              f"that wrote it")
+                              f"{'a string' if wrong[0] == 'stage' else 'an object'}; {COPY_AGAIN}")
         known = {f.name for f in fields}
         return cls(**{k: v for k, v in raw.items() if k in known})
 
@@ -159,7 +158,7 @@ def missing_file_hint(directory: Path) -> str:
         return (f"it was converted for another library (it loads with transformers or open_clip); vlm reads the "
                 f"export it came from: {source!r}")
     if any((directory / name).exists() for name in REQUIRED):
-        return "it is incomplete: copy it again from the run that wrote it"
+        return f"it is incomplete: {COPY_AGAIN}"
     if directory.name == "checkpoints" and (directory.parent / "export").is_dir():
         return (f"it holds a run's training checkpoints; pass the export beside them "
                 f"{str(directory.parent / 'export')!r}")
@@ -194,7 +193,7 @@ def load_weights(model: nn.Module, directory: str | Path) -> None:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError) as err:
         raise ExportError(f"{str(weights)!r} cannot be read ({first_line(err)}): it is damaged or cut short; "
-                          f"copy it again from the run that wrote it") from None
+                          f"{COPY_AGAIN}") from None
     except RuntimeError as err:  # a tensor of another shape than config.json's settings give
         # torch's first line only says "Error(s) in loading state_dict"; the next names the tensor and its shapes
         detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), first_line(err))

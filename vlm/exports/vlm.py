@@ -12,6 +12,7 @@ from vlm.config import TilerConfig, model_config_from, to_dict
 from vlm.data.tokenizer import image_token_id, load_tokenizer, prepare_tokenizer
 from vlm.errors import first_line
 from vlm.exports.format import (
+    COPY_AGAIN,
     TOKENIZER_DIR,
     ExportError,
     ExportMeta,
@@ -45,7 +46,7 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
         tokenizer = prepare_tokenizer(load_tokenizer(str(directory / TOKENIZER_DIR)))
     except Exception as err:  # missing or damaged files surface as OSError, ValueError or an import hint
         raise ExportError(f"{str(directory / TOKENIZER_DIR)!r} cannot be loaded ({first_line(err)}): it is damaged "
-                          f"or incomplete; copy it again from the run that wrote it") from None
+                          f"or incomplete; {COPY_AGAIN}") from None
     model = empty_vlm(model_config_from(meta.model), AutoConfig.for_model(**meta.llm_config),
                       image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)

@@ -47,10 +47,11 @@ def fingerprint(vision: VisionTower, tiler: Tiler, precision: str = "") -> str:
 
 
 def computed_in(device: torch.device) -> str:
-    """The precision the tower runs in on `device` here: the autocast dtype (a bf16-mixed run), else its weights'."""
-    if torch.is_autocast_enabled(device.type):
-        return f"autocast {torch.get_autocast_dtype(device.type)}"
-    return "weights"
+    """How the tower computes on `device` here, beyond its weights' dtype (in the fingerprint already): under an
+    autocast dtype (a bf16-mixed run), and on CUDA with TF32 matmuls or not (trainer.matmul_precision)."""
+    autocast = f"autocast {torch.get_autocast_dtype(device.type)}" if torch.is_autocast_enabled(device.type) else ""
+    matmuls = f"float32 matmuls {torch.get_float32_matmul_precision()}" if device.type == "cuda" else ""
+    return f"{autocast};{matmuls}"
 
 
 class VisionFeatureCache:

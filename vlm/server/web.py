@@ -54,8 +54,8 @@ def h2o_budget(h2o: H2OSettings) -> str:
     def amount(value: int | float) -> str:
         return f"{value * 100:g}% of the prompt" if isinstance(value, float) else f"{value} token{'s' * (value != 1)}"
 
-    return (f"the first {amount(h2o.sinks)}, the {amount(h2o.heavy)} most attended to and the newest "
-            f"{amount(h2o.recent)}")
+    heavy = f", the {amount(h2o.heavy)} most attended to" if h2o.heavy else ""  # heavy=0: a recent-only window
+    return f"the first {amount(h2o.sinks)}{heavy} and the newest {amount(h2o.recent)}"
 
 
 def web_router(server: Server) -> APIRouter:

@@ -43,7 +43,7 @@ class VLMTask(StageTask):
         self.feature_cache = self._feature_cache()
         # packed rows' best width, from the LLM's layers as built (FSDP may flatten their weights later)
         self.packing_break_even = attention_break_even(self.model.lm)
-        self.packs: bool | None = None  # data.packing, where the LLM keeps packed samples apart (see `batching`)
+        self.packing_probed = False  # data.packing is checked against the LLM once (see `batching`)
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
@@ -71,9 +71,10 @@ class VLMTask(StageTask):
                                   stage.feature_cache_dir)
 
     def batching(self) -> Batching:
-        if self.packs is None:  # probed once, in the main process, before the loaders' workers copy the task
-            self.packs = self.config.data.packing and keeps_samples_apart(self.model.lm)
-            if self.config.data.packing and not self.packs:
+        if self.config.data.packing and not self.packing_probed:  # in the main process, before workers copy it
+            self.packing_probed = True
+            if not keeps_samples_apart(self.model.lm):
+                self.config.data.packing = False  # the run's config.json says it padded
                 log.warning("data.packing is off for this run: %s does not keep the samples of a packed row apart "
                             "(its attention mask ignores position ids, or its position bias does not restart), so "
                             "each sample would see the ones before it; batches are padded instead",
@@ -88,7 +89,7 @@ class VLMTask(StageTask):
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         """Training samples -> packed rows (data.packing) or a padded batch, with each sample's key and tile count in
         batch order (for the feature cache)."""
-        if not self.packs:
+        if not self.config.data.packing:
             return self.collate_padded(samples)
         encoded = [s["encoded"] for s in samples]
         width = best_width([len(e.input_ids) for e in encoded], self.bundle.processor.max_length,
@@ -225,22 +226,21 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     """From a phase 2 export (align -> sft -> dpo), or a new VLM whose ViT comes from a contrastive export."""
     meta = read_meta(init_from) if init_from else None
     if meta is not None and meta.has_llm:
-        keep_built(config, ignored_architecture(meta.model, to_dict(config.model)), init_from,
-                   "a phase 2 stage keeps its export's architecture; start from a contrastive export to change it")
+        adopt_export_architecture(config, ignored_architecture(meta.model, to_dict(config.model)), init_from,
+                                  "a phase 2 stage keeps its export's architecture; start from a contrastive export "
+                                  "to change it")
         bundle = load_vlm(init_from, tiler=config.tiler,
                           gradient_checkpointing=config.model.llm.gradient_checkpointing)
         bundle.model.vision.vit.set_grad_checkpointing(config.model.vision.gradient_checkpointing)
         set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
     else:
         if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
-            keep_built(config, ignored_architecture(meta.model["vision"], to_dict(config.model.vision), "vision."),
-                       init_from, "the ViT keeps the architecture it was trained with")
-        model = config.model
-        if meta is not None:
+            ignored = ignored_architecture(meta.model["vision"], to_dict(config.model.vision), "vision.")
+            adopt_export_architecture(config, ignored, init_from, "the ViT keeps the architecture it was trained with")
             vision = dataclasses.replace(model_config_from(meta.model).vision,
-                                         gradient_checkpointing=model.vision.gradient_checkpointing)
-            model = dataclasses.replace(model, vision=vision)
-        bundle = new_vlm(model, config.tiler)
+                                         gradient_checkpointing=config.model.vision.gradient_checkpointing)
+            config.model = dataclasses.replace(config.model, vision=vision)
+        bundle = new_vlm(config.model, config.tiler)
         if meta is not None:
             load_vision_from_clip(bundle.model.vision, init_from)
     log.info("image tokens per tile: %d; tiles per image: at most %d", bundle.model.tokens_per_tile,
@@ -253,7 +253,8 @@ RUN_MODEL_SETTINGS = ("vision.gradient_checkpointing", "vision.pretrained", "llm
                       "llm.attention", "llm.sparse.", "text.", "clip.")
 
 
-def keep_built(config: TrainConfig, ignored: list[tuple[str, Any, Any]], init_from: Path, why: str) -> None:
+def adopt_export_architecture(config: TrainConfig, ignored: list[tuple[str, Any, Any]], init_from: Path,
+                              why: str) -> None:
     """The export's value for each model key in `ignored` (key, built, asked) goes into `config`, so the run's
     config.json records what it trained; each key set on the command line gets a warning (the preset's own
     defaults differing from the export's need none)."""
