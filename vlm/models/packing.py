@@ -55,9 +55,11 @@ def attention_break_even(lm: PreTrainedModel) -> float:
     return linear / (2 * heads * head_dim)
 
 
-# relative logit change that is rounding, for the sample alone against packed (other dtypes: 2e-2); packed after two
-# different samples, its logits must agree to within LEAK_TOLERANCE in any dtype (the keys it cannot see weigh 0)
+# relative logit change that is rounding, for the sample alone against packed (PROBE_TOLERANCE by dtype, else
+# HALF_PRECISION_TOLERANCE); packed after two different samples, its logits must agree to within LEAK_TOLERANCE in
+# any dtype (the keys it cannot see weigh exactly 0)
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
+HALF_PRECISION_TOLERANCE = 2e-2
 LEAK_TOLERANCE = 1e-5
 
 
@@ -91,7 +93,7 @@ def keeps_samples_apart(lm: PreTrainedModel) -> bool:
     scale = alone.abs().max().clamp(min=1e-6)
     leak = (after_first - after_second).abs().max() / scale
     restart = (after_first - alone).abs().max() / scale
-    return bool(leak <= LEAK_TOLERANCE and restart <= PROBE_TOLERANCE.get(embed.weight.dtype, 2e-2))
+    return bool(leak <= LEAK_TOLERANCE and restart <= PROBE_TOLERANCE.get(embed.weight.dtype, HALF_PRECISION_TOLERANCE))
 
 
 def sample_layout(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
