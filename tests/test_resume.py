@@ -296,6 +296,9 @@ def test_an_unreadable_checkpoint_named_by_resume_is_one_clear_error(tmp_path):
         with pytest.raises(ConfigError, match=r"resume='.*' is a folder; pass one of its .ckpt files \(the newest "
                                               r"there: '.*step00000003.ckpt'\), or resume=auto"):
             prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={folder}"))
+    torch.save({"state_dict": {}, "global_step": 2}, broken.parent / "step00000002.ckpt")  # the furthest that loads
+    with pytest.raises(ConfigError, match=r"\(the newest there: '.*step00000002.ckpt'\)"):
+        prepare_run(tiny_config(f"output_root={tmp_path}", f"resume={broken.parent}"))
 
 
 def test_a_checkpoint_of_another_stage_is_refused_before_its_run_is_touched(tmp_path):

@@ -19,7 +19,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from vlm.config import ConfigError, TrainConfig
 from vlm.exports.format import ExportError, is_complete, read_meta
 from vlm.training.resume import (
+    checkpoint_candidates,
     checkpoint_problem,
+    checkpoint_record,
     checkpoint_step,
     find_resume_checkpoint,
     recorded_stage,
@@ -136,8 +138,10 @@ def _resume_from_file(config: TrainConfig) -> tuple[Path, Path]:
     of the run are set aside so that resume=auto continues this branch."""
     resume_from = Path(config.resume).expanduser()
     if resume_from.is_dir():
-        checkpoints = sorted(resume_from.glob("*.ckpt")) or sorted(resume_from.glob("checkpoints/*.ckpt"))
-        example = f" (the newest there: {str(checkpoints[-1])!r})" if checkpoints else ""
+        candidates = checkpoint_candidates(resume_from.parent if resume_from.name == "checkpoints" else resume_from)
+        newest = next((path for path in candidates if isinstance(checkpoint_record(path), dict)),
+                      candidates[0] if candidates else None)  # furthest readable first
+        example = f" (the newest there: {str(newest)!r})" if newest else ""
         raise ConfigError(f"resume={config.resume!r} is a folder; pass one of its .ckpt files{example}, or "
                           f"resume=auto (with run_name= for a run other than the stage's newest)")
     if not resume_from.is_file():
