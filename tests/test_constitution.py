@@ -144,9 +144,9 @@ def test_a_file_without_an_extension_is_read_unless_a_shipped_constitution_has_i
                                            "    revision: Again.\n", "principle 0 ('a') has list for its 'critique'"),
                                           ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
                                            "    typo_types: [color]\n",
-                                           "principle 0 ('a') has an unknown key 'typo_types' (did you mean 'types'?)"),
-                                          ("principle:\n  - name: a\n", "unknown key 'principle' (did you mean "
-                                                                        "'principles'?)"),
+                                           "principle 0 ('a'): unknown key 'typo_types'. Did you mean 'types'?"),
+                                          ("principle:\n  - name: a\n", "unknown key 'principle'. Did you mean "
+                                                                        "'principles'?"),
                                           ("- a\n- b\n", "holds list; write a mapping with 'principles'"),
                                           ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
                                            "examples:\n  - question: q\n    answer: a\n    critique: c\n",

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from vlm.cli import CONFIG_DIR
-from vlm.config import ConfigError, DataConfig, closest, setting
+from vlm.config import ConfigError, DataConfig, setting, unknown_key_message
 from vlm.constitution.critics import (
     ChatCritic,
     Critic,
@@ -136,9 +136,7 @@ def refuse_unknown_keys(entry: dict, known: tuple[str, ...], where: str) -> None
     """A misspelt key would be ignored (a principle's `typo_types` would let it judge every question type)."""
     for key in entry:
         if key not in known:
-            near = closest(str(key), known)
-            raise ConfigError(f"{where} has an unknown key {key!r}" + (f" (did you mean {near!r}?)" if near else "")
-                              + f"; its keys are {list(known)}")
+            raise ConfigError(f"{where}: {unknown_key_message(str(key), known, what='key')}")
 
 
 def check_critic(config: ConstitutionConfig) -> None:
