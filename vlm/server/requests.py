@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import io
 import json
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 from fastapi import Request
 from PIL import Image
 
+from vlm.config import closest
 from vlm.data.processor import PROMPT_NAME, image_label
 from vlm.data.tiler import pil_bomb_limit, sniff_media_type
 from vlm.data.tokenizer import IMAGE_TOKEN
@@ -258,8 +258,8 @@ def refuse_unknown_fields(body: dict, api_fields: frozenset[str], api: str) -> N
     known = api_fields | VLM_FIELDS | DECODING_EXTRAS.keys()
     for name in body:
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            near = closest(name, sorted(known))
+            hint = f" (did you mean {near}?)" if near else ""
             raise ApiError(400, f"{name}: not a field of the {api}{hint}", param=name)
 
 
