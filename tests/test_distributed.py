@@ -91,6 +91,16 @@ def _count_samples_on_ranks(rank: int, out: Path) -> None:
     (out / f"health-rank{rank}.json").write_text(json.dumps(results))
 
 
+def _share_held_out_batches(rank: int, out: Path) -> None:
+    """Each rank scores its share of 5 held-out batches, two items each; every rank gets all of them back."""
+    from vlm.training.held_out import HeldOutShare
+
+    share = HeldOutShare(rank, WORLD)
+    mine = [batch for batch in range(5) if share.mine(batch)]
+    merged = share.merged([(batch, f"batch {batch} item {item}") for batch in mine for item in range(2)])
+    (out / f"held-out-rank{rank}.json").write_text(json.dumps({"mine": mine, "merged": merged}))
+
+
 def _rank_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -126,6 +136,7 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
                         "grad_scale": max(g.abs().max().item() for g in reference_grads.values())},
                        Path(out) / f"{name}-rank{rank}.pt")
         _count_samples_on_ranks(rank, Path(out))
+        _share_held_out_batches(rank, Path(out))
     finally:
         dist.destroy_process_group()
 
@@ -190,7 +201,7 @@ def _train_two_ranks(tmp_path: Path, *extra: str, cache: Path | None = None) -> 
 
 # 32-true: FSDP on CPU ranks runs in full precision (trainer.precision=auto picks it there), and DDP must match it
 CONTRASTIVE_RUN = ["stage=contrastive", "stage.max_steps=6", "trainer.checkpoint_every_n_steps=3",
-                   "trainer.precision=32-true"]
+                   "trainer.precision=32-true", "eval.batch_size=4"]  # 4 held-out batches: 2 for each rank
 
 
 @pytest.fixture(scope="module")
@@ -461,3 +472,54 @@ def test_the_skip_rate_limit_reads_every_ranks_samples(two_rank_results):
         assert rank["2"]["stopped_at"][1].startswith("4 of 40 samples (10.0%) could not be decoded")
         assert rank["resumed"] == [100 + 20, 7 + 1]
     assert ranks[1]["1"]["local"] == [60, 6]  # rank 1 alone: 10% bad, over the limit
+
+
+@pytest.mark.slow
+def test_ranks_score_their_own_held_out_batches_and_all_get_every_score_in_order(two_rank_results):
+    """Under DDP rank r scores held-out batches r, r + 2, ...; merged, every rank holds every batch's items in batch
+    order, each batch's items in their own order."""
+    ranks = [json.loads((two_rank_results / f"held-out-rank{rank}.json").read_text()) for rank in range(WORLD)]
+    assert [rank["mine"] for rank in ranks] == [[0, 2, 4], [1, 3]]
+    expected = [f"batch {batch} item {item}" for batch in range(5) for item in range(2)]
+    assert ranks[0]["merged"] == ranks[1]["merged"] == expected
+
+
+def _evaluate_alone(tmp_path: Path, export: Path, stage: str) -> dict:
+    """`python -m vlm.eval` on the export in one process, with the runs' held-out batch size."""
+    out = tmp_path / f"eval-{stage}"
+    result = subprocess.run([sys.executable, "-m", "vlm.eval", f"stage={stage}", f"checkpoint={export}",
+                             "eval.batch_size=4", "data.num_workers=0", f"eval.output_dir={out}"],
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _assert_same_scores(run_metrics: dict, alone: dict, scored: str) -> None:
+    assert run_metrics[scored] == alone[scored] >= 16, (run_metrics, alone)  # 16 held-out samples, all scored
+    for name, value in alone.items():
+        if isinstance(value, float) and name in run_metrics:  # within float noise: the loss's kernels differ
+            assert abs(run_metrics[name] - value) <= 1e-4 * abs(value), (name, run_metrics[name], value)
+
+
+@pytest.mark.slow
+def test_a_ddp_runs_held_out_scores_are_one_processes(ddp_run, tmp_path):
+    """Two ranks each rank the embeddings of half the held-out batches; merged, the zero-shot and retrieval scores
+    are those `vlm.eval` computes in one process on the export."""
+    run, _ = ddp_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    _assert_same_scores(metrics, _evaluate_alone(tmp_path, run / "export", "contrastive"), "samples_scored")
+    assert "zero_shot_top1" in metrics
+
+
+@pytest.mark.slow
+def test_a_ddp_sft_runs_answers_are_one_processes(tmp_path):
+    """Two ranks each answer half the held-out batches: the run's exact match, answer count and loss are those
+    `vlm.eval` computes in one process on the export."""
+    _train_two_ranks(tmp_path, "stage=sft", "init_from=null", "stage.max_steps=2", "trainer.strategy=ddp",
+                     "trainer.precision=32-true", "eval.batch_size=4", "run_name=sft",
+                     f"stage.feature_cache_dir={tmp_path / 'features'}")
+    run = tmp_path / "runs" / "sft" / "sft"
+    metrics = json.loads((run / "metrics.json").read_text())
+    _assert_same_scores(metrics, _evaluate_alone(tmp_path, run / "export", "sft"), "answers_scored")
+    assert {"exact_match", "loss"} <= metrics.keys()

@@ -59,8 +59,8 @@ def test_frozen_parts_in_eval_mode_raise_no_lightning_warning(tmp_path):
 
 
 def test_rank_zero_validation_metrics_raise_no_sync_dist_advice(tmp_path):
-    """Every rank scores the whole held-out set and rank 0 logs it; in a distributed run Lightning's advice to sync
-    each epoch-level value (20 lines per validation) must stay quiet."""
+    """The held-out scores are gathered from every rank before they are logged; in a distributed run Lightning's
+    advice to sync each epoch-level value (20 lines per validation) must stay quiet."""
     import os
     import warnings
 

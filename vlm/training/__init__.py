@@ -30,8 +30,8 @@ def quiet_lightning() -> None:
     # frozen parts (and DPO's reference) are kept in eval mode on purpose (vlm/training/freezing.py), and the
     # parameter table says which; Lightning's warning about modules in eval mode would only alarm
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-    # every rank scores the whole held-out set (val shards are read unsplit) and rank 0 logs it, so Lightning's advice
-    # to sync epoch-level values across ranks does not apply to vlm's val/ metrics
+    # vlm's val/ metrics are logged once per validation from every rank's scores, gathered first (HeldOutShare), so
+    # Lightning's advice to sync epoch-level values across ranks does not apply to them
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
     # a run folder that holds checkpoints is only ever reopened by resume=auto or resume=PATH (vlm refuses to start a
     # new run there), so Lightning's warning that the folder is not empty is the resume working as asked

@@ -32,8 +32,8 @@ class ContrastiveTask(StageTask):
         self.tokenizer = tokenizer
         self.classnames = classnames
         self.loss_fn = build_contrastive_loss(config.model.clip)
-        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (image, text, labels) per batch
-        self._val_samples: list[tuple[str, str]] = []  # (key, caption) in batch order
+        # this rank's held-out batches: (batch index, (image, text, labels, [(key, caption)]))
+        self._val: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[str, str]]]]] = []
         self._classes: torch.Tensor | None = None  # (C, E) class embeddings for zero-shot top-1
 
     @classmethod
@@ -80,22 +80,27 @@ class ContrastiveTask(StageTask):
         self.model.clamp_logit_scale()
 
     def on_validation_epoch_start(self) -> None:
-        self._val, self._val_samples, self._classes = [], [], None
+        super().on_validation_epoch_start()
+        self._val, self._classes = [], None
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if batch_idx == 0 and self.classnames:  # in a step, so sharded (FSDP) weights are gathered as for a batch
             self._classes = class_embeddings(self.model, self.tokenizer, self.classnames, self.config.eval.templates,
                                              self.device).float().cpu()
+        if not self.held_out_share.mine(batch_idx):
+            return
         image = self.model.encode_image(batch["pixels"])
         text = self.model.encode_text(batch["ids"])
-        self._val.append((image.float().cpu(), text.float().cpu(), batch["labels"].cpu()))
-        self._val_samples += zip(batch["keys"], batch["captions"], strict=True)
+        self._val.append((batch_idx, (image.float().cpu(), text.float().cpu(), batch["labels"].cpu(),
+                                      list(zip(batch["keys"], batch["captions"], strict=True)))))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val:
+        scored = self.held_out_share.merged(self._val)  # every rank's batches, on every rank
+        self._val = []
+        if not scored:
             return
         # eval.max_samples: retrieval ranks among exactly that many, not the whole last batch's worth
-        image, text, labels = (torch.cat(parts)[:self.sample_limit] for parts in zip(*self._val, strict=True))
+        image, text, labels = (torch.cat(parts)[:self.sample_limit] for parts in list(zip(*scored, strict=True))[:3])
         classes = self._classes
         if classes is not None and not bool((labels >= 0).all()):
             log.warning("zero-shot top-1 scores the %d of %d held-out samples that have a class label ('cls')",
@@ -104,10 +109,10 @@ class ContrastiveTask(StageTask):
         class_scores = image @ classes.T if classes is not None else None  # (N, C)
         metrics = contrastive_metrics(retrieved, labels, class_scores) | {"samples_scored": float(len(image))}
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
-        keys, captions = zip(*self._val_samples[:len(image)], strict=True)
+        keys, captions = zip(*[sample for *_, samples in scored for sample in samples][:len(image)], strict=True)
         self.predictions = contrastive_predictions(retrieved, labels, class_scores, self.classnames, list(keys),
                                                    list(captions))
-        self._val, self._val_samples, self._classes = [], [], None
+        self._classes = None
 
     def empty_model(self) -> CLIPModel:
         return CLIPModel(self.config.model)

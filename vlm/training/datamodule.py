@@ -54,7 +54,7 @@ class ShardDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
             return []
-        # every rank scores the whole held-out split, so metrics need no cross-rank reduction
+        # unsplit: every rank steps through the same batches and scores its share of them (see HeldOutShare)
         pipeline = build_pipeline(self.val_urls, self.batching.val_decode, train=False, split_by_node=False)
         workers = min(self.config.num_workers, len(self.val_urls))
         collate = self.batching.val_collate or self.batching.collate

@@ -58,7 +58,7 @@ class PreferenceTask(VLMTask):
         self.reference = Reference(reference, reference_source)  # a frozen copy, or precomputed log-probs
         if settings.disable_dropout and (zeroed := disable_dropout(self.model)):
             log.info("dropout off in the policy (%d rates; stage.disable_dropout=false keeps them)", zeroed)
-        self.val_rewards: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.val_rewards: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []  # (batch index, (chosen, rejected))
         self.batches_trained, self.pairs_trained = 0, 0  # this session's: none of them pairs is worth a warning
 
     @classmethod
@@ -192,18 +192,21 @@ class PreferenceTask(VLMTask):
         self.val_rewards = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        samples = self.samples_within_limit(batch["scored"])  # counted on every rank (see VLMTask.validation_step)
         pairs = batch["pairs"]
-        count = len(pairs["keys"]) if pairs else 0
+        if not self.held_out_share.mine(batch_idx):
+            return
         if pairs:
             result = self.pair_loss(pairs)
-            self.val_rewards.append((result.chosen_rewards.cpu(), result.rejected_rewards.cpu()))
-            self.log("val/loss", result.loss, batch_size=count, sync_dist=False, rank_zero_only=True)
-        self.score_answers(batch["scored"])
+            self.val_rewards.append((batch_idx, (result.chosen_rewards.cpu(), result.rejected_rewards.cpu())))
+            self.val_losses.append((batch_idx, (result.loss.item(), len(pairs["keys"]))))
+        self.score_answers(samples, batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self.val_rewards:
-            chosen, rejected = (torch.cat(r)[:self.sample_limit] for r in zip(*self.val_rewards, strict=True))
+        rewards = self.held_out_share.merged(self.val_rewards)
+        if rewards:
+            chosen, rejected = (torch.cat(r)[:self.sample_limit] for r in zip(*rewards, strict=True))
             metrics = reward_metrics(chosen, rejected) | {"pairs_scored": torch.tensor(float(len(chosen)))}
             self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False, rank_zero_only=True)
 

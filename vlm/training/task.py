@@ -23,6 +23,7 @@ from vlm.data.sources import DataSources
 from vlm.training.freezing import apply_freezing, keep_frozen_parts_in_eval, trainable_parts
 from vlm.training.gradients import clip_gradients
 from vlm.training.health import DataHealth
+from vlm.training.held_out import HeldOutShare
 from vlm.training.optim import apply_stage_settings, build_optimizer, warmup_cosine
 
 
@@ -64,6 +65,7 @@ class StageTask(pl.LightningModule):
         # zero-shot predictions and caption ranks
         self.predictions: list[dict[str, Any]] = []
         self.held_out: str | None = None  # the held-out data a training run validates on, recorded in its export
+        self.held_out_share = HeldOutShare()  # the held-out batches this rank scores, set at each validation's start
 
     # ---- what each stage provides ----
 
@@ -134,6 +136,9 @@ class StageTask(pl.LightningModule):
         self.train()
         if self.trainer.ckpt_path:  # resumed: the optimizer's settings came back from the checkpoint
             apply_stage_settings(self.optimizers().optimizer, self.lr_schedulers(), self.config.stage)
+
+    def on_validation_epoch_start(self) -> None:
+        self.held_out_share = HeldOutShare.of(self._trainer)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.health.drop_skipped_gradients(optimizer)

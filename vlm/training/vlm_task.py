@@ -40,6 +40,9 @@ class VLMTask(StageTask):
         self.bundle = bundle
         self.val_rows_read = 0  # held-out samples read so far in this validation (eval.max_samples counts them)
         self.samples_answered = 0  # held-out samples whose turns were answered in this validation
+        # this rank's (batch index, item) scores, merged over ranks at the validation's end
+        self.val_losses: list[tuple[int, tuple[float, int]]] = []  # (mean loss, rows it averages)
+        self.answers: list[tuple[int, dict[str, Any]]] = []
         self.feature_cache = self._feature_cache()
         # packed rows' best width, from the LLM's layers as built (FSDP may flatten their weights later)
         self.packing_break_even = attention_break_even(self.model.lm)
@@ -138,38 +141,46 @@ class VLMTask(StageTask):
         return out.loss
 
     def on_validation_epoch_start(self) -> None:
-        self.predictions, self.val_rows_read, self.samples_answered = [], 0, 0
+        super().on_validation_epoch_start()
+        self.val_rows_read, self.samples_answered, self.val_losses, self.answers = 0, 0, [], []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # every rank counts every batch, so eval.max_samples cuts at the same sample whichever rank scores it
+        rows = self.rows_within_limit(len(batch["input_ids"]))
+        samples = self.samples_within_limit(batch.get("scored", []))
+        if not self.held_out_share.mine(batch_idx):
+            return
         out = self.forward_batch(batch)
-        # eval.max_samples: the loss of the first `sample_limit` samples, as the answers (the last batch read may
-        # hold more than the limit leaves)
-        rows = len(batch["input_ids"])
-        before, self.val_rows_read = self.val_rows_read, self.val_rows_read + rows
-        if self.sample_limit is not None:
-            rows = min(rows, max(0, self.sample_limit - before))
         if rows == len(batch["input_ids"]):
-            self.log("val/loss", out.loss, batch_size=rows, sync_dist=False, rank_zero_only=True)
-        elif rows:
+            self.val_losses.append((batch_idx, (out.loss.item(), rows)))
+        elif rows:  # the last batch read may hold more than eval.max_samples leaves
             logps, tokens = answer_logprobs(out.logits[:rows], batch["labels"][:rows])  # (rows,), (rows,)
-            self.log("val/loss", -logps.sum() / tokens.sum().clamp(min=1), batch_size=rows, sync_dist=False,
-                     rank_zero_only=True)
-        self.score_answers(batch.get("scored", []))
+            self.val_losses.append((batch_idx, ((-logps.sum() / tokens.sum().clamp(min=1)).item(), rows)))
+        self.score_answers(samples, batch_idx)
 
-    def score_answers(self, samples: list[list[ScoredTurn]]) -> None:
-        """Answer each sample's held-out turns greedily and keep the scored answers in `predictions`."""
+    def rows_within_limit(self, rows: int) -> int:
+        """How many of a held-out batch's `rows` count towards eval.max_samples (all of them without a limit)."""
+        before, self.val_rows_read = self.val_rows_read, self.val_rows_read + rows
+        return rows if self.sample_limit is None else min(rows, max(0, self.sample_limit - before))
+
+    def samples_within_limit(self, samples: list[list[ScoredTurn]]) -> list[list[ScoredTurn]]:
+        """The samples of a held-out batch whose turns are answered: the first eval.max_samples of the validation."""
         if self.sample_limit is not None:
             samples = samples[: max(0, self.sample_limit - self.samples_answered)]
         self.samples_answered += len(samples)
+        return samples
+
+    def score_answers(self, samples: list[list[ScoredTurn]], batch_idx: int) -> None:
+        """Answer each sample's held-out turns greedily and keep the scored answers, tagged with their batch."""
         turns = [turn for sample in samples for turn in sample]
         if not turns:
             return
         pad = self.bundle.tokenizer.pad_token_id
         for turn, prediction in zip(turns, self.answer(pad_batch([t.prompt for t in turns], pad, left=True)),
                                     strict=True):
-            self.predictions.append({"key": turn.key, "images": turn.images, "question": turn.question,
-                                     "reference": turn.reference, "prediction": prediction, "group": turn.group,
-                                     "scores": score_answer(prediction, turn.reference)})
+            self.answers.append((batch_idx, {"key": turn.key, "images": turn.images, "question": turn.question,
+                                             "reference": turn.reference, "prediction": prediction,
+                                             "group": turn.group, "scores": score_answer(prediction, turn.reference)}))
 
     def answer(self, prompt: dict[str, torch.Tensor], max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers for a left-padded prompt batch."""
@@ -192,6 +203,12 @@ class VLMTask(StageTask):
         return scores | {"answers_scored": len(self.predictions)}
 
     def on_validation_epoch_end(self) -> None:
+        share = self.held_out_share
+        losses, self.predictions = share.merged(self.val_losses), share.merged(self.answers)
+        if losses:  # the mean over batches, each weighted by its rows, as Lightning averages a logged value
+            rows = sum(count for _, count in losses)
+            self.log("val/loss", sum(loss * count for loss, count in losses) / rows, batch_size=rows,
+                     sync_dist=False, rank_zero_only=True)
         if not self.predictions:
             return
         metrics = {k: float(v) for k, v in self.prediction_metrics().items()}
