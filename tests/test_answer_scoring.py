@@ -271,7 +271,7 @@ class _ValidationReads(pl.Callback):
         self.reads: list[tuple[int, int]] = []
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.reads.append((pl_module.val_rows_read, len(pl_module.predictions)))
+        self.reads.append((pl_module.within_limit.rows_read, len(pl_module.predictions)))
 
 
 def test_validations_during_training_read_eval_max_samples_and_the_final_one_reads_all(tmp_path):

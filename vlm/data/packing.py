@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from vlm.data.processor import IGNORE_INDEX, Encoded, image_slots
+from vlm.data.processor import IGNORE_INDEX, Encoded, image_slots, pad_batch
 from vlm.data.shards import SeededReaderStage
 
 
@@ -112,3 +114,34 @@ def _grouped(samples: list[dict], batch_size: int, length: Callable[[dict], int]
     rng.shuffle(full)
     for batch in full + [b for b in batches if len(b) < batch_size]:  # a short remainder last, as one batch
         yield from batch
+
+
+@dataclass(frozen=True)
+class ConversationCollator:
+    """Decoded conversation samples -> a batch: packed rows (`packing`) or padded ones (`padded`, also every held-out
+    batch), with each sample's key and tile count in batch order (the feature cache names tiles by them) and a
+    held-out sample's turns to answer."""
+
+    pad_id: int
+    max_width: int  # the widest packed row (the processor's max_length)
+    break_even: float  # the row width at which attention costs as much as the linear layers (see best_width)
+    packing: bool
+
+    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+        if not self.packing:
+            return self.padded(samples)
+        encoded = [s["encoded"] for s in samples]
+        batch = pack_batch(encoded, self.pad_id, best_width([len(e.input_ids) for e in encoded], self.max_width,
+                                                             self.break_even))
+        return {**batch, **sample_fields([samples[i] for i in batch.pop("order")])}
+
+    def padded(self, samples: list[dict]) -> dict[str, Any]:
+        batch = pad_batch([s["encoded"] for s in samples], self.pad_id) | sample_fields(samples)
+        if samples and "scored" in samples[0]:
+            batch["scored"] = [s["scored"] for s in samples]  # per sample: its held-out turns to answer
+        return batch
+
+
+def sample_fields(samples: list[dict]) -> dict[str, Any]:
+    return {"num_samples": len(samples), "keys": [s["key"] for s in samples],
+            "tiles": [len(s["encoded"].pixel_values) for s in samples]}

@@ -1,4 +1,7 @@
-"""Validation split over DDP ranks: every rank reads every held-out batch, scores every n-th one, and the scores come
+"""Which held-out samples a validation scores: the first `eval.max_samples` of them (`SampleLimit`), and under DDP each
+rank its share (`HeldOutShare`).
+
+Validation is split over DDP ranks: every rank reads every held-out batch, scores every n-th one, and the scores come
 back together in batch order, so validating on n GPUs takes about 1/n of the time and reports what one process would.
 
 Every rank still reads (and decodes) every batch: the held-out shards are read unsplit, so the ranks step through the
@@ -17,6 +20,29 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from vlm.training.strategy import every_rank
 
 Scored = TypeVar("Scored")
+Sample = TypeVar("Sample")
+
+
+class SampleLimit:
+    """`eval.max_samples` over one validation: how many of each held-out batch's rows and samples count. Every rank
+    counts every batch, so the limit cuts at the same sample whichever rank scores it."""
+
+    def __init__(self, limit: int | None):
+        self.limit = limit  # None: every sample counts
+        self.rows_read = 0  # held-out rows read so far
+        self.samples_taken = 0  # samples whose turns were handed out to be answered so far
+
+    def rows(self, count: int) -> int:
+        """How many of the next batch's `count` rows count towards the limit."""
+        before, self.rows_read = self.rows_read, self.rows_read + count
+        return count if self.limit is None else min(count, max(0, self.limit - before))
+
+    def samples(self, samples: list[Sample]) -> list[Sample]:
+        """The next batch's samples whose turns are answered: those still within the limit."""
+        if self.limit is not None:
+            samples = samples[: max(0, self.limit - self.samples_taken)]
+        self.samples_taken += len(samples)
+        return samples
 
 
 class HeldOutShare:

@@ -100,7 +100,7 @@ class PreferenceTask(VLMTask):
         conversations are only answered, so they are not padded into a batch."""
         anchors = [s for s in samples if "encoded" in s and "scored" not in s]
         return {"pairs": collate_pairs([s["pair"] for s in samples if "pair" in s], self.bundle.tokenizer.pad_token_id),
-                "anchors": self.collate_padded(anchors) if anchors else None,
+                "anchors": self.collator(packing=False).padded(anchors) if anchors else None,
                 "scored": [s["scored"] for s in samples if "scored" in s]}
 
     def train(self, mode: bool = True) -> PreferenceTask:
@@ -192,7 +192,7 @@ class PreferenceTask(VLMTask):
         self.val_rewards = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        samples = self.samples_within_limit(batch["scored"])  # counted on every rank (see VLMTask.validation_step)
+        samples = self.within_limit.samples(batch["scored"])  # counted on every rank, as every batch is
         pairs = batch["pairs"]
         if not self.held_out_share.mine(batch_idx):
             return

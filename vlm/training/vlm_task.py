@@ -15,7 +15,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from vlm.cli import command_line_keys
 from vlm.config import ModelConfig, TrainConfig, load_config, model_config_from, to_dict
 from vlm.data.conversations import ConversationDecoder, ScoredTurn
-from vlm.data.packing import best_width, pack_batch
+from vlm.data.packing import ConversationCollator
 from vlm.data.processor import IGNORE_INDEX, pad_batch
 from vlm.data.sources import DataSources
 from vlm.exports.clip import load_vision_from_clip
@@ -29,6 +29,7 @@ from vlm.models.feature_cache import VisionFeatureCache
 from vlm.models.losses import answer_logprobs
 from vlm.models.packing import attention_break_even, keeps_samples_apart
 from vlm.models.vlm import VisionLanguageModel
+from vlm.training.held_out import SampleLimit
 from vlm.training.task import Batching, Stage, StageTask
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,7 @@ class VLMTask(StageTask):
     def __init__(self, config: TrainConfig, stage: Stage, bundle: VLMBundle):
         super().__init__(config, stage, bundle.model)
         self.bundle = bundle
-        self.val_rows_read = 0  # held-out samples read so far in this validation (eval.max_samples counts them)
-        self.samples_answered = 0  # held-out samples whose turns were answered in this validation
+        self.within_limit = SampleLimit(self.sample_limit)  # this validation's count towards eval.max_samples
         # this rank's (batch index, item) scores, merged over ranks at the validation's end
         self.val_losses: list[tuple[int, tuple[float, int]]] = []  # (mean loss, rows it averages)
         self.answers: list[tuple[int, dict[str, Any]]] = []
@@ -85,33 +85,14 @@ class VLMTask(StageTask):
         processor, settings = self.bundle.processor, self.config.eval
         held_out = ConversationDecoder(processor, evaluate=True, turns=settings.turns,
                                        group_by=self.config.data.eval_group_by)
-        return Batching(ConversationDecoder(processor), held_out, self.collate, self.config.stage.batch_size,
-                        settings.batch_size, val_collate=self.collate_padded,
-                        length=encoded_length)
+        collate = self.collator(self.config.data.packing)
+        return Batching(ConversationDecoder(processor), held_out, collate, self.config.stage.batch_size,
+                        settings.batch_size, val_collate=collate.padded, length=encoded_length)
 
-    def collate(self, samples: list[dict]) -> dict[str, Any]:
-        """Training samples -> packed rows (data.packing) or a padded batch, with each sample's key and tile count in
-        batch order (for the feature cache)."""
-        if not self.config.data.packing:
-            return self.collate_padded(samples)
-        encoded = [s["encoded"] for s in samples]
-        width = best_width([len(e.input_ids) for e in encoded], self.bundle.processor.max_length,
-                           self.packing_break_even)
-        batch = pack_batch(encoded, self.bundle.tokenizer.pad_token_id, width)
-        samples = [samples[i] for i in batch.pop("order")]
-        return {**batch, **self._sample_fields(samples)}
-
-    def collate_padded(self, samples: list[dict]) -> dict[str, Any]:
-        batch = pad_batch([s["encoded"] for s in samples], self.bundle.tokenizer.pad_token_id)
-        batch.update(self._sample_fields(samples))
-        if samples and "scored" in samples[0]:
-            batch["scored"] = [s["scored"] for s in samples]  # per sample: its held-out turns to answer
-        return batch
-
-    @staticmethod
-    def _sample_fields(samples: list[dict]) -> dict[str, Any]:
-        return {"num_samples": len(samples), "keys": [s["key"] for s in samples],
-                "tiles": [len(s["encoded"].pixel_values) for s in samples]}
+    def collator(self, packing: bool) -> ConversationCollator:
+        """Training batches: packed rows with `packing` (data.packing, after the probe), else padded ones."""
+        return ConversationCollator(self.bundle.tokenizer.pad_token_id, self.bundle.processor.max_length,
+                                    self.packing_break_even, packing)
 
     def cached_patches(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The vision tower's features (N_tiles, P, Dv) of the batch's tiles through the feature cache (its `keys`
@@ -142,12 +123,11 @@ class VLMTask(StageTask):
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
-        self.val_rows_read, self.samples_answered, self.val_losses, self.answers = 0, 0, [], []
+        self.within_limit, self.val_losses, self.answers = SampleLimit(self.sample_limit), [], []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        # every rank counts every batch, so eval.max_samples cuts at the same sample whichever rank scores it
-        rows = self.rows_within_limit(len(batch["input_ids"]))
-        samples = self.samples_within_limit(batch.get("scored", []))
+        rows = self.within_limit.rows(len(batch["input_ids"]))
+        samples = self.within_limit.samples(batch.get("scored", []))
         if not self.held_out_share.mine(batch_idx):
             return
         out = self.forward_batch(batch)
@@ -157,18 +137,6 @@ class VLMTask(StageTask):
             logps, tokens = answer_logprobs(out.logits[:rows], batch["labels"][:rows])  # (rows,), (rows,)
             self.val_losses.append((batch_idx, ((-logps.sum() / tokens.sum().clamp(min=1)).item(), rows)))
         self.score_answers(samples, batch_idx)
-
-    def rows_within_limit(self, rows: int) -> int:
-        """How many of a held-out batch's `rows` count towards eval.max_samples (all of them without a limit)."""
-        before, self.val_rows_read = self.val_rows_read, self.val_rows_read + rows
-        return rows if self.sample_limit is None else min(rows, max(0, self.sample_limit - before))
-
-    def samples_within_limit(self, samples: list[list[ScoredTurn]]) -> list[list[ScoredTurn]]:
-        """The samples of a held-out batch whose turns are answered: the first eval.max_samples of the validation."""
-        if self.sample_limit is not None:
-            samples = samples[: max(0, self.sample_limit - self.samples_answered)]
-        self.samples_answered += len(samples)
-        return samples
 
     def score_answers(self, samples: list[list[ScoredTurn]], batch_idx: int) -> None:
         """Answer each sample's held-out turns greedily and keep the scored answers, tagged with their batch."""
