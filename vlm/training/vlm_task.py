@@ -90,7 +90,8 @@ class VLMTask(StageTask):
                         settings.batch_size, val_collate=collate.padded, length=encoded_length)
 
     def collator(self, packing: bool) -> ConversationCollator:
-        """Training batches: packed rows with `packing` (data.packing, after the probe), else padded ones."""
+        """This model's batches: training ones packed with `packing` (data.packing, after the probe), held-out and
+        DPO anchor ones padded (`padded`)."""
         return ConversationCollator(self.bundle.tokenizer.pad_token_id, self.bundle.processor.max_length,
                                     self.packing_break_even, packing)
 
