@@ -97,7 +97,9 @@ def one_layer(attention: str, kernel: str, pattern: SparsePattern, device: torch
     config = LlamaConfig(vocab_size=16, hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=1,
                          num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=1 << 18)
     lm = LlamaForCausalLM(config).to(device, dtype)
-    sparse = SparseAttentionConfig(window=pattern.window, stride=pattern.stride, sinks=pattern.sinks, kernel=kernel)
+    # the dense side keeps the defaults: sparse settings it does not read would be warned about as unused
+    sparse = SparseAttentionConfig(window=pattern.window, stride=pattern.stride, sinks=pattern.sinks, kernel=kernel) \
+        if attention == "local_global" else SparseAttentionConfig()
     use_attention(lm, LLMConfig(name_or_path=None, tokenizer=None, config={}, gradient_checkpointing=False,
                                 max_length=8, chat_template=None, attention=attention, sparse=sparse))
     return lm

@@ -17,7 +17,7 @@ from vlm.generation.h2o import (
     H2OLayer,
     PaddedBatchError,
     attention_column_scores,
-    image_run_ends,
+    image_ends,
     score_block,
 )
 from vlm.generation.options import IMAGE_BLOCKS, GenerationOptions, H2OSettings, OptionError
@@ -130,7 +130,7 @@ def image_rows() -> torch.Tensor:
 
 def test_image_blocks_end_a_pass_after_each_image_of_any_row(lm):
     images = image_rows()
-    assert image_run_ends(images) == [11, 19]
+    assert image_ends(images) == [11, 19]
     budget = H2OBudget(heavy=3, recent=4, sinks=2, prompt_block=IMAGE_BLOCKS)
     cache = H2OCache(lm, budget)
     reads = spy_reads(cache)
@@ -330,6 +330,33 @@ def test_a_padded_batch_is_refused(lm, heavy):
                     cache=H2OCache(lm, H2OBudget(heavy=heavy, recent=2, sinks=1)))
 
 
+@pytest.mark.parametrize("block", [1, 4, IMAGE_BLOCKS])
+def test_a_padded_batch_read_in_blocks_is_refused_before_the_first_pass(tiny_chat_model, block):
+    """The passes that read the prompt before `generate` take no mask, so they would read a row's padding as words:
+    a left-padded batch is refused before them, as `generate` refuses one read whole."""
+    from images import solid
+
+    chat = tiny_chat_model
+    prompts = [chat.prepare([{"role": "user", "content": "<image>\n" + question}], [solid()])
+               for question in ("What colour?", "What colour is the shape in the picture?")]
+    inputs = chat._inputs(prompts)
+    assert not bool(inputs["attention_mask"].all())  # left-padded
+    cache = H2OCache(chat.model.lm, H2OBudget(heavy=2, recent=3, sinks=1, prompt_block=block))
+    reads = spy_reads(cache)
+    with pytest.raises(PaddedBatchError, match="left-padded batch"):
+        chat.model.generate(**inputs, cache=cache, max_new_tokens=2, do_sample=False,
+                            pad_token_id=chat.tokenizer.pad_token_id)
+    assert reads == []
+
+
+def test_image_blocks_end_after_each_of_two_images_written_side_by_side():
+    """`<image><image>` is one run of image tokens; the slots tell the two images apart, so each ends a pass."""
+    images = torch.zeros(1, 12, dtype=torch.bool)
+    images[0, 2:8] = True  # two images of 3 tokens each, adjacent
+    assert image_ends(images, torch.tensor([0, 0, 0, 1, 1, 1])) == [5, 8]
+    assert image_ends(images) == [8]  # without slots, a run is an image
+
+
 def test_fractions_resolve_against_the_prompt_length():
     assert H2OBudget.for_prompt(H2OSettings(heavy=0.1, recent=0.25, sinks=4), 100) == H2OBudget(10, 25, 4)
     assert H2OBudget.for_prompt(H2OSettings(heavy=7, recent=1.0, sinks=0), 30) == H2OBudget(7, 30, 0)
@@ -454,3 +481,18 @@ def test_models_h2o_cannot_run_on_are_refused_before_generating(lm):
     with pytest.raises(OptionError, match=r"^kv_cache='h2o' cannot run on Gemma2ForCausalLM: transformers runs it "
                                           r"with its own eager attention only"):
         refuse_unsupported(gemma)
+
+
+@pytest.mark.parametrize("family", ["mpt", "xglm"])
+def test_models_whose_attention_is_their_own_code_are_refused_before_generating(family):
+    """MPT and XGLM hand the cache its arguments, then compute attention in their own code, so the score hook never
+    runs: one OptionError naming kv_cache, before any token (not an error after the first)."""
+    from transformers import MptConfig, MptForCausalLM, XGLMConfig, XGLMForCausalLM
+
+    from vlm.generation.h2o import refuse_unsupported
+
+    model = (MptForCausalLM(MptConfig(vocab_size=97, d_model=32, n_heads=4, n_layers=2)) if family == "mpt" else
+             XGLMForCausalLM(XGLMConfig(vocab_size=97, d_model=32, ffn_dim=64, num_layers=2, attention_heads=4))).eval()
+    with pytest.raises(OptionError, match=r"cannot run on \w+: its attention is computed in its own code") as refused:
+        refuse_unsupported(model)
+    assert refused.value.key == "kv_cache"

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -49,6 +50,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlm.generation.options import IMAGE_BLOCKS, H2OSettings, OptionError
 from vlm.models.attention import uses_pattern
+from vlm.models.vlm import run_slots
 
 log = logging.getLogger(__name__)
 
@@ -260,23 +262,27 @@ class H2OCache(Cache):
         self.cancel = cancel  # set (Ctrl-C, a client gone): `read_prompt` stops between passes
 
     @torch.no_grad()
-    def read_prompt(self, lm: PreTrainedModel, inputs_embeds: torch.Tensor,
-                    image_tokens: torch.Tensor | None = None) -> bool:
+    def read_prompt(self, lm: PreTrainedModel, inputs_embeds: torch.Tensor, image_tokens: torch.Tensor | None = None,
+                    image_slots: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> bool:
         """Read the start of the prompt's (B, L, D) embeddings into the cache in passes, evicting after each;
         `generate` then finds them cached and reads the rest in its first pass. False when `cancel` was set before
         the last pass: the answer is not to be generated.
 
         With `budget.prompt_block` = N, all but the last token, N tokens per pass, so no prompt token reads a key the
         budget has dropped and the cache never holds more than the budget + N. With `prompt_block="image"`, up to the
-        last image's end, a pass ending after each image's last token (in any row of `image_tokens`, (B, L) bool):
-        every image is read whole, then evicted, before the words after it read it. Without a block size this does
-        nothing: `generate` reads the whole prompt at once and the budget applies from then on."""
+        last image's end, a pass ending after each image's last token (in any row of `image_tokens`, (B, L) bool;
+        `image_slots` (N_image_tokens,) tells adjacent images apart, as in VisionLanguageModel.embed): every image is
+        read whole, then evicted, before the words after it read it. Without a block size this does nothing:
+        `generate` reads the whole prompt at once and the budget applies from then on. A left-padded batch
+        (`attention_mask` (B, L) with zeros) is refused: the passes read no mask."""
         block = self.budget.prompt_block
         if block is None or self.get_seq_length():
             return True
+        _refuse_padding(attention_mask, inputs_embeds.shape[1])
         last = inputs_embeds.shape[1] - 1  # generate reads at least the last token
         if block == IMAGE_BLOCKS:
-            ends = [end for end in image_run_ends(image_tokens) if end <= last] if image_tokens is not None else []
+            ends = [end for end in image_ends(image_tokens, image_slots) if end <= last] if image_tokens is not None \
+                else []
         else:
             ends = [*range(block, last, block), last] if last else []
         start = 0
@@ -293,11 +299,16 @@ class H2OCache(Cache):
         return self.layers[layer_idx].held() if layer_idx < len(self.layers) else 0
 
 
-def image_run_ends(image_tokens: torch.Tensor) -> list[int]:
-    """Positions just after each run of image tokens in any row of `image_tokens` (B, L) bool, ascending."""
-    after = image_tokens[:, :-1] & ~image_tokens[:, 1:]  # (B, L-1): token i is an image's last
-    ends = (after.any(dim=0).nonzero().flatten() + 1).tolist()
-    return ends + ([image_tokens.shape[1]] if bool(image_tokens[:, -1].any()) else [])
+def image_ends(image_tokens: torch.Tensor, image_slots: torch.Tensor | None = None) -> list[int]:
+    """Positions just after each image's last token in any row of `image_tokens` (B, L) bool, ascending. `image_slots`
+    (N_image_tokens,) numbers each image token's image within its row; without it each run of image tokens is one
+    image (two images written side by side, `<image><image>`, are then one run)."""
+    if image_slots is None:
+        image_slots = run_slots(image_tokens)
+    image = torch.full(image_tokens.shape, -1, dtype=torch.long, device=image_tokens.device)  # (B, L): -1 for text
+    image[image_tokens] = image_slots.to(image.device)
+    last = image_tokens & (image != F.pad(image[:, 1:], (0, 1), value=-1))  # (B, L): an image's last token
+    return (last.any(dim=0).nonzero().flatten() + 1).tolist()
 
 
 def score_block(heads: int, keys: int, device: torch.device) -> int:
@@ -402,17 +413,25 @@ def refuse_pattern(lm: PreTrainedModel) -> None:
                           "local_global (it already keeps only the keys its pattern reads); use kv_cache='dynamic'")
 
 
-class _KwargsProbe(DynamicLayer):
-    """A cache layer that notes whether the model's attention hands it its kwargs (H2O's way to the scores)."""
+class _ScoreProbe(DynamicLayer):
+    """A cache layer that notes whether the model's attention hands it its kwargs, and then calls the registered
+    attention function with them (whose score hook reports back through `observe`): H2O's way to the scores."""
 
-    def __init__(self, seen: list[bool]):
+    wants_scores = False  # the hook then reports without computing scores
+
+    def __init__(self):
         super().__init__()
-        self.seen = seen
+        self.got_kwargs = self.observed = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                kwargs: dict[str, Any] | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        self.seen.append(kwargs is not None)
+        if kwargs is not None:
+            self.got_kwargs = True
+            kwargs[H2O_LAYER] = self
         return super().update(key_states, value_states)
+
+    def observe(self, scores: torch.Tensor | None) -> None:
+        self.observed = True
 
 
 def refuse_unsupported(lm: PreTrainedModel) -> None:
@@ -440,13 +459,15 @@ def _unsupported_reason(lm: PreTrainedModel) -> str:
     except ValueError as err:  # transformers refuses the attention implementation the hook wraps
         log.debug("H2O score hook refused: %s", err)
         return "transformers runs it with its own eager attention only, not the sdpa H2O's score hook wraps"
-    seen: list[bool] = []
-    probe = Cache(layers=[_KwargsProbe(seen) for _ in range(config.num_hidden_layers)])
+    probes = [_ScoreProbe() for _ in range(config.num_hidden_layers)]
     token = torch.zeros(1, 1, dtype=torch.long, device=lm.device)
     with torch.no_grad():
-        lm(input_ids=token, cache=probe, use_cache=True)
-    if not seen or not all(seen):
+        lm(input_ids=token, cache=Cache(layers=probes), use_cache=True)
+    if not all(probe.got_kwargs for probe in probes):
         return "its attention does not pass its arguments to the KV cache, where H2O gets the attention scores"
+    if not all(probe.observed for probe in probes):  # MPT, XGLM: the cache is handed the arguments, then unused
+        return "its attention is computed in its own code, not through the registered attention function that " \
+               "H2O's score hook wraps"
     return ""
 
 

@@ -26,6 +26,13 @@ from vlm.models.vision import VisionTower
 FEATURE_SLOT_STD = 0.5
 
 
+def run_slots(is_image: torch.Tensor) -> torch.Tensor:
+    """(N_image_tokens,) each image token's image within its row, counting each run of image tokens (B, L) bool as
+    one image: the slots of a prompt whose images are written apart."""
+    starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # (B, L) the first token of each run
+    return (starts.cumsum(dim=1) - 1)[is_image]
+
+
 class VisionLanguageModel(nn.Module):
     def __init__(self, config: ModelConfig, lm: PreTrainedModel, image_token_id: int):
         super().__init__()
@@ -99,8 +106,7 @@ class VisionLanguageModel(nn.Module):
                              f"{features.shape[0]} image features ({self.tokens_per_tile} per tile)")
         if self.image_slot_embeddings is not None:
             if image_slots is None:
-                starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # (B, L) first token of each run
-                image_slots = (starts.cumsum(dim=1) - 1)[is_image]  # (N_image_tokens,)
+                image_slots = run_slots(is_image)
             last = self.image_slot_embeddings.num_embeddings - 1
             slots = self.image_slot_embeddings(image_slots.to(features.device).clamp(max=last))  # (N_img_tokens, Dlm)
             if self.slot_scales_with_feature:
@@ -137,7 +143,8 @@ class VisionLanguageModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         read_prompt = getattr(generate_kwargs.get("cache"), "read_prompt", None)
         # a cache that reads the prompt its own way (H2O with h2o.prompt_block); False: cancelled while reading it
-        if read_prompt is not None and not read_prompt(self.lm, embeds, input_ids == self.image_token_id):
+        if read_prompt is not None and not read_prompt(self.lm, embeds, input_ids == self.image_token_id, image_slots,
+                                                       attention_mask):
             return input_ids.new_zeros((input_ids.shape[0], 0))
         out = self.lm.generate(input_ids=input_ids, inputs_embeds=embeds, attention_mask=attention_mask,
                                **generate_kwargs)  # (B, L + T_new)
