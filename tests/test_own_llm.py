@@ -77,6 +77,21 @@ def test_a_model_that_is_no_causal_lm_is_refused_naming_the_key(tmp_path, kind, 
         build_llm(llm, new_tokenizer(llm))
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_max_length_past_the_llms_positions_is_refused_naming_both(tmp_path, kind):
+    """GPT-2's learned positions would fail at the first sample longer than them (an IndexError inside the model,
+    hours into a run); rotary ones were never trained there. Both are refused when the model is built."""
+    model = (GPT2LMHeadModel(GPT2Config(vocab_size=1100, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+             if kind == "gpt2" else LlamaForCausalLM(LlamaConfig(**SIZES, max_position_embeddings=64)))
+    folder = _saved(tmp_path / kind, model)
+    llm = tiny_config(f"model.llm.name_or_path={folder}", "model.llm.max_length=65", stage="sft").model.llm
+    with pytest.raises(ConfigError, match=r"^model.llm.max_length=65 is more than the 64 positions \w+ has "
+                                          r"\(max_position_embeddings in its config\): set model.llm.max_length=64"):
+        build_llm(llm, new_tokenizer(llm))
+    fits = tiny_config(f"model.llm.name_or_path={folder}", "model.llm.max_length=64", stage="sft").model.llm
+    assert build_llm(fits, new_tokenizer(fits)).config.get_text_config().max_position_embeddings == 64
+
+
 def test_a_folder_without_tokenizer_files_is_named_by_its_key(tmp_path):
     (tmp_path / "empty").mkdir()
     llm = tiny_config(f"model.llm.name_or_path={tmp_path / 'empty'}", stage="sft").model.llm

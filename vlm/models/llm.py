@@ -29,6 +29,7 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                    "pad_token_id": tokenizer.pad_token_id}  # so generate stops on the template's end of turn
         lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**special, **config.config}))
+    check_positions(lm, config.max_length)
     if lm.get_input_embeddings().num_embeddings < vocab_size:
         lm.resize_token_embeddings(vocab_size, mean_resizing=False)
     use_attention(lm, config)
@@ -43,6 +44,16 @@ def enable_checkpointing(lm: PreTrainedModel) -> None:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_positions(lm: PreTrainedModel, max_length: int) -> None:
+    """Refuse a sample length past the LLM's positions: learned position embeddings (GPT-2) fail at the first sample
+    that long, possibly hours into a run, and rotary ones were never trained there (chat caps prompts at them)."""
+    positions = getattr(lm.config.get_text_config(), "max_position_embeddings", None)  # GPT-2's n_positions too
+    if isinstance(positions, int) and max_length > positions:
+        raise ConfigError(f"model.llm.max_length={max_length} is more than the {positions} positions "
+                          f"{type(lm).__name__} has (max_position_embeddings in its config): set "
+                          f"model.llm.max_length={positions} or less")
 
 
 def check_causal(lm: PreTrainedModel, name: str) -> None:
