@@ -257,6 +257,21 @@ def test_shard_patterns_need_no_hydra_quoting():
                                                 r"data.val='/d/we\ird/x.tar'"]
 
 
+@pytest.mark.parametrize("key", PATTERN_KEYS)
+def test_a_pattern_the_shell_expanded_into_one_argument_per_shard_is_refused(key, capsys):
+    """`data.train=/d/shard-{000..002}.tar` unquoted reaches vlm as three arguments; Hydra would keep the last and
+    train on one shard of three. Other keys may repeat (the last wins, as over a shell alias's settings)."""
+    shards = [f"{key}=/d/shard-00000{i}.tar" for i in range(3)]
+    with pytest.raises(SystemExit) as stop:
+        preflight(["stage=sft", *shards], "train")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {key} is given 3 times ('/d/shard-000000.tar', '/d/shard-000001.tar', '/d/shard-000002.tar'): the "
+        f"shell expands an unquoted brace pattern into one argument per shard, and only the last would be read. "
+        f"Quote the pattern: {key}='/data/shard-{{000000..000009}}.tar'\n")
+    preflight(["stage.max_steps=2", "stage.max_steps=3", shards[0]], "train")  # composes: no error
+
+
 def test_infer_and_serve_configs_compose():
     from hydra import compose, initialize_config_dir
 

@@ -180,6 +180,8 @@ def preflight(args: list[str], config_name: str) -> None:
 
     Also quotes shard patterns and paths in place in sys.argv, where Hydra reads them.
     """
+    if message := repeated_pattern_message(args):
+        fail(message)
     args = quote_values(args, PATTERN_KEYS + PATH_KEYS)
     if args != sys.argv[1:] and len(args) == len(sys.argv) - 1:
         sys.argv[1:] = args
@@ -212,6 +214,20 @@ def preflight(args: list[str], config_name: str) -> None:
         compose_config(config_name, args)
     except Exception as err:
         fail(str(err).strip())
+
+
+def repeated_pattern_message(args: list[str]) -> str | None:
+    """None unless a shard pattern key is given more than once: the shell has then expanded an unquoted brace pattern
+    into one argument per shard, and Hydra, which takes a key's last value, would read the last shard alone. (Other
+    keys may repeat: the last value wins, so a command can override what a shell alias set.)"""
+    for key in PATTERN_KEYS:
+        given = [arg.partition("=")[2] for arg in args if arg.partition("=")[0].lstrip("+") == key]
+        if len(given) > 1:
+            shown = ", ".join(repr(v) for v in given[:3]) + (", ..." if len(given) > 3 else "")
+            return (f"{key} is given {len(given)} times ({shown}): the shell expands an unquoted brace pattern into "
+                    f"one argument per shard, and only the last would be read. Quote the pattern: "
+                    f"{key}='/data/shard-{{000000..000009}}.tar'")
+    return None
 
 
 def _without_blocks(yaml_text: str, keys: tuple[str, ...]) -> str:
