@@ -149,7 +149,10 @@ def normalise_conversations(record: dict, num_images: int, prompts: bool = False
     """The record's turns with roles mapped to human/gpt/system; raises Skip when training could not use them, or
     with `prompts`, when vlm.constitution could not (it needs a user turn to answer, not an assistant turn)."""
     turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
+    if turns is not None and not isinstance(turns, list):
+        raise Skip("bad record", f"'conversations' must be a list of turns ({{\"from\": ..., \"value\": ...}}), got "
+                                 f"{json_type(turns)}")
+    if not turns:
         raise Skip("no conversations", "'conversations' is missing or empty")
     normalised = []
     for number, turn in enumerate(turns, start=1):

@@ -559,6 +559,7 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
         "unreadable": {"image": "broken.jpg", "conversations": good},
         "no-conversations": {"image": "ok.png"},
         "empty-conversations": {"image": "ok.png", "conversations": []},
+        "text-conversations": {"image": "ok.png", "conversations": "<image>\nQ?"},
         "unknown-role": {"image": "ok.png", "conversations": _turns("<image>\nQ?", "A.", gpt="robot")},
         "empty-answer": {"image": "ok.png", "conversations": _turns("<image>\nQ?", "  ")},
         "empty-question": {"image": "ok.png", "conversations": [*good, *_turns(" \n", "B.")]},
@@ -578,6 +579,8 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
         "unreadable": "broken.jpg",
         "no-conversations": "'conversations' is missing or empty",
         "empty-conversations": "'conversations' is missing or empty",
+        "text-conversations": "'conversations' must be a list of turns ({\"from\": ..., \"value\": ...}), got "
+                              "string",
         "unknown-role": "unknown role 'robot'",
         "empty-answer": "assistant (gpt) reply is empty",
         "empty-question": "turn 3: the user (human) turn is empty",
