@@ -77,19 +77,60 @@ def test_a_model_that_is_no_causal_lm_is_refused_naming_the_key(tmp_path, kind, 
         build_llm(llm, new_tokenizer(llm))
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_a_max_length_past_the_llms_positions_is_refused_naming_both(tmp_path, kind):
+def _gpt2_folder(tmp_path, positions: int) -> str:
+    return _saved(tmp_path / "gpt2", GPT2LMHeadModel(GPT2Config(vocab_size=1100, n_embd=32, n_layer=2, n_head=4,
+                                                                n_positions=positions)))
+
+
+def test_a_max_length_past_a_learned_position_table_is_refused_naming_both(tmp_path):
     """GPT-2's learned positions would fail at the first sample longer than them (an IndexError inside the model,
-    hours into a run); rotary ones were never trained there. Both are refused when the model is built."""
-    model = (GPT2LMHeadModel(GPT2Config(vocab_size=1100, n_embd=32, n_layer=2, n_head=4, n_positions=64))
-             if kind == "gpt2" else LlamaForCausalLM(LlamaConfig(**SIZES, max_position_embeddings=64)))
-    folder = _saved(tmp_path / kind, model)
+    hours into a run): refused when the model is built, with the key its config.json spells."""
+    folder = _gpt2_folder(tmp_path, 64)
     llm = tiny_config(f"model.llm.name_or_path={folder}", "model.llm.max_length=65", stage="sft").model.llm
-    with pytest.raises(ConfigError, match=r"^model.llm.max_length=65 is more than the 64 positions \w+ has "
-                                          r"\(max_position_embeddings in its config\): set model.llm.max_length=64"):
+    with pytest.raises(ConfigError, match=r"^model.llm.max_length=65 is more than the 64 positions GPT2LMHeadModel's "
+                                          r"position table holds \(n_positions in its config\): set "
+                                          r"model.llm.max_length=64 or less$"):
         build_llm(llm, new_tokenizer(llm))
     fits = tiny_config(f"model.llm.name_or_path={folder}", "model.llm.max_length=64", stage="sft").model.llm
-    assert build_llm(fits, new_tokenizer(fits)).config.get_text_config().max_position_embeddings == 64
+    assert build_llm(fits, new_tokenizer(fits)).config.n_positions == 64
+
+
+@pytest.mark.parametrize("scaling, warned", [(None, True), (2.0, False)])
+def test_a_max_length_past_rotary_positions_is_warned_unless_rope_scaling_covers_it(tmp_path, caplog, scaling,
+                                                                                   warned):
+    """Rotary positions run past their trained length, so that is a warning, not an error; a rope scaling factor
+    that covers the length (linear x2 on 64 positions: 128) is no warning at all."""
+    rope = {"rope_type": "linear", "factor": scaling, "rope_theta": 10000.0} if scaling else None
+    config = LlamaConfig(**SIZES, max_position_embeddings=64, **({"rope_parameters": rope} if rope else {}))
+    folder = _saved(tmp_path / "llama", LlamaForCausalLM(config))
+    llm = tiny_config(f"model.llm.name_or_path={folder}", "model.llm.max_length=128", stage="sft").model.llm
+    with caplog.at_level(logging.WARNING, logger="vlm.models.llm"):
+        build_llm(llm, new_tokenizer(llm))
+    expected = ("model.llm.max_length=128 is more than the 64 positions LlamaForCausalLM was trained on "
+                "(max_position_embeddings in its config)")
+    assert (expected in caplog.text) == warned, caplog.text
+
+
+def test_held_out_answers_stop_where_a_learned_position_table_ends(tmp_path):
+    """A held-out prompt as long as `max_length` (the longest the position check allows) leaves GPT-2 no room for
+    eval.max_new_tokens: validation answers up to the table's end instead of failing with an IndexError."""
+    from vlm.training.stages import get_stage
+    from vlm.training.vlm_task import VLMTask
+
+    torch.manual_seed(0)  # the random model's greedy answer, which must not end before the table does
+    config = tiny_config(f"model.llm.name_or_path={_gpt2_folder(tmp_path, 128)}", "model.llm.max_length=128",
+                         "eval.max_new_tokens=64", stage="sft")
+    task = VLMTask.create(config, get_stage("sft"), None, None)
+    prompt = task.bundle.processor.prompt([{"role": "user", "content": "<image>\n" + "Which colour? " * 5}],
+                                          [solid((255, 0, 0))])
+    room = 128 - len(prompt.input_ids)
+    assert 0 < room < 64, room
+    batch = pad_batch([prompt], task.bundle.tokenizer.pad_token_id, left=True)
+    (answer,) = task.answer(batch)
+    assert isinstance(answer, str)
+    task.position_limit = None  # the control: uncapped, the random model writes on past the table
+    with pytest.raises(IndexError):
+        task.answer(batch)
 
 
 def test_a_folder_without_tokenizer_files_is_named_by_its_key(tmp_path):

@@ -3,12 +3,17 @@ the attention `model.llm.attention` asks for (vlm.models.attention)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from vlm.config import ConfigError, LLMConfig
 from vlm.errors import first_line
 from vlm.models.attention import use_attention
+
+log = logging.getLogger(__name__)
 
 
 def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -29,7 +34,7 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                    "pad_token_id": tokenizer.pad_token_id}  # so generate stops on the template's end of turn
         lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **{**special, **config.config}))
-    check_positions(lm, config.max_length)
+    check_positions(lm, config)
     if lm.get_input_embeddings().num_embeddings < vocab_size:
         lm.resize_token_embeddings(vocab_size, mean_resizing=False)
     use_attention(lm, config)
@@ -46,14 +51,34 @@ def enable_checkpointing(lm: PreTrainedModel) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def check_positions(lm: PreTrainedModel, max_length: int) -> None:
-    """Refuse a sample length past the LLM's positions: learned position embeddings (GPT-2) fail at the first sample
-    that long, possibly hours into a run, and rotary ones were never trained there (chat caps prompts at them)."""
+def learned_positions(lm: PreTrainedModel) -> int | None:
+    """How many positions `lm`'s learned position table holds (GPT-2, OPT, BioGPT), past which it fails with an
+    IndexError; None for an LLM without one (rotary or ALiBi positions run past their trained length)."""
+    tables = [m for m in lm.modules() if isinstance(m, nn.Embedding) and m is not lm.get_input_embeddings()]
     positions = getattr(lm.config.get_text_config(), "max_position_embeddings", None)  # GPT-2's n_positions too
-    if isinstance(positions, int) and max_length > positions:
-        raise ConfigError(f"model.llm.max_length={max_length} is more than the {positions} positions "
-                          f"{type(lm).__name__} has (max_position_embeddings in its config): set "
-                          f"model.llm.max_length={positions} or less")
+    return positions if tables and isinstance(positions, int) else None
+
+
+def check_positions(lm: PreTrainedModel, config: LLMConfig) -> None:
+    """Refuse a `max_length` past a learned position table (the first sample that long would fail, possibly hours
+    into a run), and warn past a rotary LLM's trained positions (its answers degrade there, and chat caps prompts at
+    them) unless its rope scaling covers the length."""
+    text = lm.config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None)
+    if not isinstance(positions, int) or config.max_length <= positions:
+        return
+    key = type(text).attribute_map.get("max_position_embeddings", "max_position_embeddings")  # GPT-2: n_positions
+    fix = f"set model.llm.max_length={positions} or less" + ("" if config.name_or_path else
+                                                             f", or model.llm.config.{key}={config.max_length}")
+    if learned_positions(lm) is not None:
+        raise ConfigError(f"model.llm.max_length={config.max_length} is more than the {positions} positions "
+                          f"{type(lm).__name__}'s position table holds ({key} in its config): {fix}")
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if not isinstance(factor, int | float) or config.max_length > positions * factor:
+        log.warning("model.llm.max_length=%d is more than the %d positions %s was trained on (%s in its config): "
+                    "samples past them train positions it has not seen, and chat caps prompts at %d; %s",
+                    config.max_length, positions, type(lm).__name__, key, positions, fix)
 
 
 def check_causal(lm: PreTrainedModel, name: str) -> None:

@@ -26,6 +26,7 @@ from vlm.generation.stopping import answer_texts, turn_end_ids
 from vlm.metrics import answer_metrics, score_answer
 from vlm.models.factory import VLMBundle, empty_vlm, new_vlm, set_attention
 from vlm.models.feature_cache import VisionFeatureCache
+from vlm.models.llm import learned_positions
 from vlm.models.losses import answer_logprobs
 from vlm.models.packing import attention_break_even, keeps_samples_apart
 from vlm.models.vlm import VisionLanguageModel
@@ -47,6 +48,7 @@ class VLMTask(StageTask):
         # packed rows' best width, from the LLM's layers as built (FSDP may flatten their weights later)
         self.packing_break_even = attention_break_even(self.model.lm)
         self.packing_probed = False  # data.packing is checked against the LLM once (see `batching`)
+        self.position_limit = learned_positions(self.model.lm)  # None: positions run on (rotary, ALiBi)
 
     @classmethod
     def create(cls, config: TrainConfig, stage: Stage, init_from: Path | None, data: DataSources) -> VLMTask:
@@ -154,12 +156,17 @@ class VLMTask(StageTask):
     def answer(self, prompt: dict[str, torch.Tensor], max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers for a left-padded prompt batch."""
         tokenizer = self.bundle.tokenizer
+        max_new_tokens = max_new_tokens or self.config.eval.max_new_tokens
+        if self.position_limit is not None:  # a learned position table ends there (GPT-2's IndexError)
+            max_new_tokens = min(max_new_tokens, self.position_limit - prompt["input_ids"].shape[1])
+            if max_new_tokens < 1:
+                return [""] * len(prompt["input_ids"])
         # blocks compiled for training (trainer.compile) decode eagerly: every new KV-cache length would recompile them
         with eager_decoding(self.config.trainer.compile):
             end_ids = turn_end_ids(tokenizer, self.model.lm.generation_config)
             new = self.model.generate(prompt["input_ids"].to(self.device), prompt["attention_mask"].to(self.device),
                                       prompt["pixel_values"].to(self.device), prompt["image_slots"].to(self.device),
-                                      max_new_tokens=max_new_tokens or self.config.eval.max_new_tokens,
+                                      max_new_tokens=max_new_tokens,
                                       do_sample=False, eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id,
                                       **cache_kwargs(self.model.lm))
         return answer_texts(new, tokenizer, end_ids)
