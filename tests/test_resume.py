@@ -503,6 +503,26 @@ def test_a_stop_in_the_final_validation_ends_the_run_before_its_export(tmp_path,
     assert train(longer)[0]["global_step"] == 4 and (run_dir / "checkpoints" / "step00000004.ckpt").is_file()
 
 
+class StopAfterTraining(pl.Callback):
+    """A scheduler's SIGTERM after the last step, before fit has returned: the validation that follows would clear
+    Lightning's record of it (each Trainer call installs its own handlers)."""
+
+    def on_train_end(self, trainer: pl.Trainer, *args) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_sigterm_after_the_last_step_ends_the_run_before_its_final_validation(tmp_path, small_synthetic, caplog):
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=2", "trainer.checkpoint_every_n_steps=2",
+            f"output_root={tmp_path}", "run_name=r"]
+    with caplog.at_level(logging.ERROR, logger="vlm"), pytest.raises(SystemExit) as stop:
+        train(tiny_config(*args), StopAfterTraining())
+    assert stop.value.code == 143 and "stopped by SIGTERM at step 2" in caplog.text
+    run_dir = tmp_path / "contrastive" / "r"
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "export").exists()
+    assert train(tiny_config(*args, "resume=auto"))[0]["global_step"] == 2 and (run_dir / "config.json").is_file()
+
+
 @pytest.mark.parametrize("name", ["../../escape", "a/b", ".."])
 def test_a_run_name_that_is_a_path_is_refused(tmp_path, name):
     with pytest.raises(ConfigError, match=f"run_name='{re.escape(name)}' must be a folder name, not a path"):

@@ -119,6 +119,8 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
            config: TrainConfig) -> dict[str, Any]:
     """Final validation, the export folder and metrics.json; returns the metrics. Wall time and sample counts are
     the whole run's, over every session of a resumed one."""
+    if trainer.received_sigterm:  # between the last step and the end of fit: stop before the long final work
+        raise SIGTERMException
     save_final_checkpoint(trainer, run, config)
     metrics: dict[str, Any] = {}
     if datamodule.val_urls:
@@ -137,9 +139,10 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
     # FSDP leaves each rank a shard: gather the full weights (a collective every rank joins), export them on rank 0
     gathered = trainer.strategy.lightning_module_state_dict() if isinstance(trainer.strategy, FSDPStrategy) else None
     if trainer.is_global_zero:
-        task.export(run.export, gathered)
+        # the export last: a complete one marks the run finished (resume=auto), so what it records comes first
         (run.dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         (run.dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
+        task.export(run.export, gathered)
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
         log.info("done: %s", json.dumps(shown))
         log.info("export folder: %s", Path(run.export).resolve())
