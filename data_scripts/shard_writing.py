@@ -181,9 +181,9 @@ def split_names(count: int, val_fraction: float, seed: int, groups: Sequence[str
 
 
 def image_group(images: Path, name: str | None, where: str) -> str:
-    """What keeps a record in its image's split (`plan_jobs`'s `group`): the image's normalised path under `images`,
-    or for a record without one, its own place `where`."""
-    return os.path.normpath(images / name.strip()) if name and name.strip() else where
+    """What keeps a record in its image's split (`plan_jobs`'s `group`): the image's absolute, normalised path under
+    `images` (a record may name it relatively or absolutely), or for a record without one, its own place `where`."""
+    return os.path.normpath(os.path.abspath(images / name.strip())) if name and name.strip() else where
 
 
 def joined_groups(keys: Sequence[Sequence[str]]) -> list[str]:

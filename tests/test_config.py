@@ -268,8 +268,10 @@ def test_a_pattern_the_shell_expanded_into_one_argument_per_shard_is_refused(key
     assert capsys.readouterr().err == (
         f"error: {key} is given 3 times ('/d/shard-000000.tar', '/d/shard-000001.tar', '/d/shard-000002.tar'): the "
         f"shell expands an unquoted brace pattern into one argument per shard, and only the last would be read. "
-        f"Quote the pattern: {key}='/data/shard-{{000000..000009}}.tar'\n")
+        f"Quote the pattern: {key}='/d/shard-{{000000..000002}}.tar'\n")
     preflight(["stage.max_steps=2", "stage.max_steps=3", shards[0]], "train")  # composes: no error
+    preflight([f"{key}=/d/val-a.tar", f"{key}=/d/val-b.tar"], "train")  # an alias's pattern overridden
+    preflight([f"{key}=/d/s-1.tar", f"{key}=/d/s-1.tar"], "train")  # given twice alike
 
 
 def test_infer_and_serve_configs_compose():

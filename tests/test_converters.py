@@ -21,7 +21,7 @@ from images import crafted_png, noise
 from PIL import Image
 
 from data_scripts import images_to_shards, llava_to_shards, make_synthetic
-from data_scripts.shard_writing import Skip, read_image, split_names
+from data_scripts.shard_writing import Skip, image_group, read_image, split_names
 from vlm.data import synthetic
 from vlm.data.captions import image_fields
 from vlm.data.shards import list_shards
@@ -737,3 +737,11 @@ def test_two_image_train_choices_shape_the_train_split_only(tmp_path):
             assert f"the {named['color']} shape" in question["value"]
     # held-out pictures and questions never follow the train-only settings
     assert records("val", 1.0, 1.0) == records("val")
+
+
+def test_an_image_named_relatively_and_absolutely_is_one_group_for_the_split(tmp_path, monkeypatch):
+    """`--images imgs` (relative, as the README's examples give it): a record naming `a.jpg`, one naming `./a.jpg`
+    and one naming its absolute path all hold out or train together."""
+    monkeypatch.chdir(tmp_path)
+    names = ["a.jpg", "./a.jpg", str(tmp_path / "imgs" / "a.jpg")]
+    assert len({image_group(Path("imgs"), name, "record") for name in names}) == 1

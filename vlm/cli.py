@@ -217,16 +217,22 @@ def preflight(args: list[str], config_name: str) -> None:
 
 
 def repeated_pattern_message(args: list[str]) -> str | None:
-    """None unless a shard pattern key is given more than once: the shell has then expanded an unquoted brace pattern
-    into one argument per shard, and Hydra, which takes a key's last value, would read the last shard alone. (Other
-    keys may repeat: the last value wins, so a command can override what a shell alias set.)"""
+    """None unless a shard pattern key is given several times with values that differ only in their numbers: the
+    shell has then expanded an unquoted brace pattern into one argument per shard, and Hydra, which takes a key's
+    last value, would read the last shard alone. (Other repeats stand, the last value winning, so a command can
+    override what a shell alias set.)"""
     for key in PATTERN_KEYS:
         given = [arg.partition("=")[2] for arg in args if arg.partition("=")[0].lstrip("+") == key]
-        if len(given) > 1:
-            shown = ", ".join(repr(v) for v in given[:3]) + (", ..." if len(given) > 3 else "")
-            return (f"{key} is given {len(given)} times ({shown}): the shell expands an unquoted brace pattern into "
-                    f"one argument per shard, and only the last would be read. Quote the pattern: "
-                    f"{key}='/data/shard-{{000000..000009}}.tar'")
+        if len(set(given)) < 2 or len({re.sub(r"\d+", "#", value) for value in given}) > 1:
+            continue
+        # the pattern back: what all values share around the number that differs, that number's first and last
+        prefix = re.sub(r"\d+$", "", os.path.commonprefix(given))
+        suffix = re.sub(r"^\d+", "", os.path.commonprefix([value[::-1] for value in given])[::-1])
+        numbers = [value[len(prefix):len(value) - len(suffix)] for value in (given[0], given[-1])]
+        pattern = f"{prefix}{{{numbers[0]}..{numbers[1]}}}{suffix}"
+        return (f"{key} is given {len(given)} times ({', '.join(repr(v) for v in given[:3])}"
+                f"{', ...' if len(given) > 3 else ''}): the shell expands an unquoted brace pattern into one argument "
+                f"per shard, and only the last would be read. Quote the pattern: {key}='{pattern}'")
     return None
 
 

@@ -53,8 +53,8 @@ class HeldOutShare:
 
     @classmethod
     def of(cls, trainer: pl.Trainer | None) -> HeldOutShare:
-        """Split over the trainer's ranks under DDP (DeepSpeed, a DDP subclass, shards weights as FSDP does); one
-        share holding every batch otherwise."""
+        """Split over the trainer's ranks under DDP; one share holding every batch otherwise (FSDP, and DeepSpeed, a
+        DDP subclass whose ZeRO stage 3 shards weights as FSDP does)."""
         if trainer is None or trainer.world_size == 1:
             return cls()
         strategy = trainer.strategy
