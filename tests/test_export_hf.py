@@ -348,3 +348,25 @@ def test_the_processor_pads_as_asked_and_refuses_a_truncation_that_would_cut_an_
         processor(images=[picture()], text=text, return_tensors="pt", truncation=True, max_length=5)
     fits = processor(images=[picture()], text=text, return_tensors="pt", truncation=True, max_length=alone.shape[1])
     assert torch.equal(fits["input_ids"], alone)
+
+
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_writer(tmp_path):
+    """`vlm.export` killed before its rename (SIGKILL, SIGTERM) left `.OUT.<pid>-<id>.partial`, possibly gigabytes,
+    that nothing removed. The next writer of OUT removes the staging folders of writers no longer running, and leaves
+    a running writer's and every other folder alone."""
+    import subprocess
+    import sys
+
+    from vlm.exports.format import new_staging_folder
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    final = tmp_path / "hf"
+    abandoned = tmp_path / f".hf.{gone.pid}-0123456789ab.partial"
+    running = tmp_path / f".hf.{os.getpid()}-ba9876543210.partial"
+    other = tmp_path / f".hf2.{gone.pid}-0123456789ab.partial"  # another output's
+    for folder in (abandoned, running, other):
+        (folder / "weights").mkdir(parents=True)
+    staging = new_staging_folder(final)
+    assert staging.is_dir() and staging.name.startswith(f".hf.{os.getpid()}-")
+    assert not abandoned.exists() and running.is_dir() and other.is_dir()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -24,6 +26,8 @@ from torch import nn
 from vlm import __version__
 from vlm.data.shards import shard_pattern_hint
 from vlm.errors import UserError, first_line
+
+log = logging.getLogger(__name__)
 
 FORMAT = "vlm-export/1"
 CONFIG_FILE = "config.json"
@@ -120,10 +124,32 @@ def readable_as_the_folder(folder: Path) -> None:
 
 def new_staging_folder(final: Path) -> Path:
     """A new, empty, uniquely named folder beside `final` to write into before renaming it to `final` (a fixed name
-    such as FINAL.partial could be a folder of the user's)."""
-    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.partial")
+    such as FINAL.partial could be a folder of the user's). It is named with the writer's process id, so the staging
+    folders of writers killed before their rename (SIGKILL, a lost node) are removed by the next writer."""
+    remove_abandoned_staging(final)
+    staging = final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.partial")
     staging.mkdir(parents=True)  # with the umask's permissions, as the finished folder should have
     return staging
+
+
+def remove_abandoned_staging(final: Path) -> None:
+    """Delete the staging folders of `final` whose writer process no longer runs on this machine."""
+    prefix = f".{final.name}."
+    for staging in final.parent.glob(f"{glob.escape(prefix)}*.partial") if final.parent.is_dir() else []:
+        writer = staging.name[len(prefix):].split("-", 1)[0]
+        if writer.isdigit() and not process_runs(int(writer)):
+            log.info("removing %s, left by a writer that was stopped before it finished", staging)
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def not_a_folder(directory: str | Path) -> str | None:
