@@ -393,6 +393,15 @@ def test_resume_rebuilds_the_model_and_its_reference_from_the_export_the_run_sta
     assert checkpoint["vlm_stage_settings"]["lr"] == 1e-2 and checkpoint["vlm_stage_settings"]["max_steps"] == 2
     assert not [k for k in checkpoint["state_dict"] if k.startswith("reference.")]
     assert any(k.startswith("model.lm.") for k in checkpoint["state_dict"])
+    # resumed without data.train while the newest pairs are another model's (a later vlm.constitution run): said
+    from vlm.training.runs import prepare_run
+
+    (tmp_path / "other-sft").mkdir()
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        prepare_run(tiny_config(*common, "stage.max_steps=4", stage="dpo", tiny=False), str(tmp_path / "other-sft"))
+    assert (f"the preference pairs this session reads are the answers of {tmp_path / 'other-sft'}, and this run "
+            f"started from {export}: they are not the pairs its earlier steps trained on") in caplog.text
+    caplog.clear()
     watch = ReferenceWatch(export)
     with caplog.at_level(logging.WARNING, logger="vlm"):
         metrics = run(tiny_config(*common, "stage.max_steps=4", "stage.loss=sigmoid", stage="dpo", tiny=False),

@@ -249,6 +249,11 @@ def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | N
     if started:
         log.info("resume: the model is built from %s, the export this run started from, then takes the checkpoint's "
                  "weights", started)
+    if pairs_made_by and started and Path(pairs_made_by).resolve() != started.resolve():
+        # data.train not given: the newest pairs, which a later vlm.constitution run may have replaced
+        log.warning("the preference pairs this session reads are the answers of %s, and this run started from %s: "
+                    "they are not the pairs its earlier steps trained on; pass data.train= (and data.val=) the pairs "
+                    "it started with to continue on them", pairs_made_by, started)
     return started
 
 
