@@ -444,3 +444,19 @@ def test_a_sample_encoded_several_times_decodes_its_images_once(monkeypatch):
         {"prompt": [{"role": "user", "content": "<image>\nWhat color?"}], "chosen": "red", "rejected": "blue"})}
     decoded = PreferenceDecoder(processor)(pair)["pair"]
     assert torch.equal(decoded.chosen.pixel_values, decoded.rejected.pixel_values) and len(tiled) == 1
+
+
+@pytest.mark.parametrize("override, launcher, message", [
+    ("trainer.devices=2", {}, "trainer.devices=2: vlm.eval scores an export on one device"),
+    ("trainer.num_nodes=2", {}, "trainer.num_nodes=2: vlm.eval scores an export on one device"),
+    (None, {"WORLD_SIZE": "2"}, "vlm.eval was started as one of several processes (WORLD_SIZE=2: torchrun or srun)"),
+    (None, {"SLURM_NTASKS": "4"}, "vlm.eval was started as one of several processes (SLURM_NTASKS=4"),
+])
+def test_eval_on_several_devices_or_processes_is_refused(tmp_path, monkeypatch, override, launcher, message):
+    """Each process would score the whole held-out set and write the same metrics.json and predictions.jsonl, and a
+    devices setting was silently ignored."""
+    for name, value in launcher.items():
+        monkeypatch.setenv(name, value)
+    config = tiny_config(f"checkpoint={tmp_path}", *([override] if override else []), stage="sft")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        as_trained(config, {"checkpoint", *([override.split("=")[0]] if override else [])})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from collections.abc import Collection
@@ -142,6 +143,7 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
     for key in TRAINING_ONLY:
         if key in given:
             raise ConfigError(f"{key}= is a vlm.train setting; vlm.eval scores the export checkpoint= names as it is")
+    refuse_several_processes(config)
     meta = read_meta(config.checkpoint)
     if not any(key == "tiler" or key.startswith("tiler.") for key in given):
         config.tiler = TilerConfig(**meta.tiler)
@@ -167,6 +169,21 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
             return
         log.info("data.val='%s': the held-out data its run validated on", held_out)
         config.data.val = held_out
+
+
+def refuse_several_processes(config: TrainConfig) -> None:
+    """vlm.eval scores on one device in one process: several would each score the whole held-out set and write the
+    same files at once."""
+    for key in ("devices", "num_nodes"):
+        if str(getattr(config.trainer, key)) not in ("1", "auto"):
+            raise ConfigError(f"trainer.{key}={getattr(config.trainer, key)!r}: vlm.eval scores an export on one "
+                              f"device; run it without trainer.{key} (a training run's validation splits over its "
+                              f"DDP ranks)")
+    launched = {name: os.environ.get(name, "1") for name in ("WORLD_SIZE", "SLURM_NTASKS")}
+    if (several := next((f"{k}={v}" for k, v in launched.items() if v.isdigit() and int(v) > 1), None)):
+        raise ConfigError(f"vlm.eval was started as one of several processes ({several}: torchrun or srun), each of "
+                          f"which would score the whole held-out set and write the same files; start it as one "
+                          f"process")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="eval")
