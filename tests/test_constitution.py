@@ -363,7 +363,7 @@ def test_pairs_train_stage_dpo(tiny_sft_export, small_synthetic, tmp_path):
     written = sorted(str(p) for p in (tmp_path / "constitution" / "run" / "train").glob("*.tar"))
     assert list_shards(data.train) == written  # the pairs stage=dpo finds by itself
     samples = list(build_pipeline(list_shards(data.train), task.batching().decode, train=False, split_by_node=False))
-    batch = task.collate(samples)
+    batch = task.batching().collate(samples)
     assert batch["pairs"] is not None and task.pair_loss(batch["pairs"]).loss.isfinite()
     # held-out pairs and the held-out conversations they came from
     pairs_val, conversations_val = data.val.split("::")

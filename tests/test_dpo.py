@@ -74,7 +74,7 @@ def _task(export: Path, *overrides: str):
 
 def _batch(task, shard: str) -> dict:
     samples = list(build_pipeline([shard], task.batching().decode, train=False, split_by_node=False))
-    return task.collate(samples)
+    return task.batching().collate(samples)
 
 
 def test_reference_stays_bit_identical_while_the_policy_moves(tiny_sft_export, tmp_path):
@@ -158,7 +158,8 @@ def test_truncation_skips_pairs_that_would_cut_an_image_and_names_them(tiny_sft_
                              "sample dropped") == 3
     task.bundle.processor.max_length = 40  # long answers are cut after the image: kept
     long = write_pairs(tmp_path / "long.tar", 2, answer_words=30)
-    batch = task.collate(list(build_pipeline([long], task.batching().decode, train=False, split_by_node=False)))
+    batching = task.batching()
+    batch = batching.collate(list(build_pipeline([long], batching.decode, train=False, split_by_node=False)))
     assert batch["pairs"]["input_ids"].shape == (4, 40)
 
 

@@ -136,10 +136,15 @@ class ConversationCollator:
         return {**batch, **sample_fields([samples[i] for i in batch.pop("order")])}
 
     def padded(self, samples: list[dict]) -> dict[str, Any]:
-        batch = pad_batch([s["encoded"] for s in samples], self.pad_id) | sample_fields(samples)
-        if samples and "scored" in samples[0]:
-            batch["scored"] = [s["scored"] for s in samples]  # per sample: its held-out turns to answer
-        return batch
+        return padded_batch(samples, self.pad_id)
+
+
+def padded_batch(samples: list[dict], pad_id: int) -> dict[str, Any]:
+    """Decoded conversation samples -> a padded batch with their keys and tile counts (and held-out turns)."""
+    batch = pad_batch([s["encoded"] for s in samples], pad_id) | sample_fields(samples)
+    if samples and "scored" in samples[0]:
+        batch["scored"] = [s["scored"] for s in samples]  # per sample: its held-out turns to answer
+    return batch
 
 
 def sample_fields(samples: list[dict]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from webdataset.shardlists import expand_urls
 from vlm.config import ConfigError
 from vlm.data.captions import image_fields
 from vlm.data.conversations import ConversationDecoder, from_llava
+from vlm.data.packing import padded_batch
 from vlm.data.processor import Encoded, Processor, SampleError, pad_batch
 from vlm.data.shards import REMOTE_PREFIXES
 from vlm.errors import json_type
@@ -188,6 +189,21 @@ def latest_pairs(root: str | Path) -> tuple[Path, dict[str, Any]] | None:
     and "checkpoint"; or None."""
     done = sorted(Path(root).expanduser().glob(f"*/{PAIRS_DONE}"), key=lambda p: p.stat().st_mtime)
     return (done[-1].parent, json.loads(done[-1].read_text())) if done else None
+
+
+@dataclass(frozen=True)
+class PreferenceCollator:
+    """Decoded `stage=dpo` samples -> {"pairs": the pairs' rows (None without pairs), "anchors": the training
+    conversation samples as a padded batch (None without them), "scored": the held-out conversations' turns to
+    answer}. Held-out conversations are only answered, so they are not padded into a batch."""
+
+    pad_id: int
+
+    def __call__(self, samples: list[dict]) -> dict[str, Any]:
+        anchors = [s for s in samples if "encoded" in s and "scored" not in s]
+        return {"pairs": collate_pairs([s["pair"] for s in samples if "pair" in s], self.pad_id),
+                "anchors": padded_batch(anchors, self.pad_id) if anchors else None,
+                "scored": [s["scored"] for s in samples if "scored" in s]}
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> dict[str, Any] | None:

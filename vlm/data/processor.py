@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import jinja2
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
@@ -223,6 +224,13 @@ def image_slots(encoded: list[Encoded]) -> torch.Tensor:
     """(N_image_tokens,) the position of each image token's image within its sample: 0 for the first image, ..."""
     slots = [torch.full((n,), k, dtype=torch.long) for e in encoded for k, n in enumerate(e.image_tokens)]
     return torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
+
+
+def run_slots(is_image: torch.Tensor) -> torch.Tensor:
+    """(N_image_tokens,) each image token's image within its row, counting each run of image tokens (B, L) bool as
+    one image: `image_slots` for a prompt whose images are written apart."""
+    starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # (B, L) the first token of each run
+    return (starts.cumsum(dim=1) - 1)[is_image]
 
 
 def pad_batch(encoded: list[Encoded], pad_id: int, left: bool = False,

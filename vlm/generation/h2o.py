@@ -48,9 +48,9 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from vlm.data.processor import run_slots
 from vlm.generation.options import IMAGE_BLOCKS, H2OSettings, OptionError
 from vlm.models.attention import uses_pattern
-from vlm.models.vlm import run_slots
 
 log = logging.getLogger(__name__)
 

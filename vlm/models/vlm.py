@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vlm.config import ModelConfig
+from vlm.data.processor import run_slots
 from vlm.models.packing import packed_lm_inputs
 from vlm.models.projector import build_projector
 from vlm.models.reduction import TokenReducer
@@ -24,13 +24,6 @@ from vlm.models.vision import VisionTower
 # Initial std of the slot vectors when they scale with the feature's RMS: a slot moves each image token by about half
 # its own size, enough to tell two images apart from the first step, not enough to drown what the token shows.
 FEATURE_SLOT_STD = 0.5
-
-
-def run_slots(is_image: torch.Tensor) -> torch.Tensor:
-    """(N_image_tokens,) each image token's image within its row, counting each run of image tokens (B, L) bool as
-    one image: the slots of a prompt whose images are written apart."""
-    starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # (B, L) the first token of each run
-    return (starts.cumsum(dim=1) - 1)[is_image]
 
 
 class VisionLanguageModel(nn.Module):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
@@ -23,6 +24,15 @@ from vlm.training.task import Batching, Stage, StageTask
 log = logging.getLogger(__name__)
 
 
+class HeldOutBatch(NamedTuple):
+    """What validation keeps of a held-out batch: embeddings (N, E) float32 on the CPU, labels (N,), (key, caption)."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+    labels: torch.Tensor
+    samples: list[tuple[str, str]]
+
+
 class ContrastiveTask(StageTask):
     EMBEDS = True
 
@@ -32,8 +42,7 @@ class ContrastiveTask(StageTask):
         self.tokenizer = tokenizer
         self.classnames = classnames
         self.loss_fn = build_contrastive_loss(config.model.clip)
-        # this rank's held-out batches: (batch index, (image, text, labels, [(key, caption)]))
-        self._val: list[tuple[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[str, str]]]]] = []
+        self._val: list[tuple[int, HeldOutBatch]] = []  # this rank's held-out batches, with their batch indices
         self._classes: torch.Tensor | None = None  # (C, E) class embeddings for zero-shot top-1
 
     @classmethod
@@ -91,8 +100,8 @@ class ContrastiveTask(StageTask):
             return
         image = self.model.encode_image(batch["pixels"])
         text = self.model.encode_text(batch["ids"])
-        self._val.append((batch_idx, (image.float().cpu(), text.float().cpu(), batch["labels"].cpu(),
-                                      list(zip(batch["keys"], batch["captions"], strict=True)))))
+        self._val.append((batch_idx, HeldOutBatch(image.float().cpu(), text.float().cpu(), batch["labels"].cpu(),
+                                                  list(zip(batch["keys"], batch["captions"], strict=True)))))
 
     def on_validation_epoch_end(self) -> None:
         scored = self.held_out_share.merged(self._val)  # every rank's batches, on every rank
@@ -100,7 +109,8 @@ class ContrastiveTask(StageTask):
         if not scored:
             return
         # eval.max_samples: retrieval ranks among exactly that many, not the whole last batch's worth
-        image, text, labels = (torch.cat(parts)[:self.sample_limit] for parts in list(zip(*scored, strict=True))[:3])
+        image, text, labels = (torch.cat([getattr(b, name) for b in scored])[:self.sample_limit]
+                               for name in ("image", "text", "labels"))
         classes = self._classes
         if classes is not None and not bool((labels >= 0).all()):
             log.warning("zero-shot top-1 scores the %d of %d held-out samples that have a class label ('cls')",
@@ -109,7 +119,7 @@ class ContrastiveTask(StageTask):
         class_scores = image @ classes.T if classes is not None else None  # (N, C)
         metrics = contrastive_metrics(retrieved, labels, class_scores) | {"samples_scored": float(len(image))}
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
-        keys, captions = zip(*[sample for *_, samples in scored for sample in samples][:len(image)], strict=True)
+        keys, captions = zip(*[sample for b in scored for sample in b.samples][:len(image)], strict=True)
         self.predictions = contrastive_predictions(retrieved, labels, class_scores, self.classnames, list(keys),
                                                    list(captions))
         self._classes = None

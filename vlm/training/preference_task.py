@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vlm.config import ConfigError, StageConfig, TrainConfig
-from vlm.data.preferences import PreferenceDecoder, collate_pairs, refuse_conversations_only
+from vlm.data.preferences import PreferenceCollator, PreferenceDecoder, refuse_conversations_only
 from vlm.data.sources import DataSources
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import load_vlm
@@ -92,16 +92,8 @@ class PreferenceTask(VLMTask):
         held_out = PreferenceDecoder(processor, evaluate=True, turns=settings.turns,
                                      group_by=self.config.data.eval_group_by)
         return Batching(PreferenceDecoder(processor, group_by=self.config.data.eval_group_by), held_out,
-                        self.collate, self.config.stage.batch_size, settings.batch_size)
-
-    def collate(self, samples: list[dict]) -> dict[str, Any]:
-        """{"pairs": the pairs' rows (None without pairs), "anchors": the training conversation samples as a padded
-        batch (None without them), "scored": the held-out conversations' turns to answer}. Held-out
-        conversations are only answered, so they are not padded into a batch."""
-        anchors = [s for s in samples if "encoded" in s and "scored" not in s]
-        return {"pairs": collate_pairs([s["pair"] for s in samples if "pair" in s], self.bundle.tokenizer.pad_token_id),
-                "anchors": self.collator(packing=False).padded(anchors) if anchors else None,
-                "scored": [s["scored"] for s in samples if "scored" in s]}
+                        PreferenceCollator(self.bundle.tokenizer.pad_token_id), self.config.stage.batch_size,
+                        settings.batch_size)
 
     def train(self, mode: bool = True) -> PreferenceTask:
         """With stage.disable_dropout, the policy's BatchNorm layers (the tiny ViT's conv stem, when stage.train_vision

@@ -87,15 +87,11 @@ class VLMTask(StageTask):
         processor, settings = self.bundle.processor, self.config.eval
         held_out = ConversationDecoder(processor, evaluate=True, turns=settings.turns,
                                        group_by=self.config.data.eval_group_by)
-        collate = self.collator(self.config.data.packing)
+        # training batches packed with data.packing (after the probe above), held-out ones padded
+        collate = ConversationCollator(self.bundle.tokenizer.pad_token_id, processor.max_length,
+                                       self.packing_break_even, self.config.data.packing)
         return Batching(ConversationDecoder(processor), held_out, collate, self.config.stage.batch_size,
                         settings.batch_size, val_collate=collate.padded, length=encoded_length)
-
-    def collator(self, packing: bool) -> ConversationCollator:
-        """This model's batches: training ones packed with `packing` (data.packing, after the probe), held-out and
-        DPO anchor ones padded (`padded`)."""
-        return ConversationCollator(self.bundle.tokenizer.pad_token_id, self.bundle.processor.max_length,
-                                    self.packing_break_even, packing)
 
     def cached_patches(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """The vision tower's features (N_tiles, P, Dv) of the batch's tiles through the feature cache (its `keys`
