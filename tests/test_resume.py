@@ -523,6 +523,30 @@ def test_a_sigterm_after_the_last_step_ends_the_run_before_its_final_validation(
     assert train(tiny_config(*args, "resume=auto"))[0]["global_step"] == 2 and (run_dir / "config.json").is_file()
 
 
+class StopWhileSavingTheLastCheckpoint(pl.Callback):
+    """A scheduler's SIGTERM while the run's last checkpoint is written, after fit (whose handlers are gone)."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, task, checkpoint: dict) -> None:
+        if trainer.global_step == 3:  # not a periodic step (every 2): the save `finish` makes
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_a_sigterm_while_the_last_checkpoint_is_saved_stops_the_run_with_its_message(tmp_path, small_synthetic,
+                                                                                    caplog):
+    """Without a handler the process died of the signal, unannounced; the checkpoint is finished, then the run stops
+    as a SIGTERM'd one (143), and resume=auto validates and exports from that checkpoint."""
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=3", "trainer.checkpoint_every_n_steps=2",
+            f"output_root={tmp_path}", "run_name=r"]
+    with caplog.at_level(logging.ERROR, logger="vlm"), pytest.raises(SystemExit) as stop:
+        train(tiny_config(*args), StopWhileSavingTheLastCheckpoint())
+    assert stop.value.code == 143 and "stopped by SIGTERM at step 3" in caplog.text
+    run_dir = tmp_path / "contrastive" / "r"
+    assert (run_dir / "checkpoints" / "step00000003.ckpt").is_file() and not (run_dir / "export").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    assert train(tiny_config(*args, "resume=auto"))[0]["global_step"] == 3 and (run_dir / "export").is_dir()
+
+
 @pytest.mark.parametrize("name", ["../../escape", "a/b", ".."])
 def test_a_run_name_that_is_a_path_is_refused(tmp_path, name):
     with pytest.raises(ConfigError, match=f"run_name='{re.escape(name)}' must be a folder name, not a path"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,21 +119,27 @@ def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) 
 def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, run: Run,
            config: TrainConfig) -> dict[str, Any]:
     """Final validation, the export folder and metrics.json; returns the metrics. Wall time and sample counts are
-    the whole run's, over every session of a resumed one."""
-    if trainer.received_sigterm:  # between the last step and the end of fit: stop before the long final work
-        raise SIGTERMException
-    save_final_checkpoint(trainer, run, config)
-    metrics: dict[str, Any] = {}
-    if datamodule.val_urls:
-        task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
-        trainer.limit_val_batches = task.val_batch_limit() or 1.0
-        metrics.update(validate(trainer, task, datamodule))
-        if trainer.received_sigterm:  # a validation goes on through SIGTERM; the export must not be written as if
-            raise SIGTERMException  # the run finished (vlm.train says where resume=auto goes on)
-        try:
-            check_scored(task, metrics, config.data.val or datamodule.val_urls[0])
-        except NothingToScore as err:  # the model trained and is exported; its figures are what is missing
-            log.warning("%s; metrics.json holds counts only", err)
+    the whole run's, over every session of a resumed one. A SIGTERM before the export stops the run (143) rather than
+    killing it unannounced or letting it end as finished."""
+    with sigterm_noted() as received:
+        if trainer.received_sigterm or received():  # between the last step and the end of fit
+            raise SIGTERMException
+        save_final_checkpoint(trainer, run, config)
+        if received():  # while the last checkpoint was written (outside fit, Lightning handles no SIGTERM)
+            raise SIGTERMException
+        metrics: dict[str, Any] = {}
+        if datamodule.val_urls:
+            task.sample_limit = None  # the final figures read the whole held-out set, as vlm.eval does
+            trainer.limit_val_batches = task.val_batch_limit() or 1.0
+            metrics.update(validate(trainer, task, datamodule))
+            # a validation goes on through SIGTERM; the export must not be written as if the run finished (vlm.train
+            # says where resume=auto goes on)
+            if trainer.received_sigterm or received():
+                raise SIGTERMException
+            try:
+                check_scored(task, metrics, config.data.val or datamodule.val_urls[0])
+            except NothingToScore as err:  # the model trained and is exported; its figures are what is missing
+                log.warning("%s; metrics.json holds counts only", err)
     metrics.update({"stage": config.stage.name, "global_step": trainer.global_step,
                     "wall_seconds": round(run_seconds(trainer), 1), "samples_skipped": task.health.total_skipped,
                     "samples_seen": task.health.total_seen, "export": str(run.export.absolute())})
@@ -148,6 +155,23 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         log.info("export folder: %s", Path(run.export).resolve())
     leave_process_group()
     return metrics
+
+
+@contextlib.contextmanager
+def sigterm_noted() -> Iterator[Callable[[], bool]]:
+    """Inside: a SIGTERM is noted (the function yielded says whether one came) instead of ending the process at once,
+    as Lightning does inside `fit` and `validate` (whose handlers call this one too). Outside the main thread, where
+    no handler can be set, nothing is noted."""
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def save_final_checkpoint(trainer: pl.Trainer, run: Run, config: TrainConfig) -> None:
