@@ -511,20 +511,9 @@ class StopAfterTraining(pl.Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-@pytest.mark.slow
-def test_a_sigterm_after_the_last_step_ends_the_run_before_its_final_validation(tmp_path, small_synthetic, caplog):
-    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=2", "trainer.checkpoint_every_n_steps=2",
-            f"output_root={tmp_path}", "run_name=r"]
-    with caplog.at_level(logging.ERROR, logger="vlm"), pytest.raises(SystemExit) as stop:
-        train(tiny_config(*args), StopAfterTraining())
-    assert stop.value.code == 143 and "stopped by SIGTERM at step 2" in caplog.text
-    run_dir = tmp_path / "contrastive" / "r"
-    assert not (run_dir / "metrics.json").exists() and not (run_dir / "export").exists()
-    assert train(tiny_config(*args, "resume=auto"))[0]["global_step"] == 2 and (run_dir / "config.json").is_file()
-
-
 class StopWhileSavingTheLastCheckpoint(pl.Callback):
-    """A scheduler's SIGTERM while the run's last checkpoint is written, after fit (whose handlers are gone)."""
+    """A scheduler's SIGTERM while the run's last checkpoint is written, after fit (whose handlers are gone: without
+    one the process died of the signal, unannounced, here the test worker)."""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, task, checkpoint: dict) -> None:
         if trainer.global_step == 3:  # not a periodic step (every 2): the save `finish` makes
@@ -532,19 +521,21 @@ class StopWhileSavingTheLastCheckpoint(pl.Callback):
 
 
 @pytest.mark.slow
-def test_a_sigterm_while_the_last_checkpoint_is_saved_stops_the_run_with_its_message(tmp_path, small_synthetic,
-                                                                                    caplog):
-    """Without a handler the process died of the signal, unannounced; the checkpoint is finished, then the run stops
-    as a SIGTERM'd one (143), and resume=auto validates and exports from that checkpoint."""
-    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=3", "trainer.checkpoint_every_n_steps=2",
-            f"output_root={tmp_path}", "run_name=r"]
+@pytest.mark.parametrize("stop_with, steps", [(StopAfterTraining, 2), (StopWhileSavingTheLastCheckpoint, 3)])
+def test_a_sigterm_after_the_last_step_stops_the_run_before_its_export(tmp_path, small_synthetic, caplog, stop_with,
+                                                                       steps):
+    """The run stops as a SIGTERM'd one (143) with its last checkpoint written, and resume=auto validates and exports
+    from that checkpoint."""
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", f"stage.max_steps={steps}",
+            "trainer.checkpoint_every_n_steps=2", f"output_root={tmp_path}", "run_name=r"]
     with caplog.at_level(logging.ERROR, logger="vlm"), pytest.raises(SystemExit) as stop:
-        train(tiny_config(*args), StopWhileSavingTheLastCheckpoint())
-    assert stop.value.code == 143 and "stopped by SIGTERM at step 3" in caplog.text
+        train(tiny_config(*args), stop_with())
+    assert stop.value.code == 143 and f"stopped by SIGTERM at step {steps}" in caplog.text
     run_dir = tmp_path / "contrastive" / "r"
-    assert (run_dir / "checkpoints" / "step00000003.ckpt").is_file() and not (run_dir / "export").exists()
+    assert (run_dir / "checkpoints" / f"step{steps:08d}.ckpt").is_file()
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "export").exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
-    assert train(tiny_config(*args, "resume=auto"))[0]["global_step"] == 3 and (run_dir / "export").is_dir()
+    assert train(tiny_config(*args, "resume=auto"))[0]["global_step"] == steps and (run_dir / "config.json").is_file()
 
 
 @pytest.mark.parametrize("name", ["../../escape", "a/b", ".."])
