@@ -237,24 +237,24 @@ def _launch_name(named: bool) -> str | None:
 
 
 def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | None) -> Path | None:
-    """The export the model is built from: a resumed run's own (recorded in its checkpoint), else `init_from`'s."""
+    """The export the model is built from: a resumed run's own (recorded in its checkpoint), else `init_from`'s. Pairs
+    made by another model than that one are said to be so."""
     if resume_from is None:
         start = _init_source(config, pairs_made_by)
-        if pairs_made_by and start and Path(pairs_made_by).resolve() != start.resolve() and _is_chat_export(start):
-            log.warning("the preference pairs are the answers of %s, and this run starts from %s: they are not this "
-                        "model's own answers (pass init_from=%s to train the model that gave them)", pairs_made_by,
-                        start, pairs_made_by)
-        return start
-    started = recorded_start(resume_from)
-    if started:
+    elif start := recorded_start(resume_from):
         log.info("resume: the model is built from %s, the export this run started from, then takes the checkpoint's "
-                 "weights", started)
-    if pairs_made_by and started and Path(pairs_made_by).resolve() != started.resolve():
-        # data.train not given: the newest pairs, which a later vlm.constitution run may have replaced
+                 "weights", start)
+    if not (pairs_made_by and start and Path(pairs_made_by).resolve() != start.resolve() and _is_chat_export(start)):
+        return start
+    if resume_from is None:
+        log.warning("the preference pairs are the answers of %s, and this run starts from %s: they are not this "
+                    "model's own answers (pass init_from=%s to train the model that gave them)", pairs_made_by, start,
+                    pairs_made_by)
+    else:  # data.train not given: the newest pairs, which a later vlm.constitution run may have replaced
         log.warning("the preference pairs this session reads are the answers of %s, and this run started from %s: "
                     "they are not the pairs its earlier steps trained on; pass data.train= (and data.val=) the pairs "
-                    "it started with to continue on them", pairs_made_by, started)
-    return started
+                    "it started with to continue on them", pairs_made_by, start)
+    return start
 
 
 def _is_chat_export(folder: Path) -> bool:
