@@ -108,11 +108,11 @@ class Processor:
         found in the template's markup ("a" in "<|im_start|>assistant"); system turns may move (Mistral's) and are
         not looked for."""
         spans, cursor = [], 0
+        ends_turn = f"(?={self.control_token.pattern}|$)" if self.control_token else ""
         for i, message in enumerate(messages):
             content = message["content"].strip()
             if message["role"] == "system" or not content:
                 continue
-            ends_turn = f"(?={self.control_token.pattern}|$)" if self.control_token else ""
             pattern = re.escape(content) + (ends_turn if message["role"] == "assistant" else "")
             if not (found := re.compile(pattern).search(text, cursor)):
                 raise SampleError(f"{name}: the chat template does not render message {i} ({message['role']}) as "

@@ -281,8 +281,8 @@ class H2OCache(Cache):
         _refuse_padding(attention_mask, inputs_embeds.shape[1])
         last = inputs_embeds.shape[1] - 1  # generate reads at least the last token
         if block == IMAGE_BLOCKS:
-            ends = [end for end in image_ends(image_tokens, image_slots) if end <= last] if image_tokens is not None \
-                else []
+            ends = image_ends(image_tokens, image_slots) if image_tokens is not None else []
+            ends = [end for end in ends if end <= last]
         else:
             ends = [*range(block, last, block), last] if last else []
         start = 0
