@@ -42,3 +42,14 @@ def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = Tr
                 record["chosen"] = " ".join(["red"] * answer_words)
             sink.write({"__key__": f"{i:06d}", "json": json.dumps(record)} | ({"0.png": png(i)} if images else {}))
     return str(path)
+
+
+def finished_pairs(folder: Path, train: str, made_by: Path | str, val: str | None = None) -> Path:
+    """A finished `vlm.constitution` output folder whose record names the `train` (and `val`) pair shards and the
+    export `made_by` whose answers they are, as `stage=dpo` finds the newest pairs without data.train."""
+    from vlm.data.preferences import PAIRS_DONE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PAIRS_DONE).write_text(json.dumps({"train": train, "val": val, "qa_val": None, "train_pairs": 1,
+                                                 "checkpoint": str(made_by)}))
+    return folder

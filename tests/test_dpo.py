@@ -4,6 +4,7 @@ only, one vision forward per pair, truncation, bad shards, and a short end-to-en
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from preference_data import write_pairs
+from preference_data import finished_pairs, write_pairs
 from tiny import sft_export, tiny_config
 
 from vlm.config import ConfigError
@@ -336,17 +337,17 @@ def test_dpo_starts_from_the_export_whose_answers_its_pairs_are(tmp_path, caplog
     assert pairs.made_by == str(made_by)
     common = [f"output_root={tmp_path}"]
     with caplog.at_level(logging.INFO, logger="vlm"):  # init_from=auto: the model that answered, not the newest sft
-        assert prepare_run(tiny_config(*common, "run_name=auto", stage="dpo"), pairs.made_by).init_from == made_by
+        assert prepare_run(tiny_config(*common, "run_name=auto", stage="dpo"), lambda: pairs).init_from == made_by
     assert f"starting from {made_by}, whose answers the preference pairs are" in caplog.text
     with caplog.at_level(logging.WARNING, logger="vlm"):  # another model: said, not refused
-        prepare_run(tiny_config(*common, "run_name=other", f"init_from={newer}", stage="dpo"), pairs.made_by)
+        prepare_run(tiny_config(*common, "run_name=other", f"init_from={newer}", stage="dpo"), lambda: pairs)
     assert f"the preference pairs are the answers of {made_by}, and this run starts from {newer}" in caplog.text
     caplog.clear()  # a contrastive export is refused by name when the model is built: no word on whose answers first
     from tiny import contrastive_export
 
     clip = contrastive_export(tmp_path / "clip")
     with caplog.at_level(logging.WARNING, logger="vlm"):
-        prepare_run(tiny_config(*common, "run_name=clip", f"init_from={clip}", stage="dpo"), pairs.made_by)
+        prepare_run(tiny_config(*common, "run_name=clip", f"init_from={clip}", stage="dpo"), lambda: pairs)
     assert "answers of" not in caplog.text
     # pairs of unknown origin (data.train given) and no sft export to start from: refused, never fresh weights
     with pytest.raises(ConfigError, match=r"no 'sft' export under .*stage=dpo starts from a trained model"):
@@ -385,23 +386,19 @@ def test_resume_rebuilds_the_model_and_its_reference_from_the_export_the_run_sta
 
     export = sft_export(tmp_path / "sft")  # the tiny preset's shapes; the runs below name the default ones
     train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8, anchors=4)  # anchors train alongside
-    common = [f"data.train={train}", "data.num_workers=0", "stage.batch_size=4", f"init_from={export}",
-              f"output_root={tmp_path}", "run_name=r", "stage.lr=1e-2", "trainer.checkpoint_every_n_steps=2",
-              "resume=auto"]
+    finished_pairs(tmp_path / "constitution" / "a", train, export)  # the newest pairs, read without data.train
+    common = ["data.num_workers=0", "stage.batch_size=4", f"init_from={export}", f"output_root={tmp_path}",
+              "run_name=r", "stage.lr=1e-2", "trainer.checkpoint_every_n_steps=2", "resume=auto"]
     run(tiny_config(*common, "stage.max_steps=2", stage="dpo", tiny=False))
     checkpoint = torch.load(tmp_path / "dpo" / "r" / "checkpoints" / "step00000002.ckpt", weights_only=False)
     assert checkpoint["init_from"] == str(export)
     assert checkpoint["vlm_stage_settings"]["lr"] == 1e-2 and checkpoint["vlm_stage_settings"]["max_steps"] == 2
+    assert checkpoint["vlm_data"] == {"train": train, "val": "", "made_by": str(export)}
     assert not [k for k in checkpoint["state_dict"] if k.startswith("reference.")]
     assert any(k.startswith("model.lm.") for k in checkpoint["state_dict"])
-    # resumed without data.train while the newest pairs are another model's (a later vlm.constitution run): said
-    from vlm.training.runs import prepare_run
-
-    (tmp_path / "other-sft").mkdir()
-    with caplog.at_level(logging.WARNING, logger="vlm"):
-        prepare_run(tiny_config(*common, "stage.max_steps=4", stage="dpo", tiny=False), str(tmp_path / "other-sft"))
-    assert (f"the preference pairs this session reads are the answers of {tmp_path / 'other-sft'}, and this run "
-            f"started from {export}: they are not the pairs its earlier steps trained on") in caplog.text
+    # a later vlm.constitution run writes newer pairs, another model's answers: the resumed run keeps to its own
+    other_train = write_pairs(tmp_path / "other-train" / "shard-000000.tar", 4)
+    finished_pairs(tmp_path / "constitution" / "b", other_train, tmp_path / "other-sft")
     caplog.clear()
     watch = ReferenceWatch(export)
     with caplog.at_level(logging.WARNING, logger="vlm"):
@@ -410,6 +407,27 @@ def test_resume_rebuilds_the_model_and_its_reference_from_the_export_the_run_sta
     assert metrics["global_step"] == 4 and watch.same == [True, True]
     # the resumed run says which settings it changes: the first two steps trained with IPO
     assert "stage.loss: 'ipo' -> 'sigmoid'; stage.max_steps: 2 -> 4" in caplog.text
+    assert "answers of" not in caplog.text
+    last = tmp_path / "dpo" / "r" / "checkpoints" / "step00000004.ckpt"
+    assert torch.load(last, weights_only=False)["vlm_data"]["train"] == train  # what the resumed session read
+    from vlm.data.sources import constitution_pairs
+    from vlm.training.runs import prepare_run
+
+    newest = functools.partial(constitution_pairs, str(tmp_path))
+    longer = tiny_config(*common, "stage.max_steps=6", stage="dpo", tiny=False)
+    Path(train).rename(f"{train}.moved")  # its own pairs gone: refused, not swapped for the newest
+    with pytest.raises(ConfigError, match=f"resuming from '{last}' continues on the preference pairs its run "
+                                          f"started with, and they are gone .*{train}"):
+        prepare_run(longer, newest)
+    Path(f"{train}.moved").rename(train)
+    # a checkpoint written before runs recorded their pairs reads the newest ones, and says whose answers they are
+    older = torch.load(last, weights_only=False)
+    del older["vlm_data"]
+    torch.save(older, last)
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        assert prepare_run(longer, newest).data.train == other_train
+    assert (f"the preference pairs this session reads are the answers of {tmp_path / 'other-sft'}, and this run "
+            f"started from {export}: they are not the pairs its earlier steps trained on") in caplog.text
 
 
 class ModeWatch(pl.Callback):

@@ -30,7 +30,7 @@ from vlm.training.checkpoint_io import AtomicCheckpointIO
 from vlm.training.data_position import DataPosition, pass_seed
 from vlm.training.resume import (
     CheckpointUnreadable,
-    StartingExport,
+    RunRecord,
     checkpoint_step,
     find_resume_checkpoint,
     remove_partial_writes,
@@ -308,7 +308,7 @@ def test_a_checkpoint_of_another_stage_is_refused_before_its_run_is_touched(tmp_
     (run_dir / "logs" / "metrics.csv").write_text("step,train/loss\n1,2.0\n2,1.5\n")
     checkpoint = run_dir / "checkpoints" / "step00000002.ckpt"
     written = {"state_dict": {}, "global_step": 2}
-    StartingExport(None).on_save_checkpoint(None, make_task(tiny_config()), written)  # as a contrastive run saves
+    RunRecord(None).on_save_checkpoint(None, make_task(tiny_config()), written)  # as a contrastive run saves
     torch.save(written, checkpoint)
     for where in (checkpoint, tmp_path / "elsewhere.ckpt"):  # the stage is recorded in it, wherever it is
         where.write_bytes(checkpoint.read_bytes())

@@ -48,8 +48,8 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
         config.trainer.precision = configure_precision(config.trainer)  # "auto" -> what runs here; saved with the run
         pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
         stage = get_stage(config.stage.name)
-        data = resolve_data(config.data, stage.data, config.output_root)
-        run_folder = prepare_run(config, data.made_by)
+        run_folder = prepare_run(config, lambda: resolve_data(config.data, stage.data, config.output_root))
+        data = run_folder.data
         if run_folder.resume_from:
             warn_changed_settings(run_folder.resume_from, config.stage, stage.trains)
         log.info("stage %s -> %s", stage.name, run_folder.dir)

@@ -3,10 +3,11 @@
 The run's checkpoints are tried newest first; the newest one that loads wins, and each unreadable newer one (a file
 truncated by a full disk or copied half-way, say) is named in a warning and set aside.
 
-Every checkpoint records the export its run started from (`StartingExport`). A resumed run builds its model from that
+Every checkpoint records the export its run started from (`RunRecord`). A resumed run builds its model from that
 export again, as its first session did, and only then loads the checkpoint's weights: so the architecture and tokenizer
 are the export's whatever the command line says, and `stage=dpo` gets its frozen reference back from the export
-instead of from a second copy of the weights in every checkpoint.
+instead of from a second copy of the weights in every checkpoint. A `stage=dpo` run that chose the newest preference
+pairs itself continues on those pairs, whatever `vlm.constitution` wrote since.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vlm.config import ConfigError, StageConfig, to_dict
+from vlm.data.shards import ShardError, list_shards
+from vlm.data.sources import DataSources
 from vlm.errors import UserError, first_line
 from vlm.training.checkpoint_io import TEMP_MARK
 from vlm.training.freezing import TRAIN_FLAGS, parts_with_overrides, trainable_parts
@@ -51,7 +54,7 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
 
 
 # what resuming reads of a checkpoint besides its weights, and of those their shapes
-RECORD_KEYS = ("global_step", "init_from", "vlm_stage", "vlm_stage_settings")
+RECORD_KEYS = ("global_step", "init_from", "vlm_stage", "vlm_stage_settings", "vlm_data")
 WEIGHT_SHAPES = "weight_shapes"
 
 
@@ -143,8 +146,8 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(checkpoint_record(path)["global_step"])
 
 
-# entries: the export the run started from (None: fresh), its stage, and its stage.* settings
-STARTING_EXPORT_KEY, STAGE_KEY, STAGE_SETTINGS_KEY = RECORD_KEYS[1:]
+# entries: the export the run started from (None: fresh), its stage, its stage.* settings and the data it reads
+STARTING_EXPORT_KEY, STAGE_KEY, STAGE_SETTINGS_KEY, DATA_KEY = RECORD_KEYS[1:]
 
 
 class NewestCheckpoints(ModelCheckpoint):
@@ -165,16 +168,38 @@ class NewestCheckpoints(ModelCheckpoint):
             old.unlink(missing_ok=True)
 
 
-class StartingExport(pl.Callback):
-    """Writes into every checkpoint the export folder the run started from, and the run's stage."""
+class RunRecord(pl.Callback):
+    """Writes into every checkpoint what a resume rebuilds the run from: the export folder it started from, its
+    stage and stage.* settings, and its data's shard patterns (with, for preference pairs of vlm.constitution, the
+    export whose answers they are)."""
 
-    def __init__(self, init_from: Path | None):
-        self.init_from = init_from
+    def __init__(self, init_from: Path | None, data: DataSources | None = None):
+        self.init_from, self.data = init_from, data
 
     def on_save_checkpoint(self, trainer: pl.Trainer, task: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[STARTING_EXPORT_KEY] = str(self.init_from) if self.init_from else None
         checkpoint[STAGE_KEY] = task.stage.name
         checkpoint[STAGE_SETTINGS_KEY] = to_dict(task.config.stage)
+        if self.data is not None:
+            checkpoint[DATA_KEY] = {"train": self.data.train, "val": self.data.val, "made_by": self.data.made_by}
+
+
+def recorded_pairs(path: str | os.PathLike) -> DataSources | None:
+    """The preference pairs of vlm.constitution that the run of checkpoint `path` chose as the newest when it started
+    (None: it read other data, or the checkpoint predates the record). Pairs that are gone are an error: continuing
+    on others would change what the run learns from half-way."""
+    recorded = checkpoint_record(path)[DATA_KEY]
+    if not recorded or not recorded["made_by"]:
+        return None
+    for key, pattern in (("data.train", recorded["train"]), ("data.val", recorded["val"])):
+        try:
+            if pattern:
+                list_shards(pattern, key)
+        except ShardError as err:
+            raise ConfigError(f"resuming from {str(path)!r} continues on the preference pairs its run started with, "
+                              f"and they are gone ({err}). Put them back, or pass data.train= and data.val= to "
+                              f"continue on other pairs") from None
+    return DataSources(recorded["train"], recorded["val"], None, recorded["made_by"])
 
 
 def warn_changed_settings(path: Path, settings: StageConfig, table_entry: frozenset[str]) -> None:

@@ -10,13 +10,14 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
 
 from vlm.config import ConfigError, TrainConfig
+from vlm.data.sources import DataSources
 from vlm.exports.format import ExportError, is_complete, read_meta
 from vlm.training.resume import (
     checkpoint_candidates,
@@ -24,6 +25,7 @@ from vlm.training.resume import (
     checkpoint_record,
     checkpoint_step,
     find_resume_checkpoint,
+    recorded_pairs,
     recorded_stage,
     recorded_start,
     remove_partial_writes,
@@ -39,6 +41,7 @@ class Run:
     dir: Path
     resume_from: Path | None  # Lightning checkpoint to continue from
     init_from: Path | None  # export folder the model is built from (resuming: the run's own, its weights then loaded)
+    data: DataSources | None = None  # what it trains and validates on (None: the caller reads no data)
 
     @property
     def checkpoints(self) -> Path:
@@ -68,11 +71,13 @@ def latest_export(output_root: str | Path, stage: str) -> Path | None:
 RUN_DIR_ENV, RESUME_ENV, INIT_ENV, PARENT_ENV = "VLM_RUN_DIR", "VLM_RESUME_FROM", "VLM_INIT_FROM", "VLM_RUN_PARENT"
 
 
-def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
-    """The run folder and the checkpoint to resume from, on every rank the same; never another run's folder.
-    `pairs_made_by`: the export whose answers the run's preference pairs are, where vlm.constitution recorded it."""
+def prepare_run(config: TrainConfig, read_data: Callable[[], DataSources] | None = None) -> Run:
+    """The run folder, the checkpoint to resume from and the export to start from, on every rank the same; never
+    another run's folder. `read_data` gives the data the config names; a resumed run that chose the newest preference
+    pairs itself continues on those instead (recorded in its checkpoint)."""
     inherited = _from_parent_rank()
     if inherited is not None:
+        inherited.data, _ = _run_data(config, inherited.resume_from, read_data)
         return inherited
     if config.run_name and (Path(config.run_name).name != config.run_name or config.run_name in (".", "..")):
         raise ConfigError(f"run_name={config.run_name!r} must be a folder name, not a path: runs live in "
@@ -87,13 +92,15 @@ def prepare_run(config: TrainConfig, pairs_made_by: str | None = None) -> Run:
     else:
         run_dir, resume_from = _new_run_folder(stage_dir / (config.run_name or default_name),
                                                bool(config.run_name or launch_name)), None
-    start = _start(config, resume_from, pairs_made_by)  # checked before the run folder is made
+    data, recorded = _run_data(config, resume_from, read_data)
+    # checked before the run folder is made; pairs the run has trained on already were checked when it started
+    start = _start(config, resume_from, None if recorded or data is None else data.made_by)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a file where a folder must go, or no permission
         raise ConfigError(f"cannot make the run folder {str(run_dir)!r} ({err.strerror}): check output_root="
                           f"{config.output_root!r}") from None
-    run = Run(run_dir, resume_from, start)
+    run = Run(run_dir, resume_from, start, data)
     os.environ.update({RUN_DIR_ENV: str(run_dir), RESUME_ENV: str(resume_from or ""),
                        INIT_ENV: str(run.init_from or ""), PARENT_ENV: str(os.getpid())})
     return run
@@ -236,6 +243,17 @@ def _launch_name(named: bool) -> str | None:
     return None
 
 
+def _run_data(config: TrainConfig, resume_from: Path | None,
+              read_data: Callable[[], DataSources] | None) -> tuple[DataSources | None, bool]:
+    """The run's data, and whether it is the preference pairs recorded in the checkpoint it resumes from."""
+    finds_pairs = config.data.train is None and get_stage(config.stage.name).data == "preferences"
+    if resume_from and finds_pairs and (pairs := recorded_pairs(resume_from)):
+        log.info("resume: continuing on the preference pairs this run started with, %s (the answers of %s)",
+                 pairs.train, pairs.made_by)
+        return pairs, True
+    return (read_data() if read_data else None), False
+
+
 def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | None) -> Path | None:
     """The export the model is built from: a resumed run's own (recorded in its checkpoint), else `init_from`'s. Pairs
     made by another model than that one are said to be so."""
@@ -250,7 +268,7 @@ def _start(config: TrainConfig, resume_from: Path | None, pairs_made_by: str | N
         log.warning("the preference pairs are the answers of %s, and this run starts from %s: they are not this "
                     "model's own answers (pass init_from=%s to train the model that gave them)", pairs_made_by, start,
                     pairs_made_by)
-    else:  # data.train not given: the newest pairs, which a later vlm.constitution run may have replaced
+    else:  # the newest pairs, not recorded by a checkpoint older than that record: maybe a later constitution run's
         log.warning("the preference pairs this session reads are the answers of %s, and this run started from %s: "
                     "they are not the pairs its earlier steps trained on; pass data.train= (and data.val=) the pairs "
                     "it started with to continue on them", pairs_made_by, start)

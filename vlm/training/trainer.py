@@ -27,7 +27,7 @@ from vlm.training.datamodule import ShardDataModule
 from vlm.training.health import EmptyPassGuard
 from vlm.training.loggers import build_logger
 from vlm.training.random_state import RandomState
-from vlm.training.resume import NewestCheckpoints, StartingExport, checkpoint_step
+from vlm.training.resume import NewestCheckpoints, RunRecord, checkpoint_step
 from vlm.training.runs import Run
 from vlm.training.strategy import build_strategy, configure_precision
 from vlm.training.task import StageTask
@@ -72,7 +72,7 @@ def _trainer(config: TrainConfig, run: Run, task: StageTask, checkpoints: Newest
                       precision=t.precision, max_steps=config.stage.max_steps, max_epochs=-1,
                       val_check_interval=t.val_check_interval, check_val_every_n_epoch=None,
                       log_every_n_steps=t.log_every_n_steps, gradient_clip_val=t.gradient_clip_val,
-                      callbacks=[checkpoints, DataPosition(started), RandomState(), StartingExport(run.init_from),
+                      callbacks=[checkpoints, DataPosition(started), RandomState(), RunRecord(run.init_from, run.data),
                                  progress_callback(), EmptyPassGuard(), LearningRateMonitor(logging_interval="step")],
                       # whole or absent, fsynced, written straight to disk (Lightning's own save first builds
                       # the whole checkpoint in a memory buffer: the optimizer state of a large model twice)
