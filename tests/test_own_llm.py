@@ -176,3 +176,16 @@ def test_packing_sizes_rows_for_gpt2_style_configs():
     # per token: q, k, v, o 4 x 32 x 32; an ungated MLP (n_inner=None: 4 x 32 wide) 2 x 32 x 128; attention
     # 2 x 4 heads x 8 dims per key
     assert attention_break_even(gpt2) == (4 * 32 * 32 + 2 * 32 * 128) / (2 * 4 * 8)
+
+
+def test_chat_prompts_may_use_a_gpt2_style_llm_whole_position_table(tmp_path):
+    """GPT-2 names its positions n_positions: chat reads them as the context, past the training max_length."""
+    from vlm.chat import ChatModel
+    from vlm.training.stages import get_stage
+    from vlm.training.vlm_task import VLMTask
+
+    config = tiny_config(f"model.llm.name_or_path={_gpt2_folder(tmp_path, 128)}", "model.llm.max_length=64",
+                         stage="sft")
+    bundle = VLMTask.create(config, get_stage("sft"), None, None).bundle
+    chat = ChatModel(bundle.model, bundle.tokenizer, bundle.processor, torch.device("cpu"))
+    assert (bundle.processor.max_length, chat.context_length) == (64, 128)

@@ -91,9 +91,9 @@ class ChatModel:
         self.device = device
         self.name = name
         self.defaults = defaults or GenerationOptions()
-        lm_config = model.lm.config
-        self.context_length: int = int(getattr(lm_config, "max_position_embeddings", None)
-                                       or getattr(lm_config, "n_positions", None) or processor.max_length)
+        # transformers maps GPT-2's n_positions to max_position_embeddings; an LLM with neither: the training length
+        positions = getattr(model.lm.config.get_text_config(), "max_position_embeddings", None)
+        self.context_length: int = int(positions or processor.max_length)
         # The training max_length caps training samples; a prompt may use the model's whole context. Truncating a
         # prompt would cut its generation prompt, so `prepare` refuses prompts that do not fit instead.
         self.processor = Processor(tokenizer, processor.tiler, self.context_length)
