@@ -128,7 +128,7 @@ def test_a_stop_sequence_ends_generation_on_its_last_token_whatever_its_characte
 def test_a_stop_sequence_only_matches_inside_the_answer(tiny_chat_model, images):
     """The generation prompt ends in "\n" (ChatML), so the stop "\n" + the answer's first character spans the prompt
     and the answer; it must not end the answer after one token (transformers' `stop_strings` would)."""
-    assert tiny_chat_model.processor.render(ASK, add_generation_prompt=True).endswith("\n")
+    assert tiny_chat_model.processor.template.render(ASK, add_generation_prompt=True).endswith("\n")
     whole = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=8, temperature=0)
     stop = "\n" + whole.text[0]
     cut = tiny_chat_model.generate(ASK, [images["pil"]], max_new_tokens=8, temperature=0, stop=[stop])

@@ -56,7 +56,7 @@ def test_transformers_gives_the_same_inputs_logits_and_greedy_answer(tiny_sft_ex
     ours.model.eval()
     image = picture()  # not square: the letterbox padding must match too
     expected = ours.processor.prompt(QUESTION, [image])
-    inputs = processor(images=[image], text=ours.processor.render(QUESTION, add_generation_prompt=True),
+    inputs = processor(images=[image], text=ours.processor.template.render(QUESTION, add_generation_prompt=True),
                        return_tensors="pt")
     assert torch.equal(inputs["input_ids"][0], expected.input_ids)
     assert torch.allclose(inputs["pixel_values"], expected.pixel_values, atol=1e-6)
@@ -72,8 +72,8 @@ def test_transformers_gives_the_same_inputs_logits_and_greedy_answer(tiny_sft_ex
     # two images: the second one's tokens get the second image slot, as vlm's batches number them
     two = [{"role": "user", "content": "<image>\nand <image>\nWhich one is red?"}]
     expected = pad_batch([ours.processor.prompt(two, [image, picture(40, 70)])], ours.tokenizer.pad_token_id)
-    inputs = processor(images=[image, picture(40, 70)], text=ours.processor.render(two, add_generation_prompt=True),
-                       return_tensors="pt")
+    text = ours.processor.template.render(two, add_generation_prompt=True)
+    inputs = processor(images=[image, picture(40, 70)], text=text, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits
         reference = ours.model(expected["input_ids"], pixel_values=expected["pixel_values"],
@@ -82,7 +82,7 @@ def test_transformers_gives_the_same_inputs_logits_and_greedy_answer(tiny_sft_ex
     # list-style messages (as pipelines send them) render as our "<image>\n" text does
     parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the shape?"}]}]
     assert processor.apply_chat_template(parts, add_generation_prompt=True, tokenize=False) == \
-        ours.processor.render(QUESTION, add_generation_prompt=True)
+        ours.processor.template.render(QUESTION, add_generation_prompt=True)
     provenance = json.loads((hf_folder / PROVENANCE_FILE).read_text())
     assert provenance["source"] == str(tiny_sft_export.resolve())
     assert "model.projector.image_slots=8" in provenance["remote_code_because"]
@@ -136,7 +136,7 @@ def test_settings_that_map_load_in_stock_perception_lm_without_remote_code(tmp_p
     ours.model.eval()
     image = picture(100, 100)  # square: resized to the tile as our tiler does (other shapes are stretched)
     expected = ours.processor.prompt(QUESTION, [image])
-    inputs = processor(images=[image], text=ours.processor.render(QUESTION, add_generation_prompt=True),
+    inputs = processor(images=[image], text=ours.processor.template.render(QUESTION, add_generation_prompt=True),
                        return_tensors="pt")
     assert torch.equal(inputs["input_ids"][0], expected.input_ids)
     assert torch.allclose(inputs["pixel_values"][0], expected.pixel_values, atol=1e-6)  # (1 image, 1 tile, 3, S, S)
@@ -214,7 +214,7 @@ def test_llms_perception_lm_would_read_otherwise_take_the_remote_code_and_give_v
     ours = load_vlm(source)
     ours.model.eval()
     expected = ours.processor.prompt(QUESTION, [picture()])
-    inputs = processor(images=[picture()], text=ours.processor.render(QUESTION, add_generation_prompt=True),
+    inputs = processor(images=[picture()], text=ours.processor.template.render(QUESTION, add_generation_prompt=True),
                        return_tensors="pt")
     assert torch.equal(inputs["input_ids"][0], expected.input_ids)
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_batches_beams_and_image_files_give_each_prompt_its_own_images(tiny_sft_
     ours = load_vlm(tiny_sft_export)
     two = [{"role": "user", "content": "<image>\nand <image>\nWhich one is red?"}]
     prompts = [(two, [picture(), picture(40, 70)]), (QUESTION, [picture(30, 30)])]
-    texts = [ours.processor.render(messages, add_generation_prompt=True) for messages, _ in prompts]
+    texts = [ours.processor.template.render(messages, add_generation_prompt=True) for messages, _ in prompts]
     batch = processor(images=[im for _, images in prompts for im in images], text=texts, return_tensors="pt")
     positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # as generate counts them past left padding
     with torch.no_grad():
@@ -337,7 +337,7 @@ def test_exported_files_have_the_umasks_permissions(tiny_sft_export, hf_folder):
 
 def test_the_processor_pads_as_asked_and_refuses_a_truncation_that_would_cut_an_image(tiny_sft_export, hf_folder):
     processor = AutoProcessor.from_pretrained(hf_folder, trust_remote_code=True)
-    text = load_vlm(tiny_sft_export).processor.render(QUESTION, add_generation_prompt=True)
+    text = load_vlm(tiny_sft_export).processor.template.render(QUESTION, add_generation_prompt=True)
     alone = processor(images=[picture()], text=text, return_tensors="pt")["input_ids"]
     padded = processor(images=[picture()], text=text, return_tensors="pt", padding="max_length",
                        max_length=alone.shape[1] + 7)

@@ -125,7 +125,7 @@ def test_templates_that_render_a_conversations_last_turn_otherwise_label_exactly
     tokenizer = new_vlm(config.model, config.tiler).tokenizer
     tokenizer.chat_template = template
     processor = Processor(tokenizer, bundle.processor.tiler, 512)
-    assert processor.render(conversation()).count("You look at shapes.") == 1
+    assert processor.template.render(conversation()).count("You look at shapes.") == 1
     assert _labelled_runs(processor, conversation(), IMAGES) == replies
     # short replies are not found in the template's markup ("a" in "assistant"), and a one-turn conversation's reply
     # is labelled as the same reply in a longer one (Qwen3's think block before the last reply is never learned)

@@ -437,7 +437,7 @@ def test_the_sdks_model_lookup_token_count_and_lenient_fields(url, tiny_chat_mod
         reply = client.post("/v1/messages", json=_anthropic(system="Be brief.", messages=reminded))
         assert reply.status_code == 200, reply.text
         request, _ = parse_anthropic(_anthropic(system="Be brief.", messages=reminded),
-                                     Parser(ServeSettings(), 64, tiny_chat_model.processor.as_plain_text))
+                                     Parser(ServeSettings(), 64, tiny_chat_model.processor.template.as_plain_text))
         assert request.messages == [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"}, {"role": "system", "content": "Answer in one word."},
@@ -473,7 +473,8 @@ def test_text_that_spells_markers_is_read_as_the_characters_it_spells(url, tiny_
                 messages=[{"role": "system", "content": system}, *history]))):
             assert client.post(path, json=body).status_code == 200, path
         counted = client.post("/v1/messages/count_tokens", json=anthropic_body).json()["input_tokens"]
-    request, _ = parse_anthropic(anthropic_body, Parser(ServeSettings(), 64, tiny_chat_model.processor.as_plain_text))
+    parser = Parser(ServeSettings(), 64, tiny_chat_model.processor.template.as_plain_text)
+    request, _ = parse_anthropic(anthropic_body, parser)
     prompt = tiny_chat_model.prepare(request.messages, request.images)  # an `<image>` kept would want an image
     assert counted == prompt.input_tokens
     tokenizer = tiny_chat_model.tokenizer

@@ -336,7 +336,7 @@ class ChatSession:
     def _record(self, turns: list[_Turn], completion: Completion) -> None:
         """The question's turns and its answer become the history. An answer that spells <image> or a template marker
         (about SVG, or ChatML) is read back as those characters."""
-        self.turns = [*turns, _Turn("assistant", self.model.processor.as_plain_text(completion.text), [])]
+        self.turns = [*turns, _Turn("assistant", self.model.processor.template.as_plain_text(completion.text), [])]
 
     def send(self, text: str, images: Sequence[ImageSource] = (), **options: Any) -> Completion:
         """Ask, wait for the whole answer, and remember both turns."""

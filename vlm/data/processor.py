@@ -9,26 +9,20 @@ the tiler reports for that image; labels keep the assistant turns only.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
-import jinja2
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from vlm.data.shards import SkipSample
+from vlm.data.chat_template import ChatTemplate, SampleError
 from vlm.data.tiler import ImageLoadError, TiledImage, Tiler
 from vlm.data.tokenizer import IMAGE_TOKEN, image_token_id
 
 IGNORE_INDEX = -100
 ImageSource = str | bytes | Image.Image | TiledImage  # TiledImage: tiled already, used as it is
 PROMPT_NAME = "request"  # how errors name a prompt being answered: "request image 0: ..."
-
-
-class SampleError(SkipSample):
-    """A conversation that cannot be encoded; the message names the sample."""
 
 
 class PromptTooLong(SampleError):
@@ -58,73 +52,7 @@ class Processor:
         self.tiler = tiler
         self.max_length = max_length
         self.image_token_id = image_token_id(tokenizer)
-        # the template's control tokens (role markers, end of turn, padding): text that spelled one would start or
-        # end a turn, so a message could forge another role's turn
-        controls = [t.content for t in tokenizer.added_tokens_decoder.values()
-                    if t.special and t.content != IMAGE_TOKEN]
-        self.control_token = re.compile("|".join(map(re.escape, controls))) if controls else None
-        self.markers = re.compile("|".join(map(re.escape, [IMAGE_TOKEN, *controls])))  # what as_plain_text breaks
-
-    def as_plain_text(self, text: str) -> str:
-        """`text` with every `<image>` and control token broken by a zero-width space after its first character, so
-        the tokenizer reads it as the plain characters it was, not as a marker: text from a client or from the model
-        itself (an answer about SVG or ChatML) then never places an image nor opens or ends a turn."""
-        return self.markers.sub(lambda found: found.group()[0] + "\u200b" + found.group()[1:], text)
-
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False, name: str = "sample") -> str:
-        """The conversation as the chat template writes it; a conversation the template refuses (a system turn where
-        it has none, roles that do not alternate) is a SampleError naming `name` with the template's reason."""
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
-        except jinja2.TemplateError as err:
-            raise SampleError(f"{name}: the model's chat template refuses this conversation: {err}") from None
-
-    def assistant_spans(self, messages: list[dict[str, str]], text: str, name: str = "sample") -> list[tuple[int, int]]:
-        """Character spans of each assistant reply (with its end-of-turn marker) in `text`, the conversation as
-        `render` writes it; a template that refuses a prefix is named in a SampleError for `name`.
-
-        Rendering the prefix before a reply with a generation prompt, and the prefix including it, brackets the reply
-        for templates that render a prefix as the start of the whole and the reply right after the generation prompt
-        (ChatML, Llama 3, SmolLM, ...). Templates that render a conversation's last turn otherwise (Qwen3 puts an
-        empty think block before it; Mistral moves the system prompt into the last user turn) fail that check, and
-        their replies are found by their text instead, so a reply's labels are the same in any conversation.
-        """
-        spans = []
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                before = self.render(messages[:i], add_generation_prompt=True, name=name)
-                through = self.render(messages[: i + 1], name=name)
-                reply_follows = text[len(before):len(through)].lstrip(" ").startswith(message["content"].strip())
-                if not (text.startswith(before) and text.startswith(through) and reply_follows):
-                    return self.spans_by_text(messages, text, name)
-                spans.append((len(before), len(through)))
-        return spans
-
-    def spans_by_text(self, messages: list[dict[str, str]], text: str, name: str) -> list[tuple[int, int]]:
-        """Each reply's span found in order in `text`: its content (as templates trim it) where a control token (or
-        the text's end) follows it, that token, and the newline after it. Walking the user and assistant turns in
-        order keeps a reply from being found in the question before it, and the control token after it from being
-        found in the template's markup ("a" in "<|im_start|>assistant"); system turns may move (Mistral's) and are
-        not looked for."""
-        spans, cursor = [], 0
-        ends_turn = f"(?={self.control_token.pattern}|$)" if self.control_token else ""
-        for i, message in enumerate(messages):
-            content = message["content"].strip()
-            if message["role"] == "system" or not content:
-                continue
-            pattern = re.escape(content) + (ends_turn if message["role"] == "assistant" else "")
-            if not (found := re.compile(pattern).search(text, cursor)):
-                raise SampleError(f"{name}: the chat template does not render message {i} ({message['role']}) as "
-                                  f"written, so its reply cannot be told apart for the labels")
-            start, end = found.span()
-            if message["role"] == "assistant":
-                start = cursor + len(text[cursor:start].rstrip(" "))  # a space before the reply is its first token's
-                if ending := self.control_token.match(text, end) if self.control_token else None:
-                    end = ending.end() + text.startswith("\n", ending.end())
-                spans.append((start, end))
-            cursor = end
-        return spans
+        self.template = ChatTemplate(tokenizer)
 
     def encode(self, messages: list[dict[str, str]], images: list[ImageSource], name: str = "sample",
                add_generation_prompt: bool = False, train: bool = True, last_reply_only: bool = False) -> Encoded:
@@ -132,12 +60,12 @@ class Processor:
         Labels keep every assistant reply, or with `last_reply_only` the last one (a preference pair's answer)."""
         self._check(messages, images, name, train)
         tiled = self.tile_all(images, name)
-        text = self.render(messages, add_generation_prompt=add_generation_prompt, name=name)
+        text = self.template.render(messages, add_generation_prompt=add_generation_prompt, name=name)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
         ids = encoding["input_ids"]
         keep = [False] * len(ids)
         if train:
-            spans = self.assistant_spans(messages, text, name)
+            spans = self.template.assistant_spans(messages, text, name)
             spans = spans[-1:] if last_reply_only else spans
             keep = [any(s <= start < e for s, e in spans) and end > start
                     for start, end in encoding["offset_mapping"]]
@@ -170,7 +98,7 @@ class Processor:
             raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
                               f"{len(images)} image{'s' * (len(images) != 1)}")
         for i, message in enumerate(messages):
-            if self.control_token and (found := self.control_token.search(message["content"])):
+            if self.template.control_token and (found := self.template.control_token.search(message["content"])):
                 raise SampleError(f"{name}: message {i} ({message['role']}) holds {found.group()!r}, a control token "
                                   f"of the chat template; text may not spell one, since it would start or end a turn")
         if train:

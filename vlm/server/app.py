@@ -51,7 +51,8 @@ class Server:
         self.slots = Admission(settings.max_concurrency + settings.max_queue)
         # token counts decode and tile a request's images too: as many at once as requests may be admitted
         self.counting = Admission(settings.max_concurrency + settings.max_queue)
-        self.parser = Parser(settings, settings.max_tokens_limit or chat.context_length, chat.processor.as_plain_text)
+        self.parser = Parser(settings, settings.max_tokens_limit or chat.context_length,
+                             chat.processor.template.as_plain_text)
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_name, **self.slots.counts()}

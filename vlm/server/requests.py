@@ -61,7 +61,7 @@ class Parser:
     def __init__(self, settings: ServeSettings, tokens_limit: int, as_plain_text: Callable[[str], str]) -> None:
         self.settings = settings
         self.tokens_limit = tokens_limit
-        self.as_plain_text = as_plain_text  # the model's Processor.as_plain_text: its markers are its template's
+        self.as_plain_text = as_plain_text  # the model's ChatTemplate.as_plain_text: its markers are its template's
 
     def image(self, data: Any, media_type: Any, where: str) -> bytes:
         if media_type not in MEDIA_TYPES:
