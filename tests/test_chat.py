@@ -68,6 +68,44 @@ def test_auto_temperature_is_used_and_logged(tiny_chat_model, images, caplog):
     assert "temperature auto -> 0.8" in caplog.text
 
 
+SAMPLED, GREEDY = {"do_sample": True}, {"do_sample": False}
+
+
+@pytest.mark.parametrize(("ours", "theirs", "contrast"), [
+    ({"temperature": 0.2}, SAMPLED | {"temperature": 0.2}, SAMPLED | {"temperature": 1.0}),
+    ({"temperature": 2.0, "top_k": 2}, SAMPLED | {"temperature": 2.0, "top_k": 2}, SAMPLED | {"temperature": 2.0}),
+    ({"temperature": 2.0, "top_p": 0.3}, SAMPLED | {"temperature": 2.0, "top_p": 0.3}, SAMPLED | {"temperature": 2.0}),
+    ({"temperature": 0, "repetition_penalty": 3.0}, GREEDY | {"repetition_penalty": 3.0}, GREEDY),
+    ({"temperature": 0, "num_beams": 3, "repetition_penalty": 3.0},
+     GREEDY | {"num_beams": 3, "repetition_penalty": 3.0}, GREEDY | {"repetition_penalty": 3.0}),
+])
+def test_decoding_options_reach_generate_as_transformers_reads_them(tiny_chat_model, images, ours, theirs, contrast):
+    """Each option's answer is HF generate's with that option, on the same prompt and seed, where the `contrast`
+    decoding (the option left out, or another temperature) gives another answer: so the option reaches generate."""
+    chat = tiny_chat_model
+    prompt = chat.prepare(ASK, [images["pil"]])
+    eos = sorted(chat.eos_token_ids)
+
+    def reference(decoding: dict) -> list[int]:
+        torch.manual_seed(3)
+        ids = chat.model.generate(**chat._inputs([prompt]), max_new_tokens=8, pad_token_id=chat.tokenizer.pad_token_id,
+                                  eos_token_id=eos, **decoding)[0].tolist()
+        return ids[:next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))]
+
+    expected = reference(theirs)
+    assert expected != reference(contrast), "this prompt does not tell the option apart; choose another"
+    assert chat.generate(prompt, max_new_tokens=8, seed=3, **ours).token_ids == expected
+
+
+def test_length_penalty_is_given_to_beam_search_only():
+    """(The tiny model's beams all run to max_new_tokens, where a length penalty changes nothing to compare.)"""
+    from vlm.generation.options import resolve_decoding
+
+    beams = resolve_decoding(GenerationOptions(num_beams=3, length_penalty=-2.0, temperature=0), ASK, 64)
+    assert beams.generate_kwargs["length_penalty"] == -2.0 and beams.generate_kwargs["num_beams"] == 3
+    assert "length_penalty" not in resolve_decoding(GenerationOptions(length_penalty=-2.0), ASK, 64).generate_kwargs
+
+
 def test_session_keeps_history_and_images_over_turns(tiny_chat_model, images):
     session = tiny_chat_model.session(system="Answer briefly.", max_new_tokens=4, temperature=0)
     first = session.send("What is this?", images=[images["path"]])
