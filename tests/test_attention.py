@@ -254,6 +254,9 @@ def test_the_pattern_cache_generates_the_full_cache_tokens_and_stays_bounded(fam
     assert all(layer.cached_length() <= pattern.window + seen // pattern.stride + pattern.sinks + 1
                for layer in single.layers)
     assert single.layers[0].cached_length() < seen // 2
+    beams = steps | {"max_new_tokens": 12, "min_new_tokens": 12, "num_beams": 3}  # the cache follows the beams' order
+    assert torch.equal(lm.generate(ids, attention_mask=mask, cache=cache_for(lm), **beams),
+                       lm.generate(ids, attention_mask=mask, **beams))
 
 
 def test_a_model_that_updates_its_cache_without_kwargs_keeps_every_key_and_the_full_cache_tokens():
@@ -355,14 +358,26 @@ def test_an_export_records_its_attention_and_an_older_export_loads_dense(local_g
     assert cache_for(older.model.lm) is None
 
 
-def test_the_chat_model_answers_through_the_pattern_cache_as_with_a_full_cache(local_global_export):
+def test_the_chat_model_answers_through_the_pattern_cache_as_with_a_full_cache(local_global_export, monkeypatch):
     from images import solid
 
     from vlm.chat import ChatModel
 
+    made: list[LocalGlobalCache] = []  # the caches chat builds, watched as they are made
+    build = LocalGlobalCache.__init__
+
+    def watched(self: LocalGlobalCache, *args) -> None:
+        build(self, *args)
+        made.append(self)
+
+    monkeypatch.setattr(LocalGlobalCache, "__init__", watched)
     chat = ChatModel.load(local_global_export, device="cpu")
     prompt = chat.prepare([{"role": "user", "content": "<image>\nWhat colour is the shape?"}], [solid()])
     answer = chat.generate(prompt, max_new_tokens=24, temperature=0)
+    (cache,) = made
+    seen = cache.get_seq_length()
+    assert seen == prompt.input_tokens + len(answer.token_ids) - 1  # the last token is never fed back
+    assert max(layer.cached_length() for layer in cache.layers) < seen // 2  # what the pattern no longer reads: gone
     inputs = chat._inputs([prompt])
     full = chat.model.generate(**inputs, max_new_tokens=24, do_sample=False, pad_token_id=chat.tokenizer.pad_token_id,
                                eos_token_id=sorted(chat.eos_token_ids))[0].tolist()
