@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from test_bad_data import COMMON, train
 from tiny import tiny_config
 from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
 
 from vlm.training.vlm_task import eager_decoding
 
@@ -20,11 +21,14 @@ def test_compiled_blocks_train_to_the_same_loss_and_export_the_same_keys(tmp_pat
     sparse = ["model.llm.sparse.window=8", "model.llm.sparse.stride=4", "model.llm.sparse.sinks=1"]
     data = [*small_synthetic, "stage.batch_size=8", "eval.batch_size=8", "stage.max_steps=3", "init_from=null",
             f"output_root={tmp_path / 'runs'}", f"model.llm.attention={attention}", *sparse]
+    graphs_before = counters["stats"]["unique_graphs"]  # what dynamo has compiled in this process
     plain, plain_run = train(tiny_config(*COMMON, *data, "run_name=plain", stage="sft"))
+    assert counters["stats"]["unique_graphs"] == graphs_before
     with caplog.at_level(logging.INFO, logger="vlm.training.trainer"):
         compiled, compiled_run = train(tiny_config(*COMMON, *data, "run_name=compiled", "trainer.compile=true",
                                                    stage="sft"))
     assert "trainer.compile: 4 transformer blocks" in caplog.text  # 2 ViT blocks + 2 LLM decoder layers
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the blocks ran compiled
     assert compiled["loss"] == pytest.approx(plain["loss"], abs=1e-4)
     # validation decodes eagerly, so the compiled model answers as the plain one does
     assert compiled["exact_match"] == plain["exact_match"]
