@@ -218,7 +218,10 @@ def test_vlm_eval_scores_a_contrastive_export_on_the_held_out_data_its_run_valid
 @pytest.mark.parametrize("names_beside", [False, True], ids=["no-classnames", "classnames-beside"])
 def test_vlm_eval_reads_labels_on_new_data_by_that_datas_class_names_only(tmp_path, names_beside):
     """An export's class names label its own held-out data. Labelled shards of one's own without a classnames.txt
-    are scored by retrieval alone: read against the export's names, every label would name another class."""
+    are scored by retrieval alone: read against the export's names, every label would name another class. With a
+    classnames.txt beside them, their labels and predictions are read by those names, not by the export's."""
+    import tarfile
+
     from test_bad_data import write_caption_shards
 
     from vlm.eval import evaluate
@@ -226,10 +229,21 @@ def test_vlm_eval_reads_labels_on_new_data_by_that_datas_class_names_only(tmp_pa
     torch.manual_seed(0)
     export = make_task(tiny_config(), synthetic.CLASSNAMES).export(tmp_path / "export")
     pattern = write_caption_shards(tmp_path / "val", good_per_shard=6, bad_kinds=[], shards=1)
+    beside = synthetic.CLASSNAMES[::-1]  # the export's names in another order: label k names another class
     if names_beside:
-        (tmp_path / "val" / "classnames.txt").write_text("\n".join(synthetic.CLASSNAMES) + "\n")
-    metrics, _ = evaluate(tiny_config(f"checkpoint={export}", f"data.val='{pattern}'", "data.num_workers=0"))
+        (tmp_path / "val" / "classnames.txt").write_text("\n".join(beside) + "\n")
+    metrics, predictions = evaluate(tiny_config(f"checkpoint={export}", f"data.val='{pattern}'",
+                                                "data.num_workers=0"))
     assert "i2t_r1" in metrics and ("zero_shot_top1" in metrics) == names_beside
+    if names_beside:
+        with tarfile.open(tmp_path / "val" / "shard-000.tar") as tar:
+            labels = {member.name.removesuffix(".cls"): int(tar.extractfile(member).read())
+                      for member in tar.getmembers() if member.name.endswith(".cls")}
+        keys = [row["key"].rpartition(":")[2] for row in predictions]  # a row's key is "SHARD:KEY"
+        assert sorted(keys) == sorted(labels)
+        for key, row in zip(keys, predictions, strict=True):
+            assert row["label"] == beside[labels[key]]
+            assert row["correct"] == (row["prediction"] == row["label"]) and row["prediction"] == row["top"][0]
 
 @pytest.mark.parametrize("given, templates", [({"checkpoint"}, ["{}"]), ({"checkpoint", "eval.templates"}, None)])
 def test_vlm_eval_ranks_classes_with_the_prompts_the_export_validated_with_unless_told(tmp_path, given, templates):
