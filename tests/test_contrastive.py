@@ -100,6 +100,14 @@ def test_zero_shot_and_retrieval_metrics():
     rows = contrastive_predictions(retrieve(image, text), partly, image @ classes.T, list("abcd"), list("kkkk"),
                                    list("cccc"))
     assert [r.get("correct") for r in rows] == [True, None, True, None] and rows[1]["prediction"] == "b"
+    # a "hub" caption, closer to every image than their own captions are, is what each image retrieves, while each
+    # caption still retrieves its own image: the two directions score differently, each by its own argmax
+    own = torch.eye(4)
+    hub = own.clone()
+    hub[0] = torch.tensor([2.0, 1.5, 1.5, 1.5])
+    no_labels = torch.full((4,), -1)
+    assert contrastive_metrics(retrieve(own, hub), no_labels, None) == {"i2t_r1": 0.25, "t2i_r1": 1.0}
+    assert contrastive_metrics(retrieve(hub, own), no_labels, None) == {"i2t_r1": 1.0, "t2i_r1": 0.25}
 
 
 
