@@ -107,8 +107,13 @@ def test_split_is_deterministic_and_refuses_to_mix_runs(converted, capsys, tmp_p
             "--seed", "3"]
     code, _, err = _convert(capsys, [*argv, "--out", str(out)])
     assert code == 2 and "--overwrite" in err
-    code, _, _ = _convert(capsys, [*argv, "--out", str(tmp_path), "--no-shuffle"])
-    assert code == 0 and set(_read_split(tmp_path / "val")) == set(_read_split(out / "val"))
+    code, _, _ = _convert(capsys, [*argv, "--out", str(tmp_path / "again"), "--no-shuffle"])
+    val = set(_read_split(out / "val"))
+    assert code == 0 and set(_read_split(tmp_path / "again" / "val")) == val
+    # --seed picks the held-out records: another seed holds out others, as many
+    code, _, _ = _convert(capsys, [*argv[:-1], "4", "--out", str(tmp_path / "other"), "--no-shuffle"])
+    other = set(_read_split(tmp_path / "other" / "val"))
+    assert code == 0 and len(other) == len(val) and other != val
 
 
 @given(count=st.integers(0, 300), fraction=st.floats(0, 0.99), seed=st.integers(0, 2**31))
@@ -121,6 +126,20 @@ def test_split_names_sizes(count, fraction, seed):
         assert 1 <= val <= count - 1 and abs(val - count * fraction) <= 1
     else:
         assert val == 0
+
+
+def test_the_held_out_split_is_a_sample_drawn_by_the_seed():
+    """Each seed holds out its own records (a record's image groups too), spread through the records rather than
+    the first ones read."""
+    splits = [split_names(100, 0.2, seed) for seed in range(5)]
+    assert len({tuple(split) for split in splits}) == 5
+    for split in splits:
+        val = [i for i, name in enumerate(split) if name == "val"]
+        assert len(val) == 20 and val != list(range(20))
+    groups = [f"image{i // 2}" for i in range(100)]  # two records per image
+    grouped = [split_names(100, 0.2, seed, groups) for seed in range(5)]
+    assert len({tuple(split) for split in grouped}) == 5
+    assert all(split[0:20] != ["val"] * 20 for split in grouped)
 
 
 def test_images_jsonl_round_trip_with_reencoding(tmp_path, capsys):
