@@ -320,15 +320,42 @@ def test_a_run_continuing_an_export_names_the_model_settings_it_cannot_apply(tmp
     assert f"model.llm.name_or_path='{tmp_path / 'my-llm'}' is ignored: this run starts from" in caplog.text
 
 
-def test_only_the_model_keys_given_on_the_command_line_are_warned_about(tmp_path, caplog, monkeypatch):
+@pytest.fixture
+def command_line(monkeypatch):
+    """Gives this process a Hydra entry point's command line: the config composed with those arguments, recorded
+    where Hydra records the one it runs with. Afterwards the process is outside any Hydra app again."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from vlm.cli import compose_config
+
+    hydra_config = HydraConfig.instance()
+    monkeypatch.setattr(hydra_config, "cfg", None)
+
+    def given(config_name: str, args: list[str]) -> None:
+        hydra_config.set_config(compose_config(config_name, args, return_hydra_config=True))
+
+    return given
+
+
+def test_the_keys_set_on_the_command_line_are_read_from_hydra(command_line):
+    """Each key or group an argument sets, an added (+) or deleted (~) one by its name; none outside a Hydra app."""
+    from vlm.cli import command_line_keys
+
+    assert command_line_keys() is None
+    command_line("eval", ["checkpoint=/x", "stage=sft", "model.llm.config.num_attention_heads=4",
+                          "+model.llm.config.rope_theta=5.0", "~eval.turns", "data.val='/d/shard-{0..1}.tar'",
+                          "eval.templates=['{}']"])
+    assert command_line_keys() == {"checkpoint", "stage", "model.llm.config.num_attention_heads",
+                                   "model.llm.config.rope_theta", "eval.turns", "data.val", "eval.templates"}
+
+
+def test_only_the_model_keys_given_on_the_command_line_are_warned_about(tmp_path, caplog, command_line):
     """A preset's own defaults that differ from the export's are no mistake of the user's: only the keys the command
     line set are named (here it set the heads, and the preset the length)."""
     from tiny import sft_export
 
-    import vlm.training.vlm_task as vlm_task
-
     export = sft_export(tmp_path / "sft")
-    monkeypatch.setattr(vlm_task, "command_line_keys", lambda: {"stage", "model.llm.config.num_attention_heads"})
+    command_line("train", ["stage=sft", "model.llm.config.num_attention_heads=4"])
     config = tiny_config("model.llm.config.num_attention_heads=4", "model.llm.max_length=100", stage="sft")
     with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):
         make_task(config, init_from=export)
