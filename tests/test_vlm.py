@@ -232,13 +232,24 @@ def test_a_feature_layer_past_the_vits_blocks_is_named():
         make_task(tiny_config("model.vision.feature_layer=2", stage="sft"))
 
 @pytest.mark.parametrize("kind,width", [("pixel_shuffle", 4 * 8), ("avg_pool", 8), ("none", 8)])
-def test_token_reduction_shapes(kind, width):
+def test_token_reduction_reads_each_block_of_patches_in_order(kind, width):
     reducer = TokenReducer(kind, 2)
     tokens = torch.arange(2 * 16 * 8, dtype=torch.float).reshape(2, 16, 8)  # (B, 4x4 grid, D)
     out = reducer(tokens)
     assert out.shape == (2, reducer.out_tokens(16), width)
-    if kind == "pixel_shuffle":  # the first output token holds the top-left 2x2 block of patches
-        assert torch.equal(out[0, 0], torch.cat([tokens[0, 0], tokens[0, 1], tokens[0, 4], tokens[0, 5]]))
+    # output token (row i, column j) of the 2x2 grid reads the 2x2 block of patches at rows 2i, 2i+1 and columns
+    # 2j, 2j+1 of the 4x4 grid, its patches in row-major order: pixel shuffle concatenates them, pooling averages
+    for sample in range(2):
+        for i in range(2):
+            for j in range(2):
+                block = [tokens[sample, (2 * i + di) * 4 + 2 * j + dj] for di in range(2) for dj in range(2)]
+                token = out[sample, 2 * i + j]
+                if kind == "pixel_shuffle":
+                    assert torch.equal(token, torch.cat(block)), (sample, i, j)
+                elif kind == "avg_pool":
+                    assert torch.allclose(token, torch.stack(block).mean(dim=0)), (sample, i, j)
+    if kind == "none":
+        assert torch.equal(out, tokens)
 
 
 def test_frozen_parts_stay_in_eval_mode_while_training():
