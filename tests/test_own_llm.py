@@ -111,7 +111,7 @@ def test_a_max_length_past_rotary_positions_is_warned_unless_rope_scaling_covers
     assert (expected in caplog.text) == warned, caplog.text
 
 
-def test_held_out_answers_stop_where_a_learned_position_table_ends(tmp_path):
+def test_held_out_answers_stop_where_a_learned_position_table_ends(tmp_path, monkeypatch):
     """A held-out prompt as long as `max_length` (the longest the position check allows) leaves GPT-2 no room for
     eval.max_new_tokens: validation answers up to the table's end instead of failing with an IndexError."""
     from vlm.training.stages import get_stage
@@ -126,8 +126,18 @@ def test_held_out_answers_stop_where_a_learned_position_table_ends(tmp_path):
     room = 128 - len(prompt.input_ids)
     assert 0 < room < 64, room
     batch = pad_batch([prompt], task.bundle.tokenizer.pad_token_id, left=True)
+    generated = []  # the new token ids of each generate call, which goes through to the model's own
+
+    def generate(*args, **kwargs):
+        generated.append(generate_of_the_model(*args, **kwargs))
+        return generated[-1]
+
+    generate_of_the_model = task.model.generate
+    monkeypatch.setattr(task.model, "generate", generate)
     (answer,) = task.answer(batch)
-    assert isinstance(answer, str)
+    # the answer runs to the table's last position: every place left after the prompt holds one of its tokens
+    assert [tuple(ids.shape) for ids in generated] == [(1, room)]
+    assert answer and answer == task.bundle.tokenizer.decode(generated[0][0], skip_special_tokens=True)
     task.position_limit = None  # the control: uncapped, the random model writes on past the table
     with pytest.raises(IndexError):
         task.answer(batch)
