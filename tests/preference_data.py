@@ -20,10 +20,11 @@ def png(seed: int, size: int = 64) -> bytes:
 
 
 def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = True, history: bool = False,
-                anchors: int = 0, images: bool = True) -> str:
+                anchors: int = 0, images: bool = True, first_image: int = 0) -> str:
     """A shard of `count` colour questions, each with a chosen and a rejected answer; `history` puts an earlier
     question and answer before the asked one; `anchors` conversation samples (a shape question and its answer)
-    come before the pairs; `images=False` asks about a tomato instead, with no image. Returns the shard path."""
+    come before the pairs; `images=False` asks about a tomato instead, with no image. Pair i shows the image drawn
+    from seed `first_image + i` (its key is i whatever `first_image`). Returns the shard path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(path)) as sink:
         for i in range(count, count + anchors):
@@ -40,7 +41,8 @@ def write_pairs(path: Path, count: int, answer_words: int = 1, chosen: bool = Tr
             record = {"prompt": prompt, "rejected": " ".join(["blue"] * answer_words), "type": "color"}
             if chosen:
                 record["chosen"] = " ".join(["red"] * answer_words)
-            sink.write({"__key__": f"{i:06d}", "json": json.dumps(record)} | ({"0.png": png(i)} if images else {}))
+            image = {"0.png": png(first_image + i)} if images else {}
+            sink.write({"__key__": f"{i:06d}", "json": json.dumps(record)} | image)
     return str(path)
 
 

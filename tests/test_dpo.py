@@ -212,7 +212,9 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute,
     from vlm.train import run
 
     train = write_pairs(tmp_path / "train" / "shard-000000.tar", 8, anchors=4)  # anchors train alongside
-    val = write_pairs(tmp_path / "val" / "shard-000000.tar", 4)
+    # the held-out pairs have the training pairs' keys (000000...) in another shard, with other images: a
+    # precomputed reference that mixed them up would give the training pairs the held-out ones' log-probs
+    val = write_pairs(tmp_path / "val" / "shard-000000.tar", 4, first_image=100)
     common = [f"data.train={train}", f"data.val={val}", "data.num_workers=0", "stage.batch_size=4",
               f"stage.precompute_reference={str(precompute).lower()}", "eval.batch_size=4"]
     monkeypatch.chdir(tiny_sft_export.parent)  # init_from relative to the launch folder: recorded absolute
@@ -230,7 +232,7 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute,
     assert metrics["rewards/margins"] > 0
     export = tmp_path / "dpo" / "r" / "export"
     # the trained policy itself moved towards the chosen answer, on the held-out images
-    held_out = [png(i) for i in range(4)]
+    held_out = [png(100 + i) for i in range(4)]
     moved = _red_over_blue(export, held_out) - _red_over_blue(tiny_sft_export, held_out)
     assert moved > 1.0, moved  # nats: 4 steps at lr=1e-2 move it by several
     recorded = json.loads((export / "config.json").read_text())["train_config"]
