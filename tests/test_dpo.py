@@ -22,7 +22,7 @@ from vlm.data.processor import IGNORE_INDEX, pad_batch
 from vlm.data.shards import build_pipeline
 from vlm.data.sources import DataSources
 from vlm.exports.vlm import load_vlm
-from vlm.models.losses import answer_logprobs, preference_loss
+from vlm.models.losses import answer_logprobs, preference_loss, reward_metrics
 from vlm.training.stages import get_stage
 
 LOGPS = {"pc": [-3.0, -10.0, -2.5], "pr": [-5.0, -4.0, -9.0], "rc": [-4.0, -9.0, -3.0], "rr": [-4.5, -6.0, -8.0]}
@@ -53,6 +53,19 @@ def test_preference_loss_matches_the_papers(kind, beta, sft_weight):
     if kind == "sigmoid":
         expected = [beta * (policy - reference) for policy, reference in zip(LOGPS["pc"], LOGPS["rc"], strict=True)]
         assert out.chosen_rewards.tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("chosen,rejected,accuracy", [
+    ([0.5, -0.2, 0.1, 0.3], [0.1, 0.4, 0.1, -0.5], 0.5),  # won, lost, tied, won
+    ([0.2, 0.2], [0.2, 0.2], 0.0),  # ties only: no pair's chosen answer gets the higher reward
+    ([-1.0, 0.0, 2.0], [-3.0, -0.5, 1.0], 1.0)])
+def test_reward_metrics_are_means_over_pairs_and_a_tie_is_no_win(chosen, rejected, accuracy):
+    metrics = reward_metrics(torch.tensor(chosen), torch.tensor(rejected))
+    assert metrics["rewards/accuracy"].item() == accuracy
+    assert metrics["rewards/chosen"].item() == pytest.approx(sum(chosen) / len(chosen))
+    assert metrics["rewards/rejected"].item() == pytest.approx(sum(rejected) / len(rejected))
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    assert metrics["rewards/margins"].item() == pytest.approx(sum(margins) / len(margins))
 
 
 def test_answer_logprobs_sum_only_labelled_tokens():
