@@ -114,6 +114,16 @@ def _pairs(pattern_dir: Path) -> list[dict]:
     return [json.loads(s["json"]) for s in build_pipeline(shards, lambda s: s, train=False, split_by_node=False)]
 
 
+def _recorded_answers(pattern: str) -> dict[str, str]:
+    """Each conversation sample's recorded last answer (for synthetic data, the scene's truth), by its `url:key`."""
+    answers = {}
+    for sample in build_pipeline(list_shards(pattern), lambda s: s, train=False, split_by_node=False):
+        last = json.loads(sample["json"])["conversations"][-1]
+        assert last["from"] == "gpt"
+        answers[f"{sample['__url__']}:{sample['__key__']}"] = last["value"]
+    return answers
+
+
 @pytest.mark.parametrize("name", ["default", "synthetic"])
 def test_shipped_constitutions_load(name):
     constitution = load_constitution(name)
@@ -170,8 +180,14 @@ def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sf
     assert train["prompts"] == 6 and train["kept"] + train["dropped_unchanged"] == 6
     pairs = _pairs(out / "train")
     assert len(pairs) == train["kept"] > 0  # a random model answers wrongly
+    from vlm.data.sources import resolve
+
+    truth = _recorded_answers(resolve(config.data, "conversations").train)
     for pair in pairs:
-        assert pair["chosen"] != pair["rejected"] and repr(pair["rejected"]) in pair["critique"]
+        # chosen: the scene's recorded answer; rejected: the policy's answer, which is another
+        assert pair["chosen"] == truth[pair["source"]]
+        assert pair["rejected"].strip().lower() != pair["chosen"].lower()
+        assert repr(pair["rejected"]) in pair["critique"]
         assert pair["prompt"][-1]["role"] == "user" and pair["type"]
         # the synthetic constitution's principles each judge one question type: the pair's is the one drawn
         assert pair["principle"] == {"compare": "which_image"}.get(pair["type"], pair["type"])
