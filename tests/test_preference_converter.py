@@ -12,6 +12,7 @@ from tiny import tiny_config
 
 from data_scripts import preferences_to_shards
 from vlm.data.preferences import PreferenceDecoder, prompt_messages
+from vlm.data.processor import IGNORE_INDEX
 from vlm.data.shards import build_pipeline
 from vlm.data.sources import DataSources
 from vlm.training.stages import get_stage
@@ -44,6 +45,7 @@ def test_plain_and_trl_records_round_trip_and_decode(tmp_path, capsys, tiny_sft_
                                          "chosen": "Noise.", "rejected": "A cat."}
     record = json.loads(second["json"])
     assert record["prompt"][0]["content"] == "<image><image>Which is brighter?" and record["id"] == "trl"
+    assert (record["chosen"], record["rejected"]) == ("The first.", "The second.")  # TRL's message lists, as text
     assert second["1.jpg"] == (images / "b.jpg").read_bytes()
     config = tiny_config(stage="dpo", tiny=False)
     task = get_stage("dpo").task.create(config, get_stage("dpo"), tiny_sft_export, DataSources(None, None, None))
@@ -51,6 +53,14 @@ def test_plain_and_trl_records_round_trip_and_decode(tmp_path, capsys, tiny_sft_
     pairs = list(build_pipeline([str(p) for p in (tmp_path / "out" / "train").glob("*.tar")], decoder, train=False,
                                 split_by_node=False))
     assert len(pairs) == 2 and len(pairs[1]["pair"].chosen.image_tokens) == 2
+    tokenizer = task.bundle.tokenizer
+
+    def answer(row) -> str:  # the labelled tokens: the answer and its end of turn
+        return tokenizer.decode(row.labels[row.labels != IGNORE_INDEX])
+
+    end = "<|im_end|>\n"  # the chat template's end of an assistant turn, learned with the answer
+    assert [(answer(p["pair"].chosen), answer(p["pair"].rejected)) for p in pairs] == [
+        (f"Noise.{end}", f"A cat.{end}"), (f"The first.{end}", f"The second.{end}")]
 
 
 def test_bad_records_are_reported_with_line_and_reason(tmp_path, capsys):
