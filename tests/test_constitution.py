@@ -357,6 +357,25 @@ def test_anchors_keep_a_share_of_the_answers_the_critic_left_unchanged(tiny_sft_
     assert json.loads(sample["json"])["type"] == item.group
 
 
+COLOURS = ["red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink"]
+
+
+class ColourNamer:
+    """A policy whose k-th sample of a prompt names the k-th colour: of 8 samples, one answers a colour question
+    right and the others wrong; the answers to any other question are all wrong."""
+
+    def prepare(self, messages, images):
+        return list(messages)  # a prompt of its own, whatever the messages
+
+    def generate_batch(self, prompts, **options):
+        samples_so_far: dict[int, int] = {}  # prompts arrive as prompts * num_samples: count each one's samples
+        answers = []
+        for prompt in prompts:
+            k = samples_so_far[id(prompt)] = samples_so_far.get(id(prompt), -1) + 1
+            answers.append(COLOURS[k])
+        return answers
+
+
 def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, small_synthetic, tmp_path):
     config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "mode=best_of_n",
                      "num_samples=3", "temperature=1.5", "max_val_prompts=0")
@@ -364,6 +383,20 @@ def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, small_syntheti
     assert summary["train"]["kept"] + summary["train"]["dropped_tie"] == 6 and "val" not in summary
     for pair in _pairs(tmp_path / "pairs" / "train"):
         assert pair["scores"] == {"chosen": 1.0, "rejected": 0.0}
+    # answers that differ in score: the right colour is chosen, a wrong one rejected; other questions are ties
+    from vlm.data.sources import resolve
+
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "mode=best_of_n",
+                     f"num_samples={len(COLOURS)}")
+    items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 16))
+    truth = {item.key: item.reference for item in items}
+    samples, counts = PairMaker(config, ColourNamer(), SyntheticCritic(), load_constitution("synthetic"))(items, 0)
+    colour_questions = sum(item.reference in COLOURS for item in items)
+    assert counts.kept == len(samples) == colour_questions > 0 and counts.dropped_tie == len(items) - colour_questions
+    for sample in samples:
+        pair = json.loads(sample["json"])
+        assert pair["chosen"] == truth[pair["source"]] and pair["rejected"] in COLOURS
+        assert pair["rejected"] != pair["chosen"] and pair["scores"] == {"chosen": 1.0, "rejected": 0.0}
 
 
 def test_pairs_train_stage_dpo(tiny_sft_export, small_synthetic, tmp_path):
