@@ -19,8 +19,9 @@ import pytest
 from images import solid
 from live_server import LiveServer
 from test_chat import scripted_answer
-from tiny import tiny_config
+from tiny import sft_export, tiny_config
 
+from vlm.chat import ChatModel
 from vlm.cli import compose_config
 from vlm.config import ConfigError, load_config
 from vlm.constitution import run, why_no_pairs
@@ -421,32 +422,76 @@ def test_pairs_train_stage_dpo(tiny_sft_export, small_synthetic, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def critic_server(tiny_chat_model):
-    server = LiveServer(create_app(tiny_chat_model, ServeSettings(max_queue=16, web=False)))
-    yield server.url
+def critic_export(tmp_path_factory) -> Path:
+    """A tiny random sft export whose greedy replies are text: with the output layer tied to the embeddings (the
+    tiny preset's), a random model repeats the prompt's last token, a newline, and every critique comes back empty."""
+    return sft_export(tmp_path_factory.mktemp("critic") / "export", "model.llm.config.tie_word_embeddings=false")
+
+
+@pytest.fixture(scope="module")
+def critic_server(critic_export):
+    """A live `vlm.serve` of `critic_export`, and the replies its model wrote (the served ones, before the API's
+    JSON: a spy on the model's generate)."""
+    chat, replies = ChatModel.load(critic_export, device="cpu"), []
+    generate = chat.generate
+
+    def noting_replies(*args, **kwargs):
+        completion = generate(*args, **kwargs)
+        replies.append(completion.text.strip())
+        return completion
+
+    chat.generate = noting_replies
+    server = LiveServer(create_app(chat, ServeSettings(max_queue=16, web=False)))
+    yield server.url, replies
     server.stop()
+
+
+def _came_from_the_critic(pairs: list[dict], replies: list[str]) -> None:
+    """Each pair's critique and its revision (the chosen answer) are replies the critic wrote, and the revision
+    differs from the policy's answer."""
+    assert pairs
+    for pair in pairs:
+        assert pair["critique"] and pair["critique"] in replies
+        assert pair["chosen"] in replies and pair["chosen"] != pair["rejected"]
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
 def test_http_critic_against_a_live_vlm_serve(tiny_sft_export, small_synthetic, tmp_path, critic_server, api,
                                               monkeypatch):
+    url, replies = critic_server
     monkeypatch.setenv("CRITIC_KEY", "unused-by-this-server")
-    summary = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", f"critic.url={critic_server}",
+    summary = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", f"critic.url={url}",
                           f"critic.api={api}", "critic.api_key_env=CRITIC_KEY", "critic.max_new_tokens=4",
                           "constitution=synthetic", "max_val_prompts=0", "critic.concurrency=2"))
     assert summary["critic_failed_requests"] == 0
     train = summary["train"]
-    assert train["prompts"] == 6 and train["dropped_failed"] == 0
+    assert train["prompts"] == 6 and train["dropped_failed"] == 0 and train["kept"] > 0
     assert train["kept"] + train["dropped_unchanged"] + train["dropped_empty"] == 6
-    assert all(p["critique"] for p in _pairs(tmp_path / "pairs" / "train"))
+    pairs = _pairs(tmp_path / "pairs" / "train")
+    assert len(pairs) == train["kept"]
+    _came_from_the_critic(pairs, replies)
 
 
-def test_self_critic_runs_the_loop(tiny_sft_export, small_synthetic, tmp_path):
-    summary = run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=self", "constitution=default",
+def test_self_critic_runs_the_loop(critic_export, small_synthetic, tmp_path, monkeypatch):
+    """The policy critiques and revises its own answers: each kept pair's critique and revision are replies it
+    wrote."""
+    replies: list[str] = []
+    generate_batch = ChatModel.generate_batch
+
+    def noting_replies(self, *args, **kwargs):
+        written = generate_batch(self, *args, **kwargs)
+        replies.extend(text.strip() for text in written)
+        return written
+
+    monkeypatch.setattr(ChatModel, "generate_batch", noting_replies)
+    summary = run(_config(critic_export, small_synthetic, tmp_path, "critic=self", "constitution=default",
                           "critic.max_new_tokens=4", "max_val_prompts=0"))
     train = summary["train"]
     assert train["prompts"] == 6 and train["dropped_failed"] == 0 and summary["critic_failed_requests"] == 0
-    assert train["kept"] + train["dropped_unchanged"] + train["dropped_empty"] == 6
+    assert train["kept"] + train["dropped_unchanged"] + train["dropped_empty"] == 6 and train["kept"] > 0
+    pairs = _pairs(tmp_path / "pairs" / "train")
+    assert len(pairs) == train["kept"]
+    _came_from_the_critic(pairs, replies)
 
 
 def test_a_self_critic_gets_as_many_examples_as_its_context_leaves_room_for():
