@@ -112,13 +112,48 @@ def test_anthropic_sdk_stream(url, expected, tiny_chat_model):
                         tiny_chat_model.tokenizer)
 
 
-def test_anthropic_stop_sequence(url, expected):
-    stop = expected.text[2:4]  # occurs in the greedy answer, so the answer must end before it
+# without an image the tiny model's greedy answer is "\n\n\n\n there there ...": a stop sequence met after some text
+TEXT_QUESTION = [{"role": "user", "content": QUESTION}]
+STOP = "there"
+
+
+@pytest.fixture(scope="module")
+def text_expected(tiny_chat_model):
+    """The greedy answer to the text-only QUESTION, with no stop sequence."""
+    return tiny_chat_model.generate(TEXT_QUESTION, max_new_tokens=8, temperature=0)
+
+
+def stop_point(expected, stop: str, tokenizer) -> tuple[str, int]:
+    """The answer text before `stop`, and how many tokens had been generated when the text first held `stop`."""
+    index = expected.text.find(stop)
+    assert index > 0, expected.text  # some text comes before the stop sequence, so the test sees where it cut
+    tokens = next(n for n in range(1, len(expected.token_ids) + 1)
+                  if stop in tokenizer.decode(expected.token_ids[:n], skip_special_tokens=True))
+    assert tokens < len(expected.token_ids)  # generation ends early, not at max_tokens
+    return expected.text[:index], tokens
+
+
+def test_anthropic_stop_sequence(url, text_expected, tiny_chat_model):
+    """The answer ends before the first stop sequence met, names it, and counts the tokens generated up to it."""
+    text, tokens = stop_point(text_expected, STOP, tiny_chat_model.tokenizer)
     client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
-    message = client.messages.create(model="tiny", max_tokens=8, extra_body=GREEDY, stop_sequences=[stop],
-                                     messages=[anthropic_image_message()])
-    assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
-    assert message.content[0].text == expected.text[: expected.text.find(stop)]
+    message = client.messages.create(model="tiny", max_tokens=8, extra_body=GREEDY, stop_sequences=["zzz", STOP],
+                                     messages=TEXT_QUESTION)
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == STOP
+    assert message.content[0].text == text
+    assert message.usage.output_tokens == tokens
+
+
+def test_openai_stop(url, text_expected, tiny_chat_model):
+    """OpenAI's `stop` (a string or a list) ends the answer before it, with finish_reason "stop"."""
+    text, tokens = stop_point(text_expected, STOP, tiny_chat_model.tokenizer)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    for stop in (STOP, ["zzz", STOP]):
+        response = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0, stop=stop,
+                                                  messages=TEXT_QUESTION)
+        assert response.choices[0].finish_reason == "stop"
+        assert response.choices[0].message.content == text
+        assert response.usage.completion_tokens == tokens
 
 
 def test_openai_sdk_stream_with_data_url(url, expected, tiny_chat_model):
@@ -162,17 +197,39 @@ def test_the_kv_cache_request_field_chooses_the_cache(serve, expected, tiny_chat
     assert message.content[0].text == expected.text
 
 
-def test_top_k_applies_on_the_openai_endpoint_as_on_the_messages_one(url, expected):
-    """Not in OpenAI's API, but vLLM's clients send it (extra_body): top_k=1 samples the likeliest token only."""
+def test_top_k_and_top_p_apply_on_both_endpoints(url, expected):
+    """top_k=1, or a top_p too small to keep a second token, samples the likeliest token only: a hot request then
+    gets the greedy answer. top_k is not in OpenAI's API, but vLLM's clients send it (extra_body)."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
 
-    def answer(**extra) -> str:
+    def openai_answer(**extra) -> str:
         return client.chat.completions.create(model="tiny", max_tokens=8, messages=[openai_image_message()],
                                               extra_body={"temperature": 2, "seed": 3, **extra}
                                               ).choices[0].message.content
 
-    assert answer() != expected.text  # sampled hot: not the greedy answer, so the test can tell
-    assert answer(top_k=1) == expected.text
+    def anthropic_answer(**extra) -> str:  # the Messages API takes temperatures up to 1, and no seed
+        return claude.messages.create(model="tiny", max_tokens=8, messages=[anthropic_image_message()],
+                                      extra_body={"temperature": 1, **extra}).content[0].text
+
+    for answer in (openai_answer, anthropic_answer):
+        assert answer() != expected.text  # sampled hot: not the greedy answer, so the test can tell
+        assert answer(top_k=1) == expected.text
+        assert answer(top_p=1e-6) == expected.text
+
+
+def test_an_openai_seed_repeats_a_sampled_answer(url, expected):
+    """The same seed samples the same hot answer again; another seed samples another one."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    def answer(seed: int) -> str:
+        return client.chat.completions.create(model="tiny", max_tokens=8, temperature=2, seed=seed,
+                                              messages=[openai_image_message()]).choices[0].message.content
+
+    first = answer(3)
+    assert first != expected.text  # sampled, not greedy
+    assert answer(3) == first
+    assert answer(4) != first
 
 
 def test_models_and_health(url, tiny_sft_export):
