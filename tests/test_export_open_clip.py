@@ -39,6 +39,13 @@ def test_open_clip_loads_the_same_model_tokenizer_and_preprocessing(registered_e
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8))
     pixels = preprocess(image).unsqueeze(0)  # (1, 3, 160, 160)
     assert torch.allclose(pixels, ours.tiler(image).pixel_values, atol=1e-6)  # same size: no resampling involved
+    # other sizes are resized into the square keeping their aspect ratio, then padded; the two resamplers round apart
+    # by at most one 8-bit level, and the pads are half a level apart (open_clip pads with a whole grey level)
+    level = 1 / 255 / min(ours.tiler.std)
+    for width, height in ((90, 50), (50, 90)):
+        other = Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8))
+        gap = (preprocess(other).unsqueeze(0) - ours.tiler(other).pixel_values).abs().max().item()
+        assert gap <= 1.01 * level, f"{width}x{height}: {gap / level:.2f} levels apart"
     with torch.no_grad():
         assert torch.allclose(model.encode_image(pixels, normalize=True), ours.model.encode_image(pixels), atol=1e-5)
         assert torch.allclose(model.encode_text(ids, normalize=True), ours.model.encode_text(ids), atol=1e-5)
