@@ -46,12 +46,16 @@ def pictures(tmp_path_factory) -> list[str]:
 
 @pytest.mark.slow
 def test_one_shot_prints_the_answer(tiny_sft_export, tiny_chat_model, pictures):
-    question = "Which image is blue, the first or the second?"  # a comma: Hydra would read it as a list unquoted
+    """The images reach the model in the order given: the tiny model answers this question differently when the two
+    are swapped."""
+    question = "First or second, which is blue?"  # a comma: Hydra would read it as a list unquoted
     result = run_infer(f"checkpoint={tiny_sft_export}", f"image=[{pictures[0]},'{pictures[1]}']",
                        f"prompt={question}", *GREEDY)
     assert result.returncode == 0, result.stderr
-    expected = tiny_chat_model.generate([{"role": "user", "content": f"<image>\n<image>\n{question}"}], pictures,
-                                        max_new_tokens=5, temperature=0)
+    messages = [{"role": "user", "content": f"<image>\n<image>\n{question}"}]
+    expected = tiny_chat_model.generate(messages, pictures, max_new_tokens=5, temperature=0)
+    swapped = tiny_chat_model.generate(messages, pictures[::-1], max_new_tokens=5, temperature=0)
+    assert swapped.text != expected.text  # otherwise this test could not tell the order
     assert result.stdout == expected.text + "\n"
 
 
