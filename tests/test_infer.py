@@ -207,7 +207,10 @@ def test_file_names_reach_the_config_verbatim(name):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export):
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export, tiny_chat_model):
+    """Ctrl-C cuts the answer, and the next message is answered in the conversation so far: the question, the
+    partial answer and the new message."""
+    question, follow_up = "Tell me everything.", "And then?"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
     process = subprocess.Popen([sys.executable, "-m", "vlm.infer", f"checkpoint={tiny_sft_export}", "device=cpu",
                                 "generation.temperature=0", "generation.max_new_tokens=480"],
@@ -216,19 +219,36 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export):
                                # a shell's background job (`pytest &`) would pass SIGINT on ignored, and so would Popen
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        process.stdin.write("Tell me everything.\n")
+        process.stdin.write(f"{question}\n")
         process.stdin.flush()
         seen = ""
-        while not seen.endswith("vlm> "):  # the answer has started
+        while "vlm> " not in seen[:-1]:  # the answer's first piece is out: it is streaming
             char = process.stdout.read(1)
             assert char, process.stderr.read()
             seen += char
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate("/quit\n", timeout=60)
+        out, err = process.communicate(f"{follow_up}\n/quit\n", timeout=60)
     finally:
         process.kill()
     assert process.returncode == 0, err
     assert "[stopped]" in out and "Traceback" not in err
+    partial, stopped, after = (seen.split("vlm> ", 1)[1] + out).partition(" [stopped]\n")
+    assert stopped and after.startswith("you> vlm> ") and after.endswith("\nyou> "), after
+
+    def answer(history: str):
+        conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": history},
+                        {"role": "user", "content": follow_up}]
+        return tiny_chat_model.generate(conversation, max_new_tokens=480, temperature=0).text
+
+    followed = after.removeprefix("you> vlm> ").removesuffix("\nyou> ")
+    forgotten = tiny_chat_model.generate([{"role": "user", "content": follow_up}], max_new_tokens=480, temperature=0)
+    assert followed != forgotten.text  # a session cleared by Ctrl-C would answer this
+    if followed != answer(partial):
+        # Ctrl-C landed while a piece was being printed: the history holds that piece too, unseen
+        pieces = list(tiny_chat_model.stream([{"role": "user", "content": question}], max_new_tokens=480,
+                                             temperature=0))
+        shown = next(i for i in range(len(pieces) + 1) if "".join(pieces[:i]) == partial)
+        assert followed == answer(partial + pieces[shown])
 
 
 @pytest.mark.slow
