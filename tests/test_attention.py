@@ -71,13 +71,21 @@ def test_a_window_spanning_the_sequence_equals_dense_attention(family):
 
 
 def test_gradient_checkpointing_keeps_the_pattern():
+    """Checkpointed decoder layers run again in backward, and through the sparse pattern: the loss and gradients are
+    those computed without checkpointing."""
     ids = torch.randint(1, 64, (2, 24))
     mask = torch.ones_like(ids)
     lm = tiny_lm().train()
     use_attention(lm, settings(window=4, stride=8, sinks=1))
+    attention_runs = []  # the layers' attention, inside what checkpointing recomputes (the layers' own hooks are not)
+    for layer in lm.model.layers:
+        layer.self_attn.register_forward_hook(lambda *_: attention_runs.append(1))
     _, loss, grads = loss_and_grads(lm, ids, mask)
+    assert len(attention_runs) == len(lm.model.layers)  # each layer once, in the forward pass
     enable_checkpointing(lm)
+    attention_runs.clear()
     _, recomputed_loss, recomputed = loss_and_grads(lm, ids, mask)
+    assert len(attention_runs) == 2 * len(lm.model.layers)  # and again in backward, recomputing what was not kept
     assert torch.equal(recomputed_loss, loss)
     assert all(torch.allclose(recomputed[name], grad, atol=1e-6) for name, grad in grads.items())
 
