@@ -372,3 +372,22 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_exit_130(tiny_sft_export, 
         load_chat_model(str(tiny_sft_export), "cpu", None)
     assert stop.value.code == 130
     assert capsys.readouterr().err == "error: stopped by Ctrl-C while the model was loading\n"
+
+
+def test_a_ctrl_c_while_a_piece_is_printed_leaves_the_history_as_shown(tiny_chat_model):
+    """The piece being written when Ctrl-C comes is written whole, and the answer stops after it: the history holds
+    what the screen shows, no piece more."""
+    session = tiny_chat_model.session(temperature=0, max_new_tokens=12)
+    shown: list[str] = []
+    calls = 0
+
+    def write(text: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 5:  # the prefix, then three pieces: Ctrl-C while the fourth is written
+            signal.raise_signal(signal.SIGINT)
+        shown.append(text)
+
+    stream_answer(session, "Tell me everything.", [], write)
+    assert shown[-2:] == [" [stopped]", "\n"] and len(shown) == 7
+    assert session.messages[-1] == {"role": "assistant", "content": "".join(shown[1:-2])}

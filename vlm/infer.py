@@ -39,6 +39,7 @@ from vlm.data.tiler import ImageLoadError, pil_bomb_limit
 from vlm.errors import UserError
 from vlm.generation.completion import check_system_prompt, check_text
 from vlm.generation.options import GenerationOptions, H2OSettings
+from vlm.generation.streaming import interrupts_deferred
 
 log = logging.getLogger("vlm.infer")
 
@@ -106,7 +107,8 @@ def stream_answer(session: ChatSession, text: str, images: list[str], write: Cal
     write(prefix)
     try:
         for piece in stream:
-            write(piece)
+            with interrupts_deferred():  # a piece the history keeps is shown whole, a Ctrl-C then stops after it
+                write(piece)
     except KeyboardInterrupt:
         if not keep_on_interrupt:
             raise
