@@ -26,6 +26,11 @@ class ChatTemplate:
         self.control_token = re.compile("|".join(map(re.escape, controls))) if controls else None
         self.markers = re.compile("|".join(map(re.escape, [IMAGE_TOKEN, *controls])))  # what as_plain_text breaks
 
+    def spelled_control(self, text: str) -> str | None:
+        """The first control token `text` spells, or None."""
+        found = self.control_token.search(text) if self.control_token else None
+        return found.group() if found else None
+
     def as_plain_text(self, text: str) -> str:
         """`text` with every `<image>` and control token broken by a zero-width space after its first character, so
         the tokenizer reads it as the plain characters it was, not as a marker: text from a client or from the model

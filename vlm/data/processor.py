@@ -98,8 +98,8 @@ class Processor:
             raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
                               f"{len(images)} image{'s' * (len(images) != 1)}")
         for i, message in enumerate(messages):
-            if self.template.control_token and (found := self.template.control_token.search(message["content"])):
-                raise SampleError(f"{name}: message {i} ({message['role']}) holds {found.group()!r}, a control token "
+            if control := self.template.spelled_control(message["content"]):
+                raise SampleError(f"{name}: message {i} ({message['role']}) holds {control!r}, a control token "
                                   f"of the chat template; text may not spell one, since it would start or end a turn")
         if train:
             if not any(m["role"] == "assistant" for m in messages):
