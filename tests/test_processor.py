@@ -50,14 +50,14 @@ def _check_masking(processor: Processor, end_of_turn: str = "<|im_end|>"):
     kept = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
     assert all(labels[i] == ids[i] for i in kept)
     assert all(ids[i] != image_id for i in kept)
-    # the kept tokens form two runs: "red<eot>..." and "a blue star<eot>..."
+    # the kept tokens form two runs: "red<eot>\n" and "a blue star<eot>\n"
     runs, start = [], kept[0]
     for prev, cur in zip(kept, kept[1:] + [None], strict=True):
         if cur != prev + 1:
             runs.append(tokenizer.decode(ids[start: prev + 1]))
             start = cur
-    assert len(runs) == 2
-    assert runs[0].startswith("red" + end_of_turn) and runs[1].startswith("a blue star" + end_of_turn)
+    # each run ends with its turn: the next turn's opening marker is never learned
+    assert runs == ["red" + end_of_turn + "\n", "a blue star" + end_of_turn + "\n"]
     # everything before the first reply (system, user turn, image tokens) is masked
     first = kept[0]
     assert tokenizer.decode(ids[:first]).endswith("<|im_start|>assistant\n")
