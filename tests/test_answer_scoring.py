@@ -53,7 +53,9 @@ def test_scores_of_one_answer():
     assert score_answer("2", "two") == {"exact_match": 0.0, "normalized_match": 1.0, "contains": 1.0}
     assert score_answer("It is a red circle.", "red") == {"exact_match": 0.0, "normalized_match": 0.0,
                                                           "contains": 1.0}
-    assert score_answer("reddish", "red")["contains"] == 0.0  # whole words only
+    assert score_answer("reddish", "red")["contains"] == 0.0  # whole words only, at either end
+    assert score_answer("infrared light", "red")["contains"] == 0.0
+    assert score_answer("It is a blue.", "a blue")["contains"] == 1.0  # a phrase, its article dropped as in the answer
     # a choice letter is no article to drop: an empty answer or "The." does not match "A", and "A" is contained
     assert score_answer("", "A") == {"exact_match": 0.0, "normalized_match": 0.0, "contains": 0.0}
     assert score_answer("The.", "a")["normalized_match"] == 0.0
