@@ -75,6 +75,21 @@ def test_the_second_epoch_never_runs_the_tower_and_losses_are_unchanged(tmp_path
     assert len(files) == (6 if memory == 0 else 0)
 
 
+def test_a_batch_of_cached_and_new_samples_gets_each_samples_own_features(tmp_path):
+    """A batch mixing samples read before (a resumed epoch, resampled shards) with new ones: the tower runs on the new
+    ones alone, and every sample's features land at its own tiles, as the tower would give them."""
+    raw = _raw_samples(5)
+    mixed = [raw[1], raw[0], raw[3], raw[2], raw[4]]  # new, cached, new, cached, new: one and two images each
+    # in training mode, as the trainer runs it: the frozen tower in eval mode, its BatchNorm by running statistics,
+    # so a tile's features do not depend on the batch it came in
+    reference = _epoch_losses(_task(tmp_path).train(), mixed, epochs=1)
+    cached = _task(tmp_path, "stage.cache_vision_features=true").train()
+    _epoch_losses(cached, [raw[0], raw[2]], epochs=1)
+    calls = TowerCalls(cached)
+    assert _epoch_losses(cached, mixed, epochs=1) == reference
+    assert calls.count == 2 and (cached.feature_cache.hits, cached.feature_cache.misses) == (2, 5)
+
+
 def test_a_changed_tower_or_tiler_reads_fresh_features(tmp_path):
     raw = _raw_samples(3)
     settings = ["stage.cache_vision_features=true", "stage.feature_cache_memory=0"]
