@@ -10,7 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 from images import solid
-from tiny import tiny_config
+from tiny import make_task, tiny_config
 
 from vlm.config import ConfigError, TilerConfig
 from vlm.data.captions import CaptionDecoder, collate_captions, text_field
@@ -24,8 +24,9 @@ from vlm.data.shards import (
     make_loader,
     reader_plan,
 )
-from vlm.data.sources import resolve
+from vlm.data.sources import DataSources, resolve
 from vlm.data.tiler import Tiler
+from vlm.training.datamodule import ShardDataModule
 from vlm.training.health import DataHealth
 
 
@@ -63,6 +64,25 @@ def test_every_sample_once_over_two_ranks_and_two_workers(tmp_path, monkeypatch)
         assert len(rank_keys) == 20  # half the samples on each rank
         seen += rank_keys
     assert sorted(seen) == [f"{i:05d}" for i in range(40)]  # no duplicates, none missing
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_runs_train_loaders_on_two_ranks_read_every_sample_once_and_its_val_loaders_all(tmp_path, monkeypatch,
+                                                                                         workers):
+    """The loaders a run builds: each rank trains on its own shards (together every sample, none twice in a pass),
+    while every rank steps through the whole held-out set, whose batches the ranks then share."""
+    pattern = write_shards(tmp_path, num_shards=8, per_shard=2)
+    config = tiny_config(f"data.num_workers={workers}", "data.shuffle_buffer=8", "stage.batch_size=2")
+    batching = make_task(config).batching()
+    trained, validated = [], []
+    for rank in range(2):
+        _as_rank(monkeypatch, rank)
+        data = ShardDataModule(DataSources(train=pattern, val=pattern, classnames=None), batching, config.data, seed=3)
+        trained.append(sorted(key.rsplit(":", 1)[1] for batch in data.train_dataloader() for key in batch["keys"]))
+        validated.append([key for batch in data.val_dataloader() for key in batch["keys"]])
+    assert len(trained[0]) == len(trained[1]) == 8
+    assert sorted(trained[0] + trained[1]) == [f"{i:05d}" for i in range(16)]
+    assert validated[0] == validated[1] and len(validated[0]) == 16
 
 
 def test_resampled_readers_of_one_shard_each_draw_their_own_order(tmp_path, monkeypatch):
