@@ -79,11 +79,12 @@ def test_every_turn_is_scored_given_the_true_history():
     processor = new_vlm(config.model, config.tiler).processor
     sample = {"__key__": "k", "__url__": "u", "0.png": solid(),
               "json": json.dumps(_record(("<image>\nColour?", "red", "color"), ("Shape?", "circle", None),
-                                         kind="color"))}
+                                         kind="shape"))}
     every = ConversationDecoder(processor, evaluate=True, turns="all")(sample)["scored"]
     last = ConversationDecoder(processor, evaluate=True, turns="last")(sample)["scored"]
+    # a turn's own type groups it; a turn without one takes the record's
     assert [(t.reference, t.group, t.question) for t in every] == [("red", "color", "<image>\nColour?"),
-                                                                   ("circle", "color", "Shape?")]
+                                                                   ("circle", "shape", "Shape?")]
     assert [t.reference for t in last] == ["circle"]
     # the second turn's prompt holds the true first answer, then asks the second question
     prompt = processor.tokenizer.decode(every[1].prompt.input_ids)
