@@ -305,8 +305,10 @@ def test_the_worst_answers_shown_are_wrong_ones_only(capsys):
     show_worst([row("a", "pink", "pink"), row("b", "pink", "blue"), row("c", "red", "red")])
     shown = capsys.readouterr().err
     assert "the wrong answer:" in shown and "- b:" in shown and "- a:" not in shown
-    show_worst([row("a", "pink", "blue"), row("b", "pink", "pink"), row("c", "red", "pink")], count=1)
-    assert "the 1 worst-scored of 2 wrong answers:" in capsys.readouterr().err
+    # "a red one" for "red" is wrong but contains the answer: the wholly wrong "pink" is the worse one
+    show_worst([row("a", "red", "a red one"), row("b", "pink", "pink"), row("c", "red", "pink")], count=1)
+    shown = capsys.readouterr().err
+    assert "the 1 worst-scored of 2 wrong answers:" in shown and "- c:" in shown and "- a:" not in shown
     show_worst([row("a", "pink", "pink")])
     assert capsys.readouterr().err == "the answer is an exact match\n"
     show_worst([row("a", "pink", "pink"), row("c", "red", "red")])
