@@ -484,6 +484,24 @@ def test_ranks_score_their_own_held_out_batches_and_all_get_every_score_in_order
     assert ranks[0]["merged"] == ranks[1]["merged"] == expected
 
 
+@pytest.mark.parametrize(("strategy", "ranks"), [("ddp", WORLD), ("fsdp", 1)])
+def test_held_out_batches_are_shared_out_under_ddp_and_scored_by_every_rank_under_fsdp(strategy, ranks):
+    """DDP ranks score every n-th held-out batch, so validating on n devices takes 1/n of the time; FSDP ranks score
+    every batch, since a sharded forward needs all of them at each step."""
+    import lightning.pytorch as pl
+
+    from vlm.training.held_out import HeldOutShare
+    from vlm.training.strategy import build_strategy
+
+    config = tiny_config(f"trainer.strategy={strategy}", "trainer.accelerator=cpu")
+    trainer = pl.Trainer(strategy=build_strategy(config.trainer, CLIPModel(config.model)), devices=WORLD,
+                         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    share = HeldOutShare.of(trainer)
+    assert (share.rank, share.ranks) == (0, ranks)
+    assert [batch for batch in range(5) if share.mine(batch)] == list(range(0, 5, ranks))
+
+
 def _evaluate_alone(tmp_path: Path, export: Path, stage: str) -> dict:
     """`python -m vlm.eval` on the export in one process, with the runs' held-out batch size."""
     out = tmp_path / f"eval-{stage}"
