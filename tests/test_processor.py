@@ -198,16 +198,20 @@ def test_truncation_never_cuts_an_image(bundle):
         conversation(), IMAGES)
     assert torch.equal(cut.input_ids, full.input_ids[:second_image]) and cut.image_tokens == [tokens]
     assert torch.equal(cut.pixel_values, full.pixel_values[:1]) and (cut.labels != IGNORE_INDEX).any()
+    assert torch.equal(cut.labels, full.labels[:second_image])  # each kept token keeps its own label
     # the context ends before the second image starts: the cut is the context's, and the image is left out
     early = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=second_image - 2).encode(conversation(),
                                                                                                    IMAGES)
     assert torch.equal(early.input_ids, full.input_ids[:second_image - 2]) and early.image_tokens == [tokens]
+    assert torch.equal(early.labels, full.labels[:second_image - 2])
     # text after the last image is cut, and the sample survives while a reply is left
     messages = from_llava([{"from": "human", "value": "<image>"},
                            {"from": "gpt", "value": "red " * 200}]).messages
-    length = len(bundle.processor.encode(messages, IMAGES[:1]).input_ids)
+    whole = bundle.processor.encode(messages, IMAGES[:1])
+    length = len(whole.input_ids)
     cut = Processor(bundle.tokenizer, bundle.processor.tiler, max_length=length - 50).encode(messages, IMAGES[:1])
-    assert len(cut.input_ids) == length - 50 and (cut.labels != IGNORE_INDEX).any()
+    assert torch.equal(cut.input_ids, whole.input_ids[:-50]) and torch.equal(cut.labels, whole.labels[:-50])
+    assert (cut.labels != IGNORE_INDEX).any()
 
 
 def test_prompt_and_padding(bundle):
