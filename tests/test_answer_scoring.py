@@ -20,6 +20,7 @@ from tiny import tiny_config
 from data_scripts import llava_to_shards
 from vlm.config import ConfigError
 from vlm.data import synthetic
+from vlm.data.captions import image_fields
 from vlm.data.conversations import ConversationDecoder
 from vlm.data.processor import SampleError
 from vlm.eval import as_trained, evaluate, results_folder, show_confusions, show_worst, write_results
@@ -426,6 +427,9 @@ def test_conversation_images_in_every_format_the_tiler_reads_are_found_in_order(
     assert len(decoded.image_tokens) == 3
     red, green, blue = (decoded.pixel_values[i].mean(dim=(1, 2)) for i in range(3))  # normalised channel means
     assert red.argmax() == 0 and green.argmax() == 1 and blue.argmax() == 2
+    # by the number before the extension, not as text: a sample's eleventh image comes after its third
+    assert image_fields({"__key__": "k", "json": b"{}", "10.png": b"", "2.jpg": b"", "0.webp": b""}) == [
+        "0.webp", "2.jpg", "10.png"]
 
 
 def test_a_sample_encoded_several_times_decodes_its_images_once(monkeypatch):
