@@ -193,17 +193,23 @@ def test_corrupt_images_are_skipped_counted_and_logged(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_skips_are_counted_where_no_usable_sample_follows_them(tmp_path, workers):
+def test_skips_are_counted_where_no_usable_sample_follows_them(tmp_path, caplog, workers):
     """A reader's last samples, and every sample of a worker whose shard holds nothing usable, count as skipped, in
-    the DataLoader's workers too: the skip-rate guard must see a wholly bad shard."""
+    the DataLoader's workers too: the skip-rate guard must see a wholly bad shard. Each is named once, on its first
+    pass: later passes count it without a line."""
     urls = list_shards(write_shards(tmp_path, num_shards=2, per_shard=5, corrupt={3, 4, *range(5, 10)}))
     decode = CaptionDecoder(Tiler(TilerConfig(), tile_size=16, tokens_per_tile=4), lambda t: torch.zeros(len(t), 8))
     skips = SkipCount(workers)
     loader = make_loader(build_pipeline(urls, decode, train=False, split_by_node=False, skips=skips), batch_size=1,
                          num_workers=workers, collate=collate_captions, drop_last=False)
-    for epoch in (1, 2):  # two passes, as two epochs: each adds its own
-        keys = [key.rsplit(":", 1)[1] for batch in loader for key in batch["keys"]]
-        assert sorted(keys) == ["00000", "00001", "00002"] and skips.total() == 7 * epoch
+    with caplog.at_level(logging.WARNING, logger="vlm.data.shards"):
+        for epoch in (1, 2):  # two passes, as two epochs: each adds its own
+            keys = [key.rsplit(":", 1)[1] for batch in loader for key in batch["keys"]]
+            assert sorted(keys) == ["00000", "00001", "00002"] and skips.total() == 7 * epoch
+    if not workers:  # what a worker process logs does not reach caplog
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping sample")]
+        named = sorted(line.split()[2] for line in lines)
+        assert named == [f"{i:05d}" for i in range(3, 10)]
 
 
 def test_training_shards_without_held_out_ones_warn_that_nothing_is_measured(tmp_path, caplog):
