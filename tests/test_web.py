@@ -282,6 +282,11 @@ def check_usage(usage: str, expected: Completion) -> None:
     assert usage.endswith(f"tok/s · {expected.stop_reason}"), usage
 
 
+def shown_speed(usage: str) -> float:
+    """The tokens per second a usage line shows ("14 in · 6 out · 55.0 tok/s · end_turn")."""
+    return float(usage.split(" · ")[2].removesuffix(" tok/s"))
+
+
 @pytest.mark.slow
 def test_image_question_streams_a_growing_answer(page, tiny_chat_model):
     """File picker -> downscaled upload -> Enter -> the answer grows on screen until it is complete.
@@ -348,9 +353,17 @@ def test_screenshot_of_a_conversation_with_an_image_and_the_phone_layout(page, l
         prompt, [w + " " for w in words[:-1]] + words[-1:], delay=0.01))
     page.attach_file(shapes_png(), "shapes.png")
     page.thumbnails_ready(1)
+    asked = time.perf_counter()
     page.send("What is in this picture?")
     answer = page.last_answer()
+    took = time.perf_counter() - asked
     assert answer["state"] == "done" and answer["text"].startswith("The picture shows")
+    # the speed shown is the pieces over the time they streamed: at most the time from Enter to the end, and at least
+    # the pacing of half of them (the rest leave room for a browser slow to see the response start); 0.05: rounding
+    pieces = len(words)
+    assert answer["usage"].split(" · ")[1] == f"{pieces} out", answer["usage"]
+    assert pieces / took - 0.05 <= shown_speed(answer["usage"]) <= pieces / (pieces // 2 * 0.01) + 0.05, \
+        (answer["usage"], took)
     assert page.js("return document.querySelectorAll('.message.assistant li').length") == 2
     page.screenshot("web_chat.png")
     page.viewport(390, 844)  # a phone
