@@ -360,6 +360,8 @@ def test_image_blocks_end_after_each_of_two_images_written_side_by_side():
 def test_fractions_resolve_against_the_prompt_length():
     assert H2OBudget.for_prompt(H2OSettings(heavy=0.1, recent=0.25, sinks=4), 100) == H2OBudget(10, 25, 4)
     assert H2OBudget.for_prompt(H2OSettings(heavy=7, recent=1.0, sinks=0), 30) == H2OBudget(7, 30, 0)
+    # a share of a short prompt rounds up: 2.5 tokens keep 3, and a small window still holds the newest token
+    assert H2OBudget.for_prompt(H2OSettings(heavy=0.1, recent=0.01, sinks=4), 25) == H2OBudget(3, 1, 4)
 
 
 @pytest.mark.parametrize("options,key", [
