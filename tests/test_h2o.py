@@ -248,7 +248,8 @@ def test_contribution_weighs_each_keys_lift_by_its_values_norm(ranking, kept):
     to a query's output is the larger term (0.3 x 2 against 0.5 x 1), so `contribution` keeps it and `max` keeps 0."""
     layer = H2OLayer(H2OBudget(heavy=1, recent=1, sinks=0, ranking=ranking))
     values = torch.tensor([1.0, 2.0, 1.0, 1.0]).view(1, 1, 4, 1) * torch.tensor([0.6, 0.8])  # norms 1, 2, 1, 1
-    layer.update(torch.randn(1, 1, 4, 2), values, kwargs={})
+    keys = torch.tensor([4.0, 1.0, 1.0, 1.0]).view(1, 1, 4, 1) * torch.tensor([0.8, 0.6])  # lengths 4, 1, 1, 1: unused
+    layer.update(keys, values, kwargs={})
     layer.observe(torch.tensor([[[0.5, 0.3, 0.3, 0.1]]]))
     assert layer.positions[0, 0].tolist() == kept
 
