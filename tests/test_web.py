@@ -427,7 +427,7 @@ def test_stop_mid_answer_frees_the_server_and_keeps_the_words_shown(page, live, 
 
 
 @pytest.mark.slow
-def test_paste_and_drop_attach_images(page, tiny_chat_model):
+def test_paste_and_drop_attach_images(page, live, monkeypatch, tiny_chat_model):
     red, blue, green = solid_png((220, 30, 30)), solid_png((30, 30, 220)), solid_png((30, 200, 30))
     page.settings(max_tokens=4, greedy=True)
     page.dispatch_files("paste", green, "green.png")
@@ -444,9 +444,20 @@ def test_paste_and_drop_attach_images(page, tiny_chat_model):
     page.find("#attachments .thumb:last-child .thumb-remove").click()
     page.thumbnails_ready(2)
     assert page.attached_images() == [red, blue]  # small images go up as they are
+    encoded = []  # the images of each prompt the server encodes (the model's answers here do not depend on order)
+    chat = live.app.state.server.chat
+    prepare = chat.prepare
+
+    def recording_prepare(messages, images=()):
+        encoded.append(list(images))
+        return prepare(messages, images)
+
+    monkeypatch.setattr(chat, "prepare", recording_prepare)
     page.send(QUESTION)
     answer = page.last_answer()
     assert answer["state"] == "done", answer
+    assert encoded and all(images == [red, blue] for images in encoded)  # both, in the order they were attached
+    monkeypatch.undo()
     assert page.js("return document.querySelectorAll('.message.user img').length") == 2
     expected = greedy(tiny_chat_model, [{"role": "user", "content": f"<image>\n<image>\n{QUESTION}"}], [red, blue], 4)
     assert same_text(answer["text"], expected.text)
