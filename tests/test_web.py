@@ -111,6 +111,23 @@ def test_page_assets_config_and_web_false(live, serve, tiny_chat_model):
         assert reply.status_code == 200  # the APIs stay on
 
 
+def test_the_pages_default_answer_length_is_within_the_servers_limit(tiny_chat_model):
+    """The page sends its default max_tokens with every request: a server default over the limit (the model's context,
+    or max_tokens_limit) would have each one refused, so the page is told the limit instead."""
+    from vlm.server.app import Server
+    from vlm.server.web import page_config
+
+    servers = [Server(tiny_chat_model, ServeSettings(default_max_tokens=100_000)),
+               Server(tiny_chat_model, ServeSettings(default_max_tokens=100, max_tokens_limit=64))]
+    try:
+        configs = [page_config(server) for server in servers]
+    finally:
+        for server in servers:
+            server.pool.shutdown()
+    assert configs[0]["max_tokens"] == configs[0]["max_tokens_limit"] == tiny_chat_model.context_length
+    assert (configs[1]["max_tokens"], configs[1]["max_tokens_limit"]) == (64, 64)
+
+
 def test_the_h2o_budget_is_said_as_the_cache_keeps_it():
     assert h2o_budget(H2OSettings()) == ("the first 4 tokens, the 10% of the prompt most attended to and the newest "
                                          "10% of the prompt")
