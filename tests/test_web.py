@@ -821,6 +821,10 @@ def test_a_conversation_over_the_context_forgets_its_oldest_exchanges_and_goes_o
     assert answer["state"] == "done" and answer["usage"].startswith(f"{sent_tokens()} in · "), answer
     assert page.js("return state.turns.filter((t) => t.forgotten).length") > 4
     assert sent_tokens() + 128 <= tiny_chat_model.context_length
+    forgotten = "return [...document.querySelectorAll('.message')].map((m) => m.classList.contains('forgotten'))"
+    dimmed = page.js(forgotten)
+    page.open(keep_settings=True)  # a reload keeps which messages are forgotten: still dimmed, and still not sent
+    assert page.js(forgotten) == dimmed and page.js("return state.turns.filter((t) => t.forgotten).length") > 4
 
 
 @pytest.mark.slow
