@@ -3,6 +3,9 @@ and no warnings a vlm user cannot act on."""
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 from tiny import tiny_config
 
@@ -14,11 +17,21 @@ def test_a_run_logged_to_a_file_prints_plain_progress_lines(tmp_path, capsys, sm
     config = tiny_config(*small_synthetic, "stage.max_steps=40", "stage.batch_size=8", "data.num_workers=0",
                          "trainer.val_check_interval=1000", "trainer.checkpoint_every_n_steps=1000",
                          f"output_root={tmp_path}")
+    started = time.monotonic()
     run(config)
+    took = time.monotonic() - started
     err = capsys.readouterr().err  # pytest's capture is not a terminal, as a log file is not
     lines = [line for line in err.splitlines() if line.startswith("train contrastive: step ")]
     assert [line.split()[3] for line in lines] == [f"{step}/40" for step in range(2, 41, 2)]  # every 5%
-    assert "steps/s" in lines[-1] and "loss" in lines[-1]
+    assert "loss" in lines[-1]
+    for line in lines:
+        shown = re.fullmatch(r"train contrastive: step (\d+)/40 \((\d+)%\), ([\d.]+) steps/s, (\d+) s left .*", line)
+        assert shown, line
+        step, percent, rate, left = int(shown[1]), int(shown[2]), float(shown[3]), int(shown[4])
+        assert percent == round(100 * step / 40), line
+        # the time left is the steps left at the rate shown (the rate rounded to 0.01, the time to 1 s)
+        assert (40 - step) / (rate + 0.005) - 0.5 <= left <= (40 - step) / max(rate - 0.005, 1e-9) + 0.5, line
+        assert rate >= step / took - 0.005, (line, took)  # at least the steps done over the whole run's time
     assert "\r" not in err  # no carriage-return redraws
 
 
