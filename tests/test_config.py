@@ -94,6 +94,8 @@ def test_bad_values_name_the_key():
     ("stage.batch_size=-2", "stage.batch_size=-2 must be >= 1"),
     ("model.projector.reduction_factor=0", "model.projector.reduction_factor=0 must be >= 1"),
     ("model.projector.image_slots=-1", "model.projector.image_slots=-1 must be >= 0"),
+    ("stage.min_lr_ratio=1.5", "stage.min_lr_ratio=1.5 must be <= 1"),
+    ("tiler.max_long_side=100000", "tiler.max_long_side=100000 must be <= 6144"),
     ("stage.betas=[0.9]", r"stage.betas=\[0.9\] must be two numbers in \[0, 1\)"),
     ("stage.betas=[0.9,1.5]", r"stage.betas=\[0.9, 1.5\] must be two numbers"),
     ("stage.beta=0", r"stage.beta=0(.0)? must be > 0: the preference losses divide by it"),
