@@ -85,8 +85,11 @@ def test_bad_values_name_the_key():
         tiny_config("tiler.max_tiles=0")
     with pytest.raises(ConfigError, match=r"trainer.precision='bf17' is not valid; choose one of \['auto', '32-true'"):
         tiny_config("trainer.precision=bf17")
-    with pytest.raises(ConfigError, match="unknown config key 'stage.lrr'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'stage.lrr'. Did you mean 'stage.lr'\? Valid config "
+                                          r"keys under 'stage': \[.*'lr',"):
         to_train_config({"stage": {"lrr": 1}})
+    with pytest.raises(ConfigError, match=r"^config key 'stage.lr' has no value; give it one \(key=value\)$"):
+        tiny_config("stage.lr=???")
 
 
 @pytest.mark.parametrize("override,message", [
