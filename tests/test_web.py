@@ -857,3 +857,23 @@ def test_kv_cache_setting_chooses_the_cache_each_request_uses(browser, serve, tm
     page.find("#settings-close").click()
     page.find(".regenerate").click()
     assert same_text(page.last_answer()["text"], full.text)
+
+
+class FailingStream(ScriptedStream):
+    """A model that fails after a few words (out of memory, say): the server ends the stream with an error event."""
+
+    def __iter__(self):
+        yield from self.pieces
+        raise RuntimeError("the GPU ran out of memory")
+
+
+@pytest.mark.slow
+def test_an_error_after_the_first_words_is_shown_as_an_error_not_an_answer(page, live, monkeypatch):
+    monkeypatch.setattr(live.app.state.server.chat, "stream",
+                        lambda prompt, cancel=None, **options: FailingStream(prompt, ["Partly ", "said"]))
+    page.send("Tell me a story")
+    failed = page.last_answer()
+    assert failed["state"] == "error" and "the GPU ran out of memory" in failed["error"], failed
+    assert "api_error" in failed["error"] and failed["usage"] == ""  # no token counts for an answer that broke
+    assert page.js("return document.getElementById('prompt').value") == "Tell me a story"  # back, to send again
+    assert page.js("return state.turns.filter((t) => t.role === 'assistant').length") == 0  # not part of the chat
