@@ -490,6 +490,11 @@ def test_paste_and_drop_attach_images(page, live, monkeypatch, tiny_chat_model):
         solid_png((30, 200, 30), (320, 240))))  # the sent copy is the scaled-down one
     page.open(keep_settings=True)
     assert page.js(shown) == before > 100
+    # the 3 images the server takes per conversation are all in the chat now (kept across the reload): a fourth is
+    # refused when attached, rather than by the server's 400 once sent
+    page.dispatch_files("paste", green, "fourth.png")
+    page.wait("document.getElementById('notice').textContent.includes('at most 3 images')")
+    page.thumbnails_ready(0)
     # a wide picture and a tall one in one message: each scaled whole, its proportions kept, neither cropped
     page.find("#new-chat").click()  # within the server's 3 images
     page.dispatch_files("paste", solid_png((30, 30, 220), (400, 50)), "banner.png")
