@@ -524,6 +524,13 @@ def test_oversized_image_error_then_next_message_works(page, tiny_chat_model):
     assert page.js("return document.querySelector('.message.user').classList.contains('failed')")
     assert page.js("return document.getElementById('prompt').value") == QUESTION  # back in the box to edit
     page.thumbnails_ready(1)  # with its image, which the user takes out before sending again
+    # the refused message's image counts once (in the box), not also in the chat: two more fit the server's 3
+    page.attach_file(solid_png((200, 30, 30)), "red.png")
+    page.attach_file(solid_png((30, 30, 200)), "blue.png")
+    page.thumbnails_ready(3)
+    for _ in range(2):
+        page.find("#attachments .thumb:last-child .thumb-remove").click()
+    page.thumbnails_ready(1)
     page.find(".thumb-remove").click()
     page.type(Keys.ENTER)
     answer = page.last_answer()
