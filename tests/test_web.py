@@ -201,18 +201,21 @@ class Page:
         path.write_bytes(data)
         self.find("#file-input").send_keys(str(path))
 
-    def dispatch_files(self, event: str, data: bytes, name: str) -> None:
-        """A real paste or drop event carrying a File made of `data`, as the clipboard or a drag would carry it."""
-        self.js("""
-            const [kind, b64, name] = arguments;
+    def dispatch_files(self, event: str, data: bytes, name: str, text: str | None = None) -> bool:
+        """A real paste or drop event carrying a File made of `data` (and `text`, as a spreadsheet's copy carries
+        both), as the clipboard or a drag would carry it. False when the page cancelled the browser's own handling."""
+        return self.js("""
+            const [kind, b64, name, text] = arguments;
             const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
             const transfer = new DataTransfer();
+            if (text !== null) transfer.setData("text/plain", text);
             transfer.items.add(new File([bytes], name, {type: "image/png"}));
             const init = {bubbles: true, cancelable: true};
             const target = kind === "paste" ? document.getElementById("prompt") : document.getElementById("messages");
-            target.dispatchEvent(kind === "paste" ? new ClipboardEvent("paste", {...init, clipboardData: transfer})
-                                                  : new DragEvent("drop", {...init, dataTransfer: transfer}));
-        """, event, base64.b64encode(data).decode(), name)
+            return target.dispatchEvent(kind === "paste"
+                ? new ClipboardEvent("paste", {...init, clipboardData: transfer})
+                : new DragEvent("drop", {...init, dataTransfer: transfer}));
+        """, event, base64.b64encode(data).decode(), name, text)
 
     def thumbnails_ready(self, count: int) -> None:
         self.wait(f"document.querySelectorAll('#attachments .thumb[data-ready=\"true\"]').length === {count} && "
@@ -447,9 +450,15 @@ def test_stop_mid_answer_frees_the_server_and_keeps_the_words_shown(page, live, 
 def test_paste_and_drop_attach_images(page, live, monkeypatch, tiny_chat_model):
     red, blue, green = solid_png((220, 30, 30)), solid_png((30, 30, 220)), solid_png((30, 200, 30))
     page.settings(max_tokens=4, greedy=True)
-    page.dispatch_files("paste", green, "green.png")
+    # an image alone is attached, not pasted as its file name; with text (a spreadsheet's cells), the text is pasted
+    # into the box as the browser does, and the image attached
+    assert page.dispatch_files("paste", green, "green.png") is False
     page.thumbnails_ready(1)
     page.find("#attachments .thumb-remove").click()  # the remove button drops it again
+    page.thumbnails_ready(0)
+    assert page.dispatch_files("paste", green, "cells.png", text="a\tb") is True
+    page.thumbnails_ready(1)
+    page.find("#attachments .thumb-remove").click()
     page.thumbnails_ready(0)
     page.dispatch_files("paste", red, "red.png")
     page.dispatch_files("drop", blue, "blue.png")
