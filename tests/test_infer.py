@@ -388,6 +388,10 @@ def test_a_ctrl_c_while_a_piece_is_printed_leaves_the_history_as_shown(tiny_chat
             signal.raise_signal(signal.SIGINT)
         shown.append(text)
 
-    stream_answer(session, "Tell me everything.", [], write)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # the REPL's (pytest-xdist workers ignore it)
+    try:
+        stream_answer(session, "Tell me everything.", [], write)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert shown[-2:] == [" [stopped]", "\n"] and len(shown) == 7
     assert session.messages[-1] == {"role": "assistant", "content": "".join(shown[1:-2])}
