@@ -54,6 +54,7 @@ from vlm.generation.stopping import (
     turn_end_ids,
 )
 from vlm.generation.streaming import AnswerJob, TextStream
+from vlm.models.llm import trained_positions
 
 __all__ = ["ChatModel", "ChatSession", "Completion", "ContextOverflow", "GenerationOptions", "OptionError", "Prompt",
            "PromptError", "TextStream"]
@@ -91,9 +92,7 @@ class ChatModel:
         self.device = device
         self.name = name
         self.defaults = defaults or GenerationOptions()
-        # transformers maps GPT-2's n_positions to max_position_embeddings; an LLM with neither: the training length
-        positions = getattr(model.lm.config.get_text_config(), "max_position_embeddings", None)
-        self.context_length: int = int(positions or processor.max_length)
+        self.context_length: int = trained_positions(model.lm) or processor.max_length  # none named: training's
         # The training max_length caps training samples; a prompt may use the model's whole context. Truncating a
         # prompt would cut its generation prompt, so `prepare` refuses prompts that do not fit instead.
         self.processor = Processor(tokenizer, processor.tiler, self.context_length)

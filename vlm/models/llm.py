@@ -51,22 +51,28 @@ def enable_checkpointing(lm: PreTrainedModel) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def trained_positions(lm: PreTrainedModel) -> int | None:
+    """How many positions `lm` was built for (its config's max_position_embeddings, which transformers also maps
+    GPT-2's n_positions to); None when its config names none."""
+    positions = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
+    return positions if isinstance(positions, int) else None
+
+
 def learned_positions(lm: PreTrainedModel) -> int | None:
     """How many positions `lm`'s learned position table holds (GPT-2, OPT, BioGPT), past which it fails with an
     IndexError; None for an LLM without one (rotary or ALiBi positions run past their trained length)."""
     tables = [m for m in lm.modules() if isinstance(m, nn.Embedding) and m is not lm.get_input_embeddings()]
-    positions = getattr(lm.config.get_text_config(), "max_position_embeddings", None)  # GPT-2's n_positions too
-    return positions if tables and isinstance(positions, int) else None
+    return trained_positions(lm) if tables else None
 
 
 def check_positions(lm: PreTrainedModel, config: LLMConfig) -> None:
     """Refuse a `max_length` past a learned position table (the first sample that long would fail, possibly hours
     into a run), and warn past a rotary LLM's trained positions (its answers degrade there, and chat caps prompts at
     them) unless its rope scaling covers the length."""
-    text = lm.config.get_text_config()
-    positions = getattr(text, "max_position_embeddings", None)
-    if not isinstance(positions, int) or config.max_length <= positions:
+    positions = trained_positions(lm)
+    if positions is None or config.max_length <= positions:
         return
+    text = lm.config.get_text_config()
     key = type(text).attribute_map.get("max_position_embeddings", "max_position_embeddings")  # GPT-2: n_positions
     fix = f"set model.llm.max_length={positions} or less" + ("" if config.name_or_path else
                                                              f", or model.llm.config.{key}={config.max_length}")
