@@ -28,7 +28,7 @@ from vlm.generation.options import (
     auto_temperature,
 )
 from vlm.generation.stopping import StopInAnswer, StopScanner
-from vlm.generation.streaming import interrupts_deferred
+from vlm.signals import interrupts_deferred
 
 ASK = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
 

@@ -39,7 +39,7 @@ from vlm.data.tiler import ImageLoadError, pil_bomb_limit
 from vlm.errors import UserError
 from vlm.generation.completion import check_system_prompt, check_text
 from vlm.generation.options import GenerationOptions, H2OSettings
-from vlm.generation.streaming import interrupts_deferred
+from vlm.signals import interrupts_deferred
 
 log = logging.getLogger("vlm.infer")
 

@@ -3,10 +3,8 @@ gets the pieces through stop-sequence scanning, and can cancel at any point."""
 
 from __future__ import annotations
 
-import signal
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +12,7 @@ from transformers import TextIteratorStreamer
 
 from vlm.generation.completion import Completion
 from vlm.generation.stopping import StopScanner, cut_at_stop
+from vlm.signals import interrupts_deferred
 
 
 @dataclass
@@ -134,20 +133,3 @@ class TextStream(Iterator[str]):
                 thread.join()
             self._done(job.finish(result.get("ids", []), "".join(emitted), scanner.stop),
                        answered="error" not in result)
-
-
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Ctrl-C inside the block is raised as KeyboardInterrupt when the block ends, so the block runs whole. Signal
-    handlers belong to the main thread: elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught and callable(previous):
-        previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt

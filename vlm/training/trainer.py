@@ -6,7 +6,7 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from vlm.config import ConfigError, TrainConfig, to_dict
 from vlm.errors import first_line
 from vlm.models.blocks import compile_blocks
+from vlm.signals import signal_noted
 from vlm.training.callbacks import progress_callback
 from vlm.training.checkpoint_io import AtomicCheckpointIO
 from vlm.training.data_position import DataPosition
@@ -121,11 +122,11 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
     """Final validation, the export folder and metrics.json; returns the metrics. Wall time and sample counts are
     the whole run's, over every session of a resumed one. A SIGTERM before the export stops the run (143) rather than
     killing it unannounced or letting it end as finished."""
-    with sigterm_noted() as received:
-        if trainer.received_sigterm or received():  # between the last step and the end of fit
+    with signal_noted(signal.SIGTERM) as noted:
+        if trainer.received_sigterm or noted.received:  # between the last step and the end of fit
             raise SIGTERMException
         save_final_checkpoint(trainer, run, config)
-        if received():  # while the last checkpoint was written (outside fit, Lightning handles no SIGTERM)
+        if noted.received:  # while the last checkpoint was written (outside fit, Lightning handles no SIGTERM)
             raise SIGTERMException
         metrics: dict[str, Any] = {}
         if datamodule.val_urls:
@@ -134,7 +135,7 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
             metrics.update(validate(trainer, task, datamodule))
             # a validation goes on through SIGTERM; the export must not be written as if the run finished (vlm.train
             # says where resume=auto goes on)
-            if trainer.received_sigterm or received():
+            if trainer.received_sigterm or noted.received:
                 raise SIGTERMException
             try:
                 check_scored(task, metrics, config.data.val or datamodule.val_urls[0])
@@ -155,23 +156,6 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         log.info("export folder: %s", Path(run.export).resolve())
     leave_process_group()
     return metrics
-
-
-@contextlib.contextmanager
-def sigterm_noted() -> Iterator[Callable[[], bool]]:
-    """Inside: a SIGTERM is noted (the function yielded says whether one came) instead of ending the process at once,
-    as Lightning does inside `fit` and `validate` (whose handlers call this one too). Outside the main thread, where
-    no handler can be set, nothing is noted."""
-    received: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-    except ValueError:  # not the main thread
-        yield lambda: False
-        return
-    try:
-        yield lambda: bool(received)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def save_final_checkpoint(trainer: pl.Trainer, run: Run, config: TrainConfig) -> None:
