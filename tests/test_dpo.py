@@ -357,16 +357,12 @@ def test_a_constitution_output_that_kept_no_pair_is_named_when_dpo_looks_for_pai
 
 
 def test_dpo_starts_from_the_export_whose_answers_its_pairs_are(tmp_path, caplog):
-    from vlm.data.preferences import PAIRS_DONE
     from vlm.data.sources import constitution_pairs
     from vlm.training.runs import prepare_run
 
     made_by, newer = sft_export(tmp_path / "sft" / "a" / "export"), sft_export(tmp_path / "sft" / "b" / "export")
     folder = tmp_path / "constitution" / "a-synthetic-revise"
-    folder.mkdir(parents=True)
-    (folder / PAIRS_DONE).write_text(json.dumps({"train": str(folder / "train" / "shard-{000000..000000}.tar"),
-                                                 "val": None, "qa_val": None, "train_pairs": 3,
-                                                 "checkpoint": str(made_by)}))
+    finished_pairs(folder, str(folder / "train" / "shard-{000000..000000}.tar"), made_by)
     pairs = constitution_pairs(str(tmp_path))
     assert pairs.made_by == str(made_by)
     common = [f"output_root={tmp_path}"]
