@@ -26,10 +26,12 @@ from data_scripts.shard_writing import (  # noqa: E402
     add_run_arguments,
     image_group,
     json_type,
+    load_json,
     plan_jobs,
     prepare_output,
     read_image,
     read_text_keeping_bad_bytes,
+    repeated_keys,
     report,
     run,
     text_field,
@@ -148,14 +150,13 @@ def _read_csv(text: str, path: Path) -> list[Row]:
 
 def _read_json_array(text: str, path: Path) -> list[Row]:
     try:
-        records = json.loads(text)
+        records = load_json(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); write one JSON array of records, "
                         f"or one record per line (JSONL)") from None
     if not isinstance(records, list):
         raise DataError(f"{path} holds {json_type(records)}; write one JSON array of records, or JSONL")
-    return [Row(i, r, unit="record") if isinstance(r, dict) else
-            Row(i, None, f"not a JSON object ({json_type(r)})", unit="record") for i, r in enumerate(records)]
+    return [_record_row(i, r, unit="record") for i, r in enumerate(records)]
 
 
 def _read_jsonl(text: str) -> list[Row]:
@@ -164,15 +165,20 @@ def _read_jsonl(text: str) -> list[Row]:
         if not line.strip():
             continue
         try:
-            fields = json.loads(line)
+            fields = load_json(line)
         except json.JSONDecodeError as err:
             rows.append(Row(number, None, f"not valid JSON ({err.msg})"))
             continue
-        if isinstance(fields, dict):
-            rows.append(Row(number, fields))
-        else:
-            rows.append(Row(number, None, f"not a JSON object ({json_type(fields)})"))
+        rows.append(_record_row(number, fields))
     return rows
+
+
+def _record_row(line: int, fields: object, unit: str = "line") -> Row:
+    """The row of one parsed JSON record, or the reason it cannot be one."""
+    if not isinstance(fields, dict):
+        return Row(line, None, f"not a JSON object ({json_type(fields)})", unit=unit)
+    problem = repeated_keys(fields)
+    return Row(line, None, problem, unit=unit) if problem else Row(line, fields, unit=unit)
 
 
 def _is_index(value: object) -> bool:

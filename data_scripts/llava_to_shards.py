@@ -27,10 +27,12 @@ from data_scripts.shard_writing import (  # noqa: E402
     add_run_arguments,
     image_group,
     json_type,
+    load_json,
     plan_jobs,
     prepare_output,
     read_image,
     read_text_keeping_bad_bytes,
+    repeated_keys,
     report,
     run,
     text_lines,
@@ -98,27 +100,32 @@ def read_records(path: Path) -> list[Entry]:
                         f"and a .jsonl file one record per line")
     if text.lstrip().startswith("["):
         try:
-            records = json.loads(text)
+            records = load_json(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
-        entries = [Entry(_where("record", i, r), r) for i, r in enumerate(records)]
+        entries = [_entry(_where("record", i, r), r) for i, r in enumerate(records)]
     else:
         entries = []
         for number, line in enumerate(text_lines(text), start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = load_json(line)
             except json.JSONDecodeError as err:
                 if number == 1 and not entries:  # e.g. a single pretty-printed object rather than a list or JSONL
                     raise DataError(f"{path} is neither a JSON list of records nor JSONL (one record per line): "
                                     f"line 1: {err.msg}") from None
                 entries.append(Entry(f"line {number}", None, f"not valid JSON ({err.msg})"))
                 continue
-            entries.append(Entry(_where("line", number, record), record))
+            entries.append(_entry(_where("line", number, record), record))
     if not entries:
         raise DataError(f"{path} holds no records")
     return entries
+
+
+def _entry(where: str, record: Any) -> Entry:
+    problem = repeated_keys(record)
+    return Entry(where, None, problem) if problem else Entry(where, record)
 
 
 def _one_object(text: str) -> bool:

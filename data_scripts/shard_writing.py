@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import shlex
@@ -72,6 +73,36 @@ def utf8(text: str, what: str) -> bytes:
         context = text[max(0, err.start - 30): err.start].encode("utf-8", "replace").decode()
         raise Skip("not UTF-8", f"{what} holds text that is not valid UTF-8 after {context!r}: bytes of another "
                                 f"encoding (save the file as UTF-8) or a lone surrogate escape") from None
+
+
+class _KeysRepeated(dict):
+    """A JSON object that names some keys more than once (`repeated`); json keeps each one's last value."""
+
+    repeated: list[str]
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict:
+    whole = dict(pairs)
+    if len(whole) == len(pairs):
+        return whole
+    names = [name for name, _ in pairs]
+    marked = _KeysRepeated(whole)
+    marked.repeated = [name for name in whole if names.count(name) > 1]
+    return marked
+
+
+def load_json(text: str) -> Any:
+    """json.loads, marking each object that names a key twice, which json would read as its last value alone, so
+    that `repeated_keys` can refuse the record rather than convert half of what it says."""
+    return json.loads(text, object_pairs_hook=_json_object)
+
+
+def repeated_keys(value: Any) -> str:
+    """Why a value read by `load_json` is ambiguous: the keys an object in it names twice ("" when none)."""
+    if isinstance(value, _KeysRepeated):
+        return f"names {', '.join(map(repr, value.repeated))} more than once (which one is meant?)"
+    inner = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((problem for item in inner if (problem := repeated_keys(item))), "")
 
 
 def text_field(record: dict, name: str) -> str | None:

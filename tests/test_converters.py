@@ -173,6 +173,24 @@ def test_a_json_array_of_records_converts_like_jsonl(tmp_path, capsys):
     _check_caption_samples(samples, [*rows[:2], None, *rows[2:]], tmp_path / "images", sorted(NAMES[:4]))
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_record_naming_a_key_twice_is_skipped_naming_the_key(tmp_path, capsys, suffix):
+    """JSON readers keep a repeated key's last value, so {"caption": "a cat", "caption": "a dog"} would be converted
+    as a dog without a word: such a record is skipped instead, with its line (or place) and the key."""
+    rows = _write_images(tmp_path / "images", 2)
+    twice = json.dumps(rows[1]).replace('"caption":', '"caption": "a cat", "caption":')
+    if suffix == ".jsonl":
+        text, where = f"{json.dumps(rows[0])}\n{twice}\n", "line 2"
+    else:
+        text, where = f"[{json.dumps(rows[0])},\n{twice}]", "record 1"
+    (tmp_path / f"captions{suffix}").write_text(text)
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations",
+                                       str(tmp_path / f"captions{suffix}"), "--out", str(tmp_path / "out")])
+    assert code == 0 and "wrote 1 sample(s)" in out
+    assert f"captions{suffix} {where}: names 'caption' more than once" in err, err
+    assert [sample["txt"].decode() for sample in _read_split(tmp_path / "out/train").values()] == [rows[0]["caption"]]
+
+
 def test_a_repeated_row_is_kept_once_and_an_images_captions_share_one_split(tmp_path, capsys):
     """COCO-style files give each image several captions: held out apart from its own image's other captions, a
     caption would be scored on a picture the model trained on."""
@@ -658,6 +676,20 @@ def test_llava_prompts_for_the_constitution_need_a_user_turn_not_an_answer(tmp_p
     assert "python -m vlm.constitution checkpoint=SFT_EXPORT \"data.train=" in out
     (item,) = read_prompts(str(tmp_path / "prompts/train/shard-000000.tar"), "data.train")
     assert item.messages == [{"role": "user", "content": "<image>\nColour?"}] and item.reference is None
+
+
+def test_llava_records_naming_a_key_twice_at_any_depth_are_bad_records(tmp_path, capsys):
+    """A repeated key anywhere in a record (its own, or a turn's) is one the converter cannot read as meant."""
+    good = json.dumps({"id": "fine", "conversations": _turns("Q?", "A.")})
+    turns_twice = good.replace('"value": "A."', '"value": "B.", "value": "A."').replace('"fine"', '"turn"')
+    record_twice = good.replace('"id": "fine"', '"id": "top", "id": "top"')
+    (tmp_path / "llava.jsonl").write_text(f"{good}\n{turns_twice}\n{record_twice}\n")
+    code, out, _ = _convert(capsys, ["--json", str(tmp_path / "llava.jsonl"), "--images", str(tmp_path), "--out",
+                                     str(tmp_path / "out")], main=llava_to_shards.main)
+    assert code == 0 and "wrote 1 sample(s)" in out
+    assert (tmp_path / "out/skipped.txt").read_text().splitlines() == [
+        "line 2 (id 'turn'): names 'value' more than once (which one is meant?)",
+        "line 3 (id 'top'): names 'id' more than once (which one is meant?)"]
 
 
 def test_llava_null_and_non_string_records_are_bad_records(tmp_path, capsys):
