@@ -173,7 +173,18 @@ def test_the_stock_route_refuses_settings_it_cannot_express(tiny_sft_export, tmp
 def _llm_folder(folder: Path, case: str) -> Path:
     """A tiny random LLM that PerceptionLM would read otherwise than vlm, saved with a tokenizer."""
     from tokenizers import processors
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    from transformers import (
+        CohereConfig,
+        CohereForCausalLM,
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        OPTConfig,
+        OPTForCausalLM,
+        PhiConfig,
+        PhiForCausalLM,
+    )
 
     from vlm.data import synthetic
     from vlm.data.tokenizer import build_local_tokenizer
@@ -186,6 +197,11 @@ def _llm_folder(folder: Path, case: str) -> Path:
     elif case == "soft-capped logits":  # Gemma 2
         model = Gemma2ForCausalLM(Gemma2Config(**sizes, intermediate_size=128, num_key_value_heads=2, head_dim=16,
                                                final_logit_softcapping=30.0))
+    elif case == "scaled logits":  # Cohere multiplies its logits by logit_scale after lm_head
+        model = CohereForCausalLM(CohereConfig(**sizes, intermediate_size=128, num_key_value_heads=2,
+                                               logit_scale=0.25))
+    elif case == "output bias":  # Phi-2's lm_head has a bias
+        model = PhiForCausalLM(PhiConfig(**sizes, intermediate_size=128))
     else:  # a BOS added by the tokenizer to every text (Llama 3)
         bos = "<|endoftext|>"
         tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
@@ -198,16 +214,19 @@ def _llm_folder(folder: Path, case: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["projected embeddings", "soft-capped logits", "tokenizer adds a BOS"])
+@pytest.mark.parametrize("case", ["projected embeddings", "soft-capped logits", "scaled logits", "output bias",
+                                  "tokenizer adds a BOS"])
 def test_llms_perception_lm_would_read_otherwise_take_the_remote_code_and_give_vlms_logits(tmp_path, case):
-    """Each would load in PerceptionLM and answer otherwise: a projector sized for the hidden size (OPT-350m's does
-    not fit), logits without Gemma 2's soft cap, a second BOS from its processor."""
+    """Each would load in PerceptionLM and answer otherwise, or not load: a projector sized for the hidden size
+    (OPT-350m's does not fit), logits without Gemma 2's soft cap or Cohere's scale, no output bias (Phi-2), a second
+    BOS from its processor."""
     folder = _llm_folder(tmp_path / "llm", case)
     source = sft_export(tmp_path / "export", *STOCK, f"model.llm.name_or_path={folder}")
     out = export_hf(source, tmp_path / "hf")
     because = json.loads((out / PROVENANCE_FILE).read_text())["remote_code_because"]
     reason = {"projected embeddings": "input embeddings are 32 wide, not its hidden size 64",
-              "soft-capped logits": "soft-caps its logits", "tokenizer adds a BOS": "adds special tokens"}[case]
+              "soft-capped logits": "scales or soft-caps its logits", "scaled logits": "scales or soft-caps its logits",
+              "output bias": "output layer has a bias", "tokenizer adds a BOS": "adds special tokens"}[case]
     assert any(reason in item for item in because), because
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)

@@ -19,6 +19,7 @@ from transformers import (
     PerceptionLMImageProcessor,
     PerceptionLMProcessor,
     PerceptionLMVideoProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -54,14 +55,17 @@ def stock_mismatches(vlm: VLMBundle) -> list[str]:
                      f"prefix tokens")
     if not hasattr(model.lm, "model") or not hasattr(model.lm, "lm_head"):
         found.append(f"an LLM ({type(model.lm).__name__}) without the usual model + lm_head layout")
+    elif getattr(model.lm.lm_head, "bias", None) is not None:
+        found.append(f"an LLM ({type(model.lm).__name__}) whose output layer has a bias, which PerceptionLM's lacks")
+    elif not logits_are_lm_heads(model.lm):
+        found.append(f"an LLM ({type(model.lm).__name__}) that scales or soft-caps its logits after its output "
+                     f"layer, which PerceptionLM skips")
     if video_token(vlm.tokenizer) is None:
         found.append("a tokenizer with no spare special token for PerceptionLM's video token")
     text_config, embedding_width = model.lm.config.get_text_config(), model.lm.get_input_embeddings().embedding_dim
     if embedding_width != text_config.hidden_size:  # PerceptionLM's projector writes hidden_size-wide features
         found.append(f"an LLM whose input embeddings are {embedding_width} wide, not its hidden size "
                      f"{text_config.hidden_size} (OPT-350m's shape)")
-    if getattr(text_config, "final_logit_softcapping", None) is not None:  # PerceptionLM applies lm_head itself
-        found.append("an LLM that soft-caps its logits (final_logit_softcapping), which PerceptionLM skips")
     if vlm.tokenizer("a").input_ids != vlm.tokenizer("a", add_special_tokens=False).input_ids:
         found.append("a tokenizer that adds special tokens (a BOS) to every text, which PerceptionLM's processor "
                      "adds again after the chat template's")
@@ -69,6 +73,22 @@ def stock_mismatches(vlm: VLMBundle) -> list[str]:
     if background != (255, 255, 255):  # PerceptionLM's processor puts transparent pixels on white
         found.append(f"tiler.background={list(background)} (transparent pixels over a colour other than white)")
     return found
+
+
+@torch.no_grad()
+def logits_are_lm_heads(lm: PreTrainedModel) -> bool:
+    """Whether the LLM's logits are its lm_head applied to its base model's output, as PerceptionLM computes them;
+    not so where the LLM's own forward scales them after (Cohere's logit_scale, Granite's logits_scaling) or soft-caps
+    them (Gemma 2). Probed on a few tokens rather than read from config keys that each family names its own way."""
+    ids = torch.arange(1, 9, device=lm.device)[None] % lm.config.get_text_config().vocab_size  # (1, 8)
+    was_training = lm.training
+    lm.eval()  # dropout would make the two passes differ
+    try:
+        logits = lm(input_ids=ids).logits
+        from_head = lm.lm_head(lm.model(input_ids=ids).last_hidden_state)
+    finally:
+        lm.train(was_training)
+    return torch.allclose(logits.float(), from_head.float(), rtol=1e-4, atol=1e-5)
 
 
 def stock_config(vlm: VLMBundle) -> PerceptionLMConfig:
