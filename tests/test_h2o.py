@@ -486,6 +486,40 @@ def test_models_h2o_cannot_run_on_are_refused_before_generating(lm):
         refuse_unsupported(gemma)
 
 
+def _hybrid_or_latent(kind: str):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Lfm2Config, Lfm2ForCausalLM
+
+    sizes = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4}
+    if kind == "latent":  # DeepSeek-V3's multi-head latent attention caches one compressed latent per token
+        return DeepseekV3ForCausalLM(DeepseekV3Config(
+            **sizes, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, first_k_dense_replace=1,
+            n_group=1, topk_group=1)).eval()
+    model = Lfm2ForCausalLM(Lfm2Config(**sizes, num_key_value_heads=2, layer_types=["conv", "full_attention"])).eval()
+    if kind == "hybrid, unnamed":  # a hybrid whose config does not list its layer kinds: found by running it
+        model.config.layer_types = None
+    return model
+
+
+@pytest.mark.parametrize(("kind", "reason"), [
+    ("hybrid", r"it has conv layers besides attention \(layer_types\), whose state H2O's cache does not hold"),
+    ("hybrid, unnamed", r"it cannot run on H2O's cache of attention keys \(.+\)"),
+    ("latent", r"its cache holds something other than the keys its attention reads \(a compressed latent\), so "
+               r"the scores do not say which cached entries to keep"),
+])
+def test_hybrid_and_latent_attention_llms_are_refused_before_generating(kind, reason):
+    """LFM2's convolution layers keep a state H2O's cache has no room for, and DeepSeek-V3 caches a latent its
+    attention expands into the keys it scores: one OptionError naming kv_cache, not a transformers error mid-answer."""
+    from vlm.generation.h2o import refuse_unsupported
+
+    model = _hybrid_or_latent(kind)
+    with pytest.raises(OptionError, match=rf"^kv_cache='h2o' cannot run on \w+: {reason}; use kv_cache='dynamic'$") \
+            as refused:
+        refuse_unsupported(model)
+    assert refused.value.key == "kv_cache"
+
+
 @pytest.mark.parametrize("family", ["mpt", "xglm"])
 def test_models_whose_attention_is_their_own_code_are_refused_before_generating(family):
     """MPT and XGLM hand the cache its arguments, then compute attention in their own code, so the score hook never

@@ -15,6 +15,8 @@ from transformers import (
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    Lfm2Config,
+    Lfm2ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -175,6 +177,10 @@ def test_local_global_refuses_llms_whose_own_attention_it_would_drop(tmp_path, c
                                           r"\(sliding_window=16\)"):
         use_attention(windowed, settings)
     use_attention(MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None)), settings)  # no window: it attends
+    hybrid = Lfm2ForCausalLM(Lfm2Config(**SIZES, layer_types=["conv", "full_attention"]))  # LFM2's convolutions
+    with pytest.raises(ConfigError, match=r"model.llm.attention='local_global' cannot attend as Lfm2ForCausalLM "
+                                          r"does: it has conv layers besides attention \(layer_types\)"):
+        use_attention(hybrid, settings)
     dense = tiny_config("model.llm.sparse.window=24", stage="sft").model.llm
     with caplog.at_level(logging.WARNING, logger="vlm.models.attention"):
         use_attention(LlamaForCausalLM(LlamaConfig(**SIZES)), dense)

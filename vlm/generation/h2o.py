@@ -49,8 +49,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vlm.data.processor import run_slots
+from vlm.errors import first_line
 from vlm.generation.options import IMAGE_BLOCKS, H2OSettings, OptionError
-from vlm.models.attention import uses_pattern
+from vlm.models.attention import layers_besides_attention, uses_pattern
 
 log = logging.getLogger(__name__)
 
@@ -417,21 +418,24 @@ class _ScoreProbe(DynamicLayer):
     """A cache layer that notes whether the model's attention hands it its kwargs, and then calls the registered
     attention function with them (whose score hook reports back through `observe`): H2O's way to the scores."""
 
-    wants_scores = False  # the hook then reports without computing scores
+    wants_scores, score_reduce = True, "sum"  # one token's scores: cheap
 
     def __init__(self):
         super().__init__()
         self.got_kwargs = self.observed = False
+        self.cached_heads = self.scored_heads = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                kwargs: dict[str, Any] | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if kwargs is not None:
             self.got_kwargs = True
             kwargs[H2O_LAYER] = self
+        self.cached_heads = key_states.shape[1]  # key_states (B, H_cached, L, D)
         return super().update(key_states, value_states)
 
     def observe(self, scores: torch.Tensor | None) -> None:
         self.observed = True
+        self.scored_heads = scores.shape[1]  # scores (B, H_kv, K): one per key head attention read
 
 
 def refuse_unsupported(lm: PreTrainedModel) -> None:
@@ -450,6 +454,9 @@ def refuse_unsupported(lm: PreTrainedModel) -> None:
 
 def _unsupported_reason(lm: PreTrainedModel) -> str:
     config = lm.config.get_text_config()
+    if others := layers_besides_attention(config):
+        return f"it has {', '.join(others)} layers besides attention (layer_types), whose state H2O's cache does " \
+               f"not hold"
     layer_types = getattr(config, "layer_types", None)
     sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None
     if sliding:  # their masks count the window in positions, which the kept keys no longer are
@@ -461,13 +468,19 @@ def _unsupported_reason(lm: PreTrainedModel) -> str:
         return "transformers runs it with its own eager attention only, not the sdpa H2O's score hook wraps"
     probes = [_ScoreProbe() for _ in range(config.num_hidden_layers)]
     token = torch.zeros(1, 1, dtype=torch.long, device=lm.device)
-    with torch.no_grad():
-        lm(input_ids=token, cache=Cache(layers=probes), use_cache=True)
+    try:
+        with torch.no_grad():
+            lm(input_ids=token, cache=Cache(layers=probes), use_cache=True)
+    except Exception as err:  # a model that needs a cache of its own kind, whatever it raises then
+        return f"it cannot run on H2O's cache of attention keys ({first_line(err)[:200]})"
     if not all(probe.got_kwargs for probe in probes):
         return "its attention does not pass its arguments to the KV cache, where H2O gets the attention scores"
     if not all(probe.observed for probe in probes):  # MPT, XGLM: the cache is handed the arguments, then unused
         return "its attention is computed in its own code, not through the registered attention function that " \
                "H2O's score hook wraps"
+    if any(probe.cached_heads != probe.scored_heads for probe in probes):  # DeepSeek's multi-head latent attention
+        return "its cache holds something other than the keys its attention reads (a compressed latent), so the " \
+               "scores do not say which cached entries to keep"
     return ""
 
 

@@ -304,9 +304,23 @@ def use_attention(lm: PreTrainedModel, settings: LLMConfig) -> None:
                           f"{ATTENTION_NAME!r} attention implementation")
 
 
+ATTENTION_LAYER_KINDS = ("full_attention", "attention", "sliding_attention")  # names in configs' `layer_types`
+
+
+def layers_besides_attention(config: Any) -> list[str]:
+    """The kinds of layer a hybrid LLM has besides attention, by its config's `layer_types`: convolutions (LFM2),
+    linear attention (Qwen3-Next), Mamba (Granite 4), chunked attention (Llama 4). Their state is no cache of keys
+    that the local + global pattern or H2O could choose from."""
+    return sorted({kind for kind in getattr(config, "layer_types", None) or () if kind not in ATTENTION_LAYER_KINDS})
+
+
 def unsupported_attention(config: Any) -> str | None:
-    """What of an LLM's own attention the local + global pattern would silently drop, or None: a sliding window of
-    its own (on some or all layers) and softcapped scores (Gemma 2) are not in the pattern's masks and kernels."""
+    """What of an LLM's own attention the local + global pattern would silently drop, or None: layers other than
+    attention (hybrid LLMs), a sliding window of its own (on some or all layers) and softcapped scores (Gemma 2) are
+    not in the pattern's masks, kernels and cache."""
+    if others := layers_besides_attention(config):
+        return f"it has {', '.join(others)} layers besides attention (layer_types), whose state the pattern's cache " \
+               f"cannot hold"
     sliding = ("sliding_attention" in config.layer_types if getattr(config, "layer_types", None)
                else getattr(config, "sliding_window", None) is not None)
     if sliding:
