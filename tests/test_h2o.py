@@ -486,6 +486,27 @@ def test_models_h2o_cannot_run_on_are_refused_before_generating(lm):
         refuse_unsupported(gemma)
 
 
+def test_a_sliding_window_longer_than_the_positions_is_no_window_to_h2o():
+    """Phi-3.5 ships sliding_window=262144 for 131072 positions: a window that never takes effect is no reason to
+    refuse H2O, and evicting answers as the same weights without a window do."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from vlm.generation.h2o import refuse_unsupported
+
+    sizes = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+             "initializer_range": 0.3}
+    torch.manual_seed(0)
+    windowed = MistralForCausalLM(MistralConfig(**sizes, sliding_window=128)).eval()
+    plain = MistralForCausalLM(MistralConfig(**sizes, sliding_window=None)).eval()
+    plain.load_state_dict(windowed.state_dict())
+    refuse_unsupported(windowed)
+    ids, budget = prompt(30), H2OBudget(heavy=3, recent=4, sinks=2)
+    answer = greedy(windowed, ids, 12, cache=H2OCache(windowed, budget))
+    assert torch.equal(answer, greedy(plain, ids, 12, cache=H2OCache(plain, budget)))
+    assert not torch.equal(answer, greedy(plain, ids, 12))  # the budget binds: keys were evicted
+
+
 def _hybrid_or_latent(kind: str):
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, Lfm2Config, Lfm2ForCausalLM
 

@@ -177,6 +177,9 @@ def test_local_global_refuses_llms_whose_own_attention_it_would_drop(tmp_path, c
                                           r"\(sliding_window=16\)"):
         use_attention(windowed, settings)
     use_attention(MistralForCausalLM(MistralConfig(**SIZES, sliding_window=None)), settings)  # no window: it attends
+    # a window longer than the positions never takes effect (Phi-3.5: 262144 for 131072)
+    use_attention(MistralForCausalLM(MistralConfig(**SIZES, sliding_window=512, max_position_embeddings=256)),
+                  settings)
     hybrid = Lfm2ForCausalLM(Lfm2Config(**SIZES, layer_types=["conv", "full_attention"]))  # LFM2's convolutions
     with pytest.raises(ConfigError, match=r"model.llm.attention='local_global' cannot attend as Lfm2ForCausalLM "
                                           r"does: it has conv layers besides attention \(layer_types\)"):

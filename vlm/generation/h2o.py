@@ -51,7 +51,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from vlm.data.processor import run_slots
 from vlm.errors import first_line
 from vlm.generation.options import IMAGE_BLOCKS, H2OSettings, OptionError
-from vlm.models.attention import layers_besides_attention, uses_pattern
+from vlm.models.attention import layers_besides_attention, slides_within_own_window, uses_pattern
 
 log = logging.getLogger(__name__)
 
@@ -457,9 +457,7 @@ def _unsupported_reason(lm: PreTrainedModel) -> str:
     if others := layers_besides_attention(config):
         return f"it has {', '.join(others)} layers besides attention (layer_types), whose state H2O's cache does " \
                f"not hold"
-    layer_types = getattr(config, "layer_types", None)
-    sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None
-    if sliding:  # their masks count the window in positions, which the kept keys no longer are
+    if slides_within_own_window(config):  # their masks count the window in positions, which kept keys no longer are
         return "it has sliding-window attention layers, whose window H2O's evicted cache cannot keep"
     try:
         install_score_hook(lm)

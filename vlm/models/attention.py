@@ -314,6 +314,17 @@ def layers_besides_attention(config: Any) -> list[str]:
     return sorted({kind for kind in getattr(config, "layer_types", None) or () if kind not in ATTENTION_LAYER_KINDS})
 
 
+def slides_within_own_window(config: Any) -> bool:
+    """Whether some of an LLM's layers attend within a sliding window of their own (Mistral v0.1, Gemma 2 and 3),
+    by `layer_types` where the config lists them, else by `sliding_window`. A window no shorter than the positions
+    the LLM has (Phi-3.5's 262,144 for 131,072) never takes effect."""
+    layer_types, window = getattr(config, "layer_types", None), getattr(config, "sliding_window", None)
+    if not ("sliding_attention" in layer_types if layer_types else window is not None):
+        return False
+    positions = getattr(config, "max_position_embeddings", None)
+    return window is None or positions is None or window < positions
+
+
 def unsupported_attention(config: Any) -> str | None:
     """What of an LLM's own attention the local + global pattern would silently drop, or None: layers other than
     attention (hybrid LLMs), a sliding window of its own (on some or all layers) and softcapped scores (Gemma 2) are
@@ -321,9 +332,7 @@ def unsupported_attention(config: Any) -> str | None:
     if others := layers_besides_attention(config):
         return f"it has {', '.join(others)} layers besides attention (layer_types), whose state the pattern's cache " \
                f"cannot hold"
-    sliding = ("sliding_attention" in config.layer_types if getattr(config, "layer_types", None)
-               else getattr(config, "sliding_window", None) is not None)
-    if sliding:
+    if slides_within_own_window(config):
         return f"its layers attend within a sliding window of their own (sliding_window={config.sliding_window})"
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return f"it softcaps its attention scores (attn_logit_softcapping={config.attn_logit_softcapping})"
