@@ -88,6 +88,25 @@ def test_transformers_gives_the_same_inputs_logits_and_greedy_answer(tiny_sft_ex
     assert "model.projector.image_slots=8" in provenance["remote_code_because"]
 
 
+def test_a_towers_non_persistent_buffers_are_computed_again_when_transformers_loads_it(tmp_path):
+    """EVA02's rotary tables are buffers the checkpoint does not hold; from_pretrained builds the model on the meta
+    device, so the remote code must compute them again, or every logit is NaN."""
+    eva = ["model.vision.name=eva02_tiny_patch14_224", "model.vision.image_size=56", "model.vision.patch_size=14",
+           "model.vision.width=64", "model.vision.conv_stem=false", "model.vision.global_pool=null"]
+    source = sft_export(tmp_path / "export", *eva)
+    out = export_hf(source, tmp_path / "hf", route="remote_code")
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    ours = load_vlm(source)
+    expected = ours.processor.prompt(QUESTION, [picture()])
+    inputs = processor(images=[picture()], text=ours.processor.template.render(QUESTION, add_generation_prompt=True),
+                       return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        reference = ours.model(expected.input_ids[None], pixel_values=expected.pixel_values).logits
+    assert (logits - reference).abs().max() < 1e-4
+
+
 def test_an_image_text_to_text_pipeline_answers(tiny_sft_export, hf_folder):
     chat = pipeline("image-text-to-text", model=str(hf_folder), trust_remote_code=True)
     image = picture()

@@ -96,6 +96,13 @@ class VlmForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.slot_scales_with_feature = settings.get("image_slot_scale", "embedding") == "feature"
         self.post_init()
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """The weights come from the checkpoint; timm's non-persistent buffers (EVA's rotary tables) are not in it and
+        from_pretrained builds the model on the meta device, so they are computed again, as TimmWrapperModel does."""
+        super()._init_weights(module)
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+
     def get_input_embeddings(self) -> nn.Module:
         return self.lm.get_input_embeddings()
 
