@@ -72,6 +72,11 @@ def test_siglip_bias_travels(tmp_path):
     ([*REGISTERED_VIT, "model.vision.global_pool=avg"], ["model.vision.global_pool='avg'"]),
     ([*REGISTERED_VIT, "model.vision.global_pool=max"], ["model.vision.global_pool='max'"]),
     ([*REGISTERED_VIT, "model.vision.global_pool=map"], ["model.vision.global_pool='map'"]),
+    # registered with mean pooling and a CLS token (EVA02): vlm's mean pooling has none, open_clip's tower one
+    (["model.vision.name=eva02_tiny_patch14_224", "model.vision.image_size=224", "model.vision.patch_size=14",
+      "model.vision.width=null", "model.vision.depth=null", "model.vision.heads=null", "model.vision.conv_stem=false",
+      "model.vision.global_pool=avg"],
+     ["model.vision.global_pool='avg' removes the CLS token 'eva02_tiny_patch14_224' is registered with"]),
 ])
 def test_towers_open_clip_cannot_build_are_refused_by_name(tmp_path, overrides, named):
     source = contrastive_export(tmp_path / "export", *overrides)

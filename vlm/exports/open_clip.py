@@ -50,11 +50,13 @@ def refuse_unbuildable_tower(config: ModelConfig, registered: dict[str, Any]) ->
         value = getattr(vision, key)
         if value is not None and value != registered[key]:
             problems.append(f"model.vision.{key}={value}: {vision.name!r} is registered with {registered[key]}")
-    pool = vision.global_pool
-    if pool is not None and pool != registered["global_pool"]:  # open_clip pools as timm registers the tower
-        why = " and removes its CLS token, which open_clip keeps" if pool == "avg" and registered["class_token"] else ""
-        problems.append(f"model.vision.global_pool={pool!r}: {vision.name!r} is registered with "
-                        f"{registered['global_pool']!r}{why} (use {registered['global_pool']} or null)")
+    pool, registered_pool = vision.global_pool, registered["global_pool"]
+    if pool == "avg" and registered["class_token"]:  # vlm's mean pooling drops the CLS token (timm_overrides)
+        problems.append(f"model.vision.global_pool='avg' removes the CLS token {vision.name!r} is registered with, "
+                        f"which open_clip keeps (use null: {registered_pool!r} pooling, as registered)")
+    elif pool is not None and pool != registered_pool:  # open_clip pools as timm registers the tower
+        problems.append(f"model.vision.global_pool={pool!r}: {vision.name!r} is registered with {registered_pool!r} "
+                        f"(use {registered_pool} or null)")
     if problems:
         fix = " ".join([*(f"model.vision.{key}={registered[key]}" for key in ("image_size", "patch_size")),
                         *(f"model.vision.{key}=null" for key in ("width", "depth", "heads"))])
