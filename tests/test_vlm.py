@@ -383,6 +383,18 @@ def test_phase_2_takes_the_vit_architecture_of_its_contrastive_export(tmp_path, 
     assert "model.vision.global_pool='avg' is ignored" in caplog.text and "built with 'token'" in caplog.text
     assert task.bundle.model.vision.num_prefix_tokens == 1  # the export's CLS token, with its trained weights
     assert "starts from the contrastive export" not in caplog.text  # align is the stage that does so
+    # which block feeds the projector, and whether with the CLS token, is the new projector's choice, not the ViT's
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):
+        task = make_task(tiny_config("model.vision.global_pool=token", "model.vision.feature_layer=-2",
+                                     "model.vision.keep_cls=true", "model.projector.reduction=none", stage="align"),
+                         init_from=export)
+    assert "is ignored" not in caplog.text, caplog.text
+    vision = task.bundle.model.vision
+    assert (vision.config.feature_layer, vision.feature_block, vision.config.keep_cls) == (-2, 0, True)
+    assert task.config.model.vision.feature_layer == -2  # as the run's config.json records it
+    pixels = torch.randn(1, 3, vision.config.image_size, vision.config.image_size)
+    assert vision.patch_features(pixels).shape[1] == vision.vit.patch_embed.num_patches + 1  # the CLS token kept
 
 
 def test_sft_from_a_contrastive_export_says_the_projector_and_llm_start_fresh(tmp_path, caplog):

@@ -224,10 +224,13 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
         set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
     else:
         if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
-            ignored = ignored_architecture(meta.model["vision"], to_dict(config.model.vision), "vision.")
+            ignored = [item for item in ignored_architecture(meta.model["vision"], to_dict(config.model.vision),
+                                                             "vision.") if item[0] not in PHASE_2_VISION_READS]
             adopt_export_architecture(config, ignored, init_from, "the ViT keeps the architecture it was trained with")
+            reads = {key.removeprefix("vision."): getattr(config.model.vision, key.removeprefix("vision."))
+                     for key in PHASE_2_VISION_READS}
             vision = dataclasses.replace(model_config_from(meta.model).vision,
-                                         gradient_checkpointing=config.model.vision.gradient_checkpointing)
+                                         gradient_checkpointing=config.model.vision.gradient_checkpointing, **reads)
             config.model = dataclasses.replace(config.model, vision=vision)
         bundle = new_vlm(config.model, config.tiler)
         if meta is not None:
@@ -237,6 +240,9 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     return bundle
 
 
+# How phase 2 reads the ViT, not what the ViT is: a run starting from a contrastive export sets them, as its projector
+# starts fresh; later stages keep the ones their projector was trained on.
+PHASE_2_VISION_READS = ("vision.feature_layer", "vision.keep_cls")
 # Settings a run applies to the model it continues; every other model key comes from the export it starts from.
 RUN_MODEL_SETTINGS = ("vision.gradient_checkpointing", "vision.pretrained", "llm.gradient_checkpointing",
                       "llm.attention", "llm.sparse.", "text.", "clip.")
