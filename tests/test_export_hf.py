@@ -189,6 +189,18 @@ def test_the_stock_route_refuses_settings_it_cannot_express(tiny_sft_export, tmp
     assert "modeling_vlm.py" in os.listdir(".")  # the shell's own folder, not one renamed onto its path
 
 
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["model.vision.keep_cls=true"], "model.vision.keep_cls=true (PerceptionLM reads the patch tokens only)"),
+    (["model.vision.name=deit_tiny_distilled_patch16_224", "model.vision.patch_size=16", "model.vision.image_size=32",
+      "model.vision.global_pool=null"],
+     "a tower with 2 prefix tokens (distillation or register tokens beside the CLS token)"),
+])
+def test_the_stock_route_names_the_cls_and_prefix_tokens_perception_lm_cannot_read(tmp_path, overrides, named):
+    source = sft_export(tmp_path / "export", *STOCK, *overrides)
+    with pytest.raises(ConversionError, match=re.escape(named)):
+        export_hf(source, tmp_path / "hf", route="stock")
+
+
 def _llm_folder(folder: Path, case: str) -> Path:
     """A tiny random LLM that PerceptionLM would read otherwise than vlm, saved with a tokenizer."""
     from tokenizers import processors

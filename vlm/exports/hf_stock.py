@@ -50,9 +50,11 @@ def stock_mismatches(vlm: VLMBundle) -> list[str]:
         found.append(f"model.projector.image_slots={settings.projector.image_slots}")
     if settings.vision.feature_layer != -1:
         found.append(f"model.vision.feature_layer={settings.vision.feature_layer}")
-    if settings.vision.keep_cls or model.vision.num_prefix_tokens > 1:
-        found.append(f"model.vision.keep_cls={settings.vision.keep_cls} with {model.vision.num_prefix_tokens} "
-                     f"prefix tokens")
+    if settings.vision.keep_cls:
+        found.append("model.vision.keep_cls=true (PerceptionLM reads the patch tokens only)")
+    if model.vision.num_prefix_tokens > 1:
+        found.append(f"a tower with {model.vision.num_prefix_tokens} prefix tokens (distillation or register tokens "
+                     f"beside the CLS token), where PerceptionLM drops one at most")
     if not hasattr(model.lm, "model") or not hasattr(model.lm, "lm_head"):
         found.append(f"an LLM ({type(model.lm).__name__}) without the usual model + lm_head layout")
     elif getattr(model.lm.lm_head, "bias", None) is not None:

@@ -10,7 +10,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlm.config import ConfigError, VisionConfig
+from vlm.errors import first_line
 from vlm.models.conv_stem import ConvStemPatchEmbed
+
+NOT_A_VIT = "vlm trains timm ViTs (VisionTransformer, Eva and their kin, e.g. vit_base_patch16_224); pick one of those"
 
 
 def timm_overrides(config: VisionConfig) -> dict[str, Any]:
@@ -41,13 +44,16 @@ class VisionTower(nn.Module):
                                          img_size=config.image_size, patch_size=config.patch_size, **kwargs)
         except RuntimeError as err:  # timm raises RuntimeError for unknown names
             raise ConfigError(f"model.vision.name={config.name!r}: {err}") from None
+        except TypeError as err:  # a tower that is no ViT (ResNet, ConvNeXt) takes no image or patch size
+            raise ConfigError(f"model.vision.name={config.name!r} cannot be built with an image and patch size "
+                              f"({first_line(err)}): {NOT_A_VIT}") from None
         except AssertionError as err:  # timm asserts on overrides its model cannot take (heads that split no width)
             overrides = [key for key in ("width", "depth", "heads", "global_pool") if getattr(config, key) is not None]
             settings = ", ".join(f"model.vision.{key}={getattr(config, key)!r}" for key in overrides)
             raise ConfigError(f"model.vision.name={config.name!r} cannot be built with {settings}: {err}") from None
         if not hasattr(self.vit, "blocks") or not hasattr(self.vit, "patch_embed"):
-            raise ConfigError(f"model.vision.name={config.name!r} is not a ViT (no patch_embed/blocks); pick a timm "
-                              f"ViT")
+            raise ConfigError(f"model.vision.name={config.name!r} ({type(self.vit).__name__}) has no patch_embed and "
+                              f"blocks: {NOT_A_VIT}")
         depth = len(self.vit.blocks)
         if not -depth <= config.feature_layer < depth:
             raise ConfigError(f"model.vision.feature_layer={config.feature_layer} is not a block of "
