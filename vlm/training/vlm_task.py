@@ -224,11 +224,11 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
         set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
     else:
         if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
-            ignored = [item for item in ignored_architecture(meta.model["vision"], to_dict(config.model.vision),
-                                                             "vision.") if item[0] not in PHASE_2_VISION_READS]
+            asked = to_dict(config.model.vision)
+            reads = {key: asked[key] for key in PHASE_2_VISION_READS}  # this run's, not the export's
+            ignored = [item for item in ignored_architecture(meta.model["vision"], asked, "vision.")
+                       if item[0].removeprefix("vision.") not in reads]
             adopt_export_architecture(config, ignored, init_from, "the ViT keeps the architecture it was trained with")
-            reads = {key.removeprefix("vision."): getattr(config.model.vision, key.removeprefix("vision."))
-                     for key in PHASE_2_VISION_READS}
             vision = dataclasses.replace(model_config_from(meta.model).vision,
                                          gradient_checkpointing=config.model.vision.gradient_checkpointing, **reads)
             config.model = dataclasses.replace(config.model, vision=vision)
@@ -242,7 +242,7 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
 
 # How phase 2 reads the ViT, not what the ViT is: a run starting from a contrastive export sets them, as its projector
 # starts fresh; later stages keep the ones their projector was trained on.
-PHASE_2_VISION_READS = ("vision.feature_layer", "vision.keep_cls")
+PHASE_2_VISION_READS = ("feature_layer", "keep_cls")  # model.vision.*
 # Settings a run applies to the model it continues; every other model key comes from the export it starts from.
 RUN_MODEL_SETTINGS = ("vision.gradient_checkpointing", "vision.pretrained", "llm.gradient_checkpointing",
                       "llm.attention", "llm.sparse.", "text.", "clip.")
