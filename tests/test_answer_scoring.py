@@ -278,6 +278,7 @@ class _ValidationReads(pl.Callback):
         self.reads.append((pl_module.within_limit.rows_read, len(pl_module.predictions)))
 
 
+@pytest.mark.slow  # trains the default-sized model
 def test_validations_during_training_read_eval_max_samples_and_the_final_one_reads_all(tmp_path):
     records = [_record(("<image>\nWhich colour?", colour, None)) for colour in ["red", "blue", "green"] * 2]
     shards = _write_conversations(tmp_path / "data", records)

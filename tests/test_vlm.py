@@ -397,13 +397,13 @@ def test_phase_2_takes_the_vit_architecture_of_its_contrastive_export(tmp_path, 
     assert vision.patch_features(pixels).shape[1] == vision.vit.patch_embed.num_patches + 1  # the CLS token kept
 
 
-@pytest.mark.parametrize(("name", "refusal"), [
-    ("resnet18", r"cannot be built with an image and patch size \(.*img_size.*\)"),  # no ViT: no such arguments
-    ("naflexvit_base_patch16_gap", r"\(NaFlexVit\) has no patch_embed and blocks"),  # a ViT of another layout
+@pytest.mark.parametrize(("name", "sizes", "refusal"), [
+    ("resnet18", "null", r"cannot be built with an image and patch size \(.*img_size.*\)"),  # no ViT arguments
+    ("naflexvit_base_patch16_gap", "2", r"\(NaFlexVit\) has no patch_embed and blocks"),  # a ViT of another layout
 ])
-def test_a_vision_tower_that_is_no_timm_vit_is_refused_by_name(name, refusal):
-    config = tiny_config(f"model.vision.name={name}", "model.vision.width=null", "model.vision.depth=null",
-                         "model.vision.heads=null", "model.vision.conv_stem=false", "model.vision.global_pool=null",
+def test_a_vision_tower_that_is_no_timm_vit_is_refused_by_name(name, sizes, refusal):
+    config = tiny_config(f"model.vision.name={name}", f"model.vision.width={sizes}", f"model.vision.depth={sizes}",
+                         f"model.vision.heads={sizes}", "model.vision.conv_stem=false", "model.vision.global_pool=null",
                          "model.vision.patch_size=16", "model.vision.image_size=32", stage="sft")
     with pytest.raises(ConfigError, match=rf"^model.vision.name='{name}' {refusal}: vlm trains timm ViTs"):
         new_vlm(config.model, config.tiler)
