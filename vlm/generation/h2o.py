@@ -422,8 +422,8 @@ class _ScoreProbe(DynamicLayer):
 
     def __init__(self):
         super().__init__()
-        self.got_kwargs = self.observed = False
-        self.cached_heads = self.scored_heads = 0
+        self.got_kwargs = False
+        self.cached_heads = self.scored_heads = 0  # 0 scored heads: the score hook never ran
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                kwargs: dict[str, Any] | None = None, **_: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,7 +434,6 @@ class _ScoreProbe(DynamicLayer):
         return super().update(key_states, value_states)
 
     def observe(self, scores: torch.Tensor | None) -> None:
-        self.observed = True
         self.scored_heads = scores.shape[1]  # scores (B, H_kv, K): one per key head attention read
 
 
@@ -473,7 +472,7 @@ def _unsupported_reason(lm: PreTrainedModel) -> str:
         return f"it cannot run on H2O's cache of attention keys ({first_line(err)[:200]})"
     if not all(probe.got_kwargs for probe in probes):
         return "its attention does not pass its arguments to the KV cache, where H2O gets the attention scores"
-    if not all(probe.observed for probe in probes):  # MPT, XGLM: the cache is handed the arguments, then unused
+    if not all(probe.scored_heads for probe in probes):  # MPT, XGLM: the cache is handed the arguments, then unused
         return "its attention is computed in its own code, not through the registered attention function that " \
                "H2O's score hook wraps"
     if any(probe.cached_heads != probe.scored_heads for probe in probes):  # DeepSeek's multi-head latent attention
