@@ -387,11 +387,13 @@ def test_phase_2_takes_the_vit_architecture_of_its_contrastive_export(tmp_path, 
     caplog.clear()
     with caplog.at_level("WARNING", logger="vlm.training.vlm_task"):
         task = make_task(tiny_config("model.vision.global_pool=token", "model.vision.feature_layer=-2",
-                                     "model.vision.keep_cls=true", "model.projector.reduction=none", stage="align"),
+                                     "model.vision.keep_cls=true", "model.projector.reduction=none",
+                                     "model.vision.gradient_checkpointing=true", stage="align"),
                          init_from=export)
     assert "is ignored" not in caplog.text, caplog.text
     vision = task.bundle.model.vision
     assert (vision.config.feature_layer, vision.feature_block, vision.config.keep_cls) == (-2, 0, True)
+    assert vision.vit.grad_checkpointing  # how this run trains the ViT is this run's too
     assert task.config.model.vision.feature_layer == -2  # as the run's config.json records it
     pixels = torch.randn(1, 3, vision.config.image_size, vision.config.image_size)
     assert vision.patch_features(pixels).shape[1] == vision.vit.patch_embed.num_patches + 1  # the CLS token kept

@@ -225,12 +225,11 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     else:
         if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
             asked = to_dict(config.model.vision)
-            reads = {key: asked[key] for key in PHASE_2_VISION_READS}  # this run's, not the export's
+            own = {key: asked[key] for key in VISION_SETTINGS_OF_A_NEW_PROJECTOR}  # this run's, not the export's
             ignored = [item for item in ignored_architecture(meta.model["vision"], asked, "vision.")
-                       if item[0].removeprefix("vision.") not in reads]
+                       if item[0].removeprefix("vision.") not in own]
             adopt_export_architecture(config, ignored, init_from, "the ViT keeps the architecture it was trained with")
-            vision = dataclasses.replace(model_config_from(meta.model).vision,
-                                         gradient_checkpointing=config.model.vision.gradient_checkpointing, **reads)
+            vision = dataclasses.replace(model_config_from(meta.model).vision, **own)
             config.model = dataclasses.replace(config.model, vision=vision)
         bundle = new_vlm(config.model, config.tiler)
         if meta is not None:
@@ -240,9 +239,9 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     return bundle
 
 
-# How phase 2 reads the ViT, not what the ViT is: a run starting from a contrastive export sets them, as its projector
-# starts fresh; later stages keep the ones their projector was trained on.
-PHASE_2_VISION_READS = ("feature_layer", "keep_cls")  # model.vision.*
+# The model.vision keys a run starting phase 2 from a contrastive export takes from its own config: how it trains the
+# ViT, and how its new projector reads it (not what the ViT is); later stages keep the readings their projector learnt.
+VISION_SETTINGS_OF_A_NEW_PROJECTOR = ("gradient_checkpointing", "feature_layer", "keep_cls")
 # Settings a run applies to the model it continues; every other model key comes from the export it starts from.
 RUN_MODEL_SETTINGS = ("vision.gradient_checkpointing", "vision.pretrained", "llm.gradient_checkpointing",
                       "llm.attention", "llm.sparse.", "text.", "clip.")
