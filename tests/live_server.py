@@ -1,4 +1,5 @@
-"""`LiveServer`: uvicorn serving an app in a daemon thread on 127.0.0.1, for tests that talk to a real socket."""
+"""`LiveServer`: uvicorn serving a `create_app` app in a daemon thread on 127.0.0.1, for tests that talk to a real
+socket; it shuts down as `vlm.serve` does (`AppServer`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import threading
 import time
 
 import uvicorn
+
+from vlm.server.app import AppServer
 
 
 class LiveServer:
@@ -17,7 +20,7 @@ class LiveServer:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+        self.server = AppServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 20

@@ -735,6 +735,64 @@ def test_load_32_concurrent_requests(tiny_chat_model, record_property):
     assert sum(health["finished"].values()) == capacity
 
 
+def test_a_model_named_org_slash_name_is_found_by_both_sdks(serve):
+    url = serve(model_name="acme/vlm-tiny", **SETTINGS)
+    assert openai.OpenAI(base_url=f"{url}/v1", api_key="x").models.retrieve("acme/vlm-tiny").id == "acme/vlm-tiny"
+    claude = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0)
+    assert claude.models.retrieve("acme/vlm-tiny").id == "acme/vlm-tiny"  # the SDK sends the slash as %2F
+    with pytest.raises(anthropic.NotFoundError, match="serves 'acme/vlm-tiny'"):
+        claude.models.retrieve("acme/other")
+
+
+def test_an_empty_api_key_is_refused_rather_than_serving_without_one():
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="api_key= is empty"):
+            ServeSettings(api_key=empty)
+
+
+@pytest.mark.slow
+def test_shutting_down_stops_the_running_answer_and_refuses_the_waiting_one_in_each_apis_shape(tiny_chat_model,
+                                                                                               caplog):
+    """Ctrl-C on a busy server: the streamed answer being written ends with an error event and the queued request
+    gets a 503, each saying the server is shutting down, at once rather than when uvicorn's grace period runs out
+    (its tasks are cancelled then: a cut connection and a bare 500)."""
+    live = LiveServer(create_app(tiny_chat_model, ServeSettings(max_concurrency=1, max_queue=4)))
+    generating = threading.Event()
+
+    def slow_step(module, args):  # the answer is still being written when the shutdown comes
+        generating.set()
+        time.sleep(0.05)
+
+    hook = tiny_chat_model.model.lm.register_forward_pre_hook(slow_step)
+    try:
+        with ThreadPoolExecutor(2) as pool, caplog.at_level(logging.WARNING):
+            streamed = pool.submit(httpx.post, f"{live.url}/v1/messages", timeout=60,
+                                   json=_anthropic(max_tokens=400, stream=True))
+            assert generating.wait(30)
+            waiting = pool.submit(httpx.post, f"{live.url}/v1/chat/completions", json=_openai(max_tokens=4),
+                                  timeout=60)
+            deadline = time.time() + 30
+            while httpx.get(f"{live.url}/health").json()["queued"] < 1:
+                assert time.time() < deadline
+                time.sleep(0.02)
+            started = time.monotonic()
+            live.stop()
+            stopped_in = time.monotonic() - started
+            stream_reply, waiting_reply = streamed.result(), waiting.result()
+    finally:
+        hook.remove()
+    assert not live.thread.is_alive() and stopped_in < 5
+    events = [line.removeprefix("event: ") for line in stream_reply.text.splitlines() if line.startswith("event: ")]
+    assert stream_reply.status_code == 200 and events[-1] == "error" and "message_stop" not in events
+    error = json.loads(stream_reply.text.rstrip().splitlines()[-1].removeprefix("data: "))["error"]
+    assert error["message"].startswith("the server is shutting down; retry on a server that is up (the answer was "
+                                       "stopped after "), error
+    assert waiting_reply.status_code == 503, waiting_reply.text
+    check_error_shape("/v1/chat/completions", waiting_reply)
+    assert waiting_reply.json()["error"]["message"] == "the server is shutting down; retry on a server that is up"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_a_taken_port_is_one_clear_error_before_the_server_says_it_serves(capsys):
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from vlm.cli import CONFIG_DIR, fail, load_chat_model, preflight, require_chat_export, setup_logging, user_errors
 from vlm.server import ServeSettings, create_app
 from vlm.server.access import is_loopback
+from vlm.server.app import AppServer
 from vlm.server.web import page_url
 
 __all__ = ["ServeSettings", "create_app", "main", "serve"]
@@ -52,8 +53,8 @@ def serve(cfg: DictConfig) -> None:
              port)
     if settings.web:
         log.info("chat page: %s", page_url(settings.host, port))
-    server = uvicorn.Server(uvicorn.Config(create_app(chat, settings), log_level=settings.log_level.lower(),
-                                           timeout_graceful_shutdown=5))
+    server = AppServer(uvicorn.Config(create_app(chat, settings), log_level=settings.log_level.lower(),
+                                      timeout_graceful_shutdown=5))
     server.run(sockets=[listener])
 
 

@@ -13,6 +13,15 @@ from vlm.data import synthetic
 from vlm.errors import first_line
 
 IMAGE_TOKEN = "<image>"
+
+
+def joined_parts(parts: list[str]) -> str:
+    """A message given as parts (texts, and IMAGE_TOKEN for each image) as the one text the chat template gets: the
+    parts on lines of their own, so an image precedes its question as `<image>\n` does in LLaVA-style data. The
+    server's APIs, TRL-style preference records and the HF export's chat template (FLATTEN_CONTENT_PARTS) all
+    render parts this way."""
+    return "\n".join(parts)
+
 # ChatML, as Qwen and SmolLM use: <|im_start|>role\ncontent<|im_end|>\n per message.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"

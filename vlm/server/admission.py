@@ -2,7 +2,8 @@
 
 A full server refuses at once (529 for Anthropic clients, 429 for OpenAI ones). A client that leaves while its request
 waits frees its slot at once; one that leaves while its answer is written stops it at the next token, and the slot is
-freed when the worker lets go of it.
+freed when the worker lets go of it. A server shutting down (`close`) refuses what arrives or still waits, and stops
+what runs (503, `SHUTTING_DOWN`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 
 from vlm.server.errors import ANTHROPIC, ApiError
 
+SHUTTING_DOWN = "the server is shutting down; retry on a server that is up"
 
-@dataclass
+
+@dataclass(eq=False)  # held in a set by identity
 class Ticket:
     """One admitted request: its cancel flag, whether a worker has started it, and whether its slot is free again."""
 
@@ -31,19 +34,28 @@ class Admission:
         self.admitted = 0  # running + waiting
         self.running = 0
         self.finished: Counter = Counter()  # stop reasons of finished generations, for /health
+        self.closing = False
+        self.tickets: set[Ticket] = set()  # admitted, slot not yet freed
         self.lock = threading.Lock()
 
     def admit(self, api: str) -> Ticket:
         with self.lock:
+            if self.closing:
+                raise ApiError(503, SHUTTING_DOWN)
             if self.admitted >= self.capacity:
                 status = 529 if api == ANTHROPIC else 429
                 raise ApiError(status, f"the server is busy ({self.capacity} requests running or queued); retry soon")
             self.admitted += 1
-        return Ticket()
+            ticket = Ticket()
+            self.tickets.add(ticket)
+        return ticket
 
     def start(self, ticket: Ticket) -> bool:
-        """On a worker: False if the client left while the request waited (its slot is already free)."""
+        """On a worker: False if the client left while the request waited (its slot is already free); an ApiError
+        (503) if the server began shutting down meanwhile."""
         with self.lock:
+            if self.closing:
+                raise ApiError(503, SHUTTING_DOWN)
             if ticket.cancel.is_set():
                 return False
             ticket.started = True
@@ -56,6 +68,17 @@ class Admission:
         with self.lock:
             if not ticket.started:
                 self._free(ticket)
+
+    def close(self) -> tuple[int, int]:
+        """The server is shutting down: no request is admitted or started from now on, and every running generation
+        stops at its next token (its worker then answers 503). Returns how many were running and queued."""
+        with self.lock:
+            self.closing = True
+            tickets = list(self.tickets)
+            running = self.running
+        for ticket in tickets:
+            ticket.cancel.set()
+        return running, len(tickets) - running
 
     def finish(self, ticket: Ticket, stop_reason: str | None = None) -> None:
         """The worker is done with `ticket` (`stop_reason`: how its answer ended, if it was generated)."""
@@ -70,6 +93,7 @@ class Admission:
         if not ticket.freed:
             ticket.freed = True
             self.admitted -= 1
+            self.tickets.discard(ticket)
 
     def counts(self) -> dict:
         with self.lock:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vlm.generation.completion import Completion
-from vlm.server.errors import ANTHROPIC, ApiError, error_body
+from vlm.server.errors import ANTHROPIC, ApiError, stream_error_body
 from vlm.server.requests import (
     ChatRequest,
     Parser,
@@ -136,7 +136,7 @@ async def anthropic_events(msg_id: str, model: str, input_tokens: int, events: E
             yield sse("content_block_delta", {"type": "content_block_delta", "index": 0,
                                               "delta": {"type": "text_delta", "text": value}})
         elif kind == "error":
-            yield sse("error", error_body(ANTHROPIC, 500, str(value)))
+            yield sse("error", stream_error_body(ANTHROPIC, value))
             return
         elif kind == "done":
             yield sse("content_block_stop", {"type": "content_block_stop", "index": 0})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,7 +28,7 @@ from vlm.data.tiler import ImageLoadError
 from vlm.generation.completion import Completion, PromptError
 from vlm.generation.options import OptionError
 from vlm.server.access import SameSiteOnly, check_key
-from vlm.server.admission import Admission, Ticket
+from vlm.server.admission import SHUTTING_DOWN, Admission, Ticket
 from vlm.server.anthropic import anthropic_events, anthropic_message, parse_anthropic
 from vlm.server.errors import ANTHROPIC, OPENAI, ApiError, api_of, error_response
 from vlm.server.openai import openai_completion, openai_events, parse_openai
@@ -84,6 +86,9 @@ class Server:
                     for piece in stream:
                         emit("text", piece)
                 completion = stream.completion
+            if completion.stop_reason == "cancelled" and self.slots.closing:  # a cut answer must not pass for whole
+                raise ApiError(503, f"{SHUTTING_DOWN} (the answer was stopped after {completion.output_tokens} tokens)")
+            if emit is not None:
                 emit("done", completion)
             stop_reason = completion.stop_reason
             return completion
@@ -167,6 +172,20 @@ class Server:
             await asyncio.sleep(0.2)
 
 
+class AppServer(uvicorn.Server):
+    """uvicorn for an app from `create_app`. When it shuts down (Ctrl-C, SIGTERM), before it waits out its grace
+    period for open requests, the waiting ones are refused and the running ones stopped at their next token, each
+    with a 503 in its API's shape (an error event for a stream): clients read why and retry elsewhere, rather than
+    being cut off mid-answer when the grace period ends."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        running, queued = self.config.app.state.server.slots.close()
+        if running or queued:
+            log.info("stopping %d running answer(s) and refusing %d waiting request(s): the server is shutting down",
+                     running, queued)
+        await super().shutdown(sockets)
+
+
 def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI app serving `chat_model`; run it with uvicorn (see `main`)."""
     settings = settings or ServeSettings()
@@ -184,7 +203,7 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        if err.status >= 500:
+        if err.status >= 500 and err.status != 503:  # 503: shutting down, said once by AppServer
             log.error("%s %s: %s", request.method, request.url.path, err.message)
         return error_response(api_of(request), err)
 
@@ -216,7 +235,7 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
         name = server.model_name
         return {"object": "list", "data": [model_entry()], "has_more": False, "first_id": name, "last_id": name}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # path: an "org/name" id has a slash
     async def model(request: Request, model_id: str) -> dict:
         check_key(request, settings.api_key)
         if model_id != server.model_name:
@@ -228,7 +247,7 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
     async def count_tokens(request: Request) -> dict:
         check_key(request, settings.api_key)
         body = require_dict(await read_json(request, settings.max_body_bytes))
-        chat, _ = parse_anthropic({**body, "max_tokens": 1}, server.parser)  # counting asks for no answer
+        chat, _ = await asyncio.to_thread(parse_anthropic, {**body, "max_tokens": 1}, server.parser)  # no answer
         ticket = server.counting.admit(ANTHROPIC)
         try:
             tokens = await asyncio.to_thread(server.chat.count_tokens, chat.messages, chat.images)
@@ -241,7 +260,8 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         check_key(request, settings.api_key)
-        chat, _ = parse_anthropic(await read_json(request, settings.max_body_bytes), server.parser)
+        chat, _ = await asyncio.to_thread(parse_anthropic, await read_json(request, settings.max_body_bytes),
+                                          server.parser)
         msg_id = f"msg_{uuid.uuid4().hex[:24]}"
         if chat.stream:
             return await server.stream(request, chat, ANTHROPIC, lambda tokens, events: anthropic_events(
@@ -252,7 +272,8 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_key(request, settings.api_key)
-        chat, _ = parse_openai(await read_json(request, settings.max_body_bytes), server.parser)
+        chat, _ = await asyncio.to_thread(parse_openai, await read_json(request, settings.max_body_bytes),
+                                          server.parser)
         cmpl_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             return await server.stream(request, chat, OPENAI, lambda tokens, events: openai_events(

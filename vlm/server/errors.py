@@ -34,6 +34,13 @@ def error_body(api: str, status: int, message: str, param: str | None = None, co
     return {"error": {"message": message, "type": kind, "param": param, "code": code or _OPENAI_CODES.get(status)}}
 
 
+def stream_error_body(api: str, err: BaseException) -> dict:
+    """The error event a stream ends with once its 200 is sent: an ApiError's own status and message, else a 500."""
+    if isinstance(err, ApiError):
+        return error_body(api, err.status, err.message, err.param, err.code)
+    return error_body(api, 500, str(err))
+
+
 def error_response(api: str, err: ApiError) -> JSONResponse:
     headers = {"retry-after": "1"} if err.status in (429, 529) else None
     return JSONResponse(error_body(api, err.status, err.message, err.param, err.code), err.status, headers=headers)

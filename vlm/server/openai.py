@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vlm.generation.completion import Completion
-from vlm.server.errors import OPENAI, ApiError, error_body
+from vlm.server.errors import OPENAI, ApiError, stream_error_body
 from vlm.server.requests import (
     ChatRequest,
     Parser,
@@ -152,7 +152,7 @@ async def openai_events(cmpl_id: str, model: str, created: int, include_usage: b
         if kind == "text":
             yield chunk({"content": value})
         elif kind == "error":
-            yield sse(None, error_body(OPENAI, 500, str(value)))
+            yield sse(None, stream_error_body(OPENAI, value))
             return
         elif kind == "done":
             yield chunk({}, openai_finish(value))

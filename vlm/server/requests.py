@@ -7,6 +7,7 @@ never fetches URLs or files. An image over `max_image_pixels` is refused from it
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -22,7 +23,7 @@ from PIL import Image
 from vlm.config import closest
 from vlm.data.processor import PROMPT_NAME, image_label
 from vlm.data.tiler import pil_bomb_limit, sniff_media_type
-from vlm.data.tokenizer import IMAGE_TOKEN
+from vlm.data.tokenizer import IMAGE_TOKEN, joined_parts
 from vlm.errors import is_text
 from vlm.generation.completion import ContextOverflow
 from vlm.generation.options import KV_CACHES
@@ -198,7 +199,7 @@ class TurnReader:
             else:
                 raise ApiError(400, f"{at}.type: unsupported content type {kind!r}; this server accepts 'text' and "
                                     f"{image_type!r}", param=f"{at}.type")
-        text = "\n".join(parts)
+        text = joined_parts(parts)
         if not text.strip() and not empty_ok:
             raise ApiError(400, f"{where}.content: must not be empty", param=f"{where}.content")
         self.turns.append((role, text))
@@ -282,12 +283,17 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise ApiError(413, f"the request body is over the {limit:,}-byte limit")
         chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
+    try:  # off the event loop, as the request's parsing: a large body must not stall the other clients' streams
+        body = await asyncio.to_thread(_decoded, b"".join(chunks))
     except RecursionError:
         raise ApiError(400, "the request body nests JSON arrays or objects too deeply") from None
     except ValueError as err:  # bad JSON, bad UTF-8, or an integer over Python's 4300-digit conversion limit
         raise ApiError(400, f"the request body is not valid JSON ({err})") from None
+    return body
+
+
+def _decoded(raw: bytes) -> Any:
+    body = json.loads(raw)
     if _has_lone_surrogate(body):
         raise ApiError(400, "the request body has a string with an unpaired UTF-16 surrogate (\\ud800-\\udfff), "
                             "which is not valid Unicode text")

@@ -40,6 +40,9 @@ class ServeSettings:
         check_fields(self)
         if not isinstance(self.web, bool):
             raise ValueError(f"web={self.web!r} must be true or false")
+        if self.api_key is not None and not str(self.api_key).strip():  # `api_key=$KEY` with KEY unset
+            raise ValueError("api_key= is empty, which would serve without a key; give the key, or leave api_key out "
+                             "to serve without one")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeSettings:
