@@ -184,7 +184,7 @@ def _record_row(line: int, fields: object, unit: str = "line") -> Row:
 def _is_index(value: object) -> bool:
     if isinstance(value, bool):
         return False
-    return isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit())
+    return isinstance(value, int) or (isinstance(value, str) and value.strip().isdecimal())  # not ① or ²
 
 
 def _is_label(value: object) -> bool:
@@ -209,7 +209,7 @@ def class_list(rows: list[Row], classnames_file: Path | None) -> tuple[bool, lis
     given = None
     if classnames_file is not None:
         try:
-            given = [n.strip() for n in classnames_file.read_text(encoding="utf-8").splitlines() if n.strip()]
+            given = [n.strip() for n in classnames_file.read_text(encoding="utf-8-sig").splitlines() if n.strip()]
         except OSError as err:
             raise DataError(f"cannot read --classnames {classnames_file}: {err}") from None
         if not given:

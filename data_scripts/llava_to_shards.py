@@ -56,6 +56,7 @@ input (a JSON list, or JSONL with one record per line):
    {"id": "text-only", "conversations": [...]}]
 
   image          a path relative to --images (or absolute), a list of them, or absent for text-only records
+                 (the key `images` is read the same way)
   conversations  turns {"from": human|gpt|system, "value": "..."}; user/assistant are accepted as human/gpt.
                  Every image needs one <image> placeholder in the text, in the order of the image list.
 
@@ -143,12 +144,16 @@ def _where(unit: str, number: int, record: Any) -> str:
 
 
 def image_names(record: dict) -> list[str]:
-    image = record.get("image")
+    """The record's image files, from `image` (LLaVA's key) or `images` (TRL's and many multi-image sets'), never
+    both; none for a text-only record."""
+    if "image" in record and "images" in record:
+        raise Skip("bad record", "both 'image' and 'images': give the file names in one of them")
+    image = record.get("images", record.get("image"))
     if image is None:
-        return []  # a text-only record
+        return []
     names = [image] if isinstance(image, str) else image
     if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
-        raise Skip("bad record", f"'image' must be a file name or a list of file names, got {image!r}")
+        raise Skip("bad record", f"'image'/'images' must be a file name or a list of file names, got {image!r:.80}")
     return names
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python data_scripts/preferences_to_shards.py`: make `data_scripts` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from data_scripts.llava_to_shards import convert_records, records_parser  # noqa: E402
+from data_scripts.llava_to_shards import convert_records, image_names, records_parser  # noqa: E402
 from data_scripts.shard_writing import (  # noqa: E402
     Skip,
     json_type,
@@ -49,18 +49,6 @@ example:
   python -m vlm.train stage=dpo "data.train='pairs/train/shard-{000000..000009}.tar'" \\
       "data.val='pairs/val/shard-{000000..000000}.tar'"
 """
-
-
-def image_list(record: dict) -> list[str]:
-    if "image" in record and "images" in record:
-        raise Skip("bad record", "both 'image' and 'images': give the file names in one of them")
-    image = record.get("images", record.get("image"))
-    if image is None:
-        return []
-    names = [image] if isinstance(image, str) else image
-    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
-        raise Skip("bad record", f"'image'/'images' must be a file name or a list of file names, got {image!r:.80}")
-    return names
 
 
 def check_text_parts(value: object, field: str) -> None:
@@ -112,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = records_parser("preferences_to_shards.py", "Convert preference pairs (prompt, chosen, rejected + images) "
                             "into webdataset shards for vlm's dpo stage.", EXAMPLE, "JSON list or JSONL file")
     args = parser.parse_args(argv)
-    return run(lambda a: convert_records(a, image_list, normalise, "python -m vlm.train stage=dpo"), args)
+    return run(lambda a: convert_records(a, image_names, normalise, "python -m vlm.train stage=dpo"), args)
 
 
 if __name__ == "__main__":

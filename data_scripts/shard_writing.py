@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
@@ -124,6 +125,9 @@ def _reencode_png(data: bytes) -> bytes:
     """BMP, TIFF, GIF, ... -> PNG (first frame), with EXIF rotation applied because PNGs written here carry none."""
     with Image.open(io.BytesIO(data)) as im:
         image = ImageOps.exif_transpose(im)
+    if image.mode in ("I", "I;16L", "I;16N"):  # 16-bit pixels in a 32-bit or native-order mode (PGM, TIFF): kept
+        # 16-bit, for the tiler to scale as it does at chat time; convert("RGB") would clip all above 255 to white
+        image = Image.fromarray(np.clip(np.asarray(image), 0, 65535).astype(np.uint16))  # (H, W) -> I;16
     if image.mode not in _PNG_MODES:
         has_alpha = "A" in image.getbands() or "transparency" in image.info
         try:

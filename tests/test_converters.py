@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from data_scripts.shard_writing import Skip, image_group, read_image, split_name
 from vlm.data import synthetic
 from vlm.data.captions import image_fields
 from vlm.data.shards import list_shards
+from vlm.data.tiler import Tiler, TilerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,6 +162,24 @@ def test_images_jsonl_round_trip_with_reencoding(tmp_path, capsys):
     _check_caption_samples(samples, rows, tmp_path / "images", sorted(NAMES))
 
 
+@pytest.mark.parametrize("fmt", ["pgm", "tiff"])
+def test_sixteen_bit_images_read_as_pillow_int_mode_keep_their_shades_in_the_shards(tmp_path, fmt):
+    """A 16-bit PGM or 32-bit TIFF opens in Pillow's mode "I"; stored, it must read back as the file does at chat
+    time (scaled to 8 bits), not clipped to white above 255."""
+    gradient = np.tile(np.linspace(0, 65535, 64), (8, 1)).astype(np.int32)  # (8, 64)
+    path = tmp_path / f"gradient.{fmt}"
+    if fmt == "pgm":
+        path.write_bytes(b"P5\n64 8\n65535\n" + gradient.astype(">u2").tobytes())
+    else:
+        Image.fromarray(gradient, mode="I").save(path)
+    assert Image.open(path).mode == "I"
+    extension, stored = read_image(path)
+    tiler = Tiler(TilerConfig(max_tiles=1), tile_size=64, tokens_per_tile=1)
+    shades = [np.asarray(tiler.to_images(tiler(source))[0]) for source in (str(path), stored)]
+    assert extension == "png" and shades[0].max() == 255 and len(np.unique(shades[0])) > 32
+    assert np.array_equal(shades[0], shades[1])
+
+
 def test_a_json_array_of_records_converts_like_jsonl(tmp_path, capsys):
     rows = _write_images(tmp_path / "images", 4)
     annotations = tmp_path / "captions.json"
@@ -221,6 +241,9 @@ def test_integer_labels_and_classnames_file(tmp_path, capsys):
     names.write_text("zebra\nantelope\n")
     code, _, _ = _convert(capsys, [*argv, "--out", str(tmp_path / "named"), "--classnames", str(names)])
     assert code == 0 and (tmp_path / "named/train/classnames.txt").read_text() == "zebra\nantelope\n"
+    names.write_text("zebra\nantelope\n", encoding="utf-8-sig")  # as Notepad and Excel save UTF-8
+    code, _, _ = _convert(capsys, [*argv, "--out", str(tmp_path / "bom"), "--classnames", str(names)])
+    assert code == 0 and (tmp_path / "bom/train/classnames.txt").read_text() == "zebra\nantelope\n"
     (tmp_path / "one.txt").write_text("zebra\n")
     code, _, err = _convert(capsys, [*argv, "--out", str(tmp_path / "bad"), "--classnames", str(tmp_path / "one.txt")])
     assert code == 2 and "label index 1" in err
@@ -239,6 +262,15 @@ def test_a_number_among_name_labels_is_refused_unless_classnames_names_it(tmp_pa
     names.write_text("".join(f"{n}\n" for n in sorted({*NAMES[:4], "3"})))
     code, _, _ = _convert(capsys, [*argv, "--out", str(tmp_path / "named"), "--classnames", str(names)])
     assert code == 0
+
+
+def test_a_label_of_digit_like_characters_is_a_class_name(tmp_path, capsys):
+    rows = _write_images(tmp_path / "images", 4)  # "①" and "²" are digits to str.isdigit, yet no index
+    rows[1]["label"], rows[3]["label"] = "①", "²"
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations",
+                                       str(_write_csv(tmp_path / "a.csv", rows)), "--out", str(tmp_path / "out")])
+    assert code == 0, err
+    assert {"①", "²"} <= set((tmp_path / "out/train/classnames.txt").read_text().splitlines())
 
 
 def test_missing_and_corrupt_images_are_skipped(tmp_path, capsys):
@@ -506,6 +538,7 @@ def test_llava_round_trip(tmp_path, capsys):
                            *_turns("<image>\n<image>\nSame?", "No.", "user", "assistant")]},
         {"id": "text", "conversations": _turns("Hello?", "Hi.")},
         {"id": "mixed", "image": ["d.webp", "a.jpg"], "conversations": _turns("<image>\n<image>\nSame?", "No.")},
+        {"id": "images-key", "images": ["c.jpeg"], "conversations": _turns("<image>\nAnd this?", "Noise.")},
     ]
     source = tmp_path / "llava.json"
     source.write_text(json.dumps(records))
@@ -513,8 +546,9 @@ def test_llava_round_trip(tmp_path, capsys):
                                      "--no-shuffle"], main=llava_to_shards.main)
     assert code == 0 and "stage=sft" in out
     samples = _read(str(tmp_path / "out/train/shard-{000000..000000}.tar"))
-    assert list(samples) == ["00000000", "00000001", "00000002", "00000003"]
-    one, two, text, mixed = samples.values()
+    assert list(samples) == ["00000000", "00000001", "00000002", "00000003", "00000004"]
+    one, two, text, mixed, images_key = samples.values()
+    assert images_key["0.jpg"] == (images / "c.jpeg").read_bytes()  # TRL's key: its image, not a text-only record
     assert one["0.jpg"] == (images / "a.jpg").read_bytes() and json.loads(one["json"]) == records[0]
     assert two["0.png"] == (images / "b.png").read_bytes() and two["1.jpg"] == (images / "c.jpeg").read_bytes()
     kept = json.loads(two["json"])
@@ -603,6 +637,7 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
         "assistant-first": {"image": "ok.png", "conversations": [{"from": "gpt", "value": "Hello."}, *good]},
         "too-few-placeholders": {"image": ["ok.png", "ok.png"], "conversations": good},
         "placeholder-without-image": {"conversations": good},
+        "image-and-images": {"image": "ok.png", "images": ["ok.png"], "conversations": good},
     }
     lines = [json.dumps({"id": "fine", "image": "ok.png", "conversations": good})]
     lines += [json.dumps({"id": ident, **record}) for ident, record in bad.items()]
@@ -624,6 +659,7 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
         "assistant-first": "turn 1: an assistant (gpt) turn before any user (human) turn",
         "too-few-placeholders": "1 <image> placeholder(s) in the conversation for 2 image(s)",
         "placeholder-without-image": "1 <image> placeholder(s) in the conversation for 0 image(s)",
+        "image-and-images": "both 'image' and 'images': give the file names in one of them",
     }
     report = {line.split(": ", 1)[0]: line for line in err.splitlines() if line.startswith("skipped line ")}
     for number, (ident, reason) in enumerate(reasons.items(), start=2):

@@ -3,18 +3,26 @@ bad record is reported with its line and reason."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
+import pytest
 import webdataset as wds
-from images import noise
+from images import noise, solid
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tiny import tiny_config
 
 from data_scripts import preferences_to_shards
-from vlm.data.preferences import PreferenceDecoder, prompt_messages
+from vlm.data.preferences import PreferenceDecoder, message_text, prompt_messages
 from vlm.data.processor import IGNORE_INDEX
 from vlm.data.shards import build_pipeline
 from vlm.data.sources import DataSources
+from vlm.data.tokenizer import IMAGE_TOKEN, joined_parts
+from vlm.exports.hf import FLATTEN_CONTENT_PARTS
+from vlm.server import ServeSettings
+from vlm.server.anthropic import parse_anthropic
+from vlm.server.requests import Parser
 from vlm.training.stages import get_stage
 
 
@@ -44,7 +52,7 @@ def test_plain_and_trl_records_round_trip_and_decode(tmp_path, capsys, tiny_sft_
     assert json.loads(first["json"]) == {"prompt": [{"role": "user", "content": "<image>\nWhat is it?"}],
                                          "chosen": "Noise.", "rejected": "A cat."}
     record = json.loads(second["json"])
-    assert record["prompt"][0]["content"] == "<image><image>Which is brighter?" and record["id"] == "trl"
+    assert record["prompt"][0]["content"] == "<image>\n<image>\nWhich is brighter?" and record["id"] == "trl"
     assert (record["chosen"], record["rejected"]) == ("The first.", "The second.")  # TRL's message lists, as text
     assert second["1.jpg"] == (images / "b.jpg").read_bytes()
     config = tiny_config(stage="dpo", tiny=False)
@@ -143,7 +151,30 @@ def test_null_records_null_answers_and_non_string_text_parts_are_bad_records(tmp
 
 def test_prompts_in_either_message_form_give_the_same_text():
     parts = [{"type": "image"}, {"type": "text", "text": "What colour?"}]
-    expected = [{"role": "user", "content": "<image>What colour?"}]
+    expected = [{"role": "user", "content": "<image>\nWhat colour?"}]
     assert prompt_messages([{"role": "user", "content": parts}], "r") == expected
     assert prompt_messages([{"from": "human", "value": parts}], "r") == expected  # LLaVA's keys, TRL's parts
-    assert prompt_messages([{"from": "human", "value": "<image>What colour?"}], "r") == expected
+    assert prompt_messages([{"from": "human", "value": "<image>\nWhat colour?"}], "r") == expected
+
+
+IMAGE = object()  # an image part
+PARTS = {"image-first": [IMAGE, "What colour?"], "two-images": [IMAGE, IMAGE, "Which is brighter?"],
+         "text-first": ["Look:", IMAGE], "two-texts": ["Describe it", "briefly."]}
+
+
+@pytest.mark.parametrize("name", sorted(PARTS))
+def test_a_message_in_parts_reads_the_same_in_preference_data_the_server_and_the_hf_export(name):
+    """DPO must learn on the prompt text the deployed model is sent: a TRL record's parts, the same parts sent to
+    `vlm.serve` and to the HF export's processor all become one text."""
+    parts = PARTS[name]
+    trl = [{"type": "image"} if p is IMAGE else {"type": "text", "text": p} for p in parts]
+    expected = message_text(trl, "prompt")
+    assert expected == joined_parts([IMAGE_TOKEN if p is IMAGE else p for p in parts])
+    png = base64.b64encode(solid()).decode()
+    blocks = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}} if p is IMAGE
+              else {"type": "text", "text": p} for p in parts]
+    request, _ = parse_anthropic({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": blocks}]},
+                                 Parser(ServeSettings(), 64, lambda text: text))
+    assert request.messages == [{"role": "user", "content": expected}]
+    flatten = ImmutableSandboxedEnvironment().from_string(FLATTEN_CONTENT_PARTS + "{{ messages[0]['content'] }}")
+    assert flatten.render(messages=[{"role": "user", "content": trl}]) == expected

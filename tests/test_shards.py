@@ -24,7 +24,7 @@ from vlm.data.shards import (
     make_loader,
     reader_plan,
 )
-from vlm.data.sources import DataSources, resolve
+from vlm.data.sources import DataSources, read_classnames, resolve
 from vlm.data.tiler import Tiler
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.health import DataHealth
@@ -301,3 +301,9 @@ def test_class_names_without_shards_of_ones_own_are_refused_naming_the_key(tmp_p
     with pytest.raises(ConfigError, match=r"data.classnames='.*names.txt' names the classes of your own held-out "
                                           r"shards, and none are given"):
         resolve(tiny_config(f"data.classnames={tmp_path / 'names.txt'}").data, "captions")
+
+
+def test_class_names_saved_with_a_byte_order_mark_read_as_typed(tmp_path):
+    names = tmp_path / "classnames.txt"
+    names.write_text("cat\ndog\n", encoding="utf-8-sig")  # Notepad's and Excel's UTF-8
+    assert read_classnames(names) == ["cat", "dog"]

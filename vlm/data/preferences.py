@@ -26,6 +26,7 @@ from vlm.data.conversations import ConversationDecoder, from_llava
 from vlm.data.packing import padded_batch
 from vlm.data.processor import Encoded, Processor, SampleError, pad_batch
 from vlm.data.shards import REMOTE_PREFIXES
+from vlm.data.tokenizer import IMAGE_TOKEN, joined_parts
 from vlm.errors import json_type
 
 PAIR_SCAN_SAMPLES = 1000  # samples read at start-up to tell preference shards from conversation shards
@@ -41,7 +42,8 @@ class Pair:
 
 def message_text(content: Any, name: str) -> str:
     """A message's content as text: a string, or a list of parts ({"type": "text", "text"} and image parts, which
-    become `<image>` placeholders in place), as TRL's vision datasets write them."""
+    become `<image>` placeholders in place, each part on its own line: `joined_parts`), as TRL's vision datasets
+    write them."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -51,10 +53,10 @@ def message_text(content: Any, name: str) -> str:
             if kind == "text":
                 pieces.append(str(part.get("text", "")))
             elif kind in ("image", "image_url"):
-                pieces.append("<image>")
+                pieces.append(IMAGE_TOKEN)
             else:
                 raise SampleError(f"{name}: unknown content part {part!r:.80}; use text or image parts")
-        return "".join(pieces)
+        return joined_parts(pieces)
     raise SampleError(f"{name}: message content must be a string or a list of parts, got {json_type(content)}")
 
 

@@ -26,7 +26,7 @@ def read_classnames(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"data.classnames={str(path)!r} does not exist")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]  # BOM: Notepad
     if not names:
         raise ValueError(f"data.classnames={str(path)!r} is empty; write one class name per line, in label order")
     return names

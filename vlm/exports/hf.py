@@ -35,15 +35,16 @@ log = logging.getLogger("vlm.export")
 ROUTES = ("auto", "stock", "remote_code")
 # Put before the tokenizer's chat template for the processor: messages whose content is a list of parts
 # ({"type": "image"}, {"type": "text", "text": ...}), as pipelines send them, become the plain strings our template
-# renders, an image part becoming "<image>\n" (as in LLaVA-style data); string contents pass unchanged.
+# renders, each part on its own line as `vlm.data.tokenizer.joined_parts` joins them (so an image part precedes its
+# question as "<image>\n" does in LLaVA-style data); string contents pass unchanged.
 FLATTEN_CONTENT_PARTS = (
     "{%- set flat = namespace(messages=[]) -%}"
     "{%- for m in messages -%}"
     "{%- if m['content'] is string -%}{%- set flat.messages = flat.messages + [m] -%}"
     "{%- else -%}{%- set part = namespace(text='') -%}"
-    "{%- for c in m['content'] -%}"
-    "{%- if c['type'] == 'image' -%}{%- set part.text = part.text + '<image>\n' -%}"
-    "{%- elif c['type'] == 'text' -%}{%- set part.text = part.text + c['text'] -%}{%- endif -%}"
+    "{%- for c in m['content'] if c['type'] in ('image', 'text') -%}"
+    "{%- set part.text = part.text + ('' if loop.first else '\n') + ('<image>' if c['type'] == 'image' else c['text'])"
+    " -%}"
     "{%- endfor -%}"
     "{%- set flat.messages = flat.messages + [{'role': m['role'], 'content': part.text}] -%}"
     "{%- endif -%}"
