@@ -168,3 +168,21 @@ def test_open_clips_info_chatter_stays_out_of_the_log_and_warnings_stay_in(caplo
         open_clip.get_tokenizer("ViT-B-32")
         logging.warning("a root warning still shows")
     assert [r.getMessage() for r in caplog.records] == ["a root warning still shows"]
+
+
+def test_a_run_without_held_out_data_hears_nothing_of_its_empty_validation_loader():
+    """Without data.val the held-out loader is an empty list and the run says so itself; Lightning's warning about the
+    list's length would only alarm."""
+    import warnings
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+    from lightning.pytorch.utilities.data import has_len_all_ranks
+
+    from vlm.training import quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_lightning()
+        assert has_len_all_ranks([], SingleDeviceStrategy(device="cpu"))  # what Lightning's fit loop asks of it
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)  # others still get through
+    assert [str(w.message) for w in caught] == ["an unrelated warning"]

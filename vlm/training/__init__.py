@@ -36,6 +36,8 @@ def quiet_lightning() -> None:
     # a run folder that holds checkpoints is only ever reopened by resume=auto or resume=PATH (vlm refuses to start a
     # new run there), so Lightning's warning that the folder is not empty is the resume working as asked
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # without data.val the held-out loader is an empty list, and the run has already said it validates nothing
+    warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero")
 
 
 quiet_lightning()
