@@ -182,6 +182,9 @@ def normalise_conversations(record: dict, num_images: int, prompts: bool = False
             raise Skip("empty assistant turn", f"turn {number}: the assistant (gpt) reply is empty")
         if role == "human" and not turn["value"].strip():  # a chat refuses an empty message too
             raise Skip("empty user turn", f"turn {number}: the user (human) turn is empty; it asks nothing")
+        if role != "human" and IMAGE_PLACEHOLDER in turn["value"]:  # vlm.serve and vlm.infer take images there only
+            raise Skip("image outside a user turn", f"turn {number}: {IMAGE_PLACEHOLDER} in a {role} turn; images "
+                                                    "belong in user (human) turns")
         normalised.append({**turn, "from": role})
     if prompts and not any(turn["from"] == "human" for turn in normalised):
         raise Skip("no user turn", "no user (human) turn: there is no prompt to answer")

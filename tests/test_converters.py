@@ -638,6 +638,7 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
         "too-few-placeholders": {"image": ["ok.png", "ok.png"], "conversations": good},
         "placeholder-without-image": {"conversations": good},
         "image-and-images": {"image": "ok.png", "images": ["ok.png"], "conversations": good},
+        "image-in-answer": {"image": "ok.png", "conversations": _turns("Q?", "<image>\nA.")},
     }
     lines = [json.dumps({"id": "fine", "image": "ok.png", "conversations": good})]
     lines += [json.dumps({"id": ident, **record}) for ident, record in bad.items()]
@@ -660,6 +661,7 @@ def test_llava_bad_records_are_skipped_with_reasons(tmp_path, capsys):
         "too-few-placeholders": "1 <image> placeholder(s) in the conversation for 2 image(s)",
         "placeholder-without-image": "1 <image> placeholder(s) in the conversation for 0 image(s)",
         "image-and-images": "both 'image' and 'images': give the file names in one of them",
+        "image-in-answer": "turn 2: <image> in a gpt turn; images belong in user (human) turns",
     }
     report = {line.split(": ", 1)[0]: line for line in err.splitlines() if line.startswith("skipped line ")}
     for number, (ident, reason) in enumerate(reasons.items(), start=2):
@@ -701,7 +703,7 @@ def test_llava_prompts_for_the_constitution_need_a_user_turn_not_an_answer(tmp_p
 
     (tmp_path / "a.png").write_bytes(noise(1, fmt="PNG"))
     records = [{"id": "asked", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nColour?"}]},
-               {"id": "told", "image": "a.png", "conversations": [{"from": "gpt", "value": "<image>Red."}]}]
+               {"id": "told", "conversations": [{"from": "gpt", "value": "Red."}]}]
     (tmp_path / "prompts.json").write_text(json.dumps(records))
     argv = ["--json", str(tmp_path / "prompts.json"), "--images", str(tmp_path), "--out"]
     code, out, err = _convert(capsys, [*argv, str(tmp_path / "sft")], main=llava_to_shards.main)
