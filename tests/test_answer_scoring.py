@@ -15,7 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 from images import solid
-from tiny import tiny_config
+from tiny import make_task, tiny_config
 
 from data_scripts import llava_to_shards
 from vlm.config import ConfigError
@@ -367,6 +367,27 @@ def test_vlm_eval_reads_images_at_the_tier_the_export_trained_with_unless_told(t
     assert config.tiler.max_tiles == max_tiles
     task = get_stage("sft").task.from_export(config, get_stage("sft"), export, None)
     assert task.bundle.processor.tiler.config.max_tiles == max_tiles  # what the held-out images go through
+
+
+@pytest.mark.parametrize("given", [{"checkpoint"}, {"checkpoint", "eval.turns", "eval.max_new_tokens"}])
+def test_vlm_eval_scores_answers_as_the_run_did_unless_told(tiny_sft_export, tmp_path, given):
+    """A run that scored each sample's last turn, answers cut at 4 tokens, has figures vlm.eval must reproduce."""
+    import shutil
+
+    run = tiny_config("eval.turns=last", "eval.max_new_tokens=4", stage="sft")
+    recorded = make_task(run).export_settings()
+    assert recorded["eval"] == {"turns": "last", "max_new_tokens": 4}  # what a run writes into its export
+    export = tmp_path / "export"
+    shutil.copytree(tiny_sft_export, export)
+    meta = json.loads((export / "config.json").read_text())
+    meta["train_config"] = recorded
+    (export / "config.json").write_text(json.dumps(meta))
+    config = tiny_config(f"checkpoint={export}", stage="sft")
+    defaults = (config.eval.turns, config.eval.max_new_tokens)
+    as_trained(config, given=given)
+    told = "eval.turns" in given
+    assert defaults != ("last", 4) and (config.eval.turns, config.eval.max_new_tokens) == (defaults if told else
+                                                                                           ("last", 4))
 
 
 def test_answers_stop_at_the_llms_own_end_of_turn_ids_as_in_chat(tiny_sft_export):

@@ -18,7 +18,7 @@ from vlm.exports.format import ExportError
 from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions, retrieve
 from vlm.models.factory import make_tiler
 from vlm.training.contrastive import ContrastiveTask
-from vlm.training.optim import build_optimizer
+from vlm.training.optim import build_optimizer, warmup_cosine
 
 
 def _batch(task: ContrastiveTask, n: int = 16) -> dict:
@@ -44,6 +44,19 @@ def test_loss_goes_down_on_a_fixed_batch(loss):
         losses.append(loss_value.item())
     assert "contrastive_loss" in out
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("warmup, peaks", [(1000, False), (2, True)])
+def test_a_warmup_no_shorter_than_the_run_is_warned_about(caplog, warmup, peaks):
+    """`stage.max_steps=3` under a long warmup would train at a sliver of `stage.lr`, the log saying nothing."""
+    stage = tiny_config("stage.max_steps=3", f"stage.warmup_steps={warmup}", "stage.lr=1e-3").stage
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=stage.lr)
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        schedule = warmup_cosine(optimizer, stage)
+    rates = [stage.lr * factor for factor in (schedule.lr_lambdas[0](step) for step in range(3))]
+    assert (max(rates) == pytest.approx(stage.lr)) == peaks
+    warned = "stage.warmup_steps=1000 is not below stage.max_steps=3: the learning rate never reaches its peak"
+    assert (warned in caplog.text) != peaks
 
 
 def test_export_reloads_to_identical_outputs(tmp_path):

@@ -394,6 +394,55 @@ def test_externally_launched_ranks_agree_on_the_run_folder(tmp_path, monkeypatch
     assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=x")).dir.name == "x"
 
 
+@pytest.mark.parametrize("run_name", [None, "x"], ids=["timestamped", "named"])
+def test_two_runs_started_at_the_same_moment_never_share_a_run_folder(tmp_path, monkeypatch, run_name):
+    """Both runs find the folder free (the same second's timestamp, or one run_name) before either writes to it:
+    the first to claim it gets it; the other takes a suffixed folder, or, named, is refused."""
+    import threading
+
+    import vlm.training.runs as runs
+
+    monkeypatch.setattr(runs.time, "strftime", lambda pattern: "20261207-160219")  # one second for both
+    both_checked = threading.Barrier(2, timeout=30)
+    real_start = runs._start
+
+    def start_together(*args):  # called after the folder check and before the folder is made
+        both_checked.wait()
+        return real_start(*args)
+
+    monkeypatch.setattr(runs, "_start", start_together)
+    config = tiny_config(f"output_root={tmp_path}", f"run_name={run_name or 'null'}")  # Hydra composes one at a time
+    outcomes: list = []
+
+    def start_a_run() -> None:
+        try:
+            outcomes.append(prepare_run(config).dir)
+        except ConfigError as err:
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=start_a_run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    folders = [o for o in outcomes if isinstance(o, Path)]
+    if run_name is None:
+        assert len(set(folders)) == 2 and {f.parent for f in folders} == {tmp_path / "contrastive"}
+        assert sorted(f.name for f in folders)[0] == "20261207-160219"
+    else:
+        (refused,) = [o for o in outcomes if isinstance(o, ConfigError)]
+        assert folders == [tmp_path / "contrastive" / "x"]
+        assert "was taken by another run started at the same time; choose another run_name" in str(refused)
+
+
+def test_the_other_nodes_of_a_launched_run_take_the_folder_the_first_node_claimed(tmp_path, monkeypatch):
+    """Lightning's multi-node launch starts each node's process on its own (NODE_RANK): the first claims the named
+    folder, and the others, finding it claimed, join it rather than refuse it as another run's."""
+    first = prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=nodes")).dir
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=nodes")).dir == first
+
+
 # ---- (a) and (c): the real command line ----------------------------------------------------------------------
 
 def _command(tmp_path: Path, *extra: str) -> list[str]:
@@ -522,7 +571,9 @@ class StopWhileSavingTheLastCheckpoint(pl.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_with, steps", [(StopAfterTraining, 2), (StopWhileSavingTheLastCheckpoint, 3)])
+# steps=3 with checkpoints every 2: the last checkpoint is the one `finish` writes, the SIGTERM having come first
+@pytest.mark.parametrize("stop_with, steps", [(StopAfterTraining, 2), (StopAfterTraining, 3),
+                                              (StopWhileSavingTheLastCheckpoint, 3)])
 def test_a_sigterm_after_the_last_step_stops_the_run_before_its_export(tmp_path, small_synthetic, caplog, stop_with,
                                                                        steps):
     """The run stops as a SIGTERM'd one (143) with its last checkpoint written, and resume=auto validates and exports
@@ -619,33 +670,41 @@ def test_a_refused_resume_leaves_the_runs_checkpoints_as_they_were(tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir()) == before
 
 
-def test_resuming_names_changed_stage_settings_and_refuses_a_change_of_what_trains(tmp_path, caplog):
-    from vlm.training.resume import STAGE_SETTINGS_KEY, warn_changed_settings
+def test_resuming_names_changed_settings_and_refuses_a_change_of_what_trains(tmp_path, caplog):
+    """stage.* settings and those that change what a run trains on or how (seed, precision, devices, data) are named
+    when a resume changes them; a change of what trains is refused."""
+    from vlm.training.resume import RUN_SETTINGS_KEY, STAGE_SETTINGS_KEY, run_settings, warn_changed_settings
     from vlm.training.stages import get_stage
 
     sft = get_stage("sft")
-    trained = tiny_config("stage.lr=1e-3", stage="sft").stage
+    trained = tiny_config("stage.lr=1e-3", stage="sft")
     path = tmp_path / "step=000010.ckpt"
-    torch.save({"state_dict": {}, "global_step": 10, STAGE_SETTINGS_KEY: dataclasses.asdict(trained)}, path)
+    torch.save({"state_dict": {}, "global_step": 10, STAGE_SETTINGS_KEY: dataclasses.asdict(trained.stage),
+                RUN_SETTINGS_KEY: run_settings(trained)}, path)
     with caplog.at_level(logging.WARNING, logger="vlm"):
-        warn_changed_settings(path, tiny_config("stage.lr=5e-4", stage="sft").stage, sft.trains)
-    assert "resuming with stage settings other than those the run trained with until step=000010.ckpt: " \
-           "stage.lr: 0.001 -> 0.0005" in caplog.text
+        warn_changed_settings(path, tiny_config("stage.lr=1e-3", stage="sft"), sft.trains)
+    assert "resuming" not in caplog.text  # the settings it trained with: nothing to say
+    resumed = tiny_config("stage.lr=5e-4", "trainer.seed=1", "trainer.precision=32-true",
+                          "data.synthetic.num_train=512", stage="sft")
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        warn_changed_settings(path, resumed, sft.trains)
+    assert "resuming with settings other than those the run trained with until step=000010.ckpt: " \
+           "stage.lr: 0.001 -> 0.0005; data.synthetic.num_train: " in caplog.text
+    assert f"trainer.precision: {trained.trainer.precision!r} -> '32-true'; trainer.seed: " in caplog.text
     # naming a part the table trains anyway changes nothing that trains
-    warn_changed_settings(path, tiny_config("stage.train_llm=true", stage="sft").stage, sft.trains)
+    warn_changed_settings(path, tiny_config("stage.train_llm=true", stage="sft"), sft.trains)
     with pytest.raises(ConfigError, match=r"^stage.train_vision=True changes what step=000010.ckpt trained "
                                           r"\(llm \+ projector\) to llm \+ projector \+ vision: its optimizer state"):
-        warn_changed_settings(path, tiny_config("stage.train_vision=true", stage="sft").stage, sft.trains)
+        warn_changed_settings(path, tiny_config("stage.train_vision=true", stage="sft"), sft.trains)
     # the way out it names is one the stage can take: a later stage starts from an export, contrastive does not
     with pytest.raises(ConfigError, match=r"start a new run from this run's export \(init_from=\.\.\.\)"):
-        warn_changed_settings(path, tiny_config("stage.train_vision=true", stage="sft").stage, sft.trains)
+        warn_changed_settings(path, tiny_config("stage.train_vision=true", stage="sft"), sft.trains)
     contrastive = get_stage("contrastive")
     torch.save({"state_dict": {}, "global_step": 10,
                 STAGE_SETTINGS_KEY: dataclasses.asdict(tiny_config(stage="contrastive").stage)}, path)
     with pytest.raises(ConfigError, match=r"or start a new run without resume= \(stage=contrastive starts from "
                                           r"fresh or pretrained weights, not from an export\) to train other parts$"):
-        warn_changed_settings(path, tiny_config("stage.train_vision=false", stage="contrastive").stage,
-                              contrastive.trains)
+        warn_changed_settings(path, tiny_config("stage.train_vision=false", stage="contrastive"), contrastive.trains)
 
 
 def test_a_failed_start_leaves_no_empty_run_folder_and_only_rank_zero_removes_it(tmp_path, monkeypatch):

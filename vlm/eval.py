@@ -33,6 +33,7 @@ from vlm.metrics import SCORES
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.runs import removed_if_left_empty
 from vlm.training.stages import STAGES, get_stage
+from vlm.training.task import EVAL_SCORED_WITH
 from vlm.training.trainer import build_eval_trainer, check_scored, validate
 
 log = logging.getLogger("vlm.eval")
@@ -137,8 +138,9 @@ def show_confusions(predictions: list[dict[str, Any]], count: int = WORST_SHOWN)
 
 def as_trained(config: TrainConfig, given: Collection[str]) -> None:
     """Score as the export's run did: its resolution tier (tiler), a contrastive model's zero-shot prompt templates,
-    the stage settings its scores depend on (dpo: stage.beta, stage.loss, stage.sft_weight) and, without data.val,
-    its held-out data come from its export, unless given in `given` (the keys set on the command line)."""
+    the stage settings its scores depend on (dpo: stage.beta, stage.loss, stage.sft_weight), how its answers were
+    scored (eval.turns, eval.max_new_tokens) and, without data.val, its held-out data come from its export, unless
+    given in `given` (the keys set on the command line)."""
     require_checkpoint(config)
     for key in TRAINING_ONLY:
         if key in given:
@@ -159,6 +161,10 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
         if f"stage.{key}" not in given and value is not None:
             log.info("stage.%s=%r, as its run trained (recorded in the export)", key, value)
             setattr(config.stage, key, value)
+    for key, value in (recorded.get("eval") or {}).items():  # exports written before it was recorded have none
+        if key in EVAL_SCORED_WITH and f"eval.{key}" not in given and value != getattr(config.eval, key):
+            log.info("eval.%s=%r, as its run scored its answers (recorded in the export)", key, value)
+            setattr(config.eval, key, value)
     held_out = recorded.get("held_out")
     if config.data.val is None and held_out:
         try:
@@ -195,7 +201,7 @@ def main_hydra(cfg: DictConfig) -> dict[str, Any]:
             as_trained(config, command_line_keys() or set())
             metrics, predictions = evaluate(config)
     write_results(metrics, predictions, out)
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2, ensure_ascii=False))
     embeds = get_stage(config.stage.name).task.EMBEDS
     if predictions:
         (show_confusions if embeds else show_worst)(predictions)

@@ -51,7 +51,7 @@ def run(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str,
         run_folder = prepare_run(config, lambda: resolve_data(config.data, stage.data, config.output_root))
         data = run_folder.data
         if run_folder.resume_from:
-            warn_changed_settings(run_folder.resume_from, config.stage, stage.trains)
+            warn_changed_settings(run_folder.resume_from, config, stage.trains)
         log.info("stage %s -> %s", stage.name, run_folder.dir)
     with removed_if_left_empty(run_folder.dir):  # a start that fails leaves no empty run folder behind
         with start_up_told_once():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from vlm.config import StageConfig
+
+log = logging.getLogger(__name__)
 
 
 def _no_decay(name: str, param: torch.Tensor) -> bool:
@@ -41,6 +45,10 @@ def build_optimizer(parts: dict[str, nn.Module], stage: StageConfig) -> torch.op
 def warmup_cosine(optimizer: torch.optim.Optimizer, stage: StageConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `max_steps`."""
     warmup, total, floor = stage.warmup_steps, stage.max_steps, stage.min_lr_ratio
+    if warmup >= total and rank_zero_only.rank == 0:  # a quick run (stage.max_steps=20) under the default warmup
+        log.warning("stage.warmup_steps=%d is not below stage.max_steps=%d: the learning rate never reaches its peak "
+                    "and ends at %.0f%% of it; lower stage.warmup_steps for a run this short", warmup, total,
+                    100 * total / warmup)
 
     def factor(step: int) -> float:
         if step < warmup:

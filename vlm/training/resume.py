@@ -19,12 +19,13 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from vlm.config import ConfigError, StageConfig, to_dict
+from vlm.config import ConfigError, TrainConfig, to_dict
 from vlm.data.shards import ShardError, list_shards
 from vlm.data.sources import DataSources
 from vlm.errors import UserError, first_line
@@ -54,7 +55,7 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
 
 
 # what resuming reads of a checkpoint besides its weights, and of those their shapes
-RECORD_KEYS = ("global_step", "init_from", "vlm_stage", "vlm_stage_settings", "vlm_data")
+RECORD_KEYS = ("global_step", "init_from", "vlm_stage", "vlm_stage_settings", "vlm_data", "vlm_run_settings")
 WEIGHT_SHAPES = "weight_shapes"
 
 
@@ -146,8 +147,25 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(checkpoint_record(path)["global_step"])
 
 
-# entries: the export the run started from (None: fresh), its stage, its stage.* settings and the data it reads
-STARTING_EXPORT_KEY, STAGE_KEY, STAGE_SETTINGS_KEY, DATA_KEY = RECORD_KEYS[1:]
+# entries: the export the run started from (None: fresh), its stage, its stage.* settings, the data it reads and the
+# other settings a resume is warned about changing (`run_settings`)
+STARTING_EXPORT_KEY, STAGE_KEY, STAGE_SETTINGS_KEY, DATA_KEY, RUN_SETTINGS_KEY = RECORD_KEYS[1:]
+# beyond stage.*: what a run trains on and how its steps are taken, which a resume may change but should hear about
+RESUME_WATCHED = {"trainer": ("seed", "precision", "devices", "num_nodes", "strategy", "gradient_clip_val"),
+                  "data": ("train", "val", "shuffle_buffer", "resampled", "packing", "length_group_batches",
+                           "synthetic")}
+
+
+def run_settings(config: TrainConfig) -> dict[str, Any]:
+    """`RESUME_WATCHED` settings of `config` by their dotted keys, data.synthetic's one by one."""
+    flat = {}
+    for section, keys in RESUME_WATCHED.items():
+        values = to_dict(getattr(config, section))
+        for key in keys:
+            value = values[key]
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            flat.update({f"{section}.{key}" + (f".{inner}" if inner else ""): v for inner, v in items})
+    return flat
 
 
 class NewestCheckpoints(ModelCheckpoint):
@@ -180,6 +198,7 @@ class RunRecord(pl.Callback):
         checkpoint[STARTING_EXPORT_KEY] = str(self.init_from) if self.init_from else None
         checkpoint[STAGE_KEY] = task.stage.name
         checkpoint[STAGE_SETTINGS_KEY] = to_dict(task.config.stage)
+        checkpoint[RUN_SETTINGS_KEY] = run_settings(task.config)
         if self.data is not None:
             checkpoint[DATA_KEY] = {"train": self.data.train, "val": self.data.val, "made_by": self.data.made_by}
 
@@ -202,14 +221,16 @@ def recorded_pairs(path: str | os.PathLike) -> DataSources | None:
     return DataSources(recorded["train"], recorded["val"], None, recorded["made_by"])
 
 
-def warn_changed_settings(path: Path, settings: StageConfig, table_entry: frozenset[str]) -> None:
-    """Say which stage.* settings a resumed run changes from those checkpoint `path` trained with: the steps before
-    it trained with the old values, and the run's config.json and export record the new ones. A change of what trains
-    (`stage.train_*`, against the stage table's `table_entry`) is refused: the checkpoint's optimizer state is for
-    the parts that trained."""
-    recorded = checkpoint_record(path)[STAGE_SETTINGS_KEY]
+def warn_changed_settings(path: Path, config: TrainConfig, table_entry: frozenset[str]) -> None:
+    """Say which stage.* and `RESUME_WATCHED` settings a resumed run changes from those checkpoint `path` trained
+    with: the steps before it trained with the old values, and the run's config.json and export record the new ones.
+    A change of what trains (`stage.train_*`, against the stage table's `table_entry`) is refused: the checkpoint's
+    optimizer state is for the parts that trained."""
+    record = checkpoint_record(path)
+    recorded = record[STAGE_SETTINGS_KEY]
     if not recorded:  # an older checkpoint, without the record
         return
+    settings = config.stage
     now = to_dict(settings)
     before = parts_with_overrides(table_entry, {part: recorded.get(key) for part, key in TRAIN_FLAGS.items()})
     if before != (after := trainable_parts(table_entry, settings)):
@@ -225,10 +246,13 @@ def warn_changed_settings(path: Path, settings: StageConfig, table_entry: frozen
                           f"with the settings it trained with, or {other_parts}")
     changed = [f"stage.{key}: {recorded[key]!r} -> {now[key]!r}" for key in sorted(now.keys() & recorded.keys())
                if now[key] != recorded[key]]
+    run_before, run_now = record[RUN_SETTINGS_KEY] or {}, run_settings(config)  # none in older checkpoints
+    changed += [f"{key}: {run_before[key]!r} -> {run_now[key]!r}" for key in sorted(run_now.keys() & run_before.keys())
+                if run_now[key] != run_before[key]]
     if changed:
-        log.warning("resuming with stage settings other than those the run trained with until %s: %s. The steps "
-                    "before it trained with the old values; the run's config.json and export will record the new "
-                    "ones", path.name, "; ".join(changed))
+        log.warning("resuming with settings other than those the run trained with until %s: %s. The steps before it "
+                    "trained with the old values; the run's config.json and export will record the new ones",
+                    path.name, "; ".join(changed))
 
 
 def refuse_unfitting_weights(path: Path, task: pl.LightningModule) -> None:

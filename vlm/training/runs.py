@@ -34,6 +34,9 @@ from vlm.training.resume import (
 from vlm.training.stages import STAGES, get_stage
 
 log = logging.getLogger(__name__)
+# Made with an exclusive create by the one process that starts a new run in a folder, so two runs started at once (in
+# the same second, or under one run_name) never share it; it means nothing else, and a failed start removes it.
+RUN_CLAIM = ".vlm-run"
 
 
 @dataclass
@@ -89,14 +92,18 @@ def prepare_run(config: TrainConfig, read_data: Callable[[], DataSources] | None
         run_dir, resume_from = _auto_resume(config, stage_dir, default_name)
     elif config.resume:
         run_dir, resume_from = _resume_from_file(config)
-    else:
+    elif _claims_new_runs():
         run_dir, resume_from = _new_run_folder(stage_dir / (config.run_name or default_name),
                                                bool(config.run_name or launch_name)), None
+    else:  # another process of a launched job: the folder the claiming one checks and claims (one name for all)
+        run_dir, resume_from = stage_dir / (config.run_name or default_name), None
     data, recorded = _run_data(config, resume_from, read_data)
     # checked before the run folder is made; pairs the run has trained on already were checked when it started
     start = _start(config, resume_from, None if recorded or data is None else data.made_by)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume and _claims_new_runs():
+            run_dir = _claimed(run_dir, bool(config.run_name or launch_name))
     except OSError as err:  # a file where a folder must go, or no permission
         raise ConfigError(f"cannot make the run folder {str(run_dir)!r} ({err.strerror}): check output_root="
                           f"{config.output_root!r}") from None
@@ -186,6 +193,28 @@ def _new_run_folder(run_dir: Path, named: bool) -> Path:
     return run_dir
 
 
+def _claims_new_runs() -> bool:
+    """Whether this process checks and claims a new run's folder: alone, or the first process of a launched job (the
+    first node's rank 0: Lightning's own multi-node launch sets NODE_RANK, SLURM and torchrun a global rank)."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _claimed(run_dir: Path, named: bool) -> Path:
+    """`run_dir`, claimed for this run; when another run claimed it first (started at the same moment), a `named`
+    run's error, else the name with a fresh suffix."""
+    base = run_dir
+    while True:
+        try:
+            (run_dir / RUN_CLAIM).open("x").close()
+            return run_dir
+        except FileExistsError:
+            if named:
+                raise ConfigError(f"run folder {str(run_dir)!r} was taken by another run started at the same time; "
+                                  f"choose another run_name") from None
+            run_dir = base.with_name(base.name + f"-{time.time_ns() % 10**6:06d}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def held_run(run_dir: Path) -> str:
     """What a run folder a new run may not take holds, and what to do instead."""
     checkpointed = any((run_dir / "checkpoints").glob("*.ckpt"))
@@ -211,7 +240,7 @@ def removed_if_left_empty(run_dir: Path) -> Iterator[None]:
     except BaseException:
         if rank_zero_only.rank != 0:
             raise
-        if run_dir.is_dir() and not any(path.is_file() for path in run_dir.rglob("*")):
+        if run_dir.is_dir() and not any(path.is_file() and path.name != RUN_CLAIM for path in run_dir.rglob("*")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 

@@ -40,6 +40,11 @@ class Batching:
     length: Callable[[dict], int] | None = None  # a decoded sample's length, for data.length_group_batches
 
 
+# eval.* settings a phase-2 run's held-out answers are scored with: `vlm.eval` takes them from the export's run unless
+# given, as it does a stage's SCORED_WITH
+EVAL_SCORED_WITH = ("turns", "max_new_tokens")
+
+
 class StageTask(pl.LightningModule):
     """The base of every stage's LightningModule. `model.parts()` names the parts the stage table trains."""
 
@@ -101,9 +106,10 @@ class StageTask(pl.LightningModule):
         raise NotImplementedError
 
     def export_settings(self) -> dict[str, Any]:
-        """What the export records of its run (its train_config): the stage settings and its held-out data, which
-        `vlm.eval` scores on by default."""
-        return to_dict(self.config.stage) | {"held_out": self.held_out}
+        """What the export records of its run (its train_config): the stage settings, its held-out data and how its
+        answers were scored, which `vlm.eval` scores with by default."""
+        scoring = {key: getattr(self.config.eval, key) for key in EVAL_SCORED_WITH}
+        return to_dict(self.config.stage) | {"held_out": self.held_out, "eval": scoring}
 
     # ---- shared by every stage ----
 

@@ -123,10 +123,9 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
     the whole run's, over every session of a resumed one. A SIGTERM before the export stops the run (143) rather than
     killing it unannounced or letting it end as finished."""
     with signal_noted(signal.SIGTERM) as noted:
-        if trainer.received_sigterm or noted.received:  # between the last step and the end of fit
-            raise SIGTERMException
+        # first, even after a SIGTERM between the last step and the end of fit: resume=auto then has every step trained
         save_final_checkpoint(trainer, run, config)
-        if noted.received:  # while the last checkpoint was written (outside fit, Lightning handles no SIGTERM)
+        if trainer.received_sigterm or noted.received:  # before fit ended, or while the checkpoint was written
             raise SIGTERMException
         metrics: dict[str, Any] = {}
         if datamodule.val_urls:
@@ -152,7 +151,7 @@ def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, ru
         (run.dir / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n")
         task.export(run.export, gathered)
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-        log.info("done: %s", json.dumps(shown))
+        log.info("done: %s", json.dumps(shown, ensure_ascii=False))  # a folder "rün 1" as typed, not "r\u00fcn 1"
         log.info("export folder: %s", Path(run.export).resolve())
     leave_process_group()
     return metrics
@@ -166,7 +165,8 @@ def save_final_checkpoint(trainer: pl.Trainer, run: Run, config: TrainConfig) ->
     every = config.trainer.checkpoint_every_n_steps
     wrote_periodic = trainer.global_step > every or run.resume_from is not None  # a resumed run: in an earlier session
     if wrote_periodic and trainer.global_step % every:
-        trainer.save_checkpoint(run.checkpoints / f"step{trainer.global_step:08d}.ckpt")
+        # weights_only=False: the whole state (optimizer, schedule, data position) that resume=auto restores
+        trainer.save_checkpoint(run.checkpoints / f"step{trainer.global_step:08d}.ckpt", weights_only=False)
         trainer.checkpoint_callback.keep_newest(trainer)
 
 
