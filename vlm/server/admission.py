@@ -19,11 +19,10 @@ SHUTTING_DOWN = "the server is shutting down; retry on a server that is up"
 
 @dataclass(eq=False)  # held in a set by identity
 class Ticket:
-    """One admitted request: its cancel flag, whether a worker has started it, and whether its slot is free again."""
+    """One admitted request: its cancel flag, and whether a worker has started it."""
 
     cancel: threading.Event = field(default_factory=threading.Event)
     started: bool = False
-    freed: bool = False
 
 
 class Admission:
@@ -31,23 +30,21 @@ class Admission:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.admitted = 0  # running + waiting
+        self.admitted: set[Ticket] = set()  # running + waiting: their slots are taken
         self.running = 0
         self.finished: Counter = Counter()  # stop reasons of finished generations, for /health
         self.closing = False
-        self.tickets: set[Ticket] = set()  # admitted, slot not yet freed
         self.lock = threading.Lock()
 
     def admit(self, api: str) -> Ticket:
         with self.lock:
             if self.closing:
                 raise ApiError(503, SHUTTING_DOWN)
-            if self.admitted >= self.capacity:
+            if len(self.admitted) >= self.capacity:
                 status = 529 if api == ANTHROPIC else 429
                 raise ApiError(status, f"the server is busy ({self.capacity} requests running or queued); retry soon")
-            self.admitted += 1
             ticket = Ticket()
-            self.tickets.add(ticket)
+            self.admitted.add(ticket)
         return ticket
 
     def start(self, ticket: Ticket) -> bool:
@@ -67,14 +64,14 @@ class Admission:
         ticket.cancel.set()
         with self.lock:
             if not ticket.started:
-                self._free(ticket)
+                self.admitted.discard(ticket)  # frees its slot; the worker's `finish` later frees nothing more
 
     def close(self) -> tuple[int, int]:
         """The server is shutting down: no request is admitted or started from now on, and every running generation
         stops at its next token (its worker then answers 503). Returns how many were running and queued."""
         with self.lock:
             self.closing = True
-            tickets = list(self.tickets)
+            tickets = list(self.admitted)
             running = self.running
         for ticket in tickets:
             ticket.cancel.set()
@@ -87,15 +84,9 @@ class Admission:
                 self.running -= 1
             if stop_reason is not None:
                 self.finished[stop_reason] += 1
-            self._free(ticket)
-
-    def _free(self, ticket: Ticket) -> None:  # under self.lock; a ticket's slot is freed once
-        if not ticket.freed:
-            ticket.freed = True
-            self.admitted -= 1
-            self.tickets.discard(ticket)
+            self.admitted.discard(ticket)
 
     def counts(self) -> dict:
         with self.lock:
-            return {"running": self.running, "queued": self.admitted - self.running, "capacity": self.capacity,
+            return {"running": self.running, "queued": len(self.admitted) - self.running, "capacity": self.capacity,
                     "finished": dict(self.finished)}
