@@ -88,11 +88,12 @@ def prepare_run(config: TrainConfig, read_data: Callable[[], DataSources] | None
     stage_dir = Path(config.output_root).expanduser() / config.stage.name
     launch_name = _launch_name(named=bool(config.run_name))
     default_name = launch_name or time.strftime("%Y%m%d-%H%M%S")
+    claims = _claims_new_runs()
     if config.resume == "auto":
         run_dir, resume_from = _auto_resume(config, stage_dir, default_name)
     elif config.resume:
         run_dir, resume_from = _resume_from_file(config)
-    elif _claims_new_runs():
+    elif claims:
         run_dir, resume_from = _new_run_folder(stage_dir / (config.run_name or default_name),
                                                bool(config.run_name or launch_name)), None
     else:  # another process of a launched job: the folder the claiming one checks and claims (one name for all)
@@ -102,7 +103,7 @@ def prepare_run(config: TrainConfig, read_data: Callable[[], DataSources] | None
     start = _start(config, resume_from, None if recorded or data is None else data.made_by)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume and _claims_new_runs():
+        if claims and not config.resume:
             run_dir = _claimed(run_dir, bool(config.run_name or launch_name))
     except OSError as err:  # a file where a folder must go, or no permission
         raise ConfigError(f"cannot make the run folder {str(run_dir)!r} ({err.strerror}): check output_root="
