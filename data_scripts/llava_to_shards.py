@@ -249,12 +249,17 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
             sample[f"{index}.{extension}"] = data
         return sample
 
-    def images_of(_: int, entry: Entry) -> list[str]:  # records that share an image stay in one split
+    def image_names_of(entry: Entry) -> list[str] | None:
+        """The entry's image file names; None for a record `build` will skip as bad."""
+        if entry.problem or not isinstance(entry.record, dict):
+            return None
         try:
-            names = names_of(entry.record) if isinstance(entry.record, dict) and not entry.problem else []
+            return names_of(entry.record)
         except Skip:
-            names = []
-        return [image_group(args.images, name, entry.where) for name in names] or [entry.where]
+            return None
+
+    def images_of(_: int, entry: Entry) -> list[str]:  # records that share an image stay in one split
+        return [image_group(args.images, name, entry.where) for name in image_names_of(entry) or []] or [entry.where]
 
     splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
     jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle,
@@ -262,6 +267,10 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
     prepare_output(args.out, splits, args.overwrite)
     result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
                           desc=f"{args.json.name} -> shards")
+    if text_only := sum(1 for entry in entries if image_names_of(entry) == []):
+        # said, not refused: mixes such as LLaVA's hold text-only conversations; a misspelt key ("img") shows here
+        print(f"note: {text_only} record(s) name no image (neither 'image' nor 'images'), so they train as text-only "
+              f"conversations")
     return report(result, use)
 
 

@@ -545,6 +545,8 @@ def test_llava_round_trip(tmp_path, capsys):
     code, out, _ = _convert(capsys, ["--json", str(source), "--images", str(images), "--out", str(tmp_path / "out"),
                                      "--no-shuffle"], main=llava_to_shards.main)
     assert code == 0 and "stage=sft" in out
+    # the one text-only record is said to be so: an image under a misspelt key ("img") would be counted here
+    assert "note: 1 record(s) name no image (neither 'image' nor 'images'), so they train as text-only" in out
     samples = _read(str(tmp_path / "out/train/shard-{000000..000000}.tar"))
     assert list(samples) == ["00000000", "00000001", "00000002", "00000003", "00000004"]
     one, two, text, mixed, images_key = samples.values()
