@@ -255,8 +255,9 @@ def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder
     # logs without a checkpoint (a run stopped by bad data at step 40): nothing to continue, so the message says so
     (tmp_path / "contrastive" / "early" / "logs").mkdir(parents=True)
     (tmp_path / "contrastive" / "early" / "logs" / "metrics.csv").write_text("step,train/loss\n")
-    with pytest.raises(ConfigError, match=r"'.*early' already holds a run that stopped before its first checkpoint "
-                                          r"\(its logs are there\); pass resume=auto to start it again"):
+    with pytest.raises(ConfigError, match=r"'.*early' already holds a run with no checkpoint yet: one still starting "
+                                          r"or training, or one that stopped before its first checkpoint \(its logs "
+                                          r"are there\); pass resume=auto to start a stopped one again"):
         prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=early"))
     # a finished run: resume=auto goes on only with a checkpoint and more steps, so the message says what will work
     from vlm.exports.format import REQUIRED

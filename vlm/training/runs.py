@@ -221,8 +221,9 @@ def held_run(run_dir: Path) -> str:
     checkpointed = any((run_dir / "checkpoints").glob("*.ckpt"))
     if not is_complete(run_dir / "export"):
         if not checkpointed:  # e.g. stopped by bad data before its first save
-            return ("a run that stopped before its first checkpoint (its logs are there); pass resume=auto to start "
-                    "it again in this folder, or choose another run_name")
+            return ("a run with no checkpoint yet: one still starting or training, or one that stopped before its "
+                    "first checkpoint (its logs are there); pass resume=auto to start a stopped one again in this "
+                    "folder, or choose another run_name")
         return "a run; pass resume=auto to continue it or choose another run_name"
     if checkpointed:
         return ("a finished run (its export is complete); pass resume=auto with a higher stage.max_steps to train it "
