@@ -258,8 +258,10 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
         except Skip:
             return None
 
-    def images_of(_: int, entry: Entry) -> list[str]:  # records that share an image stay in one split
-        return [image_group(args.images, name, entry.where) for name in image_names_of(entry) or []] or [entry.where]
+    names_by_entry = [image_names_of(entry) for entry in entries]
+
+    def images_of(index: int, entry: Entry) -> list[str]:  # records that share an image stay in one split
+        return [image_group(args.images, name, entry.where) for name in names_by_entry[index] or []] or [entry.where]
 
     splits = ["train", "val"] if args.val_fraction > 0 else ["train"]
     jobs = plan_jobs(entries, lambda _, entry: entry.where, args.val_fraction, args.seed, shuffle=not args.no_shuffle,
@@ -267,7 +269,7 @@ def convert_records(args: argparse.Namespace, names_of: Callable[[dict], list[st
     prepare_output(args.out, splits, args.overwrite)
     result = write_shards(args.out, jobs, build, samples_per_shard=args.samples_per_shard, workers=args.workers,
                           desc=f"{args.json.name} -> shards")
-    if text_only := sum(1 for entry in entries if image_names_of(entry) == []):
+    if text_only := names_by_entry.count([]):
         # said, not refused: mixes such as LLaVA's hold text-only conversations; a misspelt key ("img") shows here
         print(f"note: {text_only} record(s) name no image (neither 'image' nor 'images'), so they train as text-only "
               f"conversations")

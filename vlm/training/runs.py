@@ -190,8 +190,13 @@ def _new_run_folder(run_dir: Path, named: bool) -> Path:
     if run_dir.exists() and any(path.is_file() for path in run_dir.rglob("*")):  # a failed start leaves no file
         if named:
             raise ConfigError(f"run folder {str(run_dir)!r} already holds {held_run(run_dir)}")
-        run_dir = run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
+        run_dir = _suffixed(run_dir)
     return run_dir
+
+
+def _suffixed(run_dir: Path) -> Path:
+    """A new run's folder beside `run_dir`, whose name another run has: the name with a fresh suffix."""
+    return run_dir.with_name(run_dir.name + f"-{time.time_ns() % 10**6:06d}")
 
 
 def _claims_new_runs() -> bool:
@@ -212,7 +217,7 @@ def _claimed(run_dir: Path, named: bool) -> Path:
             if named:
                 raise ConfigError(f"run folder {str(run_dir)!r} was taken by another run started at the same time; "
                                   f"choose another run_name") from None
-            run_dir = base.with_name(base.name + f"-{time.time_ns() % 10**6:06d}")
+            run_dir = _suffixed(base)
             run_dir.mkdir(parents=True, exist_ok=True)
 
 
