@@ -313,6 +313,7 @@ BAD_INPUTS = {
     "o-unknown-content-type": ("/v1/chat/completions", _openai(messages=[{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {}}]}]), 400),
     "o-n-2": ("/v1/chat/completions", _openai(n=2), 400),
+    "o-n-true": ("/v1/chat/completions", _openai(n=True), 400),
     "a-unknown-kv-cache": ("/v1/messages", _anthropic(kv_cache="h20"), 400),
     "o-unknown-kv-cache": ("/v1/chat/completions", _openai(kv_cache="static"), 400),
     "o-top-p-over-1": ("/v1/chat/completions", _openai(top_p=1.5), 400),
@@ -356,6 +357,7 @@ ERROR_STARTS = {
     "o-lone-surrogate": "the request body has a string with an unpaired UTF-16 surrogate",
     "o-max-tokens-over-limit": "max_tokens: 100000 is over this model's limit of 64",
     "o-n-2": "n: only n=1 is supported",
+    "o-n-true": "n: must be an integer in [1, 2147483647], got True",
     "o-nested-100k-deep": "the request body nests JSON arrays or objects too deeply",
     "o-non-image-bytes": "messages[0].content[0].image_url: the data is not a JPEG, PNG, GIF or WebP image",
     "o-remote-url": "messages[0].content[0].image_url.url: send the image inline as a data:image/...;base64,... URL",

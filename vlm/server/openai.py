@@ -57,7 +57,7 @@ def parse_openai(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         raise ApiError(400, "model: you must provide a model name", param="model")
     if found := unsupported_field(body, UNSUPPORTED):
         raise ApiError(400, f"{found[0]}: {found[1]}", param=found[0])
-    if body.get("n") not in (None, 1):
+    if body.get("n") is not None and Parser.number(body, "n", 1, 2**31 - 1, integer=True) != 1:
         raise ApiError(400, "n: only n=1 is supported", param="n")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if body.get(key) is not None:
