@@ -369,25 +369,43 @@ def test_vlm_eval_reads_images_at_the_tier_the_export_trained_with_unless_told(t
     assert task.bundle.processor.tiler.config.max_tiles == max_tiles  # what the held-out images go through
 
 
-@pytest.mark.parametrize("given", [{"checkpoint"}, {"checkpoint", "eval.turns", "eval.max_new_tokens"}])
+@pytest.mark.parametrize("given", [{"checkpoint"}, {"checkpoint", "eval.turns", "eval.max_new_tokens",
+                                                     "trainer.precision"}])
 def test_vlm_eval_scores_answers_as_the_run_did_unless_told(tiny_sft_export, tmp_path, given):
-    """A run that scored each sample's last turn, answers cut at 4 tokens, has figures vlm.eval must reproduce."""
+    """A run that scored each sample's last turn, answers cut at 4 tokens, in float32, has figures vlm.eval must
+    reproduce."""
     import shutil
 
-    run = tiny_config("eval.turns=last", "eval.max_new_tokens=4", stage="sft")
+    run = tiny_config("eval.turns=last", "eval.max_new_tokens=4", "trainer.precision=32-true", stage="sft")
     recorded = make_task(run).export_settings()
     assert recorded["eval"] == {"turns": "last", "max_new_tokens": 4}  # what a run writes into its export
+    assert recorded["trainer"] == {"precision": "32-true"}
     export = tmp_path / "export"
     shutil.copytree(tiny_sft_export, export)
     meta = json.loads((export / "config.json").read_text())
     meta["train_config"] = recorded
     (export / "config.json").write_text(json.dumps(meta))
     config = tiny_config(f"checkpoint={export}", stage="sft")
-    defaults = (config.eval.turns, config.eval.max_new_tokens)
+    defaults = (config.eval.turns, config.eval.max_new_tokens, config.trainer.precision)
     as_trained(config, given=given)
     told = "eval.turns" in given
-    assert defaults != ("last", 4) and (config.eval.turns, config.eval.max_new_tokens) == (defaults if told else
-                                                                                           ("last", 4))
+    assert defaults != ("last", 4, "32-true")
+    assert (config.eval.turns, config.eval.max_new_tokens, config.trainer.precision) == (
+        defaults if told else ("last", 4, "32-true"))
+
+
+def test_vlm_eval_scores_a_gpu_runs_fp16_export_in_its_own_precision_on_a_cpu(tiny_sft_export, tmp_path):
+    """fp16 runs on GPUs only: on a CPU the evaluation keeps its own precision rather than fail."""
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_sft_export, export)
+    meta = json.loads((export / "config.json").read_text())
+    meta["train_config"] = {"trainer": {"precision": "16-mixed"}}
+    (export / "config.json").write_text(json.dumps(meta))
+    config = tiny_config(f"checkpoint={export}", "trainer.accelerator=cpu", stage="sft")
+    as_trained(config, given={"checkpoint"})
+    assert config.trainer.precision == "auto"
 
 
 def test_answers_stop_at_the_llms_own_end_of_turn_ids_as_in_chat(tiny_sft_export):

@@ -24,6 +24,7 @@ from vlm.data.sources import DataSources
 from vlm.exports.vlm import load_vlm
 from vlm.models.losses import answer_logprobs, preference_loss, reward_metrics
 from vlm.training.stages import get_stage
+from vlm.training.strategy import resolve_precision
 
 LOGPS = {"pc": [-3.0, -10.0, -2.5], "pr": [-5.0, -4.0, -9.0], "rc": [-4.0, -9.0, -3.0], "rr": [-4.5, -6.0, -8.0]}
 TOKENS = {"c": [2, 5, 1], "r": [3, 2, 4]}
@@ -250,6 +251,7 @@ def test_dpo_trains_exports_and_evaluates(tiny_sft_export, tmp_path, precompute,
     assert moved > 1.0, moved  # nats: 4 steps at lr=1e-2 move it by several
     recorded = json.loads((export / "config.json").read_text())["train_config"]
     assert recorded["reference"] == str(tiny_sft_export)
+    assert recorded["trainer"]["precision"] == resolve_precision(config.trainer) != "auto"  # as it ran, for vlm.eval
     scored, _ = evaluate(tiny_config(*common, f"checkpoint={export}", stage="dpo", tiny=False))
     assert scored["rewards/accuracy"] == metrics["rewards/accuracy"]
     fewer, _ = evaluate(tiny_config(*common, f"checkpoint={export}", "eval.max_samples=2", stage="dpo", tiny=False))

@@ -33,6 +33,7 @@ from vlm.metrics import SCORES
 from vlm.training.datamodule import ShardDataModule
 from vlm.training.runs import removed_if_left_empty
 from vlm.training.stages import STAGES, get_stage
+from vlm.training.strategy import runs_on_cpu
 from vlm.training.task import EVAL_SCORED_WITH
 from vlm.training.trainer import build_eval_trainer, check_scored, validate
 
@@ -139,8 +140,8 @@ def show_confusions(predictions: list[dict[str, Any]], count: int = WORST_SHOWN)
 def as_trained(config: TrainConfig, given: Collection[str]) -> None:
     """Score as the export's run did: its resolution tier (tiler), a contrastive model's zero-shot prompt templates,
     the stage settings its scores depend on (dpo: stage.beta, stage.loss, stage.sft_weight), how its answers were
-    scored (eval.turns, eval.max_new_tokens) and, without data.val, its held-out data come from its export, unless
-    given in `given` (the keys set on the command line)."""
+    scored (eval.turns, eval.max_new_tokens), the precision it ran in (trainer.precision) and, without data.val, its
+    held-out data come from its export, unless given in `given` (the keys set on the command line)."""
     require_checkpoint(config)
     for key in TRAINING_ONLY:
         if key in given:
@@ -165,6 +166,7 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
         if key in EVAL_SCORED_WITH and f"eval.{key}" not in given and value != getattr(config.eval, key):
             log.info("eval.%s=%r, as its run scored its answers (recorded in the export)", key, value)
             setattr(config.eval, key, value)
+    adopt_precision(config, (recorded.get("trainer") or {}).get("precision"), given)
     held_out = recorded.get("held_out")
     if config.data.val is None and held_out:
         try:
@@ -175,6 +177,19 @@ def as_trained(config: TrainConfig, given: Collection[str]) -> None:
             return
         log.info("data.val='%s': the held-out data its run validated on", held_out)
         config.data.val = held_out
+
+
+def adopt_precision(config: TrainConfig, precision: str | None, given: Collection[str]) -> None:
+    """The precision its run trained and validated in, unless given or it cannot run here (fp16 on a CPU): a bf16
+    run's answers scored in float32 (or the reverse) can differ from the ones its run logged."""
+    if precision is None or "trainer.precision" in given or precision == config.trainer.precision:
+        return
+    if precision.startswith("16") and runs_on_cpu(config.trainer):
+        log.info("trainer.precision=%s, as its run trained, needs a GPU: scoring with trainer.precision=%s",
+                 precision, config.trainer.precision)
+        return
+    log.info("trainer.precision=%s, as its run trained (recorded in the export)", precision)
+    config.trainer.precision = precision
 
 
 def refuse_several_processes(config: TrainConfig) -> None:

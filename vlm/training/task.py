@@ -106,10 +106,12 @@ class StageTask(pl.LightningModule):
         raise NotImplementedError
 
     def export_settings(self) -> dict[str, Any]:
-        """What the export records of its run (its train_config): the stage settings, its held-out data and how its
-        answers were scored, which `vlm.eval` scores with by default."""
+        """What the export records of its run (its train_config): the stage settings, its held-out data, how its
+        answers were scored and the precision it ran in (`auto` made concrete), which `vlm.eval` scores with by
+        default."""
         scoring = {key: getattr(self.config.eval, key) for key in EVAL_SCORED_WITH}
-        return to_dict(self.config.stage) | {"held_out": self.held_out, "eval": scoring}
+        return to_dict(self.config.stage) | {"held_out": self.held_out, "eval": scoring,
+                                             "trainer": {"precision": self.config.trainer.precision}}
 
     # ---- shared by every stage ----
 
