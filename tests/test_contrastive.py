@@ -132,9 +132,38 @@ def test_retrieval_in_blocks_of_rows_equals_the_whole_similarity_matrix(monkeypa
     similarity = image @ text.T  # (N, N), what the blocks must agree with
     monkeypatch.setattr(vlm.metrics, "SIMILARITY_BLOCK", 7 * 50)  # 7 rows a block: the last block is short
     retrieved = retrieve(image, text)
-    assert torch.equal(retrieved.image_to_text, similarity.argmax(dim=1))
-    assert torch.equal(retrieved.text_to_image, similarity.argmax(dim=0))
+    assert torch.equal(retrieved.image_to_text, similarity.argmax(dim=1) == torch.arange(50))
+    assert torch.equal(retrieved.text_to_image, similarity.argmax(dim=0) == torch.arange(50))
     assert torch.equal(retrieved.caption_ranks, (similarity > similarity.diagonal().unsqueeze(1)).sum(dim=1))
+    # with images and captions shared, still the whole matrix's answer: 10 images of 5 captions each, from 25 texts
+    image_groups, text_groups = [i // 5 for i in range(50)], [(i * 7) % 25 for i in range(50)]
+    grouped = retrieve(image, text, image_groups, text_groups)
+    pairs = {(g, t) for g, t in zip(image_groups, text_groups, strict=True)}
+    match = torch.tensor([[(image_groups[i], text_groups[j]) in pairs for j in range(50)] for i in range(50)])
+    best_match = similarity.masked_fill(~match, -torch.inf).amax(dim=1)
+    assert torch.equal(grouped.image_to_text, best_match >= similarity.amax(dim=1))
+    assert 0 < grouped.image_to_text.sum() < 50  # neither all nor none: the comparison above has something to check
+    others_above = (similarity > similarity.diagonal().unsqueeze(1)) & ~match
+    assert torch.equal(grouped.caption_ranks, others_above.sum(dim=1))
+    # caption i with image j: (image of j, caption of i) is a pair
+    caption_match = torch.tensor([[(image_groups[j], text_groups[i]) in pairs for j in range(50)] for i in range(50)])
+    best_image = similarity.T.masked_fill(~caption_match, -torch.inf).amax(dim=1)
+    assert torch.equal(grouped.text_to_image, best_image >= similarity.T.amax(dim=1))
+
+
+def test_a_perfect_model_scores_r1_of_1_on_one_image_with_several_captions_and_one_caption_for_several_images():
+    """images_to_shards writes a sample per caption, and synthetic captions repeat ("a red circle"): retrieving the
+    same image's other caption, or another image's identical caption, is a match, not a miss."""
+    e = torch.eye(4)  # (4, E)
+    image = e[[0, 0, 1, 2, 3]]  # samples 0 and 1 show one image with two captions; 3 and 4 two different images
+    alike = (e[2] + e[3]) / 2  # ... described in the same words (embedded in other batches: not bit-equal)
+    text = torch.stack([e[0], 0.9 * e[0], e[1], alike, 0.999 * alike])
+    image_groups, text_groups = [0, 0, 1, 2, 3], [0, 1, 2, 3, 3]
+    no_labels = torch.full((5,), -1)
+    assert contrastive_metrics(retrieve(image, text, image_groups, text_groups), no_labels, None) == {
+        "i2t_r1": 1.0, "t2i_r1": 1.0}
+    # each sample on its own, two of those answers count as misses: image 1 retrieves caption 0, image 4 caption 3
+    assert contrastive_metrics(retrieve(image, text), no_labels, None) == {"i2t_r1": pytest.approx(0.6), "t2i_r1": 1.0}
 
 def test_a_held_out_label_outside_the_class_names_is_a_skipped_sample_naming_them():
     from vlm.data.captions import CaptionDecoder
@@ -219,6 +248,29 @@ def test_eval_max_samples_sets_how_many_held_out_samples_a_contrastive_validatio
     assert len(predictions) == len({p["key"] for p in predictions}) == metrics["samples_scored"]
     assert sum(p["correct"] for p in predictions) / len(predictions) == pytest.approx(metrics["zero_shot_top1"])
     assert sum(p["caption_rank"] == 0 for p in predictions) / len(predictions) == pytest.approx(metrics["i2t_r1"])
+
+
+def test_held_out_samples_of_one_image_with_several_captions_retrieve_each_other(tmp_path):
+    """A shard with one picture under six captions (as images_to_shards writes an image with several): whichever
+    caption the picture retrieves is one of its own, so even a random model's image->text R@1 is 1. Each sample on
+    its own, one of six would be."""
+    import webdataset as wds
+
+    from vlm.eval import evaluate
+
+    torch.manual_seed(0)
+    export = make_task(tiny_config(), synthetic.CLASSNAMES).export(tmp_path / "export")
+    (tmp_path / "val").mkdir()
+    picture = solid()
+    with wds.TarWriter(str(tmp_path / "val" / "shard-000.tar")) as sink:
+        for i, words in enumerate(["a red circle", "a circle", "a red shape", "red", "a round thing", "a disc"]):
+            sink.write({"__key__": f"photo-{i}", "png": picture, "txt": words})
+    val = str(tmp_path / "val" / "shard-000.tar")
+    metrics, predictions = evaluate(tiny_config(f"checkpoint={export}", f"data.val='{val}'", "data.num_workers=0",
+                                                "eval.batch_size=4"))
+    assert metrics["samples_scored"] == 6
+    assert metrics["i2t_r1"] == metrics["t2i_r1"] == 1.0
+    assert [row["caption_rank"] for row in predictions] == [0] * 6  # no caption but its own to rank above it
 
 
 def test_vlm_eval_scores_a_contrastive_export_on_the_held_out_data_its_run_validated_on(tmp_path):

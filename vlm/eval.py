@@ -131,7 +131,11 @@ def show_confusions(predictions: list[dict[str, Any]], count: int = WORST_SHOWN)
         for (label, predicted), times in wrong.most_common(count):
             print(f"- {label!r} -> {predicted!r}: {times}", file=sys.stderr)
         return
-    worst = sorted(predictions, key=lambda p: p["caption_rank"], reverse=True)[:count]
+    worst = sorted((p for p in predictions if p["caption_rank"] > 0), key=lambda p: p["caption_rank"],
+                   reverse=True)[:count]
+    if not worst:
+        print(f"each of the {len(predictions)} images ranks its own caption first", file=sys.stderr)
+        return
     print(f"the {len(worst)} samples whose own caption ranked lowest of {len(predictions)}:", file=sys.stderr)
     for row in worst:
         print(f"- {row['key']}: {row['caption']!r} ranked {row['caption_rank'] + 1}", file=sys.stderr)

@@ -4,7 +4,8 @@ answer accuracy for chat models."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -27,33 +28,81 @@ SIMILARITY_BLOCK = 1 << 24  # similarities held at once (64 MiB): 50,000 held-ou
 
 @dataclass
 class Retrieval:
-    """Image<->text retrieval over N held-out pairs (image i's caption is text i), from unit-norm features."""
+    """Image<->text retrieval over N held-out pairs (image i's caption is text i), from unit-norm features. A match is
+    any held-out pair: an image's other captions, or a caption's other images (the same words for another picture),
+    count as its own."""
 
-    image_to_text: torch.Tensor  # (N,) the caption each image retrieves first
-    text_to_image: torch.Tensor  # (N,) the image each caption retrieves first
-    caption_ranks: torch.Tensor  # (N,) captions scored above each image's own (0: its own comes first)
+    image_to_text: torch.Tensor  # (N,) bool: whether a caption of the image is among those it scores highest
+    text_to_image: torch.Tensor  # (N,) bool: whether an image of the caption is among those it scores highest
+    caption_ranks: torch.Tensor  # (N,) captions not the image's own scored above its caption i (0: none)
 
 
-def retrieve(image: torch.Tensor, text: torch.Tensor) -> Retrieval:
-    """image (N, E), text (N, E) -> `Retrieval`, scored a block of rows at a time: never N x N similarities at once."""
+def retrieve(image: torch.Tensor, text: torch.Tensor, image_groups: list[int] | None = None,
+             text_groups: list[int] | None = None) -> Retrieval:
+    """image (N, E), text (N, E), and which samples share an image (`image_groups`, an id per sample) or a caption's
+    words (`text_groups`), by default none -> `Retrieval`, scored a block of rows at a time: never N x N similarities
+    at once. A tie between a match and another candidate counts for the match."""
     count = len(image)
+    image_groups = list(range(count)) if image_groups is None else image_groups
+    text_groups = list(range(count)) if text_groups is None else text_groups
+    captions_of_images = match_pairs(image_groups, text_groups)
+    images_of_captions = match_pairs(text_groups, image_groups)
     rows = max(1, SIMILARITY_BLOCK // max(count, 1))
     image_to_text, text_to_image, caption_ranks = [], [], []
     for start in range(0, count, rows):
-        similarity = image[start:start + rows] @ text.T  # (rows, N)
-        own = similarity.diagonal(offset=start).unsqueeze(1)  # (rows, 1)
-        image_to_text.append(similarity.argmax(dim=1))
-        caption_ranks.append((similarity > own).sum(dim=1))
-        text_to_image.append((text[start:start + rows] @ image.T).argmax(dim=1))
+        block = slice(start, start + rows)
+        similarity = image[block] @ text.T  # (rows, N)
+        own = similarity.diagonal(offset=start)  # (rows,) each image with its own caption
+        best, matches_above = _best_match(similarity, start, *captions_of_images, own)
+        image_to_text.append(best >= similarity.amax(dim=1))
+        caption_ranks.append((similarity > own.unsqueeze(1)).sum(dim=1) - matches_above)
+        similarity = text[block] @ image.T  # (rows, N)
+        best, _ = _best_match(similarity, start, *images_of_captions, similarity.diagonal(offset=start))
+        text_to_image.append(best >= similarity.amax(dim=1))
     return Retrieval(torch.cat(image_to_text), torch.cat(text_to_image), torch.cat(caption_ranks))
+
+
+def match_pairs(row_groups: list[int], column_groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (i, j), ordered by i, where sample j's column group (its caption, or its image) is paired in the held-out
+    data with sample i's row group (its image, or its caption): (M,) row and (M,) column indices."""
+    partners: dict[int, set[int]] = defaultdict(set)
+    holders: dict[int, list[int]] = defaultdict(list)
+    for row_group, column_group in zip(row_groups, column_groups, strict=True):
+        partners[row_group].add(column_group)
+    for j, column_group in enumerate(column_groups):
+        holders[column_group].append(j)
+    rows: list[int] = []
+    columns: list[int] = []
+    for i, row_group in enumerate(row_groups):
+        for column_group in partners[row_group]:
+            rows.extend([i] * len(holders[column_group]))
+            columns.extend(holders[column_group])
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)
+
+
+def _best_match(similarity: torch.Tensor, start: int, rows: torch.Tensor, columns: torch.Tensor,
+                own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a block of rows start.. of the similarities (R, N): each row's best score among its matches, and how many
+    of its matches score above `own` (R,)."""
+    first, last = torch.searchsorted(rows, torch.tensor([start, start + len(similarity)]))
+    local, columns = rows[first:last] - start, columns[first:last]
+    scores = similarity[local, columns]  # (M_block,) read from the block, so ties compare exactly
+    best = torch.full_like(own, -torch.inf).scatter_reduce(0, local, scores, "amax")
+    above = torch.zeros(len(own), dtype=torch.long).scatter_add(0, local, (scores > own[local]).long())
+    return best, above
+
+
+def groups_of(values: Iterable[Hashable]) -> list[int]:
+    """An id per value, equal for equal values: which samples share an image (by its fingerprint) or a caption."""
+    first_seen: dict[Hashable, int] = {}
+    return [first_seen.setdefault(value, len(first_seen)) for value in values]
 
 
 def contrastive_metrics(retrieved: Retrieval, labels: torch.Tensor,
                         class_scores: torch.Tensor | None) -> dict[str, float]:
     """Retrieval over N pairs, labels (N,), class_scores (N, C) image x class or None -> top-1 / R@1."""
-    target = torch.arange(len(labels))
-    metrics = {"i2t_r1": (retrieved.image_to_text == target).float().mean().item(),
-               "t2i_r1": (retrieved.text_to_image == target).float().mean().item()}
+    metrics = {"i2t_r1": retrieved.image_to_text.float().mean().item(),
+               "t2i_r1": retrieved.text_to_image.float().mean().item()}
     labelled = labels >= 0  # (N,) samples without a class label ("cls") are left out of the zero-shot score
     if class_scores is not None and bool(labelled.any()):
         predicted = class_scores.argmax(dim=1)  # (N,)
@@ -64,9 +113,9 @@ def contrastive_metrics(retrieved: Retrieval, labels: torch.Tensor,
 def contrastive_predictions(retrieved: Retrieval, labels: torch.Tensor, class_scores: torch.Tensor | None,
                             classnames: list[str] | None, keys: list[str], captions: list[str],
                             top: int = 5) -> list[dict]:
-    """One row per sample: its caption's rank among all captions for its image (0 is retrieved first), and with
-    class scores its label, the predicted class, the `top` best classes and whether the prediction is right.
-    `retrieved` and class_scores (N, C) are those `contrastive_metrics` reads."""
+    """One row per sample: its caption's rank for its image among the captions not the image's own (0 is retrieved
+    first), and with class scores its label, the predicted class, the `top` best classes and whether the prediction
+    is right. `retrieved` and class_scores (N, C) are those `contrastive_metrics` reads."""
     rows = [{"key": key, "caption": caption, "caption_rank": rank}
             for key, caption, rank in zip(keys, captions, retrieved.caption_ranks.tolist(), strict=True)]
     if class_scores is not None and classnames:

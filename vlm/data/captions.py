@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -40,16 +41,18 @@ def text_field(sample: dict, name: str) -> str:
 
 class CaptionDecoder:
     """Raw webdataset sample -> {"pixels": (3, S, S), "ids": (L,), "label": int (-1 when absent), "key": its shard
-    and key, "caption": str}."""
+    and key, "caption": str}, and held out also "image_id": a fingerprint of the pixels, equal for samples that
+    pair one image with several captions (retrieval counts any of them as a match)."""
 
     def __init__(self, tiler: Tiler, tokenizer: Callable[[list[str]], torch.Tensor],
-                 classnames: list[str] | None = None):
+                 classnames: list[str] | None = None, held_out: bool = False):
         if tiler.config.max_tiles != 1:
             raise ConfigError(f"tiler.max_tiles={tiler.config.max_tiles}: the contrastive stage encodes one tile per "
                               f"image; use tiler=low (tiler.max_tiles=1)", key="tiler.max_tiles")
         self.tiler = tiler
         self.tokenizer = tokenizer
         self.classnames = classnames  # given: a label must be an index into them (held-out samples, zero-shot)
+        self.held_out = held_out
 
     def __call__(self, sample: dict) -> dict[str, Any]:
         fields = image_fields(sample)
@@ -62,8 +65,13 @@ class CaptionDecoder:
         key = f"{sample.get('__url__')}:{sample.get('__key__')}"
         tiled = self.tiler(sample[fields[0]], name=key)
         label = self._label(sample) if "cls" in sample else -1
-        return {"pixels": tiled.pixel_values[0], "ids": self.tokenizer([caption])[0], "label": label, "key": key,
-                "caption": caption}
+        pixels = tiled.pixel_values[0]
+        decoded = {"pixels": pixels, "ids": self.tokenizer([caption])[0], "label": label, "key": key,
+                   "caption": caption}
+        if self.held_out:
+            digest = hashlib.blake2b(pixels.numpy().tobytes(), digest_size=8).digest()
+            decoded["image_id"] = int.from_bytes(digest, "little", signed=True)
+        return decoded
 
     def _label(self, sample: dict) -> int:
         text = text_field(sample, "cls").strip()
@@ -76,7 +84,10 @@ class CaptionDecoder:
 
 
 def collate_captions(samples: list[dict]) -> dict[str, torch.Tensor | list[str]]:
-    return {"pixels": torch.stack([s["pixels"] for s in samples]),  # (B, 3, S, S)
-            "ids": torch.stack([s["ids"] for s in samples]),  # (B, L)
-            "labels": torch.tensor([s["label"] for s in samples]),  # (B,)
-            "keys": [s["key"] for s in samples], "captions": [s["caption"] for s in samples]}
+    batch = {"pixels": torch.stack([s["pixels"] for s in samples]),  # (B, 3, S, S)
+             "ids": torch.stack([s["ids"] for s in samples]),  # (B, L)
+             "labels": torch.tensor([s["label"] for s in samples]),  # (B,)
+             "keys": [s["key"] for s in samples], "captions": [s["caption"] for s in samples]}
+    if "image_id" in samples[0]:  # held out
+        batch["image_ids"] = torch.tensor([s["image_id"] for s in samples])  # (B,) int64
+    return batch

@@ -14,7 +14,7 @@ from vlm.data.captions import CaptionDecoder, collate_captions
 from vlm.data.shards import absolute_pattern
 from vlm.data.sources import DataSources
 from vlm.exports.clip import export_clip, load_clip
-from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions, retrieve
+from vlm.metrics import class_embeddings, contrastive_metrics, contrastive_predictions, groups_of, retrieve
 from vlm.models.clip import CLIPModel
 from vlm.models.factory import make_tiler
 from vlm.models.losses import build_contrastive_loss
@@ -25,11 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class HeldOutBatch(NamedTuple):
-    """What validation keeps of a held-out batch: embeddings (N, E) float32 on the CPU, labels (N,), (key, caption)."""
+    """What validation keeps of a held-out batch: embeddings (N, E) float32 on the CPU, labels (N,), image
+    fingerprints (N,), (key, caption)."""
 
     image: torch.Tensor
     text: torch.Tensor
     labels: torch.Tensor
+    image_ids: torch.Tensor
     samples: list[tuple[str, str]]
 
 
@@ -68,7 +70,7 @@ class ContrastiveTask(StageTask):
         tiler = make_tiler(self.config.tiler, self.model.visual)
         decode = CaptionDecoder(tiler, self.tokenizer)
         # held out, a label names one of the class names zero-shot scores against
-        decode_val = CaptionDecoder(tiler, self.tokenizer, self.classnames) if self.classnames else decode
+        decode_val = CaptionDecoder(tiler, self.tokenizer, self.classnames, held_out=True)
         return Batching(decode, decode_val, collate_captions, self.config.stage.batch_size,
                         self.config.eval.batch_size)
 
@@ -101,6 +103,7 @@ class ContrastiveTask(StageTask):
         image = self.model.encode_image(batch["pixels"])
         text = self.model.encode_text(batch["ids"])
         self._val.append((batch_idx, HeldOutBatch(image.float().cpu(), text.float().cpu(), batch["labels"].cpu(),
+                                                  batch["image_ids"].cpu(),
                                                   list(zip(batch["keys"], batch["captions"], strict=True)))))
 
     def on_validation_epoch_end(self) -> None:
@@ -109,17 +112,19 @@ class ContrastiveTask(StageTask):
         if not scored:
             return
         # eval.max_samples: retrieval ranks among exactly that many, not the whole last batch's worth
-        image, text, labels = (torch.cat([getattr(b, name) for b in scored])[:self.sample_limit]
-                               for name in ("image", "text", "labels"))
+        image, text, labels, image_ids = (torch.cat([getattr(b, name) for b in scored])[:self.sample_limit]
+                                          for name in ("image", "text", "labels", "image_ids"))
+        keys, captions = zip(*[sample for b in scored for sample in b.samples][:len(image)], strict=True)
         classes = self._classes
         if classes is not None and not bool((labels >= 0).all()):
             log.warning("zero-shot top-1 scores the %d of %d held-out samples that have a class label ('cls')",
                         int((labels >= 0).sum()), len(labels))
-        retrieved = retrieve(image, text)  # read by the metrics and the per-sample rows alike
+        # read by the metrics and the per-sample rows alike; a sample's image with another's caption matches when the
+        # two share the image (one image, several captions) or the caption's words
+        retrieved = retrieve(image, text, groups_of(image_ids.tolist()), groups_of(captions))
         class_scores = image @ classes.T if classes is not None else None  # (N, C)
         metrics = contrastive_metrics(retrieved, labels, class_scores) | {"samples_scored": float(len(image))}
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True, sync_dist=False, rank_zero_only=True)
-        keys, captions = zip(*[sample for b in scored for sample in b.samples][:len(image)], strict=True)
         self.predictions = contrastive_predictions(retrieved, labels, class_scores, self.classnames, list(keys),
                                                    list(captions))
         self._classes = None
