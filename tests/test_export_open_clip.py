@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from tiny import REGISTERED_VIT, contrastive_export
+from tiny import REGISTERED_VIT, contrastive_export, tiny_config
 
 from vlm.export import ExportConfig, convert
 from vlm.exports.clip import load_clip
@@ -52,6 +52,26 @@ def test_open_clip_loads_the_same_model_tokenizer_and_preprocessing(registered_e
         assert torch.allclose(model.logit_scale, ours.model.head.logit_scale[0])
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
     assert provenance["source"] == str(registered_export.resolve()) and provenance["source_stage"] == "contrastive"
+
+
+def test_letterboxed_borders_are_padded_with_the_towers_mean_colour_in_each_channel():
+    """A tower normalised with CLIP's mean (not 0.5 in every channel): open_clip's pad must be that colour, which vlm's
+    tiler pads with (0 once normalised), not one grey level for all three channels."""
+    from vlm.config import TilerConfig
+    from vlm.data.tiler import Tiler
+    from vlm.exports.open_clip import open_clip_settings
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    cfg = open_clip_settings(tiny_config(*REGISTERED_VIT).model, mean, std)["preprocess_cfg"]
+    preprocess = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
+                                           resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"],
+                                           fill_color=cfg["fill_color"])
+    tiler = Tiler(TilerConfig(max_tiles=1), tile_size=cfg["size"], tokens_per_tile=100, mean=mean, std=std)
+    wide = Image.new("RGB", (160, 60), (200, 30, 90))  # fitted into 160 x 160: 50 rows of border above and below
+    theirs, ours = preprocess(wide), tiler(wide).pixel_values[0]  # (3, 160, 160) each
+    half_level = 0.5 / 255 / min(std)
+    assert (theirs[:, :40] - ours[:, :40]).abs().max() <= half_level  # the border rows
+    assert (theirs[:, 60:100] - ours[:, 60:100]).abs().max() <= 2 * half_level  # the picture (resampled alike)
 
 
 def test_siglip_bias_travels(tmp_path):

@@ -82,11 +82,11 @@ def open_clip_settings(config: ModelConfig, mean: tuple[float, ...], std: tuple[
     }
     if config.clip.loss == "siglip":
         model_cfg["init_logit_bias"] = -10.0  # creates the parameter; its trained value comes with the weights
-    # open_clip's "longest" mode fits the image into the square and pads, as our single-tile tier does; its pad colour
-    # is one grey level, ours the normalisation mean (0 after normalising), so only letterboxed borders can differ.
+    # open_clip's "longest" mode fits the image into the square and pads, as our single-tile tier does, with the mean
+    # colour (0 after normalising) given per channel: one grey level would be ~10 levels off an ImageNet or CLIP mean
     preprocess_cfg = {"size": registered["image_size"], "mean": list(mean), "std": list(std),
                       "interpolation": "bicubic", "resize_mode": "longest",
-                      "fill_color": round(sum(mean) / 3 * 255)}
+                      "fill_color": [round(channel * 255) for channel in mean]}
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
