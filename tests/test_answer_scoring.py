@@ -408,9 +408,10 @@ def test_vlm_eval_scores_a_gpu_runs_fp16_export_in_its_own_precision_on_a_cpu(ti
     assert config.trainer.precision == "auto"
 
 
-def test_answers_stop_at_the_llms_own_end_of_turn_ids_as_in_chat(tiny_sft_export):
+def test_answers_stop_at_the_llms_own_end_of_turn_ids_as_in_chat(tiny_sft_export, tmp_path):
     """An LLM whose generation config names end-of-turn ids beyond the tokenizer's EOS (Gemma's `<end_of_turn>`):
-    held-out answers, chat and the Hugging Face export all stop at them."""
+    held-out answers, chat and the Hugging Face export all stop at them, and so does the model loaded again from its
+    export folder."""
     from vlm.chat import ChatModel
     from vlm.data.processor import pad_batch
     from vlm.exports.hf import generation_settings
@@ -437,6 +438,8 @@ def test_answers_stop_at_the_llms_own_end_of_turn_ids_as_in_chat(tiny_sft_export
     # a batch of prompts (vlm.constitution's answers) decodes each row as chat decodes its answer
     assert chat.generate_batch([chat.prepare(conversation, image)], max_new_tokens=4, temperature=0) == \
         [answer.text.strip()] == [tokenizer.decode([first]).strip()]
+    reloaded = ChatModel.load(export_vlm(tmp_path / "export", task.bundle, "sft", task.config.tiler), device="cpu")
+    assert reloaded.generate(conversation, image, max_new_tokens=4, temperature=0).token_ids == [first]
 
 
 def test_a_caption_sample_with_metadata_json_is_a_describe_turn_in_phase_2():

@@ -57,6 +57,9 @@ class ExportMeta:
     model: dict[str, Any]  # the `model` config group (vlm.config.ModelConfig) it was built from
     tiler: dict[str, Any]  # the tiler settings it was trained with (vlm.data.tiler.TilerConfig)
     llm_config: dict[str, Any] | None = None  # phase 2: the LLM's Hugging Face config, to rebuild it offline
+    # phase 2: the LLM's generation config (its generation_config.json, as far as it differs from the defaults): the
+    # end-of-turn ids some LLMs name only there (Llama 3's <|eot_id|>, Phi-3's <|end|>)
+    llm_generation_config: dict[str, Any] | None = None
     tokens_per_tile: int | None = None  # phase 2: image tokens per tile after reduction
     classnames: list[str] | None = None  # contrastive: class names in label order, for zero-shot eval
     templates: list[str] | None = None  # contrastive: zero-shot prompt templates

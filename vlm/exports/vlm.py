@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from vlm.config import TilerConfig, model_config_from, to_dict
 from vlm.data.tokenizer import image_token_id, load_tokenizer, prepare_tokenizer
@@ -29,6 +29,7 @@ def export_vlm(directory: Path, vlm: VLMBundle, stage: str, tiler: TilerConfig,
     settings = to_dict(model.config)
     settings["llm"]["name_or_path"] = None  # the export is self-contained: rebuilt from llm_config
     meta = ExportMeta(stage=stage, model=settings, tiler=to_dict(tiler), llm_config=model.lm.config.to_dict(),
+                      llm_generation_config=model.lm.generation_config.to_diff_dict(),
                       tokens_per_tile=model.tokens_per_tile, train_config=train_config)
     return write_export(directory, model, meta, lambda path: vlm.tokenizer.save_pretrained(str(path)))
 
@@ -50,5 +51,7 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
     model = empty_vlm(model_config_from(meta.model), AutoConfig.for_model(**meta.llm_config),
                       image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)
+    if meta.llm_generation_config is not None:  # exports written before it was recorded keep the config's own
+        model.lm.generation_config = GenerationConfig.from_dict(meta.llm_generation_config)
     model.eval()  # the conv stem's BatchNorm would otherwise normalise each image by its own batch's statistics
     return bundle(model, tokenizer, tiler or TilerConfig(**meta.tiler))
