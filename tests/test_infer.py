@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from images import crafted_png
 from PIL import Image
 
-from vlm.cli import CONFIG_DIR, PATH_KEYS, PATTERN_KEYS, TEXT_KEYS, quote_values
+from vlm.cli import CONFIG_DIR, LIST_TEXT_KEYS, PATH_KEYS, PATTERN_KEYS, TEXT_KEYS, quote_values
 from vlm.config import ConfigError, load_config
 from vlm.errors import UserError
 from vlm.exports.format import PROVENANCE_FILE, ExportError, not_a_folder, read_meta
@@ -337,6 +337,17 @@ def test_stop_sequences_typed_in_a_shell_read_their_escapes():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):  # as bash passes them on
         composed = compose("infer", overrides=[r'generation.stop=["\n\n",a\tb,"c:\\n"]'])
     assert infer_config(composed).generation.stop == ("\n\n", "a\tb", "c:\\n")
+
+
+def test_stop_sequences_are_the_text_typed_not_numbers_or_hydra_grammar():
+    """`generation.stop=[2.]` stops at the second item of a numbered list: not at "2.0", which Hydra's float
+    would become."""
+    typed = ["2.", "1.50", "true", "+1", "1e3", "###", "<|im_end|>", "null", r"a\tb", r'"\n\n"']
+    override = quote_values([f"generation.stop=[{','.join(typed)}]"], TEXT_KEYS + LIST_TEXT_KEYS)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        composed = compose("infer", overrides=override)
+    assert infer_config(composed).generation.stop == ("2.", "1.50", "true", "+1", "1e3", "###", "<|im_end|>", "null",
+                                                      "a\tb", "\n\n")
 
 
 def test_infer_and_serve_name_a_missing_or_damaged_export_in_one_line(tiny_sft_export, tmp_path, capsys):

@@ -31,6 +31,7 @@ CONFIG_DIR = next((d for d in (_PACKAGE / "configs", _PACKAGE.parent / "configs"
 PATTERN_KEYS = ("data.train", "data.val")  # shard patterns: braces and colons mean something to Hydra's parser
 # file and folder names: parentheses, quotes, commas, accents, `~`, `=` mean something to Hydra's parser too
 TEXT_KEYS = ("prompt", "system")  # free text: "null" is a word there, not Hydra's null
+LIST_TEXT_KEYS = ("generation.stop",)  # lists of free text: `[2.]` is the text "2.", not the number 2.0
 PATH_KEYS = ("checkpoint", "init_from", "resume", "out", "output_root", "eval.output_dir", "data.classnames",
              "data.synthetic.cache_dir", "stage.reference", "constitution", "image")
 _MISSING = object()
@@ -118,7 +119,7 @@ def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
     for arg in args:
         key, eq, value = arg.partition("=")
         if eq and key in keys and not _quoted(value) and not (value == "null" and key not in TEXT_KEYS):
-            if key in PATH_KEYS and len(value) >= 2 and value[0] == "[" and value[-1] == "]":
+            if (key in PATH_KEYS or key in LIST_TEXT_KEYS) and len(value) >= 2 and value[0] == "[" and value[-1] == "]":
                 arg = f"{key}=[" + ",".join(_hydra_quoted(v.strip()) for v in _list_items(value[1:-1])) + "]"
             else:
                 arg = f"{key}={_hydra_quoted(value)}"

@@ -25,6 +25,7 @@ from PIL import Image
 from vlm.chat import ChatSession, PromptError, with_placeholders
 from vlm.cli import (
     CONFIG_DIR,
+    LIST_TEXT_KEYS,
     TEXT_KEYS,
     fail,
     load_chat_model,
@@ -266,7 +267,7 @@ def stdout_failure(err: OSError) -> UserError:
 
 
 def main() -> None:
-    sys.argv[1:] = quote_values(sys.argv[1:], TEXT_KEYS)
+    sys.argv[1:] = quote_values(sys.argv[1:], TEXT_KEYS + LIST_TEXT_KEYS)
     preflight(sys.argv[1:], "infer")
     infer()
 
