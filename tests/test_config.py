@@ -115,6 +115,9 @@ def test_bad_values_name_the_key():
     ("model.text.heads=3", "model.text.heads=3 does not divide model.text.width="),
     ("eval.templates=[]", r"eval.templates=\[\] holds no prompt"),
     ("eval.templates=['a photo']", "eval.templates: 'a photo' has no {} for the class name"),
+    ("eval.templates=['a {} of a {}']", r"eval.templates: 'a \{\} of a \{\}' is not a prompt with one \{\} for the "
+                                       r"class name \(Replacement index 1 out of range"),
+    ("eval.templates=['{} {kind}']", r"eval.templates: '\{\} \{kind\}' is not a prompt with one"),
 ])
 def test_out_of_range_numbers_name_the_key_and_the_bound(override, message):
     with pytest.raises(ConfigError, match=message):

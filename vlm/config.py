@@ -491,6 +491,12 @@ class EvalConfig:
         if bad := [t for t in templates if not isinstance(t, str) or "{}" not in t]:
             raise ValueError(f"eval.templates: {bad[0]!r} has no {{}} for the class name, so every class would get "
                              f"the same prompt; write e.g. 'a photo of a {{}}.'")
+        for template in templates:  # a second {} or a named field would fail only at the first validation
+            try:
+                template.format("class")
+            except (IndexError, KeyError, ValueError) as err:
+                raise ValueError(f"eval.templates: {template!r} is not a prompt with one {{}} for the class name "
+                                 f"({err}); write a literal brace as {{{{ or }}}}") from None
 
 
 @dataclass
