@@ -359,3 +359,52 @@ def test_the_picture_command_draws_what_it_says(tmp_path, capsys):
             synthetic.main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "shape.png"]  # nothing of the refused commands
+
+
+def test_a_text_tower_started_from_open_clip_weights_runs_them_as_they_were_trained(tmp_path):
+    """Weights trained with QuickGELU (OpenAI's CLIP) run in a GELU tower would give other embeddings, which open_clip
+    only warns about: the tower takes the activation model.text.quick_gelu names, and a mismatch is refused."""
+    import dataclasses
+    import json
+
+    import open_clip
+
+    from vlm.config import ConfigError
+    from vlm.models.text import TextTower
+
+    text_cfg = {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    (tmp_path / "vlm-test-quickgelu.json").write_text(json.dumps({
+        "embed_dim": 16, "quick_gelu": True, "text_cfg": text_cfg,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16}}))
+    open_clip.add_model_config(tmp_path / "vlm-test-quickgelu.json")
+    torch.manual_seed(0)
+    reference = open_clip.create_model("vlm-test-quickgelu").eval()
+    torch.save(reference.state_dict(), tmp_path / "weights.pt")
+    config = tiny_config(f"model.text.pretrained='vlm-test-quickgelu/{tmp_path / 'weights.pt'}'",
+                         "model.text.quick_gelu=true", "model.text.context_length=20", "model.text.width=32",
+                         "model.text.heads=2", "model.text.layers=1").model.text
+    tower = TextTower(config, 16).eval()
+    ids = open_clip.get_tokenizer("ViT-B-32", context_length=20)(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        assert torch.allclose(tower(ids), reference.encode_text(ids), atol=1e-6)
+    with pytest.raises(ConfigError, match=r"was trained with QuickGELU activations: set model.text.quick_gelu=true"):
+        TextTower(dataclasses.replace(config, quick_gelu=False), 16)
+    with pytest.raises(ConfigError, match=r"does not match model.text \(.*size mismatch for positional_embedding"):
+        TextTower(dataclasses.replace(config, context_length=30), 16)
+    with pytest.raises(ConfigError, match=r"'vlm-test-quickgelu' names no weights: give MODEL/TAG"):
+        TextTower(dataclasses.replace(config, pretrained="vlm-test-quickgelu"), 16)
+    # OpenAI's registered weights are refused before anything is fetched, by open_clip's own registry
+    with pytest.raises(ConfigError, match=r"'ViT-B-32/openai' was trained with QuickGELU"):
+        TextTower(dataclasses.replace(config, pretrained="ViT-B-32/openai", quick_gelu=False), 16)
+
+
+def test_an_export_written_before_model_text_quick_gelu_loads_with_gelu(tmp_path):
+    import json
+
+    from tiny import contrastive_export
+
+    export = contrastive_export(tmp_path / "export")
+    meta = json.loads((export / "config.json").read_text())
+    del meta["model"]["text"]["quick_gelu"]
+    (export / "config.json").write_text(json.dumps(meta))
+    assert load_clip(export).model.text.config.quick_gelu is False

@@ -54,6 +54,17 @@ def test_open_clip_loads_the_same_model_tokenizer_and_preprocessing(registered_e
     assert provenance["source"] == str(registered_export.resolve()) and provenance["source_stage"] == "contrastive"
 
 
+def test_a_quick_gelu_text_tower_loads_in_open_clip_with_its_activation(tmp_path):
+    export = contrastive_export(tmp_path / "export", *REGISTERED_VIT, "model.text.quick_gelu=true")
+    out = tmp_path / "open_clip"
+    convert(ExportConfig(checkpoint=str(export), format="open_clip", out=str(out), hf_route="auto", log_level="INFO"))
+    model = open_clip.create_model(f"local-dir:{out}").eval()
+    ours = load_clip(export)
+    ids = ours.tokenizer(["a red circle on a blue background"])
+    with torch.no_grad():
+        assert torch.allclose(model.encode_text(ids, normalize=True), ours.model.encode_text(ids), atol=1e-5)
+
+
 def test_letterboxed_borders_are_padded_with_the_towers_mean_colour_in_each_channel():
     """A tower normalised with CLIP's mean (not 0.5 in every channel): open_clip's pad must be that colour, which vlm's
     tiler pads with (0 once normalised), not one grey level for all three channels."""

@@ -267,6 +267,7 @@ class TextConfig:
     heads: int = setting(minimum=1)
     layers: int = setting(minimum=1)
     pretrained: str | None = setting()  # "MODEL/TAG" of open_clip weights for the text tower, e.g. "ViT-B-16/openai"
+    quick_gelu: bool = setting()  # QuickGELU activations, as OpenAI's CLIP weights were trained with (plain GELU else)
 
     def __post_init__(self) -> None:
         _check_heads("model.text", self.width, self.heads)
@@ -334,7 +335,8 @@ class ModelConfig:
 
 
 # Values that exports written before a model key existed were trained with: such an export loads as it was trained.
-EARLIER_MODEL_VALUES: dict[str, dict[str, Any]] = {"projector": {"image_slot_scale": "embedding"}}
+EARLIER_MODEL_VALUES: dict[str, dict[str, Any]] = {"projector": {"image_slot_scale": "embedding"},
+                                                    "text": {"quick_gelu": False}}
 
 
 def model_config_from(values: dict[str, Any]) -> ModelConfig:

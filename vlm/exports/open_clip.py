@@ -79,6 +79,7 @@ def open_clip_settings(config: ModelConfig, mean: tuple[float, ...], std: tuple[
                        "timm_proj_bias": False, "image_size": registered["image_size"]},
         "text_cfg": {"context_length": config.text.context_length, "vocab_size": config.text.vocab_size,
                      "width": config.text.width, "heads": config.text.heads, "layers": config.text.layers},
+        "quick_gelu": config.text.quick_gelu,  # the text tower's activation (the timm trunk keeps its own)
     }
     if config.clip.loss == "siglip":
         model_cfg["init_logit_bias"] = -10.0  # creates the parameter; its trained value comes with the weights

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import open_clip
 import torch
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 from vlm.config import ConfigError, TextConfig
@@ -16,28 +16,56 @@ class TextTower(nn.Module):
     def __init__(self, config: TextConfig, embed_dim: int):
         super().__init__()
         self.config = config
+        reference = open_clip_reference(config.pretrained, config.quick_gelu) if config.pretrained else None
         self.transformer = TextTransformer(context_length=config.context_length, vocab_size=config.vocab_size,
                                            width=config.width, heads=config.heads, layers=config.layers,
-                                           output_dim=embed_dim)
-        if config.pretrained:
-            self._load_open_clip(config.pretrained)
+                                           output_dim=embed_dim, act_layer=QuickGELU if config.quick_gelu else nn.GELU)
+        if reference is not None:
+            self._copy_text_weights(reference, config.pretrained)
 
-    def _load_open_clip(self, spec: str) -> None:
-        """Copy the text weights of an open_clip model ("MODEL/TAG"); needs the hub."""
-        name, _, tag = spec.partition("/")
-        reference = open_clip.create_model(name, pretrained=tag or None)
+    def _copy_text_weights(self, reference: nn.Module, spec: str) -> None:
         keys = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
         state = {k: v for k, v in reference.state_dict().items() if k.split(".")[0] in keys}
-        missing, unexpected = self.transformer.load_state_dict(state, strict=False)
+        mismatch = f"model.text.pretrained={spec!r} does not match model.text"
+        hint = f"copy the text context_length/width/heads/layers of {spec.partition('/')[0]!r}"
+        try:
+            missing, unexpected = self.transformer.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # a tensor of another shape; torch's next line names it and both shapes
+            detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise ConfigError(f"{mismatch} ({detail}); {hint}") from None
         if unexpected or [k for k in missing if k != "attn_mask"]:
-            raise ConfigError(f"model.text.pretrained={spec!r} does not match model.text (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}); copy the text width/heads/layers of {name!r}")
+            raise ConfigError(f"{mismatch} (missing {missing[:5]}, unexpected {unexpected[:5]}); {hint}")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.transformer(ids)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.set_grad_checkpointing(enable)
+
+
+def open_clip_reference(spec: str, quick_gelu: bool) -> nn.Module:
+    """The open_clip model "MODEL/TAG" names, with its weights (from the hub, or a local file as TAG), whose text
+    tower the tower copies; refused when its activation is not model.text.quick_gelu's."""
+    name, _, tag = spec.partition("/")
+    if not tag:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)[:6]) or "none registered"
+        raise ConfigError(f"model.text.pretrained={spec!r} names no weights: give MODEL/TAG, e.g. {name}/openai "
+                          f"(tags of {name!r}: {tags}), or a checkpoint file of that model as MODEL/PATH")
+    # OpenAI's weights are QuickGELU-trained whatever the model name says; open_clip would only warn
+    trained_quick = open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")
+    if trained_quick is not None and trained_quick != quick_gelu:
+        raise _activation_mismatch(spec, trained_quick)
+    reference = open_clip.create_model(name, pretrained=tag, force_quick_gelu=bool(trained_quick),
+                                       require_pretrained=True)
+    built_quick = any(isinstance(module, QuickGELU) for module in reference.modules())
+    if built_quick != quick_gelu:  # a -quickgelu model name, or a local checkpoint of one
+        raise _activation_mismatch(spec, built_quick)
+    return reference
+
+
+def _activation_mismatch(spec: str, quick: bool) -> ConfigError:
+    return ConfigError(f"model.text.pretrained={spec!r} was trained with {'QuickGELU' if quick else 'GELU'} "
+                       f"activations: set model.text.quick_gelu={str(quick).lower()} to run it as trained")
 
 
 def clip_tokenizer(config: TextConfig) -> open_clip.tokenizer.SimpleTokenizer:
