@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 import re
 import subprocess
@@ -115,6 +116,7 @@ def test_bad_values_name_the_key():
     ("model.text.heads=3", "model.text.heads=3 does not divide model.text.width="),
     ("eval.templates=[]", r"eval.templates=\[\] holds no prompt"),
     ("eval.templates=['a photo']", "eval.templates: 'a photo' has no {} for the class name"),
+    ("model.clip.init_logit_bias=-5", "model.clip.init_logit_bias=-5 applies to model.clip.loss=siglip only"),
     ("eval.templates=['a {} of a {}']", r"eval.templates: 'a \{\} of a \{\}' is not a prompt with one \{\} for the "
                                        r"class name \(Replacement index 1 out of range"),
     ("eval.templates=['{} {kind}']", r"eval.templates: '\{\} \{kind\}' is not a prompt with one"),
@@ -349,3 +351,19 @@ def test_heads_that_split_no_width_of_the_timm_models_own_are_one_error_naming_t
     config = tiny_config("model.vision.width=null", "model.vision.heads=5")  # the timm model's own width, 192
     with pytest.raises(ConfigError, match=r"cannot be built with .*model.vision.heads=5.*: dim should be divisible"):
         VisionTower(config.model.vision)
+
+
+@pytest.mark.parametrize("stage, overrides, unread", [
+    ("contrastive", ["stage.lr_llm=0.1", "stage.train_projector=true", "stage.lr_text=0.1"],
+     ["stage.lr_llm=0.1 has no effect in stage=contrastive: its model has no 'llm' part",
+      "stage.train_projector=True has no effect in stage=contrastive: its model has no 'projector' part"]),
+    ("sft", ["stage.lr_text=0.1", "stage.beta=0.5", "stage.lr_llm=0.1"],
+     ["stage.lr_text=0.1 has no effect in stage=sft: its model has no 'text' part",
+      "stage.beta=0.5 has no effect in stage=sft: it is a preference setting, read by stage=dpo"]),
+])
+def test_stage_settings_a_stage_reads_nothing_of_are_named(caplog, stage, overrides, unread):
+    """stage.lr_llm in the contrastive stage, or stage.beta in sft, would otherwise do nothing without a word."""
+    with caplog.at_level(logging.WARNING, logger="vlm.training.freezing"):
+        make_task(tiny_config(*overrides, stage=stage))
+    warned = [record.getMessage() for record in caplog.records if "has no effect" in record.getMessage()]
+    assert len(warned) == len(unread) and all(w.startswith(u) for w, u in zip(warned, unread, strict=True)), warned

@@ -289,6 +289,11 @@ class ClipHeadConfig:
     init_logit_scale: float | None = setting()  # log temperature at start; null: log(1/0.07) clip, log(10) siglip
     init_logit_bias: float | None = setting()  # siglip only; null: -10
 
+    def __post_init__(self) -> None:
+        if self.loss == "clip" and isinstance(self.init_logit_bias, int | float):
+            raise ValueError(f"model.clip.init_logit_bias={self.init_logit_bias:g} applies to model.clip.loss=siglip "
+                             f"only: CLIP's softmax loss has no bias")
+
 
 @dataclass
 class ProjectorConfig:
@@ -355,6 +360,10 @@ def model_config_from(values: dict[str, Any]) -> ModelConfig:
 # ---- training ----
 
 
+PREFERENCE_SETTINGS = ("beta", "loss", "sft_weight", "anchor_weight", "precompute_reference", "disable_dropout",
+                       "reference")  # the stage keys only the preference stages read
+
+
 @dataclass
 class StageConfig:
     name: str = setting()  # the stage: a row of the stage table (vlm/training/stages.py)
@@ -376,7 +385,7 @@ class StageConfig:
     cache_vision_features: bool = setting()
     feature_cache_memory: int = setting(minimum=0)  # bytes of features kept in memory; the rest go to the folder
     feature_cache_dir: str = setting()  # the cache folder (one subfolder per tower + tiler fingerprint)
-    # preference stages (dpo); null elsewhere
+    # preference stages (dpo); null elsewhere (PREFERENCE_SETTINGS)
     beta: float | None = setting(minimum=0)  # DPO's beta: how far the policy may move from the reference
     loss: str | None = setting(choices=("sigmoid", "ipo"))  # DPO's sigmoid loss, or IPO (log-probs per token)
     sft_weight: float | None = setting(minimum=0)  # weight of an NLL term on the chosen answers (0: off)

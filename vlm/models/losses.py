@@ -3,6 +3,7 @@ losses of `stage=dpo` (DPO's sigmoid loss, IPO), on log-probabilities of answers
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch import nn
 from vlm.config import ClipHeadConfig, ConfigError
 from vlm.data.processor import IGNORE_INDEX
 
+log = logging.getLogger(__name__)
 PREFERENCE_LOSSES = ("sigmoid", "ipo")
 # open_clip's gathering calls torch.distributed.nn.all_gather, which this torch marks deprecated: the warning names a
 # library line our users cannot change, twice per rank
@@ -27,6 +29,9 @@ def build_contrastive_loss(config: ClipHeadConfig, rank: int = 0, world_size: in
         return ClipLoss(local_loss=config.local_loss, gather_with_grad=config.gather_with_grad, cache_labels=True,
                         rank=rank, world_size=world_size)
     if config.loss == "siglip":
+        if world_size > 1 and rank == 0 and (config.local_loss or config.gather_with_grad):
+            log.info("model.clip.local_loss and gather_with_grad apply to loss=clip; SigLIP's loss passes each rank's "
+                     "text features around the ranks in turn, scoring every image against the global batch")
         return SigLipLoss(cache_labels=True, rank=rank, world_size=world_size)
     raise ConfigError(f"unknown model.clip.loss {config.loss!r}; choose one of ['clip', 'siglip']")
 

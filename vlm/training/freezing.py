@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from vlm.config import StageConfig
+from vlm.config import PREFERENCE_SETTINGS, StageConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,22 @@ def parts_with_overrides(table_entry: frozenset[str], overrides: dict[str, bool 
         elif flag is False:
             parts.discard(part)
     return frozenset(parts)
+
+
+def warn_unread_stage_settings(stage: StageConfig, parts: set[str], reads_preferences: bool) -> None:
+    """Say which stage settings this stage reads nothing of: a learning rate or train flag of a part its model lacks
+    (stage.lr_llm in contrastive, stage.lr_text in sft), or a preference setting outside the preference stages."""
+    if rank_zero_only.rank != 0:
+        return
+    for key in ("lr_projector", "lr_llm", "lr_vision", "lr_text", *TRAIN_FLAGS.values()):
+        part = key.split("_", 1)[1]
+        if getattr(stage, key) is not None and part not in parts:
+            log.warning("stage.%s=%r has no effect in stage=%s: its model has no %r part (its parts: %s)", key,
+                        getattr(stage, key), stage.name, part, ", ".join(sorted(parts)))
+    for key in () if reads_preferences else PREFERENCE_SETTINGS:
+        if getattr(stage, key) is not None:
+            log.warning("stage.%s=%r has no effect in stage=%s: it is a preference setting, read by stage=dpo", key,
+                        getattr(stage, key), stage.name)
 
 
 def apply_freezing(parts: dict[str, nn.Module], trainable: Iterable[str],

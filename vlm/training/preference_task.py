@@ -49,6 +49,7 @@ class PreferenceTask(VLMTask):
     # the rewards and the loss on held-out pairs; train_vision: whether the reference reads its own image features
     SCORED_WITH = ("beta", "loss", "sft_weight", "train_vision")
     STARTS_FRESH = False  # preferences between a model's answers say nothing to random weights
+    READS_PREFERENCES = True
 
     def __init__(self, config: TrainConfig, stage: Stage, bundle: VLMBundle, reference: VisionLanguageModel | None,
                  reference_source: str | None):

@@ -20,7 +20,12 @@ from torch import nn
 
 from vlm.config import TrainConfig, to_dict
 from vlm.data.sources import DataSources
-from vlm.training.freezing import apply_freezing, keep_frozen_parts_in_eval, trainable_parts
+from vlm.training.freezing import (
+    apply_freezing,
+    keep_frozen_parts_in_eval,
+    trainable_parts,
+    warn_unread_stage_settings,
+)
 from vlm.training.gradients import clip_gradients
 from vlm.training.health import DataHealth
 from vlm.training.held_out import HeldOutShare
@@ -55,6 +60,7 @@ class StageTask(pl.LightningModule):
     # whether the stage trains an image-text embedding model (phase 1: zero-shot and retrieval scores, an export
     # without an LLM) rather than a chat model (phase 2: answers)
     EMBEDS = False
+    READS_PREFERENCES = False  # whether it reads the preference settings (stage.beta, stage.loss, ...)
 
     def __init__(self, config: TrainConfig, stage: Stage, model: nn.Module):
         super().__init__()
@@ -62,6 +68,7 @@ class StageTask(pl.LightningModule):
         self.stage = stage
         self.model = model
         self.trainable = trainable_parts(stage.trains, config.stage)
+        warn_unread_stage_settings(config.stage, set(model.parts()), self.READS_PREFERENCES)
         self.health = DataHealth(config.data.max_skip_rate, config.trainer.max_nonfinite_steps)
         self.parameter_counts = apply_freezing(model.parts(), self.trainable, model.idle_parameters())
         # held-out samples a validation reads at most (None: all); a run's final validation reads all of them
