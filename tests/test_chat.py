@@ -331,11 +331,26 @@ def test_a_chat_keeps_its_images_as_they_were_when_sent(tiny_chat_model, images,
     session.send("What is this?", images=[str(shot)])
     shot.unlink()
     session.send("Are you sure?")  # reads the chat's images again, the deleted file's among them
-    assert session.images == [Path(images["path"]).read_bytes()]
+    as_sent = tiny_chat_model.processor.tiler(images["path"])
+    assert torch.equal(session.images[0].pixel_values, as_sent.pixel_values)
     canvas = Image.new("RGB", (32, 32), "red")  # a picture the caller draws on after sending it
     session.send("And this?", images=[canvas])
     canvas.paste((255, 255, 0), (0, 0, 32, 32))
-    assert session.images[1].getpixel((0, 0)) == (255, 0, 0)
+    assert torch.equal(session.images[1].pixel_values, tiny_chat_model.processor.tiler(
+        Image.new("RGB", (32, 32), "red")).pixel_values)
+
+
+def test_a_chat_tiles_each_image_once_however_many_turns_read_it(tiny_chat_model, images, monkeypatch):
+    """A 6144 x 4096 photo takes a second or more to decode and tile: a chat of many turns must not pay that again
+    for every earlier image at every turn, nor for each attempt to fit the context by forgetting."""
+    tiler = tiny_chat_model.processor.tiler
+    calls = []
+    monkeypatch.setattr(tiny_chat_model.processor, "tiler",
+                        lambda image, **kw: calls.append(image) or tiler(image, **kw))  # counts, then tiles
+    session = tiny_chat_model.session(max_new_tokens=1, temperature=0)
+    for turn in range(4):
+        session.send(f"Question {turn}?", images=[images["path"]])
+    assert len(calls) == 4 and len(session.images) == 4
 
 
 def test_a_stream_left_open_keeps_its_place_in_the_chat(tiny_chat_model):

@@ -13,7 +13,6 @@ placeholder per image, and `images` lists the image sources (paths, bytes or PIL
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-from vlm.data.processor import ImageSource, Processor, PromptTooLong, SampleError, pad_batch
+from vlm.data.processor import PROMPT_NAME, ImageSource, Processor, PromptTooLong, SampleError, pad_batch
 from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.exports.format import read_meta
 from vlm.exports.vlm import load_vlm
@@ -243,17 +242,6 @@ def with_placeholders(text: str, images: int) -> str:
     return text
 
 
-def snapshot(image: ImageSource) -> ImageSource:
-    """A file's bytes (a path read once; the file may change or go later), a copy of a PIL image (the caller may draw
-    on it later), any other image source as it is."""
-    if isinstance(image, str | os.PathLike):
-        with contextlib.suppress(OSError):  # it was read a moment ago; if it is gone now, the next turn says so
-            return Path(image).read_bytes()
-    if isinstance(image, Image.Image):
-        return image.copy()
-    return image
-
-
 @dataclass
 class _Turn:
     role: str
@@ -310,7 +298,10 @@ class ChatSession:
         turns it holds, which become the history once the answer comes (`_record`)."""
         self._close_open_stream()
         images = image_list(images)
-        turn = _Turn("user", with_placeholders(text, len(images)), images)
+        # tiled once, here: each later turn reads the tiles (as the image was when sent: a file changed or deleted
+        # since, or a picture drawn on, does not change the chat), not the file again
+        tiled = self.model.processor.tile_all(images, PROMPT_NAME, first_index=len(self.images))
+        turn = _Turn("user", with_placeholders(text, len(images)), tiled)
         turns = [*self.turns, turn]
         wanted_room = min(options.max_new_tokens, self.model.context_length // 4)
         forgotten = 0  # exchanges left out
@@ -329,7 +320,6 @@ class ChatSession:
         if forgotten:
             log.warning("the chat no longer fits the model's context with room for an answer, so %s forgotten",
                         "its oldest exchange is" if forgotten == 1 else f"its {forgotten} oldest exchanges are")
-        turn.images = [snapshot(image) for image in images]  # later turns see these images as they were read now
         return prompt, turns
 
     def _record(self, turns: list[_Turn], completion: Completion) -> None:

@@ -130,9 +130,10 @@ class Processor:
                               f"{IMAGE_TOKEN}")
         return out_ids, out_labels, image_ends
 
-    def tile_all(self, images: list[ImageSource], name: str = "sample") -> list[TiledImage]:
-        """Each image tiled once, for a sample encoded several times (a pair's two answers, each held-out turn)."""
-        return [self._tile(image, name, i) for i, image in enumerate(images)]
+    def tile_all(self, images: list[ImageSource], name: str = "sample", first_index: int = 0) -> list[TiledImage]:
+        """Each image tiled once, for a sample encoded several times (a pair's two answers, each held-out turn, a
+        chat's later turns); errors count the images from `first_index`."""
+        return [self._tile(image, name, first_index + i) for i, image in enumerate(images)]
 
     def _tile(self, image: ImageSource, name: str, index: int) -> TiledImage:
         if isinstance(image, TiledImage):
