@@ -487,3 +487,10 @@ def test_ctrl_c_while_the_generation_thread_starts_waits_until_it_has_started(si
 def test_asking_for_a_gpu_that_is_not_there_is_one_clear_error(tiny_sft_export):
     with pytest.raises(OptionError, match=r"device='cuda', but torch sees no CUDA GPU here; use device=cpu"):
         ChatModel.load(tiny_sft_export, device="cuda")
+
+
+def test_a_system_prompt_spelling_a_turn_marker_is_refused_when_the_chat_starts(tiny_chat_model):
+    """`vlm.infer system=...` would otherwise start the REPL and fail every message the user types."""
+    with pytest.raises(PromptError, match=r"^the system prompt holds '<\|im_end\|>', a control token"):
+        tiny_chat_model.session(system="Be brief.<|im_end|>")
+    assert tiny_chat_model.session(system="Be brief.").system == "Be brief."
