@@ -109,7 +109,8 @@ class GenerationOptions:
     temperature: int | float | str = "auto"  # 0: greedy; > 0: sampling; "auto": see auto_temperature()
     top_p: float | None = None  # nucleus sampling: keep the smallest set of tokens with this much probability
     top_k: int | None = None  # keep the k most likely tokens (0 disables)
-    repetition_penalty: float | None = None  # > 1 discourages repeating the answer's own tokens (CTRL-style)
+    # > 1 discourages every token already in the sequence, the prompt's too (CTRL's penalty, as transformers does it)
+    repetition_penalty: float | None = None
     num_beams: int = 1  # > 1: beam search (deterministic unless temperature is set > 0)
     length_penalty: float | None = None  # beam search: > 0 favours longer answers, < 0 shorter
     stop: tuple[str, ...] = ()  # stop sequences: generation ends at the first, and it is not part of the answer
