@@ -45,51 +45,50 @@ def retrieve(image: torch.Tensor, text: torch.Tensor, image_groups: list[int] | 
     count = len(image)
     image_groups = list(range(count)) if image_groups is None else image_groups
     text_groups = list(range(count)) if text_groups is None else text_groups
-    captions_of_images = match_pairs(image_groups, text_groups)
-    images_of_captions = match_pairs(text_groups, image_groups)
+    captions_of_images = _Matches(image_groups, text_groups)
+    images_of_captions = _Matches(text_groups, image_groups)
     rows = max(1, SIMILARITY_BLOCK // max(count, 1))
     image_to_text, text_to_image, caption_ranks = [], [], []
     for start in range(0, count, rows):
-        block = slice(start, start + rows)
-        similarity = image[block] @ text.T  # (rows, N)
-        own = similarity.diagonal(offset=start)  # (rows,) each image with its own caption
-        best, matches_above = _best_match(similarity, start, *captions_of_images, own)
+        block = range(start, min(start + rows, count))
+        similarity = image[start:block.stop] @ text.T  # (R, N)
+        own = similarity.diagonal(offset=start)  # (R,) each image with its own caption
+        best, matches_above = captions_of_images.best(similarity, block, own)
         image_to_text.append(best >= similarity.amax(dim=1))
         caption_ranks.append((similarity > own.unsqueeze(1)).sum(dim=1) - matches_above)
-        similarity = text[block] @ image.T  # (rows, N)
-        best, _ = _best_match(similarity, start, *images_of_captions, similarity.diagonal(offset=start))
+        similarity = text[start:block.stop] @ image.T  # (R, N)
+        best, _ = images_of_captions.best(similarity, block, similarity.diagonal(offset=start))
         text_to_image.append(best >= similarity.amax(dim=1))
     return Retrieval(torch.cat(image_to_text), torch.cat(text_to_image), torch.cat(caption_ranks))
 
 
-def match_pairs(row_groups: list[int], column_groups: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every (i, j), ordered by i, where sample j's column group (its caption, or its image) is paired in the held-out
-    data with sample i's row group (its image, or its caption): (M,) row and (M,) column indices."""
-    partners: dict[int, set[int]] = defaultdict(set)
-    holders: dict[int, list[int]] = defaultdict(list)
-    for row_group, column_group in zip(row_groups, column_groups, strict=True):
-        partners[row_group].add(column_group)
-    for j, column_group in enumerate(column_groups):
-        holders[column_group].append(j)
-    rows: list[int] = []
-    columns: list[int] = []
-    for i, row_group in enumerate(row_groups):
-        for column_group in partners[row_group]:
-            rows.extend([i] * len(holders[column_group]))
-            columns.extend(holders[column_group])
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)
+class _Matches:
+    """Which columns match each row: sample j's column group (its caption, or its image) paired in the held-out data
+    with sample i's row group (its image, or its caption)."""
 
+    def __init__(self, row_groups: list[int], column_groups: list[int]):
+        self.row_groups = row_groups
+        self.partners: dict[int, set[int]] = defaultdict(set)  # row group -> the column groups paired with it
+        self.holders: dict[int, list[int]] = defaultdict(list)  # column group -> the samples in it
+        for row_group, column_group in zip(row_groups, column_groups, strict=True):
+            self.partners[row_group].add(column_group)
+        for j, column_group in enumerate(column_groups):
+            self.holders[column_group].append(j)
 
-def _best_match(similarity: torch.Tensor, start: int, rows: torch.Tensor, columns: torch.Tensor,
-                own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a block of rows start.. of the similarities (R, N): each row's best score among its matches, and how many
-    of its matches score above `own` (R,)."""
-    first, last = torch.searchsorted(rows, torch.tensor([start, start + len(similarity)]))
-    local, columns = rows[first:last] - start, columns[first:last]
-    scores = similarity[local, columns]  # (M_block,) read from the block, so ties compare exactly
-    best = torch.full_like(own, -torch.inf).scatter_reduce(0, local, scores, "amax")
-    above = torch.zeros(len(own), dtype=torch.long).scatter_add(0, local, (scores > own[local]).long())
-    return best, above
+    def best(self, similarity: torch.Tensor, block: range, own: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the rows `block` of the similarities (R, N): each row's best score among its matches, and how many of
+        its matches score above `own` (R,)."""
+        rows: list[int] = []
+        columns: list[int] = []
+        for local, i in enumerate(block):
+            for column_group in self.partners[self.row_groups[i]]:
+                rows.extend([local] * len(self.holders[column_group]))
+                columns.extend(self.holders[column_group])
+        local_rows, columns_read = torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)
+        scores = similarity[local_rows, columns_read]  # read from the block, so ties compare exactly
+        best = torch.full_like(own, -torch.inf).scatter_reduce(0, local_rows, scores, "amax")
+        above = torch.zeros(len(own), dtype=torch.long).scatter_add(0, local_rows, (scores > own[local_rows]).long())
+        return best, above
 
 
 def groups_of(values: Iterable[Hashable]) -> list[int]:
