@@ -213,27 +213,29 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export, tiny_cha
     partial answer and the new message."""
     question, follow_up = "Tell me everything.", "And then?"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    # unbuffered bytes: a buffered pipe's read(1) reads ahead, and communicate() never sees what it took (the shown
+    # answer then lacks pieces the REPL printed); and a text pipe would read a "\r" the model wrote as "\n"
     process = subprocess.Popen([sys.executable, "-m", "vlm.infer", f"checkpoint={tiny_sft_export}", "device=cpu",
                                 "generation.temperature=0", "generation.max_new_tokens=480"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
-                               env=env, text=True, encoding="utf-8",
+                               env=env, bufsize=0,
                                # a shell's background job (`pytest &`) would pass SIGINT on ignored, and so would Popen
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        process.stdin.write(f"{question}\n")
-        process.stdin.flush()
-        seen = ""
-        while "vlm> " not in seen[:-1]:  # the answer's first piece is out: it is streaming
-            char = process.stdout.read(1)
-            assert char, process.stderr.read()
-            seen += char
+        process.stdin.write(f"{question}\n".encode())
+        seen = b""
+        while b"vlm> " not in seen[:-1]:  # the answer's first piece is out: it is streaming
+            byte = process.stdout.read(1)
+            assert byte, process.stderr.read().decode()
+            seen += byte
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(f"{follow_up}\n/quit\n", timeout=60)
+        out_bytes, err_bytes = process.communicate(f"{follow_up}\n/quit\n".encode(), timeout=60)
     finally:
         process.kill()
+    out, err = (seen + out_bytes).decode(), err_bytes.decode()
     assert process.returncode == 0, err
     assert "[stopped]" in out and "Traceback" not in err
-    partial, stopped, after = (seen.split("vlm> ", 1)[1] + out).partition(" [stopped]\n")
+    partial, stopped, after = out.split("vlm> ", 1)[1].partition(" [stopped]\n")
     assert stopped and after.startswith("you> vlm> ") and after.endswith("\nyou> "), after
 
     followed = after.removeprefix("you> vlm> ").removesuffix("\nyou> ")
