@@ -162,6 +162,13 @@ def test_a_file_without_an_extension_is_read_unless_a_shipped_constitution_has_i
                                           ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
                                            "examples:\n  - question: q\n    answer: a\n    critique: c\n",
                                            "example 0 needs question, answer, critique and revision"),
+                                          ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
+                                           "examples:\n  - question: q\n    answer: a\n    critique: ' '\n"
+                                           "    revision: r\n", "example 0 has an empty 'critique'"),
+                                          ("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n"
+                                           "examples:\n  - question: \"<image>\\nWhat colour?\"\n    answer: a\n"
+                                           "    critique: c\n    revision: r\n",
+                                           "example 0's question holds <image>: few-shot examples carry no image"),
                                           (b"principles: \xff\xfe\n", "is not UTF-8 text")])
 def test_bad_constitution_files_are_named(tmp_path, text, message):
     path = tmp_path / "mine.yaml"
@@ -725,7 +732,12 @@ def test_best_of_n_counts_replies_without_a_score(tiny_sft_export, small_synthet
                                          ("I would rate it 2 out of 10", 2.0), ("Score (1-10): 9", 9.0),
                                          ("On a scale of 1 to 10: 3", 3.0), ("Out of 10: 3", 3.0),
                                          ("Score (0-10): 7", 7.0), ("Score: 8\n\n1. The answer is right.", 8.0),
-                                         ("9, or maybe 3", None), ("100", None), ("no idea", None)])
+                                         ("9, or maybe 3", None), ("100", None), ("no idea", None),
+                                         # two scores, one of them a scale's top or a second thought: none, not 10
+                                         ("Score: 4. A perfect answer would earn 10/10.", None),
+                                         ("Score: 3\nIt misses the colour; a right answer would be 9/10.", None),
+                                         ("Score: 9. On reflection, Score: 2.", None), ("Rating: 15", None),
+                                         ("Score: -3", None), ("Score: 6/10", 6.0)])
 def test_a_critics_score_is_read_past_the_scale_it_names(reply, score):
     """The scale's own numbers (1-10, out of 10) are no score; a reply with two different scores has none."""
     critic = ChatCritic(lambda requests: [reply] * len(requests), [])

@@ -148,20 +148,22 @@ class SyntheticCritic(Critic):
 SCORED = re.compile(r"(\d+(?:\.\d+)?)\s*(?:/|out of)\s*10\b", re.IGNORECASE)  # "9/10", "2 out of 10"
 SCALE = re.compile(r"\b[01]\s*(?:-|–|to)\s*10\b|\bout of 10\b|/\s*10\b", re.IGNORECASE)  # "(1-10)", "out of 10"
 LABELLED = re.compile(r"\b(?:score|rating)\s*[:=]\s*(\d+(?:\.\d+)?)", re.IGNORECASE)  # "Score: 8" (then a reason)
-NUMBER = re.compile(r"\d+(?:\.\d+)?")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def read_score(reply: str) -> float:
     """The 1-10 score in a critic's reply: "8", "Score: 8" (then its reasons), "8/10", "I would rate it 8 out of 10",
-    "Score (1-10): 8". NaN when it holds none, or several different ones ("9, or maybe 3"): a guess could pair answers
-    the wrong way."""
-    if scored := SCORED.search(reply):
-        return float(scored.group(1))
-    reply = SCALE.sub(" ", reply)
-    if labelled := LABELLED.search(reply):
-        return float(labelled.group(1))
-    found = {float(n) for n in NUMBER.findall(reply)}
-    return found.pop() if len(found) == 1 and 0 <= min(found) <= 10 else math.nan
+    "Score (1-10): 8". NaN when it holds none, several different ones ("9, or maybe 3", "Score: 3 ... a right answer
+    would be 9/10"), or one outside 0-10: a guess could pair answers the wrong way."""
+    found = {float(n) for n in SCORED.findall(reply)}
+    rest = SCALE.sub(" ", SCORED.sub(" ", reply))
+    found |= {float(n) for n in LABELLED.findall(rest)}
+    if not found:
+        found = {float(n) for n in NUMBER.findall(rest)}
+    if len(found) != 1:
+        return math.nan
+    score = found.pop()
+    return score if 0 <= score <= 10 else math.nan
 
 
 class ChatCritic(Critic):

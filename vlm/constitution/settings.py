@@ -24,6 +24,7 @@ from vlm.constitution.critics import (
     fits_context,
     self_completion,
 )
+from vlm.data.tokenizer import IMAGE_TOKEN
 
 
 @dataclass
@@ -129,6 +130,12 @@ def example(entry: Any, index: int, where: str) -> Example:
     if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in EXAMPLE_KEYS):
         raise ConfigError(f"{where}: example {index} needs question, answer, critique and revision, each as text")
     refuse_unknown_keys(entry, EXAMPLE_KEYS, f"{where}: example {index}")
+    for key in EXAMPLE_KEYS:
+        if not entry[key].strip():
+            raise ConfigError(f"{where}: example {index} has an empty {key!r}; write it as text")
+        if IMAGE_TOKEN in entry[key]:
+            raise ConfigError(f"{where}: example {index}'s {key} holds {IMAGE_TOKEN}: few-shot examples carry no "
+                              f"image, and the placeholder would take the prompt's own image; remove it")
     return Example(*(entry[k] for k in EXAMPLE_KEYS))
 
 
