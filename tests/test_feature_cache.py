@@ -90,6 +90,21 @@ def test_a_batch_of_cached_and_new_samples_gets_each_samples_own_features(tmp_pa
     assert calls.count == 2 and (cached.feature_cache.hits, cached.feature_cache.misses) == (2, 5)
 
 
+def test_a_sample_cut_to_fewer_images_than_cached_gets_its_own_features(tmp_path):
+    """A run with a shorter model.llm.max_length keeps fewer of a sample's images (a cut never splits one): the
+    cached features of all its tiles are not this sample's tiles, and the tower runs on the tiles it has."""
+    two_images = _raw_samples(2)[1]
+    task = _task(tmp_path, "stage.cache_vision_features=true").train()
+    batch = task.batching().collate([task.batching().decode(two_images)])
+    pixels, cache = batch["pixel_values"], task.feature_cache
+    tiles = len(pixels)
+    assert tiles >= 2
+    cache.patch_features(["s"], pixels, [tiles])  # cached with all its tiles
+    first = pixels[:tiles // 2]  # the same sample with its first image alone
+    with torch.no_grad():
+        assert torch.equal(cache.patch_features(["s"], first, [len(first)]), task.model.vision.patch_features(first))
+
+
 def test_a_changed_tower_or_tiler_reads_fresh_features(tmp_path):
     raw = _raw_samples(3)
     settings = ["stage.cache_vision_features=true", "stage.feature_cache_memory=0"]

@@ -140,6 +140,17 @@ def test_templates_that_render_a_conversations_last_turn_otherwise_label_exactly
         processor.encode(conversation(), IMAGES, name="sample")  # a template that rewrites the replies
 
 
+def test_a_reply_ending_in_whitespace_is_labelled_under_a_template_that_keeps_it(bundle):
+    """Qwen3's template writes a reply as it is, so "red \n" is followed by its whitespace and then the turn's end:
+    the reply is still found (it was a skipped sample), and its whitespace is learned with it."""
+    config = tiny_config(stage="sft")
+    tokenizer = new_vlm(config.model, config.tiler).tokenizer
+    tokenizer.chat_template = QWEN3_STYLE
+    processor = Processor(tokenizer, bundle.processor.tiler, 512)
+    spaced = [{**m, "content": m["content"] + " \n"} if m["role"] == "assistant" else m for m in conversation()]
+    assert _labelled_runs(processor, spaced, IMAGES) == ["red \n<|im_end|>\n", "a blue star \n<|im_end|>\n"]
+
+
 @pytest.mark.parametrize("images,match", [(IMAGES[:1], "2 <image> placeholders but 1 image$"),
                                           (IMAGES * 2, "2 <image> placeholders but 4 images")])
 def test_placeholder_count_mismatch_names_the_sample(bundle, images, match):

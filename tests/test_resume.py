@@ -692,6 +692,11 @@ def test_resuming_names_changed_settings_and_refuses_a_change_of_what_trains(tmp
     assert "resuming with settings other than those the run trained with until step=000010.ckpt: " \
            "stage.lr: 0.001 -> 0.0005; data.synthetic.num_train: " in caplog.text
     assert f"trainer.precision: {trained.trainer.precision!r} -> '32-true'; trainer.seed: " in caplog.text
+    caplog.clear()  # a run trained with local_global attention, resumed without saying so, would train dense
+    with caplog.at_level(logging.WARNING, logger="vlm"):
+        warn_changed_settings(path, tiny_config("stage.lr=1e-3", "model.llm.attention=local_global",
+                                                "model.llm.sparse.window=8", stage="sft"), sft.trains)
+    assert "model.llm.attention: 'dense' -> 'local_global'; model.llm.sparse.window: " in caplog.text
     # naming a part the table trains anyway changes nothing that trains
     warn_changed_settings(path, tiny_config("stage.train_llm=true", stage="sft"), sft.trains)
     with pytest.raises(ConfigError, match=r"^stage.train_vision=True changes what step=000010.ckpt trained "

@@ -79,7 +79,8 @@ class ChatTemplate:
             content = message["content"].strip()
             if message["role"] == "system" or not content:
                 continue
-            pattern = re.escape(content) + (ends_turn if message["role"] == "assistant" else "")
+            # a reply keeps the whitespace the template leaves after it (Qwen3 does not trim replies)
+            pattern = re.escape(content) + (r"\s*" + ends_turn if message["role"] == "assistant" else "")
             if not (found := re.compile(pattern).search(text, cursor)):
                 raise SampleError(f"{name}: the chat template does not render message {i} ({message['role']}) as "
                                   f"written, so its reply cannot be told apart for the labels")

@@ -81,6 +81,8 @@ class VisionFeatureCache:
         chunks = pixel_values.split(tiles)  # per sample: (tiles[i], 3, S, S)
         with_tiles = [i for i, count in enumerate(tiles) if count]
         found = {i: self._get(keys[i]) for i in with_tiles}
+        # a sample cut to another model.llm.max_length keeps fewer (or more) of its images: not the cached tiles
+        found = {i: None if f is not None and f.shape[0] != tiles[i] else f for i, f in found.items()}
         missing = [i for i in with_tiles if found[i] is None]
         self.hits += len(with_tiles) - len(missing)
         self.misses += len(missing)

@@ -153,14 +153,18 @@ STARTING_EXPORT_KEY, STAGE_KEY, STAGE_SETTINGS_KEY, DATA_KEY, RUN_SETTINGS_KEY =
 # beyond stage.*: what a run trains on and how its steps are taken, which a resume may change but should hear about
 RESUME_WATCHED = {"trainer": ("seed", "precision", "devices", "num_nodes", "strategy", "gradient_clip_val"),
                   "data": ("train", "val", "shuffle_buffer", "resampled", "packing", "length_group_batches",
-                           "synthetic")}
+                           "synthetic"),
+                  "model.llm": ("attention", "sparse")}  # the attention a phase 2 run trains with is not its export's
 
 
 def run_settings(config: TrainConfig) -> dict[str, Any]:
     """`RESUME_WATCHED` settings of `config` by their dotted keys, data.synthetic's one by one."""
     flat = {}
     for section, keys in RESUME_WATCHED.items():
-        values = to_dict(getattr(config, section))
+        part = config
+        for name in section.split("."):
+            part = getattr(part, name)
+        values = to_dict(part)
         for key in keys:
             value = values[key]
             items = value.items() if isinstance(value, dict) else [("", value)]
