@@ -415,3 +415,30 @@ def test_a_run_asking_for_local_global_gets_it_from_a_dense_export(tiny_sft_expo
     assert task.model.lm.config._attn_implementation == ATTENTION_NAME
     assert task.model.config.llm.sparse.window == 16  # what its export will record
     assert cache_for(task.model.lm).layers[0].pattern.window == 16
+
+
+def test_a_stage_from_a_local_global_high_resolution_export_says_it_trains_otherwise(tmp_path, caplog):
+    """Each run takes its attention and tiler from its own config: an sft run from a local_global align export
+    tiled at 4 tiles would go on dense at one tile without a word."""
+    import logging
+
+    from tiny import make_task, tiny_config
+
+    from vlm.exports.vlm import export_vlm
+    from vlm.models.factory import new_vlm
+
+    config = tiny_config("model.llm.attention=local_global", "model.llm.sparse.window=8", "model.llm.sparse.stride=4",
+                         "tiler.max_tiles=4", stage="align")
+    torch.manual_seed(0)
+    export = export_vlm(tmp_path / "export", new_vlm(config.model, config.tiler), "align", config.tiler)
+    with caplog.at_level(logging.WARNING, logger="vlm.training.vlm_task"):
+        make_task(tiny_config(stage="sft"), init_from=export)
+    assert (f"{export} trained with model.llm.attention=local_global (model.llm.sparse.window=8 "
+            f"model.llm.sparse.stride=4") in caplog.text
+    assert "this run trains with model.llm.attention=dense (its own setting)" in caplog.text
+    assert f"{export} trained with tiler.max_tiles=4; this run tiles at most 1 per image" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlm.training.vlm_task"):
+        make_task(tiny_config("model.llm.attention=local_global", "model.llm.sparse.window=8",
+                              "model.llm.sparse.stride=4", "tiler.max_tiles=4", stage="sft"), init_from=export)
+    assert "trained with" not in caplog.text  # the export's own settings: nothing to say

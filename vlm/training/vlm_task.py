@@ -19,7 +19,7 @@ from vlm.data.packing import ConversationCollator
 from vlm.data.processor import IGNORE_INDEX, pad_batch
 from vlm.data.sources import DataSources
 from vlm.exports.clip import load_vision_from_clip
-from vlm.exports.format import read_meta
+from vlm.exports.format import ExportMeta, read_meta
 from vlm.exports.vlm import export_vlm, load_vlm
 from vlm.generation.kv_cache import cache_kwargs
 from vlm.generation.stopping import answer_texts, turn_end_ids
@@ -222,6 +222,7 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
                           gradient_checkpointing=config.model.llm.gradient_checkpointing)
         bundle.model.vision.vit.set_grad_checkpointing(config.model.vision.gradient_checkpointing)
         set_attention(bundle.model, config.model.llm)  # this run's attention, whatever the export's was
+        warn_other_than_export(config, meta, init_from)
     else:
         if meta is not None:  # the phase 1 ViT comes with the architecture it was trained with
             asked = to_dict(config.model.vision)
@@ -237,6 +238,24 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
     log.info("image tokens per tile: %d; tiles per image: at most %d", bundle.model.tokens_per_tile,
              config.tiler.max_tiles + (1 if config.tiler.max_tiles > 1 and config.tiler.thumbnail else 0))
     return bundle
+
+
+def warn_other_than_export(config: TrainConfig, meta: ExportMeta, init_from: Path) -> None:
+    """A run from a phase 2 export takes its attention and tiler from its own config: say so where they differ from
+    the export's (a local_global sft export would otherwise go on dense, a high-resolution one at one tile)."""
+    trained = meta.model["llm"]
+    attention = {key: trained.get(key) for key in ("attention", "sparse")}
+    asked = {"attention": config.model.llm.attention, "sparse": to_dict(config.model.llm.sparse)}
+    if attention["attention"] is not None and (attention["attention"] != asked["attention"] or (
+            asked["attention"] != "dense" and attention["sparse"] != asked["sparse"])):
+        sparse = " ".join(f"model.llm.sparse.{k}={v}" for k, v in (attention["sparse"] or {}).items())
+        log.warning("%s trained with model.llm.attention=%s%s; this run trains with model.llm.attention=%s (its own "
+                    "setting): pass the export's to keep it", init_from, attention["attention"],
+                    f" ({sparse})" if attention["attention"] != "dense" else "", asked["attention"])
+    if (tiles := meta.tiler.get("max_tiles")) is not None and tiles != config.tiler.max_tiles:
+        log.warning("%s trained with tiler.max_tiles=%d; this run tiles at most %d per image (its own tiler): pass "
+                    "tiler.max_tiles=%d, or the tiler preset it trained with, to keep its resolution", init_from,
+                    tiles, config.tiler.max_tiles, tiles)
 
 
 # The model.vision keys a run starting phase 2 from a contrastive export takes from its own config: how it trains the
