@@ -250,6 +250,9 @@ def plan_jobs(records: Sequence[T], where: Callable[[int, T], str], val_fraction
         keys = [group(i, r) for i, r in enumerate(records)]
         groups = joined_groups([[k] if isinstance(k, str) else k for k in keys])
     splits = split_names(len(records), val_fraction, seed, groups)
+    if val_fraction > 0 and groups is not None and len(records) >= 2 and "val" not in splits:
+        print(f"note: --val-fraction {val_fraction:g} holds out no record: all {len(records)} share images, directly "
+              f"or through each other, and one image's records stay on one side; no val split is written")
     width = max(8, len(str(max(len(records) - 1, 0))))
     jobs = [Job(f"{i:0{width}d}", where(i, r), s, r) for i, (r, s) in enumerate(zip(records, splits, strict=True))]
     if shuffle:
@@ -480,8 +483,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, unit: str) -> None:
     parser.add_argument("--samples-per-shard", metavar="N", type=int, default=1000,
                         help="samples per .tar (default: 1000)")
     parser.add_argument("--val-fraction", metavar="F", type=float, default=0.0,
-                        help=f"fraction of {unit} held out in OUT/val, drawn by image: the {unit} of one image stay "
-                             f"on one side (default: 0, no val split)")
+                        help=f"fraction held out in OUT/val, drawn by image: of the groups of {unit} that share "
+                             f"images (one image's {unit} stay on one side), so the share of {unit} may differ "
+                             f"(default: 0, no val split)")
     parser.add_argument("--seed", metavar="S", type=int, default=0,
                         help="seed of the train/val split and train order (default: 0)")
 

@@ -601,6 +601,20 @@ def test_records_sharing_any_image_share_a_split(tmp_path, capsys):
     assert converted == 11 and shown["val"] and shown["train"] and not shown["train"] & shown["val"], shown
 
 
+def test_records_all_linked_by_shared_images_say_that_none_can_be_held_out(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        (images / f"{i}.png").write_bytes(noise(i, fmt="PNG"))
+    chained = [{"id": f"c{i}", "image": [f"{i}.png", f"{i + 1}.png"],
+                "conversations": _turns("<image>\n<image>\nWhich is brighter?", "brief")} for i in range(4)]
+    (tmp_path / "llava.json").write_text(json.dumps(chained))
+    code, out, _ = _convert(capsys, ["--json", str(tmp_path / "llava.json"), "--images", str(images), "--out",
+                                     str(tmp_path / "out"), "--val-fraction", "0.3"], main=llava_to_shards.main)
+    assert code == 0 and not list((tmp_path / "out").glob("val/*.tar"))
+    assert "note: --val-fraction 0.3 holds out no record: all 4 share images, directly or through each other" in out
+
+
 @pytest.mark.slow  # a fresh interpreter and worker processes
 def test_a_fresh_process_with_a_text_only_record_first_converts_with_workers(tmp_path):
     """A fresh interpreter, as a user runs the script: the first record written has no image, so the main thread
