@@ -577,15 +577,20 @@ def test_llava_records_of_one_image_share_a_split(tmp_path, capsys):
     assert len(shown["val"]) == 2 and not shown["train"] & shown["val"]
 
 
+def _chain_of_records(tmp_path: Path, count: int, images: int) -> tuple[Path, list[dict]]:
+    """`images` pictures, and `count` records of which record i shows images i and i+1."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(images):
+        (folder / f"{i}.png").write_bytes(noise(i, fmt="PNG"))
+    return folder, [{"id": f"c{i}", "image": [f"{i}.png", f"{i + 1}.png"],
+                     "conversations": _turns("<image>\n<image>\nWhich is brighter?", "brief")} for i in range(count)]
+
+
 def test_records_sharing_any_image_share_a_split(tmp_path, capsys):
     """Record i shows images i and i+1, so a chain links records through their second images too: a held-out
     record must show no image a train record shows, whichever of its images they share."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(13):
-        (images / f"{i}.png").write_bytes(noise(i, fmt="PNG"))
-    chained = [{"id": f"c{i}", "image": [f"{i}.png", f"{i + 1}.png"],
-                "conversations": _turns("<image>\n<image>\nWhich is brighter?", "brief")} for i in range(6)]
+    images, chained = _chain_of_records(tmp_path, 6, images=13)
     apart = [{"id": f"a{i}", "image": f"{i}.png", "conversations": _turns("<image>\nWhat is it?", "brief")}
              for i in range(8, 13)]
     (tmp_path / "llava.json").write_text(json.dumps(chained + apart))
@@ -602,12 +607,7 @@ def test_records_sharing_any_image_share_a_split(tmp_path, capsys):
 
 
 def test_records_all_linked_by_shared_images_say_that_none_can_be_held_out(tmp_path, capsys):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(5):
-        (images / f"{i}.png").write_bytes(noise(i, fmt="PNG"))
-    chained = [{"id": f"c{i}", "image": [f"{i}.png", f"{i + 1}.png"],
-                "conversations": _turns("<image>\n<image>\nWhich is brighter?", "brief")} for i in range(4)]
+    images, chained = _chain_of_records(tmp_path, 4, images=5)
     (tmp_path / "llava.json").write_text(json.dumps(chained))
     code, out, _ = _convert(capsys, ["--json", str(tmp_path / "llava.json"), "--images", str(images), "--out",
                                      str(tmp_path / "out"), "--val-fraction", "0.3"], main=llava_to_shards.main)
