@@ -241,18 +241,18 @@ def start_bundle(config: TrainConfig, init_from: Path | None) -> VLMBundle:
 
 
 def warn_other_than_export(config: TrainConfig, meta: ExportMeta, init_from: Path) -> None:
-    """A run from a phase 2 export takes its attention and tiler from its own config: say so where they differ from
-    the export's (a local_global sft export would otherwise go on dense, a high-resolution one at one tile)."""
+    """A run from a phase 2 export takes its attention and tiler from its own config: say so where that drops what
+    the export trained with (a local_global export would go on dense by default, a high-resolution one at one tile);
+    a dense export trained on with local_global, or at more tiles, is what the run asked for."""
     trained = meta.model["llm"]
     attention = {key: trained.get(key) for key in ("attention", "sparse")}
     asked = {"attention": config.model.llm.attention, "sparse": to_dict(config.model.llm.sparse)}
-    if attention["attention"] is not None and (attention["attention"] != asked["attention"] or (
-            asked["attention"] != "dense" and attention["sparse"] != asked["sparse"])):
+    if attention["attention"] == "local_global" and attention != asked:
         sparse = " ".join(f"model.llm.sparse.{k}={v}" for k, v in (attention["sparse"] or {}).items())
-        log.warning("%s trained with model.llm.attention=%s%s; this run trains with model.llm.attention=%s (its own "
-                    "setting): pass the export's to keep it", init_from, attention["attention"],
-                    f" ({sparse})" if attention["attention"] != "dense" else "", asked["attention"])
-    if (tiles := meta.tiler.get("max_tiles")) is not None and tiles != config.tiler.max_tiles:
+        log.warning("%s trained with model.llm.attention=local_global (%s); this run trains with "
+                    "model.llm.attention=%s (its own setting): pass the export's to keep it", init_from, sparse,
+                    asked["attention"])
+    if (tiles := meta.tiler.get("max_tiles")) is not None and tiles > config.tiler.max_tiles:
         log.warning("%s trained with tiler.max_tiles=%d; this run tiles at most %d per image (its own tiler): pass "
                     "tiler.max_tiles=%d, or the tiler preset it trained with, to keep its resolution", init_from,
                     tiles, config.tiler.max_tiles, tiles)
