@@ -391,6 +391,8 @@ def test_a_text_tower_started_from_open_clip_weights_runs_them_as_they_were_trai
         TextTower(dataclasses.replace(config, quick_gelu=False), 16)
     with pytest.raises(ConfigError, match=r"does not match model.text \(.*size mismatch for positional_embedding"):
         TextTower(dataclasses.replace(config, context_length=30), 16)
+    with pytest.raises(ConfigError, match=r"'vlm-test-quickgelu/.*missing.pt': its weights cannot be loaded \("):
+        TextTower(dataclasses.replace(config, pretrained=f"vlm-test-quickgelu/{tmp_path / 'missing.pt'}"), 16)
     with pytest.raises(ConfigError, match=r"'vlm-test-quickgelu' names no weights: give MODEL/TAG"):
         TextTower(dataclasses.replace(config, pretrained="vlm-test-quickgelu"), 16)
     # OpenAI's registered weights are refused before anything is fetched, by open_clip's own registry

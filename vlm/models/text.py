@@ -8,6 +8,7 @@ from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 
 from vlm.config import ConfigError, TextConfig
+from vlm.errors import first_line
 
 
 class TextTower(nn.Module):
@@ -55,8 +56,13 @@ def open_clip_reference(spec: str, quick_gelu: bool) -> nn.Module:
     trained_quick = open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")
     if trained_quick is not None and trained_quick != quick_gelu:
         raise _activation_mismatch(spec, trained_quick)
-    reference = open_clip.create_model(name, pretrained=tag, force_quick_gelu=bool(trained_quick),
-                                       require_pretrained=True)
+    try:
+        reference = open_clip.create_model(name, pretrained=tag, force_quick_gelu=bool(trained_quick),
+                                           require_pretrained=True)
+    except (RuntimeError, OSError) as err:  # no hub (offline), an unknown tag, a damaged file
+        raise ConfigError(f"model.text.pretrained={spec!r}: its weights cannot be loaded ({first_line(err)}); a "
+                          f"tag needs the Hugging Face hub, or give a checkpoint file of that model as MODEL/PATH"
+                          ) from None
     built_quick = any(isinstance(module, QuickGELU) for module in reference.modules())
     if built_quick != quick_gelu:  # a -quickgelu model name, or a local checkpoint of one
         raise _activation_mismatch(spec, built_quick)
