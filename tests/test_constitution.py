@@ -178,6 +178,7 @@ def test_bad_constitution_files_are_named(tmp_path, text, message):
     assert str(path) in str(err.value) and message in str(err.value)
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_synthetic_critic_pairs_wrong_answers_with_the_truth_and_resumes(tiny_sft_export, small_synthetic, tmp_path,
                                                                         caplog):
     caplog.set_level(logging.INFO, logger="vlm.constitution")
@@ -384,6 +385,7 @@ class ColourNamer:
         return answers
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, small_synthetic, tmp_path):
     config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "mode=best_of_n",
                      "num_samples=3", "temperature=1.5", "max_val_prompts=0")
@@ -407,6 +409,7 @@ def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, small_syntheti
         assert pair["rejected"] != pair["chosen"] and pair["scores"] == {"chosen": 1.0, "rejected": 0.0}
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_pairs_train_stage_dpo(tiny_sft_export, small_synthetic, tmp_path):
     """The written pairs decode as stage=dpo's batches, on the path `stage=dpo` finds without data.train."""
     run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic",
@@ -540,6 +543,7 @@ def test_a_prompts_system_message_opens_the_critique_request_before_the_examples
             assert request[0] == system and [m["role"] for m in request].count("system") == 1
         assert critique_request[-3:-1] == [item.messages[1], {"role": "assistant", "content": "blue"}]
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_unreachable_critic_names_the_url_and_the_prompts_done(tiny_sft_export, small_synthetic, tmp_path):
     with pytest.raises(UserError) as err:
         run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=http", "critic.url=http://127.0.0.1:9",
@@ -772,6 +776,7 @@ def test_generate_batch_samples_each_prompt_at_its_own_auto_temperature(tiny_cha
      "stronger critic"),
     ("best_of_n", {"dropped_tie": 4, "dropped_unscored": 2}, "the critic gave every answer of a prompt the same score; "
      "raise num_samples or temperature")])
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_a_run_that_kept_no_pair_says_what_dropped_most_and_what_to_change(tmp_path, caplog, mode, drops, advice):
     from vlm.constitution import say_what_next
     from vlm.constitution.pairs import Counts

@@ -147,6 +147,7 @@ def test_one_vision_forward_per_pair(tiny_sft_export, tmp_path):
     assert len(batch["pairs"]["pixel_values"]) == 3 and len(batch["pairs"]["input_ids"]) == 6
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_the_feature_cache_spares_the_vision_tower_from_the_second_epoch_on(tiny_sft_export, tmp_path):
     pairs = write_pairs(tmp_path / "p.tar", 3)
     cached = _task(tiny_sft_export, f"stage.feature_cache_dir={tmp_path / 'features'}")
@@ -160,6 +161,7 @@ def test_the_feature_cache_spares_the_vision_tower_from_the_second_epoch_on(tiny
     assert torch.equal(losses[0], plain.pair_loss(_batch(plain, pairs)["pairs"]).loss)
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_truncation_skips_pairs_that_would_cut_an_image_and_names_them(tiny_sft_export, tmp_path, caplog):
     task = _task(tiny_sft_export)
     task.bundle.processor.max_length = 12  # the image alone is 16 tokens
@@ -358,6 +360,7 @@ def test_a_constitution_output_that_kept_no_pair_is_named_when_dpo_looks_for_pai
         resolve_eval(data, "preferences", str(tmp_path))
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_dpo_starts_from_the_export_whose_answers_its_pairs_are(tmp_path, caplog):
     from vlm.data.sources import constitution_pairs
     from vlm.training.runs import prepare_run
@@ -486,6 +489,7 @@ def test_trained_parts_train_and_the_frozen_vision_tower_stays_in_eval_mode(tiny
     assert watch.training == [{"vision": False, "projector": True, "llm": True}]
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 @pytest.mark.parametrize("disable_dropout", ["true", "false"])
 def test_the_policy_trains_without_dropout_so_it_starts_as_the_reference(tmp_path, disable_dropout):
     """On an LLM built with attention dropout, the first step's margin is exactly zero only with dropout off (the

@@ -143,6 +143,7 @@ def test_features_computed_under_autocast_are_not_served_to_a_float32_run(tmp_pa
     assert calls.count == 1 and mixed.feature_cache.misses == 3
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_a_rewritten_shard_or_another_shard_of_the_same_name_misses_the_cache(tmp_path, monkeypatch):
     """A sample's features belong to the shard file it came from: rewritten shards (same name, other pictures) and
     another project's shard of the same relative name must not get them."""

@@ -240,6 +240,7 @@ def test_a_mid_epoch_resume_reseeds_the_shard_order(tmp_path, small_synthetic):
 
 # ---- run folders --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_resume_auto_picks_the_newest_run_of_the_stage_and_never_reuses_a_folder_silently(tmp_path):
     for name in ("old", "new"):
         (tmp_path / "contrastive" / name / "checkpoints").mkdir(parents=True)
@@ -380,6 +381,7 @@ def test_ranks_launched_by_lightning_use_rank_zero_folder_and_checkpoint(tmp_pat
     assert prepare_run(tiny_config(f"output_root={tmp_path}", "run_name=other2")).dir.name == "other2"
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_externally_launched_ranks_agree_on_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.delenv(PARENT_ENV, raising=False)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")

@@ -66,6 +66,7 @@ def test_every_sample_once_over_two_ranks_and_two_workers(tmp_path, monkeypatch)
     assert sorted(seen) == [f"{i:05d}" for i in range(40)]  # no duplicates, none missing
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_runs_train_loaders_on_two_ranks_read_every_sample_once_and_its_val_loaders_all(tmp_path, monkeypatch,
                                                                                          workers):

@@ -534,6 +534,7 @@ def test_cli_bad_counts_are_named_by_their_flag(flag, capsys):
     assert stop.value.code == 2 and capsys.readouterr().err.endswith(f"error: {flag} must be at least 1, got 0\n")
 
 
+@pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
 def test_cli_bad_path_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "vlm.data.tiler", str(tmp_path / "nope.jpg")],
