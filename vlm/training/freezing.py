@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 
@@ -38,7 +39,8 @@ def warn_unread_stage_settings(stage: StageConfig, parts: set[str], reads_prefer
     (stage.lr_llm in contrastive, stage.lr_text in sft), or a preference setting outside the preference stages."""
     if rank_zero_only.rank != 0:
         return
-    for key in ("lr_projector", "lr_llm", "lr_vision", "lr_text", *TRAIN_FLAGS.values()):
+    learning_rates = [field.name for field in dataclasses.fields(stage) if field.name.startswith("lr_")]
+    for key in (*learning_rates, *TRAIN_FLAGS.values()):
         part = key.split("_", 1)[1]
         if getattr(stage, key) is not None and part not in parts:
             log.warning("stage.%s=%r has no effect in stage=%s: its model has no %r part (its parts: %s)", key,

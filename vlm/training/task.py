@@ -68,9 +68,10 @@ class StageTask(pl.LightningModule):
         self.stage = stage
         self.model = model
         self.trainable = trainable_parts(stage.trains, config.stage)
-        warn_unread_stage_settings(config.stage, set(model.parts()), self.READS_PREFERENCES)
+        parts = model.parts()
+        warn_unread_stage_settings(config.stage, set(parts), self.READS_PREFERENCES)
         self.health = DataHealth(config.data.max_skip_rate, config.trainer.max_nonfinite_steps)
-        self.parameter_counts = apply_freezing(model.parts(), self.trainable, model.idle_parameters())
+        self.parameter_counts = apply_freezing(parts, self.trainable, model.idle_parameters())
         # held-out samples a validation reads at most (None: all); a run's final validation reads all of them
         self.sample_limit: int | None = config.eval.max_samples
         # the last validation's rows for predictions.jsonl: phase 2's answers and their scores, contrastive's
