@@ -103,6 +103,40 @@ def test_pairs_from_an_earlier_version_resume(tmp_path, caplog):
         check_resumable(out, settings)
 
 
+def test_held_out_prompts_are_answered_with_draws_of_their_own():
+    """The policy's sampling seed differs by split, shard and batch (held-out answers replayed the train answers'
+    draws, position by position), and is the same on a rerun, which a resumed shard relies on."""
+    from vlm.constitution.output import sampling_seed
+
+    seeds = {(split, shard, batch): sampling_seed(0, split, shard, batch) for split in ("train", "val")
+             for shard in range(3) for batch in range(3)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert sampling_seed(0, "val", 1, 2) == seeds["val", 1, 2] != sampling_seed(1, "val", 1, 2)
+
+
+def test_a_folder_records_its_shards_by_absolute_path_and_one_with_shared_draws_is_not_resumed(tmp_path, monkeypatch):
+    """settings.json names data.train as a path that reads the same shards from anywhere; a folder recording it as
+    typed (relative) resumes from the folder it was typed in; one made before held-out answers drew seeds of their
+    own (no sampling_seeds) is refused, since its pairs would be mixed with differently drawn ones."""
+    from vlm.constitution.output import SETTINGS_FILE, check_resumable, pair_settings
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(ConstitutionConfig, compose_config("constitution"))
+    constitution = load_constitution("synthetic")
+    settings = pair_settings(config, tmp_path / "export", "prompts/train-{0..1}.tar", None, constitution)
+    assert settings["data.train"] == f"{tmp_path}/prompts/train-{{0..1}}.tar" and settings["data.val"] is None
+    out = tmp_path / "pairs"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "shard-000000.tar").write_bytes(b"")
+    (out / "train" / "shard-000000.json").write_text(json.dumps(vars(Counts(prompts=4))))
+    (out / SETTINGS_FILE).write_text(json.dumps({**settings, "data.train": "prompts/train-{0..1}.tar"}))
+    check_resumable(out, settings)
+    older = {k: v for k, v in settings.items() if k != "sampling_seeds"}
+    (out / SETTINGS_FILE).write_text(json.dumps(older))
+    with pytest.raises(ConfigError, match="sampling_seeds='shared by train and val' \\(now 'per split'\\)"):
+        check_resumable(out, settings)
+
+
 def test_a_constitution_file_is_the_same_setting_by_any_path(tmp_path, monkeypatch):
     (tmp_path / "mine.yaml").write_text("principles:\n  - name: a\n    critique: Right?\n    revision: Again.\n")
     monkeypatch.chdir(tmp_path)

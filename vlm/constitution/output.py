@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from vlm.constitution.critics import CriticUnreachable, Item
 from vlm.constitution.pairs import Counts, PairMaker, read_prompts
 from vlm.constitution.settings import Constitution, ConstitutionConfig
 from vlm.data.shard_writer import shard_pattern
+from vlm.data.shards import absolute_pattern
 from vlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,12 @@ def batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
+def sampling_seed(seed: int, split: str, shard: int, batch: int) -> int:
+    """The policy's sampling seed for one batch: its own per split, shard and batch, so a resumed shard draws the same
+    answers, and held-out prompts never replay the train prompts' draws."""
+    return zlib.crc32(f"{seed}:{split}:{shard}:{batch}".encode())
+
+
 def make_split(name: str, pattern: str, limit: int | None, directory: Path, make: PairMaker,
                config: ConstitutionConfig, total: int | None) -> tuple[str, Counts]:
     """Pairs for one split, a shard per `prompts_per_shard` prompts; shards already written are skipped."""
@@ -77,7 +85,7 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
             samples, done, failed_before = [], Counts(), make.critic.failed
             for b, batch in enumerate(batches(iter(chunk), config.batch_size)):
                 try:
-                    made, batch_counts = make(batch, config.seed * 1_000_003 + index * 1009 + b, name == "train")
+                    made, batch_counts = make(batch, sampling_seed(config.seed, name, index, b), name == "train")
                 except UserError as err:  # a critic that was away needs only a rerun; anything else a fix first
                     rerun = ": rerun the same command to go on from there" if isinstance(err, CriticUnreachable) else ""
                     raise UserError(f"{err}; {counts.prompts} {name} prompts were done and are kept in "
@@ -112,13 +120,18 @@ def pair_settings(config: ConstitutionConfig, checkpoint: Path, train: str | Non
     """The settings that decide what each shard holds: a rerun that resumes a folder must use the same ones."""
     c = config
     url = c.critic.url and c.critic.url.rstrip("/")  # http://host:8000/ and http://host:8000 are one endpoint
+    train, val = (pattern and absolute_pattern(pattern) for pattern in (train, val))  # the same shards from any folder
     return {"checkpoint": str(checkpoint.resolve()), "data.train": train, "data.val": val, "critic.kind": c.critic.kind,
             "critic.url": url, "critic.api": c.critic.api, "critic.model": c.critic.model,
             "critic.max_new_tokens": c.critic.max_new_tokens, "constitution": constitution.source,
             "constitution_digest": constitution.digest,
             "mode": c.mode, "num_samples": c.num_samples, "temperature": c.temperature, "top_p": c.top_p,
             "max_new_tokens": c.max_new_tokens, "anchors": c.anchors, "batch_size": c.batch_size,
-            "prompts_per_shard": c.prompts_per_shard, "seed": c.seed}
+            "prompts_per_shard": c.prompts_per_shard, "seed": c.seed, "sampling_seeds": SAMPLING_SEEDS}
+
+
+SAMPLING_SEEDS = "per split"  # how `sampling_seed` draws; folders that record none drew the splits' seeds alike
+OLDER_FOLDERS = {"sampling_seeds": "shared by train and val"}  # what a folder recording no such key was made with
 
 
 def check_resumable(out: Path, settings: dict[str, Any]) -> None:
@@ -136,6 +149,10 @@ def check_resumable(out: Path, settings: dict[str, Any]) -> None:
             return
         recorded = json.loads(recorded_file.read_text())
         same_text = recorded.get("constitution_digest") == settings["constitution_digest"]
+        recorded = {**OLDER_FOLDERS, **recorded}
+        for key in ("data.train", "data.val"):  # older folders record the patterns as typed, from this folder
+            if recorded.get(key):
+                recorded[key] = absolute_pattern(recorded[key])
         changed = [k for k in settings if k in recorded and recorded[k] != settings[k]  # older folders record fewer
                    and not (k == "constitution" and same_text)]  # the same file by another path
         if changed:
