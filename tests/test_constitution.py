@@ -77,6 +77,30 @@ def test_an_output_folder_with_shards_it_did_not_write_is_refused(tiny_sft_expor
     assert shard.read_bytes() == before and not (tmp_path / "prompts" / "settings.json").exists()
 
 
+def test_a_principle_type_no_prompt_has_is_named(tiny_sft_export, small_synthetic, tmp_path, caplog):
+    """A misspelt `types` entry judges nothing: refused before the model loads on the synthetic data, whose types
+    are known; named at the end of a run on other prompts, with the types they had."""
+    import webdataset as wds
+
+    from vlm.data import synthetic
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("principles:\n  - name: hue\n    critique: Right colour?\n    revision: Fix it.\n"
+                    "    types: [color, colour]\n  - name: any\n    critique: Right?\n    revision: Again.\n")
+    with pytest.raises(ConfigError, match=r"principle types 'hue': 'colour' are no question type of the synthetic "
+                                          r"data \(color, shape, position, count, compare\)"):
+        run(_config(Path("missing-export"), [], tmp_path, "critic=synthetic", f"constitution={mine}"))
+    shard = tmp_path / "prompts.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for sample in synthetic.conversation_samples(4, seed=3, image_size=32):
+            sink.write(sample)
+    with caplog.at_level(logging.WARNING, logger="vlm.constitution"):
+        run(_config(tiny_sft_export, [f"data.train={shard}"], tmp_path, "critic=synthetic", f"constitution={mine}",
+                    "max_val_prompts=0"))
+    types = ", ".join(sorted({item.group for item in read_prompts(str(shard), "data.train")}))
+    assert f"principle types 'hue': 'colour' match no prompt's type (the prompts' types: {types})" in caplog.text
+
+
 def test_pairs_from_an_earlier_version_resume(tmp_path, caplog):
     """A folder whose settings name the constitution by another path (same text), or that predates settings.json
     (its shards have their pair counts beside them), resumes; shards without counts are no pairs of ours."""
@@ -538,9 +562,10 @@ def test_self_critic_runs_the_loop(critic_export, small_synthetic, tmp_path, mon
     _came_from_the_critic(pairs, replies)
 
 
-def test_a_self_critic_gets_as_many_examples_as_its_context_leaves_room_for():
+def test_a_self_critic_gets_as_many_examples_as_its_context_leaves_room_for(caplog):
     """Each example is 6 turns; a context of 12 turns holds the critique request (3 turns), the room for its reply
-    and the revision request (2), and one example; a context of 6 holds none, and the request is still asked."""
+    and the revision request (2), and one example; a context of 6 holds none, and the request is still asked. A
+    critic given fewer examples than the constitution has says so, once."""
     constitution = load_constitution("default")
     item = Item("k", [{"role": "user", "content": "<image>\nWhat color is the shape?"}], [b""], "red")
     asked: list = []
@@ -549,13 +574,19 @@ def test_a_self_critic_gets_as_many_examples_as_its_context_leaves_room_for():
         asked.extend(requests)
         return ["ok" for _ in requests]
 
-    for context, examples in ((12, 1), (6, 0), (100, len(constitution.examples))):
+    total = len(constitution.examples)
+    for context, examples in ((12, 1), (6, 0), (100, total)):
         asked.clear()
+        caplog.clear()
         critic = ChatCritic(complete, constitution.examples, lambda messages, images, n=context: len(messages) <= n, 8)
-        critic.revise([item], ["blue"], constitution.principles[:1])
+        with caplog.at_level(logging.WARNING, logger="vlm.constitution.critics"):
+            for _ in range(2):
+                critic.revise([item], ["blue"], constitution.principles[:1])
         critique_request = asked[0][0]
         assert len(critique_request) == 6 * examples + 3
         assert critique_request[-3:-1] == [*item.messages, {"role": "assistant", "content": "blue"}]
+        told = f"the critic's context holds {examples} of the constitution's {total} few-shot examples for k"
+        assert caplog.text.count(told) == (examples < total)
 
 
 

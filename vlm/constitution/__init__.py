@@ -30,10 +30,17 @@ from vlm.cli import CONFIG_DIR, preflight, setup_logging, user_errors
 from vlm.config import ConfigError, load_config
 from vlm.constitution.output import check_resumable, make_split, pair_settings
 from vlm.constitution.pairs import Counts, PairMaker
-from vlm.constitution.settings import ConstitutionConfig, build_critic, check_critic, load_constitution
+from vlm.constitution.settings import (
+    ConstitutionConfig,
+    build_critic,
+    check_critic,
+    load_constitution,
+    types_judging_nothing,
+)
 from vlm.data.preferences import PAIRS_DONE
 from vlm.data.shards import absolute_pattern
 from vlm.data.sources import pair_sources, resolve
+from vlm.data.synthetic import QUESTION_TYPES
 
 log = logging.getLogger("vlm.constitution")
 
@@ -45,13 +52,16 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
     started = time.time()
     check_critic(config)
     constitution = load_constitution(config.constitution)
+    synthetic = config.data.train is None
+    if synthetic and (unknown := types_judging_nothing(constitution, set(QUESTION_TYPES))):
+        raise ConfigError(f"constitution={config.constitution!r}: principle types {', '.join(unknown)} are no "
+                          f"question type of the synthetic data ({', '.join(QUESTION_TYPES)})")
     checkpoint, out = policy_and_output(config)
     data = resolve(config.data, "conversations")
     chat_model = ChatModel.load(checkpoint, device=config.device)
     make = PairMaker(config, chat_model, build_critic(config, chat_model, constitution), constitution)
     # after the model and critic load: a start that fails there leaves no output folder behind
     check_resumable(out, pair_settings(config, checkpoint, data.train, data.val, constitution))
-    synthetic = config.data.train is None
     splits = {"train": (data.train, config.max_train_prompts, config.data.synthetic.num_train if synthetic else None),
               "val": (data.val, config.max_val_prompts, config.data.synthetic.num_val if synthetic else None)}
     patterns, summary = {}, {}
@@ -59,6 +69,10 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
         if pattern and limit != 0:
             patterns[name], counts = make_split(name, pattern, limit, out / name, make, config, total)
             summary[name] = vars(counts)
+    if unknown := types_judging_nothing(constitution, make.question_types):
+        log.warning("constitution=%r: principle types %s match no prompt's type (the prompts' types: %s), and a "
+                    "principle judges only the types it lists; check their spelling against the records' \"type\"",
+                    config.constitution, ", ".join(unknown), ", ".join(sorted(make.question_types)) or "none")
     summary.update(checkpoint=str(checkpoint), critic=config.critic.kind, mode=config.mode,
                    constitution=config.constitution,
                    critic_failed_requests=sum(split["critic_failed"] for split in summary.values()),

@@ -177,6 +177,7 @@ class ChatCritic(Critic):
         self.examples = examples
         self.fits = fits
         self.reply_tokens = reply_tokens
+        self.told_fewer_examples = False  # the warning that the context holds fewer few-shot examples, said once
 
     def _critique_request(self, item: Item, answer: str, principle: Principle) -> list[Message]:
         # the prompt's own system messages open the request, before the examples: chat templates take them first
@@ -189,8 +190,18 @@ class ChatCritic(Critic):
             room = [*request, {"role": "assistant", "content": "x " * self.reply_tokens},
                     {"role": "user", "content": principle.revision}]
             if self.fits is None or self.fits(room, item.images):
+                self._tell_fewer_examples(count, item)
                 return request
+        self._tell_fewer_examples(0, item)
         return [*system, *asked]
+
+    def _tell_fewer_examples(self, count: int, item: Item) -> None:
+        if count < len(self.examples) and not self.told_fewer_examples:
+            self.told_fewer_examples = True
+            log.warning("the critic's context holds %d of the constitution's %d few-shot examples for %s (and may "
+                        "hold fewer for other prompts): without them small critics tend to answer 'Sure, here is a "
+                        "revised response'; shorten the examples, or use a critic with a longer context", count,
+                        len(self.examples), item.key)
 
     def _shots(self, principle: Principle, count: int) -> list[Message]:
         turns: list[Message] = []

@@ -70,6 +70,7 @@ class PairMaker:
 
     def __init__(self, config: ConstitutionConfig, chat_model: Any, critic: Critic, constitution: Constitution):
         self.config, self.chat, self.critic, self.constitution = config, chat_model, critic, constitution
+        self.question_types: set[str] = set()  # the prompts' types seen, which the principles' `types` pick from
 
     def __call__(self, items: list[Item], seed: int, anchors: bool = False) -> tuple[list[dict[str, Any]], Counts]:
         """Pair samples for `items`, then (with `anchors`) the anchor samples, and the counts."""
@@ -113,6 +114,8 @@ class PairMaker:
         """One principle per prompt, drawn at random from those that judge its question type (all of them when none
         does), from the prompt's own seed, so a resumed run draws the same ones."""
         every = self.constitution.principles
+        if item.group is not None:
+            self.question_types.add(item.group)
         fitting = [p for p in every if p.judges(item.group)] or every
         return random.Random(f"{self.config.seed}:{item.key}").choice(fitting)
 

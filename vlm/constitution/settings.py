@@ -107,6 +107,12 @@ def load_constitution(name: str) -> Constitution:
                         hashlib.sha256(path.read_bytes()).hexdigest()[:16], name if shipped else str(path.resolve()))
 
 
+def types_judging_nothing(constitution: Constitution, question_types: set[str]) -> list[str]:
+    """Each principle's `types` entries outside `question_types` (a misspelt one judges no prompt), as
+    "'name': 'type'"."""
+    return [f"{p.name!r}: {t!r}" for p in constitution.principles for t in p.types if t not in question_types]
+
+
 def principle(entry: Any, index: int, where: str) -> Principle:
     """Principle `index` of a constitution file: critique and revision requests as text, an optional name and list
     of question types it judges."""
