@@ -135,7 +135,7 @@ def test_stream_pieces_concatenate_to_the_full_text(tiny_chat_model, images):
     assert len(pieces) > 1 and "".join(pieces) == whole.text == stream.completion.text
     assert stream.completion.token_ids == whole.token_ids and stream.completion.output_tokens == 12
     assert whole.stop_reason == "max_tokens" and whole.input_tokens == stream.completion.input_tokens
-    assert tiny_chat_model.tokenizer.decode(whole.token_ids, skip_special_tokens=True) == whole.text
+    assert tiny_chat_model.tokenizer.decode(whole.token_ids, skip_special_tokens=True).lstrip() == whole.text
 
 
 def test_stop_sequences_end_and_are_trimmed(tiny_chat_model, images):
@@ -437,15 +437,40 @@ def test_a_bad_image_path_is_named_and_one_path_is_not_taken_for_a_list(tiny_cha
     assert session.send("Hi", images=None, max_new_tokens=1).output_tokens == 1  # None: no images
 
 
+@pytest.mark.parametrize("opening", ["\n", "\n\n ", " "])
+def test_an_answer_starts_at_its_first_character_past_whitespace_however_it_is_asked(tiny_chat_model, opening):
+    """A model may open its answer with a newline or a space: generate, the stream and generate_batch all give the
+    answer from its first visible character, and a stop sequence in the whitespace before it does not end it."""
+    tokenizer = tiny_chat_model.tokenizer
+    ids = [*tokenizer(opening + "red circle\nmore", add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+    prompt = tiny_chat_model.prepare([{"role": "user", "content": "What is it?"}])
+
+    def scripted(ask):
+        hook = scripted_answer(tiny_chat_model, ids)
+        try:
+            return ask(prompt, max_new_tokens=20, temperature=0, stop=stop)
+        finally:
+            hook.remove()
+
+    for stop in ([], ["\n"], [" red"]):  # " red" is in the text the model wrote, not in the answer shown
+        expected = "red circle" if stop == ["\n"] else "red circle\nmore"
+        answer = scripted(tiny_chat_model.generate)
+        assert answer.text == expected and answer.stop_reason == ("stop_sequence" if stop == ["\n"] else "end_turn")
+        stream = scripted(lambda *args, **kwargs: (s := tiny_chat_model.stream(*args, **kwargs), "".join(s)))
+        assert stream[1] == expected == stream[0].completion.text
+        assert scripted(lambda prompt, **kwargs: tiny_chat_model.generate_batch([prompt], **kwargs)) == [expected]
+
+
 @given(pieces=st.lists(st.text("ab\n", max_size=4), max_size=8),
        stops=st.lists(st.text("ab\n", min_size=1, max_size=3), max_size=3))
 def test_stop_scanner_streams_exactly_the_cut_text(pieces, stops):
     """Fed piece by piece, the scanner shows exactly the text before the first stop sequence (generation ends at the
-    piece that completes one), never any part of a stop sequence."""
+    piece that completes one), from the first character that is not whitespace, never any part of a stop sequence."""
     scanner = StopScanner(stops)
     shown = "".join(scanner.feed(p) for p in pieces) + scanner.flush()
-    upto = next((k for k in range(len(pieces) + 1) if any(s in "".join(pieces[:k]) for s in stops)), len(pieces))
-    text = "".join(pieces[:upto])
+    upto = next((k for k in range(len(pieces) + 1) if any(s in "".join(pieces[:k]).lstrip() for s in stops)),
+                len(pieces))
+    text = "".join(pieces[:upto]).lstrip()
     first = min(((text.find(s), s) for s in stops if s in text), default=None)
     assert shown == (text if first is None else text[: first[0]])
     assert (scanner.stop is None) == (first is None)

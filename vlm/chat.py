@@ -47,7 +47,7 @@ from vlm.generation.stopping import (
     Cancelled,
     StopInAnswer,
     answer_texts,
-    cut_at_stop,
+    cut_answer,
     stop_reason,
     through_first_end,
     turn_end_ids,
@@ -187,7 +187,7 @@ class ChatModel:
         new = self.model.generate(**inputs, **decoding.generate_kwargs, pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_id=sorted(self.eos_token_ids), **cache_kwargs(self.model.lm))  # (B, T_new)
         texts = answer_texts(new, self.tokenizer, sorted(self.eos_token_ids))
-        return [cut_at_stop(text, opts.stop)[0].strip() if opts.stop else text.strip() for text in texts]
+        return [cut_answer(text, opts.stop)[0].rstrip() for text in texts]
 
     def _job(self, prompt: Prompt, opts: GenerationOptions, cancel: threading.Event,
              on_done: Callable[[Completion], None] | None, whole: bool) -> AnswerJob:

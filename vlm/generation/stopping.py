@@ -60,8 +60,17 @@ class StopInAnswer(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor | None, **kwargs) -> torch.BoolTensor:
         answers = input_ids[:, self.prompt_length:]  # (B, T_new)
-        tails = self.tokenizer.batch_decode(answers[:, -self.window:], skip_special_tokens=True)
-        return torch.tensor([any(stop in tail for stop in self.stops) for tail in tails], device=input_ids.device)
+        return torch.tensor([any(stop in self._tail(row) for stop in self.stops) for row in answers],
+                            device=input_ids.device)
+
+    def _tail(self, answer: torch.Tensor) -> str:
+        """The text of an answer's last `window` tokens (T_new,), within the answer as shown: from its first token
+        that is not whitespace alone, without the whitespace that opens it (`cut_answer`)."""
+        visible = next((i for i in range(len(answer))
+                        if self.tokenizer.decode(answer[i:i + 1], skip_special_tokens=True).strip()), len(answer))
+        first = max(visible, len(answer) - self.window)
+        tail = self.tokenizer.decode(answer[first:], skip_special_tokens=True)
+        return tail.lstrip() if first == visible else tail
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
@@ -72,6 +81,12 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
         if index >= 0 and (best is None or index < best[0]):
             best = (index, stop)
     return (text, None) if best is None else (text[: best[0]], best[1])
+
+
+def cut_answer(text: str, stops: Sequence[str]) -> tuple[str, str | None]:
+    """An answer as it is shown: from its first character that is not whitespace (a model may open with a newline
+    or a space) up to the earliest stop sequence, and which one."""
+    return cut_at_stop(text.lstrip(), stops)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -86,17 +101,22 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class StopScanner:
-    """Streams text through stop sequences: `feed` returns what can be shown now, holding back any end that might
-    be the start of a stop sequence; once one appears, `stop` names it and nothing more comes out."""
+    """Streams text through stop sequences: `feed` returns what can be shown now, from the answer's first character
+    that is not whitespace (as `cut_answer`), holding back any end that might be the start of a stop sequence; once
+    one appears, `stop` names it and nothing more comes out."""
 
     def __init__(self, stops: Sequence[str]):
         self.stops = tuple(stops)
         self.pending = ""
         self.stop: str | None = None
+        self.begun = False  # whether the answer's first character that is not whitespace has come
 
     def feed(self, piece: str) -> str:
         if self.stop is not None:
             return ""
+        if not self.begun:
+            piece = piece.lstrip()
+            self.begun = bool(piece)
         self.pending += piece
         cut, self.stop = cut_at_stop(self.pending, self.stops)
         if self.stop is not None:

@@ -11,7 +11,7 @@ from typing import Any
 from transformers import TextIteratorStreamer
 
 from vlm.generation.completion import Completion
-from vlm.generation.stopping import StopScanner, cut_at_stop
+from vlm.generation.stopping import StopScanner, cut_answer
 from vlm.signals import interrupts_deferred
 
 
@@ -83,7 +83,7 @@ class TextStream(Iterator[str]):
         ids: list[int] = []
         try:
             ids = self._job.run(None)
-            text, stop = cut_at_stop(self._tokenizer.decode(ids, skip_special_tokens=True), self._job.stops)
+            text, stop = cut_answer(self._tokenizer.decode(ids, skip_special_tokens=True), self._job.stops)
             completion = self.completion = self._job.finish(ids, text, stop)
             if completion.text:
                 yield completion.text
