@@ -4,6 +4,7 @@ records, and `vlm.eval` on a user's own LLaVA-format data (no `type` field), end
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -90,6 +91,30 @@ def test_every_turn_is_scored_given_the_true_history():
     # the second turn's prompt holds the true first answer, then asks the second question
     prompt = processor.tokenizer.decode(every[1].prompt.input_ids)
     assert "red" in prompt and prompt.rstrip().endswith("assistant") and every[1].images == ["0.png"]
+
+
+def test_held_out_turns_that_fit_the_context_are_scored_when_a_later_one_does_not(caplog):
+    """A held-out conversation whose later turns outgrow the context keeps its earlier turns scored, and says which
+    were left out; one with no turn to score that fits is skipped whole, as before."""
+    config = tiny_config(stage="sft")
+    processor = new_vlm(config.model, config.tiler).processor
+    long_answer = " ".join(["circle"] * 40)
+    record = _record(("<image>\nColour?", "red", "color"), ("Shape?", long_answer, "shape"),
+                     ("Count?", "one", "count"))
+    sample = {"__key__": "k", "__url__": "u", "0.png": solid(), "json": json.dumps(record)}
+    decoder = ConversationDecoder(processor, evaluate=True, turns="all")
+    assert [t.reference for t in decoder(sample)["scored"]] == ["red", long_answer, "one"]
+    second = len(processor.prompt([{"role": "user", "content": "<image>\nColour?"},
+                                   {"role": "assistant", "content": "red"}, {"role": "user", "content": "Shape?"}],
+                                  [solid()]).input_ids)
+    processor.max_length = second + 8  # the first two prompts fit; the third, after the long answer, does not
+    with caplog.at_level(logging.WARNING, logger="vlm.data.conversations"):
+        assert [t.reference for t in decoder(sample)["scored"]] == ["red", long_answer]
+    assert "u:k: assistant turn 2's prompt is" in caplog.text and "it and the 0 after it are not scored, the 2 " \
+        "before it are" in caplog.text
+    last = ConversationDecoder(processor, evaluate=True, turns="last")
+    with pytest.raises(SampleError, match=f"more than the model's context of {second + 8}"):
+        last(sample)  # its one turn to score does not fit: skipped whole
 
 
 def _write_conversations(directory: Path, records: list[dict]) -> str:

@@ -8,14 +8,17 @@ shards as the contrastive stage. Conversation samples carry LLaVA-style `json` a
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from vlm.data.captions import image_fields, text_field
-from vlm.data.processor import Encoded, Processor, SampleError
+from vlm.data.processor import Encoded, Processor, PromptTooLong, SampleError
 from vlm.data.synthetic import DESCRIBE_PROMPTS
 from vlm.data.tokenizer import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
 
 Message = dict[str, str]
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -107,8 +110,17 @@ class ConversationDecoder:
             history = messages[:i]
             shown = sum(m["content"].count(IMAGE_TOKEN) for m in history)
             question = next((m["content"] for m in reversed(history) if m["role"] == "user"), "")
-            scored.append(ScoredTurn(self.processor.prompt(history, images[:shown], name), messages[i]["content"],
-                                     question, conversation.groups[i], name, fields[:shown]))
+            try:
+                prompt = self.processor.prompt(history, images[:shown], name)
+            except PromptTooLong as err:  # the later turns' prompts are longer still
+                if not scored:
+                    raise
+                log.warning("%s: assistant turn %d's prompt is %d tokens, more than the model's context of %d: it "
+                            "and the %d after it are not scored, the %d before it are", name, len(scored), err.tokens,
+                            self.processor.max_length, len(replies) - len(scored) - 1, len(scored))
+                break
+            scored.append(ScoredTurn(prompt, messages[i]["content"], question, conversation.groups[i], name,
+                                     fields[:shown]))
         return scored
 
 
