@@ -439,7 +439,8 @@ def test_a_feature_the_server_lacks_is_refused_by_its_field_and_values_asking_fo
                           response_format={"type": "text"}, tool_choice="none", modalities=["text"], num_beams=1,
                           repetition_penalty=1.0)
         assert client.post("/v1/chat/completions", json=nothing).status_code == 200
-        nothing = _anthropic(thinking={"type": "disabled"}, output_config={"format": None}, mcp_servers=[])
+        nothing = _anthropic(thinking={"type": "disabled"}, output_config={"format": None}, mcp_servers=[],
+                             stream=None)
         assert client.post("/v1/messages", json=nothing).status_code == 200
         assert client.post("/v1/messages", json=_anthropic(output_config={"effort": "low"})).status_code == 200
         # stream_options of the wrong type: named, not read as "no usage" (or "no" read as true)

@@ -75,7 +75,7 @@ def parse_anthropic(body: Any, parser: Parser) -> tuple[ChatRequest, str]:
         "stop": Parser.stops(body.get("stop_sequences"), "stop_sequences", one_string=False),
         "kv_cache": Parser.kv_cache(body),
     }
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null: the default, as for the other optional fields
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: must be true or false")
     return reader.request(system, options, stream), model
