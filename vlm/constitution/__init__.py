@@ -69,7 +69,7 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
         if pattern and limit != 0:
             patterns[name], counts = make_split(name, pattern, limit, out / name, make, config, total)
             summary[name] = vars(counts)
-    if unknown := types_judging_nothing(constitution, make.question_types):
+    if not synthetic and (unknown := types_judging_nothing(constitution, make.question_types)):
         log.warning("constitution=%r: principle types %s match no prompt's type (the prompts' types: %s), and a "
                     "principle judges only the types it lists; check their spelling against the records' \"type\"",
                     config.constitution, ", ".join(unknown), ", ".join(sorted(make.question_types)) or "none")
