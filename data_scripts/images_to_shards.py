@@ -118,6 +118,8 @@ def _read_csv(text: str, path: Path) -> list[Row]:
     if lines and not lines[-1].endswith(("\n", "\r")):
         lines[-1] += "\n"  # so that a quote left open on the last line shows as a line break in its cell
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    # csv refuses cells over 128 KiB, which a long caption, or the lines an unclosed quote runs on over, pass
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     names: list[str] | None = None
     rows: list[Row] = []
     start = 0  # index in `lines` where the current csv reader began

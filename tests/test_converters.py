@@ -370,6 +370,21 @@ def test_an_unclosed_quote_is_reported_and_the_rows_it_swallowed_are_kept(tmp_pa
     assert [s["txt"].decode() for s in _read_split(tmp_path / "out/train").values()] == ["green", "blue, dark"]
 
 
+def test_an_unclosed_quote_in_a_large_file_and_a_long_caption_are_read(tmp_path, capsys):
+    """The lines an unclosed quote runs on over (here 3,000 of them), and a 200,000-character caption, pass csv's
+    128 KiB limit on a cell: the quote is reported at its line, the caption kept."""
+    rows = _write_images(tmp_path / "images", 2)
+    long_caption = "a red square " * 15_385
+    filler = "".join(f"{rows[1]['image']},a green circle number {i}\n" for i in range(3000))
+    annotations = tmp_path / "a.csv"
+    annotations.write_text(f'image,caption\n{rows[0]["image"]},"open\n{filler}{rows[0]["image"]},{long_caption}\n')
+    code, out, err = _convert(capsys, ["--images", str(tmp_path / "images"), "--annotations", str(annotations),
+                                       "--out", str(tmp_path / "out"), "--no-shuffle", "--val-fraction", "0"])
+    assert code == 0 and "a.csv line 2: a quoted cell is not closed on this line (it runs on to line 3003" in err
+    captions = [s["txt"].decode() for s in _read_split(tmp_path / "out/train").values()]
+    assert len(captions) == 3001 and captions[-1] == long_caption.strip()
+
+
 def test_non_string_text_and_null_records_are_bad_records(tmp_path, capsys):
     rows = _write_images(tmp_path / "images", 2)
     lines = [json.dumps(rows[0]), json.dumps({**rows[1], "caption": ["a"]}), json.dumps({**rows[1], "caption": 7}),
