@@ -48,6 +48,7 @@ BAD_CAPTIONS = {  # key -> how the sample is broken
     "nocaption": lambda i: {"png": shapes(i)},
     "emptycaption": lambda i: {"png": shapes(i), "txt": "   "},
     "noimage": lambda i: {"txt": "a caption without its picture"},
+    "twoimages": lambda i: {"png": shapes(i), "jpg": shapes(i + 1, fmt="JPEG"), "txt": "a red circle"},
 }
 
 
@@ -107,7 +108,7 @@ def _warnings_naming(caplog: pytest.LogCaptureFixture, key: str) -> list[str]:
 # ---- bad samples ----------------------------------------------------------------------------------------------
 
 def test_bad_caption_samples_are_skipped_named_once_and_counted(tmp_path, caplog, monkeypatch):
-    bad_kinds = list(BAD_CAPTIONS) + ["corrupt", "truncated"]  # 8 bad samples among 48 good
+    bad_kinds = list(BAD_CAPTIONS) + ["corrupt", "truncated"]  # 9 bad samples among 48 good
     pattern = write_caption_shards(tmp_path / "shards", good_per_shard=24, bad_kinds=bad_kinds)
     # one pass exactly: 48 good samples / batch 8 = 6 steps; shuffle_buffer=1 keeps the stream order fixed
     monkeypatch.chdir(tmp_path)  # output_root relative to the launch folder, as in the README

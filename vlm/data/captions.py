@@ -58,6 +58,8 @@ class CaptionDecoder:
         fields = image_fields(sample)
         if not fields:
             raise SkipSample(f"no image field ({'/'.join(IMAGE_EXTENSIONS)})")
+        if len(fields) > 1:  # which one the caption describes is anyone's guess
+            raise SkipSample(f"{len(fields)} images ({', '.join(fields)}) for one caption; a caption sample holds one")
         if "txt" not in sample and "json" in sample:
             raise SkipSample("no 'txt' caption: it holds a conversation ('json'), which stage=align and sft read; "
                              "stage=contrastive trains on image + caption shards (data_scripts/images_to_shards.py)")
