@@ -258,8 +258,9 @@ def _openai(**overrides) -> dict:
     return {"model": "tiny", "max_tokens": 1, "messages": [openai_image_message()], **overrides}
 
 
-def _a_image(data: str, media_type: str = "image/png") -> dict:
-    image = {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+def _a_image(data: str, media_type: str | None = "image/png") -> dict:
+    source = {"type": "base64", "data": data} | ({"media_type": media_type} if media_type else {})
+    image = {"type": "image", "source": source}
     return _anthropic(messages=[{"role": "user", "content": [image, {"type": "text", "text": "Hi"}]}])
 
 
@@ -276,6 +277,7 @@ BAD_INPUTS = {
     "a-truncated-image": ("/v1/messages", _a_image(b64(TRUNCATED_PNG)), 400),
     "a-unsupported-media-type": ("/v1/messages", _a_image(b64(solid()), "image/bmp"), 400),
     "a-media-type-mismatch": ("/v1/messages", _a_image(b64(solid()), "image/jpeg"), 400),
+    "a-no-media-type": ("/v1/messages", _a_image(b64(solid()), None), 400),  # a misspelt "media_typ"
     "a-image-over-size-limit": ("/v1/messages", _a_image(b64(_noise_solid(160))), 400),
     "a-image-over-pixel-limit": ("/v1/messages", _a_image(b64(solid(size=(1200, 1000)))), 400),
     "a-body-over-limit": ("/v1/messages", _anthropic(system="x" * 300_000), 413),
@@ -302,6 +304,7 @@ BAD_INPUTS = {
     "o-non-image-bytes": ("/v1/chat/completions", _o_image(f"data:image/png;base64,{b64(b'plain text')}"), 400),
     "o-unsupported-media-type": ("/v1/chat/completions", _o_image(f"data:image/bmp;base64,{b64(solid())}"), 400),
     "o-remote-url": ("/v1/chat/completions", _o_image("http://169.254.169.254/latest/meta-data"), 400),
+    "o-data-url-without-media-type": ("/v1/chat/completions", _o_image(f"data:;base64,{b64(solid())}"), 400),
     "o-image-over-size-limit": ("/v1/chat/completions",
                                 _o_image(f"data:image/png;base64,{b64(_noise_solid(160))}"), 400),
     "o-body-over-limit": ("/v1/chat/completions", _openai(messages=[{"role": "user", "content": "x" * 300_000}]),
@@ -328,7 +331,8 @@ ERROR_STARTS = {
     "a-assistant-last": "messages: the last message must have the user role",
     "a-body-over-limit": "the request body is 300,",
     "a-empty-messages": "messages: must be a non-empty list",
-    "a-huge-integer": "the request body is not valid JSON",
+    "a-huge-integer": "the request body has a number too long to read (over 4,300 digits)",
+    "a-no-media-type": "messages.0.content.0.source: no media_type; give the image's type, one of ['image/jpeg'",
     "a-image-over-pixel-limit": "messages.0.content.0.source: the image is 1200x1000 (1,200,000 pixels), over this "
                                 "server's max_image_pixels",
     "a-image-over-size-limit": "messages.0.content.0.source: the image is over the 65,536-byte limit",
@@ -351,7 +355,9 @@ ERROR_STARTS = {
     "o-system-only": "messages: there is no user message, only system ones",
     "o-body-over-limit": "the request body is 300,",
     "o-empty-messages": "messages: must be a non-empty list",
-    "o-huge-integer": "the request body is not valid JSON",
+    "o-huge-integer": "the request body has a number too long to read (over 4,300 digits)",
+    "o-data-url-without-media-type": "messages[0].content[0].image_url.url: this data: URL names no media type or is "
+                                     "not base64; write it as data:image/png;base64,...",
     "o-image-over-size-limit": "messages[0].content[0].image_url: the image is over the 65,536-byte limit",
     "o-invalid-base64": "messages[0].content[0].image_url: image data is not valid base64",
     "o-lone-surrogate": "the request body has a string with an unpaired UTF-16 surrogate",

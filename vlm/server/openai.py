@@ -114,6 +114,9 @@ def _data_url_source(part: dict, at: str) -> tuple[Any, Any, str]:
     url = url.get("url") if isinstance(url, dict) else url
     found = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
     if found is None:
+        if isinstance(url, str) and url[:5].lower() == "data:":
+            raise ApiError(400, f"{at}.image_url.url: this data: URL names no media type or is not base64; write it "
+                                "as data:image/png;base64,... (or image/jpeg, ...)", param=f"{at}.image_url")
         raise ApiError(400, f"{at}.image_url.url: send the image inline as a data:image/...;base64,... URL (this "
                             "server does not fetch remote URLs)", param=f"{at}.image_url")
     media_type = found["type"].lower()

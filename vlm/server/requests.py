@@ -65,6 +65,9 @@ class Parser:
         self.as_plain_text = as_plain_text  # the model's ChatTemplate.as_plain_text: its markers are its template's
 
     def image(self, data: Any, media_type: Any, where: str) -> bytes:
+        if media_type is None:
+            raise ApiError(400, f"{where}: no media_type; give the image's type, one of {list(MEDIA_TYPES)}",
+                           param=where)
         if media_type not in MEDIA_TYPES:
             raise ApiError(400, f"{where}: unsupported image media type {media_type!r}; use one of {list(MEDIA_TYPES)}",
                            param=where)
@@ -288,6 +291,8 @@ async def read_json(request: Request, limit: int) -> Any:
     except RecursionError:
         raise ApiError(400, "the request body nests JSON arrays or objects too deeply") from None
     except ValueError as err:  # bad JSON, bad UTF-8, or an integer over Python's 4300-digit conversion limit
+        if "int_max_str_digits" in str(err):  # Python's advice is for whoever runs the server, not the caller
+            raise ApiError(400, "the request body has a number too long to read (over 4,300 digits)") from None
         raise ApiError(400, f"the request body is not valid JSON ({err})") from None
     return body
 
