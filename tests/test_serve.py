@@ -848,19 +848,27 @@ def test_hosts_that_reach_only_this_machine_are_told_apart(host, loopback):
     assert is_loopback(host) is loopback
 
 
-def test_token_counts_are_bounded_like_answers(tiny_chat_model):
+def test_token_counts_are_bounded_like_answers(tiny_chat_model, caplog):
     """Counting decodes and tiles a request's images too, so at most max_concurrency + max_queue run at once; one
-    over that is told the server is busy, in the Anthropic API's shape."""
+    over that is told the server is busy, in the Anthropic API's shape. Busy is a warning in the log, whichever API
+    was refused (529 or 429), not a server error."""
     from fastapi.testclient import TestClient
 
     app = create_app(tiny_chat_model, ServeSettings(max_concurrency=1, max_queue=1))
     body = {"model": "tiny", "messages": [anthropic_image_message()]}
     counting = app.state.server.counting
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client, caplog.at_level(logging.WARNING, "vlm.serve"):
         held = [counting.admit("anthropic") for _ in range(2)]  # two counts still running
         busy = client.post("/v1/messages/count_tokens", json=body)
         assert busy.status_code == 529 and busy.json()["error"]["type"] == "overloaded_error"
         assert "the server is busy (2 requests running or queued)" in busy.json()["error"]["message"]
+        answering = [app.state.server.slots.admit("openai") for _ in range(2)]
+        assert client.post("/v1/chat/completions", json=_openai()).status_code == 429
+        for answer in answering:
+            app.state.server.slots.finish(answer)
+        refused = [(r.levelname, r.getMessage()) for r in caplog.records if "busy" in r.getMessage()]
+        assert [(level, message.split(":")[0]) for level, message in refused] == [
+            ("WARNING", "POST /v1/messages/count_tokens"), ("WARNING", "POST /v1/chat/completions")]
         counting.finish(held.pop())
         assert client.post("/v1/messages/count_tokens", json=body).json()["input_tokens"] > 16
     assert counting.counts()["queued"] == 1  # the answered count gave its slot back; the held one keeps its own

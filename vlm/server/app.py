@@ -30,7 +30,7 @@ from vlm.generation.options import OptionError
 from vlm.server.access import SameSiteOnly, check_key
 from vlm.server.admission import SHUTTING_DOWN, Admission, Ticket
 from vlm.server.anthropic import anthropic_events, anthropic_message, parse_anthropic
-from vlm.server.errors import ANTHROPIC, OPENAI, ApiError, api_of, error_response
+from vlm.server.errors import ANTHROPIC, OPENAI, OVERLOADED, ApiError, api_of, error_response
 from vlm.server.openai import openai_completion, openai_events, parse_openai
 from vlm.server.requests import ChatRequest, Parser, read_json, require_dict
 from vlm.server.settings import ServeSettings
@@ -203,7 +203,9 @@ def create_app(chat_model: ChatModel, settings: ServeSettings | None = None) -> 
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
-        if err.status >= 500 and err.status != 503:  # 503: shutting down, said once by AppServer
+        if err.status in OVERLOADED:
+            log.warning("%s %s: %s", request.method, request.url.path, err.message)
+        elif err.status >= 500 and err.status != 503:  # 503: shutting down, said once by AppServer
             log.error("%s %s: %s", request.method, request.url.path, err.message)
         return error_response(api_of(request), err)
 

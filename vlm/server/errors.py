@@ -20,6 +20,7 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
+OVERLOADED = (429, 529)  # the server is busy (OpenAI's status, Anthropic's): the client retries after retry-after
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
                     429: "rate_limit_error", 529: "overloaded_error"}
@@ -42,7 +43,7 @@ def stream_error_body(api: str, err: BaseException) -> dict:
 
 
 def error_response(api: str, err: ApiError) -> JSONResponse:
-    headers = {"retry-after": "1"} if err.status in (429, 529) else None
+    headers = {"retry-after": "1"} if err.status in OVERLOADED else None
     return JSONResponse(error_body(api, err.status, err.message, err.param, err.code), err.status, headers=headers)
 
 
