@@ -262,9 +262,8 @@ class ChatSession:
 
     def __init__(self, model: ChatModel, system: str | None = None, **options: Any):
         check_system_prompt(system)
-        if system is not None and (control := model.processor.template.spelled_control(system)):
-            raise PromptError(f"the system prompt holds {control!r}, a control token of the chat template; it may "
-                              f"not spell one, since it would start or end a turn")
+        if system is not None and (problem := model.processor.template.control_problem(system, "the system prompt")):
+            raise PromptError(problem)
         self.model = model
         self.system = system
         self.options = model.options(**options)

@@ -26,10 +26,13 @@ class ChatTemplate:
         self.control_token = re.compile("|".join(map(re.escape, controls))) if controls else None
         self.markers = re.compile("|".join(map(re.escape, [IMAGE_TOKEN, *controls])))  # what as_plain_text breaks
 
-    def spelled_control(self, text: str) -> str | None:
-        """The first control token `text` spells, or None."""
-        found = self.control_token.search(text) if self.control_token else None
-        return found.group() if found else None
+    def control_problem(self, text: str, where: str) -> str | None:
+        """Why `text` (named by `where`) cannot be a message: the first control token it spells; None when it spells
+        none."""
+        if found := self.control_token.search(text) if self.control_token else None:
+            return (f"{where} holds {found.group()!r}, a control token of the chat template; text may not spell one, "
+                    f"since it would start or end a turn")
+        return None
 
     def as_plain_text(self, text: str) -> str:
         """`text` with every `<image>` and control token broken by a zero-width space after its first character, so

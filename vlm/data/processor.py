@@ -98,9 +98,8 @@ class Processor:
             raise SampleError(f"{name}: {placeholders} {IMAGE_TOKEN} placeholder{'s' * (placeholders != 1)} but "
                               f"{len(images)} image{'s' * (len(images) != 1)}")
         for i, message in enumerate(messages):
-            if control := self.template.spelled_control(message["content"]):
-                raise SampleError(f"{name}: message {i} ({message['role']}) holds {control!r}, a control token "
-                                  f"of the chat template; text may not spell one, since it would start or end a turn")
+            if problem := self.template.control_problem(message["content"], f"{name}: message {i} ({message['role']})"):
+                raise SampleError(problem)
         if train:
             if not any(m["role"] == "assistant" for m in messages):
                 raise SampleError(f"{name}: no assistant turn to learn from or to score")
