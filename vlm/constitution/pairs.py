@@ -77,6 +77,7 @@ class PairMaker:
         from vlm.generation.completion import PromptError
 
         counts, asked, prompts = Counts(prompts=len(items)), [], []
+        self.question_types.update(item.group for item in items if item.group is not None)
         for item in items:
             try:
                 prompts.append(self.chat.prepare(item.messages, item.images))
@@ -114,8 +115,6 @@ class PairMaker:
         """One principle per prompt, drawn at random from those that judge its question type (all of them when none
         does), from the prompt's own seed, so a resumed run draws the same ones."""
         every = self.constitution.principles
-        if item.group is not None:
-            self.question_types.add(item.group)
         fitting = [p for p in every if p.judges(item.group)] or every
         return random.Random(f"{self.config.seed}:{item.key}").choice(fitting)
 
