@@ -185,23 +185,21 @@ class ChatCritic(Critic):
         system = item.messages[:opening]
         asked = [*item.messages[opening:], {"role": "assistant", "content": answer},
                  {"role": "user", "content": principle.critique}]
-        for count in range(len(self.examples), 0, -1):
-            request = [*system, *self._shots(principle, count), *asked]
-            room = [*request, {"role": "assistant", "content": "x " * self.reply_tokens},
-                    {"role": "user", "content": principle.revision}]
-            if self.fits is None or self.fits(room, item.images):
-                self._tell_fewer_examples(count, item)
-                return request
-        self._tell_fewer_examples(0, item)
-        return [*system, *asked]
-
-    def _tell_fewer_examples(self, count: int, item: Item) -> None:
+        count = next((count for count in range(len(self.examples), 0, -1)
+                      if self._fits([*system, *self._shots(principle, count), *asked], item, principle)), 0)
         if count < len(self.examples) and not self.told_fewer_examples:
             self.told_fewer_examples = True
             log.warning("the critic's context holds %d of the constitution's %d few-shot examples for %s (and may "
                         "hold fewer for other prompts): without them small critics tend to answer 'Sure, here is a "
                         "revised response'; shorten the examples, or use a critic with a longer context", count,
                         len(self.examples), item.key)
+        return [*system, *self._shots(principle, count), *asked]
+
+    def _fits(self, request: list[Message], item: Item, principle: Principle) -> bool:
+        """Whether the critic's context holds `request` with room for its critique and the revision request after."""
+        room = [*request, {"role": "assistant", "content": "x " * self.reply_tokens},
+                {"role": "user", "content": principle.revision}]
+        return self.fits is None or self.fits(room, item.images)
 
     def _shots(self, principle: Principle, count: int) -> list[Message]:
         turns: list[Message] = []
