@@ -126,9 +126,10 @@ def test_out_of_range_numbers_name_the_key_and_the_bound(override, message):
         tiny_config(override)
 
 
-@pytest.mark.parametrize("devices", ["auto", "1", "-1", "[0,1]", "'0,1'"])
-def test_every_form_of_trainer_devices_lightning_takes_passes_the_check(devices):
-    tiny_config(f"trainer.devices={devices}")
+@pytest.mark.parametrize(("devices", "taken"), [("auto", "auto"), ("1", 1), ("-1", -1), ("[0,1]", [0, 1]),
+                                               ("'0,1'", "0,1")])
+def test_every_form_of_trainer_devices_lightning_takes_passes_the_check(devices, taken):
+    assert tiny_config(f"trainer.devices={devices}").trainer.devices == taken
 
 
 def test_settings_lightning_refuses_and_a_bad_model_name_are_one_error_leaving_no_run_folder(tmp_path):
