@@ -3,6 +3,7 @@ weights: what loads and trains, and what is refused with the key named."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -208,3 +209,46 @@ def test_chat_prompts_may_use_a_gpt2_style_llm_whole_position_table(tmp_path):
     bundle = VLMTask.create(config, get_stage("sft"), None, None).bundle
     chat = ChatModel(bundle.model, bundle.tokenizer, bundle.processor, torch.device("cpu"))
     assert (bundle.processor.max_length, chat.context_length) == (64, 128)
+
+
+def _greedy_ids(bundle, prompt: dict, steps: int) -> list[int]:
+    """The likeliest next token, `steps` times, from full forward passes: greedy decoding with nothing else."""
+    ids = prompt["input_ids"]
+    for _ in range(steps):
+        logits = bundle.model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=prompt["pixel_values"],
+                              image_slots=prompt["image_slots"]).logits[0, -1]
+        ids = torch.cat([ids, logits.argmax().view(1, 1)], dim=1)
+    return ids[0, prompt["input_ids"].shape[1]:].tolist()
+
+
+def test_an_llms_sampling_defaults_do_not_change_vlms_answers_and_an_export_keeps_its_end_ids(tmp_path):
+    """A hub LLM's generation_config.json may hold sampling defaults (Qwen2.5-Instruct: repetition_penalty 1.05,
+    top_p 0.8, top_k 20). vlm's own decoding settings decide, so greedy chat is plain greedy decoding, as in the
+    Hugging Face export that carries only the token ids; the end-of-turn ids stay, on reload too, and an export that
+    recorded such defaults drops them when loaded."""
+    from vlm.chat import ChatModel
+    from vlm.exports.format import CONFIG_FILE
+    from vlm.exports.vlm import export_vlm, load_vlm
+
+    llama = LlamaForCausalLM(LlamaConfig(**SIZES))
+    llama.generation_config.update(repetition_penalty=3.0, top_p=0.8, top_k=20, do_sample=True, temperature=0.7,
+                                   eos_token_id=[2, 7])
+    config = tiny_config(f"model.llm.name_or_path={_saved(tmp_path / 'llama', llama)}", stage="sft")
+    torch.manual_seed(0)
+    bundle = new_vlm(config.model, config.tiler)
+    kept = bundle.model.lm.generation_config
+    assert (kept.eos_token_id, kept.repetition_penalty, kept.top_p, kept.top_k, kept.do_sample) == \
+        ([2, 7], None, None, None, None)
+    conversation, image = [{"role": "user", "content": "<image>\nWhat colour?"}], [solid((255, 0, 0))]
+    prompt = pad_batch([bundle.processor.prompt(conversation, image)], bundle.tokenizer.pad_token_id)
+    expected = [token for token in _greedy_ids(bundle, prompt, 6) if token not in (2, 7)][:6]
+    chat = ChatModel(bundle.model, bundle.tokenizer, bundle.processor, torch.device("cpu"))
+    answer = chat.generate(conversation, image, max_new_tokens=6, temperature=0).token_ids
+    assert answer == expected[:len(answer)] and len(answer) == 6  # no end id comes up in this random model's answer
+
+    export = export_vlm(tmp_path / "export", bundle, "sft", config.tiler)
+    meta = json.loads((export / CONFIG_FILE).read_text())
+    meta["llm_generation_config"].update(repetition_penalty=3.0, top_k=20)  # as exports written before recorded them
+    (export / CONFIG_FILE).write_text(json.dumps(meta))
+    reloaded = load_vlm(export).model.lm.generation_config
+    assert (reloaded.eos_token_id, reloaded.repetition_penalty, reloaded.top_k) == ([2, 7], None, None)

@@ -21,6 +21,7 @@ from vlm.exports.format import (
     write_export,
 )
 from vlm.models.factory import VLMBundle, bundle, empty_vlm
+from vlm.models.llm import token_ids_only
 
 
 def export_vlm(directory: Path, vlm: VLMBundle, stage: str, tiler: TilerConfig,
@@ -52,6 +53,7 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
                       image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)
     if meta.llm_generation_config is not None:  # exports written before it was recorded keep the config's own
-        model.lm.generation_config = GenerationConfig.from_dict(meta.llm_generation_config)
+        # exports written before vlm kept only the token ids may hold an LLM's sampling defaults too
+        model.lm.generation_config = token_ids_only(GenerationConfig.from_dict(meta.llm_generation_config))
     model.eval()  # the conv stem's BatchNorm would otherwise normalise each image by its own batch's statistics
     return bundle(model, tokenizer, tiler or TilerConfig(**meta.tiler))

@@ -7,13 +7,22 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from vlm.config import ConfigError, LLMConfig
 from vlm.errors import first_line
 from vlm.models.attention import use_attention
 
 log = logging.getLogger(__name__)
+
+GENERATION_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # what vlm keeps of an LLM's generation config
 
 
 def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -30,6 +39,7 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
             raise ConfigError(f"model.llm.name_or_path={config.name_or_path!r} is not a causal language model "
                               f"({first_line(err)[:200]})") from None
         check_causal(lm, config.name_or_path)
+        lm.generation_config = token_ids_only(lm.generation_config)
     else:
         special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                    "pad_token_id": tokenizer.pad_token_id}  # so generate stops on the template's end of turn
@@ -41,6 +51,15 @@ def build_llm(config: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     if config.gradient_checkpointing:
         enable_checkpointing(lm)
     return lm
+
+
+def token_ids_only(generation_config: GenerationConfig) -> GenerationConfig:
+    """An LLM's generation config with its token ids only: BOS, pad, and the end-of-turn ids (Llama 3's and Phi-3's
+    are only there). vlm's decoding settings (`generation.*`) decide the rest, so a hub LLM's sampling defaults
+    (Qwen2.5-Instruct's repetition_penalty 1.05, top_p 0.8, top_k 20) change neither vlm's answers nor its scores,
+    and its answers stay those of its Hugging Face export, which carries the same ids."""
+    return GenerationConfig(**{name: value for name in GENERATION_TOKEN_IDS
+                               if (value := getattr(generation_config, name, None)) is not None})
 
 
 def enable_checkpointing(lm: PreTrainedModel) -> None:
