@@ -442,12 +442,12 @@ def _damage(folder, how: str) -> str:
             config["llm_config"]["hidden_size"] *= 2
         (folder / "config.json").write_text(json.dumps(config))
         return "model.safetensors" if how == "config-wider-llm" else "config.json"
-    (folder / "tokenizer" / "tokenizer.json").unlink()
+    (folder / "tokenizer" / ("tokenizer.json" if how == "tokenizer-missing" else "chat_template.jinja")).unlink()
     return "tokenizer"
 
 
 @pytest.mark.parametrize("how", ["weights-cut-short", "weights-empty", "config-without-model", "config-tiler-null",
-                                 "config-wider-llm", "tokenizer-missing"])
+                                 "config-wider-llm", "tokenizer-missing", "chat-template-missing"])
 def test_a_damaged_export_is_one_error_naming_the_file(tiny_sft_export, tmp_path, how):
     import shutil
 

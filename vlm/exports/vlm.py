@@ -45,10 +45,14 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
         raise ExportError(f"{str(directory)!r} holds a {meta.stage!r} model, not a vision-language model; give an "
                           f"export of a phase 2 stage (align, sft, ...)")
     try:
-        tokenizer = prepare_tokenizer(load_tokenizer(str(directory / TOKENIZER_DIR)))
+        tokenizer = load_tokenizer(str(directory / TOKENIZER_DIR))
     except Exception as err:  # missing or damaged files surface as OSError, ValueError or an import hint
         raise ExportError(f"{str(directory / TOKENIZER_DIR)!r} cannot be loaded ({first_line(err)}): it is damaged "
                           f"or incomplete; {COPY_AGAIN}") from None
+    if not tokenizer.chat_template:  # every export saves the template it trained with; a default would differ silently
+        raise ExportError(f"{str(directory / TOKENIZER_DIR)!r} lacks its chat template (chat_template.jinja), though "
+                          f"the model was trained with one; {COPY_AGAIN}")
+    tokenizer = prepare_tokenizer(tokenizer)
     model = empty_vlm(model_config_from(meta.model), AutoConfig.for_model(**meta.llm_config),
                       image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)
