@@ -438,6 +438,12 @@ def _damage(folder, how: str) -> str:
             del config["model"]
         elif how == "config-tiler-null":
             config["tiler"] = None
+        elif how == "config-tiler-zero":  # hand-edited values are named with the file, not as the command line's
+            config["tiler"]["max_tiles"] = 0
+        elif how == "config-llm-type":
+            config["llm_config"]["model_type"] = "nosuch"
+        elif how == "config-templates":
+            config["templates"] = "a photo of a {}."
         else:  # config-wider-llm: the weights no longer fit the model it describes, and the error is theirs
             config["llm_config"]["hidden_size"] *= 2
         (folder / "config.json").write_text(json.dumps(config))
@@ -447,7 +453,8 @@ def _damage(folder, how: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["weights-cut-short", "weights-empty", "config-without-model", "config-tiler-null",
-                                 "config-wider-llm", "tokenizer-missing", "chat-template-missing"])
+                                 "config-wider-llm", "config-tiler-zero", "config-llm-type", "config-templates",
+                                 "tokenizer-missing", "chat-template-missing"])
 def test_a_damaged_export_is_one_error_naming_the_file(tiny_sft_export, tmp_path, how):
     import shutil
 

@@ -493,21 +493,25 @@ class EvalConfig:
     output_dir: str | None = setting()  # vlm.eval: where metrics.json and predictions.jsonl go; null: RUN/eval
 
     def __post_init__(self) -> None:
-        templates = self.templates
-        if templates == MISSING or templates is None:
-            return
-        if not templates:
-            raise ValueError("eval.templates=[] holds no prompt: zero-shot needs at least one, e.g. "
-                             "eval.templates=['a photo of a {}.']")
-        if bad := [t for t in templates if not isinstance(t, str) or "{}" not in t]:
-            raise ValueError(f"eval.templates: {bad[0]!r} has no {{}} for the class name, so every class would get "
-                             f"the same prompt; write e.g. 'a photo of a {{}}.'")
-        for template in templates:  # a second {} or a named field would fail only at the first validation
-            try:
-                template.format("class")
-            except (IndexError, KeyError, ValueError) as err:
-                raise ValueError(f"eval.templates: {template!r} is not a prompt with one {{}} for the class name "
-                                 f"({err}); write a literal brace as {{{{ or }}}}") from None
+        if self.templates != MISSING and self.templates is not None:
+            check_templates(self.templates)
+
+
+def check_templates(templates: Any, key: str = "eval.templates") -> None:
+    """Zero-shot prompt templates, from the command line or an export's config.json: a list of prompts, each with
+    one {} for the class name. Raises ValueError naming `key`."""
+    if not isinstance(templates, list | tuple) or not templates:
+        raise ValueError(f"{key}={templates!r} holds no prompt: zero-shot needs a list of at least one, e.g. "
+                         f"{key}=['a photo of a {{}}.']")
+    if bad := [t for t in templates if not isinstance(t, str) or "{}" not in t]:
+        raise ValueError(f"{key}: {bad[0]!r} has no {{}} for the class name, so every class would get the same "
+                         f"prompt; write e.g. 'a photo of a {{}}.'")
+    for template in templates:  # a second {} or a named field would fail only at the first validation
+        try:
+            template.format("class")
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"{key}: {template!r} is not a prompt with one {{}} for the class name ({err}); write "
+                             f"a literal brace as {{{{ or }}}}") from None
 
 
 @dataclass

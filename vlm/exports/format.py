@@ -93,7 +93,35 @@ class ExportMeta:
             raise ExportError(f"{str(path)!r} is damaged: its {wrong[0]!r} is {json.dumps(raw[wrong[0]])[:60]}, not "
                               f"{'a string' if wrong[0] == 'stage' else 'an object'}; {COPY_AGAIN}")
         known = {f.name for f in fields}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        meta = cls(**{k: v for k, v in raw.items() if k in known})
+        meta.check(path)
+        return meta
+
+    def check(self, path: Path) -> None:
+        """Refuse what no model can be rebuilt from, naming the file and the key: a hand-edited config.json would
+        otherwise fail deep in transformers, or with an error that reads as the command line's."""
+        from transformers import AutoConfig
+
+        from vlm.config import TilerConfig, check_templates, load_config, model_config_from
+
+        def damaged(why: str) -> ExportError:
+            return ExportError(f"{str(path)!r} is damaged: {why}; fix it or {COPY_AGAIN}")
+
+        for key in ("llm_config", "llm_generation_config"):
+            if (value := getattr(self, key)) is not None and not isinstance(value, dict):
+                raise damaged(f"{key} is {json.dumps(value)[:60]}, not an object")
+        try:
+            load_config(TilerConfig, self.tiler, path="tiler.")
+            model_config_from(self.model)
+            if self.templates is not None:
+                check_templates(self.templates, key="templates")
+        except ValueError as err:  # the message names the key
+            raise damaged(str(err).rstrip(".")) from None
+        if self.llm_config is not None:
+            try:
+                AutoConfig.for_model(**self.llm_config)
+            except (TypeError, ValueError, KeyError) as err:  # an unknown model_type lists every known one: cut
+                raise damaged(f"llm_config is no transformers config ({first_line(err)[:160]})") from None
 
 
 def is_complete(directory: Path) -> bool:
