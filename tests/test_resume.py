@@ -802,3 +802,36 @@ def test_each_rank_resumes_from_its_own_data_position():
     assert mid_epoch_seed(3) == mid_epoch_seed(3) == seeds[1]
     later = [mid_epoch_seed(step) for step in (4, 5, 103)]
     assert len({seeds[1], *later}) == 4 and not any(seed in range(7, 7 + 2**20) for seed in later)
+
+
+class RequeueSave(pl.Callback):
+    """Saves a SLURM requeue checkpoint after step `at`, as Lightning's SIGUSR1 handler does (hpc_ckpt_N.ckpt in
+    the run folder), and lets the run go on."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.at:
+            trainer.save_checkpoint(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+
+
+def test_a_run_under_slurm_exports_and_scores_its_last_weights_not_a_requeue_checkpoint(tmp_path, small_synthetic,
+                                                                                      monkeypatch):
+    """Under SLURM, Lightning's validate() loads the newest hpc_ckpt_*.ckpt of the run folder over the model it is
+    given: the final validation, metrics.json and the export were those of a SIGUSR1 save many steps back."""
+    from safetensors.torch import load_file
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                        "SLURM_NODEID": "0", "SLURM_JOB_ID": "4243", "SLURM_JOB_NAME": "train",
+                        "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+    args = [*COMMON, *small_synthetic, "stage.batch_size=8", "stage.max_steps=12", "trainer.checkpoint_every_n_steps=6",
+            f"output_root={tmp_path}", "run_name=r"]
+    metrics, run_dir = train(tiny_config(*args), RequeueSave(at=3))
+    assert (run_dir / "hpc_ckpt_1.ckpt").is_file()
+    assert metrics["global_step"] == 12 and metrics["samples_seen"] == 12 * 8  # not the requeue save's 3 * 8
+    final = torch.load(run_dir / "checkpoints" / "step00000012.ckpt", weights_only=False)["state_dict"]
+    exported = load_file(run_dir / "export" / "model.safetensors")
+    shared = [name for name in exported if "model." + name in final]
+    assert shared and all(torch.equal(exported[name], final["model." + name]) for name in shared)

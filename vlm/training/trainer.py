@@ -99,10 +99,25 @@ def build_eval_trainer(config: TrainConfig, task: StageTask) -> pl.Trainer:
 def validate(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule) -> dict[str, float]:
     """One validation pass: the logged metrics, with the answer scores computed exactly from the answers (the logged
     ones went through float32), and the counts (`*_scored`) as integers."""
-    results = trainer.validate(task, datamodule=datamodule, verbose=False)
+    with weights_as_given(trainer):
+        results = trainer.validate(task, datamodule=datamodule, verbose=False)
     metrics = {k.removeprefix("val/"): int(v) if k.endswith("_scored") else float(v)
                for k, v in (results[0] if results else {}).items()}
     return metrics | task.prediction_metrics()
+
+
+@contextlib.contextmanager
+def weights_as_given(trainer: pl.Trainer) -> Iterator[None]:
+    """Validate the model given, as it is. Under SLURM, Lightning's `validate(model)` without a checkpoint path loads
+    the newest SLURM requeue checkpoint of its default_root_dir (`hpc_ckpt_*.ckpt`, written on SIGUSR1, possibly
+    thousands of steps old) over the weights just trained, and the final figures and the export would be that
+    checkpoint's. Lightning has no switch for it: its checkpoint connector's path choice is bypassed for the call."""
+    connector = trainer._checkpoint_connector
+    connector._parse_ckpt_path = lambda state_fn, ckpt_path, model_provided, model_connected: ckpt_path
+    try:
+        yield
+    finally:
+        del connector._parse_ckpt_path  # the class's own again
 
 
 class NothingToScore(ConfigError):
