@@ -56,8 +56,8 @@ def load_vlm(directory: str | Path, tiler: TilerConfig | None = None,
     model = empty_vlm(model_config_from(meta.model), AutoConfig.for_model(**meta.llm_config),
                       image_token_id(tokenizer), gradient_checkpointing)
     load_weights(model, directory)
-    if meta.llm_generation_config is not None:  # exports written before it was recorded keep the config's own
-        # exports written before vlm kept only the token ids may hold an LLM's sampling defaults too
+    # older exports: none recorded (the config's own stays), or an LLM's sampling defaults beside its token ids
+    if meta.llm_generation_config is not None:
         model.lm.generation_config = token_ids_only(GenerationConfig.from_dict(meta.llm_generation_config))
     model.eval()  # the conv stem's BatchNorm would otherwise normalise each image by its own batch's statistics
     return bundle(model, tokenizer, tiler or TilerConfig(**meta.tiler))
