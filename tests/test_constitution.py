@@ -32,6 +32,7 @@ from vlm.constitution.critics import (
     HttpCompletion,
     Item,
     Principle,
+    Revision,
     SyntheticCritic,
 )
 from vlm.constitution.pairs import Counts, PairMaker, read_prompts
@@ -331,6 +332,34 @@ def test_ctrl_c_keeps_the_shards_written_and_says_where(tiny_sft_export, small_s
     assert run(config)["train"]["prompts"] == 6 and "4 prompts were already done" in caplog.text
 
 
+def test_a_rerun_asks_again_the_prompts_a_failed_critic_request_lost(tiny_sft_export, small_synthetic, tmp_path,
+                                                                       caplog, monkeypatch):
+    """A busy endpoint (429s) loses some prompts' pairs; the run ends saying so, and a rerun makes the shards that lost
+    prompts again, keeping the others, so it ends as a run whose critic never failed."""
+    caplog.set_level(logging.INFO, logger="vlm.constitution")
+    revise, calls = SyntheticCritic.revise, itertools.count()
+
+    def busy_on_the_second_batch(self, items, *args):
+        if next(calls) == 1:  # the second batch: shard 1's (4 prompts per shard, 4 per batch)
+            self.failed += len(items)
+            return [None] * len(items)
+        return revise(self, items, *args)
+
+    monkeypatch.setattr(SyntheticCritic, "revise", busy_on_the_second_batch)
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "max_val_prompts=0")
+    first = run(config)
+    assert first["critic_failed_requests"] == first["train"]["dropped_failed"] == 2  # shard 1 holds 2 prompts
+    assert "2 critic requests failed" in caplog.text and "rerun the same command to ask them again" in caplog.text
+    out = tmp_path / "pairs" / "train"
+    kept = (out / "shard-000000.tar").stat().st_mtime_ns
+    monkeypatch.setattr(SyntheticCritic, "revise", revise)
+    again = run(config)
+    assert "shard 1 lost prompts to 2 failed critic requests in an earlier run" in caplog.text
+    assert (out / "shard-000000.tar").stat().st_mtime_ns == kept
+    assert again["critic_failed_requests"] == again["train"]["dropped_failed"] == 0
+    assert again["train"]["kept"] + again["train"]["dropped_unchanged"] == 6
+
+
 def test_a_changed_constitution_file_is_not_resumed_as_it_was(tiny_sft_export, small_synthetic, tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text((Path(load_constitution.__globals__["CONFIG_DIR"]) / "constitutions" / "synthetic.yaml")
@@ -395,15 +424,44 @@ def test_an_empty_answer_is_dropped_as_empty_without_asking_the_critic(tiny_sft_
     assert (counts.prompts, counts.dropped_empty, counts.dropped_failed, counts.dropped_unchanged) == (4, 4, 0, 0)
 
 
+class MarkupCritic(SyntheticCritic):
+    """A critic whose revisions spell `spelled` (an endpoint echoing the prompt's markup)."""
+
+    def __init__(self, spelled: str) -> None:
+        self.spelled = spelled
+
+    def revise(self, items, answers, principles):
+        return [Revision("wrong colour", f"The {self.spelled} shows it.") for _ in items]
+
+
+@pytest.mark.parametrize("spelled", ["<image>", "<|im_end|>"])
+def test_a_revision_that_spells_markup_is_dropped_and_counted_not_written_for_dpo_to_skip(
+        tiny_sft_export, tiny_chat_model, small_synthetic, tmp_path, spelled, caplog):
+    """stage=dpo reads <image> in an answer as an image placeholder and a control token as a turn's end, and skips
+    the pair: the constitution drops such pairs itself, names them and counts them."""
+    from vlm.data.sources import resolve
+
+    config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic")
+    items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 3))
+    make = PairMaker(config, tiny_chat_model, MarkupCritic(spelled), load_constitution("synthetic"))
+    with caplog.at_level(logging.WARNING):
+        samples, counts = make(items, seed=0)
+    assert samples == [] and (counts.prompts, counts.kept) == (3, 0)
+    assert counts.dropped_markup == 3 - counts.dropped_empty > 0
+    assert sum("the revision" in r.getMessage() and spelled in r.getMessage() for r in caplog.records) == 3 - \
+        counts.dropped_empty
+    assert "spelled <image> or a chat control token" in why_no_pairs(counts, "revise")
+
+
 @pytest.mark.parametrize("share", [0.5, 1.0])
-def test_anchors_keep_a_share_of_the_answers_the_critic_left_unchanged(tiny_sft_export, small_synthetic, tmp_path,
-                                                                       share):
+def test_anchors_keep_a_share_of_the_answers_the_critic_left_unchanged(tiny_sft_export, tiny_chat_model,
+                                                                       small_synthetic, tmp_path, share):
     from vlm.data.sources import resolve
 
     config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", f"anchors={share}")
     items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 40))
     answers = [item.reference if i % 4 else "no idea" for i, item in enumerate(items)]  # 30 right, 10 wrong
-    make = PairMaker(config, None, SyntheticCritic(), load_constitution("synthetic"))
+    make = PairMaker(config, tiny_chat_model, SyntheticCritic(), load_constitution("synthetic"))
     principles = [make._principle(item) for item in items]
     counts, kept = Counts(), []
     pairs = make._revised(items, answers, principles, counts, kept)
@@ -431,6 +489,9 @@ class ColourNamer:
     """A policy whose k-th sample of a prompt names the k-th colour: of 8 samples, one answers a colour question
     right and the others wrong; the answers to any other question are all wrong."""
 
+    def __init__(self, processor) -> None:
+        self.processor = processor  # the chat template the pairs are checked against
+
     def prepare(self, messages, images):
         return list(messages)  # a prompt of its own, whatever the messages
 
@@ -444,7 +505,7 @@ class ColourNamer:
 
 
 @pytest.mark.slow  # end to end (a run, a pipeline or a process of its own): the full suite runs it
-def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, small_synthetic, tmp_path):
+def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, tiny_chat_model, small_synthetic, tmp_path):
     config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "mode=best_of_n",
                      "num_samples=3", "temperature=1.5", "max_val_prompts=0")
     summary = run(config)
@@ -458,7 +519,8 @@ def test_best_of_n_pairs_the_best_with_the_worst(tiny_sft_export, small_syntheti
                      f"num_samples={len(COLOURS)}")
     items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 16))
     truth = {item.key: item.reference for item in items}
-    samples, counts = PairMaker(config, ColourNamer(), SyntheticCritic(), load_constitution("synthetic"))(items, 0)
+    make = PairMaker(config, ColourNamer(tiny_chat_model.processor), SyntheticCritic(), load_constitution("synthetic"))
+    samples, counts = make(items, 0)
     colour_questions = sum(item.reference in COLOURS for item in items)
     assert counts.kept == len(samples) == colour_questions > 0 and counts.dropped_tie == len(items) - colour_questions
     for sample in samples:
@@ -782,14 +844,15 @@ def test_images_go_to_the_critic_with_their_own_media_type():
         assert parts.index("image/jpeg") < parts.index("image/png"), parts
 
 
-def test_best_of_n_counts_replies_without_a_score(tiny_sft_export, small_synthetic, tmp_path, caplog):
+def test_best_of_n_counts_replies_without_a_score(tiny_sft_export, tiny_chat_model, small_synthetic, tmp_path,
+                                                   caplog):
     config = _config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic", "mode=best_of_n",
                      "num_samples=2", "max_train_prompts=3")
     from vlm.data.sources import resolve
 
     items = list(itertools.islice(read_prompts(resolve(config.data, "conversations").train, "data.train"), 3))
     critic = ChatCritic(lambda requests: ["7" if i % 2 else "I cannot rate that" for i in range(len(requests))], [])
-    make = PairMaker(config, None, critic, load_constitution("synthetic"))
+    make = PairMaker(config, tiny_chat_model, critic, load_constitution("synthetic"))
     counts = Counts()
     make._best_of_n(items, ["red", "blue", "green"] * 2, [make._principle(item) for item in items], counts)
     assert counts.dropped_unscored == 3 and counts.dropped_failed == 0

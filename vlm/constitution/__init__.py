@@ -78,6 +78,10 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
                    critic_failed_requests=sum(split["critic_failed"] for split in summary.values()),
                    wall_seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if failed := summary["critic_failed_requests"]:
+        log.warning("%d critic requests failed, and the prompts that asked them gave no pair (the warnings above say "
+                    "why); rerun the same command to ask them again: the shards that lost prompts are made again, the "
+                    "others kept", failed)
     done = {"train": patterns.get("train"), "val": patterns.get("val"),
             "qa_val": absolute_pattern(data.val) if data.val else None,
             "train_pairs": summary.get("train", {}).get("kept"), "checkpoint": str(checkpoint)}
@@ -131,6 +135,8 @@ def why_no_pairs(counts: Counts, mode: str) -> str:
         "dropped_unscored": f"the critic's replies held no score (or several); use {better_critic}",
         "dropped_empty": f"the critiques or revisions came back empty; use {better_critic}",
         "dropped_failed": "the critic's requests failed or the prompts could not be asked (see the warnings above)",
+        "dropped_markup": "the revisions or answers spelled <image> or a chat control token (see the warnings above); "
+                          f"use {better_critic}",
     }
     most = max(reasons, key=lambda name: getattr(counts, name))
     return f"{reasons[most]}. stage=dpo has nothing to learn from here"

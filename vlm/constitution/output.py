@@ -73,15 +73,19 @@ def make_split(name: str, pattern: str, limit: int | None, directory: Path, make
             path, shards = directory / f"shard-{index:06d}.tar", index + 1
             if path.is_file() and path.with_suffix(".json").is_file():
                 recorded = Counts(**json.loads(path.with_suffix(".json").read_text()))
-                if recorded.prompts == len(chunk):  # it holds these prompts
+                if recorded.prompts == len(chunk) and not recorded.critic_failed:  # it holds these prompts, all asked
                     counts.add(recorded)
                     resumed += len(chunk)
                     bar.update(len(chunk))
                     continue
-                why = ("an earlier run stopped there" if recorded.prompts < len(chunk) else
-                       "an earlier run asked for more prompts")
-                log.info("%s: shard %d holds %d prompts where this run asks %d (%s): making it again", name, index,
-                         recorded.prompts, len(chunk), why)
+                if recorded.prompts == len(chunk):
+                    log.info("%s: shard %d lost prompts to %d failed critic requests in an earlier run: asking its "
+                             "prompts again", name, index, recorded.critic_failed)
+                else:
+                    why = ("an earlier run stopped there" if recorded.prompts < len(chunk) else
+                           "an earlier run asked for more prompts")
+                    log.info("%s: shard %d holds %d prompts where this run asks %d (%s): making it again", name, index,
+                             recorded.prompts, len(chunk), why)
             samples, done, failed_before = [], Counts(), make.critic.failed
             for b, batch in enumerate(batches(iter(chunk), config.batch_size)):
                 try:

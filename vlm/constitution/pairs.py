@@ -18,6 +18,7 @@ from vlm.data.conversations import from_llava
 from vlm.data.processor import PROMPT_NAME, SampleError
 from vlm.data.shards import build_pipeline, list_shards
 from vlm.data.tiler import ImageLoadError
+from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.errors import UserError
 from vlm.metrics import normalize_exact
 
@@ -58,6 +59,7 @@ class Counts:
     dropped_empty: int = 0  # the policy's answer, or the critique or revision, came back empty (small models do that)
     dropped_failed: int = 0  # the critic's request failed, or the prompt could not be asked (an unreadable image)
     dropped_unscored: int = 0  # best_of_n: a reply held no number to score the answer by
+    dropped_markup: int = 0  # the chosen or rejected answer spells <image> or a chat control token (training's markup)
     critic_failed: int = 0  # the critic's failed requests (a prompt may ask several)
 
     def add(self, other: Counts) -> None:
@@ -129,6 +131,8 @@ class PairMaker:
                 counts.dropped_failed += 1
             elif not revised.revision.strip():
                 counts.dropped_empty += 1
+            elif self._spells_markup(item, revision=revised.revision, answer=answer):
+                counts.dropped_markup += 1
             elif normalize_exact(revised.revision) == normalize_exact(answer):
                 counts.dropped_unchanged += 1
                 draw = random.Random(f"{self.config.seed}:{item.key}:anchor").random()
@@ -155,9 +159,25 @@ class PairMaker:
             if best[0] == worst[0] or normalize_exact(best[1]) == normalize_exact(worst[1]):
                 counts.dropped_tie += 1
                 continue
+            if self._spells_markup(item, chosen=best[1], rejected=worst[1]):
+                counts.dropped_markup += 1
+                continue
             out.append((item, principle, {"chosen": best[1], "rejected": worst[1],
                                           "scores": {"chosen": best[0], "rejected": worst[0]}}))
         return out
+
+    def _spells_markup(self, item: Item, **texts: str) -> bool:
+        """Whether one of `texts` (named by their keywords) spells <image> or a control token of the chat template:
+        stage=dpo would read it as an image placeholder or a turn's start or end and skip the pair, so it is dropped
+        here, named, and counted."""
+        template = self.chat.processor.template
+        for name, text in texts.items():
+            problem = (f"the {name} spells {IMAGE_TOKEN}, which training reads as an image" if IMAGE_TOKEN in text
+                       else template.control_problem(text, f"the {name}"))
+            if problem:
+                log.warning("skipping %s: %s", item.key, problem)
+                return True
+        return False
 
     def _sample(self, item: Item, principle: Principle, record: dict[str, Any]) -> dict[str, Any]:
         record = {"prompt": item.messages, **record, "principle": principle.name, "type": item.group,
