@@ -228,6 +228,9 @@ def test_a_file_without_an_extension_is_read_unless_a_shipped_constitution_has_i
                                            "examples:\n  - question: \"<image>\\nWhat colour?\"\n    answer: a\n"
                                            "    critique: c\n    revision: r\n",
                                            "example 0's question holds <image>: few-shot examples carry no image"),
+                                          ("principles:\n  - name: a\n    critique: Look at <image> again.\n"
+                                           "    revision: Again.\n",
+                                           "principle 0 ('a')'s critique request holds <image>: the prompt's images"),
                                           (b"principles: \xff\xfe\n", "is not UTF-8 text")])
 def test_bad_constitution_files_are_named(tmp_path, text, message):
     path = tmp_path / "mine.yaml"

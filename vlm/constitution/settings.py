@@ -125,6 +125,9 @@ def principle(entry: Any, index: int, where: str) -> Principle:
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             got = "has no" if entry.get(key) in (None, "") else f"has {type(entry[key]).__name__} for its"
             raise ConfigError(f"{label} {got} {key!r} request; write it as text")
+        if IMAGE_TOKEN in entry[key]:
+            raise ConfigError(f"{label}'s {key} request holds {IMAGE_TOKEN}: the prompt's images go with the "
+                              f"conversation, and a placeholder here would ask for one more; remove it")
     types = entry.get("types") or []
     if not isinstance(types, list) or not all(isinstance(t, str) for t in types):
         raise ConfigError(f"{label} has types {types!r}; write a list of question types, e.g. [color, shape]")
