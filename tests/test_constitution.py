@@ -10,6 +10,8 @@ import math
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -333,6 +335,38 @@ def test_ctrl_c_keeps_the_shards_written_and_says_where(tiny_sft_export, small_s
     assert sorted(p.name for p in out.iterdir()) == ["shard-000000.json", "shard-000000.tar"]
     monkeypatch.setattr(SyntheticCritic, "revise", revise)
     assert run(config)["train"]["prompts"] == 6 and "4 prompts were already done" in caplog.text
+
+
+@pytest.mark.slow  # the command in a process of its own, for its exit code
+def test_sigterm_keeps_the_shards_written_says_where_and_exits_143(tiny_sft_export, small_synthetic, tmp_path, caplog,
+                                                                   monkeypatch):
+    """A scheduler's kill stops the run as Ctrl-C does: the finished shard stays, a line says where, and the command
+    exits with 143 (it was killed with no word, leaving the user to guess what was kept)."""
+    from vlm.signals import Terminated
+
+    caplog.set_level(logging.INFO, logger="vlm.constitution")
+    revise, calls = SyntheticCritic.revise, itertools.count()
+
+    def killed_on_the_second_batch(self, *args):
+        if next(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as the scheduler's signal arrives while the critic works
+        return revise(self, *args)
+
+    monkeypatch.setattr(SyntheticCritic, "revise", killed_on_the_second_batch)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        run(_config(tiny_sft_export, small_synthetic, tmp_path, "critic=synthetic"))
+    out = tmp_path / "pairs" / "train"
+    assert f"stopped: 4 train prompts were done and are kept in {out}; rerun the same command" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.json", "shard-000000.tar"]
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone with it
+    process = subprocess.run([sys.executable, "-c", "from vlm.signals import Terminated\n"
+                              "from vlm.constitution import main_hydra\n"
+                              "import vlm.constitution as c\n"
+                              "def stop(config): raise Terminated\n"
+                              "c.run = stop\n"
+                              "main_hydra()", "critic=synthetic"], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 143, process.stderr[-500:]
 
 
 def test_a_rerun_asks_again_the_prompts_a_failed_critic_request_lost(tiny_sft_export, small_synthetic, tmp_path,

@@ -43,3 +43,25 @@ def interrupts_deferred() -> Iterator[None]:
         yield
     if noted.received and callable(noted.previous):
         noted.previous(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, `kill PID`) raised as Ctrl-C is, so the same cleanup runs and says what was kept;
+    a command exits with 143 for it (128 + the signal) where Ctrl-C gives 130."""
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block, SIGTERM raises Terminated in the main thread (elsewhere it is handled as it was)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -41,6 +41,7 @@ from vlm.data.preferences import PAIRS_DONE
 from vlm.data.shards import absolute_pattern
 from vlm.data.sources import pair_sources, resolve
 from vlm.data.synthetic import QUESTION_TYPES
+from vlm.signals import Terminated, sigterm_interrupts
 
 log = logging.getLogger("vlm.constitution")
 
@@ -65,10 +66,11 @@ def run(config: ConstitutionConfig) -> dict[str, Any]:
     splits = {"train": (data.train, config.max_train_prompts, config.data.synthetic.num_train if synthetic else None),
               "val": (data.val, config.max_val_prompts, config.data.synthetic.num_val if synthetic else None)}
     patterns, summary = {}, {}
-    for name, (pattern, limit, total) in splits.items():
-        if pattern and limit != 0:
-            patterns[name], counts = make_split(name, pattern, limit, out / name, make, config, total)
-            summary[name] = vars(counts)
+    with sigterm_interrupts():  # a scheduler's kill stops as Ctrl-C does, saying which prompts are kept
+        for name, (pattern, limit, total) in splits.items():
+            if pattern and limit != 0:
+                patterns[name], counts = make_split(name, pattern, limit, out / name, make, config, total)
+                summary[name] = vars(counts)
     if not synthetic and (unknown := types_judging_nothing(constitution, make.question_types)):
         log.warning("constitution=%r: principle types %s match no prompt's type (the prompts' types: %s), and a "
                     "principle judges only the types it lists; check their spelling against the records' \"type\"",
@@ -149,8 +151,8 @@ def main_hydra(cfg: DictConfig) -> dict[str, Any]:
         setup_logging(config.log_level)
         try:
             summary = run(config)
-        except KeyboardInterrupt:  # the shards written so far are whole, and make_split said where they are
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as stop:  # the shards written so far are whole, and make_split said where they are
+            raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
     print(json.dumps(summary, indent=2))
     return summary
 
