@@ -596,3 +596,20 @@ def test_a_contrastive_export_is_refused_as_the_policy_to_start_from(tmp_path):
     clip = contrastive_export(tmp_path / "clip")
     with pytest.raises(ConfigError, match=r"is a 'contrastive' export; stage=dpo starts from a chat model"):
         _task(clip)
+
+
+def test_a_held_out_set_without_pairs_is_said_to_measure_no_rewards(caplog):
+    """data.val with conversations and no pair: the answers are scored, and the missing rewards/* are said (they
+    were missing from metrics.json without a word)."""
+    from types import SimpleNamespace
+
+    from vlm.training.preference_task import PreferenceTask
+    from vlm.training.trainer import check_scored
+
+    task = SimpleNamespace(READS_PREFERENCES=PreferenceTask.READS_PREFERENCES, predictions=[{"key": "a"}])
+    with caplog.at_level(logging.WARNING):
+        check_scored(task, {"loss": 1.0, "exact_match": 0.5}, "val/shard-000000.tar")
+    assert "data.val='val/shard-000000.tar' holds no preference pair that could be scored" in caplog.text
+    caplog.clear()
+    check_scored(task, {"loss": 1.0, "rewards/accuracy": 0.5, "exact_match": 0.5}, "val/shard-000000.tar")
+    assert caplog.text == ""

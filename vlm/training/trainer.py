@@ -130,6 +130,10 @@ def check_scored(task: StageTask, metrics: dict[str, Any], pattern: str | None) 
         raise NothingToScore(f"no held-out sample of data.val={pattern!r} could be scored: the shards hold none, or "
                              f"every one was skipped (the warnings above name each skipped sample with its shard and "
                              f"the reason, e.g. no assistant turn)")
+    if task.READS_PREFERENCES and "rewards/accuracy" not in metrics:  # the answers were scored, no pair was
+        log.warning("data.val=%r holds no preference pair that could be scored, so rewards/* are not measured, only "
+                    "the answers of its conversations; give held-out pairs (a vlm.constitution output's val/ shards, "
+                    "mixed in with ::)", pattern)
 
 
 def finish(trainer: pl.Trainer, task: StageTask, datamodule: ShardDataModule, run: Run,
