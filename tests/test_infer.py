@@ -352,6 +352,14 @@ def test_stop_sequences_are_the_text_typed_not_numbers_or_hydra_grammar():
                                                       "a\tb", "\n\n")
 
 
+@pytest.mark.parametrize("typed", ["[]", "[ ]"])
+def test_an_empty_list_of_stop_sequences_typed_in_a_shell_is_none(typed):
+    """`generation.stop=[]`, the config's own default, was one empty stop sequence, and refused."""
+    override = quote_values([f"generation.stop={typed}"], TEXT_KEYS + LIST_TEXT_KEYS)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        assert infer_config(compose("infer", overrides=override)).generation.stop == ()
+
+
 def test_infer_and_serve_name_a_missing_or_damaged_export_in_one_line(tiny_sft_export, tmp_path, capsys):
     import shutil
 

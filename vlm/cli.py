@@ -119,7 +119,9 @@ def quote_values(args: list[str], keys: tuple[str, ...]) -> list[str]:
     for arg in args:
         key, eq, value = arg.partition("=")
         if eq and key in keys and not _quoted(value) and not (value == "null" and key not in TEXT_KEYS):
-            if (key in PATH_KEYS or key in LIST_TEXT_KEYS) and len(value) >= 2 and value[0] == "[" and value[-1] == "]":
+            if key in LIST_TEXT_KEYS and value.replace(" ", "") == "[]":
+                arg = f"{key}=[]"  # no stop sequences, as in the config (not one empty one)
+            elif key in PATH_KEYS + LIST_TEXT_KEYS and len(value) >= 2 and value[0] == "[" and value[-1] == "]":
                 arg = f"{key}=[" + ",".join(_hydra_quoted(v.strip()) for v in _list_items(value[1:-1])) + "]"
             else:
                 arg = f"{key}={_hydra_quoted(value)}"
