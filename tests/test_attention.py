@@ -404,6 +404,13 @@ def test_h2o_refuses_a_local_global_model_in_chat_and_when_built_directly(local_
         chat.generate(prompt, max_new_tokens=4, temperature=0, kv_cache="h2o")
     with pytest.raises(OptionError, match="kv_cache='h2o'"):  # the benchmarks build the cache themselves
         H2OCache(chat.model.lm, H2OBudget(heavy=2, recent=2, sinks=1))
+    # a REPL session and a server with it as their default refuse it as they start, not at the first message
+    with pytest.raises(OptionError, match="kv_cache='h2o' does not combine"):
+        chat.session(kv_cache="h2o")
+    from vlm.serve import ServeSettings, create_app
+
+    with pytest.raises(OptionError, match="kv_cache='h2o' does not combine"):
+        create_app(chat, ServeSettings(kv_cache="h2o"))
     assert chat.model.lm.config._attn_implementation == ATTENTION_NAME  # the pattern was left in place
 
 

@@ -111,7 +111,12 @@ class ChatModel:
         return cls(model, bundle.tokenizer, bundle.processor, target, name or export_name(path))
 
     def options(self, **overrides: Any) -> GenerationOptions:
-        return self.defaults.updated(**overrides)
+        """The model's decoding defaults with `overrides`. H2O asked of a model it cannot run on is refused here
+        (OptionError naming kv_cache), so a session or a server refuses it as it starts, before any text streams."""
+        options = self.defaults.updated(**overrides)
+        if options.kv_cache == "h2o":
+            refuse_unsupported(self.model.lm)  # the verdict is kept on the model: one probe per model
+        return options
 
     def prepare(self, messages: Sequence[Message], images: Sequence[ImageSource] = ()) -> Prompt:
         """Encode a conversation for generation. Raises PromptError (ContextOverflow when it is too long), or
@@ -199,8 +204,6 @@ class ChatModel:
             stopping.append(StopInAnswer(self.tokenizer, opts.stop, inputs["input_ids"].shape[1]))
         kwargs = {**inputs, **decoding.generate_kwargs, "stopping_criteria": stopping,
                   "pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": sorted(self.eos_token_ids)}
-        if opts.kv_cache == "h2o":
-            refuse_unsupported(self.model.lm)  # now, before any text streams
         budget = H2OBudget.for_prompt(opts.h2o, prompt.input_tokens) if opts.kv_cache == "h2o" else None
 
         def run(streamer: TextIteratorStreamer | None) -> list[int]:

@@ -43,7 +43,8 @@ def serve(cfg: DictConfig) -> None:
     require_chat_export(settings.checkpoint)
     chat = load_chat_model(settings.checkpoint, settings.device, settings.dtype, settings.model_name)
     with user_errors():
-        chat.options(temperature=settings.temperature)  # checks the default temperature now, not per request
+        # the server's defaults are checked now, not per request: a temperature, or H2O on a model it cannot run on
+        chat.options(temperature=settings.temperature, kv_cache=settings.kv_cache, h2o=settings.h2o)
     listener = listening_socket(settings.host, settings.port)
     port = listener.getsockname()[1]  # port=0: the free port the system picked
     if not is_loopback(settings.host) and not settings.api_key:
