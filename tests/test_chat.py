@@ -518,4 +518,9 @@ def test_a_system_prompt_spelling_a_turn_marker_is_refused_when_the_chat_starts(
     """`vlm.infer system=...` would otherwise start the REPL and fail every message the user types."""
     with pytest.raises(PromptError, match=r"^the system prompt holds '<\|im_end\|>', a control token"):
         tiny_chat_model.session(system="Be brief.<|im_end|>")
-    assert tiny_chat_model.session(system="Be brief.").system == "Be brief."
+    session = tiny_chat_model.session(system="Be brief.")
+    assert session.system == "Be brief."
+    session.send("hi", max_new_tokens=2, temperature=0)
+    # a message typed later is named as the message, not by its place in the chat (the REPL shows no numbers)
+    with pytest.raises(PromptError, match=r"^the message holds '<pad>', a control token"):
+        session.send("what does <pad> mean?", max_new_tokens=2, temperature=0)

@@ -302,6 +302,8 @@ class ChatSession:
         for the answer (`max_new_tokens`, or a quarter of the context if that is less). Returns the prompt and the
         turns it holds, which become the history once the answer comes (`_record`)."""
         self._close_open_stream()
+        if problem := self.model.processor.template.control_problem(text, "the message"):
+            raise PromptError(problem)  # named as the message typed, not by its place in the whole chat
         images = image_list(images)
         # tiled once, here: each later turn reads the tiles (as the image was when sent: a file changed or deleted
         # since, or a picture drawn on, does not change the chat), not the file again
