@@ -148,6 +148,9 @@ def test_a_folder_records_its_shards_by_absolute_path_and_one_with_shared_draws_
     from vlm.constitution.output import SETTINGS_FILE, check_resumable, pair_settings
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts").mkdir()
+    for shard in ("train-0.tar", "train-1.tar"):
+        (tmp_path / "prompts" / shard).write_bytes(b"prompts")
     config = load_config(ConstitutionConfig, compose_config("constitution"))
     constitution = load_constitution("synthetic")
     settings = pair_settings(config, tmp_path / "export", "prompts/train-{0..1}.tar", None, constitution)
@@ -162,6 +165,14 @@ def test_a_folder_records_its_shards_by_absolute_path_and_one_with_shared_draws_
     (out / SETTINGS_FILE).write_text(json.dumps(older))
     with pytest.raises(ConfigError, match="sampling_seeds='shared by train and val' \\(now 'per split'\\)"):
         check_resumable(out, settings)
+    # a prompt shard rewritten in place (a converter's --overwrite) under the same name: its old pairs would be kept
+    (out / SETTINGS_FILE).write_text(json.dumps(settings))
+    os.utime(tmp_path / "prompts" / "train-1.tar", ns=(1, 1))
+    changed = pair_settings(config, tmp_path / "export", "prompts/train-{0..1}.tar", None, constitution)
+    with pytest.raises(ConfigError, match=f"pairs made with data.train's shard '{tmp_path}/prompts/train-1.tar' as "
+                                          f"it was before \\(it has changed since\\)"):
+        check_resumable(out, changed)
+    check_resumable(out, settings)  # as it was: resumed
 
 
 def test_a_constitution_file_is_the_same_setting_by_any_path(tmp_path, monkeypatch):

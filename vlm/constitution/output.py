@@ -19,7 +19,7 @@ from vlm.constitution.critics import CriticUnreachable, Item
 from vlm.constitution.pairs import Counts, PairMaker, read_prompts
 from vlm.constitution.settings import Constitution, ConstitutionConfig
 from vlm.data.shard_writer import shard_pattern
-from vlm.data.shards import absolute_pattern
+from vlm.data.shards import absolute_pattern, file_version, list_shards
 from vlm.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -131,11 +131,27 @@ def pair_settings(config: ConstitutionConfig, checkpoint: Path, train: str | Non
             "constitution_digest": constitution.digest,
             "mode": c.mode, "num_samples": c.num_samples, "temperature": c.temperature, "top_p": c.top_p,
             "max_new_tokens": c.max_new_tokens, "anchors": c.anchors, "batch_size": c.batch_size,
-            "prompts_per_shard": c.prompts_per_shard, "seed": c.seed, "sampling_seeds": SAMPLING_SEEDS}
+            "prompts_per_shard": c.prompts_per_shard, "seed": c.seed, "sampling_seeds": SAMPLING_SEEDS,
+            # the prompt shards as they are now: one rewritten in place under the same name would keep the old pairs
+            "data_files": {split: [file_version(shard) for shard in list_shards(pattern, f"data.{split}")]
+                           for split, pattern in (("train", train), ("val", val)) if pattern}}
 
 
 SAMPLING_SEEDS = "per split"  # how `sampling_seed` draws; folders that record none drew the splits' seeds alike
 OLDER_FOLDERS = {"sampling_seeds": "shared by train and val"}  # what a folder recording no such key was made with
+
+
+def changed_files(recorded: dict[str, list], now: dict[str, list]) -> str:
+    """The first prompt shard that differs from the one its pairs were made from, for the refusal."""
+    for split in sorted(set(recorded) | set(now)):
+        before, after = recorded.get(split, []), now.get(split, [])
+        for old, new in zip(before, after, strict=False):
+            if old != new:
+                shard = (new or old or "?").split("|")[0]
+                return f"data.{split}'s shard {shard!r} as it was before (it has changed since)"
+        if len(before) != len(after):
+            return f"data.{split} as {len(before)} shards (now {len(after)})"
+    return "other prompt shards"
 
 
 def check_resumable(out: Path, settings: dict[str, Any]) -> None:
@@ -160,7 +176,8 @@ def check_resumable(out: Path, settings: dict[str, Any]) -> None:
         changed = [k for k in settings if k in recorded and recorded[k] != settings[k]  # older folders record fewer
                    and not (k == "constitution" and same_text)]  # the same file by another path
         if changed:
-            listed = ", ".join(f"{k}={recorded.get(k)!r} (now {settings[k]!r})" for k in changed)
+            listed = ", ".join(changed_files(recorded[k], settings[k]) if k == "data_files" else
+                               f"{k}={recorded.get(k)!r} (now {settings[k]!r})" for k in changed)
             raise ConfigError(f"{out} holds pairs made with {listed}; a rerun there resumes them as they are. Pass "
                               f"out= for a new folder, or delete {out} to start over")
         return

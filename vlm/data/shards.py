@@ -77,6 +77,16 @@ def warn_unfinished_conversion(folders: Iterable[str], key: str) -> None:
                         key, folder, os.path.basename(unfinished[0]))
 
 
+def file_version(path: str) -> str | None:
+    """A shard file's resolved path, size and modification time: what tells a shard rewritten in place from the one
+    read before. None for a shard that is no local file (a URL, a pipe)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def absolute_pattern(pattern: str) -> str:
     """A shard pattern that reads the same shards from any folder: its local parts ("a/{0..9}.tar::b.tar") made
     absolute; URLs and pipes stay as they are."""

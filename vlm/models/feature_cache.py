@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlm.data.shards import file_version
 from vlm.data.tiler import Tiler
 from vlm.models.vision import VisionTower
 
@@ -100,11 +101,7 @@ class VisionFeatureCache:
         identity instead."""
         shard, _, sample = key.rpartition(":")
         if shard not in self.shard_ids:
-            try:
-                stat = os.stat(shard)
-                self.shard_ids[shard] = f"{os.path.realpath(shard)}|{stat.st_size}|{stat.st_mtime_ns}"
-            except OSError:
-                self.shard_ids[shard] = f"{shard}|{self.process}"
+            self.shard_ids[shard] = file_version(shard) or f"{shard}|{self.process}"
         return f"{self.shard_ids[shard]}:{sample}"
 
     def _file(self, key: str) -> Path:
