@@ -42,9 +42,8 @@ def serve(cfg: DictConfig) -> None:
     setup_logging(settings.log_level)
     require_chat_export(settings.checkpoint)
     chat = load_chat_model(settings.checkpoint, settings.device, settings.dtype, settings.model_name)
-    with user_errors():
-        # the server's defaults are checked now, not per request: a temperature, or H2O on a model it cannot run on
-        chat.options(temperature=settings.temperature, kv_cache=settings.kv_cache, h2o=settings.h2o)
+    with user_errors():  # the server's defaults are checked as it is made, before the port is taken
+        app = create_app(chat, settings)
     listener = listening_socket(settings.host, settings.port)
     port = listener.getsockname()[1]  # port=0: the free port the system picked
     if not is_loopback(settings.host) and not settings.api_key:
@@ -54,8 +53,7 @@ def serve(cfg: DictConfig) -> None:
              port)
     if settings.web:
         log.info("chat page: %s", page_url(settings.host, port))
-    server = AppServer(uvicorn.Config(create_app(chat, settings), log_level=settings.log_level.lower(),
-                                      timeout_graceful_shutdown=5))
+    server = AppServer(uvicorn.Config(app, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5))
     server.run(sockets=[listener])
 
 
