@@ -22,18 +22,25 @@ class Noted:
 
 
 @contextmanager
-def signal_noted(signum: int) -> Iterator[Noted]:
-    """Inside the block, `signum` is only noted. Signal handlers belong to the main thread: elsewhere nothing is
-    noted, and the signal is handled as it was."""
-    noted = Noted()
+def signal_handled(signum: int, handler: Callable[[int, Any], Any]) -> Iterator[Callable[..., Any] | int | None]:
+    """Inside the block `handler` handles `signum`; yields the handler before it, back in place after the block.
+    Signal handlers belong to the main thread: elsewhere the signal is handled as it was, and None is yielded."""
     if threading.current_thread() is not threading.main_thread():
-        yield noted
+        yield None
         return
-    noted.previous = signal.signal(signum, lambda number, frame: noted.signals.append(number))
+    previous = signal.signal(signum, handler)
     try:
-        yield noted
+        yield previous
     finally:
-        signal.signal(signum, noted.previous)
+        signal.signal(signum, previous)
+
+
+@contextmanager
+def signal_noted(signum: int) -> Iterator[Noted]:
+    """Inside the block, `signum` is only noted (in the main thread; elsewhere it is handled as it was)."""
+    noted = Noted()
+    with signal_handled(signum, lambda number, frame: noted.signals.append(number)) as noted.previous:
+        yield noted
 
 
 @contextmanager
@@ -50,18 +57,12 @@ class Terminated(KeyboardInterrupt):
     a command exits with 143 for it (128 + the signal) where Ctrl-C gives 130."""
 
 
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 @contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Inside the block, SIGTERM raises Terminated in the main thread (elsewhere it is handled as it was)."""
-    if threading.current_thread() is not threading.main_thread():
+    with signal_handled(signal.SIGTERM, _raise_terminated):
         yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
