@@ -11,6 +11,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tty
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -208,6 +209,27 @@ def test_file_names_reach_the_config_verbatim(name):
 
 
 @pytest.mark.slow
+def test_control_characters_of_an_answer_reach_a_terminal_escaped_and_a_file_as_they_are(monkeypatch, tmp_path):
+    """An answer asking the terminal to write the clipboard (OSC 52) and clear the screen (CSI 2J, C1 form) is shown
+    as text on a real terminal (a pseudo-terminal here); redirected to a file it stays the model's exact text."""
+    from vlm.infer import to_stdout
+
+    answer = "a red circle\x1b]52;c;cGFzdGVk\x07\x9b2J\tthen\r\nmore"
+    controller, terminal_fd = os.openpty()
+    tty.setraw(terminal_fd)  # no newline translation: the bytes written are the bytes read
+    with os.fdopen(terminal_fd, "w", encoding="utf-8") as terminal:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        to_stdout(answer)
+    shown = os.read(controller, 4096).decode()
+    os.close(controller)
+    assert shown == "a red circle\\x1b]52;c;cGFzdGVk\\x07\\x9b2J\tthen\r\nmore"
+
+    with open(tmp_path / "answer.txt", "w", encoding="utf-8") as file:
+        monkeypatch.setattr(sys, "stdout", file)
+        to_stdout(answer)
+    assert (tmp_path / "answer.txt").read_bytes().decode() == answer
+
+
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export, tiny_chat_model):
     """Ctrl-C cuts the answer, and the next message is answered in the conversation so far: the question, the
     partial answer and the new message."""

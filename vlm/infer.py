@@ -247,9 +247,20 @@ def infer(cfg: DictConfig) -> None:
             sys.exit(130)  # as a shell reports a process ended by SIGINT
 
 
+# Control characters but tab, newline and carriage return: C0, DEL and C1. From a model's answer (asked to, say, by
+# text in an image) an ESC sequence would reach the terminal as a command: set its title, write the clipboard (OSC 52),
+# hide the text after it. A terminal shows them escaped; a pipe gets the answer's exact text.
+TERMINAL_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character a terminal would act on written as its escape (ESC -> \\x1b)."""
+    return TERMINAL_CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def to_stdout(text: str) -> None:
     try:
-        sys.stdout.write(text)
+        sys.stdout.write(terminal_safe(text) if sys.stdout.isatty() else text)
         sys.stdout.flush()
     except BrokenPipeError:
         raise  # the reader left (`| head`): infer() ends quietly
