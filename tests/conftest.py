@@ -18,9 +18,11 @@ from vlm.training.runs import INIT_ENV, PARENT_ENV, RESUME_ENV, RUN_DIR_ENV
 # generate step was ~25x slower with 2 threads than with 1 while other work ran).
 torch.set_num_threads(1)
 
-# The longest files run first: with the suite split over two workers (pytest-xdist, `--dist loadfile`), each of them
-# then starts on one, and the short files fill in around them instead of one long file ending the run alone.
-LONGEST_FIRST = ("test_two_images.py", "test_distributed.py")
+# The longest files run first: with the suite split over two workers (pytest-xdist, `--dist loadfile`, in collection
+# order: `--no-loadscope-reorder` in pyproject.toml), each of them then starts on one, and the short files fill in
+# around them instead of one long file ending the run alone. Longest first, from `pytest --durations=0` on 2 cores.
+LONGEST_FIRST = ("test_two_images.py", "test_distributed.py", "test_resume.py", "test_infer.py", "test_compile.py",
+                 "test_attention.py", "test_web.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
