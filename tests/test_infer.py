@@ -230,6 +230,7 @@ def test_control_characters_of_an_answer_reach_a_terminal_escaped_and_a_file_as_
     assert (tmp_path / "answer.txt").read_bytes().decode() == answer
 
 
+@pytest.mark.slow  # a REPL process answering twice, the second time to the end of its context
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_sft_export, tiny_chat_model):
     """Ctrl-C cuts the answer, and the next message is answered in the conversation so far: the question, the
     partial answer and the new message."""
