@@ -63,14 +63,14 @@ def test_one_shot_prints_the_answer(tiny_sft_export, tiny_chat_model, pictures):
 
 @pytest.mark.slow
 def test_repl_via_stdin(tiny_sft_export, tiny_chat_model, pictures):
-    # a refused message keeps its attached image for the next one
-    script = (f"/help\n/image {pictures[0]}\n<image> or <image>?\nWhat color is the shape?\n/reset\nAnd now?\n/bogus\n"
-              "/quit\n")
+    # a refused message keeps its attached image for the next one; a message of several lines keeps its indentation
+    script = (f"/help\n/image {pictures[0]}\n<image> or <image>?\nWhat color is the shape?\n/reset\n"
+              '"""And now?\n  /indented\n"""\n/bogus\n/quit\n')
     result = run_infer(f"checkpoint={tiny_sft_export}", *GREEDY, stdin=script)
     assert result.returncode == 0, result.stderr
     first = tiny_chat_model.generate([{"role": "user", "content": "<image>\nWhat color is the shape?"}],
                                      pictures[:1], max_new_tokens=5, temperature=0)
-    after_reset = tiny_chat_model.generate([{"role": "user", "content": "And now?"}], max_new_tokens=5,
+    after_reset = tiny_chat_model.generate([{"role": "user", "content": "And now?\n  /indented"}], max_new_tokens=5,
                                            temperature=0)
     out = result.stdout
     assert "/image PATH" in out and "attached 1 image" in out and "conversation cleared" in out

@@ -1,9 +1,10 @@
 """`python -m vlm.infer checkpoint=PATH [image=a.jpg prompt="..."]`: chat with an exported model in the terminal.
 
 Without `prompt` it opens a chat REPL: answers stream as they are generated, `/image PATH [PATH...]` attaches images
-to the next message, `/reset` forgets the conversation, `/help` lists the commands, `/quit` (or Ctrl-D) leaves, and
-Ctrl-C stops the current answer but keeps the session. With `prompt` it answers once and exits. Settings live in
-configs/infer.yaml; the chat itself is `vlm.chat` (also the Python API).
+to the next message, `/reset` forgets the conversation, `/help` lists the commands, `/quit` (or Ctrl-D) leaves, a
+message between \"\"\" lines may span several lines, and Ctrl-C stops the current answer but keeps the session.
+With `prompt` it answers once and exits. Settings live in configs/infer.yaml; the chat itself is `vlm.chat` (also the
+Python API).
 """
 
 from __future__ import annotations
@@ -64,7 +65,22 @@ HELP = """commands:
   /reset                 forget the conversation and any attached images
   /help                  show this list
   /quit                  leave (Ctrl-D works too)
+  \"\"\"                    start a message of several lines (pasted code, a list); a line ending in \"\"\" sends it
 Ctrl-C stops the answer being written; the chat goes on."""
+MULTILINE = '"""'  # opens and closes a message of several lines
+
+
+def read_block(first_line: str, read_line: Callable[[], str]) -> str:
+    """A message of several lines: `first_line` (starting with \"\"\") and the lines `read_line` reads, up to one
+    ending with \"\"\", joined by newlines with their indentation kept. EOFError or KeyboardInterrupt from `read_line`
+    goes on up, and the message is dropped."""
+    text = first_line.removeprefix(MULTILINE)
+    lines = []
+    while not text.rstrip().endswith(MULTILINE):
+        lines.append(text)
+        text = read_line()
+    lines.append(text.rstrip().removesuffix(MULTILINE))
+    return "\n".join(lines).strip("\n")
 
 
 def image_file_problem(path: str) -> str | None:
@@ -134,10 +150,11 @@ def repl(session: ChatSession, banner: str) -> None:
         pass
 
     say(banner)
-    pending: list[str] = []
+    pending: list[str] = []  # images attached to the next message
     while True:
         try:
             line = input("you> ").strip()
+            block = read_block(line, lambda: input("...  ")) if line.startswith(MULTILINE) else None
         except EOFError:
             say()
             return
@@ -148,35 +165,16 @@ def repl(session: ChatSession, banner: str) -> None:
         except KeyboardInterrupt:
             say("\n(/quit or Ctrl-D leaves)")
             continue
-        if not line:
-            continue
-        if line.startswith("/"):
-            try:
-                command, *args = shlex.split(line)
-            except ValueError as err:
-                say(f"error: {err}")
-                continue
-            if command in ("/quit", "/exit"):
+        if block is None and line.startswith("/"):
+            if not run_command(line, session, pending):
                 return
-            if command == "/help":
-                say(HELP)
-            elif command == "/reset":
-                session.reset()
-                pending.clear()
-                say("(conversation cleared)")
-            elif command == "/image":
-                problems = [problem for p in args if (problem := image_file_problem(p))]
-                if not args or problems:
-                    say(f"error: {problems[0]}" if problems else "usage: /image PATH [PATH...]")
-                    continue
-                pending += [str(Path(p).expanduser()) for p in args]
-                say(f"(attached {len(pending)} image{'s' if len(pending) > 1 else ''} to your next message)")
-            else:
-                say(f"unknown command {command!r}\n{HELP}")
+            continue
+        message = line if block is None else block
+        if not message.strip():
             continue
         images, pending = pending, []
         try:
-            stream_answer(session, line, images, to_stdout, prefix="vlm> ")
+            stream_answer(session, message, images, to_stdout, prefix="vlm> ")
         except PromptError as err:  # the message, not its images: they stay for the retyped one
             pending = images
             kept = ("(the attached image stays attached)" if len(images) == 1 else
@@ -187,6 +185,33 @@ def repl(session: ChatSession, banner: str) -> None:
         except KeyboardInterrupt:  # before the answer started streaming
             to_stdout(" [stopped]\n")
 
+
+def run_command(line: str, session: ChatSession, pending: list[str]) -> bool:
+    """Run a REPL command (`line` starts with "/"); `pending` holds the images attached to the next message.
+    False: leave the chat."""
+    try:
+        command, *args = shlex.split(line)
+    except ValueError as err:
+        say(f"error: {err}")
+        return True
+    if command in ("/quit", "/exit"):
+        return False
+    if command == "/help":
+        say(HELP)
+    elif command == "/reset":
+        session.reset()
+        pending.clear()
+        say("(conversation cleared)")
+    elif command == "/image":
+        problems = [problem for p in args if (problem := image_file_problem(p))]
+        if not args or problems:
+            say(f"error: {problems[0]}" if problems else "usage: /image PATH [PATH...]")
+            return True
+        pending += [str(Path(p).expanduser()) for p in args]
+        say(f"(attached {len(pending)} image{'s' if len(pending) > 1 else ''} to your next message)")
+    else:
+        say(f"unknown command {command!r}\n{HELP}")
+    return True
 
 SHELL_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
 
