@@ -213,6 +213,7 @@ def run_command(line: str, session: ChatSession, pending: list[str]) -> bool:
         say(f"unknown command {command!r}\n{HELP}")
     return True
 
+
 SHELL_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
 
 
