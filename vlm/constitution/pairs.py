@@ -18,7 +18,6 @@ from vlm.data.conversations import from_llava
 from vlm.data.processor import PROMPT_NAME, SampleError
 from vlm.data.shards import build_pipeline, list_shards
 from vlm.data.tiler import ImageLoadError
-from vlm.data.tokenizer import IMAGE_TOKEN
 from vlm.errors import UserError
 from vlm.metrics import normalize_exact
 
@@ -170,11 +169,8 @@ class PairMaker:
         """Whether one of `texts` (named by their keywords) spells <image> or a control token of the chat template:
         stage=dpo would read it as an image placeholder or a turn's start or end and skip the pair, so it is dropped
         here, named, and counted."""
-        template = self.chat.processor.template
         for name, text in texts.items():
-            problem = (f"the {name} spells {IMAGE_TOKEN}, which training reads as an image" if IMAGE_TOKEN in text
-                       else template.control_problem(text, f"the {name}"))
-            if problem:
+            if problem := self.chat.processor.template.markup_problem(text, f"the {name}"):
                 log.warning("skipping %s: %s", item.key, problem)
                 return True
         return False

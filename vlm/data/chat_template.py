@@ -34,6 +34,13 @@ class ChatTemplate:
                     f"since it would start or end a turn")
         return None
 
+    def markup_problem(self, text: str, where: str) -> str | None:
+        """Why `text` (named by `where`) cannot be training text: the first `<image>` or control token it spells, which
+        training would read as an image or a turn's start or end; None when it spells neither."""
+        if IMAGE_TOKEN in text:
+            return f"{where} spells {IMAGE_TOKEN}, which training reads as an image"
+        return self.control_problem(text, where)
+
     def as_plain_text(self, text: str) -> str:
         """`text` with every `<image>` and control token broken by a zero-width space after its first character, so
         the tokenizer reads it as the plain characters it was, not as a marker: text from a client or from the model
